@@ -1,0 +1,39 @@
+"""REST-style sparse retrieval: suffix-match the context in a token corpus, draft a trie."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from decoding.tree import TokenTree
+
+
+@dataclass
+class SparseDrafter:
+    """Drafts from a suffix index (see ``index.sparse.SparseIndex``).
+
+    The longest suffix of the context (max_suffix down to min_suffix tokens) found in the corpus
+    selects its occurrences; the `continuation_len` tokens after each are merged into a trie
+    weighted by frequency and pruned to the node budget (REST's construction).
+    """
+
+    index: Any
+    max_suffix: int = 16
+    min_suffix: int = 2
+    continuation_len: int = 10
+    max_occurrences: int = 5000
+    name: str = "rest"
+
+    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree:
+        root = int(tokens[-1])
+        depth = min(self.continuation_len, max_depth)
+        if depth <= 0 or budget <= 0:
+            return TokenTree.root_only(root)
+        found = self.index.lookup(tokens[-self.max_suffix:], max_suffix=self.max_suffix,
+                                  min_suffix=self.min_suffix, continuation_len=depth,
+                                  max_occurrences=self.max_occurrences)
+        if not found.chains:
+            return TokenTree.root_only(root)
+        return TokenTree.from_chains(root, found.chains, budget)

@@ -1,0 +1,126 @@
+"""The decode loop: draft a tree, verify it in one forward, commit the accepted path, repeat."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from decoding.config import SamplingParams
+from decoding.drafters.base import Drafter, NoDrafter
+from decoding.metrics import GenerationStats
+from decoding.target import TargetModel
+from decoding.verifiers import Verifier, make_verifier
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.stats.finish_reason
+
+
+def encode_prompt(target: TargetModel, prompt: str, *, chat: bool = True) -> list[int]:
+    """Token ids for a prompt; with `chat`, wrapped in the model's chat template as a user turn."""
+    from decoding.errors import InvalidRequestError
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequestError("the prompt is empty: give some text")
+    tok = target.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    return tok(prompt)["input_ids"]
+
+
+class _Stopper:
+    """Decides when to stop: EOS, stop strings, max_new_tokens, context window."""
+
+    def __init__(self, target: TargetModel, params: SamplingParams, prompt_len: int) -> None:
+        self.tokenizer = target.tokenizer
+        self.eos = frozenset() if params.ignore_eos else target.eos_token_ids
+        self.stop = params.stop
+        self.limit = min(params.max_new_tokens, target.context_window - prompt_len)
+
+    def cut(self, out: list[int]) -> tuple[list[int], str | None]:
+        """Truncate `out` at the first stop condition; return it with the reason (None: go on)."""
+        for i, t in enumerate(out):
+            if t in self.eos:
+                return out[: i + 1], "stop"
+        if self.stop:
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            if any(s in text for s in self.stop):
+                # Shortest prefix of tokens whose text contains a stop string.
+                for i in range(len(out)):
+                    text = self.tokenizer.decode(out[: i + 1], skip_special_tokens=True)
+                    if any(s in text for s in self.stop):
+                        return out[: i + 1], "stop"
+        if len(out) >= self.limit:
+            return out[: self.limit], "length"
+        return out, None
+
+    def text(self, out: list[int]) -> str:
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        for s in self.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+
+def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingParams | None = None,
+             drafter: Drafter | None = None, verifier: Verifier | None = None,
+             budget: int = 64) -> GenerationResult:
+    """Speculative decoding of one request.
+
+    Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
+    nodes), the target verifies all nodes in one forward, the verifier picks the accepted path
+    and the next pending token, and the KV cache keeps just that path.
+    """
+    params = params or SamplingParams()
+    drafter = drafter or NoDrafter()
+    verifier = verifier or make_verifier(params)
+    stats = GenerationStats(method=drafter.name)
+    t_start = time.perf_counter()
+
+    state, out = target.prefill(prompt_ids)
+    stats.prompt_tokens = len(prompt_ids)
+    stopper = _Stopper(target, params, len(prompt_ids))
+    tokens = np.empty(len(prompt_ids) + stopper.limit + 1, dtype=np.int64)
+    tokens[: len(prompt_ids)] = prompt_ids
+    generated = [verifier.first_token(out.logits[-1])]
+    stats.time_prefill = time.perf_counter() - t_start
+
+    generated, reason = stopper.cut(generated)
+    while reason is None:
+        n = len(prompt_ids) + len(generated)
+        tokens[n - 1] = generated[-1]
+        t0 = time.perf_counter()
+        # Deeper drafts than the tokens still allowed would be wasted work.
+        max_depth = stopper.limit - len(generated)
+        tree = drafter.propose(tokens[:n], budget, max_depth)
+        t1 = time.perf_counter()
+        out = target.verify(state, tree)
+        t2 = time.perf_counter()
+        verdict = verifier.verify(tree, out.logits)
+        target.commit(state, verdict.path)
+        t3 = time.perf_counter()
+        stats.steps += 1
+        stats.drafted += tree.n_draft
+        stats.accepted += verdict.n_accepted
+        stats.time_draft += t1 - t0
+        stats.time_verify += t2 - t1
+        stats.time_commit += t3 - t2
+        new = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
+        tokens[n: n + len(new) - 1] = new[:-1]
+        generated, reason = stopper.cut(generated + new)
+
+    stats.new_tokens = len(generated)
+    stats.finish_reason = reason
+    stats.time_total = time.perf_counter() - t_start
+    return GenerationResult(token_ids=generated, text=stopper.text(generated), stats=stats)

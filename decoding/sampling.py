@@ -1,0 +1,45 @@
+"""Turning logits into the target's token distribution (temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+import torch
+
+from decoding.config import SamplingParams
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities [..., V] after temperature, top-k and top-p (nucleus) filtering.
+
+    Requires params.temperature > 0. Filters follow the usual order: top-k, then top-p on what is left.
+    """
+    if params.greedy:
+        raise ValueError("sampling_probs needs temperature > 0; greedy decoding uses argmax")
+    scores = logits.float() / params.temperature
+    if params.top_k and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = (cum - sorted_scores.softmax(-1)) >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores.softmax(-1)
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from a single position's logits [V]: argmax when greedy, else a draw."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = sampling_probs(logits, params)
+    return int(torch.multinomial(probs, 1, generator=generator))

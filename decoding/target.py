@@ -1,0 +1,184 @@
+"""The target model wrapper: one API for every drafter and verifier.
+
+- ``prefill``: run a prompt, return logits and the hidden state of a chosen layer per position.
+- ``verify``: run a token tree against the KV cache in one forward pass (tree attention mask,
+  position id = committed length + depth), returning logits and hidden states per node.
+- ``commit``: keep the accepted root-to-node path of the last tree by compacting the KV cache
+  (index select); nothing is recomputed.
+
+Weights are shared and read-only; all per-request state lives in a :class:`KVState`, so one
+model can serve several requests at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.cpu_kernels import SmallBatchHead, install_small_batch_linear, wants_cpu_kernels
+from decoding.errors import ContextLengthError, InvalidRequestError
+from decoding.tree import TokenTree
+
+
+@dataclass
+class ForwardOutput:
+    """logits: [T, V] float32; hidden: [T, H] hidden state of the configured layer."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclass
+class KVState:
+    """Per-request KV cache. ``n_committed`` positions are final; ``n_tentative`` follow them."""
+
+    cache: object
+    n_committed: int = 0
+    n_tentative: int = 0
+    last_tree: TokenTree | None = field(default=None, repr=False)
+
+
+class TargetModel:
+    """Wraps a Hugging Face causal LM (Llama, Qwen2, Gemma families)."""
+
+    def __init__(self, model, tokenizer, *, hidden_layer: int = -1, cpu_kernels: bool | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        n_layers = self.config.num_hidden_layers
+        if not -1 <= hidden_layer <= n_layers:
+            raise InvalidRequestError(f"hidden_layer must be -1 (last, after the final norm) or in 0..{n_layers}")
+        self.hidden_layer = hidden_layer
+        self._base = model.base_model
+        self._head = model.get_output_embeddings()
+        if cpu_kernels is None:
+            cpu_kernels = wants_cpu_kernels(model)
+        if cpu_kernels:
+            # Cheap verification of small trees on CPU (see decoding/cpu_kernels.py).
+            install_small_batch_linear(self._base)
+            self._head = SmallBatchHead(self._head.weight)
+        self.cpu_kernels = cpu_kernels
+        self._softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(self.config.vocab_size)
+        self.context_window = int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+
+    @classmethod
+    def load(cls, model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
+             hidden_layer: int = -1, cpu_kernels: bool | None = None) -> "TargetModel":
+        from decoding.model_loader import load_model_and_tokenizer
+
+        hf_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+        return cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels)
+
+    # -- forward passes -----------------------------------------------------------------------
+
+    def _forward(self, state: KVState, input_ids: list[int], positions: torch.Tensor,
+                 mask: torch.Tensor | None, logits_for: slice | None) -> ForwardOutput:
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        want_layers = self.hidden_layer != -1
+        out = self._base(input_ids=ids, position_ids=positions[None], attention_mask=mask,
+                         past_key_values=state.cache, use_cache=True, output_hidden_states=want_layers)
+        last = out.last_hidden_state[0]
+        hidden = out.hidden_states[self.hidden_layer][0] if want_layers else last
+        h = last if logits_for is None else last[logits_for]
+        logits = self._head(h).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return ForwardOutput(logits=logits, hidden=hidden)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Sequence[int], *, all_logits: bool = False) -> tuple[KVState, ForwardOutput]:
+        """Run a prompt from an empty cache.
+
+        Returns the new state and logits ([P, V] if all_logits else [1, V] for the last position)
+        with hidden states for every position ([P, H]).
+        """
+        ids = self.check_prompt(input_ids)
+        from transformers import DynamicCache
+
+        state = KVState(cache=DynamicCache(config=self.config))
+        positions = torch.arange(len(ids), device=self.device)
+        out = self._forward(state, ids, positions, None, None if all_logits else slice(-1, None))
+        state.n_committed = len(ids)
+        return state, out
+
+    @torch.inference_mode()
+    def verify(self, state: KVState, tree: TokenTree) -> ForwardOutput:
+        """Forward every node of `tree` in one pass; returns per-node logits [T, V] and hidden [T, H].
+
+        The tree's KV entries stay in the cache as tentative until :meth:`commit`.
+        """
+        if state.n_tentative:
+            raise RuntimeError("verify called twice without commit")
+        n = state.n_committed
+        if n + len(tree) > self.context_window:
+            raise ContextLengthError(
+                f"the sequence would grow to {n + len(tree)} tokens, past the model's context window of "
+                f"{self.context_window}")
+        depths = torch.tensor(tree.depths, device=self.device)
+        # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
+        mask = None if tree.is_chain() else tree.attention_bias(n, self.dtype, self.device)
+        out = self._forward(state, list(tree.tokens), n + depths, mask, None)
+        state.n_tentative = len(tree)
+        state.last_tree = tree
+        return out
+
+    @torch.inference_mode()
+    def commit(self, state: KVState, path: Sequence[int]) -> None:
+        """Keep the KV entries of `path` (root-to-node indices into the last tree), drop the rest."""
+        tree = state.last_tree
+        if tree is None or not state.n_tentative:
+            raise RuntimeError("commit without a verified tree")
+        path = list(path)
+        if not path or path[0] != 0 or any(tree.parents[b] != a for a, b in zip(path, path[1:])):
+            raise ValueError(f"{path} is not a root-to-node path of the last tree")
+        n, k = state.n_committed, len(path)
+        if path != list(range(k)):
+            index = torch.tensor([n + i for i in path], device=self.device)
+            for layer in _cache_layers(state.cache):
+                # Gather first (a copy), then write into the front of the tentative region.
+                layer.keys[..., n:n + k, :] = layer.keys.index_select(-2, index)
+                layer.values[..., n:n + k, :] = layer.values.index_select(-2, index)
+        drop = state.n_tentative - k
+        if drop:
+            state.cache.crop(-drop)
+        state.n_committed = n + k
+        state.n_tentative = 0
+        state.last_tree = None
+
+    # -- input checks -------------------------------------------------------------------------
+
+    def check_prompt(self, input_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in input_ids]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token of text")
+        if len(ids) >= self.context_window:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens but the model's context window is {self.context_window} "
+                f"tokens (room is needed for at least one new token)")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
+        return ids
+
+
+def _cache_layers(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"unsupported KV cache type {type(cache).__name__}")
+    return layers
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update([value] if isinstance(value, int) else value)
+    return frozenset(int(i) for i in ids)

@@ -1,0 +1,88 @@
+"""Verifiers: which root-to-node path of a verified token tree to commit.
+
+Every verifier returns the accepted path (node indices, starting at the root) and the next
+pending token, chosen from the target's distribution at the last accepted node. Each verify
+step therefore commits ``len(path)`` tokens and adds one new pending token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from decoding.config import SamplingParams
+from decoding.sampling import make_generator, sample_token
+from decoding.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class Verdict:
+    path: list[int]
+    next_token: int
+
+    @property
+    def n_accepted(self) -> int:
+        """Draft tokens accepted (the root is the pending token, not a draft)."""
+        return len(self.path) - 1
+
+
+class Verifier(Protocol):
+    def first_token(self, logits: torch.Tensor) -> int: ...
+
+    def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict: ...
+
+
+class StrictGreedyVerifier:
+    """Lossless greedy: the output is identical to autoregressive greedy decoding."""
+
+    def first_token(self, logits: torch.Tensor) -> int:
+        return int(torch.argmax(logits))
+
+    def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
+        # Acceptance rule: walk from the root; at each node the target's argmax decides the next
+        # token; follow the child carrying it, stop where no child does. That argmax is the bonus token.
+        choice = logits.argmax(-1).tolist()
+        path, node = [0], 0
+        while True:
+            child = tree.child(node, choice[node])
+            if child is None:
+                return Verdict(path, choice[node])
+            path.append(child)
+            node = child
+
+
+class StrictSamplingVerifier:
+    """Lossless sampling for drafts that carry no draft distribution (retrieval drafts).
+
+    Acceptance rule: at each node draw x ~ p_target(. | prefix to node), with temperature,
+    top-k and top-p applied; follow the child carrying x, stop where none does and emit x as
+    the next token. Every emitted token is an exact draw from the target's conditional, so the
+    output distribution equals autoregressive sampling whatever the drafts are. (REST and
+    DReSD sample once per path and keep the longest accepted path; that favours drafted
+    tokens and biases the output, so it is not done here.)
+    """
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None = None) -> None:
+        if params.greedy:
+            raise ValueError("StrictSamplingVerifier needs temperature > 0")
+        self.params = params
+        self.generator = generator if generator is not None else make_generator(params.seed)
+
+    def first_token(self, logits: torch.Tensor) -> int:
+        return sample_token(logits, self.params, self.generator)
+
+    def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
+        path, node = [0], 0
+        while True:
+            x = sample_token(logits[node], self.params, self.generator)
+            child = tree.child(node, x)
+            if child is None:
+                return Verdict(path, x)
+            path.append(child)
+            node = child
+
+
+def make_verifier(params: SamplingParams) -> Verifier:
+    return StrictGreedyVerifier() if params.greedy else StrictSamplingVerifier(params)
