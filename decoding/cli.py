@@ -185,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from decoding.errors import SenseError
     from index.corpus import CorpusError
+    from index.sparse import SparseIndexError
 
     try:
         return args.func(args)
-    except (SenseError, CorpusError) as exc:
+    except (SenseError, CorpusError, SparseIndexError) as exc:
         print(f"sense: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

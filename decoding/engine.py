@@ -65,6 +65,8 @@ class _Stopper:
         return out, None
 
     def text(self, out: list[int]) -> str:
+        if self.tokenizer is None:      # bare models (tests): token ids only
+            return ""
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         for s in self.stop:
             cut = text.find(s)

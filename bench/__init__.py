@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side runs, medians over repeats, results under bench/results/."""

@@ -1,0 +1,99 @@
+"""Bad input gives a clear error naming the problem, in the API and on the command line."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from decoding.config import SamplingParams
+from decoding.engine import encode_prompt, generate
+from decoding.errors import ContextLengthError, InvalidRequestError
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"temperature": math.inf}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -3}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": True}, "max_new_tokens"),
+    ({"seed": "x"}, "seed"),
+    ({"stop": ("",)}, "stop"),
+])
+def test_invalid_sampling_parameters(kwargs, needle):
+    with pytest.raises(InvalidRequestError, match=needle):
+        SamplingParams(**kwargs)
+
+
+def test_empty_prompt(target):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        encode_prompt(target, "   ")
+    with pytest.raises(InvalidRequestError, match="empty"):
+        generate(target, [])
+
+
+def test_prompt_longer_than_context(target):
+    ids = [100] * (target.context_window + 5)
+    with pytest.raises(ContextLengthError, match=f"{target.context_window}"):
+        generate(target, ids)
+
+
+def test_generation_is_clamped_to_the_context_window():
+    from decoding.drafters import PromptLookupDrafter
+    from decoding.target import TargetModel
+    from tests.conftest import tiny_llama
+
+    tiny = TargetModel(tiny_llama(), None)          # a 64-token context window
+    ids = [1, 2, 3] * 20
+    for drafter in (None, PromptLookupDrafter()):
+        result = generate(tiny, ids, params=SamplingParams(max_new_tokens=50, ignore_eos=True), drafter=drafter)
+        assert len(ids) + len(result.token_ids) <= tiny.context_window
+        assert result.finish_reason == "length"
+
+
+def test_token_ids_outside_vocabulary(target):
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        generate(target, [1, target.vocab_size + 7])
+
+
+def test_unknown_method():
+    from decoding.cli import make_drafter
+
+    with pytest.raises(InvalidRequestError, match="unknown method 'magic'"):
+        make_drafter("magic")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "decoding.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--method", "magic", "hi"], "unknown method 'magic'"),
+    (["generate", "--temperature", "-2", "hi"], "temperature"),
+    (["generate", "--max-new-tokens", "0", "hi"], "max_new_tokens"),
+    (["generate", "   "], "empty"),
+    (["generate", "--datastore", "/nonexistent/store", "--method", "rest", "hi"], "/nonexistent/store"),
+])
+def test_cli_errors_are_one_clear_line(args, needle):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_generate_and_stop_string():
+    proc = run_cli("generate", "--method", "pld", "--max-new-tokens", "12", "--json",
+                   "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    out = json.loads(proc.stdout)
+    assert out["stats"]["new_tokens"] >= 1 and out["text"]
+    assert out["stats"]["steps"] >= 1 and out["stats"]["mat"] >= 1.0

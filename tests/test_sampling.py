@@ -1,0 +1,418 @@
+"""Statistical tests: strict speculative sampling has exactly the autoregressive output distribution.
+
+The exact distribution of the first few generated tokens is computed by enumeration (one fresh
+prefill per prefix, turned into probabilities with ``sampling_probs``), and many seeded runs of
+``decoding.engine.generate`` with a tree drafter are compared to it with a chi-square
+goodness-of-fit test. A deliberately biased verifier (sample once per path, REST/DReSD style)
+must fail the same test, which shows the test has power. Every seed is fixed, so the p-values are
+fixed numbers and a pass is stable.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from decoding.config import SamplingParams
+from decoding.engine import encode_prompt, generate
+from decoding.sampling import make_generator, sample_token, sampling_probs
+from decoding.target import TargetModel
+from decoding.tree import TokenTree
+from decoding.verifiers import StrictSamplingVerifier, Verdict
+from tests.conftest import tiny_llama
+
+ALPHA = 1e-3            # reject the fit below this p-value
+
+# Toy model: 6 tokens, sharp enough that drafts are often accepted, with several likely outcomes.
+TOY_VOCAB, TOY_SEED, TOY_SCALE = 6, 1, 40.0
+TOY_PROMPT = [1, 2, 3]
+TOY_NEW = 3             # generated tokens whose joint distribution is tested
+# One token more is generated than tested, so that a draft deeper than TOY_NEW - 1 is allowed at
+# the first verify step however the engine caps max_depth (remaining tokens, or one less).
+TOY_RUNS = 3000
+
+REAL_RUNS = 400
+REAL_PROMPT = "Name a colour."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run these many tiny forwards on one thread: on a busy 2-core machine, intra-op threads
+    spin against each other and a 1 ms forward can take 100x longer."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def chisquare_pooled(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0):
+    """Chi-square goodness of fit of `counts` to `probs`, pooling bins with expected count < 5.
+
+    The pooled bin is kept when its expected count reaches `min_expected`, else merged into the
+    smallest kept bin. Returns (p-value, number of bins used).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    expected = probs / probs.sum() * counts.sum()
+    big = expected >= min_expected
+    f_obs, f_exp = list(counts[big]), list(expected[big])
+    rest_obs, rest_exp = counts[~big].sum(), expected[~big].sum()
+    if rest_exp > 0 or rest_obs > 0:
+        if rest_exp >= min_expected or not f_exp:
+            f_obs.append(rest_obs)
+            f_exp.append(rest_exp)
+        else:
+            i = int(np.argmin(f_exp))
+            f_obs[i] += rest_obs
+            f_exp[i] += rest_exp
+    f_exp = np.array(f_exp) * (sum(f_obs) / sum(f_exp))   # exact totals for scipy's check
+    return float(stats.chisquare(f_obs, f_exp).pvalue), len(f_obs)
+
+
+class RecordingVerifier:
+    """Delegates to a verifier and records how many draft tokens each verify step accepted."""
+
+    def __init__(self, inner, accepted: list[int]) -> None:
+        self.inner = inner
+        self.accepted = accepted
+
+    def first_token(self, logits: torch.Tensor) -> int:
+        return self.inner.first_token(logits)
+
+    def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
+        verdict = self.inner.verify(tree, logits)
+        self.accepted.append(verdict.n_accepted)
+        return verdict
+
+
+class PerPathSamplingVerifier:
+    """A BIASED verifier, for the power check only: REST/DReSD-style "sample once per path".
+
+    Every root-to-leaf path gets its own independent draws x_i ~ p_target(. | path prefix); a
+    path is accepted up to its first mismatch, the longest accepted path wins (ties: first), and
+    its mismatching draw is the next token. Sibling paths give a node several chances to hit a
+    drafted child, so drafted tokens are favoured and the output is not the target's distribution.
+    """
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator) -> None:
+        self.params = params
+        self.generator = generator
+
+    def first_token(self, logits: torch.Tensor) -> int:
+        return sample_token(logits, self.params, self.generator)
+
+    def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
+        has_child = {p for p in tree.parents if p >= 0}
+        best: Verdict | None = None
+        for leaf in range(len(tree)):
+            if leaf in has_child:
+                continue
+            nodes = [leaf]
+            while tree.parents[nodes[-1]] >= 0:
+                nodes.append(tree.parents[nodes[-1]])
+            nodes.reverse()
+            path = [0]
+            for depth, node in enumerate(nodes):
+                x = sample_token(logits[node], self.params, self.generator)
+                if depth + 1 < len(nodes) and tree.tokens[nodes[depth + 1]] == x:
+                    path.append(nodes[depth + 1])
+                    continue
+                if best is None or len(path) > len(best.path):
+                    best = Verdict(path, x)
+                break
+        return best
+
+
+class PerChildAcceptVerifier:
+    """A BIASED verifier, for the power check only: DReSD/typical-acceptance style.
+
+    At a node, each drafted child c (in tree order) is accepted when a fresh uniform
+    u < p(c) / max p; when none is, x ~ p_target is drawn, followed if a child carries it, and
+    otherwise emitted as the next token. Drafted tokens get extra chances, so they are favoured.
+    """
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator) -> None:
+        self.params = params
+        self.generator = generator
+
+    def first_token(self, logits: torch.Tensor) -> int:
+        return sample_token(logits, self.params, self.generator)
+
+    def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
+        path, node = [0], 0
+        while True:
+            probs = sampling_probs(logits[node], self.params)
+            nxt = None
+            for token, child in tree.children(node).items():
+                u = float(torch.rand((), generator=self.generator))
+                if u < float(probs[token] / probs.max()):
+                    nxt = child
+                    break
+            if nxt is None:
+                x = int(torch.multinomial(probs, 1, generator=self.generator))
+                nxt = tree.child(node, x)
+                if nxt is None:
+                    return Verdict(path, x)
+            path.append(nxt)
+            node = nxt
+
+
+BIASED_VERIFIERS = {"per-path": PerPathSamplingVerifier, "per-child": PerChildAcceptVerifier}
+
+
+def outcome_index(tokens: list[int], vocab: int) -> int:
+    """Index of a token tuple in the row-major enumeration of vocab**len(tokens) outcomes."""
+    return int(np.ravel_multi_index(tuple(tokens), (vocab,) * len(tokens)))
+
+
+# ---------------------------------------------------------------------------------------------
+# toy model: exact 3-token distribution
+
+
+class ToyWorld:
+    """A tiny random Llama with the logits of every prefix of up to TOY_NEW - 1 generated tokens."""
+
+    def __init__(self) -> None:
+        self.target = TargetModel(tiny_llama(TOY_VOCAB, TOY_SEED, TOY_SCALE), None)
+        self.vocab = TOY_VOCAB
+        self.prompt = list(TOY_PROMPT)
+        self.logits: dict[tuple[int, ...], torch.Tensor] = {}
+        for n in range(TOY_NEW):
+            for prefix in itertools.product(range(self.vocab), repeat=n):
+                _, out = self.target.prefill(self.prompt + list(prefix))
+                self.logits[prefix] = out.logits[-1]
+
+    def conditionals(self, params: SamplingParams) -> dict[tuple[int, ...], np.ndarray]:
+        """p(next token | generated prefix) under `params`, float64, for every tabled prefix."""
+        return {k: sampling_probs(v, params).double().numpy() for k, v in self.logits.items()}
+
+    def joint(self, params: SamplingParams) -> np.ndarray:
+        """Exact probability of each TOY_NEW-token outcome (row-major over the vocabulary)."""
+        cond = self.conditionals(params)
+        probs = np.zeros(self.vocab ** TOY_NEW)
+        for seq in itertools.product(range(self.vocab), repeat=TOY_NEW):
+            probs[outcome_index(list(seq), self.vocab)] = np.prod(
+                [cond[seq[:i]][seq[i]] for i in range(TOY_NEW)])
+        return probs
+
+
+class RandomTreeDrafter:
+    """Random branching trees up to depth 3: `width[d]` = (min, max) children of a node at depth d.
+
+    Wide trees matter for the power check: a biased verifier shows its bias through siblings.
+
+    A node's children are distinct tokens drawn from an even mixture of the true conditional
+    (when the prefix is tabled) and the uniform distribution, so likely and unlikely tokens are
+    both drafted and accepted paths of every length occur.
+    """
+
+    name = "random-tree"
+
+    def __init__(self, cond: dict[tuple[int, ...], np.ndarray], prompt_len: int, vocab: int,
+                 rng: np.random.Generator, width=((3, 4), (2, 3), (1, 2))) -> None:
+        self.cond, self.prompt_len, self.vocab, self.rng, self.width = cond, prompt_len, vocab, rng, width
+
+    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree:
+        generated = tuple(int(t) for t in tokens[self.prompt_len:])   # ends with the pending token
+        tok, par = [int(tokens[-1])], [-1]
+        frontier = [(0, generated)]
+        uniform = np.full(self.vocab, 1.0 / self.vocab)
+        for depth in range(min(len(self.width), max_depth)):
+            nxt = []
+            lo, hi = self.width[depth]
+            for node, prefix in frontier:
+                p = self.cond.get(prefix)
+                q = uniform if p is None else 0.5 * uniform + 0.5 * p / p.sum()
+                k = min(int(self.rng.integers(lo, hi + 1)), budget - (len(tok) - 1))
+                for t in self.rng.choice(self.vocab, size=k, replace=False, p=q).tolist():
+                    tok.append(t)
+                    par.append(node)
+                    nxt.append((len(tok) - 1, prefix + (t,)))
+            frontier = nxt
+        return TokenTree(tuple(tok), tuple(par))
+
+
+@pytest.fixture(scope="module")
+def toy() -> ToyWorld:
+    return ToyWorld()
+
+
+def run_toy(world: ToyWorld, params: SamplingParams, runs: int, biased: str | None = None):
+    """Generate TOY_NEW + 1 tokens `runs` times (seed = run index) with the strict verifier, or
+    the named biased one; returns (counts of the first TOY_NEW tokens, accepted draft tokens per
+    verify step)."""
+    cond = world.conditionals(params)
+    counts = np.zeros(world.vocab ** TOY_NEW, dtype=np.int64)
+    accepted: list[int] = []
+    for seed in range(runs):
+        p = SamplingParams(max_new_tokens=TOY_NEW + 1, temperature=params.temperature, top_k=params.top_k,
+                           top_p=params.top_p, seed=seed, ignore_eos=True)
+        inner = BIASED_VERIFIERS[biased](p, make_generator(seed)) if biased else StrictSamplingVerifier(p)
+        drafter = RandomTreeDrafter(cond, len(world.prompt), world.vocab, np.random.default_rng(10_000 + seed))
+        res = generate(world.target, world.prompt, params=p, drafter=drafter,
+                       verifier=RecordingVerifier(inner, accepted), budget=32)
+        assert len(res.token_ids) == TOY_NEW + 1
+        counts[outcome_index(res.token_ids[:TOY_NEW], world.vocab)] += 1
+    return counts, np.array(accepted)
+
+
+TOY_PARAMS = {
+    "temperature": SamplingParams(temperature=1.0),
+    "temperature+top_k": SamplingParams(temperature=0.8, top_k=3),
+    "temperature+top_p": SamplingParams(temperature=1.3, top_p=0.8),
+}
+
+
+@pytest.mark.parametrize("name", list(TOY_PARAMS))
+def test_toy_strict_sampling_matches_autoregressive(toy, name):
+    """3 tokens from a tiny model: speculative sampling with random trees fits the exact law."""
+    params = TOY_PARAMS[name]
+    probs = toy.joint(params)
+    counts, accepted = run_toy(toy, params, TOY_RUNS)
+    # Drafts really were verified: accepted paths of every length up to the tree depth occur.
+    assert accepted.max() >= TOY_NEW - 1
+    for k in range(accepted.max() + 1):
+        assert (accepted == k).sum() >= 0.02 * len(accepted), (k, np.bincount(accepted))
+    # Outcomes the filters rule out never appear (and the filters do rule some out).
+    assert counts[probs == 0].sum() == 0
+    if params.top_k or params.top_p < 1:
+        assert (probs == 0).any()
+    pvalue, bins = chisquare_pooled(counts, probs)
+    print(f"{name}: p={pvalue:.4g} over {bins} bins; accepted lengths {np.bincount(accepted).tolist()}")
+    assert bins >= 10
+    assert pvalue > ALPHA
+
+
+@pytest.mark.parametrize("biased", list(BIASED_VERIFIERS))
+def test_toy_biased_verifier_is_rejected(toy, biased):
+    """Power check: verifiers that favour drafted tokens fail the same test."""
+    params = TOY_PARAMS["temperature"]
+    counts, _ = run_toy(toy, params, TOY_RUNS, biased=biased)
+    pvalue, bins = chisquare_pooled(counts, toy.joint(params))
+    print(f"biased {biased} verifier: p={pvalue:.4g} over {bins} bins")
+    assert pvalue < ALPHA
+
+
+def test_toy_seeded_run_is_reproducible(toy):
+    """Same seed (and same drafts) -> same tokens; the seed matters."""
+    cond = toy.conditionals(TOY_PARAMS["temperature"])
+
+    def once(seed: int) -> list[int]:
+        p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+        drafter = RandomTreeDrafter(cond, len(toy.prompt), toy.vocab, np.random.default_rng(7))
+        return generate(toy.target, toy.prompt, params=p, drafter=drafter).token_ids
+
+    first = [once(seed) for seed in range(5)]
+    assert [once(seed) for seed in range(5)] == first
+    assert len({tuple(t) for t in first}) > 1
+
+
+def test_toy_strict_sampling_replays_autoregressive_draws(toy):
+    """The strict verifier draws once per visited node, in order, as autoregressive sampling
+    does once per token: with the same seed it emits the same tokens whatever the drafts (up to
+    float rounding of the logits, which these seeds do not hit). A property of this verifier,
+    stronger than equality in distribution."""
+    cond = toy.conditionals(TOY_PARAMS["temperature"])
+    for seed in range(10):
+        p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+        drafter = RandomTreeDrafter(cond, len(toy.prompt), toy.vocab, np.random.default_rng(seed))
+        assert (generate(toy.target, toy.prompt, params=p, drafter=drafter, budget=32).token_ids
+                == generate(toy.target, toy.prompt, params=p).token_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# real model: exact distribution of the first two tokens
+
+
+class CachedPrefill:
+    """A TargetModel whose prefill of a prompt already seen returns a deep copy of the first
+    result (the same KV cache and logits), so that many runs of one prompt skip the prompt's
+    forward. Everything else is the wrapped model."""
+
+    def __init__(self, target: TargetModel) -> None:
+        self._target = target
+        self._cache: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+    def prefill(self, input_ids, **kwargs):
+        key = (tuple(int(t) for t in input_ids), tuple(sorted(kwargs.items())))
+        if key not in self._cache:
+            self._cache[key] = self._target.prefill(input_ids, **kwargs)
+        state, out = self._cache[key]
+        return copy.deepcopy(state), out
+
+
+class TopChildrenDrafter:
+    """At the first verify step (pending token t1): children = a wrong token that the top-k filter
+    rules out, then the 3 likeliest t2 under p(. | t1); nothing later. (The wrong child first
+    makes a per-path verifier's bias large; a strict verifier does not care about the order.)"""
+
+    name = "top-children"
+
+    def __init__(self, children: dict[int, list[int]], prompt_len: int) -> None:
+        self.children, self.prompt_len = children, prompt_len
+
+    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree:
+        root = int(tokens[-1])
+        first = len(tokens) == self.prompt_len + 1
+        kids = self.children.get(root, [])[:budget] if first and max_depth >= 1 else []
+        return TokenTree((root, *kids), (-1,) + (0,) * len(kids))
+
+
+def test_real_model_two_tokens_match_autoregressive(target):
+    """SmolLM2, temperature 1 with top_k=20: the (t1, t2) pairs of speculative sampling with a
+    tree of likely second tokens fit the exact distribution."""
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=20, ignore_eos=True)
+    prompt = encode_prompt(target, REAL_PROMPT)
+    _, out = target.prefill(prompt)
+    p1 = sampling_probs(out.logits[-1], params).double().numpy()
+    support = np.flatnonzero(p1 > 0)
+    assert len(support) == 20
+    # Exact pairs over the whole support of t1 (no 'other' bin needed: top_k bounds it).
+    pairs, probs, children = [], [], {}
+    for t1 in support.tolist():
+        _, out = target.prefill(prompt + [t1])
+        logits = out.logits[-1]
+        p2 = sampling_probs(logits, params).double().numpy()
+        order = torch.argsort(logits, descending=True).tolist()
+        children[t1] = [order[params.top_k]] + order[:3]       # one the filter rules out + top 3
+        for t2 in np.flatnonzero(p2 > 0).tolist():
+            pairs.append((t1, t2))
+            probs.append(p1[t1] * p2[t2])
+    index = {pair: i for i, pair in enumerate(pairs)}
+    probs = np.array(probs)
+    assert abs(probs.sum() - 1) < 1e-6
+
+    cached = CachedPrefill(target)
+    drafter = TopChildrenDrafter(children, len(prompt))
+    check = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=20, ignore_eos=True, seed=123)
+    assert (generate(cached, prompt, params=check, drafter=drafter).token_ids
+            == generate(target, prompt, params=check, drafter=drafter).token_ids)
+
+    counts = np.zeros(len(pairs), dtype=np.int64)
+    accepted: list[int] = []
+    for seed in range(REAL_RUNS):
+        # 3 tokens so that the first verify step may draft depth 1 however max_depth is capped.
+        p = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=20, ignore_eos=True, seed=seed)
+        res = generate(cached, prompt, params=p, drafter=drafter,
+                       verifier=RecordingVerifier(StrictSamplingVerifier(p), accepted))
+        pair = tuple(res.token_ids[:2])
+        assert pair in index, f"{pair} has probability 0"
+        counts[index[pair]] += 1
+    hits = int(np.sum(accepted))          # runs whose drafted t2 was accepted
+    assert 0.2 * REAL_RUNS <= hits <= 0.95 * REAL_RUNS
+    pvalue, bins = chisquare_pooled(counts, probs)
+    print(f"real model: p={pvalue:.4g} over {bins} bins; drafted t2 accepted in {hits}/{REAL_RUNS} runs")
+    assert bins >= 10
+    assert pvalue > ALPHA

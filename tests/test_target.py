@@ -1,0 +1,128 @@
+"""The target wrapper: tree verification and KV commit agree with fresh prefills."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding.target import TargetModel
+from decoding.tree import TokenTree
+
+PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018]
+
+
+def fresh_logits(target: TargetModel, ids: list[int]) -> torch.Tensor:
+    _, out = target.prefill(ids, all_logits=True)
+    return out.logits
+
+
+def test_prefill_shapes(target):
+    state, out = target.prefill(PROMPT, all_logits=True)
+    assert out.logits.shape == (len(PROMPT), target.vocab_size)
+    assert out.hidden.shape == (len(PROMPT), target.config.hidden_size)
+    assert state.n_committed == len(PROMPT)
+    _, last = target.prefill(PROMPT)
+    assert torch.allclose(last.logits[0], out.logits[-1], atol=1e-4)
+
+
+def test_tree_logits_equal_prefill_of_each_path(target):
+    """Every node's logits equal those of a plain prefill of its root-to-node path."""
+    tree = TokenTree((PROMPT[-1] + 1, 100, 200, 300, 400, 500, 600),
+                     (-1, 0, 0, 1, 1, 2, 5))
+    state, _ = target.prefill(PROMPT)
+    out = target.verify(state, tree)
+    assert out.logits.shape == (len(tree), target.vocab_size)
+    for node in range(len(tree)):
+        path, n = [], node
+        while n >= 0:
+            path.append(tree.tokens[n])
+            n = tree.parents[n]
+        ref = fresh_logits(target, PROMPT + path[::-1])[-1]
+        assert torch.allclose(out.logits[node], ref, atol=1e-4), node
+
+
+@pytest.mark.parametrize("path", [[0], [0, 1], [0, 2, 5], [0, 2, 5, 6], [0, 1, 3]])
+def test_commit_then_decode_equals_fresh_prefill(target, path):
+    """After committing a (possibly non-contiguous) path, the cache is that of the committed tokens."""
+    tree = TokenTree((PROMPT[-1] + 1, 100, 200, 300, 400, 500, 600), (-1, 0, 0, 1, 1, 2, 5))
+    state, _ = target.prefill(PROMPT)
+    target.verify(state, tree)
+    target.commit(state, path)
+    committed = PROMPT + [tree.tokens[i] for i in path]
+    assert state.n_committed == len(committed)
+    assert state.cache.get_seq_length() == len(committed)
+    # Next step: a small tree after the committed path, compared with a fresh prefill.
+    nxt = TokenTree((42, 43, 44), (-1, 0, 0))
+    out = target.verify(state, nxt)
+    for node, tokens in ((0, [42]), (1, [42, 43]), (2, [42, 44])):
+        ref = fresh_logits(target, committed + tokens)[-1]
+        assert torch.allclose(out.logits[node], ref, atol=1e-4), (path, node)
+
+
+def test_many_commits_equal_fresh_prefill(target):
+    """A long run of verify/commit steps with branching trees keeps the cache exact."""
+    gen = torch.Generator().manual_seed(0)
+    state, _ = target.prefill(PROMPT)
+    committed = list(PROMPT)
+    for step in range(8):
+        toks = torch.randint(100, 40000, (6,), generator=gen).tolist()
+        tree = TokenTree(tuple(toks), (-1, 0, 0, 1, 2, 4))
+        out = target.verify(state, tree)
+        path = [[0], [0, 1, 3], [0, 2, 4, 5], [0, 2]][step % 4]
+        target.commit(state, path)
+        committed += [tree.tokens[i] for i in path]
+        last = out.logits[path[-1]]
+        ref = fresh_logits(target, committed)[-1]
+        assert torch.allclose(last, ref, atol=1e-4), step
+    assert state.cache.get_seq_length() == len(committed)
+
+
+def test_hidden_states_of_verify_match_prefill(target):
+    state, _ = target.prefill(PROMPT)
+    tree = TokenTree.chain(7, [8, 9])
+    out = target.verify(state, tree)
+    _, ref = target.prefill(PROMPT + [7, 8, 9])
+    assert torch.allclose(out.hidden, ref.hidden[-3:], atol=1e-4)
+
+
+def test_intermediate_layer_hidden_states():
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    t = TargetModel(model, None, hidden_layer=1)
+    _, out = t.prefill([0, 1, 2, 3])
+    with torch.inference_mode():
+        ref = model(torch.tensor([[0, 1, 2, 3]]), output_hidden_states=True).hidden_states[1][0]
+    assert torch.allclose(out.hidden, ref, atol=1e-5)
+
+
+def test_commit_rejects_a_non_path(target):
+    state, _ = target.prefill(PROMPT)
+    target.verify(state, TokenTree((5, 6, 7), (-1, 0, 0)))
+    with pytest.raises(ValueError):
+        target.commit(state, [0, 2, 1])
+    with pytest.raises(ValueError):
+        target.commit(state, [1])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_other_architectures_same_path(arch):
+    """Qwen2 and Gemma go through the same wrapper (random small models; no weights download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=128)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    t = TargetModel(model, None)
+    prompt = [3, 5, 7, 11, 13]
+    state, _ = t.prefill(prompt)
+    tree = TokenTree((17, 19, 23, 29), (-1, 0, 0, 2))
+    out = t.verify(state, tree)
+    t.commit(state, [0, 2, 3])
+    _, ref = t.prefill(prompt + [17, 23, 29], all_logits=True)
+    assert torch.allclose(out.logits[3], ref.logits[-1], atol=1e-4)
+    nxt = t.verify(state, TokenTree.root_only(31))
+    _, ref2 = t.prefill(prompt + [17, 23, 29, 31])
+    assert torch.allclose(nxt.logits[0], ref2.logits[-1], atol=1e-4)
