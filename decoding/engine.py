@@ -103,9 +103,11 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         n = len(prompt_ids) + len(generated)
         tokens[n - 1] = generated[-1]
         t0 = time.perf_counter()
-        # Deeper drafts than the tokens still allowed would be wasted work.
-        max_depth = stopper.limit - len(generated)
-        tree = drafter.propose(tokens[:n], budget, max_depth)
+        # Deeper drafts than the tokens still allowed would be wasted work, and the tree must
+        # fit the context window beside the n - 1 committed tokens.
+        max_depth = stopper.limit - len(generated) - 1
+        room = min(budget, target.context_window - n)
+        tree = drafter.propose(tokens[:n], room, max_depth)
         t1 = time.perf_counter()
         out = target.verify(state, tree)
         t2 = time.perf_counter()

@@ -3,9 +3,11 @@
 The exact distribution of the first few generated tokens is computed by enumeration (one fresh
 prefill per prefix, turned into probabilities with ``sampling_probs``), and many seeded runs of
 ``decoding.engine.generate`` with a tree drafter are compared to it with a chi-square
-goodness-of-fit test. A deliberately biased verifier (sample once per path, REST/DReSD style)
-must fail the same test, which shows the test has power. Every seed is fixed, so the p-values are
-fixed numbers and a pass is stable.
+goodness-of-fit test. Deliberately biased verifiers (REST-style "sample once per path", and a
+DReSD/typical-acceptance-style per-child test) must fail the same test, which shows the test has
+power. Every seed is fixed, so the p-values are fixed numbers and a pass is stable.
+
+Runtime knobs: TOY_RUNS (each toy test ~5-7 s) and REAL_RUNS (the real-model test ~30 s).
 """
 
 from __future__ import annotations
@@ -208,11 +210,10 @@ class ToyWorld:
 class RandomTreeDrafter:
     """Random branching trees up to depth 3: `width[d]` = (min, max) children of a node at depth d.
 
-    Wide trees matter for the power check: a biased verifier shows its bias through siblings.
-
     A node's children are distinct tokens drawn from an even mixture of the true conditional
     (when the prefix is tabled) and the uniform distribution, so likely and unlikely tokens are
-    both drafted and accepted paths of every length occur.
+    both drafted and accepted paths of every length occur. Wide trees matter for the power
+    check: a biased verifier shows its bias through siblings.
     """
 
     name = "random-tree"
