@@ -1,8 +1,9 @@
 """`sense`: the command line of the decoding engine.
 
     sense generate --method pld "question"     speculative decoding of one prompt, with statistics
-    sense demo                                 one question with ar, pld and rest side by side
+    sense demo                                 one question with every method, side by side
     sense build-sparse --out DIR FILE.jsonl    a REST datastore from a JSONL corpus
+    sense build-dense --out DIR FILE.jsonl     a dense (hidden-state) datastore from a JSONL corpus
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
-METHODS = ("ar", "pld", "rest")
 DEFAULT_QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
                     "in May. How many clips did Natalia sell altogether in April and May?")
 
@@ -35,35 +34,17 @@ def _quiet_libraries() -> None:
         pass
 
 
-def default_sparse_datastore(target) -> Path:
-    """The demo's REST datastore (GSM8K train answers), built into the cache on first use."""
-    from decoding.model_loader import cache_root
-    from index.corpus import gsm8k, gsm8k_answer_text
-    from index.sparse import SparseIndex
+def load_stores(methods, target, args):
+    """The datastores the methods need: given directories, else the GSM8K defaults."""
+    from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores
+    from index.defaults import default_dense_store, default_sparse_index
 
-    name = Path(str(target.config._name_or_path)).name or "model"
-    path = cache_root() / "datastores" / f"sparse-gsm8k-train-{name}-v{target.vocab_size}"
-    if not (path / "meta.json").is_file():
-        print(f"building the REST datastore from GSM8K train answers into {path} ...", file=sys.stderr)
-        docs = [target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] for r in gsm8k("train")]
-        SparseIndex.build(docs).save(path)
-    return path
-
-
-def make_drafter(method: str, target=None, datastore: str | None = None):
-    from decoding.drafters import NoDrafter, PromptLookupDrafter, SparseDrafter
-    from decoding.errors import InvalidRequestError
-
-    if method == "ar":
-        return NoDrafter()
-    if method == "pld":
-        return PromptLookupDrafter()
-    if method == "rest":
-        from index.sparse import SparseIndex
-
-        path = Path(datastore) if datastore else default_sparse_datastore(target)
-        return SparseDrafter(SparseIndex.load(path))
-    raise InvalidRequestError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    stores = Datastores()
+    if NEEDS_SPARSE & set(methods):
+        stores.sparse = default_sparse_index(target, args.sparse_store)
+    if NEEDS_DENSE & set(methods):
+        stores.dense = default_dense_store(target, args.dense_store)
+    return stores
 
 
 def _params(args):
@@ -73,17 +54,26 @@ def _params(args):
                           top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
 
 
+def _soft(args):
+    if not args.soft:
+        return None
+    from decoding.soft import SoftGateConfig
+
+    return SoftGateConfig(theta=args.soft_theta, top_k=args.soft_top_k, lam=args.soft_lam, window=args.soft_window)
+
+
 def cmd_generate(args) -> int:
     from decoding.engine import encode_prompt, generate
+    from decoding.methods import check_method, make_drafter
     from decoding.target import TargetModel
 
-    params = _params(args)                      # validate before the slow model load
-    if args.method not in METHODS:
-        make_drafter(args.method)
+    params, soft = _params(args), _soft(args)       # validate before the slow model load
+    check_method(args.method)
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
-    drafter = make_drafter(args.method, target, args.datastore)
+    stores = load_stores([args.method], target, args)
     ids = encode_prompt(target, args.prompt, chat=not args.raw)
-    result = generate(target, ids, params=params, drafter=drafter, budget=args.budget)
+    result = generate(target, ids, params=params, drafter=make_drafter(args.method, stores), budget=args.budget,
+                      soft=soft)
     if args.json:
         print(json.dumps({"text": result.text, "stats": result.stats.to_dict()}))
     else:
@@ -94,48 +84,75 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from decoding.engine import encode_prompt, generate
+    from decoding.methods import check_method, make_drafter
     from decoding.target import TargetModel
 
     params = _params(args)
-    print("loading the target model (first run converts the embedded GGUF, ~20 s) ...", file=sys.stderr)
+    methods = [check_method(m) for m in args.methods.split(",")]
+    print("loading the target model (the first run converts the embedded GGUF) ...", file=sys.stderr)
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
+    stores = load_stores(methods, target, args)
     ids = encode_prompt(target, args.prompt)
-    results = {}
-    for method in METHODS:
-        drafter = make_drafter(method, target, args.datastore)
-        results[method] = generate(target, ids, params=params, drafter=drafter, budget=args.budget)
-    ar = results["ar"]
+    runs = [(m, None) for m in methods]
+    if args.soft:
+        runs.append(("sense" if "sense" in methods else methods[-1], _soft(args)))
+    results = []
+    for method, soft in runs:
+        r = generate(target, ids, params=params, drafter=make_drafter(method, stores), budget=args.budget, soft=soft)
+        results.append((method + ("-soft" if soft else ""), r))
+    ar = next((r for m, r in results if m == "ar"), results[0][1])
     print(f"Q: {args.prompt}\nA: {ar.text}\n")
-    print(f"{'method':8} {'tokens':>6} {'steps':>5} {'MAT':>5} {'accept':>7} {'tok/s':>6} {'speedup':>7}  same as ar")
-    for method, r in results.items():
+    print(f"{'method':11} {'tokens':>6} {'steps':>5} {'MAT':>5} {'accept':>7} {'tok/s':>6} {'speedup':>7}  same as ar")
+    for name, r in results:
         s = r.stats
-        print(f"{method:8} {s.new_tokens:6d} {s.steps:5d} {s.mat:5.2f} {s.acceptance_rate:7.1%} "
+        print(f"{name:11} {s.new_tokens:6d} {s.steps:5d} {s.mat:5.2f} {s.acceptance_rate:7.1%} "
               f"{s.tokens_per_s:6.1f} {s.tokens_per_s / ar.stats.tokens_per_s:6.2f}x  {r.token_ids == ar.token_ids}")
     return 0
 
 
-def cmd_build_sparse(args) -> int:
-    from decoding.model_loader import load_model_and_tokenizer
+def _read_texts(paths, field):
     from index.corpus import read_jsonl
-    from index.sparse import SparseIndex
 
-    _, tokenizer = load_model_and_tokenizer(args.model)
-    docs, skipped = [], 0
-    for path in args.corpus:
+    texts, skipped = [], 0
+    for path in paths:
         for rec in read_jsonl(path):
-            text = rec.get(args.field) if isinstance(rec, dict) else None
+            text = rec.get(field) if isinstance(rec, dict) else None
             if not isinstance(text, str) or not text.strip():
                 skipped += 1
                 continue
-            docs.append(tokenizer(text)["input_ids"])
-    index = SparseIndex.build(docs)
+            texts.append(text)
+    return texts, skipped
+
+
+def cmd_build_sparse(args) -> int:
+    from decoding.model_loader import load_model_and_tokenizer
+    from index.sparse import SparseIndex
+
+    _, tokenizer = load_model_and_tokenizer(args.model)
+    texts, skipped = _read_texts(args.corpus, args.field)
+    index = SparseIndex.build(tokenizer(t)["input_ids"] for t in texts)
     index.save(args.out)
     print(f"wrote {args.out}: {index.n_docs} documents, {index.n_tokens} tokens, {skipped} records skipped "
           f"(no non-empty {args.field!r} field)")
     return 0
 
 
+def cmd_build_dense(args) -> int:
+    from decoding.target import TargetModel
+    from index.dense_build import Document, build_dense_datastore
+
+    target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
+    texts, skipped = _read_texts(args.corpus, args.field)
+    docs = [Document(target.tokenizer(t)["input_ids"], corpus=args.corpus_name) for t in texts]
+    m = build_dense_datastore(target, docs, args.out, dim=args.dim, value_len=args.value_len)
+    print(f"wrote {args.out}: {m.documents} documents, {m.entries} entries, {skipped} records skipped "
+          f"(no non-empty {args.field!r} field)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from decoding.methods import METHODS
+
     parser = argparse.ArgumentParser(prog="sense", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,19 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
         p.add_argument("--budget", type=int, default=64, help="draft tree node budget")
-        p.add_argument("--datastore", default=None, help="REST datastore directory (default: GSM8K train answers)")
+        p.add_argument("--sparse-store", "--datastore", dest="sparse_store", default=None,
+                       help="REST datastore directory (default: GSM8K train answers)")
+        p.add_argument("--dense-store", default=None, help="dense datastore directory (default: GSM8K train)")
+        p.add_argument("--soft", action="store_true", help="soft-gated (lossy) verification")
+        p.add_argument("--soft-theta", type=float, default=0.3, help="entropy gate (nats over top-k)")
+        p.add_argument("--soft-top-k", type=int, default=3)
+        p.add_argument("--soft-lam", type=float, default=0.5, help="ratio gate p(d)/p(argmax)")
+        p.add_argument("--soft-window", type=int, default=6, help="deferred window W")
 
     g = sub.add_parser("generate", help="generate an answer with speculative decoding")
     g.add_argument("prompt")
-    g.add_argument("--method", default="pld", help=f"one of {', '.join(METHODS)}")
+    g.add_argument("--method", default="pld", help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     g.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     g.add_argument("--json", action="store_true", help="print text and statistics as JSON")
     model_opts(g)
     decode_opts(g)
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="one question with every method, side by side")
+    d = sub.add_parser("demo", help="one question with several methods, side by side")
     d.add_argument("prompt", nargs="?", default=DEFAULT_QUESTION)
+    d.add_argument("--methods", default="ar,pld,rest", help=f"comma-separated, from {', '.join(METHODS)}")
     model_opts(d)
     decode_opts(d)
     d.set_defaults(func=cmd_demo)
@@ -176,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--model", default=None)
     b.set_defaults(func=cmd_build_sparse)
+
+    e = sub.add_parser("build-dense", help="build a dense datastore from JSONL files (single process)")
+    e.add_argument("corpus", nargs="+", help="JSONL files")
+    e.add_argument("--field", default="text", help="record field holding the text")
+    e.add_argument("--corpus-name", default="default")
+    e.add_argument("--out", required=True)
+    e.add_argument("--dim", type=int, default=64)
+    e.add_argument("--value-len", type=int, default=20)
+    model_opts(e)
+    e.set_defaults(func=cmd_build_dense)
     return parser
 
 
@@ -185,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from decoding.errors import SenseError
     from index.corpus import CorpusError
+    from index.dense_format import DatastoreError
     from index.sparse import SparseIndexError
 
     try:
         return args.func(args)
-    except (SenseError, CorpusError, SparseIndexError) as exc:
+    except (SenseError, CorpusError, SparseIndexError, DatastoreError) as exc:
         print(f"sense: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -77,21 +77,25 @@ class _Stopper:
 
 def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingParams | None = None,
              drafter: Drafter | None = None, verifier: Verifier | None = None,
-             budget: int = 64) -> GenerationResult:
+             budget: int = 64, soft=None) -> GenerationResult:
     """Speculative decoding of one request.
 
     Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
     nodes), the target verifies all nodes in one forward, the verifier picks the accepted path
-    and the next pending token, and the KV cache keeps just that path.
+    and the next pending token, and the KV cache keeps just that path. `soft` (a
+    ``decoding.soft.SoftGateConfig``) opts into lossy soft-gated verification.
     """
     params = params or SamplingParams()
     drafter = drafter or NoDrafter()
-    verifier = verifier or make_verifier(params)
+    verifier = verifier or make_verifier(params, soft)
     stats = GenerationStats(method=drafter.name)
     t_start = time.perf_counter()
 
     state, out = target.prefill(prompt_ids)
     stats.prompt_tokens = len(prompt_ids)
+    needs_hidden = drafter.needs_hidden
+    drafter.begin(list(prompt_ids), out.hidden if needs_hidden else None)
+    hidden = out.hidden[-1] if needs_hidden else None
     stopper = _Stopper(target, params, len(prompt_ids))
     tokens = np.empty(len(prompt_ids) + stopper.limit + 1, dtype=np.int64)
     tokens[: len(prompt_ids)] = prompt_ids
@@ -107,12 +111,17 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         # fit the context window beside the n - 1 committed tokens.
         max_depth = stopper.limit - len(generated) - 1
         room = min(budget, target.context_window - n)
-        tree = drafter.propose(tokens[:n], room, max_depth)
+        tree = drafter.propose(tokens[:n], room, max_depth, hidden)
         t1 = time.perf_counter()
         out = target.verify(state, tree)
         t2 = time.perf_counter()
         verdict = verifier.verify(tree, out.logits)
         target.commit(state, verdict.path)
+        if needs_hidden:
+            # Committed positions n-1 .. n-1+accepted: the pending root and the accepted drafts.
+            path_hidden = out.hidden[verdict.path]
+            drafter.observe(np.arange(n - 1, n - 1 + len(verdict.path)), path_hidden)
+            hidden = path_hidden[-1]
         t3 = time.perf_counter()
         stats.steps += 1
         stats.drafted += tree.n_draft
@@ -124,6 +133,10 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         tokens[n: n + len(new) - 1] = new[:-1]
         generated, reason = stopper.cut(generated + new)
 
+    gate_stats = getattr(verifier, "stats", None)
+    if gate_stats is not None:
+        stats.verifier = "soft"
+        stats.soft_gates = gate_stats.to_dict()
     stats.new_tokens = len(generated)
     stats.finish_reason = reason
     stats.time_total = time.perf_counter() - t_start

@@ -19,6 +19,8 @@ class GenerationStats:
     time_commit: float = 0.0       # acceptance decision + KV compaction
     time_total: float = 0.0
     finish_reason: str = ""
+    verifier: str = "strict"
+    soft_gates: dict | None = None # gate counters of soft-gated verification
 
     @property
     def mat(self) -> float:

@@ -84,5 +84,10 @@ class StrictSamplingVerifier:
             node = child
 
 
-def make_verifier(params: SamplingParams) -> Verifier:
+def make_verifier(params: SamplingParams, soft=None) -> Verifier:
+    """Strict (lossless) by default; a ``decoding.soft.SoftGateConfig`` selects soft-gated verification."""
+    if soft is not None:
+        from decoding.soft import SoftGatedVerifier
+
+        return SoftGatedVerifier(params, soft)
     return StrictGreedyVerifier() if params.greedy else StrictSamplingVerifier(params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -63,7 +64,7 @@ def test_token_ids_outside_vocabulary(target):
 
 
 def test_unknown_method():
-    from decoding.cli import make_drafter
+    from decoding.methods import make_drafter
 
     with pytest.raises(InvalidRequestError, match="unknown method 'magic'"):
         make_drafter("magic")
@@ -80,12 +81,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["generate", "--max-new-tokens", "0", "hi"], "max_new_tokens"),
     (["generate", "   "], "empty"),
     (["generate", "--datastore", "/nonexistent/store", "--method", "rest", "hi"], "/nonexistent/store"),
+    (["generate", "--dense-store", "/nonexistent/dense", "--method", "dense", "hi"], "/nonexistent/dense"),
+    (["generate", "--soft", "--soft-window", "0", "hi"], "window"),
 ])
 def test_cli_errors_are_one_clear_line(args, needle):
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not os.path.exists("/nonexistent"), "a missing datastore path must not be created"
 
 
 def test_cli_generate_and_stop_string():

@@ -2,30 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from decoding.tree import TokenTree
 
 
-class Drafter(Protocol):
+class Drafter:
     """Proposes draft tokens after the pending token.
 
-    propose(tokens, budget, max_depth): `tokens` [N] int64 holds the whole sequence so far
-    (prompt, output, and the pending token last). Returns a TokenTree rooted at tokens[-1] with
-    at most `budget` draft nodes, none deeper than `max_depth`.
+    propose(tokens, budget, max_depth, hidden): `tokens` [N] int64 holds the whole sequence so
+    far (prompt, output, and the pending token last). Returns a TokenTree rooted at tokens[-1]
+    with at most `budget` draft nodes, none deeper than `max_depth`. Drafters that set
+    `needs_hidden` also get `hidden` [H], the target's hidden state at the last committed
+    position (the one that chose the pending token), taken from the verification just done,
+    and the per-request hooks begin/observe with the hidden states of committed positions.
+    A drafter object serves one request at a time; make one per concurrent request.
     """
 
-    name: str
+    name: str = "drafter"
+    needs_hidden: bool = False
 
-    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree: ...
+    def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
+        """A new request: its prompt and, if needs_hidden, the prompt's hidden states [P, H]."""
+
+    def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
+        """Newly committed positions and their hidden states [len(positions), H]."""
+
+    def chains(self, tokens: np.ndarray, max_depth: int,
+               hidden: torch.Tensor | None = None) -> list[tuple[Sequence[int], float]]:
+        """Candidate continuations after the pending token, each with a weight (higher = likelier)."""
+        return []
+
+    def propose(self, tokens: np.ndarray, budget: int, max_depth: int,
+                hidden: torch.Tensor | None = None) -> TokenTree:
+        """The candidates merged into a weighted trie, pruned to `budget` nodes."""
+        root = int(tokens[-1])
+        if budget <= 0 or max_depth <= 0:
+            return TokenTree.root_only(root)
+        found = self.chains(tokens, max_depth, hidden)
+        if not found:
+            return TokenTree.root_only(root)
+        return TokenTree.from_chains(root, found, budget)
 
 
-class NoDrafter:
+class NoDrafter(Drafter):
     """Drafts nothing: every step verifies the pending token alone (autoregressive decoding)."""
 
     name = "ar"
-
-    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree:
-        return TokenTree.root_only(int(tokens[-1]))

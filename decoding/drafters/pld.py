@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from decoding.tree import TokenTree
+from decoding.drafters.base import Drafter
 
 
 @dataclass
-class PromptLookupDrafter:
+class PromptLookupDrafter(Drafter):
     """Match the last n tokens (n from max_ngram down to min_ngram) earlier in the sequence.
 
     Each earlier occurrence proposes the (up to) `num_pred_tokens` tokens that followed it.
@@ -30,10 +30,11 @@ class PromptLookupDrafter:
         if self.num_pred_tokens < 1 or self.max_candidates < 1:
             raise ValueError("num_pred_tokens and max_candidates must be >= 1")
 
-    def candidates(self, tokens: np.ndarray, max_len: int) -> list[tuple[np.ndarray, float]]:
+    def chains(self, tokens: np.ndarray, max_depth: int, hidden=None) -> list[tuple[list[int], float]]:
         """Continuations (most wanted first) with weights: n-gram length, then recency."""
         size = len(tokens)
-        found: list[tuple[np.ndarray, float]] = []
+        max_len = min(self.num_pred_tokens, max_depth)
+        found: list[tuple[list[int], float]] = []
         seen: set[bytes] = set()
         for n in range(min(self.max_ngram, size - 1), self.min_ngram - 1, -1):
             pattern = tokens[size - n:]
@@ -47,19 +48,7 @@ class PromptLookupDrafter:
                 if len(cont) == 0 or key in seen:
                     continue
                 seen.add(key)
-                found.append((cont, n - rank / (len(starts) + 1)))
+                found.append((cont.tolist(), n - rank / (len(starts) + 1)))
                 if len(found) >= self.max_candidates:
                     return found
         return found
-
-    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree:
-        root = int(tokens[-1])
-        max_len = min(self.num_pred_tokens, max_depth, budget)
-        if max_len <= 0:
-            return TokenTree.root_only(root)
-        found = self.candidates(tokens, max_len)
-        if not found:
-            return TokenTree.root_only(root)
-        if len(found) == 1:
-            return TokenTree.chain(root, found[0][0].tolist())
-        return TokenTree.from_chains(root, ((c.tolist(), w) for c, w in found), budget)

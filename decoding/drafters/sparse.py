@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from decoding.tree import TokenTree
+from decoding.drafters.base import Drafter
 
 
 @dataclass
-class SparseDrafter:
+class SparseDrafter(Drafter):
     """Drafts from a suffix index (see ``index.sparse.SparseIndex``).
 
     The longest suffix of the context (max_suffix down to min_suffix tokens) found in the corpus
@@ -26,14 +26,8 @@ class SparseDrafter:
     max_occurrences: int = 5000
     name: str = "rest"
 
-    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree:
-        root = int(tokens[-1])
-        depth = min(self.continuation_len, max_depth)
-        if depth <= 0 or budget <= 0:
-            return TokenTree.root_only(root)
+    def chains(self, tokens: np.ndarray, max_depth: int, hidden=None):
         found = self.index.lookup(tokens[-self.max_suffix:], max_suffix=self.max_suffix,
-                                  min_suffix=self.min_suffix, continuation_len=depth,
+                                  min_suffix=self.min_suffix, continuation_len=min(self.continuation_len, max_depth),
                                   max_occurrences=self.max_occurrences)
-        if not found.chains:
-            return TokenTree.root_only(root)
-        return TokenTree.from_chains(root, found.chains, budget)
+        return found.chains

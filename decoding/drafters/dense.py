@@ -1,0 +1,108 @@
+"""Dense retrieval drafting (DReSD / SENSE): neighbours of the target's own hidden state.
+
+The query is transform(h), h the target's hidden state at the last committed position, taken
+from the verification pass already done (no extra forward). Neighbours come from a static
+datastore (FAISS, inner product on unit keys) and from a per-request dynamic cache of the
+request's own prompt and output. A neighbour at corpus position t predicted token t+1; it is
+kept only when that token equals the pending token (DReSD's filter), and then drafts the tokens
+after it. Continuations merge into a trie weighted by similarity (so frequency adds up), pruned
+to the node budget; mode="chains" keeps the few best neighbours' whole chains instead (DReSD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from decoding.drafters.base import Drafter
+
+
+def _cut_at(seq: np.ndarray, stop: int) -> np.ndarray:
+    """Keep `seq` up to and including the first `stop` token."""
+    hits = np.flatnonzero(seq == stop)
+    return seq[: hits[0] + 1] if len(hits) else seq
+
+
+@dataclass
+class DenseDrafter(Drafter):
+    """store: an ``index.dense_store.DenseStore`` (or None for dynamic-cache only)."""
+
+    store: Any = None
+    transform: Any = None            # KeyTransform; defaults to the store's
+    k: int = 50
+    mode: str = "trie"               # "trie" (SENSE) or "chains" (DReSD's independent chains)
+    n_chains: int = 4
+    dynamic: bool = True
+    dynamic_k: int = 20
+    name: str = "dense"
+    needs_hidden: bool = True
+    _dyn_keys: list = field(default_factory=list, repr=False)
+    _dyn_pos: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("trie", "chains"):
+            raise ValueError(f"mode must be 'trie' or 'chains', got {self.mode!r}")
+        if self.transform is None and self.store is not None:
+            self.transform = self.store.transform
+        if self.transform is None:
+            raise ValueError("a dense drafter needs a datastore or a key transform")
+        self.eos = int(self.store.manifest.eos_token_id) if self.store is not None else -1
+
+    # -- dynamic cache ------------------------------------------------------------------------
+
+    def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
+        self._dyn_keys, self._dyn_pos = [], []
+        if self.dynamic and hidden is not None:
+            self.observe(np.arange(len(prompt_ids)), hidden)
+
+    def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
+        if self.dynamic:
+            self._dyn_keys.append(self.transform(hidden.float().cpu().numpy()))
+            self._dyn_pos.append(np.asarray(positions))
+
+    def _dynamic_chains(self, q: np.ndarray, tokens: np.ndarray, depth: int) -> list[tuple[np.ndarray, float]]:
+        if not self._dyn_keys:
+            return []
+        if len(self._dyn_keys) > 1:       # compact once in a while: one array is faster to search
+            self._dyn_keys = [np.concatenate(self._dyn_keys)]
+            self._dyn_pos = [np.concatenate(self._dyn_pos)]
+        keys, pos = self._dyn_keys[0], self._dyn_pos[0]
+        n = len(tokens)
+        # Position t predicted tokens[t+1]; it must equal the pending token tokens[n-1], and at
+        # least one token must follow it (t + 2 < n): the query position itself is excluded.
+        ok = pos + 2 < n
+        ok[ok] = tokens[pos[ok] + 1] == tokens[-1]
+        if not ok.any():
+            return []
+        sims = keys[ok] @ q
+        cand = pos[ok]
+        top = np.argsort(-sims)[: self.dynamic_k]
+        return [(tokens[cand[i] + 2: cand[i] + 2 + depth], float(max(sims[i], 0.0))) for i in top]
+
+    # -- static datastore ---------------------------------------------------------------------
+
+    def _static_chains(self, q: np.ndarray, pending: int, depth: int) -> list[tuple[np.ndarray, float]]:
+        if self.store is None or len(self.store) == 0:
+            return []
+        sims, ids = self.store.search(q[None], self.k)
+        sims, ids = sims[0], ids[0]
+        keep = ids >= 0
+        sims, ids = sims[keep], ids[keep]
+        keep = self.store.first_token[ids] == pending          # DReSD's first-token filter
+        return [(_cut_at(self.store.values[i, 1: 1 + depth], self.eos), float(max(s, 0.0)))
+                for s, i in zip(sims[keep], ids[keep])]
+
+    def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        if hidden is None:
+            return []
+        q = self.transform(hidden.float().cpu().numpy())
+        found = self._static_chains(q, int(tokens[-1]), max_depth)
+        if self.dynamic:
+            found += self._dynamic_chains(q, tokens, max_depth)
+        found = [(c.tolist(), w) for c, w in found if len(c) and w > 0]
+        if self.mode == "chains":
+            found = sorted(found, key=lambda cw: -cw[1])[: self.n_chains]
+        return found

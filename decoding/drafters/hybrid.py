@@ -1,0 +1,42 @@
+"""Hybrid drafting: several drafters' candidates fused into one tree under one budget."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from decoding.drafters.base import Drafter
+
+
+class HybridDrafter(Drafter):
+    """Each part's candidate weights are normalised to sum to the part's share, then all
+    candidates merge into one weighted trie (the budget goes where the weight is)."""
+
+    name = "hybrid"
+
+    def __init__(self, parts: Sequence[tuple[Drafter, float]], name: str = "hybrid") -> None:
+        if not parts or any(w <= 0 for _, w in parts):
+            raise ValueError("a hybrid drafter needs parts with positive shares")
+        self.parts = list(parts)
+        self.name = name
+        self.needs_hidden = any(d.needs_hidden for d, _ in self.parts)
+
+    def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
+        for d, _ in self.parts:
+            d.begin(prompt_ids, hidden if d.needs_hidden else None)
+
+    def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
+        for d, _ in self.parts:
+            if d.needs_hidden:
+                d.observe(positions, hidden)
+
+    def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        fused = []
+        for d, share in self.parts:
+            found = d.chains(tokens, max_depth, hidden if d.needs_hidden else None)
+            total = sum(w for _, w in found)
+            if total > 0:
+                fused += [(c, share * w / total) for c, w in found]
+        return fused

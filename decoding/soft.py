@@ -1,0 +1,130 @@
+"""Soft-gated verification (lossy, opt-in): SENSE's relaxed acceptance, after FLy.
+
+At a node where the target's own choice c has no child but a draft child d does, d is accepted
+when all hold:
+  1. the target is uncertain: the entropy of its renormalised top-k probabilities >= theta;
+  2. d is plausible: d is in the target's top-k, or p(d) / p(argmax) >= lam;
+  3. the draft goes on agreeing (deferred window): the target natively chooses each of the next
+     window - 1 draft tokens after d. Where the draft path is shorter than that, d is rejected
+     (conservative; a key-similarity stand-in needs per-node keys from the drafter).
+Otherwise the step ends as in strict verification. With sampling, "the target's choice" at
+every node is a draw from its distribution, so strict agreement stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from decoding.config import SamplingParams
+from decoding.errors import InvalidRequestError
+from decoding.sampling import make_generator, sampling_probs
+from decoding.tree import TokenTree
+from decoding.verifiers import Verdict
+
+
+@dataclass(frozen=True)
+class SoftGateConfig:
+    theta: float = 0.3       # entropy gate (nats, over the renormalised top-k)
+    top_k: int = 3
+    lam: float = 0.5         # ratio gate p(d) / p(argmax)
+    window: int = 6          # deferred window W: d plus W - 1 natively agreed tokens
+
+    def __post_init__(self) -> None:
+        def bad(msg):
+            raise InvalidRequestError(msg)
+        if not (isinstance(self.theta, (int, float)) and math.isfinite(self.theta) and self.theta >= 0):
+            bad(f"soft gate theta must be a finite number >= 0, got {self.theta!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 2):
+            bad(f"soft gate top_k must be an integer >= 2, got {self.top_k!r}")
+        if not (isinstance(self.lam, (int, float)) and 0 < self.lam <= 1):
+            bad(f"soft gate lam must be in (0, 1], got {self.lam!r}")
+        if not (isinstance(self.window, int) and self.window >= 1):
+            bad(f"soft gate window must be an integer >= 1, got {self.window!r}")
+
+
+@dataclass
+class SoftGateStats:
+    mismatches: int = 0          # nodes where the target's choice had no child but drafts existed
+    entropy_pass: int = 0
+    plausible_pass: int = 0
+    window_pass: int = 0         # = soft acceptances
+    soft_tokens: int = 0         # tokens committed through soft acceptances (d and its window)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def topk_entropy(probs: torch.Tensor, k: int) -> float:
+    top = torch.topk(probs, k).values
+    top = top / top.sum()
+    return float(-(top * torch.log(top.clamp_min(1e-30))).sum())
+
+
+class SoftGatedVerifier:
+    def __init__(self, params: SamplingParams, config: SoftGateConfig | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self.params = params
+        self.config = config or SoftGateConfig()
+        self.generator = generator if generator is not None else make_generator(params.seed)
+        self.stats = SoftGateStats()
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(-1) if self.params.greedy else sampling_probs(logits, self.params)
+
+    def _choose(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> int:
+        if self.params.greedy:
+            return int(torch.argmax(logits))
+        probs = self._probs(logits) if probs is None else probs
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def first_token(self, logits: torch.Tensor) -> int:
+        return self._choose(logits)
+
+    def _soft_candidate(self, tree: TokenTree, node: int, probs: torch.Tensor) -> int | None:
+        """The most probable draft child passing gates 1 and 2, or None."""
+        cfg = self.config
+        if topk_entropy(probs, cfg.top_k) < cfg.theta:
+            return None
+        self.stats.entropy_pass += 1
+        topk = set(torch.topk(probs, cfg.top_k).indices.tolist())
+        pmax = float(probs.max())
+        best, best_p = None, -1.0
+        for token, child in tree.children(node).items():
+            p = float(probs[token])
+            if (token in topk or p / pmax >= cfg.lam) and p > best_p:
+                best, best_p = child, p
+        if best is not None:
+            self.stats.plausible_pass += 1
+        return best
+
+    def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
+        path, node = [0], 0
+        while True:
+            probs = None if self.params.greedy else self._probs(logits[node])
+            choice = self._choose(logits[node], probs)
+            child = tree.child(node, choice)
+            if child is not None:
+                path.append(child)
+                node = child
+                continue
+            if not tree.children(node):
+                return Verdict(path, choice)
+            self.stats.mismatches += 1
+            cand = self._soft_candidate(tree, node, self._probs(logits[node]) if probs is None else probs)
+            if cand is None:
+                return Verdict(path, choice)
+            # Deferred window: the target must natively pick the next window - 1 draft tokens.
+            run, m = [cand], cand
+            for _ in range(self.config.window - 1):
+                nxt = tree.child(m, self._choose(logits[m]))
+                if nxt is None:
+                    return Verdict(path, choice)
+                run.append(nxt)
+                m = nxt
+            self.stats.window_pass += 1
+            self.stats.soft_tokens += len(run)
+            path += run
+            node = m

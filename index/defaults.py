@@ -1,0 +1,59 @@
+"""The demo's datastores, built from GSM8K train into the local cache on first use."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from index.corpus import gsm8k, gsm8k_answer_text
+
+
+def _cache_dir(target, kind: str) -> Path:
+    from decoding.model_loader import cache_root
+
+    name = Path(str(target.config._name_or_path)).name or "model"
+    return cache_root() / "datastores" / f"{kind}-gsm8k-train-{name}-v{target.vocab_size}"
+
+
+def default_sparse_index(target, path: str | Path | None = None):
+    """REST datastore over the GSM8K train answers."""
+    from index.sparse import SparseIndex
+
+    if path:                      # a given datastore is loaded as is, never built in its place
+        return SparseIndex.load(path)
+    path = _cache_dir(target, "sparse")
+    if not (path / "meta.json").is_file():
+        print(f"building the REST datastore from GSM8K train answers into {path} ...", file=sys.stderr)
+        docs = [target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] for r in gsm8k("train")]
+        SparseIndex.build(docs).save(path)
+    return SparseIndex.load(path)
+
+
+def gsm8k_documents(target, n: int, offset: int = 0):
+    """GSM8K train question/answer pairs as chat documents; entries only for the answers."""
+    from decoding.engine import encode_prompt
+    from index.dense_build import Document
+
+    docs = []
+    for r in gsm8k("train")[offset: offset + n]:
+        prompt = encode_prompt(target, r["question"])
+        answer = target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"]
+        docs.append(Document(prompt + answer + sorted(target.eos_token_ids)[:1], corpus="gsm8k_train",
+                             store_from=len(prompt)))
+    return docs
+
+
+def default_dense_store(target, path: str | Path | None = None, n_docs: int = 1000):
+    """Dense datastore over the first `n_docs` GSM8K train question/answer pairs."""
+    from index.dense_build import build_dense_datastore
+    from index.dense_format import MANIFEST, model_fingerprint
+    from index.dense_store import DenseStore
+
+    if path:
+        return DenseStore.load(path, expect=model_fingerprint(target))
+    path = _cache_dir(target, f"dense{n_docs}")
+    if not (path / MANIFEST).is_file():
+        print(f"building the dense datastore from {n_docs} GSM8K train answers into {path} "
+              f"(one forward per answer) ...", file=sys.stderr)
+        build_dense_datastore(target, gsm8k_documents(target, n_docs), path)
+    return DenseStore.load(path, expect=model_fingerprint(target))

@@ -1,0 +1,82 @@
+"""Load a dense datastore for retrieval: keys in a FAISS index, values in arrays by id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index.dense_format import (TRANSFORM, DatastoreError, KeyTransform, Manifest, ModelFingerprint,
+                                check_compatible, read_manifest, sha256_file)
+
+
+@dataclass
+class DenseStore:
+    """keys: [E, d] float32 (unit norm); values: [E, N] int32; first_token: [E] int32."""
+
+    manifest: Manifest
+    transform: KeyTransform
+    keys: np.ndarray
+    values: np.ndarray
+    first_token: np.ndarray
+    index: object = None
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            import faiss
+
+            self.index = faiss.IndexFlatIP(self.keys.shape[1])
+            if len(self.keys):
+                self.index.add(np.ascontiguousarray(self.keys, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inner-product top-k of [q, d] queries: (similarities [q, k], ids [q, k]; -1 = none)."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.keys.shape[1]:
+            raise ValueError(f"queries have dimension {queries.shape[1]}, keys {self.keys.shape[1]}")
+        return self.index.search(queries, k)
+
+    @classmethod
+    def load(cls, root: str | Path, *, expect: ModelFingerprint | None = None,
+             verify_checksums: bool = True) -> "DenseStore":
+        """Read a datastore directory; with `expect`, refuse one built for another model."""
+        import pyarrow.parquet as pq
+
+        root = Path(root)
+        manifest = read_manifest(root)
+        if expect is not None:
+            check_compatible(manifest, expect)
+        tpath = root / TRANSFORM
+        if not tpath.is_file():
+            raise DatastoreError(f"{root}: {TRANSFORM} is missing")
+        if verify_checksums and sha256_file(tpath) != manifest.transform_sha256:
+            raise DatastoreError(f"{tpath}: checksum mismatch (corrupt or replaced)")
+        transform = KeyTransform.load(tpath)
+        keys, values, first = [], [], []
+        for shard in manifest.shards:
+            path = root / shard["path"]
+            if not path.resolve().is_relative_to(root.resolve()):
+                raise DatastoreError(f"{root}: shard path {shard['path']!r} points outside the datastore")
+            if not path.is_file():
+                raise DatastoreError(f"{path}: shard listed in the manifest is missing")
+            if verify_checksums and sha256_file(path) != shard["sha256"]:
+                raise DatastoreError(f"{path}: checksum mismatch (corrupt or truncated)")
+            try:
+                table = pq.read_table(path, columns=["key", "value", "first_token"])
+            except Exception as exc:  # pyarrow raises several types for corrupt files
+                raise DatastoreError(f"{path}: unreadable Parquet ({exc})") from None
+            if table.num_rows != shard["rows"]:
+                raise DatastoreError(f"{path}: {table.num_rows} rows, the manifest says {shard['rows']}")
+            keys.append(table.column("key").combine_chunks().flatten().to_numpy().reshape(-1, manifest.key_dim))
+            values.append(table.column("value").combine_chunks().flatten().to_numpy()
+                          .reshape(-1, manifest.value_len))
+            first.append(table.column("first_token").to_numpy())
+        d, n = manifest.key_dim, manifest.value_len
+        return cls(manifest=manifest, transform=transform,
+                   keys=np.concatenate(keys) if keys else np.zeros((0, d), np.float32),
+                   values=np.concatenate(values).astype(np.int32) if values else np.zeros((0, n), np.int32),
+                   first_token=np.concatenate(first).astype(np.int32) if first else np.zeros(0, np.int32))

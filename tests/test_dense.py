@@ -1,0 +1,130 @@
+"""Dense datastore: format, builder, compatibility checks, and strict dense drafting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from decoding.config import SamplingParams
+from decoding.drafters import DenseDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, SparseDrafter
+from decoding.engine import encode_prompt, generate
+from index.corpus import gsm8k, gsm8k_answer_text
+from index.dense_build import Document, build_dense_datastore, hidden_states, next_tokens
+from index.dense_format import DatastoreError, KeyTransform, model_fingerprint, read_manifest
+from index.dense_store import DenseStore
+
+
+@pytest.fixture(scope="module")
+def docs(target):
+    rows = gsm8k("train")[:40]
+    out = []
+    for r in rows:
+        prompt = encode_prompt(target, r["question"])
+        answer = target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"]
+        out.append(Document(prompt + answer, corpus="gsm8k", store_from=len(prompt)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def store_dir(target, docs, tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense") / "store"
+    build_dense_datastore(target, docs, path, dim=32, value_len=8, shard_rows=1500)
+    return path
+
+
+def test_transform_is_unit_norm_and_deterministic():
+    rng = np.random.default_rng(0)
+    sample = rng.normal(size=(500, 48)) * rng.uniform(0.1, 5, size=48) + rng.normal(size=48)
+    t = KeyTransform.fit(sample, dim=16)
+    k = t(sample[:10])
+    assert k.shape == (10, 16) and np.allclose(np.linalg.norm(k, axis=1), 1, atol=1e-5)
+    assert np.array_equal(k, KeyTransform.fit(sample, dim=16)(sample[:10]))
+    with pytest.raises(ValueError):
+        KeyTransform.fit(sample[:5], dim=16)
+
+
+def test_next_tokens_pads_with_eos():
+    v = next_tokens(np.array([5, 6, 7]), 3, eos=2)
+    assert v.tolist() == [[6, 7, 2], [7, 2, 2], [2, 2, 2]]
+
+
+def test_manifest_and_shards(store_dir, docs):
+    m = read_manifest(store_dir)
+    expected = sum(len(d.tokens) - max(d.store_from - 1, 0) - 1 for d in docs)
+    assert m.entries == expected and m.documents == len(docs) and m.key_dim == 32 and m.value_len == 8
+    assert len(m.shards) >= 2 and sum(s["rows"] for s in m.shards) == expected
+    assert m.corpora == ["gsm8k"]
+
+
+def test_builder_keys_equal_a_recomputation(target, store_dir, docs):
+    store = DenseStore.load(store_dir, expect=model_fingerprint(target))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(store_dir / read_manifest(store_dir).shards[0]["path"]).to_pylist()
+    rng = np.random.default_rng(1)
+    for row in (table[i] for i in rng.choice(len(table), 6, replace=False)):
+        doc = docs[row["doc_id"]]
+        t = row["position"]
+        # The key: the hidden state having read tokens 0..t, recomputed from that prefix alone.
+        h = hidden_states(target, doc.tokens[: t + 1])[-1]
+        assert np.allclose(store.transform(h), np.array(row["key"]), atol=1e-4)
+        want = list(doc.tokens[t + 1: t + 9]) + [store.manifest.eos_token_id] * 8
+        assert row["value"] == want[:8] and row["first_token"] == want[0]
+
+
+def test_search_returns_itself(target, store_dir):
+    store = DenseStore.load(store_dir)
+    sims, ids = store.search(store.keys[:5], 3)
+    assert ids[:, 0].tolist() == list(range(5)) and np.allclose(sims[:, 0], 1, atol=1e-4)
+
+
+def test_refuses_other_model_tokenizer_or_layer(target, store_dir):
+    fp = model_fingerprint(target)
+    for change in ({"weights_hash": "0" * 16}, {"tokenizer_hash": "f" * 16}, {"layer": 7}):
+        other = type(fp)(**{**fp.__dict__, **change})
+        with pytest.raises(DatastoreError, match="rebuild the datastore"):
+            DenseStore.load(store_dir, expect=other)
+
+
+def test_corrupt_truncated_or_incomplete(store_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(store_dir, bad)
+    shard = bad / read_manifest(bad).shards[0]["path"]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DatastoreError, match="checksum"):
+        DenseStore.load(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(DatastoreError, match="not a datastore"):
+        DenseStore.load(bad)
+    evil = tmp_path / "evil"
+    shutil.copytree(store_dir, evil)
+    m = json.loads((evil / "manifest.json").read_text())
+    m["shards"][0]["path"] = "../../etc/passwd"
+    (evil / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatastoreError, match="outside"):
+        DenseStore.load(evil)
+
+
+def test_strict_dense_and_hybrid_equal_autoregressive(target, store_dir, gsm8k_sparse_index):
+    """Strict verification with dense, dense-chains and hybrid drafts reproduces greedy decoding."""
+    store = DenseStore.load(store_dir)
+    params = SamplingParams(max_new_tokens=24)
+    drafters = {
+        "dense": DenseDrafter(store),
+        "dresd": DenseDrafter(store, mode="chains", dynamic=False),
+        "hybrid": HybridDrafter([(PromptLookupDrafter(), 1.0), (SparseDrafter(gsm8k_sparse_index), 1.0),
+                                 (DenseDrafter(store), 1.0)]),
+    }
+    questions = [r["question"] for r in gsm8k("test")[:6]]
+    accepted = {k: 0 for k in drafters}
+    for q in questions:
+        ids = encode_prompt(target, q)
+        ref = generate(target, ids, params=params, drafter=NoDrafter()).token_ids
+        for name, d in drafters.items():
+            r = generate(target, ids, params=params, drafter=d, budget=12)
+            assert r.token_ids == ref, (name, q)
+            accepted[name] += r.stats.accepted
+    assert all(v > 0 for v in accepted.values()), accepted
