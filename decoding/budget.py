@@ -51,3 +51,73 @@ def pick_budget(cost: dict[int, float], tolerance: float = 1.25) -> int:
     """Largest measured n whose verify costs at most `tolerance` decode steps (at least 1)."""
     fits = [n for n, c in cost.items() if n > 0 and c <= tolerance]
     return max(fits) if fits else 1
+
+
+def interpolate_cost(cost: dict[int, float], n: int) -> float:
+    """c(n) for any n from a measured curve: linear between points, linear beyond the last two."""
+    pts = sorted(cost.items())
+    if n <= pts[0][0]:
+        return pts[0][1]
+    for (n0, c0), (n1, c1) in zip(pts, pts[1:]):
+        if n <= n1:
+            return c0 + (c1 - c0) * (n - n0) / (n1 - n0)
+    (n0, c0), (n1, c1) = pts[-2], pts[-1]
+    return c1 + (c1 - c0) * (n - n1) / (n1 - n0)
+
+
+class AdaptiveBudget:
+    """Picks each step's draft budget b to maximise expected committed tokens per unit of cost:
+
+        value(b) = (1 + A(b)) / C(b)
+
+    A(b): running mean of draft tokens accepted with budget b; C(b): running mean of c(tree size)
+    for the trees a budget b yields (drafters often find fewer candidates than b). One verified
+    tree of budget B tells A(b) for every b <= B (``TokenTree.accepted_within``). Estimates start
+    optimistic (A(b) = b / 2, replaced by the first observation), and every `explore_every` steps
+    the budget one size above the current best is tried, so the choice can climb when drafts get
+    better. On a GPU c(n) is flat and large budgets win; on a CPU it climbs and small ones do,
+    with the same code.
+    """
+
+    def __init__(self, cost: dict[int, float], *, sizes: Sequence[int] | None = None, decay: float = 0.95,
+                 explore_every: int = 8) -> None:
+        if 0 not in cost or cost[0] <= 0:
+            raise ValueError("the cost curve needs c(0), the cost of a plain decode step")
+        self.cost = {n: c / cost[0] for n, c in cost.items()}
+        self.sizes = sorted(set(sizes or [n for n in cost if n > 0]))
+        self.decay = decay
+        self.explore_every = explore_every
+        self.accepted = {b: b / 2 for b in self.sizes}
+        self.tree_cost = {b: interpolate_cost(self.cost, b) for b in self.sizes}
+        self.seen = {b: 0 for b in self.sizes}
+        self.steps = 0
+
+    def value(self, b: int) -> float:
+        if not b:
+            return 1.0
+        # A larger budget never accepts less (its tree contains the smaller one's).
+        a = max(self.accepted[s] for s in self.sizes if s <= b)
+        return (1.0 + a) / self.tree_cost[b]
+
+    def best(self) -> int:
+        return max([0, *self.sizes], key=self.value)
+
+    def choose(self) -> int:
+        self.steps += 1
+        best = self.best()
+        if self.steps % self.explore_every == 0:
+            larger = [b for b in self.sizes if b > best]
+            if larger:
+                return larger[0]
+        return best
+
+    def update(self, tree: TokenTree, path: Sequence[int], budget: int) -> None:
+        """Learn from one verified tree drafted with `budget`."""
+        for b in self.sizes:
+            if b > budget:
+                break
+            rate = max(1.0 - self.decay, 1.0 / (self.seen[b] + 1))   # plain mean first, then EMA
+            self.seen[b] += 1
+            self.accepted[b] += rate * (tree.accepted_within(path, b) - self.accepted[b])
+            c = interpolate_cost(self.cost, min(b, tree.n_draft))
+            self.tree_cost[b] += rate * (c - self.tree_cost[b])

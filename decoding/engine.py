@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from decoding.budget import AdaptiveBudget
 from decoding.config import SamplingParams
 from decoding.drafters.base import Drafter, NoDrafter
 from decoding.metrics import GenerationStats
@@ -77,18 +78,20 @@ class _Stopper:
 
 def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingParams | None = None,
              drafter: Drafter | None = None, verifier: Verifier | None = None,
-             budget: int = 64, soft=None) -> GenerationResult:
+             budget: int | AdaptiveBudget = 64, soft=None) -> GenerationResult:
     """Speculative decoding of one request.
 
     Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
     nodes), the target verifies all nodes in one forward, the verifier picks the accepted path
-    and the next pending token, and the KV cache keeps just that path. `soft` (a
+    and the next pending token, and the KV cache keeps just that path. `budget` is a node count
+    or an :class:`AdaptiveBudget` that picks one per step from the cost curve. `soft` (a
     ``decoding.soft.SoftGateConfig``) opts into lossy soft-gated verification.
     """
     params = params or SamplingParams()
     drafter = drafter or NoDrafter()
     verifier = verifier or make_verifier(params, soft)
     stats = GenerationStats(method=drafter.name)
+    adaptive = budget if isinstance(budget, AdaptiveBudget) else None
     t_start = time.perf_counter()
 
     state, out = target.prefill(prompt_ids)
@@ -110,13 +113,16 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         # Deeper drafts than the tokens still allowed would be wasted work, and the tree must
         # fit the context window beside the n - 1 committed tokens.
         max_depth = stopper.limit - len(generated) - 1
-        room = min(budget, target.context_window - n)
+        step_budget = adaptive.choose() if adaptive else budget
+        room = min(step_budget, target.context_window - n)
         tree = drafter.propose(tokens[:n], room, max_depth, hidden)
         t1 = time.perf_counter()
         out = target.verify(state, tree)
         t2 = time.perf_counter()
         verdict = verifier.verify(tree, out.logits)
         target.commit(state, verdict.path)
+        if adaptive:
+            adaptive.update(tree, verdict.path, room)
         if needs_hidden:
             # Committed positions n-1 .. n-1+accepted: the pending root and the accepted drafts.
             path_hidden = out.hidden[verdict.path]

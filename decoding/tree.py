@@ -25,6 +25,9 @@ class TokenTree:
 
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
+    # ranks[i]: the drafter's preference order of draft node i (0 = most wanted; parents rank
+    # before children, root -1), so the nodes with rank < b form the tree a budget of b keeps.
+    ranks: tuple[int, ...] | None = field(default=None, compare=False)
     _children: tuple[dict[int, int], ...] = field(init=False, repr=False, compare=False)
     _depths: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -43,6 +46,11 @@ class TokenTree:
                 raise ValueError(f"node {p} has two children with token {self.tokens[i]}")
             children[p][self.tokens[i]] = i
             depths[i] = depths[p] + 1
+        if self.ranks is None:
+            object.__setattr__(self, "ranks", tuple(range(-1, len(self.tokens) - 1)))
+        elif len(self.ranks) != len(self.tokens) or any(
+                self.ranks[i] <= self.ranks[self.parents[i]] for i in range(1, len(self.tokens))):
+            raise ValueError("ranks must give every node a rank after its parent's")
         object.__setattr__(self, "_children", tuple(children))
         object.__setattr__(self, "_depths", tuple(depths))
 
@@ -90,8 +98,9 @@ class TokenTree:
                 node = nxt
         order = sorted(range(1, len(trie)), key=lambda i: (-weight[i], depth[i], i))[:budget]
         keep = set(order)
+        rank_of = {old: r for r, old in enumerate(order)}
         # Re-emit kept nodes in BFS order from the root so parents precede children.
-        tokens, parents, new_index = [root], [-1], {0: 0}
+        tokens, parents, ranks, new_index = [root], [-1], [-1], {0: 0}
         frontier = [0]
         while frontier:
             nxt_frontier = []
@@ -101,9 +110,10 @@ class TokenTree:
                     new_index[c] = len(tokens)
                     tokens.append(node_token[c])
                     parents.append(new_index[old])
+                    ranks.append(rank_of[c])
                     nxt_frontier.append(c)
             frontier = nxt_frontier
-        return cls(tuple(tokens), tuple(parents))
+        return cls(tuple(tokens), tuple(parents), tuple(ranks))
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -149,6 +159,20 @@ class TokenTree:
         bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
         bias.masked_fill_(torch.from_numpy(~allowed).to(device), torch.finfo(dtype).min)
         return bias[None, None]
+
+    def accepted_within(self, path: Sequence[int], budget: int) -> int:
+        """Draft tokens of an accepted `path` that a tree cut to `budget` nodes would also accept.
+
+        Under strict verification the walk over the smaller tree is the same walk, stopped at the
+        first node the smaller tree lacks: so one verified tree tells the outcome of every smaller
+        budget (how the adaptive budget learns without trying each size).
+        """
+        n = 0
+        for node in path[1:]:
+            if self.ranks[node] >= budget:
+                break
+            n += 1
+        return n
 
     def path_tokens(self, path: Sequence[int]) -> list[int]:
         return [self.tokens[i] for i in path]

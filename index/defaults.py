@@ -55,5 +55,6 @@ def default_dense_store(target, path: str | Path | None = None, n_docs: int = 10
     if not (path / MANIFEST).is_file():
         print(f"building the dense datastore from {n_docs} GSM8K train answers into {path} "
               f"(one forward per answer) ...", file=sys.stderr)
-        build_dense_datastore(target, gsm8k_documents(target, n_docs), path)
+        build_dense_datastore(target, gsm8k_documents(target, n_docs), path,
+                              progress=lambda i, n: print(f"  {i}/{n} documents", file=sys.stderr, flush=True))
     return DenseStore.load(path, expect=model_fingerprint(target))

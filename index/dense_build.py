@@ -67,11 +67,12 @@ def fit_transform(target, docs: Sequence[Document], dim: int = 64, max_rows: int
 
 def build_dense_datastore(target, docs: Iterable[Document], out: str | Path, *, dim: int = 64,
                           value_len: int = 20, shard_rows: int = 200_000,
-                          transform: KeyTransform | None = None) -> Manifest:
+                          transform: KeyTransform | None = None, progress=None) -> Manifest:
     """Extract keys and values for every stored position and write a datastore directory.
 
     Written into a temporary sibling directory and renamed into place when complete, the
-    manifest last: a reader never takes a half-built datastore for a whole one.
+    manifest last: a reader never takes a half-built datastore for a whole one. `progress`,
+    if given, is called as progress(done_documents, total_documents) every 100 documents.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -131,6 +132,8 @@ def build_dense_datastore(target, docs: Iterable[Document], out: str | Path, *, 
             if rows >= shard_rows:
                 flush()
                 rows = 0
+            if progress is not None and (doc_id + 1) % 100 == 0:
+                progress(doc_id + 1, len(docs))
         flush()
         manifest.transform_sha256 = sha256_file(tmp / TRANSFORM)
         write_manifest_atomically(tmp, manifest)

@@ -11,6 +11,30 @@ from index.dense_format import (TRANSFORM, DatastoreError, KeyTransform, Manifes
                                 check_compatible, read_manifest, sha256_file)
 
 
+EXACT_MAX = 50_000     # up to this many keys an exact (flat) index is fast enough
+
+
+def build_faiss_index(keys: np.ndarray, *, nprobe: int = 16, seed: int = 0):
+    """Inner-product index over unit keys [E, d]: exact for small stores, IVF-Flat above EXACT_MAX
+    (about 4 * sqrt(E) lists, trained on a sample of up to 64 keys per list)."""
+    import faiss
+
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    e, d = keys.shape
+    if e <= EXACT_MAX:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = int(4 * np.sqrt(e))
+        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = keys[rng.choice(e, min(e, 64 * nlist), replace=False)]
+        index.train(sample)
+        index.nprobe = nprobe
+    if e:
+        index.add(keys)
+    return index
+
+
 @dataclass
 class DenseStore:
     """keys: [E, d] float32 (unit norm); values: [E, N] int32; first_token: [E] int32."""
@@ -21,14 +45,11 @@ class DenseStore:
     values: np.ndarray
     first_token: np.ndarray
     index: object = None
+    nprobe: int = 16
 
     def __post_init__(self) -> None:
         if self.index is None:
-            import faiss
-
-            self.index = faiss.IndexFlatIP(self.keys.shape[1])
-            if len(self.keys):
-                self.index.add(np.ascontiguousarray(self.keys, dtype=np.float32))
+            self.index = build_faiss_index(self.keys, nprobe=self.nprobe)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -31,6 +31,24 @@ def gsm8k_sparse_index(target):
     return SparseIndex.build(docs)
 
 
+@pytest.fixture(scope="session")
+def dense_docs(target):
+    """The first 40 GSM8K train question/answer pairs as chat documents (entries for answers)."""
+    from index.defaults import gsm8k_documents
+
+    return gsm8k_documents(target, 40)
+
+
+@pytest.fixture(scope="session")
+def dense_store_dir(target, dense_docs, tmp_path_factory):
+    """A small dense datastore (d = 32, values of 8 tokens, several shards)."""
+    from index.dense_build import build_dense_datastore
+
+    path = tmp_path_factory.mktemp("dense") / "store"
+    build_dense_datastore(target, dense_docs, path, dim=32, value_len=8, shard_rows=1500)
+    return path
+
+
 def tiny_llama(vocab: int = 8, seed: int = 0, scale: float = 4.0):
     """A random 2-layer Llama with a small vocabulary, for exact-distribution tests.
 

@@ -11,28 +11,10 @@ import pytest
 from decoding.config import SamplingParams
 from decoding.drafters import DenseDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, SparseDrafter
 from decoding.engine import encode_prompt, generate
-from index.corpus import gsm8k, gsm8k_answer_text
-from index.dense_build import Document, build_dense_datastore, hidden_states, next_tokens
+from index.corpus import gsm8k
+from index.dense_build import hidden_states, next_tokens
 from index.dense_format import DatastoreError, KeyTransform, model_fingerprint, read_manifest
 from index.dense_store import DenseStore
-
-
-@pytest.fixture(scope="module")
-def docs(target):
-    rows = gsm8k("train")[:40]
-    out = []
-    for r in rows:
-        prompt = encode_prompt(target, r["question"])
-        answer = target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"]
-        out.append(Document(prompt + answer, corpus="gsm8k", store_from=len(prompt)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def store_dir(target, docs, tmp_path_factory):
-    path = tmp_path_factory.mktemp("dense") / "store"
-    build_dense_datastore(target, docs, path, dim=32, value_len=8, shard_rows=1500)
-    return path
 
 
 def test_transform_is_unit_norm_and_deterministic():
@@ -51,22 +33,22 @@ def test_next_tokens_pads_with_eos():
     assert v.tolist() == [[6, 7, 2], [7, 2, 2], [2, 2, 2]]
 
 
-def test_manifest_and_shards(store_dir, docs):
-    m = read_manifest(store_dir)
-    expected = sum(len(d.tokens) - max(d.store_from - 1, 0) - 1 for d in docs)
-    assert m.entries == expected and m.documents == len(docs) and m.key_dim == 32 and m.value_len == 8
+def test_manifest_and_shards(dense_store_dir, dense_docs):
+    m = read_manifest(dense_store_dir)
+    expected = sum(len(d.tokens) - max(d.store_from - 1, 0) - 1 for d in dense_docs)
+    assert m.entries == expected and m.documents == len(dense_docs) and m.key_dim == 32 and m.value_len == 8
     assert len(m.shards) >= 2 and sum(s["rows"] for s in m.shards) == expected
-    assert m.corpora == ["gsm8k"]
+    assert m.corpora == ["gsm8k_train"]
 
 
-def test_builder_keys_equal_a_recomputation(target, store_dir, docs):
-    store = DenseStore.load(store_dir, expect=model_fingerprint(target))
+def test_builder_keys_equal_a_recomputation(target, dense_store_dir, dense_docs):
+    store = DenseStore.load(dense_store_dir, expect=model_fingerprint(target))
     import pyarrow.parquet as pq
 
-    table = pq.read_table(store_dir / read_manifest(store_dir).shards[0]["path"]).to_pylist()
+    table = pq.read_table(dense_store_dir / read_manifest(dense_store_dir).shards[0]["path"]).to_pylist()
     rng = np.random.default_rng(1)
     for row in (table[i] for i in rng.choice(len(table), 6, replace=False)):
-        doc = docs[row["doc_id"]]
+        doc = dense_docs[row["doc_id"]]
         t = row["position"]
         # The key: the hidden state having read tokens 0..t, recomputed from that prefix alone.
         h = hidden_states(target, doc.tokens[: t + 1])[-1]
@@ -75,23 +57,23 @@ def test_builder_keys_equal_a_recomputation(target, store_dir, docs):
         assert row["value"] == want[:8] and row["first_token"] == want[0]
 
 
-def test_search_returns_itself(target, store_dir):
-    store = DenseStore.load(store_dir)
+def test_search_returns_itself(target, dense_store_dir):
+    store = DenseStore.load(dense_store_dir)
     sims, ids = store.search(store.keys[:5], 3)
     assert ids[:, 0].tolist() == list(range(5)) and np.allclose(sims[:, 0], 1, atol=1e-4)
 
 
-def test_refuses_other_model_tokenizer_or_layer(target, store_dir):
+def test_refuses_other_model_tokenizer_or_layer(target, dense_store_dir):
     fp = model_fingerprint(target)
     for change in ({"weights_hash": "0" * 16}, {"tokenizer_hash": "f" * 16}, {"layer": 7}):
         other = type(fp)(**{**fp.__dict__, **change})
         with pytest.raises(DatastoreError, match="rebuild the datastore"):
-            DenseStore.load(store_dir, expect=other)
+            DenseStore.load(dense_store_dir, expect=other)
 
 
-def test_corrupt_truncated_or_incomplete(store_dir, tmp_path):
+def test_corrupt_truncated_or_incomplete(dense_store_dir, tmp_path):
     bad = tmp_path / "bad"
-    shutil.copytree(store_dir, bad)
+    shutil.copytree(dense_store_dir, bad)
     shard = bad / read_manifest(bad).shards[0]["path"]
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(DatastoreError, match="checksum"):
@@ -100,7 +82,7 @@ def test_corrupt_truncated_or_incomplete(store_dir, tmp_path):
     with pytest.raises(DatastoreError, match="not a datastore"):
         DenseStore.load(bad)
     evil = tmp_path / "evil"
-    shutil.copytree(store_dir, evil)
+    shutil.copytree(dense_store_dir, evil)
     m = json.loads((evil / "manifest.json").read_text())
     m["shards"][0]["path"] = "../../etc/passwd"
     (evil / "manifest.json").write_text(json.dumps(m))
@@ -108,9 +90,9 @@ def test_corrupt_truncated_or_incomplete(store_dir, tmp_path):
         DenseStore.load(evil)
 
 
-def test_strict_dense_and_hybrid_equal_autoregressive(target, store_dir, gsm8k_sparse_index):
+def test_strict_dense_and_hybrid_equal_autoregressive(target, dense_store_dir, gsm8k_sparse_index):
     """Strict verification with dense, dense-chains and hybrid drafts reproduces greedy decoding."""
-    store = DenseStore.load(store_dir)
+    store = DenseStore.load(dense_store_dir)
     params = SamplingParams(max_new_tokens=24)
     drafters = {
         "dense": DenseDrafter(store),
@@ -128,3 +110,24 @@ def test_strict_dense_and_hybrid_equal_autoregressive(target, store_dir, gsm8k_s
             assert r.token_ids == ref, (name, q)
             accepted[name] += r.stats.accepted
     assert all(v > 0 for v in accepted.values()), accepted
+
+
+def test_large_store_uses_ivf_with_good_recall():
+    """Above EXACT_MAX keys the store switches to IVF; on clustered keys it finds the true neighbours."""
+    import faiss
+
+    from index.dense_store import EXACT_MAX, build_faiss_index
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(200, 32))
+    keys = centres[rng.integers(0, 200, EXACT_MAX + 10_000)] + 0.3 * rng.normal(size=(EXACT_MAX + 10_000, 32))
+    keys = (keys / np.linalg.norm(keys, axis=1, keepdims=True)).astype(np.float32)
+    index = build_faiss_index(keys)
+    assert isinstance(index, faiss.IndexIVFFlat)
+    queries = keys[rng.choice(len(keys), 200, replace=False)] + 0.05 * rng.normal(size=(200, 32)).astype(np.float32)
+    exact = faiss.IndexFlatIP(32)
+    exact.add(keys)
+    _, truth = exact.search(queries, 10)
+    _, got = index.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
+    assert recall >= 0.9, recall

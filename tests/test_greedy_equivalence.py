@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from decoding.config import SamplingParams
-from decoding.drafters import NoDrafter, PromptLookupDrafter, SparseDrafter
+from decoding.drafters import NoDrafter, PromptLookupDrafter
 from decoding.engine import encode_prompt, generate
+from decoding.methods import Datastores, make_drafter
 from index.corpus import spec_bench
+from index.dense_store import DenseStore
 
 MAX_NEW = 24
 N_PROMPTS = 50
@@ -42,20 +44,24 @@ def reference(target, prompts):
 
 
 DRAFTERS = {
-    "ar": (lambda idx: NoDrafter(), 1),
-    "pld": (lambda idx: PromptLookupDrafter(), 10),
-    "pld_tree": (lambda idx: PromptLookupDrafter(max_candidates=4), 12),
-    "rest": (lambda idx: SparseDrafter(idx), 12),
+    "ar": (lambda stores: NoDrafter(), 1),
+    "pld": (lambda stores: PromptLookupDrafter(), 10),
+    "pld_tree": (lambda stores: PromptLookupDrafter(max_candidates=4), 12),
+    "rest": (lambda stores: make_drafter("rest", stores), 12),
+    "dense": (lambda stores: make_drafter("dense", stores), 12),
+    "sense": (lambda stores: make_drafter("sense", stores), 12),
 }
 
 
 @pytest.mark.parametrize("method", list(DRAFTERS))
-def test_strict_greedy_equals_autoregressive(target, prompts, reference, gsm8k_sparse_index, method):
+def test_strict_greedy_equals_autoregressive(target, prompts, reference, gsm8k_sparse_index, dense_store_dir,
+                                             method):
     make, budget = DRAFTERS[method]
-    drafter = make(gsm8k_sparse_index)
+    stores = Datastores(sparse=gsm8k_sparse_index, dense=DenseStore.load(dense_store_dir))
     params = SamplingParams(max_new_tokens=MAX_NEW)
     mismatches, drafted, accepted = [], 0, 0
     for (category, ids), ref in zip(prompts, reference):
+        drafter = make(stores)                      # drafters hold per-request state
         result = generate(target, ids, params=params, drafter=drafter, budget=budget)
         drafted += result.stats.drafted
         accepted += result.stats.accepted
