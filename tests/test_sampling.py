@@ -21,6 +21,7 @@ import torch
 from scipy import stats
 
 from decoding.config import SamplingParams
+from decoding.drafters.base import Drafter
 from decoding.engine import encode_prompt, generate
 from decoding.sampling import make_generator, sample_token, sampling_probs
 from decoding.target import TargetModel
@@ -207,7 +208,7 @@ class ToyWorld:
         return probs
 
 
-class RandomTreeDrafter:
+class RandomTreeDrafter(Drafter):
     """Random branching trees up to depth 3: `width[d]` = (min, max) children of a node at depth d.
 
     A node's children are distinct tokens drawn from an even mixture of the true conditional
@@ -222,7 +223,7 @@ class RandomTreeDrafter:
                  rng: np.random.Generator, width=((3, 4), (2, 3), (1, 2))) -> None:
         self.cond, self.prompt_len, self.vocab, self.rng, self.width = cond, prompt_len, vocab, rng, width
 
-    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree:
+    def propose(self, tokens: np.ndarray, budget: int, max_depth: int, hidden=None) -> TokenTree:
         generated = tuple(int(t) for t in tokens[self.prompt_len:])   # ends with the pending token
         tok, par = [int(tokens[-1])], [-1]
         frontier = [(0, generated)]
@@ -354,7 +355,7 @@ class CachedPrefill:
         return copy.deepcopy(state), out
 
 
-class TopChildrenDrafter:
+class TopChildrenDrafter(Drafter):
     """At the first verify step (pending token t1): children = a wrong token that the top-k filter
     rules out, then the 3 likeliest t2 under p(. | t1); nothing later. (The wrong child first
     makes a per-path verifier's bias large; a strict verifier does not care about the order.)"""
@@ -364,7 +365,7 @@ class TopChildrenDrafter:
     def __init__(self, children: dict[int, list[int]], prompt_len: int) -> None:
         self.children, self.prompt_len = children, prompt_len
 
-    def propose(self, tokens: np.ndarray, budget: int, max_depth: int) -> TokenTree:
+    def propose(self, tokens: np.ndarray, budget: int, max_depth: int, hidden=None) -> TokenTree:
         root = int(tokens[-1])
         first = len(tokens) == self.prompt_len + 1
         kids = self.children.get(root, [])[:budget] if first and max_depth >= 1 else []
