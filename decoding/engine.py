@@ -48,10 +48,13 @@ class _Stopper:
         self.stop = params.stop
         self.limit = min(params.max_new_tokens, target.context_window - prompt_len)
 
-    def cut(self, out: list[int]) -> tuple[list[int], str | None]:
-        """Truncate `out` at the first stop condition; return it with the reason (None: go on)."""
-        for i, t in enumerate(out):
-            if t in self.eos:
+    def cut(self, out: list[int], new_from: int = 0) -> tuple[list[int], str | None]:
+        """Truncate `out` at the first stop condition; return it with the reason (None: go on).
+
+        Tokens before `new_from` were checked at an earlier step: only the new ones are scanned for EOS.
+        """
+        for i in range(new_from, len(out)):
+            if out[i] in self.eos:
                 return out[: i + 1], "stop"
         if self.stop:
             text = self.tokenizer.decode(out, skip_special_tokens=True)
@@ -137,7 +140,7 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         stats.time_commit += t3 - t2
         new = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
         tokens[n: n + len(new) - 1] = new[:-1]
-        generated, reason = stopper.cut(generated + new)
+        generated, reason = stopper.cut(generated + new, len(generated))
 
     gate_stats = getattr(verifier, "stats", None)
     if gate_stats is not None:

@@ -97,14 +97,8 @@ class RecordingVerifier:
         return verdict
 
 
-class PerPathSamplingVerifier:
-    """A BIASED verifier, for the power check only: REST/DReSD-style "sample once per path".
-
-    Every root-to-leaf path gets its own independent draws x_i ~ p_target(. | path prefix); a
-    path is accepted up to its first mismatch, the longest accepted path wins (ties: first), and
-    its mismatching draw is the next token. Sibling paths give a node several chances to hit a
-    drafted child, so drafted tokens are favoured and the output is not the target's distribution.
-    """
+class _BiasedVerifier:
+    """Shared set-up of the power-check verifiers: the first token is an honest draw."""
 
     def __init__(self, params: SamplingParams, generator: torch.Generator) -> None:
         self.params = params
@@ -112,6 +106,16 @@ class PerPathSamplingVerifier:
 
     def first_token(self, logits: torch.Tensor) -> int:
         return sample_token(logits, self.params, self.generator)
+
+
+class PerPathSamplingVerifier(_BiasedVerifier):
+    """A BIASED verifier, for the power check only: REST/DReSD-style "sample once per path".
+
+    Every root-to-leaf path gets its own independent draws x_i ~ p_target(. | path prefix); a
+    path is accepted up to its first mismatch, the longest accepted path wins (ties: first), and
+    its mismatching draw is the next token. Sibling paths give a node several chances to hit a
+    drafted child, so drafted tokens are favoured and the output is not the target's distribution.
+    """
 
     def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
         has_child = {p for p in tree.parents if p >= 0}
@@ -135,20 +139,13 @@ class PerPathSamplingVerifier:
         return best
 
 
-class PerChildAcceptVerifier:
+class PerChildAcceptVerifier(_BiasedVerifier):
     """A BIASED verifier, for the power check only: DReSD/typical-acceptance style.
 
     At a node, each drafted child c (in tree order) is accepted when a fresh uniform
     u < p(c) / max p; when none is, x ~ p_target is drawn, followed if a child carries it, and
     otherwise emitted as the next token. Drafted tokens get extra chances, so they are favoured.
     """
-
-    def __init__(self, params: SamplingParams, generator: torch.Generator) -> None:
-        self.params = params
-        self.generator = generator
-
-    def first_token(self, logits: torch.Tensor) -> int:
-        return sample_token(logits, self.params, self.generator)
 
     def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
         path, node = [0], 0
