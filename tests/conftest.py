@@ -65,3 +65,104 @@ def tiny_llama(vocab: int = 8, seed: int = 0, scale: float = 4.0):
     with torch.no_grad():
         model.lm_head.weight.mul_(scale)
     return model
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local multi-node Ray cluster: a head and one worker node (2 logical CPUs each) on
+    this machine, with the dashboard's job server. Yields the cluster; the driver is connected.
+
+    Attributes used by tests: `address` (GCS), `dashboard_url` (http://127.0.0.1:<port>).
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    port = _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "resources": {"head": 1}})
+    cluster.add_node(num_cpus=2, resources={"worker": 1})
+    cluster.wait_for_nodes()
+    cluster.dashboard_url = f"http://127.0.0.1:{port}"
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+        cluster.shutdown()
+
+
+class S3Server:
+    """moto's standalone S3-compatible HTTP server in a subprocess on loopback.
+
+    `env` holds the variables that point boto3/s3fs at it; `stop()`/`start()` simulate an outage
+    (moto keeps no state across restarts)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                    "AWS_ENDPOINT_URL_S3": self.endpoint}
+        self.proc = None
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
+                return
+            except Exception:
+                time.sleep(0.2)
+        raise RuntimeError("moto server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def make_bucket(self, name: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server on loopback; its endpoint and credentials are exported to the
+    environment (so s3fs in this process and in Ray workers started afterwards reach it)."""
+    server = S3Server()
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
