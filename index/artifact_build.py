@@ -1,0 +1,574 @@
+"""Build an index artifact from a dense datastore with Ray (the work behind ``pipelines.build_index``).
+
+Steps (each Ray task takes one CPU; the driver holds no more than one shard's arrays at a time):
+
+1. read the datastore manifest (local or s3://) and plan N index shards = contiguous global id
+   ranges over its Parquet files (ids: datastore order, as ``DenseStore.load`` numbers them);
+2. IVF only: sample keys in parallel (one task per shard), train the index ONCE on the sample in
+   the driver (k-means on the GPU when FAISS sees one);
+3. add the shards in parallel: each task verifies its Parquet files' sha256, adds its keys to a
+   copy of the trained index with global ids, returns the index bytes, its values/first_token
+   and the exact top-k of a few calibration queries over its keys; meanwhile other tasks build
+   the REST suffix index(es) from the same rows (doc_id, position, first_token);
+4. the driver writes values.npy / first_token.npy (memory-mapped, by global id), merges the
+   shards into one on-disk IVF (faiss.contrib.ondisk.merge_ondisk) or keeps them for fan-out,
+   picks the smallest nprobe whose recall@10 against exact search reaches `target_recall`
+   (leave-one-out over sampled keys), and publishes the version (manifest last, then CURRENT).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from index import faiss_ops, storage
+from index.artifact import open_shard, open_version, publish_artifact
+from index.artifact_format import (FIRST_TOKEN_FILE, MERGED_DATA_FILE, MERGED_INDEX_FILE, TRAINED_FILE,
+                                   TRANSFORM_FILE, VALUES_FILE, ArtifactError, ArtifactManifest, DenseShard, FileRef,
+                                   SparseShard, dense_shard_file, safe_relpath, sha256_bytes, sparse_shard_dir)
+from index.dense_format import MANIFEST as DATASTORE_MANIFEST
+from index.dense_format import DatastoreError, Manifest
+
+TRANSFORM_DESCRIPTION = "z-score (sample mean/std) -> PCA to key_dim -> L2-normalise (index.dense_format.KeyTransform)"
+CALIBRATION_K = 10                     # recall@10 is what the build calibrates and records
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
+
+
+@dataclass
+class BuildConfig:
+    """What to build. shards=0: one per cluster CPU, at most one per 25,000 entries."""
+
+    datastore: str
+    output: str
+    shards: int = 0
+    factory: str = "auto"                  # "auto", "Flat", or a FAISS IVF factory string
+    nprobe: int | None = None              # None: the smallest reaching target_recall
+    target_recall: float = 0.96
+    merge: bool = True                     # one merged index, or keep N shards for fan-out serving
+    sparse: bool = True                    # also build the REST suffix index
+    sparse_shards: int = 1
+    sparse_max_suffix: int = 16
+    calibration_queries: int = 500
+    exact_max: int = faiss_ops.EXACT_MAX   # "auto": Flat up to this many entries
+    use_gpu: bool | None = None            # None: train on the GPU if FAISS sees one
+    make_current: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.shards < 0 or self.sparse_shards < 1:
+            raise ValueError(f"--shards must be >= 0 and --sparse-shards >= 1 (got {self.shards}, {self.sparse_shards})")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise ValueError(f"--nprobe must be >= 1, got {self.nprobe}")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        if self.calibration_queries < 1:
+            raise ValueError(f"calibration_queries must be >= 1, got {self.calibration_queries}")
+
+
+@dataclass
+class BuildResult:
+    version_uri: str
+    manifest: ArtifactManifest
+    seconds: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.manifest
+        size = sum(f.bytes for f in m.files())
+        lines = [f"published {self.version_uri}" + (" (CURRENT)" if m.build.get("make_current") else ""),
+                 f"  entries {m.entries:,}  documents {m.documents:,}  key_dim {m.key_dim}  value_len {m.value_len}",
+                 f"  index {m.factory}  nprobe {m.nprobe}  recall@10 {m.recall_at_10:.3f}  "
+                 f"{'merged' if m.merged else f'{len(m.dense_shards)} shards'}  built from {m.build['shards']} shards",
+                 f"  sparse {len(m.sparse_shards)} shard(s), "
+                 f"{sum(s.n_tokens for s in m.sparse_shards):,} tokens" if m.sparse_shards else "  sparse: none",
+                 f"  size {size / 2**20:.1f} MiB ({size / m.entries:.0f} bytes/entry)",
+                 "  time " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())]
+        return "\n".join(lines)
+
+
+def _say(msg: str) -> None:
+    print(f"[build_index] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the datastore side
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows lo..hi-1 of datastore file `file` (index into the manifest's shard list)."""
+
+    file: int
+    lo: int
+    hi: int
+
+
+def read_datastore(uri: str) -> tuple[Manifest, bytes]:
+    """The datastore's manifest (validated: safe shard paths, row counts adding up)."""
+    path = storage.join(uri, DATASTORE_MANIFEST)
+    try:
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise DatastoreError(f"{uri}: no {DATASTORE_MANIFEST}: not a datastore, or its build did not finish") from None
+    manifest = Manifest.from_json(raw.decode("utf-8", "replace"), where=path)
+    for s in list(manifest.shards) + list(getattr(manifest, "token_shards", None) or []):
+        safe_relpath(s.get("path"), path)
+    rows = sum(int(s["rows"]) for s in manifest.shards)
+    if rows != manifest.entries:
+        raise DatastoreError(f"{path}: shards hold {rows} rows, the manifest says {manifest.entries} entries")
+    if manifest.entries == 0:
+        raise DatastoreError(f"{uri}: the datastore has no entries: nothing to index")
+    return manifest, raw
+
+
+def plan_shards(rows: list[int], n: int) -> list[tuple[int, list[Piece]]]:
+    """Split ids 0..sum(rows)-1 into n contiguous near-equal ranges: [(id_start, pieces)]."""
+    total = sum(rows)
+    n = max(1, min(n, total))
+    bounds = [total * i // n for i in range(n + 1)]
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    plan = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        pieces = []
+        for f, (s, e) in enumerate(zip(starts[:-1], starts[1:])):
+            lo, hi = max(a, s), min(b, e)
+            if lo < hi:
+                pieces.append(Piece(f, int(lo - s), int(hi - s)))
+        plan.append((a, pieces))
+    return plan
+
+
+def _read_columns(ds_uri: str, shard: dict, columns: list[str], *, verify: bool):
+    """One datastore Parquet file as a pyarrow Table of `columns`; with `verify`, the whole file
+    is read and its sha256 checked against the manifest first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri = storage.join(ds_uri, shard["path"])
+    try:
+        if verify:
+            raw = storage.read_bytes(uri)
+            if sha256_bytes(raw) != shard["sha256"]:
+                raise DatastoreError(f"{uri}: sha256 mismatch with the datastore manifest (corrupt or truncated)")
+            table = pq.read_table(pa.BufferReader(raw), columns=columns)
+        else:
+            fs, path = storage.open_fs(uri)
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=columns)
+    except FileNotFoundError:
+        raise DatastoreError(f"{uri}: listed in the datastore manifest but missing") from None
+    except (DatastoreError, storage.StorageError):
+        raise
+    except Exception as exc:                                   # pyarrow raises several types
+        raise DatastoreError(f"{uri}: unreadable Parquet ({type(exc).__name__}: {exc})") from None
+    if table.num_rows != shard["rows"]:
+        raise DatastoreError(f"{uri}: {table.num_rows} rows, the datastore manifest says {shard['rows']}")
+    return table
+
+
+def _fixed(table, column: str, width: int, dtype) -> np.ndarray:
+    arr = table.column(column).combine_chunks()
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    if len(flat) != len(arr) * width:
+        raise DatastoreError(f"column {column!r} is not a fixed-size list of {width}")
+    return flat.reshape(-1, width).astype(dtype, copy=False)
+
+
+def _check_keys(keys: np.ndarray, where: str) -> None:
+    if not np.isfinite(keys).all():
+        raise DatastoreError(f"{where}: keys contain NaN or infinity")
+    norms = np.linalg.norm(keys, axis=1)
+    if len(norms) and np.abs(norms - 1).max() > 1e-3:
+        raise DatastoreError(f"{where}: keys are not unit-norm (norms {norms.min():.3f}..{norms.max():.3f}); "
+                             f"the index uses inner product on normalised keys")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray tasks (plain functions here; wrapped with ray.remote in build_artifact)
+
+
+def sample_task(ds_uri: str, shards: list[dict], pieces: list[Piece], id_start: int, dim: int, rate: float,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Bernoulli(rate) sample of one index shard's keys: (keys [s, d] float32, global ids [s])."""
+    rng = np.random.default_rng(seed)
+    keys, ids, offset = [], [], id_start
+    for p in pieces:
+        table = _read_columns(ds_uri, shards[p.file], ["key"], verify=False).slice(p.lo, p.hi - p.lo)
+        pick = np.flatnonzero(rng.random(table.num_rows) < rate)
+        keys.append(_fixed(table, "key", dim, np.float32)[pick])
+        ids.append(pick + offset)
+        offset += p.hi - p.lo
+    return np.concatenate(keys), np.concatenate(ids).astype(np.int64)
+
+
+def add_task(ds_uri: str, shards: list[dict], pieces: list[Piece], id_start: int, dim: int, value_len: int,
+             trained: np.ndarray, queries: np.ndarray | None, k: int) -> dict:
+    """Add one shard's keys (global ids id_start..) to a copy of the trained index.
+
+    Returns {"index": serialized index (uint8), "values": [r, N] int32, "first_token": [r] int32,
+    "truth": (sims [q, k], ids [q, k]) exact over this shard, or None}."""
+    t0 = time.time()
+    cache: dict[int, object] = {}
+    keys, values, first = [], [], []
+    for p in pieces:
+        if p.file not in cache:
+            cache[p.file] = _read_columns(ds_uri, shards[p.file], ["key", "value", "first_token"], verify=True)
+        table = cache[p.file].slice(p.lo, p.hi - p.lo)
+        keys.append(_fixed(table, "key", dim, np.float32))
+        values.append(_fixed(table, "value", value_len, np.int32))
+        first.append(table.column("first_token").to_numpy().astype(np.int32))
+    keys = np.ascontiguousarray(np.concatenate(keys))
+    _check_keys(keys, f"{ds_uri} (ids {id_start}..)")
+    ids = np.arange(id_start, id_start + len(keys), dtype=np.int64)
+    index = faiss_ops.deserialize(trained)
+    index.add_with_ids(keys, ids)
+    truth = faiss_ops.exact_topk(keys, ids, queries, k) if queries is not None and len(queries) else None
+    return {"index": faiss_ops.serialize(index), "values": np.concatenate(values), "first_token": np.concatenate(first),
+            "truth": truth, "seconds": time.time() - t0}
+
+
+def sparse_task(ds_uri: str, shards: list[dict], token_shards: list[dict], part: int, parts: int,
+                max_suffix: int) -> dict:
+    """REST suffix index over the documents with doc_id % parts == part: from the datastore's
+    token streams (tokens/*.parquet, the stored part tokens[store_from:]) when it has them, else
+    rebuilt from the rows (token at t+1 = first_token of row t).
+    Returns {"files": {name: bytes}, "n_tokens", "n_docs"}."""
+    from index.sparse import SparseIndex
+    from index.sparse_shards import token_streams
+
+    if token_shards:
+        docs: list[tuple[int, np.ndarray]] = []
+        for shard in token_shards:
+            table = _read_columns(ds_uri, shard, ["doc_id", "tokens", "store_from"], verify=True)
+            ids = table.column("doc_id").to_numpy()
+            starts = table.column("store_from").to_numpy()
+            tokens = table.column("tokens").to_pylist()
+            docs += [(int(i), np.asarray(t[max(int(s), 0):], np.int64))
+                     for i, s, t in zip(ids, starts, tokens) if i % parts == part]
+        streams = [t for _, t in sorted(docs, key=lambda it: it[0])]
+    else:
+        doc, pos, tok = [], [], []
+        for shard in shards:
+            table = _read_columns(ds_uri, shard, ["doc_id", "position", "first_token"], verify=False)
+            d = table.column("doc_id").to_numpy()
+            keep = d % parts == part
+            doc.append(d[keep])
+            pos.append(table.column("position").to_numpy()[keep])
+            tok.append(table.column("first_token").to_numpy()[keep])
+        streams = token_streams(np.concatenate(doc), np.concatenate(pos), np.concatenate(tok))
+    index = SparseIndex.build(streams, max_suffix=max_suffix)
+    with tempfile.TemporaryDirectory() as tmp:
+        index.save(Path(tmp) / "sparse")
+        files = {p.name: p.read_bytes() for p in (Path(tmp) / "sparse").iterdir()}
+    return {"files": files, "n_tokens": index.n_tokens, "n_docs": index.n_docs}
+
+
+# ---------------------------------------------------------------------------------------------
+# merging and calibration (driver side)
+
+
+def merge_dense(staging: Path, shard_files: list[str], *, exact: bool, trained: Path | None) -> tuple[FileRef, FileRef | None]:
+    """Merge shard index files (relative to staging) into one: an on-disk IVF (header + .ivfdata,
+    faiss.contrib.ondisk) or one Flat. Deletes the shard files; returns (index, data) refs."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    paths = [staging / f for f in shard_files]
+    if exact:
+        merged = faiss_ops.read_index(paths[0], mmap=False)
+        for p in paths[1:]:
+            merged.merge_from(faiss_ops.read_index(p, mmap=False), 0)
+        faiss_ops.write_index(merged, staging / MERGED_INDEX_FILE)
+        data = None
+    else:
+        merged = faiss_ops.read_index(trained, mmap=False)
+        (staging / MERGED_DATA_FILE).parent.mkdir(parents=True, exist_ok=True)
+        merge_ondisk(merged, [str(p) for p in paths], str(staging / MERGED_DATA_FILE))
+        faiss_ops.write_index(merged, staging / MERGED_INDEX_FILE)
+        data = FileRef.of(staging, MERGED_DATA_FILE)
+    del merged
+    for p in paths:
+        p.unlink()
+    return FileRef.of(staging, MERGED_INDEX_FILE), data
+
+
+def leave_one_out_recall(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int = 10) -> float:
+    """recall@k of `found` against `truth` ([q, >= k+1] ids each) after removing each query's
+    own id (the calibration queries are keys of the index itself)."""
+    def drop(rows):
+        return np.stack([np.concatenate([r[r != q], np.full(1, -1)])[:k] for r, q in zip(rows, query_ids)])
+    return faiss_ops.recall_at_k(drop(found), drop(truth), k)
+
+
+def calibrate_nprobe(search, set_nprobe, nlist: int, queries: np.ndarray, query_ids: np.ndarray,
+                     truth: np.ndarray, target: float, k: int = 10) -> tuple[int, float]:
+    """Smallest nprobe in 1, 2, 4, ..., nlist with leave-one-out recall@k >= target: (nprobe, recall)."""
+    candidates = sorted({min(nlist, 2 ** i) for i in range(int(math.log2(max(nlist, 1))) + 2)})
+    recall = 0.0
+    for nprobe in candidates:
+        set_nprobe(nprobe)
+        recall = leave_one_out_recall(search(queries, k + 1)[1], truth, query_ids, k)
+        if recall >= target:
+            return nprobe, recall
+    return candidates[-1], recall
+
+
+# ---------------------------------------------------------------------------------------------
+# the build
+
+
+def _task_error(exc: BaseException) -> BaseException:
+    """The original DatastoreError/StorageError/ValueError inside a RayTaskError, if any."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, (DatastoreError, storage.StorageError, ValueError)) else exc
+
+
+def _default_shards(entries: int) -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(cpus, math.ceil(entries / 25_000)))
+
+
+def _staging_dir(output: str) -> Path:
+    """A fresh staging directory: beside the versions for a local output (published by rename)."""
+    if storage.is_remote(output):
+        return Path(tempfile.mkdtemp(prefix="sense-index-staging-"))
+    root = Path(storage.open_fs(output)[1])
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".staging-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    return path
+
+
+def check_build(config: BuildConfig) -> tuple[Manifest, bytes, str]:
+    """Validate the configuration against the datastore before any work: (datastore manifest,
+    its bytes, the FAISS factory string to build). Raises DatastoreError/ValueError."""
+    config.check()
+    ds, ds_raw = read_datastore(config.datastore)
+    e, d = ds.entries, ds.key_dim
+    factory = faiss_ops.choose_factory(e, d, exact_max=config.exact_max) if config.factory == "auto" else config.factory
+    faiss_ops.make_index(factory, d)
+    nlist = faiss_ops.parse_nlist(factory)
+    if nlist and e < nlist * faiss_ops.MIN_TRAIN_PER_LIST:
+        raise ValueError(f"{factory}: {nlist} lists need at least {nlist * faiss_ops.MIN_TRAIN_PER_LIST:,} entries "
+                         f"to train (the datastore has {e:,}); use fewer lists or --factory Flat")
+    return ds, ds_raw, factory
+
+
+def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None = _say) -> BuildResult:
+    """Build and publish an index artifact on the connected Ray cluster (if Ray is not
+    initialised: the one at $RAY_ADDRESS, else a new local one).
+
+    Raises DatastoreError / ArtifactError / StorageError / ValueError (one-line messages) on bad
+    input, also when a Ray task hit it."""
+    import ray
+    from numpy.lib.format import open_memmap
+
+    say = progress or (lambda _msg: None)
+    t_start = time.time()
+    seconds: dict[str, float] = {}
+    ds, ds_raw, factory = check_build(config)
+    e, d, n_val = ds.entries, ds.key_dim, ds.value_len
+    nlist, exact = faiss_ops.parse_nlist(factory), faiss_ops.is_exact(factory)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level="ERROR")
+    n_shards = config.shards or _default_shards(e)
+    plan = plan_shards([int(s["rows"]) for s in ds.shards], n_shards)
+    n_shards = len(plan)
+    say(f"datastore {config.datastore}: {e:,} entries, {ds.documents:,} documents, {len(ds.shards)} Parquet files; "
+        f"index {factory} over {n_shards} shard(s)")
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ} if storage.is_remote(config.datastore) else {}
+    opts = {"num_cpus": 1, "max_retries": 1, **({"runtime_env": {"env_vars": env}} if env else {})}
+    r_sample = ray.remote(sample_task).options(**opts)
+    r_add = ray.remote(add_task).options(**opts)
+    r_sparse = ray.remote(sparse_task).options(**opts)
+    shards_ref = ray.put(ds.shards)
+    staging = _staging_dir(config.output)
+    try:
+        # 1. sparse tasks start now: they only need the rows
+        token_shards = list(getattr(ds, "token_shards", None) or [])
+        sparse_refs = [r_sparse.remote(config.datastore, shards_ref, token_shards, s, config.sparse_shards,
+                                       config.sparse_max_suffix)
+                       for s in range(config.sparse_shards)] if config.sparse else []
+
+        # 2. sample and train (IVF), pick calibration queries
+        t = time.time()
+        index = faiss_ops.make_index(factory, d)
+        queries = query_ids = None
+        if not exact:
+            want = faiss_ops.training_size(factory, e)
+            n_cal = min(config.calibration_queries, max(1, e // 10))
+            rate = min(1.0, 1.2 * (want + n_cal) / e)
+            got = ray.get([r_sample.remote(config.datastore, shards_ref, pieces, start, d, rate, config.seed + i)
+                           for i, (start, pieces) in enumerate(plan)])
+            sample = np.concatenate([g[0] for g in got])
+            sample_ids = np.concatenate([g[1] for g in got])
+            _check_keys(sample, config.datastore)
+            order = np.random.default_rng(config.seed).permutation(len(sample))
+            queries, query_ids = sample[order[:n_cal]], sample_ids[order[:n_cal]]
+            train = sample[order[n_cal:n_cal + want]] if len(sample) > n_cal + want // 2 else sample[order[:want]]
+            say(f"sampled {len(sample):,} keys ({time.time() - t:.1f}s); training {factory} on {len(train):,}")
+            faiss_ops.train_index(index, train, seed=config.seed, use_gpu=config.use_gpu)
+            faiss_ops.write_index(index, staging / TRAINED_FILE)
+            seconds["train"] = time.time() - t
+            say(f"trained {factory} ({seconds['train']:.1f}s)")
+        trained_ref = ray.put(faiss_ops.serialize(index))
+        queries_ref = ray.put(queries)
+
+        # 3. add the shards in parallel; the driver streams their values into memory-mapped arrays
+        t = time.time()
+        values = open_memmap(staging / VALUES_FILE, mode="w+", dtype=np.int32, shape=(e, n_val))
+        first = open_memmap(staging / FIRST_TOKEN_FILE, mode="w+", dtype=np.int32, shape=(e,))
+        refs = {r_add.remote(config.datastore, shards_ref, pieces, start, d, n_val, trained_ref, queries_ref,
+                             CALIBRATION_K + 1): i
+                for i, (start, pieces) in enumerate(plan)}
+        truths: list = [None] * n_shards
+        dense_files = []
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            i = refs[ready[0]]
+            out = ray.get(ready[0])
+            start = plan[i][0]
+            rows = len(out["values"])
+            values[start:start + rows] = out["values"]
+            first[start:start + rows] = out["first_token"]
+            path = staging / dense_shard_file(i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(out["index"].tobytes())
+            truths[i] = out["truth"]
+            del out
+            say(f"shard {n_shards - len(pending)}/{n_shards} added (#{i}: ids {start:,}..{start + rows - 1:,})")
+        values.flush()
+        first.flush()
+        del values, first
+        seconds["add"] = time.time() - t
+
+        # 4. transform, merge
+        transform_bytes = storage.read_bytes(storage.join(config.datastore, "transform.npz"))
+        if sha256_bytes(transform_bytes) != ds.transform_sha256:
+            raise DatastoreError(f"{storage.join(config.datastore, 'transform.npz')}: sha256 mismatch with the "
+                                 f"datastore manifest (corrupt or replaced)")
+        (staging / TRANSFORM_FILE).write_bytes(transform_bytes)
+        t = time.time()
+        if config.merge and n_shards > 1:
+            idx_ref, data_ref = merge_dense(staging, [dense_shard_file(i) for i in range(n_shards)], exact=exact,
+                                            trained=None if exact else staging / TRAINED_FILE)
+            dense = [DenseShard(0, e, idx_ref, data_ref)]
+            seconds["merge"] = time.time() - t
+            say(f"merged {n_shards} shards into one {'on-disk IVF' if not exact else 'Flat'} index "
+                f"({seconds['merge']:.1f}s)")
+        else:
+            dense = [DenseShard(start, sum(p.hi - p.lo for p in pieces), FileRef.of(staging, dense_shard_file(i)))
+                     for i, (start, pieces) in enumerate(plan)]
+
+        # 5. sparse
+        sparse = []
+        for s, ref in enumerate(sparse_refs):
+            out = ray.get(ref)
+            rel = sparse_shard_dir(s)
+            (staging / rel).mkdir(parents=True, exist_ok=True)
+            for name, data in sorted(out["files"].items()):
+                (staging / rel / name).write_bytes(data)
+            sparse.append(SparseShard(rel, out["n_tokens"], out["n_docs"],
+                                      tuple(FileRef.of(staging, f"{rel}/{name}") for name in sorted(out["files"]))))
+        if sparse:
+            say(f"sparse index: {sum(s.n_tokens for s in sparse):,} tokens in {len(sparse)} shard(s)")
+
+        manifest = ArtifactManifest(
+            fingerprint=ds.fingerprint, layer=ds.fingerprint.layer, key_dim=d, value_len=n_val,
+            eos_token_id=ds.eos_token_id, entries=e, documents=ds.documents, tokens=ds.tokens,
+            transform=TRANSFORM_DESCRIPTION, factory=factory, metric="inner_product", nlist=nlist,
+            nprobe=1, merged=len(dense) == 1, recall_at_10=1.0,
+            transform_file=FileRef.of(staging, TRANSFORM_FILE), values=FileRef.of(staging, VALUES_FILE),
+            first_token=FileRef.of(staging, FIRST_TOKEN_FILE), dense_shards=dense,
+            trained=None if exact else FileRef.of(staging, TRAINED_FILE), sparse_shards=sparse,
+            sparse_max_suffix=config.sparse_max_suffix if sparse else 0,
+            datastore={"uri": config.datastore, "manifest_sha256": sha256_bytes(ds_raw), "corpora": ds.corpora,
+                       "files": len(ds.shards)},
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+        # 6. nprobe: given, or the smallest reaching the target recall (exact search: 1)
+        if not exact:
+            opened = [open_shard(staging, manifest, i, checksum=False, mmap=True) for i in range(len(dense))]
+
+            def search(q, k):
+                return faiss_ops.merge_topk([s.search(q, k) for s in opened], k)
+
+            def set_nprobe(p):
+                for s in opened:
+                    s.nprobe = p
+
+            truth = faiss_ops.merge_topk([tr for tr in truths if tr is not None], CALIBRATION_K + 1)[1]
+            t = time.time()
+            if config.nprobe is None:
+                manifest.nprobe, manifest.recall_at_10 = calibrate_nprobe(
+                    search, set_nprobe, nlist, queries, query_ids, truth, config.target_recall)
+            else:
+                manifest.nprobe = min(config.nprobe, nlist)
+                set_nprobe(manifest.nprobe)
+                manifest.recall_at_10 = leave_one_out_recall(search(queries, CALIBRATION_K + 1)[1], truth, query_ids)
+            del opened
+            seconds["calibrate"] = time.time() - t
+            say(f"nprobe {manifest.nprobe}: recall@10 {manifest.recall_at_10:.3f} against exact search "
+                f"({len(queries)} leave-one-out queries)")
+        seconds["total"] = time.time() - t_start
+        manifest.build = {"shards": n_shards, "sparse_shards": len(sparse), "target_recall": config.target_recall,
+                          "seconds": {k: round(v, 2) for k, v in seconds.items()}, "make_current": config.make_current,
+                          "gpu": bool(config.use_gpu is not False and faiss_ops.gpu_count() > 0)}
+
+        # 7. publish
+        version_uri = publish_artifact(staging, config.output, manifest, make_current=config.make_current)
+        return BuildResult(version_uri, manifest, seconds)
+    except ray.exceptions.RayTaskError as exc:
+        raise _task_error(exc) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def merge_artifact(root: str, *, version: str | None = None, make_current: bool = True,
+                   cache_dir: str | None = None, progress: Callable[[str], None] | None = _say) -> str:
+    """Publish a merged copy (one on-disk IVF or one Flat) of a sharded artifact version as a new
+    version under `root`; returns its URI. Values, transform and sparse files are copied as is."""
+    say = progress or (lambda _msg: None)
+    root_path, manifest, _ = open_version(root, version, lambda m: m.files(), cache_dir, None)
+    if manifest.merged:
+        raise ArtifactError(f"{root}: this version is already one merged index")
+    for ref in manifest.files():
+        ref.verify(root_path)
+    staging = _staging_dir(root)
+    try:
+        for ref in manifest.files():
+            if ref.path.startswith("dense/shard-"):
+                continue
+            (staging / ref.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root_path / ref.path, staging / ref.path)
+        shard_files = [s.index.path for s in manifest.dense_shards]
+        for f in shard_files:
+            (staging / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root_path / f, staging / f)
+        t = time.time()
+        idx_ref, data_ref = merge_dense(staging, shard_files, exact=manifest.nlist == 0,
+                                        trained=staging / manifest.trained.path if manifest.trained else None)
+        manifest.dense_shards = [DenseShard(0, manifest.entries, idx_ref, data_ref)]
+        manifest.merged = True
+        manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest.build = {**manifest.build, "merged_from": len(shard_files), "merge_seconds": round(time.time() - t, 2)}
+        uri = publish_artifact(staging, root, manifest, make_current=make_current)
+        say(f"merged {len(shard_files)} shards into {uri}")
+        return uri
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
