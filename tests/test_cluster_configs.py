@@ -424,32 +424,37 @@ def test_serve_config_has_no_unknown_keys(name, doc):
     assert serve_strict_problems(doc) == []
 
 
+def _deployment(doc: dict, name: str) -> dict:
+    return next(d for d in doc["applications"][0]["deployments"] if d["name"] == name)
+
+
 def test_serve_checks_reject_broken_copy():
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
     doc = load(CONFIGS / "serve" / "gpu.yaml")
+    at = doc["applications"][0]["deployments"].index(_deployment(doc, "Decoder"))
     typo = copy.deepcopy(doc)
     typo["applications"][0]["route_prefx"] = "/v1"
-    deployment = typo["applications"][0]["deployments"][0]
-    deployment["autoscaling_confg"] = deployment.pop("autoscaling_config")
-    deployment["ray_actor_options"]["num_gpu"] = 1
+    decoder = _deployment(typo, "Decoder")
+    decoder["autoscaling_confg"] = decoder.pop("autoscaling_config")
+    decoder["ray_actor_options"]["num_gpu"] = 1
     ServeDeploySchema.model_validate(typo)               # Serve's schema lets typos through ...
     assert sorted(serve_strict_problems(typo)) == [      # ... the strict check does not
-        "unknown key applications[0].deployments[0].autoscaling_confg",
-        "unknown key applications[0].deployments[0].ray_actor_options.num_gpu",
+        f"unknown key applications[0].deployments[{at}].autoscaling_confg",
+        f"unknown key applications[0].deployments[{at}].ray_actor_options.num_gpu",
         "unknown key applications[0].route_prefx",
     ]
     nested = copy.deepcopy(doc)
-    nested["applications"][0]["deployments"][0]["autoscaling_config"]["max_replica"] = 3
+    _deployment(nested, "Decoder")["autoscaling_config"]["max_replica"] = 3
     assert serve_strict_problems(nested) == [
-        "unknown key applications[0].deployments[0].autoscaling_config.max_replica"]
+        f"unknown key applications[0].deployments[{at}].autoscaling_config.max_replica"]
     bad = copy.deepcopy(doc)
-    bad["applications"][0]["deployments"][0]["autoscaling_config"].update(min_replicas=5, max_replicas=2)
+    _deployment(bad, "Decoder")["autoscaling_config"].update(min_replicas=5, max_replicas=2)
     ServeDeploySchema.model_validate(bad)                # a plain dict: checked only at deploy time ...
     assert any("must be greater than or equal to min_replicas" in p for p in serve_strict_problems(bad))
     both = copy.deepcopy(doc)
-    both["applications"][0]["deployments"][0]["num_replicas"] = 2     # with autoscaling_config: invalid
+    _deployment(both, "Decoder")["num_replicas"] = 2    # with autoscaling_config: invalid
     with pytest.raises(ValidationError):
         ServeDeploySchema.model_validate(both)
 
@@ -499,7 +504,9 @@ def typed_args_problems(cls, args: dict) -> list[str]:
 
     problems = [f"unknown arg {k}" for k in unknown_keys(cls, args)]
     try:
-        if _is_pydantic(cls):
+        if hasattr(cls, "from_args"):               # the app's own entry point for its args
+            cls.from_args(args)
+        elif _is_pydantic(cls):
             cls.model_validate(args)
         else:
             TypeAdapter(cls).validate_python(args)
@@ -515,6 +522,9 @@ def test_serve_args_accepted_by_typed_config(name, doc):
     for app in doc["applications"]:
         cls = typed_args_class(app["import_path"])
         assert typed_args_problems(cls, app.get("args", {})) == []
+        for d in app.get("deployments", []):            # an index hot swap: user_config {"index": {...}}
+            if "user_config" in d:
+                importlib.import_module("serving.config").IndexConfig.from_user_config(d["user_config"])
 
 
 def test_typed_args_check_rejects_broken_copy():
@@ -525,30 +535,137 @@ def test_typed_args_check_rejects_broken_copy():
     assert "unknown arg index_urii" in typed_args_problems(cls, args)
 
 
-@pytest.mark.parametrize("name, doc", SERVE_DOCS, ids=SERVE_IDS)
-def test_serve_overrides_name_existing_deployments(name, doc):
-    """Serve refuses an override for a deployment the application does not have."""
+def app_deployment_names(app: dict) -> set[str]:
+    """The deployments of the application `args` build (what Serve matches overrides against)."""
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app
 
+    application = call_user_app_builder_with_args_if_necessary(_builder(app["import_path"]), app.get("args", {}))
+    return {d.name for d in build_app(application, name=app["name"]).deployments}
+
+
+@pytest.mark.parametrize("name, doc", SERVE_DOCS, ids=SERVE_IDS)
+def test_serve_overrides_name_existing_deployments(name, doc):
+    """Serve refuses an override for a deployment the application does not have."""
     if not (ROOT / "serving" / "app.py").is_file():
         pytest.skip(PENDING + "serving/app.py (deployment names)")
     for app in doc["applications"]:
-        application = call_user_app_builder_with_args_if_necessary(_builder(app["import_path"]), app.get("args", {}))
-        built = build_app(application, name=app["name"])
-        known = {d.name for d in built.deployments}
-        assert {d["name"] for d in app.get("deployments", [])} <= known
+        assert {d["name"] for d in app.get("deployments", [])} - app_deployment_names(app) == set()
 
 
-def test_gpu_serving_actors_stay_on_serving_nodes():
-    """Every GPU deployment asks for the serving-only resource, so it never lands on spot nodes."""
-    for name, doc in SERVE_DOCS:
-        if name == "local.yaml":
+def test_deployment_name_check_rejects_broken_copy():
+    if not (ROOT / "serving" / "app.py").is_file():
+        pytest.skip(PENDING + "serving/app.py (deployment names)")
+    app = load(CONFIGS / "serve" / "gpu.yaml")["applications"][0]
+    app["args"]["shards"]["num_shards"] = 2                # IndexShard2 and IndexShard3 no longer exist
+    assert {d["name"] for d in app["deployments"]} - app_deployment_names(app) == {"IndexShard2", "IndexShard3"}
+
+
+SCHEDULING_KNOBS = {"num_replicas", "autoscaling_config", "ray_actor_options"}
+OVERRIDE_KEYS = SCHEDULING_KNOBS | {"name", "user_config"}
+
+
+def args_section(deployment: str) -> str | None:
+    """The `args` section (serving/config.py) that configures a deployment of the app."""
+    if deployment in ("Ingress", "Decoder"):
+        return deployment.lower()
+    return "shards" if re.fullmatch(r"IndexShard\d+", deployment) else None
+
+
+def override_problems(app: dict) -> list[str]:
+    """`deployments` sets Serve's scheduling knobs only, each in one place: a knob the app reads
+    itself (e.g. the decoder sizes its thread pool by max_ongoing_requests) stays in `args`, and
+    a knob overridden here is not also set in the deployment's `args` section."""
+    problems = []
+    args = app.get("args") or {}
+    for d in app.get("deployments", []):
+        extra = set(d) - OVERRIDE_KEYS
+        if extra:
+            problems.append(f"{d['name']}: only {sorted(SCHEDULING_KNOBS)} (and user_config) may be overridden, "
+                            f"set {sorted(extra)} in args")
+        section = args_section(d["name"])
+        if section is None:
+            problems.append(f"{d['name']}: not a deployment of serving.app")
             continue
-        for app in doc["applications"]:
-            for d in app.get("deployments", []):
-                options = d.get("ray_actor_options", {})
-                assert options.get("resources", {}).get(SERVING_RESOURCE, 0) > 0, (name, d["name"])
+        both = SCHEDULING_KNOBS & set(d) & set(args.get(section) or {})
+        if both:
+            problems.append(f"{d['name']}: {sorted(both)} set both here and in args.{section}")
+    return problems
+
+
+def placement_problems(name: str, deployments: dict[str, dict]) -> list[str]:
+    """{deployment: effective ray_actor_options}: on a GPU cluster every deployment asks for the
+    serving-only resource (never on spot nodes) and the decoder for a GPU; locally nothing asks for
+    GPUs or custom resources (a plain `ray start --head` has neither)."""
+    problems = []
+    for deployment, options in deployments.items():
+        custom = options.get("resources") or {}
+        if name == "local.yaml":
+            if options.get("num_gpus") or custom:
+                problems.append(f"{deployment}: the local config asks for GPUs or custom resources {custom}")
+        else:
+            if not custom.get(SERVING_RESOURCE, 0) > 0:
+                problems.append(f"{deployment}: does not ask for `{SERVING_RESOURCE}` (could land on spot nodes)")
+            if deployment == "Decoder" and not options.get("num_gpus", 0) >= 1:
+                problems.append("Decoder: no GPU")
+    return problems
+
+
+@pytest.mark.parametrize("name, doc", SERVE_DOCS, ids=SERVE_IDS)
+def test_serve_overrides_only_scheduling_knobs(name, doc):
+    for app in doc["applications"]:
+        assert override_problems(app) == []
+
+
+@pytest.mark.parametrize("name, doc", SERVE_DOCS, ids=SERVE_IDS)
+def test_serve_overridden_deployments_placement(name, doc):
+    """The options written in `deployments` (the app's own defaults are checked below)."""
+    for app in doc["applications"]:
+        options = {d["name"]: d["ray_actor_options"] for d in app.get("deployments", []) if "ray_actor_options" in d}
+        assert placement_problems(name, options) == []
+
+
+def effective_actor_options(app: dict) -> dict[str, dict]:
+    """Every deployment of the built application with the ray_actor_options it will run with: the
+    override from the config when there is one (Serve replaces, not merges), else the app's own."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+
+    application = call_user_app_builder_with_args_if_necessary(_builder(app["import_path"]), app.get("args", {}))
+    built = build_app(application, name=app["name"])
+    overrides = {d["name"]: d for d in app.get("deployments", [])}
+    return {d.name: (overrides.get(d.name, {}).get("ray_actor_options", d.ray_actor_options) or {})
+            for d in built.deployments}
+
+
+@pytest.mark.parametrize("name, doc", SERVE_DOCS, ids=SERVE_IDS)
+def test_serve_every_deployment_placement(name, doc):
+    if not (ROOT / "serving" / "app.py").is_file():
+        pytest.skip(PENDING + "serving/app.py (the deployment graph)")
+    for app in doc["applications"]:
+        assert placement_problems(name, effective_actor_options(app)) == []
+
+
+def test_override_and_placement_checks_reject_broken_copy():
+    app = load(CONFIGS / "serve" / "gpu.yaml")["applications"][0]
+    broken = copy.deepcopy(app)
+    _deployment({"applications": [broken]}, "Decoder")["max_ongoing_requests"] = 16   # the app reads it
+    broken["args"]["decoder"]["ray_actor_options"] = {"num_gpus": 1}       # and here too
+    broken["deployments"].append({"name": "Router", "num_replicas": 1})
+    problems = override_problems(broken)
+    assert any("max_ongoing_requests" in p for p in problems)
+    assert any("set both here and in args.decoder" in p for p in problems)
+    assert any("Router: not a deployment" in p for p in problems)
+    options = {d["name"]: dict(d["ray_actor_options"]) for d in app["deployments"]}
+    options["IndexShard2"] = {"num_cpus": 0.5}                              # forgot the marker
+    options["Decoder"] = {**options["Decoder"], "num_gpus": 0}
+    problems = placement_problems("gpu.yaml", options)
+    assert any("IndexShard2: does not ask" in p for p in problems) and "Decoder: no GPU" in problems
+    assert placement_problems("local.yaml", {"Decoder": {"num_cpus": 1, "num_gpus": 1}})
+    if (ROOT / "serving" / "app.py").is_file():                             # a shard without an override
+        fewer = copy.deepcopy(app)
+        fewer["deployments"] = [d for d in fewer["deployments"] if d["name"] != "IndexShard3"]
+        assert any("IndexShard3" in p for p in placement_problems("gpu.yaml", effective_actor_options(fewer)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -820,6 +937,7 @@ def test_rayservice_serves_gpu_serve_config():
     for d in embedded["applications"][0]["deployments"]:
         options = d["ray_actor_options"]
         assert options.get("num_gpus", 0) <= limits["nvidia.com/gpu"]
+        assert options.get("num_cpus", 1) <= float(limits["cpu"])
         assert options["resources"][SERVING_RESOURCE] <= offered[SERVING_RESOURCE]
 
 
@@ -835,11 +953,13 @@ def test_build_job_chains_datastore_then_index_and_publishes_what_is_served():
     assert index["--datastore"] == datastore["--output"]
     assert all(re.fullmatch(r"\w+=\S+", c) for c in datastore["--corpus"])     # NAME=URI
     served = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert served["index_uri"] == index["--output"][0]
-    assert str(served["index_shards"]) == index["--shards"][0]
-    assert ("--no-merge" in index) == (served["index_shards"] > 1)    # fan-out serving needs the shards kept
-    gpu_args = load(CONFIGS / "serve" / "gpu.yaml")["applications"][0]["args"]
-    assert gpu_args["model"] == datastore["--model"][0]           # keys were extracted with the served model
+    assert served["index"]["uri"] == index["--output"][0]
+    # shard deployment j serves the artifact's dense shards i % N == j: one built shard per deployment,
+    # kept apart (--no-merge) when there are several
+    num_shards = served["shards"]["num_shards"]
+    assert int(index["--shards"][0]) == num_shards
+    assert ("--no-merge" in index) == (num_shards > 1)
+    assert served["model"]["path"] == datastore["--model"][0]     # keys were extracted with the served model
 
 
 PARSE_ONLY = """
