@@ -48,21 +48,183 @@ def entry_positions(doc: Document) -> np.ndarray:
 
 
 def fit_transform(target, docs: Sequence[Document], dim: int = 64, max_rows: int = 20000,
-                  seed: int = 0) -> KeyTransform:
-    """Fit the key transform on the hidden states of (a sample of) the corpus."""
+                  seed: int = 0, *, max_len: int | None = None, overlap: int | None = None,
+                  batch_tokens: int = 8192) -> KeyTransform:
+    """Fit the key transform on the hidden states of (a sample of) the corpus: documents in a
+    seeded random order until `max_rows` entry positions are collected."""
     rng = np.random.default_rng(seed)
-    rows, total = [], 0
+    max_len, overlap = _window_defaults(target, max_len, overlap)
+    chosen, total = [], 0
     for i in rng.permutation(len(docs)):
-        pos = entry_positions(docs[i])
-        if len(pos) == 0:
+        n = len(entry_positions(docs[i]))
+        if n == 0:
             continue
-        rows.append(hidden_states(target, docs[i].tokens)[pos])
-        total += len(pos)
+        chosen.append(docs[i])
+        total += n
         if total >= max_rows:
             break
     if total < dim:
         raise DatastoreError(f"the corpus has {total} positions, fewer than the key dimension {dim}")
-    return KeyTransform.fit(np.concatenate(rows)[:max_rows], dim=dim)
+    rows = run_windows(target, chosen, max_len=max_len, overlap=overlap, batch_tokens=batch_tokens,
+                       fn=lambda h: h)
+    return KeyTransform.fit(np.concatenate([np.concatenate(r) for r in rows])[:max_rows], dim=dim)
+
+
+def _window_defaults(target, max_len: int | None, overlap: int | None) -> tuple[int, int]:
+    max_len = max_len or min(int(target.context_window), 4096)
+    return max_len, max_len // 2 if overlap is None else overlap
+
+
+def entries_table(keys: np.ndarray, values: np.ndarray, doc_ids: np.ndarray, positions: np.ndarray,
+                  corpus: np.ndarray):
+    """One datastore shard as an Arrow table (the row schema of ``index.dense_format``).
+    keys [E, d] float32, values [E, N] int32, doc_ids [E], positions [E], corpus [E] str."""
+    import pyarrow as pa
+
+    e = len(keys)
+    if not (values.shape[0] == len(doc_ids) == len(positions) == len(corpus) == e):
+        raise ValueError(f"column lengths differ: keys {e}, values {values.shape[0]}, doc_ids {len(doc_ids)}, "
+                         f"positions {len(positions)}, corpus {len(corpus)}")
+    d, n = keys.shape[1], values.shape[1]
+    return pa.table({
+        "key": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(keys, np.float32).ravel(),
+                                                          pa.float32()), d),
+        "value": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, np.int32).ravel(),
+                                                            pa.int32()), n),
+        "first_token": pa.array(np.asarray(values[:, 0], np.int32), pa.int32()),
+        "doc_id": pa.array(np.asarray(doc_ids, np.int64), pa.int64()),
+        "position": pa.array(np.asarray(positions, np.int32), pa.int32()),
+        "corpus": pa.array(np.asarray(corpus, dtype=object).astype(str), pa.string()).dictionary_encode(),
+    })
+
+
+def tokens_table(doc_ids: Sequence[int], docs: Sequence[Document]):
+    """The documents' token streams (for the sparse index) as an Arrow table."""
+    import pyarrow as pa
+
+    return pa.table({
+        "doc_id": pa.array(list(doc_ids), pa.int64()),
+        "tokens": pa.array([np.asarray(d.tokens, np.int32) for d in docs], pa.list_(pa.int32())),
+        "store_from": pa.array([int(d.store_from) for d in docs], pa.int32()),
+        "corpus": pa.array([d.corpus for d in docs], pa.string()),
+    })
+
+
+def windows(n_tokens: int, store_from: int, max_len: int, overlap: int) -> list[tuple[int, int, int]]:
+    """Windows (start, end, store_lo) that cover a document's entry positions exactly once.
+
+    Each window is run on its own (at most `max_len` tokens); it stores the entry positions in
+    [store_lo, end). The first window starts at 0; each next one starts `overlap` tokens before
+    the previous end, so every stored position has its full left context when the document fits
+    in one window and at least `overlap` tokens of it otherwise.
+    """
+    if not 0 <= overlap < max_len:
+        raise ValueError(f"need 0 <= overlap < max_len, got overlap={overlap}, max_len={max_len}")
+    lo_entry = max(store_from - 1, 0)
+    hi_entry = n_tokens - 1                    # exclusive: the last token has no next token
+    out, start, stored_to = [], 0, 0
+    while stored_to < hi_entry:
+        end = min(start + max_len, n_tokens)
+        if end > lo_entry:
+            out.append((start, end, max(stored_to, lo_entry)))
+        stored_to = end
+        start = end - overlap
+    return out
+
+
+def hidden_states_batch(target, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Hidden states [T_i, H] (float32) of the target's configured layer for several sequences in
+    one right-padded forward (equal to running each alone, up to float rounding)."""
+    import torch
+
+    if not seqs:
+        return []
+    lens = [len(s) for s in seqs]
+    t = max(lens)
+    ids = torch.zeros((len(seqs), t), dtype=torch.long, device=target.device)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long, device=target.device)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    want_layers = target.hidden_layer != -1
+    with torch.inference_mode():
+        out = target._base(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=want_layers)
+        hidden = out.hidden_states[target.hidden_layer] if want_layers else out.last_hidden_state
+        hidden = hidden.float().cpu().numpy()
+    return [hidden[i, :n] for i, n in enumerate(lens)]
+
+
+@dataclass
+class Extracted:
+    """Entries of a set of documents (rows ordered by document, then position)."""
+
+    keys: np.ndarray        # [E, d] float32
+    values: np.ndarray      # [E, N] int32
+    doc_ids: np.ndarray     # [E] int64
+    positions: np.ndarray   # [E] int32
+    corpus: np.ndarray      # [E] str
+    forward_tokens: int = 0  # tokens run through the model (windows overlap, so >= document tokens)
+
+
+def run_windows(target, docs: Sequence[Document], *, max_len: int, overlap: int, batch_tokens: int, fn,
+                counter: list | None = None) -> list[list[np.ndarray]]:
+    """For each document, [fn(hidden states of its stored positions) per window], windows of
+    similar length batched into forwards of up to `batch_tokens` padded tokens. `counter`, if
+    given, gets the number of tokens run through the model appended."""
+    jobs = []       # (doc index, window index, start, end, store_lo)
+    for i, d in enumerate(docs):
+        for w, (s, e, lo) in enumerate(windows(len(d.tokens), d.store_from, max_len, overlap)):
+            jobs.append((i, w, s, e, lo))
+    jobs.sort(key=lambda j: j[3] - j[2])
+    out: list[dict] = [dict() for _ in docs]
+    batch: list = []
+
+    def run(batch):
+        seqs = [docs[i].tokens[s:e] for i, _, s, e, _ in batch]
+        if counter is not None:
+            counter.append(sum(len(q) for q in seqs))
+        for (i, w, s, e, lo), h in zip(batch, hidden_states_batch(target, seqs)):
+            hi = min(e, len(docs[i].tokens) - 1)
+            out[i][w] = fn(h[lo - s: hi - s])
+
+    for job in jobs:
+        width = job[3] - job[2]
+        if batch and (len(batch) + 1) * width > batch_tokens:
+            run(batch)
+            batch = []
+        batch.append(job)
+    if batch:
+        run(batch)
+    return [[parts[w] for w in sorted(parts)] for parts in out]
+
+
+def extract_entries(target, transform: KeyTransform, docs: Sequence[Document], doc_ids: Sequence[int], *,
+                    value_len: int, eos: int, max_len: int, overlap: int,
+                    batch_tokens: int = 8192) -> Extracted:
+    """Keys and values for every entry position of `docs` (rows by document, then position)."""
+    counter: list[int] = []
+    keys_by_doc = run_windows(target, docs, max_len=max_len, overlap=overlap, batch_tokens=batch_tokens,
+                              fn=transform, counter=counter)
+    keys, values, ids, pos, corp = [], [], [], [], []
+    for d, doc_id, doc_keys in zip(docs, doc_ids, keys_by_doc):
+        if not doc_keys:
+            continue
+        k = np.concatenate(doc_keys)
+        p = entry_positions(d)
+        assert len(p) == len(k), (len(p), len(k))
+        keys.append(k)
+        values.append(next_tokens(np.asarray(d.tokens, dtype=np.int64), value_len, eos)[p])
+        ids.append(np.full(len(p), doc_id, dtype=np.int64))
+        pos.append(p.astype(np.int32))
+        corp.append(np.full(len(p), d.corpus, dtype=object))
+    dim = transform.dim
+    return Extracted(
+        keys=np.concatenate(keys) if keys else np.zeros((0, dim), np.float32),
+        values=np.concatenate(values).astype(np.int32) if values else np.zeros((0, value_len), np.int32),
+        doc_ids=np.concatenate(ids) if ids else np.zeros(0, np.int64),
+        positions=np.concatenate(pos) if pos else np.zeros(0, np.int32),
+        corpus=np.concatenate(corp) if corp else np.zeros(0, object),
+        forward_tokens=sum(counter))
 
 
 def build_dense_datastore(target, docs: Iterable[Document], out: str | Path, *, dim: int = 64,
@@ -74,7 +236,6 @@ def build_dense_datastore(target, docs: Iterable[Document], out: str | Path, *, 
     manifest last: a reader never takes a half-built datastore for a whole one. `progress`,
     if given, is called as progress(done_documents, total_documents) every 100 documents.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     docs = [d for d in docs]
@@ -94,16 +255,9 @@ def build_dense_datastore(target, docs: Iterable[Document], out: str | Path, *, 
         def flush() -> None:
             if not buf["key"]:
                 return
-            keys = np.concatenate(buf["key"])
-            values = np.concatenate(buf["value"])
-            table = pa.table({
-                "key": pa.FixedSizeListArray.from_arrays(pa.array(keys.ravel(), pa.float32()), transform.dim),
-                "value": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.int32()), value_len),
-                "first_token": pa.array(values[:, 0], pa.int32()),
-                "doc_id": pa.array(np.concatenate(buf["doc_id"]), pa.int64()),
-                "position": pa.array(np.concatenate(buf["position"]), pa.int32()),
-                "corpus": pa.array(np.concatenate(buf["corpus"])).dictionary_encode(),
-            })
+            table = entries_table(np.concatenate(buf["key"]), np.concatenate(buf["value"]),
+                                  np.concatenate(buf["doc_id"]), np.concatenate(buf["position"]),
+                                  np.concatenate(buf["corpus"]))
             name = f"shards/part-{len(manifest.shards):05d}.parquet"
             pq.write_table(table, tmp / name)
             manifest.shards.append({"path": name, "rows": table.num_rows, "sha256": sha256_file(tmp / name)})

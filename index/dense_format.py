@@ -5,6 +5,9 @@ A datastore is a directory:
     manifest.json          written last, atomically: a directory without it is not a datastore
     transform.npz          z-score mean/std and PCA components (the key transform)
     shards/<name>.parquet  one row per corpus position t
+    tokens/<name>.parquet  (optional) the documents' token streams, for the sparse (REST) index:
+                           ``doc_id`` (int64), ``tokens`` (list of int32), ``store_from`` (int32),
+                           ``corpus`` (string)
 
 Row columns: ``key`` (fixed-size list of float32, d = 64 by default) = transform(h_t), h_t the
 target's hidden state at the chosen layer having read tokens 1..t; ``value`` (fixed-size list of
@@ -59,7 +62,12 @@ class KeyTransform:
         z -= z.mean(0)
         # Principal directions: right singular vectors of the centred, z-scored sample.
         _, _, vt = np.linalg.svd(z, full_matrices=False)
-        return cls(mean.astype(np.float32), std.astype(np.float32), vt[:dim].astype(np.float32))
+        comps = vt[:dim]
+        # Fix each direction's sign (its largest-magnitude weight positive): SVD signs are arbitrary,
+        # and builders that see the same sample in another order must produce the same keys.
+        signs = np.sign(comps[np.arange(dim), np.abs(comps).argmax(1)])
+        comps = comps * np.where(signs == 0, 1.0, signs)[:, None]
+        return cls(mean.astype(np.float32), std.astype(np.float32), comps.astype(np.float32))
 
     def __call__(self, hidden: np.ndarray) -> np.ndarray:
         """[..., H] -> [..., d] float32, unit L2 norm."""
@@ -103,6 +111,9 @@ class Manifest:
     shards: list[dict] = field(default_factory=list)     # {"path", "rows", "sha256"}
     transform_sha256: str = ""
     skipped: int = 0
+    skipped_reasons: dict = field(default_factory=dict)  # reason -> count of bad records
+    token_shards: list[dict] = field(default_factory=list)  # {"path", "rows", "sha256"}: token streams
+    build: dict = field(default_factory=dict)            # how it was built (config, time, throughput)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

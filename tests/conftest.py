@@ -76,9 +76,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """A real local multi-node Ray cluster: a head and one worker node (2 logical CPUs each) on
     this machine, with the dashboard's job server. Yields the cluster; the driver is connected.
+    Its nodes start with the S3 server's endpoint and credentials in their environment, as cloud
+    nodes would have theirs.
 
     Attributes used by tests: `address` (GCS), `dashboard_url` (http://127.0.0.1:<port>).
     """

@@ -1,0 +1,329 @@
+"""Build a dense datastore (and the token streams for the sparse index) with Ray Data.
+
+    python -m pipelines.build_datastore --corpus gsm8k=../shared/data/gsm8k/train.jsonl \\
+        --prompt-field question --response-field answer --output /tmp/ds
+
+    ray job submit --working-dir . -- python -m pipelines.build_datastore ... --output s3://bucket/ds
+
+Plan (driver): list the input files and cut them into deterministic units; fit the key transform
+on a first-pass sample (a task on a model worker); then stream the units that have no done marker
+through tokenization (CPU tasks) and extraction (an actor pool, one model per actor); finally write
+the manifest, atomically and last. A rerun resumes: finished units are skipped, interrupted ones
+recomputed under the same names. The output is the format of ``index.dense_format``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, replace
+
+import numpy as np
+
+from index import storage
+from index.dense_format import (MANIFEST, TRANSFORM, DatastoreError, KeyTransform, Manifest, ModelFingerprint)
+from index.records import FieldMap, InputError, Unit, plan_units
+from pipelines.config import DatastoreJobConfig, SelfDistillConfig, parse_corpus
+from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, done_marker, fit_sample,
+                              unit_to_row)
+
+BUILD_INFO = "build.json"
+
+
+class JobError(RuntimeError):
+    """The build could not finish (a worker kept failing, storage unreachable)."""
+
+
+def _log(msg: str) -> None:
+    print(f"[build_datastore] {msg}", file=sys.stderr, flush=True)
+
+
+def _init_ray(address: str | None) -> None:
+    import logging
+
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    # Our own progress lines replace Ray Data's periodic operator dumps.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _use_gpu(config: DatastoreJobConfig) -> float:
+    import ray
+
+    if config.gpus_per_worker is not None:
+        return float(config.gpus_per_worker)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def _prepare_output(config: DatastoreJobConfig) -> dict | None:
+    """The previous build's info if this run resumes it; refuse to mix settings or clobber data."""
+    info_uri = storage.join(config.output, BUILD_INFO)
+    existing = storage.list_files(config.output)
+    if not existing:
+        return None
+    ours = BUILD_INFO in existing or MANIFEST in existing
+    if not ours:
+        raise InputError(f"{config.output} exists and is not a datastore: refusing to write into it")
+    if config.overwrite:
+        fs, path = storage.open_fs(config.output)
+        fs.rm(path, recursive=True)
+        _log(f"--overwrite: removed the previous contents of {config.output}")
+        return None
+    if BUILD_INFO not in existing:
+        raise InputError(f"{config.output} holds a datastore from another builder; pass --overwrite to replace it")
+    info = json.loads(storage.read_bytes(info_uri))
+    if info.get("content_key") != config.content_key():
+        raise InputError(f"{config.output} holds a datastore built with other settings (model, fields, "
+                         f"dimensions or corpora); pass --overwrite to rebuild it, or choose another --output")
+    return info
+
+
+def _remote(fn_or_cls, config: DatastoreJobConfig, gpus: float):
+    import ray
+
+    return ray.remote(fn_or_cls).options(num_cpus=config.cpus_per_worker, num_gpus=gpus, max_retries=2)
+
+
+def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap], gpus: float) -> dict:
+    """Fit the key transform on a sample and record the model's fingerprint (first pass)."""
+    import ray
+
+    _log(f"first pass: fitting the key transform on up to {config.sample_rows} positions")
+    t0 = time.perf_counter()
+    ref = _remote(fit_sample, config, gpus).remote(
+        model=config.model, dtype=config.dtype, layer=config.layer, gpu=gpus > 0,
+        threads=int(config.cpus_per_worker), units=units, fields=fields, dim=config.dim,
+        sample_rows=config.sample_rows, seed=config.seed, max_len=config.max_len, overlap=config.overlap,
+        batch_tokens=config.batch_tokens)
+    fit = ray.get(ref)
+    buf = io.BytesIO()
+    np.savez(buf, mean=fit["mean"], std=fit["std"], components=fit["components"])
+    storage.write_bytes_atomic(storage.join(config.output, TRANSFORM), buf.getvalue())
+    info = {"content_key": config.content_key(), "fingerprint": fit["fingerprint"], "eos": fit["eos"],
+            "max_len": fit["max_len"], "overlap": fit["overlap"], "config": _config_dict(config)}
+    storage.write_bytes_atomic(storage.join(config.output, BUILD_INFO), json.dumps(info, indent=2).encode())
+    _log(f"first pass done in {time.perf_counter() - t0:.1f}s ({fit['sample_documents']} documents sampled)")
+    return info
+
+
+def _config_dict(config: DatastoreJobConfig) -> dict:
+    d = asdict(config)
+    d.pop("ray_address", None)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _unit_done(config: DatastoreJobConfig, unit: Unit) -> dict | None:
+    """The unit's summary if it finished (marker present and its shard files exist)."""
+    try:
+        summary = json.loads(storage.read_bytes(done_marker(config.output, unit.name)))
+    except FileNotFoundError:
+        return None
+    for key in ("shard", "token_shard"):
+        if summary.get(key) and not storage.exists(storage.join(config.output, summary[key]["path"])):
+            return None
+    return summary
+
+
+def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap],
+             gpus: float) -> list[Unit]:
+    """Pass 1 of self-distillation: generate answers for every prompt unit (resumably); returns
+    the units of the distilled token tables that pass 2 stores."""
+    import ray
+
+    todo = [u for u in units if not storage.exists(storage.join(config.output, DISTILLED, f"{u.name}.parquet"))]
+    _log(f"self-distillation: {len(units) - len(todo)}/{len(units)} units already generated")
+    if todo:
+        ds = ray.data.from_items([unit_to_row(u, fields[u.corpus]) for u in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(DistillUnits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers),
+                            num_cpus=config.cpus_per_worker,
+                            num_gpus=gpus, fn_constructor_kwargs=dict(
+                                model=config.model, dtype=config.dtype, gpu=gpus > 0,
+                                threads=int(config.cpus_per_worker), output=config.output,
+                                eos=_eos_of(config, gpus), max_new_tokens=config.self_distill.max_new_tokens,
+                                method=config.self_distill.method))
+        for i, row in enumerate(ds.iter_rows(), 1):
+            s = json.loads(row["summary"])
+            _log(f"  distilled {i}/{len(todo)} units ({s['documents']} answers in {s['unit']})")
+    return [Unit(u.corpus, storage.join(config.output, DISTILLED, f"{u.name}.parquet"), "tokens", 0, 1, u.file_index)
+            for u in units]
+
+
+def _eos_of(config: DatastoreJobConfig, gpus: float) -> int:
+    """EOS id without loading weights on the driver: from the model's config and tokenizer."""
+    from transformers import AutoConfig
+
+    from decoding.model_loader import resolve_model_path
+    from pipelines.stages import load_tokenizer
+
+    path = resolve_model_path(config.model)
+    eos = getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
+    if eos is None:
+        eos = load_tokenizer(config.model).eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = min(eos)
+    return int(eos if eos is not None else 0)
+
+
+def _extract(config: DatastoreJobConfig, info: dict, todo: list[Unit], fields: dict[str, FieldMap],
+             gpus: float) -> None:
+    import ray
+
+    ds = ray.data.from_items([unit_to_row(u, fields[u.corpus]) for u in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(TokenizeUnits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+                        fn_constructor_kwargs=dict(model=config.model, eos=info["eos"]))
+    ds = ds.map_batches(
+        ExtractUnits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers),
+        num_cpus=config.cpus_per_worker, num_gpus=gpus,
+        fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, layer=config.layer, gpu=gpus > 0,
+                                   threads=int(config.cpus_per_worker), output=config.output,
+                                   value_len=config.value_len, eos=info["eos"], max_len=info["max_len"],
+                                   overlap=info["overlap"], batch_tokens=config.batch_tokens))
+    t0, tokens, entries = time.perf_counter(), 0, 0
+    for i, row in enumerate(ds.iter_rows(), 1):
+        s = json.loads(row["summary"])
+        tokens += s["tokens"]
+        entries += s["entries"]
+        dt = time.perf_counter() - t0
+        _log(f"  {i}/{len(todo)} units  {entries:,} entries  {tokens:,} tokens  {tokens / max(dt, 1e-9):,.0f} tok/s"
+             + (f"  ({sum(s['bad'].values())} bad records in {s['unit']})" if s["bad"] else ""))
+
+
+def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict], seconds: float) -> Manifest:
+    transform_bytes = storage.read_bytes(storage.join(config.output, TRANSFORM))
+    import hashlib
+
+    bad = Counter()
+    for s in summaries:
+        bad.update(s["bad"])
+    corpora = [c.name for c in config.corpora]
+    manifest = Manifest(
+        fingerprint=ModelFingerprint(**info["fingerprint"]), key_dim=config.dim, value_len=config.value_len,
+        eos_token_id=info["eos"], entries=sum(s["entries"] for s in summaries),
+        documents=sum(s["documents"] for s in summaries), tokens=sum(s["tokens"] for s in summaries),
+        corpora=corpora, shards=sorted((s["shard"] for s in summaries if s["shard"]), key=lambda d: d["path"]),
+        token_shards=sorted((s["token_shard"] for s in summaries if s["token_shard"]), key=lambda d: d["path"]),
+        transform_sha256=hashlib.sha256(transform_bytes).hexdigest(), skipped=sum(bad.values()),
+        skipped_reasons=dict(sorted(bad.items())),
+        build={"builder": "pipelines.build_datastore", "content_key": info["content_key"],
+               "units": len(summaries), "records": sum(s["records"] for s in summaries),
+               "forward_tokens": sum(s["forward_tokens"] for s in summaries), "max_len": info["max_len"],
+               "overlap": info["overlap"], "seconds_this_run": round(seconds, 2), "config": info["config"]})
+    storage.write_bytes_atomic(storage.join(config.output, MANIFEST), manifest.to_json().encode())
+    return manifest
+
+
+def build_datastore(config: DatastoreJobConfig) -> Manifest:
+    """Run the whole build (see the module docstring); returns the manifest written."""
+    config.validate()
+    t0 = time.perf_counter()
+    _init_ray(config.ray_address)
+    gpus = _use_gpu(config)
+    fields = {c.name: c.fields for c in config.corpora}
+    units = plan_units(list(config.corpora), config.split_bytes)
+    _log(f"{len(units)} units from {len({u.uri for u in units})} files in {len(config.corpora)} corpora; "
+         f"{config.workers} extraction worker(s) on {'GPU' if gpus else 'CPU'}; output {config.output}")
+    info = _prepare_output(config)
+    if config.self_distill:
+        units = _distill(config, units, fields, gpus)
+    if info is None or not storage.exists(storage.join(config.output, TRANSFORM)):
+        info = _fit(config, units, fields, gpus)
+    else:
+        _log("resuming: reusing the key transform of the interrupted build")
+    summaries, todo = {}, []
+    for u in units:
+        s = _unit_done(config, u)
+        if s is None:
+            todo.append(u)
+        else:
+            summaries[u.name] = s
+    if summaries:
+        _log(f"resume: {len(summaries)} of {len(units)} units already done, {len(todo)} to go")
+    if todo:
+        _extract(config, info, todo, fields, gpus)
+    for u in todo:
+        s = _unit_done(config, u)
+        if s is None:
+            raise JobError(f"unit {u.name} did not finish; rerun the same command to resume")
+        summaries[u.name] = s
+    seconds = time.perf_counter() - t0
+    manifest = _write_manifest(config, info, [summaries[u.name] for u in units], seconds)
+    tokens = sum(summaries[u.name]["tokens"] for u in todo)
+    reasons = ", ".join(f"{k}: {v}" for k, v in manifest.skipped_reasons.items())
+    _log(f"done: {manifest.documents:,} documents, {manifest.tokens:,} tokens, {manifest.entries:,} entries, "
+         f"{manifest.skipped} skipped{f' ({reasons})' if reasons else ''}; {seconds:.1f}s, "
+         f"{tokens / max(seconds, 1e-9):,.0f} tokens/s this run")
+    return manifest
+
+
+def parse_args(argv: list[str] | None = None) -> DatastoreJobConfig:
+    p = argparse.ArgumentParser(prog="python -m pipelines.build_datastore", description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", action="append", required=True, metavar="NAME=URI",
+                   help="a corpus: file or prefix, local or s3:// (repeat for several)")
+    p.add_argument("--format", default="auto", help="auto (by extension), jsonl, parquet, text")
+    p.add_argument("--text-field", default="text", help="raw-text field (default: text)")
+    p.add_argument("--prompt-field", help="instruction data: the prompt field (chat-formatted, context only)")
+    p.add_argument("--response-field", help="instruction data: the response field (stored)")
+    p.add_argument("--messages-field", help="chat data: a list of {role, content}; the last assistant turn is stored")
+    p.add_argument("--no-chat-template", action="store_true", help="do not wrap prompts in the chat template")
+    p.add_argument("--output", required=True, help="datastore location, local path or s3://bucket/prefix")
+    p.add_argument("--model", help="HF model directory or id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--layer", type=int, default=-1)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--value-len", type=int, default=20)
+    p.add_argument("--max-len", type=int)
+    p.add_argument("--overlap", type=int)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--split-mb", type=float, default=1.0, help="JSONL megabytes per work unit")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--sample-rows", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--self-distill", action="store_true",
+                   help="store the model's own greedy answers to the prompts (the ID datastore)")
+    p.add_argument("--distill-max-tokens", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--ray-address", help="join this cluster (default: $RAY_ADDRESS, else a local Ray)")
+    a = p.parse_args(argv)
+    fields = FieldMap(text=a.text_field, prompt=a.prompt_field, response=a.response_field,
+                      messages=a.messages_field, chat_template=not a.no_chat_template)
+    if a.self_distill:
+        fields = replace(fields, response=None)
+    corpora = tuple(parse_corpus(c, a.format, fields) for c in a.corpus)
+    return DatastoreJobConfig(
+        corpora=corpora, output=a.output, model=a.model, dtype=a.dtype, layer=a.layer, dim=a.dim,
+        value_len=a.value_len, max_len=a.max_len, overlap=a.overlap, batch_tokens=a.batch_tokens,
+        split_bytes=max(1, int(a.split_mb * (1 << 20))), workers=a.workers, cpus_per_worker=a.cpus_per_worker,
+        gpus_per_worker=a.gpus_per_worker, sample_rows=a.sample_rows, seed=a.seed,
+        self_distill=SelfDistillConfig(max_new_tokens=a.distill_max_tokens) if a.self_distill else None,
+        overwrite=a.overwrite, ray_address=a.ray_address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from decoding.errors import SenseError
+    from index.storage import StorageError
+
+    try:
+        config = parse_args(argv)
+        build_datastore(config)
+        return 0
+    except (InputError, DatastoreError, StorageError, JobError, SenseError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The datastore build's stages: plain callables that Ray Data runs (thin over `index`).
+
+    units ──► TokenizeUnits (CPU tasks) ──► ExtractUnits (actor pool, one model per actor)
+                                                │ writes shards/<unit>.parquet, tokens/<unit>.parquet,
+                                                ▼ then units/<unit>.json (the done marker)
+                                           one summary row per unit
+
+Every write is whole-object atomic and names derive from the unit (input file + offset), so a
+retried or rerun unit rewrites the same bytes under the same names: no duplicates, no partial files.
+The done marker is written last; a unit without one is recomputed on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from index import storage
+from index.records import FieldMap, Unit, decode_documents, encode_documents, read_unit
+
+SHARDS, TOKENS, UNITS, DISTILLED = "shards", "tokens", "units", "distilled"
+
+
+def unit_to_row(unit: Unit, fields: FieldMap) -> dict:
+    return {"unit": json.dumps(asdict(unit)), "fields": json.dumps(asdict(fields))}
+
+
+def _unit(row) -> Unit:
+    return Unit(**json.loads(row))
+
+
+def _fields(row) -> FieldMap:
+    return FieldMap(**json.loads(row))
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
+def done_marker(output: str, unit_name: str) -> str:
+    return storage.join(output, UNITS, f"{unit_name}.json")
+
+
+def _table_bytes(table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def load_target(model: str | None, dtype: str, layer: int, gpu: bool):
+    """The target model in a worker: bfloat16 on a GPU, float32 on CPU unless told otherwise."""
+    from decoding.target import TargetModel
+
+    if dtype == "auto":
+        dtype = "bfloat16" if gpu else "float32"
+    return TargetModel.load(model, dtype=dtype, device="cuda" if gpu else "cpu", hidden_layer=layer)
+
+
+def load_tokenizer(model: str | None):
+    from transformers import AutoTokenizer
+
+    from decoding.model_loader import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(model))
+
+
+class TokenizeUnits:
+    """CPU stage: read a unit's records, apply the field mapping and chat template, tokenize."""
+
+    def __init__(self, model: str | None, eos: int) -> None:
+        self.tokenizer = load_tokenizer(model)
+        self.eos = eos
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"unit": [], "docs": [], "bad": [], "records": []}
+        for unit_row, fields_row in zip(batch["unit"], batch["fields"]):
+            recs = read_unit(_unit(unit_row), _fields(fields_row), self.tokenizer, self.eos)
+            out["unit"].append(unit_row)
+            out["docs"].append(encode_documents(recs.documents))
+            out["bad"].append(json.dumps(dict(recs.bad)))
+            out["records"].append(recs.records)
+        return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+class ExtractUnits:
+    """Model stage (one actor per GPU, or per CPU slot): hidden states -> keys, values -> shards."""
+
+    def __init__(self, *, model: str | None, dtype: str, layer: int, gpu: bool, threads: int, output: str,
+                 value_len: int, eos: int, max_len: int, overlap: int, batch_tokens: int) -> None:
+        import torch
+
+        if not gpu:
+            torch.set_num_threads(max(1, threads))
+        from index.dense_format import TRANSFORM, KeyTransform
+
+        self.target = load_target(model, dtype, layer, gpu)
+        local = io.BytesIO(storage.read_bytes(storage.join(output, TRANSFORM)))
+        with np.load(local) as z:
+            self.transform = KeyTransform(z["mean"], z["std"], z["components"])
+        self.output, self.value_len, self.eos = output, value_len, eos
+        self.max_len, self.overlap, self.batch_tokens = max_len, overlap, batch_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        from index.dense_build import entries_table, extract_entries, tokens_table
+
+        rows = []
+        for unit_row, docs_blob, bad, records in zip(batch["unit"], batch["docs"], batch["bad"], batch["records"]):
+            t0 = time.perf_counter()
+            unit = _unit(unit_row)
+            docs = decode_documents(docs_blob)
+            ex = extract_entries(self.target, self.transform, docs, [d.doc_id for d in docs],
+                                 value_len=self.value_len, eos=self.eos, max_len=self.max_len,
+                                 overlap=self.overlap, batch_tokens=self.batch_tokens)
+            summary = {"unit": unit.name, "corpus": unit.corpus, "records": int(records),
+                       "bad": json.loads(bad), "documents": len(docs),
+                       "tokens": int(sum(len(d.tokens) for d in docs)), "entries": int(len(ex.keys)),
+                       "forward_tokens": int(ex.forward_tokens), "shard": None, "token_shard": None}
+            if len(ex.keys):
+                data = _table_bytes(entries_table(ex.keys, ex.values, ex.doc_ids, ex.positions, ex.corpus))
+                rel = f"{SHARDS}/{unit.name}.parquet"
+                storage.write_bytes_atomic(storage.join(self.output, rel), data)
+                summary["shard"] = {"path": rel, "rows": int(len(ex.keys)), "sha256": hashlib.sha256(data).hexdigest()}
+            if docs:
+                data = _table_bytes(tokens_table([d.doc_id for d in docs], docs))
+                rel = f"{TOKENS}/{unit.name}.parquet"
+                storage.write_bytes_atomic(storage.join(self.output, rel), data)
+                summary["token_shard"] = {"path": rel, "rows": len(docs), "sha256": hashlib.sha256(data).hexdigest()}
+            summary["seconds"] = round(time.perf_counter() - t0, 3)
+            summary["node"] = _node_id()
+            storage.write_bytes_atomic(done_marker(self.output, unit.name), json.dumps(summary).encode())
+            rows.append(json.dumps(summary))
+        return {"summary": np.array(rows, dtype=object)}
+
+
+class DistillUnits:
+    """Self-distillation stage: the target's own greedy answers to a unit's prompts, written as a
+    token-stream table (prompt + answer; entries for the answer only) under distilled/."""
+
+    def __init__(self, *, model: str | None, dtype: str, gpu: bool, threads: int, output: str, eos: int,
+                 max_new_tokens: int, method: str) -> None:
+        import torch
+
+        if not gpu:
+            torch.set_num_threads(max(1, threads))
+        self.target = load_target(model, dtype, -1, gpu)
+        self.output, self.eos, self.max_new_tokens, self.method = output, eos, max_new_tokens, method
+
+    def __call__(self, batch: dict) -> dict:
+        from decoding.config import SamplingParams
+        from decoding.engine import generate
+        from decoding.methods import make_drafter
+        from index.dense_build import tokens_table
+        from index.records import Document, _Bad, _format_prompt, _text_field
+
+        rows = []
+        for unit_row, fields_row in zip(batch["unit"], batch["fields"]):
+            unit, fields = _unit(unit_row), _fields(fields_row)
+            from index.records import iter_records
+
+            docs, bad = [], {}
+            for key, rec, reason in iter_records(unit):
+                try:
+                    if rec is None:
+                        raise _Bad(reason)
+                    if not isinstance(rec, dict):
+                        raise _Bad("plain text where a structured record was expected")
+                    prompt = _format_prompt(self.target.tokenizer,
+                                            [{"role": "user", "content": _text_field(rec, fields.prompt)}],
+                                            fields.chat_template)
+                except _Bad as why:
+                    bad[str(why)] = bad.get(str(why), 0) + 1
+                    continue
+                res = generate(self.target, prompt, params=SamplingParams(max_new_tokens=self.max_new_tokens),
+                               drafter=make_drafter(self.method))
+                answer = list(res.token_ids)         # ends with EOS when the model stopped by itself
+                docs.append(Document(doc_id=key, tokens=prompt + answer, store_from=len(prompt), corpus=unit.corpus))
+            rel = f"{DISTILLED}/{unit.name}.parquet"
+            table = tokens_table([d.doc_id for d in docs], docs)
+            storage.write_bytes_atomic(storage.join(self.output, rel), _table_bytes(table))
+            rows.append(json.dumps({"unit": unit.name, "path": rel, "documents": len(docs), "bad": bad}))
+        return {"summary": np.array(rows, dtype=object)}
+
+
+def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads: int, units: list[Unit],
+               fields: dict[str, FieldMap], dim: int, sample_rows: int, seed: int, max_len: int | None,
+               overlap: int | None, batch_tokens: int) -> dict:
+    """First pass (a Ray task on a model worker): the model's fingerprint, EOS and context, and
+    the key transform fitted on the documents of `units` (read in order until `sample_rows`
+    entry positions are available, then sampled as the single-process builder does)."""
+    import torch
+
+    from index.dense_build import _window_defaults, entry_positions, fit_transform
+    from index.dense_format import model_fingerprint
+
+    if not gpu:
+        torch.set_num_threads(max(1, threads))
+    target = load_target(model, dtype, layer, gpu)
+    eos = min(target.eos_token_ids) if target.eos_token_ids else 0
+    docs, total, bad = [], 0, 0
+    for unit in units:
+        recs = read_unit(unit, fields[unit.corpus], target.tokenizer, eos)
+        docs.extend(recs.documents)
+        total += sum(len(entry_positions(d)) for d in recs.documents)
+        if total >= sample_rows:
+            break
+    max_len, overlap = _window_defaults(target, max_len, overlap)
+    transform = fit_transform(target, docs, dim=dim, max_rows=sample_rows, seed=seed, max_len=max_len,
+                              overlap=overlap, batch_tokens=batch_tokens)
+    return {"fingerprint": asdict(model_fingerprint(target)), "eos": int(eos), "max_len": int(max_len),
+            "overlap": int(overlap), "mean": transform.mean, "std": transform.std,
+            "components": transform.components, "sample_documents": len(docs)}

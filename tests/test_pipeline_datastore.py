@@ -1,0 +1,326 @@
+"""The Ray Data datastore pipeline: unit planning, windows, equality with the single-process
+builder, S3 in and out, resume after a kill, and `ray job submit` (real local multi-node cluster,
+real moto S3 server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.corpus import gsm8k, gsm8k_answer_text
+from index.records import CorpusSpec, FieldMap, InputError, Unit, plan_units, read_unit
+
+REPO = Path(__file__).resolve().parents[1]
+N_DOCS = 10
+
+
+def _write_corpus(path: Path, n: int = N_DOCS, bad: bool = True) -> list[dict]:
+    rows = [{"question": r["question"], "answer": gsm8k_answer_text(r["answer"])} for r in gsm8k("train")[:n]]
+    with path.open("w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps(r) + "\n")
+            if bad and i == 2:
+                f.write("{not json\n")
+            if bad and i == 4:
+                f.write(json.dumps({"question": "no answer here"}) + "\n")
+            if bad and i == 6:
+                f.write(json.dumps({"question": "q", "answer": "   "}) + "\n")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
+    path = tmp_path_factory.mktemp("corpus") / "pairs.jsonl"
+    return path, _write_corpus(path)
+
+
+def _config(corpus_uri: str, output: str, **kw):
+    from pipelines.config import DatastoreJobConfig
+
+    fields = FieldMap(prompt="question", response="answer")
+    base = dict(corpora=(CorpusSpec("gsm", corpus_uri, "jsonl", fields),), output=output, dim=32, value_len=8,
+                split_bytes=2048, workers=2, cpus_per_worker=1.0)
+    base.update(kw)
+    return DatastoreJobConfig(**base)
+
+
+def _read_entries(root: str) -> dict[str, np.ndarray]:
+    """All entries of a datastore (local or s3://), sorted by (doc_id, position)."""
+    import pyarrow.parquet as pq
+
+    from index import storage
+
+    manifest = json.loads(storage.read_bytes(storage.join(root, "manifest.json")))
+    tables = []
+    for shard in manifest["shards"]:
+        fs, path = storage.open_fs(storage.join(root, shard["path"]))
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f))
+    import pyarrow as pa
+
+    t = pa.concat_tables(tables)
+    doc = t.column("doc_id").to_numpy()
+    pos = t.column("position").to_numpy()
+    order = np.lexsort((pos, doc))
+    d = manifest["key_dim"]
+    n = manifest["value_len"]
+    return {"doc_id": doc[order], "position": pos[order],
+            "key": t.column("key").combine_chunks().flatten().to_numpy().reshape(-1, d)[order],
+            "value": t.column("value").combine_chunks().flatten().to_numpy().reshape(-1, n)[order],
+            "first_token": t.column("first_token").to_numpy()[order], "manifest": manifest}
+
+
+# -- pure parts (no Ray) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", [1, 7, 64, 300, 1 << 20])
+def test_units_read_every_line_exactly_once(tmp_path, split):
+    path = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": f"record {i} " + "x" * (i * 13 % 50)}) for i in range(40)]
+    path.write_text("\n".join(lines) + "\n")
+    units = plan_units([CorpusSpec("c", str(path))], split_bytes=split)
+    assert [u.name for u in units] == [u.name for u in plan_units([CorpusSpec("c", str(path))], split)]  # stable
+
+    class Tok:
+        chat_template = None
+
+        def __call__(self, text):
+            return {"input_ids": [len(text), 1, 2]}
+
+    seen = []
+    for u in units:
+        recs = read_unit(u, FieldMap(), Tok(), eos=None)
+        assert not recs.bad
+        seen.extend(d.doc_id for d in recs.documents)
+    assert len(seen) == 40 and len(set(seen)) == 40
+
+
+def test_bad_records_are_counted_by_reason(tmp_path, target):
+    path = tmp_path / "c.jsonl"
+    _write_corpus(path, n=7)
+    (unit,) = plan_units([CorpusSpec("c", str(path), fields=FieldMap(prompt="question", response="answer"))])
+    recs = read_unit(unit, FieldMap(prompt="question", response="answer"), target.tokenizer, eos=2)
+    assert len(recs.documents) == 7
+    assert recs.bad == Counter({"invalid JSON": 1, "missing field 'answer'": 1, "empty 'answer'": 1})
+
+
+def test_formats_text_parquet_messages(tmp_path, target):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from decoding.engine import encode_prompt
+
+    (tmp_path / "a.txt").write_text("Plain text document one.")
+    pq.write_table(pa.table({"text": ["row one", "row two", None]}), tmp_path / "b.parquet", row_group_size=2)
+    msgs = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"messages": []}) + "\n")
+    tok = target.tokenizer
+    units = plan_units([CorpusSpec("t", str(tmp_path / "a.txt")), CorpusSpec("p", str(tmp_path / "b.parquet"))])
+    assert [u.format for u in units] == ["parquet", "parquet", "text"]      # sorted by corpus name
+    docs = [d for u in units for d in read_unit(u, FieldMap(), tok, eos=2).documents]
+    assert [tok.decode(d.tokens) for d in docs] == ["row one", "row two", "Plain text document one."]
+    bad = sum((read_unit(u, FieldMap(), tok, eos=2).bad for u in units), Counter())
+    assert bad == Counter({"missing field 'text'": 1})
+    (u,) = plan_units([CorpusSpec("m", str(tmp_path / "c.jsonl"))])
+    recs = read_unit(u, FieldMap(messages="messages"), tok, eos=2)
+    (doc,) = recs.documents
+    prompt = encode_prompt(target, "Hi?")
+    assert doc.tokens == prompt + tok("Hello.")["input_ids"] + [2] and doc.store_from == len(prompt)
+    assert sum(recs.bad.values()) == 1
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        plan_units([CorpusSpec("x", str(tmp_path / "missing.jsonl"))])
+    (tmp_path / "d").mkdir()
+    with pytest.raises(InputError, match="no input files"):
+        plan_units([CorpusSpec("x", str(tmp_path / "d"))])
+    (tmp_path / "f.bin").write_bytes(b"\0\1")
+    with pytest.raises(InputError, match="format"):
+        plan_units([CorpusSpec("x", str(tmp_path / "f.bin"))])
+    with pytest.raises(InputError, match="prompt field"):
+        FieldMap(response="answer").mode()
+
+
+def test_windows_cover_entry_positions_once():
+    from index.dense_build import Document, entry_positions, windows
+
+    for n, store_from, max_len, overlap in [(10, 0, 4, 2), (100, 37, 16, 5), (5, 0, 64, 32), (50, 45, 8, 0),
+                                            (9, 0, 2, 1)]:
+        ws = windows(n, store_from, max_len, overlap)
+        stored = [p for s, e, lo in ws for p in range(lo, min(e, n - 1))]
+        assert stored == list(entry_positions(Document(list(range(n)), store_from=store_from)))
+        for s, e, lo in ws:
+            assert e - s <= max_len and (s == 0 or lo - s >= overlap)
+
+
+def test_windowed_batched_extraction_matches_prefill(target):
+    """Each stored key equals the transform of a plain prefill of its window (batching and padding
+    change nothing beyond float rounding)."""
+    from index.dense_build import (Document, KeyTransform, extract_entries, hidden_states, windows)
+
+    rng = np.random.default_rng(0)
+    docs = [Document(rng.integers(3, 5000, size=n).tolist(), store_from=s) for n, s in [(40, 0), (25, 10), (7, 0)]]
+    sample = np.concatenate([hidden_states(target, d.tokens) for d in docs])
+    tf = KeyTransform.fit(sample, dim=16)
+    ex = extract_entries(target, tf, docs, [0, 1, 2], value_len=4, eos=2, max_len=16, overlap=6, batch_tokens=40)
+    row = 0
+    for i, d in enumerate(docs):
+        for s, e, lo in windows(len(d.tokens), d.store_from, 16, 6):
+            h = hidden_states(target, d.tokens[s:e])
+            hi = min(e, len(d.tokens) - 1)
+            np.testing.assert_allclose(ex.keys[row: row + hi - lo], tf(h[lo - s: hi - s]), atol=2e-4)
+            assert (ex.positions[row: row + hi - lo] == np.arange(lo, hi)).all()
+            row += hi - lo
+    assert row == len(ex.keys)
+
+
+# -- on the Ray cluster ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline_output(ray_cluster, corpus, tmp_path_factory):
+    from pipelines.build_datastore import build_datastore
+
+    out = tmp_path_factory.mktemp("pipe") / "ds"
+    manifest = build_datastore(_config(str(corpus[0]), str(out)))
+    return out, manifest
+
+
+def test_pipeline_equals_single_process_builder(pipeline_output, corpus, target, tmp_path):
+    """Same corpus, both builders: keys within float tolerance, values exact, same counts."""
+    from decoding.engine import encode_prompt
+    from index.dense_build import Document, build_dense_datastore
+
+    out, manifest = pipeline_output
+    docs = []
+    for r in corpus[1]:
+        prompt = encode_prompt(target, r["question"])
+        docs.append(Document(prompt + target.tokenizer(r["answer"])["input_ids"] + [2], corpus="gsm",
+                             store_from=len(prompt)))
+    ref_manifest = build_dense_datastore(target, docs, tmp_path / "ref", dim=32, value_len=8)
+    ours, ref = _read_entries(str(out)), _read_entries(str(tmp_path / "ref"))
+    assert manifest.entries == ref_manifest.entries == len(ours["key"]) == len(ref["key"])
+    assert manifest.documents == N_DOCS and manifest.skipped == 3
+    assert manifest.skipped_reasons == {"invalid JSON": 1, "missing field 'answer'": 1, "empty 'answer'": 1}
+    assert manifest.fingerprint == ref_manifest.fingerprint
+    # Documents in file order on both sides; the pipeline's ids are (file, byte offset).
+    rank = {d: i for i, d in enumerate(np.unique(ours["doc_id"]))}
+    assert [rank[d] for d in ours["doc_id"]] == ref["doc_id"].tolist()
+    assert (ours["position"] == ref["position"]).all()
+    assert (ours["value"] == ref["value"]).all() and (ours["first_token"] == ref["first_token"]).all()
+    np.testing.assert_allclose(ours["key"], ref["key"], atol=2e-3)
+    cos = (ours["key"] * ref["key"]).sum(1)
+    assert cos.min() > 0.999
+    # And the datastore loads for retrieval, with the compatibility check.
+    from index.dense_format import model_fingerprint
+    from index.dense_store import DenseStore
+
+    store = DenseStore.load(out, expect=model_fingerprint(target))
+    assert len(store) == manifest.entries
+    assert len(manifest.token_shards) >= 1
+
+
+def test_workers_ran_on_both_nodes(pipeline_output):
+    """Two extraction actors on a two-node cluster: units were extracted on both nodes."""
+    out, _ = pipeline_output
+    nodes = {json.loads(p.read_text())["node"] for p in (out / "units").glob("*.json")}
+    assert len(nodes) == 2
+
+
+def test_rerun_resumes_and_changed_settings_are_refused(pipeline_output, corpus):
+    from pipelines.build_datastore import build_datastore
+
+    out, manifest = pipeline_output
+    before = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    again = build_datastore(_config(str(corpus[0]), str(out)))
+    assert again.shards == manifest.shards and again.entries == manifest.entries
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == before     # nothing recomputed
+    with pytest.raises(InputError, match="other settings"):
+        build_datastore(_config(str(corpus[0]), str(out), dim=16))
+
+
+def test_s3_in_and_out(ray_cluster, s3_server, corpus, pipeline_output):
+    """Corpus read from and datastore written to a real S3-compatible server."""
+    from index import storage
+    from pipelines.build_datastore import build_datastore
+
+    s3_server.make_bucket("corpora")
+    s3_server.make_bucket("stores")
+    storage.upload_file(corpus[0], "s3://corpora/gsm/pairs.jsonl")
+    manifest = build_datastore(_config("s3://corpora/gsm/", "s3://stores/gsm-ds", workers=1))
+    ours, local = _read_entries("s3://stores/gsm-ds"), _read_entries(str(pipeline_output[0]))
+    assert manifest.entries == len(local["key"])
+    assert (ours["value"] == local["value"]).all()
+    np.testing.assert_allclose(ours["key"], local["key"], atol=1e-4)
+
+
+def _cli(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.build_datastore", "--corpus", f"gsm={corpus}", "--prompt-field",
+            "question", "--response-field", "answer", "--output", str(out), "--dim", "32", "--value-len", "8",
+            "--split-mb", str(2048 / (1 << 20)), *extra]
+
+
+def test_killed_build_resumes_to_the_same_output(ray_cluster, corpus, pipeline_output, tmp_path):
+    """Kill the job after some units finished; the rerun completes with identical entries and no
+    duplicates, and a reader never saw a manifest in between."""
+    out = tmp_path / "ds"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    proc = subprocess.Popen(_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    units = out / "units"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if units.is_dir() and len(list(units.glob("*.json"))) >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(units.glob("*.json")))
+    assert 1 <= done < 5 and not (out / "manifest.json").exists()
+    res = subprocess.run(_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resum" in res.stderr
+    ours, ref = _read_entries(str(out)), _read_entries(str(pipeline_output[0]))
+    pairs = list(zip(ours["doc_id"].tolist(), ours["position"].tolist()))
+    assert len(pairs) == len(set(pairs)) == len(ref["key"])
+    assert (ours["value"] == ref["value"]).all()
+    np.testing.assert_allclose(ours["key"], ref["key"], atol=1e-4)
+
+
+def test_ray_job_submit(ray_cluster, corpus, tmp_path):
+    """`ray job submit --working-dir . -- python -m pipelines.build_datastore ...` through the
+    job server of the local head node, polled to success."""
+    out = tmp_path / "job-ds"
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_cli, "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO), "--",
+           "python", *_cli(corpus[0], out)[1:]]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "succeeded" in (res.stdout + res.stderr).lower()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["documents"] == N_DOCS and manifest["skipped"] == 3
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pipelines.build_datastore", "--corpus", f"x={tmp_path}/nope.jsonl",
+                          "--output", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and "does not exist" in res.stderr
+    (tmp_path / "notastore").mkdir()
+    (tmp_path / "notastore" / "precious.txt").write_text("keep me")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    res = subprocess.run([sys.executable, "-m", "pipelines.build_datastore", "--corpus", f"x={tmp_path}/c.jsonl",
+                          "--output", str(tmp_path / "notastore")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "not a datastore" in res.stderr
+    assert (tmp_path / "notastore" / "precious.txt").read_text() == "keep me"
