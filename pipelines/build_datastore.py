@@ -90,7 +90,8 @@ def _prepare_output(config: DatastoreJobConfig) -> dict | None:
 def _remote(fn_or_cls, config: DatastoreJobConfig, gpus: float):
     import ray
 
-    return ray.remote(fn_or_cls).options(num_cpus=config.cpus_per_worker, num_gpus=gpus, max_retries=2)
+    return ray.remote(fn_or_cls).options(num_cpus=config.cpus_per_worker, num_gpus=gpus, max_retries=2,
+                                         resources=config.worker_resources or {})
 
 
 def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap], gpus: float) -> dict:
@@ -144,7 +145,7 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
     if todo:
         ds = ray.data.from_items([unit_to_row(u, fields[u.corpus]) for u in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(DistillUnits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers),
-                            num_cpus=config.cpus_per_worker,
+                            num_cpus=config.cpus_per_worker, resources=config.worker_resources,
                             num_gpus=gpus, fn_constructor_kwargs=dict(
                                 model=config.model, dtype=config.dtype, gpu=gpus > 0,
                                 threads=int(config.cpus_per_worker), output=config.output,
@@ -182,12 +183,13 @@ def _extract(config: DatastoreJobConfig, info: dict, todo: list[Unit], fields: d
                         fn_constructor_kwargs=dict(model=config.model, eos=info["eos"]))
     ds = ds.map_batches(
         ExtractUnits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers),
-        num_cpus=config.cpus_per_worker, num_gpus=gpus,
+        num_cpus=config.cpus_per_worker, num_gpus=gpus, resources=config.worker_resources,
         fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, layer=config.layer, gpu=gpus > 0,
                                    threads=int(config.cpus_per_worker), output=config.output,
                                    value_len=config.value_len, eos=info["eos"], max_len=info["max_len"],
                                    overlap=info["overlap"], batch_tokens=config.batch_tokens))
     t0, tokens, entries = time.perf_counter(), 0, 0
+    _log(f"extracting {len(todo)} units")
     for i, row in enumerate(ds.iter_rows(), 1):
         s = json.loads(row["summary"])
         tokens += s["tokens"]
@@ -197,7 +199,15 @@ def _extract(config: DatastoreJobConfig, info: dict, todo: list[Unit], fields: d
              + (f"  ({sum(s['bad'].values())} bad records in {s['unit']})" if s["bad"] else ""))
 
 
-def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict], seconds: float) -> Manifest:
+def _peak_rss(summaries: list[dict]) -> dict:
+    peak: dict[str, float] = {}
+    for s in summaries:
+        node = str(s.get("node"))
+        peak[node] = max(peak.get(node, 0.0), float(s.get("peak_rss_mb", 0.0)))
+    return peak
+
+
+def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict], timing: dict) -> Manifest:
     transform_bytes = storage.read_bytes(storage.join(config.output, TRANSFORM))
     import hashlib
 
@@ -216,7 +226,7 @@ def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict
         build={"builder": "pipelines.build_datastore", "content_key": info["content_key"],
                "units": len(summaries), "records": sum(s["records"] for s in summaries),
                "forward_tokens": sum(s["forward_tokens"] for s in summaries), "max_len": info["max_len"],
-               "overlap": info["overlap"], "seconds_this_run": round(seconds, 2), "config": info["config"]})
+               "overlap": info["overlap"], "timing": timing, "config": info["config"]})
     storage.write_bytes_atomic(storage.join(config.output, MANIFEST), manifest.to_json().encode())
     return manifest
 
@@ -234,6 +244,7 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
     info = _prepare_output(config)
     if config.self_distill:
         units = _distill(config, units, fields, gpus)
+    t_fit = time.perf_counter()
     if info is None or not storage.exists(storage.join(config.output, TRANSFORM)):
         info = _fit(config, units, fields, gpus)
     else:
@@ -247,16 +258,21 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
             summaries[u.name] = s
     if summaries:
         _log(f"resume: {len(summaries)} of {len(units)} units already done, {len(todo)} to go")
+    t_extract = time.perf_counter()
     if todo:
         _extract(config, info, todo, fields, gpus)
+    t_end = time.perf_counter()
     for u in todo:
         s = _unit_done(config, u)
         if s is None:
             raise JobError(f"unit {u.name} did not finish; rerun the same command to resume")
         summaries[u.name] = s
     seconds = time.perf_counter() - t0
-    manifest = _write_manifest(config, info, [summaries[u.name] for u in units], seconds)
     tokens = sum(summaries[u.name]["tokens"] for u in todo)
+    timing = {"total_s": round(seconds, 3), "fit_s": round(t_extract - t_fit, 3),
+              "extract_s": round(t_end - t_extract, 3), "units_this_run": len(todo), "tokens_this_run": tokens,
+              "peak_rss_mb_by_node": _peak_rss([summaries[u.name] for u in todo])}
+    manifest = _write_manifest(config, info, [summaries[u.name] for u in units], timing)
     reasons = ", ".join(f"{k}: {v}" for k, v in manifest.skipped_reasons.items())
     _log(f"done: {manifest.documents:,} documents, {manifest.tokens:,} tokens, {manifest.entries:,} entries, "
          f"{manifest.skipped} skipped{f' ({reasons})' if reasons else ''}; {seconds:.1f}s, "
@@ -287,6 +303,8 @@ def parse_args(argv: list[str] | None = None) -> DatastoreJobConfig:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--worker-resources", type=json.loads, metavar="JSON",
+                   help='custom Ray resources per model worker, e.g. \'{"gpu_extract": 1}\'')
     p.add_argument("--sample-rows", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--self-distill", action="store_true",
@@ -304,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> DatastoreJobConfig:
         corpora=corpora, output=a.output, model=a.model, dtype=a.dtype, layer=a.layer, dim=a.dim,
         value_len=a.value_len, max_len=a.max_len, overlap=a.overlap, batch_tokens=a.batch_tokens,
         split_bytes=max(1, int(a.split_mb * (1 << 20))), workers=a.workers, cpus_per_worker=a.cpus_per_worker,
-        gpus_per_worker=a.gpus_per_worker, sample_rows=a.sample_rows, seed=a.seed,
+        gpus_per_worker=a.gpus_per_worker, worker_resources=a.worker_resources, sample_rows=a.sample_rows, seed=a.seed,
         self_distill=SelfDistillConfig(max_new_tokens=a.distill_max_tokens) if a.self_distill else None,
         overwrite=a.overwrite, ray_address=a.ray_address)
 

@@ -33,6 +33,7 @@ class DatastoreJobConfig:
     workers: int = 1                     # extraction actors
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    worker_resources: dict | None = None  # custom Ray resources per model worker (pin to node types)
     sample_rows: int = 20_000            # positions used to fit the key transform
     seed: int = 0
     self_distill: SelfDistillConfig | None = None
@@ -72,8 +73,8 @@ class DatastoreJobConfig:
         """A hash of everything that changes the stored bytes (not parallelism or addresses):
         a rerun with the same key resumes, a different key needs --overwrite."""
         d = asdict(self)
-        for k in ("workers", "cpus_per_worker", "gpus_per_worker", "overwrite", "ray_address", "output",
-                  "batch_tokens"):
+        for k in ("workers", "cpus_per_worker", "gpus_per_worker", "worker_resources", "overwrite", "ray_address",
+                  "output", "batch_tokens"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import resource
 import time
 from dataclasses import asdict
 
@@ -139,6 +140,7 @@ class ExtractUnits:
                 summary["token_shard"] = {"path": rel, "rows": len(docs), "sha256": hashlib.sha256(data).hexdigest()}
             summary["seconds"] = round(time.perf_counter() - t0, 3)
             summary["node"] = _node_id()
+            summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             storage.write_bytes_atomic(done_marker(self.output, unit.name), json.dumps(summary).encode())
             rows.append(json.dumps(summary))
         return {"summary": np.array(rows, dtype=object)}

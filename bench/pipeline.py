@@ -1,0 +1,156 @@
+"""Datastore pipeline benchmark: extraction throughput against the bare model forward on the same
+batches, and scaling from one worker node to two, on a local multi-node Ray cluster.
+
+    python -m bench.pipeline [--docs 150] [--repeats 2] [--quick]
+
+One run, side by side, alternating: (a) the bare forward (`hidden_states_batch` over exactly the
+batches the pipeline forms, one thread, no Ray), (b) the pipeline with one extraction worker,
+(c) the pipeline with two workers on two nodes (one CPU and one thread each). Writes
+bench/results/pipeline.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import machine_info, median, write_results
+
+
+def _corpus(path: Path, n: int) -> None:
+    from index.corpus import gsm8k, gsm8k_answer_text
+
+    with path.open("w") as f:
+        for r in gsm8k("train")[:n]:
+            f.write(json.dumps({"question": r["question"], "answer": gsm8k_answer_text(r["answer"])}) + "\n")
+
+
+def _config(corpus: Path, out: Path, workers: int, split_bytes: int):
+    from index.records import CorpusSpec, FieldMap
+    from pipelines.config import DatastoreJobConfig
+
+    return DatastoreJobConfig(corpora=(CorpusSpec("gsm8k", str(corpus), "jsonl",
+                                                  FieldMap(prompt="question", response="answer")),),
+                              output=str(out), workers=workers, cpus_per_worker=1.0,
+                              worker_resources={"extract": 1}, split_bytes=split_bytes)
+
+
+def _bare_forward(corpus: Path, split_bytes: int) -> dict:
+    """Tokens/s of the model forward alone over the pipeline's own batches (same units, same
+    windows, same batch_tokens), one thread."""
+    import torch
+
+    from decoding.target import TargetModel
+    from index.dense_build import _window_defaults, run_windows
+    from index.records import plan_units, read_unit
+
+    torch.set_num_threads(1)
+    target = TargetModel.load()
+    cfg = _config(corpus, Path("/unused"), 1, split_bytes)
+    fields = cfg.corpora[0].fields
+    units = plan_units(list(cfg.corpora), split_bytes)
+    docs_by_unit = [read_unit(u, fields, target.tokenizer, 2).documents for u in units]
+    max_len, overlap = _window_defaults(target, None, None)
+    tokens = sum(len(d.tokens) for docs in docs_by_unit for d in docs)
+    t0 = time.perf_counter()
+    for docs in docs_by_unit:
+        run_windows(target, docs, max_len=max_len, overlap=overlap, batch_tokens=cfg.batch_tokens, fn=lambda h: None)
+    dt = time.perf_counter() - t0
+    torch.set_num_threads(2)
+    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt}
+
+
+def _pipeline(corpus: Path, workers: int, split_bytes: int, tmp: Path) -> dict:
+    from pipelines.build_datastore import build_datastore
+
+    out = tmp / f"ds-{workers}-{time.time_ns()}"
+    manifest = build_datastore(_config(corpus, out, workers, split_bytes))
+    timing = manifest.build["timing"]
+    unit_seconds = sum(json.loads(p.read_text())["seconds"] for p in (out / "units").glob("*.json"))
+    shutil.rmtree(out, ignore_errors=True)
+    tokens = timing["tokens_this_run"]
+    return {"tokens": tokens, "extract_s": timing["extract_s"], "total_s": timing["total_s"],
+            "fit_s": timing["fit_s"], "tokens_per_s": tokens / timing["extract_s"],
+            "end_to_end_tokens_per_s": tokens / timing["total_s"], "unit_compute_s": unit_seconds,
+            "nodes_used": len(timing["peak_rss_mb_by_node"]),
+            "peak_rss_mb": max(timing["peak_rss_mb_by_node"].values())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.pipeline")
+    p.add_argument("--docs", type=int, default=150)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smoke run: 16 documents, 1 repeat, no results file")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.docs, a.repeats = 16, 1
+    import ray
+    from ray.cluster_utils import Cluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    corpus = tmp / "gsm8k-train.jsonl"
+    _corpus(corpus, a.docs)
+    split_bytes = max(2048, corpus.stat().st_size // 8)          # about 8 units
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"extract": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    runs = {"bare": [], "pipe1": [], "pipe2": []}
+    try:
+        for r in range(a.repeats):
+            runs["bare"].append(_bare_forward(corpus, split_bytes))
+            runs["pipe1"].append(_pipeline(corpus, 1, split_bytes, tmp))
+            runs["pipe2"].append(_pipeline(corpus, 2, split_bytes, tmp))
+            print(f"repeat {r + 1}: bare {runs['bare'][-1]['tokens_per_s']:.0f} tok/s, "
+                  f"pipeline x1 {runs['pipe1'][-1]['tokens_per_s']:.0f}, x2 {runs['pipe2'][-1]['tokens_per_s']:.0f}",
+                  flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: {m: median([x[m] for x in v]) for m in v[0]} for k, v in runs.items()}
+    bare, p1, p2 = med["bare"], med["pipe1"], med["pipe2"]
+    rows = [
+        {"method": "pipeline", "vs": "bare_forward", "ratio": round(p1["tokens_per_s"] / bare["tokens_per_s"], 3),
+         "tokens_per_s": round(p1["tokens_per_s"], 1), "bare_tokens_per_s": round(bare["tokens_per_s"], 1),
+         "workers": 1, "measure": "extraction phase wall time (actor start and model load included)"},
+        {"method": "pipeline_steady", "vs": "bare_forward",
+         "ratio": round((p1["tokens"] / p1["unit_compute_s"]) / bare["tokens_per_s"], 3),
+         "tokens_per_s": round(p1["tokens"] / p1["unit_compute_s"], 1), "workers": 1,
+         "measure": "sum of per-unit times inside the workers (read, tokenize excluded, forward, transform, write)"},
+        {"method": "pipeline_end_to_end", "vs": "bare_forward",
+         "ratio": round(p1["end_to_end_tokens_per_s"] / bare["tokens_per_s"], 3),
+         "tokens_per_s": round(p1["end_to_end_tokens_per_s"], 1), "workers": 1,
+         "measure": "whole job: planning, first-pass transform fit, extraction, manifest"},
+        {"method": "pipeline_2_nodes", "vs": "pipeline_1_node", "ratio": round(p2["tokens_per_s"] / p1["tokens_per_s"], 3),
+         "tokens_per_s": round(p2["tokens_per_s"], 1), "workers": 2, "nodes_used": p2["nodes_used"]},
+        {"method": "peak_memory", "workers": 1, "peak_rss_mb_per_worker": p1["peak_rss_mb"]},
+        {"method": "peak_memory", "workers": 2, "peak_rss_mb_per_worker": p2["peak_rss_mb"]},
+    ]
+    if a.quick:
+        print(json.dumps(rows, indent=2))
+        return
+    machine = machine_info()
+    machine["cluster"] = "local: head (1 CPU) + 2 worker nodes (1 CPU, 1 torch thread each) on this machine"
+    md = [f"# Datastore pipeline benchmark\n",
+          f"{a.docs} GSM8K train question/answer pairs ({int(bare['tokens']):,} tokens), about 8 units; "
+          f"{a.repeats} repeats, medians; embedded SmolLM2-135M float32 on CPU, one thread per worker. "
+          f"Machine: {machine['cpu']}, {machine['cores']} cores.\n",
+          "| measure | tokens/s | ratio | vs |", "|---|---|---|---|",
+          f"| bare forward, same batches (1 thread) | {bare['tokens_per_s']:.0f} | | |"]
+    for r in rows[:4]:
+        md.append(f"| {r['method']} ({r.get('measure', str(r['workers']) + ' workers')}) | {r['tokens_per_s']:.0f} | "
+                  f"{r['ratio']:.3f} | {r['vs']} |")
+    md.append(f"\nPeak resident memory per extraction worker: {p1['peak_rss_mb']:.0f} MB (1 worker), "
+              f"{p2['peak_rss_mb']:.0f} MB (2 workers). Two nodes on one 2-core machine share its memory "
+              f"bandwidth, so node scaling here is a lower bound of what separate machines give.\n")
+    write_results("pipeline", machine, rows, "\n".join(md) + "\n", extra={"runs": runs})
+
+
+if __name__ == "__main__":
+    main()
