@@ -135,12 +135,13 @@ def _unit_done(config: DatastoreJobConfig, unit: Unit) -> dict | None:
 
 
 def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap],
-             gpus: float) -> list[Unit]:
+             gpus: float) -> tuple[list[Unit], dict[str, dict]]:
     """Pass 1 of self-distillation: generate answers for every prompt unit (resumably); returns
-    the units of the distilled token tables that pass 2 stores."""
+    the units of the distilled token tables that pass 2 stores, and the prompts' bad records by
+    pass-2 unit name."""
     import ray
 
-    todo = [u for u in units if not storage.exists(storage.join(config.output, DISTILLED, f"{u.name}.parquet"))]
+    todo = [u for u in units if not storage.exists(storage.join(config.output, DISTILLED, f"{u.name}.json"))]
     _log(f"self-distillation: {len(units) - len(todo)}/{len(units)} units already generated")
     if todo:
         ds = ray.data.from_items([unit_to_row(u, fields[u.corpus]) for u in todo], override_num_blocks=len(todo))
@@ -154,8 +155,14 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
         for i, row in enumerate(ds.iter_rows(), 1):
             s = json.loads(row["summary"])
             _log(f"  distilled {i}/{len(todo)} units ({s['documents']} answers in {s['unit']})")
-    return [Unit(u.corpus, storage.join(config.output, DISTILLED, f"{u.name}.parquet"), "tokens", 0, 1, u.file_index)
-            for u in units]
+    out, bad_by_unit = [], {}
+    for u in units:
+        # Pass 2 reads the distilled table; the prompts' bad records carry over into its summary.
+        bad = json.loads(storage.read_bytes(storage.join(config.output, DISTILLED, f"{u.name}.json")))["bad"]
+        out.append(Unit(u.corpus, storage.join(config.output, DISTILLED, f"{u.name}.parquet"), "tokens", 0, 1,
+                        u.file_index))
+        bad_by_unit[out[-1].name] = bad
+    return out, bad_by_unit
 
 
 def _eos_of(config: DatastoreJobConfig, gpus: float) -> int:
@@ -207,13 +214,15 @@ def _peak_rss(summaries: list[dict]) -> dict:
     return peak
 
 
-def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict], timing: dict) -> Manifest:
+def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict], timing: dict,
+                    extra_bad: dict[str, dict]) -> Manifest:
     transform_bytes = storage.read_bytes(storage.join(config.output, TRANSFORM))
     import hashlib
 
     bad = Counter()
     for s in summaries:
         bad.update(s["bad"])
+        bad.update(extra_bad.get(s["unit"], {}))
     corpora = [c.name for c in config.corpora]
     manifest = Manifest(
         fingerprint=ModelFingerprint(**info["fingerprint"]), key_dim=config.dim, value_len=config.value_len,
@@ -242,8 +251,9 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
     _log(f"{len(units)} units from {len({u.uri for u in units})} files in {len(config.corpora)} corpora; "
          f"{config.workers} extraction worker(s) on {'GPU' if gpus else 'CPU'}; output {config.output}")
     info = _prepare_output(config)
+    distill_bad: dict[str, dict] = {}
     if config.self_distill:
-        units = _distill(config, units, fields, gpus)
+        units, distill_bad = _distill(config, units, fields, gpus)
     t_fit = time.perf_counter()
     if info is None or not storage.exists(storage.join(config.output, TRANSFORM)):
         info = _fit(config, units, fields, gpus)
@@ -272,7 +282,7 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
     timing = {"total_s": round(seconds, 3), "fit_s": round(t_extract - t_fit, 3),
               "extract_s": round(t_end - t_extract, 3), "units_this_run": len(todo), "tokens_this_run": tokens,
               "peak_rss_mb_by_node": _peak_rss([summaries[u.name] for u in todo])}
-    manifest = _write_manifest(config, info, [summaries[u.name] for u in units], timing)
+    manifest = _write_manifest(config, info, [summaries[u.name] for u in units], timing, distill_bad)
     reasons = ", ".join(f"{k}: {v}" for k, v in manifest.skipped_reasons.items())
     _log(f"done: {manifest.documents:,} documents, {manifest.tokens:,} tokens, {manifest.entries:,} entries, "
          f"{manifest.skipped} skipped{f' ({reasons})' if reasons else ''}; {seconds:.1f}s, "

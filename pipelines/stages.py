@@ -191,7 +191,10 @@ class DistillUnits:
             rel = f"{DISTILLED}/{unit.name}.parquet"
             table = tokens_table([d.doc_id for d in docs], docs)
             storage.write_bytes_atomic(storage.join(self.output, rel), _table_bytes(table))
-            rows.append(json.dumps({"unit": unit.name, "path": rel, "documents": len(docs), "bad": bad}))
+            summary = {"unit": unit.name, "path": rel, "documents": len(docs), "bad": bad}
+            storage.write_bytes_atomic(storage.join(self.output, DISTILLED, f"{unit.name}.json"),
+                                       json.dumps(summary).encode())     # the done marker, last
+            rows.append(json.dumps(summary))
         return {"summary": np.array(rows, dtype=object)}
 
 

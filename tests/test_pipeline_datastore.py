@@ -324,3 +324,32 @@ def test_cli_bad_input_is_one_line(tmp_path):
                          timeout=120)
     assert res.returncode == 2 and "not a datastore" in res.stderr
     assert (tmp_path / "notastore" / "precious.txt").read_text() == "keep me"
+
+
+def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tmp_path):
+    """--self-distill: the stored documents are the prompts plus the target's own greedy answers
+    (equal to the in-process engine's), with entries for the answers only."""
+    import pyarrow.parquet as pq
+
+    from decoding.config import SamplingParams
+    from decoding.engine import encode_prompt, generate
+    from pipelines.build_datastore import build_datastore
+    from pipelines.config import SelfDistillConfig
+
+    questions = [r["question"] for r in gsm8k("train")[:3]]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions) + "{bad\n")
+    cfg = _config(str(path), str(tmp_path / "id"), workers=1, split_bytes=1 << 20, sample_rows=32,
+                  self_distill=SelfDistillConfig(max_new_tokens=12))
+    cfg = type(cfg)(**{**cfg.__dict__, "corpora": (CorpusSpec("gsm_id", str(path), "jsonl",
+                                                              FieldMap(prompt="question")),)})
+    manifest = build_datastore(cfg)
+    table = pq.read_table(tmp_path / "id" / manifest.token_shards[0]["path"])
+    assert table.num_rows == 3 and manifest.skipped_reasons == {"invalid JSON": 1}
+    for q, tokens, store_from in zip(questions, table.column("tokens").to_pylist(),
+                                     table.column("store_from").to_pylist()):
+        prompt = encode_prompt(target, q)
+        answer = generate(target, prompt, params=SamplingParams(max_new_tokens=12)).token_ids
+        assert tokens == prompt + answer and store_from == len(prompt)
+    assert manifest.entries == sum(len(t) - s for t, s in zip(table.column("tokens").to_pylist(),
+                                                              table.column("store_from").to_pylist()))
