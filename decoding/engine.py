@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,7 +82,9 @@ class _Stopper:
 
 def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingParams | None = None,
              drafter: Drafter | None = None, verifier: Verifier | None = None,
-             budget: int | AdaptiveBudget = 64, soft=None) -> GenerationResult:
+             budget: int | AdaptiveBudget = 64, soft=None,
+             on_tokens: Callable[[list[int]], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
     """Speculative decoding of one request.
 
     Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
@@ -89,6 +92,12 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     and the next pending token, and the KV cache keeps just that path. `budget` is a node count
     or an :class:`AdaptiveBudget` that picks one per step from the cost curve. `soft` (a
     ``decoding.soft.SoftGateConfig``) opts into lossy soft-gated verification.
+
+    Optional hooks (for streaming servers; neither changes the tokens produced):
+    `on_tokens(new_ids)` is called with the tokens committed by the prefill and by each step,
+    after stop conditions are applied, so the calls concatenate to the final ``token_ids``.
+    `should_stop()` is asked before the prefill and before each step; when it returns true the
+    generation ends early with ``finish_reason == "cancelled"`` and the tokens so far.
     """
     params = params or SamplingParams()
     drafter = drafter or NoDrafter()
@@ -96,6 +105,9 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     stats = GenerationStats(method=drafter.name)
     adaptive = budget if isinstance(budget, AdaptiveBudget) else None
     t_start = time.perf_counter()
+    if should_stop is not None and should_stop():
+        stats.prompt_tokens, stats.finish_reason = len(prompt_ids), "cancelled"
+        return GenerationResult(token_ids=[], text="", stats=stats)
 
     state, out = target.prefill(prompt_ids)
     stats.prompt_tokens = len(prompt_ids)
@@ -109,7 +121,12 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     stats.time_prefill = time.perf_counter() - t_start
 
     generated, reason = stopper.cut(generated)
+    if on_tokens is not None and generated:
+        on_tokens(list(generated))
     while reason is None:
+        if should_stop is not None and should_stop():
+            reason = "cancelled"
+            break
         n = len(prompt_ids) + len(generated)
         tokens[n - 1] = generated[-1]
         t0 = time.perf_counter()
@@ -140,7 +157,10 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         stats.time_commit += t3 - t2
         new = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
         tokens[n: n + len(new) - 1] = new[:-1]
-        generated, reason = stopper.cut(generated + new, len(generated))
+        before = len(generated)
+        generated, reason = stopper.cut(generated + new, before)
+        if on_tokens is not None and len(generated) > before:
+            on_tokens(generated[before:])
 
     gate_stats = getattr(verifier, "stats", None)
     if gate_stats is not None:
