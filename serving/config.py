@@ -1,0 +1,232 @@
+"""Typed configuration of the Serve application: every knob in one place.
+
+`build_app(args)` (serving/app.py) validates its `args` into :class:`ServingConfig`; unknown keys
+and out-of-range values are refused with a message naming them. The sections:
+
+- ``model``: the target model and how it is loaded;
+- ``index``: which datastores the drafters retrieve from. This section travels to the decoder
+  and the shard deployments as their ``user_config``, so a new index version is swapped in
+  without restarting replicas (see :class:`IndexConfig`);
+- ``speculative`` / ``sampling``: request defaults (a request's ``speculative`` object and
+  sampling fields override them);
+- ``decoder``, ``shards``, ``ingress``: the three deployments' replicas, resources, limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Deployment names: Serve config files override deployment options (user_config for a hot
+# swap, autoscaling, resources) by these names.
+INGRESS_NAME = "Ingress"
+DECODER_NAME = "Decoder"
+SHARD_NAME = "IndexShard{}"
+
+METHOD_NAMES = ("ar", "pld", "rest", "dense", "dresd", "sense")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """The target model."""
+
+    path: str | None = Field(None, description="HF model directory or hub id; None: the embedded SmolLM2-135M")
+    name: str = Field("smollm2-135m-instruct", min_length=1,
+                      description="the model id clients send and GET /v1/models lists")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU, float32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per decoder replica")
+
+
+class IndexConfig(_Section):
+    """The datastores of one index version: the hot-swappable part of the configuration.
+
+    ``uri``: an index artifact (``pipelines.build_index`` output: a root whose CURRENT names the
+    version, or one version directory; local path or ``s3://``); ``artifact_version`` pins a
+    version (``v0003``) instead of following CURRENT.
+    ``dense``: where the dense (FAISS) store comes from: ``"auto"`` (the artifact when ``uri`` is
+    set, else ``"default"``), ``"artifact"``, ``"default"`` (the first ``dense_default_docs``
+    GSM8K train pairs, built into the local cache on first use), a dense datastore directory
+    (``sense build-dense``), or None (methods dense, dresd and sense unavailable).
+    ``sparse``: the REST suffix index, with the same choices (``"default"``: GSM8K train answers).
+    ``version`` labels the version; responses report it. Changing this section in a deployment's
+    ``user_config`` makes its replicas load the new version while they keep serving.
+    """
+
+    version: str = Field("v1", min_length=1)
+    uri: str | None = None
+    artifact_version: str | None = None
+    dense: str | None = "auto"
+    sparse: str | None = "auto"
+    dense_default_docs: int = Field(200, ge=1)
+    nprobe: int | None = Field(None, ge=1, description="IVF lists probed per dense search (None: the store's)")
+
+    @model_validator(mode="after")
+    def _sources(self):
+        for name in ("dense", "sparse"):
+            if getattr(self, name) == "artifact" and not self.uri:
+                raise ValueError(f"index.{name} is 'artifact' but index.uri is not set")
+        return self
+
+    def source(self, kind: str) -> str | None:
+        """"artifact", "default", a directory, or None for `kind` ("dense" or "sparse")."""
+        value = getattr(self, kind)
+        if value == "auto":
+            return "artifact" if self.uri else "default"
+        return value
+
+    def key(self) -> str:
+        """A short id of this version's content (label and sources)."""
+        raw = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return f"{self.version}-{hashlib.sha256(raw).hexdigest()[:8]}"
+
+    def user_config(self) -> dict:
+        return {"index": self.model_dump()}
+
+    @classmethod
+    def from_user_config(cls, user_config: Any) -> "IndexConfig":
+        if not isinstance(user_config, dict) or set(user_config) - {"index"}:
+            raise ValueError(f"user_config must be {{'index': {{...}}}}, got {user_config!r}")
+        return cls.model_validate(user_config.get("index") or {})
+
+
+class SoftDefaults(_Section):
+    theta: float = Field(0.3, ge=0, allow_inf_nan=False)
+    top_k: int = Field(3, ge=2)
+    lam: float = Field(0.5, gt=0, le=1)
+    window: int = Field(6, ge=1)
+
+
+class SpeculativeDefaults(_Section):
+    """What a request gets when its ``speculative`` object leaves a field out."""
+
+    method: Literal["ar", "pld", "rest", "dense", "dresd", "sense"] = "sense"
+    verification: Literal["strict", "soft"] = "strict"
+    budget: int | Literal["adaptive"] = Field("adaptive", description="draft nodes per step, or adaptive")
+    max_budget: int = Field(256, ge=1, description="largest budget a request may ask for")
+    soft: SoftDefaults = Field(default_factory=SoftDefaults)
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("budget must be >= 1 or 'adaptive'")
+        return v
+
+
+class SamplingDefaults(_Section):
+    completion_max_tokens: int = Field(16, ge=1, description="OpenAI's default for /v1/completions")
+    chat_max_tokens: int | None = Field(None, ge=1, description="None: up to the context window")
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+def _check_autoscaling(value: dict | None) -> dict | None:
+    if value is None:
+        return None
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**value)          # Serve's own validation, at configuration time
+    return dict(value)
+
+
+class DecoderConfig(_Section):
+    """The decoder deployment: the target model and the decode loop."""
+
+    num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling_config is None")
+    autoscaling_config: dict | None = Field(
+        None, description="Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, "
+                          "upscale_delay_s, downscale_delay_s, metrics_interval_s, look_back_period_s, ...)")
+    max_ongoing_requests: int = Field(4, ge=1, description="concurrent generations per replica")
+    max_queued_requests: int = Field(16, ge=-1, description="queued at each caller before 503/429 (-1: no limit)")
+    ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1},
+                                    description="num_cpus, num_gpus, memory, resources, runtime_env ...")
+    serialize_forward: bool = Field(True, description="one forward pass at a time per replica (see decoder.py)")
+    index_wait_s: float = Field(120.0, ge=0, description="how long a new index version may take to appear "
+                                                           "on the shards before the decoder gives up on it")
+    graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, v):
+        return _check_autoscaling(v)
+
+
+class ShardsConfig(_Section):
+    """Index shard deployments. ``num_shards == 0``: the dense index is held in the decoder."""
+
+    num_shards: int = Field(0, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling_config: dict | None = None
+    max_ongoing_requests: int = Field(256, ge=1)
+    ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 0.5})
+    max_batch_size: int = Field(32, ge=1, description="searches batched into one FAISS call")
+    batch_wait_timeout_s: float = Field(0.001, ge=0)
+    search_timeout_s: float = Field(0.5, gt=0, description="per decode step, all shards together")
+    cooldown_s: float = Field(5.0, ge=0, description="a failed shard is skipped this long")
+    versions_kept: int = Field(2, ge=1, description="index versions a shard holds (old ones serve in-flight requests)")
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, v):
+        return _check_autoscaling(v)
+
+
+class IngressConfig(_Section):
+    """The HTTP ingress (FastAPI)."""
+
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(-1, ge=-1)
+    ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 0.1})
+    overload_status: Literal[429, 503] = 503
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on overload responses")
+    health_timeout_s: float = Field(5.0, gt=0)
+
+
+class ServingConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    speculative: SpeculativeDefaults = Field(default_factory=SpeculativeDefaults)
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        s = self.speculative
+        if isinstance(s.budget, int) and s.budget > s.max_budget:
+            raise ValueError(f"speculative.budget {s.budget} exceeds speculative.max_budget {s.max_budget}")
+        if not math.isfinite(self.shards.search_timeout_s):
+            raise ValueError("shards.search_timeout_s must be finite")
+        return self
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> "ServingConfig":
+        """Validate Serve application `args` (a dict, possibly nested, possibly empty)."""
+        if args is not None and not isinstance(args, dict):
+            raise ValueError(f"application args must be a mapping, got {type(args).__name__}")
+        return cls.model_validate(args or {})
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards.num_shards > 0
+
+    def static(self) -> dict:
+        """Everything but the index: the deployments' constructor argument. Changing the index
+        alone keeps this identical, so Serve reconfigures replicas in place."""
+        return self.model_dump(exclude={"index"})
+
+
+def schema() -> dict:
+    """JSON schema of the application args (for docs and config validation)."""
+    return ServingConfig.model_json_schema()

@@ -1,0 +1,365 @@
+"""The decoder deployment: the target model and the speculative decode loop.
+
+Concurrency in a replica: up to ``max_ongoing_requests`` requests at once, each with its own
+KV cache (``KVState``), drafter, verifier and budget; nothing mutable is shared between
+requests. Each generation runs ``decoding.engine.generate`` in its own thread (the replica's
+event loop only relays events), so decode steps of concurrent requests interleave. The model's
+weights are shared read-only and a forward pass keeps no state in the module, so concurrent
+forwards would be safe; with ``decoder.serialize_forward`` (the default) a per-replica lock
+still lets one forward run at a time: on CPU, parallel forwards only fight over the same cores
+(and oversubscribe torch's thread pool), and on a GPU a single stream runs them one after the
+other anyway. Drafting, FAISS fan-out and detokenisation of one request overlap another's
+forward. (Batching several requests into one forward is future work.)
+
+Events the ``generate`` stream yields (plain dicts): ``start`` (prompt accepted), ``delta``
+(text and token ids committed by a step; streaming requests only), then ``done`` (final text
+tail, finish reason, usage and statistics) or a single ``error`` (an APIError as a dict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ray import serve
+
+from serving.config import IndexConfig, ServingConfig
+from serving.errors import APIError, from_sense_error, internal
+
+log = logging.getLogger("ray.serve")
+
+COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+class SerializedTarget:
+    """A TargetModel whose forward passes (prefill, verify, commit) take one lock."""
+
+    def __init__(self, target, lock: threading.Lock | None = None) -> None:
+        self._target = target
+        self._lock = lock or threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+    def prefill(self, *args, **kwargs):
+        with self._lock:
+            return self._target.prefill(*args, **kwargs)
+
+    def verify(self, *args, **kwargs):
+        with self._lock:
+            return self._target.verify(*args, **kwargs)
+
+    def commit(self, *args, **kwargs):
+        with self._lock:
+            return self._target.commit(*args, **kwargs)
+
+
+@dataclass
+class IndexState:
+    """One loaded index version (replaced whole on a hot swap; requests keep theirs)."""
+
+    config: IndexConfig
+    sparse: object = None          # SparseIndex (held here in both modes)
+    dense: object = None           # local mode: the whole dense store
+    meta: object = None            # sharded mode: IndexMeta from the shards
+    error: str | None = None       # sharded mode: why meta is missing
+    retired: bool = False          # replaced by a newer version
+
+    def describe(self, sharded: bool) -> dict:
+        d = {"version": self.config.version, "key": self.config.key(), "mode": "sharded" if sharded else "local",
+             "sparse": self.sparse is not None,
+             "dense": (self.meta is not None) if sharded else (self.dense is not None)}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+def _resolve_device(model_cfg) -> tuple[str, str]:
+    import torch
+
+    device = model_cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model_cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+@serve.deployment
+class Decoder:
+    def __init__(self, static: dict, shards: list | None = None) -> None:
+        import torch
+
+        from decoding.target import TargetModel
+        from serving.metrics import DecoderMetrics
+        from serving.remote_index import ShardClient
+
+        self.cfg = ServingConfig.model_validate(static)
+        if self.cfg.model.torch_threads:
+            torch.set_num_threads(self.cfg.model.torch_threads)
+        device, dtype = _resolve_device(self.cfg.model)
+        self.target = TargetModel.load(self.cfg.model.path, dtype=dtype, device=device)
+        self.model = SerializedTarget(self.target) if self.cfg.decoder.serialize_forward else self.target
+        self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.max_ongoing_requests + 2,
+                                       thread_name_prefix="generate")
+        sh = self.cfg.shards
+        self.client = ShardClient(shards, timeout_s=sh.search_timeout_s, cooldown_s=sh.cooldown_s) if shards else None
+        self.index: IndexState | None = None
+        self.index_error: str | None = None
+        self._cost = None
+        self._cost_lock = threading.Lock()
+        self._reconfigure_lock = asyncio.Lock()
+        self.counts = {"active": 0, "completed": 0, "cancelled": 0, "errors": 0, "fallbacks": 0}
+        self._counts_lock = threading.Lock()
+        self.last_cancelled: dict | None = None
+        self.metrics = DecoderMetrics()
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            self.replica = "local"
+        if self.cfg.speculative.budget == "adaptive":
+            self._cost_curve()
+        log.info("decoder ready: %s on %s/%s, %s index", self.cfg.model.name, device, dtype,
+                 "sharded" if self.client else "local")
+
+    # -- index versions -----------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """A new index version: load it beside the current one, then swap (requests in flight
+        keep the stores they started with)."""
+        index = IndexConfig.from_user_config(user_config)
+        async with self._reconfigure_lock:
+            if self.index is not None and self.index.config == index:
+                return
+            try:
+                state = await asyncio.to_thread(self._load_index, index)
+            except Exception as exc:
+                if self.index is None:
+                    raise                   # the first version must load: a configuration error
+                self.index_error = f"index version {index.version!r} failed to load, keeping " \
+                                   f"{self.index.config.version!r}: {exc}"
+                log.error(self.index_error)
+                return
+            if self.index is not None:
+                self.index.retired = True
+            self.index, self.index_error = state, None
+            log.info("index version %s in use (%s)", index.version, state.describe(self.client is not None))
+
+    def _load_index(self, index: IndexConfig) -> IndexState:
+        from serving.index_data import load_dense, load_sparse
+
+        state = IndexState(config=index, sparse=load_sparse(index, self.target))
+        if self.client is None:
+            state.dense = load_dense(index, self.target)
+        elif index.source("dense") is not None:
+            state.meta = self._wait_for_meta(index, self.cfg.decoder.index_wait_s)
+            if state.meta is None:
+                state.error = f"index version {index.version!r} is not loaded on the shards yet"
+                threading.Thread(target=self._retry_meta, args=(state,), daemon=True).start()
+        return state
+
+    def _wait_for_meta(self, index: IndexConfig, wait_s: float):
+        from index.dense_format import check_compatible, model_fingerprint
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            meta = self.client.describe(index.key(), timeout_s=max(1.0, min(10.0, wait_s)))
+            if meta is not None:
+                if meta.fingerprint is not None:
+                    check_compatible(meta, model_fingerprint(self.target))
+                return meta
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.5)
+
+    def _retry_meta(self, state: IndexState) -> None:
+        while state.meta is None and not state.retired:
+            try:
+                meta = self._wait_for_meta(state.config, 5.0)
+            except Exception as exc:
+                state.error = str(exc)
+                return
+            if meta is not None:
+                state.meta, state.error = meta, None
+                return
+
+    # -- one request --------------------------------------------------------------------------
+
+    def _cost_curve(self) -> dict:
+        with self._cost_lock:
+            if self._cost is None:
+                from decoding.budget import measure_verify_cost
+
+                self._cost = measure_verify_cost(self.model, COST_SIZES, repeats=5, warmup=1)
+            return self._cost
+
+    def _budget(self, req):
+        if req.budget != "adaptive":
+            return req.budget
+        from decoding.budget import AdaptiveBudget
+
+        cost = self._cost_curve()
+        sizes = [s for s in cost if s >= req.soft.window] if req.soft is not None else None
+        return AdaptiveBudget(cost, sizes=sizes or None)
+
+    def _encode(self, req) -> list[int]:
+        from decoding.engine import encode_prompt
+
+        if req.kind == "completion":
+            ids = list(req.prompt_ids) if req.prompt_ids is not None else encode_prompt(self.target, req.prompt,
+                                                                                         chat=False)
+        elif len(req.messages) == 1 and req.messages[0]["role"] == "user":
+            ids = encode_prompt(self.target, req.messages[0]["content"], chat=True)
+        else:
+            tok = self.target.tokenizer
+            if not getattr(tok, "chat_template", None):
+                ids = encode_prompt(self.target, "\n\n".join(m["content"] for m in req.messages), chat=False)
+            else:
+                enc = tok.apply_chat_template(req.messages, add_generation_prompt=True)
+                ids = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        self.target.check_prompt(ids)       # ContextLengthError: the prompt does not fit
+        return ids
+
+    def _drafter(self, req, state: IndexState | None):
+        """(drafter, the remote store or None, index report or None)."""
+        from decoding.drafters import PromptLookupDrafter
+        from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores, make_drafter
+        from serving.drafting import FallbackDrafter
+        from serving.remote_index import RemoteDenseStore
+
+        method = req.method
+        uses_index = method in NEEDS_DENSE or method in NEEDS_SPARSE
+        if uses_index and state is None:
+            raise APIError(503, "the index is still loading", "server_error", None, "index_loading", 1)
+        if not uses_index:
+            return make_drafter(method), None, None
+        report = state.describe(self.client is not None)
+        stores = Datastores(sparse=state.sparse, dense=state.dense)
+        if method not in NEEDS_DENSE or self.client is None:
+            return make_drafter(method, stores), None, report
+        if state.config.source("dense") is None:
+            return make_drafter(method, stores), None, report      # 400: no dense datastore configured
+        if state.meta is None or not self.client.available():
+            why = state.error or "every index shard is down"
+            return FallbackDrafter(PromptLookupDrafter(), None, reason=f"index shards unavailable: {why}"), \
+                None, report
+        store = RemoteDenseStore(self.client, state.meta)
+        stores.dense = store
+        return FallbackDrafter(make_drafter(method, stores), store), store, report
+
+    def _stats(self, req, result, drafter, store, report, prompt_len: int) -> dict:
+        s = result.stats
+        out = {"method": req.method, "verification": req.verification,
+               "budget": req.budget, "steps": s.steps, "mat": round(s.mat, 4),
+               "acceptance_rate": round(s.acceptance_rate, 4), "drafted_tokens": s.drafted,
+               "accepted_tokens": s.accepted, "prompt_tokens": prompt_len, "completion_tokens": s.new_tokens,
+               "tokens_per_s": round(s.tokens_per_s, 2), "time_prefill_s": round(s.time_prefill, 4),
+               "time_total_s": round(s.time_total, 4), "finish_reason": s.finish_reason, "replica": self.replica}
+        if s.soft_gates is not None:
+            out["soft_gates"] = s.soft_gates
+        if report is not None:
+            if store is not None:
+                report = {**report, "searches": store.searches, "partial_searches": store.partial}
+            out["index"] = report
+        fallback = drafter.report() if hasattr(drafter, "report") else None
+        out["fallback"] = fallback
+        return out
+
+    def _run(self, req, emit, cancel: threading.Event) -> None:
+        """One generation, in a worker thread; every outcome is an event."""
+        from decoding.engine import generate
+        from decoding.errors import SenseError
+        from serving.text import TextStream
+
+        self._count("active", 1)
+        try:
+            try:
+                prompt_ids = self._encode(req)
+                drafter, store, report = self._drafter(req, self.index)
+                budget = self._budget(req)
+            except SenseError as exc:
+                emit({"type": "error", "error": from_sense_error(exc, "prompt" if req.kind == "completion"
+                                                                 else "messages").to_dict()})
+                return
+            except APIError as exc:
+                emit({"type": "error", "error": exc.to_dict()})
+                return
+            emit({"type": "start", "prompt_tokens": len(prompt_ids)})
+            text = TextStream(self.target.tokenizer, req.params.stop) if req.stream else None
+
+            def on_tokens(ids: list[int]) -> None:
+                emit({"type": "delta", "text": text.push(ids), "token_ids": list(ids)})
+
+            result = generate(self.model, prompt_ids, params=req.params, drafter=drafter, budget=budget,
+                              soft=req.soft, on_tokens=on_tokens if text is not None else None,
+                              should_stop=cancel.is_set)
+            stats = self._stats(req, result, drafter, store, report, len(prompt_ids))
+            fell_back = stats["fallback"] is not None
+            self.metrics.finished(req.method, result.stats, fell_back)
+            self._count("fallbacks", int(fell_back))
+            if result.finish_reason == "cancelled":
+                self._count("cancelled", 1)
+                self.last_cancelled = {"request_id": req.request_id, "tokens": len(result.token_ids),
+                                       "max_tokens": req.params.max_new_tokens}
+            else:
+                self._count("completed", 1)
+            emit({"type": "done", "text": result.text if text is None else text.finish(result.text),
+                  "token_ids": list(result.token_ids), "finish_reason": result.finish_reason,
+                  "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(result.token_ids),
+                            "total_tokens": len(prompt_ids) + len(result.token_ids)},
+                  "speculative": stats})
+        except Exception as exc:       # a bug or a broken model: logged here, a generic 500 outside
+            self._count("errors", 1)
+            log.exception("generation %s failed", req.request_id)
+            emit({"type": "error", "error": internal(f"generation failed ({type(exc).__name__})").to_dict()})
+        finally:
+            self._count("active", -1)
+
+    def _count(self, name: str, delta: int) -> None:
+        with self._counts_lock:
+            self.counts[name] += delta
+            active = self.counts["active"]
+        if name == "active":
+            self.metrics.active.set(active)
+
+    async def generate(self, req):
+        """Stream the events of one request (see the module docstring). Cancelling the stream
+        (the client went away) stops the generation at its next step."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(event: dict) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        future = loop.run_in_executor(self.pool, self._run, req, emit, cancel)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event["type"] in ("done", "error"):
+                    break
+        finally:
+            if not future.done():
+                cancel.set()
+
+    # -- status -------------------------------------------------------------------------------
+
+    async def info(self) -> dict:
+        sharded = self.client is not None
+        d = {"replica": self.replica, "model": self.cfg.model.name, **self.counts,
+             "last_cancelled": self.last_cancelled,
+             "index": self.index.describe(sharded) if self.index else None,
+             "index_error": self.index_error}
+        if sharded:
+            d["shards"] = self.client.status()
+        return d
+
+    def check_health(self) -> None:
+        if self.target is None:
+            raise RuntimeError("the target model is not loaded")

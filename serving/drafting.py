@@ -1,0 +1,49 @@
+"""Per-request drafters for the server, with a fallback when the index shards are unavailable.
+
+The drafters themselves come from ``decoding.methods.make_drafter``. When a method needs the
+sharded dense index and no shard answers (at the start or mid-request), the request goes on
+with prompt lookup (PLD) drafting: verification is unchanged, so the answer stays exactly the
+one the method would have given (strict mode), only the speed differs, and the response's
+statistics say so (``fallback``).
+"""
+
+from __future__ import annotations
+
+from decoding.drafters import Drafter, PromptLookupDrafter
+
+
+class FallbackDrafter(Drafter):
+    """Drafts with `primary` until `store.failure` is set, then with PLD for the rest."""
+
+    def __init__(self, primary: Drafter, store, reason: str | None = None) -> None:
+        self.primary = primary
+        self.store = store
+        self.fallback = PromptLookupDrafter()
+        self.name = primary.name
+        self.needs_hidden = primary.needs_hidden
+        self.reason = reason               # set: falling back (from the start when given here)
+        self.steps = 0
+        self.fallback_step: int | None = 0 if reason else None
+
+    def begin(self, prompt_ids, hidden) -> None:
+        if self.reason is None:
+            self.primary.begin(prompt_ids, hidden)
+
+    def observe(self, positions, hidden) -> None:
+        if self.reason is None:
+            self.primary.observe(positions, hidden)
+
+    def propose(self, tokens, budget, max_depth, hidden=None):
+        self.steps += 1
+        if self.reason is None:
+            tree = self.primary.propose(tokens, budget, max_depth, hidden)
+            if self.store.failure is None:
+                return tree
+            self.reason = f"index shards unavailable: {self.store.failure}"
+            self.fallback_step = self.steps
+        return self.fallback.propose(tokens, budget, max_depth)
+
+    def report(self) -> dict | None:
+        if self.reason is None:
+            return None
+        return {"method": "pld", "reason": self.reason, "from_step": self.fallback_step}

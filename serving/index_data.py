@@ -1,0 +1,238 @@
+"""The datastores of one index version, loaded in this process.
+
+Two uses: the decoder holds small indexes whole (:func:`load_sparse`, :func:`load_dense`), and
+an index-shard replica holds its part of the dense index (:func:`load_shard_data`). Sources
+(``IndexConfig``): a published index artifact (``index.artifact``), a dense datastore
+directory, or the GSM8K defaults built into the local cache.
+
+A shard answers a search with :class:`Hits`: the top-k neighbours' similarities and GLOBAL ids
+together with their payload (first token and value tokens), so the decoder needs none of the
+index's arrays; :func:`merge_hits` merges the shards' answers into the global top-k.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving.config import IndexConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexMeta:
+    """What the decoder needs to query a sharded dense index of one version."""
+
+    key: str                   # IndexConfig.key(): the version's id across deployments
+    label: str                 # IndexConfig.version
+    source: str                # where it was loaded from (artifact version URI, directory, "default")
+    dim: int
+    value_len: int
+    eos_token_id: int
+    size: int                  # entries in the whole index (all shards)
+    transform: object          # index.dense_format.KeyTransform
+    fingerprint: object = None # index.dense_format.ModelFingerprint
+
+
+@dataclass
+class Hits:
+    """Top-k of n queries: sims [n, k] float32 (-inf = none), ids [n, k] int64 global (-1 = none),
+    first [n, k] int32 and values [n, k, N] int32 (the neighbours' payload; junk where id = -1)."""
+
+    sims: np.ndarray
+    ids: np.ndarray
+    first: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, k: int, value_len: int) -> "Hits":
+        return cls(np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64),
+                   np.zeros((n, k), np.int32), np.zeros((n, k, value_len), np.int32))
+
+    def row(self, i: int) -> "Hits":
+        return Hits(self.sims[i:i + 1], self.ids[i:i + 1], self.first[i:i + 1], self.values[i:i + 1])
+
+
+def merge_hits(parts: list[Hits], k: int) -> Hits:
+    """Global top-k of per-shard hits (ids disjoint): best first, ties to the smaller id."""
+    if len(parts) == 1 and parts[0].sims.shape[1] == k:
+        return parts[0]
+    sims = np.concatenate([p.sims for p in parts], axis=1).astype(np.float32)
+    ids = np.concatenate([p.ids for p in parts], axis=1)
+    first = np.concatenate([p.first for p in parts], axis=1)
+    values = np.concatenate([p.values for p in parts], axis=1)
+    sims = np.where(ids < 0, -np.inf, sims).astype(np.float32)
+    tie = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((tie, -sims), axis=-1)[:, :k]
+    out = Hits(np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1),
+               np.take_along_axis(first, order, 1), np.take_along_axis(values, order[..., None], 1))
+    if out.sims.shape[1] < k:
+        pad = Hits.empty(out.sims.shape[0], k - out.sims.shape[1], values.shape[-1])
+        out = Hits(*(np.concatenate([a, b], axis=1) for a, b in
+                     ((out.sims, pad.sims), (out.ids, pad.ids), (out.first, pad.first), (out.values, pad.values))))
+    return out
+
+
+def _locked(path: Path):
+    """A file lock beside a cache entry: replicas on one machine build a default store once."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
+def _cache_lock(kind: str):
+    from decoding.model_loader import cache_root
+
+    return _locked(cache_root() / "datastores" / f".serving-{kind}")
+
+
+def _pinned_uri(index: IndexConfig) -> str:
+    """The artifact version directory the config designates (CURRENT is resolved once)."""
+    from index.artifact import resolve_version
+
+    return resolve_version(index.uri, index.artifact_version)
+
+
+def load_sparse(index: IndexConfig, target):
+    """The REST index of this version, or None when the config has none."""
+    src = index.source("sparse")
+    if src is None:
+        return None
+    if src == "artifact":
+        from index.artifact import load_sparse as load_artifact_sparse
+
+        return load_artifact_sparse(_pinned_uri(index))
+    from index.defaults import default_sparse_index
+
+    if src == "default":
+        with _cache_lock("sparse"):
+            return default_sparse_index(target)
+    return default_sparse_index(target, src)
+
+
+def load_dense(index: IndexConfig, target):
+    """The whole dense store (drafter protocol: transform, manifest.eos_token_id, len, search,
+    first_token, values), checked against `target`'s fingerprint; None when the config has none."""
+    src = index.source("dense")
+    if src is None:
+        return None
+    from index.dense_format import model_fingerprint
+
+    expect = model_fingerprint(target)
+    if src == "artifact":
+        from index.artifact import load_artifact
+
+        store = load_artifact(_pinned_uri(index), expect)
+    elif src == "default":
+        from index.defaults import default_dense_store
+
+        with _cache_lock(f"dense{index.dense_default_docs}"):
+            store = default_dense_store(target, n_docs=index.dense_default_docs)
+    else:
+        from index.dense_store import DenseStore
+
+        store = DenseStore.load(src, expect=expect)
+    if index.nprobe is not None:
+        _set_nprobe(store, index.nprobe)
+    return store
+
+
+def _set_nprobe(store, nprobe: int) -> None:
+    if hasattr(store, "shards"):                      # IndexArtifact
+        store.nprobe = nprobe
+    elif hasattr(store.index, "nprobe"):             # DenseStore with an IVF index
+        store.index.nprobe = nprobe
+
+
+class _RowRange:
+    """Rows [lo, hi) of a dense datastore with their own FAISS index; search returns global ids."""
+
+    def __init__(self, keys: np.ndarray, lo: int, nprobe: int | None) -> None:
+        from index.dense_store import build_faiss_index
+
+        self.lo = lo
+        self.rows = len(keys)
+        self.index = build_faiss_index(keys, **({"nprobe": nprobe} if nprobe else {}))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.rows == 0:
+            n = len(queries)
+            return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+        sims, ids = self.index.search(queries, k)
+        return sims, np.where(ids >= 0, ids + self.lo, -1).astype(np.int64)
+
+
+@dataclass
+class ShardData:
+    """The part of one index version a shard replica serves."""
+
+    meta: IndexMeta
+    searchers: list = field(default_factory=list)    # .search(q, k) -> (sims, GLOBAL ids)
+    values: np.ndarray | None = None                 # [E, N], indexable by global id (memory map)
+    first_token: np.ndarray | None = None            # [E]
+
+    def search(self, queries: np.ndarray, k: int) -> Hits:
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        n = len(queries)
+        parts = []
+        for s in self.searchers:
+            sims, ids = s.search(queries, k)
+            ids = np.asarray(ids, np.int64)
+            safe = np.where(ids >= 0, ids, 0)
+            parts.append(Hits(np.asarray(sims, np.float32), ids, np.asarray(self.first_token[safe], np.int32),
+                              np.asarray(self.values[safe], np.int32)))
+        if not parts:
+            return Hits.empty(n, k, self.meta.value_len)
+        return merge_hits(parts, k)
+
+
+def _meta(index: IndexConfig, source: str, manifest, transform, size: int) -> IndexMeta:
+    return IndexMeta(key=index.key(), label=index.version, source=source, dim=int(manifest.key_dim),
+                     value_len=int(manifest.value_len), eos_token_id=int(manifest.eos_token_id), size=int(size),
+                     transform=transform, fingerprint=getattr(manifest, "fingerprint", None))
+
+
+def load_shard_data(index: IndexConfig, shard_id: int, num_shards: int, load_target=None) -> ShardData | None:
+    """Shard `shard_id` of `num_shards`: for an artifact, its dense shards i with
+    i % num_shards == shard_id (each loaded alone) and the memory-mapped payload arrays; for a
+    datastore directory or the default store, an even split of its rows. None: no dense index.
+
+    `load_target()` gives a TargetModel, needed only to build the default store on first use."""
+    src = index.source("dense")
+    if src is None:
+        return None
+    if src == "artifact":
+        from index.artifact import load_artifact, load_shard
+
+        uri = _pinned_uri(index)
+        art = load_artifact(uri, load_index=False)
+        n = len(art.manifest.dense_shards)
+        searchers = [load_shard(uri, i) for i in range(n) if i % num_shards == shard_id]
+        if index.nprobe is not None:
+            for s in searchers:
+                s.nprobe = index.nprobe
+        return ShardData(_meta(index, uri, art.manifest, art.transform, len(art)), searchers,
+                         art.values, art.first_token)
+    if src == "default":
+        from index.defaults import default_dense_store
+
+        with _cache_lock(f"dense{index.dense_default_docs}"):
+            store = default_dense_store(load_target(), n_docs=index.dense_default_docs)
+    else:
+        from index.dense_store import DenseStore
+
+        store = DenseStore.load(src)
+    e = len(store)
+    lo, hi = e * shard_id // num_shards, e * (shard_id + 1) // num_shards
+    part = _RowRange(store.keys[lo:hi], lo, index.nprobe)
+    return ShardData(_meta(index, src, store.manifest, store.transform, e), [part], store.values, store.first_token)
+
+
+def local_meta(index: IndexConfig, store) -> IndexMeta:
+    """Meta of a dense store held in the decoder (for status reports)."""
+    return _meta(index, str(index.source("dense")), store.manifest, store.transform, len(store))

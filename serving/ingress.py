@@ -1,0 +1,199 @@
+"""The HTTP ingress: an OpenAI-compatible FastAPI app under ``@serve.ingress``.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as server-sent
+events with ``"stream": true``), ``GET /v1/models``, ``GET /health``. Requests are validated
+here (a 400 never costs a decoder slot, except prompt length, which needs the tokenizer) and
+sent to the decoder deployment as one streaming handle call; its first event decides the HTTP
+status, so errors are proper statuses even for streaming requests. Overload (the decoder's
+``max_queued_requests`` reached) is a 503 or 429 with Retry-After. A client that disconnects
+cancels its handle call, and with it the generation.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` type on the
+# route methods that Serve re-wraps.
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving import protocol
+from serving.config import ServingConfig
+from serving.errors import APIError, internal, overloaded
+from serving.responses import SSE_DONE, chunk, full_body, sse, usage_chunk
+
+log = logging.getLogger("ray.serve")
+
+app = FastAPI(title="SENSE on Ray", version="0.1.0",
+              description="Retrieval-based speculative decoding behind an OpenAI-compatible API")
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+    msg = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+    return _error_response(APIError(exc.status_code, msg, "invalid_request_error", None, kind))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    errors = exc.errors()
+    param = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else None
+    msg = errors[0].get("msg", "invalid request") if errors else "invalid request"
+    return _error_response(APIError(400, f"Invalid value for {param}: {msg}", "invalid_request_error", param,
+                                    "invalid_value"))
+
+
+@app.exception_handler(Exception)
+async def _any_error(request: Request, exc: Exception):
+    log.exception("unhandled error on %s", request.url.path)
+    return _error_response(internal())
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, static: dict, decoder) -> None:
+        from serving.metrics import IngressMetrics
+
+        self.cfg = ServingConfig.model_validate(static)
+        self.decoder = decoder
+        self.metrics = IngressMetrics()
+        self.started = int(time.time())
+
+    # -- routes -------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._generate(request, protocol.CompletionRequest, protocol.completion_request,
+                                    "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, protocol.ChatRequest, protocol.chat_request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.cfg.model.name, "object": "model", "created": self.started,
+                                            "owned_by": "sense-on-ray"}]}
+
+    @app.get("/health")
+    async def health(self):
+        """200 while the decoder answers (status "degraded" when its index is not fully there:
+        requests then fall back to PLD drafting); 503 when it does not answer."""
+        try:
+            info = await asyncio.wait_for(self.decoder.info.remote(), self.cfg.ingress.health_timeout_s)
+        except Exception as exc:
+            err = APIError(503, f"the decoder does not answer ({type(exc).__name__})", "server_error", None,
+                           "unavailable", self.cfg.ingress.retry_after_s)
+            return _error_response(err)
+        index = info.get("index") or {}
+        shards_down = (info.get("shards") or {}).get("down")
+        degraded = bool(info.get("index_error") or index.get("error") or shards_down)
+        return {"status": "degraded" if degraded else "ok", "model": self.cfg.model.name, "decoder": info}
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, model_cls, convert, route: str):
+        t0 = time.perf_counter()
+        status, streaming = 500, False
+        try:
+            req = protocol.parse(model_cls, await request.body())
+            gen = convert(req, self.cfg)
+            streaming = gen.stream
+            stream = self.decoder.options(stream=True).generate.remote(gen)
+            first = await self._first_event(stream)
+            if gen.stream:
+                status = 200
+                return StreamingResponse(self._sse(gen, req, stream, t0, route), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            body = await self._collect(gen, stream)
+            status = 200
+            return JSONResponse(body)
+        except APIError as err:
+            status = err.status
+            return _error_response(err)
+        except asyncio.CancelledError:
+            status = 499                # client closed the request
+            raise
+        except Exception:
+            log.exception("request on %s failed", route)
+            return _error_response(internal())
+        finally:
+            if status != 200 or not streaming:     # a stream records itself when it ends
+                self.metrics.request(route, status, time.perf_counter() - t0)
+
+    async def _first_event(self, stream) -> dict:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        ing = self.cfg.ingress
+        try:
+            first = await stream.__anext__()
+        except BackPressureError:
+            raise overloaded(ing.overload_status, ing.retry_after_s) from None
+        except DeploymentUnavailableError:
+            raise APIError(503, "the decoder is unavailable", "server_error", None, "unavailable",
+                           ing.retry_after_s) from None
+        except StopAsyncIteration:
+            raise internal("the decoder ended the request without an answer") from None
+        if first["type"] == "error":
+            raise APIError.from_dict(first["error"])
+        return first
+
+    async def _collect(self, gen, stream) -> dict:
+        try:
+            async for event in stream:
+                if event["type"] == "done":
+                    return full_body(gen, self.cfg.model.name, event, event["text"])
+                if event["type"] == "error":
+                    raise APIError.from_dict(event["error"])
+        except asyncio.CancelledError:
+            stream.cancel()             # the client went away: stop the generation
+            raise
+        raise internal("the decoder ended the request without an answer")
+
+    async def _sse(self, gen, req, stream, t0, route):
+        name = self.cfg.model.name
+        usage_wanted = protocol.include_usage(req)
+        ids = gen.return_token_ids
+        first_token = False
+        status = 200
+        try:
+            if gen.kind == "chat":
+                yield sse(chunk(gen, name, text="", role=True))
+            async for event in stream:
+                kind = event["type"]
+                if kind == "delta":
+                    if event["text"] and not first_token:
+                        first_token = True
+                        self.metrics.first_token(route, time.perf_counter() - t0)
+                    if event["text"] or ids:
+                        yield sse(chunk(gen, name, text=event["text"], token_ids=event["token_ids"] if ids else None))
+                elif kind == "done":
+                    if event["text"]:
+                        yield sse(chunk(gen, name, text=event["text"], token_ids=[] if ids else None))
+                    stats = {"speculative": event["speculative"]}
+                    yield sse(chunk(gen, name, finish_reason=event["finish_reason"],
+                                    extra=None if usage_wanted else stats))
+                    if usage_wanted:
+                        yield sse(usage_chunk(gen, name, event["usage"], stats))
+                    break
+                elif kind == "error":
+                    status = event["error"]["status"]
+                    yield sse(APIError.from_dict(event["error"]).body())
+                    break
+            yield SSE_DONE
+        except BaseException:
+            status = 499                # disconnected (cancelled) mid-stream
+            stream.cancel()
+            raise
+        finally:
+            self.metrics.request(route, status, time.perf_counter() - t0)

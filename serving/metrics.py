@@ -1,0 +1,96 @@
+"""Prometheus metrics through Ray's metrics API (``ray.util.metrics``).
+
+Each node's metrics agent exports them (``ray_`` prefix) on its metrics export port, beside
+Serve's own; Grafana/Prometheus scrape them as usual. Names:
+
+ingress:  sense_requests_total{route, status}          requests by route and HTTP status
+          sense_request_latency_seconds{route}         end-to-end latency
+          sense_time_to_first_token_seconds{route}     streaming requests
+decoder:  sense_generated_tokens_total{method}         completion tokens
+          sense_prompt_tokens_total{method}
+          sense_drafted_tokens_total{method}, sense_accepted_tokens_total{method}
+          sense_mat{method}                            mean accepted tokens per step, per request
+          sense_acceptance_rate{method}                accepted / drafted, per request
+          sense_decode_tokens_per_second{method}
+          sense_cancelled_requests_total{method}       client went away
+          sense_index_fallbacks_total{method}          shards unavailable: PLD drafting instead
+          sense_active_generations                     per replica
+shards:   sense_index_searches_total, sense_index_batch_size
+"""
+
+from __future__ import annotations
+
+_LATENCY = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+_MAT = [1.0, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 6, 8]
+_RATE = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+_TPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+_BATCH = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def _metrics():
+    from ray.util import metrics
+
+    return metrics
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        m = _metrics()
+        self.requests = m.Counter("sense_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
+        self.latency = m.Histogram("sense_request_latency_seconds", "request latency", boundaries=_LATENCY,
+                                   tag_keys=("route",))
+        self.ttft = m.Histogram("sense_time_to_first_token_seconds", "time to the first streamed token",
+                                boundaries=_LATENCY, tag_keys=("route",))
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(1, tags={"route": route, "status": str(status)})
+        self.latency.observe(seconds, tags={"route": route})
+
+    def first_token(self, route: str, seconds: float) -> None:
+        self.ttft.observe(seconds, tags={"route": route})
+
+
+class DecoderMetrics:
+    def __init__(self) -> None:
+        m = _metrics()
+        tags = ("method",)
+        self.generated = m.Counter("sense_generated_tokens", "completion tokens", tag_keys=tags)
+        self.prompt = m.Counter("sense_prompt_tokens", "prompt tokens", tag_keys=tags)
+        self.drafted = m.Counter("sense_drafted_tokens", "draft tokens sent to verification", tag_keys=tags)
+        self.accepted = m.Counter("sense_accepted_tokens", "draft tokens accepted", tag_keys=tags)
+        self.mat = m.Histogram("sense_mat", "mean accepted tokens per verification step", boundaries=_MAT,
+                               tag_keys=tags)
+        self.acceptance = m.Histogram("sense_acceptance_rate", "accepted / drafted tokens", boundaries=_RATE,
+                                      tag_keys=tags)
+        self.tps = m.Histogram("sense_decode_tokens_per_second", "decode speed per request", boundaries=_TPS,
+                               tag_keys=tags)
+        self.cancelled = m.Counter("sense_cancelled_requests", "generations stopped by a disconnect", tag_keys=tags)
+        self.fallbacks = m.Counter("sense_index_fallbacks", "requests that fell back to PLD drafting",
+                                   tag_keys=tags)
+        self.active = m.Gauge("sense_active_generations", "generations running in this replica")
+
+    def finished(self, method: str, stats, fallback: bool) -> None:
+        t = {"method": method}
+        self.generated.inc(stats.new_tokens, tags=t)
+        self.prompt.inc(stats.prompt_tokens, tags=t)
+        if stats.drafted:
+            self.drafted.inc(stats.drafted, tags=t)
+        if stats.accepted:
+            self.accepted.inc(stats.accepted, tags=t)
+        if stats.steps:
+            self.mat.observe(stats.mat, tags=t)
+        if stats.drafted:
+            self.acceptance.observe(stats.acceptance_rate, tags=t)
+        if stats.tokens_per_s > 0:
+            self.tps.observe(stats.tokens_per_s, tags=t)
+        if stats.finish_reason == "cancelled":
+            self.cancelled.inc(1, tags=t)
+        if fallback:
+            self.fallbacks.inc(1, tags=t)
+
+
+class ShardMetrics:
+    def __init__(self) -> None:
+        m = _metrics()
+        self.searches = m.Counter("sense_index_searches", "dense searches served by this shard")
+        self.batch = m.Histogram("sense_index_batch_size", "searches per batched FAISS call", boundaries=_BATCH)

@@ -1,0 +1,109 @@
+"""Start the server locally and print its URL: ``python -m serving.run``.
+
+    python -m serving.run                                   # embedded default on 127.0.0.1:8000
+    python -m serving.run --port 8080 --set shards.num_shards=2 --set speculative.method=pld
+    python -m serving.run --config args.yaml                # an args mapping, or a Serve config file
+    python -m serving.run --address auto                    # onto a running cluster (ray start --head)
+
+Ctrl-C stops it (and the local Ray instance it started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+
+
+def load_args(path: str | None, sets: list[str]) -> dict:
+    """App args from a YAML/JSON file (an args mapping, or a Serve config whose application imports
+    serving.app:build_app) plus dotted ``key=value`` overrides."""
+    import yaml
+
+    from serving.app import _dotted
+
+    args: dict = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if "applications" in raw:
+            apps = [a for a in raw["applications"] if a.get("import_path") == "serving.app:build_app"]
+            if not apps:
+                raise SystemExit(f"{path}: no application with import_path serving.app:build_app")
+            raw = apps[0].get("args") or {}
+        args = raw
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        _merge(args, _dotted({key: value}))
+    return args
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def wait_ready(url: str, timeout_s: float) -> dict:
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=10) as r:
+                return json.loads(r.read())
+        except Exception as exc:
+            last = exc
+            time.sleep(1.0)
+    raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f} s ({last})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", help="YAML/JSON file: the app args, or a Serve config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one arg, dotted (e.g. decoder.max_ongoing_requests=8)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--name", default="sense", help="Serve application name")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the app to be ready")
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.config import ServingConfig
+
+    app_args = load_args(args.config, args.set)
+    ServingConfig.from_args(app_args)                 # fail fast on a bad configuration
+    ray.init(address=args.address, logging_level="WARNING")
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print("starting the application (a first start builds the default datastores: minutes) ...", file=sys.stderr)
+    serve.run(build_app(app_args), name=args.name, route_prefix="/", blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    health = wait_ready(url, args.timeout)
+    print(f"SENSE on Ray is serving {health.get('model')} at {url}/v1 (status {health.get('status')})")
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is 17 * 23?\"}}], \"max_tokens\": 64}}'")
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""The Ray Serve application end to end: real HTTP against a real local 2-node Ray cluster, the
+embedded model, small datastores, two index shards.
+
+One application (deployed declaratively through the dashboard's REST API, exactly as
+`serve deploy` would, with `import_path: serving.app:build_app`) serves every test of this
+module; tests that disturb it (autoscaling, hot swap, shard loss) run last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+APP = "sense"
+MODEL = "sense-test"
+DENSE_DOCS = 8                  # GSM8K train pairs in the test dense store (built once, cached)
+QUESTIONS = [                   # the first GSM8K train questions: their answers are in the dense store
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+    "How much did she earn?",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- datastores --------------------------------------------------------------------------------
+
+
+def _dense_store_dir(target) -> Path:
+    """A small dense datastore over the first GSM8K train pairs, built once into the cache."""
+    from filelock import FileLock
+
+    from decoding.model_loader import cache_root
+    from index.defaults import gsm8k_documents
+    from index.dense_build import build_dense_datastore
+    from index.dense_format import MANIFEST
+
+    path = cache_root() / "datastores" / f"serving-test-dense{DENSE_DOCS}-v{target.vocab_size}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / MANIFEST).is_file():
+            build_dense_datastore(target, gsm8k_documents(target, DENSE_DOCS), path, dim=32, value_len=8)
+    return path
+
+
+def _sparse_dir(target, path: Path, start: int, n: int) -> Path:
+    from index.corpus import gsm8k, gsm8k_answer_text
+    from index.sparse import SparseIndex
+
+    docs = [target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] for r in gsm8k("train")[start:start + n]]
+    SparseIndex.build(docs).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(target, tmp_path_factory):
+    """Directories and in-process copies of the stores the server uses."""
+    from decoding.methods import Datastores
+    from index.dense_format import model_fingerprint
+    from index.dense_store import DenseStore
+    from index.sparse import SparseIndex
+
+    tmp = tmp_path_factory.mktemp("serving")
+    dense = _dense_store_dir(target)
+    sparse = _sparse_dir(target, tmp / "sparse1", 0, 400)
+    sparse2 = _sparse_dir(target, tmp / "sparse2", 400, 200)
+    local = Datastores(sparse=SparseIndex.load(sparse), dense=DenseStore.load(dense, expect=model_fingerprint(target)))
+    return {"dense": str(dense), "sparse": str(sparse), "sparse2": str(sparse2), "local": local}
+
+
+# -- the application ---------------------------------------------------------------------------
+
+
+def app_args(stores) -> dict:
+    return {
+        "model": {"name": MODEL, "torch_threads": 1},
+        "index": {"version": "v1", "dense": stores["dense"], "sparse": stores["sparse"]},
+        "speculative": {"method": "sense", "budget": 8},
+        "sampling": {"temperature": 0.0},
+        "decoder": {"max_ongoing_requests": 2, "max_queued_requests": 4, "ray_actor_options": {"num_cpus": 1},
+                    "graceful_shutdown_timeout_s": 20,
+                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                           "upscale_delay_s": 1, "downscale_delay_s": 4,
+                                           "metrics_interval_s": 0.5, "look_back_period_s": 2}},
+        "shards": {"num_shards": 2, "ray_actor_options": {"num_cpus": 0.25}, "search_timeout_s": 1.0,
+                   "cooldown_s": 2.0},
+        "ingress": {"ray_actor_options": {"num_cpus": 0.25}, "overload_status": 503, "retry_after_s": 2},
+    }
+
+
+def serve_config(port: int, args: dict, deployments: list | None = None) -> dict:
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    if os.environ.get("SENSE_CACHE_DIR"):
+        env["SENSE_CACHE_DIR"] = os.environ["SENSE_CACHE_DIR"]
+    app = {"name": APP, "route_prefix": "/", "import_path": "serving.app:build_app",
+           "runtime_env": {"env_vars": env}, "args": args}
+    if deployments:
+        app["deployments"] = deployments
+    return {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
+
+
+class Server:
+    def __init__(self, url, client, port, args) -> None:
+        self.url, self.client, self.port, self.args = url, client, port, args
+
+    def post(self, path: str, body, **kw) -> requests.Response:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return requests.post(self.url + path, data=data, headers={"Content-Type": "application/json"},
+                             timeout=kw.pop("timeout", 120), **kw)
+
+
+def app_status():
+    from ray import serve
+
+    return serve.status().applications.get(APP)
+
+
+def running_replicas(deployment: str) -> int:
+    st = app_status()
+    return st.deployments[deployment].replica_states.get("RUNNING", 0) if st else 0
+
+
+def wait_for(cond, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_app_running(url: str, timeout: float = 300) -> None:
+    def ready():
+        st = app_status()
+        if st is not None and st.status == "DEPLOY_FAILED":
+            raise AssertionError(f"deployment failed: {st.message}")
+        if st is None or st.status != "RUNNING":
+            return False
+        try:
+            h = requests.get(url + "/health", timeout=10).json()
+        except Exception:
+            return False
+        return h.get("status") == "ok" and h["decoder"]["index"]["dense"]
+
+    wait_for(ready, timeout, "the application to run with its index")
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, stores):
+    from ray import serve
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    client = ServeSubmissionClient(ray_cluster.dashboard_url)
+    port = client.get_serve_details()["http_options"]["port"]   # the running Serve's, if one existed
+    args = app_args(stores)
+    client.deploy_applications(serve_config(port, args))
+    url = f"http://127.0.0.1:{port}"
+    wait_app_running(url)
+    yield Server(url, client, port, args)
+    serve.delete(APP)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def engine(target, stores, kind: str, text: str, *, method: str, max_tokens: int, stop=(), budget: int = 8):
+    from decoding.config import SamplingParams
+    from decoding.engine import encode_prompt, generate
+    from decoding.methods import make_drafter
+
+    ids = encode_prompt(target, text, chat=kind == "chat")
+    return generate(target, ids, params=SamplingParams(max_new_tokens=max_tokens, stop=tuple(stop)),
+                    drafter=make_drafter(method, stores["local"]), budget=budget)
+
+
+def body_for(kind: str, text: str, **kw) -> dict:
+    body = {"messages": [{"role": "user", "content": text}]} if kind == "chat" else {"prompt": text}
+    spec = {"return_token_ids": True}
+    for key in ("method", "budget", "verification", "soft"):
+        if key in kw:
+            spec[key] = kw.pop(key)
+    body.update(kw, speculative=spec)
+    return body
+
+
+def sse_events(resp: requests.Response) -> list[dict]:
+    out = []
+    for line in resp.iter_lines():
+        if not line:
+            continue
+        assert line.startswith(b"data: "), line
+        data = line[len(b"data: "):]
+        if data == b"[DONE]":
+            out.append("[DONE]")
+            break
+        out.append(json.loads(data))
+    return out
+
+
+def stream_text(events: list, kind: str) -> tuple[str, list[int]]:
+    text, ids = "", []
+    for e in events:
+        if e == "[DONE]" or not e.get("choices"):
+            continue
+        c = e["choices"][0]
+        text += (c["delta"].get("content") or "") if kind == "chat" else c["text"]
+        ids += c.get("token_ids") or []
+    return text, ids
+
+
+def decoder_infos(rounds: int = 8) -> dict:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Decoder", APP)
+    infos = {}
+    for _ in range(rounds):
+        info = handle.info.remote().result(timeout_s=30)
+        infos[info["replica"]] = info
+    return infos
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+def test_health_and_models(server):
+    h = requests.get(server.url + "/health", timeout=30).json()
+    assert h["status"] == "ok" and h["model"] == MODEL
+    assert h["decoder"]["index"]["mode"] == "sharded" and h["decoder"]["shards"]["shards"] == 2
+    m = requests.get(server.url + "/v1/models", timeout=30).json()
+    assert m["object"] == "list" and [d["id"] for d in m["data"]] == [MODEL]
+
+
+CASES = [("chat", QUESTIONS[0], "sense", ()), ("chat", QUESTIONS[1], "pld", ()),
+         ("completion", "The capital of France is", "ar", ()), ("chat", QUESTIONS[0], "rest", (".",))]
+
+
+@pytest.mark.parametrize("kind,text,method,stop", CASES)
+def test_strict_mode_matches_the_engine(server, target, stores, kind, text, method, stop):
+    want = engine(target, stores, kind, text, method=method, max_tokens=24, stop=stop)
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    body = body_for(kind, text, method=method, budget=8, max_tokens=24, stop=list(stop) or None)
+
+    r = server.post(path, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    choice = out["choices"][0]
+    assert choice["token_ids"] == want.token_ids
+    assert (choice["message"]["content"] if kind == "chat" else choice["text"]) == want.text
+    assert choice["finish_reason"] == want.finish_reason
+    spec = out["speculative"]
+    assert spec["method"] == method and spec["verification"] == "strict" and spec["fallback"] is None
+    assert spec["steps"] == want.stats.steps and spec["accepted_tokens"] == want.stats.accepted
+    assert spec["mat"] == pytest.approx(want.stats.mat, abs=1e-3)
+    assert out["usage"]["completion_tokens"] == len(want.token_ids)
+    if method == "sense":
+        assert spec["index"]["mode"] == "sharded" and spec["index"]["searches"] > 0
+        assert spec["index"]["partial_searches"] == 0
+
+    r = server.post(path, {**body, "stream": True}, stream=True)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    text_out, ids = stream_text(events, kind)
+    assert ids == want.token_ids and text_out == want.text
+    last = events[-2]
+    assert last["choices"][0]["finish_reason"] == want.finish_reason
+    assert last["speculative"]["steps"] == want.stats.steps
+    assert all("speculative" not in e for e in events[:-2])
+
+
+def test_openai_client(server, target, stores):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    want = engine(target, stores, "chat", QUESTIONS[1], method="pld", max_tokens=16)
+    extra = {"speculative": {"method": "pld", "budget": 8}}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                       max_tokens=16, temperature=0, extra_body=extra)
+    assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
+    assert r.model_extra["speculative"]["steps"] == want.stats.steps
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTIONS[1]}], max_tokens=16, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body=extra))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+    assert chunks[-1].model_extra["speculative"]["mat"] == pytest.approx(want.stats.mat, abs=1e-3)
+
+    want = engine(target, stores, "completion", "The capital of France is", method="ar", max_tokens=8)
+    c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
+                                  extra_body={"speculative": {"method": "ar"}})
+    assert c.choices[0].text == want.text
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"speculative": {"method": "magic"}})
+    assert err.value.status_code == 400 and err.value.param == "speculative.method"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+
+
+def _assert_error(r: requests.Response, status: int, param=..., code=...):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not ...:
+        assert err["param"] == param, err
+    if code is not ...:
+        assert err["code"] == code, err
+    return err
+
+
+def test_errors_are_openai_style(server, target):
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = "/v1/chat/completions"
+    _assert_error(server.post(chat, b'{"messages": [ bad json'), 400, None, "invalid_json")
+    _assert_error(server.post(chat, b"[1, 2, 3]"), 400, None)
+    _assert_error(server.post(chat, b""), 400, None, "invalid_json")
+    _assert_error(server.post(chat, {"messages": msgs, "frobnicate": True}), 400, "frobnicate", "unknown_parameter")
+    _assert_error(server.post(chat, {"messages": msgs, "speculative": {"method": "magic"}}), 400, "speculative.method")
+    _assert_error(server.post(chat, {"messages": msgs, "speculative": {"verification": "maybe"}}), 400,
+                  "speculative.verification")
+    _assert_error(server.post(chat, {"messages": msgs, "temperature": -1}), 400, "temperature")
+    _assert_error(server.post(chat, {"messages": msgs, "top_p": 1.5}), 400, "top_p")
+    _assert_error(server.post(chat, {"messages": msgs, "max_tokens": 0}), 400, "max_tokens")
+    _assert_error(server.post(chat, {"messages": msgs, "speculative": {"budget": 100000}}), 400,
+                  "speculative.budget")
+    _assert_error(server.post(chat, {"messages": msgs, "n": 3}), 400, "n")
+    _assert_error(server.post(chat, {"messages": msgs, "stream": True, "temperature": 9}), 400, "temperature")
+    _assert_error(server.post(chat, {"messages": msgs, "model": "gpt-9"}), 404, "model", "model_not_found")
+    # A prompt longer than the context window, as token ids and as chat text; streamed too.
+    too_long = [1] * target.context_window
+    _assert_error(server.post("/v1/completions", {"prompt": too_long}), 400, "prompt", "context_length_exceeded")
+    long_chat = {"messages": [{"role": "user", "content": "hello " * target.context_window}], "stream": True}
+    _assert_error(server.post(chat, long_chat), 400, "messages", "context_length_exceeded")
+    _assert_error(server.post("/v1/completions", {"prompt": [target.vocab_size + 5]}), 400, "prompt")
+    _assert_error(server.post(chat, {"messages": msgs, "speculative": {"method": "sense", "soft": {"lam": 0.5}}}),
+                  400, "speculative.soft")
+    # Unknown routes and methods.
+    _assert_error(requests.get(server.url + "/v1/nothing", timeout=30), 404, None, "not_found")
+    _assert_error(requests.get(server.url + "/v1/completions", timeout=30), 405)
+
+
+def test_soft_verification_reports_its_gates(server):
+    body = body_for("chat", QUESTIONS[0], method="sense", budget=8, max_tokens=24, verification="soft",
+                    soft={"theta": 0.1, "window": 2})
+    r = server.post("/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    spec = r.json()["speculative"]
+    assert spec["verification"] == "soft" and set(spec["soft_gates"]) >= {"mismatches", "window_pass"}
+
+
+def test_disconnect_cancels_the_generation(server):
+    body = body_for("chat", "Write a very long story about a dragon.", method="ar", max_tokens=400,
+                    ignore_eos=True, stream=True)
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith(b"data: "))
+        request_id = json.loads(first[len(b"data: "):])["id"]
+        for _ in range(4):                      # a few tokens arrive, then the client goes away
+            next(lines)
+    t0 = time.time()
+
+    def cancelled():
+        for info in decoder_infos(4).values():
+            last = info.get("last_cancelled")
+            if last and last["request_id"] == request_id:
+                return last
+        return None
+
+    last = wait_for(cancelled, 30, "the decoder to cancel the generation")
+    assert last["tokens"] < 400
+    assert time.time() - t0 < 30
+
+
+def test_overload_is_503_with_retry_after(server):
+    body = body_for("completion", "Tell me a story.", method="ar", max_tokens=16, ignore_eos=True)
+    results: list[requests.Response] = []
+    lock = threading.Lock()
+
+    def call():
+        r = server.post("/v1/completions", body)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=call) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    codes = sorted(r.status_code for r in results)
+    assert len(results) == 16 and set(codes) <= {200, 503}, codes
+    rejected = [r for r in results if r.status_code == 503]
+    assert rejected, "16 concurrent requests against 2 slots and a queue of 4 should overflow"
+    for r in rejected:
+        _assert_error(r, 503, None, "overloaded")
+        assert r.headers["Retry-After"] == "2"
+    for r in results:
+        if r.status_code == 200:
+            assert r.json()["usage"]["completion_tokens"] == 16
+
+
+def test_autoscaling_up_and_down(server):
+    wait_for(lambda: running_replicas("Decoder") == 1, 90, "the decoder to be back at 1 replica")
+    stop = threading.Event()
+    errors: list = []
+
+    def load():
+        body = body_for("completion", "Tell me a story about a cat.", method="ar", max_tokens=12, ignore_eos=True)
+        while not stop.is_set():
+            r = server.post("/v1/completions", body)
+            if r.status_code not in (200, 503):
+                errors.append(r.text)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        wait_for(lambda: running_replicas("Decoder") == 2, 150, "the decoder to scale up to 2 replicas")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(120)
+    assert not errors, errors[:3]
+    wait_for(lambda: running_replicas("Decoder") == 1, 120, "the decoder to scale back down to 1 replica")
+
+
+def test_index_hot_swap_keeps_requests_in_flight(server, target, stores):
+    new_index = {**server.args["index"], "version": "v2", "sparse": stores["sparse2"]}
+    want = engine(target, stores, "chat", QUESTIONS[0], method="sense", max_tokens=48)
+    body = body_for("chat", QUESTIONS[0], method="sense", budget=8, max_tokens=48, stream=True)
+    events: list = []
+    started = threading.Event()
+
+    def run():
+        with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=180) as r:
+            for e in sse_events(r):
+                events.append(e)
+                started.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert started.wait(60)
+    user_config = {"index": new_index}
+    deployments = [{"name": "Decoder", "user_config": user_config}] + \
+        [{"name": f"IndexShard{j}", "user_config": user_config} for j in range(2)]
+    server.client.deploy_applications(serve_config(server.port, server.args, deployments))
+    t.join(180)
+    text, ids = stream_text(events, "chat")
+    assert events[-1] == "[DONE]" and ids == want.token_ids and text == want.text
+    first = events[-2]["speculative"]
+    assert first["index"]["version"] == "v1" and first["fallback"] is None
+
+    def on_v2():
+        r = server.post("/v1/chat/completions", body_for("chat", QUESTIONS[1], method="sense", max_tokens=8))
+        assert r.status_code == 200, r.text
+        spec = r.json()["speculative"]
+        return spec if spec["index"]["version"] == "v2" else None
+
+    spec = wait_for(on_v2, 120, "requests to use index version v2", every=1.0)
+    assert spec["fallback"] is None and spec["index"]["searches"] > 0
+    # Reconfigured in place: the replica that served the in-flight request is still there, on v2.
+    infos = wait_for(lambda: (lambda i: i if first["replica"] in i and
+                              i[first["replica"]]["index"]["version"] == "v2" else None)(decoder_infos()),
+                     60, "the same decoder replica to report v2")
+    assert infos[first["replica"]]["index"]["version"] == "v2"
+    wait_app_running(server.url)
+
+
+def _kill_shard_replicas() -> int:
+    import ray
+
+    killed = 0
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "IndexShard" in actor["name"]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            killed += 1
+    return killed
+
+
+def test_shard_loss_falls_back_and_answers_correctly(server, target, stores):
+    want = engine(target, stores, "chat", QUESTIONS[0], method="sense", max_tokens=48)
+    body = body_for("chat", QUESTIONS[0], method="sense", budget=8, max_tokens=48, stream=True)
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=180) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith(b"data: "))
+        assert _kill_shard_replicas() == 2
+        rest = [first] + list(lines)
+    events = [json.loads(x[6:]) if x[6:] != b"[DONE]" else "[DONE]" for x in rest if x.startswith(b"data: ")]
+    text, ids = stream_text(events, "chat")
+    assert events[-1] == "[DONE]" and ids == want.token_ids and text == want.text
+    spec = events[-2]["speculative"]
+    assert spec["fallback"] is not None and spec["fallback"]["method"] == "pld", spec
+    assert "unavailable" in spec["fallback"]["reason"]
+
+    # While the shards come back, requests keep completing correctly (falling back if needed).
+    want = engine(target, stores, "chat", QUESTIONS[1], method="sense", max_tokens=16)
+    r = server.post("/v1/chat/completions", body_for("chat", QUESTIONS[1], method="sense", budget=8, max_tokens=16))
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == want.token_ids
+    wait_app_running(server.url, 180)          # Serve replaced the dead replicas
+
+
+def test_prometheus_metrics(server):
+    import ray
+
+    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+
+    def scrape():
+        text = ""
+        for p in ports:
+            try:
+                text += requests.get(f"http://127.0.0.1:{p}/metrics", timeout=10).text
+            except requests.RequestException:
+                pass
+        needed = ("sense_requests_total", "sense_request_latency_seconds", "sense_generated_tokens_total",
+                  "sense_mat_bucket", "sense_acceptance_rate_bucket")
+        return text if all(n in text for n in needed) else None
+
+    text = wait_for(scrape, 90, "the sense_* metrics on the nodes' Prometheus endpoints", every=2)
+    assert 'method="sense"' in text and 'route="/v1/chat/completions"' in text

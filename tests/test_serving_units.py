@@ -1,0 +1,222 @@
+"""Serving building blocks without Ray: the engine's streaming/cancel hooks, incremental text,
+request validation, configuration, shard slicing and top-k merging."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from decoding.config import SamplingParams
+from decoding.drafters import PromptLookupDrafter
+from decoding.engine import encode_prompt, generate
+from serving.config import ServingConfig
+from serving.errors import APIError
+from serving.text import TextStream
+
+# -- engine hooks ------------------------------------------------------------------------------
+
+
+def test_on_tokens_concatenate_to_the_output(target):
+    ids = encode_prompt(target, "Repeat exactly: the cat sat on the mat. the cat sat on the mat.")
+    seen: list[list[int]] = []
+    p = SamplingParams(max_new_tokens=24)
+    r = generate(target, ids, params=p, drafter=PromptLookupDrafter(), on_tokens=seen.append)
+    plain = generate(target, ids, params=p, drafter=PromptLookupDrafter())
+    assert [t for chunk in seen for t in chunk] == r.token_ids == plain.token_ids
+    assert len(seen) == r.stats.steps + 1 and all(seen)      # the prefill's token, then one call per step
+
+
+def test_on_tokens_respect_stop_strings(target):
+    ids = encode_prompt(target, "Count from 1 to 20, separated by commas.")
+    seen: list[int] = []
+    r = generate(target, ids, params=SamplingParams(max_new_tokens=40, stop=("5",)), on_tokens=seen.extend)
+    assert seen == r.token_ids and r.finish_reason == "stop" and "5" not in r.text
+
+
+def test_should_stop_cancels(target):
+    ids = encode_prompt(target, "Write a long story about a dragon.")
+    full = generate(target, ids, params=SamplingParams(max_new_tokens=30))
+    calls = []
+
+    def stop_after_three():
+        calls.append(1)
+        return len(calls) > 3                      # prefill check + 2 steps pass, then stop
+
+    r = generate(target, ids, params=SamplingParams(max_new_tokens=30), should_stop=stop_after_three)
+    assert r.finish_reason == "cancelled" and r.stats.steps == 2
+    assert r.token_ids == full.token_ids[: len(r.token_ids)] and 0 < len(r.token_ids) < 30
+    first = generate(target, ids, params=SamplingParams(max_new_tokens=30), should_stop=lambda: True)
+    assert first.token_ids == [] and first.finish_reason == "cancelled"
+
+
+# -- incremental text --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt,stop", [
+    ("Count from 1 to 20, separated by commas.", ("5",)),
+    ("Count from 1 to 20, separated by commas.", (", 1", "9,")),
+    ("Reply with three emoji about the sea and nothing else.", ()),
+    ("Say hello in Japanese, Chinese and Russian.", ("!",)),
+])
+def test_stream_text_equals_final_text(target, prompt, stop):
+    ids = encode_prompt(target, prompt)
+    stream = TextStream(target.tokenizer, stop)
+    deltas: list[str] = []
+    r = generate(target, ids, params=SamplingParams(max_new_tokens=32, stop=stop), drafter=PromptLookupDrafter(),
+                 on_tokens=lambda new: deltas.append(stream.push(new)))
+    deltas.append(stream.finish(r.text))
+    assert "".join(deltas) == r.text
+    assert "\ufffd" not in "".join(deltas[:-1]) or "\ufffd" in r.text
+
+
+def test_stream_text_holds_back_a_possible_stop_string():
+    class Chars:                                   # a tokenizer whose tokens are characters
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    s = TextStream(Chars(), ("STOP",))
+    assert s.push([ord(c) for c in "abc S"]) == "abc "        # "S" may start "STOP"
+    assert s.push([ord("T")]) == ""
+    assert s.push([ord("x")]) == "STx"                        # it did not
+    assert s.push([ord(c) for c in "yzSTOPtail"]) == "yz"     # cut at the stop string
+    assert s.finish("abc STxyz") == ""
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+def _err(fn) -> APIError:
+    with pytest.raises(APIError) as info:
+        fn()
+    return info.value
+
+
+def test_request_validation_names_the_parameter():
+    from serving import protocol as p
+
+    cfg = ServingConfig()
+
+    def chat(body: dict):
+        return p.chat_request(p.parse(p.ChatRequest, json.dumps(body).encode()), cfg)
+
+    msgs = [{"role": "user", "content": "hi"}]
+    ok = chat({"messages": msgs, "max_tokens": 5, "temperature": 0, "speculative": {"method": "pld", "budget": 8}})
+    assert ok.method == "pld" and ok.budget == 8 and ok.params.max_new_tokens == 5 and ok.params.greedy
+    cases = [
+        (b"{not json", None, "invalid_json"),
+        (b"[1, 2]", None, None),
+        (json.dumps({"messages": msgs, "bogus": 1}).encode(), "bogus", "unknown_parameter"),
+        (json.dumps({"messages": msgs, "temperature": 7}).encode(), "temperature", None),
+        (json.dumps({"messages": msgs, "max_tokens": 0}).encode(), "max_tokens", None),
+        (json.dumps({"messages": msgs, "max_tokens": "5"}).encode(), "max_tokens", None),
+        (json.dumps({"messages": msgs, "top_p": 0}).encode(), "top_p", None),
+        (json.dumps({"messages": msgs, "n": 2}).encode(), "n", "unsupported_value"),
+        (json.dumps({"messages": msgs, "speculative": {"method": "magic"}}).encode(), "speculative.method", None),
+        (json.dumps({"messages": msgs, "speculative": {"budget": 0}}).encode(), "speculative.budget", None),
+        (json.dumps({"messages": msgs, "speculative": {"verification": "soft", "soft": {"lam": 3}}}).encode(),
+         "speculative.soft.lam", None),
+        (json.dumps({"messages": []}).encode(), "messages", None),
+        (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), "messages.0.role", None),
+        (json.dumps({"messages": msgs, "stop": ["a", "b", "c", "d", "e"]}).encode(), "stop", None),
+    ]
+    for raw, param, code in cases:
+        e = _err(lambda: p.chat_request(p.parse(p.ChatRequest, raw), cfg))
+        assert e.status == 400 and e.type == "invalid_request_error", raw
+        assert e.param == param, (raw, e.param, e.message)
+        if code:
+            assert e.code == code, (raw, e.code)
+        assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+    e = _err(lambda: chat({"messages": msgs, "model": "gpt-9"}))
+    assert e.status == 404 and e.code == "model_not_found"
+
+
+def test_completion_prompt_forms():
+    from serving import protocol as p
+
+    cfg = ServingConfig()
+
+    def comp(body: dict):
+        return p.completion_request(p.parse(p.CompletionRequest, json.dumps(body).encode()), cfg)
+
+    assert comp({"prompt": "abc"}).prompt == "abc"
+    assert comp({"prompt": ["abc"]}).prompt == "abc"
+    assert comp({"prompt": [1, 2, 3]}).prompt_ids == [1, 2, 3]
+    assert comp({"prompt": "x"}).params.max_new_tokens == 16          # OpenAI's default
+    assert _err(lambda: comp({"prompt": ["a", "b"]})).param == "prompt"
+    assert _err(lambda: comp({"prompt": "a", "echo": True})).param == "echo"
+    assert _err(lambda: comp({"prompt": "a", "logprobs": 2})).param == "logprobs"
+    assert _err(lambda: comp({})).code == "missing_required_parameter"
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def test_config_is_typed_and_strict():
+    from pydantic import ValidationError
+
+    cfg = ServingConfig.from_args({"shards": {"num_shards": 2}, "index": {"dense": "/x", "version": "v7"}})
+    assert cfg.sharded and "index" not in cfg.static()
+    assert cfg.index.user_config()["index"]["version"] == "v7"
+    for bad in ({"nope": 1}, {"decoder": {"max_ongoing_requests": 0}},
+                {"decoder": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}},
+                {"speculative": {"method": "magic"}}, {"index": {"dense": "artifact"}},
+                {"ingress": {"overload_status": 500}}):
+        with pytest.raises(ValidationError):
+            ServingConfig.from_args(bad)
+    # Changing only the index keeps the deployments' constructor arguments identical.
+    a = ServingConfig.from_args({"index": {"version": "a"}})
+    b = ServingConfig.from_args({"index": {"version": "b", "dense": "/y"}})
+    assert a.static() == b.static() and a.index.key() != b.index.key()
+
+
+def test_build_app_reads_dotted_cli_args():
+    from serving.app import _dotted
+
+    assert _dotted({"shards.num_shards": "2", "index.dense": "null", "speculative.method": "pld"}) == {
+        "shards": {"num_shards": 2}, "index": {"dense": None}, "speculative": {"method": "pld"}}
+
+
+# -- shards and merging ------------------------------------------------------------------------
+
+
+def _toy_store(e=500, d=16, n=6, seed=0):
+    from index.dense_format import KeyTransform, Manifest, ModelFingerprint
+    from index.dense_store import DenseStore
+
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(e, d)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    values = rng.integers(0, 1000, size=(e, n)).astype(np.int32)
+    manifest = Manifest(fingerprint=ModelFingerprint("toy", "w", "t", -1), key_dim=d, value_len=n, eos_token_id=2,
+                        entries=e)
+    transform = KeyTransform(np.zeros(d, np.float32), np.ones(d, np.float32), np.eye(d, dtype=np.float32))
+    return DenseStore(manifest=manifest, transform=transform, keys=keys, values=values, first_token=values[:, 0])
+
+
+def test_shard_slices_merge_to_the_whole_store():
+    from serving.index_data import IndexMeta, ShardData, _RowRange, merge_hits
+
+    store = _toy_store()
+    q = np.random.default_rng(1).normal(size=(7, 16)).astype(np.float32)
+    want_sims, want_ids = store.search(q, 10)
+    meta = IndexMeta("k", "v", "toy", 16, 6, 2, len(store), store.transform)
+    for n_shards in (1, 2, 3):
+        bounds = [len(store) * j // n_shards for j in range(n_shards + 1)]
+        parts = [ShardData(meta, [_RowRange(store.keys[lo:hi], lo, None)], store.values, store.first_token)
+                 .search(q, 10) for lo, hi in zip(bounds, bounds[1:])]
+        merged = merge_hits(parts, 10)
+        assert np.array_equal(merged.ids, want_ids)
+        np.testing.assert_allclose(merged.sims, want_sims, rtol=1e-5)
+        assert np.array_equal(merged.values, store.values[want_ids])
+        assert np.array_equal(merged.first, store.first_token[want_ids])
+
+
+def test_merge_pads_missing_neighbours():
+    from serving.index_data import Hits, merge_hits
+
+    a = Hits(np.array([[0.9, -np.inf]], np.float32), np.array([[5, -1]]), np.array([[1, 0]], np.int32),
+             np.zeros((1, 2, 3), np.int32))
+    m = merge_hits([a, Hits.empty(1, 2, 3)], 3)
+    assert m.ids.tolist() == [[5, -1, -1]] and m.sims[0, 0] == np.float32(0.9)
