@@ -42,6 +42,7 @@ from index.dense_format import DatastoreError, Manifest
 
 TRANSFORM_DESCRIPTION = "z-score (sample mean/std) -> PCA to key_dim -> L2-normalise (index.dense_format.KeyTransform)"
 CALIBRATION_K = 10                     # recall@10 is what the build calibrates and records
+CALIBRATION_EXCLUDE = 256              # extra neighbours searched to drop the query's own document
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
 
@@ -199,43 +200,53 @@ def _check_keys(keys: np.ndarray, where: str) -> None:
 
 
 def sample_task(ds_uri: str, shards: list[dict], pieces: list[Piece], id_start: int, dim: int, rate: float,
-                seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A Bernoulli(rate) sample of one index shard's keys: (keys [s, d] float32, global ids [s])."""
+                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Bernoulli(rate) sample of one index shard's keys:
+    (keys [s, d] float32, global ids [s] int64, doc ids [s] int64)."""
     rng = np.random.default_rng(seed)
-    keys, ids, offset = [], [], id_start
+    keys, ids, docs, offset = [], [], [], id_start
     for p in pieces:
-        table = _read_columns(ds_uri, shards[p.file], ["key"], verify=False).slice(p.lo, p.hi - p.lo)
+        table = _read_columns(ds_uri, shards[p.file], ["key", "doc_id"], verify=False).slice(p.lo, p.hi - p.lo)
         pick = np.flatnonzero(rng.random(table.num_rows) < rate)
         keys.append(_fixed(table, "key", dim, np.float32)[pick])
         ids.append(pick + offset)
+        docs.append(table.column("doc_id").to_numpy()[pick])
         offset += p.hi - p.lo
-    return np.concatenate(keys), np.concatenate(ids).astype(np.int64)
+    return np.concatenate(keys), np.concatenate(ids).astype(np.int64), np.concatenate(docs).astype(np.int64)
 
 
 def add_task(ds_uri: str, shards: list[dict], pieces: list[Piece], id_start: int, dim: int, value_len: int,
-             trained: np.ndarray, queries: np.ndarray | None, k: int) -> dict:
+             trained: np.ndarray, queries: np.ndarray | None, query_docs: np.ndarray | None, k: int) -> dict:
     """Add one shard's keys (global ids id_start..) to a copy of the trained index.
 
     Returns {"index": serialized index (uint8), "values": [r, N] int32, "first_token": [r] int32,
-    "truth": (sims [q, k], ids [q, k]) exact over this shard, or None}."""
+    "doc_id": [r] int64, "truth": (sims [q, k], ids [q, k]) exact over this shard's entries of
+    OTHER documents than each query's (-1 padded), or None}."""
     t0 = time.time()
     cache: dict[int, object] = {}
-    keys, values, first = [], [], []
+    keys, values, first, docs = [], [], [], []
     for p in pieces:
         if p.file not in cache:
-            cache[p.file] = _read_columns(ds_uri, shards[p.file], ["key", "value", "first_token"], verify=True)
+            cache[p.file] = _read_columns(ds_uri, shards[p.file], ["key", "value", "first_token", "doc_id"],
+                                          verify=True)
         table = cache[p.file].slice(p.lo, p.hi - p.lo)
         keys.append(_fixed(table, "key", dim, np.float32))
         values.append(_fixed(table, "value", value_len, np.int32))
         first.append(table.column("first_token").to_numpy().astype(np.int32))
+        docs.append(table.column("doc_id").to_numpy().astype(np.int64))
     keys = np.ascontiguousarray(np.concatenate(keys))
     _check_keys(keys, f"{ds_uri} (ids {id_start}..)")
     ids = np.arange(id_start, id_start + len(keys), dtype=np.int64)
     index = faiss_ops.deserialize(trained)
     index.add_with_ids(keys, ids)
-    truth = faiss_ops.exact_topk(keys, ids, queries, k) if queries is not None and len(queries) else None
+    docs = np.concatenate(docs)
+    truth = None
+    if queries is not None and len(queries):
+        sims, found = faiss_ops.exact_topk(keys, ids, queries, k + CALIBRATION_EXCLUDE)
+        own = np.where(found >= 0, docs[np.maximum(found - id_start, 0)], -1) == np.asarray(query_docs)[:, None]
+        truth = other_documents(sims, found, own, k)
     return {"index": faiss_ops.serialize(index), "values": np.concatenate(values), "first_token": np.concatenate(first),
-            "truth": truth, "seconds": time.time() - t0}
+            "doc_id": docs, "truth": truth, "seconds": time.time() - t0}
 
 
 def sparse_task(ds_uri: str, shards: list[dict], token_shards: list[dict], part: int, parts: int,
@@ -302,22 +313,42 @@ def merge_dense(staging: Path, shard_files: list[str], *, exact: bool, trained: 
     return FileRef.of(staging, MERGED_INDEX_FILE), data
 
 
-def leave_one_out_recall(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int = 10) -> float:
-    """recall@k of `found` against `truth` ([q, >= k+1] ids each) after removing each query's
-    own id (the calibration queries are keys of the index itself)."""
-    def drop(rows):
-        return np.stack([np.concatenate([r[r != q], np.full(1, -1)])[:k] for r, q in zip(rows, query_ids)])
-    return faiss_ops.recall_at_k(drop(found), drop(truth), k)
+def other_documents(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k results per row that are not masked by `own` [q, m] (the query's own
+    document): (sims [q, k], ids [q, k]), padded with -inf / -1."""
+    out_s = np.full((len(ids), k), -np.inf, np.float32)
+    out_i = np.full((len(ids), k), -1, np.int64)
+    for r in range(len(ids)):
+        keep = np.flatnonzero(~own[r] & (ids[r] >= 0))[:k]
+        out_s[r, :len(keep)], out_i[r, :len(keep)] = sims[r, keep], ids[r, keep]
+    return out_s, out_i
 
 
-def calibrate_nprobe(search, set_nprobe, nlist: int, queries: np.ndarray, query_ids: np.ndarray,
-                     truth: np.ndarray, target: float, k: int = 10) -> tuple[int, float]:
-    """Smallest nprobe in 1, 2, 4, ..., nlist with leave-one-out recall@k >= target: (nprobe, recall)."""
+def cross_document_recall(found: np.ndarray, truth: np.ndarray, query_docs: np.ndarray, doc_of: np.ndarray,
+                          k: int = CALIBRATION_K) -> float:
+    """recall@k of an approximate search against exact search, both without the query's own
+    document: found [q, k + CALIBRATION_EXCLUDE] ids (approximate), truth [q, k] ids (exact, own
+    document already dropped, -1 padded), doc_of [E] the document of every id. The calibration
+    queries are keys of the index, but a decoding query comes from a text the datastore has not
+    seen: its neighbours are in other documents, usually farther away than a key's own neighbours."""
+    own = np.where(found >= 0, doc_of[np.maximum(found, 0)], -1) == np.asarray(query_docs)[:, None]
+    found = other_documents(np.zeros(found.shape, np.float32), found, own, k)[1]
+    hits = total = 0
+    for a, b in zip(found, truth):
+        b = b[b >= 0]
+        hits += len(set(a[a >= 0].tolist()) & set(b.tolist()))
+        total += len(b)
+    return hits / total if total else 1.0
+
+
+def calibrate_nprobe(search, set_nprobe, nlist: int, queries: np.ndarray, recall_of, target: float,
+                     k: int = CALIBRATION_K) -> tuple[int, float]:
+    """Smallest nprobe in 1, 2, 4, ..., nlist with recall_of(found ids) >= target: (nprobe, recall)."""
     candidates = sorted({min(nlist, 2 ** i) for i in range(int(math.log2(max(nlist, 1))) + 2)})
     recall = 0.0
     for nprobe in candidates:
         set_nprobe(nprobe)
-        recall = leave_one_out_recall(search(queries, k + 1)[1], truth, query_ids, k)
+        recall = recall_of(search(queries, k + CALIBRATION_EXCLUDE)[1])
         if recall >= target:
             return nprobe, recall
     return candidates[-1], recall
@@ -406,7 +437,7 @@ def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None =
         # 2. sample and train (IVF), pick calibration queries
         t = time.time()
         index = faiss_ops.make_index(factory, d)
-        queries = query_ids = None
+        queries = query_docs = None
         if not exact:
             want = faiss_ops.training_size(factory, e)
             n_cal = min(config.calibration_queries, max(1, e // 10))
@@ -414,10 +445,10 @@ def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None =
             got = ray.get([r_sample.remote(config.datastore, shards_ref, pieces, start, d, rate, config.seed + i)
                            for i, (start, pieces) in enumerate(plan)])
             sample = np.concatenate([g[0] for g in got])
-            sample_ids = np.concatenate([g[1] for g in got])
+            sample_docs = np.concatenate([g[2] for g in got])
             _check_keys(sample, config.datastore)
             order = np.random.default_rng(config.seed).permutation(len(sample))
-            queries, query_ids = sample[order[:n_cal]], sample_ids[order[:n_cal]]
+            queries, query_docs = sample[order[:n_cal]], sample_docs[order[:n_cal]]
             train = sample[order[n_cal:n_cal + want]] if len(sample) > n_cal + want // 2 else sample[order[:want]]
             say(f"sampled {len(sample):,} keys ({time.time() - t:.1f}s); training {factory} on {len(train):,}")
             faiss_ops.train_index(index, train, seed=config.seed, use_gpu=config.use_gpu)
@@ -425,14 +456,15 @@ def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None =
             seconds["train"] = time.time() - t
             say(f"trained {factory} ({seconds['train']:.1f}s)")
         trained_ref = ray.put(faiss_ops.serialize(index))
-        queries_ref = ray.put(queries)
+        queries_ref, query_docs_ref = ray.put(queries), ray.put(query_docs)
 
         # 3. add the shards in parallel; the driver streams their values into memory-mapped arrays
         t = time.time()
         values = open_memmap(staging / VALUES_FILE, mode="w+", dtype=np.int32, shape=(e, n_val))
         first = open_memmap(staging / FIRST_TOKEN_FILE, mode="w+", dtype=np.int32, shape=(e,))
+        doc_of = None if exact else open_memmap(staging / ".doc_id.npy", mode="w+", dtype=np.int64, shape=(e,))
         refs = {r_add.remote(config.datastore, shards_ref, pieces, start, d, n_val, trained_ref, queries_ref,
-                             CALIBRATION_K + 1): i
+                             query_docs_ref, CALIBRATION_K): i
                 for i, (start, pieces) in enumerate(plan)}
         truths: list = [None] * n_shards
         dense_files = []
@@ -445,6 +477,8 @@ def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None =
             rows = len(out["values"])
             values[start:start + rows] = out["values"]
             first[start:start + rows] = out["first_token"]
+            if doc_of is not None:
+                doc_of[start:start + rows] = out["doc_id"]
             path = staging / dense_shard_file(i)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(out["index"].tobytes())
@@ -511,19 +545,24 @@ def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None =
                 for s in opened:
                     s.nprobe = p
 
-            truth = faiss_ops.merge_topk([tr for tr in truths if tr is not None], CALIBRATION_K + 1)[1]
+            truth = faiss_ops.merge_topk([tr for tr in truths if tr is not None], CALIBRATION_K)[1]
+
+            def recall_of(found):
+                return cross_document_recall(found, truth, query_docs, doc_of)
+
             t = time.time()
             if config.nprobe is None:
                 manifest.nprobe, manifest.recall_at_10 = calibrate_nprobe(
-                    search, set_nprobe, nlist, queries, query_ids, truth, config.target_recall)
+                    search, set_nprobe, nlist, queries, recall_of, config.target_recall)
             else:
                 manifest.nprobe = min(config.nprobe, nlist)
                 set_nprobe(manifest.nprobe)
-                manifest.recall_at_10 = leave_one_out_recall(search(queries, CALIBRATION_K + 1)[1], truth, query_ids)
-            del opened
+                manifest.recall_at_10 = recall_of(search(queries, CALIBRATION_K + CALIBRATION_EXCLUDE)[1])
+            del opened, doc_of
+            (staging / ".doc_id.npy").unlink()
             seconds["calibrate"] = time.time() - t
             say(f"nprobe {manifest.nprobe}: recall@10 {manifest.recall_at_10:.3f} against exact search "
-                f"({len(queries)} leave-one-out queries)")
+                f"({len(queries)} queries, neighbours from other documents)")
         seconds["total"] = time.time() - t_start
         manifest.build = {"shards": n_shards, "sparse_shards": len(sparse), "target_recall": config.target_recall,
                           "seconds": {k: round(v, 2) for k, v in seconds.items()}, "make_current": config.make_current,
