@@ -305,7 +305,7 @@ class Decoder:
             if result.finish_reason == "cancelled":
                 self._count("cancelled", 1)
                 self.last_cancelled = {"request_id": req.request_id, "tokens": len(result.token_ids),
-                                       "max_tokens": req.params.max_new_tokens}
+                                       "max_tokens": req.params.max_new_tokens, "speculative": stats}
             else:
                 self._count("completed", 1)
             emit({"type": "done", "text": result.text if text is None else text.finish(result.text),

@@ -233,6 +233,17 @@ def load_shard_data(index: IndexConfig, shard_id: int, num_shards: int, load_tar
     return ShardData(_meta(index, src, store.manifest, store.transform, e), [part], store.values, store.first_token)
 
 
-def local_meta(index: IndexConfig, store) -> IndexMeta:
-    """Meta of a dense store held in the decoder (for status reports)."""
-    return _meta(index, str(index.source("dense")), store.manifest, store.transform, len(store))
+def prepare_defaults(index: IndexConfig, target) -> list[str]:
+    """Build the default GSM8K stores `index` uses into the local cache now (a first start of
+    the embedded default would otherwise build them inside the replicas). Returns their kinds."""
+    built = []
+    if index.source("sparse") == "default":
+        load_sparse(index, target)
+        built.append("sparse")
+    if index.source("dense") == "default":
+        from index.defaults import default_dense_store
+
+        with _cache_lock(f"dense{index.dense_default_docs}"):
+            default_dense_store(target, n_docs=index.dense_default_docs)
+        built.append("dense")
+    return built

@@ -103,19 +103,20 @@ class ShardClient:
         return merge_hits([p["hits"] for p in parts], k), skipped
 
     def describe(self, key: str, timeout_s: float) -> IndexMeta | None:
-        """Meta of version `key` from the first shard that holds it (None: none does yet)."""
+        """Meta of version `key` once every shard that answers holds it (None: not yet), so
+        that a new version is used only when no live shard lacks it. Shards that do not answer
+        are left out: Serve restarts them with the current version."""
         calls = [(j, h.describe.remote(key)) for j, h in enumerate(self.handles)]
         deadline = time.monotonic() + timeout_s
-        found = None
+        metas = []
         for j, resp in calls:
             try:
-                meta = resp.result(timeout_s=max(0.001, deadline - time.monotonic()))
+                metas.append(resp.result(timeout_s=max(0.001, deadline - time.monotonic())))
             except Exception as exc:
                 log.info("index shard %d did not describe %s: %s", j, key, type(exc).__name__)
-                continue
-            if meta is not None and found is None:
-                found = meta
-        return found
+        if not metas or any(m is None for m in metas):
+            return None
+        return metas[0]
 
 
 class RemoteDenseStore:

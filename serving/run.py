@@ -5,6 +5,8 @@
     python -m serving.run --config args.yaml                # an args mapping, or a Serve config file
     python -m serving.run --address auto                    # onto a running cluster (ray start --head)
 
+The default GSM8K datastores the configuration uses are built into the local cache first (once).
+
 Ctrl-C stops it (and the local Ray instance it started).
 """
 
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML/JSON file: the app args, or a Serve config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one arg, dotted (e.g. decoder.max_ongoing_requests=8)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--address", default="local",
+                   help="Ray cluster address: 'local' (default) starts a new local instance, 'auto' joins a running one")
     p.add_argument("--name", default="sense", help="Serve application name")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the app to be ready")
     args = p.parse_args(argv)
@@ -83,10 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     from serving.config import ServingConfig
 
     app_args = load_args(args.config, args.set)
-    ServingConfig.from_args(app_args)                 # fail fast on a bad configuration
+    cfg = ServingConfig.from_args(app_args)           # fail fast on a bad configuration
+    if "default" in (cfg.index.source("sparse"), cfg.index.source("dense")):
+        from decoding.target import TargetModel
+        from serving.index_data import prepare_defaults
+
+        print("preparing the default GSM8K datastores (built once into the cache; the dense one takes "
+              "minutes on a CPU) ...", file=sys.stderr)
+        prepare_defaults(cfg.index, TargetModel.load(cfg.model.path))
     ray.init(address=args.address, logging_level="WARNING")
     serve.start(http_options={"host": args.host, "port": args.port})
-    print("starting the application (a first start builds the default datastores: minutes) ...", file=sys.stderr)
+    print("starting the application ...", file=sys.stderr)
     serve.run(build_app(app_args), name=args.name, route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"
     health = wait_ready(url, args.timeout)

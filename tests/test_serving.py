@@ -83,6 +83,18 @@ def stores(target, tmp_path_factory):
     return {"dense": str(dense), "sparse": str(sparse), "sparse2": str(sparse2), "local": local}
 
 
+@pytest.fixture(scope="module")
+def artifact(ray_cluster, stores, tmp_path_factory):
+    """The test dense store published as an index artifact with 2 dense shards (not merged) and
+    its REST index, built by index.artifact_build on the test cluster."""
+    from index.artifact_build import BuildConfig, build_artifact
+
+    root = tmp_path_factory.mktemp("artifact") / "index"
+    build_artifact(BuildConfig(datastore=stores["dense"], output=str(root), shards=2, merge=False,
+                               calibration_queries=50), progress=None)
+    return str(root)
+
+
 # -- the application ---------------------------------------------------------------------------
 
 
@@ -393,6 +405,17 @@ def test_disconnect_cancels_the_generation(server):
     assert last["tokens"] < 400
     assert time.time() - t0 < 30
 
+    # Not streamed: the client stops waiting (its read timeout closes the connection).
+    body = body_for("completion", "Write a very long story about a dragon.", method="ar", max_tokens=397,
+                    ignore_eos=True)
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(server.url + "/v1/completions", json=body, timeout=(10, 4))
+
+    def cancelled_plain():
+        return any((i.get("last_cancelled") or {}).get("max_tokens") == 397 for i in decoder_infos(4).values())
+
+    wait_for(cancelled_plain, 30, "the decoder to cancel the non-streamed generation")
+
 
 def test_overload_is_503_with_retry_after(server):
     body = body_for("completion", "Tell me a story.", method="ar", max_tokens=16, ignore_eos=True)
@@ -446,45 +469,74 @@ def test_autoscaling_up_and_down(server):
     wait_for(lambda: running_replicas("Decoder") == 1, 120, "the decoder to scale back down to 1 replica")
 
 
-def test_index_hot_swap_keeps_requests_in_flight(server, target, stores):
-    new_index = {**server.args["index"], "version": "v2", "sparse": stores["sparse2"]}
-    want = engine(target, stores, "chat", QUESTIONS[0], method="sense", max_tokens=48)
-    body = body_for("chat", QUESTIONS[0], method="sense", budget=8, max_tokens=48, stream=True)
-    events: list = []
-    started = threading.Event()
+def test_artifact_sources_match_the_datastore(target, stores, artifact):
+    """The artifact loaded whole (decoder-held) and as two shards' parts (merged top-k) finds the
+    datastore's neighbours with their payload; its REST index is loaded too."""
+    import numpy as np
 
-    def run():
-        with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=180) as r:
-            for e in sse_events(r):
-                events.append(e)
-                started.set()
+    from serving.config import IndexConfig
+    from serving.index_data import load_dense, load_shard_data, load_sparse, merge_hits
 
-    t = threading.Thread(target=run)
-    t.start()
-    assert started.wait(60)
-    user_config = {"index": new_index}
-    deployments = [{"name": "Decoder", "user_config": user_config}] + \
-        [{"name": f"IndexShard{j}", "user_config": user_config} for j in range(2)]
-    server.client.deploy_applications(serve_config(server.port, server.args, deployments))
-    t.join(180)
+    index = IndexConfig(version="art", uri=artifact)
+    ds = stores["local"].dense
+    rng = np.random.default_rng(0)
+    q = ds.transform(rng.normal(size=(5, target.config.hidden_size)).astype(np.float32))
+    sims, ids = ds.search(q, 10)
+    whole = load_dense(index, target)
+    assert len(whole) == len(ds)
+    np.testing.assert_array_equal(whole.search(q, 10)[1], ids)
+    parts = [load_shard_data(index, j, 2) for j in range(2)]
+    assert [len(p.searchers) for p in parts] == [1, 1] and parts[0].meta.size == len(ds)
+    merged = merge_hits([p.search(q, 10) for p in parts], 10)
+    np.testing.assert_array_equal(merged.ids, ids)
+    np.testing.assert_allclose(merged.sims, sims, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(merged.values, ds.values[ids])
+    np.testing.assert_array_equal(merged.first, ds.first_token[ids])
+    assert load_sparse(index, target).n_tokens > 0
+
+
+def test_index_hot_swap_keeps_requests_in_flight(server, target, stores, artifact):
+    """A new index version (the artifact: dense shards and REST index) through the deployments'
+    user_config while a request streams: new requests move to v2, the request in flight goes on
+    (correct tokens, still on v1, no shard misses), and replicas are reconfigured in place."""
+    new_index = {"version": "v2", "uri": artifact, "dense": "auto", "sparse": "auto"}
+    body = body_for("chat", QUESTIONS[0], method="sense", budget=8, max_tokens=2000, ignore_eos=True, stream=True)
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=180) as r:
+        lines = (json.loads(x[6:]) for x in r.iter_lines() if x.startswith(b"data: "))
+        events = [next(lines)]
+        request_id = events[0]["id"]
+        user_config = {"index": new_index}
+        deployments = [{"name": "Decoder", "user_config": user_config}] + \
+            [{"name": f"IndexShard{j}", "user_config": user_config} for j in range(2)]
+        server.client.deploy_applications(serve_config(server.port, server.args, deployments))
+
+        def on_v2():
+            r2 = server.post("/v1/chat/completions", body_for("chat", QUESTIONS[1], method="sense", max_tokens=8))
+            assert r2.status_code == 200, r2.text
+            spec = r2.json()["speculative"]
+            return spec if spec["index"]["version"] == "v2" else None
+
+        spec = wait_for(on_v2, 120, "requests to use index version v2", every=1.0)
+        assert spec["fallback"] is None and spec["index"]["searches"] > 0
+        for _ in range(5):                     # the request in flight is still streaming
+            events.append(next(lines))
     text, ids = stream_text(events, "chat")
-    assert events[-1] == "[DONE]" and ids == want.token_ids and text == want.text
-    first = events[-2]["speculative"]
-    assert first["index"]["version"] == "v1" and first["fallback"] is None
+    want = engine(target, stores, "chat", QUESTIONS[0], method="sense", max_tokens=len(ids))
+    assert ids == want.token_ids and text == want.text[: len(text)]
 
-    def on_v2():
-        r = server.post("/v1/chat/completions", body_for("chat", QUESTIONS[1], method="sense", max_tokens=8))
-        assert r.status_code == 200, r.text
-        spec = r.json()["speculative"]
-        return spec if spec["index"]["version"] == "v2" else None
+    def finished():                            # our disconnect ended it: its statistics
+        for info in decoder_infos(4).values():
+            last = info.get("last_cancelled")
+            if last and last["request_id"] == request_id:
+                return info, last
+        return None
 
-    spec = wait_for(on_v2, 120, "requests to use index version v2", every=1.0)
-    assert spec["fallback"] is None and spec["index"]["searches"] > 0
-    # Reconfigured in place: the replica that served the in-flight request is still there, on v2.
-    infos = wait_for(lambda: (lambda i: i if first["replica"] in i and
-                              i[first["replica"]]["index"]["version"] == "v2" else None)(decoder_infos()),
-                     60, "the same decoder replica to report v2")
-    assert infos[first["replica"]]["index"]["version"] == "v2"
+    info, last = wait_for(finished, 30, "the in-flight request to end")
+    old = last["speculative"]
+    assert old["index"]["version"] == "v1" and old["fallback"] is None
+    assert old["index"]["partial_searches"] == 0 and old["index"]["searches"] >= old["steps"] > 0
+    # Reconfigured in place: the replica that served it is the same one, now on v2.
+    assert info["index"]["version"] == "v2"
     wait_app_running(server.url)
 
 
