@@ -342,16 +342,23 @@ def cross_document_recall(found: np.ndarray, truth: np.ndarray, query_docs: np.n
 
 
 def calibrate_nprobe(search, set_nprobe, nlist: int, queries: np.ndarray, recall_of, target: float,
-                     k: int = CALIBRATION_K) -> tuple[int, float]:
-    """Smallest nprobe in 1, 2, 4, ..., nlist with recall_of(found ids) >= target: (nprobe, recall)."""
+                     k: int = CALIBRATION_K, plateau: float = 0.002) -> tuple[int, float]:
+    """Smallest nprobe in 1, 2, 4, ..., nlist with recall_of(found ids) >= target: (nprobe, recall).
+
+    Compressed codes (SQ, PQ) cap the recall below 1: once doubling nprobe gains less than
+    `plateau`, the smaller nprobe is kept rather than scanning every list for nothing."""
     candidates = sorted({min(nlist, 2 ** i) for i in range(int(math.log2(max(nlist, 1))) + 2)})
-    recall = 0.0
+    best: tuple[int, float] | None = None
     for nprobe in candidates:
         set_nprobe(nprobe)
         recall = recall_of(search(queries, k + CALIBRATION_EXCLUDE)[1])
         if recall >= target:
             return nprobe, recall
-    return candidates[-1], recall
+        if best is not None and recall - best[1] < plateau:
+            set_nprobe(best[0])
+            return best
+        best = (nprobe, recall)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 EXACT_MAX = 50_000          # up to this many keys an exact (Flat) index is fast enough
-PQ_ABOVE = 50_000_000       # above this many keys, IVF-Flat (d*4+8 bytes/entry) gives way to OPQ+PQ codes
+SQ8_ABOVE = 50_000_000      # above this many keys, IVF-Flat (4d+8 bytes/entry) gives way to SQ8 codes (d+8)
+HNSW_COARSE_FROM = 16_384   # from this many lists, the coarse quantizer is an HNSW graph, not a flat scan
 MIN_TRAIN_PER_LIST = 40     # FAISS k-means wants >= 39 training points per centroid
 TRAIN_PER_LIST = 64
 
@@ -32,18 +33,19 @@ def pow2_nlist(entries: int) -> int:
     return int(max(16, 2 ** round(np.log2(4 * np.sqrt(max(entries, 1))))))
 
 
-def choose_factory(entries: int, dim: int, *, exact_max: int = EXACT_MAX, pq_above: int = PQ_ABOVE) -> str:
+def choose_factory(entries: int, dim: int, *, exact_max: int = EXACT_MAX, sq8_above: int = SQ8_ABOVE) -> str:
     """FAISS factory string by size: "Flat" (exact) up to `exact_max` keys, "IVF<nlist>,Flat" up
-    to `pq_above`, then "OPQ<m>_<d>,IVF<nlist>,PQ<m>" (m = d/2 bytes of code per entry)."""
+    to `sq8_above`, then "IVF<nlist>,SQ8" (8-bit scalar codes: a quarter of the bytes); nlist about
+    4 sqrt(E), and from HNSW_COARSE_FROM lists the centroids are searched with HNSW ("IVF<nlist>_HNSW32").
+
+    PQ codes ("IVF<nlist>,PQ<m>", optionally "OPQ<m>_<d>,...") are smaller still but lose too much
+    recall on these keys (recall@10 ~0.8 with PQ32 at d=64, see bench/results/index.md) while the
+    values ([E, N] int32, 4N bytes/entry) dominate memory by then anyway: ask for them explicitly."""
     if entries <= exact_max:
         return "Flat"
     nlist = pow2_nlist(entries)
-    if entries <= pq_above:
-        return f"IVF{nlist},Flat"
-    m = max(1, dim // 2)
-    while dim % m:
-        m -= 1
-    return f"OPQ{m}_{dim},IVF{nlist},PQ{m}"
+    coarse = f"IVF{nlist}" + ("_HNSW32" if nlist >= HNSW_COARSE_FROM else "")
+    return f"{coarse},Flat" if entries <= sq8_above else f"{coarse},SQ8"
 
 
 def parse_nlist(factory: str) -> int:
@@ -112,6 +114,9 @@ def set_nprobe(index, nprobe: int) -> None:
     except RuntimeError:
         return                          # exact index: nothing to probe
     ivf.nprobe = int(min(max(1, nprobe), ivf.nlist))
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):          # an HNSW coarse quantizer must look wider than nprobe
+        quantizer.hnsw.efSearch = max(64, 2 * ivf.nprobe)
 
 
 def serialize(index) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Build the serving index artifact from a dense datastore, on Ray.
 
     python -m pipelines.build_index --datastore DIR_OR_S3 --output DIR_OR_S3 [--shards N]
-        [--factory auto|Flat|IVF4096,Flat|OPQ32_64,IVF65536,PQ32] [--nprobe N] [--merge/--no-merge]
+        [--factory auto|Flat|IVF4096,Flat|IVF65536,SQ8|OPQ32_64,IVF65536,PQ32] [--nprobe N] [--merge/--no-merge]
         [--sparse/--no-sparse] [--sparse-shards N] [--ray-address ADDR]
 
 Runs locally (joins the cluster at --ray-address or $RAY_ADDRESS, else starts a local Ray) or as
@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=0, help="index shards built in parallel (default: one per "
                    "cluster CPU, at most one per 25,000 entries)")
     p.add_argument("--factory", default="auto", help="FAISS factory: auto (Flat up to 50,000 entries, "
-                   "IVF<4*sqrt(E)>,Flat up to 50M, OPQ+IVF+PQ above), Flat, or an IVF string")
+                   "IVF<4*sqrt(E)>,Flat up to 50M, IVF<4*sqrt(E)>,SQ8 above), Flat, or an IVF string "
+                   "(e.g. IVF4096,PQ32 or OPQ32_64,IVF4096,PQ32)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: the smallest "
                    "reaching --target-recall against exact search)")
     p.add_argument("--target-recall", type=float, default=0.96, help="recall@10 the nprobe calibration aims at")
