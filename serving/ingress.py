@@ -191,9 +191,14 @@ class Ingress:
                     yield sse(APIError.from_dict(event["error"]).body())
                     break
             yield SSE_DONE
-        except BaseException:
-            status = 499                # disconnected (cancelled) mid-stream
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499                # the client disconnected mid-stream: stop the generation
             stream.cancel()
             raise
+        except Exception:               # the decoder failed mid-stream: say so, end the stream cleanly
+            log.exception("stream %s failed", gen.request_id)
+            status = 500
+            yield sse(internal("the generation failed mid-stream").body())
+            yield SSE_DONE
         finally:
             self.metrics.request(route, status, time.perf_counter() - t0)
