@@ -52,22 +52,25 @@ def fit_transform(target, docs: Sequence[Document], dim: int = 64, max_rows: int
                   batch_tokens: int = 8192) -> KeyTransform:
     """Fit the key transform on the hidden states of (a sample of) the corpus: documents in a
     seeded random order until `max_rows` entry positions are collected."""
-    rng = np.random.default_rng(seed)
     max_len, overlap = _window_defaults(target, max_len, overlap)
-    chosen, total = [], 0
+    rng = np.random.default_rng(seed)
+    need, total = set(), 0
     for i in rng.permutation(len(docs)):
         n = len(entry_positions(docs[i]))
-        if n == 0:
-            continue
-        chosen.append(docs[i])
-        total += n
-        if total >= max_rows:
-            break
+        if n:
+            need.add(int(i))
+            total += n
+            if total >= max_rows:
+                break
     if total < dim:
         raise DatastoreError(f"the corpus has {total} positions, fewer than the key dimension {dim}")
-    rows = run_windows(target, chosen, max_len=max_len, overlap=overlap, batch_tokens=batch_tokens,
-                       fn=lambda h: h)
-    return KeyTransform.fit(np.concatenate([np.concatenate(r) for r in rows])[:max_rows], dim=dim)
+    order = sorted(need)
+    rows = run_windows(target, [docs[i] for i in order], max_len=max_len, overlap=overlap,
+                       batch_tokens=batch_tokens, fn=lambda h: h)
+    by_doc: list = [None] * len(docs)
+    for i, r in zip(order, rows):
+        by_doc[i] = np.concatenate(r)
+    return KeyTransform.fit(sample_rows_for_fit(docs, by_doc, max_rows, seed), dim=dim)
 
 
 def _window_defaults(target, max_len: int | None, overlap: int | None) -> tuple[int, int]:
@@ -205,26 +208,53 @@ def extract_entries(target, transform: KeyTransform, docs: Sequence[Document], d
     counter: list[int] = []
     keys_by_doc = run_windows(target, docs, max_len=max_len, overlap=overlap, batch_tokens=batch_tokens,
                               fn=transform, counter=counter)
+    return assemble_entries(docs, doc_ids, keys_by_doc, dim=transform.dim, value_len=value_len, eos=eos,
+                            forward_tokens=sum(counter))
+
+
+def assemble_entries(docs: Sequence[Document], doc_ids: Sequence[int], keys_by_doc: list[list[np.ndarray]], *,
+                     dim: int, value_len: int, eos: int, forward_tokens: int = 0) -> Extracted:
+    """Entries from per-document key blocks (one block per window, as `run_windows` returns)."""
     keys, values, ids, pos, corp = [], [], [], [], []
     for d, doc_id, doc_keys in zip(docs, doc_ids, keys_by_doc):
         if not doc_keys:
             continue
         k = np.concatenate(doc_keys)
         p = entry_positions(d)
-        assert len(p) == len(k), (len(p), len(k))
+        if len(p) != len(k):
+            raise ValueError(f"document {doc_id}: {len(k)} keys for {len(p)} entry positions")
         keys.append(k)
         values.append(next_tokens(np.asarray(d.tokens, dtype=np.int64), value_len, eos)[p])
         ids.append(np.full(len(p), doc_id, dtype=np.int64))
         pos.append(p.astype(np.int32))
         corp.append(np.full(len(p), d.corpus, dtype=object))
-    dim = transform.dim
     return Extracted(
         keys=np.concatenate(keys) if keys else np.zeros((0, dim), np.float32),
         values=np.concatenate(values).astype(np.int32) if values else np.zeros((0, value_len), np.int32),
         doc_ids=np.concatenate(ids) if ids else np.zeros(0, np.int64),
         positions=np.concatenate(pos) if pos else np.zeros(0, np.int32),
         corpus=np.concatenate(corp) if corp else np.zeros(0, object),
-        forward_tokens=sum(counter))
+        forward_tokens=forward_tokens)
+
+
+def sample_rows_for_fit(docs: Sequence[Document], rows_by_doc: Sequence[np.ndarray | None], max_rows: int,
+                        seed: int = 0) -> np.ndarray:
+    """The transform's fitting sample, chosen as `fit_transform` chooses it: documents in a seeded
+    random order until `max_rows` entry positions, truncated to `max_rows`.
+    rows_by_doc[i]: [n_i, H] hidden states of document i's entry positions (None: not computed)."""
+    rng = np.random.default_rng(seed)
+    chosen, total = [], 0
+    for i in rng.permutation(len(docs)):
+        n = len(entry_positions(docs[i]))
+        if n == 0:
+            continue
+        if rows_by_doc[i] is None:
+            raise ValueError(f"document {i} is in the sample but its hidden states were not computed")
+        chosen.append(rows_by_doc[i])
+        total += n
+        if total >= max_rows:
+            break
+    return np.concatenate(chosen)[:max_rows] if chosen else np.zeros((0, 0), np.float32)
 
 
 def build_dense_datastore(target, docs: Iterable[Document], out: str | Path, *, dim: int = 64,

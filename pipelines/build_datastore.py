@@ -15,17 +15,15 @@ recomputed under the same names. The output is the format of ``index.dense_forma
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, replace
 
-import numpy as np
 
 from index import storage
-from index.dense_format import (MANIFEST, TRANSFORM, DatastoreError, KeyTransform, Manifest, ModelFingerprint)
+from index.dense_format import MANIFEST, TRANSFORM, DatastoreError, Manifest, ModelFingerprint
 from index.records import FieldMap, InputError, Unit, plan_units
 from pipelines.config import DatastoreJobConfig, SelfDistillConfig, parse_corpus
 from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, done_marker, fit_sample,
@@ -104,15 +102,13 @@ def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldM
         model=config.model, dtype=config.dtype, layer=config.layer, gpu=gpus > 0,
         threads=int(config.cpus_per_worker), units=units, fields=fields, dim=config.dim,
         sample_rows=config.sample_rows, seed=config.seed, max_len=config.max_len, overlap=config.overlap,
-        batch_tokens=config.batch_tokens)
+        batch_tokens=config.batch_tokens, output=config.output, value_len=config.value_len)
     fit = ray.get(ref)
-    buf = io.BytesIO()
-    np.savez(buf, mean=fit["mean"], std=fit["std"], components=fit["components"])
-    storage.write_bytes_atomic(storage.join(config.output, TRANSFORM), buf.getvalue())
     info = {"content_key": config.content_key(), "fingerprint": fit["fingerprint"], "eos": fit["eos"],
             "max_len": fit["max_len"], "overlap": fit["overlap"], "config": _config_dict(config)}
     storage.write_bytes_atomic(storage.join(config.output, BUILD_INFO), json.dumps(info, indent=2).encode())
-    _log(f"first pass done in {time.perf_counter() - t0:.1f}s ({fit['sample_documents']} documents sampled)")
+    _log(f"first pass done in {time.perf_counter() - t0:.1f}s: transform fitted on {fit['sample_documents']} "
+         f"documents, whose {fit['units_done']} unit(s) are stored too")
     return info
 
 
@@ -251,14 +247,19 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
     _log(f"{len(units)} units from {len({u.uri for u in units})} files in {len(config.corpora)} corpora; "
          f"{config.workers} extraction worker(s) on {'GPU' if gpus else 'CPU'}; output {config.output}")
     info = _prepare_output(config)
+    if info is None:        # claim the output first: a crash from here on leaves a resumable build
+        storage.write_bytes_atomic(storage.join(config.output, BUILD_INFO),
+                                   json.dumps({"content_key": config.content_key()}).encode())
     distill_bad: dict[str, dict] = {}
     if config.self_distill:
         units, distill_bad = _distill(config, units, fields, gpus)
     t_fit = time.perf_counter()
-    if info is None or not storage.exists(storage.join(config.output, TRANSFORM)):
+    done_before: set[str] = set()
+    if info is None or "fingerprint" not in info or not storage.exists(storage.join(config.output, TRANSFORM)):
         info = _fit(config, units, fields, gpus)
     else:
-        _log("resuming: reusing the key transform of the interrupted build")
+        done_before = {u.name for u in units if _unit_done(config, u) is not None}
+        _log(f"resuming: reusing the key transform; {len(done_before)} of {len(units)} units already done")
     summaries, todo = {}, []
     for u in units:
         s = _unit_done(config, u)
@@ -266,8 +267,7 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
             todo.append(u)
         else:
             summaries[u.name] = s
-    if summaries:
-        _log(f"resume: {len(summaries)} of {len(units)} units already done, {len(todo)} to go")
+    fit_units = [u for u in units if u.name in summaries and u.name not in done_before]
     t_extract = time.perf_counter()
     if todo:
         _extract(config, info, todo, fields, gpus)
@@ -278,10 +278,13 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
             raise JobError(f"unit {u.name} did not finish; rerun the same command to resume")
         summaries[u.name] = s
     seconds = time.perf_counter() - t0
-    tokens = sum(summaries[u.name]["tokens"] for u in todo)
+    extract_tokens = sum(summaries[u.name]["tokens"] for u in todo)
+    fit_tokens = sum(summaries[u.name]["tokens"] for u in fit_units)
+    tokens = extract_tokens + fit_tokens
     timing = {"total_s": round(seconds, 3), "fit_s": round(t_extract - t_fit, 3),
-              "extract_s": round(t_end - t_extract, 3), "units_this_run": len(todo), "tokens_this_run": tokens,
-              "peak_rss_mb_by_node": _peak_rss([summaries[u.name] for u in todo])}
+              "extract_s": round(t_end - t_extract, 3), "fit_units": len(fit_units), "fit_tokens": fit_tokens,
+              "extract_units": len(todo), "extract_tokens": extract_tokens, "tokens_this_run": tokens,
+              "peak_rss_mb_by_node": _peak_rss([summaries[u.name] for u in todo + fit_units])}
     manifest = _write_manifest(config, info, [summaries[u.name] for u in units], timing, distill_bad)
     reasons = ", ".join(f"{k}: {v}" for k, v in manifest.skipped_reasons.items())
     _log(f"done: {manifest.documents:,} documents, {manifest.tokens:,} tokens, {manifest.entries:,} entries, "

@@ -114,7 +114,7 @@ class ExtractUnits:
         self.max_len, self.overlap, self.batch_tokens = max_len, overlap, batch_tokens
 
     def __call__(self, batch: dict) -> dict:
-        from index.dense_build import entries_table, extract_entries, tokens_table
+        from index.dense_build import extract_entries
 
         rows = []
         for unit_row, docs_blob, bad, records in zip(batch["unit"], batch["docs"], batch["bad"], batch["records"]):
@@ -124,26 +124,34 @@ class ExtractUnits:
             ex = extract_entries(self.target, self.transform, docs, [d.doc_id for d in docs],
                                  value_len=self.value_len, eos=self.eos, max_len=self.max_len,
                                  overlap=self.overlap, batch_tokens=self.batch_tokens)
-            summary = {"unit": unit.name, "corpus": unit.corpus, "records": int(records),
-                       "bad": json.loads(bad), "documents": len(docs),
-                       "tokens": int(sum(len(d.tokens) for d in docs)), "entries": int(len(ex.keys)),
-                       "forward_tokens": int(ex.forward_tokens), "shard": None, "token_shard": None}
-            if len(ex.keys):
-                data = _table_bytes(entries_table(ex.keys, ex.values, ex.doc_ids, ex.positions, ex.corpus))
-                rel = f"{SHARDS}/{unit.name}.parquet"
-                storage.write_bytes_atomic(storage.join(self.output, rel), data)
-                summary["shard"] = {"path": rel, "rows": int(len(ex.keys)), "sha256": hashlib.sha256(data).hexdigest()}
-            if docs:
-                data = _table_bytes(tokens_table([d.doc_id for d in docs], docs))
-                rel = f"{TOKENS}/{unit.name}.parquet"
-                storage.write_bytes_atomic(storage.join(self.output, rel), data)
-                summary["token_shard"] = {"path": rel, "rows": len(docs), "sha256": hashlib.sha256(data).hexdigest()}
-            summary["seconds"] = round(time.perf_counter() - t0, 3)
-            summary["node"] = _node_id()
-            summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            storage.write_bytes_atomic(done_marker(self.output, unit.name), json.dumps(summary).encode())
+            summary = write_unit(self.output, unit, docs, ex, json.loads(bad), int(records), t0)
             rows.append(json.dumps(summary))
         return {"summary": np.array(rows, dtype=object)}
+
+
+def write_unit(output: str, unit: Unit, docs: list, ex, bad: dict, records: int, t0: float,
+               phase: str = "extract") -> dict:
+    """Write a unit's entry shard and token shard, then its done marker (last); return the summary."""
+    from index.dense_build import entries_table, tokens_table
+
+    summary = {"unit": unit.name, "corpus": unit.corpus, "records": records, "bad": bad, "documents": len(docs),
+               "tokens": int(sum(len(d.tokens) for d in docs)), "entries": int(len(ex.keys)),
+               "forward_tokens": int(ex.forward_tokens), "shard": None, "token_shard": None, "phase": phase}
+    if len(ex.keys):
+        data = _table_bytes(entries_table(ex.keys, ex.values, ex.doc_ids, ex.positions, ex.corpus))
+        rel = f"{SHARDS}/{unit.name}.parquet"
+        storage.write_bytes_atomic(storage.join(output, rel), data)
+        summary["shard"] = {"path": rel, "rows": int(len(ex.keys)), "sha256": hashlib.sha256(data).hexdigest()}
+    if docs:
+        data = _table_bytes(tokens_table([d.doc_id for d in docs], docs))
+        rel = f"{TOKENS}/{unit.name}.parquet"
+        storage.write_bytes_atomic(storage.join(output, rel), data)
+        summary["token_shard"] = {"path": rel, "rows": len(docs), "sha256": hashlib.sha256(data).hexdigest()}
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["node"] = _node_id()
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    storage.write_bytes_atomic(done_marker(output, unit.name), json.dumps(summary).encode())
+    return summary
 
 
 class DistillUnits:
@@ -200,29 +208,49 @@ class DistillUnits:
 
 def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads: int, units: list[Unit],
                fields: dict[str, FieldMap], dim: int, sample_rows: int, seed: int, max_len: int | None,
-               overlap: int | None, batch_tokens: int) -> dict:
-    """First pass (a Ray task on a model worker): the model's fingerprint, EOS and context, and
-    the key transform fitted on the documents of `units` (read in order until `sample_rows`
-    entry positions are available, then sampled as the single-process builder does)."""
+               overlap: int | None, batch_tokens: int, output: str, value_len: int) -> dict:
+    """First pass (a Ray task on a model worker): the model's fingerprint, EOS and context; the
+    key transform fitted on the documents of the first units (read in order until `sample_rows`
+    entry positions are available, then sampled as the single-process builder samples), written
+    to the output first; then those units' shards, from the hidden states already computed, so
+    the first pass costs no extra forward."""
     import torch
 
-    from index.dense_build import _window_defaults, entry_positions, fit_transform
-    from index.dense_format import model_fingerprint
+    from index.dense_build import _window_defaults, assemble_entries, run_windows, sample_rows_for_fit
+    from index.dense_format import TRANSFORM, KeyTransform, model_fingerprint
 
     if not gpu:
         torch.set_num_threads(max(1, threads))
     target = load_target(model, dtype, layer, gpu)
     eos = min(target.eos_token_ids) if target.eos_token_ids else 0
-    docs, total, bad = [], 0, 0
+    max_len, overlap = _window_defaults(target, max_len, overlap)
+    t0 = time.perf_counter()
+    taken, total = [], 0           # (unit, records, hidden rows per document, forward tokens)
     for unit in units:
         recs = read_unit(unit, fields[unit.corpus], target.tokenizer, eos)
-        docs.extend(recs.documents)
-        total += sum(len(entry_positions(d)) for d in recs.documents)
+        counter: list[int] = []
+        rows = run_windows(target, recs.documents, max_len=max_len, overlap=overlap, batch_tokens=batch_tokens,
+                           fn=lambda h: h, counter=counter)
+        taken.append((unit, recs, rows, sum(counter)))
+        total += sum(sum(len(r) for r in doc_rows) for doc_rows in rows)
         if total >= sample_rows:
             break
-    max_len, overlap = _window_defaults(target, max_len, overlap)
-    transform = fit_transform(target, docs, dim=dim, max_rows=sample_rows, seed=seed, max_len=max_len,
-                              overlap=overlap, batch_tokens=batch_tokens)
+    docs = [d for _, recs, _, _ in taken for d in recs.documents]
+    by_doc = [np.concatenate(r) if r else None for _, _, rows, _ in taken for r in rows]
+    sample = sample_rows_for_fit(docs, by_doc, sample_rows, seed)
+    if len(sample) < dim:
+        from index.dense_format import DatastoreError
+
+        raise DatastoreError(f"the corpus has {len(sample)} positions, fewer than the key dimension {dim}")
+    transform = KeyTransform.fit(sample, dim=dim)
+    buf = io.BytesIO()
+    np.savez(buf, mean=transform.mean, std=transform.std, components=transform.components)
+    storage.write_bytes_atomic(storage.join(output, TRANSFORM), buf.getvalue())
+    for unit, recs, rows, fwd in taken:
+        keys = [[transform(h) for h in doc_rows] for doc_rows in rows]
+        ex = assemble_entries(recs.documents, [d.doc_id for d in recs.documents], keys, dim=dim,
+                              value_len=value_len, eos=eos, forward_tokens=fwd)
+        write_unit(output, unit, recs.documents, ex, dict(recs.bad), recs.records, t0, phase="fit")
+        t0 = time.perf_counter()
     return {"fingerprint": asdict(model_fingerprint(target)), "eos": int(eos), "max_len": int(max_len),
-            "overlap": int(overlap), "mean": transform.mean, "std": transform.std,
-            "components": transform.components, "sample_documents": len(docs)}
+            "overlap": int(overlap), "sample_documents": len(docs), "units_done": len(taken)}

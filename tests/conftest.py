@@ -88,11 +88,15 @@ def ray_cluster(s3_server):
     from ray.cluster_utils import Cluster
 
     port = _free_port()
+    # Own ports for the dashboard agents: the default (52365) is shared by every Ray instance on
+    # the machine, and a second cluster's job agent would fail to bind it.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "resources": {"head": 1}})
-    cluster.add_node(num_cpus=2, resources={"worker": 1})
+        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "resources": {"head": 1},
+        "dashboard_agent_listen_port": _free_port()})
+    cluster.add_node(num_cpus=2, resources={"worker": 1}, dashboard_agent_listen_port=_free_port())
     cluster.wait_for_nodes()
     cluster.dashboard_url = f"http://127.0.0.1:{port}"
+    cluster.wait_for_job_agent = lambda timeout=120: _wait_for_job_agent(cluster.dashboard_url, timeout)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
         yield cluster
@@ -105,6 +109,30 @@ def ray_cluster(s3_server):
             pass
         ray.shutdown()
         cluster.shutdown()
+
+
+def _wait_for_job_agent(url: str, timeout: float) -> None:
+    """Block until the head's job agent accepts submissions (it registers some seconds after the
+    dashboard answers): submit a no-op job until it is taken, then wait for it."""
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            client = JobSubmissionClient(url)
+            job = client.submit_job(entrypoint="true")
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+    while str(client.get_job_status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED", "JobStatus.SUCCEEDED",
+                                                   "JobStatus.FAILED", "JobStatus.STOPPED"):
+        if time.time() > deadline:
+            raise TimeoutError("the no-op job did not finish")
+        time.sleep(0.5)
 
 
 class S3Server:

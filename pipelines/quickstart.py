@@ -1,0 +1,165 @@
+"""The main job, end to end on one machine with the embedded default model:
+
+    1. a datastore from a slice of GSM8K train, built by the Ray Data pipeline
+    2. the index artifact (FAISS + the REST suffix index) built from it on Ray
+    3. Ray Serve with the OpenAI-compatible HTTP API, serving that index
+    4. one GSM8K test question answered over HTTP with SENSE and with plain decoding
+    5. both answers, the speedup and the mean accepted tokens (MAT)
+
+    python -m pipelines.quickstart [--docs 200] [--workdir DIR] [--question 0] [--max-tokens 128]
+
+Steps 1 and 2 are cached in the work directory (a rerun resumes or reuses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def _say(step: str, msg: str) -> None:
+    print(f"[quickstart {step}] {msg}", file=sys.stderr, flush=True)
+
+
+def _corpus(path: Path, docs: int) -> None:
+    from index.corpus import gsm8k, gsm8k_answer_text
+
+    rows = gsm8k("train")[:docs]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"question": r["question"], "answer": gsm8k_answer_text(r["answer"])}) + "\n"
+                           for r in rows))
+    tmp.replace(path)
+
+
+def build_datastore_step(workdir: Path, docs: int) -> Path:
+    from index.records import CorpusSpec, FieldMap
+    from pipelines.build_datastore import build_datastore
+    from pipelines.config import DatastoreJobConfig
+
+    corpus = workdir / f"gsm8k-train-{docs}.jsonl"
+    if not corpus.is_file():
+        _corpus(corpus, docs)
+    out = workdir / f"datastore-{docs}"
+    config = DatastoreJobConfig(
+        corpora=(CorpusSpec("gsm8k_train", str(corpus), "jsonl", FieldMap(prompt="question", response="answer")),),
+        output=str(out), split_bytes=max(4096, corpus.stat().st_size // 4), workers=1, cpus_per_worker=1.0)
+    build_datastore(config)
+    return out
+
+
+def build_index_step(datastore: Path, workdir: Path) -> Path:
+    from index.artifact import list_versions, read_artifact_manifest, resolve_version
+    from index.artifact_build import BuildConfig, build_artifact
+
+    root = workdir / f"index-{datastore.name}"
+    ds_sha = __import__("hashlib").sha256((datastore / "manifest.json").read_bytes()).hexdigest()
+    stamp = root / "quickstart-datastore.sha256"
+    if list_versions(root) and stamp.is_file() and stamp.read_text() == ds_sha:
+        version = resolve_version(root)
+        _say("2/5", f"reusing the index {version} (built from this datastore)")
+        read_artifact_manifest(version)
+        return root
+    result = build_artifact(BuildConfig(datastore=str(datastore), output=str(root)),
+                            progress=lambda m: _say("2/5", m))
+    stamp.write_text(ds_sha)
+    _say("2/5", result.summary().replace("\n", "\n    "))
+    return root
+
+
+def _post(url: str, body: dict, timeout: float = 600) -> tuple[dict, float]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            out = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
+    return out, time.perf_counter() - t0
+
+
+def ask(url: str, question: str, method: str, max_tokens: int) -> dict:
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens, "temperature": 0,
+            "speculative": {"method": method, "verification": "strict"}}
+    out, seconds = _post(url + "/v1/chat/completions", body)
+    return {"text": out["choices"][0]["message"]["content"], "stats": out.get("speculative", {}),
+            "tokens": out["usage"]["completion_tokens"], "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.quickstart", description=__doc__.split("\n\n")[0])
+    p.add_argument("--docs", type=int, default=200, help="GSM8K train pairs in the datastore")
+    p.add_argument("--workdir", default=None, help="where the corpus, datastore and index go "
+                   "(default: $SENSE_CACHE_DIR/quickstart)")
+    p.add_argument("--question", type=int, default=0, help="which GSM8K test question to ask")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--repeats", type=int, default=2, help="timed requests per method (the median is reported)")
+    a = p.parse_args(argv)
+    if a.docs < 1 or a.max_tokens < 1 or a.repeats < 1:
+        print("error: --docs, --max-tokens and --repeats must be positive", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    from decoding.model_loader import cache_root
+    from index.corpus import gsm8k
+    from serving.app import build_app
+    from serving.run import wait_ready
+
+    workdir = Path(a.workdir) if a.workdir else cache_root() / "quickstart"
+    workdir.mkdir(parents=True, exist_ok=True)
+    questions = gsm8k("test")
+    if not 0 <= a.question < len(questions):
+        print(f"error: --question must be in 0..{len(questions) - 1}", file=sys.stderr)
+        return 2
+    question = questions[a.question]["question"]
+    t_start = time.perf_counter()
+    ray.init(address="local", logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    try:
+        _say("1/5", f"building the datastore from {a.docs} GSM8K train pairs with the Ray Data pipeline")
+        datastore = build_datastore_step(workdir, a.docs)
+        _say("2/5", "building the index artifact (FAISS + REST) on Ray")
+        index = build_index_step(datastore, workdir)
+        _say("3/5", f"starting Ray Serve on http://127.0.0.1:{a.port} with the index {index}")
+        serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+        serve.run(build_app({"index": {"uri": str(index)}}), name="sense", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{a.port}"
+        wait_ready(url, 900)
+        _say("4/5", f"asking over HTTP: {question[:90]}{'...' if len(question) > 90 else ''}")
+        ask(url, "Say hi.", "sense", 8)                       # warm-up: loads the index, first forwards
+        runs = {"ar": [], "sense": []}
+        for r in range(a.repeats):
+            for method in ("ar", "sense"):                   # alternate, so drift hits both alike
+                runs[method].append(ask(url, question, method, a.max_tokens))
+                s = runs[method][-1]
+                _say("4/5", f"  {method:5s} run {r + 1}: {s['tokens']} tokens in {s['seconds']:.2f}s")
+        _say("5/5", "results")
+        med = {m: sorted(v, key=lambda x: x["seconds"])[len(v) // 2] for m, v in runs.items()}
+        ar, sense = med["ar"], med["sense"]
+        st = sense["stats"]
+        print("\n=== plain decoding (ar) ===\n" + ar["text"].strip())
+        print("\n=== SENSE ===\n" + sense["text"].strip())
+        print(f"\nidentical answers: {ar['text'] == sense['text']} (strict verification is lossless)")
+        print(f"ar:    {ar['tokens']} tokens in {ar['seconds']:.2f}s ({ar['tokens'] / ar['seconds']:.1f} tok/s)")
+        print(f"sense: {sense['tokens']} tokens in {sense['seconds']:.2f}s ({sense['tokens'] / sense['seconds']:.1f} "
+              f"tok/s), MAT {st.get('mat', float('nan')):.2f}, acceptance {st.get('acceptance_rate', float('nan')):.0%}, "
+              f"{st.get('steps')} steps")
+        print(f"speedup over plain decoding: {ar['seconds'] / sense['seconds']:.2f}x "
+              f"(median of {a.repeats}; whole run {time.perf_counter() - t_start:.0f}s)")
+        return 0
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
