@@ -148,7 +148,7 @@ def publish_artifact(staging: str | Path, root: str | Path, manifest: ArtifactMa
         root_path = Path(storage.open_fs(root)[1])
         root_path.mkdir(parents=True, exist_ok=True)
         src = staging
-        if not staging.resolve().parent == root_path.resolve():          # another filesystem, maybe
+        if staging.resolve().parent != root_path.resolve():              # maybe another filesystem
             src = root_path / f".publish-{uuid.uuid4().hex[:12]}"
             shutil.copytree(staging, src)
         try:
@@ -206,15 +206,16 @@ def _localize(version_uri: str, manifest: ArtifactManifest, raw_manifest: bytes,
 
 
 def open_version(uri: str | Path, version: str | None, files_of, cache_dir, expect: ModelFingerprint | None):
-    """(local version dir, manifest, whether files were verified already) for a local or remote URI;
-    `files_of(manifest)` lists the files the caller will open (downloaded when remote)."""
+    """(version URI, local version dir, manifest, whether its files were verified already) for a
+    local or remote URI; `files_of(manifest)` lists the files the caller will open (downloaded
+    into the cache when remote)."""
     version_uri = resolve_version(uri, version)
     manifest, raw = read_artifact_manifest(version_uri)
     if expect is not None:
         manifest.check_compatible(expect)
     if storage.is_remote(version_uri):
-        return _localize(version_uri, manifest, raw, files_of(manifest), cache_dir), manifest, True
-    return Path(storage.open_fs(version_uri)[1]), manifest, False
+        return version_uri, _localize(version_uri, manifest, raw, files_of(manifest), cache_dir), manifest, True
+    return version_uri, Path(storage.open_fs(version_uri)[1]), manifest, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +313,8 @@ def _open_sparse(root: Path, manifest: ArtifactManifest, *, checksum: bool):
 class IndexArtifact:
     """A loaded artifact version: the dense drafter's store (see the module docstring).
 
-    values [E, N] int32 and first_token [E] int32 are read-only memory maps indexed by global id."""
+    uri: the version directory (CURRENT resolved); root: its local copy. values [E, N] int32 and
+    first_token [E] int32 are read-only memory maps indexed by global id."""
 
     uri: str
     root: Path
@@ -365,11 +367,11 @@ def load_artifact(uri: str | Path, expect: ModelFingerprint | None = None, *, ve
             out += [f for i in range(len(m.dense_shards)) for f in m.shard_files(i)]
         return out + [f for s in m.sparse_shards for f in s.files]
 
-    root, manifest, fetched = open_version(uri, version, files_of, cache_dir, expect)
+    version_uri, root, manifest, fetched = open_version(uri, version, files_of, cache_dir, expect)
     checksum = verify and not fetched                      # fetched files were verified on download
     e, n = manifest.entries, manifest.value_len
     artifact = IndexArtifact(
-        uri=str(uri), root=root, manifest=manifest,
+        uri=version_uri, root=root, manifest=manifest,
         transform=_load_transform(root, manifest, checksum=checksum),
         values=_load_array(root, manifest.values, (e, n), checksum=checksum, mmap=mmap),
         first_token=_load_array(root, manifest.first_token, (e,), checksum=checksum, mmap=mmap),
@@ -389,7 +391,7 @@ def load_shard(uri: str | Path, i: int, expect: ModelFingerprint | None = None, 
             raise ArtifactError(f"{uri}: shard {i} requested, the artifact has {len(m.dense_shards)}")
         return m.shard_files(i)
 
-    root, manifest, fetched = open_version(uri, version, files_of, cache_dir, expect)
+    _, root, manifest, fetched = open_version(uri, version, files_of, cache_dir, expect)
     files_of(manifest)
     return open_shard(root, manifest, i, checksum=verify and not fetched, mmap=mmap)
 
@@ -397,6 +399,6 @@ def load_shard(uri: str | Path, i: int, expect: ModelFingerprint | None = None, 
 def load_sparse(uri: str | Path, *, version: str | None = None, cache_dir: str | Path | None = None,
                 verify: bool = True):
     """The artifact's REST index: SparseIndex (one shard) or ShardedSparseIndex, memory-mapped."""
-    root, manifest, fetched = open_version(uri, version, lambda m: [f for s in m.sparse_shards for f in s.files],
-                                            cache_dir, None)
+    _, root, manifest, fetched = open_version(uri, version, lambda m: [f for s in m.sparse_shards for f in s.files],
+                                               cache_dir, None)
     return _open_sparse(root, manifest, checksum=verify and not fetched)

@@ -18,6 +18,7 @@ Steps (each Ray task takes one CPU; the driver holds no more than one shard's ar
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -289,6 +290,21 @@ def sparse_task(ds_uri: str, shards: list[dict], token_shards: list[dict], part:
 # merging and calibration (driver side)
 
 
+@contextlib.contextmanager
+def _stdout_to_devnull():
+    """Silence file descriptor 1 (C++ prints) for a moment: stdout carries the CLI's summary."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def merge_dense(staging: Path, shard_files: list[str], *, exact: bool, trained: Path | None) -> tuple[FileRef, FileRef | None]:
     """Merge shard index files (relative to staging) into one: an on-disk IVF (header + .ivfdata,
     faiss.contrib.ondisk) or one Flat. Deletes the shard files; returns (index, data) refs."""
@@ -304,7 +320,8 @@ def merge_dense(staging: Path, shard_files: list[str], *, exact: bool, trained: 
     else:
         merged = faiss_ops.read_index(trained, mmap=False)
         (staging / MERGED_DATA_FILE).parent.mkdir(parents=True, exist_ok=True)
-        merge_ondisk(merged, [str(p) for p in paths], str(staging / MERGED_DATA_FILE))
+        with _stdout_to_devnull():                                    # FAISS prints "resizing ..." there
+            merge_ondisk(merged, [str(p) for p in paths], str(staging / MERGED_DATA_FILE))
         faiss_ops.write_index(merged, staging / MERGED_INDEX_FILE)
         data = FileRef.of(staging, MERGED_DATA_FILE)
     del merged
@@ -589,7 +606,7 @@ def merge_artifact(root: str, *, version: str | None = None, make_current: bool 
     """Publish a merged copy (one on-disk IVF or one Flat) of a sharded artifact version as a new
     version under `root`; returns its URI. Values, transform and sparse files are copied as is."""
     say = progress or (lambda _msg: None)
-    root_path, manifest, _ = open_version(root, version, lambda m: m.files(), cache_dir, None)
+    _, root_path, manifest, _ = open_version(root, version, lambda m: m.files(), cache_dir, None)
     if manifest.merged:
         raise ArtifactError(f"{root}: this version is already one merged index")
     for ref in manifest.files():

@@ -251,6 +251,35 @@ def test_wide_token_ids_in_values_and_sparse(ray_cluster, tmp_path):
     assert doc.max() > 65_535 and art.sparse.lookup(doc[:8].tolist()).match_len == 8
 
 
+def test_sparse_from_the_datastores_token_streams(ray_cluster, tmp_path):
+    """A datastore with token streams (tokens/*.parquet, as pipelines.build_datastore writes them):
+    the REST index holds each document's stored part tokens[store_from:], in 2 shards."""
+    import pyarrow.parquet as pq
+
+    from index.dense_build import Document, tokens_table
+    from index.dense_format import sha256_file, write_manifest_atomically
+    from index.dense_synth import synthetic_documents
+    from index.sparse import SparseIndex
+
+    ds = tmp_path / "ds"
+    synthetic_datastore(ds, 3000, dim=16, value_len=4, shard_rows=1000, seed=5)
+    docs = [Document(d.tolist(), corpus="synthetic", store_from=i % 3) for i, d in
+            enumerate(synthetic_documents(3000, seed=5))]
+    (ds / "tokens").mkdir()
+    pq.write_table(tokens_table(range(len(docs)), docs), ds / "tokens/part-00000.parquet")
+    m = read_manifest(ds)
+    m.token_shards = [{"path": "tokens/part-00000.parquet", "rows": len(docs),
+                       "sha256": sha256_file(ds / "tokens/part-00000.parquet")}]
+    write_manifest_atomically(ds, m)
+    build(ds, tmp_path / "art", shards=2, sparse_shards=2)
+    sparse = load_sparse(tmp_path / "art")
+    reference = SparseIndex.build([d.tokens[d.store_from:] for d in docs])
+    assert sparse.n_tokens == reference.n_tokens == sum(len(d.tokens) - d.store_from for d in docs)
+    for d in docs[:20]:
+        context = d.tokens[d.store_from:][:5]
+        assert sparse.lookup(context) == reference.lookup(context) and sparse.lookup(context).match_len == 5
+
+
 # ---------------------------------------------------------------------------------------------
 # failures: corrupt, truncated, mismatched, unsafe
 
