@@ -1,13 +1,18 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo demo-engine test test-fast bench
 
 setup:
 	@bash scripts/setup.sh
 
-## The main job on the embedded default: one question, ar vs pld vs rest, with statistics.
+## The main job on the embedded default: a datastore from a GSM8K slice (Ray Data pipeline), its
+## index, Ray Serve, one question over HTTP with SENSE and with plain decoding, speedup and MAT.
 demo: setup
+	$(PYTHON) -m pipelines.quickstart
+
+## The engine alone, in process: one question with ar, pld, rest, dense and sense.
+demo-engine: setup
 	$(PYTHON) -m decoding.cli demo
 
 ## The whole test suite.

@@ -14,6 +14,7 @@ Steps 1 and 2 are cached in the work directory (a rerun resumes or reuses them).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -57,7 +58,9 @@ def build_index_step(datastore: Path, workdir: Path) -> Path:
     from index.artifact_build import BuildConfig, build_artifact
 
     root = workdir / f"index-{datastore.name}"
-    ds_sha = __import__("hashlib").sha256((datastore / "manifest.json").read_bytes()).hexdigest()
+    m = json.loads((datastore / "manifest.json").read_text())
+    content = {k: m[k] for k in ("shards", "token_shards", "transform_sha256", "fingerprint")}
+    ds_sha = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     stamp = root / "quickstart-datastore.sha256"
     if list_versions(root) and stamp.is_file() and stamp.read_text() == ds_sha:
         version = resolve_version(root)
