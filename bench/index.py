@@ -80,7 +80,8 @@ def exact_truth(keys: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarra
 
 
 def measure(dataset: str, n: int, ds: Path, out: Path, queries: np.ndarray, truth: np.ndarray, *, factory: str,
-            shards: int, merge: bool, exact_max: int, target_recall: float = 0.96, merge_after: bool = False) -> list[dict]:
+            shards: int, merge: bool, exact_max: int, target_recall: float = 0.96,
+            merge_after: bool = False) -> list[dict]:
     """Build one configuration, load it, measure; with merge_after also the merged copy."""
     from index.artifact import load_artifact
     from index.artifact_build import BuildConfig, build_artifact, merge_artifact
@@ -142,8 +143,10 @@ def real(args, work: Path):
     src = Path(args.real)
     m = read_manifest(src)
     tables = [pq.read_table(src / s["path"], columns=["key", "value", "doc_id", "position"]) for s in m.shards]
-    col = {c: np.concatenate([t.column(c).combine_chunks().flatten().to_numpy() if c in ("key", "value")
-                              else t.column(c).to_numpy() for t in tables]) for c in ("key", "value", "doc_id", "position")}
+    def column(t, c):
+        return t.column(c).combine_chunks().flatten().to_numpy() if c in ("key", "value") else t.column(c).to_numpy()
+
+    col = {c: np.concatenate([column(t, c) for t in tables]) for c in ("key", "value", "doc_id", "position")}
     keys = col["key"].reshape(-1, m.key_dim).astype(np.float32)
     values = col["value"].reshape(-1, m.value_len)
     held = col["doc_id"] >= np.unique(col["doc_id"])[-30]
@@ -214,7 +217,8 @@ def markdown(rows, machine, args, notes) -> str:
     for r in rows:
         md.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
     md += ["", "Build time by part (s): " + "; ".join(
-        f"{r['dataset']} {r['factory']} x{r['shards']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["build_parts_s"].items())
+        f"{r['dataset']} {r['factory']} x{r['shards']}: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r["build_parts_s"].items())
         for r in rows if r["built_by"] == "build_artifact"), ""]
     md += notes + [""] + projection(rows, args.value_len) + [""]
     return "\n".join(md)
@@ -253,7 +257,8 @@ def main(argv=None) -> int:
     for i, shards in enumerate(args.shards):
         last = i == len(args.shards) - 1
         rows += measure("synthetic", args.n, ds, work / f"ivf-x{shards}", queries, truth, factory="auto",
-                        shards=shards, merge=not last or shards == 1, exact_max=exact_max, merge_after=last and shards > 1)
+                        shards=shards, merge=not last or shards == 1, exact_max=exact_max,
+                        merge_after=last and shards > 1)
     rows += measure("synthetic", args.n, ds, work / "flat", queries, truth, factory="Flat", shards=max(args.shards),
                     merge=True, exact_max=exact_max)
     if not args.no_codes and not args.quick:

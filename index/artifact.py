@@ -198,7 +198,8 @@ def _localize(version_uri: str, manifest: ArtifactManifest, raw_manifest: bytes,
             try:
                 storage.download_file(storage.join(version_uri, ref.path), local / ref.path)
             except FileNotFoundError:
-                raise ArtifactError(f"{storage.join(version_uri, ref.path)}: listed in the manifest but missing") from None
+                where = storage.join(version_uri, ref.path)
+                raise ArtifactError(f"{where}: listed in the manifest but missing") from None
             ref.verify(local)
         if not (local / MANIFEST).is_file():
             storage.write_bytes_atomic(local / MANIFEST, raw_manifest)

@@ -13,7 +13,9 @@ Steps (each Ray task takes one CPU; the driver holds no more than one shard's ar
 4. the driver writes values.npy / first_token.npy (memory-mapped, by global id), merges the
    shards into one on-disk IVF (faiss.contrib.ondisk.merge_ondisk) or keeps them for fan-out,
    picks the smallest nprobe whose recall@10 against exact search reaches `target_recall`
-   (leave-one-out over sampled keys), and publishes the version (manifest last, then CURRENT).
+   (``index.calibration``), and publishes the version (manifest last, then CURRENT).
+
+Datastore reading and the task bodies: ``index.artifact_tasks``.
 """
 
 from __future__ import annotations
@@ -37,13 +39,12 @@ from index import faiss_ops, storage
 from index.artifact import open_shard, open_version, publish_artifact
 from index.artifact_format import (FIRST_TOKEN_FILE, MERGED_DATA_FILE, MERGED_INDEX_FILE, TRAINED_FILE,
                                    TRANSFORM_FILE, VALUES_FILE, ArtifactError, ArtifactManifest, DenseShard, FileRef,
-                                   SparseShard, dense_shard_file, safe_relpath, sha256_bytes, sparse_shard_dir)
-from index.dense_format import MANIFEST as DATASTORE_MANIFEST
+                                   SparseShard, dense_shard_file, sha256_bytes, sparse_shard_dir)
+from index.artifact_tasks import add_task, check_keys, plan_shards, read_datastore, sample_task, sparse_task
+from index.calibration import CALIBRATION_EXCLUDE, CALIBRATION_K, calibrate_nprobe, cross_document_recall
 from index.dense_format import DatastoreError, Manifest
 
 TRANSFORM_DESCRIPTION = "z-score (sample mean/std) -> PCA to key_dim -> L2-normalise (index.dense_format.KeyTransform)"
-CALIBRATION_K = 10                     # recall@10 is what the build calibrates and records
-CALIBRATION_EXCLUDE = 256              # extra neighbours searched to drop the query's own document
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
 
@@ -70,7 +71,8 @@ class BuildConfig:
 
     def check(self) -> None:
         if self.shards < 0 or self.sparse_shards < 1:
-            raise ValueError(f"--shards must be >= 0 and --sparse-shards >= 1 (got {self.shards}, {self.sparse_shards})")
+            raise ValueError(f"--shards must be >= 0 and --sparse-shards >= 1 "
+                             f"(got {self.shards}, {self.sparse_shards})")
         if self.nprobe is not None and self.nprobe < 1:
             raise ValueError(f"--nprobe must be >= 1, got {self.nprobe}")
         if not 0 < self.target_recall <= 1:
@@ -104,190 +106,7 @@ def _say(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the datastore side
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Rows lo..hi-1 of datastore file `file` (index into the manifest's shard list)."""
-
-    file: int
-    lo: int
-    hi: int
-
-
-def read_datastore(uri: str) -> tuple[Manifest, bytes]:
-    """The datastore's manifest (validated: safe shard paths, row counts adding up)."""
-    path = storage.join(uri, DATASTORE_MANIFEST)
-    try:
-        raw = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise DatastoreError(f"{uri}: no {DATASTORE_MANIFEST}: not a datastore, or its build did not finish") from None
-    manifest = Manifest.from_json(raw.decode("utf-8", "replace"), where=path)
-    for s in list(manifest.shards) + list(getattr(manifest, "token_shards", None) or []):
-        safe_relpath(s.get("path"), path)
-    rows = sum(int(s["rows"]) for s in manifest.shards)
-    if rows != manifest.entries:
-        raise DatastoreError(f"{path}: shards hold {rows} rows, the manifest says {manifest.entries} entries")
-    if manifest.entries == 0:
-        raise DatastoreError(f"{uri}: the datastore has no entries: nothing to index")
-    return manifest, raw
-
-
-def plan_shards(rows: list[int], n: int) -> list[tuple[int, list[Piece]]]:
-    """Split ids 0..sum(rows)-1 into n contiguous near-equal ranges: [(id_start, pieces)]."""
-    total = sum(rows)
-    n = max(1, min(n, total))
-    bounds = [total * i // n for i in range(n + 1)]
-    starts = np.concatenate([[0], np.cumsum(rows)])
-    plan = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        pieces = []
-        for f, (s, e) in enumerate(zip(starts[:-1], starts[1:])):
-            lo, hi = max(a, s), min(b, e)
-            if lo < hi:
-                pieces.append(Piece(f, int(lo - s), int(hi - s)))
-        plan.append((a, pieces))
-    return plan
-
-
-def _read_columns(ds_uri: str, shard: dict, columns: list[str], *, verify: bool):
-    """One datastore Parquet file as a pyarrow Table of `columns`; with `verify`, the whole file
-    is read and its sha256 checked against the manifest first."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    uri = storage.join(ds_uri, shard["path"])
-    try:
-        if verify:
-            raw = storage.read_bytes(uri)
-            if sha256_bytes(raw) != shard["sha256"]:
-                raise DatastoreError(f"{uri}: sha256 mismatch with the datastore manifest (corrupt or truncated)")
-            table = pq.read_table(pa.BufferReader(raw), columns=columns)
-        else:
-            fs, path = storage.open_fs(uri)
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=columns)
-    except FileNotFoundError:
-        raise DatastoreError(f"{uri}: listed in the datastore manifest but missing") from None
-    except (DatastoreError, storage.StorageError):
-        raise
-    except Exception as exc:                                   # pyarrow raises several types
-        raise DatastoreError(f"{uri}: unreadable Parquet ({type(exc).__name__}: {exc})") from None
-    if table.num_rows != shard["rows"]:
-        raise DatastoreError(f"{uri}: {table.num_rows} rows, the datastore manifest says {shard['rows']}")
-    return table
-
-
-def _fixed(table, column: str, width: int, dtype) -> np.ndarray:
-    arr = table.column(column).combine_chunks()
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    if len(flat) != len(arr) * width:
-        raise DatastoreError(f"column {column!r} is not a fixed-size list of {width}")
-    return flat.reshape(-1, width).astype(dtype, copy=False)
-
-
-def _check_keys(keys: np.ndarray, where: str) -> None:
-    if not np.isfinite(keys).all():
-        raise DatastoreError(f"{where}: keys contain NaN or infinity")
-    norms = np.linalg.norm(keys, axis=1)
-    if len(norms) and np.abs(norms - 1).max() > 1e-3:
-        raise DatastoreError(f"{where}: keys are not unit-norm (norms {norms.min():.3f}..{norms.max():.3f}); "
-                             f"the index uses inner product on normalised keys")
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray tasks (plain functions here; wrapped with ray.remote in build_artifact)
-
-
-def sample_task(ds_uri: str, shards: list[dict], pieces: list[Piece], id_start: int, dim: int, rate: float,
-                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A Bernoulli(rate) sample of one index shard's keys:
-    (keys [s, d] float32, global ids [s] int64, doc ids [s] int64)."""
-    rng = np.random.default_rng(seed)
-    keys, ids, docs, offset = [], [], [], id_start
-    for p in pieces:
-        table = _read_columns(ds_uri, shards[p.file], ["key", "doc_id"], verify=False).slice(p.lo, p.hi - p.lo)
-        pick = np.flatnonzero(rng.random(table.num_rows) < rate)
-        keys.append(_fixed(table, "key", dim, np.float32)[pick])
-        ids.append(pick + offset)
-        docs.append(table.column("doc_id").to_numpy()[pick])
-        offset += p.hi - p.lo
-    return np.concatenate(keys), np.concatenate(ids).astype(np.int64), np.concatenate(docs).astype(np.int64)
-
-
-def add_task(ds_uri: str, shards: list[dict], pieces: list[Piece], id_start: int, dim: int, value_len: int,
-             trained: np.ndarray, queries: np.ndarray | None, query_docs: np.ndarray | None, k: int) -> dict:
-    """Add one shard's keys (global ids id_start..) to a copy of the trained index.
-
-    Returns {"index": serialized index (uint8), "values": [r, N] int32, "first_token": [r] int32,
-    "doc_id": [r] int64, "truth": (sims [q, k], ids [q, k]) exact over this shard's entries of
-    OTHER documents than each query's (-1 padded), or None}."""
-    t0 = time.time()
-    cache: dict[int, object] = {}
-    keys, values, first, docs = [], [], [], []
-    for p in pieces:
-        if p.file not in cache:
-            cache[p.file] = _read_columns(ds_uri, shards[p.file], ["key", "value", "first_token", "doc_id"],
-                                          verify=True)
-        table = cache[p.file].slice(p.lo, p.hi - p.lo)
-        keys.append(_fixed(table, "key", dim, np.float32))
-        values.append(_fixed(table, "value", value_len, np.int32))
-        first.append(table.column("first_token").to_numpy().astype(np.int32))
-        docs.append(table.column("doc_id").to_numpy().astype(np.int64))
-    keys = np.ascontiguousarray(np.concatenate(keys))
-    _check_keys(keys, f"{ds_uri} (ids {id_start}..)")
-    ids = np.arange(id_start, id_start + len(keys), dtype=np.int64)
-    index = faiss_ops.deserialize(trained)
-    index.add_with_ids(keys, ids)
-    docs = np.concatenate(docs)
-    truth = None
-    if queries is not None and len(queries):
-        sims, found = faiss_ops.exact_topk(keys, ids, queries, k + CALIBRATION_EXCLUDE)
-        own = np.where(found >= 0, docs[np.maximum(found - id_start, 0)], -1) == np.asarray(query_docs)[:, None]
-        truth = other_documents(sims, found, own, k)
-    return {"index": faiss_ops.serialize(index), "values": np.concatenate(values), "first_token": np.concatenate(first),
-            "doc_id": docs, "truth": truth, "seconds": time.time() - t0}
-
-
-def sparse_task(ds_uri: str, shards: list[dict], token_shards: list[dict], part: int, parts: int,
-                max_suffix: int) -> dict:
-    """REST suffix index over the documents with doc_id % parts == part: from the datastore's
-    token streams (tokens/*.parquet, the stored part tokens[store_from:]) when it has them, else
-    rebuilt from the rows (token at t+1 = first_token of row t).
-    Returns {"files": {name: bytes}, "n_tokens", "n_docs"}."""
-    from index.sparse import SparseIndex
-    from index.sparse_shards import token_streams
-
-    if token_shards:
-        docs: list[tuple[int, np.ndarray]] = []
-        for shard in token_shards:
-            table = _read_columns(ds_uri, shard, ["doc_id", "tokens", "store_from"], verify=True)
-            ids = table.column("doc_id").to_numpy()
-            starts = table.column("store_from").to_numpy()
-            tokens = table.column("tokens").to_pylist()
-            docs += [(int(i), np.asarray(t[max(int(s), 0):], np.int64))
-                     for i, s, t in zip(ids, starts, tokens) if i % parts == part]
-        streams = [t for _, t in sorted(docs, key=lambda it: it[0])]
-    else:
-        doc, pos, tok = [], [], []
-        for shard in shards:
-            table = _read_columns(ds_uri, shard, ["doc_id", "position", "first_token"], verify=False)
-            d = table.column("doc_id").to_numpy()
-            keep = d % parts == part
-            doc.append(d[keep])
-            pos.append(table.column("position").to_numpy()[keep])
-            tok.append(table.column("first_token").to_numpy()[keep])
-        streams = token_streams(np.concatenate(doc), np.concatenate(pos), np.concatenate(tok))
-    index = SparseIndex.build(streams, max_suffix=max_suffix)
-    with tempfile.TemporaryDirectory() as tmp:
-        index.save(Path(tmp) / "sparse")
-        files = {p.name: p.read_bytes() for p in (Path(tmp) / "sparse").iterdir()}
-    return {"files": files, "n_tokens": index.n_tokens, "n_docs": index.n_docs}
-
-
-# ---------------------------------------------------------------------------------------------
-# merging and calibration (driver side)
+# merging (driver side)
 
 
 @contextlib.contextmanager
@@ -305,7 +124,8 @@ def _stdout_to_devnull():
         os.close(devnull)
 
 
-def merge_dense(staging: Path, shard_files: list[str], *, exact: bool, trained: Path | None) -> tuple[FileRef, FileRef | None]:
+def merge_dense(staging: Path, shard_files: list[str], *, exact: bool,
+                trained: Path | None) -> tuple[FileRef, FileRef | None]:
     """Merge shard index files (relative to staging) into one: an on-disk IVF (header + .ivfdata,
     faiss.contrib.ondisk) or one Flat. Deletes the shard files; returns (index, data) refs."""
     from faiss.contrib.ondisk import merge_ondisk
@@ -329,53 +149,6 @@ def merge_dense(staging: Path, shard_files: list[str], *, exact: bool, trained: 
         p.unlink()
     return FileRef.of(staging, MERGED_INDEX_FILE), data
 
-
-def other_documents(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first k results per row that are not masked by `own` [q, m] (the query's own
-    document): (sims [q, k], ids [q, k]), padded with -inf / -1."""
-    out_s = np.full((len(ids), k), -np.inf, np.float32)
-    out_i = np.full((len(ids), k), -1, np.int64)
-    for r in range(len(ids)):
-        keep = np.flatnonzero(~own[r] & (ids[r] >= 0))[:k]
-        out_s[r, :len(keep)], out_i[r, :len(keep)] = sims[r, keep], ids[r, keep]
-    return out_s, out_i
-
-
-def cross_document_recall(found: np.ndarray, truth: np.ndarray, query_docs: np.ndarray, doc_of: np.ndarray,
-                          k: int = CALIBRATION_K) -> float:
-    """recall@k of an approximate search against exact search, both without the query's own
-    document: found [q, k + CALIBRATION_EXCLUDE] ids (approximate), truth [q, k] ids (exact, own
-    document already dropped, -1 padded), doc_of [E] the document of every id. The calibration
-    queries are keys of the index, but a decoding query comes from a text the datastore has not
-    seen: its neighbours are in other documents, usually farther away than a key's own neighbours."""
-    own = np.where(found >= 0, doc_of[np.maximum(found, 0)], -1) == np.asarray(query_docs)[:, None]
-    found = other_documents(np.zeros(found.shape, np.float32), found, own, k)[1]
-    hits = total = 0
-    for a, b in zip(found, truth):
-        b = b[b >= 0]
-        hits += len(set(a[a >= 0].tolist()) & set(b.tolist()))
-        total += len(b)
-    return hits / total if total else 1.0
-
-
-def calibrate_nprobe(search, set_nprobe, nlist: int, queries: np.ndarray, recall_of, target: float,
-                     k: int = CALIBRATION_K, plateau: float = 0.002) -> tuple[int, float]:
-    """Smallest nprobe in 1, 2, 4, ..., nlist with recall_of(found ids) >= target: (nprobe, recall).
-
-    Compressed codes (SQ, PQ) cap the recall below 1: once doubling nprobe gains less than
-    `plateau`, the smaller nprobe is kept rather than scanning every list for nothing."""
-    candidates = sorted({min(nlist, 2 ** i) for i in range(int(math.log2(max(nlist, 1))) + 2)})
-    best: tuple[int, float] | None = None
-    for nprobe in candidates:
-        set_nprobe(nprobe)
-        recall = recall_of(search(queries, k + CALIBRATION_EXCLUDE)[1])
-        if recall >= target:
-            return nprobe, recall
-        if best is not None and recall - best[1] < plateau:
-            set_nprobe(best[0])
-            return best
-        best = (nprobe, recall)
-    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +243,7 @@ def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None =
                            for i, (start, pieces) in enumerate(plan)])
             sample = np.concatenate([g[0] for g in got])
             sample_docs = np.concatenate([g[2] for g in got])
-            _check_keys(sample, config.datastore)
+            check_keys(sample, config.datastore)
             order = np.random.default_rng(config.seed).permutation(len(sample))
             queries, query_docs = sample[order[:n_cal]], sample_docs[order[:n_cal]]
             train = sample[order[n_cal:n_cal + want]] if len(sample) > n_cal + want // 2 else sample[order[:want]]
@@ -491,7 +264,6 @@ def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None =
                              query_docs_ref, CALIBRATION_K): i
                 for i, (start, pieces) in enumerate(plan)}
         truths: list = [None] * n_shards
-        dense_files = []
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -560,7 +332,8 @@ def build_artifact(config: BuildConfig, progress: Callable[[str], None] | None =
 
         # 6. nprobe: given, or the smallest reaching the target recall (exact search: 1)
         if not exact:
-            opened = [open_shard(staging, manifest, i, checksum=False, mmap=True) for i in range(len(dense))]
+            with _stdout_to_devnull():                            # FAISS reports the on-disk file's move
+                opened = [open_shard(staging, manifest, i, checksum=False, mmap=True) for i in range(len(dense))]
 
             def search(q, k):
                 return faiss_ops.merge_topk([s.search(q, k) for s in opened], k)

@@ -278,6 +278,7 @@ def _file_ref(raw: dict, where: str) -> FileRef:
         raise ArtifactError(f"{where}: a file entry is not an object ({raw!r})")
     path = safe_relpath(raw.get("path"), where)
     size, digest = raw.get("bytes"), raw.get("sha256")
-    if not isinstance(size, int) or size < 0 or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+    valid_digest = isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
+    if not isinstance(size, int) or size < 0 or not valid_digest:
         raise ArtifactError(f"{where}: file entry {path!r} lacks a valid size or sha256")
     return FileRef(path, size, digest)

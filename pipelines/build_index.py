@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train on the GPU (default: when FAISS sees one)")
     p.add_argument("--no-current", action="store_true", help="publish the version without making it CURRENT")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
     return p.parse_args(argv)
 
 

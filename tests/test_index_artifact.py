@@ -17,7 +17,8 @@ import pytest
 from index import storage
 from index.artifact import (ArtifactError, load_artifact, load_shard, load_sparse, merge_topk, resolve_version,
                             set_current)
-from index.artifact_build import BuildConfig, build_artifact, merge_artifact, plan_shards
+from index.artifact_build import BuildConfig, build_artifact, merge_artifact
+from index.artifact_tasks import plan_shards
 from index.dense_format import DatastoreError, model_fingerprint, read_manifest
 from index.dense_store import DenseStore
 from index.dense_synth import clustered_keys, synthetic_datastore, write_dense_datastore
