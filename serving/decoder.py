@@ -19,6 +19,7 @@ tail, finish reason, usage and statistics) or a single ``error`` (an APIError as
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -35,27 +36,55 @@ log = logging.getLogger("ray.serve")
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
-class SerializedTarget:
-    """A TargetModel whose forward passes (prefill, verify, commit) take one lock."""
+class _LockedTokenizer:
+    """A tokenizer whose calls take one lock (fast tokenizers can refuse concurrent use)."""
 
-    def __init__(self, target, lock: threading.Lock | None = None) -> None:
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer.decode(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+
+class SerializedTarget:
+    """A TargetModel shared by concurrent generations: forward passes (prefill, verify, commit)
+    take one lock unless `serialize` is false; tokenizer calls always take another."""
+
+    def __init__(self, target, serialize: bool = True) -> None:
         self._target = target
-        self._lock = lock or threading.Lock()
+        self._lock = threading.Lock() if serialize else None
+        self.tokenizer = _LockedTokenizer(target.tokenizer) if target.tokenizer is not None else None
 
     def __getattr__(self, name):
         return getattr(self._target, name)
 
-    def prefill(self, *args, **kwargs):
+    def _locked(self, fn, *args, **kwargs):
+        if self._lock is None:
+            return fn(*args, **kwargs)
         with self._lock:
-            return self._target.prefill(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+    def prefill(self, *args, **kwargs):
+        return self._locked(self._target.prefill, *args, **kwargs)
 
     def verify(self, *args, **kwargs):
-        with self._lock:
-            return self._target.verify(*args, **kwargs)
+        return self._locked(self._target.verify, *args, **kwargs)
 
     def commit(self, *args, **kwargs):
-        with self._lock:
-            return self._target.commit(*args, **kwargs)
+        return self._locked(self._target.commit, *args, **kwargs)
 
 
 @dataclass
@@ -104,7 +133,7 @@ class Decoder:
             torch.set_num_threads(self.cfg.model.torch_threads)
         device, dtype = _resolve_device(self.cfg.model)
         self.target = TargetModel.load(self.cfg.model.path, dtype=dtype, device=device)
-        self.model = SerializedTarget(self.target) if self.cfg.decoder.serialize_forward else self.target
+        self.model = SerializedTarget(self.target, serialize=self.cfg.decoder.serialize_forward)
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.max_ongoing_requests + 2,
                                        thread_name_prefix="generate")
         sh = self.cfg.shards
@@ -211,14 +240,14 @@ class Decoder:
         from decoding.engine import encode_prompt
 
         if req.kind == "completion":
-            ids = list(req.prompt_ids) if req.prompt_ids is not None else encode_prompt(self.target, req.prompt,
+            ids = list(req.prompt_ids) if req.prompt_ids is not None else encode_prompt(self.model, req.prompt,
                                                                                          chat=False)
         elif len(req.messages) == 1 and req.messages[0]["role"] == "user":
-            ids = encode_prompt(self.target, req.messages[0]["content"], chat=True)
+            ids = encode_prompt(self.model, req.messages[0]["content"], chat=True)
         else:
-            tok = self.target.tokenizer
+            tok = self.model.tokenizer
             if not getattr(tok, "chat_template", None):
-                ids = encode_prompt(self.target, "\n\n".join(m["content"] for m in req.messages), chat=False)
+                ids = encode_prompt(self.model, "\n\n".join(m["content"] for m in req.messages), chat=False)
             else:
                 enc = tok.apply_chat_template(req.messages, add_generation_prompt=True)
                 ids = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
@@ -289,13 +318,16 @@ class Decoder:
             except APIError as exc:
                 emit({"type": "error", "error": exc.to_dict()})
                 return
+            params = req.params
+            if params.top_k >= self.target.vocab_size:         # keeps every token: the same as no filter
+                params = dataclasses.replace(params, top_k=0)
             emit({"type": "start", "prompt_tokens": len(prompt_ids)})
-            text = TextStream(self.target.tokenizer, req.params.stop) if req.stream else None
+            text = TextStream(self.model.tokenizer, req.params.stop) if req.stream else None
 
             def on_tokens(ids: list[int]) -> None:
                 emit({"type": "delta", "text": text.push(ids), "token_ids": list(ids)})
 
-            result = generate(self.model, prompt_ids, params=req.params, drafter=drafter, budget=budget,
+            result = generate(self.model, prompt_ids, params=params, drafter=drafter, budget=budget,
                               soft=req.soft, on_tokens=on_tokens if text is not None else None,
                               should_stop=cancel.is_set)
             stats = self._stats(req, result, drafter, store, report, len(prompt_ids))

@@ -79,10 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the app to be ready")
     args = p.parse_args(argv)
 
+    import signal
+
     import ray
     from ray import serve
 
     from serving.app import build_app
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _terminate)          # stop cleanly on SIGTERM too
     from serving.config import ServingConfig
 
     app_args = load_args(args.config, args.set)
