@@ -1,21 +1,22 @@
 """Prometheus metrics through Ray's metrics API (``ray.util.metrics``).
 
-Each node's metrics agent exports them (``ray_`` prefix) on its metrics export port, beside
-Serve's own; Grafana/Prometheus scrape them as usual. Names:
+Each node's metrics agent exports them on its metrics export port (``ray.nodes()``'
+``MetricsExportPort``; the cluster's Prometheus scrapes it) beside Ray's and Serve's own, with
+Ray's ``ray_`` prefix (counters end in ``_total``, histograms have ``_bucket/_sum/_count``):
 
-ingress:  sense_requests_total{route, status}          requests by route and HTTP status
-          sense_request_latency_seconds{route}         end-to-end latency
-          sense_time_to_first_token_seconds{route}     streaming requests
-decoder:  sense_generated_tokens_total{method}         completion tokens
-          sense_prompt_tokens_total{method}
-          sense_drafted_tokens_total{method}, sense_accepted_tokens_total{method}
-          sense_mat{method}                            mean accepted tokens per step, per request
-          sense_acceptance_rate{method}                accepted / drafted, per request
-          sense_decode_tokens_per_second{method}
-          sense_cancelled_requests_total{method}       client went away
-          sense_index_fallbacks_total{method}          shards unavailable: PLD drafting instead
-          sense_active_generations                     per replica
-shards:   sense_index_searches_total, sense_index_batch_size
+ingress:  ray_sense_requests_total{route, status}          requests by route and HTTP status
+          ray_sense_request_latency_seconds{route}         end-to-end latency
+          ray_sense_time_to_first_token_seconds{route}     streaming requests
+decoder:  ray_sense_generated_tokens_total{method}         completion tokens
+          ray_sense_prompt_tokens_total{method}
+          ray_sense_drafted_tokens_total{method}, ray_sense_accepted_tokens_total{method}
+          ray_sense_mat{method}                            mean accepted tokens per step, per request
+          ray_sense_acceptance_rate{method}                accepted / drafted, per request
+          ray_sense_decode_tokens_per_second{method}
+          ray_sense_cancelled_requests_total{method}       the client went away
+          ray_sense_index_fallbacks_total{method}          shards unavailable: PLD drafting instead
+          ray_sense_active_generations                     per decoder replica
+shards:   ray_sense_index_searches_total, ray_sense_index_batch_size
 """
 
 from __future__ import annotations

@@ -585,8 +585,9 @@ def test_prometheus_metrics(server):
                 text += requests.get(f"http://127.0.0.1:{p}/metrics", timeout=10).text
             except requests.RequestException:
                 pass
-        needed = ("sense_requests_total", "sense_request_latency_seconds", "sense_generated_tokens_total",
-                  "sense_mat_bucket", "sense_acceptance_rate_bucket")
+        needed = ("ray_sense_requests_total{", "ray_sense_request_latency_seconds_bucket{",
+                  "ray_sense_generated_tokens_total{", "ray_sense_mat_bucket{", "ray_sense_acceptance_rate_bucket{",
+                  "ray_sense_index_searches_total{")
         return text if all(n in text for n in needed) else None
 
     text = wait_for(scrape, 90, "the sense_* metrics on the nodes' Prometheus endpoints", every=2)
