@@ -25,6 +25,7 @@ from typing import Iterator
 
 from index import storage
 
+UNREADABLE = -1        # Unit.start of a file whose structure could not be read
 FORMATS = ("auto", "jsonl", "parquet", "text", "tokens")   # tokens: token-stream tables (tokens_table)
 _EXT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
         ".txt": "text", ".text": "text", ".md": "text"}
@@ -160,9 +161,13 @@ def plan_units(specs: list[CorpusSpec], split_bytes: int = 1 << 20) -> list[Unit
             try:
                 with fs.open(path, "rb") as f:
                     n_groups = pq.ParquetFile(f).metadata.num_row_groups
-            except Exception as exc:
-                raise InputError(f"{uri}: not a readable Parquet file ({exc})") from None
-            units.extend(Unit(spec.name, uri, fmt, g, g + 1, file_index) for g in range(n_groups))
+            except _CORRUPT + (OSError,) as exc:
+                if isinstance(exc, FileNotFoundError):
+                    raise InputError(f"{uri}: input file disappeared") from None
+                # A corrupt file is one bad input, reported by the unit that reads it; not fatal.
+                units.append(Unit(spec.name, uri, fmt, UNREADABLE, 0, file_index))
+                continue
+            units.extend(Unit(spec.name, uri, fmt, g, g + 1, file_index) for g in range(max(n_groups, 1)))
         else:
             units.append(Unit(spec.name, uri, fmt, 0, 0, file_index))
     return units
@@ -212,6 +217,8 @@ def iter_records(unit: Unit) -> Iterator[tuple[int, dict | str | None, str | Non
         fs, path = storage.open_fs(unit.uri)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
+            if pf.metadata.num_row_groups == 0:
+                return
             first = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
             for i, rec in enumerate(pf.read_row_group(unit.start).to_pylist()):
                 yield first + i, rec, None
@@ -288,6 +295,8 @@ def read_unit(unit: Unit, fields: FieldMap, tokenizer, eos: int | None, *, min_t
     docs, bad, n = [], Counter(), 0
     if unit.format == "tokens":
         return _read_token_unit(unit)
+    if unit.start == UNREADABLE:
+        return UnitRecords([], Counter({"unreadable Parquet file": 1}), 1)
     try:
         records = list(iter_records(unit))
     except FileNotFoundError:
@@ -296,6 +305,8 @@ def read_unit(unit: Unit, fields: FieldMap, tokenizer, eos: int | None, *, min_t
         # storage errors (network, credentials) propagate so the task is retried or the job fails.
         bad[f"unreadable input ({type(exc).__name__})"] += 1
         return UnitRecords([], bad, 1)
+    if not records and unit.start == 0:
+        bad["empty file"] += 1          # reported once, by the file's first unit
     for key, rec, reason in records:
         n += 1
         if rec is None:

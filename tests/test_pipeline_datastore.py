@@ -373,3 +373,70 @@ def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tm
         assert tokens == prompt + answer and store_from == len(prompt)
     assert manifest.entries == sum(len(t) - s for t, s in zip(table.column("tokens").to_pylist(),
                                                               table.column("store_from").to_pylist()))
+
+
+def test_corrupt_inputs_are_counted_never_fatal(tmp_path, target):
+    """Binary junk, empty files, wrong types and a corrupt Parquet file in one corpus: every bad
+    input is counted by reason, the good records still come through."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "a-good.jsonl").write_text(json.dumps({"text": "a good record"}) + "\n")
+    (d / "b-junk.jsonl").write_bytes(b"\x00\xff\xfe garbage \x80\n" + json.dumps({"text": "survivor"}).encode() + b"\n")
+    (d / "c-empty.jsonl").write_bytes(b"")
+    pq.write_table(pa.table({"text": [1, 2]}), d / "d-types.parquet")
+    (d / "e-corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    (d / "f-junk.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    (d / "g-list.jsonl").write_text("[1, 2]\n" + json.dumps({"text": ["not", "a", "string"]}) + "\n")
+    units = plan_units([CorpusSpec("mixed", str(d))])
+    docs, bad = [], Counter()
+    for u in units:
+        recs = read_unit(u, FieldMap(), target.tokenizer, eos=2)
+        docs += recs.documents
+        bad += recs.bad
+    assert sorted(target.tokenizer.decode(x.tokens) for x in docs) == ["a good record", "survivor"]
+    assert bad == Counter({"invalid JSON": 1, "empty file": 1, "field 'text' is not a string": 3,
+                           "unreadable Parquet file": 1, "not UTF-8 text": 1, "not a JSON object": 1})
+
+
+def test_worker_node_killed_mid_build(ray_cluster, corpus, pipeline_output, tmp_path):
+    """The node running the extraction actor dies mid-build and a replacement node joins (as an
+    autoscaler would bring one): the job finishes with the output of an undisturbed run."""
+    out = tmp_path / "ds"
+    victim = ray_cluster.add_node(num_cpus=1, resources={"extract": 1}, dashboard_agent_listen_port=_port())
+    ray_cluster.wait_for_nodes()
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    proc = subprocess.Popen(_cli(corpus[0], out, "--workers", "1", "--worker-resources", '{"extract": 1}'),
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        def extracted():
+            return [p for p in (out / "units").glob("*.json") if json.loads(p.read_text())["phase"] == "extract"] \
+                if (out / "units").is_dir() else []
+        while time.time() < deadline and proc.poll() is None and not extracted():
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        ray_cluster.remove_node(victim, allow_graceful=False)
+        ray_cluster.add_node(num_cpus=1, resources={"extract": 1}, dashboard_agent_listen_port=_port())
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    nodes = {json.loads(p.read_text())["node"] for p in extracted()}
+    assert victim.node_id in nodes and len(nodes) == 2          # work began on the victim, ended elsewhere
+    ours, ref = _read_entries(str(out)), _read_entries(str(pipeline_output[0]))
+    pairs = list(zip(ours["doc_id"].tolist(), ours["position"].tolist()))
+    assert len(pairs) == len(set(pairs)) == len(ref["key"])
+    assert (ours["value"] == ref["value"]).all()
+    np.testing.assert_allclose(ours["key"], ref["key"], atol=1e-4)
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
