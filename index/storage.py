@@ -15,6 +15,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -59,14 +60,27 @@ def exists(uri: str | Path) -> bool:
     return fs.exists(path)
 
 
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)     # transient remote errors: retried with these back-offs
+
+
+def _retrying(uri, what: str, fn):
+    """Run fn(); on a remote storage error retry with back-off, then raise StorageError. Local
+    errors and a missing object are not retried (FileNotFoundError propagates as is)."""
+    delays = RETRY_DELAYS_S if is_remote(uri) else ()
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # network and permission errors from s3fs/botocore, OSError locally
+            if attempt == len(delays):
+                raise StorageError(f"{uri}: could not {what} ({type(exc).__name__}: {exc})") from None
+            time.sleep(delays[attempt])
+
+
 def read_bytes(uri: str | Path) -> bytes:
     fs, path = open_fs(uri)
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # network and permission errors from s3fs/botocore
-        raise StorageError(f"{uri}: could not read ({exc})") from None
+    return _retrying(uri, "read", lambda: fs.cat_file(path))
 
 
 def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
@@ -86,10 +100,7 @@ def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
-    try:
-        fs.pipe_file(path, data)
-    except Exception as exc:
-        raise StorageError(f"{uri}: could not write ({exc})") from None
+    _retrying(uri, "write", lambda: fs.pipe_file(path, data))
 
 
 def upload_file(local: str | Path, uri: str | Path) -> None:

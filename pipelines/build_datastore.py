@@ -236,8 +236,38 @@ def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict
     return manifest
 
 
+def _storage_failure(exc: BaseException) -> BaseException | None:
+    """The storage error behind a failed Ray task or dataset, if that is what it was."""
+    from index.storage import StorageError
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (StorageError, InputError, DatastoreError)):
+            return exc
+        cause = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        exc, seen = cause, seen + 1
+    return None
+
+
 def build_datastore(config: DatastoreJobConfig) -> Manifest:
-    """Run the whole build (see the module docstring); returns the manifest written."""
+    """Run the whole build (see the module docstring); returns the manifest written. A storage
+    failure that outlasts the retries ends it with a JobError: finished units are kept and the
+    same command resumes."""
+    try:
+        return _build(config)
+    except (InputError, DatastoreError, JobError):
+        raise
+    except Exception as exc:
+        cause = _storage_failure(exc)
+        if cause is None:
+            raise
+        if isinstance(cause, (InputError, DatastoreError)):
+            raise cause from None
+        raise JobError(f"storage failed during the build ({cause}); finished units are kept: rerun the same "
+                       f"command to resume") from None
+
+
+def _build(config: DatastoreJobConfig) -> Manifest:
     config.validate()
     t0 = time.perf_counter()
     _init_ray(config.ray_address)

@@ -440,3 +440,47 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_s3_outage_fails_cleanly_and_the_rerun_completes(ray_cluster, s3_server, corpus, tmp_path):
+    """The S3 server goes down mid-build for longer than the retries: the job ends with one clear
+    line (exit 2) and publishes no manifest; once the server is back, the same command completes.
+    (moto keeps no state across a restart, so the rerun rebuilds what was lost.)"""
+    import boto3
+
+    from index import storage
+
+    def s3():
+        return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    s3_server.make_bucket("outage")
+    out = "s3://outage/ds"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    proc = subprocess.Popen(_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            keys = [o["Key"] for o in s3().list_objects_v2(Bucket="outage").get("Contents", [])]
+            if any(k.startswith("ds/units/") for k in keys):
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        s3_server.stop()
+        _, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if s3_server.proc is None:
+            s3_server.start()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "rerun the same command to resume" in last and "Traceback" not in err
+    s3_server.make_bucket("outage")
+    assert not storage.exists(out + "/manifest.json")
+    res = subprocess.run(_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads(storage.read_bytes(out + "/manifest.json"))
+    assert manifest["documents"] == N_DOCS and manifest["skipped"] == 3
