@@ -150,8 +150,9 @@ class DecoderConfig(_Section):
     ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1},
                                     description="num_cpus, num_gpus, memory, resources, runtime_env ...")
     serialize_forward: bool = Field(True, description="one forward pass at a time per replica (see decoder.py)")
-    index_wait_s: float = Field(120.0, ge=0, description="how long a new index version may take to appear "
-                                                           "on the shards before the decoder gives up on it")
+    index_wait_s: float = Field(120.0, ge=0, description="how long a replica waits for the shards to hold a "
+                                                           "new index version before it goes on without it (the "
+                                                           "current version, else PLD fallback) and keeps watching")
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
 
     @field_validator("autoscaling_config")

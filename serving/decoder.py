@@ -139,6 +139,7 @@ class Decoder:
         sh = self.cfg.shards
         self.client = ShardClient(shards, timeout_s=sh.search_timeout_s, cooldown_s=sh.cooldown_s) if shards else None
         self.index: IndexState | None = None
+        self._pending: IndexState | None = None     # a new version waiting for the shards
         self.index_error: str | None = None
         self._cost = None
         self._cost_lock = threading.Lock()
@@ -160,10 +161,13 @@ class Decoder:
 
     async def reconfigure(self, user_config: dict) -> None:
         """A new index version: load it beside the current one, then swap (requests in flight
-        keep the stores they started with)."""
+        keep the stores they started with). Sharded: the swap waits until the shards hold the
+        new version; meanwhile the current one keeps serving."""
         index = IndexConfig.from_user_config(user_config)
         async with self._reconfigure_lock:
             if self.index is not None and self.index.config == index:
+                return
+            if self._pending is not None and self._pending.config == index:
                 return
             try:
                 state = await asyncio.to_thread(self._load_index, index)
@@ -174,10 +178,25 @@ class Decoder:
                                    f"{self.index.config.version!r}: {exc}"
                 log.error(self.index_error)
                 return
-            if self.index is not None:
-                self.index.retired = True
-            self.index, self.index_error = state, None
-            log.info("index version %s in use (%s)", index.version, state.describe(self.client is not None))
+            self._pending = None
+            if state.meta is None and state.error and self._usable(self.index):
+                self._pending = state
+                self.index_error = f"{state.error}; still serving version {self.index.config.version!r}"
+                threading.Thread(target=self._watch_meta, args=(state, True), daemon=True).start()
+                return
+            self._adopt(state)
+            if state.meta is None and state.error:        # nothing better to serve: fall back meanwhile
+                threading.Thread(target=self._watch_meta, args=(state, False), daemon=True).start()
+
+    def _usable(self, state: IndexState | None) -> bool:
+        return state is not None and (self.client is None or state.meta is not None
+                                      or state.config.source("dense") is None)
+
+    def _adopt(self, state: IndexState) -> None:
+        if self.index is not None:
+            self.index.retired = True
+        self.index, self.index_error = state, None
+        log.info("index version %s in use (%s)", state.config.version, state.describe(self.client is not None))
 
     def _load_index(self, index: IndexConfig) -> IndexState:
         from serving.index_data import load_dense, load_sparse
@@ -189,7 +208,6 @@ class Decoder:
             state.meta = self._wait_for_meta(index, self.cfg.decoder.index_wait_s)
             if state.meta is None:
                 state.error = f"index version {index.version!r} is not loaded on the shards yet"
-                threading.Thread(target=self._retry_meta, args=(state,), daemon=True).start()
         return state
 
     def _wait_for_meta(self, index: IndexConfig, wait_s: float):
@@ -206,15 +224,21 @@ class Decoder:
                 return None
             time.sleep(0.5)
 
-    def _retry_meta(self, state: IndexState) -> None:
-        while state.meta is None and not state.retired:
+    def _watch_meta(self, state: IndexState, adopt: bool) -> None:
+        """Poll the shards for `state`'s version; with `adopt`, swap it in once they hold it."""
+        while state.meta is None and not state.retired and (not adopt or self._pending is state):
             try:
                 meta = self._wait_for_meta(state.config, 5.0)
-            except Exception as exc:
+            except Exception as exc:             # e.g. built for another model: refused for good
                 state.error = str(exc)
+                if adopt:
+                    self.index_error = f"index version {state.config.version!r} refused: {exc}"
                 return
             if meta is not None:
                 state.meta, state.error = meta, None
+                if adopt and self._pending is state:
+                    self._pending = None
+                    self._adopt(state)
                 return
 
     # -- one request --------------------------------------------------------------------------
