@@ -28,6 +28,9 @@ class TokenTree:
     # ranks[i]: the drafter's preference order of draft node i (0 = most wanted; parents rank
     # before children, root -1), so the nodes with rank < b form the tree a budget of b keeps.
     ranks: tuple[int, ...] | None = field(default=None, compare=False)
+    # sources[i]: which proposers drafted node i (sorted labels such as "pld", "sparse", "dense",
+    # "dynamic"; the root has none). Bookkeeping for analysis only: it never changes the tree.
+    sources: tuple[tuple[str, ...], ...] | None = field(default=None, compare=False)
     _children: tuple[dict[int, int], ...] = field(init=False, repr=False, compare=False)
     _depths: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -51,6 +54,8 @@ class TokenTree:
         elif len(self.ranks) != len(self.tokens) or any(
                 self.ranks[i] <= self.ranks[self.parents[i]] for i in range(1, len(self.tokens))):
             raise ValueError("ranks must give every node a rank after its parent's")
+        if self.sources is not None and len(self.sources) != len(self.tokens):
+            raise ValueError("sources must give one entry per node")
         object.__setattr__(self, "_children", tuple(children))
         object.__setattr__(self, "_depths", tuple(depths))
 
@@ -67,21 +72,34 @@ class TokenTree:
         return cls((root, *map(int, draft)), tuple(range(-1, n)))
 
     @classmethod
-    def from_chains(cls, root: int, chains: Iterable[tuple[Sequence[int], float]], budget: int) -> "TokenTree":
+    def from_chains(cls, root: int, chains: Iterable[tuple[Sequence[int], float]], budget: int,
+                    labels: Sequence[str] | None = None) -> "TokenTree":
         """Merge weighted chains into a trie and keep the `budget` heaviest draft nodes.
 
         A node's weight is the sum of the weights of the chains through it, so a child never
         outweighs its parent: keeping the heaviest nodes (ties broken by depth, then insertion
         order) always yields a connected subtree rooted at `root`. Children are ordered by weight.
+
+        `labels` (optional, one per chain) names the proposer of each chain; each node's
+        ``sources`` are then the labels of the chains through it. Labels never change the tree.
         """
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
+        chain_bits: list[int] | None = None          # per chain, when several proposers are named
+        if labels is not None:
+            chains = list(chains)
+            if len(labels) != len(chains):
+                raise ValueError(f"{len(labels)} labels for {len(chains)} chains")
+            names = sorted(set(labels))
+            bit = {name: 1 << j for j, name in enumerate(names)}
+            chain_bits = [bit[name] for name in labels] if len(names) > 1 else None
+        node_bits: list[int] = [0]
         trie: list[dict[int, int]] = [{}]
         weight: list[float] = [0.0]
         depth: list[int] = [0]
         node_token: list[int] = [root]
         node_parent: list[int] = [-1]
-        for chain, w in chains:
+        for c, (chain, w) in enumerate(chains):
             node = 0
             for tok in chain:
                 tok = int(tok)
@@ -94,13 +112,16 @@ class TokenTree:
                     depth.append(depth[node] + 1)
                     node_token.append(tok)
                     node_parent.append(node)
+                    node_bits.append(0)
                 weight[nxt] += float(w)
+                if chain_bits is not None:
+                    node_bits[nxt] |= chain_bits[c]
                 node = nxt
         order = sorted(range(1, len(trie)), key=lambda i: (-weight[i], depth[i], i))[:budget]
         keep = set(order)
         rank_of = {old: r for r, old in enumerate(order)}
         # Re-emit kept nodes in BFS order from the root so parents precede children.
-        tokens, parents, ranks, new_index = [root], [-1], [-1], {0: 0}
+        tokens, parents, ranks, new_index, kept = [root], [-1], [-1], {0: 0}, [0]
         frontier = [0]
         while frontier:
             nxt_frontier = []
@@ -111,9 +132,16 @@ class TokenTree:
                     tokens.append(node_token[c])
                     parents.append(new_index[old])
                     ranks.append(rank_of[c])
+                    kept.append(c)
                     nxt_frontier.append(c)
             frontier = nxt_frontier
-        return cls(tuple(tokens), tuple(parents), tuple(ranks))
+        sources = None
+        if labels is not None:
+            if chain_bits is None:          # one proposer: every draft node is its
+                sources = ((),) + (tuple(names),) * (len(tokens) - 1)
+            else:
+                sources = ((),) + tuple(tuple(n for n in names if node_bits[c] & bit[n]) for c in kept[1:])
+        return cls(tuple(tokens), tuple(parents), tuple(ranks), sources)
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ class Drafter:
 
     name: str = "drafter"
     needs_hidden: bool = False
+    source: str | None = None        # label of this drafter's proposals in TokenTree.sources (default: name)
 
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
         """A new request: its prompt and, if needs_hidden, the prompt's hidden states [P, H]."""
@@ -36,16 +37,24 @@ class Drafter:
         """Candidate continuations after the pending token, each with a weight (higher = likelier)."""
         return []
 
+    def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None
+                        ) -> tuple[list[tuple[Sequence[int], float]], list[str]]:
+        """``chains`` and, for each, the label of its proposer (drafters with several sources
+        override this; the chains are the same either way)."""
+        found = self.chains(tokens, max_depth, hidden)
+        return found, [self.source or self.name] * len(found)
+
     def propose(self, tokens: np.ndarray, budget: int, max_depth: int,
                 hidden: torch.Tensor | None = None) -> TokenTree:
-        """The candidates merged into a weighted trie, pruned to `budget` nodes."""
+        """The candidates merged into a weighted trie, pruned to `budget` nodes; each node's
+        ``sources`` tell which proposers drafted it."""
         root = int(tokens[-1])
         if budget <= 0 or max_depth <= 0:
             return TokenTree.root_only(root)
-        found = self.chains(tokens, max_depth, hidden)
+        found, labels = self.labelled_chains(tokens, max_depth, hidden)
         if not found:
             return TokenTree.root_only(root)
-        return TokenTree.from_chains(root, found, budget)
+        return TokenTree.from_chains(root, found, budget, labels)
 
 
 class NoDrafter(Drafter):

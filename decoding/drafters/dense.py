@@ -12,7 +12,7 @@ to the node budget; mode="chains" keeps the few best neighbours' whole chains in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ class DenseDrafter(Drafter):
     dynamic_k: int = 20
     name: str = "dense"
     needs_hidden: bool = True
+    source: ClassVar[str] = "dense"  # proposals from the static datastore; the dynamic cache's: "dynamic"
     _dyn_keys: list = field(default_factory=list, repr=False)
     _dyn_pos: list = field(default_factory=list, repr=False)
 
@@ -95,14 +96,18 @@ class DenseDrafter(Drafter):
         return [(_cut_at(self.store.values[i, 1: 1 + depth], self.eos), float(max(s, 0.0)))
                 for s, i in zip(sims[keep], ids[keep])]
 
-    def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+    def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        """The chains, each labelled "dense" (static datastore) or "dynamic" (dynamic cache)."""
         if hidden is None:
-            return []
+            return [], []
         q = self.transform(hidden.float().cpu().numpy())
-        found = self._static_chains(q, int(tokens[-1]), max_depth)
+        found = [(c, w, self.source) for c, w in self._static_chains(q, int(tokens[-1]), max_depth)]
         if self.dynamic:
-            found += self._dynamic_chains(q, tokens, max_depth)
-        found = [(c.tolist(), w) for c, w in found if len(c) and w > 0]
+            found += [(c, w, "dynamic") for c, w in self._dynamic_chains(q, tokens, max_depth)]
+        found = [(c.tolist(), w, label) for c, w, label in found if len(c) and w > 0]
         if self.mode == "chains":
-            found = sorted(found, key=lambda cw: -cw[1])[: self.n_chains]
-        return found
+            found = sorted(found, key=lambda cwl: -cwl[1])[: self.n_chains]
+        return [(c, w) for c, w, _ in found], [label for _, _, label in found]
+
+    def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        return self.labelled_chains(tokens, max_depth, hidden)[0]

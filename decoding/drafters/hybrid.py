@@ -32,11 +32,16 @@ class HybridDrafter(Drafter):
             if d.needs_hidden:
                 d.observe(positions, hidden)
 
-    def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        fused = []
+    def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        """The fused chains, each labelled with the source of the part that proposed it."""
+        fused, labels = [], []
         for d, share in self.parts:
-            found = d.chains(tokens, max_depth, hidden if d.needs_hidden else None)
+            found, found_labels = d.labelled_chains(tokens, max_depth, hidden if d.needs_hidden else None)
             total = sum(w for _, w in found)
             if total > 0:
                 fused += [(c, share * w / total) for c, w in found]
-        return fused
+                labels += found_labels
+        return fused, labels
+
+    def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        return self.labelled_chains(tokens, max_depth, hidden)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -23,6 +24,7 @@ class PromptLookupDrafter(Drafter):
     num_pred_tokens: int = 10
     max_candidates: int = 1
     name: str = "pld"
+    source: ClassVar[str] = "pld"
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:

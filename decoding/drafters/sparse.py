@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -25,6 +25,7 @@ class SparseDrafter(Drafter):
     continuation_len: int = 10
     max_occurrences: int = 5000
     name: str = "rest"
+    source: ClassVar[str] = "sparse"
 
     def chains(self, tokens: np.ndarray, max_depth: int, hidden=None):
         found = self.index.lookup(tokens[-self.max_suffix:], max_suffix=self.max_suffix,
