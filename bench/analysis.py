@@ -177,7 +177,7 @@ def aggregate(stats: Iterable) -> dict[str, float]:
     tokens_per_s = all new tokens / all decode time.
     """
     keys = ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft", "time_verify")
-    tot = {k: 0.0 for k in keys}
+    tot = {k: 0 for k in keys}          # counts stay integers, times become floats
     n = 0
     for s in stats:
         n += 1
