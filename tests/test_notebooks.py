@@ -7,7 +7,7 @@ cell error fails the test. The committed file is never overwritten.
 A notebook may set its own per-cell timeout (seconds) in its metadata, for cells that start
 clusters or build datastores::
 
-    "metadata": {"sense_test": {"cell_timeout": 900}}
+    "metadata": {"sense": {"timeout": 900}}
 
 The default is ``DEFAULT_CELL_TIMEOUT``. Running them is slow (a real model on the CPU), so
 that test is marked ``slow``; the check on committed outputs is fast.
@@ -32,10 +32,10 @@ def notebook_paths() -> list[Path]:
 
 
 def cell_timeout(nb) -> int:
-    """Per-cell timeout: the notebook's ``metadata.sense_test.cell_timeout``, else the default."""
-    value = nb.metadata.get("sense_test", {}).get("cell_timeout", DEFAULT_CELL_TIMEOUT)
+    """Per-cell timeout: the notebook's ``metadata.sense.timeout``, else the default."""
+    value = nb.metadata.get("sense", {}).get("timeout", DEFAULT_CELL_TIMEOUT)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"metadata.sense_test.cell_timeout must be a positive integer, got {value!r}")
+        raise ValueError(f"metadata.sense.timeout must be a positive integer (seconds per cell), got {value!r}")
     return value
 
 
