@@ -484,3 +484,24 @@ def test_s3_outage_fails_cleanly_and_the_rerun_completes(ray_cluster, s3_server,
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads(storage.read_bytes(out + "/manifest.json"))
     assert manifest["documents"] == N_DOCS and manifest["skipped"] == 3
+
+
+def test_index_artifact_from_the_pipeline_output(ray_cluster, pipeline_output, tmp_path):
+    """The index build consumes the pipeline's datastore on the multi-node cluster: sharded and
+    merged, its searches, values and REST index agree with the datastore itself."""
+    from index.artifact import load_artifact
+    from index.artifact_build import BuildConfig, build_artifact
+    from index.dense_store import DenseStore
+
+    out, manifest = pipeline_output
+    store = DenseStore.load(out)
+    result = build_artifact(BuildConfig(datastore=str(out), output=str(tmp_path / "index"), shards=2, merge=False),
+                            progress=None)
+    art = load_artifact(tmp_path / "index")
+    assert len(art) == manifest.entries and len(art.shards) == 2 and result.manifest.entries == manifest.entries
+    q = store.keys[::7][:64]
+    sims_a, ids_a = art.search(q, 10)
+    sims_s, ids_s = store.search(q, 10)
+    np.testing.assert_allclose(sims_a, sims_s, atol=1e-5)
+    assert (np.asarray(art.values)[ids_a[:, 0]] == store.values[ids_s[:, 0]]).all()
+    assert art.sparse is not None
