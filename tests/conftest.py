@@ -91,9 +91,10 @@ def ray_cluster(s3_server):
     # Own ports for the dashboard agents: the default (52365) is shared by every Ray instance on
     # the machine, and a second cluster's job agent would fail to bind it.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "resources": {"head": 1},
+        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "resources": {"head": 1, "slot": 1},
         "dashboard_agent_listen_port": _free_port()})
-    cluster.add_node(num_cpus=2, resources={"worker": 1}, dashboard_agent_listen_port=_free_port())
+    # "slot": one per node, so a test can place one actor on each node.
+    cluster.add_node(num_cpus=2, resources={"worker": 1, "slot": 1}, dashboard_agent_listen_port=_free_port())
     cluster.wait_for_nodes()
     cluster.dashboard_url = f"http://127.0.0.1:{port}"
     cluster.wait_for_job_agent = lambda timeout=120: _wait_for_job_agent(cluster.dashboard_url, timeout)

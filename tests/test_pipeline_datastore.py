@@ -191,7 +191,7 @@ def pipeline_output(ray_cluster, corpus, tmp_path_factory):
     from pipelines.build_datastore import build_datastore
 
     out = tmp_path_factory.mktemp("pipe") / "ds"
-    manifest = build_datastore(_config(str(corpus[0]), str(out), sample_rows=200))
+    manifest = build_datastore(_config(str(corpus[0]), str(out), sample_rows=200, worker_resources={"slot": 1}))
     return out, manifest
 
 
@@ -243,7 +243,7 @@ def test_pipeline_equals_single_process_builder(pipeline_output, corpus, target,
 
 
 def test_workers_ran_on_both_nodes(pipeline_output):
-    """Two extraction actors on a two-node cluster: units were extracted on both nodes."""
+    """Two extraction actors, one per node (a per-node resource): units were extracted on both."""
     out, _ = pipeline_output
     nodes = {json.loads(p.read_text())["node"] for p in (out / "units").glob("*.json")}
     assert len(nodes) == 2
