@@ -31,7 +31,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
-from index.dense_format import DatastoreError, ModelFingerprint, check_compatible
+from index.dense_format import DatastoreError, ModelFingerprint, check_compatible, sha256_file
 
 ARTIFACT_FORMAT = "sense-index-artifact"
 ARTIFACT_FORMAT_VERSION = 1
@@ -92,11 +92,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_path(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path, chunk)
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,9 @@ def write_dense_datastore(out: str | Path, *, keys: np.ndarray, values: np.ndarr
     """Write rows keys [E, d] float32, values [E, N] int32, doc_id [E], position [E] as a
     datastore directory (replacing a previous datastore there). The transform defaults to the
     identity on d dims."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from index.dense_build import entries_table
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     values = np.ascontiguousarray(values, dtype=np.int32)
@@ -66,14 +67,8 @@ def write_dense_datastore(out: str | Path, *, keys: np.ndarray, values: np.ndarr
                             tokens=int(tokens if tokens is not None else e), corpora=[corpus])
         for lo in range(0, e, shard_rows):
             hi = min(e, lo + shard_rows)
-            table = pa.table({
-                "key": pa.FixedSizeListArray.from_arrays(pa.array(keys[lo:hi].ravel(), pa.float32()), d),
-                "value": pa.FixedSizeListArray.from_arrays(pa.array(values[lo:hi].ravel(), pa.int32()), n),
-                "first_token": pa.array(values[lo:hi, 0], pa.int32()),
-                "doc_id": pa.array(np.asarray(doc_id[lo:hi], np.int64), pa.int64()),
-                "position": pa.array(np.asarray(position[lo:hi], np.int32), pa.int32()),
-                "corpus": pa.array(np.full(hi - lo, corpus, dtype=object)).dictionary_encode(),
-            })
+            table = entries_table(keys[lo:hi], values[lo:hi], doc_id[lo:hi], position[lo:hi],
+                                  np.full(hi - lo, corpus, dtype=object))
             name = f"shards/part-{len(manifest.shards):05d}.parquet"
             pq.write_table(table, tmp / name)
             manifest.shards.append({"path": name, "rows": table.num_rows, "sha256": sha256_file(tmp / name)})
