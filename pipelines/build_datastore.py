@@ -25,7 +25,7 @@ from dataclasses import asdict, replace
 from index import storage
 from index.dense_format import MANIFEST, TRANSFORM, DatastoreError, Manifest, ModelFingerprint
 from index.records import FieldMap, InputError, Unit, plan_units
-from pipelines.config import DatastoreJobConfig, SelfDistillConfig, parse_corpus
+from pipelines.config import DISTILL_METHODS, DatastoreJobConfig, SelfDistillConfig, parse_corpus
 from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, done_marker, fit_sample,
                               unit_to_row)
 
@@ -40,7 +40,7 @@ def _log(msg: str) -> None:
     print(f"[build_datastore] {msg}", file=sys.stderr, flush=True)
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None, worker_start_timeout_s: float) -> None:
     import logging
 
     import ray
@@ -51,7 +51,23 @@ def _init_ray(address: str | None) -> None:
     # Our own progress lines replace Ray Data's periodic operator dumps.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    # Start the whole actor pool before feeding it: otherwise the first actor up takes every unit
+    # of a short job while the others still load the model, and a pool the cluster cannot place
+    # would wait forever instead of failing with a clear error.
+    ctx.wait_for_min_actors_s = max(1, int(worker_start_timeout_s))
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data.exceptions").addFilter(_QuietPoolStartTimeout())
+
+
+class _QuietPoolStartTimeout:
+    """Drops Ray Data's internal-error stack dump for a pool that did not start in time: the job
+    reports that case itself in one line (the filter runs inside Ray's except block, so
+    sys.exc_info() is the exception being logged)."""
+
+    def filter(self, record) -> bool:
+        import sys
+
+        return not _worker_start_timeout(record.exc_info[1] if record.exc_info else sys.exc_info()[1])
 
 
 def _use_gpu(config: DatastoreJobConfig) -> float:
@@ -147,7 +163,7 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
                                 model=config.model, dtype=config.dtype, gpu=gpus > 0,
                                 threads=int(config.cpus_per_worker), output=config.output,
                                 eos=_eos_of(config, gpus), max_new_tokens=config.self_distill.max_new_tokens,
-                                method=config.self_distill.method))
+                                method=config.self_distill.method, batch_size=config.self_distill.batch_size))
         for i, row in enumerate(ds.iter_rows(), 1):
             s = json.loads(row["summary"])
             _log(f"  distilled {i}/{len(todo)} units ({s['documents']} answers in {s['unit']})")
@@ -249,6 +265,18 @@ def _storage_failure(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _worker_start_timeout(exc: BaseException) -> bool:
+    """Whether Ray Data gave up waiting for the actor pool to start."""
+    import ray.exceptions
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ray.exceptions.GetTimeoutError) and "starting actors" in str(exc):
+            return True
+        exc, seen = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def build_datastore(config: DatastoreJobConfig) -> Manifest:
     """Run the whole build (see the module docstring); returns the manifest written. A storage
     failure that outlasts the retries ends it with a JobError: finished units are kept and the
@@ -258,6 +286,11 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
     except (InputError, DatastoreError, JobError):
         raise
     except Exception as exc:
+        if _worker_start_timeout(exc):
+            raise JobError(f"the {config.workers} model worker(s) did not all start within "
+                           f"{config.worker_start_timeout_s:g} s: the cluster lacks the resources asked for "
+                           f"(--cpus-per-worker, --gpus-per-worker, --worker-resources) or loading the model "
+                           f"is slower (--worker-start-timeout); finished units are kept") from None
         cause = _storage_failure(exc)
         if cause is None:
             raise
@@ -270,7 +303,7 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
 def _build(config: DatastoreJobConfig) -> Manifest:
     config.validate()
     t0 = time.perf_counter()
-    _init_ray(config.ray_address)
+    _init_ray(config.ray_address, config.worker_start_timeout_s)
     gpus = _use_gpu(config)
     fields = {c.name: c.fields for c in config.corpora}
     units = plan_units(list(config.corpora), config.split_bytes)
@@ -348,11 +381,16 @@ def parse_args(argv: list[str] | None = None) -> DatastoreJobConfig:
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--worker-resources", type=json.loads, metavar="JSON",
                    help='custom Ray resources per model worker, e.g. \'{"gpu_extract": 1}\'')
+    p.add_argument("--worker-start-timeout", type=float, default=900.0, metavar="S",
+                   help="seconds to wait for all model workers to start before failing")
     p.add_argument("--sample-rows", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--self-distill", action="store_true",
                    help="store the model's own greedy answers to the prompts (the ID datastore)")
     p.add_argument("--distill-max-tokens", type=int, default=256)
+    p.add_argument("--distill-method", choices=DISTILL_METHODS, default="batched",
+                   help="batched greedy (throughput), or the engine one prompt at a time (pld, ar)")
+    p.add_argument("--distill-batch-size", type=int, default=16)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--ray-address", help="join this cluster (default: $RAY_ADDRESS, else a local Ray)")
     a = p.parse_args(argv)
@@ -365,8 +403,10 @@ def parse_args(argv: list[str] | None = None) -> DatastoreJobConfig:
         corpora=corpora, output=a.output, model=a.model, dtype=a.dtype, layer=a.layer, dim=a.dim,
         value_len=a.value_len, max_len=a.max_len, overlap=a.overlap, batch_tokens=a.batch_tokens,
         split_bytes=max(1, int(a.split_mb * (1 << 20))), workers=a.workers, cpus_per_worker=a.cpus_per_worker,
-        gpus_per_worker=a.gpus_per_worker, worker_resources=a.worker_resources, sample_rows=a.sample_rows, seed=a.seed,
-        self_distill=SelfDistillConfig(max_new_tokens=a.distill_max_tokens) if a.self_distill else None,
+        gpus_per_worker=a.gpus_per_worker, worker_resources=a.worker_resources,
+        worker_start_timeout_s=a.worker_start_timeout, sample_rows=a.sample_rows, seed=a.seed,
+        self_distill=SelfDistillConfig(max_new_tokens=a.distill_max_tokens, method=a.distill_method,
+                                       batch_size=a.distill_batch_size) if a.self_distill else None,
         overwrite=a.overwrite, ray_address=a.ray_address)
 
 

@@ -14,7 +14,20 @@ class SelfDistillConfig:
     """Generate the target's own greedy answers to a prompt corpus, then store those (the ID datastore)."""
 
     max_new_tokens: int = 256
-    method: str = "pld"          # lossless greedy: the answers equal plain greedy decoding
+    # "batched": greedy over batches of prompts (throughput; equal to one-at-a-time greedy up to
+    # float rounding); "pld" or "ar": the engine, one prompt at a time (exactly the served answers)
+    method: str = "batched"
+    batch_size: int = 16         # prompts per batch ("batched" only)
+
+    def validate(self) -> None:
+        if self.method not in DISTILL_METHODS:
+            raise InputError(f"unknown self-distillation method {self.method!r}; choose one of "
+                             f"{', '.join(DISTILL_METHODS)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise InputError("self-distillation needs max_new_tokens and batch_size of at least 1")
+
+
+DISTILL_METHODS = ("batched", "pld", "ar")
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,7 @@ class DatastoreJobConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     worker_resources: dict | None = None  # custom Ray resources per model worker (pin to node types)
+    worker_start_timeout_s: float = 900.0  # wait this long for the whole actor pool before feeding it
     sample_rows: int = 20_000            # positions used to fit the key transform
     seed: int = 0
     self_distill: SelfDistillConfig | None = None
@@ -51,6 +65,8 @@ class DatastoreJobConfig:
                 raise InputError("self-distillation needs a prompt field and no response field")
             if not self.self_distill and mode == "prompt":
                 raise InputError(f"corpus {c.name!r}: a prompt field needs a response field (or --self-distill)")
+        if self.self_distill:
+            self.self_distill.validate()
         if not self.output:
             raise InputError("give an output location (--output PATH or s3://bucket/prefix)")
         checks = [("dim", self.dim, 1), ("value_len", self.value_len, 1), ("batch_tokens", self.batch_tokens, 2),
@@ -65,6 +81,8 @@ class DatastoreJobConfig:
             raise InputError(f"overlap must be in [0, max_len), got {self.overlap}")
         if self.cpus_per_worker <= 0 or (self.gpus_per_worker is not None and self.gpus_per_worker < 0):
             raise InputError("cpus_per_worker must be positive and gpus_per_worker non-negative")
+        if self.worker_start_timeout_s <= 0:
+            raise InputError(f"worker_start_timeout_s must be positive, got {self.worker_start_timeout_s}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InputError(f"unknown dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
         return self
@@ -73,7 +91,7 @@ class DatastoreJobConfig:
         """A hash of everything that changes the stored bytes (not parallelism or addresses):
         a rerun with the same key resumes, a different key needs --overwrite."""
         d = asdict(self)
-        for k in ("workers", "cpus_per_worker", "gpus_per_worker", "worker_resources", "overwrite", "ray_address",
+        for k in ("workers", "cpus_per_worker", "gpus_per_worker", "worker_resources", "worker_start_timeout_s", "overwrite", "ray_address",
                   "output", "batch_tokens"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -505,3 +505,19 @@ def test_index_artifact_from_the_pipeline_output(ray_cluster, pipeline_output, t
     np.testing.assert_allclose(sims_a, sims_s, atol=1e-5)
     assert (np.asarray(art.values)[ids_a[:, 0]] == store.values[ids_s[:, 0]]).all()
     assert art.sparse is not None
+
+
+def test_a_pool_the_cluster_cannot_place_fails_with_one_line(ray_cluster, corpus, tmp_path):
+    """Three extraction workers that each need the per-node 'slot' resource, on a two-node cluster:
+    the first pass (one slot) runs, the pool never fully starts, and the job ends after the start
+    timeout with one clear line (exit 2), the units of the first pass kept, no manifest."""
+    out = tmp_path / "ds"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    res = subprocess.run(_cli(corpus[0], str(out), "--workers", "3", "--worker-resources", '{"slot": 1}',
+                              "--worker-start-timeout", "20"),
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "did not all start within 20 s" in last, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert not (out / "manifest.json").exists() and list((out / "units").glob("*.json"))
