@@ -159,18 +159,28 @@ class DistillUnits:
     token-stream table (prompt + answer; entries for the answer only) under distilled/."""
 
     def __init__(self, *, model: str | None, dtype: str, gpu: bool, threads: int, output: str, eos: int,
-                 max_new_tokens: int, method: str) -> None:
+                 max_new_tokens: int, method: str, batch_size: int = 16) -> None:
         import torch
 
         if not gpu:
             torch.set_num_threads(max(1, threads))
         self.target = load_target(model, dtype, -1, gpu)
         self.output, self.eos, self.max_new_tokens, self.method = output, eos, max_new_tokens, method
+        self.batch_size = batch_size
 
-    def __call__(self, batch: dict) -> dict:
+    def _answers(self, prompts: list[list[int]]) -> list[list[int]]:
+        from decoding.batch_generate import generate_greedy_batched
         from decoding.config import SamplingParams
         from decoding.engine import generate
         from decoding.methods import make_drafter
+
+        if self.method == "batched":
+            return generate_greedy_batched(self.target, prompts, self.max_new_tokens, batch_size=self.batch_size)
+        params = SamplingParams(max_new_tokens=self.max_new_tokens)
+        return [list(generate(self.target, p, params=params, drafter=make_drafter(self.method)).token_ids)
+                for p in prompts]
+
+    def __call__(self, batch: dict) -> dict:
         from index.dense_build import tokens_table
         from index.records import Document, _Bad, _format_prompt, _text_field
 
@@ -179,7 +189,7 @@ class DistillUnits:
             unit, fields = _unit(unit_row), _fields(fields_row)
             from index.records import iter_records
 
-            docs, bad = [], {}
+            keys, prompts, bad = [], [], {}
             for key, rec, reason in iter_records(unit):
                 try:
                     if rec is None:
@@ -189,13 +199,16 @@ class DistillUnits:
                     prompt = _format_prompt(self.target.tokenizer,
                                             [{"role": "user", "content": _text_field(rec, fields.prompt)}],
                                             fields.chat_template)
+                    if len(prompt) + self.max_new_tokens > self.target.context_window:
+                        raise _Bad("prompt too long for the context")
                 except _Bad as why:
                     bad[str(why)] = bad.get(str(why), 0) + 1
                     continue
-                res = generate(self.target, prompt, params=SamplingParams(max_new_tokens=self.max_new_tokens),
-                               drafter=make_drafter(self.method))
-                answer = list(res.token_ids)         # ends with EOS when the model stopped by itself
-                docs.append(Document(doc_id=key, tokens=prompt + answer, store_from=len(prompt), corpus=unit.corpus))
+                keys.append(key)
+                prompts.append(prompt)
+            answers = self._answers(prompts)      # each ends with EOS when the model stopped by itself
+            docs = [Document(doc_id=k, tokens=p + a, store_from=len(p), corpus=unit.corpus)
+                    for k, p, a in zip(keys, prompts, answers)]
             rel = f"{DISTILLED}/{unit.name}.parquet"
             table = tokens_table([d.doc_id for d in docs], docs)
             storage.write_bytes_atomic(storage.join(self.output, rel), _table_bytes(table))

@@ -347,8 +347,9 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 
 def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tmp_path):
-    """--self-distill: the stored documents are the prompts plus the target's own greedy answers
-    (equal to the in-process engine's), with entries for the answers only."""
+    """--self-distill (batched greedy, the default): the stored documents are the prompts plus the
+    target's own greedy answers (equal to the in-process engine's), with entries for the answers
+    only."""
     import pyarrow.parquet as pq
 
     from decoding.config import SamplingParams
