@@ -33,6 +33,7 @@ from index.dense_store import DenseStore
 from index.sparse import SparseIndex
 
 METHODS = ("ar", "pld", "rest", "dresd", "sense_strict", "sense_soft")
+STORELESS = ("ar", "pld")
 
 
 def log(*a):
@@ -50,6 +51,75 @@ def make(method, sparse, dense):
         return DenseDrafter(dense, mode="chains", dynamic=False, name="dresd")
     return HybridDrafter([(PromptLookupDrafter(), 1.0), (SparseDrafter(sparse), 1.0), (DenseDrafter(dense), 2.0)],
                          name=method)
+
+
+def summarize(agg, ds_name: str, store_name: str, n_items: int) -> list[dict]:
+    """One row per method (MAT, acceptance, speedup over ar, efficiency, quality) and, on GSM8K,
+    the accuracy ratio of sense_soft over ar."""
+    rows = []
+    tps_ar = sum(agg["ar"]["new_tokens"]) / sum(agg["ar"]["time_total"])
+    for method in METHODS:
+        a = agg[method]
+        steps, acc, drafted = sum(a["steps"]), sum(a["accepted"]), sum(a["drafted"])
+        mat = (acc + steps) / steps if steps else 0.0
+        tps = sum(a["new_tokens"]) / sum(a["time_total"])
+        speedup = tps / tps_ar
+        per_q = [t / ta for t, ta in zip(a["tps"], agg["ar"]["tps"])]
+        row = {"method": method, "dataset": ds_name, "datastore": store_name, "questions": n_items,
+               "mat": round(mat, 3), "acceptance_rate": round(acc / drafted, 3) if drafted else 0.0,
+               "speedup": round(speedup, 3), "efficiency": round(speedup / mat, 3) if mat else 0.0,
+               "tokens_per_s": round(tps, 2), "speedup_per_question_median": round(median(per_q), 3),
+               "speedup_per_question_iqr": [round(float(np.percentile(per_q, 25)), 3),
+                                            round(float(np.percentile(per_q, 75)), 3)],
+               "time_split_s": {k: round(sum(a[k]), 2) for k in ("time_draft", "time_verify", "time_commit")},
+               "token_agreement_with_ar": round(float(np.mean(a["agree"])), 4),
+               "rouge_l_with_ar": round(float(np.mean(a["rouge"])), 4),
+               "rouge_l_with_ar_std": round(float(np.std(a["rouge"])), 4)}
+        if a["correct"]:
+            row["accuracy"] = round(float(np.mean(a["correct"])), 4)
+        if a["logprob"]:
+            row["mean_logprob"] = round(float(np.mean(a["logprob"])), 4)
+            row["mean_logprob_std"] = round(float(np.std(a["logprob"])), 4)
+        gates = {k[5:]: int(sum(v)) for k, v in a.items() if k.startswith("gate_")}
+        if gates:
+            row["soft_gates"] = gates
+        rows.append(row)
+    if agg["ar"]["correct"]:
+        acc_ar = float(np.mean(agg["ar"]["correct"]))
+        acc_soft = float(np.mean(agg["sense_soft"]["correct"]))
+        rows.append({"method": "sense_soft", "vs": "ar", "dataset": ds_name, "datastore": store_name,
+                     "accuracy_ratio": round(acc_soft / acc_ar, 4) if acc_ar else None,
+                     "accuracy": round(acc_soft, 4), "vs_accuracy": round(acc_ar, 4),
+                     "correct": int(sum(agg["sense_soft"]["correct"])), "vs_correct": int(sum(agg["ar"]["correct"])),
+                     "questions": n_items})
+    return rows
+
+
+def self_distilled(target, rows, max_tokens: int, workdir) -> list[tuple[list[int], list[int]]]:
+    """(prompt, the target's own greedy answer) per GSM8K row, by batched greedy generation;
+    cached in `workdir` (keyed by count, length and the model's weights hash)."""
+    import json
+
+    from decoding.batch_generate import generate_greedy_batched
+    from index.dense_format import model_fingerprint
+
+    fp = model_fingerprint(target)
+    cache = workdir / f"id_answers_{len(rows)}_{max_tokens}_{fp.weights_hash[:12]}.json"
+    prompts = [encode_prompt(target, r["question"]) for r in rows]
+    if cache.exists():
+        answers = json.loads(cache.read_text())
+        log(f"self-distilled answers from {cache}")
+    else:
+        t0, done = time.perf_counter(), [0]
+
+        def progress(n):
+            done[0] += n
+            log(f"  id: {done[0]}/{len(prompts)} answers, {time.perf_counter() - t0:.0f} s")
+
+        answers = generate_greedy_batched(target, prompts, max_tokens, on_batch=progress)
+        cache.write_text(json.dumps(answers))
+        log(f"self-distilled {len(answers)} answers (batched greedy) in {time.perf_counter() - t0:.0f} s")
+    return list(zip(prompts, answers))
 
 
 def build_stores(target, answers: list[tuple[list[int], list[int]]], workdir, name):
@@ -70,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-docs", type=int, default=7473)
     ap.add_argument("--id-questions", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--distill-max-tokens", type=int, default=256, help="answer length of the ID datastore")
     ap.add_argument("--workdir", default="bench/out")
     args = ap.parse_args(argv)
     from pathlib import Path
@@ -91,12 +162,7 @@ def main(argv=None) -> int:
            for r in train]
     stores = {"ood": build_stores(target, ood, workdir, "ood")}
     if args.id_questions:
-        t0 = time.perf_counter()
-        own = []
-        for r in train[: args.id_questions]:
-            p = encode_prompt(target, r["question"])
-            own.append((p, generate(target, p, params=params).token_ids))
-        log(f"self-distilled {len(own)} answers in {time.perf_counter() - t0:.0f} s")
+        own = self_distilled(target, train[: args.id_questions], args.distill_max_tokens, workdir)
         stores["id"] = build_stores(target, own, workdir, "id")
 
     tests = {"gsm8k": [(q["question"], q["answer"]) for q in gsm8k("test")[: args.gsm8k]]}
@@ -107,19 +173,26 @@ def main(argv=None) -> int:
     tests["spec_bench"] = [x for cat in by_cat.values() for x in cat[: args.spec_per_category]]
 
     rows, md = [], []
-    for store_name, (sparse, dense) in stores.items():
-        for ds_name, items in tests.items():
-            agg = defaultdict(lambda: defaultdict(list))
-            for qi, (question, gold) in enumerate(items):
-                ids = encode_prompt(target, question)
-                ar_out = None
+    for ds_name, items in tests.items():
+        # agg[store][method]: ar and pld do not read a datastore, so they run once per question
+        # and their figures stand in every datastore's table (measured side by side all the same).
+        agg = {name: defaultdict(lambda: defaultdict(list)) for name in stores}
+        for qi, (question, gold) in enumerate(items):
+            ids = encode_prompt(target, question)
+            ar_out = None
+            for store_name, (sparse, dense) in stores.items():
                 for method in METHODS:
+                    a = agg[store_name][method]
+                    if method in STORELESS and store_name != next(iter(stores)):
+                        for k, v in agg[next(iter(stores))][method].items():
+                            a[k].append(v[-1])
+                        continue
                     soft = soft_cfg if method == "sense_soft" else None
                     sizes = [s for s in cost if s >= soft_cfg.window] if soft else None
                     budget = AdaptiveBudget(cost, sizes=sizes)
                     r = generate(target, ids, params=params, drafter=make(method, sparse, dense), budget=budget,
                                  soft=soft)
-                    s, a = r.stats, agg[method]
+                    s = r.stats
                     for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",
                               "time_verify", "time_commit"):
                         a[k].append(getattr(s, k))
@@ -135,42 +208,10 @@ def main(argv=None) -> int:
                     if soft and s.soft_gates:
                         for k, v in s.soft_gates.items():
                             a["gate_" + k].append(v)
-                if qi % 10 == 9:
-                    log(f"{store_name}/{ds_name}: {qi + 1}/{len(items)}")
-            tps_ar = sum(agg["ar"]["new_tokens"]) / sum(agg["ar"]["time_total"])
-            for method in METHODS:
-                a = agg[method]
-                steps, acc, drafted = sum(a["steps"]), sum(a["accepted"]), sum(a["drafted"])
-                mat = (acc + steps) / steps if steps else 0.0
-                tps = sum(a["new_tokens"]) / sum(a["time_total"])
-                speedup = tps / tps_ar
-                per_q = [t / ta for t, ta in zip(a["tps"], agg["ar"]["tps"])]
-                row = {"method": method, "dataset": ds_name, "datastore": store_name, "questions": len(items),
-                       "mat": round(mat, 3), "acceptance_rate": round(acc / drafted, 3) if drafted else 0.0,
-                       "speedup": round(speedup, 3), "efficiency": round(speedup / mat, 3) if mat else 0.0,
-                       "tokens_per_s": round(tps, 2), "speedup_per_question_median": round(median(per_q), 3),
-                       "speedup_per_question_iqr": [round(float(np.percentile(per_q, 25)), 3),
-                                                    round(float(np.percentile(per_q, 75)), 3)],
-                       "time_split_s": {k: round(sum(a[k]), 2) for k in ("time_draft", "time_verify",
-                                                                         "time_commit")},
-                       "token_agreement_with_ar": round(float(np.mean(a["agree"])), 4),
-                       "rouge_l_with_ar": round(float(np.mean(a["rouge"])), 4)}
-                if a["correct"]:
-                    row["accuracy"] = round(float(np.mean(a["correct"])), 4)
-                if a["logprob"]:
-                    row["mean_logprob"] = round(float(np.mean(a["logprob"])), 4)
-                    row["mean_logprob_std"] = round(float(np.std(a["logprob"])), 4)
-                gates = {k[5:]: int(sum(v)) for k, v in a.items() if k.startswith("gate_")}
-                if gates:
-                    row["soft_gates"] = gates
-                rows.append(row)
-            if ds_name == "gsm8k":
-                acc_ar = float(np.mean(agg["ar"]["correct"]))
-                acc_soft = float(np.mean(agg["sense_soft"]["correct"]))
-                rows.append({"method": "sense_soft", "vs": "ar", "dataset": "gsm8k", "datastore": store_name,
-                             "accuracy_ratio": round(acc_soft / acc_ar, 4) if acc_ar else None,
-                             "accuracy": round(acc_soft, 4), "vs_accuracy": round(acc_ar, 4),
-                             "questions": len(items)})
+            if qi % 10 == 9:
+                log(f"{ds_name}: {qi + 1}/{len(items)}")
+        for store_name in stores:
+            rows += summarize(agg[store_name], ds_name, store_name, len(items))
     machine = machine_info()
     rest_mat = {(r["dataset"], r["datastore"]): r["mat"] for r in rows if r["method"] == "rest" and "mat" in r}
     md = ["# SENSE benchmark", "",

@@ -59,7 +59,8 @@ def _soft(args):
         return None
     from decoding.soft import SoftGateConfig
 
-    return SoftGateConfig(theta=args.soft_theta, top_k=args.soft_top_k, lam=args.soft_lam, window=args.soft_window)
+    return SoftGateConfig(theta=args.soft_theta, top_k=args.soft_top_k, lam=args.soft_lam, window=args.soft_window,
+                          tau=None if args.soft_tau is None or args.soft_tau > 1 else args.soft_tau)
 
 
 def cmd_generate(args) -> int:
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--soft-top-k", type=int, default=3)
         p.add_argument("--soft-lam", type=float, default=0.5, help="ratio gate p(d)/p(argmax)")
         p.add_argument("--soft-window", type=int, default=6, help="deferred window W")
+        p.add_argument("--soft-tau", type=float, default=0.8,
+                       help="cosine stand-in where the draft ends inside the window (above 1: off)")
 
     g = sub.add_parser("generate", help="generate an answer with speculative decoding")
     g.add_argument("prompt")

@@ -101,7 +101,8 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     """
     params = params or SamplingParams()
     drafter = drafter or NoDrafter()
-    verifier = verifier or make_verifier(params, soft)
+    verifier = verifier or make_verifier(params, soft, transform=getattr(drafter, "transform", None))
+    verifier_hidden = getattr(verifier, "uses_hidden", False)
     stats = GenerationStats(method=drafter.name)
     adaptive = budget if isinstance(budget, AdaptiveBudget) else None
     t_start = time.perf_counter()
@@ -139,7 +140,7 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         t1 = time.perf_counter()
         out = target.verify(state, tree)
         t2 = time.perf_counter()
-        verdict = verifier.verify(tree, out.logits)
+        verdict = verifier.verify(tree, out.logits, out.hidden) if verifier_hidden else verifier.verify(tree, out.logits)
         target.commit(state, verdict.path)
         if adaptive:
             adaptive.update(tree, verdict.path, room)

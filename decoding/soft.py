@@ -5,8 +5,11 @@ when all hold:
   1. the target is uncertain: the entropy of its renormalised top-k probabilities >= theta;
   2. d is plausible: d is in the target's top-k, or p(d) / p(argmax) >= lam;
   3. the draft goes on agreeing (deferred window): the target natively chooses each of the next
-     window - 1 draft tokens after d. Where the draft path is shorter than that, d is rejected
-     (conservative; a key-similarity stand-in needs per-node keys from the drafter).
+     window - 1 draft tokens after d. Where the draft path ends before the window does (every
+     drafted token after d agreed, but there are too few), the cosine similarity between the
+     target's state after d (its hidden state, through the datastore's key transform) and d's
+     anchor key (the datastore's key where d stood in the retrieved source) >= tau stands in:
+     the target read d in a context its source also had. Without an anchor key, d is rejected.
 Otherwise the step ends as in strict verification. With sampling, "the target's choice" at
 every node is a draw from its distribution, so strict agreement stays exact.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from decoding.config import SamplingParams
@@ -31,6 +35,7 @@ class SoftGateConfig:
     top_k: int = 3
     lam: float = 0.5         # ratio gate p(d) / p(argmax)
     window: int = 6          # deferred window W: d plus W - 1 natively agreed tokens
+    tau: float | None = 0.8  # cosine stand-in for a window cut short by the tree (None: never)
 
     def __post_init__(self) -> None:
         def bad(msg):
@@ -43,6 +48,9 @@ class SoftGateConfig:
             bad(f"soft gate lam must be in (0, 1], got {self.lam!r}")
         if not (isinstance(self.window, int) and self.window >= 1):
             bad(f"soft gate window must be an integer >= 1, got {self.window!r}")
+        if self.tau is not None and not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau)
+                                         and -1 <= self.tau <= 1):
+            bad(f"soft gate tau must be a cosine in [-1, 1] or null, got {self.tau!r}")
 
 
 @dataclass
@@ -50,7 +58,8 @@ class SoftGateStats:
     mismatches: int = 0          # nodes where the target's choice had no child but drafts existed
     entropy_pass: int = 0
     plausible_pass: int = 0
-    window_pass: int = 0         # = soft acceptances
+    window_pass: int = 0         # = soft acceptances (cosine_pass included)
+    cosine_pass: int = 0         # of which the tree ended the window and the cosine stood in
     soft_tokens: int = 0         # tokens committed through soft acceptances (d and its window)
 
     def to_dict(self) -> dict:
@@ -64,10 +73,13 @@ def topk_entropy(probs: torch.Tensor, k: int) -> float:
 
 
 class SoftGatedVerifier:
+    uses_hidden = True               # verify() takes the tree's hidden states (the cosine stand-in)
+
     def __init__(self, params: SamplingParams, config: SoftGateConfig | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, transform=None) -> None:
         self.params = params
         self.config = config or SoftGateConfig()
+        self.transform = transform   # the datastore's KeyTransform (hidden state -> unit key)
         self.generator = generator if generator is not None else make_generator(params.seed)
         self.stats = SoftGateStats()
 
@@ -100,7 +112,19 @@ class SoftGatedVerifier:
             self.stats.plausible_pass += 1
         return best
 
-    def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
+    def _cosine_stands_in(self, tree: TokenTree, node: int, hidden: torch.Tensor | None) -> bool:
+        """The target's state after node's token is close to the datastore's at that token."""
+        tau = self.config.tau
+        if tau is None or hidden is None or self.transform is None or tree.anchor_keys is None:
+            return False
+        anchor = tree.anchor_keys[node]
+        if np.isnan(anchor).any():
+            return False
+        q = self.transform(hidden[node].float().cpu().numpy()[None])[0]
+        return float(q @ anchor) >= tau
+
+    def verify(self, tree: TokenTree, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> Verdict:
+        """`hidden` [T, H]: the target's hidden states at the tree's nodes (for the cosine stand-in)."""
         path, node = [0], 0
         while True:
             probs = None if self.params.greedy else self._probs(logits[node])
@@ -121,7 +145,12 @@ class SoftGatedVerifier:
             for _ in range(self.config.window - 1):
                 nxt = tree.child(m, self._choose(logits[m]))
                 if nxt is None:
-                    return Verdict(path, choice)
+                    # A draft the target disagrees with is evidence of an error; a draft that
+                    # simply ends leaves the window to the cosine stand-in.
+                    if tree.children(m) or not self._cosine_stands_in(tree, cand, hidden):
+                        return Verdict(path, choice)
+                    self.stats.cosine_pass += 1
+                    break
                 run.append(nxt)
                 m = nxt
             self.stats.window_pass += 1

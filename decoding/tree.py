@@ -9,6 +9,7 @@ own ancestors, verifies every root-to-leaf path at once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,10 @@ class TokenTree:
     # sources[i]: which proposers drafted node i (sorted labels such as "pld", "sparse", "dense",
     # "dynamic"; the root has none). Bookkeeping for analysis only: it never changes the tree.
     sources: tuple[tuple[str, ...], ...] | None = field(default=None, compare=False)
+    # anchor_keys[i]: [T, d] unit keys, row i = the datastore's key of the position where node i's
+    # token stood in the drafted source (the source's hidden state having read that token), NaN
+    # where unknown. Soft verification compares it with the target's own state at node i.
+    anchor_keys: Any = field(default=None, compare=False, repr=False)
     _children: tuple[dict[int, int], ...] = field(init=False, repr=False, compare=False)
     _depths: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -56,6 +61,8 @@ class TokenTree:
             raise ValueError("ranks must give every node a rank after its parent's")
         if self.sources is not None and len(self.sources) != len(self.tokens):
             raise ValueError("sources must give one entry per node")
+        if self.anchor_keys is not None and (self.anchor_keys.ndim != 2 or len(self.anchor_keys) != len(self.tokens)):
+            raise ValueError("anchor_keys must be [nodes, d]")
         object.__setattr__(self, "_children", tuple(children))
         object.__setattr__(self, "_depths", tuple(depths))
 
@@ -73,7 +80,7 @@ class TokenTree:
 
     @classmethod
     def from_chains(cls, root: int, chains: Iterable[tuple[Sequence[int], float]], budget: int,
-                    labels: Sequence[str] | None = None) -> "TokenTree":
+                    labels: Sequence[str] | None = None, keys: Sequence[Any] | None = None) -> "TokenTree":
         """Merge weighted chains into a trie and keep the `budget` heaviest draft nodes.
 
         A node's weight is the sum of the weights of the chains through it, so a child never
@@ -82,12 +89,18 @@ class TokenTree:
 
         `labels` (optional, one per chain) names the proposer of each chain; each node's
         ``sources`` are then the labels of the chains through it. Labels never change the tree.
+        `keys` (optional, one per chain: None or a [len(chain), d] array) gives each drafted token's
+        anchor key; a node takes the one of the heaviest keyed chain through it (``anchor_keys``).
         """
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         chain_bits: list[int] | None = None          # per chain, when several proposers are named
+        chains = list(chains)
+        if keys is not None and len(keys) != len(chains):
+            raise ValueError(f"{len(keys)} key arrays for {len(chains)} chains")
+        keyed = keys is not None and any(k is not None for k in keys)
+        best_key: dict[int, tuple[float, Any]] = {}     # trie node -> (chain weight, key row)
         if labels is not None:
-            chains = list(chains)
             if len(labels) != len(chains):
                 raise ValueError(f"{len(labels)} labels for {len(chains)} chains")
             names = sorted(set(labels))
@@ -116,6 +129,10 @@ class TokenTree:
                 weight[nxt] += float(w)
                 if chain_bits is not None:
                     node_bits[nxt] |= chain_bits[c]
+                if keyed and keys[c] is not None:
+                    j = depth[nxt] - 1
+                    if j < len(keys[c]) and (nxt not in best_key or best_key[nxt][0] < w):
+                        best_key[nxt] = (float(w), keys[c][j])
                 node = nxt
         order = sorted(range(1, len(trie)), key=lambda i: (-weight[i], depth[i], i))[:budget]
         keep = set(order)
@@ -141,7 +158,14 @@ class TokenTree:
                 sources = ((),) + (tuple(names),) * (len(tokens) - 1)
             else:
                 sources = ((),) + tuple(tuple(n for n in names if node_bits[c] & bit[n]) for c in kept[1:])
-        return cls(tuple(tokens), tuple(parents), tuple(ranks), sources)
+        anchor = None
+        if keyed and best_key:
+            d = len(next(iter(best_key.values()))[1])
+            anchor = np.full((len(tokens), d), np.nan, dtype=np.float32)
+            for new, old in enumerate(kept):
+                if old in best_key:
+                    anchor[new] = best_key[old][1]
+        return cls(tuple(tokens), tuple(parents), tuple(ranks), sources, anchor)
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -84,10 +84,11 @@ class StrictSamplingVerifier:
             node = child
 
 
-def make_verifier(params: SamplingParams, soft=None) -> Verifier:
-    """Strict (lossless) by default; a ``decoding.soft.SoftGateConfig`` selects soft-gated verification."""
+def make_verifier(params: SamplingParams, soft=None, transform=None) -> Verifier:
+    """Strict (lossless) by default; a ``decoding.soft.SoftGateConfig`` selects soft-gated
+    verification (`transform`: the drafter's key transform, for its cosine stand-in)."""
     if soft is not None:
         from decoding.soft import SoftGatedVerifier
 
-        return SoftGatedVerifier(params, soft)
+        return SoftGatedVerifier(params, soft, transform=transform)
     return StrictGreedyVerifier() if params.greedy else StrictSamplingVerifier(params)

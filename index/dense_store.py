@@ -46,6 +46,9 @@ class DenseStore:
     first_token: np.ndarray
     index: object = None
     nprobe: int = 16
+    # successors[i]: how many rows after row i continue its document position by position (so row
+    # i + j holds position + j for j <= successors[i]); None when unknown
+    successors: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -77,7 +80,7 @@ class DenseStore:
         if verify_checksums and sha256_file(tpath) != manifest.transform_sha256:
             raise DatastoreError(f"{tpath}: checksum mismatch (corrupt or replaced)")
         transform = KeyTransform.load(tpath)
-        keys, values, first = [], [], []
+        keys, values, first, docs, positions = [], [], [], [], []
         for shard in manifest.shards:
             path = root / shard["path"]
             if not path.resolve().is_relative_to(root.resolve()):
@@ -87,7 +90,7 @@ class DenseStore:
             if verify_checksums and sha256_file(path) != shard["sha256"]:
                 raise DatastoreError(f"{path}: checksum mismatch (corrupt or truncated)")
             try:
-                table = pq.read_table(path, columns=["key", "value", "first_token"])
+                table = pq.read_table(path, columns=["key", "value", "first_token", "doc_id", "position"])
             except Exception as exc:  # pyarrow raises several types for corrupt files
                 raise DatastoreError(f"{path}: unreadable Parquet ({exc})") from None
             if table.num_rows != shard["rows"]:
@@ -96,8 +99,27 @@ class DenseStore:
             values.append(table.column("value").combine_chunks().flatten().to_numpy()
                           .reshape(-1, manifest.value_len))
             first.append(table.column("first_token").to_numpy())
+            docs.append(table.column("doc_id").to_numpy())
+            positions.append(table.column("position").to_numpy())
         d, n = manifest.key_dim, manifest.value_len
         return cls(manifest=manifest, transform=transform,
                    keys=np.concatenate(keys) if keys else np.zeros((0, d), np.float32),
                    values=np.concatenate(values).astype(np.int32) if values else np.zeros((0, n), np.int32),
-                   first_token=np.concatenate(first).astype(np.int32) if first else np.zeros(0, np.int32))
+                   first_token=np.concatenate(first).astype(np.int32) if first else np.zeros(0, np.int32),
+                   successors=successor_runs(np.concatenate(docs), np.concatenate(positions)) if docs else None)
+
+
+def successor_runs(doc_id: np.ndarray, position: np.ndarray, cap: int = 255) -> np.ndarray:
+    """[E] uint8: for each row, how many following rows continue its document at the next
+    positions (capped at `cap`; drafts are far shorter)."""
+    if doc_id.shape != position.shape or doc_id.ndim != 1:
+        raise ValueError("doc_id and position must be 1-d arrays of the same length")
+    out = np.zeros(len(doc_id), dtype=np.int64)
+    if len(doc_id) > 1:
+        cont = (doc_id[1:] == doc_id[:-1]) & (position[1:] == position[:-1] + 1)   # row i+1 continues row i
+        # out[i] = length of the run of True in cont starting at i: scan it reversed
+        rev = cont[::-1]
+        idx = np.arange(len(rev))
+        last_break = np.maximum.accumulate(np.where(rev, -1, idx))
+        out[:-1] = (idx - last_break)[::-1]
+    return np.minimum(out, cap).astype(np.uint8)

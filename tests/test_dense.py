@@ -131,3 +131,59 @@ def test_large_store_uses_ivf_with_good_recall():
     _, got = index.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
     assert recall >= 0.9, recall
+
+
+def test_anchor_keys_are_the_keys_where_the_drafted_tokens_stood(target, dense_store_dir):
+    """A static chain from entry (doc, t) drafts the tokens at t+2, t+3, ...; each one's anchor is
+    the key of the entry at that position of the same document (looked up here independently,
+    through the shards' doc_id/position columns), NaN past the document's stored positions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    store = DenseStore.load(dense_store_dir)
+    m = read_manifest(dense_store_dir)
+    table = pa.concat_tables([pq.read_table(dense_store_dir / s["path"], columns=["doc_id", "position"])
+                              for s in m.shards])
+    doc_of, pos_of = table.column("doc_id").to_numpy(), table.column("position").to_numpy()
+    row_of = {(int(d), int(p)): i for i, (d, p) in enumerate(zip(doc_of, pos_of))}
+    drafter = DenseDrafter(store, k=8, dynamic=False)
+    checked = ends = 0
+    for row in list(range(0, len(store), 53)) + [len(store) - 3, len(store) - 1]:
+        anchors = drafter.anchor_keys(row, 6)
+        for j in range(6):
+            want = row_of.get((int(doc_of[row]), int(pos_of[row]) + 2 + j))
+            if want is None:
+                assert np.isnan(anchors[j]).all()
+                ends += 1
+            else:
+                np.testing.assert_array_equal(anchors[j], store.keys[want])
+                checked += 1
+    assert checked > 100 and ends > 0
+    # Proposed trees carry anchors for the static chains' nodes.
+    q = torch.from_numpy(np.ones(target.config.hidden_size, dtype=np.float32))
+    tree = drafter.propose(np.array([int(store.first_token[0])] * 3), 8, 4, q)
+    if len(tree) > 1:
+        assert tree.anchor_keys is not None and tree.anchor_keys.shape == (len(tree), store.keys.shape[1])
+
+
+def test_dynamic_chains_are_anchored_on_the_requests_own_keys(target):
+    """A dynamic-cache chain from position c drafts tokens[c+2:]; its anchors are the cache's keys
+    at those positions, NaN where the request has not reached them."""
+    import torch
+
+    tf = KeyTransform.fit(np.random.default_rng(0).normal(size=(200, target.config.hidden_size)), dim=8)
+    drafter = DenseDrafter(None, transform=tf, dynamic=True, dynamic_k=50)
+    tokens = np.array([5, 6, 7, 8, 5, 6, 7, 9, 5, 6])          # pending token 6; committed 0..8
+    h = torch.from_numpy(np.random.default_rng(1).normal(size=(9, target.config.hidden_size)).astype(np.float32))
+    drafter.begin(list(tokens[:9]), h)
+    keys = tf(h.numpy())
+    found = drafter._dynamic_chains(keys[8], tokens, 4)
+    assert found
+    for chain, _, anchors in found:
+        c = next(c for c in range(len(tokens) - 2) if tokens[c + 1] == 6 and np.array_equal(tokens[c + 2: c + 2 + len(chain)], chain))
+        for j in range(len(chain)):
+            if c + 2 + j <= 8:
+                np.testing.assert_allclose(anchors[j], keys[c + 2 + j])
+            else:
+                assert np.isnan(anchors[j]).all()

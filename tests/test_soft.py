@@ -127,3 +127,85 @@ def test_sampling_mode_is_seeded_and_valid():
 def test_bad_options(kwargs):
     with pytest.raises(InvalidRequestError):
         SoftGateConfig(**kwargs)
+
+
+# -- the cosine stand-in: a window the tree cuts short ------------------------------------------
+
+class _Identity:
+    """A key transform that only L2-normalises (the anchors below are unit vectors)."""
+
+    def __call__(self, h):
+        import numpy as np
+
+        h = np.asarray(h, dtype=np.float32)
+        return h / np.linalg.norm(h, axis=-1, keepdims=True)
+
+
+def _anchored(tree: TokenTree, node: int, key) -> TokenTree:
+    import numpy as np
+
+    anchors = np.full((len(tree), len(key)), np.nan, dtype=np.float32)
+    anchors[node] = key
+    return TokenTree(tree.tokens, tree.parents, anchor_keys=anchors)
+
+
+def _hidden(rows: int, node: int, vec) -> torch.Tensor:
+    h = torch.zeros(rows, len(vec))
+    h[:, 0] = 1.0
+    h[node] = torch.tensor(vec, dtype=torch.float32)
+    return h
+
+
+def test_cosine_stands_in_where_the_draft_ends_inside_the_window():
+    """d = 2 is plausible, the only token after it agrees, but the window wants 3 tokens: the
+    target's state after d close to d's anchor key (cosine 0.96 >= 0.9) accepts; far (0.6)
+    or without an anchor, it rejects as before."""
+    import numpy as np
+
+    base = chain_tree(2, [5])
+    logits = logits_from([UNCERTAIN, {5: 0.9}, {6: 0.9}])
+    key = np.array([0.6, 0.8, 0.0], dtype=np.float32)
+    close = _hidden(3, 1, [0.8, 0.6, 0.0])          # cosine with key: 0.96
+    far = _hidden(3, 1, [1.0, 0.0, 0.0])            # 0.6
+    tree = _anchored(base, 1, key)
+
+    v = SoftGatedVerifier(SamplingParams(), SoftGateConfig(window=3, tau=0.9), transform=_Identity())
+    verdict = v.verify(tree, logits, close)
+    assert verdict.path == [0, 1, 2] and verdict.next_token == 6
+    assert v.stats.cosine_pass == 1 and v.stats.window_pass == 1 and v.stats.soft_tokens == 2
+
+    v = SoftGatedVerifier(SamplingParams(), SoftGateConfig(window=3, tau=0.9), transform=_Identity())
+    assert v.verify(tree, logits, far).path == [0] and v.stats.cosine_pass == 0
+    v = SoftGatedVerifier(SamplingParams(), SoftGateConfig(window=3, tau=0.9), transform=_Identity())
+    assert v.verify(base, logits, close).path == [0]                           # no anchors
+    v = SoftGatedVerifier(SamplingParams(), SoftGateConfig(window=3, tau=None), transform=_Identity())
+    assert v.verify(tree, logits, close).path == [0]                           # stand-in off
+    v = SoftGatedVerifier(SamplingParams(), SoftGateConfig(window=3, tau=0.9))
+    assert v.verify(tree, logits, close).path == [0]                           # no transform
+
+
+def test_cosine_never_overrides_a_disagreement():
+    """The target disagrees with the token after d (the draft continues, differently): evidence of
+    an error, so even a perfect cosine does not accept."""
+    import numpy as np
+
+    key = np.array([0.6, 0.8, 0.0], dtype=np.float32)
+    tree = _anchored(chain_tree(2, [5, 6]), 1, key)
+    logits = logits_from([UNCERTAIN, {5: 0.9}, {9: 0.9}, {7: 0.9}])
+    v = SoftGatedVerifier(SamplingParams(), SoftGateConfig(window=4, tau=0.5), transform=_Identity())
+    assert v.verify(tree, logits, _hidden(4, 1, [0.6, 0.8, 0.0])).path == [0]
+
+
+def test_trie_nodes_take_the_heaviest_chains_anchor():
+    import numpy as np
+
+    a = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    b = np.array([[0, 1], [np.nan, np.nan]], dtype=np.float32)
+    tree = TokenTree.from_chains(0, [([4, 5], 1.0), ([4, 6], 3.0), ([7], 2.0)], budget=4, keys=[a, b, None])
+    by_token = {tree.tokens[i]: tree.anchor_keys[i] for i in range(1, len(tree))}
+    assert by_token[4].tolist() == [0, 1]            # the heavier chain (weight 3) through 4
+    assert by_token[5].tolist() == [0, 1]
+    assert np.isnan(by_token[6]).all() and np.isnan(by_token[7]).all()
+    assert np.isnan(tree.anchor_keys[0]).all()
+    with pytest.raises(ValueError, match="key arrays"):
+        TokenTree.from_chains(0, [([4], 1.0)], budget=2, keys=[a, b])

@@ -44,6 +44,13 @@ class Drafter:
         found = self.chains(tokens, max_depth, hidden)
         return found, [self.source or self.name] * len(found)
 
+    def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None
+                        ) -> tuple[list[tuple[Sequence[int], float]], list[str], list[np.ndarray | None]]:
+        """``labelled_chains`` and, per chain, the anchor keys of its tokens (a [len, d] array,
+        NaN rows unknown) or None; only dense retrieval knows them."""
+        found, labels = self.labelled_chains(tokens, max_depth, hidden)
+        return found, labels, [None] * len(found)
+
     def propose(self, tokens: np.ndarray, budget: int, max_depth: int,
                 hidden: torch.Tensor | None = None) -> TokenTree:
         """The candidates merged into a weighted trie, pruned to `budget` nodes; each node's
@@ -51,10 +58,10 @@ class Drafter:
         root = int(tokens[-1])
         if budget <= 0 or max_depth <= 0:
             return TokenTree.root_only(root)
-        found, labels = self.labelled_chains(tokens, max_depth, hidden)
+        found, labels, keys = self.anchored_chains(tokens, max_depth, hidden)
         if not found:
             return TokenTree.root_only(root)
-        return TokenTree.from_chains(root, found, budget, labels)
+        return TokenTree.from_chains(root, found, budget, labels, keys)
 
 
 class NoDrafter(Drafter):

@@ -64,7 +64,8 @@ class DenseDrafter(Drafter):
             self._dyn_keys.append(self.transform(hidden.float().cpu().numpy()))
             self._dyn_pos.append(np.asarray(positions))
 
-    def _dynamic_chains(self, q: np.ndarray, tokens: np.ndarray, depth: int) -> list[tuple[np.ndarray, float]]:
+    def _dynamic_chains(self, q: np.ndarray, tokens: np.ndarray, depth: int
+                        ) -> list[tuple[np.ndarray, float, np.ndarray | None]]:
         if not self._dyn_keys:
             return []
         if len(self._dyn_keys) > 1:       # compact once in a while: one array is faster to search
@@ -81,11 +82,24 @@ class DenseDrafter(Drafter):
         sims = keys[ok] @ q
         cand = pos[ok]
         top = np.argsort(-sims)[: self.dynamic_k]
-        return [(tokens[cand[i] + 2: cand[i] + 2 + depth], float(max(sims[i], 0.0))) for i in top]
+        # Anchor keys: chain token j stood at position cand + 2 + j, whose key the cache holds
+        # once that position was observed (positions arrive in order from 0, so row = position).
+        by_pos = len(pos) and pos[-1] == len(pos) - 1
+        out = []
+        for i in top:
+            chain = tokens[cand[i] + 2: cand[i] + 2 + depth]
+            anchors = None
+            if by_pos:
+                anchors = np.full((len(chain), keys.shape[1]), np.nan, dtype=np.float32)
+                m = max(0, min(len(chain), len(keys) - (cand[i] + 2)))
+                anchors[:m] = keys[cand[i] + 2: cand[i] + 2 + m]
+            out.append((chain, float(max(sims[i], 0.0)), anchors))
+        return out
 
     # -- static datastore ---------------------------------------------------------------------
 
-    def _static_chains(self, q: np.ndarray, pending: int, depth: int) -> list[tuple[np.ndarray, float]]:
+    def _static_chains(self, q: np.ndarray, pending: int, depth: int
+                       ) -> list[tuple[np.ndarray, float, np.ndarray | None]]:
         if self.store is None or len(self.store) == 0:
             return []
         sims, ids = self.store.search(q[None], self.k)
@@ -93,21 +107,40 @@ class DenseDrafter(Drafter):
         keep = ids >= 0
         sims, ids = sims[keep], ids[keep]
         keep = self.store.first_token[ids] == pending          # DReSD's first-token filter
-        return [(_cut_at(self.store.values[i, 1: 1 + depth], self.eos), float(max(s, 0.0)))
-                for s, i in zip(sims[keep], ids[keep])]
+        out = []
+        for s, i in zip(sims[keep], ids[keep]):
+            chain = _cut_at(self.store.values[i, 1: 1 + depth], self.eos)
+            out.append((chain, float(max(s, 0.0)), self.anchor_keys(int(i), len(chain))))
+        return out
+
+    def anchor_keys(self, row: int, n: int) -> np.ndarray | None:
+        """[n, d] anchor keys of the chain drafted from store row `row` (entry at position t):
+        chain token j stood at t + 2 + j, whose key is row + 2 + j when the rows after `row`
+        continue its document that far; NaN beyond. None when the store cannot tell."""
+        succ = getattr(self.store, "successors", None)
+        if succ is None:
+            return None
+        anchors = np.full((n, self.store.keys.shape[1]), np.nan, dtype=np.float32)
+        m = max(0, min(n, int(succ[row]) - 1))
+        anchors[:m] = self.store.keys[row + 2: row + 2 + m]
+        return anchors
+
+    def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        """The chains, their labels ("dense": static datastore, "dynamic": dynamic cache) and, per
+        chain, the anchor keys of its tokens (see ``TokenTree.anchor_keys``)."""
+        if hidden is None:
+            return [], [], []
+        q = self.transform(hidden.float().cpu().numpy())
+        found = [(c, w, a, self.source) for c, w, a in self._static_chains(q, int(tokens[-1]), max_depth)]
+        if self.dynamic:
+            found += [(c, w, a, "dynamic") for c, w, a in self._dynamic_chains(q, tokens, max_depth)]
+        found = [(c.tolist(), w, a, label) for c, w, a, label in found if len(c) and w > 0]
+        if self.mode == "chains":
+            found = sorted(found, key=lambda f: -f[1])[: self.n_chains]
+        return [(c, w) for c, w, _, _ in found], [f[3] for f in found], [f[2] for f in found]
 
     def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        """The chains, each labelled "dense" (static datastore) or "dynamic" (dynamic cache)."""
-        if hidden is None:
-            return [], []
-        q = self.transform(hidden.float().cpu().numpy())
-        found = [(c, w, self.source) for c, w in self._static_chains(q, int(tokens[-1]), max_depth)]
-        if self.dynamic:
-            found += [(c, w, "dynamic") for c, w in self._dynamic_chains(q, tokens, max_depth)]
-        found = [(c.tolist(), w, label) for c, w, label in found if len(c) and w > 0]
-        if self.mode == "chains":
-            found = sorted(found, key=lambda cwl: -cwl[1])[: self.n_chains]
-        return [(c, w) for c, w, _ in found], [label for _, _, label in found]
+        return self.anchored_chains(tokens, max_depth, hidden)[:2]
 
     def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        return self.labelled_chains(tokens, max_depth, hidden)[0]
+        return self.anchored_chains(tokens, max_depth, hidden)[0]

@@ -32,16 +32,27 @@ class HybridDrafter(Drafter):
             if d.needs_hidden:
                 d.observe(positions, hidden)
 
-    def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        """The fused chains, each labelled with the source of the part that proposed it."""
-        fused, labels = [], []
+    def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        """The fused chains, each labelled with the source of the part that proposed it, with
+        the anchor keys its part gave (None where it gave none)."""
+        fused, labels, keys = [], [], []
         for d, share in self.parts:
-            found, found_labels = d.labelled_chains(tokens, max_depth, hidden if d.needs_hidden else None)
+            found, found_labels, found_keys = d.anchored_chains(tokens, max_depth,
+                                                                hidden if d.needs_hidden else None)
             total = sum(w for _, w in found)
             if total > 0:
                 fused += [(c, share * w / total) for c, w in found]
                 labels += found_labels
-        return fused, labels
+                keys += found_keys
+        return fused, labels, keys
+
+    def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        return self.anchored_chains(tokens, max_depth, hidden)[:2]
 
     def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        return self.labelled_chains(tokens, max_depth, hidden)[0]
+        return self.anchored_chains(tokens, max_depth, hidden)[0]
+
+    @property
+    def transform(self):
+        """The key transform of the first part that has one (for soft verification's anchors)."""
+        return next((d.transform for d, _ in self.parts if getattr(d, "transform", None) is not None), None)
