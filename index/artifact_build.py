@@ -45,8 +45,10 @@ from index.calibration import CALIBRATION_EXCLUDE, CALIBRATION_K, calibrate_npro
 from index.dense_format import DatastoreError, Manifest
 
 TRANSFORM_DESCRIPTION = "z-score (sample mean/std) -> PCA to key_dim -> L2-normalise (index.dense_format.KeyTransform)"
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
+# Where S3 is, never who may read it: a task's runtime_env is visible to anyone with access to the
+# cluster's dashboard and state API, so credentials come from each node's own environment
+# (instance role, or the variables set where `ray start` ran).
+FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
 @dataclass

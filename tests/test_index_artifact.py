@@ -411,6 +411,15 @@ def test_s3_build_publish_and_load(ray_cluster, s3_server, dense_store_dir, tmp_
     storage.write_bytes_atomic(storage.join(out_uri, "v0001", "values.npy"), b"\x93NUMPY" + b"\0" * 100)
     with pytest.raises(ArtifactError, match="values.npy"):
         load_artifact(out_uri, cache_dir=tmp_path / "cache3")
+    # The build's tasks got the endpoint through their runtime env, never the credentials (a
+    # runtime env is readable by anyone with the dashboard or the state API).
+    from ray.util.state import list_tasks
+
+    envs = [json.dumps(t.get("runtime_env_info") or {}, default=str)
+            for t in list_tasks(address=ray_cluster.dashboard_url, detail=True, limit=10_000, raise_on_missing_output=False)
+            if t.get("func_or_class_name") in ("sample_task", "add_task", "sparse_task")]
+    assert envs and any("AWS_ENDPOINT_URL" in e for e in envs)
+    assert not any("AWS_SECRET_ACCESS_KEY" in e or "AWS_ACCESS_KEY_ID" in e for e in envs)
 
 
 def run_cli(*args, timeout=120):
