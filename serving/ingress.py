@@ -6,7 +6,9 @@ here (a 400 never costs a decoder slot, except prompt length, which needs the to
 sent to the decoder deployment as one streaming handle call; its first event decides the HTTP
 status, so errors are proper statuses even for streaming requests. Overload (the decoder's
 ``max_queued_requests`` reached) is a 503 or 429 with Retry-After. A client that disconnects
-cancels its handle call, and with it the generation.
+cancels its handle call, and with it the generation. A decoder replica that dies under a request
+(crash, node loss, kill) is a 503 with Retry-After (Serve replaces the replica); mid-stream, an
+error event then ``[DONE]``: a stream never ends without either its finish chunk or an error.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type on the
@@ -50,6 +52,17 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     msg = errors[0].get("msg", "invalid request") if errors else "invalid request"
     return _error_response(APIError(400, f"Invalid value for {param}: {msg}", "invalid_request_error", param,
                                     "invalid_value"))
+
+
+def _decoder_failure(exc: Exception, retry_after: int) -> APIError:
+    """What a client is told when the handle call to the decoder fails: the replica died (a
+    503 with Retry-After: Serve replaces it, a retry lands on another one) or anything else (500)."""
+    from ray.exceptions import RayActorError
+
+    if isinstance(exc, RayActorError):
+        return APIError(503, "the decoder replica serving this request failed; retry", "server_error", None,
+                        "replica_failed", retry_after)
+    return internal()
 
 
 @app.exception_handler(Exception)
@@ -110,7 +123,7 @@ class Ingress:
             gen = convert(req, self.cfg)
             streaming = gen.stream
             stream = self.decoder.options(stream=True).generate.remote(gen)
-            first = await self._first_event(stream)
+            await self._first_event(stream)
             if gen.stream:
                 status = 200
                 return StreamingResponse(self._sse(gen, req, stream, t0, route), media_type="text/event-stream",
@@ -124,9 +137,11 @@ class Ingress:
         except asyncio.CancelledError:
             status = 499                # client closed the request
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("request on %s failed", route)
-            return _error_response(internal())
+            err = _decoder_failure(exc, self.cfg.ingress.retry_after_s)
+            status = err.status
+            return _error_response(err)
         finally:
             if status != 200 or not streaming:     # a stream records itself when it ends
                 self.metrics.request(route, status, time.perf_counter() - t0)
@@ -166,6 +181,7 @@ class Ingress:
         ids = gen.return_token_ids
         first_token = False
         status = 200
+        ended = False                   # the finish chunk or an error event went out
         try:
             if gen.kind == "chat":
                 yield sse(chunk(gen, name, text="", role=True))
@@ -185,20 +201,29 @@ class Ingress:
                                     extra=None if usage_wanted else stats))
                     if usage_wanted:
                         yield sse(usage_chunk(gen, name, event["usage"], stats))
+                    ended = True
                     break
                 elif kind == "error":
                     status = event["error"]["status"]
                     yield sse(APIError.from_dict(event["error"]).body())
+                    ended = True
                     break
+            if not ended:               # never a truncated stream that looks complete
+                log.error("stream %s: the decoder stopped without finishing", gen.request_id)
+                status = 500
+                yield sse(internal("the decoder stopped the generation without finishing it").body())
             yield SSE_DONE
         except (asyncio.CancelledError, GeneratorExit):
             status = 499                # the client disconnected mid-stream: stop the generation
             stream.cancel()
             raise
-        except Exception:               # the decoder failed mid-stream: say so, end the stream cleanly
+        except Exception as exc:        # the decoder failed mid-stream: say so, end the stream cleanly
             log.exception("stream %s failed", gen.request_id)
-            status = 500
-            yield sse(internal("the generation failed mid-stream").body())
+            err = _decoder_failure(exc, self.cfg.ingress.retry_after_s)
+            status = err.status
+            if err.status == 500:
+                err.message = "the generation failed mid-stream"
+            yield sse(err.body())
             yield SSE_DONE
         finally:
             self.metrics.request(route, status, time.perf_counter() - t0)

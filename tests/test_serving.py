@@ -174,19 +174,26 @@ def wait_app_running(url: str, timeout: float = 300) -> None:
     wait_for(ready, timeout, "the application to run with its index")
 
 
-@pytest.fixture(scope="module")
-def server(ray_cluster, stores):
+def start_server(ray_cluster, args: dict) -> Server:
+    """Deploy the application with `args` on the test cluster (declaratively, through the
+    dashboard, as `serve deploy` would) and wait until it serves with its index."""
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
     client = ServeSubmissionClient(ray_cluster.dashboard_url)
     port = client.get_serve_details()["http_options"]["port"]   # the running Serve's, if one existed
-    args = app_args(stores)
     client.deploy_applications(serve_config(port, args))
     url = f"http://127.0.0.1:{port}"
     wait_app_running(url)
-    yield Server(url, client, port, args)
+    return Server(url, client, port, args)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, stores):
+    from ray import serve
+
+    yield start_server(ray_cluster, app_args(stores))
     serve.delete(APP)
 
 
