@@ -127,6 +127,16 @@ class SamplingDefaults(_Section):
     chat_max_tokens: int | None = Field(None, ge=1, description="None: up to the context window")
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens_limit: int = Field(1 << 20, ge=1, description="the largest max_tokens a request may ask for "
+                                                             "(more: 400); generation also ends at the context window")
+
+    @model_validator(mode="after")
+    def _defaults_within_limit(self):
+        for name in ("completion_max_tokens", "chat_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value > self.max_tokens_limit:
+                raise ValueError(f"sampling.{name} {value} exceeds sampling.max_tokens_limit {self.max_tokens_limit}")
+        return self
 
 
 def _check_autoscaling(value: dict | None) -> dict | None:
@@ -191,6 +201,22 @@ class IngressConfig(_Section):
     overload_status: Literal[429, 503] = 503
     retry_after_s: int = Field(1, ge=0, description="Retry-After on overload responses")
     health_timeout_s: float = Field(5.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body accepted (larger: 413), checked "
+                                                           "before it is parsed")
+    api_keys_file: str | None = Field(
+        None, min_length=1, description="API-key authentication: a file of keys, one per line (blank lines and '#' comments "
+                          "ignored), read on each ingress replica's node. With this or api_keys_env set, every "
+                          "route but GET /health needs 'Authorization: Bearer <key>'; None for both: no "
+                          "authentication")
+    api_keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="API-key authentication: the name of an environment variable of the ingress replicas "
+                    "holding comma-separated keys (e.g. SENSE_API_KEYS). The keys themselves never go into "
+                    "this configuration")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys_file or self.api_keys_env)
 
 
 class ServingConfig(_Section):

@@ -22,16 +22,47 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serving import protocol
+from serving.auth import APIKeyMiddleware, load_api_keys
 from serving.config import ServingConfig
 from serving.errors import APIError, internal, overloaded
 from serving.responses import SSE_DONE, chunk, full_body, sse, usage_chunk
 
 log = logging.getLogger("ray.serve")
 
-app = FastAPI(title="SENSE on Ray", version="0.1.0",
-              description="Retrieval-based speculative decoding behind an OpenAI-compatible API")
+
+
+def _this_ingress():
+    """The Ingress instance of this Serve replica (Serve resolves the routes' `self` the same way);
+    raises outside a replica."""
+    return serve.get_replica_context().servable_object
+
+
+def _api_keys():
+    """This replica's API keys, None when authentication is off. Raises (the middleware then
+    refuses the request) if the replica is not there: never open by accident."""
+    return _this_ingress().api_keys
+
+
+class _App(FastAPI):
+    def openapi(self) -> dict:
+        """FastAPI's document completed with the request bodies, error responses, the max_tokens
+        bound and bearer authentication, as this replica is configured (defaults outside one)."""
+        if not self.openapi_schema:
+            try:
+                cfg = _this_ingress().cfg
+            except Exception:
+                cfg = ServingConfig()
+            self.openapi_schema = protocol.openapi_document(super().openapi(), cfg)
+        return self.openapi_schema
+
+
+app = _App(title="SENSE on Ray", version="0.1.0",
+           description="Retrieval-based speculative decoding behind an OpenAI-compatible API")
+# Before anything is routed (unknown paths and the OpenAPI document included): the API key.
+app.add_middleware(APIKeyMiddleware, keys=_api_keys)
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -42,7 +73,9 @@ def _error_response(err: APIError) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException):
     kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
     msg = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-    return _error_response(APIError(exc.status_code, msg, "invalid_request_error", None, kind))
+    resp = _error_response(APIError(exc.status_code, msg, "invalid_request_error", None, kind))
+    resp.headers.update(exc.headers or {})          # e.g. Allow on a 405
+    return resp
 
 
 @app.exception_handler(RequestValidationError)
@@ -78,6 +111,11 @@ class Ingress:
         from serving.metrics import IngressMetrics
 
         self.cfg = ServingConfig.model_validate(static)
+        ing = self.cfg.ingress
+        # A configured key source that gives no key stops the replica here (a clear deploy error).
+        self.api_keys = load_api_keys(ing.api_keys_file, ing.api_keys_env)
+        if self.api_keys is not None:
+            log.info("API-key authentication on: %d key(s)", len(self.api_keys))
         self.decoder = decoder
         self.metrics = IngressMetrics()
         self.started = int(time.time())
@@ -119,7 +157,7 @@ class Ingress:
         t0 = time.perf_counter()
         status, streaming = 500, False
         try:
-            req = protocol.parse(model_cls, await request.body())
+            req = protocol.parse(model_cls, await self._body(request))
             gen = convert(req, self.cfg)
             streaming = gen.stream
             stream = self.decoder.options(stream=True).generate.remote(gen)
@@ -145,6 +183,14 @@ class Ingress:
         finally:
             if status != 200 or not streaming:     # a stream records itself when it ends
                 self.metrics.request(route, status, time.perf_counter() - t0)
+
+    async def _body(self, request: Request) -> bytes:
+        try:
+            return await protocol.read_body(request.headers.get("content-length"), request.stream(),
+                                            self.cfg.ingress.max_body_bytes)
+        except ClientDisconnect:
+            raise APIError(499, "the client closed the connection while sending the body", "invalid_request_error",
+                           None, "client_closed") from None
 
     async def _first_event(self, stream) -> dict:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,7 +27,7 @@ class _Strict(BaseModel):
 class SoftGate(_Strict):
     theta: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=2, le=100)
-    lam: float | None = Field(None, gt=0, le=1)
+    lam: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     window: int | None = Field(None, ge=1, le=64)
 
 
@@ -49,15 +50,15 @@ class _Common(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)                  # extension (vLLM's name)
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)     # a 64-bit integer, as OpenAI's
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False                               # extension
@@ -117,11 +118,41 @@ class GenerationRequest:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server accepts ({limit} bytes)",
+                    "invalid_request_error", None, "request_too_large")
+
+
+async def read_body(content_length: str | None, chunks: AsyncIterable[bytes], limit: int) -> bytes:
+    """A request body of at most `limit` bytes, else a 413 APIError: refused on its declared
+    Content-Length before anything is read, and counted as it arrives (a chunked body has no
+    length), so an oversized body is never held whole."""
+    if content_length is not None:
+        value = content_length.strip()
+        if not (value.isascii() and value.isdigit()):
+            raise APIError(400, "The Content-Length header is not a number", "invalid_request_error", None,
+                           "invalid_request")
+        if int(value) > limit:
+            raise body_too_large(limit)
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise body_too_large(limit)
+    return bytes(body)
+
+
 def parse(model_cls: type[_Common], raw: bytes) -> _Common:
-    """Validate a JSON body; malformed JSON and every schema violation become a 400 APIError."""
+    """Validate a JSON body; malformed JSON (invalid UTF-8, nesting deeper than the parser's
+    limit, NaN where a number must be finite) and every schema violation become a 400 APIError."""
     if not raw:
         raise APIError(400, "The request body is empty: send a JSON object", "invalid_request_error", None,
                        "invalid_json")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"The request body is not valid UTF-8 (at byte {exc.start})", "invalid_request_error",
+                       None, "invalid_json") from None
     try:
         return model_cls.model_validate_json(raw)
     except ValidationError as exc:
@@ -145,6 +176,14 @@ def _check_common(req: _Common) -> None:
         raise invalid("stop accepts at most 4 sequences", "stop")
     if any(not s for s in stop):
         raise invalid("stop sequences must be non-empty strings", "stop")
+
+
+def _check_max_tokens(req: _Common, config: ServingConfig) -> None:
+    limit = config.sampling.max_tokens_limit
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, name, None)
+        if value is not None and value > limit:
+            raise invalid(f"{name} must be at most {limit} on this server", name)
 
 
 def check_model(req: _Common, config: ServingConfig) -> None:
@@ -194,6 +233,7 @@ def _sampling(req: _Common, max_tokens: int | None, config: ServingConfig):
 def completion_request(req: CompletionRequest, config: ServingConfig) -> GenerationRequest:
     check_model(req, config)
     _check_common(req)
+    _check_max_tokens(req, config)
     _unsupported(req, "echo", False, "the prompt is not echoed")
     _unsupported(req, "best_of", 1, "one candidate per request")
     _unsupported(req, "suffix", None, "no insertion")
@@ -227,6 +267,7 @@ def _message_text(m: ChatMessage) -> str:
 def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     check_model(req, config)
     _check_common(req)
+    _check_max_tokens(req, config)
     if req.logprobs or req.top_logprobs is not None:
         raise invalid("logprobs are not supported", "logprobs", "unsupported_value")
     if req.max_tokens is not None and req.max_completion_tokens is not None \
@@ -244,3 +285,71 @@ def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
 
 def include_usage(req: _Common) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
+
+
+# -- the OpenAPI document ------------------------------------------------------------------------
+
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"], "additionalProperties": False,
+        "properties": {"message": {"type": "string", "minLength": 1}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+# One server-sent event (OpenAPI 3.1: an event stream's `schema` describes each event): `data` is
+# a chunk or an error object as JSON, and `[DONE]` last.
+SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string", "minLength": 1}, "event": {"type": "string"}}}
+_BODIES = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatRequest"}
+
+
+def openapi_document(doc: dict, config: ServingConfig, open_paths=("/health",)) -> dict:
+    """Complete FastAPI's OpenAPI document `doc` (in place; returned): the routes read their
+    bodies raw (the size limit comes before parsing), so their JSON schemas are added here, with
+    the max_tokens bound `config` enforces; the OpenAI-style error responses; and, when API keys
+    are configured, bearer authentication on every operation but `open_paths`."""
+    from pydantic.json_schema import models_json_schema
+
+    _, defs = models_json_schema([(CompletionRequest, "validation"), (ChatRequest, "validation")],
+                                 ref_template="#/components/schemas/{model}")
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas.update(defs["$defs"])
+    schemas["ErrorResponse"] = ERROR_SCHEMA
+    limit = config.sampling.max_tokens_limit
+    for name in _BODIES.values():
+        for field_name in ("max_tokens", "max_completion_tokens"):
+            prop = schemas[name]["properties"].get(field_name)
+            for branch in (prop.get("anyOf", [prop]) if prop else ()):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = limit
+    auth = config.ingress.auth_enabled
+    if auth:
+        components["securitySchemes"] = {"bearerAuth": {
+            "type": "http", "scheme": "bearer",
+            "description": "an API key of ingress.api_keys_file / ingress.api_keys_env"}}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in doc.get("paths", {}).items():
+        for op in operations.values():
+            responses = op.setdefault("responses", {})
+            if path in _BODIES:
+                op["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{_BODIES[path]}"}}}}
+                responses["200"] = {
+                    "description": "the completion; server-sent events of chunks with \"stream\": true",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}
+                responses["400"] = {"description": "invalid request (JSON, parameters, prompt too long)",
+                                    "content": error}
+                responses["404"] = {"description": "unknown model", "content": error}
+                responses["413"] = {"description": f"body larger than {config.ingress.max_body_bytes} bytes",
+                                    "content": error}
+                responses[str(config.ingress.overload_status)] = {
+                    "description": "overloaded: retry after Retry-After seconds", "content": error}
+            if path == "/health":
+                responses["503"] = {"description": "the decoder does not answer", "content": error}
+            if auth and path not in open_paths:
+                op["security"] = [{"bearerAuth": []}]
+                responses["401"] = {"description": "missing or wrong API key", "content": error}
+            responses.setdefault("default", {"description": "an error", "content": error})
+    return doc

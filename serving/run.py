@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
     app_args = load_args(args.config, args.set)
     cfg = ServingConfig.from_args(app_args)           # fail fast on a bad configuration
+    from serving.auth import AuthConfigError, load_api_keys
+
+    try:                                              # and on API keys configured but not there
+        load_api_keys(cfg.ingress.api_keys_file, cfg.ingress.api_keys_env)
+    except AuthConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if "default" in (cfg.index.source("sparse"), cfg.index.source("dense")):
         from decoding.target import TargetModel
         from serving.index_data import prepare_defaults
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{args.host}:{args.port}"
     health = wait_ready(url, args.timeout)
     print(f"SENSE on Ray is serving {health.get('model')} at {url}/v1 (status {health.get('status')})")
-    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+    auth = " -H 'Authorization: Bearer <key>'" if cfg.ingress.auth_enabled else ""
+    print(f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
           f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is 17 * 23?\"}}], \"max_tokens\": 64}}'")
     sys.stdout.flush()
     try:
