@@ -103,6 +103,7 @@ class SoftDefaults(_Section):
     top_k: int = Field(3, ge=2)
     lam: float = Field(0.5, gt=0, le=1)
     window: int = Field(6, ge=1)
+    tau: float | None = Field(0.8, ge=-1, le=1, allow_inf_nan=False)  # None: no cosine stand-in
 
 
 class SpeculativeDefaults(_Section):

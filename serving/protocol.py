@@ -29,6 +29,7 @@ class SoftGate(_Strict):
     top_k: int | None = Field(None, ge=2, le=100)
     lam: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     window: int | None = Field(None, ge=1, le=64)
+    tau: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)   # cosine stand-in (1: practically off)
 
 
 class Speculative(_Strict):
