@@ -1,0 +1,183 @@
+"""Load and faults over real HTTP on the shared 2-node Ray cluster (the app of test_serving.py,
+with one decoder replica and a small admission limit).
+
+- Overload: a burst far past the decoder's ``max_ongoing_requests + max_queued_requests`` is
+  shed with 503 + Retry-After (never another 5xx, never a lost or wrong answer), admitted
+  requests keep a bounded latency, a normal request succeeds right after, and the decoder
+  replica's resident memory does not grow by anything like a KV cache per request.
+- A decoder replica killed mid-stream (``ray.kill`` and SIGKILL of its process): the stream ends
+  with an error event then ``[DONE]`` (never a truncated stream that looks complete), the other
+  requests complete or get a 503 with Retry-After, and Serve replaces the replica.
+- Every index shard killed mid-request: the request completes with the same tokens by PLD
+  fallback, and once Serve has replaced the shards a later request uses the index again.
+
+The load generator and the fault injectors are those of ``python -m bench.reliability``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from bench.reliability import (answer_ids, burst, chat_body, kill_decoder_mid_stream, kill_shards_mid_request,
+                               kv_bytes_per_token, memory, recovery_ms)
+from tests.test_serving import APP, QUESTIONS, app_args, start_server, stores, wait_app_running  # noqa: F401
+
+MAX_ONGOING, MAX_QUEUED = 2, 4
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, stores):  # noqa: F811
+    from ray import serve
+
+    args = app_args(stores)
+    args["decoder"] = {"num_replicas": 1, "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED,
+                       "ray_actor_options": {"num_cpus": 1}, "graceful_shutdown_timeout_s": 5}
+    srv = start_server(ray_cluster, args)
+    srv.dashboard_url = ray_cluster.dashboard_url
+    yield srv
+    serve.delete(APP)
+
+
+@pytest.mark.slow
+def test_overload_is_shed_latency_stays_bounded_and_memory_flat(server, target):
+    url, dash = server.url, server.dashboard_url
+    # Two GSM8K questions per prompt (~130 tokens): a KV cache leaked per request would be large.
+    bodies = [chat_body(f"{a} {b}", 2, budget=8) for a, b in (QUESTIONS, QUESTIONS[::-1])]
+    refs = [answer_ids(url, b) for b in bodies]
+    t0 = time.perf_counter()
+    alone = answer_ids(url, bodies[0])
+    alone_ms = 1e3 * (time.perf_counter() - t0)
+    assert alone == refs[0]
+    burst(url, bodies, refs, 40, seconds=2, concurrency=16)            # warm-up: threads, allocator pools
+    before = memory(dash, APP)
+    res = burst(url, bodies, refs, 300, seconds=10, concurrency=48)
+    rec_ms = recovery_ms(url, bodies[0], refs[0])
+    time.sleep(1)
+    after = memory(dash, APP)
+    s = res.summary()
+    print(f"\nburst {s}\nalone {alone_ms:.0f} ms, recovery {rec_ms:.0f} ms, RSS MiB {before} -> {after}")
+
+    assert res.failed == 0 and res.wrong_output == 0, res.examples[:3]          # nothing lost
+    assert res.server_errors == 0 and res.client_errors == 0, res.examples[:3]  # shed or answered, nothing else
+    assert res.shed > 0 and res.admitted > 0, s
+    assert res.shed_without_retry_after == 0
+    # Admitted requests wait behind at most max_ongoing + max_queued others, so (Little's law)
+    # their latency is about slots / throughput; an unbounded queue would make the last of 300
+    # wait for nearly all the others.
+    slots = MAX_ONGOING + MAX_QUEUED
+    per_request_ms = 1e3 * res.wall_s / res.admitted
+    assert s["admitted_p99_ms"] < max(5000.0, 2.5 * slots * per_request_ms + 1000), (s, per_request_ms)
+    assert rec_ms < 10_000                                                      # recovers at once
+    # A KV cache kept per admitted request would add this much; the decoder grew far less.
+    prompt_tokens = requests.post(url + "/v1/chat/completions", json=bodies[0], timeout=60).json()["usage"][
+        "prompt_tokens"]
+    leak_mb = res.admitted * (prompt_tokens + 2) * kv_bytes_per_token(target) / 2**20
+    assert leak_mb > 40, "the burst admitted too few requests for the memory check to mean anything"
+    assert after["decoder"] - before["decoder"] < leak_mb / 4, (before, after, leak_mb)
+    assert after["ingress"] - before["ingress"] < 64 and after["proxy"] - before["proxy"] < 64, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_decoder_killed_mid_stream_is_a_clean_error_and_replaced(server, how):
+    url = server.url
+    wait_app_running(url, 180)
+    stream_body = chat_body("Write a very long story about a dragon.", 128, method="pld", stream=True)
+    plain_body = chat_body(QUESTIONS[1], 16, method="pld")
+    r = kill_decoder_mid_stream(url, server.dashboard_url, APP, how=how, stream_body=stream_body,
+                                stream_ref=answer_ids(url, stream_body), plain_body=plain_body,
+                                plain_ref=answer_ids(url, plain_body))
+    print("\n", r)
+    assert r["data_lost"] == 0 and r["server_errors"] == 0, r
+    assert r["stream"] == "error" and r["stream_error"] == "replica_failed", r    # not truncated, not 500
+    assert r["stream_tokens_before_error"] > 0
+    assert all(s in (200, 503) for s in r["plain"]), r
+    assert r["replaced"], r
+    wait_app_running(url, 180)
+
+
+@pytest.mark.slow
+def test_shards_killed_fall_back_then_the_index_returns(server):
+    url = server.url
+    wait_app_running(url, 180)
+    body = chat_body(QUESTIONS[0], 48, method="sense", budget=8)
+    r = kill_shards_mid_request(url, server.dashboard_url, APP, body=body, ref=answer_ids(url, body), how="SIGKILL")
+    print("\n", r)
+    assert r["shards_killed"] == 2 and r["complete"] == 1 and r["data_lost"] == 0, r   # same tokens
+    assert r["fallback"] == "pld", r                                                   # and it says so
+    assert r["recovered"], r                # a later request: no fallback, every shard answering
+    wait_app_running(url, 180)
+
+
+# -- the ingress's end of a stream, with a stand-in for the decoder's handle stream ------------
+
+
+class _Stream:
+    """What `decoder.options(stream=True).generate.remote()` gives the ingress: an async
+    iterator of events; this one ends early or raises after `events`."""
+
+    def __init__(self, events: list[dict], exc: Exception | None = None) -> None:
+        self.events, self.exc, self.cancelled = list(events), exc, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.events:
+            return self.events.pop(0)
+        if self.exc is not None:
+            raise self.exc
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _NoMetrics:
+    def request(self, *a) -> None:
+        pass
+
+    def first_token(self, *a) -> None:
+        pass
+
+
+def _sse_lines(stream: _Stream) -> list:
+    from serving import protocol
+    from serving.config import ServingConfig
+    from serving.ingress import Ingress
+
+    ing = SimpleNamespace(cfg=ServingConfig(), metrics=_NoMetrics())     # what _sse uses of the replica
+    req = protocol.parse(protocol.ChatRequest, json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                           "stream": True}).encode())
+    gen = protocol.chat_request(req, ing.cfg)
+
+    async def run():
+        sse = Ingress.func_or_class._sse(ing, gen, req, stream, time.perf_counter(), "/v1/chat/completions")
+        return [x async for x in sse]
+
+    out = []
+    for line in asyncio.run(run()):
+        data = line.removeprefix("data: ").strip()
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+@pytest.mark.parametrize("ending", ["stops", "replica_dies"])
+def test_a_stream_never_ends_silently(ending):
+    """The decoder's stream ends without its `done` event, or its replica dies: the client gets
+    an error event then [DONE], and no chunk with a finish_reason."""
+    from ray.exceptions import ActorDiedError
+
+    delta = {"type": "delta", "text": "Hello", "token_ids": [1]}
+    exc = ActorDiedError() if ending == "replica_dies" else None
+    events = _sse_lines(_Stream([delta, delta], exc))
+    assert events[-1] == "[DONE]" and "error" in events[-2], events
+    assert events[-2]["error"]["code"] == ("replica_failed" if exc else "internal_error")
+    assert not any(c.get("finish_reason") for e in events[:-1] for c in e.get("choices", [])), events
+    assert sum(1 for e in events[:-1] if e.get("choices") and e["choices"][0]["delta"].get("content")) == 2
