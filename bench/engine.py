@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                      "relative_cost_default_kernels": round(rel_plain[n], 3),
                      "ms_default_kernels": round(cost_plain[n] * 1e3, 2)})
 
-    md = [f"# Engine benchmark\n",
+    md = ["# Engine benchmark\n",
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
           f"transformers {machine['transformers']}, float32 CPU. Embedded SmolLM2-135M-Instruct.\n",
           f"First {len(prompts)} GSM8K test questions, greedy, max {args.max_new_tokens} new tokens, "

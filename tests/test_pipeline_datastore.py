@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from index.corpus import gsm8k, gsm8k_answer_text
-from index.records import CorpusSpec, FieldMap, InputError, Unit, plan_units, read_unit
+from index.records import CorpusSpec, FieldMap, InputError, plan_units, read_unit
 
 REPO = Path(__file__).resolve().parents[1]
 N_DOCS = 10
