@@ -119,6 +119,33 @@ def _resolve_device(model_cfg) -> tuple[str, str]:
     return device, dtype
 
 
+def coalesce_deltas(event: dict, queue: asyncio.Queue) -> tuple[dict, dict | None]:
+    """`event` merged with the delta events already waiting behind it (one stream chunk instead of
+    several when the caller reads slower than the decode loop produces); returns it and the first
+    non-delta event taken from the queue, if any, to send next. Nothing waits: a delta is never
+    held back."""
+    if event["type"] != "delta":
+        return event, None
+    while not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt["type"] != "delta":
+            return event, nxt
+        event = {"type": "delta", "text": event["text"] + nxt["text"],
+                 "token_ids": event["token_ids"] + nxt["token_ids"]}
+    return event, None
+
+
+def _thread_settings() -> dict:
+    """The replica's intra-op threads, for the log and GET /health. Ray sets OMP_NUM_THREADS to
+    the actor's num_cpus, so torch gets that many unless model.torch_threads says otherwise
+    (applied before this). FAISS shares torch's OpenMP runtime (one thread count for both)."""
+    import os
+
+    import torch
+
+    return {"torch": torch.get_num_threads(), "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")}
+
+
 @serve.deployment
 class Decoder:
     def __init__(self, static: dict, shards: list | None = None) -> None:
@@ -132,6 +159,7 @@ class Decoder:
         if self.cfg.model.torch_threads:
             torch.set_num_threads(self.cfg.model.torch_threads)
         device, dtype = _resolve_device(self.cfg.model)
+        self.threads = _thread_settings()
         self.target = TargetModel.load(self.cfg.model.path, dtype=dtype, device=device)
         self.model = SerializedTarget(self.target, serialize=self.cfg.decoder.serialize_forward)
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.max_ongoing_requests + 2,
@@ -154,8 +182,8 @@ class Decoder:
             self.replica = "local"
         if self.cfg.speculative.budget == "adaptive":
             self._cost_curve()
-        log.info("decoder ready: %s on %s/%s, %s index", self.cfg.model.name, device, dtype,
-                 "sharded" if self.client else "local")
+        log.info("decoder ready: %s on %s/%s, %s index, threads %s", self.cfg.model.name, device, dtype,
+                 "sharded" if self.client else "local", self.threads)
 
     # -- index versions -----------------------------------------------------------------------
 
@@ -305,14 +333,18 @@ class Decoder:
         stores.dense = store
         return FallbackDrafter(make_drafter(method, stores), store), store, report
 
-    def _stats(self, req, result, drafter, store, report, prompt_len: int) -> dict:
+    def _stats(self, req, result, drafter, store, report, prompt_len: int, timing: dict) -> dict:
         s = result.stats
         out = {"method": req.method, "verification": req.verification,
                "budget": req.budget, "steps": s.steps, "mat": round(s.mat, 4),
                "acceptance_rate": round(s.acceptance_rate, 4), "drafted_tokens": s.drafted,
                "accepted_tokens": s.accepted, "prompt_tokens": prompt_len, "completion_tokens": s.new_tokens,
                "tokens_per_s": round(s.tokens_per_s, 2), "time_prefill_s": round(s.time_prefill, 4),
-               "time_total_s": round(s.time_total, 4), "finish_reason": s.finish_reason, "replica": self.replica}
+               "time_total_s": round(s.time_total, 4), "time_draft_s": round(s.time_draft, 4),
+               "time_verify_s": round(s.time_verify, 4), "time_commit_s": round(s.time_commit, 4),
+               "time_encode_s": round(timing.get("encode", 0.0), 4),
+               "time_queue_s": round(timing.get("queue", 0.0), 4),
+               "finish_reason": s.finish_reason, "replica": self.replica}
         if s.soft_gates is not None:
             out["soft_gates"] = s.soft_gates
         if report is not None:
@@ -323,16 +355,19 @@ class Decoder:
         out["fallback"] = fallback
         return out
 
-    def _run(self, req, emit, cancel: threading.Event) -> None:
+    def _run(self, req, emit, cancel: threading.Event, t_call: float) -> None:
         """One generation, in a worker thread; every outcome is an event."""
         from decoding.engine import generate
         from decoding.errors import SenseError
         from serving.text import TextStream
 
+        t_run = time.perf_counter()
+        timing = {"queue": t_run - t_call}      # waiting for a worker thread of this replica
         self._count("active", 1)
         try:
             try:
                 prompt_ids = self._encode(req)
+                timing["encode"] = time.perf_counter() - t_run
                 drafter, store, report = self._drafter(req, self.index)
                 budget = self._budget(req)
             except SenseError as exc:
@@ -354,7 +389,7 @@ class Decoder:
             result = generate(self.model, prompt_ids, params=params, drafter=drafter, budget=budget,
                               soft=req.soft, on_tokens=on_tokens if text is not None else None,
                               should_stop=cancel.is_set)
-            stats = self._stats(req, result, drafter, store, report, len(prompt_ids))
+            stats = self._stats(req, result, drafter, store, report, len(prompt_ids), timing)
             fell_back = stats["fallback"] is not None
             self.metrics.finished(req.method, result.stats, fell_back)
             self._count("fallbacks", int(fell_back))
@@ -393,10 +428,12 @@ class Decoder:
         def emit(event: dict) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        future = loop.run_in_executor(self.pool, self._run, req, emit, cancel)
+        future = loop.run_in_executor(self.pool, self._run, req, emit, cancel, time.perf_counter())
+        held = None
         try:
             while True:
-                event = await queue.get()
+                event = held if held is not None else await queue.get()
+                event, held = coalesce_deltas(event, queue)
                 yield event
                 if event["type"] in ("done", "error"):
                     break
@@ -408,7 +445,7 @@ class Decoder:
 
     async def info(self) -> dict:
         sharded = self.client is not None
-        d = {"replica": self.replica, "model": self.cfg.model.name, **self.counts,
+        d = {"replica": self.replica, "model": self.cfg.model.name, **self.counts, "threads": self.threads,
              "last_cancelled": self.last_cancelled,
              "index": self.index.describe(sharded) if self.index else None,
              "index_error": self.index_error}

@@ -52,6 +52,21 @@ def _merge(into: dict, new: dict) -> None:
             into[k] = v
 
 
+def local_torch_threads(cfg) -> int | None:
+    """torch threads per decoder replica when this command starts its own local Ray instance and
+    model.torch_threads is unset: the machine's cores shared by the fixed number of CPU decoder
+    replicas. (Ray would give each replica OMP_NUM_THREADS = its num_cpus, 1 by default: on the
+    2-core reference machine one thread serves ~10% fewer tokens/s than two, bench/results/serving.md.)
+    None: leave it to Ray (a GPU decoder, autoscaling, or a thread count already set)."""
+    import os
+
+    dc = cfg.decoder
+    gpu = cfg.model.device == "cuda" or (dc.ray_actor_options or {}).get("num_gpus")
+    if cfg.model.torch_threads is not None or dc.autoscaling_config is not None or gpu:
+        return None
+    return max(1, (os.cpu_count() or 1) // dc.num_replicas)
+
+
 def wait_ready(url: str, timeout_s: float) -> dict:
     deadline = time.time() + timeout_s
     last = None
@@ -106,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print("preparing the default GSM8K datastores (built once into the cache; the dense one takes "
               "minutes on a CPU) ...", file=sys.stderr)
         prepare_defaults(cfg.index, TargetModel.load(cfg.model.path))
+    threads = local_torch_threads(cfg) if args.address == "local" else None
+    if threads is not None:             # this machine is the decoder's: use its cores, not Ray's 1 per num_cpus
+        _merge(app_args, {"model": {"torch_threads": threads}})
+        print(f"decoder: {threads} torch thread(s) per replica (set model.torch_threads to change)", file=sys.stderr)
     ray.init(address=args.address, logging_level="WARNING")
     serve.start(http_options={"host": args.host, "port": args.port})
     print("starting the application ...", file=sys.stderr)

@@ -247,3 +247,36 @@ def test_concurrent_generations_share_one_model(target):
         for t in threads:
             t.join()
         assert got == want
+
+
+def test_stream_deltas_waiting_together_go_as_one_chunk():
+    import asyncio
+
+    from serving.decoder import coalesce_deltas
+
+    q: asyncio.Queue = asyncio.Queue()
+    for e in ({"type": "delta", "text": "b", "token_ids": [2]}, {"type": "delta", "text": "c", "token_ids": [3]},
+              {"type": "done", "text": ""}, {"type": "delta", "text": "never", "token_ids": [9]}):
+        q.put_nowait(e)
+    event, held = coalesce_deltas({"type": "delta", "text": "a", "token_ids": [1]}, q)
+    assert event == {"type": "delta", "text": "abc", "token_ids": [1, 2, 3]}
+    assert held == {"type": "done", "text": ""} and q.qsize() == 1        # order kept, nothing after "done" read
+    start = {"type": "start", "prompt_tokens": 3}
+    assert coalesce_deltas(start, q) == (start, None) and q.qsize() == 1   # only deltas merge
+    empty: asyncio.Queue = asyncio.Queue()
+    one = {"type": "delta", "text": "x", "token_ids": [5]}
+    assert coalesce_deltas(one, empty) == (one, None)                     # nothing waiting: sent as is
+
+
+def test_serving_run_gives_a_local_cpu_decoder_the_machines_cores(monkeypatch):
+    import os
+
+    from serving.run import local_torch_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert local_torch_threads(ServingConfig.from_args({})) == 8
+    assert local_torch_threads(ServingConfig.from_args({"decoder": {"num_replicas": 2}})) == 4
+    assert local_torch_threads(ServingConfig.from_args({"model": {"torch_threads": 3}})) is None
+    assert local_torch_threads(ServingConfig.from_args({"model": {"device": "cuda"}})) is None
+    assert local_torch_threads(ServingConfig.from_args(
+        {"decoder": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}})) is None
