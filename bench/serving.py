@@ -26,7 +26,7 @@ import time
 
 import requests
 
-from bench.common import machine_info, write_results
+from bench.common import machine_info, median, write_results
 
 FALLBACK_PROMPTS = ["What is 17 * 23? Explain step by step.", "Write a short poem about the sea.",
                     "List three uses of a paperclip.", "Explain photosynthesis in two sentences."]
@@ -62,16 +62,19 @@ def free_port() -> int:
 # -- engine ------------------------------------------------------------------------------------
 
 
-def run_engine(target, stores, prompts, method: str, max_tokens: int, budget) -> tuple[float, list[list[int]]]:
+def run_engine(target, stores, prompts, method: str, max_tokens: int, budget) -> tuple[float, list[list[int]], list[dict]]:
+    """(tokens/s over the generate() calls, token ids per prompt, per-request costs in seconds)."""
     from decoding.budget import AdaptiveBudget, measure_verify_cost
     from decoding.config import SamplingParams
     from decoding.engine import encode_prompt, generate
     from decoding.methods import make_drafter
 
     cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)) if budget == "adaptive" else None
-    outs, tokens, seconds = [], 0, 0.0
+    outs, recs, tokens, seconds = [], [], 0, 0.0
     for q in prompts:
+        t0 = time.perf_counter()
         ids = encode_prompt(target, q)
+        t_encode = time.perf_counter() - t0
         b = AdaptiveBudget(cost) if cost else budget
         t0 = time.perf_counter()
         r = generate(target, ids, params=SamplingParams(max_new_tokens=max_tokens), drafter=make_drafter(method, stores),
@@ -79,7 +82,10 @@ def run_engine(target, stores, prompts, method: str, max_tokens: int, budget) ->
         seconds += time.perf_counter() - t0
         tokens += len(r.token_ids)
         outs.append(r.token_ids)
-    return tokens / seconds, outs
+        s = r.stats
+        recs.append({"encode": t_encode, "prefill": s.time_prefill, "draft": s.time_draft, "verify": s.time_verify,
+                     "commit": s.time_commit, "total": s.time_total, "steps": s.steps, "tokens": len(r.token_ids)})
+    return tokens / seconds, outs, recs
 
 
 # -- HTTP clients ------------------------------------------------------------------------------
@@ -90,11 +96,31 @@ def body(q: str, method: str, max_tokens: int, budget, stream: bool) -> dict:
             "stream": stream, "speculative": {"method": method, "budget": budget, "return_token_ids": True}}
 
 
-def one_plain(url: str, q: str, method: str, max_tokens: int, budget) -> tuple[list[int], float]:
+def one_plain(url: str, q: str, method: str, max_tokens: int, budget) -> tuple[list[int], float, dict]:
+    """(token ids, client wall seconds, per-request costs in seconds as the decoder reports them)."""
     t0 = time.perf_counter()
     r = requests.post(url + "/v1/chat/completions", json=body(q, method, max_tokens, budget, False), timeout=600)
     r.raise_for_status()
-    return r.json()["choices"][0]["token_ids"], time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    out = r.json()
+    sp = out["speculative"]
+    ids = out["choices"][0]["token_ids"]
+    rec = {"wall": wall, "queue": sp["time_queue_s"], "encode": sp["time_encode_s"], "prefill": sp["time_prefill_s"],
+           "draft": sp["time_draft_s"], "verify": sp["time_verify_s"], "commit": sp["time_commit_s"],
+           "total": sp["time_total_s"], "steps": sp["steps"], "tokens": len(ids)}
+    return ids, wall, rec
+
+
+def probe(url: str, path: str, n: int = 30) -> float:
+    """Median round trip of GET `path` in ms (a kept-alive connection, as a client would have)."""
+    with requests.Session() as s:
+        s.get(url + path, timeout=30).raise_for_status()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            s.get(url + path, timeout=30).raise_for_status()
+            times.append(time.perf_counter() - t0)
+    return 1e3 * median(times)
 
 
 def one_stream(url: str, q: str, method: str, max_tokens: int, budget) -> dict:
@@ -149,8 +175,159 @@ def concurrent(url: str, prompts, method: str, max_tokens: int, budget, concurre
     tpot = [r["tpot"] for r in results if r["tpot"] == r["tpot"]]
     return {"requests": len(results), "tokens": sum(r["tokens"] for r in results), "wall_s": wall,
             "throughput_tokens_per_s": sum(r["tokens"] for r in results) / wall,
+            "request_s_mean": sum(r["seconds"] for r in results) / max(1, len(results)),
             "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99)}
+
+
+# -- cost breakdown ----------------------------------------------------------------------------
+
+# Process classes for CPU accounting (psutil names and command lines of one local Ray node).
+_CLASSES = (("decoder replica", (":Decoder",)), ("ingress replica", (":Ingress",)),
+            ("serve proxy", ("ProxyActor",)), ("serve controller", ("ServeController",)),
+            ("raylet", ("raylet",)), ("gcs", ("gcs_server",)),
+            ("dashboard (head, agents)", ("dashboard", "DashboardAgent", "runtime_env", "RuntimeEnvAgent")),
+            ("other Ray processes", ("ray::", "/ray/", "log_monitor", "monitor.py")))
+
+
+def _proc_class(p) -> str | None:
+    import os
+
+    if p.pid == os.getpid():
+        return "benchmark client"
+    try:
+        text = p.name() + " " + " ".join(p.cmdline())
+    except Exception:
+        return None
+    for name, keys in _CLASSES:
+        if any(k in text for k in keys):
+            return name
+    return "other processes"
+
+
+def cpu_snapshot() -> tuple[dict, list[int]]:
+    """CPU seconds per process (with its class) and the system-wide /proc/stat counters."""
+    import psutil
+
+    procs = {}
+    for p in psutil.process_iter():
+        c = _proc_class(p)
+        if c is not None:
+            try:
+                t = p.cpu_times()
+                procs[p.pid] = (c, t.user + t.system)
+            except Exception:
+                pass
+    try:
+        with open("/proc/stat") as f:
+            stat = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        stat = []
+    return procs, stat
+
+
+def cpu_use(a: tuple[dict, list[int]], b: tuple[dict, list[int]], wall: float) -> dict:
+    """Cores used between two snapshots: per process class, and by the whole machine."""
+    import os
+
+    use: dict[str, float] = {}
+    for pid, (c, t) in b[0].items():
+        use[c] = use.get(c, 0.0) + t - a[0].get(pid, (c, 0.0))[1]
+    out = {c: round(v / wall, 3) for c, v in sorted(use.items(), key=lambda kv: -kv[1])}
+    if a[1] and b[1]:
+        d = [y - x for x, y in zip(a[1], b[1])]
+        hz = os.sysconf("SC_CLK_TCK")
+        out["machine (all processes)"] = round((sum(d) - d[3] - d[4]) / hz / wall, 3)
+    return out
+
+
+def _mean_ms(recs: list[dict], key) -> float:
+    vals = [key(r) for r in recs]
+    return round(1e3 * sum(vals) / len(vals), 1)
+
+
+def breakdown(method: str, engine: list[dict], served: list[dict], engine_ray_up: list[dict], probes: dict,
+              streamed_s: float | None, cpu: dict) -> dict:
+    """Where a served request's time goes, against the in-process engine (ms per request, means)."""
+    def loop(r):
+        return r["draft"] + r["verify"] + r["commit"]
+
+    def rest(r):                  # inside generate(): stop checks, detokenisation, the stream hook
+        return r["total"] - r["prefill"] - loop(r)
+
+    def per_step(recs, key):
+        return round(1e3 * sum(key(r) for r in recs) / max(1, sum(r["steps"] for r in recs)), 2)
+
+    row = {"method": "served_breakdown", "decode_method": method, "requests": len(served),
+           "tokens_per_request": round(sum(r["tokens"] for r in served) / len(served), 1),
+           "steps_per_request": round(sum(r["steps"] for r in served) / len(served), 1)}
+    for side, recs in (("engine", engine), ("served", served), ("engine_ray_up", engine_ray_up)):
+        row[side] = {"encode_ms": _mean_ms(recs, lambda r: r["encode"]),
+                     "prefill_ms": _mean_ms(recs, lambda r: r["prefill"]),
+                     "draft_ms": _mean_ms(recs, lambda r: r["draft"]),
+                     "verify_ms": _mean_ms(recs, lambda r: r["verify"]),
+                     "commit_ms": _mean_ms(recs, lambda r: r["commit"]),
+                     "other_generate_ms": _mean_ms(recs, rest),
+                     "step_ms": per_step(recs, loop), "verify_step_ms": per_step(recs, lambda r: r["verify"]),
+                     "draft_step_ms": per_step(recs, lambda r: r["draft"]),
+                     "request_ms": _mean_ms(recs, lambda r: r.get("wall", r["encode"] + r["total"]))}
+    row["served"]["queue_ms"] = _mean_ms(served, lambda r: r["queue"])
+    row["served"]["outside_decoder_ms"] = _mean_ms(served, lambda r: r["wall"] - r["queue"] - r["encode"] - r["total"])
+    row["served"]["streamed_request_ms"] = round(1e3 * streamed_s, 1) if streamed_s else None
+    row["probes_ms"] = probes
+    row["cpu_cores_while_serving"] = cpu
+    return row
+
+
+def breakdown_md(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r["method"] == "served_breakdown"]
+    if not rows:
+        return []
+    md = ["", "## Cost breakdown (one request at a time)\n",
+          "Means per request, in ms. *engine*: in this process before Ray started; *served*: the same "
+          "requests over HTTP, the decoder's own timings (returned in `speculative`) plus the client's wall "
+          "time; *engine, Ray up*: in this process again, while the app was deployed and idle (Ray's "
+          "background on the same 2 cores, no serving path).\n"]
+    head = "| | " + " | ".join(f"{r['decode_method']} {side}" for r in rows
+                               for side in ("engine", "served", "engine, Ray up")) + " |"
+    md += [head, "|---|" + "---|" * (3 * len(rows))]
+    lines = [("client -> proxy -> ingress -> decoder handle and back (HTTP, JSON, handle call)",
+              lambda r, side: r["served"]["outside_decoder_ms"] if side == "served" else None),
+             ("waiting for a generate thread in the replica", lambda r, side: r["served"]["queue_ms"]
+              if side == "served" else None),
+             ("tokenisation + chat template", lambda r, side: r[side]["encode_ms"]),
+             ("prefill", lambda r, side: r[side]["prefill_ms"]),
+             ("decode loop: drafting (retrieval)", lambda r, side: r[side]["draft_ms"]),
+             ("decode loop: verification forward", lambda r, side: r[side]["verify_ms"]),
+             ("decode loop: commit (acceptance + KV compaction)", lambda r, side: r[side]["commit_ms"]),
+             ("rest of generate (stop checks, detokenisation)", lambda r, side: r[side]["other_generate_ms"]),
+             ("**request total**", lambda r, side: r[side]["request_ms"]),
+             ("ms per decode step (draft + verify + commit)", lambda r, side: r[side]["step_ms"]),
+             ("ms per verification forward", lambda r, side: r[side]["verify_step_ms"]),
+             ("ms per draft (retrieval)", lambda r, side: r[side]["draft_step_ms"])]
+    for label, get in lines:
+        cells = []
+        for r in rows:
+            for side in ("engine", "served", "engine_ray_up"):
+                v = get(r, side)
+                cells.append("" if v is None else f"{v:g}")
+        md.append(f"| {label} | " + " | ".join(cells) + " |")
+    md += ["", "Fixed costs (median round trip, ms): "
+           + "; ".join(f"{r['decode_method']}: GET /v1/models (client -> proxy -> ingress) "
+                       f"{r['probes_ms']['models']:.1f}, GET /health (+ one handle call to the decoder) "
+                       f"{r['probes_ms']['health']:.1f}" for r in rows) + ".",
+           "", "Streaming (SSE, one chunk per decode step) vs one JSON body, one request at a time: "
+           + "; ".join(f"{r['decode_method']} {r['served']['streamed_request_ms']:.0f} ms vs "
+                       f"{r['served']['request_ms']:.0f} ms per request" for r in rows
+                       if r["served"]["streamed_request_ms"]) + ".",
+           "", "CPU while serving one request at a time (cores, of 2; psutil per process, machine from /proc/stat):",
+           "", "| process | " + " | ".join(r["decode_method"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    names = []
+    for r in rows:
+        names += [n for n in r["cpu_cores_while_serving"] if n not in names]
+    for n in names:
+        md.append(f"| {n} | " + " | ".join(f"{r['cpu_cores_while_serving'].get(n, 0.0):.3f}" for r in rows) + " |")
+    return md
 
 
 # -- the served app ----------------------------------------------------------------------------
@@ -194,6 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
     ap.add_argument("--write", action="store_true", help="with --quick: write the results files anyway")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     if args.quick:
         args.questions, args.max_new_tokens, args.methods, args.concurrency = 3, 24, "pld", "1,4"
     budget = args.budget if args.budget == "adaptive" else int(args.budget)
@@ -233,26 +411,38 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=max(4, 2 * threads), logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    served = {}
+    served, breakdowns = {}, []
     try:
         for method in methods:
             m_index = {"sparse": index.sparse, "dense": index.dense, "dense_default_docs": args.dense_docs}
             log(f"[{method}] serving (1 replica) ...")
             deploy(app_args(method, budget, 1, threads, m_index, max(levels)), url)
             one_plain(url, prompts[0], method, 8, budget)                      # warm-up
-            tokens, seconds, served_out = 0, 0.0, []
+            probes = {"models": round(probe(url, "/v1/models"), 2), "health": round(probe(url, "/health"), 2)}
+            # The engine in this process while the app is up and idle: Ray's background, no serving path.
+            log(f"[{method}] engine with the app up (idle) ...")
+            ray_up = run_engine(target, stores, prompts, method, args.max_new_tokens, budget)
+            tokens, seconds, served_out, recs = 0, 0.0, [], []
+            before = cpu_snapshot()
             for q in prompts:
-                ids, dt = one_plain(url, q, method, args.max_new_tokens, budget)
+                ids, dt, rec = one_plain(url, q, method, args.max_new_tokens, budget)
                 tokens, seconds = tokens + len(ids), seconds + dt
                 served_out.append(ids)
+                recs.append(rec)
+            cpu = cpu_use(before, cpu_snapshot(), seconds)
             served[method] = tokens / seconds
             mismatches[method] = sum(a != b for a, b in zip(engine_runs[method][0][1], served_out))
-            log(f"[{method}] served {served[method]:.1f} tok/s")
+            log(f"[{method}] served {served[method]:.1f} tok/s (engine with the app up: {ray_up[0]:.1f})")
+            streamed_s = None
             for c in levels:
                 log(f"[{method}] concurrency {c} ...")
                 s = concurrent(url, prompts, method, args.max_new_tokens, budget, c, args.rounds)
+                if c == 1:
+                    streamed_s = s["request_s_mean"]
                 rows.append({"method": "served_latency", "decode_method": method, "concurrency": c, "replicas": 1,
                              **{k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()}})
+            breakdowns.append(breakdown(method, engine_runs[method][0][2], recs, ray_up[2], probes, streamed_s, cpu))
+            breakdowns[-1]["engine_ray_up_tok_s"] = round(ray_up[0], 2)
             if method == methods[0] and not args.quick:
                 c = max(levels)
                 base = next(r for r in rows if r.get("concurrency") == c and r["method"] == "served_latency"
@@ -280,6 +470,10 @@ def main(argv=None) -> int:
                      "decode_method": method, "tok_s": round(served[method], 2), "vs_tok_s": round(engine_tps, 2),
                      "engine_tok_s_runs": [round(t, 2) for t in tps],
                      "same_output": f"{len(prompts) - mismatches[method]}/{len(prompts)}"})
+    for b in breakdowns:          # the served ratio against the engine beside the idle app
+        b["served_vs_engine_ray_up"] = round(served[b["decode_method"]] / b["engine_ray_up_tok_s"], 3)
+    rows += breakdowns
+    runtime_s = round(time.perf_counter() - t_start)
 
     md = [f"# Serving benchmark{' (quick smoke run)' if args.quick else ''}\n",
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['device']}; "
@@ -287,10 +481,15 @@ def main(argv=None) -> int:
           f"max {args.max_new_tokens} new tokens, draft budget {budget}; the served app: one local Ray node, "
           f"index held in the decoder, {threads} torch thread(s) per replica (half each with 2 replicas).\n",
           "## Served vs in-process engine (one request at a time)\n",
-          "Engine tok/s is the mean of a run before the server started and one after it stopped.\n",
-          "| decoding method | served tok/s | engine tok/s | ratio | same output |", "|---|---|---|---|---|"]
+          "Engine tok/s is the mean of a run before the server started and one after it stopped (no Ray "
+          "processes); served tok/s counts the client's wall time (HTTP, tokenisation and all). The last two "
+          "columns: the engine in this process while the app was up and idle, and served over that.\n",
+          "| decoding method | served tok/s | engine tok/s | ratio | same output | engine, Ray up tok/s | "
+          "served / engine, Ray up |", "|---|---|---|---|---|---|---|"]
+    ray_up = {b["decode_method"]: b for b in breakdowns}
     md += [f"| {r['decode_method']} | {r['tok_s']} | {r['vs_tok_s']} ({' / '.join(map(str, r['engine_tok_s_runs']))})"
-           f" | {r['ratio']:.3f} | {r['same_output']} |" for r in rows if r["method"] == "served"]
+           f" | {r['ratio']:.3f} | {r['same_output']} | {ray_up[r['decode_method']]['engine_ray_up_tok_s']} | "
+           f"{ray_up[r['decode_method']]['served_vs_engine_ray_up']:.3f} |" for r in rows if r["method"] == "served"]
     md += ["", "## Latency (streamed)\n",
            "| decoding method | concurrency | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms | "
            "throughput tok/s |", "|---|---|---|---|---|---|---|"]
@@ -303,11 +502,14 @@ def main(argv=None) -> int:
                "| replicas | throughput tok/s | vs 1 replica |", "|---|---|---|"]
         md += [f"| {r['replicas']} | {r['throughput_tokens_per_s']:.1f} | {r.get('vs_1_replica', 1.0):.3f} |"
                for r in rep]
+    md += breakdown_md(rows)
+    md += ["", f"Benchmark run time: {runtime_s / 60:.1f} min."]
     text = "\n".join(md) + "\n"
     print(text)
     if not args.quick or args.write:
         path = write_results("serving", machine, rows, text,
-                             extra={"config": {k: v for k, v in vars(args).items()}, "mismatches": mismatches})
+                             extra={"config": {k: v for k, v in vars(args).items()}, "mismatches": mismatches,
+                                    "runtime_s": runtime_s})
         log(f"wrote {path}")
     return 1 if any(mismatches.values()) else 0
 
