@@ -199,15 +199,18 @@ def speedups(by_method: Mapping[str, Mapping[str, float]], baseline: str = "ar")
 # -- data ---------------------------------------------------------------------------------------
 
 
+SPEC_BENCH_TASKS = ("translation", "summarization", "qa", "math_reasoning", "rag")
+
+
 def spec_bench_by_category(questions: Iterable[dict], per_category: int = 1) -> dict[str, list[str]]:
     """First-turn prompts per Spec-Bench category, the first `per_category` by question id.
 
-    Question ids up to 80 are MT-Bench (their own categories) and count as "mt_bench", as in
-    bench/sense.py.
+    Spec-Bench's six categories: its five task categories, and "mt_bench" for the MT-Bench
+    questions, which carry MT-Bench's own categories (writing, roleplay, ...; ids 81-160).
     """
     by_cat: dict[str, list[str]] = defaultdict(list)
     for q in sorted(questions, key=lambda q: q["question_id"]):
-        cat = q["category"] if q["question_id"] > 80 else "mt_bench"
+        cat = q["category"] if q["category"] in SPEC_BENCH_TASKS else "mt_bench"
         if len(by_cat[cat]) < per_category:
             by_cat[cat].append(q["turns"][0])
     return dict(by_cat)

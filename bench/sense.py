@@ -13,12 +13,15 @@ Writes bench/results/sense.{json,md}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
+from bench.analysis import spec_bench_by_category
 from bench.common import machine_info, median, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from decoding.budget import AdaptiveBudget, measure_verify_cost
@@ -123,14 +126,28 @@ def self_distilled(target, rows, max_tokens: int, workdir) -> list[tuple[list[in
 
 
 def build_stores(target, answers: list[tuple[list[int], list[int]]], workdir, name):
-    """Sparse over the answer tokens; dense over answers in their chat context."""
+    """Sparse over the answer tokens; dense over answers in their chat context.
+
+    The dense datastore is cached in `workdir` under a key of its documents' tokens and the
+    model's weights hash: a rerun on the same data loads it instead of extracting again (the
+    builder writes it atomically, so a cached directory is always a whole one)."""
     sparse = SparseIndex.build(a for _, a in answers)
     docs = [Document(p + a, corpus=name, store_from=len(p)) for p, a in answers]
+    from index.dense_format import model_fingerprint
+
+    fp = model_fingerprint(target)
+    h = hashlib.sha256(fp.weights_hash.encode())
+    for p, a in answers:
+        h.update(np.asarray(p, dtype=np.int64).tobytes() + b"|" + np.asarray(a, dtype=np.int64).tobytes() + b";")
+    out = Path(workdir) / f"{name}_{len(docs)}_{h.hexdigest()[:12]}"
+    if (out / "manifest.json").is_file():
+        log(f"{name}: dense datastore of {len(docs)} documents from {out}")
+        return sparse, DenseStore.load(out, expect=fp)
     t0 = time.perf_counter()
-    build_dense_datastore(target, docs, workdir / name, progress=lambda i, n: log(f"  {name}: {i}/{n} documents")
+    build_dense_datastore(target, docs, out, progress=lambda i, n: log(f"  {name}: {i}/{n} documents")
                           if i % 1000 == 0 else None)
     log(f"{name}: dense datastore of {len(docs)} documents in {time.perf_counter() - t0:.0f} s")
-    return sparse, DenseStore.load(workdir / name)
+    return sparse, DenseStore.load(out, expect=fp)
 
 
 def main(argv=None) -> int:
@@ -143,8 +160,6 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-max-tokens", type=int, default=256, help="answer length of the ID datastore")
     ap.add_argument("--workdir", default="bench/out")
     args = ap.parse_args(argv)
-    from pathlib import Path
-
     from decoding.cli import _quiet_libraries
 
     _quiet_libraries()
@@ -166,11 +181,8 @@ def main(argv=None) -> int:
         stores["id"] = build_stores(target, own, workdir, "id")
 
     tests = {"gsm8k": [(q["question"], q["answer"]) for q in gsm8k("test")[: args.gsm8k]]}
-    by_cat = defaultdict(list)
-    for q in sorted(spec_bench(), key=lambda q: q["question_id"]):
-        cat = q["category"] if q["question_id"] > 80 else "mt_bench"
-        by_cat[cat].append((q["turns"][0], None))
-    tests["spec_bench"] = [x for cat in by_cat.values() for x in cat[: args.spec_per_category]]
+    by_cat = spec_bench_by_category(spec_bench(), args.spec_per_category)
+    tests["spec_bench"] = [(q, None) for cat in by_cat.values() for q in cat]
 
     rows, md = [], []
     for ds_name, items in tests.items():

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     target = TargetModel.load()
     cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
     own = self_distilled(target, gsm8k("train")[: args.id_questions], args.distill_max_tokens, workdir)
-    sparse, dense = build_stores(target, own, workdir, "id_quality")
+    sparse, dense = build_stores(target, own, workdir, "id")
     soft_cfg = SoftGateConfig()
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
 

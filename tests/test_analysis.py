@@ -189,9 +189,19 @@ def test_aggregate_and_speedups():
 
 def test_spec_bench_by_category():
     qs = [{"question_id": i, "category": c, "turns": [f"q{i}"]}
-          for i, c in [(90, "qa"), (1, "writing"), (85, "qa"), (100, "math"), (2, "coding")]]
-    assert spec_bench_by_category(qs) == {"mt_bench": ["q1"], "qa": ["q85"], "math": ["q100"]}
-    assert spec_bench_by_category(qs, 2)["qa"] == ["q85", "q90"]
+          for i, c in [(330, "qa"), (90, "writing"), (325, "qa"), (170, "translation"), (81, "coding")]]
+    assert spec_bench_by_category(qs) == {"mt_bench": ["q81"], "translation": ["q170"], "qa": ["q325"]}
+    assert spec_bench_by_category(qs, 2) == {"mt_bench": ["q81", "q90"], "translation": ["q170"],
+                                              "qa": ["q325", "q330"]}
+
+
+def test_spec_bench_by_category_on_the_shipped_data():
+    """The real question file: six categories of 80 questions (MT-Bench's 8 x 10 as one)."""
+    from index.corpus import spec_bench
+
+    by_cat = spec_bench_by_category(spec_bench(), per_category=1000)
+    assert {k: len(v) for k, v in by_cat.items()} == {
+        "mt_bench": 80, "translation": 80, "summarization": 80, "qa": 80, "math_reasoning": 80, "rag": 80}
 
 
 def test_committed_results_parse(tmp_path):
