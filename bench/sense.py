@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 from collections import defaultdict
@@ -74,6 +75,8 @@ def summarize(agg, ds_name: str, store_name: str, n_items: int) -> list[dict]:
                "tokens_per_s": round(tps, 2), "speedup_per_question_median": round(median(per_q), 3),
                "speedup_per_question_iqr": [round(float(np.percentile(per_q, 25)), 3),
                                             round(float(np.percentile(per_q, 75)), 3)],
+               "steps": steps, "new_tokens": int(sum(a["new_tokens"])),
+               "time_total_s": round(sum(a["time_total"]), 2),
                "time_split_s": {k: round(sum(a[k]), 2) for k in ("time_draft", "time_verify", "time_commit")},
                "token_agreement_with_ar": round(float(np.mean(a["agree"])), 4),
                "rouge_l_with_ar": round(float(np.mean(a["rouge"])), 4),
@@ -150,6 +153,103 @@ def build_stores(target, answers: list[tuple[list[int], list[int]]], workdir, na
     return sparse, DenseStore.load(out, expect=fp)
 
 
+# The issue's targets on CPU with the embedded model (GSM8K): name, method, figure, threshold.
+TARGETS = (("SENSE-strict MAT / REST MAT", "sense_strict", "mat_vs_rest", 1.65),
+           ("SENSE-soft MAT", "sense_soft", "mat", 4.0),
+           ("SENSE-strict speedup over ar", "sense_strict", "speedup", 1.5))
+
+
+def step_costs(row: dict) -> dict:
+    """Milliseconds per decode step (draft, verify, commit, other) of one result row.
+
+    ms per step = MAT x ms per committed token; split by the measured time shares, where
+    "other" is what the decode loop's three phases do not cover (prefill, stop checks)."""
+    per_step = 1000.0 * row["mat"] / row["tokens_per_s"]
+    split = row["time_split_s"]
+    total = row["time_total_s"] if "time_total_s" in row else None
+    phases = split["time_draft"] + split["time_verify"] + split["time_commit"]
+    total = total or phases
+    out = {k[5:]: per_step * v / total for k, v in split.items()}
+    out["other"] = per_step * max(total - phases, 0.0) / total
+    out["step"] = per_step
+    return out
+
+
+def render(payload: dict) -> str:
+    """The markdown report, from the result payload alone (``--report`` re-renders it)."""
+    rows, machine, args = payload["rows"], payload["machine"], payload.get("args", {})
+    mrows = [r for r in rows if "mat" in r]
+    rest_mat = {(r["dataset"], r["datastore"]): r["mat"] for r in mrows if r["method"] == "rest"}
+    md = ["# SENSE benchmark", "",
+          f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+          f"{machine.get('device', 'cpu')}, embedded SmolLM2-135M-Instruct; greedy, max "
+          f"{args.get('max_new_tokens', '?')} new tokens; adaptive budget over the verify cost curve "
+          f"measured at start. Command: `python -m bench.sense "
+          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in ("workdir", "report"))
+          + "`" + (f"; run time {payload['run_time_min']} min." if payload.get("run_time_min") else "."), "",
+          "Speedup = tokens/s over ar's, all questions pooled (per-question median and IQR beside it); "
+          "efficiency = speedup / MAT; accuracy = exact '#### N' answer on GSM8K.", "",
+          "| datastore | dataset | method | MAT | MAT / REST | acceptance | speedup | per-question median [IQR] "
+          "| efficiency | tok/s | ROUGE-L vs ar | accuracy |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in mrows:
+        rm = rest_mat.get((r["dataset"], r["datastore"]))
+        iqr = r.get("speedup_per_question_iqr", [float("nan")] * 2)
+        md.append(f"| {r['datastore']} | {r['dataset']} ({r['questions']}) | {r['method']} | {r['mat']:.2f} | "
+                  f"{r['mat'] / rm if rm else float('nan'):.2f} | {r['acceptance_rate']:.3f} | "
+                  f"{r['speedup']:.2f}x | {r.get('speedup_per_question_median', float('nan')):.2f} "
+                  f"[{iqr[0]:.2f}, {iqr[1]:.2f}] | {r['efficiency']:.2f} | {r['tokens_per_s']:.1f} | "
+                  f"{r['rouge_l_with_ar']:.3f} | {r.get('accuracy', '')} |")
+    for r in rows:
+        if "accuracy_ratio" in r:
+            md.append(f"\nGSM8K accuracy, sense_soft vs ar ({r['datastore']} store): {r['correct']}/{r['questions']} "
+                      f"vs {r['vs_correct']}/{r['questions']} (ratio {r['accuracy_ratio']}).")
+
+    md += ["", "## Against the issue's targets (set for GSM8K; Spec-Bench shown beside)", ""]
+    for ds in ("gsm8k", "spec_bench"):
+        for store in sorted({r["datastore"] for r in mrows if r["dataset"] == ds}):
+            by = {r["method"]: r for r in mrows if r["dataset"] == ds and r["datastore"] == store}
+            if not {"sense_strict", "sense_soft", "rest"} <= by.keys():
+                continue
+            parts = []
+            for name, method, fig, thr in TARGETS:
+                v = by[method]["mat"] / by["rest"]["mat"] if fig == "mat_vs_rest" else by[method][fig]
+                verdict = "met" if v >= thr else f"missed by {100 * (thr - v) / thr:.0f}%"
+                parts.append(f"{name} {v:.2f} (target {thr}: {verdict})")
+            md.append(f"- {ds}, {store} store: " + "; ".join(parts) + ".")
+    md += ["", "## Cost per decode step (ms, pooled means)", "",
+           "Speedup = MAT x (ar's ms per step / the method's ms per step): a method gains only what its MAT "
+           "exceeds its step's extra cost (bigger verified trees, retrieval).", "",
+           "| datastore | dataset | method | ms/step | draft | verify | commit | other | step vs ar |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in mrows:
+        ar = next(x for x in mrows if x["method"] == "ar" and x["dataset"] == r["dataset"]
+                  and x["datastore"] == r["datastore"])
+        c, ca = step_costs(r), step_costs(ar)
+        md.append(f"| {r['datastore']} | {r['dataset']} | {r['method']} | {c['step']:.1f} | {c['draft']:.1f} | "
+                  f"{c['verify']:.1f} | {c['commit']:.1f} | {c['other']:.1f} | {c['step'] / ca['step']:.2f}x |")
+    if payload.get("cost_curve"):
+        md += ["", "Verify cost curve c(n) on this machine (time to verify n draft tokens / one ar step): "
+               + ", ".join(f"{n}: {c}" for n, c in payload["cost_curve"].items()) + "."]
+    gates = [r for r in mrows if r.get("soft_gates")]
+    if gates:
+        md += ["", "Soft gates passed (sense_soft): " + "; ".join(
+            f"{r['dataset']}/{r['datastore']}: {r['soft_gates']}" for r in gates) + "."]
+    return "\n".join(md) + "\n"
+
+
+def rerender() -> int:
+    from bench.common import RESULTS
+
+    path = RESULTS / "sense.json"
+    if not path.exists():
+        log(f"error: {path} does not exist; run the benchmark first")
+        return 2
+    (RESULTS / "sense.md").write_text(render(json.loads(path.read_text())))
+    log(f"wrote {RESULTS / 'sense.md'}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gsm8k", type=int, default=100)
@@ -159,7 +259,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--distill-max-tokens", type=int, default=256, help="answer length of the ID datastore")
     ap.add_argument("--workdir", default="bench/out")
+    ap.add_argument("--report", action="store_true",
+                    help="only re-render bench/results/sense.md from bench/results/sense.json")
     args = ap.parse_args(argv)
+    if args.report:
+        return rerender()
+    t_start = time.time()
     from decoding.cli import _quiet_libraries
 
     _quiet_libraries()
@@ -225,27 +330,13 @@ def main(argv=None) -> int:
         for store_name in stores:
             rows += summarize(agg[store_name], ds_name, store_name, len(items))
     machine = machine_info()
-    rest_mat = {(r["dataset"], r["datastore"]): r["mat"] for r in rows if r["method"] == "rest" and "mat" in r}
-    md = ["# SENSE benchmark", "",
-          f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, float32 CPU, "
-          f"embedded SmolLM2-135M-Instruct; greedy, max {args.max_new_tokens} new tokens; adaptive budget.", "",
-          "| datastore | dataset | method | MAT | MAT / REST | acceptance | speedup | efficiency | accuracy |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "mat" not in r:
-            continue
-        rm = rest_mat.get((r["dataset"], r["datastore"]))
-        md.append(f"| {r['datastore']} | {r['dataset']} ({r['questions']}) | {r['method']} | {r['mat']:.2f} | "
-                  f"{r['mat'] / rm if rm else float('nan'):.2f} | {r['acceptance_rate']:.3f} | "
-                  f"{r['speedup']:.2f}x | {r['efficiency']:.2f} | {r.get('accuracy', '')} |")
-    for r in rows:
-        if "accuracy_ratio" in r:
-            md.append(f"\nGSM8K accuracy, sense_soft vs ar ({r['datastore']}): {r['accuracy']} vs "
-                      f"{r['vs_accuracy']} (ratio {r['accuracy_ratio']}).")
-    path = write_results("sense", machine, rows, "\n".join(md) + "\n",
-                         extra={"cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()},
-                                "args": vars(args)})
-    print("\n".join(md))
+    payload = {"benchmark": "sense", "machine": machine, "rows": rows,
+               "cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()}, "args": vars(args),
+               "run_time_min": round((time.time() - t_start) / 60, 1)}
+    md = render(payload)
+    path = write_results("sense", machine, rows, md,
+                         extra={k: payload[k] for k in ("cost_curve", "args", "run_time_min")})
+    print(md)
     log(f"wrote {path}")
     return 0
 

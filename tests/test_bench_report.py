@@ -1,0 +1,42 @@
+"""bench/sense.py's report: rendered from the result payload alone, targets judged from the rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.sense import METHODS, render, step_costs
+
+
+def _row(method, mat, tps, speedup, verify=8.0, total=10.0):
+    return {"method": method, "dataset": "gsm8k", "datastore": "id", "questions": 3, "mat": mat,
+            "acceptance_rate": 0.2, "speedup": speedup, "efficiency": speedup / mat, "tokens_per_s": tps,
+            "speedup_per_question_median": speedup, "speedup_per_question_iqr": [speedup, speedup],
+            "time_total_s": total, "time_split_s": {"time_draft": 0.5, "time_verify": verify, "time_commit": 0.5},
+            "rouge_l_with_ar": 1.0, "token_agreement_with_ar": 1.0}
+
+
+def _payload(strict_mat, soft_mat, strict_speedup):
+    mats = {"ar": 1.0, "pld": 1.5, "rest": 1.25, "dresd": 1.3, "sense_strict": strict_mat, "sense_soft": soft_mat}
+    speed = {"sense_strict": strict_speedup}
+    rows = [_row(m, mats[m], 20.0 * speed.get(m, 1.1), speed.get(m, 1.1)) for m in METHODS]
+    return {"benchmark": "sense", "machine": {"cpu": "x", "cores": 2, "torch": "t"}, "rows": rows,
+            "args": {"gsm8k": 3, "max_new_tokens": 8}, "cost_curve": {"0": 1.0, "4": 1.5}}
+
+
+def test_targets_met_and_missed_are_judged_from_the_rows():
+    md = render(_payload(strict_mat=2.5, soft_mat=3.0, strict_speedup=1.2))
+    line = next(x for x in md.splitlines() if x.startswith("- gsm8k, id store"))
+    assert "SENSE-strict MAT / REST MAT 2.00 (target 1.65: met)" in line
+    assert "SENSE-soft MAT 3.00 (target 4.0: missed by 25%)" in line
+    assert "SENSE-strict speedup over ar 1.20 (target 1.5: missed by 20%)" in line
+    md = render(_payload(strict_mat=2.1, soft_mat=4.2, strict_speedup=1.6))
+    line = next(x for x in md.splitlines() if x.startswith("- gsm8k, id store"))
+    assert line.count(": met") == 3 and "missed" not in line
+
+
+def test_step_costs_split_ms_per_step_by_time_shares():
+    c = step_costs(_row("sense_strict", mat=2.0, tps=40.0, speedup=1.0, verify=8.0, total=10.0))
+    assert c["step"] == pytest.approx(50.0)  # 2 tokens per step at 40 tokens/s
+    assert c["verify"] == pytest.approx(40.0) and c["draft"] == pytest.approx(2.5)
+    assert c["other"] == pytest.approx(50.0 * 1.0 / 10.0)
+    assert sum(c[k] for k in ("draft", "verify", "commit", "other")) == pytest.approx(c["step"])
