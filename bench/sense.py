@@ -6,6 +6,8 @@ Datastores from GSM8K train: OOD = the dataset's answers (sparse: answer tokens;
 answers in their chat context). ID (self-distillation, --id-questions > 0) = the target's own
 greedy answers to that many train questions. Every method's budget is chosen per step by the
 adaptive budget from the verify cost curve measured at start (sense_soft: sizes >= its window).
+Wide-tree rows (--wide-budget, --wide-questions): rest, sense_strict and sense_soft again with a
+fixed GPU-sized budget on the first GSM8K questions, for the MAT that large trees reach.
 Quality on GSM8K: accuracy, token agreement and ROUGE-L with the ar output, mean log-prob.
 Writes bench/results/sense.{json,md}.
 """
@@ -38,6 +40,9 @@ from index.sparse import SparseIndex
 
 METHODS = ("ar", "pld", "rest", "dresd", "sense_strict", "sense_soft")
 STORELESS = ("ar", "pld")
+# Methods also run with a fixed, GPU-sized draft budget (--wide-budget) on the first GSM8K
+# questions: MAT as large trees give it (a GPU verifies 32 tokens for about one step's cost).
+WIDE_METHODS = ("rest", "sense_strict", "sense_soft")
 
 
 def log(*a):
@@ -57,12 +62,13 @@ def make(method, sparse, dense):
                          name=method)
 
 
-def summarize(agg, ds_name: str, store_name: str, n_items: int) -> list[dict]:
+def summarize(agg, ds_name: str, store_name: str, n_items: int, methods=METHODS, budget="adaptive") -> list[dict]:
     """One row per method (MAT, acceptance, speedup over ar, efficiency, quality) and, on GSM8K,
-    the accuracy ratio of sense_soft over ar."""
+    the accuracy ratio of sense_soft over ar. `budget`: "adaptive", or the fixed draft budget
+    of the wide-tree rows (recorded in every row)."""
     rows = []
     tps_ar = sum(agg["ar"]["new_tokens"]) / sum(agg["ar"]["time_total"])
-    for method in METHODS:
+    for method in methods:
         a = agg[method]
         steps, acc, drafted = sum(a["steps"]), sum(a["accepted"]), sum(a["drafted"])
         mat = (acc + steps) / steps if steps else 0.0
@@ -70,7 +76,7 @@ def summarize(agg, ds_name: str, store_name: str, n_items: int) -> list[dict]:
         speedup = tps / tps_ar
         per_q = [t / ta for t, ta in zip(a["tps"], agg["ar"]["tps"])]
         row = {"method": method, "dataset": ds_name, "datastore": store_name, "questions": n_items,
-               "mat": round(mat, 3), "acceptance_rate": round(acc / drafted, 3) if drafted else 0.0,
+               "budget": budget, "mat": round(mat, 3), "acceptance_rate": round(acc / drafted, 3) if drafted else 0.0,
                "speedup": round(speedup, 3), "efficiency": round(speedup / mat, 3) if mat else 0.0,
                "tokens_per_s": round(tps, 2), "speedup_per_question_median": round(median(per_q), 3),
                "speedup_per_question_iqr": [round(float(np.percentile(per_q, 25)), 3),
@@ -90,14 +96,14 @@ def summarize(agg, ds_name: str, store_name: str, n_items: int) -> list[dict]:
         if gates:
             row["soft_gates"] = gates
         rows.append(row)
-    if agg["ar"]["correct"]:
+    if agg["ar"]["correct"] and "sense_soft" in methods:
         acc_ar = float(np.mean(agg["ar"]["correct"]))
         acc_soft = float(np.mean(agg["sense_soft"]["correct"]))
         rows.append({"method": "sense_soft", "vs": "ar", "dataset": ds_name, "datastore": store_name,
                      "accuracy_ratio": round(acc_soft / acc_ar, 4) if acc_ar else None,
                      "accuracy": round(acc_soft, 4), "vs_accuracy": round(acc_ar, 4),
                      "correct": int(sum(agg["sense_soft"]["correct"])), "vs_correct": int(sum(agg["ar"]["correct"])),
-                     "questions": n_items})
+                     "questions": n_items, "budget": budget})
     return rows
 
 
@@ -178,6 +184,9 @@ def step_costs(row: dict) -> dict:
 def render(payload: dict) -> str:
     """The markdown report, from the result payload alone (``--report`` re-renders it)."""
     rows, machine, args = payload["rows"], payload["machine"], payload.get("args", {})
+    adaptive = [r for r in rows if r.get("budget", "adaptive") == "adaptive"]
+    wide = [r for r in rows if r.get("budget", "adaptive") != "adaptive" and "mat" in r]
+    rows = adaptive
     mrows = [r for r in rows if "mat" in r]
     rest_mat = {(r["dataset"], r["datastore"]): r["mat"] for r in mrows if r["method"] == "rest"}
     md = ["# SENSE benchmark", "",
@@ -217,6 +226,27 @@ def render(payload: dict) -> str:
                 verdict = "met" if v >= thr else f"missed by {100 * (thr - v) / thr:.0f}%"
                 parts.append(f"{name} {v:.2f} (target {thr}: {verdict})")
             md.append(f"- {ds}, {store} store: " + "; ".join(parts) + ".")
+    if wide:
+        md += ["", f"## Wide trees: a fixed budget of {wide[0]['budget']} draft nodes (GSM8K, first "
+               f"{wide[0]['questions']} questions)", "",
+               "The adaptive budget above keeps trees to a few nodes because a verify of n tokens costs c(n) "
+               "decode steps on this CPU (see the cost curve below). On a GPU c(n) stays near 1 up to dozens of "
+               "tokens and the same policy drafts large trees; these rows give the MAT such trees reach on the "
+               "same questions. Their speedup is this CPU's, where large trees cost several steps each.", "",
+               "| datastore | method | MAT | MAT / REST | acceptance | speedup (this CPU) | ROUGE-L vs ar | accuracy |",
+               "|---|---|---|---|---|---|---|---|"]
+        wrest = {r["datastore"]: r["mat"] for r in wide if r["method"] == "rest"}
+        for r in wide:
+            rm = wrest.get(r["datastore"])
+            md.append(f"| {r['datastore']} | {r['method']} | {r['mat']:.2f} | {r['mat'] / rm if rm else float('nan'):.2f} "
+                      f"| {r['acceptance_rate']:.3f} | {r['speedup']:.2f}x | {r['rouge_l_with_ar']:.3f} | "
+                      f"{r.get('accuracy', '')} |")
+        for store in sorted(wrest):
+            by = {r["method"]: r for r in wide if r["datastore"] == store}
+            if {"sense_strict", "sense_soft"} <= by.keys():
+                md.append(f"\n- {store} store, budget {by['rest']['budget']}: SENSE-strict MAT / REST MAT "
+                          f"{by['sense_strict']['mat'] / by['rest']['mat']:.2f} (target 1.65); SENSE-soft MAT "
+                          f"{by['sense_soft']['mat']:.2f} (target 4.0).")
     md += ["", "## Cost per decode step (ms, pooled means)", "",
            "Speedup = MAT x (ar's ms per step / the method's ms per step): a method gains only what its MAT "
            "exceeds its step's extra cost (bigger verified trees, retrieval).", "",
@@ -253,11 +283,15 @@ def rerender() -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gsm8k", type=int, default=100)
-    ap.add_argument("--spec-per-category", type=int, default=10)
+    ap.add_argument("--spec-per-category", type=int, default=10, help="Spec-Bench questions per category (0: none)")
     ap.add_argument("--dense-docs", type=int, default=7473)
     ap.add_argument("--id-questions", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--distill-max-tokens", type=int, default=256, help="answer length of the ID datastore")
+    ap.add_argument("--wide-budget", type=int, default=32,
+                    help="fixed draft budget of the wide-tree rows (0: none)")
+    ap.add_argument("--wide-questions", type=int, default=20,
+                    help="GSM8K questions that also run rest/sense_strict/sense_soft at --wide-budget")
     ap.add_argument("--workdir", default="bench/out")
     ap.add_argument("--report", action="store_true",
                     help="only re-render bench/results/sense.md from bench/results/sense.json")
@@ -286,49 +320,71 @@ def main(argv=None) -> int:
         stores["id"] = build_stores(target, own, workdir, "id")
 
     tests = {"gsm8k": [(q["question"], q["answer"]) for q in gsm8k("test")[: args.gsm8k]]}
-    by_cat = spec_bench_by_category(spec_bench(), args.spec_per_category)
-    tests["spec_bench"] = [(q, None) for cat in by_cat.values() for q in cat]
+    if args.spec_per_category > 0:                   # 0: GSM8K only
+        by_cat = spec_bench_by_category(spec_bench(), args.spec_per_category)
+        tests["spec_bench"] = [(q, None) for cat in by_cat.values() for q in cat]
 
-    rows, md = [], []
+    def run(a, method, ids, gold, sparse, dense, budget, ar_out):
+        """One generation; its figures appended to `a` (this method's lists). Returns the tokens."""
+        soft = soft_cfg if method == "sense_soft" else None
+        r = generate(target, ids, params=params, drafter=make(method, sparse, dense), budget=budget, soft=soft)
+        s = r.stats
+        for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",
+                  "time_verify", "time_commit"):
+            a[k].append(getattr(s, k))
+        a["tps"].append(s.tokens_per_s)
+        ref = r.token_ids if ar_out is None else ar_out
+        a["agree"].append(token_agreement(r.token_ids, ref))
+        a["rouge"].append(rouge_l(r.token_ids, ref))
+        if gold is not None:
+            a["correct"].append(gsm8k_answer(r.text) == gsm8k_answer(gold))
+            if method in ("ar", "sense_soft"):
+                a["logprob"].append(mean_logprob(target, ids, r.token_ids))
+        if soft and s.soft_gates:
+            for k, v in s.soft_gates.items():
+                a["gate_" + k].append(v)
+        return r.token_ids
+
+    def new_agg():
+        return {name: defaultdict(lambda: defaultdict(list)) for name in stores}
+
+    def copy_last(src, dst):
+        for k, v in src.items():
+            dst[k].append(v[-1])
+
+    rows = []
+    first = next(iter(stores))
     for ds_name, items in tests.items():
         # agg[store][method]: ar and pld do not read a datastore, so they run once per question
         # and their figures stand in every datastore's table (measured side by side all the same).
-        agg = {name: defaultdict(lambda: defaultdict(list)) for name in stores}
+        agg = new_agg()
+        wide = new_agg()       # the wide-tree rows: fixed budget, the first --wide-questions GSM8K items
+        n_wide = min(args.wide_questions, len(items)) if ds_name == "gsm8k" and args.wide_budget else 0
         for qi, (question, gold) in enumerate(items):
             ids = encode_prompt(target, question)
             ar_out = None
             for store_name, (sparse, dense) in stores.items():
                 for method in METHODS:
                     a = agg[store_name][method]
-                    if method in STORELESS and store_name != next(iter(stores)):
-                        for k, v in agg[next(iter(stores))][method].items():
-                            a[k].append(v[-1])
+                    if method in STORELESS and store_name != first:
+                        copy_last(agg[first][method], a)
                         continue
-                    soft = soft_cfg if method == "sense_soft" else None
-                    sizes = [s for s in cost if s >= soft_cfg.window] if soft else None
-                    budget = AdaptiveBudget(cost, sizes=sizes)
-                    r = generate(target, ids, params=params, drafter=make(method, sparse, dense), budget=budget,
-                                 soft=soft)
-                    s = r.stats
-                    for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",
-                              "time_verify", "time_commit"):
-                        a[k].append(getattr(s, k))
-                    a["tps"].append(s.tokens_per_s)
+                    sizes = [s for s in cost if s >= soft_cfg.window] if method == "sense_soft" else None
+                    out = run(a, method, ids, gold, sparse, dense, AdaptiveBudget(cost, sizes=sizes), ar_out)
                     if method == "ar":
-                        ar_out = r.token_ids
-                    a["agree"].append(token_agreement(r.token_ids, ar_out))
-                    a["rouge"].append(rouge_l(r.token_ids, ar_out))
-                    if gold is not None:
-                        a["correct"].append(gsm8k_answer(r.text) == gsm8k_answer(gold))
-                        if method in ("ar", "sense_soft"):
-                            a["logprob"].append(mean_logprob(target, ids, r.token_ids))
-                    if soft and s.soft_gates:
-                        for k, v in s.soft_gates.items():
-                            a["gate_" + k].append(v)
+                        ar_out = out
+                if qi < n_wide:
+                    copy_last(agg[store_name]["ar"], wide[store_name]["ar"])
+                    for method in WIDE_METHODS:
+                        run(wide[store_name][method], method, ids, gold, sparse, dense, args.wide_budget, ar_out)
             if qi % 10 == 9:
                 log(f"{ds_name}: {qi + 1}/{len(items)}")
         for store_name in stores:
             rows += summarize(agg[store_name], ds_name, store_name, len(items))
+        if n_wide:
+            for store_name in stores:
+                rows += summarize(wide[store_name], ds_name, store_name, n_wide, methods=("ar", *WIDE_METHODS),
+                                  budget=args.wide_budget)
     machine = machine_info()
     payload = {"benchmark": "sense", "machine": machine, "rows": rows,
                "cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()}, "args": vars(args),

@@ -138,7 +138,9 @@ def coalesce_deltas(event: dict, queue: asyncio.Queue) -> tuple[dict, dict | Non
 def _thread_settings() -> dict:
     """The replica's intra-op threads, for the log and GET /health. Ray sets OMP_NUM_THREADS to
     the actor's num_cpus, so torch gets that many unless model.torch_threads says otherwise
-    (applied before this). FAISS shares torch's OpenMP runtime (one thread count for both)."""
+    (applied before this). FAISS has an OpenMP runtime of its own (faiss-cpu bundles libgomp)
+    that reads OMP_NUM_THREADS at start and never torch's setting; a single-query search runs
+    on one thread either way."""
     import os
 
     import torch

@@ -40,3 +40,12 @@ def test_step_costs_split_ms_per_step_by_time_shares():
     assert c["verify"] == pytest.approx(40.0) and c["draft"] == pytest.approx(2.5)
     assert c["other"] == pytest.approx(50.0 * 1.0 / 10.0)
     assert sum(c[k] for k in ("draft", "verify", "commit", "other")) == pytest.approx(c["step"])
+
+
+def test_cpu_isa_names_the_widest_vector_extension():
+    from bench.common import cpu_isa
+
+    assert cpu_isa("fpu sse4_2 avx avx2 fma".split()) == "avx2"
+    assert cpu_isa("avx2 avx512f avx512bw avx512_bf16".split()) == "avx512 + bf16"
+    assert cpu_isa("avx2 avx512f amx_tile".split()) == "avx512 + amx"
+    assert cpu_isa([]) == ""
