@@ -399,21 +399,19 @@ def main(argv=None) -> int:
                         dense="default" if need - {"rest"} else None)
     stores = Datastores(sparse=load_sparse(index, target), dense=load_dense(index, target))
 
-    # The engine alone first (no Ray processes around), and again at the end: drift shows.
+    # Each method in its own Ray instance, bracketed by engine runs with no Ray process around
+    # (just before the instance starts and just after it stops): the served figure is compared
+    # with the engine measured minutes from it, and no method inherits another's cluster state.
     run_engine(target, stores, prompts[:1], methods[0], 8, budget)                  # warm-up
-    engine_runs = {}
+    engine_runs, rows, mismatches, served, breakdowns = {}, [], {}, {}, []
     for method in methods:
         log(f"[{method}] engine: {len(prompts)} questions ...")
         engine_runs[method] = [run_engine(target, stores, prompts, method, args.max_new_tokens, budget)]
-
-    rows, mismatches = [], {}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=max(4, 2 * threads), logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    served, breakdowns = {}, []
-    try:
-        for method in methods:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=max(4, 2 * threads), logging_level="ERROR", log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
             m_index = {"sparse": index.sparse, "dense": index.dense, "dense_default_docs": args.dense_docs}
             log(f"[{method}] serving (1 replica) ...")
             deploy(app_args(method, budget, 1, threads, m_index, max(levels)), url)
@@ -455,12 +453,9 @@ def main(argv=None) -> int:
                 rows.append({"method": "served_replicas", "decode_method": method, "concurrency": c,
                              "replicas": 2, "throughput_tokens_per_s": round(s["throughput_tokens_per_s"], 2),
                              "vs_1_replica": round(s["throughput_tokens_per_s"] / base["throughput_tokens_per_s"], 3)})
-            serve.delete("bench")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-    for method in methods:
+        finally:
+            serve.shutdown()
+            ray.shutdown()
         log(f"[{method}] engine again ...")
         engine_runs[method].append(run_engine(target, stores, prompts, method, args.max_new_tokens, budget))
         tps = [r[0] for r in engine_runs[method]]
@@ -481,8 +476,8 @@ def main(argv=None) -> int:
           f"max {args.max_new_tokens} new tokens, draft budget {budget}; the served app: one local Ray node, "
           f"index held in the decoder, {threads} torch thread(s) per replica (half each with 2 replicas).\n",
           "## Served vs in-process engine (one request at a time)\n",
-          "Engine tok/s is the mean of a run before the server started and one after it stopped (no Ray "
-          "processes); served tok/s counts the client's wall time (HTTP, tokenisation and all). The last two "
+          "Each method ran in a Ray instance of its own. Engine tok/s is the mean of a run just before that "
+          "instance started and one just after it stopped (no Ray processes); served tok/s counts the client's wall time (HTTP, tokenisation and all). The last two "
           "columns: the engine in this process while the app was up and idle, and served over that.\n",
           "| decoding method | served tok/s | engine tok/s | ratio | same output | engine, Ray up tok/s | "
           "served / engine, Ray up |", "|---|---|---|---|---|---|---|"]
