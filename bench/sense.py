@@ -194,7 +194,7 @@ def render(payload: dict) -> str:
           f"{machine.get('device', 'cpu')}, embedded SmolLM2-135M-Instruct; greedy, max "
           f"{args.get('max_new_tokens', '?')} new tokens; adaptive budget over the verify cost curve "
           f"measured at start. Command: `python -m bench.sense "
-          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in ("workdir", "report"))
+          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in ("workdir", "report", "restart"))
           + "`" + (f"; run time {payload['run_time_min']} min." if payload.get("run_time_min") else "."), "",
           "Speedup = tokens/s over ar's, all questions pooled (per-question median and IQR beside it); "
           "efficiency = speedup / MAT; accuracy = exact '#### N' answer on GSM8K.", "",
@@ -293,6 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wide-questions", type=int, default=20,
                     help="GSM8K questions that also run rest/sense_strict/sense_soft at --wide-budget")
     ap.add_argument("--workdir", default="bench/out")
+    ap.add_argument("--restart", action="store_true",
+                    help="ignore the saved progress of an earlier run of the same command")
     ap.add_argument("--report", action="store_true",
                     help="only re-render bench/results/sense.md from bench/results/sense.json")
     args = ap.parse_args(argv)
@@ -352,15 +354,39 @@ def main(argv=None) -> int:
         for k, v in src.items():
             dst[k].append(v[-1])
 
+    def restore(saved):
+        out = new_agg()
+        for store_name, methods in saved.items():
+            for method, figures in methods.items():
+                out[store_name][method].update(figures)
+        return out
+
+    # Progress is saved after every question (the full run takes hours on a 2-core CPU): the same
+    # command resumes where it stopped, on a machine of the same kind; --restart starts over.
+    machine = machine_info()
+    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("report", "restart")}, sort_keys=True)
+    progress = workdir / f"progress_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    saved = json.loads(progress.read_text()) if progress.exists() and not args.restart else {}
+    same_kind = ("cpu", "cpu_family_model", "cores", "torch")
+    if saved and any(saved["machine"].get(k) != machine.get(k) for k in same_kind):
+        log(f"{progress} was measured on another kind of machine ({saved['machine'].get('cpu')}): starting over")
+        saved = {}
+    done = saved.get("datasets", {})
     rows = []
     first = next(iter(stores))
     for ds_name, items in tests.items():
         # agg[store][method]: ar and pld do not read a datastore, so they run once per question
         # and their figures stand in every datastore's table (measured side by side all the same).
-        agg = new_agg()
-        wide = new_agg()       # the wide-tree rows: fixed budget, the first --wide-questions GSM8K items
+        agg = restore(done[ds_name]["agg"]) if ds_name in done else new_agg()
+        # the wide-tree rows: fixed budget, the first --wide-questions GSM8K items
+        wide = restore(done[ds_name]["wide"]) if ds_name in done else new_agg()
         n_wide = min(args.wide_questions, len(items)) if ds_name == "gsm8k" and args.wide_budget else 0
+        start = done.get(ds_name, {}).get("questions", 0)
+        if start:
+            log(f"{ds_name}: resuming after {start}/{len(items)} questions ({progress})")
         for qi, (question, gold) in enumerate(items):
+            if qi < start:
+                continue
             ids = encode_prompt(target, question)
             ar_out = None
             for store_name, (sparse, dense) in stores.items():
@@ -377,6 +403,10 @@ def main(argv=None) -> int:
                     copy_last(agg[store_name]["ar"], wide[store_name]["ar"])
                     for method in WIDE_METHODS:
                         run(wide[store_name][method], method, ids, gold, sparse, dense, args.wide_budget, ar_out)
+            done[ds_name] = {"questions": qi + 1, "agg": agg, "wide": wide}
+            tmp = progress.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"machine": machine, "datasets": done}))
+            tmp.replace(progress)                    # atomic: a kill never leaves half a file
             if qi % 10 == 9:
                 log(f"{ds_name}: {qi + 1}/{len(items)}")
         for store_name in stores:
@@ -385,7 +415,6 @@ def main(argv=None) -> int:
             for store_name in stores:
                 rows += summarize(wide[store_name], ds_name, store_name, n_wide, methods=("ar", *WIDE_METHODS),
                                   budget=args.wide_budget)
-    machine = machine_info()
     payload = {"benchmark": "sense", "machine": machine, "rows": rows,
                "cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()}, "args": vars(args),
                "run_time_min": round((time.time() - t_start) / 60, 1)}
