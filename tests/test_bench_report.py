@@ -49,3 +49,17 @@ def test_cpu_isa_names_the_widest_vector_extension():
     assert cpu_isa("avx2 avx512f avx512bw avx512_bf16".split()) == "avx512 + bf16"
     assert cpu_isa("avx2 avx512f amx_tile".split()) == "avx512 + amx"
     assert cpu_isa([]) == ""
+
+
+def test_wide_tree_rows_get_their_own_table_and_leave_the_targets_alone():
+    payload = _payload(strict_mat=2.5, soft_mat=3.0, strict_speedup=1.2)
+    wide = [dict(_row(m, mat, 10.0, 0.8), budget=32, questions=2)
+            for m, mat in (("ar", 1.0), ("rest", 2.0), ("sense_strict", 3.6), ("sense_soft", 4.4))]
+    payload["rows"] += wide
+    md = render(payload)
+    line = next(x for x in md.splitlines() if x.startswith("- gsm8k, id store"))
+    assert "SENSE-soft MAT 3.00 (target 4.0: missed by 25%)" in line     # judged on the adaptive rows
+    assert "## Wide trees: a fixed budget of 32 draft nodes (GSM8K, first 2 questions)" in md
+    assert "| id | sense_soft | 4.40 | 2.20 |" in md
+    assert "- id store, budget 32: SENSE-strict MAT / REST MAT 1.80 (target 1.65); SENSE-soft MAT 4.40" in md
+    assert "gsm8k (2)" not in md                                          # not in the adaptive table
