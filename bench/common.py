@@ -17,9 +17,8 @@ def machine_info() -> dict:
 
     cpu, isa, family_model = platform.processor() or "", None, None
     try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                    if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu.splitlines())}
         cpu = info.get("model name", cpu)
         family_model = f"family {info.get('cpu family')} model {info.get('model')}"
         isa = cpu_isa(info.get("flags", "").split())
@@ -34,8 +33,8 @@ def machine_info() -> dict:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    info = {"cpu": cpu, "cpu_family_model": family_model, "cores": os.cpu_count(), "memory_gib": mem_gib, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+    info = {"cpu": cpu, "cpu_family_model": family_model, "cores": os.cpu_count(), "memory_gib": mem_gib,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads(), "device": "cpu"}
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)

@@ -477,7 +477,8 @@ def main(argv=None) -> int:
           f"index held in the decoder, {threads} torch thread(s) per replica (half each with 2 replicas).\n",
           "## Served vs in-process engine (one request at a time)\n",
           "Each method ran in a Ray instance of its own. Engine tok/s is the mean of a run just before that "
-          "instance started and one just after it stopped (no Ray processes); served tok/s counts the client's wall time (HTTP, tokenisation and all). The last two "
+          "instance started and one just after it stopped (no Ray processes); served tok/s counts the client's "
+          "wall time (HTTP, tokenisation and all). The last two "
           "columns: the engine in this process while the app was up and idle, and served over that.\n",
           "| decoding method | served tok/s | engine tok/s | ratio | same output | engine, Ray up tok/s | "
           "served / engine, Ray up |", "|---|---|---|---|---|---|---|"]
