@@ -10,7 +10,9 @@ clusters or build datastores::
     "metadata": {"sense": {"timeout": 900}}
 
 The default is ``DEFAULT_CELL_TIMEOUT``. Running them is slow (a real model on the CPU), so
-that test is marked ``slow``; the check on committed outputs is fast.
+that test is marked ``slow``; the check on committed outputs is fast. The kernel gets
+``SENSE_NOTEBOOK_SMOKE=1``: a notebook may read it to run the same cells on a smaller sample
+(the committed outputs come from a full run).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_CELL_TIMEOUT = 600
 KERNEL = "python3"
+SMOKE_ENV = "SENSE_NOTEBOOK_SMOKE"
 
 
 def notebook_paths() -> list[Path]:
@@ -73,9 +76,11 @@ def test_committed_with_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=_ids(PATHS))
-def test_executes_without_errors(path):
+def test_executes_without_errors(path, monkeypatch):
     """Run a copy top to bottom on a fresh kernel; a cell error or timeout fails the test."""
     from nbclient import NotebookClient
+
+    monkeypatch.setenv(SMOKE_ENV, "1")          # inherited by the kernel
 
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=cell_timeout(nb), kernel_name=KERNEL, allow_errors=False,
