@@ -6,6 +6,7 @@ Datastores from GSM8K train: OOD = the dataset's answers (sparse: answer tokens;
 answers in their chat context). ID (self-distillation, --id-questions > 0) = the target's own
 greedy answers to that many train questions. Every method's budget is chosen per step by the
 adaptive budget from the verify cost curve measured at start (sense_soft: sizes >= its window).
+Progress is saved after every question; the same command resumes (same curve, same kind of machine).
 Wide-tree rows (--wide-budget, --wide-questions): rest, sense_strict and sense_soft again with a
 fixed GPU-sized budget on the first GSM8K questions, for the MAT that large trees reach.
 Quality on GSM8K: accuracy, token agreement and ROUGE-L with the ar output, mean log-prob.
@@ -27,7 +28,7 @@ import numpy as np
 from bench.analysis import spec_bench_by_category
 from bench.common import machine_info, median, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
-from decoding.budget import AdaptiveBudget, measure_verify_cost
+from decoding.budget import AdaptiveBudget, measure_verify_cost, relative_cost
 from decoding.config import SamplingParams
 from decoding.drafters import DenseDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, SparseDrafter
 from decoding.engine import encode_prompt, generate
@@ -308,8 +309,24 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     target = TargetModel.load()
     eos = sorted(target.eos_token_ids)[:1]
-    cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
-    log("cost curve:", {n: round(c / cost[0], 2) for n, c in cost.items()})
+
+    # Progress is saved after every question (the full run takes hours on a 2-core CPU): the same
+    # command resumes where it stopped, on a machine of the same kind; --restart starts over.
+    machine = machine_info()
+    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("report", "restart")}, sort_keys=True)
+    progress = workdir / f"progress_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    saved = json.loads(progress.read_text()) if progress.exists() and not args.restart else {}
+    same_kind = ("cpu", "cpu_family_model", "cores", "torch")
+    if saved and any(saved["machine"].get(k) != machine.get(k) for k in same_kind):
+        log(f"{progress} was measured on another kind of machine ({saved['machine'].get('cpu')}): starting over")
+        saved = {}
+    if saved.get("cost_curve"):
+        # A resumed run keeps the curve it started with: one adaptive budget for all its questions.
+        cost = {int(n): c for n, c in saved["cost_curve"].items()}
+        log("cost curve (of the run being resumed):", cost)
+    else:
+        cost = relative_cost(measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)))
+        log("cost curve:", {n: round(c, 2) for n, c in cost.items()})
     soft_cfg = SoftGateConfig()
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
 
@@ -361,17 +378,8 @@ def main(argv=None) -> int:
                 out[store_name][method].update(figures)
         return out
 
-    # Progress is saved after every question (the full run takes hours on a 2-core CPU): the same
-    # command resumes where it stopped, on a machine of the same kind; --restart starts over.
-    machine = machine_info()
-    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("report", "restart")}, sort_keys=True)
-    progress = workdir / f"progress_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-    saved = json.loads(progress.read_text()) if progress.exists() and not args.restart else {}
-    same_kind = ("cpu", "cpu_family_model", "cores", "torch")
-    if saved and any(saved["machine"].get(k) != machine.get(k) for k in same_kind):
-        log(f"{progress} was measured on another kind of machine ({saved['machine'].get('cpu')}): starting over")
-        saved = {}
     done = saved.get("datasets", {})
+    elapsed_before = saved.get("elapsed_s", 0.0)     # run time of the sessions being resumed
     rows = []
     first = next(iter(stores))
     for ds_name, items in tests.items():
@@ -405,7 +413,8 @@ def main(argv=None) -> int:
                         run(wide[store_name][method], method, ids, gold, sparse, dense, args.wide_budget, ar_out)
             done[ds_name] = {"questions": qi + 1, "agg": agg, "wide": wide}
             tmp = progress.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"machine": machine, "datasets": done}))
+            tmp.write_text(json.dumps({"machine": machine, "cost_curve": cost, "datasets": done,
+                                       "elapsed_s": elapsed_before + time.time() - t_start}))
             tmp.replace(progress)                    # atomic: a kill never leaves half a file
             if qi % 10 == 9:
                 log(f"{ds_name}: {qi + 1}/{len(items)}")
@@ -417,7 +426,7 @@ def main(argv=None) -> int:
                                   budget=args.wide_budget)
     payload = {"benchmark": "sense", "machine": machine, "rows": rows,
                "cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()}, "args": vars(args),
-               "run_time_min": round((time.time() - t_start) / 60, 1)}
+               "run_time_min": round((elapsed_before + time.time() - t_start) / 60, 1)}
     md = render(payload)
     path = write_results("sense", machine, rows, md,
                          extra={k: payload[k] for k in ("cost_curve", "args", "run_time_min")})

@@ -1,0 +1,63 @@
+"""bench.sense saves its progress after every question and the same command resumes there.
+
+A real (tiny) run on the embedded model, results written to a temporary folder: run it, make the
+saved progress forget the last question as a stop during it would, run the same command again.
+Greedy decoding and the adaptive budget are deterministic given the cost curve, so the resumed
+run must reproduce every count figure, and it must keep the cost curve it started with.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DETERMINISTIC = ("mat", "acceptance_rate", "steps", "new_tokens", "token_agreement_with_ar", "rouge_l_with_ar",
+                 "accuracy", "soft_gates")
+
+
+def _figures(payload: dict) -> dict:
+    return {(r["method"], r.get("vs"), r["dataset"], r["datastore"]): {k: r.get(k) for k in DETERMINISTIC}
+            for r in payload["rows"]}
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    import bench.common
+    import bench.sense
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(bench.common, "RESULTS", results)      # never touch the committed results
+    work = tmp_path / "work"
+    argv = ["--gsm8k", "2", "--spec-per-category", "0", "--dense-docs", "6", "--max-new-tokens", "12",
+            "--wide-budget", "0", "--workdir", str(work)]
+    assert bench.sense.main(argv) == 0
+    first = json.loads((results / "sense.json").read_text())
+    progress = next(work.glob("progress_*.json"))
+    saved = json.loads(progress.read_text())
+    assert saved["datasets"]["gsm8k"]["questions"] == 2
+    assert saved["cost_curve"] and saved["elapsed_s"] > 0
+
+    # Forget the second question, as if the run had been stopped while doing it.
+    gsm = saved["datasets"]["gsm8k"]
+    gsm["questions"] = 1
+    for part in ("agg", "wide"):
+        for methods in gsm[part].values():
+            for figures in methods.values():
+                for name in figures:
+                    figures[name] = figures[name][:1]
+    # A different curve now would change the budgets chosen: the resumed run must not measure one.
+    progress.write_text(json.dumps(saved))
+    capsys.readouterr()
+
+    assert bench.sense.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "resuming after 1/2 questions" in err
+    assert "cost curve (of the run being resumed)" in err
+    second = json.loads((results / "sense.json").read_text())
+    assert second["cost_curve"] == first["cost_curve"]
+    assert _figures(second) == _figures(first)
+    assert {r["questions"] for r in second["rows"]} == {2}
+    # the run time adds the sessions up
+    assert json.loads(progress.read_text())["elapsed_s"] > saved["elapsed_s"]
