@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import threading
@@ -62,14 +63,17 @@ def free_port() -> int:
 # -- engine ------------------------------------------------------------------------------------
 
 
-def run_engine(target, stores, prompts, method: str, max_tokens: int, budget) -> tuple[float, list[list[int]], list[dict]]:
-    """(tokens/s over the generate() calls, token ids per prompt, per-request costs in seconds)."""
+def run_engine(target, stores, prompts, method: str, max_tokens: int, budget,
+               cost: dict | None = None) -> tuple[float, list[list[int]], list[dict]]:
+    """(tokens/s over the generate() calls, token ids per prompt, per-request costs in seconds).
+    With budget "adaptive", `cost` is the verify cost curve (measured here if not given)."""
     from decoding.budget import AdaptiveBudget, measure_verify_cost
     from decoding.config import SamplingParams
     from decoding.engine import encode_prompt, generate
     from decoding.methods import make_drafter
 
-    cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)) if budget == "adaptive" else None
+    if budget == "adaptive" and cost is None:
+        cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
     outs, recs, tokens, seconds = [], [], 0, 0.0
     for q in prompts:
         t0 = time.perf_counter()
@@ -286,8 +290,8 @@ def breakdown_md(rows: list[dict]) -> list[str]:
     md = ["", "## Cost breakdown (one request at a time)\n",
           "Means per request, in ms. *engine*: in this process before Ray started; *served*: the same "
           "requests over HTTP, the decoder's own timings (returned in `speculative`) plus the client's wall "
-          "time; *engine, Ray up*: in this process again, while the app was deployed and idle (Ray's "
-          "background on the same 2 cores, no serving path).\n"]
+          "time; *engine, Ray up*: in this process, in turns with the served requests while the app was "
+          "deployed and idle (Ray's background on the same cores, no serving path).\n"]
     head = "| | " + " | ".join(f"{r['decode_method']} {side}" for r in rows
                                for side in ("engine", "served", "engine, Ray up")) + " |"
     md += [head, "|---|" + "---|" * (3 * len(rows))]
@@ -388,6 +392,7 @@ def main(argv=None) -> int:
     from decoding.methods import Datastores
     from decoding.target import TargetModel
     from serving.config import IndexConfig
+    from serving.control_plane import init_local_ray
     from serving.index_data import load_dense, load_sparse
 
     machine = machine_info()
@@ -402,14 +407,19 @@ def main(argv=None) -> int:
     # Each method in its own Ray instance, bracketed by engine runs with no Ray process around
     # (just before the instance starts and just after it stops): the served figure is compared
     # with the engine measured minutes from it, and no method inherits another's cluster state.
-    run_engine(target, stores, prompts[:1], methods[0], 8, budget)                  # warm-up
-    engine_runs, rows, mismatches, served, breakdowns = {}, [], {}, {}, []
+    engine_runs, rows, mismatches, served, breakdowns, interleaved = {}, [], {}, {}, [], {}
+    cost = None
+    if budget == "adaptive":                  # one curve for every engine run of this benchmark
+        from decoding.budget import measure_verify_cost
+
+        cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+    run_engine(target, stores, prompts[:1], methods[0], 8, budget, cost)            # warm-up
     for method in methods:
         log(f"[{method}] engine: {len(prompts)} questions ...")
-        engine_runs[method] = [run_engine(target, stores, prompts, method, args.max_new_tokens, budget)]
+        engine_runs[method] = [run_engine(target, stores, prompts, method, args.max_new_tokens, budget, cost)]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        ray.init(address="local", num_cpus=max(4, 2 * threads), logging_level="ERROR", log_to_driver=False)
+        init_local_ray(num_cpus=max(4, 2 * threads), logging_level="ERROR", log_to_driver=False)   # as serving.run
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             m_index = {"sparse": index.sparse, "dense": index.dense, "dense_default_docs": args.dense_docs}
@@ -417,18 +427,36 @@ def main(argv=None) -> int:
             deploy(app_args(method, budget, 1, threads, m_index, max(levels)), url)
             one_plain(url, prompts[0], method, 8, budget)                      # warm-up
             probes = {"models": round(probe(url, "/v1/models"), 2), "health": round(probe(url, "/health"), 2)}
-            # The engine in this process while the app is up and idle: Ray's background, no serving path.
-            log(f"[{method}] engine with the app up (idle) ...")
-            ray_up = run_engine(target, stores, prompts, method, args.max_new_tokens, budget)
-            tokens, seconds, served_out, recs = 0, 0.0, [], []
-            before = cpu_snapshot()
-            for q in prompts:
-                ids, dt, rec = one_plain(url, q, method, args.max_new_tokens, budget)
-                tokens, seconds = tokens + len(ids), seconds + dt
-                served_out.append(ids)
-                recs.append(rec)
-            cpu = cpu_use(before, cpu_snapshot(), seconds)
-            served[method] = tokens / seconds
+            # Served against the engine in this process, question by question while the app is up
+            # (engine then served, then served then engine, ...): both run beside the same idle
+            # Ray daemons and the same minute of this VM's drifting speed (runs minutes apart differ
+            # by up to 15% here). CPU per process is counted during the served requests.
+            log(f"[{method}] served and engine (app up), interleaved question by question ...")
+            served_tok = served_s = up_tok = up_s = 0.0
+            served_out, recs, up_recs, per_q, cpu_acc = [], [], [], [], {}
+            for i, q in enumerate(prompts):
+                for side in (("engine", "served") if i % 2 == 0 else ("served", "engine")):
+                    if side == "engine":
+                        tps_q, _, rec_q = run_engine(target, stores, [q], method, args.max_new_tokens, budget, cost)
+                        engine_q = tps_q
+                        up_recs += rec_q
+                        up_tok, up_s = up_tok + rec_q[0]["tokens"], up_s + rec_q[0]["tokens"] / tps_q
+                        continue
+                    before = cpu_snapshot()
+                    ids, dt, rec = one_plain(url, q, method, args.max_new_tokens, budget)
+                    for k, v in cpu_use(before, cpu_snapshot(), dt).items():
+                        cpu_acc[k] = cpu_acc.get(k, 0.0) + v * dt
+                    served_tok, served_s = served_tok + len(ids), served_s + dt
+                    served_out.append(ids)
+                    recs.append(rec)
+                per_q.append((len(served_out[-1]) / recs[-1]["wall"]) / engine_q)
+            machine_key = "machine (all processes)"
+            cpu = {k: round(v / served_s, 3) for k, v in sorted(cpu_acc.items(), key=lambda kv: -kv[1])
+                   if k != machine_key}
+            cpu[machine_key] = round(cpu_acc.get(machine_key, 0.0) / served_s, 3)
+            served[method] = served_tok / served_s
+            ray_up = (up_tok / up_s, None, up_recs)
+            interleaved[method] = {"per_question": per_q}
             mismatches[method] = sum(a != b for a, b in zip(engine_runs[method][0][1], served_out))
             log(f"[{method}] served {served[method]:.1f} tok/s (engine with the app up: {ray_up[0]:.1f})")
             streamed_s = None
@@ -457,35 +485,55 @@ def main(argv=None) -> int:
             serve.shutdown()
             ray.shutdown()
         log(f"[{method}] engine again ...")
-        engine_runs[method].append(run_engine(target, stores, prompts, method, args.max_new_tokens, budget))
+        engine_runs[method].append(run_engine(target, stores, prompts, method, args.max_new_tokens, budget, cost))
         tps = [r[0] for r in engine_runs[method]]
         engine_tps = sum(tps) / len(tps)
-        rows.insert(len([r for r in rows if r["method"] == "served"]),
-                    {"method": "served", "vs": "engine", "ratio": round(served[method] / engine_tps, 3),
-                     "decode_method": method, "tok_s": round(served[method], 2), "vs_tok_s": round(engine_tps, 2),
-                     "engine_tok_s_runs": [round(t, 2) for t in tps],
-                     "same_output": f"{len(prompts) - mismatches[method]}/{len(prompts)}"})
-    for b in breakdowns:          # the served ratio against the engine beside the idle app
-        b["served_vs_engine_ray_up"] = round(served[b["decode_method"]] / b["engine_ray_up_tok_s"], 3)
+        per_q = interleaved[method]["per_question"]
+        up_tps = next(b for b in breakdowns if b["decode_method"] == method)["engine_ray_up_tok_s"]
+        n_served = len([r for r in rows if r["method"] == "served"])
+        rows[n_served:n_served] = [
+            {"method": "served", "vs": "engine", "ratio": round(served[method] / up_tps, 3),
+             "decode_method": method, "tok_s": round(served[method], 2), "vs_tok_s": up_tps,
+             "ratio_per_question_median": round(median(per_q), 3),
+             "ratio_per_question_iqr": [round(pct(per_q, 25), 3), round(pct(per_q, 75), 3)],
+             "engine": "this process, the app up and idle, interleaved with the served requests question by question",
+             "same_output": f"{len(prompts) - mismatches[method]}/{len(prompts)}"},
+            {"method": "served", "vs": "engine_without_ray", "ratio": round(served[method] / engine_tps, 3),
+             "decode_method": method, "tok_s": round(served[method], 2), "vs_tok_s": round(engine_tps, 2),
+             "engine_tok_s_runs": [round(t, 2) for t in tps],
+             "engine": "this process, no Ray processes: one run just before the Ray instance started, one just "
+                       "after it stopped"}]
     rows += breakdowns
     runtime_s = round(time.perf_counter() - t_start)
 
+    from serving.control_plane import LEAN_ENV, want_dashboard
+
+    ray_env = {k: os.environ.get(k) for k in LEAN_ENV}
+    lean = ", ".join(f"{k}={v}" for k, v in ray_env.items()) + ("" if want_dashboard(None) else ", no dashboard")
     md = [f"# Serving benchmark{' (quick smoke run)' if args.quick else ''}\n",
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['device']}; "
           f"embedded SmolLM2-135M-Instruct. {len(prompts)} GSM8K test questions, chat template, greedy, "
           f"max {args.max_new_tokens} new tokens, draft budget {budget}; the served app: one local Ray node, "
-          f"index held in the decoder, {threads} torch thread(s) per replica (half each with 2 replicas).\n",
+          f"index held in the decoder, {threads} torch thread(s) per replica (half each with 2 replicas); "
+          f"Ray started as `serving.run` starts it: lean control plane ({lean}).\n",
           "## Served vs in-process engine (one request at a time)\n",
-          "Each method ran in a Ray instance of its own. Engine tok/s is the mean of a run just before that "
-          "instance started and one just after it stopped (no Ray processes); served tok/s counts the client's "
-          "wall time (HTTP, tokenisation and all). The last two "
-          "columns: the engine in this process while the app was up and idle, and served over that.\n",
-          "| decoding method | served tok/s | engine tok/s | ratio | same output | engine, Ray up tok/s | "
-          "served / engine, Ray up |", "|---|---|---|---|---|---|---|"]
-    ray_up = {b["decode_method"]: b for b in breakdowns}
-    md += [f"| {r['decode_method']} | {r['tok_s']} | {r['vs_tok_s']} ({' / '.join(map(str, r['engine_tok_s_runs']))})"
-           f" | {r['ratio']:.3f} | {r['same_output']} | {ray_up[r['decode_method']]['engine_ray_up_tok_s']} | "
-           f"{ray_up[r['decode_method']]['served_vs_engine_ray_up']:.3f} |" for r in rows if r["method"] == "served"]
+          "Each method ran in a Ray instance of its own, its app deployed as `serving.run` deploys it. "
+          "**Served vs engine**: question by question, the engine in this process and the same question over "
+          "HTTP, in turns (engine first, then served first, ...), so both run beside the same idle Ray "
+          "daemons and in the same minute of this VM, whose speed drifts by up to 15% over minutes. Served "
+          "tok/s counts the client's wall time (HTTP, tokenisation and all). **Without Ray**: the same served "
+          "figure over the engine with no Ray process on the machine (mean of a run just before the Ray "
+          "instance started and one just after it stopped; the two runs show the drift).\n",
+          "| decoding method | served tok/s | engine tok/s | served / engine | per question: median (IQR) | "
+          "same output | engine without Ray tok/s | served / engine without Ray |",
+          "|---|---|---|---|---|---|---|---|"]
+    by = {(r["decode_method"], r["vs"]): r for r in rows if r["method"] == "served"}
+    for m in methods:
+        r, w = by[(m, "engine")], by[(m, "engine_without_ray")]
+        iqr = r["ratio_per_question_iqr"]
+        md.append(f"| {m} | {r['tok_s']} | {r['vs_tok_s']} | {r['ratio']:.3f} | "
+                  f"{r['ratio_per_question_median']:.3f} ({iqr[0]:.3f}-{iqr[1]:.3f}) | {r['same_output']} | "
+                  f"{w['vs_tok_s']} ({' / '.join(map(str, w['engine_tok_s_runs']))}) | {w['ratio']:.3f} |")
     md += ["", "## Latency (streamed)\n",
            "| decoding method | concurrency | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms | "
            "throughput tok/s |", "|---|---|---|---|---|---|---|"]
@@ -504,8 +552,8 @@ def main(argv=None) -> int:
     print(text)
     if not args.quick or args.write:
         path = write_results("serving", machine, rows, text,
-                             extra={"config": {k: v for k, v in vars(args).items()}, "mismatches": mismatches,
-                                    "runtime_s": runtime_s})
+                             extra={"config": {k: v for k, v in vars(args).items()}, "ray_env": ray_env,
+                                    "mismatches": mismatches, "runtime_s": runtime_s})
         log(f"wrote {path}")
     return 1 if any(mismatches.values()) else 0
 

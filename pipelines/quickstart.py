@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from decoding.model_loader import cache_root
     from index.corpus import gsm8k
     from serving.app import build_app
+    from serving.control_plane import init_local_ray
     from serving.run import wait_ready
 
     workdir = Path(a.workdir) if a.workdir else cache_root() / "quickstart"
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     question = questions[a.question]["question"]
     t_start = time.perf_counter()
-    ray.init(address="local", logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    init_local_ray(dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         _say("1/5", f"building the datastore from {a.docs} GSM8K train pairs with the Ray Data pipeline")
         datastore = build_datastore_step(workdir, a.docs)

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Ray cluster address: 'local' (default) starts a new local instance, 'auto' joins a running one")
     p.add_argument("--name", default="sense", help="Serve application name")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the app to be ready")
+    p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="Ray dashboard of the local instance (default: only on machines of more than 4 cores)")
     args = p.parse_args(argv)
 
     import signal
@@ -125,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:             # this machine is the decoder's: use its cores, not Ray's 1 per num_cpus
         _merge(app_args, {"model": {"torch_threads": threads}})
         print(f"decoder: {threads} torch thread(s) per replica (set model.torch_threads to change)", file=sys.stderr)
-    ray.init(address=args.address, logging_level="WARNING")
+    if args.address == "local":                       # lean control plane: serving/control_plane.py
+        from serving.control_plane import init_local_ray
+
+        init_local_ray(dashboard=args.dashboard, logging_level="WARNING")
+    else:
+        ray.init(address=args.address, logging_level="WARNING")
     serve.start(http_options={"host": args.host, "port": args.port})
     print("starting the application ...", file=sys.stderr)
     serve.run(build_app(app_args), name=args.name, route_prefix="/", blocking=False)

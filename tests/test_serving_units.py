@@ -280,3 +280,40 @@ def test_serving_run_gives_a_local_cpu_decoder_the_machines_cores(monkeypatch):
     assert local_torch_threads(ServingConfig.from_args({"model": {"device": "cuda"}})) is None
     assert local_torch_threads(ServingConfig.from_args(
         {"decoder": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}})) is None
+
+
+def test_lean_control_plane_env_keeps_the_users_values():
+    from serving.control_plane import LEAN_ENV, apply_lean_env, want_dashboard
+
+    env = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+    applied = apply_lean_env(env)
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"          # the user's setting wins
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == LEAN_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
+    assert applied == {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+    assert apply_lean_env(env) == {}
+    assert want_dashboard(None, cores=2) is False and want_dashboard(None, cores=16) is True
+    assert want_dashboard(True, cores=2) is True and want_dashboard(False, cores=16) is False
+
+
+@pytest.mark.slow
+def test_a_local_instance_hands_the_lean_settings_to_its_workers():
+    """The settings work only if the raylet's workers (controller, replicas) inherit them."""
+    import subprocess
+    import sys
+
+    code = """
+import os, ray
+from serving.control_plane import LEAN_ENV, init_local_ray
+os.environ.pop("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", None)
+init_local_ray(dashboard=False, num_cpus=1, logging_level="ERROR", log_to_driver=False)
+@ray.remote
+def env():
+    import ray.serve._private.constants as c
+    return {k: os.environ.get(k) for k in LEAN_ENV}, c.CONTROL_LOOP_INTERVAL_S
+seen, loop = ray.get(env.remote())
+assert seen == LEAN_ENV, seen
+assert loop == 1.0, loop
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
