@@ -50,6 +50,34 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+def code_hash(root: Path | None = None) -> str:
+    """Hash of the algorithm's sources (decoding/, index/, bench/sense.py under the repository
+    `root`): a run resumes only on the code it started with, so no result mixes two versions."""
+    root = Path(__file__).resolve().parents[1] if root is None else root
+    h = hashlib.sha256()
+    for path in sorted([*root.glob("decoding/**/*.py"), *root.glob("index/**/*.py"), root / "bench" / "sense.py"]):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+SAME_KIND = ("cpu", "cpu_family_model", "cores", "torch")
+
+
+def load_progress(path: Path, machine: dict, code: str) -> dict:
+    """The saved progress of this command, or {} to start over: none saved, or saved on another
+    kind of machine (timings would mix), or with other algorithm code (figures would mix)."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if any(saved["machine"].get(k) != machine.get(k) for k in SAME_KIND):
+        log(f"{path} was measured on another kind of machine ({saved['machine'].get('cpu')}): starting over")
+        return {}
+    if saved.get("code", code) != code:          # (a file from before this check is taken as is)
+        log(f"{path} was measured with other decoding/, index/ or bench/sense.py code: starting over")
+        return {}
+    return saved
+
+
 def make(method, sparse, dense):
     if method == "ar":
         return NoDrafter()
@@ -315,11 +343,8 @@ def main(argv=None) -> int:
     machine = machine_info()
     key = json.dumps({k: v for k, v in vars(args).items() if k not in ("report", "restart")}, sort_keys=True)
     progress = workdir / f"progress_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-    saved = json.loads(progress.read_text()) if progress.exists() and not args.restart else {}
-    same_kind = ("cpu", "cpu_family_model", "cores", "torch")
-    if saved and any(saved["machine"].get(k) != machine.get(k) for k in same_kind):
-        log(f"{progress} was measured on another kind of machine ({saved['machine'].get('cpu')}): starting over")
-        saved = {}
+    code = code_hash()
+    saved = {} if args.restart else load_progress(progress, machine, code)
     if saved.get("cost_curve"):
         # A resumed run keeps the curve it started with: one adaptive budget for all its questions.
         cost = {int(n): c for n, c in saved["cost_curve"].items()}
@@ -413,7 +438,7 @@ def main(argv=None) -> int:
                         run(wide[store_name][method], method, ids, gold, sparse, dense, args.wide_budget, ar_out)
             done[ds_name] = {"questions": qi + 1, "agg": agg, "wide": wide}
             tmp = progress.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"machine": machine, "cost_curve": cost, "datasets": done,
+            tmp.write_text(json.dumps({"machine": machine, "code": code, "cost_curve": cost, "datasets": done,
                                        "elapsed_s": elapsed_before + time.time() - t_start}))
             tmp.replace(progress)                    # atomic: a kill never leaves half a file
             if qi % 10 == 9:

@@ -63,3 +63,42 @@ def test_wide_tree_rows_get_their_own_table_and_leave_the_targets_alone():
     assert "| id | sense_soft | 4.40 | 2.20 |" in md
     assert "- id store, budget 32: SENSE-strict MAT / REST MAT 1.80 (target 1.65); SENSE-soft MAT 4.40" in md
     assert "gsm8k (2)" not in md                                          # not in the adaptive table
+
+
+def test_progress_resumes_only_on_the_same_kind_of_machine_and_code(tmp_path):
+    import json
+
+    from bench.sense import load_progress
+
+    machine = {"cpu": "AMD EPYC (avx2)", "cpu_family_model": "family 25 model 1", "cores": 2, "torch": "2.13.0",
+               "memory_gib": 23.5}
+    path = tmp_path / "progress_x.json"
+    assert load_progress(path, machine, "c1") == {}                        # nothing saved
+    saved = {"machine": machine, "code": "c1", "datasets": {"gsm8k": {"questions": 3}}}
+    path.write_text(json.dumps(saved))
+    assert load_progress(path, machine, "c1") == saved
+    assert load_progress(path, {**machine, "memory_gib": 31.0}, "c1") == saved   # not a kind of machine
+    assert load_progress(path, {**machine, "cpu": "AMD EPYC (avx512)"}, "c1") == {}
+    assert load_progress(path, {**machine, "cores": 4}, "c1") == {}
+    assert load_progress(path, machine, "c2") == {}                        # other algorithm code
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "code"}))
+    assert load_progress(path, machine, "c2")["datasets"] == saved["datasets"]   # from before the check
+
+
+def test_code_hash_covers_the_algorithm_sources(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from bench.sense import code_hash
+
+    root = Path(__file__).resolve().parents[1]
+    for part in ("decoding", "index"):
+        shutil.copytree(root / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "bench").mkdir()
+    shutil.copy(root / "bench" / "sense.py", tmp_path / "bench" / "sense.py")
+    assert code_hash(tmp_path) == code_hash()
+    (tmp_path / "index" / "notes.txt").write_text("not code")
+    assert code_hash(tmp_path) == code_hash()
+    engine = tmp_path / "decoding" / "engine.py"
+    engine.write_text(engine.read_text() + "\n# changed\n")
+    assert code_hash(tmp_path) != code_hash()
