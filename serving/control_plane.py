@@ -11,7 +11,8 @@ metrics export, and no dashboard on machines of 4 cores or fewer (`ray job submi
 
 They only apply to a Ray instance that this process starts (environment variables are read by
 the raylet and the workers it forks). For a cluster started with ``ray start``, set the same
-variables in its environment (cluster_configs/). A value already in the environment wins.
+variables in the nodes' environment (the manifests in cluster_configs/ leave Ray's defaults: their
+decoders have cores or GPUs of their own). A value already in the environment wins.
 """
 
 from __future__ import annotations
