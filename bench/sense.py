@@ -6,7 +6,8 @@ Datastores from GSM8K train: OOD = the dataset's answers (sparse: answer tokens;
 answers in their chat context). ID (self-distillation, --id-questions > 0) = the target's own
 greedy answers to that many train questions. Every method's budget is chosen per step by the
 adaptive budget from the verify cost curve measured at start (sense_soft: sizes >= its window).
-Progress is saved after every question; the same command resumes (same curve, same kind of machine).
+Progress is saved after every question; the same command resumes (same curve, same kind of machine),
+and the same command with --partial writes the results of the questions measured so far.
 Wide-tree rows (--wide-budget, --wide-questions): rest, sense_strict and sense_soft again with a
 fixed GPU-sized budget on the first GSM8K questions, for the MAT that large trees reach.
 Quality on GSM8K: accuracy, token agreement and ROUGE-L with the ar output, mean log-prob.
@@ -89,6 +90,31 @@ def make(method, sparse, dense):
         return DenseDrafter(dense, mode="chains", dynamic=False, name="dresd")
     return HybridDrafter([(PromptLookupDrafter(), 1.0), (SparseDrafter(sparse), 1.0), (DenseDrafter(dense), 2.0)],
                          name=method)
+
+
+def restore(saved: dict) -> dict:
+    """agg[store][method][figure] -> list, as nested defaultdicts, from its saved (JSON) form."""
+    out = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for store_name, methods in saved.items():
+        for method, figures in methods.items():
+            out[store_name][method].update(figures)
+    return out
+
+
+def collect_rows(done: dict, wide_budget: int) -> list[dict]:
+    """Result rows of every dataset in `done` (the progress: per dataset the questions measured
+    and their figures), adaptive-budget rows and, where measured, the wide-tree rows."""
+    rows = []
+    for ds_name, part in done.items():
+        agg, wide = restore(part["agg"]), restore(part["wide"])
+        for store_name in agg:
+            rows += summarize(agg[store_name], ds_name, store_name, part["questions"])
+        for store_name in wide:
+            n_wide = len(wide[store_name]["ar"]["steps"])
+            if n_wide:
+                rows += summarize(wide[store_name], ds_name, store_name, n_wide, methods=("ar", *WIDE_METHODS),
+                                  budget=wide_budget)
+    return rows
 
 
 def summarize(agg, ds_name: str, store_name: str, n_items: int, methods=METHODS, budget="adaptive") -> list[dict]:
@@ -225,6 +251,9 @@ def render(payload: dict) -> str:
           f"measured at start. Command: `python -m bench.sense "
           + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in ("workdir", "report", "restart"))
           + "`" + (f"; run time {payload['run_time_min']} min." if payload.get("run_time_min") else "."), "",
+          *([f"**Partial results: the run was stopped after " + ", ".join(
+              f"{n}/{total} {ds} questions" for ds, (n, total) in payload["partial"].items())
+             + ". The same command resumes it.**", ""] if payload.get("partial") else []),
           "Speedup = tokens/s over ar's, all questions pooled (per-question median and IQR beside it); "
           "efficiency = speedup / MAT; accuracy = exact '#### N' answer on GSM8K.", "",
           "| datastore | dataset | method | MAT | MAT / REST | acceptance | speedup | per-question median [IQR] "
@@ -326,9 +355,14 @@ def main(argv=None) -> int:
                     help="ignore the saved progress of an earlier run of the same command")
     ap.add_argument("--report", action="store_true",
                     help="only re-render bench/results/sense.md from bench/results/sense.json")
+    ap.add_argument("--partial", action="store_true",
+                    help="only write the results of the questions this command has measured so far "
+                         "(from its saved progress), marked partial")
     args = ap.parse_args(argv)
     if args.report:
         return rerender()
+    if args.partial:
+        return write_partial(args)
     t_start = time.time()
     from decoding.cli import _quiet_libraries
 
@@ -341,8 +375,7 @@ def main(argv=None) -> int:
     # Progress is saved after every question (the full run takes hours on a 2-core CPU): the same
     # command resumes where it stopped, on a machine of the same kind; --restart starts over.
     machine = machine_info()
-    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("report", "restart")}, sort_keys=True)
-    progress = workdir / f"progress_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    progress = progress_path(args)
     code = code_hash()
     saved = {} if args.restart else load_progress(progress, machine, code)
     if saved.get("cost_curve"):
@@ -396,16 +429,8 @@ def main(argv=None) -> int:
         for k, v in src.items():
             dst[k].append(v[-1])
 
-    def restore(saved):
-        out = new_agg()
-        for store_name, methods in saved.items():
-            for method, figures in methods.items():
-                out[store_name][method].update(figures)
-        return out
-
     done = saved.get("datasets", {})
     elapsed_before = saved.get("elapsed_s", 0.0)     # run time of the sessions being resumed
-    rows = []
     first = next(iter(stores))
     for ds_name, items in tests.items():
         # agg[store][method]: ar and pld do not read a datastore, so they run once per question
@@ -443,20 +468,49 @@ def main(argv=None) -> int:
             tmp.replace(progress)                    # atomic: a kill never leaves half a file
             if qi % 10 == 9:
                 log(f"{ds_name}: {qi + 1}/{len(items)}")
-        for store_name in stores:
-            rows += summarize(agg[store_name], ds_name, store_name, len(items))
-        if n_wide:
-            for store_name in stores:
-                rows += summarize(wide[store_name], ds_name, store_name, n_wide, methods=("ar", *WIDE_METHODS),
-                                  budget=args.wide_budget)
+    publish(machine, collect_rows(done, args.wide_budget), cost, args, elapsed_before + time.time() - t_start)
+    return 0
+
+
+def progress_path(args) -> Path:
+    """The progress file of this command: keyed by its arguments (bar the report-only flags)."""
+    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("report", "restart", "partial")},
+                     sort_keys=True)
+    return Path(args.workdir) / f"progress_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+
+def publish(machine, rows, cost, args, elapsed_s, partial=None) -> None:
+    """Write bench/results/sense.{json,md}; `partial`: {dataset: (measured, planned)} questions."""
     payload = {"benchmark": "sense", "machine": machine, "rows": rows,
-               "cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()}, "args": vars(args),
-               "run_time_min": round((elapsed_before + time.time() - t_start) / 60, 1)}
+               "cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()},
+               "args": {k: v for k, v in vars(args).items() if k not in ("report", "restart", "partial")},
+               "run_time_min": round(elapsed_s / 60, 1)}
+    if partial:
+        payload["partial"] = partial
     md = render(payload)
     path = write_results("sense", machine, rows, md,
-                         extra={k: payload[k] for k in ("cost_curve", "args", "run_time_min")})
+                         extra={k: payload[k] for k in ("cost_curve", "args", "run_time_min", "partial") if k in payload})
     print(md)
     log(f"wrote {path}")
+
+
+def write_partial(args) -> int:
+    """--partial: the results of the questions measured so far, from the saved progress of the
+    same command on this kind of machine and code (no model is loaded, nothing is measured)."""
+    progress = progress_path(args)
+    machine = machine_info()
+    saved = load_progress(progress, machine, code_hash())
+    if not saved.get("datasets"):
+        log(f"error: no saved progress of this command on this machine and code ({progress}); run it first")
+        return 2
+    done = saved["datasets"]
+    planned = {"gsm8k": min(args.gsm8k, len(gsm8k("test")))}
+    if args.spec_per_category > 0:
+        planned["spec_bench"] = sum(len(c) for c in spec_bench_by_category(spec_bench(), args.spec_per_category).values())
+    partial = {ds: [done.get(ds, {}).get("questions", 0), n] for ds, n in planned.items()}
+    cost = {int(n): c for n, c in saved["cost_curve"].items()}
+    publish(machine, collect_rows(done, args.wide_budget), cost, args, saved.get("elapsed_s", 0.0),
+            partial=partial if any(n < total for n, total in partial.values()) else None)
     return 0
 
 

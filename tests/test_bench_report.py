@@ -102,3 +102,12 @@ def test_code_hash_covers_the_algorithm_sources(tmp_path):
     engine = tmp_path / "decoding" / "engine.py"
     engine.write_text(engine.read_text() + "\n# changed\n")
     assert code_hash(tmp_path) != code_hash()
+
+
+def test_partial_without_saved_progress_is_a_clear_error(tmp_path, capsys):
+    from bench.sense import main
+
+    assert main(["--partial", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no saved progress of this command" in err and "run it first" in err
+    assert "Traceback" not in err

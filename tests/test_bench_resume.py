@@ -49,6 +49,15 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, cap
                     figures[name] = figures[name][:1]
     # A different curve now would change the budgets chosen: the resumed run must not measure one.
     progress.write_text(json.dumps(saved))
+
+    # --partial writes the results of what the progress holds, marked partial, measuring nothing.
+    assert bench.sense.main([*argv, "--partial"]) == 0
+    part = json.loads((results / "sense.json").read_text())
+    assert part["partial"] == {"gsm8k": [1, 2]}
+    assert {r["questions"] for r in part["rows"]} == {1}
+    assert part["cost_curve"] == first["cost_curve"]
+    assert "Partial results: the run was stopped after 1/2 gsm8k questions" in (results / "sense.md").read_text()
+    assert json.loads(progress.read_text()) == saved
     capsys.readouterr()
 
     assert bench.sense.main(argv) == 0
@@ -61,3 +70,9 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, cap
     assert {r["questions"] for r in second["rows"]} == {2}
     # the run time adds the sessions up
     assert json.loads(progress.read_text())["elapsed_s"] > saved["elapsed_s"]
+
+    # Once the run is whole, --partial gives the same rows as the run itself and no partial mark.
+    assert bench.sense.main([*argv, "--partial"]) == 0
+    again = json.loads((results / "sense.json").read_text())
+    assert "partial" not in again and again["rows"] == second["rows"]
+    assert "Partial results" not in (results / "sense.md").read_text()
