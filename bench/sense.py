@@ -45,6 +45,9 @@ STORELESS = ("ar", "pld")
 # Methods also run with a fixed, GPU-sized draft budget (--wide-budget) on the first GSM8K
 # questions: MAT as large trees give it (a GPU verifies 32 tokens for about one step's cost).
 WIDE_METHODS = ("rest", "sense_strict", "sense_soft")
+# flags that only steer a run (re-render, start over, write partial results): not part of the
+# measured configuration, so they key no progress file and are not recorded with the results
+RUN_ONLY = ("report", "restart", "partial")
 
 
 def log(*a):
@@ -249,7 +252,7 @@ def render(payload: dict) -> str:
           f"{machine.get('device', 'cpu')}, embedded SmolLM2-135M-Instruct; greedy, max "
           f"{args.get('max_new_tokens', '?')} new tokens; adaptive budget over the verify cost curve "
           f"measured at start. Command: `python -m bench.sense "
-          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in ("workdir", "report", "restart"))
+          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k != "workdir" and k not in RUN_ONLY)
           + "`" + (f"; run time {payload['run_time_min']} min." if payload.get("run_time_min") else "."), "",
           *([f"**Partial results: the run was stopped after " + ", ".join(
               f"{n}/{total} {ds} questions" for ds, (n, total) in payload["partial"].items())
@@ -396,10 +399,7 @@ def main(argv=None) -> int:
         own = self_distilled(target, train[: args.id_questions], args.distill_max_tokens, workdir)
         stores["id"] = build_stores(target, own, workdir, "id")
 
-    tests = {"gsm8k": [(q["question"], q["answer"]) for q in gsm8k("test")[: args.gsm8k]]}
-    if args.spec_per_category > 0:                   # 0: GSM8K only
-        by_cat = spec_bench_by_category(spec_bench(), args.spec_per_category)
-        tests["spec_bench"] = [(q, None) for cat in by_cat.values() for q in cat]
+    tests = eval_questions(args)
 
     def run(a, method, ids, gold, sparse, dense, budget, ar_out):
         """One generation; its figures appended to `a` (this method's lists). Returns the tokens."""
@@ -472,10 +472,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def measured_args(args) -> dict:
+    """The arguments that define what is measured (all but the RUN_ONLY flags)."""
+    return {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+
+
+def eval_questions(args) -> dict[str, list[tuple[str, str | None]]]:
+    """{dataset: [(question, gold answer or None)]}: the test questions this command measures,
+    GSM8K test first, then the Spec-Bench sample (--spec-per-category per category; 0: none)."""
+    tests = {"gsm8k": [(q["question"], q["answer"]) for q in gsm8k("test")[: args.gsm8k]]}
+    if args.spec_per_category > 0:
+        by_cat = spec_bench_by_category(spec_bench(), args.spec_per_category)
+        tests["spec_bench"] = [(q, None) for cat in by_cat.values() for q in cat]
+    return tests
+
+
 def progress_path(args) -> Path:
-    """The progress file of this command: keyed by its arguments (bar the report-only flags)."""
-    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("report", "restart", "partial")},
-                     sort_keys=True)
+    """The progress file of this command: keyed by its arguments (bar the RUN_ONLY flags)."""
+    key = json.dumps(measured_args(args), sort_keys=True)
     return Path(args.workdir) / f"progress_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
@@ -483,7 +497,7 @@ def publish(machine, rows, cost, args, elapsed_s, partial=None) -> None:
     """Write bench/results/sense.{json,md}; `partial`: {dataset: (measured, planned)} questions."""
     payload = {"benchmark": "sense", "machine": machine, "rows": rows,
                "cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()},
-               "args": {k: v for k, v in vars(args).items() if k not in ("report", "restart", "partial")},
+               "args": measured_args(args),
                "run_time_min": round(elapsed_s / 60, 1)}
     if partial:
         payload["partial"] = partial
@@ -504,10 +518,7 @@ def write_partial(args) -> int:
         log(f"error: no saved progress of this command on this machine and code ({progress}); run it first")
         return 2
     done = saved["datasets"]
-    planned = {"gsm8k": min(args.gsm8k, len(gsm8k("test")))}
-    if args.spec_per_category > 0:
-        planned["spec_bench"] = sum(len(c) for c in spec_bench_by_category(spec_bench(), args.spec_per_category).values())
-    partial = {ds: [done.get(ds, {}).get("questions", 0), n] for ds, n in planned.items()}
+    partial = {ds: [done.get(ds, {}).get("questions", 0), len(items)] for ds, items in eval_questions(args).items()}
     cost = {int(n): c for n, c in saved["cost_curve"].items()}
     publish(machine, collect_rows(done, args.wide_budget), cost, args, saved.get("elapsed_s", 0.0),
             partial=partial if any(n < total for n, total in partial.values()) else None)
