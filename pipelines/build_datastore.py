@@ -26,8 +26,8 @@ from index import storage
 from index.dense_format import MANIFEST, TRANSFORM, DatastoreError, Manifest, ModelFingerprint
 from index.records import FieldMap, InputError, Unit, plan_units
 from pipelines.config import DISTILL_METHODS, DatastoreJobConfig, SelfDistillConfig, parse_corpus
-from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, done_marker, fit_sample,
-                              unit_to_row)
+from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, finished_distill,
+                              finished_unit, fit_sample, unit_to_row)
 
 BUILD_INFO = "build.json"
 
@@ -134,18 +134,6 @@ def _config_dict(config: DatastoreJobConfig) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def _unit_done(config: DatastoreJobConfig, unit: Unit) -> dict | None:
-    """The unit's summary if it finished (marker present and its shard files exist)."""
-    try:
-        summary = json.loads(storage.read_bytes(done_marker(config.output, unit.name)))
-    except FileNotFoundError:
-        return None
-    for key in ("shard", "token_shard"):
-        if summary.get(key) and not storage.exists(storage.join(config.output, summary[key]["path"])):
-            return None
-    return summary
-
-
 def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap],
              gpus: float) -> tuple[list[Unit], dict[str, dict]]:
     """Pass 1 of self-distillation: generate answers for every prompt unit (resumably); returns
@@ -153,7 +141,7 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
     pass-2 unit name."""
     import ray
 
-    todo = [u for u in units if not storage.exists(storage.join(config.output, DISTILLED, f"{u.name}.json"))]
+    todo = [u for u in units if finished_distill(config.output, u.name) is None]
     _log(f"self-distillation: {len(units) - len(todo)}/{len(units)} units already generated")
     if todo:
         ds = ray.data.from_items([unit_to_row(u, fields[u.corpus]) for u in todo], override_num_blocks=len(todo))
@@ -321,11 +309,11 @@ def _build(config: DatastoreJobConfig) -> Manifest:
     if info is None or "fingerprint" not in info or not storage.exists(storage.join(config.output, TRANSFORM)):
         info = _fit(config, units, fields, gpus)
     else:
-        done_before = {u.name for u in units if _unit_done(config, u) is not None}
+        done_before = {u.name for u in units if finished_unit(config.output, u.name) is not None}
         _log(f"resuming: reusing the key transform; {len(done_before)} of {len(units)} units already done")
     summaries, todo = {}, []
     for u in units:
-        s = _unit_done(config, u)
+        s = finished_unit(config.output, u.name)
         if s is None:
             todo.append(u)
         else:
@@ -336,7 +324,7 @@ def _build(config: DatastoreJobConfig) -> Manifest:
         _extract(config, info, todo, fields, gpus)
     t_end = time.perf_counter()
     for u in todo:
-        s = _unit_done(config, u)
+        s = finished_unit(config.output, u.name)
         if s is None:
             raise JobError(f"unit {u.name} did not finish; rerun the same command to resume")
         summaries[u.name] = s

@@ -52,6 +52,26 @@ def done_marker(output: str, unit_name: str) -> str:
     return storage.join(output, UNITS, f"{unit_name}.json")
 
 
+def finished_unit(output: str, unit_name: str) -> dict | None:
+    """The unit's summary if it finished (done marker present and its shard files exist)."""
+    try:
+        summary = json.loads(storage.read_bytes(done_marker(output, unit_name)))
+    except FileNotFoundError:
+        return None
+    for key in ("shard", "token_shard"):
+        if summary.get(key) and not storage.exists(storage.join(output, summary[key]["path"])):
+            return None
+    return summary
+
+
+def finished_distill(output: str, unit_name: str) -> dict | None:
+    """The distilled unit's summary if its table was written (the marker is written last)."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(output, DISTILLED, f"{unit_name}.json")))
+    except FileNotFoundError:
+        return None
+
+
 def _table_bytes(table) -> bytes:
     import pyarrow.parquet as pq
 
@@ -120,6 +140,11 @@ class ExtractUnits:
         for unit_row, docs_blob, bad, records in zip(batch["unit"], batch["docs"], batch["bad"], batch["records"]):
             t0 = time.perf_counter()
             unit = _unit(unit_row)
+            # Ray retries a task whose node died after the unit was written, and re-runs one whose
+            # output object was lost with its node: the finished unit stands, its work is not redone.
+            if (done := finished_unit(self.output, unit.name)) is not None:
+                rows.append(json.dumps(done))
+                continue
             docs = decode_documents(docs_blob)
             ex = extract_entries(self.target, self.transform, docs, [d.doc_id for d in docs],
                                  value_len=self.value_len, eos=self.eos, max_len=self.max_len,
@@ -187,6 +212,9 @@ class DistillUnits:
         rows = []
         for unit_row, fields_row in zip(batch["unit"], batch["fields"]):
             unit, fields = _unit(unit_row), _fields(fields_row)
+            if (done := finished_distill(self.output, unit.name)) is not None:   # a retried task: see ExtractUnits
+                rows.append(json.dumps(done))
+                continue
             from index.records import iter_records
 
             keys, prompts, bad = [], [], {}

@@ -435,6 +435,42 @@ def test_worker_node_killed_mid_build(ray_cluster, corpus, pipeline_output, tmp_
     np.testing.assert_allclose(ours["key"], ref["key"], atol=1e-4)
 
 
+def test_a_retried_extraction_task_keeps_the_finished_unit(pipeline_output, corpus, tmp_path):
+    """Ray retries a task whose node died after its unit was written (and re-runs one whose output
+    object was lost with the node): the actor returns the finished unit's summary and rewrites
+    nothing. Without its done marker, the same call extracts the unit again, to the same entries."""
+    import shutil
+
+    from pipelines.stages import ExtractUnits, TokenizeUnits, unit_to_row
+
+    out = tmp_path / "ds"
+    shutil.copytree(pipeline_output[0], out)
+    cfg = _config(str(corpus[0]), str(out))
+    marker = lambda u: out / "units" / f"{u.name}.json"                          # noqa: E731
+    unit = next(u for u in plan_units(list(cfg.corpora), cfg.split_bytes)
+                if marker(u).exists() and json.loads(marker(u).read_text())["phase"] == "extract")
+    info = json.loads((out / "build.json").read_text())
+    batch = {k: np.array([v], dtype=object) for k, v in unit_to_row(unit, cfg.corpora[0].fields).items()}
+    batch = TokenizeUnits(model=None, eos=info["eos"])(batch)
+    actor = ExtractUnits(model=None, dtype="float32", layer=-1, gpu=False, threads=1, output=str(out),
+                         value_len=cfg.value_len, eos=info["eos"], max_len=info["max_len"],
+                         overlap=info["overlap"], batch_tokens=cfg.batch_tokens)
+    files = lambda: {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}   # noqa: E731
+    before, summary = files(), json.loads(marker(unit).read_text())
+    assert [json.loads(r) for r in actor(batch)["summary"]] == [summary]
+    assert files() == before                                                   # nothing rewritten
+    import pyarrow.parquet as pq
+
+    shard = lambda: pq.read_table(out / summary["shard"]["path"]).to_pydict()   # noqa: E731
+    first = shard()
+    marker(unit).unlink()
+    redone = json.loads(actor(batch)["summary"][0])
+    assert json.loads(marker(unit).read_text()) == redone and redone["entries"] == summary["entries"]
+    again = shard()
+    assert again["value"] == first["value"] and again["position"] == first["position"]
+    np.testing.assert_allclose(np.array(again["key"]), np.array(first["key"]), atol=1e-4)
+
+
 def _port() -> int:
     import socket
 
