@@ -441,6 +441,8 @@ def test_a_retried_extraction_task_keeps_the_finished_unit(pipeline_output, corp
     nothing. Without its done marker, the same call extracts the unit again, to the same entries."""
     import shutil
 
+    import pyarrow.parquet as pq
+
     from pipelines.stages import ExtractUnits, TokenizeUnits, unit_to_row
 
     out = tmp_path / "ds"
@@ -459,8 +461,6 @@ def test_a_retried_extraction_task_keeps_the_finished_unit(pipeline_output, corp
     before, summary = files(), json.loads(marker(unit).read_text())
     assert [json.loads(r) for r in actor(batch)["summary"]] == [summary]
     assert files() == before                                                   # nothing rewritten
-    import pyarrow.parquet as pq
-
     shard = lambda: pq.read_table(out / summary["shard"]["path"]).to_pydict()   # noqa: E731
     first = shard()
     marker(unit).unlink()
