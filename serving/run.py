@@ -7,7 +7,8 @@
 
 The default GSM8K datastores the configuration uses are built into the local cache first (once).
 
-Ctrl-C stops it (and the local Ray instance it started).
+Ctrl-C or SIGTERM (what systemd, Docker and Kubernetes send) stops it: the application, then the
+local Ray instance it started, every process of it; exit status 0.
 """
 
 from __future__ import annotations
@@ -67,6 +68,39 @@ def local_torch_threads(cfg) -> int | None:
     return max(1, (os.cpu_count() or 1) // dc.num_replicas)
 
 
+class StopOnSigterm:
+    """SIGTERM stops the server the way Ctrl-C does: KeyboardInterrupt in the main thread, so the
+    same ``finally`` shuts the application and the local Ray instance down.
+
+    `install` must run again once ``ray.init`` has returned: ray.init replaces the SIGTERM handler
+    with its own (``sys.exit(15)``), and the driver's core worker then puts a native crash handler
+    (absl's, the ``*** SIGTERM received at time=...`` stack dump) in front of it. That handler also
+    arms a 3 s SIGALRM that aborts the process (SIGABRT) whatever it is doing: a Serve shutdown
+    takes longer, so the driver died before ``ray.shutdown()`` and the raylet's agents
+    (DashboardAgent, RuntimeEnvAgent) were left running. Python's handler, installed after that,
+    replaces the native one for SIGTERM (crashes, SIGSEGV and the like, keep their stack dumps).
+
+    Once the shutdown has begun (`stopping`), a further SIGTERM is ignored so that it completes;
+    whoever sent it escalates to SIGKILL after its grace period anyway.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.received = False
+
+    def install(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.stopping:
+            print("SIGTERM: already stopping", file=sys.stderr)
+            return
+        self.stopping = self.received = True
+        raise KeyboardInterrupt
+
+
 def wait_ready(url: str, timeout_s: float) -> dict:
     deadline = time.time() + timeout_s
     last = None
@@ -96,16 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="Ray dashboard of the local instance (default: only on machines of more than 4 cores)")
     args = p.parse_args(argv)
 
-    import signal
-
     import ray
     from ray import serve
 
     from serving.app import build_app
 
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, _terminate)          # stop cleanly on SIGTERM too
+    sigterm = StopOnSigterm()
+    sigterm.install()                                 # before Ray too: the datastores may take minutes
     from serving.config import ServingConfig
 
     app_args = load_args(args.config, args.set)
@@ -133,22 +164,24 @@ def main(argv: list[str] | None = None) -> int:
         init_local_ray(dashboard=args.dashboard, logging_level="WARNING")
     else:
         ray.init(address=args.address, logging_level="WARNING")
-    serve.start(http_options={"host": args.host, "port": args.port})
-    print("starting the application ...", file=sys.stderr)
-    serve.run(build_app(app_args), name=args.name, route_prefix="/", blocking=False)
-    url = f"http://{args.host}:{args.port}"
-    health = wait_ready(url, args.timeout)
-    print(f"SENSE on Ray is serving {health.get('model')} at {url}/v1 (status {health.get('status')})")
-    auth = " -H 'Authorization: Bearer <key>'" if cfg.ingress.auth_enabled else ""
-    print(f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
-          f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is 17 * 23?\"}}], \"max_tokens\": 64}}'")
-    sys.stdout.flush()
+    sigterm.install()                                 # again: ray.init replaced it (see StopOnSigterm)
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        print("starting the application ...", file=sys.stderr)
+        serve.run(build_app(app_args), name=args.name, route_prefix="/", blocking=False)
+        url = f"http://{args.host}:{args.port}"
+        health = wait_ready(url, args.timeout)
+        print(f"SENSE on Ray is serving {health.get('model')} at {url}/v1 (status {health.get('status')})")
+        auth = " -H 'Authorization: Bearer <key>'" if cfg.ingress.auth_enabled else ""
+        print(f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+              f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is 17 * 23?\"}}], \"max_tokens\": 64}}'")
+        sys.stdout.flush()
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping ...", file=sys.stderr)
+    except KeyboardInterrupt:                         # Ctrl-C, or SIGTERM (StopOnSigterm)
+        print(f"stopping{' (SIGTERM)' if sigterm.received else ''} ...", file=sys.stderr)
     finally:
+        sigterm.stopping = True                       # a second SIGTERM must not cut the shutdown short
         serve.shutdown()
         ray.shutdown()
     return 0
