@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import resource
 import time
 from dataclasses import asdict
@@ -25,6 +26,15 @@ from index import storage
 from index.records import FieldMap, Unit, decode_documents, encode_documents, read_unit
 
 SHARDS, TOKENS, UNITS, DISTILLED = "shards", "tokens", "units", "distilled"
+# Fault hook for tests (as faiss's on-disk tests use crash_at): an extraction actor started with
+# this variable set to N in its environment stops making progress after writing N units, as if its
+# node hung, so a test can kill the node at a known point of the build. Unset in real runs.
+STALL_AFTER_UNITS_ENV = "SENSE_FAULT_STALL_AFTER_UNITS"
+
+
+def _stall_forever() -> None:
+    while True:
+        time.sleep(3600)
 
 
 def unit_to_row(unit: Unit, fields: FieldMap) -> dict:
@@ -132,6 +142,8 @@ class ExtractUnits:
             self.transform = KeyTransform(z["mean"], z["std"], z["components"])
         self.output, self.value_len, self.eos = output, value_len, eos
         self.max_len, self.overlap, self.batch_tokens = max_len, overlap, batch_tokens
+        stall = os.environ.get(STALL_AFTER_UNITS_ENV)
+        self.stall_after, self.written = (int(stall) if stall else None), 0
 
     def __call__(self, batch: dict) -> dict:
         from index.dense_build import extract_entries
@@ -145,11 +157,14 @@ class ExtractUnits:
             if (done := finished_unit(self.output, unit.name)) is not None:
                 rows.append(json.dumps(done))
                 continue
+            if self.stall_after is not None and self.written >= self.stall_after:
+                _stall_forever()
             docs = decode_documents(docs_blob)
             ex = extract_entries(self.target, self.transform, docs, [d.doc_id for d in docs],
                                  value_len=self.value_len, eos=self.eos, max_len=self.max_len,
                                  overlap=self.overlap, batch_tokens=self.batch_tokens)
             summary = write_unit(self.output, unit, docs, ex, json.loads(bad), int(records), t0)
+            self.written += 1
             rows.append(json.dumps(summary))
         return {"summary": np.array(rows, dtype=object)}
 

@@ -404,30 +404,45 @@ def test_corrupt_inputs_are_counted_never_fatal(tmp_path, target):
 
 def test_worker_node_killed_mid_build(ray_cluster, corpus, pipeline_output, tmp_path):
     """The node running the extraction actor dies mid-build and a replacement node joins (as an
-    autoscaler would bring one): the job finishes with the output of an undisturbed run."""
+    autoscaler would bring one): the job finishes with the output of an undisturbed run, and the
+    unit the dead node finished stands (its retried task does not redo it).
+
+    Deterministic: the victim's actor stalls after its first unit (the stages' fault hook, set in
+    that node's environment only), so the kill lands with one unit done there and the rest to do.
+    Both nodes have room for the extraction actor beside the tokenizer actor (2 CPUs)."""
+    from pipelines.stages import STALL_AFTER_UNITS_ENV
+
     out = tmp_path / "ds"
-    victim = ray_cluster.add_node(num_cpus=1, resources={"extract": 1}, dashboard_agent_listen_port=_port())
+    victim = ray_cluster.add_node(num_cpus=2, resources={"extract": 1}, dashboard_agent_listen_port=_port(),
+                                  env_vars={STALL_AFTER_UNITS_ENV: "1"})
     ray_cluster.wait_for_nodes()
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     proc = subprocess.Popen(_cli(corpus[0], out, "--workers", "1", "--worker-resources", '{"extract": 1}'),
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def markers(phase):
+        found = [json.loads(p.read_text()) for p in (out / "units").glob("*.json")] if (out / "units").is_dir() else []
+        return [m for m in found if m["phase"] == phase]
+
     try:
         deadline = time.time() + 300
-        def extracted():
-            return [p for p in (out / "units").glob("*.json") if json.loads(p.read_text())["phase"] == "extract"] \
-                if (out / "units").is_dir() else []
-        while time.time() < deadline and proc.poll() is None and not extracted():
+        while time.time() < deadline and proc.poll() is None and not markers("extract"):
             time.sleep(0.2)
         assert proc.poll() is None, proc.stderr.read()[-2000:]
+        (first,) = markers("extract")
+        assert first["node"] == victim.node_id
+        time.sleep(1.0)
+        assert len(markers("extract")) == 1                     # the victim stalled: the rest is to do
         ray_cluster.remove_node(victim, allow_graceful=False)
-        ray_cluster.add_node(num_cpus=1, resources={"extract": 1}, dashboard_agent_listen_port=_port())
+        ray_cluster.add_node(num_cpus=2, resources={"extract": 1}, dashboard_agent_listen_port=_port())
         _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    nodes = {json.loads(p.read_text())["node"] for p in extracted()}
-    assert victim.node_id in nodes and len(nodes) == 2          # work began on the victim, ended elsewhere
+    done = {m["unit"]: m["node"] for m in markers("extract")}
+    assert done[first["unit"]] == victim.node_id                # the dead node's unit was not redone
+    assert len(set(done.values())) == 2                         # and the rest ran on the replacement
     ours, ref = _read_entries(str(out)), _read_entries(str(pipeline_output[0]))
     pairs = list(zip(ours["doc_id"].tolist(), ours["position"].tolist()))
     assert len(pairs) == len(set(pairs)) == len(ref["key"])
