@@ -65,3 +65,16 @@ def write_results(name: str, machine: dict, rows: list[dict], markdown: str, ext
     os.replace(tmp, path)
     (RESULTS / f"{name}.md").write_text(markdown)
     return path
+
+
+def method_order(methods, i: int) -> list:
+    """The order to run `methods` in for the i-th item (question, or question + repeat): rotated
+    by i // 2 and reversed on odd i. Over the items every method takes every position (no method
+    always runs first, on a cold cache, or last, after the others' allocations), and in every
+    pair of items (2k, 2k + 1) each pair of methods runs once in each order."""
+    methods = list(methods)
+    if not methods:
+        return methods
+    r = (i // 2) % len(methods)
+    order = methods[r:] + methods[:r]
+    return order[::-1] if i % 2 else order

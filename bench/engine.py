@@ -2,7 +2,7 @@
 
     python -m bench.engine [--questions 50] [--max-new-tokens 128] [--repeats 2]
 
-On the first N GSM8K test questions (greedy, chat template), methods alternate per question:
+On the first N GSM8K test questions (greedy, chat template; the method order rotates per question):
   ar   (ours, no drafts)           vs hf_ar  (generate())
   pld  (ours, prompt lookup)       vs hf_pld (generate(prompt_lookup_num_tokens=10))
   rest (ours, REST over GSM8K train answers), reported as speedup over ar
@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import torch
 
-from bench.common import machine_info, median, write_results
+from bench.common import machine_info, median, method_order, write_results
 from decoding.budget import measure_verify_cost, pick_budget, relative_cost
 from decoding.config import SamplingParams
 from decoding.drafters import NoDrafter, PromptLookupDrafter, SparseDrafter
@@ -87,9 +87,8 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):
         for qi, ids in enumerate(prompts):
             reference = None
-            order = ["hf_ar", "ar", "hf_pld", "pld", "rest"]
-            if (qi + rep) % 2:
-                order = order[::-1]                         # alternate who goes first
+            # rotated per question and repeat, reversed every other one: who goes first alternates
+            order = method_order(["hf_ar", "ar", "hf_pld", "pld", "rest"], qi + rep)
             outs = {}
             for m in order:
                 if m in hf:
@@ -158,7 +157,7 @@ def main(argv=None) -> int:
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
           f"transformers {machine['transformers']}, float32 CPU. Embedded SmolLM2-135M-Instruct.\n",
           f"First {len(prompts)} GSM8K test questions, greedy, max {args.max_new_tokens} new tokens, "
-          f"{args.repeats} repeats (methods alternate per question; medians over repeats).\n",
+          f"{args.repeats} repeats (the method order rotates per question; medians over repeats).\n",
           "| method | vs | ratio | tok/s | vs tok/s | MAT | acceptance | budget | same output as HF |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows[:3]:

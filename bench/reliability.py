@@ -3,6 +3,7 @@
     python -m bench.reliability              # writes bench/results/reliability.{json,md}
     python -m bench.reliability --quick      # a smaller run: prints, writes nothing
     python -m bench.reliability --no-pipeline-faults   # serving only (~5 min less)
+    python -m bench.reliability --quick --long-only    # only the long-answer round
 
 The served app (started here on a 2-node local Ray cluster: a head and one worker node): one
 decoder replica admitting ``max_ongoing_requests`` + ``max_queued_requests`` requests, two index
@@ -16,6 +17,12 @@ shards, SENSE drafting, greedy.
    the admitted ones; recovery (a normal request right after the burst); resident memory of the
    decoder replica, the ingress replica and the HTTP proxies before and after (psutil, PIDs from
    Ray's state API), after a warm-up burst. Medians over rounds in the summary row.
+   **Long answers** (``--long-requests``, 0: none): a 2-token answer is about one verify step, so
+   "no wrong answer" above says little about speculative decoding under load. This round sends a
+   handful of requests for ``--long-tokens`` (128) tokens each (SENSE and PLD, several at once)
+   and checks every admitted answer token for token against the same request decoded alone by
+   the engine in this process (same model, dtype, torch threads and index version, the index
+   whole rather than sharded). ``--long-only``: this round alone (no load rounds, no faults).
 2. **Faults**: the decoder replica killed mid-stream (``ray.kill`` of its actor, and SIGKILL of
    its worker process) with other requests in flight: every request must end complete and
    correct, or with a clean error (an HTTP error with Retry-After, or an SSE error event then
@@ -31,7 +38,8 @@ stream that ended without its finish chunk and without an error event, a request
 an HTTP answer; for the pipeline, missing or duplicated entries.
 
 The helpers (``burst``, ``serve_processes``, ``rss_mb``, ``kill_decoder_mid_stream``,
-``kill_shards_mid_request``) are used by tests/test_reliability.py too.
+``kill_shards_mid_request``, ``engine_reference``, ``long_round``) are used by
+tests/test_reliability.py too.
 """
 
 from __future__ import annotations
@@ -56,6 +64,15 @@ REPO = Path(__file__).resolve().parents[1]
 APP = "reliability"
 PROMPTS = ["What is 17 * 23?", "Name three colours.", "Say hello in French.", "What is the capital of Italy?"]
 STORY = "Write a very long story about a dragon who learns to bake bread."
+# Long answers (ignore_eos: every one runs its full --long-tokens), alternately SENSE and PLD.
+LONG_PROMPTS = [STORY,
+                "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                "How many clips did Natalia sell altogether in April and May? Explain every step.",
+                "Explain in detail how a bill becomes a law.",
+                "Repeat this sentence ten times: the quick brown fox jumps over the lazy dog.",
+                "Write a Python function that sorts a list of numbers, and explain how it works.",
+                "Describe the water cycle to a ten-year-old."]
+LONG_METHODS = ("sense", "pld")
 
 
 def log(*a) -> None:
@@ -149,6 +166,8 @@ class BurstResult:
     client_errors: int = 0
     failed: int = 0                      # no HTTP answer (connection error, timeout)
     wrong_output: int = 0                # a 200 whose tokens differ from the reference
+    tokens_checked: int = 0              # answer tokens compared with the reference (admitted answers)
+    verify_steps: int = 0                # verify steps of the admitted answers (their statistics)
     wall_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     shed_latencies_ms: list[float] = field(default_factory=list, repr=False)
@@ -164,6 +183,7 @@ class BurstResult:
                 "shed_without_retry_after": self.shed_without_retry_after, "server_errors": self.server_errors,
                 "client_errors": self.client_errors, "failed": self.failed, "wrong_output": self.wrong_output,
                 "data_lost": self.data_lost, "statuses": dict(sorted(self.statuses.items())),
+                "tokens_checked": self.tokens_checked, "verify_steps": self.verify_steps,
                 "wall_s": round(self.wall_s, 2),
                 "admitted_p50_ms": round(pct(self.latencies_ms, 50), 1),
                 "admitted_p99_ms": round(pct(self.latencies_ms, 99), 1),
@@ -190,7 +210,11 @@ async def _burst(url: str, bodies: list[dict], refs: list[list[int]], n: int, ra
         if status == 200:
             res.admitted += 1
             res.latencies_ms.append(ms)
-            ok = isinstance(body, dict) and body["choices"][0].get("token_ids") == refs[i % len(refs)]
+            ref = refs[i % len(refs)]
+            ok = isinstance(body, dict) and body["choices"][0].get("token_ids") == ref
+            res.tokens_checked += len(ref)
+            if isinstance(body, dict):
+                res.verify_steps += int((body.get("speculative") or {}).get("steps") or 0)
             if not ok:
                 res.wrong_output += 1
                 res.examples.append(("wrong", data[:300]))
@@ -244,6 +268,68 @@ def recovery_ms(url: str, body: dict, ref: list[int], timeout: float = 60) -> fl
             return 1e3 * (time.perf_counter() - t0) if r.json()["choices"][0]["token_ids"] == ref else float("nan")
         time.sleep(float(r.headers.get("Retry-After", 1)))
     return float("nan")
+
+
+# -- long answers -------------------------------------------------------------------------------
+
+
+def long_bodies(n: int, max_tokens: int) -> list[dict]:
+    """`n` chat bodies for long answers: LONG_PROMPTS in turn, methods alternating."""
+    return [chat_body(LONG_PROMPTS[i % len(LONG_PROMPTS)], max_tokens, method=LONG_METHODS[i % len(LONG_METHODS)])
+            for i in range(n)]
+
+
+def engine_reference(bodies: list[dict], app: dict) -> list[list[int]]:
+    """Each chat body decoded alone by the engine in this process, as the app `app` (its args)
+    would decode it: the request parsed by the server's protocol, the prompt encoded by the
+    decoder's own code, the app's model, dtype and torch threads, its index version loaded whole.
+    Greedy and strictly verified, a served answer must equal this token for token whatever was
+    drafted, sharded or run beside it."""
+    import torch
+
+    from decoding.engine import generate
+    from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores, make_drafter
+    from decoding.target import TargetModel
+    from serving import protocol
+    from serving.config import ServingConfig
+    from serving.decoder import Decoder, _resolve_device
+    from serving.index_data import load_dense, load_sparse
+
+    cfg = ServingConfig.from_args(app)
+    threads = torch.get_num_threads()
+    if cfg.model.torch_threads:
+        torch.set_num_threads(cfg.model.torch_threads)
+    try:
+        device, dtype = _resolve_device(cfg.model)
+        target = TargetModel.load(cfg.model.path, dtype=dtype, device=device)
+        decoder = type("Alone", (), {"model": target, "target": target})()     # what _encode uses
+        stores = None
+        refs = []
+        for body in bodies:
+            req = protocol.chat_request(protocol.parse(protocol.ChatRequest, json.dumps(
+                {**body, "stream": False}).encode()), cfg)
+            if not isinstance(req.budget, int):
+                raise ValueError("the reference needs a fixed speculative budget")
+            if stores is None and (req.method in NEEDS_SPARSE or req.method in NEEDS_DENSE):
+                stores = Datastores(sparse=load_sparse(cfg.index, target), dense=load_dense(cfg.index, target))
+            ids = Decoder.func_or_class._encode(decoder, req)
+            r = generate(target, ids, params=req.params, drafter=make_drafter(req.method, stores), budget=req.budget,
+                         soft=req.soft)
+            refs.append(list(r.token_ids))
+    finally:
+        torch.set_num_threads(threads)
+    return refs
+
+
+def long_round(url: str, bodies: list[dict], refs: list[list[int]], *, timeout: float = 900) -> dict:
+    """The long-answer round: every body sent at once (each its own connection), every admitted
+    answer checked token for token against its reference (`refs`, from ``engine_reference``)."""
+    res = burst(url, bodies, refs, len(bodies), seconds=0.5, concurrency=len(bodies), timeout=timeout)
+    for ex in res.examples[:3]:
+        log("   example:", ex)
+    return {"test": "long_answers", **res.summary(), "max_tokens": max((b["max_tokens"] for b in bodies), default=0),
+            "methods": sorted({b["speculative"]["method"] for b in bodies}),
+            "faults_injected": 0, "faults_survived": 0}
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -667,15 +753,25 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=200, help="requests of the warm-up burst (not measured)")
     ap.add_argument("--max-tokens", type=int, default=2)
+    ap.add_argument("--long-requests", type=int, default=6,
+                    help="requests of the long-answer round, sent at once (0: no such round)")
+    ap.add_argument("--long-tokens", type=int, default=128, help="new tokens of each long answer")
+    ap.add_argument("--long-only", action="store_true",
+                    help="only the long-answer round (no warm-up, load rounds or faults); prints, writes nothing")
     ap.add_argument("--max-ongoing", type=int, default=2, help="decoder max_ongoing_requests")
     ap.add_argument("--max-queued", type=int, default=4, help="decoder max_queued_requests")
     ap.add_argument("--decoder-kills", default="ray.kill,SIGKILL")
     ap.add_argument("--shard-kills", default="ray.kill,SIGKILL")
     ap.add_argument("--no-pipeline-faults", action="store_true")
-    ap.add_argument("--write", action="store_true", help="with --quick: write the results files anyway")
+    ap.add_argument("--write", action="store_true",
+                    help="with --quick or --long-only: write the results files anyway")
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.rounds, args.warmup, args.seconds, args.no_pipeline_faults = 600, 1, 60, 15, True
+    if args.long_only:
+        if args.long_requests < 1:
+            ap.error("--long-only needs --long-requests >= 1")
+        args.rounds, args.warmup, args.decoder_kills, args.shard_kills, args.no_pipeline_faults = 0, 0, "", "", True
 
     from decoding.cli import _quiet_libraries
 
@@ -698,13 +794,15 @@ def main(argv=None) -> int:
     try:
         port = free_port()
         log(f"deploying (decoder max_ongoing {args.max_ongoing}, max_queued {args.max_queued}) ...")
-        url = deploy(app_args(args.max_ongoing, args.max_queued), port)
+        app = app_args(args.max_ongoing, args.max_queued)
+        url = deploy(app, port)
         bodies = [chat_body(p, args.max_tokens) for p in PROMPTS]
         refs = [answer_ids(url, b) for b in bodies]
         usage = requests.post(url + "/v1/chat/completions", json=bodies[0], timeout=120).json()["usage"]
         kv_kib = usage["total_tokens"] * kv_bytes_per_token(TargetModel.load()) / 1024
-        log(f"warm-up: {args.warmup} requests ...")
-        burst(url, bodies, refs, args.warmup, seconds=max(2.0, args.warmup / 50), concurrency=args.concurrency)
+        if args.warmup:
+            log(f"warm-up: {args.warmup} requests ...")
+            burst(url, bodies, refs, args.warmup, seconds=max(2.0, args.warmup / 50), concurrency=args.concurrency)
         for rnd in range(args.rounds):
             log(f"load round {rnd + 1}/{args.rounds}: {args.requests} requests over {args.seconds:.0f} s, "
                 f"concurrency {args.concurrency} ...")
@@ -713,12 +811,24 @@ def main(argv=None) -> int:
                 f"wrong {row['wrong_output']} p50 {row['admitted_p50_ms']} ms p99 {row['admitted_p99_ms']} ms, "
                 f"decoder RSS {row['rss_mb_before']} -> {row['rss_mb_after']} MiB")
             rows.append(row)
+        if args.long_requests:
+            long = long_bodies(args.long_requests, args.long_tokens)
+            log(f"long answers: {len(long)} requests of {args.long_tokens} tokens at once; references decoded "
+                f"alone in process ...")
+            row = long_round(url, long, engine_reference(long, app))
+            log(f"   admitted {row['admitted']} shed {row['shed']} 5xx {row['server_errors']} failed {row['failed']} "
+                f"wrong {row['wrong_output']}; {row['tokens_checked']} tokens checked, {row['verify_steps']} "
+                f"verify steps")
+            rows.append(row)
 
-        stream_body = chat_body(STORY, 96, method="pld", stream=True)
-        stream_ref = answer_ids(url, stream_body)
-        plain_body = chat_body(PROMPTS[0], 24, method="pld")
-        plain_ref = answer_ids(url, plain_body)
-        for how in [h for h in args.decoder_kills.split(",") if h]:
+        decoder_kills = [h for h in args.decoder_kills.split(",") if h]
+        shard_kills = [h for h in args.shard_kills.split(",") if h]
+        if decoder_kills:
+            stream_body = chat_body(STORY, 96, method="pld", stream=True)
+            stream_ref = answer_ids(url, stream_body)
+            plain_body = chat_body(PROMPTS[0], 24, method="pld")
+            plain_ref = answer_ids(url, plain_body)
+        for how in decoder_kills:
             log(f"fault: decoder replica killed mid-stream ({how}) ...")
             r = kill_decoder_mid_stream(url, dash, APP, how=how, stream_body=stream_body, stream_ref=stream_ref,
                                         plain_body=plain_body, plain_ref=plain_ref)
@@ -726,11 +836,12 @@ def main(argv=None) -> int:
             log("  ", r)
             rows.append(r)
             wait_for(lambda: _healthy(url), 300, every=1.0)
-        sense_body = chat_body("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
-                               "clips in May. How many clips did Natalia sell altogether in April and May?", 64,
-                               method="sense", budget=4)
-        sense_ref = answer_ids(url, sense_body)
-        for how in [h for h in args.shard_kills.split(",") if h]:
+        if shard_kills:
+            sense_body = chat_body("Natalia sold clips to 48 of her friends in April, and then she sold half as "
+                                   "many clips in May. How many clips did Natalia sell altogether in April and May?",
+                                   64, method="sense", budget=4)
+            sense_ref = answer_ids(url, sense_body)
+        for how in shard_kills:
             log(f"fault: every index shard killed mid-request ({how}) ...")
             r = kill_shards_mid_request(url, dash, APP, body=sense_body, ref=sense_ref, how=how)
             r.setdefault("shed", 0)
@@ -763,6 +874,7 @@ def main(argv=None) -> int:
     total_s = time.time() - t_start
 
     loads = [r for r in rows if r["test"] == "load"] if rows else []
+    longs = [r for r in rows if r["test"] == "long_answers"]
     faults = [r for r in rows if r.get("fault")]
     summary = {"test": "total", "requests": sum(r["requests"] for r in rows), "shed": sum(r["shed"] for r in rows),
                "server_errors": sum(r["server_errors"] for r in rows),
@@ -774,32 +886,47 @@ def main(argv=None) -> int:
                "rss_mb_before": loads[0]["rss_mb_before"] if loads else None,
                "rss_mb_after": loads[-1]["rss_mb_after"] if loads else None,
                "admitted": sum(r["admitted"] for r in loads),
+               "long_answers_checked": sum(r["admitted"] for r in longs),
                "kv_cache_kib_per_request": round(kv_kib, 1),
                "seconds": round(total_s, 1)}
     rows.append(summary)
-    md = markdown(machine, args, loads, faults, summary)
+    md = markdown(machine, args, loads, faults, summary, longs)
     print(md)
-    if not args.quick or args.write:
+    if (not args.quick and not args.long_only) or args.write:
         path = write_results("reliability", machine, rows, md, extra={"config": vars(args)})
         log(f"wrote {path}")
     ok = summary["data_lost"] == 0 and summary["faults_survived"] == summary["faults_injected"] \
-        and summary["server_errors"] == 0
+        and summary["server_errors"] == 0 and long_round_ok(longs, args.long_requests)
     return 0 if ok else 1
 
 
-def markdown(machine, args, loads, faults, summary) -> str:
+def long_round_ok(longs: list[dict], planned: int) -> bool:
+    """The long-answer round ran (when planned), admitted answers, and every one was right."""
+    if not planned:
+        return True
+    return len(longs) == 1 and longs[0]["admitted"] > 0 and longs[0]["wrong_output"] == 0 \
+        and longs[0]["failed"] == 0 and longs[0]["server_errors"] == 0
+
+
+def markdown(machine, args, loads, faults, summary, longs=()) -> str:
     md = [f"# Reliability benchmark{' (quick run)' if args.quick else ''}\n",
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['device']}; "
           f"embedded SmolLM2-135M-Instruct, local Ray cluster (head + 1 worker node). One decoder replica "
           f"(max_ongoing_requests {args.max_ongoing}, max_queued_requests {args.max_queued}), two index shards, "
-          f"SENSE (budget 4), greedy. Total {summary['seconds']:.0f} s.\n",
-          "## Load\n",
-          f"{args.requests} requests per round ({args.max_tokens} new tokens each) started over {args.seconds:.0f} s "
-          f"with up to {args.concurrency} in flight, after a {args.warmup}-request warm-up. Admitted answers are "
-          "checked token for token; shed = 503/429 with Retry-After; latency of admitted requests; RSS in MiB "
-          "of the decoder replica, the ingress replica and the HTTP proxies before -> after the round.\n",
-          "| round | requests | admitted | shed | 5xx (not shed) | no answer | wrong output | p50 ms | p99 ms | "
-          "recovery ms | decoder RSS | ingress RSS | proxy RSS |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          f"SENSE (budget 4), greedy. Total {summary['seconds']:.0f} s.\n"]
+    only_long = args.long_only
+    if only_long:
+        md += ["Long-answer round only (--long-only): no load rounds, no faults."]
+    else:
+        md += ["## Load\n",
+               f"{args.requests} requests per round ({args.max_tokens} new tokens each) started over "
+               f"{args.seconds:.0f} s with up to {args.concurrency} in flight, after a {args.warmup}-request warm-up. "
+               "Admitted answers are checked token for token; shed = 503/429 with Retry-After; latency of admitted "
+               "requests; RSS in MiB of the decoder replica, the ingress replica and the HTTP proxies before -> "
+               "after the round.\n",
+               "| round | requests | admitted | shed | 5xx (not shed) | no answer | wrong output | p50 ms | p99 ms | "
+               "recovery ms | decoder RSS | ingress RSS | proxy RSS |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['round'] + 1} | {r['requests']} | {r['admitted']} | {r['shed']} | {r['server_errors']} | "
            f"{r['failed']} | {r['wrong_output']} | {r['admitted_p50_ms']:.0f} | {r['admitted_p99_ms']:.0f} | "
            f"{r['recovery_ms']:.0f} | {r['rss_mb_before']:.0f} -> {r['rss_mb_after']:.0f} | "
@@ -812,9 +939,20 @@ def markdown(machine, args, loads, faults, summary) -> str:
                    f"each); a KV cache kept per request would add {summary['kv_cache_kib_per_request']:.0f} KiB each. "
                    f"Admitted latency, median over rounds: p50 {summary['admitted_p50_ms_median']:.0f} ms, "
                    f"p99 {summary['admitted_p99_ms_median']:.0f} ms."]
-    md += ["", "## Faults\n",
-           "| fault | how | requests | complete | clean errors | 5xx (not clean) | data lost | survived | detail |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    if longs:
+        md += ["", "## Long answers\n",
+               f"{args.long_requests} requests of {args.long_tokens} new tokens each ({', '.join(LONG_METHODS)}, "
+               "greedy, ignore_eos) sent at once; every admitted answer checked token for token against the same "
+               "request decoded alone by the engine in process.\n",
+               "| requests | admitted | shed | 5xx (not shed) | no answer | wrong output | tokens checked "
+               "| verify steps | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+        md += [f"| {r['requests']} | {r['admitted']} | {r['shed']} | {r['server_errors']} | {r['failed']} | "
+               f"{r['wrong_output']} | {r['tokens_checked']} | {r['verify_steps']} | {r['admitted_p50_ms']:.0f} | "
+               f"{r['admitted_p99_ms']:.0f} |" for r in longs]
+    if not only_long:
+        md += ["", "## Faults\n",
+               "| fault | how | requests | complete | clean errors | 5xx (not clean) | data lost | survived | detail |",
+               "|---|---|---|---|---|---|---|---|---|"]
     for r in faults:
         if r["fault"] == "decoder_kill":
             detail = f"stream: {r['stream']} ({r['stream_error']}); replaced in {r['replaced_s']} s"
@@ -834,7 +972,8 @@ def markdown(machine, args, loads, faults, summary) -> str:
                   f"{r['faults_survived']}/{r['faults_injected']} | {detail} |")
     md += ["", f"**Total**: {summary['requests']} requests, {summary['shed']} shed, {summary['server_errors']} "
                f"server errors, faults {summary['faults_survived']}/{summary['faults_injected']} survived, "
-               f"data lost {summary['data_lost']}."]
+               f"data lost {summary['data_lost']}"
+               + (f"; long answers checked token for token: {summary['long_answers_checked']}." if longs else ".")]
     return "\n".join(md) + "\n"
 
 

@@ -11,6 +11,9 @@ and the same command with --partial writes the results of the questions measured
 Wide-tree rows (--wide-budget, --wide-questions): rest, sense_strict and sense_soft again with a
 fixed GPU-sized budget on the first GSM8K questions, for the MAT that large trees reach.
 Quality on GSM8K: accuracy, token agreement and ROUGE-L with the ar output, mean log-prob.
+Strict rows (every method but the soft-gated sense_soft) must reproduce ar's output token for
+token: each counts its identical outputs, and the run exits 1 (after writing the results) when
+one differs. The method order rotates per question (bench.common.method_order).
 Writes bench/results/sense.{json,md}.
 """
 
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.analysis import spec_bench_by_category
-from bench.common import machine_info, median, write_results
+from bench.common import machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from decoding.budget import AdaptiveBudget, measure_verify_cost, relative_cost
 from decoding.config import SamplingParams
@@ -42,6 +45,9 @@ from index.sparse import SparseIndex
 
 METHODS = ("ar", "pld", "rest", "dresd", "sense_strict", "sense_soft")
 STORELESS = ("ar", "pld")
+# Soft-gated (lossy) verification; every other method verifies strictly, so its greedy output
+# must equal ar's token for token (same question, same model and dtype).
+SOFT = ("sense_soft",)
 # Methods also run with a fixed, GPU-sized draft budget (--wide-budget) on the first GSM8K
 # questions: MAT as large trees give it (a GPU verifies 32 tokens for about one step's cost).
 WIDE_METHODS = ("rest", "sense_strict", "sense_soft")
@@ -67,16 +73,25 @@ def code_hash(root: Path | None = None) -> str:
 SAME_KIND = ("cpu", "cpu_family_model", "cores", "torch")
 
 
+class UnkeyedProgress(Exception):
+    """A saved progress file without the code hash: which code measured it is unknown."""
+
+
 def load_progress(path: Path, machine: dict, code: str) -> dict:
     """The saved progress of this command, or {} to start over: none saved, or saved on another
-    kind of machine (timings would mix), or with other algorithm code (figures would mix)."""
+    kind of machine (timings would mix), or with other algorithm code (figures would mix).
+    Raises UnkeyedProgress for a file without a code hash (from before runs were keyed by code):
+    resuming it could mix two versions' figures, starting over would discard it unasked."""
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
     if any(saved["machine"].get(k) != machine.get(k) for k in SAME_KIND):
         log(f"{path} was measured on another kind of machine ({saved['machine'].get('cpu')}): starting over")
         return {}
-    if saved.get("code", code) != code:          # (a file from before this check is taken as is)
+    if "code" not in saved:
+        raise UnkeyedProgress(f"{path} has no code hash, so the code it was measured with is unknown; "
+                              f"rerun with --restart to start over")
+    if saved["code"] != code:
         log(f"{path} was measured with other decoding/, index/ or bench/sense.py code: starting over")
         return {}
     return saved
@@ -145,6 +160,8 @@ def summarize(agg, ds_name: str, store_name: str, n_items: int, methods=METHODS,
                "token_agreement_with_ar": round(float(np.mean(a["agree"])), 4),
                "rouge_l_with_ar": round(float(np.mean(a["rouge"])), 4),
                "rouge_l_with_ar_std": round(float(np.std(a["rouge"])), 4)}
+        if method not in SOFT and a["identical"]:
+            row["identical"] = f"{int(sum(a['identical']))}/{len(a['identical'])}"
         if a["correct"]:
             row["accuracy"] = round(float(np.mean(a["correct"])), 4)
         if a["logprob"]:
@@ -258,10 +275,12 @@ def render(payload: dict) -> str:
               f"{n}/{total} {ds} questions" for ds, (n, total) in payload["partial"].items())
              + ". The same command resumes it.**", ""] if payload.get("partial") else []),
           "Speedup = tokens/s over ar's, all questions pooled (per-question median and IQR beside it); "
-          "efficiency = speedup / MAT; accuracy = exact '#### N' answer on GSM8K.", "",
+          "efficiency = speedup / MAT; accuracy = exact '#### N' answer on GSM8K; identical = outputs equal "
+          "to ar's token for token (same question, model and dtype), counted for the strictly verified "
+          "methods (every one but sense_soft; — where not counted).", "",
           "| datastore | dataset | method | MAT | MAT / REST | acceptance | speedup | per-question median [IQR] "
-          "| efficiency | tok/s | ROUGE-L vs ar | accuracy |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| efficiency | tok/s | ROUGE-L vs ar | identical to ar | accuracy |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in mrows:
         rm = rest_mat.get((r["dataset"], r["datastore"]))
         iqr = r.get("speedup_per_question_iqr", [float("nan")] * 2)
@@ -269,7 +288,10 @@ def render(payload: dict) -> str:
                   f"{r['mat'] / rm if rm else float('nan'):.2f} | {r['acceptance_rate']:.3f} | "
                   f"{r['speedup']:.2f}x | {r.get('speedup_per_question_median', float('nan')):.2f} "
                   f"[{iqr[0]:.2f}, {iqr[1]:.2f}] | {r['efficiency']:.2f} | {r['tokens_per_s']:.1f} | "
-                  f"{r['rouge_l_with_ar']:.3f} | {r.get('accuracy', '')} |")
+                  f"{r['rouge_l_with_ar']:.3f} | {r.get('identical', '—')} | {r.get('accuracy', '')} |")
+    mismatches = strict_mismatches(payload["rows"])
+    if mismatches:
+        md += ["", "**Strict rows whose output differs from ar's: " + ", ".join(mismatches) + ".**"]
     for r in rows:
         if "accuracy_ratio" in r:
             md.append(f"\nGSM8K accuracy, sense_soft vs ar ({r['datastore']} store): {r['correct']}/{r['questions']} "
@@ -294,14 +316,15 @@ def render(payload: dict) -> str:
                "decode steps on this CPU (see the cost curve below). On a GPU c(n) stays near 1 up to dozens of "
                "tokens and the same policy drafts large trees; these rows give the MAT such trees reach on the "
                "same questions. Their speedup is this CPU's, where large trees cost several steps each.", "",
-               "| datastore | method | MAT | MAT / REST | acceptance | speedup (this CPU) | ROUGE-L vs ar | accuracy |",
-               "|---|---|---|---|---|---|---|---|"]
+               "| datastore | method | MAT | MAT / REST | acceptance | speedup (this CPU) | ROUGE-L vs ar "
+               "| identical to ar | accuracy |",
+               "|---|---|---|---|---|---|---|---|---|"]
         wrest = {r["datastore"]: r["mat"] for r in wide if r["method"] == "rest"}
         for r in wide:
             rm = wrest.get(r["datastore"])
             md.append(f"| {r['datastore']} | {r['method']} | {r['mat']:.2f} | {r['mat'] / rm if rm else float('nan'):.2f} "
                       f"| {r['acceptance_rate']:.3f} | {r['speedup']:.2f}x | {r['rouge_l_with_ar']:.3f} | "
-                      f"{r.get('accuracy', '')} |")
+                      f"{r.get('identical', '—')} | {r.get('accuracy', '')} |")
         for store in sorted(wrest):
             by = {r["method"]: r for r in wide if r["datastore"] == store}
             if {"sense_strict", "sense_soft"} <= by.keys():
@@ -329,6 +352,29 @@ def render(payload: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+def strict_mismatches(rows: list[dict]) -> list[str]:
+    """"dataset/datastore method n/m" (with the budget of a wide-tree row) for every strict row
+    whose outputs are not all identical to ar's."""
+    out = []
+    for r in rows:
+        if "identical" not in r:
+            continue
+        n, m = r["identical"].split("/")
+        if n != m:
+            budget = "" if r.get("budget", "adaptive") == "adaptive" else f" (budget {r['budget']})"
+            out.append(f"{r['dataset']}/{r['datastore']} {r['method']}{budget} {r['identical']}")
+    return out
+
+
+def check_strict(rows: list[dict]) -> int:
+    """0, or 1 with one line naming the strict rows not identical to ar and their counts."""
+    bad = strict_mismatches(rows)
+    if bad:
+        log("error: strict rows not identical to ar (identical/questions): " + "; ".join(bad))
+        return 1
+    return 0
+
+
 def rerender() -> int:
     from bench.common import RESULTS
 
@@ -341,7 +387,7 @@ def rerender() -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gsm8k", type=int, default=100)
     ap.add_argument("--spec-per-category", type=int, default=10, help="Spec-Bench questions per category (0: none)")
@@ -361,12 +407,26 @@ def main(argv=None) -> int:
     ap.add_argument("--partial", action="store_true",
                     help="only write the results of the questions this command has measured so far "
                          "(from its saved progress), marked partial")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.report:
         return rerender()
     if args.partial:
         return write_partial(args)
     t_start = time.time()
+    # Progress is saved after every question (the full run takes hours on a 2-core CPU): the same
+    # command resumes where it stopped, on a machine of the same kind; --restart starts over.
+    machine = machine_info()
+    progress = progress_path(args)
+    code = code_hash()
+    try:
+        saved = {} if args.restart else load_progress(progress, machine, code)
+    except UnkeyedProgress as exc:
+        log(f"error: {exc}")
+        return 2
     from decoding.cli import _quiet_libraries
 
     _quiet_libraries()
@@ -375,12 +435,6 @@ def main(argv=None) -> int:
     target = TargetModel.load()
     eos = sorted(target.eos_token_ids)[:1]
 
-    # Progress is saved after every question (the full run takes hours on a 2-core CPU): the same
-    # command resumes where it stopped, on a machine of the same kind; --restart starts over.
-    machine = machine_info()
-    progress = progress_path(args)
-    code = code_hash()
-    saved = {} if args.restart else load_progress(progress, machine, code)
     if saved.get("cost_curve"):
         # A resumed run keeps the curve it started with: one adaptive budget for all its questions.
         cost = {int(n): c for n, c in saved["cost_curve"].items()}
@@ -401,18 +455,16 @@ def main(argv=None) -> int:
 
     tests = eval_questions(args)
 
-    def run(a, method, ids, gold, sparse, dense, budget, ar_out):
-        """One generation; its figures appended to `a` (this method's lists). Returns the tokens."""
-        soft = soft_cfg if method == "sense_soft" else None
+    def run(a, method, ids, gold, sparse, dense, budget):
+        """One generation; its figures appended to `a` (this method's lists). Returns the tokens
+        (compared with ar's by `compare` once ar has run on the question)."""
+        soft = soft_cfg if method in SOFT else None
         r = generate(target, ids, params=params, drafter=make(method, sparse, dense), budget=budget, soft=soft)
         s = r.stats
         for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",
                   "time_verify", "time_commit"):
             a[k].append(getattr(s, k))
         a["tps"].append(s.tokens_per_s)
-        ref = r.token_ids if ar_out is None else ar_out
-        a["agree"].append(token_agreement(r.token_ids, ref))
-        a["rouge"].append(rouge_l(r.token_ids, ref))
         if gold is not None:
             a["correct"].append(gsm8k_answer(r.text) == gsm8k_answer(gold))
             if method in ("ar", "sense_soft"):
@@ -421,6 +473,14 @@ def main(argv=None) -> int:
             for k, v in s.soft_gates.items():
                 a["gate_" + k].append(v)
         return r.token_ids
+
+    def compare(a, method, out, ar_out):
+        """Agreement of one output with ar's for the same question: token agreement, ROUGE-L,
+        and for a strict method whether it is identical token for token."""
+        a["agree"].append(token_agreement(out, ar_out))
+        a["rouge"].append(rouge_l(out, ar_out))
+        if method not in SOFT:
+            a["identical"].append(list(out) == list(ar_out))
 
     def new_agg():
         return {name: defaultdict(lambda: defaultdict(list)) for name in stores}
@@ -448,19 +508,23 @@ def main(argv=None) -> int:
             ids = encode_prompt(target, question)
             ar_out = None
             for store_name, (sparse, dense) in stores.items():
-                for method in METHODS:
+                outs = {}
+                # The order rotates per question: no method always runs first (cold caches) or last.
+                for method in method_order(METHODS, qi):
                     a = agg[store_name][method]
                     if method in STORELESS and store_name != first:
-                        copy_last(agg[first][method], a)
+                        copy_last(agg[first][method], a)     # (its comparison with ar included)
                         continue
-                    sizes = [s for s in cost if s >= soft_cfg.window] if method == "sense_soft" else None
-                    out = run(a, method, ids, gold, sparse, dense, AdaptiveBudget(cost, sizes=sizes), ar_out)
-                    if method == "ar":
-                        ar_out = out
+                    sizes = [s for s in cost if s >= soft_cfg.window] if method in SOFT else None
+                    outs[method] = run(a, method, ids, gold, sparse, dense, AdaptiveBudget(cost, sizes=sizes))
+                ar_out = outs.get("ar", ar_out)
+                for method, out in outs.items():
+                    compare(agg[store_name][method], method, out, ar_out)
                 if qi < n_wide:
                     copy_last(agg[store_name]["ar"], wide[store_name]["ar"])
-                    for method in WIDE_METHODS:
-                        run(wide[store_name][method], method, ids, gold, sparse, dense, args.wide_budget, ar_out)
+                    for method in method_order(WIDE_METHODS, qi):
+                        a = wide[store_name][method]
+                        compare(a, method, run(a, method, ids, gold, sparse, dense, args.wide_budget), ar_out)
             done[ds_name] = {"questions": qi + 1, "agg": agg, "wide": wide}
             tmp = progress.with_suffix(".tmp")
             tmp.write_text(json.dumps({"machine": machine, "code": code, "cost_curve": cost, "datasets": done,
@@ -468,8 +532,9 @@ def main(argv=None) -> int:
             tmp.replace(progress)                    # atomic: a kill never leaves half a file
             if qi % 10 == 9:
                 log(f"{ds_name}: {qi + 1}/{len(items)}")
-    publish(machine, collect_rows(done, args.wide_budget), cost, args, elapsed_before + time.time() - t_start)
-    return 0
+    rows = collect_rows(done, args.wide_budget)
+    publish(machine, rows, cost, args, elapsed_before + time.time() - t_start)
+    return check_strict(rows)
 
 
 def measured_args(args) -> dict:
@@ -513,16 +578,21 @@ def write_partial(args) -> int:
     same command on this kind of machine and code (no model is loaded, nothing is measured)."""
     progress = progress_path(args)
     machine = machine_info()
-    saved = load_progress(progress, machine, code_hash())
+    try:
+        saved = load_progress(progress, machine, code_hash())
+    except UnkeyedProgress as exc:
+        log(f"error: {exc}")
+        return 2
     if not saved.get("datasets"):
         log(f"error: no saved progress of this command on this machine and code ({progress}); run it first")
         return 2
     done = saved["datasets"]
     partial = {ds: [done.get(ds, {}).get("questions", 0), len(items)] for ds, items in eval_questions(args).items()}
     cost = {int(n): c for n, c in saved["cost_curve"].items()}
-    publish(machine, collect_rows(done, args.wide_budget), cost, args, saved.get("elapsed_s", 0.0),
+    rows = collect_rows(done, args.wide_budget)
+    publish(machine, rows, cost, args, saved.get("elapsed_s", 0.0),
             partial=partial if any(n < total for n, total in partial.values()) else None)
-    return 0
+    return check_strict(rows)
 
 
 if __name__ == "__main__":

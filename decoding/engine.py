@@ -152,7 +152,6 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         t3 = time.perf_counter()
         stats.steps += 1
         stats.drafted += tree.n_draft
-        stats.accepted += verdict.n_accepted
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
         stats.time_commit += t3 - t2
@@ -160,6 +159,10 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         tokens[n: n + len(new) - 1] = new[:-1]
         before = len(generated)
         generated, reason = stopper.cut(generated + new, before)
+        # Only tokens that reach the output count into MAT (accepted + steps): a stop (EOS, a
+        # stop string) inside the accepted path drops the drafts after it and the step's own
+        # token. A step counts one of the tokens it commits; accepted counts the others.
+        stats.accepted += max(0, min(verdict.n_accepted, len(generated) - before - 1))
         if on_tokens is not None and len(generated) > before:
             on_tokens(generated[before:])
 

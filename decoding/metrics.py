@@ -12,7 +12,7 @@ class GenerationStats:
     new_tokens: int = 0
     steps: int = 0                 # verification forwards (the prefill is not counted)
     drafted: int = 0               # draft tokens sent to verification
-    accepted: int = 0              # draft tokens accepted
+    accepted: int = 0              # draft tokens accepted and committed (none past a stop)
     time_prefill: float = 0.0
     time_draft: float = 0.0
     time_verify: float = 0.0

@@ -68,7 +68,7 @@ def test_wide_tree_rows_get_their_own_table_and_leave_the_targets_alone():
 def test_progress_resumes_only_on_the_same_kind_of_machine_and_code(tmp_path):
     import json
 
-    from bench.sense import load_progress
+    from bench.sense import UnkeyedProgress, load_progress
 
     machine = {"cpu": "AMD EPYC (avx2)", "cpu_family_model": "family 25 model 1", "cores": 2, "torch": "2.13.0",
                "memory_gib": 23.5}
@@ -82,7 +82,9 @@ def test_progress_resumes_only_on_the_same_kind_of_machine_and_code(tmp_path):
     assert load_progress(path, {**machine, "cores": 4}, "c1") == {}
     assert load_progress(path, machine, "c2") == {}                        # other algorithm code
     path.write_text(json.dumps({k: v for k, v in saved.items() if k != "code"}))
-    assert load_progress(path, machine, "c2")["datasets"] == saved["datasets"]   # from before the check
+    with pytest.raises(UnkeyedProgress, match="no code hash.*--restart"):     # code unknown: refused
+        load_progress(path, machine, "c1")
+    assert load_progress(path, {**machine, "cores": 4}, "c1") == {}       # (another machine: over anyway)
 
 
 def test_code_hash_covers_the_algorithm_sources(tmp_path):
@@ -111,3 +113,68 @@ def test_partial_without_saved_progress_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no saved progress of this command" in err and "run it first" in err
     assert "Traceback" not in err
+
+
+def _agg(identical: dict) -> dict:
+    """agg[method][figure] for `summarize`: two questions, `identical[method]` their verdicts."""
+    from collections import defaultdict
+
+    agg = defaultdict(lambda: defaultdict(list))
+    for m in METHODS:
+        a = agg[m]
+        for k, v in (("new_tokens", 10), ("steps", 8), ("drafted", 4), ("accepted", 2), ("time_total", 1.0),
+                     ("time_draft", 0.1), ("time_verify", 0.8), ("time_commit", 0.1), ("tps", 10.0),
+                     ("agree", 1.0), ("rouge", 1.0)):
+            a[k] += [v, v]
+        if m in identical:
+            a["identical"] += identical[m]
+    return agg
+
+
+def test_strict_rows_count_outputs_identical_to_ar_and_a_mismatch_fails_the_run(capsys):
+    from bench.sense import SOFT, check_strict, summarize
+
+    same = {m: [True, True] for m in METHODS if m not in SOFT}
+    rows = summarize(_agg(same), "gsm8k", "ood", 2)
+    by = {r["method"]: r for r in rows}
+    assert all(by[m]["identical"] == "2/2" for m in same) and "identical" not in by["sense_soft"]
+    assert check_strict(rows) == 0 and capsys.readouterr().err == ""
+    md = render({**_payload(2.5, 3.0, 1.2), "rows": rows})
+    assert "| identical to ar |" in md and "| ood | gsm8k (2) | pld |" in md
+    assert next(x for x in md.splitlines() if "| ood | gsm8k (2) | pld |" in x).endswith("| 1.000 | 2/2 |  |")
+    assert next(x for x in md.splitlines() if "| sense_soft |" in x).endswith("| 1.000 | — |  |")
+    assert "differs from ar" not in md
+
+    rows = summarize(_agg({**same, "rest": [True, False]}), "gsm8k", "ood", 2)
+    wide = summarize(_agg({"ar": [True], "sense_strict": [False]}), "gsm8k", "ood", 1,
+                     methods=("ar", "sense_strict"), budget=32)
+    assert check_strict(rows + wide) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: strict rows not identical to ar (identical/questions): gsm8k/ood rest 1/2; "
+                   "gsm8k/ood sense_strict (budget 32) 0/1"]
+    md = render({**_payload(2.5, 3.0, 1.2), "rows": rows + wide})
+    assert "**Strict rows whose output differs from ar's: gsm8k/ood rest 1/2, gsm8k/ood sense_strict " \
+           "(budget 32) 0/1.**" in md
+
+
+def test_report_of_a_payload_from_before_the_identical_count_shows_a_dash():
+    payload = _payload(strict_mat=2.5, soft_mat=3.0, strict_speedup=1.2)   # rows without "identical"
+    payload["rows"] += [dict(_row("rest", 2.0, 10.0, 0.8), budget=32, questions=2)]
+    md = render(payload)
+    table = [x for x in md.splitlines() if x.startswith(("| id | gsm8k (3) |", "| id | rest |"))]
+    assert len(table) == len(METHODS) + 1                 # the adaptive rows and the wide-tree row
+    assert all("| — |" in x for x in table), table
+    assert "differs from ar" not in md
+
+
+def test_method_order_rotates_and_alternates():
+    from bench.common import method_order
+
+    methods = ["a", "b", "c", "d"]
+    orders = [method_order(methods, i) for i in range(2 * len(methods))]
+    assert orders[0] == methods and orders[1] == methods[::-1] and orders[2] == ["b", "c", "d", "a"]
+    for m in methods:                                   # every method in every position
+        assert {o.index(m) for o in orders} == set(range(len(methods)))
+    for i in range(0, len(orders), 2):                  # every pair runs once in each order
+        assert orders[i] == orders[i + 1][::-1]
+    assert method_order((), 3) == [] and sorted(method_order(methods, 7)) == methods

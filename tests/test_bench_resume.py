@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 DETERMINISTIC = ("mat", "acceptance_rate", "steps", "new_tokens", "token_agreement_with_ar", "rouge_l_with_ar",
-                 "accuracy", "soft_gates")
+                 "identical", "accuracy", "soft_gates")
 
 
 def _figures(payload: dict) -> dict:
@@ -34,6 +34,10 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, cap
             "--wide-budget", "0", "--workdir", str(work)]
     assert bench.sense.main(argv) == 0
     first = json.loads((results / "sense.json").read_text())
+    # every strict row counts its outputs identical to ar's, all of them (the run exited 0)
+    strict = [r for r in first["rows"] if "mat" in r and r["method"] != "sense_soft"]
+    assert strict and all(r["identical"] == "2/2" for r in strict), strict
+    assert all("identical" not in r for r in first["rows"] if r["method"] == "sense_soft")
     progress = next(work.glob("progress_*.json"))
     saved = json.loads(progress.read_text())
     assert saved["datasets"]["gsm8k"]["questions"] == 2
@@ -76,3 +80,56 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, cap
     again = json.loads((results / "sense.json").read_text())
     assert "partial" not in again and again["rows"] == second["rows"]
     assert "Partial results" not in (results / "sense.md").read_text()
+
+
+ARGV = ["--gsm8k", "2", "--spec-per-category", "0", "--dense-docs", "6", "--max-new-tokens", "12",
+        "--wide-budget", "0"]
+
+
+def test_progress_without_a_code_hash_is_refused(tmp_path, monkeypatch, capsys):
+    """A progress file from before runs were keyed by code: which code measured it is unknown, so
+    neither the run nor --partial takes it (one line, exit 2, --restart suggested), and it is kept."""
+    import bench.common
+    import bench.sense
+    from bench.common import machine_info
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    argv = [*ARGV, "--workdir", str(tmp_path)]
+    progress = bench.sense.progress_path(bench.sense.parse_args(argv))
+    text = json.dumps({"machine": machine_info(), "cost_curve": {"1": 1.0},
+                       "datasets": {"gsm8k": {"questions": 1, "agg": {}, "wide": {}}}, "elapsed_s": 1.0})
+    progress.write_text(text)
+    for extra in ([], ["--partial"]):
+        assert bench.sense.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "no code hash" in err[0], err
+        assert "--restart" in err[0] and str(progress) in err[0]
+    assert progress.read_text() == text
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_strict_method_differing_from_ar_fails_the_run(tmp_path, monkeypatch, capsys):
+    """pld's output made to differ from ar's on the question: the results are still written, with
+    its row counting 0/1 identical, and the run exits 1 with one line naming the row."""
+    import bench.common
+    import bench.sense
+
+    real = bench.sense.generate
+
+    def generate(*args, **kwargs):
+        r = real(*args, **kwargs)
+        if kwargs["drafter"].name == "pld":
+            r.token_ids = r.token_ids[:-1] + [r.token_ids[-1] + 1]
+        return r
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(bench.common, "RESULTS", results)
+    monkeypatch.setattr(bench.sense, "generate", generate)
+    argv = ["--gsm8k", "1", "--spec-per-category", "0", "--dense-docs", "6", "--max-new-tokens", "8",
+            "--wide-budget", "0", "--workdir", str(tmp_path / "work")]
+    assert bench.sense.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: strict rows not identical to ar (identical/questions): gsm8k/ood pld 0/1", err[-3:]
+    rows = {r["method"]: r for r in json.loads((results / "sense.json").read_text())["rows"] if "mat" in r}
+    assert rows["pld"]["identical"] == "0/1" and rows["ar"]["identical"] == "1/1"
+    assert "Strict rows whose output differs from ar's: gsm8k/ood pld 0/1" in (results / "sense.md").read_text()

@@ -24,8 +24,9 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from bench.reliability import (answer_ids, burst, chat_body, kill_decoder_mid_stream, kill_shards_mid_request,
-                               kv_bytes_per_token, memory, recovery_ms)
+from bench.reliability import (answer_ids, burst, chat_body, engine_reference, kill_decoder_mid_stream,
+                               kill_shards_mid_request, kv_bytes_per_token, long_bodies, long_round, long_round_ok,
+                               memory, recovery_ms)
 from tests.test_serving import APP, QUESTIONS, app_args, start_server, stores, wait_app_running  # noqa: F401
 
 MAX_ONGOING, MAX_QUEUED = 2, 4
@@ -181,3 +182,102 @@ def test_a_stream_never_ends_silently(ending):
     assert events[-2]["error"]["code"] == ("replica_failed" if exc else "internal_error")
     assert not any(c.get("finish_reason") for e in events[:-1] for c in e.get("choices", [])), events
     assert sum(1 for e in events[:-1] if e.get("choices") and e["choices"][0]["delta"].get("content")) == 2
+
+
+# -- the long-answer round's checks, against a stand-in server (no Ray) ---------------------------
+
+
+class _FakeServer:
+    """A loopback HTTP server answering /v1/chat/completions with the token ids `answers[prompt]`
+    (a JSON 200 with 3 verify steps), or a 503 "overloaded" shed for the prompts in `shed`."""
+
+    def __init__(self, answers: dict[str, list[int]], shed=()) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][0]["content"]
+                if prompt in shed:
+                    status, out = 503, {"error": {"code": "overloaded", "message": "busy", "type": "x",
+                                                  "param": None}}
+                else:
+                    status, out = 200, {"choices": [{"token_ids": answers[prompt]}], "speculative": {"steps": 3}}
+                data = json.dumps(out).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if status == 503:
+                    self.send_header("Retry-After", "1")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_long_round_checks_every_admitted_answer_token_for_token():
+    bodies = long_bodies(5, 128)
+    assert len({b["messages"][0]["content"] for b in bodies}) == 5
+    assert {b["speculative"]["method"] for b in bodies} == {"sense", "pld"}
+    assert all(b["max_tokens"] == 128 and b["ignore_eos"] and b["temperature"] == 0 for b in bodies)
+    refs = [[(7 * i + j) % 1000 for j in range(128)] for i in range(len(bodies))]
+    prompts = [b["messages"][0]["content"] for b in bodies]
+    answers = dict(zip(prompts, refs))
+    answers[prompts[1]] = refs[1][:100] + [refs[1][100] + 1] + refs[1][101:]    # wrong at token 101 of 128
+    answers[prompts[2]] = refs[2][:-1]                                           # one token short
+    srv = _FakeServer(answers, shed={prompts[3]})
+    try:
+        row = long_round(srv.url, bodies, refs, timeout=60)
+    finally:
+        srv.close()
+    assert row["test"] == "long_answers" and row["requests"] == 5 and row["max_tokens"] == 128
+    assert row["admitted"] == 4 and row["shed"] == 1 and row["shed_without_retry_after"] == 0
+    assert row["wrong_output"] == 2 and row["data_lost"] == 2 and row["failed"] == 0
+    assert row["tokens_checked"] == 4 * 128 and row["verify_steps"] == 4 * 3
+    assert not long_round_ok([row], 5)
+    assert long_round_ok([{**row, "wrong_output": 0, "data_lost": 0}], 5)
+    assert not long_round_ok([{**row, "admitted": 0, "wrong_output": 0}], 5)     # nothing checked
+    assert not long_round_ok([], 5) and long_round_ok([], 0)
+
+    # the report: a section of its own, beside the load rounds and faults or alone (--long-only)
+    from bench.reliability import markdown
+
+    machine = {"cpu": "x", "cores": 2, "torch": "t", "device": "cpu"}
+    summary = {"seconds": 1.0, "requests": 5, "shed": 1, "server_errors": 0, "faults_survived": 0,
+               "faults_injected": 0, "data_lost": 2, "long_answers_checked": 4}
+    for only in (False, True):
+        args = SimpleNamespace(quick=True, long_only=only, max_ongoing=2, max_queued=4, requests=10, max_tokens=2,
+                               seconds=1.0, concurrency=4, warmup=0, long_requests=5, long_tokens=128)
+        md = markdown(machine, args, [], [], summary, [row])
+        assert "## Long answers" in md and "| 5 | 4 | 1 | 0 | 0 | 2 | 512 | 12 |" in md
+        assert ("## Load" in md) is not only and ("## Faults" in md) is not only
+        assert "long answers checked token for token: 4." in md
+
+
+def test_long_answer_reference_is_the_request_decoded_alone(target):
+    """The reference decodes the body as the app would (its request parsing, chat template,
+    ignore_eos, budget), in process: for a strict method that is plain greedy decoding."""
+    import torch
+
+    from bench.reliability import app_args as bench_app_args
+    from decoding.config import SamplingParams
+    from decoding.engine import encode_prompt, generate
+
+    bodies = long_bodies(4, 24)[1::2]                  # the PLD ones: no index needed
+    threads = torch.get_num_threads()
+    refs = engine_reference(bodies, bench_app_args(2, 4))
+    assert torch.get_num_threads() == threads                                # restored
+    for body, ref in zip(bodies, refs):
+        ids = encode_prompt(target, body["messages"][0]["content"])
+        alone = generate(target, ids, params=SamplingParams(max_new_tokens=24, ignore_eos=True)).token_ids
+        assert ref == alone and len(ref) == 24
