@@ -19,8 +19,9 @@ demo-engine: setup
 test: setup
 	$(PYTHON) -m pytest -q
 
+## The inner loop (a minute or two): no model, no cluster, nothing slow.
 test-fast: setup
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow and not cluster and not model"
 
 ## Engine benchmark (CPU, ~15 min): writes bench/results/engine.{json,md}.
 bench: setup

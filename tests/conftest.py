@@ -13,6 +13,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
 
+# Tiers (README, "Tests"): `make test` runs everything; `make test-fast` leaves out the tests
+# marked here from the fixtures they use, and those marked `slow` by hand.
+_TIER_FIXTURES = {
+    "cluster": {"ray_cluster", "s3_server"},              # a real local Ray cluster or S3 server
+    "model": {"target", "gsm8k_sparse_index", "dense_docs", "dense_store_dir"},   # the embedded model
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in _TIER_FIXTURES.items():
+            if used & fixtures:
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def target():
     """SmolLM2-135M-Instruct (embedded GGUF), float32 on CPU."""

@@ -84,6 +84,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["generate", "--dense-store", "/nonexistent/dense", "--method", "dense", "hi"], "/nonexistent/dense"),
     (["generate", "--soft", "--soft-window", "0", "hi"], "window"),
 ])
+@pytest.mark.slow                       # a CLI process each (imports, some load the model)
 def test_cli_errors_are_one_clear_line(args, needle):
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
@@ -92,6 +93,7 @@ def test_cli_errors_are_one_clear_line(args, needle):
     assert not os.path.exists("/nonexistent"), "a missing datastore path must not be created"
 
 
+@pytest.mark.slow
 def test_cli_generate_and_stop_string():
     proc = run_cli("generate", "--method", "pld", "--max-new-tokens", "12", "--json",
                    "What is the capital of France?")

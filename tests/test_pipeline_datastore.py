@@ -331,6 +331,7 @@ def test_ray_job_submit(ray_cluster, corpus, tmp_path):
     assert manifest["documents"] == N_DOCS and manifest["skipped"] == 3
 
 
+@pytest.mark.slow                       # two CLI processes (Ray and torch imports)
 def test_cli_bad_input_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pipelines.build_datastore", "--corpus", f"x={tmp_path}/nope.jsonl",
                           "--output", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
