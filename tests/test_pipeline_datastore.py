@@ -567,10 +567,10 @@ def test_a_pool_the_cluster_cannot_place_fails_with_one_line(ray_cluster, corpus
     out = tmp_path / "ds"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     res = subprocess.run(_cli(corpus[0], str(out), "--workers", "3", "--worker-resources", '{"slot": 1}',
-                              "--worker-start-timeout", "20"),
+                              "--worker-start-timeout", "8"),
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 2, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "did not all start within 20 s" in last, res.stderr[-3000:]
+    assert last.startswith("error: ") and "did not all start within 8 s" in last, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert not (out / "manifest.json").exists() and list((out / "units").glob("*.json"))
