@@ -20,9 +20,11 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop_sorted = (cum - sorted_scores.softmax(-1)) >= params.top_p
+        # Drop a token when the tokens ranked above it already hold top_p of the mass. The running
+        # mass is summed in float64: in float32 it stalls near 1 (steps of ~6e-8 there), where a
+        # long tail's tiny probabilities fall, and the cut would land tokens away from the true one.
+        sorted_probs = sorted_scores.double().softmax(-1)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores.softmax(-1)

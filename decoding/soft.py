@@ -2,8 +2,11 @@
 
 At a node where the target's own choice c has no child but a draft child d does, d is accepted
 when all hold:
-  1. the target is uncertain: the entropy of its renormalised top-k probabilities >= theta;
-  2. d is plausible: d is in the target's top-k, or p(d) / p(argmax) >= lam;
+  1. the target is uncertain: the entropy of its renormalised top-k probabilities >= theta
+     (over the tokens with p > 0 only);
+  2. d is plausible: p(d) > 0 and d is in the target's top-k, or p(d) / p(argmax) >= lam. With
+     sampling, p is the filtered distribution (temperature, top-k, top-p): a token the filter
+     removes is never accepted, even where fewer than top_k tokens survive it;
   3. the draft goes on agreeing (deferred window): the target natively chooses each of the next
      window - 1 draft tokens after d. Where the draft path ends before the window does (every
      drafted token after d agreed, but there are too few), the cosine similarity between the
@@ -66,10 +69,23 @@ class SoftGateStats:
         return asdict(self)
 
 
+def plausible_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k most probable tokens that have p > 0, in float64.
+
+    A sampling filter (top-k, top-p) can leave fewer than k tokens; `torch.topk` would fill the
+    rest with zero-probability ties, tokens the target can never emit. They are dropped here.
+    """
+    top = torch.topk(probs, min(k, probs.shape[-1]))
+    keep = top.values > 0
+    return top.values[keep].double(), top.indices[keep]
+
+
 def topk_entropy(probs: torch.Tensor, k: int) -> float:
-    top = torch.topk(probs, k).values
+    """Entropy (nats) of the renormalised top-k of `probs`, over the tokens with p > 0 only
+    (computed in float64: a zero never turns into 0 * log 0 = NaN, in any input dtype)."""
+    top, _ = plausible_topk(probs, k)
     top = top / top.sum()
-    return float(-(top * torch.log(top.clamp_min(1e-30))).sum())
+    return float(-(top * torch.log(top)).sum())
 
 
 class SoftGatedVerifier:
@@ -98,15 +114,16 @@ class SoftGatedVerifier:
     def _soft_candidate(self, tree: TokenTree, node: int, probs: torch.Tensor) -> int | None:
         """The most probable draft child passing gates 1 and 2, or None."""
         cfg = self.config
-        if topk_entropy(probs, cfg.top_k) < cfg.theta:
+        if not topk_entropy(probs, cfg.top_k) >= cfg.theta:      # (a NaN entropy fails too)
             return None
         self.stats.entropy_pass += 1
-        topk = set(torch.topk(probs, cfg.top_k).indices.tolist())
+        # Only tokens the target can emit (p > 0 under the sampling filter) are plausible.
+        topk = set(plausible_topk(probs, cfg.top_k)[1].tolist())
         pmax = float(probs.max())
-        best, best_p = None, -1.0
+        best, best_p = None, 0.0
         for token, child in tree.children(node).items():
             p = float(probs[token])
-            if (token in topk or p / pmax >= cfg.lam) and p > best_p:
+            if p > 0 and (token in topk or p / pmax >= cfg.lam) and p > best_p:
                 best, best_p = child, p
         if best is not None:
             self.stats.plausible_pass += 1

@@ -133,7 +133,7 @@ def test_large_store_uses_ivf_with_good_recall():
     assert recall >= 0.9, recall
 
 
-def test_anchor_keys_are_the_keys_where_the_drafted_tokens_stood(target, dense_store_dir):
+def test_anchor_keys_are_the_keys_where_the_drafted_tokens_stood(target, dense_store_dir, dense_docs):
     """A static chain from entry (doc, t) drafts the tokens at t+2, t+3, ...; each one's anchor is
     the key of the entry at that position of the same document (looked up here independently,
     through the shards' doc_id/position columns), NaN past the document's stored positions."""
@@ -160,11 +160,24 @@ def test_anchor_keys_are_the_keys_where_the_drafted_tokens_stood(target, dense_s
                 np.testing.assert_array_equal(anchors[j], store.keys[want])
                 checked += 1
     assert checked > 100 and ends > 0
-    # Proposed trees carry anchors for the static chains' nodes.
-    q = torch.from_numpy(np.ones(target.config.hidden_size, dtype=np.float32))
-    tree = drafter.propose(np.array([int(store.first_token[0])] * 3), 8, 4, q)
-    if len(tree) > 1:
-        assert tree.anchor_keys is not None and tree.anchor_keys.shape == (len(tree), store.keys.shape[1])
+    # Proposed trees carry anchors for the static chains' nodes. The query is the target's own
+    # hidden state at a stored entry (doc, t), recomputed from the document's prefix, so its
+    # nearest neighbour is that entry: with k=1 the tree is exactly the entry's chain (never a
+    # bare root), each node anchored at the key of the position the token stood at.
+    row = next(r for r in range(len(store) // 2, len(store))
+               if pos_of[r] >= 30 and (int(doc_of[r]), int(pos_of[r]) + 5) in row_of)
+    doc, t = dense_docs[int(doc_of[row])], int(pos_of[row])
+    h = torch.from_numpy(hidden_states(target, doc.tokens[: t + 1])[-1])
+    assert store.search(store.transform(h.numpy())[None], 1)[1][0, 0] == row     # precondition
+    pending = int(store.first_token[row])
+    assert pending == doc.tokens[t + 1]
+    tree = DenseDrafter(store, k=1, dynamic=False).propose(np.array(doc.tokens[: t + 2]), 8, 4, h)
+    assert len(tree) == 5 and tree.is_chain()
+    assert list(tree.tokens) == [pending, *doc.tokens[t + 2: t + 6]]
+    assert tree.anchor_keys is not None and tree.anchor_keys.shape == (len(tree), store.keys.shape[1])
+    assert np.isnan(tree.anchor_keys[0]).all()                                     # the root: none
+    for j in range(4):
+        np.testing.assert_array_equal(tree.anchor_keys[1 + j], store.keys[row_of[(int(doc_of[row]), t + 2 + j)]])
 
 
 def test_dynamic_chains_are_anchored_on_the_requests_own_keys(target):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from decoding.config import SamplingParams
 from decoding.drafters import NoDrafter, PromptLookupDrafter
 from decoding.engine import encode_prompt, generate
@@ -39,15 +41,102 @@ def test_seeded_sampling_is_reproducible(target):
     assert a.token_ids == b.token_ids
 
 
-def test_statistics_add_up(target):
+def test_statistics_add_up(target, monkeypatch):
+    """The statistics against an independent count: every forward of the model is observed (a
+    hook on its base module: prefill + one per verify step), and so is every commit (the path the
+    KV cache keeps). Steps, drafted and accepted tokens, output length and MAT must agree with
+    those counts; MAT must exceed 1 (this prompt repeats itself, so drafts get accepted)."""
+    import time
+
     ids = encode_prompt(target, "Repeat exactly: the cat sat on the mat. the cat sat on the mat.")
-    r = generate(target, ids, params=SamplingParams(max_new_tokens=32), drafter=PromptLookupDrafter())
+    fed: list[int] = []                  # tokens fed to each forward of the model
+    kept: list[int] = []                 # length of each committed path (pending root + accepted)
+
+    def count_forward(module, args, kwargs, output):
+        fed.append(int(kwargs["input_ids"].shape[-1]))
+
+    real_commit = target.commit
+
+    def observe_commit(state, path):
+        kept.append(len(path))
+        return real_commit(state, path)
+
+    monkeypatch.setattr(target, "commit", observe_commit)
+    hook = target._base.register_forward_hook(count_forward, with_kwargs=True)
+    try:
+        t0 = time.perf_counter()
+        r = generate(target, ids, params=SamplingParams(max_new_tokens=32, ignore_eos=True),
+                     drafter=PromptLookupDrafter())
+        wall = time.perf_counter() - t0
+    finally:
+        hook.remove()
     s = r.stats
-    assert s.steps >= 1 and s.drafted >= s.accepted >= 0
-    # Every step commits accepted + 1 tokens; the first token comes from the prefill.
-    assert s.new_tokens <= 1 + s.steps + s.accepted
-    assert s.mat == (s.accepted + s.steps) / s.steps
-    assert s.time_total >= s.time_prefill + s.time_draft + s.time_verify + s.time_commit - 1e-3
-    assert s.tokens_per_s > 0
+    assert r.finish_reason == "length" and len(r.token_ids) == 32 == s.new_tokens
+    forwards = len(fed)
+    assert fed[0] == len(ids) and s.steps == forwards - 1 == len(kept) >= 1
+    assert s.drafted == sum(n - 1 for n in fed[1:])        # each verify feeds the root + its drafts
+    assert s.accepted == sum(n - 1 for n in kept) > 0
+    # No stop cut anything: the output is the prefill's token plus each step's committed path.
+    assert len(r.token_ids) == 1 + sum(kept)
+    mat = (len(r.token_ids) - 1) / (forwards - 1)          # output tokens per verification forward
+    assert s.mat == pytest.approx(mat) and s.mat > 1
+    assert s.acceptance_rate == pytest.approx(s.accepted / s.drafted)
+    assert s.time_prefill + s.time_draft + s.time_verify + s.time_commit - 1e-3 <= s.time_total <= wall
+    assert s.tokens_per_s >= len(r.token_ids) / wall
     d = s.to_dict()
     assert {"mat", "acceptance_rate", "tokens_per_s", "steps"} <= set(d)
+
+
+class _Oracle:
+    """Drafts the given continuation (what the target will choose) as one long chain, so every
+    draft is accepted and a stop lands inside an accepted draft."""
+
+    def __init__(self, prompt_len: int, continuation: list[int]) -> None:
+        from decoding.drafters.base import Drafter
+
+        self.drafter = type("OracleDrafter", (Drafter,), {"name": "oracle", "chains": self._chains})()
+        self.prompt_len, self.continuation = prompt_len, continuation
+
+    def _chains(self, tokens, max_depth, hidden=None):
+        done = len(tokens) - self.prompt_len           # generated so far, the pending token included
+        rest = self.continuation[done: done + max_depth]
+        return [(rest, 1.0)] if rest else []
+
+
+def _stop_inside_a_draft(target, kind):
+    ids = encode_prompt(target, "What is 2+3?")
+    if kind == "length":                                # PLD on a repetitive prompt, cut by max_new_tokens
+        ids = encode_prompt(target, "Repeat exactly: the cat sat on the mat. the cat sat on the mat. "
+                                    "the cat sat on the mat.")
+        return generate(target, ids, params=SamplingParams(max_new_tokens=9), drafter=PromptLookupDrafter(),
+                        budget=32)
+    # What the target says with no stop at all: the oracle drafts it, past the stop.
+    free = generate(target, ids, params=SamplingParams(max_new_tokens=64, ignore_eos=True)).token_ids
+    if kind == "eos":
+        params = SamplingParams(max_new_tokens=64)
+    else:                                               # a stop string a third of the way in
+        params = SamplingParams(max_new_tokens=64, ignore_eos=True,
+                                stop=(target.tokenizer.decode(free[20:23], skip_special_tokens=True),))
+    return generate(target, ids, params=params, drafter=_Oracle(len(ids), free).drafter, budget=64), free
+
+
+@pytest.mark.parametrize("kind", ["eos", "stop_string", "length"])
+def test_mat_counts_only_tokens_committed_to_the_output(target, kind):
+    """A stop inside an accepted draft: the drafts past it are not output, so they do not count
+    as accepted, and MAT's numerator (accepted + steps) is the output less the prefill's token."""
+    if kind == "length":
+        r = _stop_inside_a_draft(target, kind)
+        assert r.finish_reason == "length"
+    else:
+        r, free = _stop_inside_a_draft(target, kind)
+        assert r.finish_reason == "stop" and len(r.token_ids) < len(free)
+        assert r.token_ids == free[: len(r.token_ids)]
+        if kind == "eos":
+            assert r.token_ids[-1] in target.eos_token_ids
+        # the stop fell inside a draft the target accepted: more was drafted than output
+        assert r.stats.drafted > len(r.token_ids)
+    s = r.stats
+    assert s.new_tokens == len(r.token_ids)
+    # every output token but the prefill's is committed by a verify step: that is MAT's numerator
+    assert s.accepted + s.steps == len(r.token_ids) - 1, s
+    assert s.mat == (len(r.token_ids) - 1) / s.steps

@@ -1,7 +1,8 @@
 """Statistical tests: strict speculative sampling has exactly the autoregressive output distribution.
 
 The exact distribution of the first few generated tokens is computed by enumeration (one fresh
-prefill per prefix, turned into probabilities with ``sampling_probs``), and many seeded runs of
+prefill per prefix, turned into probabilities with transformers' own logits warpers, applied as
+``generate`` applies them: see ``hf_probs``), and many seeded runs of
 ``decoding.engine.generate`` with a tree drafter are compared to it with a chi-square
 goodness-of-fit test. Deliberately biased verifiers (REST-style "sample once per path", and a
 DReSD/typical-acceptance-style per-child test) must fail the same test, which shows the test has
@@ -19,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 from decoding.config import SamplingParams
 from decoding.drafters.base import Drafter
@@ -178,6 +181,199 @@ def outcome_index(tokens: list[int], vocab: int) -> int:
 # toy model: exact 3-token distribution
 
 
+# ---------------------------------------------------------------------------------------------
+# the sampling filter against transformers' logits warpers (the independent reference)
+
+
+def hf_warpers(params: SamplingParams) -> LogitsProcessorList:
+    """The warpers `transformers` generate(do_sample=True, ...) builds for these options, in its
+    order (GenerationMixin._get_logits_processor): temperature (skipped at 1.0), top-k (skipped
+    at 0), top-p (skipped at 1.0), each keeping at least min_tokens_to_keep=1 token (the value
+    for non-beam sampling). test_hf_reference_is_what_generate_applies checks this against
+    generate itself."""
+    procs = LogitsProcessorList()
+    if params.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(float(params.temperature)))
+    if params.top_k != 0:
+        procs.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        procs.append(TopPLogitsWarper(params.top_p))
+    return procs
+
+
+def hf_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """softmax of the HF-warped logits: [..., V] -> [..., V] float32."""
+    flat = logits.float().reshape(-1, logits.shape[-1]).clone()
+    dummy_ids = torch.zeros((flat.shape[0], 1), dtype=torch.long)
+    return hf_warpers(params)(dummy_ids, flat).softmax(-1).reshape(logits.shape)
+
+
+def assert_same_law(ours: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, ties_ok: bool = False) -> None:
+    """Probability vectors [V] equal within float tolerance, token by token.
+
+    With `ties_ok`, the one deliberate-by-indifference difference is allowed: where the top-p cut
+    falls inside a group of tokens with equal scores, which of them survive is arbitrary. HF sorts
+    ascending and drops from the bottom, so it keeps the highest token ids of the group; our
+    descending sort keeps the lowest. The kept count and the mass per group of equal scores are
+    the same, so the two laws are equal up to relabelling tokens the target cannot tell apart.
+    """
+    assert torch.isfinite(ours).all() and float(ours.double().sum()) == pytest.approx(1.0, abs=1e-4)
+    assert int((ours > 0).sum()) == int((ref > 0).sum())
+    differ = (ours > 0) != (ref > 0)
+    if ties_ok and differ.any():
+        values, group = torch.unique(scores.float(), return_inverse=True)
+        size = torch.bincount(group, minlength=len(values))
+        assert (size[group[differ]] > 1).all(), "the supports differ outside a tie group"
+
+        def per_group(p):
+            return torch.zeros(len(values), dtype=torch.float64).scatter_add_(0, group, p.double())
+
+        torch.testing.assert_close(per_group(ours), per_group(ref), atol=1e-6, rtol=1e-5)
+        keep = ~differ
+        torch.testing.assert_close(ours[keep], ref[keep], atol=1e-6, rtol=1e-5)
+        return
+    assert not differ.any(), f"supports differ at tokens {torch.nonzero(differ).flatten().tolist()}"
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+
+FILTERS = {
+    # temperature alone
+    "t=1": SamplingParams(temperature=1.0),
+    "t=0.05": SamplingParams(temperature=0.05),
+    "t=0.7": SamplingParams(temperature=0.7),
+    "t=2.5": SamplingParams(temperature=2.5),
+    # top-k alone (edges: 1, V - 1, V, more than V)
+    "k=1": SamplingParams(temperature=1.0, top_k=1),
+    "k=2": SamplingParams(temperature=1.0, top_k=2),
+    "k=40": SamplingParams(temperature=1.0, top_k=40),
+    "k=V-1": SamplingParams(temperature=1.0, top_k=511),
+    "k=V": SamplingParams(temperature=1.0, top_k=512),
+    "k>V": SamplingParams(temperature=1.0, top_k=5000),
+    # top-p alone (edges: tiny, almost 1)
+    "p=1e-9": SamplingParams(temperature=1.0, top_p=1e-9),
+    "p=0.1": SamplingParams(temperature=1.0, top_p=0.1),
+    "p=0.5": SamplingParams(temperature=1.0, top_p=0.5),
+    "p=0.9": SamplingParams(temperature=1.0, top_p=0.9),
+    "p=0.9999": SamplingParams(temperature=1.0, top_p=0.9999),
+    # combined: the order matters (temperature before the filters, top-k before top-p)
+    "t=0.7,k=40": SamplingParams(temperature=0.7, top_k=40),
+    "t=1.5,p=0.6": SamplingParams(temperature=1.5, top_p=0.6),
+    "t=0.3,p=0.95": SamplingParams(temperature=0.3, top_p=0.95),
+    "k=10,p=0.5": SamplingParams(temperature=1.0, top_k=10, top_p=0.5),
+    "t=2,k=5,p=0.8": SamplingParams(temperature=2.0, top_k=5, top_p=0.8),
+    "t=0.8,k=1,p=0.9": SamplingParams(temperature=0.8, top_k=1, top_p=0.9),
+    "t=1.3,k=300,p=0.2": SamplingParams(temperature=1.3, top_k=300, top_p=0.2),
+    "t=0.5,k=3,p=1e-6": SamplingParams(temperature=0.5, top_k=3, top_p=1e-6),
+}
+
+
+def _random_logits(rows: int = 6, vocab: int = 512) -> torch.Tensor:
+    """Rows of every shape: flat, peaked, heavy-tailed, huge, and one with masked (-inf) tokens;
+    all values distinct (no ties: these are compared token by token)."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.5, 2.0, 5.0, 12.0, 80.0, 3.0])[:rows, None]
+    logits = torch.randn(rows, vocab, generator=g) * scales
+    logits[1] += torch.linspace(0, 6, vocab)                    # a trend across ids
+    logits[-1, torch.randperm(vocab, generator=g)[: vocab // 3]] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_filter_matches_transformers_warpers(name):
+    params = FILTERS[name]
+    logits = _random_logits()
+    for row in logits:
+        finite = row[torch.isfinite(row)]
+        assert len(torch.unique(finite)) == len(finite)          # no ties in these rows
+    ours = sampling_probs(logits, params)                       # batched [rows, V]
+    ref = hf_probs(logits, params)
+    for r in range(len(logits)):
+        assert_same_law(ours[r], ref[r], logits[r])
+        torch.testing.assert_close(sampling_probs(logits[r], params), ours[r])   # a row alone: same
+
+
+def test_filter_edge_cases_against_transformers():
+    """Small hand-made cases where each filter's boundary is exercised, with HF as the judge."""
+    logits = torch.tensor([3.0, 2.5, 2.5, 1.0, 0.0, -1.0, -1.0, -1.0])
+    cases = [
+        (SamplingParams(temperature=1.0, top_k=1), [0]),                # k=1: the argmax only
+        (SamplingParams(temperature=1.0, top_k=2), [0, 1, 2]),          # a tie at the k-th score: both kept
+        (SamplingParams(temperature=1.0, top_k=6), [0, 1, 2, 3, 4, 5, 6, 7]),   # tie at k-th: all three -1.0
+        (SamplingParams(temperature=1.0, top_p=1e-9), [0]),             # tiny top_p: the argmax only
+        (SamplingParams(temperature=0.01, top_p=0.999), [0]),           # cold: the argmax holds ~all mass
+        (SamplingParams(temperature=100.0, top_p=0.5), [0, 1, 2, 3]),   # hot: nearly flat, half the tokens
+    ]
+    for params, support in cases:
+        ref = hf_probs(logits, params)
+        assert torch.nonzero(ref).flatten().tolist() == support, params      # HF's semantics, pinned
+        assert_same_law(sampling_probs(logits, params), ref, logits)
+    # k=1 with a tie at the top: HF and we both keep the whole tie.
+    tied = torch.tensor([1.0, 4.0, 4.0, 2.0])
+    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.5, top_k=1, top_p=0.99)):
+        ref = hf_probs(tied, params)
+        assert torch.nonzero(ref).flatten().tolist() == [1, 2]
+        assert_same_law(sampling_probs(tied, params), ref, tied)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=0.5),
+                                    SamplingParams(temperature=1.0, top_p=1e-9),
+                                    SamplingParams(temperature=2.0, top_k=3, top_p=0.3)],
+                         ids=["p=0.5", "p=1e-9", "t=2,k=3,p=0.3"])
+def test_top_p_cut_inside_a_tie(params):
+    """The top-p cut falls inside a group of equal scores: the same number of tied tokens and the
+    same mass survive; which ones (HF: the highest ids, we: the lowest) is an arbitrary tie-break,
+    documented in assert_same_law, not a difference in the law."""
+    logits = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -3.0])
+    ours, ref = sampling_probs(logits, params), hf_probs(logits, params)
+    assert 0 < int((ref > 0).sum()) < 6                          # the cut is inside the tie
+    assert_same_law(ours, ref, logits, ties_ok=True)
+
+
+@pytest.mark.parametrize("top_p", [0.99, 0.995, 0.999, 0.9999])
+def test_top_p_cut_in_a_long_tail_matches_transformers(top_p):
+    """50k tokens, a few likely ones and a long tail: the top-p cut falls where the mass ranked
+    above a token is within ~1e-4 of 1, the tail's probabilities ~1e-6. A float32 running sum
+    there moves in steps of ~6e-8 and misplaced the cut by up to tens of tokens; HF (which sums
+    from the small end) and a float64 sum agree on it."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50_000, generator=g) * 2.0
+    logits[:5] += 8.0
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    # (50k float32 draws hold a few equal pairs: a cut inside one is the tie-break, allowed.)
+    assert_same_law(sampling_probs(logits, params), hf_probs(logits, params), logits, ties_ok=True)
+
+
+def test_filter_matches_transformers_on_the_real_model(target):
+    """SmolLM2's next-token logits (49k tokens, real near-ties in the tail)."""
+    _, out = target.prefill(encode_prompt(target, "Name a colour."))
+    logits = out.logits[-1]
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=20),
+                   SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=0.6, top_k=50, top_p=0.95),
+                   SamplingParams(temperature=1.2, top_p=0.999), SamplingParams(temperature=1.0, top_p=0.9999),
+                   SamplingParams(temperature=1.0, top_k=1)):
+        ref = hf_probs(logits, params)
+        assert_same_law(sampling_probs(logits, params), ref, logits / params.temperature, ties_ok=True)
+
+
+def test_hf_reference_is_what_generate_applies():
+    """hf_warpers is transformers' generate: a one-token generate(do_sample=True) of a small random
+    Llama returns its raw logits and its warped scores; softmax(scores) is the reference and our
+    filter on the raw logits, for each combination."""
+    model = tiny_llama(vocab=64, seed=3, scale=3.0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5),
+                   SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=1.8, top_k=12, top_p=0.7),
+                   SamplingParams(temperature=0.5, top_k=1), SamplingParams(temperature=1.0, top_p=1e-9)):
+        torch.manual_seed(0)
+        gen = model.generate(ids, max_new_tokens=1, do_sample=True, temperature=params.temperature,
+                             top_k=params.top_k, top_p=params.top_p, output_scores=True, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        raw, warped = gen.logits[0][0], gen.scores[0][0].softmax(-1)
+        assert_same_law(hf_probs(raw, params), warped, raw)
+        assert_same_law(sampling_probs(raw, params), warped, raw)
+        assert warped[gen.sequences[0, -1]] > 0                  # and generate drew from it
+
+
 class ToyWorld:
     """A tiny random Llama with the logits of every prefix of up to TOY_NEW - 1 generated tokens."""
 
@@ -193,7 +389,7 @@ class ToyWorld:
 
     def conditionals(self, params: SamplingParams) -> dict[tuple[int, ...], np.ndarray]:
         """p(next token | generated prefix) under `params`, float64, for every tabled prefix."""
-        return {k: sampling_probs(v, params).double().numpy() for k, v in self.logits.items()}
+        return {k: hf_probs(v, params).double().numpy() for k, v in self.logits.items()}
 
     def joint(self, params: SamplingParams) -> np.ndarray:
         """Exact probability of each TOY_NEW-token outcome (row-major over the vocabulary)."""
@@ -375,7 +571,7 @@ def test_real_model_two_tokens_match_autoregressive(target):
     params = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=20, ignore_eos=True)
     prompt = encode_prompt(target, REAL_PROMPT)
     _, out = target.prefill(prompt)
-    p1 = sampling_probs(out.logits[-1], params).double().numpy()
+    p1 = hf_probs(out.logits[-1], params).double().numpy()           # the law, per transformers
     support = np.flatnonzero(p1 > 0)
     assert len(support) == 20
     # Exact pairs over the whole support of t1 (no 'other' bin needed: top_k bounds it).
@@ -383,7 +579,7 @@ def test_real_model_two_tokens_match_autoregressive(target):
     for t1 in support.tolist():
         _, out = target.prefill(prompt + [t1])
         logits = out.logits[-1]
-        p2 = sampling_probs(logits, params).double().numpy()
+        p2 = hf_probs(logits, params).double().numpy()
         order = torch.argsort(logits, descending=True).tolist()
         children[t1] = [order[params.top_k]] + order[:3]       # one the filter rules out + top 3
         for t2 in np.flatnonzero(p2 > 0).tolist():

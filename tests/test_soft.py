@@ -113,13 +113,93 @@ def test_picks_most_probable_plausible_child():
     assert verdict.path == [0, 2, 4]   # token 2 (p=.35) beats token 3 (p=.20)
 
 
-def test_sampling_mode_is_seeded_and_valid():
+SURE = 1 - 1e-6     # a node where the target (sampling at temperature 1) draws one token
+
+
+def _sampled(tree: TokenTree, logits: torch.Tensor, seeds, window: int, **params):
+    """Verdicts and stats of a sampling-mode verifier per seed (each seed: a fresh verifier)."""
+    out = []
+    for seed in seeds:
+        v = SoftGatedVerifier(SamplingParams(temperature=1.0, seed=seed, **params), SoftGateConfig(window=window))
+        out.append((v.verify(tree, logits), v.stats))
+    return out
+
+
+def test_sampling_mode_soft_accepts_through_the_gates():
+    """Sampling, top_k=2: the target draws 1 or 2 at the root, the draft has only 2 (then 5, 6,
+    which the target draws almost surely). Where the draw is 1, the gates must accept 2 softly
+    (entropy of {.5, .4} renormalised ~0.69 >= 0.3, 2 in the top-k, the window agrees); where it
+    is 2, strict acceptance takes it. Either way the whole chain is committed, and the soft path
+    was taken for some seeds. Seeded runs repeat."""
     tree = chain_tree(2, [5, 6])
-    logits = logits_from([UNCERTAIN, {5: 0.9}, {6: 0.9}, {7: 0.9}])
-    params = SamplingParams(temperature=1.0, seed=3)
-    a = [SoftGatedVerifier(params, SoftGateConfig(window=3)).verify(tree, logits) for _ in range(3)]
-    assert all(x == a[0] for x in a)
-    assert all(0 <= x.next_token < V for x in a)
+    logits = logits_from([{1: 0.5, 2: 0.4}, {5: SURE}, {6: SURE}, {7: SURE}])
+    runs = _sampled(tree, logits, range(20), window=3, top_k=2)
+    for verdict, stats in runs:
+        assert verdict.path == [0, 1, 2, 3] and verdict.next_token == 7
+        assert stats.mismatches == stats.entropy_pass == stats.plausible_pass == stats.window_pass
+        assert stats.soft_tokens == 3 * stats.window_pass and stats.cosine_pass == 0
+    soft = sum(stats.window_pass for _, stats in runs)
+    assert 0 < soft < len(runs)                  # both the soft and the strict path were taken
+    assert [v for v, _ in runs] == [v for v, _ in _sampled(tree, logits, range(20), window=3, top_k=2)]
+
+
+def test_sampling_mode_soft_rejects_when_the_window_disagrees():
+    """As above, but after 2 -> 5 the target draws 9, not the drafted 6: where the root draw is 1,
+    the soft candidate 2 passes gates 1 and 2 and fails the window, so the step ends at the root
+    with the target's own draw; where it is 2, the strict path stops at 5 (the target is sure
+    there, so no soft step either)."""
+    tree = chain_tree(2, [5, 6])
+    logits = logits_from([{1: 0.5, 2: 0.4}, {5: SURE}, {9: SURE}, {7: SURE}])
+    runs = _sampled(tree, logits, range(20), window=3, top_k=2)
+    rejected = 0
+    for verdict, stats in runs:
+        assert stats.window_pass == stats.soft_tokens == 0
+        if verdict.path == [0]:
+            assert verdict.next_token == 1
+            assert stats.mismatches == stats.entropy_pass == stats.plausible_pass == 1
+            rejected += 1
+        else:
+            assert verdict.path == [0, 1, 2] and verdict.next_token == 9
+            assert stats.mismatches == 1 and stats.entropy_pass == 0     # node 2: target sure
+    assert 0 < rejected < len(runs)
+
+
+@pytest.mark.parametrize("filt", [{"top_k": 2}, {"top_p": 0.01}, {"top_k": 1}])
+def test_sampling_never_accepts_a_token_the_filter_removed(filt):
+    """With top_k / top_p leaving fewer than the gate's top-3 tokens, torch.topk pads with
+    zero-probability ties; a draft token among them has p(d) = 0 under the target's sampling
+    distribution and must never be accepted. Every filtered-out token is drafted (so whichever
+    ties topk returns, some are drafted) and window=1 (no window to fail), theta=0 (the entropy
+    gate passes even when one token survives)."""
+    from decoding.sampling import sampling_probs
+
+    params = SamplingParams(temperature=1.0, **filt)
+    allowed = set(torch.nonzero(sampling_probs(logits_from([UNCERTAIN])[0], params)).flatten().tolist())
+    assert allowed and len(allowed) < 3
+    drafted = [t for t in range(V) if t not in allowed]
+    tree = TokenTree((0, *drafted), (-1,) + (0,) * len(drafted))
+    logits = logits_from([UNCERTAIN] * len(tree))
+    for seed in range(5):
+        v = SoftGatedVerifier(SamplingParams(temperature=1.0, seed=seed, **filt),
+                              SoftGateConfig(window=1, theta=0.0))
+        verdict = v.verify(tree, logits)
+        assert verdict.path == [0] and verdict.next_token in allowed
+        assert v.stats.mismatches == v.stats.entropy_pass == 1
+        assert v.stats.plausible_pass == v.stats.window_pass == 0
+
+
+def test_entropy_gate_ignores_zero_probability_ties():
+    """The top-k entropy is that of the tokens with p > 0 among the top k, in any dtype: zero
+    ties must not turn it into NaN (NaN < theta is False, which would open the gate)."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert topk_entropy(torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=dtype), 3) == pytest.approx(0.0, abs=1e-6)
+        assert topk_entropy(torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=dtype), 3) == pytest.approx(math.log(2))
+    # A confident filtered target (one token left) fails the gate: nothing is accepted.
+    tree = chain_tree(2, [])
+    v = SoftGatedVerifier(SamplingParams(), SoftGateConfig(window=1))
+    half = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float16).log()
+    half[0, 1] = 0.0                              # p = (0, 1, 0) in float16
+    assert v._soft_candidate(tree, 0, half.softmax(-1)) is None and v.stats.entropy_pass == 0
 
 
 @pytest.mark.parametrize("kwargs", [{"theta": -1}, {"theta": math.nan}, {"top_k": 1}, {"lam": 0},
