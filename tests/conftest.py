@@ -99,6 +99,8 @@ def ray_cluster(s3_server):
     nodes would have theirs.
 
     Attributes used by tests: `address` (GCS), `dashboard_url` (http://127.0.0.1:<port>).
+    Serve on it is started by tests/test_serving.py's start_serve: one HTTP proxy, on the head node
+    (its nodes share this machine: proxies on several would share the port).
     """
     import ray
     from ray.cluster_utils import Cluster

@@ -115,6 +115,32 @@ def app_args(stores) -> dict:
     }
 
 
+# Where Serve runs its HTTP proxies on the test cluster: the head node only. Every node of the
+# cluster is this machine, and Serve binds each node's proxy to the same host and port with
+# SO_REUSEPORT, so with a proxy on every node that has replicas (Serve's default) the kernel
+# spreads new connections over several proxies. A node's proxy is drained and then killed when
+# its last replica leaves the node (an earlier module's application deleted, a replica placed
+# elsewhere), and until the kill the kernel keeps handing it connections: a request it has read
+# loses its connection without a response (RemoteDisconnected), one it has not is reset. On a
+# real cluster each proxy has its own address and the load balancer stops sending to a draining
+# one (its /-/healthz answers 503) before it goes. One proxy, whatever nodes the replicas run on.
+PROXY_LOCATION = "HeadOnly"
+
+
+def start_serve(dashboard_url: str) -> int:
+    """Start Serve on the test cluster with its one HTTP proxy on the head node and return the
+    proxy's port. Serve keeps the options it was first started with (later calls in the session
+    find it running), so this checks them instead of trusting them."""
+    from ray import serve
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    serve.start(proxy_location=PROXY_LOCATION, http_options={"host": "127.0.0.1", "port": _free_port()})
+    details = ServeSubmissionClient(dashboard_url).get_serve_details()
+    assert details["proxy_location"] == PROXY_LOCATION, \
+        f"Serve runs with proxy_location {details['proxy_location']}: start it with start_serve()"
+    return details["http_options"]["port"]
+
+
 def serve_config(port: int, args: dict, deployments: list | None = None) -> dict:
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
@@ -124,7 +150,8 @@ def serve_config(port: int, args: dict, deployments: list | None = None) -> dict
            "runtime_env": {"env_vars": env}, "args": args}
     if deployments:
         app["deployments"] = deployments
-    return {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
+    return {"proxy_location": PROXY_LOCATION, "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [app]}
 
 
 class Server:
@@ -177,12 +204,10 @@ def wait_app_running(url: str, timeout: float = 300) -> None:
 def start_server(ray_cluster, args: dict) -> Server:
     """Deploy the application with `args` on the test cluster (declaratively, through the
     dashboard, as `serve deploy` would) and wait until it serves with its index."""
-    from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    port = start_serve(ray_cluster.dashboard_url)     # the running Serve's, if one existed
     client = ServeSubmissionClient(ray_cluster.dashboard_url)
-    port = client.get_serve_details()["http_options"]["port"]   # the running Serve's, if one existed
     client.deploy_applications(serve_config(port, args))
     url = f"http://127.0.0.1:{port}"
     wait_app_running(url)

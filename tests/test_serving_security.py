@@ -14,14 +14,16 @@ import pytest
 import requests
 
 from tests.test_serving import (
+    APP,
     MODEL,
+    PROXY_LOCATION,
     _assert_error,
     _dense_store_dir,
-    _free_port,
     _sparse_dir,
     body_for,
     serve_config,
     sse_events,
+    start_serve,
     stream_text,
     wait_app_running,
 )
@@ -67,6 +69,8 @@ def stores(target, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, stores, tmp_path_factory):
+    """The application, its ingress replica on the worker node (a node without the proxy: see
+    test_one_http_proxy_although_a_replica_runs_on_the_worker_node)."""
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
@@ -80,12 +84,11 @@ def server(ray_cluster, stores, tmp_path_factory):
                      "max_tokens_limit": MAX_TOKENS},
         "decoder": {"max_ongoing_requests": 2, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 1},
                     "graceful_shutdown_timeout_s": 5},
-        "ingress": {"ray_actor_options": {"num_cpus": 0.25}, "max_body_bytes": MAX_BODY,
-                    "api_keys_file": str(key_file), "api_keys_env": KEYS_ENV},
+        "ingress": {"ray_actor_options": {"num_cpus": 0.25, "resources": {"worker": 0.01}},    # the worker node
+                    "max_body_bytes": MAX_BODY, "api_keys_file": str(key_file), "api_keys_env": KEYS_ENV},
     }
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    port = start_serve(ray_cluster.dashboard_url)
     client = ServeSubmissionClient(ray_cluster.dashboard_url)
-    port = client.get_serve_details()["http_options"]["port"]
     config = serve_config(port, args)
     config["applications"][0]["runtime_env"]["env_vars"][KEYS_ENV] = f" {ENV_KEY} ,"
     client.deploy_applications(config)
@@ -97,6 +100,26 @@ def server(ray_cluster, stores, tmp_path_factory):
 
 def _error(r, status: int, code=...) -> dict:
     return _assert_error(r, status, code=code)
+
+
+# -- one proxy ---------------------------------------------------------------------------------
+
+
+def test_one_http_proxy_although_a_replica_runs_on_the_worker_node(server, ray_cluster):
+    """Every request of this module goes on a fresh connection to one host and port, and one
+    proxy must own it. With a proxy on every node that has replicas, the worker node's would share
+    the port (the nodes are this machine; Serve binds with SO_REUSEPORT), and when drained and
+    killed (its node left without replicas) it dropped the requests it had taken: the fuzzing's
+    occasional RemoteDisconnected. See PROXY_LOCATION in tests/test_serving.py."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    details = ServeSubmissionClient(ray_cluster.dashboard_url).get_serve_details()
+    head = ray_cluster.head_node.node_id
+    ingress = details["applications"][APP]["deployments"]["Ingress"]["replicas"]
+    assert ingress and all(r["node_id"] != head for r in ingress), ingress      # a replica off the head node
+    assert details["proxy_location"] == PROXY_LOCATION
+    assert list(details["proxies"]) == [head], details["proxies"]                # and still one proxy
+    assert requests.get(server.url + "/v1/models", headers=AUTH, timeout=30).status_code == 200
 
 
 # -- authentication ----------------------------------------------------------------------------
