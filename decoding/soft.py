@@ -29,7 +29,7 @@ from decoding.config import SamplingParams
 from decoding.errors import InvalidRequestError
 from decoding.sampling import make_generator, sampling_probs
 from decoding.tree import TokenTree
-from decoding.verifiers import Verdict
+from decoding.verdict import Verdict
 
 
 @dataclass(frozen=True)

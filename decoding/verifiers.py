@@ -7,25 +7,18 @@ step therefore commits ``len(path)`` tokens and adds one new pending token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from decoding.config import SamplingParams
 from decoding.sampling import make_generator, sample_token
+from decoding.soft import SoftGatedVerifier
 from decoding.tree import TokenTree
+from decoding.verdict import Verdict
 
-
-@dataclass(frozen=True)
-class Verdict:
-    path: list[int]
-    next_token: int
-
-    @property
-    def n_accepted(self) -> int:
-        """Draft tokens accepted (the root is the pending token, not a draft)."""
-        return len(self.path) - 1
+__all__ = ["Verdict", "Verifier", "StrictGreedyVerifier", "StrictSamplingVerifier", "SoftGatedVerifier",
+           "make_verifier"]
 
 
 class Verifier(Protocol):
@@ -88,7 +81,5 @@ def make_verifier(params: SamplingParams, soft=None, transform=None) -> Verifier
     """Strict (lossless) by default; a ``decoding.soft.SoftGateConfig`` selects soft-gated
     verification (`transform`: the drafter's key transform, for its cosine stand-in)."""
     if soft is not None:
-        from decoding.soft import SoftGatedVerifier
-
         return SoftGatedVerifier(params, soft, transform=transform)
     return StrictGreedyVerifier() if params.greedy else StrictSamplingVerifier(params)
