@@ -9,9 +9,9 @@ Public API (used by the dense drafter and by the Ray Serve index-shard deploymen
     [n, k] float32, ids [n, k] int64 global, -1 = none)`` over all shards (one merged index, or
     the shards fanned out in-process and merged with `merge_topk`), ``.values`` [E, N] int32 and
     ``.first_token`` [E] int32 memory-mapped and indexable by those ids, ``.sparse`` (the REST
-    index of the same token streams, loaded on first use), ``.shards`` (the `IndexShard`s).
+    index of the same token streams, loaded on first use), ``.shards`` (the `ShardSearcher`s).
     ``load_index=False`` skips the FAISS files (a front end that only needs values/transform).
-``load_shard(uri, i, expect=None, ...)`` -> `IndexShard` with ``.search(queries, k)`` returning
+``load_shard(uri, i, expect=None, ...)`` -> `ShardSearcher` with ``.search(queries, k)`` returning
     GLOBAL ids, ``.id_start``, ``.rows``, ``.nprobe``; only that shard's files are fetched.
 ``merge_topk([(sims, ids), ...], k) -> (sims, ids)``: pure function, global top-k of per-shard
     results (ties to the smaller id; missing = -1 / -inf).
@@ -48,7 +48,7 @@ from index.artifact_format import (CURRENT, MANIFEST, VERSION_RE, ArtifactError,
 from index.dense_format import DatastoreError, KeyTransform, ModelFingerprint
 from index.faiss_ops import merge_topk
 
-__all__ = ["ArtifactError", "ArtifactManifest", "IndexArtifact", "IndexShard", "load_artifact", "load_shard",
+__all__ = ["ArtifactError", "ArtifactManifest", "IndexArtifact", "ShardSearcher", "load_artifact", "load_shard",
            "load_sparse", "merge_topk", "publish_artifact", "list_versions", "resolve_version", "set_current",
            "read_artifact_manifest", "default_cache_dir"]
 
@@ -223,7 +223,7 @@ def open_version(uri: str | Path, version: str | None, files_of, cache_dir, expe
 # loaded objects
 
 
-class IndexShard:
+class ShardSearcher:
     """One dense FAISS shard of an artifact: `search` returns GLOBAL ids (id_start .. +rows-1)."""
 
     def __init__(self, index, *, shard: int, id_start: int, rows: int, dim: int, nprobe: int) -> None:
@@ -247,10 +247,10 @@ class IndexShard:
         return faiss_ops.search(self.index, faiss_ops.check_queries(queries, self.dim), k)
 
     def __repr__(self) -> str:
-        return f"IndexShard({self.shard}, ids {self.id_start}..{self.id_start + self.rows - 1}, nprobe={self.nprobe})"
+        return f"ShardSearcher({self.shard}, ids {self.id_start}..{self.id_start + self.rows - 1}, nprobe={self.nprobe})"
 
 
-def open_shard(root: Path, manifest: ArtifactManifest, i: int, *, checksum: bool, mmap: bool) -> IndexShard:
+def open_shard(root: Path, manifest: ArtifactManifest, i: int, *, checksum: bool, mmap: bool) -> ShardSearcher:
     s: DenseShard = manifest.dense_shards[i]
     path = s.index.verify(root, checksum=checksum)
     if s.data is not None:
@@ -264,7 +264,7 @@ def open_shard(root: Path, manifest: ArtifactManifest, i: int, *, checksum: bool
     if index.ntotal != s.rows or index.d != manifest.key_dim:
         raise ArtifactError(f"{path}: {index.ntotal} entries of dimension {index.d}, the manifest says "
                             f"{s.rows} of dimension {manifest.key_dim}")
-    return IndexShard(index, shard=i, id_start=s.id_start, rows=s.rows, dim=manifest.key_dim, nprobe=manifest.nprobe)
+    return ShardSearcher(index, shard=i, id_start=s.id_start, rows=s.rows, dim=manifest.key_dim, nprobe=manifest.nprobe)
 
 
 def _load_array(root: Path, ref: FileRef, shape: tuple[int, ...], *, checksum: bool, mmap: bool) -> np.ndarray:
@@ -323,7 +323,7 @@ class IndexArtifact:
     transform: KeyTransform
     values: np.ndarray
     first_token: np.ndarray
-    shards: list[IndexShard] = field(default_factory=list)
+    shards: list[ShardSearcher] = field(default_factory=list)
     _checksum: bool = field(default=True, repr=False)
 
     def __len__(self) -> int:
@@ -384,7 +384,7 @@ def load_artifact(uri: str | Path, expect: ModelFingerprint | None = None, *, ve
 
 
 def load_shard(uri: str | Path, i: int, expect: ModelFingerprint | None = None, *, version: str | None = None,
-               cache_dir: str | Path | None = None, verify: bool = True, mmap: bool = True) -> IndexShard:
+               cache_dir: str | Path | None = None, verify: bool = True, mmap: bool = True) -> ShardSearcher:
     """Load dense shard `i` of an artifact alone (a merged artifact has one shard, 0)."""
 
     def files_of(m: ArtifactManifest) -> list[FileRef]:
