@@ -271,7 +271,7 @@ def render(payload: dict) -> str:
           f"measured at start. Command: `python -m bench.sense "
           + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k != "workdir" and k not in RUN_ONLY)
           + "`" + (f"; run time {payload['run_time_min']} min." if payload.get("run_time_min") else "."), "",
-          *([f"**Partial results: the run was stopped after " + ", ".join(
+          *(["**Partial results: the run was stopped after " + ", ".join(
               f"{n}/{total} {ds} questions" for ds, (n, total) in payload["partial"].items())
              + ". The same command resumes it.**", ""] if payload.get("partial") else []),
           "Speedup = tokens/s over ar's, all questions pooled (per-question median and IQR beside it); "
