@@ -24,7 +24,7 @@ from bench.common import machine_info, write_results
 BUDGET_S = 30 * 60
 REPO = Path(__file__).resolve().parents[1]
 _DURATION = re.compile(r"^\s*([\d.]+)s (setup|call|teardown)\s+(\S+)")
-_SUMMARY = re.compile(r"=+ (.*?) in ([\d.]+)s")
+_SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped)\b.*?) in ([\d.]+)s", re.M)
 
 
 def parse_log(text: str) -> dict:
@@ -55,10 +55,11 @@ def run_suite(log: Path) -> str:
     return log.read_text()
 
 
-def render(rows: list[dict], machine: dict) -> str:
+def render(rows: list[dict], machine: dict, note: str = "") -> str:
     lines = ["# Test suite time", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores. Budget: {BUDGET_S // 60} minutes of pytest time "
              "(`make test`, what CI runs).", "",
+             *([note, ""] if note else []),
              "| run | pytest seconds | minutes | tests | outcome | within budget |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} | {r['tests']} | {r['outcome']} | "
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tests", description=__doc__.split("\n\n")[0])
     p.add_argument("--log", action="append", type=Path, default=[],
                    help="record this pytest output (run with --durations=0) instead of running the suite")
+    p.add_argument("--note", default="", help="how the runs were made (commit, what else ran), shown with them")
     a = p.parse_args(argv)
     try:
         texts = [f.read_text() for f in a.log] or [run_suite(REPO / "bench" / "out" / "tests.log")]
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     machine = machine_info()
-    write_results("tests", machine, rows, render(rows, machine))
+    write_results("tests", machine, rows, render(rows, machine, a.note), extra={"note": a.note} if a.note else None)
     for r in rows:
         print(f"{r['seconds']:.0f} s, {r['tests']} tests ({r['outcome']})")
     return 0

@@ -30,6 +30,12 @@ def test_parse_log_adds_phases_and_reads_the_summary():
     assert row["within_budget"] == (1234.56 <= BUDGET_S) and "1 failed" in row["outcome"]
 
 
+def test_the_quiet_summary_line_is_read_too():
+    """pytest -q closes with the bare line, no '=' around it."""
+    row = parse_log(LOG.rsplit("\n", 2)[0] + "\n436 passed, 62 warnings in 3981.77s (1:06:21)\n")
+    assert row["seconds"] == 3981.8 and row["tests"] == 436 and row["outcome"].startswith("436 passed")
+
+
 def test_a_log_without_a_summary_is_refused():
     with pytest.raises(ValueError, match="summary"):
         parse_log(LOG.rsplit("\n", 2)[0])
