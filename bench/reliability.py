@@ -37,509 +37,59 @@ shards, SENSE drafting, greedy.
 stream that ended without its finish chunk and without an error event, a request that never got
 an HTTP answer; for the pipeline, missing or duplicated entries.
 
-The helpers (``burst``, ``serve_processes``, ``rss_mb``, ``kill_decoder_mid_stream``,
-``kill_shards_mid_request``, ``engine_reference``, ``long_round``) are used by
-tests/test_reliability.py too.
+The load generator, the fault injectors and the in-process reference decode are the support
+package's (``support.load``, ``support.faults``, ``support.reference``), shared with
+tests/test_reliability.py; the pipeline build is tests/test_pipeline_datastore.py's
+(``support.datastore``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import signal
-import socket
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+from ray import serve
 
 from bench.common import machine_info, median, write_results
+from decoding.cli import _quiet_libraries
+from decoding.target import TargetModel
+from index import storage
+from serving.app import build_app
+from support.cluster import shutdown_cluster, start_local_cluster
+from support.datastore import build_cli, read_entries, write_gsm8k_corpus
+from support.faults import kill_decoder_mid_stream, kill_shards_mid_request
+from support.load import (LONG_METHODS, STORY, answer_ids, burst, chat_body, long_bodies, long_round, long_round_ok,
+                          recovery_ms)
+from support.net import free_port, wait_for
+from support.processes import kv_bytes_per_token, memory
+from support.reference import engine_reference
+from support.s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "reliability"
 PROMPTS = ["What is 17 * 23?", "Name three colours.", "Say hello in French.", "What is the capital of Italy?"]
-STORY = "Write a very long story about a dragon who learns to bake bread."
-# Long answers (ignore_eos: every one runs its full --long-tokens), alternately SENSE and PLD.
-LONG_PROMPTS = [STORY,
-                "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-                "How many clips did Natalia sell altogether in April and May? Explain every step.",
-                "Explain in detail how a bill becomes a law.",
-                "Repeat this sentence ten times: the quick brown fox jumps over the lazy dog.",
-                "Write a Python function that sorts a list of numbers, and explain how it works.",
-                "Describe the water cycle to a ten-year-old."]
-LONG_METHODS = ("sense", "pld")
 
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def chat_body(text: str, max_tokens: int, *, method: str = "sense", budget: int = 4, stream: bool = False) -> dict:
-    return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream,
-            "speculative": {"method": method, "budget": budget, "return_token_ids": True}}
-
-
-def answer_ids(url: str, body: dict, timeout: float = 300) -> list[int]:
-    """The token ids of one non-streamed answer (the reference for later checks)."""
-    r = requests.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=timeout)
-    r.raise_for_status()
-    return r.json()["choices"][0]["token_ids"]
-
-
-# -- processes and memory -----------------------------------------------------------------------
-
-
-def serve_processes(dashboard_url: str, app: str) -> dict[str, list[dict]]:
-    """Alive Serve actors of `app` by role ("Decoder", "Ingress", "IndexShard0", ..., "proxy"),
-    each {"name", "pid", "node_id"}, from Ray's state API on this cluster's dashboard (the address
-    is explicit: another local cluster must never be picked up)."""
-    from ray.util.state import list_actors
-
-    out: dict[str, list[dict]] = {}
-    prefix = f"ServeReplica:{app}:"
-    for a in list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")], detail=True, limit=10000,
-                         raise_on_missing_output=False):
-        cls = a["class_name"] or ""
-        role = cls[len(prefix):] if cls.startswith(prefix) else "proxy" if cls == "ProxyActor" else None
-        if role is not None and a.get("pid"):
-            out.setdefault(role, []).append({"name": a["name"], "pid": a["pid"], "node_id": a.get("node_id")})
-    return out
-
-
-def rss_mb(pids: list[int]) -> float:
-    """Resident memory of these processes together, in MiB (a process gone counts 0)."""
-    import psutil
-
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            pass
-    return round(total / 2**20, 1)
-
-
-def memory(dashboard_url: str, app: str) -> dict[str, float]:
-    procs = serve_processes(dashboard_url, app)
-    return {"decoder": rss_mb([p["pid"] for p in procs.get("Decoder", [])]),
-            "ingress": rss_mb([p["pid"] for p in procs.get("Ingress", [])]),
-            "proxy": rss_mb([p["pid"] for p in procs.get("proxy", [])])}
-
-
-def kv_bytes_per_token(target) -> int:
-    """Bytes of KV cache one token costs the target model (keys and values, every layer)."""
-    cfg = target.config
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4
-
-
-# -- load ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class BurstResult:
-    requests: int
-    admitted: int = 0
-    shed: int = 0
-    shed_without_retry_after: int = 0
-    server_errors: int = 0
-    client_errors: int = 0
-    failed: int = 0                      # no HTTP answer (connection error, timeout)
-    wrong_output: int = 0                # a 200 whose tokens differ from the reference
-    tokens_checked: int = 0              # answer tokens compared with the reference (admitted answers)
-    verify_steps: int = 0                # verify steps of the admitted answers (their statistics)
-    wall_s: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list, repr=False)
-    shed_latencies_ms: list[float] = field(default_factory=list, repr=False)
-    statuses: dict = field(default_factory=dict)
-    examples: list = field(default_factory=list, repr=False)
-
-    @property
-    def data_lost(self) -> int:
-        return self.wrong_output + self.failed
-
-    def summary(self) -> dict:
-        return {"requests": self.requests, "admitted": self.admitted, "shed": self.shed,
-                "shed_without_retry_after": self.shed_without_retry_after, "server_errors": self.server_errors,
-                "client_errors": self.client_errors, "failed": self.failed, "wrong_output": self.wrong_output,
-                "data_lost": self.data_lost, "statuses": dict(sorted(self.statuses.items())),
-                "tokens_checked": self.tokens_checked, "verify_steps": self.verify_steps,
-                "wall_s": round(self.wall_s, 2),
-                "admitted_p50_ms": round(pct(self.latencies_ms, 50), 1),
-                "admitted_p99_ms": round(pct(self.latencies_ms, 99), 1),
-                "admitted_max_ms": round(max(self.latencies_ms), 1) if self.latencies_ms else None,
-                "shed_p50_ms": round(pct(self.shed_latencies_ms, 50), 1),
-                "shed_p99_ms": round(pct(self.shed_latencies_ms, 99), 1)}
-
-
-async def _burst(url: str, bodies: list[dict], refs: list[list[int]], n: int, rate: float, concurrency: int,
-                 timeout: float) -> BurstResult:
-    import aiohttp
-
-    res = BurstResult(requests=n)
-    sem = asyncio.Semaphore(concurrency)
-    loop = asyncio.get_running_loop()
-    path = url + "/v1/chat/completions"
-
-    def classify(i: int, status: int, headers, data: bytes, ms: float) -> None:
-        res.statuses[str(status)] = res.statuses.get(str(status), 0) + 1
-        try:
-            body = json.loads(data)
-        except ValueError:
-            body = None
-        if status == 200:
-            res.admitted += 1
-            res.latencies_ms.append(ms)
-            ref = refs[i % len(refs)]
-            ok = isinstance(body, dict) and body["choices"][0].get("token_ids") == ref
-            res.tokens_checked += len(ref)
-            if isinstance(body, dict):
-                res.verify_steps += int((body.get("speculative") or {}).get("steps") or 0)
-            if not ok:
-                res.wrong_output += 1
-                res.examples.append(("wrong", data[:300]))
-        elif status in (429, 503) and isinstance(body, dict) and (body.get("error") or {}).get("code") == "overloaded":
-            res.shed += 1
-            res.shed_latencies_ms.append(ms)
-            if not headers.get("Retry-After"):
-                res.shed_without_retry_after += 1
-        elif status >= 500:
-            res.server_errors += 1
-            res.examples.append((status, data[:300]))
-        else:
-            res.client_errors += 1
-            res.examples.append((status, data[:300]))
-
-    async def one(session, i: int, start_at: float) -> None:
-        await asyncio.sleep(max(0.0, start_at - loop.time()))
-        async with sem:
-            t0 = time.perf_counter()
-            try:
-                async with session.post(path, json=bodies[i % len(bodies)]) as r:
-                    data = await r.read()
-                    classify(i, r.status, r.headers, data, 1e3 * (time.perf_counter() - t0))
-            except Exception as exc:     # no HTTP answer at all
-                res.failed += 1
-                res.examples.append(("failed", f"{type(exc).__name__}: {exc}"[:300]))
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        t0 = loop.time()
-        start = time.perf_counter()
-        await asyncio.gather(*(one(session, i, t0 + i / rate) for i in range(n)))
-        res.wall_s = time.perf_counter() - start
-    return res
-
-
-def burst(url: str, bodies: list[dict], refs: list[list[int]], n: int, *, seconds: float, concurrency: int,
-          timeout: float = 120) -> BurstResult:
-    """`n` requests (cycling through `bodies`, whose greedy answers are `refs`) started at a fixed
-    rate over `seconds`, at most `concurrency` in flight; every answer classified."""
-    return asyncio.run(_burst(url, bodies, refs, n, n / max(seconds, 1e-3), concurrency, timeout))
-
-
-def recovery_ms(url: str, body: dict, ref: list[int], timeout: float = 60) -> float:
-    """Time for one normal request to be answered correctly right after a burst (retrying on
-    a shed answer as a client honouring Retry-After would); NaN if it never is."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        r = requests.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=timeout)
-        if r.status_code == 200:
-            return 1e3 * (time.perf_counter() - t0) if r.json()["choices"][0]["token_ids"] == ref else float("nan")
-        time.sleep(float(r.headers.get("Retry-After", 1)))
-    return float("nan")
-
-
-# -- long answers -------------------------------------------------------------------------------
-
-
-def long_bodies(n: int, max_tokens: int) -> list[dict]:
-    """`n` chat bodies for long answers: LONG_PROMPTS in turn, methods alternating."""
-    return [chat_body(LONG_PROMPTS[i % len(LONG_PROMPTS)], max_tokens, method=LONG_METHODS[i % len(LONG_METHODS)])
-            for i in range(n)]
-
-
-def engine_reference(bodies: list[dict], app: dict) -> list[list[int]]:
-    """Each chat body decoded alone by the engine in this process, as the app `app` (its args)
-    would decode it: the request parsed by the server's protocol, the prompt encoded by the
-    decoder's own code, the app's model, dtype and torch threads, its index version loaded whole.
-    Greedy and strictly verified, a served answer must equal this token for token whatever was
-    drafted, sharded or run beside it."""
-    import torch
-
-    from decoding.engine import generate
-    from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores, make_drafter
-    from decoding.target import TargetModel
-    from serving import protocol
-    from serving.config import ServingConfig
-    from serving.decoder import Decoder, _resolve_device
-    from serving.index_data import load_dense, load_sparse
-
-    cfg = ServingConfig.from_args(app)
-    threads = torch.get_num_threads()
-    if cfg.model.torch_threads:
-        torch.set_num_threads(cfg.model.torch_threads)
-    try:
-        device, dtype = _resolve_device(cfg.model)
-        target = TargetModel.load(cfg.model.path, dtype=dtype, device=device)
-        decoder = type("Alone", (), {"model": target, "target": target})()     # what _encode uses
-        stores = None
-        refs = []
-        for body in bodies:
-            req = protocol.chat_request(protocol.parse(protocol.ChatRequest, json.dumps(
-                {**body, "stream": False}).encode()), cfg)
-            if not isinstance(req.budget, int):
-                raise ValueError("the reference needs a fixed speculative budget")
-            if stores is None and (req.method in NEEDS_SPARSE or req.method in NEEDS_DENSE):
-                stores = Datastores(sparse=load_sparse(cfg.index, target), dense=load_dense(cfg.index, target))
-            ids = Decoder.func_or_class._encode(decoder, req)
-            r = generate(target, ids, params=req.params, drafter=make_drafter(req.method, stores), budget=req.budget,
-                         soft=req.soft)
-            refs.append(list(r.token_ids))
-    finally:
-        torch.set_num_threads(threads)
-    return refs
-
-
-def long_round(url: str, bodies: list[dict], refs: list[list[int]], *, timeout: float = 900) -> dict:
-    """The long-answer round: every body sent at once (each its own connection), every admitted
-    answer checked token for token against its reference (`refs`, from ``engine_reference``)."""
-    res = burst(url, bodies, refs, len(bodies), seconds=0.5, concurrency=len(bodies), timeout=timeout)
-    for ex in res.examples[:3]:
-        log("   example:", ex)
-    return {"test": "long_answers", **res.summary(), "max_tokens": max((b["max_tokens"] for b in bodies), default=0),
-            "methods": sorted({b["speculative"]["method"] for b in bodies}),
-            "faults_injected": 0, "faults_survived": 0}
-
-
-# -- faults -------------------------------------------------------------------------------------
-
-
-def _stream_request(url: str, body: dict, out: dict, started: threading.Event, min_chunks: int = 3) -> None:
-    """Stream `body`; set `started` once `min_chunks` token chunks arrived; leave the outcome in `out`."""
-    ids: list[int] = []
-    finish = error = spec = None
-    done = False
-    try:
-        with requests.post(url + "/v1/chat/completions", json={**body, "stream": True}, stream=True,
-                           timeout=(10, 120)) as r:
-            out["status"] = r.status_code
-            if r.status_code != 200:
-                out.update(outcome="http_error", retry_after=r.headers.get("Retry-After"), body=r.text[:300])
-                return
-            chunks = 0
-            for line in r.iter_lines():
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[len(b"data: "):]
-                if data == b"[DONE]":
-                    done = True
-                    break
-                ev = json.loads(data)
-                if "error" in ev:
-                    error = ev["error"]
-                    continue
-                for c in ev.get("choices") or []:
-                    if c.get("token_ids"):
-                        ids += c["token_ids"]
-                        chunks += 1
-                    finish = c.get("finish_reason") or finish
-                spec = ev.get("speculative") or spec
-                if chunks >= min_chunks:
-                    started.set()
-    except requests.RequestException as exc:
-        error = error or {"code": "connection", "message": type(exc).__name__}
-    finally:
-        started.set()
-    outcome = "complete" if finish and done and not error else "error" if error and done else "truncated"
-    out.update(outcome=outcome, ids=ids, finish_reason=finish, error=error, spec=spec)
-
-
-def _plain_request(url: str, body: dict, out: dict) -> None:
-    try:
-        r = requests.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=(10, 180))
-        out.update(status=r.status_code, retry_after=r.headers.get("Retry-After"))
-        if r.status_code == 200:
-            out.update(outcome="complete", ids=r.json()["choices"][0]["token_ids"])
-        else:
-            out.update(outcome="http_error", error=(r.json() if r.headers.get("content-type", "").startswith(
-                "application/json") else {}).get("error"))
-    except requests.RequestException as exc:
-        out.update(outcome="failed", error={"message": type(exc).__name__})
-
-
-def judge(out: dict, ref: list[int]) -> str:
-    """"complete" (right tokens), "clean_error" (a 5xx with Retry-After, a 429, or an error event
-    then [DONE]), "server_error" (a 5xx without Retry-After) or "lost" (a 200 with wrong tokens, a
-    silently truncated stream, no answer at all)."""
-    kind = out.get("outcome")
-    if kind == "complete":
-        return "complete" if out.get("ids") == ref else "lost"
-    if kind == "error":
-        return "clean_error"
-    if kind == "http_error":
-        status = out.get("status", 0)
-        if status in (429, 503) and out.get("retry_after"):
-            return "clean_error"
-        return "server_error" if status >= 500 else "clean_error"
-    return "lost"
-
-
-def wait_for(cond, timeout: float, every: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    return None
-
-
-def kill_actor(name: str, pid: int, how: str) -> None:
-    import ray
-
-    if how == "ray.kill":
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    else:
-        os.kill(pid, signal.SIGKILL)
-
-
-def kill_decoder_mid_stream(url: str, dashboard_url: str, app: str, *, how: str, stream_body: dict,
-                            stream_ref: list[int], plain_body: dict, plain_ref: list[int], others: int = 3,
-                            replace_timeout: float = 180) -> dict:
-    """Kill the decoder replica (`how`: "ray.kill" or "SIGKILL" of its worker process) while one
-    request streams and `others` plain ones are in flight or queued. Returns each request's
-    outcome, whether the replica was replaced (a new one RUNNING and a request answered) and
-    how long that took."""
-    before = serve_processes(dashboard_url, app).get("Decoder", [])
-    assert len(before) == 1, f"expected one decoder replica, found {before}"
-    victim = before[0]
-    stream_out: dict = {}
-    started = threading.Event()
-    threads = [threading.Thread(target=_stream_request, args=(url, stream_body, stream_out, started))]
-    plain_outs = [{} for _ in range(others)]
-    threads += [threading.Thread(target=_plain_request, args=(url, plain_body, o)) for o in plain_outs]
-    for t in threads:
-        t.start()
-    started.wait(120)
-    time.sleep(0.2)
-    t_kill = time.time()
-    kill_actor(victim["name"], victim["pid"], how)
-    for t in threads:
-        t.join(300)
-    verdicts = [judge(stream_out, stream_ref)] + [judge(o, plain_ref) for o in plain_outs]
-
-    def replaced():
-        now = serve_processes(dashboard_url, app).get("Decoder", [])
-        if not now or any(p["name"] == victim["name"] for p in now):
-            return None
-        try:
-            r = requests.post(url + "/v1/chat/completions", json={**plain_body, "stream": False}, timeout=60)
-        except requests.RequestException:
-            return None
-        return r.status_code == 200 and r.json()["choices"][0]["token_ids"] == plain_ref
-
-    ok = bool(wait_for(replaced, replace_timeout, every=1.0))
-    return {"test": "fault", "fault": "decoder_kill", "how": how, "requests": len(verdicts),
-            "complete": verdicts.count("complete"), "clean_errors": verdicts.count("clean_error"),
-            "server_errors": verdicts.count("server_error"), "data_lost": verdicts.count("lost"),
-            "stream": stream_out.get("outcome"), "stream_error": (stream_out.get("error") or {}).get("code"),
-            "stream_tokens_before_error": len(stream_out.get("ids") or []),
-            "plain": [o.get("status") for o in plain_outs],
-            "replaced": ok, "replaced_s": round(time.time() - t_kill, 1) if ok else None,
-            "faults_injected": 1, "faults_survived": int(ok and "lost" not in verdicts)}
-
-
-def kill_shards_mid_request(url: str, dashboard_url: str, app: str, *, body: dict, ref: list[int],
-                            how: str = "ray.kill", recover_timeout: float = 180) -> dict:
-    """Kill every index shard replica while a SENSE request streams: it must complete with the
-    reference tokens by PLD fallback (its statistics say so); then a later request must use the
-    index again (no fallback, searches answered by every shard)."""
-    shards = [p for role, ps in serve_processes(dashboard_url, app).items() if role.startswith("IndexShard")
-              for p in ps]
-    assert shards, "no index shard replicas"
-    out: dict = {}
-    started = threading.Event()
-    t = threading.Thread(target=_stream_request, args=(url, body, out, started, 1))
-    t.start()
-    started.wait(120)
-    t_kill = time.time()
-    for p in shards:
-        kill_actor(p["name"], p["pid"], how)
-    t.join(300)
-    verdict = judge(out, ref)
-    spec = out.get("spec") or {}
-    fallback = spec.get("fallback")
-
-    def recovered():
-        try:
-            r = requests.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
-        except requests.RequestException:
-            return None
-        if r.status_code != 200:
-            return None
-        s = r.json()["speculative"]
-        idx = s.get("index") or {}
-        good = r.json()["choices"][0]["token_ids"] == ref
-        return good and s.get("fallback") is None and idx.get("searches", 0) > 0 and idx.get("partial_searches") == 0
-
-    ok = bool(wait_for(recovered, recover_timeout, every=1.0))
-    survived = verdict == "complete" and fallback is not None and ok
-    return {"test": "fault", "fault": "shard_kill", "how": how, "shards_killed": len(shards), "requests": 1,
-            "complete": int(verdict == "complete"), "clean_errors": int(verdict == "clean_error"),
-            "server_errors": int(verdict == "server_error"), "data_lost": int(verdict == "lost"),
-            "fallback": (fallback or {}).get("method"), "fallback_from_step": (fallback or {}).get("from_step"),
-            "recovered": ok, "recovered_s": round(time.time() - t_kill, 1) if ok else None,
-            "faults_injected": 1, "faults_survived": int(survived)}
-
-
 # -- pipeline faults ----------------------------------------------------------------------------
 
 
-def _pipeline_cli(corpus: Path, out: str, *extra: str) -> list[str]:
-    """The datastore build of tests/test_pipeline_datastore.py (same small settings)."""
-    return [sys.executable, "-m", "pipelines.build_datastore", "--corpus", f"gsm={corpus}", "--prompt-field",
-            "question", "--response-field", "answer", "--output", out, "--dim", "32", "--value-len", "8",
-            "--split-mb", str(2048 / (1 << 20)), "--sample-rows", "200", "--workers", "1", *extra]
-
-
 def _entries(root: str) -> dict:
-    """(doc_id, position) -> value tokens of every entry of a datastore (local or s3://)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from index import storage
-
-    manifest = json.loads(storage.read_bytes(storage.join(root, "manifest.json")))
-    tables = []
-    for shard in manifest["shards"]:
-        fs, path = storage.open_fs(storage.join(root, shard["path"]))
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=["doc_id", "position", "value"]))
-    t = pa.concat_tables(tables)
-    pairs = list(zip(t.column("doc_id").to_pylist(), t.column("position").to_pylist()))
-    values = t.column("value").to_pylist()
-    return {"pairs": pairs, "values": dict(zip(pairs, map(tuple, values))), "manifest": manifest}
+    """(doc_id, position) pairs of every entry of a datastore (local or s3://), their value tokens
+    by pair, and its manifest."""
+    e = read_entries(root)
+    pairs = list(zip(e["doc_id"].tolist(), e["position"].tolist()))
+    return {"pairs": pairs, "values": dict(zip(pairs, map(tuple, e["value"].tolist()))), "manifest": e["manifest"]}
 
 
 def pipeline_faults(cluster, s3, workdir: Path, n_docs: int = 10) -> list[dict]:
@@ -547,17 +97,8 @@ def pipeline_faults(cluster, s3, workdir: Path, n_docs: int = 10) -> list[dict]:
     removed mid-build (a replacement joins), and the S3 server stopped mid-build (the job must
     fail cleanly, exit 2, no manifest; the rerun completes). The two outputs must each hold every
     entry exactly once and agree with each other."""
-    import subprocess
-
-    import boto3
-
-    from index import storage
-    from index.corpus import gsm8k, gsm8k_answer_text
-
     corpus = workdir / "pairs.jsonl"
-    with corpus.open("w") as f:
-        for r in gsm8k("train")[:n_docs]:
-            f.write(json.dumps({"question": r["question"], "answer": gsm8k_answer_text(r["answer"])}) + "\n")
+    write_gsm8k_corpus(corpus, n_docs, bad=False)
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     rows = []
 
@@ -569,8 +110,8 @@ def pipeline_faults(cluster, s3, workdir: Path, n_docs: int = 10) -> list[dict]:
     victim = cluster.add_node(num_cpus=2, resources={"extract": 1}, dashboard_agent_listen_port=free_port())
     cluster.wait_for_nodes()
     t0 = time.time()
-    proc = subprocess.Popen(_pipeline_cli(corpus, str(out), "--worker-resources", '{"extract": 1}'), cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(build_cli(corpus, out, "--workers", "1", "--worker-resources", '{"extract": 1}'),
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     injected = False
     try:
         def extracted():
@@ -598,19 +139,15 @@ def pipeline_faults(cluster, s3, workdir: Path, n_docs: int = 10) -> list[dict]:
     rows.append(node)
 
     # 2. The S3 server goes down mid-build for longer than the retries, then comes back.
-    def client():
-        return boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
-
     s3.make_bucket("outage")
     uri = "s3://outage/ds"
     t0 = time.time()
-    proc = subprocess.Popen(_pipeline_cli(corpus, uri), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(build_cli(corpus, uri, "--workers", "1"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     injected = False
     try:
         while time.time() - t0 < 300 and proc.poll() is None:
-            keys = [o["Key"] for o in client().list_objects_v2(Bucket="outage").get("Contents", [])]
+            keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="outage").get("Contents", [])]
             if any(k.startswith("ds/units/") for k in keys):
                 break
             time.sleep(0.3)
@@ -627,7 +164,7 @@ def pipeline_faults(cluster, s3, workdir: Path, n_docs: int = 10) -> list[dict]:
     clean_failure = proc.returncode == 2 and last.startswith("error: ") and "Traceback" not in err
     s3.make_bucket("outage")
     no_manifest = not storage.exists(uri + "/manifest.json")
-    rerun = subprocess.run(_pipeline_cli(corpus, uri), cwd=REPO, env=env, capture_output=True, text=True,
+    rerun = subprocess.run(build_cli(corpus, uri, "--workers", "1"), cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=600)
     outage = {"test": "fault", "fault": "pipeline_s3_outage", "requests": 0, "exit_code_during_outage": proc.returncode,
               "clean_failure": clean_failure, "manifest_during_outage": not no_manifest,
@@ -684,30 +221,16 @@ def app_args(max_ongoing: int, max_queued: int, overload_status: int = 503) -> d
 
 
 def start_cluster(s3_env: dict):
-    """A head and one worker node (2 logical CPUs each) with the dashboard, as tests/conftest.py."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    port = free_port()
+    """A head and one worker node (2 logical CPUs each) with the dashboard (support.cluster), the
+    environment its nodes inherit set first."""
     # Exported before the nodes start: their worker processes (replicas, pipeline actors) inherit it.
     os.environ.update(s3_env)
     os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
                        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "resources": {"head": 1},
-        "dashboard_agent_listen_port": free_port()})
-    cluster.add_node(num_cpus=2, resources={"worker": 1}, dashboard_agent_listen_port=free_port())
-    cluster.wait_for_nodes()
-    cluster.dashboard_url = f"http://127.0.0.1:{port}"
-    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    return cluster
+    return start_local_cluster({"head": 1}, {"worker": 1})
 
 
 def deploy(args: dict, port: int) -> str:
-    from ray import serve
-
-    from serving.app import build_app
-
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=APP, route_prefix="/")
@@ -773,16 +296,7 @@ def main(argv=None) -> int:
             ap.error("--long-only needs --long-requests >= 1")
         args.rounds, args.warmup, args.decoder_kills, args.shard_kills, args.no_pipeline_faults = 0, 0, "", "", True
 
-    from decoding.cli import _quiet_libraries
-
     _quiet_libraries()
-    import ray
-    from ray import serve
-
-    from tests.conftest import S3Server
-
-    from decoding.target import TargetModel
-
     machine = machine_info()
     rows: list[dict] = []
     kv_kib = float("nan")
@@ -850,8 +364,6 @@ def main(argv=None) -> int:
             wait_for(lambda: _healthy(url), 300, every=1.0)
         serve.delete(APP)
         if not args.no_pipeline_faults:
-            import tempfile
-
             log("fault: pipeline extraction node removed mid-build; S3 outage mid-build ...")
             with tempfile.TemporaryDirectory() as tmp:
                 try:
@@ -864,12 +376,7 @@ def main(argv=None) -> int:
                                  "faults_injected": 1, "faults_survived": 0, "data_lost": 0,
                                  "error": f"{type(exc).__name__}: {exc}"[:300]})
     finally:
-        try:
-            serve.shutdown()
-        except Exception:
-            pass
-        ray.shutdown()
-        cluster.shutdown()
+        shutdown_cluster(cluster)
         s3.stop()
     total_s = time.time() - t_start
 
@@ -898,14 +405,6 @@ def main(argv=None) -> int:
     ok = summary["data_lost"] == 0 and summary["faults_survived"] == summary["faults_injected"] \
         and summary["server_errors"] == 0 and long_round_ok(longs, args.long_requests)
     return 0 if ok else 1
-
-
-def long_round_ok(longs: list[dict], planned: int) -> bool:
-    """The long-answer round ran (when planned), admitted answers, and every one was right."""
-    if not planned:
-        return True
-    return len(longs) == 1 and longs[0]["admitted"] > 0 and longs[0]["wrong_output"] == 0 \
-        and longs[0]["failed"] == 0 and longs[0]["server_errors"] == 0
 
 
 def markdown(machine, args, loads, faults, summary, longs=()) -> str:

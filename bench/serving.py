@@ -20,14 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import threading
 import time
 
+import psutil
 import requests
 
 from bench.common import machine_info, median, write_results
+from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, check_method, make_drafter
+from support.load import pct
+from support.net import free_port
+
+# torch, transformers, Ray and the serving app are imported inside main() and the functions it
+# calls, after _quiet_libraries(): HF_HUB_OFFLINE and the libraries' verbosity are read as they load.
 
 FALLBACK_PROMPTS = ["What is 17 * 23? Explain step by step.", "Write a short poem about the sea.",
                     "List three uses of a paperclip.", "Explain photosynthesis in two sentences."]
@@ -37,14 +43,6 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    i = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
-    return xs[i]
-
-
 def questions(n: int) -> list[str]:
     try:
         from index.corpus import gsm8k
@@ -52,12 +50,6 @@ def questions(n: int) -> list[str]:
         return [r["question"] for r in gsm8k("test")[:n]]
     except Exception:                     # no shared data: a few built-in prompts
         return (FALLBACK_PROMPTS * (n // len(FALLBACK_PROMPTS) + 1))[:n]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- engine ------------------------------------------------------------------------------------
@@ -70,7 +62,6 @@ def run_engine(target, stores, prompts, method: str, max_tokens: int, budget,
     from decoding.budget import AdaptiveBudget, measure_verify_cost
     from decoding.config import SamplingParams
     from decoding.engine import encode_prompt, generate
-    from decoding.methods import make_drafter
 
     if budget == "adaptive" and cost is None:
         cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
@@ -195,8 +186,6 @@ _CLASSES = (("decoder replica", (":Decoder",)), ("ingress replica", (":Ingress",
 
 
 def _proc_class(p) -> str | None:
-    import os
-
     if p.pid == os.getpid():
         return "benchmark client"
     try:
@@ -211,8 +200,6 @@ def _proc_class(p) -> str | None:
 
 def cpu_snapshot() -> tuple[dict, list[int]]:
     """CPU seconds per process (with its class) and the system-wide /proc/stat counters."""
-    import psutil
-
     procs = {}
     for p in psutil.process_iter():
         c = _proc_class(p)
@@ -232,8 +219,6 @@ def cpu_snapshot() -> tuple[dict, list[int]]:
 
 def cpu_use(a: tuple[dict, list[int]], b: tuple[dict, list[int]], wall: float) -> dict:
     """Cores used between two snapshots: per process class, and by the whole machine."""
-    import os
-
     use: dict[str, float] = {}
     for pid, (c, t) in b[0].items():
         use[c] = use.get(c, 0.0) + t - a[0].get(pid, (c, 0.0))[1]
@@ -379,7 +364,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.questions, args.max_new_tokens, args.methods, args.concurrency = 3, 24, "pld", "1,4"
     budget = args.budget if args.budget == "adaptive" else int(args.budget)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [check_method(m.strip()) for m in args.methods.split(",") if m.strip()]
     levels = [int(c) for c in args.concurrency.split(",")]
 
     from decoding.cli import _quiet_libraries
@@ -389,20 +374,18 @@ def main(argv=None) -> int:
     import torch
     from ray import serve
 
-    from decoding.methods import Datastores
     from decoding.target import TargetModel
     from serving.config import IndexConfig
     from serving.control_plane import init_local_ray
-    from serving.index_data import load_dense, load_sparse
+    from serving.index_data import load_version_stores
 
     machine = machine_info()
     threads = torch.get_num_threads()
     prompts = questions(args.questions)
     target = TargetModel.load()
-    need = {"rest", "dense", "dresd", "sense"} & set(methods)
-    index = IndexConfig(dense_default_docs=args.dense_docs, sparse="default" if need else None,
-                        dense="default" if need - {"rest"} else None)
-    stores = Datastores(sparse=load_sparse(index, target), dense=load_dense(index, target))
+    index = IndexConfig(dense_default_docs=args.dense_docs, sparse="default" if NEEDS_SPARSE & set(methods) else None,
+                        dense="default" if NEEDS_DENSE & set(methods) else None)
+    stores = load_version_stores(index, target)          # decoding.stores.load_datastores
 
     # Each method in its own Ray instance, bracketed by engine runs with no Ray process around
     # (just before the instance starts and just after it stops): the served figure is compared

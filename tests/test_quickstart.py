@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = 12
@@ -21,18 +22,12 @@ DOCS = 12
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "pipelines.quickstart", "--docs", str(DOCS), "--max-tokens", "32", "--repeats", "1",
-           "--workdir", str(workdir), "--port", str(_free_port())]
+           "--workdir", str(workdir), "--port", str(free_port())]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     return workdir, res.stdout, res.stderr

@@ -11,7 +11,7 @@ with one decoder replica and a small admission limit).
 - Every index shard killed mid-request: the request completes with the same tokens by PLD
   fallback, and once Serve has replaced the shards a later request uses the index again.
 
-The load generator and the fault injectors are those of ``python -m bench.reliability``.
+The load generator and the fault injectors (``support``) are those of ``python -m bench.reliability``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from bench.reliability import (answer_ids, burst, chat_body, engine_reference, kill_decoder_mid_stream,
-                               kill_shards_mid_request, kv_bytes_per_token, long_bodies, long_round, long_round_ok,
-                               memory, recovery_ms)
+from support.faults import kill_decoder_mid_stream, kill_shards_mid_request
+from support.load import answer_ids, burst, chat_body, long_bodies, long_round, long_round_ok, recovery_ms
+from support.processes import kv_bytes_per_token, memory
+from support.reference import engine_reference
 from tests.test_serving import APP, QUESTIONS, app_args, start_server, stores, wait_app_running  # noqa: F401
 
 MAX_ONGOING, MAX_QUEUED = 2, 4

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import _free_port
+from support.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_sigterm_handler_raises_keyboard_interrupt_once():
 
 @pytest.mark.slow
 def test_sigterm_stops_the_server_and_its_local_ray_instance(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
