@@ -18,7 +18,7 @@ from pathlib import Path
 from decoding.tree import TokenTree
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SOURCES = ("pld", "sparse", "dense", "dynamic")     # the proposers of the SENSE hybrid, in plot order
+SOURCES = ("pld", "rest", "dense", "dynamic")     # the proposers of the SENSE hybrid, in plot order
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def acceptance_by_source(steps: Iterable[Step], sources: Sequence[str] = SOURCES
 
 
 def accepted_by_source_combination(steps: Iterable[Step]) -> Counter:
-    """Accepted draft tokens by the set of sources that proposed them, e.g. {"pld+sparse": 3}."""
+    """Accepted draft tokens by the set of sources that proposed them, e.g. {"pld+rest": 3}."""
     out: Counter = Counter()
     for s in steps:
         for i in s.path[1:]:
@@ -142,7 +142,7 @@ def accepted_by_group(steps: Iterable[Step], groups: Mapping[str, Iterable[str]]
     """Accepted draft tokens by which groups of sources proposed them.
 
     `groups` maps a group name to its source labels, e.g. {"request": ("pld", "dynamic"),
-    "datastores": ("sparse", "dense")}; a token proposed from both groups counts under
+    "datastores": ("rest", "dense")}; a token proposed from both groups counts under
     "request+datastores" (group names in the given order), one from neither under "other".
     """
     groups = {name: set(labels) for name, labels in groups.items()}

@@ -20,13 +20,14 @@ import torch
 
 from bench.common import machine_info, median, method_order, write_results
 from decoding.budget import measure_verify_cost, pick_budget, relative_cost
+from decoding.cli import _quiet_libraries
 from decoding.config import SamplingParams
-from decoding.drafters import NoDrafter, PromptLookupDrafter, SparseDrafter
+from decoding.demo_stores import encode_text
 from decoding.engine import encode_prompt, generate
+from decoding.methods import Datastores, make_drafter
 from decoding.model_loader import load_model_and_tokenizer
 from decoding.target import TargetModel
-from index.corpus import gsm8k, gsm8k_answer_text
-from index.sparse import SparseIndex
+from index.corpus import gsm8k, gsm8k_sparse_index
 
 COST_SIZES = (1, 2, 3, 4, 8, 16, 32, 64)
 
@@ -49,8 +50,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
-    from decoding.cli import _quiet_libraries
-
     _quiet_libraries()
     target = TargetModel.load()
     hf_model, _ = load_model_and_tokenizer(None)          # a separate, unmodified copy for generate()
@@ -69,15 +68,14 @@ def main(argv=None) -> int:
 
     # 2. REST datastore from GSM8K train answers.
     t0 = time.perf_counter()
-    docs = [target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] for r in gsm8k("train")]
-    index = SparseIndex.build(docs)
+    index = gsm8k_sparse_index(encode_text(target))
     log(f"REST datastore: {index.n_docs} answers, {index.n_tokens} tokens in {time.perf_counter() - t0:.1f} s")
 
     questions = gsm8k("test")[: args.questions]
     prompts = [encode_prompt(target, q["question"]) for q in questions]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    ours = {"ar": (NoDrafter(), 1), "pld": (PromptLookupDrafter(), pld_budget),
-            "rest": (SparseDrafter(index), rest_budget)}
+    ours = {"ar": 1, "pld": pld_budget, "rest": rest_budget}       # our methods (decoding.methods), budgets
+    stores = Datastores(sparse=index)
     hf = {"hf_ar": {}, "hf_pld": {"prompt_lookup_num_tokens": 10}}
 
     # per repeat, per method: tokens, seconds, steps, drafted, accepted
@@ -95,8 +93,7 @@ def main(argv=None) -> int:
                     toks, dt = hf_generate(hf_model, ids, args.max_new_tokens, **hf[m])
                     rec = {"tokens": len(toks), "seconds": dt}
                 else:
-                    drafter, b = ours[m]
-                    r = generate(target, ids, params=params, drafter=drafter, budget=b)
+                    r = generate(target, ids, params=params, drafter=make_drafter(m, stores), budget=ours[m])
                     toks, s = r.token_ids, r.stats
                     rec = {"tokens": s.new_tokens, "seconds": s.time_total, "steps": s.steps,
                            "drafted": s.drafted, "accepted": s.accepted}

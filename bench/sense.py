@@ -32,19 +32,25 @@ import numpy as np
 from bench.analysis import spec_bench_by_category
 from bench.common import machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
-from decoding.budget import AdaptiveBudget, measure_verify_cost, relative_cost
+from decoding.budget import AdaptiveBudget, cost_curve, relative_cost
 from decoding.config import SamplingParams
-from decoding.drafters import DenseDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, SparseDrafter
+from decoding.dense_extract import build_dense_datastore
+from decoding.fingerprint import model_fingerprint
+from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores, make_drafter
 from decoding.engine import encode_prompt, generate
 from decoding.soft import SoftGateConfig
 from decoding.target import TargetModel
 from index.corpus import gsm8k, gsm8k_answer_text, spec_bench
-from index.dense_build import Document, build_dense_datastore
+from index.dense_build import Document
 from index.dense_store import DenseStore
 from index.sparse import SparseIndex
 
 METHODS = ("ar", "pld", "rest", "dresd", "sense_strict", "sense_soft")
-STORELESS = ("ar", "pld")
+# Each row's decoding method (decoding.methods: what is served); the two SENSE rows differ in
+# verification only. Rows not named here are the method of their own name.
+DECODING_METHOD = {"sense_strict": "sense", "sense_soft": "sense"}
+# rows whose method reads no datastore: run once per question, whatever the datastore
+STORELESS = tuple(m for m in METHODS if DECODING_METHOD.get(m, m) not in NEEDS_SPARSE | NEEDS_DENSE)
 # Soft-gated (lossy) verification; every other method verifies strictly, so its greedy output
 # must equal ar's token for token (same question, same model and dtype).
 SOFT = ("sense_soft",)
@@ -98,16 +104,8 @@ def load_progress(path: Path, machine: dict, code: str) -> dict:
 
 
 def make(method, sparse, dense):
-    if method == "ar":
-        return NoDrafter()
-    if method == "pld":
-        return PromptLookupDrafter()
-    if method == "rest":
-        return SparseDrafter(sparse)
-    if method == "dresd":
-        return DenseDrafter(dense, mode="chains", dynamic=False, name="dresd")
-    return HybridDrafter([(PromptLookupDrafter(), 1.0), (SparseDrafter(sparse), 1.0), (DenseDrafter(dense), 2.0)],
-                         name=method)
+    """The drafter of a row (`method`, one of METHODS): its decoding method's, from the registry."""
+    return make_drafter(DECODING_METHOD.get(method, method), Datastores(sparse=sparse, dense=dense))
 
 
 def restore(saved: dict) -> dict:
@@ -188,7 +186,6 @@ def self_distilled(target, rows, max_tokens: int, workdir) -> list[tuple[list[in
     import json
 
     from decoding.batch_generate import generate_greedy_batched
-    from index.dense_format import model_fingerprint
 
     fp = model_fingerprint(target)
     cache = workdir / f"id_answers_{len(rows)}_{max_tokens}_{fp.weights_hash[:12]}.json"
@@ -217,8 +214,6 @@ def build_stores(target, answers: list[tuple[list[int], list[int]]], workdir, na
     builder writes it atomically, so a cached directory is always a whole one)."""
     sparse = SparseIndex.build(a for _, a in answers)
     docs = [Document(p + a, corpus=name, store_from=len(p)) for p, a in answers]
-    from index.dense_format import model_fingerprint
-
     fp = model_fingerprint(target)
     h = hashlib.sha256(fp.weights_hash.encode())
     for p, a in answers:
@@ -440,7 +435,9 @@ def main(argv=None) -> int:
         cost = {int(n): c for n, c in saved["cost_curve"].items()}
         log("cost curve (of the run being resumed):", cost)
     else:
-        cost = relative_cost(measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)))
+        # This machine's curve for this model and dtype, as the engine and serving plan with it
+        # (measured once per machine, then remembered: decoding.budget.cost_curve).
+        cost = relative_cost(cost_curve(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)))
         log("cost curve:", {n: round(c, 2) for n, c in cost.items()})
     soft_cfg = SoftGateConfig()
     params = SamplingParams(max_new_tokens=args.max_new_tokens)

@@ -1,23 +1,23 @@
-"""Decoding methods by name: which drafter (and datastores) each one uses."""
+"""Decoding methods by name: the one registry.
+
+Every method is one :class:`Method` entry of ``METHODS``: its name, a description, the datastores
+it needs and the factory of its drafter; a hybrid method also names the methods it fuses and each
+one's share of the tree's weight (``fusion``). The command line, serving's configuration and
+request validation, and every benchmark read this registry, so what is benchmarked is what is
+served. A drafter reports its method's name (statistics, and the labels of its proposals in
+``TokenTree.sources``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-from decoding.drafters import DenseDrafter, Drafter, HybridDrafter, NoDrafter, PromptLookupDrafter, SparseDrafter
 from decoding.errors import InvalidRequestError
 
-METHODS = {
-    "ar": "plain autoregressive decoding (no drafts)",
-    "pld": "prompt lookup: copy what followed an earlier match of the last 3/2/1 tokens",
-    "rest": "REST: suffix match in a token datastore, continuations merged into a trie",
-    "dense": "dense retrieval: neighbours of the target's hidden state (static datastore + dynamic cache), trie",
-    "dresd": "DReSD: dense retrieval, independent chains, static datastore only",
-    "sense": "SENSE: PLD + REST + dense (with dynamic cache) fused into one tree",
-}
-NEEDS_SPARSE = {"rest", "sense"}
-NEEDS_DENSE = {"dense", "dresd", "sense"}
+SPARSE, DENSE = "sparse", "dense"           # the datastores (see Datastores)
 
 
 @dataclass
@@ -26,29 +26,76 @@ class Datastores:
     dense: Any = None       # index.dense_store.DenseStore
 
 
+@dataclass(frozen=True, eq=False)
+class Method:
+    name: str
+    description: str
+    build: Callable[[Datastores], Any]      # a fresh drafter (drafters hold per-request state)
+    stores: frozenset[str] = frozenset()    # the datastores it needs: SPARSE, DENSE
+    fusion: Mapping[str, float] = field(default_factory=dict)   # hybrid: part method -> share of the weight
+
+    @property
+    def needs_sparse(self) -> bool:
+        return SPARSE in self.stores
+
+    @property
+    def needs_dense(self) -> bool:
+        return DENSE in self.stores
+
+
+def _drafters():
+    """``decoding.drafters``, imported on first use rather than at the top: this registry is read
+    where torch is not loaded (serving's ingress validates ``method`` fields with it), and the
+    drafters import torch."""
+    import decoding.drafters
+
+    return decoding.drafters
+
+
+def _fused(name: str) -> Callable[[Datastores], Any]:
+    def build(stores: Datastores):
+        parts = [(METHODS[part].build(stores), share) for part, share in METHODS[name].fusion.items()]
+        return _drafters().HybridDrafter(parts, name=name)
+    return build
+
+
+# SENSE's fusion: each proposer's share of the tree's weight (its candidates' weights are
+# normalised to sum to it), the dense retrieval (with its dynamic cache) counting double.
+SENSE_FUSION = MappingProxyType({"pld": 1.0, "rest": 1.0, "dense": 2.0})
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ar", "plain autoregressive decoding (no drafts)",
+           lambda stores: _drafters().NoDrafter()),
+    Method("pld", "prompt lookup: copy what followed an earlier match of the last 3/2/1 tokens",
+           lambda stores: _drafters().PromptLookupDrafter()),
+    Method("rest", "REST: suffix match in a token datastore, continuations merged into a trie",
+           lambda stores: _drafters().SparseDrafter(stores.sparse), frozenset({SPARSE})),
+    Method("dense", "dense retrieval: neighbours of the target's hidden state (static datastore + dynamic cache), "
+           "trie", lambda stores: _drafters().DenseDrafter(stores.dense), frozenset({DENSE})),
+    Method("dresd", "DReSD: dense retrieval, independent chains, static datastore only",
+           lambda stores: _drafters().DenseDrafter(stores.dense, mode="chains", dynamic=False, name="dresd"),
+           frozenset({DENSE})),
+    Method("sense", "SENSE: PLD + REST + dense (with dynamic cache) fused into one tree",
+           _fused("sense"), frozenset({SPARSE, DENSE}), SENSE_FUSION),
+)}
+METHOD_NAMES = tuple(METHODS)               # the names, in the registry's order (validation, OpenAPI enum)
+NEEDS_SPARSE = frozenset(n for n, m in METHODS.items() if m.needs_sparse)
+NEEDS_DENSE = frozenset(n for n, m in METHODS.items() if m.needs_dense)
+DESCRIPTIONS = {n: m.description for n, m in METHODS.items()}
+
+
 def check_method(method: str) -> str:
     if method not in METHODS:
         raise InvalidRequestError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return method
 
 
-def make_drafter(method: str, stores: Datastores | None = None) -> Drafter:
+def make_drafter(method: str, stores: Datastores | None = None):
     """A fresh drafter for one request (drafters hold per-request state)."""
-    check_method(method)
+    entry = METHODS[check_method(method)]
     stores = stores or Datastores()
-    if method in NEEDS_SPARSE and stores.sparse is None:
+    if entry.needs_sparse and stores.sparse is None:
         raise InvalidRequestError(f"method {method!r} needs a sparse (REST) datastore")
-    if method in NEEDS_DENSE and stores.dense is None:
+    if entry.needs_dense and stores.dense is None:
         raise InvalidRequestError(f"method {method!r} needs a dense datastore")
-    if method == "ar":
-        return NoDrafter()
-    if method == "pld":
-        return PromptLookupDrafter()
-    if method == "rest":
-        return SparseDrafter(stores.sparse)
-    if method == "dense":
-        return DenseDrafter(stores.dense)
-    if method == "dresd":
-        return DenseDrafter(stores.dense, mode="chains", dynamic=False, name="dresd")
-    return HybridDrafter([(PromptLookupDrafter(), 1.0), (SparseDrafter(stores.sparse), 1.0),
-                          (DenseDrafter(stores.dense), 2.0)], name="sense")
+    return entry.build(stores)

@@ -29,7 +29,7 @@ class TokenTree:
     # ranks[i]: the drafter's preference order of draft node i (0 = most wanted; parents rank
     # before children, root -1), so the nodes with rank < b form the tree a budget of b keeps.
     ranks: tuple[int, ...] | None = field(default=None, compare=False)
-    # sources[i]: which proposers drafted node i (sorted labels such as "pld", "sparse", "dense",
+    # sources[i]: which proposers drafted node i (sorted labels such as "pld", "rest", "dense",
     # "dynamic"; the root has none). Bookkeeping for analysis only: it never changes the tree.
     sources: tuple[tuple[str, ...], ...] | None = field(default=None, compare=False)
     # anchor_keys[i]: [T, d] unit keys, row i = the datastore's key of the position where node i's

@@ -21,13 +21,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from decoding.methods import METHOD_NAMES
+
 # Deployment names: Serve config files override deployment options (user_config for a hot
 # swap, autoscaling, resources) by these names.
 INGRESS_NAME = "Ingress"
 DECODER_NAME = "Decoder"
 SHARD_NAME = "IndexShard{}"
-
-METHOD_NAMES = ("ar", "pld", "rest", "dense", "dresd", "sense")
 
 
 class _Section(BaseModel):
@@ -37,7 +37,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The target model."""
 
-    path: str | None = Field(None, description="HF model directory or hub id; None: the embedded SmolLM2-135M")
+    path: str | None = Field(None, description="HF model directory, hub id or .gguf file (converted once into "
+                                               "the local cache, decoding.model_loader); None: the embedded "
+                                               "SmolLM2-135M GGUF")
     name: str = Field("smollm2-135m-instruct", min_length=1,
                       description="the model id clients send and GET /v1/models lists")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -57,7 +59,8 @@ class IndexConfig(_Section):
     GSM8K train pairs, built into the local cache on first use), a dense datastore directory
     (``sense build-dense``), or None (methods dense, dresd and sense unavailable).
     ``sparse``: the REST suffix index, with the same choices (``"default"``: GSM8K train answers).
-    ``version`` labels the version; responses report it. Changing this section in a deployment's
+    The sources are loaded by ``decoding.stores.load_datastores``, as ``sense generate --index``
+    loads them. ``version`` labels the version; responses report it. Changing this section in a deployment's
     ``user_config`` makes its replicas load the new version while they keep serving.
     """
 
@@ -109,7 +112,7 @@ class SoftDefaults(_Section):
 class SpeculativeDefaults(_Section):
     """What a request gets when its ``speculative`` object leaves a field out."""
 
-    method: Literal["ar", "pld", "rest", "dense", "dresd", "sense"] = "sense"
+    method: Literal[METHOD_NAMES] = "sense"         # the names of decoding.methods.METHODS
     verification: Literal["strict", "soft"] = "strict"
     budget: int | Literal["adaptive"] = Field("adaptive", description="draft nodes per step, or adaptive")
     max_budget: int = Field(256, ge=1, description="largest budget a request may ask for")

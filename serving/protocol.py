@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from decoding.methods import METHOD_NAMES
 from serving.config import ServingConfig
 from serving.errors import APIError, from_sense_error, from_validation_error, invalid
 
@@ -35,7 +36,7 @@ class SoftGate(_Strict):
 class Speculative(_Strict):
     """The extension object: ``extra_body={"speculative": {...}}`` with the openai client."""
 
-    method: Literal["ar", "pld", "rest", "dense", "dresd", "sense"] | None = None
+    method: Literal[METHOD_NAMES] | None = None     # the names of decoding.methods.METHODS
     verification: Literal["strict", "soft"] | None = None
     soft: SoftGate | None = None
     budget: int | Literal["adaptive"] | None = None

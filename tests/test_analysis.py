@@ -24,7 +24,7 @@ CHAINS = [([2, 3, 4], 5.0), ([2, 3, 9], 3.0), ([7], 1.0), ([2, 8], 2.0), ([7, 5]
 @pytest.mark.parametrize("budget", [0, 1, 3, 4, 64])
 def test_labels_leave_the_tree_unchanged(budget):
     plain = TokenTree.from_chains(1, CHAINS, budget)
-    labelled = TokenTree.from_chains(1, iter(CHAINS), budget, ["pld", "sparse", "dense", "pld", "dynamic"])
+    labelled = TokenTree.from_chains(1, iter(CHAINS), budget, ["pld", "rest", "dense", "pld", "dynamic"])
     assert labelled == plain
     assert (labelled.tokens, labelled.parents, labelled.ranks) == (plain.tokens, plain.parents, plain.ranks)
     assert plain.sources is None
@@ -32,12 +32,12 @@ def test_labels_leave_the_tree_unchanged(budget):
 
 
 def test_labels_name_every_chain_through_a_node():
-    t = TokenTree.from_chains(1, CHAINS, 64, ["pld", "sparse", "dense", "pld", "dynamic"])
+    t = TokenTree.from_chains(1, CHAINS, 64, ["pld", "rest", "dense", "pld", "dynamic"])
     src = {tuple(t.path_tokens(_path_to(t, i))[1:]): t.sources[i] for i in range(1, len(t))}
-    assert src[(2,)] == ("pld", "sparse")           # sorted, each label once
-    assert src[(2, 3)] == ("pld", "sparse")
+    assert src[(2,)] == ("pld", "rest")           # sorted, each label once
+    assert src[(2, 3)] == ("pld", "rest")
     assert src[(2, 3, 4)] == ("pld",)
-    assert src[(2, 3, 9)] == ("sparse",)
+    assert src[(2, 3, 9)] == ("rest",)
     assert src[(2, 8)] == ("pld",)
     assert src[(7,)] == ("dense", "dynamic")
     assert src[(7, 5)] == ("dynamic",)
@@ -68,23 +68,23 @@ class _Fixed(Drafter):
 
 
 def test_hybrid_labels_each_part_and_keeps_its_chains():
-    a, b = _Fixed([([2, 3], 2.0), ([4], 2.0)], "pld"), _Fixed([([2, 5], 1.0)], "sparse")
+    a, b = _Fixed([([2, 3], 2.0), ([4], 2.0)], "pld"), _Fixed([([2, 5], 1.0)], "rest")
     empty = _Fixed([], "dense")
     h = HybridDrafter([(a, 1.0), (empty, 1.0), (b, 3.0)])
     tokens = np.array([9, 1])
     found, labels = h.labelled_chains(tokens, 8)
     assert found == h.chains(tokens, 8) == [([2, 3], 0.5), ([4], 0.5), ([2, 5], 3.0)]
-    assert labels == ["pld", "pld", "sparse"]
+    assert labels == ["pld", "pld", "rest"]
     tree = h.propose(tokens, 8, 8)
     assert tree == TokenTree.from_chains(1, found, 8)
-    assert tree.sources[tree.child(0, 2)] == ("pld", "sparse")
+    assert tree.sources[tree.child(0, 2)] == ("pld", "rest")
     # nested hybrids pass their parts' labels through
     outer = HybridDrafter([(h, 1.0), (_Fixed([([6], 1.0)], "x"), 1.0)])
-    assert outer.labelled_chains(tokens, 8)[1] == ["pld", "pld", "sparse", "x"]
+    assert outer.labelled_chains(tokens, 8)[1] == ["pld", "pld", "rest", "x"]
 
 
 def test_single_source_drafters_label_their_nodes():
-    assert PromptLookupDrafter.source == "pld" and SparseDrafter.source == "sparse"
+    assert PromptLookupDrafter.source == "pld" and SparseDrafter.source == "rest"
     tokens = np.array([5, 6, 7, 8, 5, 6])
     tree = PromptLookupDrafter().propose(tokens, 8, 8)
     assert tree.n_draft > 0 and set(tree.sources[1:]) == {("pld",)}
@@ -133,8 +133,8 @@ def test_dense_labels_static_and_dynamic_chains():
 
 
 def _steps():
-    # root 1; tree: 1 -> 2 -> 3 -> 4, 1 -> 7; 2 proposed by pld+sparse, 3 by pld, 4 by pld, 7 by dense
-    t = TokenTree.from_chains(1, [([2, 3, 4], 3.0), ([2], 1.0), ([7], 1.0)], 8, ["pld", "sparse", "dense"])
+    # root 1; tree: 1 -> 2 -> 3 -> 4, 1 -> 7; 2 proposed by pld+rest, 3 by pld, 4 by pld, 7 by dense
+    t = TokenTree.from_chains(1, [([2, 3, 4], 3.0), ([2], 1.0), ([7], 1.0)], 8, ["pld", "rest", "dense"])
     two, seven = t.child(0, 2), t.child(0, 7)
     three = t.child(two, 3)
     chain = TokenTree.from_chains(5, [([6, 8], 1.0)], 8, ["dynamic"])
@@ -158,18 +158,18 @@ def test_acceptance_by_depth():
 def test_acceptance_by_source():
     steps, _ = _steps()
     table = acceptance_by_source(steps)
-    assert list(table)[:4] == ["pld", "sparse", "dense", "dynamic"]
+    assert list(table)[:4] == ["pld", "rest", "dense", "dynamic"]
     assert table["pld"] == {"drafted": 6, "accepted": 2, "rate": pytest.approx(1 / 3),
                             "sole_drafted": 4, "sole_accepted": 1}
-    assert table["sparse"]["drafted"] == 2 and table["sparse"]["accepted"] == 1 and table["sparse"]["sole_drafted"] == 0
+    assert table["rest"]["drafted"] == 2 and table["rest"]["accepted"] == 1 and table["rest"]["sole_drafted"] == 0
     assert table["dense"]["drafted"] == 2 and table["dense"]["accepted"] == 0
     assert table["dynamic"]["drafted"] == 2 and table["dynamic"]["accepted"] == 2
-    assert accepted_by_source_combination(steps) == {"pld+sparse": 1, "pld": 1, "dynamic": 2}
-    groups = {"request": ("pld", "dynamic"), "datastores": ("sparse", "dense")}
+    assert accepted_by_source_combination(steps) == {"pld+rest": 1, "pld": 1, "dynamic": 2}
+    groups = {"request": ("pld", "dynamic"), "datastores": ("rest", "dense")}
     assert accepted_by_group(steps, groups) == {"request+datastores": 1, "request": 3}
     assert accepted_by_group(steps, {"ds": ("dense",)}) == {"other": 4}
     overlap = co_proposal(steps)
-    assert overlap["pld"]["sparse"] == pytest.approx(2 / 6) and overlap["sparse"]["pld"] == 1.0
+    assert overlap["pld"]["rest"] == pytest.approx(2 / 6) and overlap["rest"]["pld"] == 1.0
     assert overlap["pld"]["pld"] == 1.0 and overlap["dense"]["dynamic"] == 0.0
     assert co_proposal([])["pld"]["pld"] == 0.0
     unlabelled = [Step(TokenTree.chain(1, [2]), (0, 1))]

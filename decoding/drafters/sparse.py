@@ -25,7 +25,7 @@ class SparseDrafter(Drafter):
     continuation_len: int = 10
     max_occurrences: int = 5000
     name: str = "rest"
-    source: ClassVar[str] = "sparse"
+    source: ClassVar[str] = "rest"
 
     def chains(self, tokens: np.ndarray, max_depth: int, hidden=None):
         found = self.index.lookup(tokens[-self.max_suffix:], max_suffix=self.max_suffix,
