@@ -9,7 +9,7 @@ spectrum, unit norm), queries = held-out draws of the same distribution. Real ke
 datastore built by ``bench.sense`` (default ``bench/out/ood``: the embedded model's keys over
 1,000 GSM8K train question/answer pairs), queries = the keys of 30 held-out documents.
 
-Each configuration is built with ``index.artifact_build.build_artifact`` on a local Ray (one task
+Each configuration is built with ``pipelines.build_index.build_artifact`` on a local Ray (one task
 per shard), loaded with ``index.artifact.load_artifact`` and searched through ``.search`` as the
 drafter does. Single-query latency: faiss omp threads = 1, one query at a time; batched: batches
 of 64 with all cores. recall@10 against exact inner-product search. bytes/entry: the FAISS files
@@ -84,8 +84,9 @@ def measure(dataset: str, n: int, ds: Path, out: Path, queries: np.ndarray, trut
             merge_after: bool = False) -> list[dict]:
     """Build one configuration, load it, measure; with merge_after also the merged copy."""
     from index.artifact import load_artifact
-    from index.artifact_build import BuildConfig, build_artifact, merge_artifact
+    from index.artifact_build import BuildConfig, merge_artifact
     from index.faiss_ops import recall_at_k
+    from pipelines.build_index import build_artifact
 
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()

@@ -46,7 +46,7 @@ def _bare_forward(corpus: Path, split_bytes: int) -> dict:
     import torch
 
     from decoding.target import TargetModel
-    from index.dense_build import _window_defaults, run_windows
+    from decoding.dense_extract import run_windows, window_defaults
     from index.records import plan_units, read_unit
 
     torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def _bare_forward(corpus: Path, split_bytes: int) -> dict:
     fields = cfg.corpora[0].fields
     units = plan_units(list(cfg.corpora), split_bytes)
     docs_by_unit = [read_unit(u, fields, target.tokenizer, 2).documents for u in units]
-    max_len, overlap = _window_defaults(target, None, None)
+    max_len, overlap = window_defaults(target, None, None)
     tokens = sum(len(d.tokens) for docs in docs_by_unit for d in docs)
     t0 = time.perf_counter()
     for docs in docs_by_unit:

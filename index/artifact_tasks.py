@@ -1,5 +1,5 @@
-"""The datastore side of the index build, and the Ray tasks (plain functions; build_artifact wraps
-them with ray.remote, one CPU each).
+"""The datastore side of the index build, and the Ray tasks (plain functions;
+``pipelines.build_index.build_artifact`` wraps them with ray.remote, one CPU each).
 
 Global entry ids are the datastore's row order (its Parquet files in manifest order, rows in file
 order), as ``DenseStore.load`` numbers them; an index shard is a contiguous id range (`Piece`s of

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from index.sparse import SparseIndex
 
 _CALC = re.compile(r"<<[^>]*>>")
 
@@ -45,6 +47,19 @@ def gsm8k_answer_text(answer: str) -> str:
 
 def gsm8k(split: str = "test") -> list[dict]:
     return list(read_jsonl(shared_data_dir() / "gsm8k" / f"{split}.jsonl"))
+
+
+def gsm8k_answer_tokens(encode: Callable[[str], Sequence[int]], split: str = "train", start: int = 0,
+                        stop: int | None = None) -> list[Sequence[int]]:
+    """The token ids of GSM8K answers [start:stop] (as ``gsm8k_answer_text`` writes them);
+    `encode` is the tokenizer's text -> ids."""
+    return [encode(gsm8k_answer_text(r["answer"])) for r in gsm8k(split)[start:stop]]
+
+
+def gsm8k_sparse_index(encode: Callable[[str], Sequence[int]], split: str = "train", start: int = 0,
+                       stop: int | None = None) -> SparseIndex:
+    """The REST (suffix) index over GSM8K answers [start:stop]: the demo's sparse datastore."""
+    return SparseIndex.build(gsm8k_answer_tokens(encode, split, start, stop))
 
 
 def spec_bench() -> list[dict]:

@@ -14,13 +14,13 @@ target's hidden state at the chosen layer having read tokens 1..t; ``value`` (fi
 int32, N = 20 by default) = the next N tokens, padded with EOS; ``first_token`` (int32, value[0]);
 ``doc_id`` (int64); ``position`` (int32, t within the document); ``corpus`` (string).
 The transform: z-score with a sample's mean/std, PCA to d dimensions, L2-normalisation.
+Every builder writes these files through ``index.dense_writer``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,7 +90,8 @@ class KeyTransform:
 
 @dataclass
 class ModelFingerprint:
-    """What a datastore's keys depend on: the model's weights, its tokenizer and the layer."""
+    """What a datastore's keys depend on: the model's weights, its tokenizer and the layer
+    (computed from a loaded target by ``decoding.fingerprint.model_fingerprint``)."""
 
     model_id: str
     weights_hash: str
@@ -114,6 +115,7 @@ class Manifest:
     skipped_reasons: dict = field(default_factory=dict)  # reason -> count of bad records
     token_shards: list[dict] = field(default_factory=list)  # {"path", "rows", "sha256"}: token streams
     build: dict = field(default_factory=dict)            # how it was built (config, time, throughput)
+    key_dtype: str = ""                                  # the dtype the target ran in for the keys
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -142,28 +144,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(target, layer: int | None = None) -> ModelFingerprint:
-    """Hash the target's weights and tokenizer (cached on the target object)."""
-    cached = getattr(target, "_sense_fingerprint", None)
-    if cached is None:
-        import torch
-
-        h = hashlib.sha256()
-        for name, tensor in sorted(target.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-        tok = target.tokenizer
-        th = hashlib.sha256()
-        backend = getattr(tok, "backend_tokenizer", None)
-        th.update(backend.to_str().encode() if backend is not None else
-                  json.dumps(sorted(tok.get_vocab().items())).encode())
-        cached = (str(getattr(target.config, "_name_or_path", "")), h.hexdigest()[:16], th.hexdigest()[:16])
-        target._sense_fingerprint = cached
-    model_id, wh, th = cached
-    return ModelFingerprint(model_id=model_id, weights_hash=wh, tokenizer_hash=th,
-                            layer=target.hidden_layer if layer is None else layer)
-
-
 def check_compatible(manifest: Manifest, fingerprint: ModelFingerprint) -> None:
     """Refuse a datastore whose keys come from another model, tokenizer or layer."""
     ours, theirs = fingerprint, manifest.fingerprint
@@ -174,14 +154,6 @@ def check_compatible(manifest: Manifest, fingerprint: ModelFingerprint) -> None:
             raise DatastoreError(
                 f"this datastore was built for another {what} ({theirs.model_id!r}, {what} {b!r}); "
                 f"the loaded target has {what} {a!r}: rebuild the datastore for this model")
-
-
-def write_manifest_atomically(root: Path, manifest: Manifest) -> None:
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.to_json())
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
 
 
 def read_manifest(root: Path) -> Manifest:

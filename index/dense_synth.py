@@ -1,7 +1,7 @@
 """Write dense datastores from arrays, and synthetic ones for tests and benchmarks.
 
-`write_dense_datastore` writes exactly the format of ``index.dense_format`` (same Parquet
-schema as ``index.dense_build``): shards/part-*.parquet, transform.npz, manifest.json last.
+`write_dense_datastore` writes exactly the format of ``index.dense_format`` through its one
+writer, ``index.dense_writer``: shards/part-*.parquet, transform.npz, manifest.json last.
 `clustered_keys` draws unit keys shaped like real ones: a power-law mixture of clusters with a
 decaying variance spectrum (as PCA-ed hidden states), overlapping enough that IVF needs a
 realistic nprobe (recall@10 ~0.96 at nprobe 16 of 1024 lists for 100k keys).
@@ -9,14 +9,13 @@ realistic nprobe (recall@10 ~0.96 at nprobe 16 of 1024 lists for 100k keys).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from index.dense_format import (TRANSFORM, DatastoreError, KeyTransform, Manifest, ModelFingerprint, sha256_file,
-                                write_manifest_atomically)
+from index.dense_build import next_tokens
+from index.dense_format import KeyTransform, Manifest, ModelFingerprint
+from index.dense_writer import staged_datastore, write_entries, write_manifest, write_transform
 
 SYNTHETIC_FINGERPRINT = ModelFingerprint(model_id="synthetic", weights_hash="0" * 16, tokenizer_hash="0" * 16, layer=-1)
 
@@ -44,10 +43,6 @@ def write_dense_datastore(out: str | Path, *, keys: np.ndarray, values: np.ndarr
     """Write rows keys [E, d] float32, values [E, N] int32, doc_id [E], position [E] as a
     datastore directory (replacing a previous datastore there). The transform defaults to the
     identity on d dims."""
-    import pyarrow.parquet as pq
-
-    from index.dense_build import entries_table
-
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     values = np.ascontiguousarray(values, dtype=np.int32)
     e, d = keys.shape
@@ -56,32 +51,18 @@ def write_dense_datastore(out: str | Path, *, keys: np.ndarray, values: np.ndarr
                          f"position {len(position)}")
     n = values.shape[1]
     transform = transform or KeyTransform(np.zeros(d, np.float32), np.ones(d, np.float32), np.eye(d, dtype=np.float32))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / "shards").mkdir()
-        transform.save(tmp / TRANSFORM)
+    with staged_datastore(out) as tmp:
         manifest = Manifest(fingerprint=fingerprint, key_dim=d, value_len=n, eos_token_id=int(eos_token_id),
                             entries=e, documents=int(documents if documents is not None else len(np.unique(doc_id))),
                             tokens=int(tokens if tokens is not None else e), corpora=[corpus])
+        manifest.transform_sha256 = write_transform(tmp, transform)
         for lo in range(0, e, shard_rows):
             hi = min(e, lo + shard_rows)
-            table = entries_table(keys[lo:hi], values[lo:hi], doc_id[lo:hi], position[lo:hi],
-                                  np.full(hi - lo, corpus, dtype=object))
-            name = f"shards/part-{len(manifest.shards):05d}.parquet"
-            pq.write_table(table, tmp / name)
-            manifest.shards.append({"path": name, "rows": table.num_rows, "sha256": sha256_file(tmp / name)})
-        manifest.transform_sha256 = sha256_file(tmp / TRANSFORM)
-        write_manifest_atomically(tmp, manifest)
-        if out.exists():
-            if not (out / "manifest.json").is_file() and any(out.iterdir()):
-                raise DatastoreError(f"{out} exists and is not a datastore: refusing to replace it")
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            name = f"part-{len(manifest.shards):05d}"
+            manifest.shards.append(write_entries(tmp, name, keys[lo:hi], values[lo:hi], doc_id[lo:hi], position[lo:hi],
+                                                 np.full(hi - lo, corpus, dtype=object)))
+        write_manifest(tmp, manifest)
+    return manifest
 
 
 def synthetic_documents(n_entries: int, *, doc_len: int = 200, vocab: int = 32_000, seed: int = 0) -> list[np.ndarray]:
@@ -102,8 +83,6 @@ def synthetic_datastore(out: str | Path, n: int, *, dim: int = 64, value_len: in
                         vocab: int = 32_000, eos_token_id: int = 2, seed: int = 0,
                         keys: np.ndarray | None = None) -> Manifest:
     """A datastore of `n` entries: clustered keys (or `keys` [n, dim]) and random documents."""
-    from index.dense_build import next_tokens
-
     docs = synthetic_documents(n, vocab=vocab, seed=seed)
     values = np.concatenate([next_tokens(d, value_len, eos_token_id)[:-1] for d in docs])
     doc_id = np.concatenate([np.full(len(d) - 1, i, np.int64) for i, d in enumerate(docs)])

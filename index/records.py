@@ -26,7 +26,7 @@ from typing import Iterator
 from index import storage
 
 UNREADABLE = -1        # Unit.start of a file whose structure could not be read
-FORMATS = ("auto", "jsonl", "parquet", "text", "tokens")   # tokens: token-stream tables (tokens_table)
+FORMATS = ("auto", "jsonl", "parquet", "text", "tokens")   # tokens: token-stream tables (dense_writer)
 _EXT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
         ".txt": "text", ".text": "text", ".md": "text"}
 
@@ -350,7 +350,7 @@ def decode_documents(data: bytes) -> list[Document]:
 
 
 def _read_token_unit(unit: Unit) -> UnitRecords:
-    """A row group of a token-stream table (``index.dense_build.tokens_table``): documents as is."""
+    """A row group of a token-stream table (``index.dense_writer.tokens_table``): documents as is."""
     import pyarrow.parquet as pq
 
     fs, path = storage.open_fs(unit.uri)

@@ -1,9 +1,10 @@
 """The datastores of one index version, loaded in this process.
 
-Two uses: the decoder holds small indexes whole (:func:`load_sparse`, :func:`load_dense`), and
-an index-shard replica holds its part of the dense index (:func:`load_shard_data`). Sources
-(``IndexConfig``): a published index artifact (``index.artifact``), a dense datastore
-directory, or the GSM8K defaults built into the local cache.
+Two uses: the decoder holds small indexes whole (:func:`load_version_stores`: the one datastore
+loader of the CLI, serving and the benchmarks, ``decoding.stores.load_datastores``), and an
+index-shard replica holds its part of the dense index (:func:`load_shard_data`). Sources
+(``IndexConfig``): a published index artifact (``index.artifact``), a datastore directory, or
+the GSM8K defaults built into the local cache (``decoding.demo_stores``).
 
 A shard answers a search with :class:`Hits`: the top-k neighbours' similarities and GLOBAL ids
 together with their payload (first token and value tokens), so the decoder needs none of the
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -77,76 +77,16 @@ def merge_hits(parts: list[Hits], k: int) -> Hits:
     return out
 
 
-def _locked(path: Path):
-    """A file lock beside a cache entry: replicas on one machine build a default store once."""
-    from filelock import FileLock
+def load_version_stores(index: IndexConfig, target, *, dense: bool = True):
+    """The datastores of this version a decoder holds (``decoding.methods.Datastores``): the REST
+    index and, unless the dense index is held by the shards (`dense=False`), the whole dense
+    store (checked against `target`'s fingerprint); each None where the config has none. An
+    artifact's CURRENT is resolved once, so both come from the same version."""
+    from decoding.stores import load_datastores
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock")
-
-
-def _cache_lock(kind: str):
-    from decoding.model_loader import cache_root
-
-    return _locked(cache_root() / "datastores" / f".serving-{kind}")
-
-
-def _pinned_uri(index: IndexConfig) -> str:
-    """The artifact version directory the config designates (CURRENT is resolved once)."""
-    from index.artifact import resolve_version
-
-    return resolve_version(index.uri, index.artifact_version)
-
-
-def load_sparse(index: IndexConfig, target):
-    """The REST index of this version, or None when the config has none."""
-    src = index.source("sparse")
-    if src is None:
-        return None
-    if src == "artifact":
-        from index.artifact import load_sparse as load_artifact_sparse
-
-        return load_artifact_sparse(_pinned_uri(index))
-    from index.defaults import default_sparse_index
-
-    if src == "default":
-        with _cache_lock("sparse"):
-            return default_sparse_index(target)
-    return default_sparse_index(target, src)
-
-
-def load_dense(index: IndexConfig, target):
-    """The whole dense store (drafter protocol: transform, manifest.eos_token_id, len, search,
-    first_token, values), checked against `target`'s fingerprint; None when the config has none."""
-    src = index.source("dense")
-    if src is None:
-        return None
-    from index.dense_format import model_fingerprint
-
-    expect = model_fingerprint(target)
-    if src == "artifact":
-        from index.artifact import load_artifact
-
-        store = load_artifact(_pinned_uri(index), expect)
-    elif src == "default":
-        from index.defaults import default_dense_store
-
-        with _cache_lock(f"dense{index.dense_default_docs}"):
-            store = default_dense_store(target, n_docs=index.dense_default_docs)
-    else:
-        from index.dense_store import DenseStore
-
-        store = DenseStore.load(src, expect=expect)
-    if index.nprobe is not None:
-        _set_nprobe(store, index.nprobe)
-    return store
-
-
-def _set_nprobe(store, nprobe: int) -> None:
-    if hasattr(store, "shards"):                      # IndexArtifact
-        store.nprobe = nprobe
-    elif hasattr(store.index, "nprobe"):             # DenseStore with an IVF index
-        store.index.nprobe = nprobe
+    return load_datastores(target, index=index.uri, version=index.artifact_version, sparse=index.source("sparse"),
+                           dense=index.source("dense") if dense else None,
+                           dense_default_docs=index.dense_default_docs, nprobe=index.nprobe)
 
 
 class _RowRange:
@@ -203,13 +143,15 @@ def load_shard_data(index: IndexConfig, shard_id: int, num_shards: int, load_tar
     datastore directory or the default store, an even split of its rows. None: no dense index.
 
     `load_target()` gives a TargetModel, needed only to build the default store on first use."""
+    from decoding.stores import is_artifact, load_dense_store, resolve_index
+
     src = index.source("dense")
     if src is None:
         return None
-    if src == "artifact":
+    if src == "artifact" or (src != "default" and is_artifact(src)):
         from index.artifact import load_artifact, load_shard
 
-        uri = _pinned_uri(index)
+        uri = resolve_index(index.uri, index.artifact_version) if src == "artifact" else resolve_index(src)
         art = load_artifact(uri, load_index=False)
         n = len(art.manifest.dense_shards)
         searchers = [load_shard(uri, i) for i in range(n) if i % num_shards == shard_id]
@@ -219,10 +161,7 @@ def load_shard_data(index: IndexConfig, shard_id: int, num_shards: int, load_tar
         return ShardData(_meta(index, uri, art.manifest, art.transform, len(art)), searchers,
                          art.values, art.first_token)
     if src == "default":
-        from index.defaults import default_dense_store
-
-        with _cache_lock(f"dense{index.dense_default_docs}"):
-            store = default_dense_store(load_target(), n_docs=index.dense_default_docs)
+        store = load_dense_store("default", load_target(), n_docs=index.dense_default_docs)
     else:
         from index.dense_store import DenseStore
 
@@ -236,14 +175,13 @@ def load_shard_data(index: IndexConfig, shard_id: int, num_shards: int, load_tar
 def prepare_defaults(index: IndexConfig, target) -> list[str]:
     """Build the default GSM8K stores `index` uses into the local cache now (a first start of
     the embedded default would otherwise build them inside the replicas). Returns their kinds."""
+    from decoding.stores import load_dense_store, load_sparse_store
+
     built = []
     if index.source("sparse") == "default":
-        load_sparse(index, target)
+        load_sparse_store("default", target)
         built.append("sparse")
     if index.source("dense") == "default":
-        from index.defaults import default_dense_store
-
-        with _cache_lock(f"dense{index.dense_default_docs}"):
-            default_dense_store(target, n_docs=index.dense_default_docs)
+        load_dense_store("default", target, n_docs=index.dense_default_docs)
         built.append("dense")
     return built

@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 
+from support.s3 import S3Server
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,26 +33,26 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def target():
-    """SmolLM2-135M-Instruct (embedded GGUF), float32 on CPU."""
+    """SmolLM2-135M-Instruct (embedded GGUF), float32 on CPU (explicit: the default, dtype "auto",
+    may pick bfloat16 on a CPU with AVX512-BF16)."""
     from decoding.target import TargetModel
 
-    return TargetModel.load()
+    return TargetModel.load(dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def gsm8k_sparse_index(target):
     """A REST datastore over the first 2,000 GSM8K train answers."""
-    from index.corpus import gsm8k, gsm8k_answer_text
-    from index.sparse import SparseIndex
+    from decoding.demo_stores import encode_text
+    from index.corpus import gsm8k_sparse_index
 
-    docs = [target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] for r in gsm8k("train")[:2000]]
-    return SparseIndex.build(docs)
+    return gsm8k_sparse_index(encode_text(target), stop=2000)
 
 
 @pytest.fixture(scope="session")
 def dense_docs(target):
     """The first 40 GSM8K train question/answer pairs as chat documents (entries for answers)."""
-    from index.defaults import gsm8k_documents
+    from decoding.demo_stores import gsm8k_documents
 
     return gsm8k_documents(target, 40)
 
@@ -58,7 +60,7 @@ def dense_docs(target):
 @pytest.fixture(scope="session")
 def dense_store_dir(target, dense_docs, tmp_path_factory):
     """A small dense datastore (d = 32, values of 8 tokens, several shards)."""
-    from index.dense_build import build_dense_datastore
+    from decoding.dense_extract import build_dense_datastore
 
     path = tmp_path_factory.mktemp("dense") / "store"
     build_dense_datastore(target, dense_docs, path, dim=32, value_len=8, shard_rows=1500)
@@ -83,14 +85,6 @@ def tiny_llama(vocab: int = 8, seed: int = 0, scale: float = 4.0):
     return model
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """A real local multi-node Ray cluster: a head and one worker node (2 logical CPUs each) on
@@ -102,32 +96,16 @@ def ray_cluster(s3_server):
     Serve on it is started by tests/test_serving.py's start_serve: one HTTP proxy, on the head node
     (its nodes share this machine: proxies on several would share the port).
     """
-    import ray
-    from ray.cluster_utils import Cluster
+    # Imported here, not at the top: Ray loads only in sessions that use the cluster.
+    from support.cluster import shutdown_cluster, start_local_cluster
 
-    port = _free_port()
-    # Own ports for the dashboard agents: the default (52365) is shared by every Ray instance on
-    # the machine, and a second cluster's job agent would fail to bind it.
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port, "resources": {"head": 1, "slot": 1},
-        "dashboard_agent_listen_port": _free_port()})
     # "slot": one per node, so a test can place one actor on each node.
-    cluster.add_node(num_cpus=2, resources={"worker": 1, "slot": 1}, dashboard_agent_listen_port=_free_port())
-    cluster.wait_for_nodes()
-    cluster.dashboard_url = f"http://127.0.0.1:{port}"
+    cluster = start_local_cluster({"head": 1, "slot": 1}, {"worker": 1, "slot": 1})
     cluster.wait_for_job_agent = lambda timeout=120: _wait_for_job_agent(cluster.dashboard_url, timeout)
-    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
         yield cluster
     finally:
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        except Exception:
-            pass
-        ray.shutdown()
-        cluster.shutdown()
+        shutdown_cluster(cluster)
 
 
 def _wait_for_job_agent(url: str, timeout: float) -> None:
@@ -152,50 +130,6 @@ def _wait_for_job_agent(url: str, timeout: float) -> None:
         if time.time() > deadline:
             raise TimeoutError("the no-op job did not finish")
         time.sleep(0.5)
-
-
-class S3Server:
-    """moto's standalone S3-compatible HTTP server in a subprocess on loopback.
-
-    `env` holds the variables that point boto3/s3fs at it; `stop()`/`start()` simulate an outage
-    (moto keeps no state across restarts)."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
-                    "AWS_ENDPOINT_URL_S3": self.endpoint}
-        self.proc = None
-
-    def start(self) -> None:
-        import subprocess
-        import sys
-        import time
-        import urllib.request
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
-                return
-            except Exception:
-                time.sleep(0.2)
-        raise RuntimeError("moto server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def make_bucket(self, name: str) -> None:
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
 
 
 @pytest.fixture(scope="session")

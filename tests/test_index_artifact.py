@@ -17,12 +17,14 @@ import pytest
 from index import storage
 from index.artifact import (ArtifactError, load_artifact, load_shard, load_sparse, merge_topk, resolve_version,
                             set_current)
-from index.artifact_build import BuildConfig, build_artifact, merge_artifact
+from decoding.fingerprint import model_fingerprint
+from index.artifact_build import BuildConfig, merge_artifact
 from index.artifact_tasks import plan_shards
-from index.dense_format import DatastoreError, model_fingerprint, read_manifest
+from index.dense_format import DatastoreError, read_manifest
 from index.dense_store import DenseStore
 from index.dense_synth import clustered_keys, synthetic_datastore, write_dense_datastore
 from index.faiss_ops import recall_at_k
+from pipelines.build_index import build_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,8 +259,9 @@ def test_sparse_from_the_datastores_token_streams(ray_cluster, tmp_path):
     the REST index holds each document's stored part tokens[store_from:], in 2 shards."""
     import pyarrow.parquet as pq
 
-    from index.dense_build import Document, tokens_table
-    from index.dense_format import sha256_file, write_manifest_atomically
+    from index.dense_build import Document
+    from index.dense_format import sha256_file
+    from index.dense_writer import tokens_table, write_manifest
     from index.dense_synth import synthetic_documents
     from index.sparse import SparseIndex
 
@@ -271,7 +274,7 @@ def test_sparse_from_the_datastores_token_streams(ray_cluster, tmp_path):
     m = read_manifest(ds)
     m.token_shards = [{"path": "tokens/part-00000.parquet", "rows": len(docs),
                        "sha256": sha256_file(ds / "tokens/part-00000.parquet")}]
-    write_manifest_atomically(ds, m)
+    write_manifest(ds, m)
     build(ds, tmp_path / "art", shards=2, sparse_shards=2)
     sparse = load_sparse(tmp_path / "art")
     reference = SparseIndex.build([d.tokens[d.store_from:] for d in docs])

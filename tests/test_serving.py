@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from support.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +33,6 @@ QUESTIONS = [                   # the first GSM8K train questions: their answers
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- datastores --------------------------------------------------------------------------------
 
 
@@ -46,11 +41,14 @@ def _dense_store_dir(target) -> Path:
     from filelock import FileLock
 
     from decoding.model_loader import cache_root
-    from index.defaults import gsm8k_documents
-    from index.dense_build import build_dense_datastore
+    from decoding.demo_stores import gsm8k_documents
+    from decoding.dense_extract import build_dense_datastore
+    from decoding.fingerprint import model_fingerprint
     from index.dense_format import MANIFEST
 
-    path = cache_root() / "datastores" / f"serving-test-dense{DENSE_DOCS}-v{target.vocab_size}"
+    # Keyed by the model's fingerprint: a store of other weights (or an older hash) is never reused.
+    fp = model_fingerprint(target)
+    path = cache_root() / "datastores" / f"serving-test-dense{DENSE_DOCS}-{fp.weights_hash}-{fp.tokenizer_hash}"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not (path / MANIFEST).is_file():
@@ -59,11 +57,10 @@ def _dense_store_dir(target) -> Path:
 
 
 def _sparse_dir(target, path: Path, start: int, n: int) -> Path:
-    from index.corpus import gsm8k, gsm8k_answer_text
-    from index.sparse import SparseIndex
+    from decoding.demo_stores import encode_text
+    from index.corpus import gsm8k_sparse_index
 
-    docs = [target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] for r in gsm8k("train")[start:start + n]]
-    SparseIndex.build(docs).save(path)
+    gsm8k_sparse_index(encode_text(target), start=start, stop=start + n).save(path)
     return path
 
 
@@ -71,7 +68,7 @@ def _sparse_dir(target, path: Path, start: int, n: int) -> Path:
 def stores(target, tmp_path_factory):
     """Directories and in-process copies of the stores the server uses."""
     from decoding.methods import Datastores
-    from index.dense_format import model_fingerprint
+    from decoding.fingerprint import model_fingerprint
     from index.dense_store import DenseStore
     from index.sparse import SparseIndex
 
@@ -87,7 +84,8 @@ def stores(target, tmp_path_factory):
 def artifact(ray_cluster, stores, tmp_path_factory):
     """The test dense store published as an index artifact with 2 dense shards (not merged) and
     its REST index, built by index.artifact_build on the test cluster."""
-    from index.artifact_build import BuildConfig, build_artifact
+    from index.artifact_build import BuildConfig
+    from pipelines.build_index import build_artifact
 
     root = tmp_path_factory.mktemp("artifact") / "index"
     build_artifact(BuildConfig(datastore=stores["dense"], output=str(root), shards=2, merge=False,
@@ -134,7 +132,7 @@ def start_serve(dashboard_url: str) -> int:
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    serve.start(proxy_location=PROXY_LOCATION, http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(proxy_location=PROXY_LOCATION, http_options={"host": "127.0.0.1", "port": free_port()})
     details = ServeSubmissionClient(dashboard_url).get_serve_details()
     assert details["proxy_location"] == PROXY_LOCATION, \
         f"Serve runs with proxy_location {details['proxy_location']}: start it with start_serve()"
@@ -507,14 +505,15 @@ def test_artifact_sources_match_the_datastore(target, stores, artifact):
     import numpy as np
 
     from serving.config import IndexConfig
-    from serving.index_data import load_dense, load_shard_data, load_sparse, merge_hits
+    from serving.index_data import load_shard_data, load_version_stores, merge_hits
 
     index = IndexConfig(version="art", uri=artifact)
     ds = stores["local"].dense
     rng = np.random.default_rng(0)
     q = ds.transform(rng.normal(size=(5, target.config.hidden_size)).astype(np.float32))
     sims, ids = ds.search(q, 10)
-    whole = load_dense(index, target)
+    stores = load_version_stores(index, target)
+    whole = stores.dense
     assert len(whole) == len(ds)
     np.testing.assert_array_equal(whole.search(q, 10)[1], ids)
     parts = [load_shard_data(index, j, 2) for j in range(2)]
@@ -524,7 +523,7 @@ def test_artifact_sources_match_the_datastore(target, stores, artifact):
     np.testing.assert_allclose(merged.sims, sims, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(merged.values, ds.values[ids])
     np.testing.assert_array_equal(merged.first, ds.first_token[ids])
-    assert load_sparse(index, target).n_tokens > 0
+    assert stores.sparse.n_tokens > 0
 
 
 def test_index_hot_swap_keeps_requests_in_flight(server, target, stores, artifact):

@@ -57,7 +57,7 @@ def stores(target, tmp_path_factory):
     """The test dense store (built once into the cache) and a REST index over 200 GSM8K answers:
     directories for the server, loaded copies for the engine."""
     from decoding.methods import Datastores
-    from index.dense_format import model_fingerprint
+    from decoding.fingerprint import model_fingerprint
     from index.dense_store import DenseStore
     from index.sparse import SparseIndex
 

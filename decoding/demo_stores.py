@@ -1,39 +1,48 @@
-"""The demo's datastores, built from GSM8K train into the local cache on first use."""
+"""The demo's datastores, built from GSM8K train into the local cache on first use.
+
+Used by ``sense generate``/``sense demo``, by serving's "default" index source and by the
+benchmarks: here, below both, because building the dense one runs the target model.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from index.corpus import gsm8k, gsm8k_answer_text
+from decoding.dense_extract import build_dense_datastore
+from decoding.engine import encode_prompt
+from decoding.fingerprint import model_fingerprint
+from decoding.model_loader import cache_root
+from index.corpus import gsm8k, gsm8k_answer_text, gsm8k_sparse_index
+from index.dense_build import Document
+from index.dense_format import MANIFEST
+from index.dense_store import DenseStore
+from index.sparse import SparseIndex
 
 
 def _cache_dir(target, kind: str) -> Path:
-    from decoding.model_loader import cache_root
-
     name = Path(str(target.config._name_or_path)).name or "model"
     return cache_root() / "datastores" / f"{kind}-gsm8k-train-{name}-v{target.vocab_size}"
 
 
-def default_sparse_index(target, path: str | Path | None = None):
-    """REST datastore over the GSM8K train answers."""
-    from index.sparse import SparseIndex
+def encode_text(target):
+    """The target's plain text -> token ids (no chat template)."""
+    return lambda text: target.tokenizer(text)["input_ids"]
 
+
+def default_sparse_index(target, path: str | Path | None = None) -> SparseIndex:
+    """REST datastore over the GSM8K train answers."""
     if path:                      # a given datastore is loaded as is, never built in its place
         return SparseIndex.load(path)
     path = _cache_dir(target, "sparse")
     if not (path / "meta.json").is_file():
         print(f"building the REST datastore from GSM8K train answers into {path} ...", file=sys.stderr)
-        docs = [target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] for r in gsm8k("train")]
-        SparseIndex.build(docs).save(path)
+        gsm8k_sparse_index(encode_text(target)).save(path)
     return SparseIndex.load(path)
 
 
-def gsm8k_documents(target, n: int, offset: int = 0):
+def gsm8k_documents(target, n: int, offset: int = 0) -> list[Document]:
     """GSM8K train question/answer pairs as chat documents; entries only for the answers."""
-    from decoding.engine import encode_prompt
-    from index.dense_build import Document
-
     docs = []
     for r in gsm8k("train")[offset: offset + n]:
         prompt = encode_prompt(target, r["question"])
@@ -43,12 +52,8 @@ def gsm8k_documents(target, n: int, offset: int = 0):
     return docs
 
 
-def default_dense_store(target, path: str | Path | None = None, n_docs: int = 1000):
+def default_dense_store(target, path: str | Path | None = None, n_docs: int = 1000) -> DenseStore:
     """Dense datastore over the first `n_docs` GSM8K train question/answer pairs."""
-    from index.dense_build import build_dense_datastore
-    from index.dense_format import MANIFEST, model_fingerprint
-    from index.dense_store import DenseStore
-
     if path:
         return DenseStore.load(path, expect=model_fingerprint(target))
     path = _cache_dir(target, f"dense{n_docs}")
