@@ -10,9 +10,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from decoding.target import TargetModel
+from decoding.measured import machine, remembered
 from decoding.tree import TokenTree
+
+if TYPE_CHECKING:       # decoding.target loads models through decoding.dtype_choice, which imports this
+    from decoding.target import TargetModel
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
@@ -41,6 +45,25 @@ def measure_verify_cost(target: TargetModel, sizes: Sequence[int] = DEFAULT_SIZE
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 
+def cost_curve(target: "TargetModel", sizes: Sequence[int] = DEFAULT_SIZES) -> dict[int, float]:
+    """The verify cost curve of `target` on this machine (seconds per forward by tree size):
+    measured once per machine, model, dtype and thread count, then remembered on disk and on the
+    target. This is what ``budget="adaptive"`` plans with."""
+    memo = getattr(target, "_cost_curve", None)
+    if memo is not None and memo[0] == tuple(sizes):
+        return memo[1]
+    # A small context window (test models) takes the sizes that fit beside a shorter context.
+    fit = [n for n in sizes if 2 * n + 2 <= target.context_window] or [1]
+    context = min(256, target.context_window - max(fit) - 2)
+    key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
+           "cpu_kernels": target.cpu_kernels, "sizes": fit, "context": context}
+    stored, _ = remembered("cost", key, lambda: {
+        str(n): s for n, s in measure_verify_cost(target, fit, context_len=context, repeats=5, warmup=1).items()})
+    curve = {int(n): s for n, s in stored.items()}
+    target._cost_curve = (tuple(sizes), curve)
+    return curve
+
+
 def relative_cost(seconds: dict[int, float]) -> dict[int, float]:
     """c(n) = seconds[n] / seconds[0]."""
     base = seconds[0]
@@ -66,23 +89,27 @@ def interpolate_cost(cost: dict[int, float], n: int) -> float:
 
 
 class AdaptiveBudget:
-    """Picks each step's draft budget b to maximise expected committed tokens per unit of cost:
+    """Picks each step's draft budget b to maximise expected committed tokens per second:
 
-        value(b) = (1 + A(b)) / C(b)
+        value(b) = (1 + A(b)) / (C(b) + D(b))        value(0) = 1 / (1 + D(0))
 
-    A(b): running mean of draft tokens accepted with budget b; C(b): running mean of c(tree size)
-    for the trees a budget b yields (drafters often find fewer candidates than b). One verified
-    tree of budget B tells A(b) for every b <= B (``TokenTree.accepted_within``). Estimates start
-    optimistic (A(b) = b / 2, replaced by the first observation), and every `explore_every` steps
+    in units of one plain decode step. A(b): running mean of draft tokens accepted with budget b;
+    C(b): running mean of c(tree size) for the trees a budget b yields (drafters often find fewer
+    candidates than b); D(b): running mean of the step's own time outside the forward (drafting,
+    the acceptance decision, KV compaction) for budget b. One verified tree of budget B tells
+    A(b) for every b <= B (``TokenTree.accepted_within``). Estimates start optimistic
+    (A(b) = b / 2, D = 0, replaced by the first observations), and every `explore_every` steps
     the budget one size above the current best is tried, so the choice can climb when drafts get
-    better. On a GPU c(n) is flat and large budgets win; on a CPU it climbs and small ones do,
-    with the same code.
+    better. When no budget beats a plain step, b = 0: the engine then skips drafting and runs at
+    ``ar`` speed (but for the exploration steps). On a GPU c(n) is flat and large budgets win;
+    on a CPU it climbs and small ones do, with the same code.
     """
 
     def __init__(self, cost: dict[int, float], *, sizes: Sequence[int] | None = None, decay: float = 0.95,
                  explore_every: int = 8) -> None:
         if 0 not in cost or cost[0] <= 0:
             raise ValueError("the cost curve needs c(0), the cost of a plain decode step")
+        self.step_seconds = float(cost[0])
         self.cost = {n: c / cost[0] for n, c in cost.items()}
         self.sizes = sorted(set(sizes or [n for n in cost if n > 0]))
         self.decay = decay
@@ -90,14 +117,16 @@ class AdaptiveBudget:
         self.accepted = {b: b / 2 for b in self.sizes}
         self.tree_cost = {b: interpolate_cost(self.cost, b) for b in self.sizes}
         self.seen = {b: 0 for b in self.sizes}
+        self.overhead = {b: 0.0 for b in [0, *self.sizes]}
+        self.overhead_seen = {b: 0 for b in self.overhead}
         self.steps = 0
 
     def value(self, b: int) -> float:
         if not b:
-            return 1.0
+            return 1.0 / (1.0 + self.overhead[0])
         # A larger budget never accepts less (its tree contains the smaller one's).
         a = max(self.accepted[s] for s in self.sizes if s <= b)
-        return (1.0 + a) / self.tree_cost[b]
+        return (1.0 + a) / (self.tree_cost[b] + self.overhead[b])
 
     def best(self) -> int:
         return max([0, *self.sizes], key=self.value)
@@ -111,8 +140,13 @@ class AdaptiveBudget:
                 return larger[0]
         return best
 
-    def update(self, tree: TokenTree, path: Sequence[int], budget: int) -> None:
-        """Learn from one verified tree drafted with `budget`."""
+    def update(self, tree: TokenTree, path: Sequence[int], budget: int, overhead_s: float | None = None) -> None:
+        """Learn from one verified tree drafted with `budget`; `overhead_s`: the step's seconds
+        outside the verification forward (drafting and committing)."""
+        if overhead_s is not None and budget in self.overhead:
+            self.overhead_seen[budget] += 1
+            rate = max(1.0 - self.decay, 1.0 / self.overhead_seen[budget])
+            self.overhead[budget] += rate * (overhead_s / self.step_seconds - self.overhead[budget])
         for b in self.sizes:
             if b > budget:
                 break

@@ -14,6 +14,11 @@ import logging
 import os
 import sys
 
+from decoding.methods import METHODS, check_method, make_drafter
+
+# The heavy modules (torch, transformers, the index builders) are imported inside the commands that
+# need them: `sense --help` and argument errors answer without loading torch.
+
 DEFAULT_QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
                     "in May. How many clips did Natalia sell altogether in April and May?")
 
@@ -35,16 +40,13 @@ def _quiet_libraries() -> None:
 
 
 def load_stores(methods, target, args):
-    """The datastores the methods need: given directories, else the GSM8K defaults."""
-    from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores
-    from index.defaults import default_dense_store, default_sparse_index
+    """The datastores the methods need (decoding.stores.load_datastores): the published index
+    artifact (--index, --version), store folders (--sparse-store, --dense-store; these win over
+    --index for their kind), else the GSM8K defaults."""
+    from decoding.stores import load_datastores
 
-    stores = Datastores()
-    if NEEDS_SPARSE & set(methods):
-        stores.sparse = default_sparse_index(target, args.sparse_store)
-    if NEEDS_DENSE & set(methods):
-        stores.dense = default_dense_store(target, args.dense_store)
-    return stores
+    return load_datastores(target, index=args.index, version=args.version, sparse=args.sparse_store or "auto",
+                           dense=args.dense_store or "auto", methods=methods)
 
 
 def _params(args):
@@ -63,14 +65,31 @@ def _soft(args):
                           tau=None if args.soft_tau is None or args.soft_tau > 1 else args.soft_tau)
 
 
+def _budget_arg(text: str):
+    if text == "adaptive":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'adaptive' or an integer >= 0, got {text!r}")
+    return value
+
+
+def _loaded(target) -> None:
+    print(f"model: {target.config._name_or_path or 'target'} on {target.device}, dtype {target.dtype_choice.reason}",
+          file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from decoding.engine import encode_prompt, generate
-    from decoding.methods import check_method, make_drafter
     from decoding.target import TargetModel
 
     params, soft = _params(args), _soft(args)       # validate before the slow model load
     check_method(args.method)
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
+    _loaded(target)
     stores = load_stores([args.method], target, args)
     ids = encode_prompt(target, args.prompt, chat=not args.raw)
     result = generate(target, ids, params=params, drafter=make_drafter(args.method, stores), budget=args.budget,
@@ -85,13 +104,13 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from decoding.engine import encode_prompt, generate
-    from decoding.methods import check_method, make_drafter
     from decoding.target import TargetModel
 
     params = _params(args)
     methods = [check_method(m) for m in args.methods.split(",")]
     print("loading the target model (the first run converts the embedded GGUF) ...", file=sys.stderr)
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
+    _loaded(target)
     stores = load_stores(methods, target, args)
     ids = encode_prompt(target, args.prompt)
     runs = [(m, None) for m in methods]
@@ -126,10 +145,10 @@ def _read_texts(paths, field):
 
 
 def cmd_build_sparse(args) -> int:
-    from decoding.model_loader import load_model_and_tokenizer
+    from decoding.model_loader import load_tokenizer
     from index.sparse import SparseIndex
 
-    _, tokenizer = load_model_and_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
     texts, skipped = _read_texts(args.corpus, args.field)
     index = SparseIndex.build(tokenizer(t)["input_ids"] for t in texts)
     index.save(args.out)
@@ -140,7 +159,8 @@ def cmd_build_sparse(args) -> int:
 
 def cmd_build_dense(args) -> int:
     from decoding.target import TargetModel
-    from index.dense_build import Document, build_dense_datastore
+    from decoding.dense_extract import build_dense_datastore
+    from index.dense_build import Document
 
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
     texts, skipped = _read_texts(args.corpus, args.field)
@@ -152,15 +172,17 @@ def cmd_build_dense(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from decoding.methods import METHODS
-
     parser = argparse.ArgumentParser(prog="sense", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_opts(p):
-        p.add_argument("--model", default=None, help="HF model directory or id (default: embedded SmolLM2-135M)")
-        p.add_argument("--dtype", default="float32", help="float32 (CPU default) or bfloat16 (GPU)")
+        p.add_argument("--model", default=None,
+                       help="HF model directory, hub id or .gguf file (converted once into the cache; "
+                            "default: the embedded SmolLM2-135M GGUF)")
+        p.add_argument("--dtype", default="auto",
+                       help="auto (default: the faster of float32/bfloat16 on CPU, bfloat16/float16 on GPU, "
+                            "measured once per machine), float32, bfloat16 or float16")
         p.add_argument("--device", default="cpu")
 
     def decode_opts(p):
@@ -170,10 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
-        p.add_argument("--budget", type=int, default=64, help="draft tree node budget")
+        p.add_argument("--budget", type=_budget_arg, default="adaptive",
+                       help="draft tree nodes per step: adaptive (default: from this machine's measured verify "
+                            "cost and the acceptance so far; 0 when drafts do not pay) or an integer")
+        p.add_argument("--index", default=None, metavar="URI",
+                       help="published index artifact (pipelines.build_index output; local dir or s3://): "
+                            "the sparse and dense stores of one version")
+        p.add_argument("--version", default=None, metavar="V",
+                       help="artifact version (vNNNN) of --index; default CURRENT")
         p.add_argument("--sparse-store", "--datastore", dest="sparse_store", default=None,
-                       help="REST datastore directory (default: GSM8K train answers)")
-        p.add_argument("--dense-store", default=None, help="dense datastore directory (default: GSM8K train)")
+                       help="REST datastore folder, or an index artifact or its sparse/ folder "
+                            "(default: --index, else GSM8K train answers)")
+        p.add_argument("--dense-store", default=None,
+                       help="dense datastore folder or index artifact (default: --index, else GSM8K train)")
         p.add_argument("--soft", action="store_true", help="soft-gated (lossy) verification")
         p.add_argument("--soft-theta", type=float, default=0.3, help="entropy gate (nats over top-k)")
         p.add_argument("--soft-top-k", type=int, default=3)
@@ -184,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate an answer with speculative decoding")
     g.add_argument("prompt")
-    g.add_argument("--method", default="pld", help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    g.add_argument("--method", default="pld", help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     g.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     g.add_argument("--json", action="store_true", help="print text and statistics as JSON")
     model_opts(g)
@@ -202,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("corpus", nargs="+", help="JSONL files")
     b.add_argument("--field", default="text", help="record field holding the text")
     b.add_argument("--out", required=True)
-    b.add_argument("--model", default=None)
+    b.add_argument("--model", default=None, help="whose tokenizer: HF directory, hub id or .gguf file")
     b.set_defaults(func=cmd_build_sparse)
 
     e = sub.add_parser("build-dense", help="build a dense datastore from JSONL files (single process)")
@@ -225,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     from index.corpus import CorpusError
     from index.dense_format import DatastoreError
     from index.sparse import SparseIndexError
+    from index.storage import StorageError
 
     try:
         return args.func(args)
-    except (SenseError, CorpusError, SparseIndexError, DatastoreError) as exc:
+    except (SenseError, CorpusError, SparseIndexError, DatastoreError, StorageError) as exc:
         print(f"sense: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decoding.budget import AdaptiveBudget
+from decoding.budget import AdaptiveBudget, cost_curve
 from decoding.config import SamplingParams
 from decoding.drafters.base import Drafter, NoDrafter
+from decoding.errors import InvalidRequestError
 from decoding.metrics import GenerationStats
 from decoding.target import TargetModel
+from decoding.tree import TokenTree
 from decoding.verifiers import Verifier, make_verifier
 
 
@@ -82,15 +84,17 @@ class _Stopper:
 
 def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingParams | None = None,
              drafter: Drafter | None = None, verifier: Verifier | None = None,
-             budget: int | AdaptiveBudget = 64, soft=None,
+             budget: int | AdaptiveBudget | str = "adaptive", soft=None,
              on_tokens: Callable[[list[int]], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
     """Speculative decoding of one request.
 
     Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
     nodes), the target verifies all nodes in one forward, the verifier picks the accepted path
-    and the next pending token, and the KV cache keeps just that path. `budget` is a node count
-    or an :class:`AdaptiveBudget` that picks one per step from the cost curve. `soft` (a
+    and the next pending token, and the KV cache keeps just that path. `budget` is a node count,
+    an :class:`AdaptiveBudget`, or ``"adaptive"`` (the default): a fresh adaptive budget over
+    this machine's measured cost curve (``decoding.budget.cost_curve``), which drafts nothing
+    when drafts do not pay. `soft` (a
     ``decoding.soft.SoftGateConfig``) opts into lossy soft-gated verification.
 
     Optional hooks (for streaming servers; neither changes the tokens produced):
@@ -103,7 +107,12 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     drafter = drafter or NoDrafter()
     verifier = verifier or make_verifier(params, soft, transform=getattr(drafter, "transform", None))
     verifier_hidden = getattr(verifier, "uses_hidden", False)
-    stats = GenerationStats(method=drafter.name)
+    stats = GenerationStats(method=drafter.name, dtype=str(target.dtype).removeprefix("torch."))
+    if budget == "adaptive":
+        budget = AdaptiveBudget(cost_curve(target)) if not isinstance(drafter, NoDrafter) else 0
+    elif not isinstance(budget, AdaptiveBudget) and (not isinstance(budget, int) or isinstance(budget, bool)
+                                                     or budget < 0):
+        raise InvalidRequestError(f"budget must be an integer >= 0 or 'adaptive', got {budget!r}")
     adaptive = budget if isinstance(budget, AdaptiveBudget) else None
     t_start = time.perf_counter()
     if should_stop is not None and should_stop():
@@ -136,20 +145,20 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
         max_depth = stopper.limit - len(generated) - 1
         step_budget = adaptive.choose() if adaptive else budget
         room = min(step_budget, target.context_window - n)
-        tree = drafter.propose(tokens[:n], room, max_depth, hidden)
+        tree = drafter.propose(tokens[:n], room, max_depth, hidden) if room > 0 else TokenTree.root_only(int(tokens[n - 1]))
         t1 = time.perf_counter()
         out = target.verify(state, tree)
         t2 = time.perf_counter()
         verdict = verifier.verify(tree, out.logits, out.hidden) if verifier_hidden else verifier.verify(tree, out.logits)
         target.commit(state, verdict.path)
-        if adaptive:
-            adaptive.update(tree, verdict.path, room)
         if needs_hidden:
             # Committed positions n-1 .. n-1+accepted: the pending root and the accepted drafts.
             path_hidden = out.hidden[verdict.path]
             drafter.observe(np.arange(n - 1, n - 1 + len(verdict.path)), path_hidden)
             hidden = path_hidden[-1]
         t3 = time.perf_counter()
+        if adaptive:
+            adaptive.update(tree, verdict.path, room, overhead_s=(t1 - t0) + (t3 - t2))
         stats.steps += 1
         stats.drafted += tree.n_draft
         stats.time_draft += t1 - t0

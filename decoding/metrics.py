@@ -21,6 +21,7 @@ class GenerationStats:
     finish_reason: str = ""
     verifier: str = "strict"
     soft_gates: dict | None = None # gate counters of soft-gated verification
+    dtype: str = ""                # what the target ran in
 
     @property
     def mat(self) -> float:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding.cpu_kernels import SmallBatchHead, install_small_batch_linear, wants_cpu_kernels
+from decoding.dtype_choice import DtypeChoice, check_dtype, choose_dtype, explicit, model_key
 from decoding.errors import ContextLengthError, InvalidRequestError
 from decoding.tree import TokenTree
 
@@ -66,14 +67,26 @@ class TargetModel:
         self.vocab_size = int(self.config.vocab_size)
         self.context_window = int(getattr(self.config, "max_position_embeddings", 0) or 2048)
         self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.model_key = model_key(model)
+        self.dtype_choice: DtypeChoice = explicit(str(self.dtype).removeprefix("torch."))
 
     @classmethod
-    def load(cls, model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
+    def load(cls, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
              hidden_layer: int = -1, cpu_kernels: bool | None = None) -> "TargetModel":
+        """Load a model; ``dtype="auto"`` runs it in the dtype measured fastest on this machine
+        (:mod:`decoding.dtype_choice`); the choice and why are in ``target.dtype_choice``."""
         from decoding.model_loader import load_model_and_tokenizer
 
-        hf_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
-        return cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels)
+        dtype = check_dtype(dtype)
+        if dtype != "auto":
+            hf_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+            return cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels)
+        first = "float32" if torch.device(device).type == "cpu" else "bfloat16"
+        hf_model, tokenizer = load_model_and_tokenizer(model, dtype=first, device=device)
+        hf_model, choice = choose_dtype(hf_model, device, lambda m: cls(m, tokenizer, cpu_kernels=cpu_kernels))
+        target = cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels)
+        target.dtype_choice = choice
+        return target
 
     # -- forward passes -----------------------------------------------------------------------
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import queue
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -24,10 +27,11 @@ from dataclasses import asdict, replace
 
 from index import storage
 from index.dense_format import MANIFEST, TRANSFORM, DatastoreError, Manifest, ModelFingerprint
+from index.dense_writer import write_manifest
 from index.records import FieldMap, InputError, Unit, plan_units
 from pipelines.config import DISTILL_METHODS, DatastoreJobConfig, SelfDistillConfig, parse_corpus
 from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, finished_distill,
-                              finished_unit, fit_sample, unit_to_row)
+                              finished_unit, fit_sample, read_distill_progress, unit_to_row)
 
 BUILD_INFO = "build.json"
 
@@ -78,6 +82,31 @@ def _use_gpu(config: DatastoreJobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
+TOKENIZER_CPUS = 0.25      # the tokenizing actor's share: it must still fit beside the model workers
+
+
+def _worker_cpus(config: DatastoreJobConfig, gpus: float) -> DatastoreJobConfig:
+    """Fill in cpus_per_worker when not given: the workers share the cluster's CPUs (each runs
+    that many intra-op threads, rounded), leaving room on a node for the tokenizing actor and
+    never more than a node has. A one-worker build on a 2-core machine gets both cores. GPU
+    workers run the model on the GPU: one CPU each."""
+    import ray
+
+    if config.cpus_per_worker is not None:
+        return config
+    if gpus > 0:
+        return replace(config, cpus_per_worker=1.0)
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources().get("CPU", 1)
+    share = min((total - TOKENIZER_CPUS) / config.workers, max(nodes, default=1) - TOKENIZER_CPUS)
+    return replace(config, cpus_per_worker=max(1.0, math.floor(share * 4) / 4))
+
+
+def _threads(config: DatastoreJobConfig) -> int:
+    """Intra-op threads of a model worker: the CPUs it holds, rounded (1.75 CPUs: 2 threads)."""
+    return max(1, round(config.cpus_per_worker))
+
+
 def _prepare_output(config: DatastoreJobConfig) -> dict | None:
     """The previous build's info if this run resumes it; refuse to mix settings or clobber data."""
     info_uri = storage.join(config.output, BUILD_INFO)
@@ -116,11 +145,12 @@ def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldM
     t0 = time.perf_counter()
     ref = _remote(fit_sample, config, gpus).remote(
         model=config.model, dtype=config.dtype, layer=config.layer, gpu=gpus > 0,
-        threads=int(config.cpus_per_worker), units=units, fields=fields, dim=config.dim,
+        threads=_threads(config), units=units, fields=fields, dim=config.dim,
         sample_rows=config.sample_rows, seed=config.seed, max_len=config.max_len, overlap=config.overlap,
         batch_tokens=config.batch_tokens, output=config.output, value_len=config.value_len)
     fit = ray.get(ref)
-    info = {"content_key": config.content_key(), "fingerprint": fit["fingerprint"], "eos": fit["eos"],
+    info = {"content_key": config.content_key(), "fingerprint": fit["fingerprint"], "key_dtype": fit["key_dtype"],
+            "eos": fit["eos"],
             "max_len": fit["max_len"], "overlap": fit["overlap"], "config": _config_dict(config)}
     storage.write_bytes_atomic(storage.join(config.output, BUILD_INFO), json.dumps(info, indent=2).encode())
     _log(f"first pass done in {time.perf_counter() - t0:.1f}s: transform fitted on {fit['sample_documents']} "
@@ -132,6 +162,39 @@ def _config_dict(config: DatastoreJobConfig) -> dict:
     d = asdict(config)
     d.pop("ray_address", None)
     return json.loads(json.dumps(d, default=str))
+
+
+def _consume_with_progress(ds, output: str, todo: list[Unit], every_s: float = 30.0) -> None:
+    """Run the distillation dataset to the end, logging each finished unit and, every `every_s`
+    seconds meanwhile, how far the units in progress are (from their progress files)."""
+    finished: queue.Queue = queue.Queue()
+
+    def consume() -> None:
+        try:
+            for row in ds.iter_rows():
+                finished.put(json.loads(row["summary"]))
+        except BaseException as exc:     # re-raised in the driver's thread below
+            finished.put(exc)
+        finished.put(None)
+
+    threading.Thread(target=consume, name="distill-consumer", daemon=True).start()
+    done: set[str] = set()
+    t0 = time.perf_counter()
+    while True:
+        try:
+            item = finished.get(timeout=every_s)
+        except queue.Empty:
+            parts = [f"{u.name} {p['done']}/{p['total']}" for u in todo if u.name not in done
+                     and (p := read_distill_progress(output, u.name)) and p["done"] < p["total"]]
+            if parts:
+                _log(f"  distilling ({time.perf_counter() - t0:.0f}s): prompts answered: " + ", ".join(parts))
+            continue
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        done.add(item["unit"])
+        _log(f"  distilled {len(done)}/{len(todo)} units ({item['documents']} answers in {item['unit']})")
 
 
 def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap],
@@ -149,12 +212,10 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
                             num_cpus=config.cpus_per_worker, resources=config.worker_resources,
                             num_gpus=gpus, fn_constructor_kwargs=dict(
                                 model=config.model, dtype=config.dtype, gpu=gpus > 0,
-                                threads=int(config.cpus_per_worker), output=config.output,
+                                threads=_threads(config), output=config.output,
                                 eos=_eos_of(config, gpus), max_new_tokens=config.self_distill.max_new_tokens,
                                 method=config.self_distill.method, batch_size=config.self_distill.batch_size))
-        for i, row in enumerate(ds.iter_rows(), 1):
-            s = json.loads(row["summary"])
-            _log(f"  distilled {i}/{len(todo)} units ({s['documents']} answers in {s['unit']})")
+        _consume_with_progress(ds, config.output, todo)
     out, bad_by_unit = [], {}
     for u in units:
         # Pass 2 reads the distilled table; the prompts' bad records carry over into its summary.
@@ -167,13 +228,10 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
 
 def _eos_of(config: DatastoreJobConfig, gpus: float) -> int:
     """EOS id without loading weights on the driver: from the model's config and tokenizer."""
-    from transformers import AutoConfig
-
-    from decoding.model_loader import resolve_model_path
+    from decoding.model_loader import load_config
     from pipelines.stages import load_tokenizer
 
-    path = resolve_model_path(config.model)
-    eos = getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
+    eos = getattr(load_config(config.model), "eos_token_id", None)
     if eos is None:
         eos = load_tokenizer(config.model).eos_token_id
     if isinstance(eos, (list, tuple)):
@@ -192,7 +250,7 @@ def _extract(config: DatastoreJobConfig, info: dict, todo: list[Unit], fields: d
         ExtractUnits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_cpus=config.cpus_per_worker, num_gpus=gpus, resources=config.worker_resources,
         fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, layer=config.layer, gpu=gpus > 0,
-                                   threads=int(config.cpus_per_worker), output=config.output,
+                                   threads=_threads(config), output=config.output,
                                    value_len=config.value_len, eos=info["eos"], max_len=info["max_len"],
                                    overlap=info["overlap"], batch_tokens=config.batch_tokens))
     t0, tokens, entries = time.perf_counter(), 0, 0
@@ -231,12 +289,12 @@ def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict
         corpora=corpora, shards=sorted((s["shard"] for s in summaries if s["shard"]), key=lambda d: d["path"]),
         token_shards=sorted((s["token_shard"] for s in summaries if s["token_shard"]), key=lambda d: d["path"]),
         transform_sha256=hashlib.sha256(transform_bytes).hexdigest(), skipped=sum(bad.values()),
-        skipped_reasons=dict(sorted(bad.items())),
+        skipped_reasons=dict(sorted(bad.items())), key_dtype=info.get("key_dtype", ""),
         build={"builder": "pipelines.build_datastore", "content_key": info["content_key"],
                "units": len(summaries), "records": sum(s["records"] for s in summaries),
                "forward_tokens": sum(s["forward_tokens"] for s in summaries), "max_len": info["max_len"],
                "overlap": info["overlap"], "timing": timing, "config": info["config"]})
-    storage.write_bytes_atomic(storage.join(config.output, MANIFEST), manifest.to_json().encode())
+    write_manifest(config.output, manifest)
     return manifest
 
 
@@ -293,10 +351,12 @@ def _build(config: DatastoreJobConfig) -> Manifest:
     t0 = time.perf_counter()
     _init_ray(config.ray_address, config.worker_start_timeout_s)
     gpus = _use_gpu(config)
+    config = _worker_cpus(config, gpus)
     fields = {c.name: c.fields for c in config.corpora}
     units = plan_units(list(config.corpora), config.split_bytes)
     _log(f"{len(units)} units from {len({u.uri for u in units})} files in {len(config.corpora)} corpora; "
-         f"{config.workers} extraction worker(s) on {'GPU' if gpus else 'CPU'}; output {config.output}")
+         f"{config.workers} extraction worker(s) on {'GPU' if gpus else f'{config.cpus_per_worker:g} CPU(s) each'}"
+         f"; output {config.output}")
     info = _prepare_output(config)
     if info is None:        # claim the output first: a crash from here on leaves a resumable build
         storage.write_bytes_atomic(storage.join(config.output, BUILD_INFO),
@@ -365,7 +425,8 @@ def parse_args(argv: list[str] | None = None) -> DatastoreJobConfig:
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--split-mb", type=float, default=1.0, help="JSONL megabytes per work unit")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs (and intra-op threads) per model worker; default: the cluster's CPUs shared by the workers")
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--worker-resources", type=json.loads, metavar="JSON",
                    help='custom Ray resources per model worker, e.g. \'{"gpu_extract": 1}\'')

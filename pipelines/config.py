@@ -35,7 +35,7 @@ class DatastoreJobConfig:
     corpora: tuple[CorpusSpec, ...]
     output: str
     model: str | None = None             # None: the embedded default
-    dtype: str = "auto"                  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"                  # auto: the faster dtype on the worker, measured
     layer: int = -1                      # hidden layer of the keys (-1: last, after the final norm)
     dim: int = 64                        # key dimension after PCA
     value_len: int = 20                  # next-N tokens per entry
@@ -44,7 +44,7 @@ class DatastoreJobConfig:
     batch_tokens: int = 8192             # padded tokens per forward
     split_bytes: int = 1 << 20           # JSONL bytes per work unit
     workers: int = 1                     # extraction actors
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: a node's CPUs shared by the workers (all cores used)
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     worker_resources: dict | None = None  # custom Ray resources per model worker (pin to node types)
     worker_start_timeout_s: float = 900.0  # wait this long for the whole actor pool before feeding it
@@ -79,7 +79,7 @@ class DatastoreJobConfig:
             raise InputError(f"max_len must be at least 2, got {self.max_len}")
         if self.overlap is not None and self.max_len is not None and not 0 <= self.overlap < self.max_len:
             raise InputError(f"overlap must be in [0, max_len), got {self.overlap}")
-        if self.cpus_per_worker <= 0 or (self.gpus_per_worker is not None and self.gpus_per_worker < 0):
+        if (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) or (self.gpus_per_worker is not None and self.gpus_per_worker < 0):
             raise InputError("cpus_per_worker must be positive and gpus_per_worker non-negative")
         if self.worker_start_timeout_s <= 0:
             raise InputError(f"worker_start_timeout_s must be positive, got {self.worker_start_timeout_s}")

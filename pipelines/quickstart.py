@@ -22,14 +22,24 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from decoding.model_loader import cache_root
+from index.artifact import list_versions, read_artifact_manifest, resolve_version
+from index.artifact_build import BuildConfig
+from index.corpus import gsm8k, gsm8k_answer_text
+from index.records import CorpusSpec, FieldMap
+from pipelines.build_datastore import build_datastore
+from pipelines.build_index import build_artifact
+from pipelines.config import DatastoreJobConfig
+from serving.app import build_app
+from serving.control_plane import init_local_ray
+from serving.run import wait_ready
+
 
 def _say(step: str, msg: str) -> None:
     print(f"[quickstart {step}] {msg}", file=sys.stderr, flush=True)
 
 
 def _corpus(path: Path, docs: int) -> None:
-    from index.corpus import gsm8k, gsm8k_answer_text
-
     rows = gsm8k("train")[:docs]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"question": r["question"], "answer": gsm8k_answer_text(r["answer"])}) + "\n"
@@ -38,25 +48,18 @@ def _corpus(path: Path, docs: int) -> None:
 
 
 def build_datastore_step(workdir: Path, docs: int) -> Path:
-    from index.records import CorpusSpec, FieldMap
-    from pipelines.build_datastore import build_datastore
-    from pipelines.config import DatastoreJobConfig
-
     corpus = workdir / f"gsm8k-train-{docs}.jsonl"
     if not corpus.is_file():
         _corpus(corpus, docs)
     out = workdir / f"datastore-{docs}"
     config = DatastoreJobConfig(
         corpora=(CorpusSpec("gsm8k_train", str(corpus), "jsonl", FieldMap(prompt="question", response="answer")),),
-        output=str(out), split_bytes=max(4096, corpus.stat().st_size // 4), workers=1, cpus_per_worker=1.0)
+        output=str(out), split_bytes=max(4096, corpus.stat().st_size // 4), workers=1)
     build_datastore(config)
     return out
 
 
 def build_index_step(datastore: Path, workdir: Path) -> Path:
-    from index.artifact import list_versions, read_artifact_manifest, resolve_version
-    from index.artifact_build import BuildConfig, build_artifact
-
     root = workdir / f"index-{datastore.name}"
     m = json.loads((datastore / "manifest.json").read_text())
     content = {k: m[k] for k in ("shards", "token_shards", "transform_sha256", "fingerprint")}
@@ -111,12 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from decoding.model_loader import cache_root
-    from index.corpus import gsm8k
-    from serving.app import build_app
-    from serving.control_plane import init_local_ray
-    from serving.run import wait_ready
-
     workdir = Path(a.workdir) if a.workdir else cache_root() / "quickstart"
     workdir.mkdir(parents=True, exist_ok=True)
     questions = gsm8k("test")
@@ -136,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(build_app({"index": {"uri": str(index)}}), name="sense", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{a.port}"
         wait_ready(url, 900)
+        with urllib.request.urlopen(url + "/health", timeout=60) as r:
+            decoder = json.loads(r.read())["decoder"]
+        cost = decoder.get("verify_cost") or {}
+        _say("3/5", f"model dtype: {decoder['dtype']['reason']}")
+        _say("3/5", f"draft budget: {decoder['budget']} (verify cost in decode steps: "
+                    + ", ".join(f"c({n})={c}" for n, c in cost.items() if n in ("4", "8", "16", "32")) + ")")
         _say("4/5", f"asking over HTTP: {question[:90]}{'...' if len(question) > 90 else ''}")
         ask(url, "Say hi.", "sense", 8)                       # warm-up: loads the index, first forwards
         runs = {"ar": [], "sense": []}

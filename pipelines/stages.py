@@ -1,4 +1,5 @@
-"""The datastore build's stages: plain callables that Ray Data runs (thin over `index`).
+"""The datastore build's stages: plain callables that Ray Data runs (thin over `decoding` and
+`index`: keys from ``decoding.dense_extract``, every file written by ``index.dense_writer``).
 
     units ──► TokenizeUnits (CPU tasks) ──► ExtractUnits (actor pool, one model per actor)
                                                 │ writes shards/<unit>.parquet, tokens/<unit>.parquet,
@@ -12,7 +13,6 @@ The done marker is written last; a unit without one is recomputed on the next ru
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,10 +22,22 @@ from dataclasses import asdict
 
 import numpy as np
 
+from decoding.batch_generate import generate_greedy_batched
+from decoding.config import SamplingParams
+from decoding.dense_extract import extract_entries, run_windows, window_defaults
+from decoding.engine import generate
+from decoding.fingerprint import model_fingerprint
+from decoding.methods import make_drafter
+from decoding import model_loader
+from decoding.target import TargetModel
 from index import storage
-from index.records import FieldMap, Unit, decode_documents, encode_documents, read_unit
+from index.dense_build import assemble_entries, sample_rows_for_fit
+from index.dense_format import TRANSFORM, DatastoreError, KeyTransform
+from index.dense_writer import write_entries, write_tokens, write_transform
+from index.records import (Document, FieldMap, Unit, _Bad, _format_prompt, _text_field, decode_documents,
+                           encode_documents, iter_records, read_unit)
 
-SHARDS, TOKENS, UNITS, DISTILLED = "shards", "tokens", "units", "distilled"
+UNITS, DISTILLED = "units", "distilled"
 # Fault hook for tests (as faiss's on-disk tests use crash_at): an extraction actor started with
 # this variable set to N in its environment stops making progress after writing N units, as if its
 # node hung, so a test can kill the node at a known point of the build. Unset in real runs.
@@ -82,29 +94,15 @@ def finished_distill(output: str, unit_name: str) -> dict | None:
         return None
 
 
-def _table_bytes(table) -> bytes:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 def load_target(model: str | None, dtype: str, layer: int, gpu: bool):
-    """The target model in a worker: bfloat16 on a GPU, float32 on CPU unless told otherwise."""
-    from decoding.target import TargetModel
-
-    if dtype == "auto":
-        dtype = "bfloat16" if gpu else "float32"
+    """The target model in a worker; dtype "auto": the dtype measured fastest on the worker's
+    machine (decoding.dtype_choice; remembered per machine, so each node measures once)."""
     return TargetModel.load(model, dtype=dtype, device="cuda" if gpu else "cpu", hidden_layer=layer)
 
 
 def load_tokenizer(model: str | None):
-    from transformers import AutoTokenizer
-
-    from decoding.model_loader import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(model))
+    """The model's tokenizer (HF directory, hub id or .gguf file: decoding.model_loader)."""
+    return model_loader.load_tokenizer(model)
 
 
 class TokenizeUnits:
@@ -134,8 +132,6 @@ class ExtractUnits:
 
         if not gpu:
             torch.set_num_threads(max(1, threads))
-        from index.dense_format import TRANSFORM, KeyTransform
-
         self.target = load_target(model, dtype, layer, gpu)
         local = io.BytesIO(storage.read_bytes(storage.join(output, TRANSFORM)))
         with np.load(local) as z:
@@ -146,8 +142,6 @@ class ExtractUnits:
         self.stall_after, self.written = (int(stall) if stall else None), 0
 
     def __call__(self, batch: dict) -> dict:
-        from index.dense_build import extract_entries
-
         rows = []
         for unit_row, docs_blob, bad, records in zip(batch["unit"], batch["docs"], batch["bad"], batch["records"]):
             t0 = time.perf_counter()
@@ -172,21 +166,13 @@ class ExtractUnits:
 def write_unit(output: str, unit: Unit, docs: list, ex, bad: dict, records: int, t0: float,
                phase: str = "extract") -> dict:
     """Write a unit's entry shard and token shard, then its done marker (last); return the summary."""
-    from index.dense_build import entries_table, tokens_table
-
     summary = {"unit": unit.name, "corpus": unit.corpus, "records": records, "bad": bad, "documents": len(docs),
                "tokens": int(sum(len(d.tokens) for d in docs)), "entries": int(len(ex.keys)),
                "forward_tokens": int(ex.forward_tokens), "shard": None, "token_shard": None, "phase": phase}
     if len(ex.keys):
-        data = _table_bytes(entries_table(ex.keys, ex.values, ex.doc_ids, ex.positions, ex.corpus))
-        rel = f"{SHARDS}/{unit.name}.parquet"
-        storage.write_bytes_atomic(storage.join(output, rel), data)
-        summary["shard"] = {"path": rel, "rows": int(len(ex.keys)), "sha256": hashlib.sha256(data).hexdigest()}
+        summary["shard"] = write_entries(output, unit.name, ex.keys, ex.values, ex.doc_ids, ex.positions, ex.corpus)
     if docs:
-        data = _table_bytes(tokens_table([d.doc_id for d in docs], docs))
-        rel = f"{TOKENS}/{unit.name}.parquet"
-        storage.write_bytes_atomic(storage.join(output, rel), data)
-        summary["token_shard"] = {"path": rel, "rows": len(docs), "sha256": hashlib.sha256(data).hexdigest()}
+        summary["token_shard"] = write_tokens(output, unit.name, [d.doc_id for d in docs], docs)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["node"] = _node_id()
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -208,30 +194,25 @@ class DistillUnits:
         self.output, self.eos, self.max_new_tokens, self.method = output, eos, max_new_tokens, method
         self.batch_size = batch_size
 
-    def _answers(self, prompts: list[list[int]]) -> list[list[int]]:
-        from decoding.batch_generate import generate_greedy_batched
-        from decoding.config import SamplingParams
-        from decoding.engine import generate
-        from decoding.methods import make_drafter
-
+    def _answers(self, prompts: list[list[int]], unit: str) -> list[list[int]]:
+        progress = DistillProgress(self.output, unit, len(prompts))
         if self.method == "batched":
-            return generate_greedy_batched(self.target, prompts, self.max_new_tokens, batch_size=self.batch_size)
+            return generate_greedy_batched(self.target, prompts, self.max_new_tokens, batch_size=self.batch_size,
+                                           on_batch=progress.add)
         params = SamplingParams(max_new_tokens=self.max_new_tokens)
-        return [list(generate(self.target, p, params=params, drafter=make_drafter(self.method)).token_ids)
-                for p in prompts]
+        answers = []
+        for p in prompts:
+            answers.append(list(generate(self.target, p, params=params, drafter=make_drafter(self.method)).token_ids))
+            progress.add(1)
+        return answers
 
     def __call__(self, batch: dict) -> dict:
-        from index.dense_build import tokens_table
-        from index.records import Document, _Bad, _format_prompt, _text_field
-
         rows = []
         for unit_row, fields_row in zip(batch["unit"], batch["fields"]):
             unit, fields = _unit(unit_row), _fields(fields_row)
             if (done := finished_distill(self.output, unit.name)) is not None:   # a retried task: see ExtractUnits
                 rows.append(json.dumps(done))
                 continue
-            from index.records import iter_records
-
             keys, prompts, bad = [], [], {}
             for key, rec, reason in iter_records(unit):
                 try:
@@ -249,17 +230,40 @@ class DistillUnits:
                     continue
                 keys.append(key)
                 prompts.append(prompt)
-            answers = self._answers(prompts)      # each ends with EOS when the model stopped by itself
+            answers = self._answers(prompts, unit.name)   # each ends with EOS when the model stopped by itself
             docs = [Document(doc_id=k, tokens=p + a, store_from=len(p), corpus=unit.corpus)
                     for k, p, a in zip(keys, prompts, answers)]
-            rel = f"{DISTILLED}/{unit.name}.parquet"
-            table = tokens_table([d.doc_id for d in docs], docs)
-            storage.write_bytes_atomic(storage.join(self.output, rel), _table_bytes(table))
-            summary = {"unit": unit.name, "path": rel, "documents": len(docs), "bad": bad}
+            written = write_tokens(self.output, unit.name, [d.doc_id for d in docs], docs, folder=DISTILLED)
+            summary = {"unit": unit.name, "path": written["path"], "documents": len(docs), "bad": bad}
             storage.write_bytes_atomic(storage.join(self.output, DISTILLED, f"{unit.name}.json"),
                                        json.dumps(summary).encode())     # the done marker, last
             rows.append(json.dumps(summary))
         return {"summary": np.array(rows, dtype=object)}
+
+
+class DistillProgress:
+    """How far a unit's self-distillation is, written beside its output (at most every
+    `every_s` seconds) for the driver's progress lines: a unit of hundreds of prompts takes minutes."""
+
+    def __init__(self, output: str, unit: str, total: int, every_s: float = 10.0) -> None:
+        self.uri = storage.join(output, DISTILLED, f"{unit}.progress.json")
+        self.total, self.done, self.every_s = total, 0, every_s
+        self.t0 = self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            storage.write_bytes_atomic(self.uri, json.dumps(
+                {"done": self.done, "total": self.total, "seconds": round(now - self.t0, 1)}).encode())
+
+
+def read_distill_progress(output: str, unit: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(output, DISTILLED, f"{unit}.progress.json")))
+    except Exception:       # not written yet (or being replaced): no line this time
+        return None
 
 
 def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads: int, units: list[Unit],
@@ -272,14 +276,11 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     the first pass costs no extra forward."""
     import torch
 
-    from index.dense_build import _window_defaults, assemble_entries, run_windows, sample_rows_for_fit
-    from index.dense_format import TRANSFORM, KeyTransform, model_fingerprint
-
     if not gpu:
         torch.set_num_threads(max(1, threads))
     target = load_target(model, dtype, layer, gpu)
     eos = min(target.eos_token_ids) if target.eos_token_ids else 0
-    max_len, overlap = _window_defaults(target, max_len, overlap)
+    max_len, overlap = window_defaults(target, max_len, overlap)
     t0 = time.perf_counter()
     taken, total = [], 0           # (unit, records, hidden rows per document, forward tokens)
     for unit in units:
@@ -295,18 +296,15 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     by_doc = [np.concatenate(r) if r else None for _, _, rows, _ in taken for r in rows]
     sample = sample_rows_for_fit(docs, by_doc, sample_rows, seed)
     if len(sample) < dim:
-        from index.dense_format import DatastoreError
-
         raise DatastoreError(f"the corpus has {len(sample)} positions, fewer than the key dimension {dim}")
     transform = KeyTransform.fit(sample, dim=dim)
-    buf = io.BytesIO()
-    np.savez(buf, mean=transform.mean, std=transform.std, components=transform.components)
-    storage.write_bytes_atomic(storage.join(output, TRANSFORM), buf.getvalue())
+    write_transform(output, transform)
     for unit, recs, rows, fwd in taken:
         keys = [[transform(h) for h in doc_rows] for doc_rows in rows]
         ex = assemble_entries(recs.documents, [d.doc_id for d in recs.documents], keys, dim=dim,
                               value_len=value_len, eos=eos, forward_tokens=fwd)
         write_unit(output, unit, recs.documents, ex, dict(recs.bad), recs.records, t0, phase="fit")
         t0 = time.perf_counter()
-    return {"fingerprint": asdict(model_fingerprint(target)), "eos": int(eos), "max_len": int(max_len),
+    return {"fingerprint": asdict(model_fingerprint(target)), "key_dtype": str(target.dtype).removeprefix("torch."),
+            "eos": int(eos), "max_len": int(max_len),
             "overlap": int(overlap), "sample_documents": len(docs), "units_done": len(taken)}

@@ -113,10 +113,7 @@ def _resolve_device(model_cfg) -> tuple[str, str]:
     device = model_cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = model_cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return device, dtype
+    return device, model_cfg.dtype       # dtype "auto": measured at load (decoding.dtype_choice)
 
 
 def coalesce_deltas(event: dict, queue: asyncio.Queue) -> tuple[dict, dict | None]:
@@ -182,9 +179,11 @@ class Decoder:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
             self.replica = "local"
-        if self.cfg.speculative.budget == "adaptive":
-            self._cost_curve()
-        log.info("decoder ready: %s on %s/%s, %s index, threads %s", self.cfg.model.name, device, dtype,
+        # The cost curve the adaptive budget plans with: measured before any request runs (once
+        # per machine, model and dtype; then read from the cache), so no request waits on it.
+        self._cost_curve()
+        log.info("decoder ready: %s on %s/%s, %s index, threads %s", self.cfg.model.name, device,
+                 self.target.dtype_choice.reason,
                  "sharded" if self.client else "local", self.threads)
 
     # -- index versions -----------------------------------------------------------------------
@@ -229,19 +228,19 @@ class Decoder:
         log.info("index version %s in use (%s)", state.config.version, state.describe(self.client is not None))
 
     def _load_index(self, index: IndexConfig) -> IndexState:
-        from serving.index_data import load_dense, load_sparse
+        from serving.index_data import load_version_stores
 
-        state = IndexState(config=index, sparse=load_sparse(index, self.target))
-        if self.client is None:
-            state.dense = load_dense(index, self.target)
-        elif index.source("dense") is not None:
+        stores = load_version_stores(index, self.target, dense=self.client is None)
+        state = IndexState(config=index, sparse=stores.sparse, dense=stores.dense)
+        if self.client is not None and index.source("dense") is not None:
             state.meta = self._wait_for_meta(index, self.cfg.decoder.index_wait_s)
             if state.meta is None:
                 state.error = f"index version {index.version!r} is not loaded on the shards yet"
         return state
 
     def _wait_for_meta(self, index: IndexConfig, wait_s: float):
-        from index.dense_format import check_compatible, model_fingerprint
+        from decoding.fingerprint import model_fingerprint
+        from index.dense_format import check_compatible
 
         deadline = time.monotonic() + wait_s
         while True:
@@ -276,9 +275,9 @@ class Decoder:
     def _cost_curve(self) -> dict:
         with self._cost_lock:
             if self._cost is None:
-                from decoding.budget import measure_verify_cost
+                from decoding.budget import cost_curve
 
-                self._cost = measure_verify_cost(self.model, COST_SIZES, repeats=5, warmup=1)
+                self._cost = cost_curve(self.target, COST_SIZES)
             return self._cost
 
     def _budget(self, req):
@@ -346,7 +345,7 @@ class Decoder:
                "time_verify_s": round(s.time_verify, 4), "time_commit_s": round(s.time_commit, 4),
                "time_encode_s": round(timing.get("encode", 0.0), 4),
                "time_queue_s": round(timing.get("queue", 0.0), 4),
-               "finish_reason": s.finish_reason, "replica": self.replica}
+               "finish_reason": s.finish_reason, "replica": self.replica, "dtype": s.dtype}
         if s.soft_gates is not None:
             out["soft_gates"] = s.soft_gates
         if report is not None:
@@ -448,6 +447,9 @@ class Decoder:
     async def info(self) -> dict:
         sharded = self.client is not None
         d = {"replica": self.replica, "model": self.cfg.model.name, **self.counts, "threads": self.threads,
+             "dtype": self.target.dtype_choice.to_dict(), "budget": self.cfg.speculative.budget,
+             "verify_cost": {n: round(c / self._cost[0], 3) for n, c in sorted(self._cost.items())}
+             if self._cost else None,
              "last_cancelled": self.last_cancelled,
              "index": self.index.describe(sharded) if self.index else None,
              "index_error": self.index_error}

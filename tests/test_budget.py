@@ -58,3 +58,67 @@ def test_steep_cost_curve_drafts_small_trees():
 def test_useless_drafts_fall_back_to_no_draft():
     cpu = {0: 1.0, 1: 1.3, 2: 1.5, 4: 1.9}
     assert simulate(cpu, 0.0).best() == 0
+
+
+def test_draft_time_counts_against_drafting():
+    """The same acceptance pays on a cheap drafter and not on one whose drafting costs a decode
+    step: the objective counts the step's time outside the forward, not only verification."""
+    cost = {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.2, 8: 1.4}
+
+    def run(overhead_steps: float) -> AdaptiveBudget:
+        ab = AdaptiveBudget(cost)
+        for _ in range(200):
+            b = ab.choose()
+            tree = TokenTree.chain(0, list(range(1, b + 1)))
+            path = list(range(min(b, 1) + 1))          # one draft token accepted per step
+            ab.update(tree, path, b, overhead_s=0.0 if b == 0 else overhead_steps)
+        return ab
+
+    assert run(0.0).best() > 0
+    assert run(1.5).best() == 0
+
+
+def test_zero_budget_skips_the_drafter(target):
+    """Budget 0 is plain decoding: the drafter is never asked (its time is not spent) and the
+    output is the autoregressive one."""
+    from decoding.config import SamplingParams
+    from decoding.drafters import NoDrafter, PromptLookupDrafter
+    from decoding.engine import encode_prompt, generate
+
+    class Counting(PromptLookupDrafter):
+        calls = 0
+
+        def propose(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().propose(*args, **kwargs)
+
+    ids = encode_prompt(target, "Repeat after me: one two three, one two three, one two three.")
+    params = SamplingParams(max_new_tokens=12)
+    ref = generate(target, ids, params=params, drafter=NoDrafter())
+    r = generate(target, ids, params=params, drafter=Counting(), budget=0)
+    assert r.token_ids == ref.token_ids and Counting.calls == 0 and r.stats.drafted == 0
+    r = generate(target, ids, params=params, drafter=Counting(), budget=4)
+    assert r.token_ids == ref.token_ids and Counting.calls > 0
+
+
+def test_adaptive_is_the_default_and_rejects_bad_budgets(target, tmp_path, monkeypatch):
+    from decoding.budget import cost_curve
+    from decoding.config import SamplingParams
+    from decoding.drafters import PromptLookupDrafter
+    from decoding.engine import encode_prompt, generate
+    from decoding.errors import InvalidRequestError
+
+    monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delattr(target, "_cost_curve", raising=False)
+    ids = encode_prompt(target, "Count: 1 2 3 4 5 6 7 8 9 10 11 12")
+    r = generate(target, ids, params=SamplingParams(max_new_tokens=8), drafter=PromptLookupDrafter())
+    assert r.stats.new_tokens == 8
+    # The default measured this machine's cost curve once and remembered it, on disk and on the target.
+    files = list((tmp_path / "measured").glob("cost-*.json"))
+    assert len(files) == 1 and cost_curve(target) is target._cost_curve[1]
+    custom = generate(target, ids, params=SamplingParams(max_new_tokens=8), drafter=PromptLookupDrafter(),
+                      budget=AdaptiveBudget(cost_curve(target)))        # a caller's own adaptive budget
+    assert custom.token_ids == r.token_ids
+    for bad in (-1, 2.5, "big", True):
+        with pytest.raises(InvalidRequestError, match="budget"):
+            generate(target, ids, params=SamplingParams(max_new_tokens=2), drafter=PromptLookupDrafter(), budget=bad)

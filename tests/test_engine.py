@@ -29,15 +29,15 @@ def test_eos_stops(target):
 def test_max_new_tokens(target):
     ids = encode_prompt(target, "Write a long story about a dragon.")
     for drafter in (NoDrafter(), PromptLookupDrafter()):
-        r = generate(target, ids, params=SamplingParams(max_new_tokens=7), drafter=drafter)
+        r = generate(target, ids, params=SamplingParams(max_new_tokens=7), drafter=drafter, budget=64)
         assert len(r.token_ids) == 7 and r.finish_reason == "length"
 
 
 def test_seeded_sampling_is_reproducible(target):
     ids = encode_prompt(target, "Tell me a fun fact.")
     p = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=1234)
-    a = generate(target, ids, params=p, drafter=PromptLookupDrafter())
-    b = generate(target, ids, params=p, drafter=PromptLookupDrafter())
+    a = generate(target, ids, params=p, drafter=PromptLookupDrafter(), budget=64)
+    b = generate(target, ids, params=p, drafter=PromptLookupDrafter(), budget=64)
     assert a.token_ids == b.token_ids
 
 
@@ -66,7 +66,7 @@ def test_statistics_add_up(target, monkeypatch):
     try:
         t0 = time.perf_counter()
         r = generate(target, ids, params=SamplingParams(max_new_tokens=32, ignore_eos=True),
-                     drafter=PromptLookupDrafter())
+                     drafter=PromptLookupDrafter(), budget=64)
         wall = time.perf_counter() - t0
     finally:
         hook.remove()

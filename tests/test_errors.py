@@ -53,7 +53,8 @@ def test_generation_is_clamped_to_the_context_window():
     tiny = TargetModel(tiny_llama(), None)          # a 64-token context window
     ids = [1, 2, 3] * 20
     for drafter in (None, PromptLookupDrafter()):
-        result = generate(tiny, ids, params=SamplingParams(max_new_tokens=50, ignore_eos=True), drafter=drafter)
+        result = generate(tiny, ids, params=SamplingParams(max_new_tokens=50, ignore_eos=True), drafter=drafter,
+                          budget=64)
         assert len(ids) + len(result.token_ids) <= tiny.context_window
         assert result.finish_reason == "length"
 

@@ -16,31 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.corpus import gsm8k, gsm8k_answer_text
+from index.corpus import gsm8k
 from index.records import CorpusSpec, FieldMap, InputError, plan_units, read_unit
+from support.datastore import build_cli, read_entries, write_gsm8k_corpus
+from support.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 N_DOCS = 10
 
 
-def _write_corpus(path: Path, n: int = N_DOCS, bad: bool = True) -> list[dict]:
-    rows = [{"question": r["question"], "answer": gsm8k_answer_text(r["answer"])} for r in gsm8k("train")[:n]]
-    with path.open("w") as f:
-        for i, r in enumerate(rows):
-            f.write(json.dumps(r) + "\n")
-            if bad and i == 2:
-                f.write("{not json\n")
-            if bad and i == 4:
-                f.write(json.dumps({"question": "no answer here"}) + "\n")
-            if bad and i == 6:
-                f.write(json.dumps({"question": "q", "answer": "   "}) + "\n")
-    return rows
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
     path = tmp_path_factory.mktemp("corpus") / "pairs.jsonl"
-    return path, _write_corpus(path)
+    return path, write_gsm8k_corpus(path, N_DOCS)
 
 
 def _config(corpus_uri: str, output: str, **kw):
@@ -51,32 +39,6 @@ def _config(corpus_uri: str, output: str, **kw):
                 split_bytes=2048, workers=2, cpus_per_worker=1.0)
     base.update(kw)
     return DatastoreJobConfig(**base)
-
-
-def _read_entries(root: str) -> dict[str, np.ndarray]:
-    """All entries of a datastore (local or s3://), sorted by (doc_id, position)."""
-    import pyarrow.parquet as pq
-
-    from index import storage
-
-    manifest = json.loads(storage.read_bytes(storage.join(root, "manifest.json")))
-    tables = []
-    for shard in manifest["shards"]:
-        fs, path = storage.open_fs(storage.join(root, shard["path"]))
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f))
-    import pyarrow as pa
-
-    t = pa.concat_tables(tables)
-    doc = t.column("doc_id").to_numpy()
-    pos = t.column("position").to_numpy()
-    order = np.lexsort((pos, doc))
-    d = manifest["key_dim"]
-    n = manifest["value_len"]
-    return {"doc_id": doc[order], "position": pos[order],
-            "key": t.column("key").combine_chunks().flatten().to_numpy().reshape(-1, d)[order],
-            "value": t.column("value").combine_chunks().flatten().to_numpy().reshape(-1, n)[order],
-            "first_token": t.column("first_token").to_numpy()[order], "manifest": manifest}
 
 
 # -- pure parts (no Ray) ---------------------------------------------------------------------
@@ -105,7 +67,7 @@ def test_units_read_every_line_exactly_once(tmp_path, split):
 
 def test_bad_records_are_counted_by_reason(tmp_path, target):
     path = tmp_path / "c.jsonl"
-    _write_corpus(path, n=7)
+    write_gsm8k_corpus(path, n=7)
     (unit,) = plan_units([CorpusSpec("c", str(path), fields=FieldMap(prompt="question", response="answer"))])
     recs = read_unit(unit, FieldMap(prompt="question", response="answer"), target.tokenizer, eos=2)
     assert len(recs.documents) == 7
@@ -165,7 +127,9 @@ def test_windows_cover_entry_positions_once():
 def test_windowed_batched_extraction_matches_prefill(target):
     """Each stored key equals the transform of a plain prefill of its window (batching and padding
     change nothing beyond float rounding)."""
-    from index.dense_build import (Document, KeyTransform, extract_entries, hidden_states, windows)
+    from decoding.dense_extract import extract_entries, hidden_states
+    from index.dense_build import Document, windows
+    from index.dense_format import KeyTransform
 
     rng = np.random.default_rng(0)
     docs = [Document(rng.integers(3, 5000, size=n).tolist(), store_from=s) for n, s in [(40, 0), (25, 10), (7, 0)]]
@@ -211,7 +175,7 @@ def _builder_docs(target, rows):
 def test_pipeline_equals_single_process_builder(pipeline_output, corpus, target, tmp_path):
     """Same corpus and key transform, both builders: keys within float tolerance, values exact,
     same counts (units of the first pass and of the extraction actors alike)."""
-    from index.dense_build import build_dense_datastore
+    from decoding.dense_extract import build_dense_datastore
     from index.dense_format import KeyTransform
 
     out, manifest = pipeline_output
@@ -220,7 +184,7 @@ def test_pipeline_equals_single_process_builder(pipeline_output, corpus, target,
     transform = KeyTransform.load(out / "transform.npz")
     ref_manifest = build_dense_datastore(target, _builder_docs(target, corpus[1]), tmp_path / "ref", dim=32,
                                          value_len=8, transform=transform)
-    ours, ref = _read_entries(str(out)), _read_entries(str(tmp_path / "ref"))
+    ours, ref = read_entries(str(out)), read_entries(str(tmp_path / "ref"))
     assert manifest.entries == ref_manifest.entries == len(ours["key"]) == len(ref["key"])
     assert manifest.documents == N_DOCS and manifest.skipped == 3
     assert manifest.skipped_reasons == {"invalid JSON": 1, "missing field 'answer'": 1, "empty 'answer'": 1}
@@ -234,7 +198,7 @@ def test_pipeline_equals_single_process_builder(pipeline_output, corpus, target,
     cos = (ours["key"] * ref["key"]).sum(1)
     assert cos.min() > 0.999
     # And the datastore loads for retrieval, with the compatibility check.
-    from index.dense_format import model_fingerprint
+    from decoding.fingerprint import model_fingerprint
     from index.dense_store import DenseStore
 
     store = DenseStore.load(out, expect=model_fingerprint(target))
@@ -267,7 +231,7 @@ def test_s3_in_and_out_and_the_transform_fit_equals_the_builders(ray_cluster, s3
     fits in the first pass's sample, so its transform must equal the single-process builder's
     own fit: the two datastores then agree entry for entry."""
     from index import storage
-    from index.dense_build import build_dense_datastore
+    from decoding.dense_extract import build_dense_datastore
     from pipelines.build_datastore import build_datastore
 
     s3_server.make_bucket("corpora")
@@ -275,16 +239,10 @@ def test_s3_in_and_out_and_the_transform_fit_equals_the_builders(ray_cluster, s3
     storage.upload_file(corpus[0], "s3://corpora/gsm/pairs.jsonl")
     manifest = build_datastore(_config("s3://corpora/gsm/", "s3://stores/gsm-ds", workers=1))
     build_dense_datastore(target, _builder_docs(target, corpus[1]), tmp_path / "ref", dim=32, value_len=8)
-    ours, ref = _read_entries("s3://stores/gsm-ds"), _read_entries(str(tmp_path / "ref"))
+    ours, ref = read_entries("s3://stores/gsm-ds"), read_entries(str(tmp_path / "ref"))
     assert manifest.entries == len(ref["key"]) and manifest.documents == N_DOCS
     assert (ours["value"] == ref["value"]).all()
     np.testing.assert_allclose(ours["key"], ref["key"], atol=2e-3)
-
-
-def _cli(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.build_datastore", "--corpus", f"gsm={corpus}", "--prompt-field",
-            "question", "--response-field", "answer", "--output", str(out), "--dim", "32", "--value-len", "8",
-            "--split-mb", str(2048 / (1 << 20)), "--sample-rows", "200", *extra]
 
 
 def test_killed_build_resumes_to_the_same_output(ray_cluster, corpus, pipeline_output, tmp_path):
@@ -292,7 +250,7 @@ def test_killed_build_resumes_to_the_same_output(ray_cluster, corpus, pipeline_o
     duplicates, and a reader never saw a manifest in between."""
     out = tmp_path / "ds"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    proc = subprocess.Popen(_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env,
+    proc = subprocess.Popen(build_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     units = out / "units"
     deadline = time.time() + 240
@@ -305,11 +263,11 @@ def test_killed_build_resumes_to_the_same_output(ray_cluster, corpus, pipeline_o
     proc.wait()
     done = len(list(units.glob("*.json")))
     assert 1 <= done < 5 and not (out / "manifest.json").exists()
-    res = subprocess.run(_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env, capture_output=True,
+    res = subprocess.run(build_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resum" in res.stderr
-    ours, ref = _read_entries(str(out)), _read_entries(str(pipeline_output[0]))
+    ours, ref = read_entries(str(out)), read_entries(str(pipeline_output[0]))
     pairs = list(zip(ours["doc_id"].tolist(), ours["position"].tolist()))
     assert len(pairs) == len(set(pairs)) == len(ref["key"])
     assert (ours["value"] == ref["value"]).all()
@@ -323,7 +281,7 @@ def test_ray_job_submit(ray_cluster, corpus, tmp_path):
     out = tmp_path / "job-ds"
     ray_cli = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_cli, "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO), "--",
-           "python", *_cli(corpus[0], out)[1:]]
+           "python", *build_cli(corpus[0], out)[1:]]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
@@ -368,6 +326,8 @@ def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tm
     manifest = build_datastore(cfg)
     table = pq.read_table(tmp_path / "id" / manifest.token_shards[0]["path"])
     assert table.num_rows == 3 and manifest.skipped_reasons == {"invalid JSON": 1}
+    (progress,) = (tmp_path / "id" / "distilled").glob("*.progress.json")     # what the progress lines read
+    assert json.loads(progress.read_text())["done"] == json.loads(progress.read_text())["total"] == 3
     for q, tokens, store_from in zip(questions, table.column("tokens").to_pylist(),
                                      table.column("store_from").to_pylist()):
         prompt = encode_prompt(target, q)
@@ -414,11 +374,11 @@ def test_worker_node_killed_mid_build(ray_cluster, corpus, pipeline_output, tmp_
     from pipelines.stages import STALL_AFTER_UNITS_ENV
 
     out = tmp_path / "ds"
-    victim = ray_cluster.add_node(num_cpus=2, resources={"extract": 1}, dashboard_agent_listen_port=_port(),
+    victim = ray_cluster.add_node(num_cpus=2, resources={"extract": 1}, dashboard_agent_listen_port=free_port(),
                                   env_vars={STALL_AFTER_UNITS_ENV: "1"})
     ray_cluster.wait_for_nodes()
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    proc = subprocess.Popen(_cli(corpus[0], out, "--workers", "1", "--worker-resources", '{"extract": 1}'),
+    proc = subprocess.Popen(build_cli(corpus[0], out, "--workers", "1", "--worker-resources", '{"extract": 1}'),
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def markers(phase):
@@ -435,7 +395,7 @@ def test_worker_node_killed_mid_build(ray_cluster, corpus, pipeline_output, tmp_
         time.sleep(1.0)
         assert len(markers("extract")) == 1                     # the victim stalled: the rest is to do
         ray_cluster.remove_node(victim, allow_graceful=False)
-        ray_cluster.add_node(num_cpus=2, resources={"extract": 1}, dashboard_agent_listen_port=_port())
+        ray_cluster.add_node(num_cpus=2, resources={"extract": 1}, dashboard_agent_listen_port=free_port())
         _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -444,7 +404,7 @@ def test_worker_node_killed_mid_build(ray_cluster, corpus, pipeline_output, tmp_
     done = {m["unit"]: m["node"] for m in markers("extract")}
     assert done[first["unit"]] == victim.node_id                # the dead node's unit was not redone
     assert len(set(done.values())) == 2                         # and the rest ran on the replacement
-    ours, ref = _read_entries(str(out)), _read_entries(str(pipeline_output[0]))
+    ours, ref = read_entries(str(out)), read_entries(str(pipeline_output[0]))
     pairs = list(zip(ours["doc_id"].tolist(), ours["position"].tolist()))
     assert len(pairs) == len(set(pairs)) == len(ref["key"])
     assert (ours["value"] == ref["value"]).all()
@@ -487,35 +447,21 @@ def test_a_retried_extraction_task_keeps_the_finished_unit(pipeline_output, corp
     np.testing.assert_allclose(np.array(again["key"]), np.array(first["key"]), atol=1e-4)
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_s3_outage_fails_cleanly_and_the_rerun_completes(ray_cluster, s3_server, corpus, tmp_path):
     """The S3 server goes down mid-build for longer than the retries: the job ends with one clear
     line (exit 2) and publishes no manifest; once the server is back, the same command completes.
     (moto keeps no state across a restart, so the rerun rebuilds what was lost.)"""
-    import boto3
-
     from index import storage
-
-    def s3():
-        return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
 
     s3_server.make_bucket("outage")
     out = "s3://outage/ds"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    proc = subprocess.Popen(_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env,
+    proc = subprocess.Popen(build_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            keys = [o["Key"] for o in s3().list_objects_v2(Bucket="outage").get("Contents", [])]
+            keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="outage").get("Contents", [])]
             if any(k.startswith("ds/units/") for k in keys):
                 break
             time.sleep(0.3)
@@ -532,7 +478,7 @@ def test_s3_outage_fails_cleanly_and_the_rerun_completes(ray_cluster, s3_server,
     assert last.startswith("error: ") and "rerun the same command to resume" in last and "Traceback" not in err
     s3_server.make_bucket("outage")
     assert not storage.exists(out + "/manifest.json")
-    res = subprocess.run(_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env, capture_output=True,
+    res = subprocess.run(build_cli(corpus[0], out, "--workers", "1"), cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads(storage.read_bytes(out + "/manifest.json"))
@@ -543,7 +489,8 @@ def test_index_artifact_from_the_pipeline_output(ray_cluster, pipeline_output, t
     """The index build consumes the pipeline's datastore on the multi-node cluster: sharded and
     merged, its searches, values and REST index agree with the datastore itself."""
     from index.artifact import load_artifact
-    from index.artifact_build import BuildConfig, build_artifact
+    from index.artifact_build import BuildConfig
+    from pipelines.build_index import build_artifact
     from index.dense_store import DenseStore
 
     out, manifest = pipeline_output
@@ -566,7 +513,7 @@ def test_a_pool_the_cluster_cannot_place_fails_with_one_line(ray_cluster, corpus
     timeout with one clear line (exit 2), the units of the first pass kept, no manifest."""
     out = tmp_path / "ds"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    res = subprocess.run(_cli(corpus[0], str(out), "--workers", "3", "--worker-resources", '{"slot": 1}',
+    res = subprocess.run(build_cli(corpus[0], str(out), "--workers", "3", "--worker-resources", '{"slot": 1}',
                               "--worker-start-timeout", "8"),
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 2, res.stderr[-3000:]
@@ -574,3 +521,31 @@ def test_a_pool_the_cluster_cannot_place_fails_with_one_line(ray_cluster, corpus
     assert last.startswith("error: ") and "did not all start within 8 s" in last, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert not (out / "manifest.json").exists() and list((out / "units").glob("*.json"))
+
+
+def test_distillation_progress_lines_while_a_unit_runs(tmp_path, capsys):
+    """A unit of many prompts takes minutes: the driver prints how far it is meanwhile, from the
+    progress file the worker writes, and then the finished unit."""
+    import threading
+    import time
+
+    from pipelines.build_datastore import _consume_with_progress
+    from pipelines.stages import DistillProgress
+    from index.records import Unit
+
+    unit = Unit("c", str(tmp_path / "in.jsonl"), "jsonl", 0, 1, 0)
+    release = threading.Event()
+
+    class Rows:                       # stands in for the Ray dataset: one unit, answered in batches
+        def iter_rows(self):
+            p = DistillProgress(str(tmp_path), unit.name, 10, every_s=0)
+            p.add(4)
+            release.wait(5)
+            p.add(6)
+            yield {"summary": json.dumps({"unit": unit.name, "documents": 10})}
+
+    threading.Timer(0.5, release.set).start()
+    t0 = time.monotonic()
+    _consume_with_progress(Rows(), str(tmp_path), [unit], every_s=0.2)
+    err = capsys.readouterr().err
+    assert f"{unit.name} 4/10" in err and "distilled 1/1 units (10 answers" in err and time.monotonic() - t0 < 5

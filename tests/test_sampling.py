@@ -504,7 +504,7 @@ def test_toy_seeded_run_is_reproducible(toy):
     def once(seed: int) -> list[int]:
         p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
         drafter = RandomTreeDrafter(cond, len(toy.prompt), toy.vocab, np.random.default_rng(7))
-        return generate(toy.target, toy.prompt, params=p, drafter=drafter).token_ids
+        return generate(toy.target, toy.prompt, params=p, drafter=drafter, budget=64).token_ids
 
     first = [once(seed) for seed in range(5)]
     assert [once(seed) for seed in range(5)] == first
@@ -592,15 +592,15 @@ def test_real_model_two_tokens_match_autoregressive(target):
     cached = CachedPrefill(target)
     drafter = TopChildrenDrafter(children, len(prompt))
     check = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=20, ignore_eos=True, seed=123)
-    assert (generate(cached, prompt, params=check, drafter=drafter).token_ids
-            == generate(target, prompt, params=check, drafter=drafter).token_ids)
+    assert (generate(cached, prompt, params=check, drafter=drafter, budget=64).token_ids
+            == generate(target, prompt, params=check, drafter=drafter, budget=64).token_ids)
 
     counts = np.zeros(len(pairs), dtype=np.int64)
     accepted: list[int] = []
     for seed in range(REAL_RUNS):
         # 3 tokens so that the first verify step may draft depth 1 however max_depth is capped.
         p = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=20, ignore_eos=True, seed=seed)
-        res = generate(cached, prompt, params=p, drafter=drafter,
+        res = generate(cached, prompt, params=p, drafter=drafter, budget=64,
                        verifier=RecordingVerifier(StrictSamplingVerifier(p), accepted))
         pair = tuple(res.token_ids[:2])
         assert pair in index, f"{pair} has probability 0"

@@ -1,0 +1,83 @@
+"""Measurements of this machine kept on disk, so a later load does not measure again.
+
+A measurement (which dtype is faster, the verify cost curve) holds for one machine, one model,
+one device and one thread count; its file name is a hash of exactly those, so a different CPU
+(an AVX2-only kind beside an AVX-512/BF16 one), another torch build or another thread count
+measures afresh. Files live under ``$SENSE_CACHE_DIR/measured/`` (default
+``~/.cache/sense/measured``) and are written atomically; delete one to measure again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from decoding.model_loader import cache_root
+
+# The CPU features that decide which kernels torch can use for float32 / bfloat16 / float16.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "asimd", "sve",
+              "bf16")
+
+
+def cpu_isa() -> list[str]:
+    """The ISA extensions of this CPU that matter for matmul kernels (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return [platform.machine()]
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in _ISA_FLAGS if f in have]
+    return [platform.machine()]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    """What a measurement depends on besides the model: CPU/GPU kind, torch build, threads."""
+    device = torch.device(device)
+    d = {"cpu": cpu_name(), "isa": cpu_isa(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+         "device": device.type}
+    if device.type == "cuda":
+        d["gpu"] = torch.cuda.get_device_name(device)
+    return d
+
+
+def remembered(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """``compute()``'s result for `key`, from the cache if measured before; returns (value, cached)."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    key = json.loads(text)              # as it reads back from the file
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    path = cache_root() / "measured" / f"{kind}-{digest}.json"
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["value"], True
+    except (OSError, ValueError, KeyError):
+        pass
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, "value": value}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)    # a read-only cache only costs a re-measure next time
+    return value, False

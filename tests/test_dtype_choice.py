@@ -1,0 +1,86 @@
+"""dtype "auto": the faster dtype by measurement, remembered per machine; overrides; datastores
+that do not depend on the dtype the model was loaded in."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from decoding.dtype_choice import check_dtype, choose_dtype, fastest
+from decoding.errors import ModelLoadError
+from decoding.fingerprint import model_fingerprint
+from decoding.target import TargetModel
+from tests.conftest import tiny_llama
+
+
+def test_fastest_takes_the_smaller_measured_sum():
+    timings = {"float32": {"decode": 30.0, "verify16": 60.0}, "bfloat16": {"decode": 20.0, "verify16": 25.0}}
+    assert fastest(timings) == "bfloat16"
+    timings["bfloat16"]["verify16"] = 80.0
+    assert fastest(timings) == "float32"
+
+
+def test_check_dtype():
+    assert check_dtype("bf16") == "bfloat16" and check_dtype("AUTO") == "auto"
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        check_dtype("int8")
+
+
+def test_choice_is_measured_once_and_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
+    measured = []
+
+    def make(model):
+        measured.append(next(model.parameters()).dtype)
+        return TargetModel(model, None)
+
+    model, choice = choose_dtype(tiny_llama(vocab=32), "cpu", make)
+    assert measured == [torch.float32, torch.bfloat16] and not choice.cached
+    assert set(choice.timings_ms) == {"float32", "bfloat16"}
+    assert choice.dtype == fastest(choice.timings_ms)
+    assert next(model.parameters()).dtype == getattr(torch, choice.dtype)
+    assert choice.dtype in choice.reason and "measured now" in choice.reason
+    # A second load on this machine reads the result instead of measuring.
+    model2, again = choose_dtype(tiny_llama(vocab=32), "cpu", make)
+    assert len(measured) == 2 and again.cached and again.dtype == choice.dtype
+    assert next(model2.parameters()).dtype == getattr(torch, choice.dtype)
+    # Another model (another config) is measured afresh.
+    choose_dtype(tiny_llama(vocab=48), "cpu", make)
+    assert len(measured) == 4
+    stored = [json.loads(p.read_text()) for p in (tmp_path / "measured").glob("dtype-*.json")]
+    assert len(stored) == 2 and all("isa" in s["key"]["machine"] for s in stored)
+
+
+def test_a_remembered_choice_is_applied(tmp_path, monkeypatch):
+    """What is remembered decides: a file saying bfloat16 is faster loads the model in bfloat16."""
+    monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
+    _, choice = choose_dtype(tiny_llama(vocab=32), "cpu", lambda m: TargetModel(m, None))
+    (path,) = (tmp_path / "measured").glob("dtype-*.json")
+    stored = json.loads(path.read_text())
+    loser = "float32" if choice.dtype == "bfloat16" else "bfloat16"
+    stored["value"][loser] = {"decode": 0.001, "verify16": 0.001}
+    path.write_text(json.dumps(stored))
+    model, again = choose_dtype(tiny_llama(vocab=32), "cpu", lambda m: TargetModel(m, None))
+    assert again.cached and again.dtype == loser and next(model.parameters()).dtype == getattr(torch, loser)
+
+
+def test_an_explicit_dtype_wins(target):
+    bf16 = TargetModel.load(dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16 and bf16.dtype_choice.requested == "bfloat16"
+    assert target.dtype_choice.requested == "float32" and target.dtype == torch.float32
+
+
+def test_fingerprint_does_not_depend_on_the_load_dtype(target, dense_store_dir):
+    """A datastore built in float32 loads with the model in bfloat16 (the same weights)."""
+    from index.dense_format import read_manifest
+    from index.dense_store import DenseStore
+
+    bf16 = TargetModel(copy.deepcopy(target.model).to(torch.bfloat16), target.tokenizer)
+    assert model_fingerprint(bf16) == model_fingerprint(target)
+    DenseStore.load(dense_store_dir, expect=model_fingerprint(bf16))
+    assert read_manifest(dense_store_dir).key_dtype == "float32"      # what the keys were computed in
+    other = TargetModel(tiny_llama(vocab=32), target.tokenizer)
+    assert model_fingerprint(other).weights_hash != model_fingerprint(target).weights_hash
