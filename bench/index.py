@@ -30,6 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine_info, write_results
+from index.artifact import load_artifact
+from index.artifact_build import BuildConfig, merge_artifact
+from index.dense_format import read_manifest
+from index.dense_synth import clustered_keys, synthetic_datastore, write_dense_datastore
+from index.faiss_ops import pow2_nlist, recall_at_k
+from pipelines.build_index import build_artifact
 
 BATCH = 64
 
@@ -83,11 +89,6 @@ def measure(dataset: str, n: int, ds: Path, out: Path, queries: np.ndarray, trut
             shards: int, merge: bool, exact_max: int, target_recall: float = 0.96,
             merge_after: bool = False) -> list[dict]:
     """Build one configuration, load it, measure; with merge_after also the merged copy."""
-    from index.artifact import load_artifact
-    from index.artifact_build import BuildConfig, merge_artifact
-    from index.faiss_ops import recall_at_k
-    from pipelines.build_index import build_artifact
-
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     result = build_artifact(BuildConfig(datastore=str(ds), output=str(out), shards=shards, factory=factory, merge=merge,
@@ -122,8 +123,6 @@ def measure(dataset: str, n: int, ds: Path, out: Path, queries: np.ndarray, trut
 
 
 def synthetic(args, work: Path) -> tuple[Path, np.ndarray, np.ndarray]:
-    from index.dense_synth import clustered_keys, synthetic_datastore
-
     keys = clustered_keys(args.n + args.queries, args.dim, seed=args.seed)
     ds = work / f"synthetic-{args.n}"
     if not (ds / "manifest.json").is_file():
@@ -137,9 +136,6 @@ def synthetic(args, work: Path) -> tuple[Path, np.ndarray, np.ndarray]:
 def real(args, work: Path):
     """The real datastore minus 30 documents (their keys are the queries)."""
     import pyarrow.parquet as pq
-
-    from index.dense_format import read_manifest
-    from index.dense_synth import write_dense_datastore
 
     src = Path(args.real)
     m = read_manifest(src)
@@ -161,8 +157,6 @@ def real(args, work: Path):
 
 def projection(rows: list[dict], value_len: int) -> list[str]:
     """Memory, shards and nodes at 100M and 1B entries from the measured bytes/entry and latency."""
-    from index.faiss_ops import pow2_nlist
-
     md = ["## Projection to 100M and 1B entries", "",
           "From the measured bytes/entry (FAISS codes + ids + list overhead) of the largest synthetic run, plus "
           f"values and first_token ({4 * value_len + 4} B/entry at N = {value_len}, memory-mapped: they need disk "
@@ -263,8 +257,6 @@ def main(argv=None) -> int:
     rows += measure("synthetic", args.n, ds, work / "flat", queries, truth, factory="Flat", shards=max(args.shards),
                     merge=True, exact_max=exact_max)
     if not args.no_codes and not args.quick:
-        from index.faiss_ops import pow2_nlist
-
         nlist = pow2_nlist(args.n)
         for factory in (f"IVF{nlist},SQ8", f"IVF{nlist},PQ{args.dim // 2}"):
             rows += measure("synthetic", args.n, ds, work / factory.replace(",", "-"), queries, truth, factory=factory,

@@ -19,20 +19,21 @@ import time
 from pathlib import Path
 
 from bench.common import machine_info, median, write_results
+from decoding.dense_extract import run_windows, window_defaults
+from decoding.target import TargetModel
+from index.corpus import gsm8k, gsm8k_answer_text
+from index.records import CorpusSpec, FieldMap, plan_units, read_unit
+from pipelines.build_datastore import build_datastore
+from pipelines.config import DatastoreJobConfig
 
 
 def _corpus(path: Path, n: int) -> None:
-    from index.corpus import gsm8k, gsm8k_answer_text
-
     with path.open("w") as f:
         for r in gsm8k("train")[:n]:
             f.write(json.dumps({"question": r["question"], "answer": gsm8k_answer_text(r["answer"])}) + "\n")
 
 
 def _config(corpus: Path, out: Path, workers: int, split_bytes: int):
-    from index.records import CorpusSpec, FieldMap
-    from pipelines.config import DatastoreJobConfig
-
     return DatastoreJobConfig(corpora=(CorpusSpec("gsm8k", str(corpus), "jsonl",
                                                   FieldMap(prompt="question", response="answer")),),
                               output=str(out), workers=workers, cpus_per_worker=1.0,
@@ -44,10 +45,6 @@ def _bare_forward(corpus: Path, split_bytes: int) -> dict:
     """Tokens/s of the model forward alone over the pipeline's own batches (same units, same
     windows, same batch_tokens), one thread."""
     import torch
-
-    from decoding.target import TargetModel
-    from decoding.dense_extract import run_windows, window_defaults
-    from index.records import plan_units, read_unit
 
     torch.set_num_threads(1)
     target = TargetModel.load()
@@ -66,8 +63,6 @@ def _bare_forward(corpus: Path, split_bytes: int) -> dict:
 
 
 def _pipeline(corpus: Path, workers: int, split_bytes: int, tmp: Path) -> dict:
-    from pipelines.build_datastore import build_datastore
-
     out = tmp / f"ds-{workers}-{time.time_ns()}"
     manifest = build_datastore(_config(corpus, out, workers, split_bytes))
     timing = manifest.build["timing"]

@@ -252,20 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from decoding.errors import SenseError
+    from decoding.errors import SenseError, run_command
     from index.corpus import CorpusError
     from index.dense_format import DatastoreError
     from index.sparse import SparseIndexError
     from index.storage import StorageError
 
-    try:
-        return args.func(args)
-    except (SenseError, CorpusError, SparseIndexError, DatastoreError, StorageError) as exc:
-        print(f"sense: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sense: interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args), (SenseError, CorpusError, SparseIndexError, DatastoreError, StorageError),
+                       prefix="sense: error: ", interrupted="sense: interrupted")
 
 
 if __name__ == "__main__":

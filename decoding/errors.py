@@ -15,3 +15,19 @@ class ContextLengthError(InvalidRequestError):
 
 class ModelLoadError(SenseError):
     """The target model could not be found or loaded."""
+
+
+def run_command(body, errors: tuple[type[BaseException], ...], *, prefix: str, interrupted: str) -> int:
+    """A command line's outer frame: `body()`'s exit code; an expected error (one of `errors`) is
+    one line on stderr (`prefix` + the message, whitespace folded) and exit 2, never a traceback;
+    Ctrl-C is `interrupted` and exit 130."""
+    import sys
+
+    try:
+        return body()
+    except errors as exc:
+        print(f"{prefix}{' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

@@ -162,28 +162,25 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return model
 
 
-def load_tokenizer(model: str | os.PathLike | None = None):
-    """The tokenizer of a model (any form :func:`resolve_model_path` takes)."""
-    from transformers import AutoTokenizer
+def _load_part(what: str, auto_class: str, model) -> object:
+    import transformers
 
     path = resolve_model_path(model)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return getattr(transformers, auto_class).from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the tokenizer of model {str(model)!r} from {path!r}: "
+        raise ModelLoadError(f"could not load the {what} of model {str(model)!r} from {path!r}: "
                              f"{_first_line(exc)}") from exc
+
+
+def load_tokenizer(model: str | os.PathLike | None = None):
+    """The tokenizer of a model (any form :func:`resolve_model_path` takes)."""
+    return _load_part("tokenizer", "AutoTokenizer", model)
 
 
 def load_config(model: str | os.PathLike | None = None):
     """The transformers config of a model (any form :func:`resolve_model_path` takes)."""
-    from transformers import AutoConfig
-
-    path = resolve_model_path(model)
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the config of model {str(model)!r} from {path!r}: "
-                             f"{_first_line(exc)}") from exc
+    return _load_part("config", "AutoConfig", model)
 
 
 def _first_line(exc: BaseException) -> str:

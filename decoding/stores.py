@@ -28,11 +28,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores
+from decoding.demo_stores import default_dense_store, default_sparse_index
+from decoding.fingerprint import model_fingerprint
+from decoding.methods import Datastores, NEEDS_DENSE, NEEDS_SPARSE
+from decoding.model_loader import cache_root
 from index import storage
-from index.artifact import load_artifact, resolve_version
+from index.artifact import list_versions, load_artifact, resolve_version
 from index.artifact import load_sparse as load_artifact_sparse
-from index.artifact_format import ARTIFACT_FORMAT, CURRENT, MANIFEST, VERSION_RE, ArtifactError
+from index.artifact_format import ARTIFACT_FORMAT, ArtifactError, CURRENT, MANIFEST, VERSION_RE
+from index.dense_store import DenseStore
 from index.sparse import META_FILE, SparseIndex, SparseIndexError
 
 SPARSE, DENSE = "sparse", "dense"
@@ -56,8 +60,6 @@ def is_artifact(uri: str | Path) -> bool:
     try:
         raw = storage.read_bytes(storage.join(uri, MANIFEST))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        from index.artifact import list_versions
-
         return bool(list_versions(uri)) and not Path(uri).joinpath(META_FILE).is_file()
     try:
         return json.loads(raw).get("format") == ARTIFACT_FORMAT
@@ -85,8 +87,6 @@ def _default_lock(kind: str):
     """A file lock beside the default stores' cache: processes on one machine build them once."""
     from filelock import FileLock
 
-    from decoding.model_loader import cache_root
-
     path = cache_root() / "datastores" / f".default-{kind}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock")
@@ -100,8 +100,6 @@ def load_sparse_store(source, target=None, *, index: str | None = None, version:
     if source == "artifact":
         return load_artifact_sparse(resolve_index(index, version))
     if source == "default":
-        from decoding.demo_stores import default_sparse_index
-
         with _default_lock(SPARSE):
             return default_sparse_index(target)
     path = str(source)
@@ -125,11 +123,8 @@ def load_dense_store(source, target, *, index: str | None = None, version: str |
     source = _source(DENSE, source, index)
     if source is None:
         return None
-    from decoding.fingerprint import model_fingerprint
 
     if source == "default":
-        from decoding.demo_stores import default_dense_store
-
         with _default_lock(f"{DENSE}{n_docs}"):
             store = default_dense_store(target, n_docs=n_docs)
     else:
@@ -139,8 +134,6 @@ def load_dense_store(source, target, *, index: str | None = None, version: str |
         elif is_artifact(source):
             store = load_artifact(resolve_index(source, version), expect)
         else:
-            from index.dense_store import DenseStore
-
             store = DenseStore.load(source, expect=expect)
     if nprobe is not None:
         set_nprobe(store, nprobe)

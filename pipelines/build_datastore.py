@@ -460,19 +460,15 @@ def parse_args(argv: list[str] | None = None) -> DatastoreJobConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from decoding.errors import SenseError
+    from decoding.errors import SenseError, run_command
     from index.storage import StorageError
 
-    try:
-        config = parse_args(argv)
-        build_datastore(config)
+    def body() -> int:
+        build_datastore(parse_args(argv))
         return 0
-    except (InputError, DatastoreError, StorageError, JobError, SenseError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+
+    return run_command(body, (InputError, DatastoreError, StorageError, JobError, SenseError), prefix="error: ",
+                       interrupted="interrupted: rerun the same command to resume")
 
 
 if __name__ == "__main__":

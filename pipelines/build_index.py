@@ -44,6 +44,7 @@ import numpy as np
 import ray
 from numpy.lib.format import open_memmap
 
+from decoding.errors import run_command
 from index import faiss_ops, storage
 from index.artifact import open_shard, publish_artifact
 from index.artifact_build import (TRANSFORM_DESCRIPTION, BuildConfig, BuildResult, check_build, merge_dense,
@@ -282,20 +283,16 @@ def main(argv: list[str] | None = None) -> int:
                          nprobe=args.nprobe, target_recall=args.target_recall, merge=args.merge, sparse=args.sparse,
                          sparse_shards=args.sparse_shards, use_gpu=args.gpu, make_current=not args.no_current,
                          seed=args.seed)
-    try:
+    def body() -> int:
         check_build(config)                              # fail fast, before starting Ray
         if not ray.is_initialized():
             # Never join a cluster by accident (ray.init() alone picks up any cluster on the machine).
             ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", logging_level="ERROR")
-        result = build_artifact(config)
-    except (DatastoreError, StorageError, ValueError, ConnectionError) as exc:
-        print(f"build_index: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("build_index: interrupted", file=sys.stderr)
-        return 130
-    print(result.summary())
-    return 0
+        print(build_artifact(config).summary())
+        return 0
+
+    return run_command(body, (DatastoreError, StorageError, ValueError, ConnectionError), prefix="build_index: error: ",
+                       interrupted="build_index: interrupted")
 
 
 if __name__ == "__main__":

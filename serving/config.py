@@ -169,10 +169,7 @@ class DecoderConfig(_Section):
                                                            "current version, else PLD fallback) and keeps watching")
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
 
-    @field_validator("autoscaling_config")
-    @classmethod
-    def _autoscaling(cls, v):
-        return _check_autoscaling(v)
+    _autoscaling = field_validator("autoscaling_config")(classmethod(lambda cls, v: _check_autoscaling(v)))
 
 
 class ShardsConfig(_Section):
@@ -189,10 +186,7 @@ class ShardsConfig(_Section):
     cooldown_s: float = Field(5.0, ge=0, description="a failed shard is skipped this long")
     versions_kept: int = Field(2, ge=1, description="index versions a shard holds (old ones serve in-flight requests)")
 
-    @field_validator("autoscaling_config")
-    @classmethod
-    def _autoscaling(cls, v):
-        return _check_autoscaling(v)
+    _autoscaling = field_validator("autoscaling_config")(classmethod(lambda cls, v: _check_autoscaling(v)))
 
 
 class IngressConfig(_Section):

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 from ray import serve
 
+# torch, the target model and the stores are imported inside the deployment's methods: this module
+# is imported wherever the application is built (the driver, `serve run`, the ingress replica's
+# process), and only the decoder replicas should pay for torch and transformers.
 from serving.config import IndexConfig, ServingConfig
 from serving.errors import APIError, from_sense_error, internal
 

@@ -20,6 +20,9 @@ import numpy as np
 
 from serving.config import IndexConfig
 
+# The store loaders (FAISS, the model's fingerprint, torch) are imported inside the functions that
+# load: the shard client (serving.remote_index) imports this module for its small types, and
+# the modules that import it are imported wherever the application is built.
 log = logging.getLogger(__name__)
 
 

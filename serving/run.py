@@ -19,6 +19,8 @@ import sys
 import time
 import urllib.request
 
+# Ray, Serve, the app and the model are imported inside the functions that need them: `--help`
+# and a bad argument answer at once, and the SIGTERM handler is installed before Ray starts.
 
 def load_args(path: str | None, sets: list[str]) -> dict:
     """App args from a YAML/JSON file (an args mapping, or a Serve config whose application imports

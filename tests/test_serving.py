@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from support import net
 from support.net import free_port
 
 pytestmark = pytest.mark.slow
@@ -174,13 +175,10 @@ def running_replicas(deployment: str) -> int:
 
 
 def wait_for(cond, timeout: float, what: str, every: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    value = net.wait_for(cond, timeout, every)
+    if not value:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return value
 
 
 def wait_app_running(url: str, timeout: float = 300) -> None:
