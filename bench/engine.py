@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     # 1. Verify cost curve, both matmul paths, measured side by side.
     log("measuring the verify cost curve ...")
-    plain = TargetModel(hf_model, target.tokenizer, cpu_kernels=False)
+    plain = TargetModel(hf_model, target.tokenizer, cpu_kernels=False, invariant_forward=False)
     cost_fast = measure_verify_cost(target, COST_SIZES)
     cost_plain = measure_verify_cost(plain, COST_SIZES)
     rel_fast, rel_plain = relative_cost(cost_fast), relative_cost(cost_plain)

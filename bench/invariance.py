@@ -1,10 +1,14 @@
-"""Where a row's result depends on how many rows share the forward (batch invariance).
+"""Where a row's result depends on how many rows share the forward (batch invariance), and what
+the invariant forward (decoding/invariant.py) costs.
 
 For each product the target runs (the four weight shapes of its linears, the LM head) and each
-way of computing it, row 0 of an m-row product is compared bitwise with the one-row product, for
-m in 1..64; then the whole target: the logits of one verified token alone and with 1, 3, 15 and
-63 other tree nodes beside it (a chain and a star), in each dtype. Timings (median of repeats)
-show what each kernel costs at 1, 4 and 16 rows.
+way of computing it (torch's three orders and the invariant kernel), row 0 of an m-row product is
+compared bitwise with the one-row product, for m in 1..64. Then the whole target, per dtype and
+per kernel set (``invariant``; ``torch``: MKL + SDPA; float32 also ``small_batch``,
+decoding/cpu_kernels.py): the logits of one verified token alone and with 1, 3, 15 and 63 other
+tree nodes beside it (a chain and a star), and the time of a decode step and of verifications of
+1-32 draft tokens at a 256-token context, the kernel sets measured side by side in rotating order,
+medians over rounds.
 
     python -m bench.invariance [--dtypes float32,bfloat16]
 
@@ -21,10 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import machine_info, write_results
+from decoding import invariant
+from decoding.budget import measure_verify_cost
 from decoding.target import TargetModel
 from decoding.tree import TokenTree
 
 ROWS = (1, 2, 3, 4, 5, 8, 12, 16, 32, 64)
+SIZES = (1, 2, 4, 8, 16, 32)
+ROUNDS = 5
 
 
 def kernels(weight: torch.Tensor) -> dict:
@@ -33,6 +41,7 @@ def kernels(weight: torch.Tensor) -> dict:
         "F.linear": lambda x: F.linear(x, weight),
         "W @ x^T": lambda x: torch.matmul(weight, x.t()).t(),
         "x @ W^T (contiguous)": lambda x: x @ wt,
+        "invariant": invariant.PackedWeight(weight),
     }
 
 
@@ -99,19 +108,45 @@ def target_rows(target: TargetModel, context: int = 96) -> list[dict]:
     return out
 
 
+KERNEL_SETS = {"invariant": dict(invariant_forward=True),
+               "torch": dict(invariant_forward=False, cpu_kernels=False),
+               "small_batch": dict(invariant_forward=False, cpu_kernels=True)}
+
+
+def cost_rows(targets: dict[str, TargetModel], dtype: str) -> list[dict]:
+    """Decode step and verification times per kernel set, measured side by side in rotating order."""
+    names = list(targets)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(measure_verify_cost(targets[name], SIZES, repeats=3, warmup=1))
+    rows = []
+    for name in names:
+        ms = {n: [run[n] * 1e3 for run in runs[name]] for n in (0, *SIZES)}
+        rows.append({"kernels": name, "dtype": dtype,
+                     "ms": {n: round(statistics.median(v), 2) for n, v in ms.items()},
+                     "spread_ms": {n: round(max(v) - min(v), 2) for n, v in ms.items()}})
+    base = next((r for r in rows if r["kernels"] == "torch"), None)
+    for r in rows:
+        r["vs_torch"] = {n: round(r["ms"][n] / base["ms"][n], 3) for n in r["ms"]} if base else None
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args(argv)
-    linear, whole = [], []
+    linear, whole, costs = [], [], []
     for dtype in args.dtypes.split(","):
-        variants = (True, False) if dtype == "float32" else (False,)    # float32: with and without the CPU kernels
-        for cpu_kernels in variants:
-            target = TargetModel.load(dtype=dtype, cpu_kernels=cpu_kernels)
-            if cpu_kernels == variants[0]:
-                linear += linear_rows(target)
-            whole += [{**r, "cpu_kernels": target.cpu_kernels} for r in target_rows(target)]
+        sets = [k for k in KERNEL_SETS if dtype == "float32" or k != "small_batch"]
+        targets = {k: TargetModel.load(dtype=dtype, **KERNEL_SETS[k]) for k in sets}
+        linear += linear_rows(targets["torch"])
+        for name, target in targets.items():
+            whole += [{**r, "kernels": name} for r in target_rows(target)]
+        costs += cost_rows(targets, dtype)
+        del targets
     md = ["# Batch invariance: does a row's result depend on the rows beside it?", "",
+          f"Kernels built for: {invariant.kernel_id()}.", "",
           "Linears: row 0 of an m-row product vs the one-row product (bitwise); timings in ms.", "",
           "| op | shape | dtype | kernel | row counts that differ | 1 row | 4 rows | 16 rows |",
           "|---|---|---|---|---|---|---|---|"]
@@ -119,13 +154,22 @@ def main(argv=None) -> int:
         md.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['kernel']} | {r['rows_differing'] or 'none'} | "
                   f"{r['ms'][1]} | {r['ms'][4]} | {r['ms'][16]} |")
     md += ["", "Whole target: logits of one token verified alone vs beside k other tree nodes.", "",
-           "| dtype | cpu kernels | tree | other rows | bitwise | max abs diff | argmax same |",
+           "| dtype | kernels | tree | other rows | bitwise | max abs diff | argmax same |",
            "|---|---|---|---|---|---|---|"]
     for r in whole:
-        md.append(f"| {r['dtype']} | {r.get('cpu_kernels', '')} | {r['tree']} | {r['other_rows']} | {r['bitwise']} | "
+        md.append(f"| {r['dtype']} | {r['kernels']} | {r['tree']} | {r['other_rows']} | {r['bitwise']} | "
                   f"{r['max_abs_diff']:.3g} | {r['argmax_same']} |")
+    md += ["", f"Forward time (ms, median of {ROUNDS} rounds side by side, rotating order; 256-token context): "
+           "a decode step (0 draft tokens) and verifications of n draft tokens; in brackets the ratio "
+           "to torch's kernels in the same dtype.", "",
+           "| dtype | kernels | " + " | ".join(f"n={n}" for n in (0, *SIZES)) + " |",
+           "|---|---|" + "---|" * (len(SIZES) + 1)]
+    for r in costs:
+        cells = [f"{r['ms'][n]}" + (f" ({r['vs_torch'][n]:.2f})" if r["vs_torch"] else "") for n in (0, *SIZES)]
+        md.append(f"| {r['dtype']} | {r['kernels']} | " + " | ".join(cells) + " |")
     write_results("invariance", machine_info(),
-                  [{"method": "linear", **r} for r in linear] + [{"method": "target", **r} for r in whole],
+                  [{"method": "linear", **r} for r in linear] + [{"method": "target", **r} for r in whole]
+                  + [{"method": "forward_ms", **r} for r in costs],
                   "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -56,7 +56,7 @@ def cost_curve(target: "TargetModel", sizes: Sequence[int] = DEFAULT_SIZES) -> d
     fit = [n for n in sizes if 2 * n + 2 <= target.context_window] or [1]
     context = min(256, target.context_window - max(fit) - 2)
     key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
-           "cpu_kernels": target.cpu_kernels, "sizes": fit, "context": context}
+           "kernels": target.kernels, "sizes": fit, "context": context}
     stored, _ = remembered("cost", key, lambda: {
         str(n): s for n, s in measure_verify_cost(target, fit, context_len=context, repeats=5, warmup=1).items()})
     curve = {int(n): s for n, s in stored.items()}

@@ -78,8 +78,8 @@ def _budget_arg(text: str):
 
 
 def _loaded(target) -> None:
-    print(f"model: {target.config._name_or_path or 'target'} on {target.device}, dtype {target.dtype_choice.reason}",
-          file=sys.stderr)
+    print(f"model: {target.config._name_or_path or 'target'} on {target.device}, dtype {target.dtype_choice.reason}, "
+          f"batch-invariant forward {target.invariant_note}", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:

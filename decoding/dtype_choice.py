@@ -70,7 +70,8 @@ def model_key(hf_model) -> dict:
             "config": cfg, "params": int(sum(p.numel() for p in hf_model.parameters()))}
 
 
-def choose_dtype(hf_model, device: torch.device | str, make_target: Callable) -> tuple[object, DtypeChoice]:
+def choose_dtype(hf_model, device: torch.device | str, make_target: Callable,
+                 kernels: str = "torch") -> tuple[object, DtypeChoice]:
     """Measure the candidate dtypes of `device` (or read the remembered result) for `hf_model`
     (loaded in the first candidate) and return (model in the chosen dtype, choice).
 
@@ -79,7 +80,8 @@ def choose_dtype(hf_model, device: torch.device | str, make_target: Callable) ->
     """
     device = torch.device(device)
     candidates = CANDIDATES.get(device.type, ("float32",))
-    key = {"machine": machine(device), "model": model_key(hf_model), "candidates": list(candidates)}
+    key = {"machine": machine(device), "model": model_key(hf_model), "candidates": list(candidates),
+           "kernels": kernels}
     models = {candidates[0]: hf_model}
 
     def measure() -> dict:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decoding import invariant
 from decoding.cpu_kernels import SmallBatchHead, install_small_batch_linear, wants_cpu_kernels
 from decoding.dtype_choice import DtypeChoice, check_dtype, choose_dtype, explicit, model_key
 from decoding.errors import ContextLengthError, InvalidRequestError
@@ -44,7 +45,8 @@ class KVState:
 class TargetModel:
     """Wraps a Hugging Face causal LM (Llama, Qwen2, Gemma families)."""
 
-    def __init__(self, model, tokenizer, *, hidden_layer: int = -1, cpu_kernels: bool | None = None) -> None:
+    def __init__(self, model, tokenizer, *, hidden_layer: int = -1, cpu_kernels: bool | None = None,
+                 invariant_forward: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -54,6 +56,17 @@ class TargetModel:
         self.hidden_layer = hidden_layer
         self._base = model.base_model
         self._head = model.get_output_embeddings()
+        # Batch-invariant forward (decoding/invariant.py) wherever it can run: what makes strict
+        # decoding bitwise equal to autoregressive decoding in every dtype and tree size.
+        why_not = invariant.supports(model)
+        if invariant_forward and why_not:
+            raise InvalidRequestError(f"invariant forward unavailable: {why_not}")
+        self.invariant = why_not is None if invariant_forward is None else bool(invariant_forward)
+        self.invariant_note = "on" if self.invariant else (why_not or "off (asked for)")
+        if self.invariant:
+            invariant.install(model)
+            self._head = invariant.InvariantHead(self._head.weight)
+            cpu_kernels = False
         if cpu_kernels is None:
             cpu_kernels = wants_cpu_kernels(model)
         if cpu_kernels:
@@ -61,6 +74,8 @@ class TargetModel:
             install_small_batch_linear(self._base)
             self._head = SmallBatchHead(self._head.weight)
         self.cpu_kernels = cpu_kernels
+        # What the forward runs on; measured costs (decoding.measured) are remembered per kernels.
+        self.kernels = invariant.kernel_id() if self.invariant else ("small_batch" if cpu_kernels else "torch")
         self._softcap = getattr(self.config, "final_logit_softcapping", None)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -72,7 +87,8 @@ class TargetModel:
 
     @classmethod
     def load(cls, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
-             hidden_layer: int = -1, cpu_kernels: bool | None = None) -> "TargetModel":
+             hidden_layer: int = -1, cpu_kernels: bool | None = None,
+             invariant_forward: bool | None = None) -> "TargetModel":
         """Load a model; ``dtype="auto"`` runs it in the dtype measured fastest on this machine
         (:mod:`decoding.dtype_choice`); the choice and why are in ``target.dtype_choice``."""
         from decoding.model_loader import load_model_and_tokenizer
@@ -80,11 +96,15 @@ class TargetModel:
         dtype = check_dtype(dtype)
         if dtype != "auto":
             hf_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
-            return cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels)
+            return cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels,
+                       invariant_forward=invariant_forward)
         first = "float32" if torch.device(device).type == "cpu" else "bfloat16"
         hf_model, tokenizer = load_model_and_tokenizer(model, dtype=first, device=device)
-        hf_model, choice = choose_dtype(hf_model, device, lambda m: cls(m, tokenizer, cpu_kernels=cpu_kernels))
-        target = cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels)
+        kernels = "torch" if invariant_forward is False or invariant.turned_off() else invariant.kernel_id()
+        hf_model, choice = choose_dtype(hf_model, device, lambda m: cls(
+            m, tokenizer, cpu_kernels=cpu_kernels, invariant_forward=invariant_forward), kernels=kernels)
+        target = cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels,
+                     invariant_forward=invariant_forward)
         target.dtype_choice = choice
         return target
 

@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore")
 # marked here from the fixtures they use, and those marked `slow` by hand.
 _TIER_FIXTURES = {
     "cluster": {"ray_cluster", "s3_server"},              # a real local Ray cluster or S3 server
-    "model": {"target", "gsm8k_sparse_index", "dense_docs", "dense_store_dir"},   # the embedded model
+    "model": {"target", "target_bf16", "gsm8k_sparse_index", "dense_docs", "dense_store_dir"},   # the embedded model
 }
 
 
@@ -38,6 +38,14 @@ def target():
     from decoding.target import TargetModel
 
     return TargetModel.load(dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def target_bf16():
+    """The same model in bfloat16 (the fast dtype on CPUs with AVX512-BF16)."""
+    from decoding.target import TargetModel
+
+    return TargetModel.load(dtype="bfloat16")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,9 @@
 """Strict greedy speculative decoding reproduces autoregressive greedy decoding token for token.
 
-The reference is transformers' own `generate(do_sample=False)`, an independent implementation.
+The reference is transformers' own `generate(do_sample=False)`, an independent implementation
+(float32), and this engine's own one-token steps (bfloat16: the promise is identity with the same
+dtype's autoregressive output, which the batch-invariant forward of decoding/invariant.py makes
+hold in every dtype).
 41 Spec-Bench prompts spread over all categories, every drafter, short generations. Each prompt
 is prefilled once and its KV cache copied for every drafter (a prompt prefix cache: the prefill
 is the same computation for every drafter; what differs, the decode loop, runs in full).
@@ -117,3 +120,46 @@ def test_strict_greedy_equals_autoregressive(prefilled, prompts, reference, gsm8
     if method != "ar":
         # The drafts must actually be exercised, or equality proves nothing.
         assert drafted > 0 and accepted > 0
+
+
+# bfloat16: the two shortest prompts of every category of the same set (bfloat16 prefill of the
+# 1,000-token prompts is slow on CPUs without native bfloat16), every drafter against the
+# engine's own autoregressive decoding in bfloat16.
+BF16_PER_CATEGORY = 2
+
+
+@pytest.fixture(scope="module")
+def prompts_bf16(prompts):
+    by_category: dict[str, list] = {}
+    for category, ids in prompts:
+        by_category.setdefault(category, []).append(ids)
+    return [(c, ids) for c, group in by_category.items() for ids in sorted(group, key=len)[:BF16_PER_CATEGORY]]
+
+
+@pytest.fixture(scope="module")
+def prefilled_bf16(target_bf16):
+    return PrefilledTarget(target_bf16)
+
+
+@pytest.fixture(scope="module")
+def reference_bf16(prefilled_bf16, prompts_bf16):
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    return [generate(prefilled_bf16, ids, params=params, drafter=NoDrafter(), budget=0).token_ids
+            for _, ids in prompts_bf16]
+
+
+@pytest.mark.parametrize("method", [m for m in DRAFTERS if m != "ar"])
+def test_strict_greedy_equals_autoregressive_bfloat16(prefilled_bf16, prompts_bf16, reference_bf16,
+                                                      gsm8k_sparse_index, dense_store_dir, method):
+    make, budget = DRAFTERS[method]
+    stores = Datastores(sparse=gsm8k_sparse_index, dense=DenseStore.load(dense_store_dir))
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    mismatches, drafted, accepted = [], 0, 0
+    for (category, ids), ref in zip(prompts_bf16, reference_bf16):
+        result = generate(prefilled_bf16, ids, params=params, drafter=make(stores), budget=budget)
+        drafted += result.stats.drafted
+        accepted += result.stats.accepted
+        if result.token_ids != ref:
+            mismatches.append((category, result.token_ids, ref))
+    assert not mismatches, f"{len(mismatches)} of {len(prompts_bf16)} prompts differ, first: {mismatches[0]}"
+    assert drafted > 0 and accepted > 0

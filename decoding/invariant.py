@@ -1,0 +1,318 @@
+"""A batch-invariant target forward on CPU: a row's logits and hidden state do not depend on how
+many other rows share the forward.
+
+Strict speculative decoding promises output identical, token for token, to this engine's own
+autoregressive decoding. A verification runs T tree nodes in one forward; an autoregressive step
+runs one. With BLAS kernels the two round differently (MKL blocks a reduction differently for 1,
+4 or 16 rows; SDPA reduces over n+1 keys in a step and n+T masked keys in a verification), so a
+near-tied argmax can flip: measured in ``bench/results/invariance.md``, up to 4e-5 in float32 and
+0.25 in bfloat16 on the same token's logits. This module designs that out:
+
+- **Linears** (every ``nn.Linear`` of the decoder and the LM head) run through
+  ``sense_linear_*`` in ``decoding/kernels/invariant.c``: each output element is one fixed chain
+  of 8-lane FMAs over the input dimension and one fixed horizontal sum, whatever the row count.
+- **Attention** runs through ``sense_attention_*``: each query row attends over exactly its
+  visible keys, listed in key order (a tree node's prefix and ancestors are the keys the same
+  token sees in an autoregressive step, in the same order), with fixed-order dot products, a
+  max, one vector exp routine and fixed-order sums.
+- Everything else in a Llama-style block (embedding, RMSNorm, rotary, SiLU) is row-wise
+  elementwise or a per-row reduction in torch already; ``tests/test_invariance.py`` checks the
+  whole target bitwise.
+
+Forwards of more than :data:`MAX_ROWS` rows (prompt prefill) keep torch's kernels: both
+decoding modes share the same prefill, and BLAS is several times faster there.
+
+Each call uses ``torch.get_num_threads()`` threads (passed explicitly: OpenMP's own default is
+per calling thread, and serving calls from worker threads). The C file is compiled once per machine (``-O3 -march=native``, OpenMP on torch's runtime) into
+``$SENSE_CACHE_DIR/kernels/`` and loaded with ctypes; no compiler means no invariant mode
+(:func:`unavailable_reason` says why) and the stock kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from decoding.measured import cpu_isa
+from decoding.model_loader import cache_root
+
+PANEL = 16                  # output columns per block of the linear kernel
+MAX_ROWS = 64               # forwards up to this many rows (decode steps, verifications) are invariant
+ATTENTION = "sense_invariant"
+SOURCE = Path(__file__).with_name("kernels") / "invariant.c"
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _compile(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        cmd = [cc, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
+               str(SOURCE), "-o", str(so), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1:]}")
+        os.replace(so, out)     # atomic: a concurrent loader sees the old file or the whole new one
+
+
+def _library_path() -> Path:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(cpu_isa()).encode())
+    h.update(os.environ.get("CC", "").encode())
+    return cache_root() / "kernels" / f"invariant-{h.hexdigest()[:16]}.so"
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None if they cannot be built here."""
+    global _lib, _error
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _error is not None:
+            return _lib
+        try:
+            path = _library_path()
+            if not path.exists():
+                _compile(path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError) as e:
+            _error = str(e)
+            return None
+        p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+        for name in ("sense_linear_f32", "sense_linear_bf16"):
+            getattr(lib, name).argtypes = [p, p, i64, i64, p, i, i, i, i]
+            getattr(lib, name).restype = None
+        for name in ("sense_attention_f32", "sense_attention_bf16"):
+            getattr(lib, name).argtypes = [p, p, p, i64, i64, i64, p, p, p, i, i, i, i, i, f, i]
+            getattr(lib, name).restype = None
+        lib.sense_kernel_isa.restype = ctypes.c_char_p
+        _lib = lib
+        return _lib
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _error
+
+
+def turned_off() -> bool:
+    return os.environ.get("SENSE_INVARIANT", "1").lower() in ("0", "off", "false", "no")
+
+
+def kernel_id() -> str:
+    """Names the kernels a measurement was made with: ``invariant-<source hash>-<isa>`` or ``none``."""
+    lib = library()
+    if lib is None:
+        return "none"
+    return f"invariant-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]}-{kernel_isa()}"
+
+
+def kernel_isa() -> str:
+    lib = library()
+    return lib.sense_kernel_isa().decode() if lib else "none"
+
+
+# -- linear -----------------------------------------------------------------------------------
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/16), K, 16], zero-padded: each block of 16 outputs contiguous in memory,
+    the order the kernel streams it (one pass over the weights per 6 input rows)."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype)
+    padded[:n] = weight.detach()
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+class PackedWeight:
+    """A linear weight [N, K] and its panel-packed copy, repacked if the weight changes (a new
+    tensor or dtype, an in-place update of the parameter; writes through ``.data`` bypass the
+    version counter and are not seen). The copy costs the weight's memory once more; the original stays
+    for the forwards of more than MAX_ROWS rows (prefill), where BLAS is faster."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self._key: tuple | None = None
+        self._packed: torch.Tensor | None = None
+
+    def packed(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w.dtype, w._version)
+        if key != self._key:
+            self._packed, self._key = pack_panels(w), key
+        return self._packed
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` with every output element one fixed chain of FMAs over
+        the input dimension, accumulated in float32 and rounded once to x's dtype."""
+        lib = library()
+        w = self.weight
+        n_out, k = w.shape
+        rows = x.numel() // k
+        if lib is None or rows > MAX_ROWS or rows == 0 or w.dtype not in (torch.float32, torch.bfloat16):
+            return F.linear(x, w, bias)
+        packed = self.packed()
+        xf = x.reshape(rows, k).to(torch.float32).contiguous()
+        y = torch.empty(rows, n_out, dtype=torch.float32)
+        fn = lib.sense_linear_f32 if packed.dtype == torch.float32 else lib.sense_linear_bf16
+        fn(xf.data_ptr(), packed.data_ptr(), PANEL, PANEL * k, y.data_ptr(), rows, k, n_out,
+           torch.get_num_threads())
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One-off invariant linear (packs `weight` per call; modules keep a :class:`PackedWeight`)."""
+    return PackedWeight(weight)(x, bias)
+
+
+def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    packed = self.__dict__.get("_sense_packed")
+    if packed is None or packed.weight is not self.weight:
+        packed = self.__dict__["_sense_packed"] = PackedWeight(self.weight)
+    return packed(x, self.bias)
+
+
+class InvariantHead(PackedWeight):
+    """The LM head [V, H] through the invariant linear kernel."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight.detach())
+        self.packed()
+
+
+# -- attention --------------------------------------------------------------------------------
+
+class _Visibility:
+    """CSR lists of the keys each query row sees, computed once per forward (all layers share
+    the mask object) and kept with a reference to that object so its identity stays unique."""
+
+    def __init__(self) -> None:
+        self.key: object = None
+        self.value: tuple | None = None
+
+    def get(self, mask: torch.Tensor | None, b: int, t: int, length: int, window: int | None):
+        key = (b, t, length, window) if mask is None else mask
+        if self.key is key or (mask is None and self.key == key):
+            return self.value
+        if mask is None:
+            pos = torch.arange(length - t, length)[:, None]
+            cols = torch.arange(length)[None, :]
+            allowed = cols <= pos
+            if window:
+                allowed &= cols > pos - window
+            allowed = allowed.expand(b, t, length)
+        else:
+            m = mask[:, 0] if mask.dim() == 4 else mask
+            allowed = m if m.dtype == torch.bool else m == 0
+            allowed = allowed.expand(b, t, length)
+        flat = allowed.reshape(b * t, length)
+        counts = flat.sum(-1, dtype=torch.int32)
+        rowptr = torch.zeros(b * t + 1, dtype=torch.int32)
+        torch.cumsum(counts, 0, out=rowptr[1:])
+        idx = flat.nonzero()[:, 1].to(torch.int32).contiguous()
+        self.key, self.value = key, (rowptr, idx)
+        return self.value
+
+
+_visibility = threading.local()
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, **kwargs):
+    """A transformers attention function (registered as ``sense_invariant``): query [B, H, T, D],
+    key/value [B, G, L, D] (the whole cache of this layer) -> ([B, T, H, D], None)."""
+    lib = library()
+    b, h, t, d = query.shape
+    g, length = key.shape[1], key.shape[2]
+    mask_ok = attention_mask is None or attention_mask.shape[-1] == length
+    if (lib is None or t > MAX_ROWS or d % 8 or h % g or kwargs.get("softcap") is not None or not mask_ok
+            or query.device.type != "cpu" or key.dtype not in (torch.float32, torch.bfloat16)
+            or (dropout and module.training)):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    cache = getattr(_visibility, "cache", None)
+    if cache is None:
+        cache = _visibility.cache = _Visibility()
+    rowptr, idx = cache.get(attention_mask, b, t, length, kwargs.get("sliding_window"))
+    q = query.transpose(1, 2).to(torch.float32).contiguous()
+    k, v = key, value
+    if k.stride(-1) != 1 or k.stride(-2) != d or v.stride() != k.stride():
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty(b, t, h, d, dtype=torch.float32)
+    fn = lib.sense_attention_f32 if k.dtype == torch.float32 else lib.sense_attention_bf16
+    scale = float(scaling if scaling is not None else d ** -0.5)
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+       rowptr.data_ptr(), idx.data_ptr(), out.data_ptr(), b, t, h, g, d, scale, torch.get_num_threads())
+    return out.to(query.dtype), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention_forward)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def supports(model: torch.nn.Module) -> str | None:
+    """None if `model` can run invariantly here, else why not (one line)."""
+    if turned_off():
+        return "turned off (SENSE_INVARIANT=0)"
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        return f"the invariant kernels are CPU kernels; the model is on {p.device.type}"
+    if p.dtype not in (torch.float32, torch.bfloat16):
+        return f"no invariant kernels for {p.dtype}"
+    if getattr(model.config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping is not supported by the invariant attention"
+    reason = unavailable_reason()
+    if reason:
+        return f"the invariant kernels could not be built: {reason}"
+    return None
+
+
+def install(model: torch.nn.Module) -> int:
+    """Route `model`'s linears and attention through the invariant kernels (in place); returns the
+    number of linears. The caller checks :func:`supports` first."""
+    _register()
+    model.set_attn_implementation(ATTENTION)
+    return install_linears(model)
+
+
+def install_linears(model: torch.nn.Module) -> int:
+    """Route every ``nn.Linear`` under `model` through the invariant linear kernel."""
+    count = 0
+    for sub in model.modules():
+        if isinstance(sub, torch.nn.Linear):
+            sub.__dict__["_sense_packed"] = PackedWeight(sub.weight)
+            sub.__dict__["_sense_packed"].packed()         # pack now, not in the first request
+            sub.forward = types.MethodType(_linear_forward, sub)
+            count += 1
+    return count
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    for sub in model.modules():
+        if isinstance(sub, torch.nn.Linear):
+            for name in ("forward", "_sense_packed"):
+                sub.__dict__.pop(name, None)
+    model.set_attn_implementation("sdpa")

@@ -1,0 +1,234 @@
+/* Batch-invariant CPU kernels for the target's forward pass.
+ *
+ * A row's result must not depend on how many other rows share the forward: a token verified in
+ * a 16-node tree must get bitwise the logits it gets in a one-row decode step. BLAS does not
+ * promise that (MKL picks a different blocking of the reduction for 1, 4 or 16 rows). Here every
+ * output element is one fixed sequence of operations that depends only on its own inputs:
+ *
+ *   - linear:    y[r,n] = hsum8( fma-chain over k = 0, 8, 16, ... of W[n,k:k+8] * x[r,k:k+8] )
+ *                The register blocking (3 weight rows x 4 input rows) only decides which
+ *                accumulators live together; each accumulator still runs k in the same order.
+ *   - attention: for one query row and head, the scores of its visible keys in key-index order
+ *                (the same fixed dot product), their max, exp(s - max) by one vector routine
+ *                (the tail padded, so every element goes through the same code), the sum in
+ *                8 lanes by list position, and the weighted sum of V in list order. A query's
+ *                visible keys in a tree verification (prefix, then its ancestors) are exactly
+ *                the keys it sees in an autoregressive step, in the same order.
+ *
+ * Weights may be float32 or bfloat16 (widened exactly to float32 on load); activations and
+ * accumulators are float32. Built once per machine with -march=native (decoding/invariant.py);
+ * without AVX2+FMA a portable 8-lane emulation with fmaf gives the same guarantee.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+typedef __m256 vec;
+static inline vec v_zero(void) { return _mm256_setzero_ps(); }
+static inline vec v_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec v_load_bf16(const uint16_t *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline vec v_fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec v_add(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec v_set1(float x) { return _mm256_set1_ps(x); }
+static inline void v_store(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline float v_hsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static inline vec v_max(vec a, vec b) { return _mm256_max_ps(a, b); }
+/* exp for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial). */
+static inline vec v_exp(vec x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    vec fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    vec z = _mm256_mul_ps(x, x);
+    vec y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#define KERNEL_ISA "avx2-fma"
+#else
+typedef struct { float v[8]; } vec;
+static inline vec v_zero(void) { vec r; for (int i = 0; i < 8; i++) r.v[i] = 0.f; return r; }
+static inline vec v_load(const float *p) { vec r; memcpy(r.v, p, sizeof r.v); return r; }
+static inline vec v_load_bf16(const uint16_t *p) {
+    vec r;
+    for (int i = 0; i < 8; i++) { uint32_t u = (uint32_t)p[i] << 16; memcpy(&r.v[i], &u, 4); }
+    return r;
+}
+static inline vec v_fma(vec a, vec b, vec c) { for (int i = 0; i < 8; i++) c.v[i] = fmaf(a.v[i], b.v[i], c.v[i]); return c; }
+static inline vec v_add(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] += b.v[i]; return a; }
+static inline vec v_set1(float x) { vec r; for (int i = 0; i < 8; i++) r.v[i] = x; return r; }
+static inline void v_store(float *p, vec v) { memcpy(p, v.v, sizeof v.v); }
+static inline float v_hsum(vec v) {
+    float a[4];
+    for (int i = 0; i < 4; i++) a[i] = v.v[i] + v.v[i + 4];
+    a[0] += a[2]; a[1] += a[3];
+    return a[0] + a[1];
+}
+static inline vec v_max(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
+static inline vec v_exp(vec x) { for (int i = 0; i < 8; i++) x.v[i] = expf(x.v[i]); return x; }
+#define KERNEL_ISA "portable"
+#endif
+
+const char *sense_kernel_isa(void) { return KERNEL_ISA; }
+
+/* ---------------------------------------------------------------------------------------- */
+/* linear: y[R, N] = x[R, K] @ Wt[K, N], Wt the transposed weight, contiguous (row stride N).   */
+/* y[r, n] = fma(x[r, K-1], Wt[K-1, n], ... fma(x[r, 1], Wt[1, n], fma(x[r, 0], Wt[0, n], 0))):  */
+/* one sequential chain over k per output element, whatever the number of rows or the block.  */
+/* Blocks: 16 output columns (two 8-lane vectors) x up to 6 input rows. Column panel p, row k  */
+/* is at P + p * pstride + k * ldw: the transposed weight (ldw = N, pstride = 16) or, for wide */
+/* outputs such as the LM head, a copy packed panel by panel (ldw = 16, pstride = 16 K).       */
+
+#define PANEL 16
+#define RMAX 6     /* input rows per register block: 6 x 2 accumulators */
+
+#define DEFINE_LINEAR(NAME, WT, LOADW)                                                          \
+static inline __attribute__((always_inline)) void NAME##_block(                               \
+        const float *x, int K, const WT *P, size_t ldw, float *y, int ldy, int ncols, const int rb) { \
+    vec a0[RMAX], a1[RMAX];                                                                    \
+    for (int j = 0; j < rb; j++) { a0[j] = v_zero(); a1[j] = v_zero(); }                      \
+    for (int k = 0; k < K; k++) {                                                              \
+        vec w0, w1;                                                                            \
+        if (ncols == PANEL) { w0 = LOADW(P + k * ldw); w1 = LOADW(P + k * ldw + 8); }          \
+        else {              /* last, partial panel: never read past the row */                \
+            WT buf[PANEL] = {0};                                                               \
+            memcpy(buf, P + k * ldw, sizeof(WT) * (size_t)ncols);                              \
+            w0 = LOADW(buf); w1 = LOADW(buf + 8);                                              \
+        }                                                                                      \
+        for (int j = 0; j < rb; j++) {                                                         \
+            const vec xv = v_set1(x[(size_t)j * K + k]);                                       \
+            a0[j] = v_fma(xv, w0, a0[j]);                                                      \
+            a1[j] = v_fma(xv, w1, a1[j]);                                                      \
+        }                                                                                      \
+    }                                                                                          \
+    for (int j = 0; j < rb; j++) {                                                             \
+        float buf[PANEL];                                                                      \
+        v_store(buf, a0[j]);                                                                   \
+        v_store(buf + 8, a1[j]);                                                               \
+        memcpy(y + (size_t)j * ldy, buf, sizeof(float) * (size_t)ncols);                       \
+    }                                                                                          \
+}                                                                                              \
+void NAME(const float *x, const WT *P, int64_t ldw, int64_t pstride, float *y, int R, int K, int N,      \
+          int threads) {                                                                       \
+    const int panels = (N + PANEL - 1) / PANEL;                                                \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                          \
+    for (int p = 0; p < panels; p++) {                                                         \
+        const int n0 = p * PANEL, nc = N - n0 < PANEL ? N - n0 : PANEL;                        \
+        const WT *pp = P + (size_t)p * pstride;                                                \
+        for (int r0 = 0; r0 < R; r0 += RMAX) {                                                 \
+            const float *xr = x + (size_t)r0 * K;                                              \
+            float *yr = y + (size_t)r0 * N + n0;                                               \
+            switch (R - r0 < RMAX ? R - r0 : RMAX) {                                           \
+            case 6: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 6); break;                              \
+            case 5: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 5); break;                              \
+            case 4: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 4); break;                              \
+            case 3: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 3); break;                              \
+            case 2: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 2); break;                              \
+            default: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 1); break;                             \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+DEFINE_LINEAR(sense_linear_f32, float, v_load)
+DEFINE_LINEAR(sense_linear_bf16, uint16_t, v_load_bf16)
+
+/* ---------------------------------------------------------------------------------------- */
+/* attention over an explicit list of visible keys per query row                             */
+
+static inline float dot_f32(const float *q, const float *k, int D) {
+    vec acc = v_zero();
+    for (int d = 0; d < D; d += 8) acc = v_fma(v_load(q + d), v_load(k + d), acc);
+    return v_hsum(acc);
+}
+static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
+    vec acc = v_zero();
+    for (int d = 0; d < D; d += 8) acc = v_fma(v_load(q + d), v_load_bf16(k + d), acc);
+    return v_hsum(acc);
+}
+
+/* s[0..n) <- exp(s - max), returns their sum (8 lanes by position, then the fixed hsum). */
+static float softmax_numerators(float *s, int n) {
+    vec m8 = v_set1(-INFINITY);
+    const int n8 = n & ~7;
+    for (int p = 0; p < n8; p += 8) m8 = v_max(m8, v_load(s + p));
+    float buf[8];
+    v_store(buf, m8);
+    float m = -INFINITY;
+    for (int i = 0; i < 8; i++) m = buf[i] > m ? buf[i] : m;
+    for (int p = n8; p < n; p++) m = s[p] > m ? s[p] : m;
+    vec sum = v_zero();
+    for (int p = 0; p < n8; p += 8) {
+        vec e = v_exp(v_add(v_load(s + p), v_set1(-m)));
+        v_store(s + p, e);
+        sum = v_add(sum, e);
+    }
+    if (n8 < n) {
+        float t[8];
+        for (int i = 0; i < 8; i++) t[i] = n8 + i < n ? s[n8 + i] - m : -INFINITY;
+        vec e = v_exp(v_load(t));
+        v_store(t, e);
+        for (int i = 0; i < 8; i++) if (n8 + i >= n) t[i] = 0.f;
+        for (int i = 0; i < n - n8; i++) s[n8 + i] = t[i];
+        sum = v_add(sum, v_load(t));
+    }
+    return v_hsum(sum);
+}
+
+/* q: [B, T, H, D] float32 contiguous; k, v: element (b, g, j, d) at b*kb + g*kh + j*kr + d;
+ * rows (b, t) see keys idx[rowptr[b*T+t] .. rowptr[b*T+t+1]) (ascending); out: [B, T, H, D]. */
+#define DEFINE_ATTENTION(NAME, KT, DOT, LOADK)                                                  \
+void NAME(const float *q, const KT *k, const KT *v, int64_t kb, int64_t kh, int64_t kr,       \
+          const int32_t *rowptr, const int32_t *idx, float *out, int B, int T, int H, int G,    \
+          int D, float scale, int threads) {                                                   \
+    const int hpg = H / G;                                                                     \
+    const int units = B * T * G;                                                               \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                      \
+    for (int u = 0; u < units; u++) {                                                          \
+        const int g = u % G, row = u / G, b = row / T;                                         \
+        const int n = rowptr[row + 1] - rowptr[row];                                           \
+        const int32_t *ids = idx + rowptr[row];                                                \
+        const KT *kg = k + b * kb + g * kh, *vg = v + b * kb + g * kh;                         \
+        float *s = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * hpg);             \
+        const float *qr = q + ((size_t)row * H + (size_t)g * hpg) * D;                         \
+        for (int p = 0; p < n; p++) {                                                          \
+            const KT *kj = kg + ids[p] * kr;                                                   \
+            for (int h = 0; h < hpg; h++) s[(size_t)h * n + p] = DOT(qr + (size_t)h * D, kj, D) * scale; \
+        }                                                                                      \
+        for (int h = 0; h < hpg; h++) {                                                        \
+            float *sh = s + (size_t)h * n;                                                     \
+            float *o = out + ((size_t)row * H + (size_t)g * hpg + h) * D;                      \
+            if (n == 0) { memset(o, 0, sizeof(float) * D); continue; }                         \
+            const float l = softmax_numerators(sh, n);                                         \
+            for (int d0 = 0; d0 < D; d0 += 8) {                                                \
+                vec acc = v_zero();                                                            \
+                for (int p = 0; p < n; p++)                                                    \
+                    acc = v_fma(v_set1(sh[p]), LOADK(vg + ids[p] * kr + d0), acc);             \
+                float buf[8];                                                                  \
+                v_store(buf, acc);                                                             \
+                for (int i = 0; i < 8; i++) o[d0 + i] = buf[i] / l;                            \
+            }                                                                                  \
+        }                                                                                      \
+        free(s);                                                                               \
+    }                                                                                          \
+}
+
+DEFINE_ATTENTION(sense_attention_f32, float, dot_f32, v_load)
+DEFINE_ATTENTION(sense_attention_bf16, uint16_t, dot_bf16, v_load_bf16)

@@ -1,0 +1,135 @@
+"""Batch invariance: a row's result does not depend on how many rows share the forward.
+
+Kernel level (decoding/kernels/invariant.c through decoding/invariant.py), then the whole target:
+a token's logits and hidden state verified alone, beside 1, 3, 15 and 63 other tree nodes, and
+along a chain against one-token autoregressive steps, bitwise, in float32 and bfloat16. Before
+the invariant kernels none of these held in either dtype (bench/results/invariance.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decoding import invariant
+from decoding.tree import TokenTree
+
+ROW_COUNTS = (1, 2, 3, 5, 6, 7, 13, 16, 64)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if invariant.library() is None:
+        pytest.fail(f"the invariant kernels did not build: {invariant.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (50, 13), (17, 1536)])
+def test_linear_rows_are_independent_of_the_row_count(shape, dtype):
+    n, k = shape
+    gen = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(64, k, generator=gen).to(dtype)
+    packed = invariant.PackedWeight(w)
+    one = torch.cat([packed(x[i:i + 1]) for i in range(64)])
+    for m in ROW_COUNTS:
+        assert torch.equal(packed(x[:m]), one[:m]), f"{m} rows"
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    ref = F.linear(x.float(), w.float())
+    assert torch.allclose(one.float(), ref, atol=tol * k ** 0.5, rtol=tol), "not the product"
+
+
+def test_linear_bias_and_module_install():
+    lin = torch.nn.Linear(40, 24)
+    x = torch.randn(5, 40)
+    want = lin(x)
+    invariant.install_linears(lin)
+    got = lin(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(lin(x[2:3]), got[2:3])
+    with torch.no_grad():
+        lin.weight.mul_(2)                       # an in-place update of the parameter repacks
+    assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
+
+
+def _attention(q, k, v, mask):
+    module = torch.nn.Module()
+    module.num_key_value_groups = q.shape[1] // k.shape[1]
+    return invariant.attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_depends_only_on_the_visible_keys(dtype):
+    """A query over a masked tree of T rows gets bitwise what it gets alone over exactly the keys
+    it sees; and the result is attention (close to SDPA)."""
+    gen = torch.Generator().manual_seed(3)
+    h, g, d, past = 6, 2, 64, 37
+    parents = (-1, 0, 0, 1, 1, 2, 5, 6)
+    t = len(parents)
+    q = torch.randn(1, h, t, d, generator=gen).to(dtype)
+    k = torch.randn(1, g, past + t, d, generator=gen).to(dtype)
+    v = torch.randn(1, g, past + t, d, generator=gen).to(dtype)
+    allowed = torch.zeros(t, past + t, dtype=torch.bool)
+    allowed[:, :past] = True
+    for i, p in enumerate(parents):
+        allowed[i, past + i] = True
+        while p >= 0:
+            allowed[i, past + p] = True
+            p = parents[p]
+    out = _attention(q, k, v, allowed[None, None])
+    for i in range(t):
+        keys = allowed[i].nonzero()[:, 0]
+        alone = _attention(q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys], None)
+        assert torch.equal(out[:, i:i + 1], alone), f"row {i}"
+    ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(h // g, 1),
+                                         v.float().repeat_interleave(h // g, 1), attn_mask=allowed)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out.float(), ref.transpose(1, 2), atol=tol)
+
+
+def _with_prefix(target, text="Speculative decoding verifies a draft in one forward pass. " * 6):
+    ids = target.tokenizer(text)["input_ids"][:70]
+    state, out = target.prefill(ids)
+    return state, int(out.logits[-1].argmax())
+
+
+def _verify_and_drop(target, state, tree):
+    out = target.verify(state, tree)
+    target.commit(state, [0])
+    state.cache.crop(-1)
+    state.n_committed -= 1
+    return out
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def any_target(request, target, target_bf16):
+    return target if request.param == "float32" else target_bf16
+
+
+def test_targets_run_invariantly(any_target):
+    assert any_target.invariant, any_target.invariant_note
+
+
+@pytest.mark.parametrize("others", [1, 3, 15, 63])
+def test_a_rows_logits_do_not_depend_on_the_other_rows(any_target, others):
+    state, tok = _with_prefix(any_target)
+    alone = _verify_and_drop(any_target, state, TokenTree.root_only(tok))
+    chain = _verify_and_drop(any_target, state, TokenTree.chain(tok, [300 + i for i in range(others)]))
+    star = _verify_and_drop(any_target, state, TokenTree((tok, *(500 + i for i in range(others))), (-1,) + (0,) * others))
+    for out in (chain, star):
+        assert torch.equal(out.logits[0], alone.logits[0])
+        assert torch.equal(out.hidden[0], alone.hidden[0])
+
+
+def test_a_verified_chain_equals_autoregressive_steps(any_target):
+    """Every node of a chain (not only the root) gets the logits of its own one-token step."""
+    state, tok = _with_prefix(any_target)
+    draft = [1001, 2002, 3003, 4004, 5005]
+    chain = _verify_and_drop(any_target, state, TokenTree.chain(tok, draft))
+    for i, t in enumerate([tok, *draft]):
+        step = any_target.verify(state, TokenTree.root_only(t))
+        any_target.commit(state, [0])
+        assert torch.equal(step.logits[0], chain.logits[i]), f"node {i}"
+        assert torch.equal(step.hidden[0], chain.hidden[i]), f"node {i}"
