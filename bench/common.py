@@ -15,13 +15,14 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu, isa, family_model = platform.processor() or "", None, None
+    from decoding import invariant
+    from decoding.measured import cpu_name, isa_summary
+
+    cpu, isa, family_model = cpu_name(), isa_summary(), None
     try:
         first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
         info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu.splitlines())}
-        cpu = info.get("model name", cpu)
         family_model = f"family {info.get('cpu family')} model {info.get('model')}"
-        isa = cpu_isa(info.get("flags", "").split())
     except OSError:
         pass
     if isa:
@@ -35,21 +36,10 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cpu_family_model": family_model, "cores": os.cpu_count(), "memory_gib": mem_gib,
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(), "device": "cpu"}
+            "torch_threads": torch.get_num_threads(), "device": "cpu", "kernels": invariant.kernel_id()}
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     return info
-
-
-def cpu_isa(flags: list[str]) -> str:
-    """The widest x86 vector ISA in /proc/cpuinfo's flags ("avx512 + bf16", "avx2", ...)."""
-    f = set(flags)
-    if "avx512f" in f:
-        return "avx512" + (" + bf16" if "avx512_bf16" in f else "") + (" + amx" if "amx_tile" in f else "")
-    for name in ("avx2", "avx", "sse4_2"):
-        if name in f:
-            return name
-    return "" if not f else "other"
 
 
 def median(xs):

@@ -437,8 +437,9 @@ def main(argv=None) -> int:
     else:
         # This machine's curve for this model and dtype, as the engine and serving plan with it
         # (measured once per machine, then remembered: decoding.budget.cost_curve).
-        cost = relative_cost(cost_curve(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)))
-        log("cost curve:", {n: round(c, 2) for n, c in cost.items()})
+        # In seconds: the adaptive budget weighs each step's drafting time against it.
+        cost = cost_curve(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+        log("cost curve:", {n: round(c, 2) for n, c in relative_cost(cost).items()})
     soft_cfg = SoftGateConfig()
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
 

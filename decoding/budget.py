@@ -107,6 +107,9 @@ class AdaptiveBudget:
 
     def __init__(self, cost: dict[int, float], *, sizes: Sequence[int] | None = None, decay: float = 0.95,
                  explore_every: int = 8) -> None:
+        """`cost`: seconds of a verification forward by draft size, 0 = a plain decode step (as
+        :func:`cost_curve` measures it): the step's own drafting and commit time, in seconds, is
+        weighed against it. A relative curve (c(0) = 1) would count those seconds as steps."""
         if 0 not in cost or cost[0] <= 0:
             raise ValueError("the cost curve needs c(0), the cost of a plain decode step")
         self.step_seconds = float(cost[0])

@@ -39,6 +39,17 @@ def cpu_isa() -> list[str]:
     return [platform.machine()]
 
 
+def isa_summary(flags: list[str] | None = None) -> str:
+    """The widest vector ISA among `flags` (default: this CPU's): "avx512 + bf16", "avx2", ..."""
+    f = set(cpu_isa() if flags is None else flags)
+    if "avx512f" in f:
+        return "avx512" + (" + bf16" if "avx512_bf16" in f else "") + (" + amx" if "amx_tile" in f else "")
+    for name in ("avx2", "asimd", "sve"):
+        if name in f:
+            return name
+    return "other"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -43,12 +43,12 @@ def test_step_costs_split_ms_per_step_by_time_shares():
 
 
 def test_cpu_isa_names_the_widest_vector_extension():
-    from bench.common import cpu_isa
+    from decoding.measured import isa_summary as cpu_isa
 
     assert cpu_isa("fpu sse4_2 avx avx2 fma".split()) == "avx2"
     assert cpu_isa("avx2 avx512f avx512bw avx512_bf16".split()) == "avx512 + bf16"
     assert cpu_isa("avx2 avx512f amx_tile".split()) == "avx512 + amx"
-    assert cpu_isa([]) == ""
+    assert cpu_isa([]) == "other"
 
 
 def test_wide_tree_rows_get_their_own_table_and_leave_the_targets_alone():

@@ -217,13 +217,22 @@ void NAME(const float *q, const KT *k, const KT *v, int64_t kb, int64_t kh, int6
             float *o = out + ((size_t)row * H + (size_t)g * hpg + h) * D;                      \
             if (n == 0) { memset(o, 0, sizeof(float) * D); continue; }                         \
             const float l = softmax_numerators(sh, n);                                         \
-            for (int d0 = 0; d0 < D; d0 += 8) {                                                \
-                vec acc = v_zero();                                                            \
-                for (int p = 0; p < n; p++)                                                    \
-                    acc = v_fma(v_set1(sh[p]), LOADK(vg + ids[p] * kr + d0), acc);             \
-                float buf[8];                                                                  \
-                v_store(buf, acc);                                                             \
-                for (int i = 0; i < 8; i++) o[d0 + i] = buf[i] / l;                            \
+            /* out[d] = sum over p (in list order) of e_p * V[ids[p], d], then / l; up to 64     \
+             * dimensions at once in registers (one pass over V), the rest 64 at a time. */      \
+            for (int d0 = 0; d0 < D; d0 += 64) {                                               \
+                const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;                                \
+                vec acc[8];                                                                    \
+                for (int i = 0; i < nv; i++) acc[i] = v_zero();                                \
+                for (int p = 0; p < n; p++) {                                                  \
+                    const vec e = v_set1(sh[p]);                                               \
+                    const KT *vr = vg + ids[p] * kr + d0;                                      \
+                    for (int i = 0; i < nv; i++) acc[i] = v_fma(e, LOADK(vr + 8 * i), acc[i]); \
+                }                                                                              \
+                for (int i = 0; i < nv; i++) {                                                 \
+                    float buf[8];                                                              \
+                    v_store(buf, acc[i]);                                                      \
+                    for (int j = 0; j < 8; j++) o[d0 + 8 * i + j] = buf[j] / l;                \
+                }                                                                              \
             }                                                                                  \
         }                                                                                      \
         free(s);                                                                               \
