@@ -31,24 +31,39 @@ def _small_batch_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
+def route_linears(module: torch.nn.Module, forward, *, select=None, prepare=None) -> int:
+    """Bind `forward` as the forward of every ``nn.Linear`` under `module` that `select(sub)`
+    accepts (all by default), after `prepare(sub)`; returns the count. The modules change in
+    place; :func:`restore_linears` undoes it."""
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear) and (select is None or select(sub)):
+            if prepare is not None:
+                prepare(sub)
+            sub.forward = types.MethodType(forward, sub)
+            count += 1
+    return count
+
+
+def restore_linears(module: torch.nn.Module, attrs: tuple[str, ...] = ()) -> None:
+    """Give every ``nn.Linear`` under `module` its class's forward back, and drop `attrs`."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear):
+            for name in ("forward", *attrs):
+                sub.__dict__.pop(name, None)
+
+
 def install_small_batch_linear(module: torch.nn.Module) -> int:
     """Route every float32 nn.Linear under `module` through the small-batch path; returns the count.
 
     This changes the modules in place (the model then serves ``generate()`` through it too);
     :func:`uninstall_small_batch_linear` restores them.
     """
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear) and sub.weight.dtype == torch.float32:
-            sub.forward = types.MethodType(_small_batch_linear, sub)
-            count += 1
-    return count
+    return route_linears(module, _small_batch_linear, select=lambda sub: sub.weight.dtype == torch.float32)
 
 
 def uninstall_small_batch_linear(module: torch.nn.Module) -> None:
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear):
-            sub.__dict__.pop("forward", None)
+    restore_linears(module)
 
 
 class SmallBatchHead:

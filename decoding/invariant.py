@@ -37,12 +37,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from decoding.cpu_kernels import restore_linears, route_linears
 from decoding.measured import cpu_isa
 from decoding.model_loader import cache_root
 
@@ -299,20 +299,15 @@ def install(model: torch.nn.Module) -> int:
 
 
 def install_linears(model: torch.nn.Module) -> int:
-    """Route every ``nn.Linear`` under `model` through the invariant linear kernel."""
-    count = 0
-    for sub in model.modules():
-        if isinstance(sub, torch.nn.Linear):
-            sub.__dict__["_sense_packed"] = PackedWeight(sub.weight)
-            sub.__dict__["_sense_packed"].packed()         # pack now, not in the first request
-            sub.forward = types.MethodType(_linear_forward, sub)
-            count += 1
-    return count
+    """Route every ``nn.Linear`` under `model` through the invariant linear kernel, packed now
+    rather than in the first request."""
+    def prepare(sub: torch.nn.Linear) -> None:
+        sub.__dict__["_sense_packed"] = PackedWeight(sub.weight)
+        sub.__dict__["_sense_packed"].packed()
+
+    return route_linears(model, _linear_forward, prepare=prepare)
 
 
 def uninstall(model: torch.nn.Module) -> None:
-    for sub in model.modules():
-        if isinstance(sub, torch.nn.Linear):
-            for name in ("forward", "_sense_packed"):
-                sub.__dict__.pop(name, None)
+    restore_linears(model, ("_sense_packed",))
     model.set_attn_implementation("sdpa")

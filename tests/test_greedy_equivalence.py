@@ -75,6 +75,10 @@ def prefilled(target):
 def reference(prefilled, prompts):
     """This engine's autoregressive greedy continuations (no drafter), the reference of every
     drafter; checked against transformers' generate() by test_autoregressive_equals_transformers."""
+    return autoregressive(prefilled, prompts)
+
+
+def autoregressive(prefilled, prompts) -> list[list[int]]:
     params = SamplingParams(max_new_tokens=MAX_NEW)
     return [generate(prefilled, ids, params=params, drafter=NoDrafter(), budget=0).token_ids for _, ids in prompts]
 
@@ -117,23 +121,27 @@ DRAFTERS = {
 }
 
 
-@pytest.mark.parametrize("method", list(DRAFTERS))
-def test_strict_greedy_equals_autoregressive(prefilled, prompts, reference, gsm8k_sparse_index, dense_store_dir,
-                                             method):
+def check_drafter(prefilled, prompts, reference, stores, method) -> None:
+    """Every prompt decoded with `method`'s drafter equals `reference`, and drafts were accepted."""
     make, budget = DRAFTERS[method]
-    stores = Datastores(sparse=gsm8k_sparse_index, dense=DenseStore.load(dense_store_dir))
     params = SamplingParams(max_new_tokens=MAX_NEW)
     mismatches, drafted, accepted = [], 0, 0
     for (category, ids), ref in zip(prompts, reference):
-        drafter = make(stores)                      # drafters hold per-request state
-        result = generate(prefilled, ids, params=params, drafter=drafter, budget=budget)
+        result = generate(prefilled, ids, params=params, drafter=make(stores), budget=budget)  # fresh drafter state
         drafted += result.stats.drafted
         accepted += result.stats.accepted
         if result.token_ids != ref:
             mismatches.append((category, result.token_ids, ref))
-    assert not mismatches, f"{len(mismatches)} prompts differ, first: {mismatches[0]}"
+    assert not mismatches, f"{len(mismatches)} of {len(prompts)} prompts differ, first: {mismatches[0]}"
     # The drafts must actually be exercised, or equality proves nothing.
     assert drafted > 0 and accepted > 0
+
+
+@pytest.mark.parametrize("method", list(DRAFTERS))
+def test_strict_greedy_equals_autoregressive(prefilled, prompts, reference, gsm8k_sparse_index, dense_store_dir,
+                                             method):
+    stores = Datastores(sparse=gsm8k_sparse_index, dense=DenseStore.load(dense_store_dir))
+    check_drafter(prefilled, prompts, reference, stores, method)
 
 
 # bfloat16: the shortest prompt of every category of the same set (bfloat16 prefill of the
@@ -154,23 +162,11 @@ def prefilled_bf16(target_bf16):
 
 @pytest.fixture(scope="module")
 def reference_bf16(prefilled_bf16, prompts_bf16):
-    params = SamplingParams(max_new_tokens=MAX_NEW)
-    return [generate(prefilled_bf16, ids, params=params, drafter=NoDrafter(), budget=0).token_ids
-            for _, ids in prompts_bf16]
+    return autoregressive(prefilled_bf16, prompts_bf16)
 
 
 @pytest.mark.parametrize("method", list(DRAFTERS))
 def test_strict_greedy_equals_autoregressive_bfloat16(prefilled_bf16, prompts_bf16, reference_bf16,
                                                       gsm8k_sparse_index, dense_store_dir, method):
-    make, budget = DRAFTERS[method]
     stores = Datastores(sparse=gsm8k_sparse_index, dense=DenseStore.load(dense_store_dir))
-    params = SamplingParams(max_new_tokens=MAX_NEW)
-    mismatches, drafted, accepted = [], 0, 0
-    for (category, ids), ref in zip(prompts_bf16, reference_bf16):
-        result = generate(prefilled_bf16, ids, params=params, drafter=make(stores), budget=budget)
-        drafted += result.stats.drafted
-        accepted += result.stats.accepted
-        if result.token_ids != ref:
-            mismatches.append((category, result.token_ids, ref))
-    assert not mismatches, f"{len(mismatches)} of {len(prompts_bf16)} prompts differ, first: {mismatches[0]}"
-    assert drafted > 0 and accepted > 0
+    check_drafter(prefilled_bf16, prompts_bf16, reference_bf16, stores, method)
