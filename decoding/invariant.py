@@ -178,24 +178,11 @@ class PackedWeight:
         return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One-off invariant linear (packs `weight` per call; modules keep a :class:`PackedWeight`)."""
-    return PackedWeight(weight)(x, bias)
-
-
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = self.__dict__.get("_sense_packed")
     if packed is None or packed.weight is not self.weight:
         packed = self.__dict__["_sense_packed"] = PackedWeight(self.weight)
     return packed(x, self.bias)
-
-
-class InvariantHead(PackedWeight):
-    """The LM head [V, H] through the invariant linear kernel."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__(weight.detach())
-        self.packed()
 
 
 # -- attention --------------------------------------------------------------------------------

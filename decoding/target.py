@@ -64,8 +64,7 @@ class TargetModel:
         self.invariant = why_not is None if invariant_forward is None else bool(invariant_forward)
         self.invariant_note = "on" if self.invariant else (why_not or "off (asked for)")
         if self.invariant:
-            invariant.install(model)
-            self._head = invariant.InvariantHead(self._head.weight)
+            invariant.install(model)        # the LM head is one of the linears it routes
             cpu_kernels = False
         if cpu_kernels is None:
             cpu_kernels = wants_cpu_kernels(model)
