@@ -17,7 +17,7 @@ demo-engine: setup
 
 ## The whole test suite.
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=40
 
 ## The inner loop (a minute or two): no model, no cluster, nothing slow.
 test-fast: setup

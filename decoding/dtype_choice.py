@@ -5,7 +5,10 @@ bfloat16 verification of 16 tokens costs about what one float32 decode step does
 AVX2-only CPU bfloat16 is emulated and slower than float32. So we measure: for each candidate
 (float32 and bfloat16 on CPU; bfloat16 and float16 on CUDA) one plain decode step and one
 16-token verification, at a short context, and take the dtype with the smaller sum (the two
-shapes speculative decoding spends its time in). The result is remembered per machine, model
+shapes speculative decoding spends its time in). The candidates are listed most precise first,
+and a less precise one must be at least ``MARGIN`` faster to be taken: a near-tie (the AVX2 CPU,
+where both dtypes run the same float32-accumulating kernels) keeps the precise dtype instead of
+flipping between machines and loads with the measurement noise. The result is remembered per machine, model
 and device (:mod:`decoding.measured`), so later loads only read a file.
 """
 
@@ -24,6 +27,7 @@ from decoding.measured import machine, remembered
 CANDIDATES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float16")}
 EXPLICIT = ("float32", "bfloat16", "float16")
 VERIFY_TOKENS = 16
+MARGIN = 0.10                       # a less precise dtype must be 10% faster to be taken
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,15 @@ def step_costs_ms(target, *, context_len: int = 64, repeats: int = 5) -> dict:
     return {"decode": round(s[0] * 1e3, 3), "verify16": round(s[VERIFY_TOKENS] * 1e3, 3)}
 
 
-def fastest(timings_ms: dict) -> str:
-    """The dtype whose decode step plus 16-token verification takes least time."""
-    return min(timings_ms, key=lambda d: timings_ms[d]["decode"] + timings_ms[d]["verify16"])
+def fastest(timings_ms: dict, margin: float = MARGIN) -> str:
+    """The dtype whose decode step plus 16-token verification takes least time; `timings_ms` is
+    ordered most precise first, and a later dtype must beat the earlier choice by `margin`."""
+    cost = {d: t["decode"] + t["verify16"] for d, t in timings_ms.items()}
+    best = next(iter(cost))
+    for d in cost:
+        if cost[d] < cost[best] * (1 - margin):
+            best = d
+    return best
 
 
 def model_key(hf_model) -> dict:

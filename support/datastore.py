@@ -34,10 +34,12 @@ def write_gsm8k_corpus(path: Path, n: int, bad: bool = True) -> list[dict]:
 
 def build_cli(corpus: Path, out, *extra: str) -> list[str]:
     """The command line of a small datastore build of `corpus` (a write_gsm8k_corpus file) into
-    `out` (a local path or s3:// URI): 32-dimensional keys, 8-token values, 2 KiB units."""
+    `out` (a local path or s3:// URI): 32-dimensional keys, 8-token values, 2 KiB units, float32
+    (as the tests' in-process builds, which the CLI builds are compared with)."""
     return [sys.executable, "-m", "pipelines.build_datastore", "--corpus", f"gsm={corpus}", "--prompt-field",
             "question", "--response-field", "answer", "--output", str(out), "--dim", "32", "--value-len", "8",
-            "--split-mb", str(2048 / (1 << 20)), "--sample-rows", "200", *extra]
+            "--split-mb", str(2048 / (1 << 20)), "--sample-rows", "200", "--dtype", "float32",
+            *extra]
 
 
 def read_entries(root: str) -> dict[str, np.ndarray]:

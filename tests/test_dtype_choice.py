@@ -23,6 +23,15 @@ def test_fastest_takes_the_smaller_measured_sum():
     assert fastest(timings) == "float32"
 
 
+def test_a_near_tie_keeps_the_precise_dtype():
+    """bfloat16 5% faster: float32 stays (a coin flip between machines otherwise); 15%: bfloat16."""
+    timings = {"float32": {"decode": 40.0, "verify16": 60.0}, "bfloat16": {"decode": 38.0, "verify16": 57.0}}
+    assert fastest(timings) == "float32"
+    timings["bfloat16"] = {"decode": 34.0, "verify16": 51.0}
+    assert fastest(timings) == "bfloat16"
+    assert fastest(timings, margin=0.2) == "float32"
+
+
 def test_check_dtype():
     assert check_dtype("bf16") == "bfloat16" and check_dtype("AUTO") == "auto"
     with pytest.raises(ModelLoadError, match="unknown dtype"):

@@ -99,7 +99,7 @@ def artifact(ray_cluster, stores, tmp_path_factory):
 
 def app_args(stores) -> dict:
     return {
-        "model": {"name": MODEL, "torch_threads": 1},
+        "model": {"name": MODEL, "torch_threads": 1, "dtype": "float32"},   # as the `target` fixture
         "index": {"version": "v1", "dense": stores["dense"], "sparse": stores["sparse"]},
         "speculative": {"method": "sense", "budget": 8},
         "sampling": {"temperature": 0.0},

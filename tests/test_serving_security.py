@@ -77,7 +77,7 @@ def server(ray_cluster, stores, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "api_keys"
     key_file.write_text(f"# test keys\n\n{FILE_KEY}\n")
     args = {
-        "model": {"name": MODEL, "torch_threads": 1},
+        "model": {"name": MODEL, "torch_threads": 1, "dtype": "float32"},   # as the `target` fixture
         "index": {"version": "v1", "dense": stores["dense"], "sparse": stores["sparse"]},
         "speculative": {"method": "sense", "budget": 4, "max_budget": 8},
         "sampling": {"temperature": 0.0, "completion_max_tokens": 4, "chat_max_tokens": 4,
