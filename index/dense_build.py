@@ -17,11 +17,13 @@ import numpy as np
 @dataclass(frozen=True)
 class Document:
     """Token ids of one document. Positions before `store_from` are context only (e.g. the
-    prompt of an instruction pair): they condition the hidden states but get no entries."""
+    prompt of an instruction pair): they condition the hidden states but get no entries.
+    `doc_id`: its id in a pipeline build ((file index << 40) | record), None in memory."""
 
     tokens: Sequence[int]
     corpus: str = "default"
     store_from: int = 0
+    doc_id: int | None = None
 
 
 def next_tokens(tokens: np.ndarray, n: int, eos: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from index import storage
+from index.dense_build import Document
 
 UNREADABLE = -1        # Unit.start of a file whose structure could not be read
 FORMATS = ("auto", "jsonl", "parquet", "text", "tokens")   # tokens: token-stream tables (dense_writer)
@@ -89,16 +90,6 @@ class Unit:
     def name(self) -> str:
         digest = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
         return f"{_safe(self.corpus)}-{digest}-{self.start:012d}"
-
-
-@dataclass
-class Document:
-    """Token ids; positions before `store_from` are context only (the prompt)."""
-
-    doc_id: int
-    tokens: list[int]
-    store_from: int = 0
-    corpus: str = "default"
 
 
 @dataclass
@@ -345,7 +336,7 @@ def decode_documents(data: bytes) -> list[Document]:
     with np.load(io.BytesIO(data)) as z:
         bounds = np.concatenate([[0], np.cumsum(z["lens"])])
         toks = z["tokens"]
-        return [Document(int(i), toks[a:b].tolist(), int(s), str(c))
+        return [Document(doc_id=int(i), tokens=toks[a:b].tolist(), store_from=int(s), corpus=str(c))
                 for i, a, b, s, c in zip(z["doc_id"], bounds[:-1], bounds[1:], z["store_from"], z["corpus"])]
 
 

@@ -30,8 +30,9 @@ from index.dense_format import MANIFEST, TRANSFORM, DatastoreError, Manifest, Mo
 from index.dense_writer import write_manifest
 from index.records import FieldMap, InputError, Unit, plan_units
 from pipelines.config import DISTILL_METHODS, DatastoreJobConfig, SelfDistillConfig, parse_corpus
-from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, finished_distill,
-                              finished_unit, fit_sample, read_distill_progress, unit_to_row)
+from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, distill_progress_uri,
+                              finished_distill, finished_unit, fit_progress_uri, fit_sample, read_progress,
+                              unit_to_row)
 
 BUILD_INFO = "build.json"
 
@@ -139,8 +140,6 @@ def _remote(fn_or_cls, config: DatastoreJobConfig, gpus: float):
 
 def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap], gpus: float) -> dict:
     """Fit the key transform on a sample and record the model's fingerprint (first pass)."""
-    import ray
-
     _log(f"first pass: fitting the key transform on up to {config.sample_rows} positions")
     t0 = time.perf_counter()
     ref = _remote(fit_sample, config, gpus).remote(
@@ -148,7 +147,7 @@ def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldM
         threads=_threads(config), units=units, fields=fields, dim=config.dim,
         sample_rows=config.sample_rows, seed=config.seed, max_len=config.max_len, overlap=config.overlap,
         batch_tokens=config.batch_tokens, output=config.output, value_len=config.value_len)
-    fit = ray.get(ref)
+    fit = _wait_with_progress(ref, config.output)
     info = {"content_key": config.content_key(), "fingerprint": fit["fingerprint"], "key_dtype": fit["key_dtype"],
             "eos": fit["eos"],
             "max_len": fit["max_len"], "overlap": fit["overlap"], "config": _config_dict(config)}
@@ -156,6 +155,22 @@ def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldM
     _log(f"first pass done in {time.perf_counter() - t0:.1f}s: transform fitted on {fit['sample_documents']} "
          f"documents, whose {fit['units_done']} unit(s) are stored too")
     return info
+
+
+def _wait_with_progress(ref, output: str, every_s: float = 30.0):
+    """ray.get(ref) for the first pass, with a line every `every_s` seconds meanwhile: how many
+    tokens the worker has run through the model (its progress file)."""
+    import ray
+
+    t0 = time.perf_counter()
+    while not ray.wait([ref], timeout=every_s)[0]:
+        p = read_progress(fit_progress_uri(output))
+        if p and p["done"]:
+            _log(f"  first pass ({time.perf_counter() - t0:.0f}s): {p['done']:,} tokens through the model, "
+                 f"{p['done'] / max(p['seconds'], 1e-9):.0f} tok/s")
+        else:
+            _log(f"  first pass ({time.perf_counter() - t0:.0f}s): loading the model")
+    return ray.get(ref)
 
 
 def _config_dict(config: DatastoreJobConfig) -> dict:
@@ -185,7 +200,7 @@ def _consume_with_progress(ds, output: str, todo: list[Unit], every_s: float = 3
             item = finished.get(timeout=every_s)
         except queue.Empty:
             parts = [f"{u.name} {p['done']}/{p['total']}" for u in todo if u.name not in done
-                     and (p := read_distill_progress(output, u.name)) and p["done"] < p["total"]]
+                     and (p := read_progress(distill_progress_uri(output, u.name))) and p["done"] < p["total"]]
             if parts:
                 _log(f"  distilling ({time.perf_counter() - t0:.0f}s): prompts answered: " + ", ".join(parts))
             continue

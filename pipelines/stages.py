@@ -195,7 +195,7 @@ class DistillUnits:
         self.batch_size = batch_size
 
     def _answers(self, prompts: list[list[int]], unit: str) -> list[list[int]]:
-        progress = DistillProgress(self.output, unit, len(prompts))
+        progress = ProgressFile(distill_progress_uri(self.output, unit), len(prompts))
         if self.method == "batched":
             return generate_greedy_batched(self.target, prompts, self.max_new_tokens, batch_size=self.batch_size,
                                            on_batch=progress.add)
@@ -241,13 +241,13 @@ class DistillUnits:
         return {"summary": np.array(rows, dtype=object)}
 
 
-class DistillProgress:
-    """How far a unit's self-distillation is, written beside its output (at most every
-    `every_s` seconds) for the driver's progress lines: a unit of hundreds of prompts takes minutes."""
+class ProgressFile:
+    """How far a long task in a worker is, written to `uri` (at most every `every_s` seconds) for
+    the driver's progress lines: a distilled unit of hundreds of prompts, or the first pass over
+    a large sample, takes minutes. `total` None: a running count only."""
 
-    def __init__(self, output: str, unit: str, total: int, every_s: float = 10.0) -> None:
-        self.uri = storage.join(output, DISTILLED, f"{unit}.progress.json")
-        self.total, self.done, self.every_s = total, 0, every_s
+    def __init__(self, uri: str, total: int | None = None, every_s: float = 10.0) -> None:
+        self.uri, self.total, self.done, self.every_s = uri, total, 0, every_s
         self.t0 = self.last = time.monotonic()
 
     def add(self, n: int) -> None:
@@ -259,11 +259,19 @@ class DistillProgress:
                 {"done": self.done, "total": self.total, "seconds": round(now - self.t0, 1)}).encode())
 
 
-def read_distill_progress(output: str, unit: str) -> dict | None:
+def read_progress(uri: str) -> dict | None:
     try:
-        return json.loads(storage.read_bytes(storage.join(output, DISTILLED, f"{unit}.progress.json")))
+        return json.loads(storage.read_bytes(uri))
     except Exception:       # not written yet (or being replaced): no line this time
         return None
+
+
+def distill_progress_uri(output: str, unit: str) -> str:
+    return storage.join(output, DISTILLED, f"{unit}.progress.json")
+
+
+def fit_progress_uri(output: str) -> str:
+    return storage.join(output, "first-pass.progress.json")
 
 
 def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads: int, units: list[Unit],
@@ -283,11 +291,12 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     max_len, overlap = window_defaults(target, max_len, overlap)
     t0 = time.perf_counter()
     taken, total = [], 0           # (unit, records, hidden rows per document, forward tokens)
+    progress = ProgressFile(fit_progress_uri(output))      # tokens through the model so far
     for unit in units:
         recs = read_unit(unit, fields[unit.corpus], target.tokenizer, eos)
         counter: list[int] = []
         rows = run_windows(target, recs.documents, max_len=max_len, overlap=overlap, batch_tokens=batch_tokens,
-                           fn=lambda h: h, counter=counter)
+                           fn=lambda h: h, counter=counter, on_tokens=progress.add)
         taken.append((unit, recs, rows, sum(counter)))
         total += sum(sum(len(r) for r in doc_rows) for doc_rows in rows)
         if total >= sample_rows:

@@ -532,7 +532,7 @@ def test_distillation_progress_lines_while_a_unit_runs(tmp_path, capsys):
     import time
 
     from pipelines.build_datastore import _consume_with_progress
-    from pipelines.stages import DistillProgress
+    from pipelines.stages import ProgressFile, distill_progress_uri
     from index.records import Unit
 
     unit = Unit("c", str(tmp_path / "in.jsonl"), "jsonl", 0, 1, 0)
@@ -540,7 +540,7 @@ def test_distillation_progress_lines_while_a_unit_runs(tmp_path, capsys):
 
     class Rows:                       # stands in for the Ray dataset: one unit, answered in batches
         def iter_rows(self):
-            p = DistillProgress(str(tmp_path), unit.name, 10, every_s=0)
+            p = ProgressFile(distill_progress_uri(str(tmp_path), unit.name), 10, every_s=0)
             p.add(4)
             release.wait(5)
             p.add(6)

@@ -5,9 +5,10 @@
  * promise that (MKL picks a different blocking of the reduction for 1, 4 or 16 rows). Here every
  * output element is one fixed sequence of operations that depends only on its own inputs:
  *
- *   - linear:    y[r,n] = hsum8( fma-chain over k = 0, 8, 16, ... of W[n,k:k+8] * x[r,k:k+8] )
- *                The register blocking (3 weight rows x 4 input rows) only decides which
- *                accumulators live together; each accumulator still runs k in the same order.
+ *   - linear:    y[r,n] = one scalar fma chain over k = 0, 1, 2, ... of x[r,k] * W[n,k],
+ *                computed 8 outputs to a vector. The register blocking (16 outputs x up to 6
+ *                input rows) only decides which accumulators live together; each accumulator
+ *                still runs k in the same order.
  *   - attention: for one query row and head, the scores of its visible keys in key-index order
  *                (the same fixed dot product), their max, exp(s - max) by one vector routine
  *                (the tail padded, so every element goes through the same code), the sum in
@@ -89,59 +90,94 @@ static inline vec v_exp(vec x) { for (int i = 0; i < 8; i++) x.v[i] = expf(x.v[i
 const char *sense_kernel_isa(void) { return KERNEL_ISA; }
 
 /* ---------------------------------------------------------------------------------------- */
-/* linear: y[R, N] = x[R, K] @ Wt[K, N], Wt the transposed weight, contiguous (row stride N).   */
-/* y[r, n] = fma(x[r, K-1], Wt[K-1, n], ... fma(x[r, 1], Wt[1, n], fma(x[r, 0], Wt[0, n], 0))):  */
+/* linear: y[R, N] = x[R, K] @ W[N, K]^T with W packed panel by panel (PANEL = 16 outputs, the  */
+/* panel's rows k contiguous: element (n, k) at P[(n / 16) * 16 K + k * 16 + n % 16], N padded */
+/* with zeros to whole panels). y[r, n] = fma(x[r, K-1], W[n, K-1], ... fma(x[r, 0], W[n, 0], 0)): */
 /* one sequential chain over k per output element, whatever the number of rows or the block.  */
-/* Blocks: 16 output columns (two 8-lane vectors) x up to 6 input rows. Column panel p, row k  */
-/* is at P + p * pstride + k * ldw: the transposed weight (ldw = N, pstride = 16) or, for wide */
-/* outputs such as the LM head, a copy packed panel by panel (ldw = 16, pstride = 16 K).       */
+/* Blocks are RB input rows x NP panels (2 NP vectors per row), chosen so that 8-12 independent */
+/* chains are in flight: few rows take several panels at once (a one-row decode step would     */
+/* otherwise wait on the FMA latency of 2 chains), 4-6 rows one panel. Each block is its own    */
+/* function with constant RB and NP, so its accumulators stay in registers.                    */
 
 #define PANEL 16
-#define RMAX 6     /* input rows per register block: 6 x 2 accumulators */
 
-#define DEFINE_LINEAR(NAME, WT, LOADW)                                                          \
-static inline __attribute__((always_inline)) void NAME##_block(                               \
-        const float *x, int K, const WT *P, size_t ldw, float *y, int ldy, int ncols, const int rb) { \
-    vec a0[RMAX], a1[RMAX];                                                                    \
-    for (int j = 0; j < rb; j++) { a0[j] = v_zero(); a1[j] = v_zero(); }                      \
+#define DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, RB, NP)                                           \
+static __attribute__((noinline)) void NAME##_r##RB##_p##NP(                                  \
+        const float *x, int K, const WT *P, size_t pstride, float *y, int ldy, int ncols) {     \
+    vec acc[RB][NP][2];                                                                        \
+    _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++)                                       \
+        _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) { acc[j][q][0] = v_zero(); acc[j][q][1] = v_zero(); } \
     for (int k = 0; k < K; k++) {                                                              \
-        vec w0, w1;                                                                            \
-        if (ncols == PANEL) { w0 = LOADW(P + k * ldw); w1 = LOADW(P + k * ldw + 8); }          \
-        else {              /* last, partial panel: never read past the row */                \
-            WT buf[PANEL] = {0};                                                               \
-            memcpy(buf, P + k * ldw, sizeof(WT) * (size_t)ncols);                              \
-            w0 = LOADW(buf); w1 = LOADW(buf + 8);                                              \
+        vec w[NP][2];                                                                          \
+        _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) {                                 \
+            w[q][0] = LOADW(P + q * pstride + (size_t)k * PANEL);                              \
+            w[q][1] = LOADW(P + q * pstride + (size_t)k * PANEL + 8);                          \
         }                                                                                      \
-        for (int j = 0; j < rb; j++) {                                                         \
+        _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) {                                 \
             const vec xv = v_set1(x[(size_t)j * K + k]);                                       \
-            a0[j] = v_fma(xv, w0, a0[j]);                                                      \
-            a1[j] = v_fma(xv, w1, a1[j]);                                                      \
+            _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) {                             \
+                acc[j][q][0] = v_fma(xv, w[q][0], acc[j][q][0]);                               \
+                acc[j][q][1] = v_fma(xv, w[q][1], acc[j][q][1]);                               \
+            }                                                                                  \
         }                                                                                      \
     }                                                                                          \
-    for (int j = 0; j < rb; j++) {                                                             \
-        float buf[PANEL];                                                                      \
-        v_store(buf, a0[j]);                                                                   \
-        v_store(buf + 8, a1[j]);                                                               \
-        memcpy(y + (size_t)j * ldy, buf, sizeof(float) * (size_t)ncols);                       \
+    for (int j = 0; j < RB; j++)                                                               \
+        for (int q = 0; q < NP; q++) {                                                         \
+            float buf[PANEL];                                                                  \
+            v_store(buf, acc[j][q][0]);                                                        \
+            v_store(buf + 8, acc[j][q][1]);                                                    \
+            const int c0 = q * PANEL, nc = ncols - c0 < PANEL ? ncols - c0 : PANEL;            \
+            if (nc > 0) memcpy(y + (size_t)j * ldy + c0, buf, sizeof(float) * (size_t)nc);    \
+        }                                                                                      \
+}
+
+/* The blocks: rows 1 x 4 panels, 2 x 3, 3 x 2, 4-6 x 1, and the single-panel ones for the    */
+/* panels left over at the end of a row of panels.                                            */
+#define DEFINE_LINEAR(NAME, WT, LOADW)                                                          \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 1, 4)                                                     \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 2, 3)                                                     \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 2)                                                     \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 1, 1)                                                     \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 2, 1)                                                     \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 1)                                                     \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 4, 1)                                                     \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 5, 1)                                                     \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 6, 1)                                                     \
+static void NAME##_rows(const float *x, int K, const WT *P, size_t pstride, float *y, int ldy,  \
+                        int ncols, int rb, int np) {                                           \
+    if (np == 4) NAME##_r1_p4(x, K, P, pstride, y, ldy, ncols);                                \
+    else if (np == 3) NAME##_r2_p3(x, K, P, pstride, y, ldy, ncols);                           \
+    else if (np == 2) NAME##_r3_p2(x, K, P, pstride, y, ldy, ncols);                           \
+    else switch (rb) {                                                                         \
+        case 6: NAME##_r6_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
+        case 5: NAME##_r5_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
+        case 4: NAME##_r4_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
+        case 3: NAME##_r3_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
+        case 2: NAME##_r2_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
+        default: NAME##_r1_p1(x, K, P, pstride, y, ldy, ncols); break;                         \
     }                                                                                          \
 }                                                                                              \
 void NAME(const float *x, const WT *P, int64_t ldw, int64_t pstride, float *y, int R, int K, int N,      \
           int threads) {                                                                       \
+    (void)ldw;                                                                                 \
     const int panels = (N + PANEL - 1) / PANEL;                                                \
+    /* rows in blocks of up to 6; fewer than 4 rows in all: several panels per block */        \
+    const int group = R == 1 ? 4 : R == 2 ? 3 : R == 3 ? 2 : 1;                                \
+    const int groups = (panels + group - 1) / group;                                           \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                          \
-    for (int p = 0; p < panels; p++) {                                                         \
-        const int n0 = p * PANEL, nc = N - n0 < PANEL ? N - n0 : PANEL;                        \
-        const WT *pp = P + (size_t)p * pstride;                                                \
-        for (int r0 = 0; r0 < R; r0 += RMAX) {                                                 \
+    for (int gi = 0; gi < groups; gi++) {                                                      \
+        const int p0 = gi * group, np = panels - p0 < group ? panels - p0 : group;             \
+        for (int r0 = 0; r0 < R; r0 += 6) {                                                    \
+            const int rb = R - r0 < 6 ? R - r0 : 6;                                            \
             const float *xr = x + (size_t)r0 * K;                                              \
-            float *yr = y + (size_t)r0 * N + n0;                                               \
-            switch (R - r0 < RMAX ? R - r0 : RMAX) {                                           \
-            case 6: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 6); break;                              \
-            case 5: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 5); break;                              \
-            case 4: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 4); break;                              \
-            case 3: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 3); break;                              \
-            case 2: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 2); break;                              \
-            default: NAME##_block(xr, K, pp, (size_t)ldw, yr, N, nc, 1); break;                             \
+            float *yr = y + (size_t)r0 * N;                                                    \
+            if (np == group) {                                                                 \
+                NAME##_rows(xr, K, P + (size_t)p0 * pstride, (size_t)pstride, yr + p0 * PANEL, N, \
+                            N - p0 * PANEL, rb, np);                                           \
+            } else {        /* the last few panels, one at a time */                          \
+                for (int p = p0; p < p0 + np; p++)                                             \
+                    NAME##_rows(xr, K, P + (size_t)p * pstride, (size_t)pstride, yr + p * PANEL, N, \
+                                N - p * PANEL, rb, 1);                                         \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -208,7 +244,31 @@ void NAME(const float *q, const KT *k, const KT *v, int64_t kb, int64_t kh, int6
         const KT *kg = k + b * kb + g * kh, *vg = v + b * kb + g * kh;                         \
         float *s = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * hpg);             \
         const float *qr = q + ((size_t)row * H + (size_t)g * hpg) * D;                         \
-        for (int p = 0; p < n; p++) {                                                          \
+        /* Scores: each one DOT's chain over d, 4 keys x up to 3 heads interleaved (12          \
+         * independent chains in flight instead of 1: the same bits, several times faster). */ \
+        int p = 0;                                                                             \
+        for (; p + 4 <= n; p += 4) {                                                           \
+            const KT *k0 = kg + ids[p] * kr, *k1 = kg + ids[p + 1] * kr;                        \
+            const KT *k2 = kg + ids[p + 2] * kr, *k3 = kg + ids[p + 3] * kr;                    \
+            for (int h0 = 0; h0 < hpg; h0 += 3) {                                              \
+                const int nh = hpg - h0 < 3 ? hpg - h0 : 3;                                    \
+                vec a[3][4];                                                                   \
+                for (int i = 0; i < 3; i++) for (int j = 0; j < 4; j++) a[i][j] = v_zero();    \
+                for (int d = 0; d < D; d += 8) {                                               \
+                    const vec x0 = LOADK(k0 + d), x1 = LOADK(k1 + d);                          \
+                    const vec x2 = LOADK(k2 + d), x3 = LOADK(k3 + d);                          \
+                    for (int i = 0; i < nh; i++) {                                             \
+                        const vec qv = v_load(qr + (size_t)(h0 + i) * D + d);                  \
+                        a[i][0] = v_fma(qv, x0, a[i][0]); a[i][1] = v_fma(qv, x1, a[i][1]);    \
+                        a[i][2] = v_fma(qv, x2, a[i][2]); a[i][3] = v_fma(qv, x3, a[i][3]);    \
+                    }                                                                          \
+                }                                                                              \
+                for (int i = 0; i < nh; i++)                                                   \
+                    for (int j = 0; j < 4; j++)                                                \
+                        s[(size_t)(h0 + i) * n + p + j] = v_hsum(a[i][j]) * scale;             \
+            }                                                                                  \
+        }                                                                                      \
+        for (; p < n; p++) {                                                                   \
             const KT *kj = kg + ids[p] * kr;                                                   \
             for (int h = 0; h < hpg; h++) s[(size_t)h * n + p] = DOT(qr + (size_t)h * D, kj, D) * scale; \
         }                                                                                      \
