@@ -1,12 +1,14 @@
 """The main job, end to end on one machine with the embedded default model:
 
-    1. a datastore from a slice of GSM8K train, built by the Ray Data pipeline
+    1. a datastore from a slice of GSM8K train, built by the Ray Data pipeline: the model's own
+       answers to those questions (self-distillation: the drafts then sound like the model)
     2. the index artifact (FAISS + the REST suffix index) built from it on Ray
     3. Ray Serve with the OpenAI-compatible HTTP API, serving that index
     4. one GSM8K test question answered over HTTP with SENSE and with plain decoding
     5. both answers, the speedup and the mean accepted tokens (MAT)
 
-    python -m pipelines.quickstart [--docs 200] [--workdir DIR] [--question 0] [--max-tokens 128]
+    python -m pipelines.quickstart [--docs 200] [--distill-tokens 128] [--workdir DIR] [--question 0]
+                                   [--max-tokens 128]
 
 Steps 1 and 2 are cached in the work directory (a rerun resumes or reuses them).
 """
@@ -29,7 +31,7 @@ from index.corpus import gsm8k, gsm8k_answer_text
 from index.records import CorpusSpec, FieldMap
 from pipelines.build_datastore import build_datastore
 from pipelines.build_index import build_artifact
-from pipelines.config import DatastoreJobConfig
+from pipelines.config import DatastoreJobConfig, SelfDistillConfig
 from serving.app import build_app
 from serving.control_plane import init_local_ray
 from serving.run import wait_ready
@@ -47,14 +49,17 @@ def _corpus(path: Path, docs: int) -> None:
     tmp.replace(path)
 
 
-def build_datastore_step(workdir: Path, docs: int) -> Path:
+def build_datastore_step(workdir: Path, docs: int, distill_tokens: int = 0) -> Path:
+    """The datastore of `docs` GSM8K train pairs: the model's own greedy answers of up to
+    `distill_tokens` tokens to the questions, or (0) the dataset's answers."""
     corpus = workdir / f"gsm8k-train-{docs}.jsonl"
     if not corpus.is_file():
         _corpus(corpus, docs)
-    out = workdir / f"datastore-{docs}"
+    out = workdir / (f"datastore-{docs}-id{distill_tokens}" if distill_tokens else f"datastore-{docs}")
     config = DatastoreJobConfig(
         corpora=(CorpusSpec("gsm8k_train", str(corpus), "jsonl", FieldMap(prompt="question", response="answer")),),
-        output=str(out), split_bytes=max(4096, corpus.stat().st_size // 4), workers=1)
+        output=str(out), split_bytes=max(4096, corpus.stat().st_size // 4), workers=1,
+        self_distill=SelfDistillConfig(max_new_tokens=distill_tokens) if distill_tokens else None)
     build_datastore(config)
     return out
 
@@ -99,7 +104,10 @@ def ask(url: str, question: str, method: str, max_tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.quickstart", description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, default=200, help="GSM8K train pairs in the datastore")
+    p.add_argument("--docs", type=int, default=200, help="GSM8K train questions in the datastore")
+    p.add_argument("--distill-tokens", type=int, default=128,
+                   help="store the model's own answers to them, up to this many tokens each "
+                        "(self-distillation; 0: store the dataset's answers)")
     p.add_argument("--workdir", default=None, help="where the corpus, datastore and index go "
                    "(default: $SENSE_CACHE_DIR/quickstart)")
     p.add_argument("--question", type=int, default=0, help="which GSM8K test question to ask")
@@ -107,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--repeats", type=int, default=2, help="timed requests per method (the median is reported)")
     a = p.parse_args(argv)
-    if a.docs < 1 or a.max_tokens < 1 or a.repeats < 1:
-        print("error: --docs, --max-tokens and --repeats must be positive", file=sys.stderr)
+    if a.docs < 1 or a.max_tokens < 1 or a.repeats < 1 or a.distill_tokens < 0:
+        print("error: --docs, --max-tokens and --repeats must be positive, --distill-tokens not negative",
+              file=sys.stderr)
         return 2
 
     import ray
@@ -124,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     init_local_ray(dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        _say("1/5", f"building the datastore from {a.docs} GSM8K train pairs with the Ray Data pipeline")
-        datastore = build_datastore_step(workdir, a.docs)
+        what = (f"the model's own answers to {a.docs} GSM8K train questions (up to {a.distill_tokens} tokens each)"
+                if a.distill_tokens else f"{a.docs} GSM8K train pairs")
+        _say("1/5", f"building the datastore from {what} with the Ray Data pipeline")
+        datastore = build_datastore_step(workdir, a.docs, a.distill_tokens)
         _say("2/5", "building the index artifact (FAISS + REST) on Ray")
         index = build_index_step(datastore, workdir)
         _say("3/5", f"starting Ray Serve on http://127.0.0.1:{a.port} with the index {index}")

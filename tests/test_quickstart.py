@@ -18,6 +18,8 @@ from support.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = 12
+DISTILL = 24            # the default path: the model's own answers (self-distillation), short ones
+STORE = f"datastore-{DOCS}-id{DISTILL}"
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.slow
 def quickstart_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "pipelines.quickstart", "--docs", str(DOCS), "--max-tokens", "32", "--repeats", "1",
+    cmd = [sys.executable, "-m", "pipelines.quickstart", "--docs", str(DOCS), "--distill-tokens", str(DISTILL), "--max-tokens", "32", "--repeats", "1",
            "--workdir", str(workdir), "--port", str(free_port())]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
@@ -48,7 +50,8 @@ def test_quickstart_end_to_end(quickstart_run):
     assert steps < tokens - 1 and mat > 1.0
     assert mat == pytest.approx((tokens - 1) / steps, abs=0.01)
     assert re.search(r"speedup over plain decoding: \d+\.\d+x", out)
-    assert (workdir / f"datastore-{DOCS}" / "manifest.json").is_file()
+    assert (workdir / STORE / "manifest.json").is_file()
+    assert "the model's own answers to 12 GSM8K train questions" in err
 
 
 def test_a_rerun_reuses_the_datastore_and_the_index(quickstart_run, ray_cluster, capfd):
@@ -57,13 +60,13 @@ def test_a_rerun_reuses_the_datastore_and_the_index(quickstart_run, ray_cluster,
     from pipelines.quickstart import build_datastore_step, build_index_step
 
     workdir, _, _ = quickstart_run
-    shards = {p: p.stat().st_mtime_ns for p in (workdir / f"datastore-{DOCS}" / "shards").iterdir()}
-    index_files = {p: p.stat().st_mtime_ns for p in (workdir / f"index-datastore-{DOCS}").rglob("*") if p.is_file()}
+    shards = {p: p.stat().st_mtime_ns for p in (workdir / STORE / "shards").iterdir()}
+    index_files = {p: p.stat().st_mtime_ns for p in (workdir / f"index-{STORE}").rglob("*") if p.is_file()}
     capfd.readouterr()
-    datastore = build_datastore_step(workdir, DOCS)
+    datastore = build_datastore_step(workdir, DOCS, DISTILL)
     index = build_index_step(datastore, workdir)
     err = capfd.readouterr().err
     assert "resuming" in err and "reusing the index" in err, err[-2000:]
-    assert index == workdir / f"index-datastore-{DOCS}"
-    assert {p: p.stat().st_mtime_ns for p in (workdir / f"datastore-{DOCS}" / "shards").iterdir()} == shards
+    assert index == workdir / f"index-{STORE}"
+    assert {p: p.stat().st_mtime_ns for p in (workdir / STORE / "shards").iterdir()} == shards
     assert {p: p.stat().st_mtime_ns for p in index.rglob("*") if p.is_file()} == index_files
