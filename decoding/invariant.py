@@ -19,8 +19,11 @@ near-tied argmax can flip: measured in ``bench/results/invariance.md``, up to 4e
   elementwise or a per-row reduction in torch already; ``tests/test_invariance.py`` checks the
   whole target bitwise.
 
-Forwards of more than :data:`MAX_ROWS` rows (prompt prefill) keep torch's kernels: both
-decoding modes share the same prefill, and BLAS is several times faster there.
+Forwards of more than :data:`MAX_ROWS` rows (prompt prefill) need no invariance (both decoding
+modes share the same prefill): their attention is torch's SDPA, and their linears run on whichever
+kernel measured faster on this machine at 256 rows (:func:`large_rows_kernel`, remembered per
+machine). On the AVX2 machine ours won (float32 144 vs MKL's 74 GFLOPS; bfloat16, which MKL
+emulates there, 136 vs 16); a CPU with native bfloat16 matrix units may well choose torch.
 
 Each call uses ``torch.get_num_threads()`` threads (passed explicitly: OpenMP's own default is
 per calling thread, and serving calls from worker threads). The C file is compiled once per machine (``-O3 -march=native``, OpenMP on torch's runtime) into
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from decoding.cpu_kernels import restore_linears, route_linears
-from decoding.measured import cpu_isa
+from decoding.measured import cpu_isa, machine, remembered
 from decoding.model_loader import cache_root
 
 PANEL = 16                  # output columns per block of the linear kernel
@@ -144,7 +147,7 @@ class PackedWeight:
     """A linear weight [N, K] and its panel-packed copy, repacked if the weight changes (a new
     tensor or dtype, an in-place update of the parameter; writes through ``.data`` bypass the
     version counter and are not seen). The copy costs the weight's memory once more; the original stays
-    for the forwards of more than MAX_ROWS rows (prefill), where BLAS is faster."""
+    for forwards of more than MAX_ROWS rows (prefill) where BLAS measured faster (large_rows_kernel)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
@@ -165,7 +168,8 @@ class PackedWeight:
         w = self.weight
         n_out, k = w.shape
         rows = x.numel() // k
-        if lib is None or rows > MAX_ROWS or rows == 0 or w.dtype not in (torch.float32, torch.bfloat16):
+        if (lib is None or rows == 0 or w.dtype not in (torch.float32, torch.bfloat16)
+                or (rows > MAX_ROWS and large_rows_kernel(w.dtype, torch.get_num_threads()) == "torch")):
             return F.linear(x, w, bias)
         packed = self.packed()
         xf = x.reshape(rows, k).to(torch.float32).contiguous()
@@ -176,6 +180,48 @@ class PackedWeight:
         if bias is not None:
             y = y + bias.to(torch.float32)
         return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+_large: dict[tuple, str] = {}
+
+
+def large_rows_kernel(dtype: torch.dtype, threads: int) -> str:
+    """"ours" or "torch": which kernel runs linears of more than MAX_ROWS rows in `dtype` on
+    `threads` threads, whichever was faster at 256 rows x 576 -> 1536 (median of 7, alternating),
+    measured once per machine, kernels, dtype and thread count and remembered on disk."""
+    memo = _large.get((dtype, threads))
+    if memo is None:
+        key = {"machine": machine("cpu"), "kernels": kernel_id(), "dtype": str(dtype), "threads": threads}
+        value, _ = remembered("large_linear", key, lambda: _time_large_rows(dtype, threads))
+        memo = _large[(dtype, threads)] = "ours" if value["ours_ms"] < value["torch_ms"] else "torch"
+    return memo
+
+
+def _time_large_rows(dtype: torch.dtype, threads: int, rows: int = 256, repeats: int = 7) -> dict:
+    import statistics
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1536, 576, generator=g).to(dtype)
+    x = torch.randn(rows, 576, generator=g).to(dtype)
+    lib, packed = library(), pack_panels(w)
+    fn = lib.sense_linear_f32 if dtype == torch.float32 else lib.sense_linear_bf16
+    y = torch.empty(rows, 1536, dtype=torch.float32)
+
+    def ours():
+        xf = x.to(torch.float32).contiguous()
+        fn(xf.data_ptr(), packed.data_ptr(), PANEL, PANEL * 576, y.data_ptr(), rows, 576, 1536, threads)
+        return y.to(dtype)
+
+    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    with torch.inference_mode():
+        for rep in range(repeats + 1):
+            for name, f in (("ours", ours), ("torch", lambda: F.linear(x, w))):
+                t0 = time.perf_counter()
+                f()
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+    return {f"{k}_ms": round(statistics.median(v) * 1e3, 4) for k, v in times.items()}
 
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
