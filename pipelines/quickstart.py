@@ -57,7 +57,8 @@ def build_datastore_step(workdir: Path, docs: int, distill_tokens: int = 0) -> P
         _corpus(corpus, docs)
     out = workdir / (f"datastore-{docs}-id{distill_tokens}" if distill_tokens else f"datastore-{docs}")
     config = DatastoreJobConfig(
-        corpora=(CorpusSpec("gsm8k_train", str(corpus), "jsonl", FieldMap(prompt="question", response="answer")),),
+        corpora=(CorpusSpec("gsm8k_train", str(corpus), "jsonl",
+                            FieldMap(prompt="question", response=None if distill_tokens else "answer")),),
         output=str(out), split_bytes=max(4096, corpus.stat().st_size // 4), workers=1,
         self_distill=SelfDistillConfig(max_new_tokens=distill_tokens) if distill_tokens else None)
     build_datastore(config)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--question", type=int, default=0, help="which GSM8K test question to ask")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--repeats", type=int, default=2, help="timed requests per method (the median is reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed requests per method (the median is reported)")
     a = p.parse_args(argv)
     if a.docs < 1 or a.max_tokens < 1 or a.repeats < 1 or a.distill_tokens < 0:
         print("error: --docs, --max-tokens and --repeats must be positive, --distill-tokens not negative",
