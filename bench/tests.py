@@ -64,8 +64,9 @@ def render(rows: list[dict], machine: dict, note: str = "") -> str:
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} | {r['tests']} | {r['outcome']} | "
                      f"{'yes' if r['within_budget'] else 'no'} |")
-    lines += ["", "Slowest tests of run 1 (setup + call + teardown):", "", "| test | seconds |", "|---|---|"]
-    lines += [f"| `{n}` | {s:.0f} |" for n, s in rows[0]["slowest"]]
+    lines += ["", f"Slowest tests of run {len(rows)} (setup + call + teardown):", "", "| test | seconds |",
+              "|---|---|"]
+    lines += [f"| `{n}` | {s:.0f} |" for n, s in rows[-1]["slowest"]]
     return "\n".join(lines) + "\n"
 
 
@@ -74,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", action="append", type=Path, default=[],
                    help="record this pytest output (run with --durations=0) instead of running the suite")
     p.add_argument("--note", default="", help="how the runs were made (commit, what else ran), shown with them")
+    p.add_argument("--append", action="store_true", help="keep the runs already in bench/results/tests.json")
     a = p.parse_args(argv)
     try:
         texts = [f.read_text() for f in a.log] or [run_suite(REPO / "bench" / "out" / "tests.log")]
         rows = [parse_log(t) for t in texts]
-    except (OSError, ValueError) as exc:
+        if a.append:
+            import json
+
+            rows = json.loads((REPO / "bench" / "results" / "tests.json").read_text())["rows"] + rows
+    except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     machine = machine_info()

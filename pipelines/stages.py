@@ -255,8 +255,11 @@ class ProgressFile:
         now = time.monotonic()
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
-            storage.write_bytes_atomic(self.uri, json.dumps(
-                {"done": self.done, "total": self.total, "seconds": round(now - self.t0, 1)}).encode())
+            try:
+                storage.write_bytes_atomic(self.uri, json.dumps(
+                    {"done": self.done, "total": self.total, "seconds": round(now - self.t0, 1)}).encode())
+            except Exception:       # progress is best effort: a storage hiccup must not fail the work
+                pass
 
 
 def read_progress(uri: str) -> dict | None:
