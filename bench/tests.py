@@ -62,7 +62,8 @@ def render(rows: list[dict], machine: dict, note: str = "") -> str:
              *([note, ""] if note else []),
              "| run | pytest seconds | minutes | tests | outcome | within budget |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
-        lines.append(f"| {i} | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} | {r['tests']} | {r['outcome']} | "
+        label = f" ({r['label']})" if r.get("label") else ""
+        lines.append(f"| {i}{label} | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} | {r['tests']} | {r['outcome']} | "
                      f"{'yes' if r['within_budget'] else 'no'} |")
     lines += ["", f"Slowest tests of run {len(rows)} (setup + call + teardown):", "", "| test | seconds |",
               "|---|---|"]
@@ -76,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="record this pytest output (run with --durations=0) instead of running the suite")
     p.add_argument("--note", default="", help="how the runs were made (commit, what else ran), shown with them")
     p.add_argument("--append", action="store_true", help="keep the runs already in bench/results/tests.json")
+    p.add_argument("--label", action="append", default=[], help="how each --log run was made, in order")
     a = p.parse_args(argv)
     try:
         texts = [f.read_text() for f in a.log] or [run_suite(REPO / "bench" / "out" / "tests.log")]
         rows = [parse_log(t) for t in texts]
+        for r, label in zip(rows, a.label):
+            r["label"] = label
         if a.append:
             import json
 
