@@ -22,8 +22,9 @@ near-tied argmax can flip: measured in ``bench/results/invariance.md``, up to 4e
 Forwards of more than :data:`MAX_ROWS` rows (prompt prefill) need no invariance (both decoding
 modes share the same prefill): their attention is torch's SDPA, and their linears run on whichever
 kernel measured faster on this machine at 256 rows (:func:`large_rows_kernel`, remembered per
-machine). On the AVX2 machine ours won (float32 144 vs MKL's 74 GFLOPS; bfloat16, which MKL
-emulates there, 136 vs 16); a CPU with native bfloat16 matrix units may well choose torch.
+machine). On the AVX2 machine ours won, narrowly in float32 (3.3 vs 3.6 ms at 256 rows; 3.1 vs
+6.1 in a noisier run) and 7x in bfloat16, which MKL emulates there; a CPU with native bfloat16
+matrix units may well choose torch.
 
 Each call uses ``torch.get_num_threads()`` threads (passed explicitly: OpenMP's own default is
 per calling thread, and serving calls from worker threads). The C file is compiled once per machine (``-O3 -march=native``, OpenMP on torch's runtime) into
