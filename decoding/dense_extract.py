@@ -86,14 +86,13 @@ def hidden_states_batch(target, seqs: Sequence[Sequence[int]]) -> list[np.ndarra
 
 
 def run_windows(target, docs: Sequence[Document], *, max_len: int, overlap: int, batch_tokens: int, fn,
-                counter: list | None = None, on_tokens=None) -> list[list[np.ndarray]]:
+                on_tokens=None) -> list[list[np.ndarray]]:
     """For each document, [fn(hidden states of its stored positions) per window], windows of
     similar length batched into forwards of up to `batch_tokens` padded tokens. A batch also ends
     where the next window is more than ``PAD_SLACK`` times its shortest one, so padding never
     costs more than that share of the compute (one batch of a 100- and a 436-token window padded
-    both to 436 and ran 2.2x the tokens, slower than the two alone). `counter`, if given, gets
-    the number of tokens run through the model appended, and `on_tokens(n)` is called after each
-    forward of n tokens (progress)."""
+    both to 436 and ran 2.2x the tokens, slower than the two alone). `on_tokens(n)`, if given,
+    is called after each forward with the n tokens it ran (counting, progress)."""
     jobs = []       # (doc index, window index, start, end, store_lo)
     for i, d in enumerate(docs):
         for w, (s, e, lo) in enumerate(windows(len(d.tokens), d.store_from, max_len, overlap)):
@@ -104,8 +103,6 @@ def run_windows(target, docs: Sequence[Document], *, max_len: int, overlap: int,
 
     def run(batch):
         seqs = [docs[i].tokens[s:e] for i, _, s, e, _ in batch]
-        if counter is not None:
-            counter.append(sum(len(q) for q in seqs))
         for (i, w, s, e, lo), h in zip(batch, hidden_states_batch(target, seqs)):
             hi = min(e, len(docs[i].tokens) - 1)
             out[i][w] = fn(h[lo - s: hi - s])
@@ -130,7 +127,7 @@ def extract_entries(target, transform: KeyTransform, docs: Sequence[Document], d
     """Keys and values for every entry position of `docs` (rows by document, then position)."""
     counter: list[int] = []
     keys_by_doc = run_windows(target, docs, max_len=max_len, overlap=overlap, batch_tokens=batch_tokens,
-                              fn=transform, counter=counter)
+                              fn=transform, on_tokens=counter.append)
     return assemble_entries(docs, doc_ids, keys_by_doc, dim=transform.dim, value_len=value_len, eos=eos,
                             forward_tokens=sum(counter))
 

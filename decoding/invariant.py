@@ -100,7 +100,7 @@ def library() -> ctypes.CDLL | None:
             return None
         p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
         for name in ("sense_linear_f32", "sense_linear_bf16"):
-            getattr(lib, name).argtypes = [p, p, i64, i64, p, i, i, i, i]
+            getattr(lib, name).argtypes = [p, p, i64, p, i, i, i, i]
             getattr(lib, name).restype = None
         for name in ("sense_attention_f32", "sense_attention_bf16"):
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64, p, p, p, i, i, i, i, i, f, i]
@@ -172,15 +172,21 @@ class PackedWeight:
         if (lib is None or rows == 0 or w.dtype not in (torch.float32, torch.bfloat16)
                 or (rows > MAX_ROWS and large_rows_kernel(w.dtype, torch.get_num_threads()) == "torch")):
             return F.linear(x, w, bias)
-        packed = self.packed()
-        xf = x.reshape(rows, k).to(torch.float32).contiguous()
-        y = torch.empty(rows, n_out, dtype=torch.float32)
-        fn = lib.sense_linear_f32 if packed.dtype == torch.float32 else lib.sense_linear_bf16
-        fn(xf.data_ptr(), packed.data_ptr(), PANEL, PANEL * k, y.data_ptr(), rows, k, n_out,
-           torch.get_num_threads())
+        y = packed_linear(self.packed(), x.reshape(rows, k), n_out, torch.get_num_threads())
         if bias is not None:
             y = y + bias.to(torch.float32)
         return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+def packed_linear(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int) -> torch.Tensor:
+    """x [R, K] (any float dtype) @ the packed weight's [n_out, K]^T -> [R, n_out] float32."""
+    lib = library()
+    rows, k = x.shape
+    xf = x.to(torch.float32).contiguous()
+    y = torch.empty(rows, n_out, dtype=torch.float32)
+    fn = lib.sense_linear_f32 if packed.dtype == torch.float32 else lib.sense_linear_bf16
+    fn(xf.data_ptr(), packed.data_ptr(), PANEL * k, y.data_ptr(), rows, k, n_out, threads)
+    return y
 
 
 _large: dict[tuple, str] = {}
@@ -205,14 +211,10 @@ def _time_large_rows(dtype: torch.dtype, threads: int, rows: int = 256, repeats:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1536, 576, generator=g).to(dtype)
     x = torch.randn(rows, 576, generator=g).to(dtype)
-    lib, packed = library(), pack_panels(w)
-    fn = lib.sense_linear_f32 if dtype == torch.float32 else lib.sense_linear_bf16
-    y = torch.empty(rows, 1536, dtype=torch.float32)
+    packed = pack_panels(w)
 
     def ours():
-        xf = x.to(torch.float32).contiguous()
-        fn(xf.data_ptr(), packed.data_ptr(), PANEL, PANEL * 576, y.data_ptr(), rows, 576, 1536, threads)
-        return y.to(dtype)
+        return packed_linear(packed, x, 1536, threads).to(dtype)
 
     times: dict[str, list[float]] = {"ours": [], "torch": []}
     with torch.inference_mode():

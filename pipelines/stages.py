@@ -298,8 +298,13 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     for unit in units:
         recs = read_unit(unit, fields[unit.corpus], target.tokenizer, eos)
         counter: list[int] = []
+
+        def ran(n: int) -> None:
+            counter.append(n)
+            progress.add(n)
+
         rows = run_windows(target, recs.documents, max_len=max_len, overlap=overlap, batch_tokens=batch_tokens,
-                           fn=lambda h: h, counter=counter, on_tokens=progress.add)
+                           fn=lambda h: h, on_tokens=ran)
         taken.append((unit, recs, rows, sum(counter)))
         total += sum(sum(len(r) for r in doc_rows) for doc_rows in rows)
         if total >= sample_rows:

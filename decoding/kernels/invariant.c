@@ -6,9 +6,9 @@
  * output element is one fixed sequence of operations that depends only on its own inputs:
  *
  *   - linear:    y[r,n] = one scalar fma chain over k = 0, 1, 2, ... of x[r,k] * W[n,k],
- *                computed 8 outputs to a vector. The register blocking (16 outputs x up to 6
- *                input rows) only decides which accumulators live together; each accumulator
- *                still runs k in the same order.
+ *                computed 8 outputs to a vector. The register blocking (1-3 rows x 2-4 panels
+ *                of 16 outputs, or 4-6 rows x 1 panel) only decides which accumulators live
+ *                together; each accumulator still runs k in the same order.
  *   - attention: for one query row and head, the scores of its visible keys in key-index order
  *                (the same fixed dot product), their max, exp(s - max) by one vector routine
  *                (the tail padded, so every element goes through the same code), the sum in
@@ -157,9 +157,7 @@ static void NAME##_rows(const float *x, int K, const WT *P, size_t pstride, floa
         default: NAME##_r1_p1(x, K, P, pstride, y, ldy, ncols); break;                         \
     }                                                                                          \
 }                                                                                              \
-void NAME(const float *x, const WT *P, int64_t ldw, int64_t pstride, float *y, int R, int K, int N,      \
-          int threads) {                                                                       \
-    (void)ldw;                                                                                 \
+void NAME(const float *x, const WT *P, int64_t pstride, float *y, int R, int K, int N, int threads) { \
     const int panels = (N + PANEL - 1) / PANEL;                                                \
     /* rows in blocks of up to 6; fewer than 4 rows in all: several panels per block */        \
     const int group = R == 1 ? 4 : R == 2 ? 3 : R == 3 ? 2 : 1;                                \
