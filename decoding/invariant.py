@@ -162,6 +162,13 @@ class PackedWeight:
             self._packed, self._key = pack_panels(w), key
         return self._packed
 
+    def adopt(self, packed: torch.Tensor) -> None:
+        """Use `packed` (the same panels, e.g. a view into a fused weight) as the packed copy."""
+        current = self.packed()
+        if packed.shape != current.shape or packed.dtype != current.dtype:
+            raise ValueError(f"packed panels {tuple(packed.shape)} do not match {tuple(current.shape)}")
+        self._packed = packed
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` with every output element one fixed chain of FMAs over
         the input dimension, accumulated in float32 and rounded once to x's dtype."""
@@ -227,11 +234,16 @@ def _time_large_rows(dtype: torch.dtype, threads: int, rows: int = 256, repeats:
     return {f"{k}_ms": round(statistics.median(v) * 1e3, 4) for k, v in times.items()}
 
 
+def module_packed(linear: torch.nn.Linear) -> PackedWeight:
+    """The packed weight a routed ``nn.Linear`` runs on (made on first use)."""
+    packed = linear.__dict__.get("_sense_packed")
+    if packed is None or packed.weight is not linear.weight:
+        packed = linear.__dict__["_sense_packed"] = PackedWeight(linear.weight)
+    return packed
+
+
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    packed = self.__dict__.get("_sense_packed")
-    if packed is None or packed.weight is not self.weight:
-        packed = self.__dict__["_sense_packed"] = PackedWeight(self.weight)
-    return packed(x, self.bias)
+    return module_packed(self)(x, self.bias)
 
 
 # -- attention --------------------------------------------------------------------------------
@@ -259,13 +271,30 @@ class _Visibility:
             m = mask[:, 0] if mask.dim() == 4 else mask
             allowed = m if m.dtype == torch.bool else m == 0
             allowed = allowed.expand(b, t, length)
-        flat = allowed.reshape(b * t, length)
-        counts = flat.sum(-1, dtype=torch.int32)
-        rowptr = torch.zeros(b * t + 1, dtype=torch.int32)
-        torch.cumsum(counts, 0, out=rowptr[1:])
-        idx = flat.nonzero()[:, 1].to(torch.int32).contiguous()
-        self.key, self.value = key, (rowptr, idx)
+        self.key, self.value = key, _csr(allowed.reshape(b * t, length))
         return self.value
+
+
+def _csr(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, L] bool -> (rowptr [rows + 1], key indices) int32, the kernel's visibility lists."""
+    counts = allowed.sum(-1, dtype=torch.int32)
+    rowptr = torch.zeros(allowed.shape[0] + 1, dtype=torch.int32)
+    torch.cumsum(counts, 0, out=rowptr[1:])
+    return rowptr, allowed.nonzero()[:, 1].to(torch.int32).contiguous()
+
+
+def visible_csr(start: int, t: int, ancestors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visibility lists for T query rows after `start` cached positions: every row sees the cached
+    prefix and then itself and its ancestors (`ancestors` [T, T] bool of a tree: row i, column j
+    when j is i or an ancestor of i), or, with None, every earlier row (a causal chain)."""
+    if ancestors is None:
+        counts = torch.arange(start + 1, start + t + 1, dtype=torch.int32)
+        rowptr = torch.zeros(t + 1, dtype=torch.int32)
+        torch.cumsum(counts, 0, out=rowptr[1:])
+        idx = torch.cat([torch.arange(n, dtype=torch.int32) for n in counts.tolist()])
+        return rowptr, idx
+    allowed = torch.cat([torch.ones(t, start, dtype=torch.bool), ancestors], dim=1)
+    return _csr(allowed)
 
 
 _visibility = threading.local()
@@ -289,16 +318,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if cache is None:
         cache = _visibility.cache = _Visibility()
     rowptr, idx = cache.get(attention_mask, b, t, length, kwargs.get("sliding_window"))
-    q = query.transpose(1, 2).to(torch.float32).contiguous()
+    scale = float(scaling if scaling is not None else d ** -0.5)
+    return attention(query.transpose(1, 2), key, value, rowptr, idx, scale), None
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowptr: torch.Tensor,
+              idx: torch.Tensor, scale: float) -> torch.Tensor:
+    """query [B, T, H, D], key/value [B, G, L, D] (any strides with contiguous rows), each query
+    row over the keys its CSR list (rowptr, idx) names -> [B, T, H, D] in the query's dtype."""
+    b, t, h, d = query.shape
+    g = key.shape[1]
+    q = query.to(torch.float32).contiguous()
     k, v = key, value
     if k.stride(-1) != 1 or k.stride(-2) != d or v.stride() != k.stride():
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty(b, t, h, d, dtype=torch.float32)
+    lib = library()
     fn = lib.sense_attention_f32 if k.dtype == torch.float32 else lib.sense_attention_bf16
-    scale = float(scaling if scaling is not None else d ** -0.5)
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
        rowptr.data_ptr(), idx.data_ptr(), out.data_ptr(), b, t, h, g, d, scale, torch.get_num_threads())
-    return out.to(query.dtype), None
+    return out.to(query.dtype)
 
 
 def _register() -> None:

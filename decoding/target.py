@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding import invariant
+from decoding import invariant, lean_forward
 from decoding.cpu_kernels import SmallBatchHead, install_small_batch_linear, wants_cpu_kernels
 from decoding.dtype_choice import DtypeChoice, check_dtype, choose_dtype, explicit, model_key
 from decoding.errors import ContextLengthError, InvalidRequestError
@@ -73,8 +73,14 @@ class TargetModel:
             install_small_batch_linear(self._base)
             self._head = SmallBatchHead(self._head.weight)
         self.cpu_kernels = cpu_kernels
+        # Llama-family models skip transformers' per-call machinery (decoding/lean_forward.py).
+        why_not_lean = lean_forward.unsupported(model) if self.invariant else "needs the invariant kernels"
+        self.lean = lean_forward.LeanLlama(model) if why_not_lean is None else None
+        self.lean_note = "on" if self.lean else why_not_lean
         # What the forward runs on; measured costs (decoding.measured) are remembered per kernels.
         self.kernels = invariant.kernel_id() if self.invariant else ("small_batch" if cpu_kernels else "torch")
+        if self.lean:
+            self.kernels = "lean-" + self.kernels
         self._softcap = getattr(self.config, "final_logit_softcapping", None)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -109,14 +115,31 @@ class TargetModel:
 
     # -- forward passes -----------------------------------------------------------------------
 
+    def new_cache(self):
+        """An empty KV cache for one request."""
+        if self.lean:
+            return self.lean.new_cache()
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
     def _forward(self, state: KVState, input_ids: list[int], positions: torch.Tensor,
-                 mask: torch.Tensor | None, logits_for: slice | None) -> ForwardOutput:
-        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        want_layers = self.hidden_layer != -1
-        out = self._base(input_ids=ids, position_ids=positions[None], attention_mask=mask,
-                         past_key_values=state.cache, use_cache=True, output_hidden_states=want_layers)
-        last = out.last_hidden_state[0]
-        hidden = out.hidden_states[self.hidden_layer][0] if want_layers else last
+                 tree: TokenTree | None, logits_for: slice | None) -> ForwardOutput:
+        """Forward `input_ids` at `positions` after the cache; a tree's nodes see their ancestors,
+        a chain (tree None or a chain) is causal."""
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        chain = tree is None or tree.is_chain()
+        if self.lean:
+            ancestors = None if chain else torch.from_numpy(tree.ancestor_mask())
+            last, hidden = self.lean.forward(state.cache, ids, positions, ancestors, self.hidden_layer)
+        else:
+            # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
+            mask = None if chain else tree.attention_bias(state.n_committed, self.dtype, self.device)
+            want_layers = self.hidden_layer != -1
+            out = self._base(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
+                             past_key_values=state.cache, use_cache=True, output_hidden_states=want_layers)
+            last = out.last_hidden_state[0]
+            hidden = out.hidden_states[self.hidden_layer][0] if want_layers else last
         h = last if logits_for is None else last[logits_for]
         logits = self._head(h).float()
         if self._softcap:
@@ -131,9 +154,7 @@ class TargetModel:
         with hidden states for every position ([P, H]).
         """
         ids = self.check_prompt(input_ids)
-        from transformers import DynamicCache
-
-        state = KVState(cache=DynamicCache(config=self.config))
+        state = KVState(cache=self.new_cache())
         positions = torch.arange(len(ids), device=self.device)
         out = self._forward(state, ids, positions, None, None if all_logits else slice(-1, None))
         state.n_committed = len(ids)
@@ -153,9 +174,7 @@ class TargetModel:
                 f"the sequence would grow to {n + len(tree)} tokens, past the model's context window of "
                 f"{self.context_window}")
         depths = torch.tensor(tree.depths, device=self.device)
-        # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
-        mask = None if tree.is_chain() else tree.attention_bias(n, self.dtype, self.device)
-        out = self._forward(state, list(tree.tokens), n + depths, mask, None)
+        out = self._forward(state, list(tree.tokens), n + depths, tree, None)
         state.n_tentative = len(tree)
         state.last_tree = tree
         return out
@@ -172,7 +191,9 @@ class TargetModel:
         n, k = state.n_committed, len(path)
         if path != list(range(k)):
             index = torch.tensor([n + i for i in path], device=self.device)
-            for layer in _cache_layers(state.cache):
+            if self.lean:
+                state.cache.gather(n, index)
+            for layer in () if self.lean else _cache_layers(state.cache):
                 # Gather first (a copy), then write into the front of the tentative region.
                 layer.keys[..., n:n + k, :] = layer.keys.index_select(-2, index)
                 layer.values[..., n:n + k, :] = layer.values.index_select(-2, index)

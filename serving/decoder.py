@@ -451,7 +451,8 @@ class Decoder:
         sharded = self.client is not None
         d = {"replica": self.replica, "model": self.cfg.model.name, **self.counts, "threads": self.threads,
              "dtype": self.target.dtype_choice.to_dict(), "budget": self.cfg.speculative.budget,
-             "invariant_forward": self.target.invariant_note, "kernels": self.target.kernels,
+             "invariant_forward": self.target.invariant_note, "lean_forward": self.target.lean_note,
+             "kernels": self.target.kernels,
              "verify_cost": {n: round(c / self._cost[0], 3) for n, c in sorted(self._cost.items())}
              if self._cost else None,
              "last_cancelled": self.last_cancelled,

@@ -43,7 +43,7 @@ def test_seeded_sampling_is_reproducible(target):
 
 def test_statistics_add_up(target, monkeypatch):
     """The statistics against an independent count: every forward of the model is observed (a
-    hook on its base module: prefill + one per verify step), and so is every commit (the path the
+    hook on its token embedding, which every forward runs once: prefill + one per verify step), and so is every commit (the path the
     KV cache keeps). Steps, drafted and accepted tokens, output length and MAT must agree with
     those counts; MAT must exceed 1 (this prompt repeats itself, so drafts get accepted)."""
     import time
@@ -52,8 +52,8 @@ def test_statistics_add_up(target, monkeypatch):
     fed: list[int] = []                  # tokens fed to each forward of the model
     kept: list[int] = []                 # length of each committed path (pending root + accepted)
 
-    def count_forward(module, args, kwargs, output):
-        fed.append(int(kwargs["input_ids"].shape[-1]))
+    def count_forward(module, args, output):
+        fed.append(int(args[0].shape[-1]))
 
     real_commit = target.commit
 
@@ -62,7 +62,7 @@ def test_statistics_add_up(target, monkeypatch):
         return real_commit(state, path)
 
     monkeypatch.setattr(target, "commit", observe_commit)
-    hook = target._base.register_forward_hook(count_forward, with_kwargs=True)
+    hook = target.model.get_input_embeddings().register_forward_hook(count_forward)
     try:
         t0 = time.perf_counter()
         r = generate(target, ids, params=SamplingParams(max_new_tokens=32, ignore_eos=True),

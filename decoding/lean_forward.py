@@ -1,0 +1,224 @@
+"""The target's forward for Llama-family decoders, without transformers' per-call machinery.
+
+A decode step of SmolLM2-135M on the invariant kernels spent about a third of its time outside
+the linears and the attention: transformers' output capturing, mask construction, the
+``DynamicCache``'s concatenations and some 40 module calls per layer. This module runs the same
+arithmetic as ``LlamaDecoderLayer`` straight from the model's own weights:
+
+- q, k and v are one linear and gate and up another, on panel-packed weights that are the
+  concatenation of the modules' own packed panels (each output column is still its own FMA
+  chain, so fusing changes no bit; the modules' packed copies become views into the fused ones,
+  so no memory is added);
+- the KV cache is one preallocated ``[1, G, capacity, D]`` buffer per layer, grown by doubling,
+  written in place; committing a tree path gathers its entries to the front of the tentative
+  region, as before;
+- every query row attends through the invariant attention kernel over exactly its visible keys
+  (computed once per forward, not per layer); forwards of more than ``invariant.MAX_ROWS`` rows
+  (prefill) use torch's SDPA, as the transformers path does.
+
+Norms, rotary embedding and SiLU are the model's own modules, so the results are those of the
+transformers forward on the same kernels (``tests/test_lean_forward.py`` checks logits and hidden
+states bitwise against it). Only architectures whose decoder layer is exactly this arithmetic
+run here (:func:`unsupported`); any other model runs through transformers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from decoding import invariant
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")      # same decoder-layer arithmetic as LlamaDecoderLayer
+ENV = "SENSE_LEAN_FORWARD"                          # "0" runs the transformers forward instead
+MIN_CAPACITY = 256
+
+
+def unsupported(model) -> str | None:
+    """None if `model` runs on this forward, else why not (one line)."""
+    if os.environ.get(ENV, "1").lower() in ("0", "off", "false", "no"):
+        return f"turned off ({ENV}=0)"
+    cfg = model.config
+    if cfg.model_type not in ARCHITECTURES:
+        return f"{cfg.model_type} is not a Llama-style decoder"
+    if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)):
+        return "sliding-window attention"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
+        return "not a SiLU-gated MLP without bias"
+    base = model.base_model
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if any(hasattr(attn, name) for name in ("q_norm", "k_norm", "sinks")) or not hasattr(mlp, "gate_proj"):
+            return "a decoder layer this forward does not know"
+        if attn.o_proj.bias is not None:
+            return "an output projection with bias"
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            if any(m.weight.shape[0] % invariant.PANEL for m in group):
+                return "projection widths that are not a multiple of the kernel's panel"
+    return None
+
+
+class FusedLinear:
+    """Several linears of the same input as one: their packed panels concatenated (the modules'
+    own packed weights become views of it). Returns the outputs side by side in x's dtype."""
+
+    def __init__(self, modules) -> None:
+        self.modules = list(modules)
+        packs = [invariant.module_packed(m) for m in self.modules]
+        self.packed = torch.cat([p.packed() for p in packs])
+        start = 0
+        for p in packs:
+            end = start + p.packed().shape[0]
+            p.adopt(self.packed[start:end])
+            start = end
+        self.n_out = sum(m.weight.shape[0] for m in self.modules)
+        biases = [m.bias for m in self.modules]
+        self.bias = None if all(b is None for b in biases) else torch.cat([
+            b.detach().float() if b is not None else torch.zeros(m.weight.shape[0])
+            for b, m in zip(biases, self.modules)])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows > invariant.MAX_ROWS and invariant.large_rows_kernel(x.dtype, torch.get_num_threads()) == "torch":
+            return torch.cat([F.linear(x, m.weight, m.bias) for m in self.modules], dim=-1)
+        y = invariant.packed_linear(self.packed, x, self.n_out, torch.get_num_threads())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+class KVCache:
+    """One request's keys and values: per layer a ``[1, G, capacity, D]`` buffer, of which the
+    first ``length`` positions are filled. Grown by doubling; never shared."""
+
+    def __init__(self, n_layers: int, groups: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        self.shape = (n_layers, groups, head_dim)
+        self.dtype, self.device = dtype, device
+        self.length = 0
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def reserve(self, total: int) -> None:
+        if total <= self.capacity:
+            return
+        cap = max(MIN_CAPACITY, 2 * self.capacity)
+        while cap < total:
+            cap *= 2
+        n_layers, g, d = self.shape
+        old_k, old_v, n = self.k, self.v, self.length
+        self.k = [torch.empty(1, g, cap, d, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
+        self.v = [torch.empty(1, g, cap, d, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
+        for new, old in zip(self.k + self.v, old_k + old_v):
+            new[:, :, :n] = old[:, :, :n]
+        self.capacity = cap
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` positions (negative: drop that many from the end), as
+        transformers' ``DynamicCache.crop``."""
+        self.length = max(0, self.length + max_length if max_length < 0 else min(max_length, self.length))
+
+    def gather(self, start: int, positions: torch.Tensor) -> None:
+        """Copy the entries at `positions` to start, start+1, ... (a tree path to the front of the
+        tentative region)."""
+        k = len(positions)
+        for buf in self.k + self.v:
+            buf[:, :, start:start + k] = buf.index_select(2, positions)
+
+
+class LeanLlama:
+    """The forward of a Llama-family model (see the module docstring) on the invariant kernels."""
+
+    def __init__(self, model) -> None:
+        cfg = model.config
+        self.base = model.base_model
+        self.layers = list(self.base.layers[:cfg.num_hidden_layers])
+        attn0 = self.layers[0].self_attn
+        self.heads = cfg.num_attention_heads
+        self.groups = cfg.num_key_value_heads
+        self.head_dim = attn0.head_dim
+        self.scaling = float(attn0.scaling)
+        self.intermediate = self.layers[0].mlp.gate_proj.weight.shape[0]
+        self.qkv = [FusedLinear((l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)) for l in self.layers]
+        self.gate_up = [FusedLinear((l.mlp.gate_proj, l.mlp.up_proj)) for l in self.layers]
+        self.o_proj = [invariant.module_packed(l.self_attn.o_proj) for l in self.layers]
+        self.down = [invariant.module_packed(l.mlp.down_proj) for l in self.layers]
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers), self.groups, self.head_dim, self.dtype, self.device)
+
+    def forward(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor,
+                ancestors: torch.Tensor | None, hidden_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `ids` [T] at `positions` [T] after the cache's committed entries; a tree's
+        `ancestors` [T, T] bool (None: a causal chain). Appends T entries to the cache. Returns
+        (final normed hidden states [T, H], the hidden states of `hidden_layer` [T, H]) as the
+        transformers forward with ``output_hidden_states`` numbers them (0: the embeddings)."""
+        t = ids.shape[0]
+        start = cache.length
+        cache.reserve(start + t)
+        x = self.base.embed_tokens(ids)
+        cos, sin = self.base.rotary_emb(x[None], positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]            # [T, 1, D] against [T, heads, D]
+        visible = self._visible(start, t, ancestors)
+        captured = x if hidden_layer == 0 else None
+        h_dim, g_dim = self.heads * self.head_dim, self.groups * self.head_dim
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            qkv = self.qkv[i](h)
+            q = qkv[:, :h_dim].view(t, self.heads, self.head_dim)
+            k = qkv[:, h_dim:h_dim + g_dim].view(t, self.groups, self.head_dim)
+            v = qkv[:, h_dim + g_dim:].view(t, self.groups, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.k[i][0, :, start:start + t] = k.transpose(0, 1)
+            cache.v[i][0, :, start:start + t] = v.transpose(0, 1)
+            a = self._attention(q, cache.k[i][:, :, :start + t], cache.v[i][:, :, :start + t], visible)
+            x = x + self.o_proj[i](a.reshape(t, h_dim))
+            h = layer.post_attention_layernorm(x)
+            gu = self.gate_up[i](h)
+            x = x + self.down[i](layer.mlp.act_fn(gu[:, :self.intermediate]) * gu[:, self.intermediate:])
+            if hidden_layer == i + 1:
+                captured = x
+        cache.length = start + t
+        last = self.base.norm(x)
+        if hidden_layer in (-1, len(self.layers)):
+            captured = last
+        return last, captured
+
+    def _visible(self, start: int, t: int, ancestors: torch.Tensor | None):
+        """The keys each row sees: CSR (rowptr, idx) for the invariant kernel, or a bool mask
+        [T, start+T] (None: causal from an empty cache) for SDPA."""
+        if t > invariant.MAX_ROWS:
+            if ancestors is None and start == 0:
+                return None
+            return torch.cat([torch.ones(t, start, dtype=torch.bool), _tree_or_causal(t, ancestors)], dim=1)
+        return invariant.visible_csr(start, t, ancestors)
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible) -> torch.Tensor:
+        """q [T, heads, D]; keys/values [1, G, L, D] -> [T, heads, D] in q's dtype."""
+        t = q.shape[0]
+        if t > invariant.MAX_ROWS:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=visible,
+                                                 is_causal=visible is None, scale=self.scaling,
+                                                 enable_gqa=self.heads != self.groups)
+            return out[0].transpose(0, 1)
+        rowptr, idx = visible
+        return invariant.attention(q[None], keys, values, rowptr, idx, self.scaling)[0]
+
+
+def _tree_or_causal(t: int, ancestors: torch.Tensor | None) -> torch.Tensor:
+    if ancestors is not None:
+        return ancestors
+    return torch.ones(t, t, dtype=torch.bool).tril()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,93 @@
+"""The lean Llama forward (decoding/lean_forward.py) gives the transformers forward's bits.
+
+The same model runs through both (``SENSE_LEAN_FORWARD=0`` keeps transformers' forward) and every
+logit and hidden state of a prefill, a tree verification, its commit and the chains that follow
+must be bitwise equal, in float32 and bfloat16, for the layer whose hidden state drafts use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding import lean_forward
+from decoding.target import TargetModel
+from decoding.tree import TokenTree
+from tests.conftest import tiny_llama
+
+
+def _pair(model, monkeypatch, **kw):
+    monkeypatch.setenv(lean_forward.ENV, "0")
+    plain = TargetModel(model, None, **kw)
+    monkeypatch.setenv(lean_forward.ENV, "1")
+    lean = TargetModel(model, None, **kw)
+    assert plain.lean is None and lean.lean is not None, (plain.lean_note, lean.lean_note)
+    return plain, lean
+
+
+def _session(target, prompt, vocab):
+    """Prefill, a branching tree, a commit off the first branch, a chain, a root-only step."""
+    outs = []
+    state, out = target.prefill(prompt, all_logits=True)
+    outs.append(out)
+    tree = TokenTree((5 % vocab, 7 % vocab, 9 % vocab, 11 % vocab, 13 % vocab, 2 % vocab), (-1, 0, 0, 1, 1, 3))
+    outs.append(target.verify(state, tree))
+    target.commit(state, [0, 1, 4])
+    outs.append(target.verify(state, TokenTree.chain(3 % vocab, [4 % vocab, 1 % vocab])))
+    target.commit(state, [0, 1])
+    outs.append(target.verify(state, TokenTree.root_only(1)))
+    target.commit(state, [0])
+    assert state.cache.get_seq_length() == state.n_committed == len(prompt) + 6
+    return outs
+
+
+def _assert_bitwise(a_outs, b_outs):
+    for i, (a, b) in enumerate(zip(a_outs, b_outs)):
+        assert torch.equal(a.logits, b.logits), (i, (a.logits - b.logits).abs().max())
+        assert torch.equal(a.hidden, b.hidden), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden_layer", [-1, 0, 1, 2])
+def test_tiny_llama_is_bitwise_the_transformers_forward(dtype, hidden_layer, monkeypatch):
+    model = tiny_llama(50, 3, 4.0).to(dtype)
+    # A small first allocation, so the KV buffers grow (and copy) within the session.
+    monkeypatch.setattr(lean_forward, "MIN_CAPACITY", 8)
+    plain, lean = _pair(model, monkeypatch, hidden_layer=hidden_layer)
+    prompt = [(7 * i + 3) % 50 for i in range(12)]
+    _assert_bitwise(_session(plain, prompt, 50), _session(lean, prompt, 50))
+    assert lean.kernels == "lean-" + plain.kernels
+
+
+def test_qkv_bias_and_a_long_prefill_are_the_transformers_forward(monkeypatch):
+    """A Qwen2-style model (biases on q, k and v), a prompt longer than the invariant kernels'
+    row limit (its prefill runs on SDPA and the large-row linear)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()
+    plain, lean = _pair(model, monkeypatch)
+    prompt = [(5 * i + 1) % 64 for i in range(100)]
+    _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
+
+
+def test_the_embedded_model_is_bitwise_the_transformers_forward(target, monkeypatch):
+    plain, lean = _pair(target.model, monkeypatch)
+    prompt = [(17 * i + 5) % target.vocab_size for i in range(40)]
+    _assert_bitwise(_session(plain, prompt, target.vocab_size), _session(lean, prompt, target.vocab_size))
+
+
+def test_other_architectures_keep_the_transformers_forward():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
+    assert "gemma is not a Llama-style decoder" in lean_forward.unsupported(gemma)
+    target = TargetModel(gemma, None)
+    assert target.lean is None and target.lean_note
