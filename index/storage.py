@@ -61,12 +61,30 @@ def exists(uri: str | Path) -> bool:
 
 
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)     # transient remote errors: retried with these back-offs
+RETRY_ENV = "SENSE_STORAGE_RETRY_DELAYS"  # comma-separated seconds, e.g. "1,5,30"; empty: no retries
+
+
+def retry_delays() -> tuple[float, ...]:
+    """The back-offs between attempts at a remote read or write: ``$SENSE_STORAGE_RETRY_DELAYS``
+    if set, else RETRY_DELAYS_S. These come on top of s3fs's own retries of one request (about
+    12 s against an unreachable endpoint), so an outage surfaces after roughly (retries + 1) x 12 s
+    plus the delays."""
+    raw = os.environ.get(RETRY_ENV)
+    if raw is None:
+        return RETRY_DELAYS_S
+    try:
+        delays = tuple(float(x) for x in raw.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise StorageError(f"{RETRY_ENV}={raw!r}: expected comma-separated seconds such as 1,5,30") from None
+    if any(d < 0 for d in delays):
+        raise StorageError(f"{RETRY_ENV}={raw!r}: delays cannot be negative")
+    return delays
 
 
 def _retrying(uri, what: str, fn):
     """Run fn(); on a remote storage error retry with back-off, then raise StorageError. Local
     errors and a missing object are not retried (FileNotFoundError propagates as is)."""
-    delays = RETRY_DELAYS_S if is_remote(uri) else ()
+    delays = retry_delays() if is_remote(uri) else ()
     for attempt in range(len(delays) + 1):
         try:
             return fn()

@@ -96,6 +96,37 @@ def test_plan_shards_tiles_the_ids():
         assert covered == [(f, r) for f, n_rows in enumerate(rows) for r in range(n_rows)]
 
 
+def test_remote_storage_errors_are_retried_with_the_configured_delays(monkeypatch):
+    """A remote read or write is retried after each configured delay, then fails as one
+    StorageError; local errors are not retried; a bad setting is a clear error."""
+    calls, slept = [], []
+    monkeypatch.setattr(storage.time, "sleep", slept.append)
+
+    def flaky(fail_times):
+        def fn():
+            calls.append(1)
+            if len(calls) <= fail_times:
+                raise ConnectionError("endpoint unreachable")
+            return b"ok"
+        return fn
+
+    monkeypatch.setenv(storage.RETRY_ENV, "0.5, 2")
+    assert storage._retrying("s3://b/k", "read", flaky(2)) == b"ok" and slept == [0.5, 2.0]
+    calls.clear(), slept.clear()
+    with pytest.raises(storage.StorageError, match=r"s3://b/k: could not read \(ConnectionError"):
+        storage._retrying("s3://b/k", "read", flaky(3))
+    assert len(calls) == 3
+    monkeypatch.delenv(storage.RETRY_ENV)
+    assert storage.retry_delays() == storage.RETRY_DELAYS_S
+    calls.clear()
+    with pytest.raises(storage.StorageError):
+        storage._retrying("/tmp/local", "read", flaky(1))       # local: one attempt
+    assert len(calls) == 1
+    monkeypatch.setenv(storage.RETRY_ENV, "1,soon")
+    with pytest.raises(storage.StorageError, match="comma-separated seconds"):
+        storage.retry_delays()
+
+
 # ---------------------------------------------------------------------------------------------
 # real datastore (the embedded model's keys)
 
