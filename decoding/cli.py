@@ -79,15 +79,23 @@ def _budget_arg(text: str):
 
 def _loaded(target) -> None:
     print(f"model: {target.config._name_or_path or 'target'} on {target.device}, dtype {target.dtype_choice.reason}, "
-          f"batch-invariant forward {target.invariant_note}", file=sys.stderr)
+          f"batch-invariant forward {target.invariant_note}, lean forward {target.lean_note}", file=sys.stderr)
+
+
+def _check_sources(args) -> None:
+    from decoding.stores import check_named_sources
+
+    check_named_sources(index=args.index, sparse=args.sparse_store, dense=args.dense_store)
 
 
 def cmd_generate(args) -> int:
-    from decoding.engine import encode_prompt, generate
+    from decoding.engine import check_prompt_text, encode_prompt, generate
     from decoding.target import TargetModel
 
     params, soft = _params(args), _soft(args)       # validate before the slow model load
     check_method(args.method)
+    check_prompt_text(args.prompt)
+    _check_sources(args)
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
     _loaded(target)
     stores = load_stores([args.method], target, args)
@@ -103,11 +111,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from decoding.engine import encode_prompt, generate
+    from decoding.engine import check_prompt_text, encode_prompt, generate
     from decoding.target import TargetModel
 
     params = _params(args)
     methods = [check_method(m) for m in args.methods.split(",")]
+    check_prompt_text(args.prompt)
+    _check_sources(args)
     print("loading the target model (the first run converts the embedded GGUF) ...", file=sys.stderr)
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
     _loaded(target)

@@ -29,12 +29,17 @@ class GenerationResult:
         return self.stats.finish_reason
 
 
-def encode_prompt(target: TargetModel, prompt: str, *, chat: bool = True) -> list[int]:
-    """Token ids for a prompt; with `chat`, wrapped in the model's chat template as a user turn."""
+def check_prompt_text(prompt) -> None:
+    """A prompt must be some text (checked before anything slow happens)."""
     from decoding.errors import InvalidRequestError
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequestError("the prompt is empty: give some text")
+
+
+def encode_prompt(target: TargetModel, prompt: str, *, chat: bool = True) -> list[int]:
+    """Token ids for a prompt; with `chat`, wrapped in the model's chat template as a user turn."""
+    check_prompt_text(prompt)
     tok = target.tokenizer
     if chat and getattr(tok, "chat_template", None):
         enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -92,6 +92,7 @@ def test_cli_errors_are_one_clear_line(args, needle):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists("/nonexistent"), "a missing datastore path must not be created"
+    assert "batch-invariant forward" not in proc.stderr, "bad input must fail before the model loads"
 
 
 @pytest.mark.slow
