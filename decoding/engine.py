@@ -107,84 +107,155 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     after stop conditions are applied, so the calls concatenate to the final ``token_ids``.
     `should_stop()` is asked before the prefill and before each step; when it returns true the
     generation ends early with ``finish_reason == "cancelled"`` and the tokens so far.
+
+    This is the batch of one of :class:`decoding.scheduler.BatchScheduler`: the same
+    :class:`Sequence` steps, with the verification forward of this request alone.
     """
-    params = params or SamplingParams()
-    drafter = drafter or NoDrafter()
-    verifier = verifier or make_verifier(params, soft, transform=getattr(drafter, "transform", None))
-    verifier_hidden = getattr(verifier, "uses_hidden", False)
-    stats = GenerationStats(method=drafter.name, dtype=str(target.dtype).removeprefix("torch."))
-    if budget == "adaptive":
-        budget = AdaptiveBudget(cost_curve(target)) if not isinstance(drafter, NoDrafter) else 0
-    elif not isinstance(budget, AdaptiveBudget) and (not isinstance(budget, int) or isinstance(budget, bool)
-                                                     or budget < 0):
-        raise InvalidRequestError(f"budget must be an integer >= 0 or 'adaptive', got {budget!r}")
-    adaptive = budget if isinstance(budget, AdaptiveBudget) else None
-    t_start = time.perf_counter()
-    if should_stop is not None and should_stop():
-        stats.prompt_tokens, stats.finish_reason = len(prompt_ids), "cancelled"
-        return GenerationResult(token_ids=[], text="", stats=stats)
+    seq = Sequence(target, prompt_ids, params=params, drafter=drafter, verifier=verifier, budget=budget, soft=soft,
+                   on_tokens=on_tokens, should_stop=should_stop)
+    if not seq.cancelled():
+        seq.start()
+        while not seq.done and not seq.cancelled():
+            tree = seq.propose(seq.choose_budget())
+            seq.advance(tree, target.verify(seq.state, tree))
+    return seq.result()
 
-    state, out = target.prefill(prompt_ids)
-    stats.prompt_tokens = len(prompt_ids)
-    needs_hidden = drafter.needs_hidden
-    drafter.begin(list(prompt_ids), out.hidden if needs_hidden else None)
-    hidden = out.hidden[-1] if needs_hidden else None
-    stopper = _Stopper(target, params, len(prompt_ids))
-    tokens = np.empty(len(prompt_ids) + stopper.limit + 1, dtype=np.int64)
-    tokens[: len(prompt_ids)] = prompt_ids
-    generated = [verifier.first_token(out.logits[-1])]
-    stats.time_prefill = time.perf_counter() - t_start
 
-    generated, reason = stopper.cut(generated)
-    if on_tokens is not None and generated:
-        on_tokens(list(generated))
-    while reason is None:
-        if should_stop is not None and should_stop():
-            reason = "cancelled"
-            break
-        n = len(prompt_ids) + len(generated)
-        tokens[n - 1] = generated[-1]
-        t0 = time.perf_counter()
+class Sequence:
+    """One request's speculative decoding as steps a loop drives: :meth:`start` (prefill and
+    the first token), then per step :meth:`propose` (a draft tree within a budget), a
+    verification forward of the tree (alone, or batched with other requests'), and
+    :meth:`advance` (accept, commit, stop conditions, statistics, the `on_tokens` hook)."""
+
+    def __init__(self, target: TargetModel, prompt_ids: list[int], *, params: SamplingParams | None = None,
+                 drafter: Drafter | None = None, verifier: Verifier | None = None,
+                 budget: int | AdaptiveBudget | str = "adaptive", soft=None,
+                 on_tokens: Callable[[list[int]], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.target = target
+        self.prompt_ids = list(prompt_ids)
+        self.params = params or SamplingParams()
+        self.drafter = drafter or NoDrafter()
+        self.verifier = verifier or make_verifier(self.params, soft, transform=getattr(self.drafter, "transform", None))
+        self.verifier_hidden = getattr(self.verifier, "uses_hidden", False)
+        self.stats = GenerationStats(method=self.drafter.name, dtype=str(target.dtype).removeprefix("torch."))
+        if budget == "adaptive":
+            budget = AdaptiveBudget(cost_curve(target)) if not isinstance(self.drafter, NoDrafter) else 0
+        elif not isinstance(budget, AdaptiveBudget) and (not isinstance(budget, int) or isinstance(budget, bool)
+                                                         or budget < 0):
+            raise InvalidRequestError(f"budget must be an integer >= 0 or 'adaptive', got {budget!r}")
+        self.budget = budget
+        self.adaptive = budget if isinstance(budget, AdaptiveBudget) else None
+        self.on_tokens, self.should_stop = on_tokens, should_stop
+        self.t_start = time.perf_counter()
+        self.state = None
+        self.generated: list[int] = []
+        self.reason: str | None = None
+        self.needs_hidden = self.drafter.needs_hidden
+        self.hidden = None
+
+    error: Exception | None = None         # set by fail(): what ended the request
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def fail(self, exc: Exception) -> None:
+        """End the request because `exc` was raised doing its work (a batch goes on without it)."""
+        self.error, self.reason = exc, "error"
+
+    def cancelled(self) -> bool:
+        """Ask `should_stop`; a true answer ends the request as "cancelled"."""
+        if self.reason is None and self.should_stop is not None and self.should_stop():
+            self.reason = "cancelled"
+        return self.reason == "cancelled"
+
+    def start(self) -> None:
+        """Prefill the prompt and take the first token."""
+        target, prompt_ids = self.target, self.prompt_ids
+        self.state, out = target.prefill(prompt_ids)
+        self.stats.prompt_tokens = len(prompt_ids)
+        self.drafter.begin(list(prompt_ids), out.hidden if self.needs_hidden else None)
+        self.hidden = out.hidden[-1] if self.needs_hidden else None
+        self.stopper = _Stopper(target, self.params, len(prompt_ids))
+        self.tokens = np.empty(len(prompt_ids) + self.stopper.limit + 1, dtype=np.int64)
+        self.tokens[: len(prompt_ids)] = prompt_ids
+        generated = [self.verifier.first_token(out.logits[-1])]
+        self.stats.time_prefill = time.perf_counter() - self.t_start
+        self.generated, self.reason = self.stopper.cut(generated)
+        if self.on_tokens is not None and self.generated:
+            self.on_tokens(list(self.generated))
+
+    def choose_budget(self) -> int:
+        """This step's draft budget on its own: the adaptive choice or the fixed budget."""
+        return self.adaptive.choose() if self.adaptive else self.budget
+
+    def room(self, budget: int) -> int:
+        """`budget` capped by the context window beside the committed tokens."""
+        n = len(self.prompt_ids) + len(self.generated)
+        return min(budget, self.target.context_window - n)
+
+    def propose(self, budget: int) -> TokenTree:
+        """A draft tree of at most `budget` nodes rooted at the pending token."""
+        n = len(self.prompt_ids) + len(self.generated)
+        self.tokens[n - 1] = self.generated[-1]
+        self._t0 = time.perf_counter()
         # Deeper drafts than the tokens still allowed would be wasted work, and the tree must
         # fit the context window beside the n - 1 committed tokens.
-        max_depth = stopper.limit - len(generated) - 1
-        step_budget = adaptive.choose() if adaptive else budget
-        room = min(step_budget, target.context_window - n)
-        tree = drafter.propose(tokens[:n], room, max_depth, hidden) if room > 0 else TokenTree.root_only(int(tokens[n - 1]))
-        t1 = time.perf_counter()
-        out = target.verify(state, tree)
+        max_depth = self.stopper.limit - len(self.generated) - 1
+        self._room = room = self.room(budget)
+        tree = (self.drafter.propose(self.tokens[:n], room, max_depth, self.hidden) if room > 0
+                else TokenTree.root_only(int(self.tokens[n - 1])))
+        self._t1 = time.perf_counter()
+        return tree
+
+    def advance(self, tree: TokenTree, out) -> list[int]:
+        """Accept from the verified `tree` (its forward output `out`), commit, apply the stop
+        conditions; returns the tokens this step added to the output."""
         t2 = time.perf_counter()
-        verdict = verifier.verify(tree, out.logits, out.hidden) if verifier_hidden else verifier.verify(tree, out.logits)
-        target.commit(state, verdict.path)
-        if needs_hidden:
+        n = len(self.prompt_ids) + len(self.generated)
+        verifier, stats = self.verifier, self.stats
+        verdict = verifier.verify(tree, out.logits, out.hidden) if self.verifier_hidden else verifier.verify(tree, out.logits)
+        self.target.commit(self.state, verdict.path)
+        if self.needs_hidden:
             # Committed positions n-1 .. n-1+accepted: the pending root and the accepted drafts.
             path_hidden = out.hidden[verdict.path]
-            drafter.observe(np.arange(n - 1, n - 1 + len(verdict.path)), path_hidden)
-            hidden = path_hidden[-1]
+            self.drafter.observe(np.arange(n - 1, n - 1 + len(verdict.path)), path_hidden)
+            self.hidden = path_hidden[-1]
         t3 = time.perf_counter()
-        if adaptive:
-            adaptive.update(tree, verdict.path, room, overhead_s=(t1 - t0) + (t3 - t2))
+        if self.adaptive:
+            self.adaptive.update(tree, verdict.path, self._room, overhead_s=(self._t1 - self._t0) + (t3 - t2))
         stats.steps += 1
         stats.drafted += tree.n_draft
-        stats.time_draft += t1 - t0
-        stats.time_verify += t2 - t1
+        stats.time_draft += self._t1 - self._t0
+        stats.time_verify += t2 - self._t1
         stats.time_commit += t3 - t2
         new = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
-        tokens[n: n + len(new) - 1] = new[:-1]
-        before = len(generated)
-        generated, reason = stopper.cut(generated + new, before)
+        self.tokens[n: n + len(new) - 1] = new[:-1]
+        before = len(self.generated)
+        self.generated, self.reason = self.stopper.cut(self.generated + new, before)
         # Only tokens that reach the output count into MAT (accepted + steps): a stop (EOS, a
         # stop string) inside the accepted path drops the drafts after it and the step's own
         # token. A step counts one of the tokens it commits; accepted counts the others.
-        stats.accepted += max(0, min(verdict.n_accepted, len(generated) - before - 1))
-        if on_tokens is not None and len(generated) > before:
-            on_tokens(generated[before:])
+        stats.accepted += max(0, min(verdict.n_accepted, len(self.generated) - before - 1))
+        added = self.generated[before:]
+        if self.on_tokens is not None and added:
+            self.on_tokens(list(added))
+        return added
 
-    gate_stats = getattr(verifier, "stats", None)
-    if gate_stats is not None:
-        stats.verifier = "soft"
-        stats.soft_gates = gate_stats.to_dict()
-    stats.new_tokens = len(generated)
-    stats.finish_reason = reason
-    stats.time_total = time.perf_counter() - t_start
-    return GenerationResult(token_ids=generated, text=stopper.text(generated), stats=stats)
+    def result(self) -> GenerationResult:
+        """The outcome; raises what failed the request, if anything did."""
+        if self.error is not None:
+            raise self.error
+        stats = self.stats
+        if self.state is None:                  # cancelled before the prefill
+            stats.prompt_tokens, stats.finish_reason = len(self.prompt_ids), "cancelled"
+            return GenerationResult(token_ids=[], text="", stats=stats)
+        gate_stats = getattr(self.verifier, "stats", None)
+        if gate_stats is not None:
+            stats.verifier = "soft"
+            stats.soft_gates = gate_stats.to_dict()
+        stats.new_tokens = len(self.generated)
+        stats.finish_reason = self.reason
+        stats.time_total = time.perf_counter() - self.t_start
+        return GenerationResult(token_ids=self.generated, text=self.stopper.text(self.generated), stats=stats)

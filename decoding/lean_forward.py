@@ -13,8 +13,11 @@ arithmetic as ``LlamaDecoderLayer`` straight from the model's own weights:
   written in place; committing a tree path gathers its entries to the front of the tentative
   region, as before;
 - every query row attends through the invariant attention kernel over exactly its visible keys
-  (computed once per forward, not per layer); forwards of more than ``invariant.MAX_ROWS`` rows
-  (prefill) use torch's SDPA, as the transformers path does.
+  (computed once per forward, not per layer); a prompt's prefill of more than
+  ``invariant.MAX_ROWS`` rows uses torch's SDPA, as the transformers path does;
+- several requests share one forward (:meth:`LeanLlama.forward_batch`, continuous batching):
+  the linears run over all their rows, each request attends to its own cache, and since every
+  row runs on the invariant kernels a request's results do not depend on its batch.
 
 Norms, rotary embedding and SiLU are the model's own modules, so the results are those of the
 transformers forward on the same kernels (``tests/test_lean_forward.py`` checks logits and hidden
@@ -79,9 +82,10 @@ class FusedLinear:
             b.detach().float() if b is not None else torch.zeros(m.weight.shape[0])
             for b, m in zip(biases, self.modules)])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if rows > invariant.MAX_ROWS and invariant.large_rows_kernel(x.dtype, torch.get_num_threads()) == "torch":
+    def __call__(self, x: torch.Tensor, large: bool = False) -> torch.Tensor:
+        """x [rows, K] -> [rows, n_out]; `large`: a large prefill, on whichever kernel measured
+        faster (else always the invariant kernel, whatever the row count)."""
+        if large and invariant.large_rows_kernel(x.dtype, torch.get_num_threads()) == "torch":
             return torch.cat([F.linear(x, m.weight, m.bias) for m in self.modules], dim=-1)
         y = invariant.packed_linear(self.packed, x, self.n_out, torch.get_num_threads())
         if self.bias is not None:
@@ -147,6 +151,7 @@ class LeanLlama:
         self.qkv = [FusedLinear((l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)) for l in self.layers]
         self.gate_up = [FusedLinear((l.mlp.gate_proj, l.mlp.up_proj)) for l in self.layers]
         self.o_proj = [invariant.module_packed(l.self_attn.o_proj) for l in self.layers]
+        self.head = invariant.module_packed(model.get_output_embeddings())
         self.down = [invariant.module_packed(l.mlp.down_proj) for l in self.layers]
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -160,63 +165,88 @@ class LeanLlama:
         `ancestors` [T, T] bool (None: a causal chain). Appends T entries to the cache. Returns
         (final normed hidden states [T, H], the hidden states of `hidden_layer` [T, H]) as the
         transformers forward with ``output_hidden_states`` numbers them (0: the embeddings)."""
-        t = ids.shape[0]
-        start = cache.length
-        cache.reserve(start + t)
+        return self.forward_batch([(cache, ids, positions, ancestors)], hidden_layer)[0]
+
+    def forward_batch(self, items, hidden_layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Several requests in one forward: `items` = [(cache, ids, positions, ancestors)], each
+        as :meth:`forward`. The linears run over all rows at once; each request's rows attend to
+        its own cache only. A row's results do not depend on the other rows or requests: every
+        row runs on the invariant kernels, but for a lone prefill of more than MAX_ROWS rows from
+        an empty cache (SDPA and the large-row linear: both decoding modes share the prefill)."""
+        sizes = [ids.shape[0] for _, ids, _, _ in items]
+        total = sum(sizes)
+        cache0, _, _, anc0 = items[0]
+        large = len(items) == 1 and total > invariant.MAX_ROWS and cache0.length == 0 and anc0 is None
+        starts = [cache.length for cache, _, _, _ in items]
+        for (cache, *_), start, t in zip(items, starts, sizes):
+            cache.reserve(start + t)
+        ids = torch.cat([i for _, i, _, _ in items]) if len(items) > 1 else items[0][1]
+        positions = torch.cat([p for _, _, p, _ in items]) if len(items) > 1 else items[0][2]
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x[None], positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]            # [T, 1, D] against [T, heads, D]
-        visible = self._visible(start, t, ancestors)
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]            # [rows, 1, D] against [rows, heads, D]
+        visible = [None if large else invariant.visible_csr(start, t, anc)
+                   for (_, _, _, anc), start, t in zip(items, starts, sizes)]
+        bounds = [0]
+        for t in sizes:
+            bounds.append(bounds[-1] + t)
         captured = x if hidden_layer == 0 else None
         h_dim, g_dim = self.heads * self.head_dim, self.groups * self.head_dim
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            qkv = self.qkv[i](h)
-            q = qkv[:, :h_dim].view(t, self.heads, self.head_dim)
-            k = qkv[:, h_dim:h_dim + g_dim].view(t, self.groups, self.head_dim)
-            v = qkv[:, h_dim + g_dim:].view(t, self.groups, self.head_dim)
+            qkv = self.qkv[i](h, large)
+            q = qkv[:, :h_dim].view(total, self.heads, self.head_dim)
+            k = qkv[:, h_dim:h_dim + g_dim].view(total, self.groups, self.head_dim)
+            v = qkv[:, h_dim + g_dim:].view(total, self.groups, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            cache.k[i][0, :, start:start + t] = k.transpose(0, 1)
-            cache.v[i][0, :, start:start + t] = v.transpose(0, 1)
-            a = self._attention(q, cache.k[i][:, :, :start + t], cache.v[i][:, :, :start + t], visible)
-            x = x + self.o_proj[i](a.reshape(t, h_dim))
+            parts = []
+            for j, (cache, _, _, _) in enumerate(items):
+                r0, r1, start = bounds[j], bounds[j + 1], starts[j]
+                cache.k[i][0, :, start:start + r1 - r0] = k[r0:r1].transpose(0, 1)
+                cache.v[i][0, :, start:start + r1 - r0] = v[r0:r1].transpose(0, 1)
+                keys, values = cache.k[i][:, :, :start + r1 - r0], cache.v[i][:, :, :start + r1 - r0]
+                if large:
+                    parts.append(self._sdpa(q[r0:r1], keys, values))
+                else:
+                    rowptr, idx = visible[j]
+                    parts.append(invariant.attention(q[None, r0:r1], keys, values, rowptr, idx, self.scaling)[0])
+            a = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = x + _linear(self.o_proj[i], a.reshape(total, h_dim), large)
             h = layer.post_attention_layernorm(x)
-            gu = self.gate_up[i](h)
-            x = x + self.down[i](layer.mlp.act_fn(gu[:, :self.intermediate]) * gu[:, self.intermediate:])
+            gu = self.gate_up[i](h, large)
+            x = x + _linear(self.down[i], layer.mlp.act_fn(gu[:, :self.intermediate]) * gu[:, self.intermediate:],
+                            large)
             if hidden_layer == i + 1:
                 captured = x
-        cache.length = start + t
+        for (cache, *_), start, t in zip(items, starts, sizes):
+            cache.length = start + t
         last = self.base.norm(x)
         if hidden_layer in (-1, len(self.layers)):
             captured = last
-        return last, captured
+        return [(last[a:b], captured[a:b]) for a, b in zip(bounds, bounds[1:])]
 
-    def _visible(self, start: int, t: int, ancestors: torch.Tensor | None):
-        """The keys each row sees: CSR (rowptr, idx) for the invariant kernel, or a bool mask
-        [T, start+T] (None: causal from an empty cache) for SDPA."""
-        if t > invariant.MAX_ROWS:
-            if ancestors is None and start == 0:
-                return None
-            return torch.cat([torch.ones(t, start, dtype=torch.bool), _tree_or_causal(t, ancestors)], dim=1)
-        return invariant.visible_csr(start, t, ancestors)
+    def logits(self, h: torch.Tensor, large: bool = False) -> torch.Tensor:
+        """The LM head over rows of final hidden states, float32 [rows, V]: on the invariant
+        kernel whatever the row count (a large prefill: the faster kernel)."""
+        if large:
+            return self.head(h).float()
+        # Rounded to the model's dtype first, as transformers' head (and the stock path) returns it.
+        return _linear(self.head, h, False).float()
 
-    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible) -> torch.Tensor:
-        """q [T, heads, D]; keys/values [1, G, L, D] -> [T, heads, D] in q's dtype."""
-        t = q.shape[0]
-        if t > invariant.MAX_ROWS:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=visible,
-                                                 is_causal=visible is None, scale=self.scaling,
-                                                 enable_gqa=self.heads != self.groups)
-            return out[0].transpose(0, 1)
-        rowptr, idx = visible
-        return invariant.attention(q[None], keys, values, rowptr, idx, self.scaling)[0]
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Causal attention of a prefill from an empty cache: q [T, heads, D] -> [T, heads, D]."""
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, is_causal=True,
+                                             scale=self.scaling, enable_gqa=self.heads != self.groups)
+        return out[0].transpose(0, 1)
 
 
-def _tree_or_causal(t: int, ancestors: torch.Tensor | None) -> torch.Tensor:
-    if ancestors is not None:
-        return ancestors
-    return torch.ones(t, t, dtype=torch.bool).tril()
+def _linear(packed: invariant.PackedWeight, x: torch.Tensor, large: bool) -> torch.Tensor:
+    """A routed linear without bias on the invariant kernel (any row count), or, for a large
+    prefill, on whichever kernel measured faster."""
+    if large:
+        return packed(x)
+    return invariant.packed_linear(packed.packed(), x, packed.weight.shape[0], torch.get_num_threads()).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -131,15 +131,17 @@ class TargetModel:
         chain = tree is None or tree.is_chain()
         if self.lean:
             ancestors = None if chain else torch.from_numpy(tree.ancestor_mask())
+            large = state.cache.length == 0 and chain and len(input_ids) > invariant.MAX_ROWS
             last, hidden = self.lean.forward(state.cache, ids, positions, ancestors, self.hidden_layer)
-        else:
-            # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
-            mask = None if chain else tree.attention_bias(state.n_committed, self.dtype, self.device)
-            want_layers = self.hidden_layer != -1
-            out = self._base(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
-                             past_key_values=state.cache, use_cache=True, output_hidden_states=want_layers)
-            last = out.last_hidden_state[0]
-            hidden = out.hidden_states[self.hidden_layer][0] if want_layers else last
+            h = last if logits_for is None else last[logits_for]
+            return ForwardOutput(logits=self.lean.logits(h, large), hidden=hidden)
+        # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
+        mask = None if chain else tree.attention_bias(state.n_committed, self.dtype, self.device)
+        want_layers = self.hidden_layer != -1
+        out = self._base(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
+                         past_key_values=state.cache, use_cache=True, output_hidden_states=want_layers)
+        last = out.last_hidden_state[0]
+        hidden = out.hidden_states[self.hidden_layer][0] if want_layers else last
         h = last if logits_for is None else last[logits_for]
         logits = self._head(h).float()
         if self._softcap:
@@ -166,6 +168,43 @@ class TargetModel:
 
         The tree's KV entries stay in the cache as tentative until :meth:`commit`.
         """
+        self._check_room(state, tree)
+        n = state.n_committed
+        depths = torch.tensor(tree.depths, device=self.device)
+        out = self._forward(state, list(tree.tokens), n + depths, tree, None)
+        state.n_tentative = len(tree)
+        state.last_tree = tree
+        return out
+
+    @torch.inference_mode()
+    def verify_batch(self, states: Sequence[KVState], trees: Sequence[TokenTree]) -> list[ForwardOutput]:
+        """:meth:`verify` of several requests' trees in one forward (continuous batching). Each
+        request's logits and hidden states are bitwise those of verifying it alone (the lean
+        forward runs every row on the batch-invariant kernels); without the lean forward the
+        trees are verified one after another."""
+        if len(states) != len(trees):
+            raise ValueError(f"{len(states)} states for {len(trees)} trees")
+        if not self.lean or len(states) == 1:
+            return [self.verify(s, t) for s, t in zip(states, trees)]
+        items = []
+        for state, tree in zip(states, trees):
+            self._check_room(state, tree)
+            positions = state.n_committed + torch.tensor(tree.depths, device=self.device)
+            ancestors = None if tree.is_chain() else torch.from_numpy(tree.ancestor_mask())
+            items.append((state.cache, torch.tensor(tree.tokens, dtype=torch.long, device=self.device), positions,
+                          ancestors))
+        results = self.lean.forward_batch(items, self.hidden_layer)
+        last = torch.cat([r[0] for r in results])
+        logits = self.lean.logits(last)
+        outs, row = [], 0
+        for state, tree, (_, hidden) in zip(states, trees, results):
+            outs.append(ForwardOutput(logits=logits[row:row + len(tree)], hidden=hidden))
+            row += len(tree)
+            state.n_tentative = len(tree)
+            state.last_tree = tree
+        return outs
+
+    def _check_room(self, state: KVState, tree: TokenTree) -> None:
         if state.n_tentative:
             raise RuntimeError("verify called twice without commit")
         n = state.n_committed
@@ -173,11 +212,6 @@ class TargetModel:
             raise ContextLengthError(
                 f"the sequence would grow to {n + len(tree)} tokens, past the model's context window of "
                 f"{self.context_window}")
-        depths = torch.tensor(tree.depths, device=self.device)
-        out = self._forward(state, list(tree.tokens), n + depths, tree, None)
-        state.n_tentative = len(tree)
-        state.last_tree = tree
-        return out
 
     @torch.inference_mode()
     def commit(self, state: KVState, path: Sequence[int]) -> None:

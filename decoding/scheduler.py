@@ -1,0 +1,229 @@
+"""Continuous batching: the speculative steps of many requests share one verification forward.
+
+Each :meth:`BatchScheduler.step`:
+
+1. requests cancelled since the last step end (``should_stop``);
+2. at most one waiting request is prefilled, in a forward of its own: an arriving request delays
+   the running ones by one prefill at most (time to first token stays bounded), and its prefill
+   does not depend on what else runs;
+3. every running request drafts within the budget the batch allocation gives it
+   (:func:`allocate_budgets`), all the trees are verified in one forward
+   (``TargetModel.verify_batch``), and each request accepts, commits and emits its tokens.
+
+A request's output is the same whatever shares its batch: the lean forward runs every row on the
+batch-invariant kernels and each request attends to its own KV cache only, so its logits are
+bitwise those of its forward alone; sampling draws from each request's own generator.
+``decoding.engine.generate`` is the batch of one of the same :class:`~decoding.engine.Sequence`
+steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence as Seq
+
+from decoding.budget import interpolate_cost
+from decoding.engine import GenerationResult, Sequence
+
+
+def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
+    """Each running request's draft budget for this step, chosen for the batch's goodput.
+
+    Objective: expected committed tokens of the whole batch per unit time of its forward,
+
+        G(b) = sum_i (1 + A_i(b_i)) / C(T),    T = sum_i (1 + b_i) rows,
+
+    where A_i(b) is request i's running estimate of the draft tokens accepted with budget b (its
+    ``AdaptiveBudget``) and C(T) the measured cost of a forward of T rows relative to a one-row
+    decode step (the verify cost curve at T - 1 draft tokens). Greedy ascent: from all budgets 0,
+    raise the budget of the request whose next size increases G most, until none does. A cheap
+    forward (a GPU, a flat curve) lets every request draft; at high load C(T) climbs and the
+    allocation drafts less or nothing, so speculation does not cost throughput. Requests with a
+    fixed integer budget keep it; every ``explore_every``-th step of an adaptive request raises
+    its budget one size above the allocation, so estimates of larger budgets stay current.
+
+    With one request this is exactly its own adaptive choice (``AdaptiveBudget.choose``), the
+    single-request engine's.
+    """
+    if len(seqs) == 1:
+        return [seqs[0].choose_budget()]
+    budgets = [0 if s.adaptive else s.budget for s in seqs]
+    adaptive = [i for i, s in enumerate(seqs) if s.adaptive]
+    if not adaptive:
+        return budgets
+    cost = seqs[adaptive[0]].adaptive.cost
+
+    def goodput(b: list[int]) -> float:
+        rows = sum(1 + x for x in b)
+        gain = sum(1.0 + (expected_accepted(s.adaptive, x) if s.adaptive else x / 2) for s, x in zip(seqs, b))
+        return gain / interpolate_cost(cost, rows - 1)
+
+    best = goodput(budgets)
+    while True:
+        choice = None
+        for i in adaptive:
+            larger = [x for x in seqs[i].adaptive.sizes if x > budgets[i]]
+            if not larger:
+                continue
+            trial = list(budgets)
+            trial[i] = larger[0]
+            g = goodput(trial)
+            if g > best and (choice is None or g > choice[0]):
+                choice = (g, i, larger[0])
+        if choice is None:
+            break
+        best, i, x = choice
+        budgets[i] = x
+    for i in adaptive:
+        a = seqs[i].adaptive
+        a.steps += 1
+        if a.steps % a.explore_every == 0:
+            larger = [x for x in a.sizes if x > budgets[i]]
+            if larger:
+                budgets[i] = larger[0]
+    return budgets
+
+
+def expected_accepted(adaptive, b: int) -> float:
+    """A(b): draft tokens expected accepted with budget b (0 for no draft)."""
+    if b <= 0:
+        return 0.0
+    return max([adaptive.accepted[s] for s in adaptive.sizes if s <= b] or [0.0])
+
+
+class BatchScheduler:
+    """Runs :class:`~decoding.engine.Sequence` requests of one target in shared forwards; add
+    them at any time, drive it with :meth:`step` (or :meth:`run` until all are done)."""
+
+    def __init__(self, target, *, max_batch: int = 16) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.target = target
+        self.max_batch = max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.forwards = 0               # verification forwards run
+        self.rows = 0                   # tree nodes verified in them
+
+    def add(self, seq: Sequence) -> None:
+        if seq.target is not self.target:
+            raise ValueError("the request was made for another target model")
+        self.waiting.append(seq)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def step(self) -> list[Sequence]:
+        """One scheduling step; returns the requests that finished in it. A request whose own
+        work fails (its prefill, drafter or verifier) ends with ``seq.error`` set and the others
+        go on; a failure of the shared forward ends every request in it."""
+        finished = [s for s in self.running if s.cancelled()]
+        self.running = [s for s in self.running if not s.done]
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting.popleft()
+            if not seq.cancelled():
+                _guarded(seq, seq.start)
+            if seq.done:
+                finished.append(seq)
+                continue
+            self.running.append(seq)
+            break                   # one prefill per step: running requests wait one prefill at most
+        if self.running:
+            budgets = allocate_budgets(self.running)
+            trees = [_guarded(s, s.propose, b) for s, b in zip(self.running, budgets)]
+            batch = [(s, t) for s, t in zip(self.running, trees) if not s.done]
+            if batch:
+                try:
+                    outs = self.target.verify_batch([s.state for s, _ in batch], [t for _, t in batch])
+                except Exception as exc:
+                    for s, _ in batch:
+                        s.fail(exc)
+                else:
+                    self.forwards += 1
+                    self.rows += sum(len(t) for _, t in batch)
+                    for (seq, tree), out in zip(batch, outs):
+                        _guarded(seq, seq.advance, tree, out)
+            finished += [s for s in self.running if s.done]
+            self.running = [s for s in self.running if not s.done]
+        return finished
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "forwards": self.forwards,
+                "rows_per_forward": round(self.rows / self.forwards, 3) if self.forwards else None}
+
+    def run(self) -> None:
+        while not self.idle:
+            self.step()
+
+
+def _guarded(seq: Sequence, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:
+        seq.fail(exc)
+        return None
+
+
+class BatchLoop:
+    """A :class:`BatchScheduler` driven by a thread of its own: :meth:`submit` a request from any
+    thread with a callback that runs (on the loop's thread) when it has finished; the loop sleeps
+    while there is nothing to do. The request's ``on_tokens`` hook also runs on the loop's thread."""
+
+    def __init__(self, target, *, max_batch: int = 16, name: str = "batch-loop") -> None:
+        import threading
+
+        self.scheduler = BatchScheduler(target, max_batch=max_batch)
+        self._cv = threading.Condition()
+        self._incoming: list[tuple[Sequence, object]] = []
+        self._callbacks: dict[int, object] = {}
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: Sequence, on_done) -> None:
+        with self._cv:
+            self._incoming.append((seq, on_done))
+            self._cv.notify()
+
+    def run(self, seq: Sequence) -> Sequence:
+        """Submit `seq` and wait until it has finished (from a thread other than the loop's)."""
+        import threading
+
+        done = threading.Event()
+        self.submit(seq, done.set)
+        done.wait()
+        return seq
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            with self._cv:
+                while not self._incoming and sched.idle:
+                    self._cv.wait()
+                for seq, cb in self._incoming:
+                    sched.add(seq)
+                    self._callbacks[id(seq)] = cb
+                self._incoming.clear()
+            try:
+                finished = sched.step()
+            except Exception as exc:        # a bug in the step itself: end what it held, keep looping
+                finished = [*sched.running, *sched.waiting]
+                sched.running, sched.waiting = [], type(sched.waiting)()
+                for seq in finished:
+                    seq.fail(exc)
+            for seq in finished:
+                cb = self._callbacks.pop(id(seq), None)
+                if cb is not None:
+                    cb()
+
+
+def generate_batch(target, prompts: Seq[list[int]], *, max_batch: int = 16, **kwargs) -> list[GenerationResult]:
+    """Decode `prompts` together (the keyword arguments of ``generate``, the same for all; a
+    `drafter` must not be shared: pass ``drafters=[...]``, one per prompt)."""
+    drafters = kwargs.pop("drafters", None) or [None] * len(prompts)
+    scheduler = BatchScheduler(target, max_batch=max_batch)
+    seqs = [Sequence(target, p, drafter=d, **kwargs) for p, d in zip(prompts, drafters)]
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.run()
+    return [s.result() for s in seqs]

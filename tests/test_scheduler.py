@@ -1,0 +1,156 @@
+"""Continuous batching (decoding/scheduler.py): a request's output does not depend on its batch.
+
+Every request decoded in a shared batch (requests joining and leaving, mixed methods, greedy and
+seeded sampling) must equal the same request decoded alone by ``generate``, token for token; the
+batched verification forward must give each request bitwise the logits and hidden states of its
+own forward; and the budget allocation must draft less per request as the batch's forward gets
+dearer.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from decoding.budget import AdaptiveBudget
+from decoding.config import SamplingParams
+from decoding.drafters import NoDrafter, PromptLookupDrafter
+from decoding.engine import Sequence, encode_prompt, generate
+from decoding.methods import Datastores, make_drafter
+from decoding.scheduler import BatchScheduler, allocate_budgets, generate_batch
+from decoding.tree import TokenTree
+
+QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Repeat exactly: the cat sat on the mat. the cat sat on the mat. the cat sat on the mat.",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "Write the numbers from one to twenty in words, separated by commas.",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(target):
+    return [encode_prompt(target, q) for q in QUESTIONS]
+
+
+def _drafters(stores):
+    return [PromptLookupDrafter(), PromptLookupDrafter(max_candidates=4), make_drafter("rest", stores), NoDrafter()]
+
+
+def test_verify_batch_is_bitwise_each_request_alone(target, prompts):
+    """Trees of 1, 3, 6 and 70 nodes (past the kernels' 64-row tuning limit) verified together
+    and one by one, from different contexts: the same logits and hidden states, bit for bit."""
+    assert target.lean is not None, target.lean_note
+    trees = [TokenTree.root_only(11), TokenTree.chain(12, [13, 14]),
+             TokenTree((5, 7, 9, 11, 13, 15), (-1, 0, 0, 1, 1, 3)),
+             TokenTree.chain(21, list(range(100, 169)))]
+    def undo(state):                    # commit the root, then drop it again: the same context
+        target.commit(state, [0])
+        state.cache.crop(-1)
+        state.n_committed -= 1
+
+    alone = []
+    states = [target.prefill(p)[0] for p in prompts]
+    for s, t in zip(states, trees):
+        alone.append(target.verify(s, t))
+        undo(s)
+    outs = target.verify_batch(states, trees)
+    for s in states:
+        undo(s)
+    for a, b in zip(alone, outs):
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden)
+
+
+def test_batched_greedy_equals_each_request_alone(target, prompts, gsm8k_sparse_index):
+    stores = Datastores(sparse=gsm8k_sparse_index)
+    params = SamplingParams(max_new_tokens=24)
+    alone = [generate(target, p, params=params, drafter=d, budget=8).token_ids
+             for p, d in zip(prompts, _drafters(stores))]
+    scheduler = BatchScheduler(target)
+    seqs = [Sequence(target, p, params=params, drafter=d, budget=8) for p, d in zip(prompts, _drafters(stores))]
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.run()
+    assert [s.result().token_ids for s in seqs] == alone
+    steps = sum(s.stats.steps for s in seqs)
+    assert scheduler.forwards < steps, "the requests never shared a forward"
+    assert sum(s.stats.accepted for s in seqs) > 0
+
+
+def test_seeded_sampling_in_a_batch_reproduces_each_alone(target, prompts):
+    params = [SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.95, seed=100 + i) for i in range(len(prompts))]
+    alone = [generate(target, p, params=q, drafter=PromptLookupDrafter(), budget=6).token_ids
+             for p, q in zip(prompts, params)]
+    scheduler = BatchScheduler(target)
+    seqs = [Sequence(target, p, params=q, drafter=PromptLookupDrafter(), budget=6) for p, q in zip(prompts, params)]
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.run()
+    assert [s.result().token_ids for s in seqs] == alone
+
+
+def test_requests_join_leave_and_cancel_mid_batch(target, prompts):
+    """Two requests start; two more join after some steps; one is cancelled on its fourth step
+    (its tokens so far are a prefix of its output alone); adaptive budgets throughout."""
+    params = SamplingParams(max_new_tokens=20)
+    alone = [generate(target, p, params=params, drafter=PromptLookupDrafter()).token_ids for p in prompts]
+    asked = {"n": 0}
+
+    def stop_on_fourth():
+        asked["n"] += 1
+        return asked["n"] > 4
+
+    scheduler = BatchScheduler(target, max_batch=3)
+    seqs = [Sequence(target, p, params=params, drafter=PromptLookupDrafter(),
+                     should_stop=stop_on_fourth if i == 1 else None) for i, p in enumerate(prompts)]
+    scheduler.add(seqs[0])
+    scheduler.add(seqs[1])
+    for _ in range(3):
+        scheduler.step()
+    scheduler.add(seqs[2])
+    scheduler.add(seqs[3])
+    scheduler.run()
+    results = [s.result() for s in seqs]
+    assert results[1].finish_reason == "cancelled" and 0 < len(results[1].token_ids) < len(alone[1])
+    assert results[1].token_ids == alone[1][:len(results[1].token_ids)]
+    assert [r.token_ids for i, r in enumerate(results) if i != 1] == [a for i, a in enumerate(alone) if i != 1]
+
+
+def test_generate_batch_matches_generate(target, prompts):
+    params = SamplingParams(max_new_tokens=12)
+    batch = generate_batch(target, prompts, params=params, drafters=[PromptLookupDrafter() for _ in prompts])
+    assert [r.token_ids for r in batch] == [generate(target, p, params=params, drafter=PromptLookupDrafter()).token_ids
+                                           for p in prompts]
+
+
+def _request(cost, accepted):
+    """A running request as the allocation sees it: an adaptive budget whose estimates say
+    `accepted(b)` draft tokens are accepted with budget b."""
+    a = AdaptiveBudget(cost)
+    for b in a.sizes:
+        a.accepted[b] = accepted(b)
+    a.steps = 1                         # away from an exploration step
+    return SimpleNamespace(adaptive=a, budget=a, choose_budget=a.choose)
+
+
+CPU_LIKE = {0: 1.0, 1: 1.2, 2: 1.35, 3: 1.5, 4: 1.7, 6: 2.0, 8: 2.4, 12: 3.1, 16: 3.8, 24: 5.2, 32: 6.6, 48: 9.4,
+            64: 12.2}
+GPU_LIKE = {n: 1.0 + 0.004 * n for n in CPU_LIKE}
+
+
+def test_allocation_drafts_less_as_the_forward_gets_dearer():
+    good = lambda b: 0.8 * min(b, 6)          # noqa: E731  a drafter that often hits
+    per_request = {}
+    for n in (1, 2, 4, 8, 16, 32):
+        budgets = allocate_budgets([_request(CPU_LIKE, good) for _ in range(n)])
+        assert all(b >= 0 for b in budgets)
+        per_request[n] = sum(budgets) / n
+    assert per_request[1] > 0
+    assert per_request[32] < per_request[2] <= per_request[1]
+    # Cheap rows (a GPU-like flat curve): every request drafts, at every batch size.
+    assert all(b > 0 for b in allocate_budgets([_request(GPU_LIKE, good) for _ in range(32)]))
+    # Drafts that never hit: nothing is drafted in a batch.
+    assert allocate_budgets([_request(CPU_LIKE, lambda b: 0.0) for _ in range(4)]) == [0, 0, 0, 0]
