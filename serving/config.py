@@ -159,11 +159,16 @@ class DecoderConfig(_Section):
     autoscaling_config: dict | None = Field(
         None, description="Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, "
                           "upscale_delay_s, downscale_delay_s, metrics_interval_s, look_back_period_s, ...)")
-    max_ongoing_requests: int = Field(4, ge=1, description="concurrent generations per replica")
+    max_ongoing_requests: int = Field(8, ge=1, description="concurrent generations per replica (with batching: "
+                                                           "the most requests verified in one forward)")
     max_queued_requests: int = Field(16, ge=-1, description="queued at each caller before 503/429 (-1: no limit)")
     ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1},
                                     description="num_cpus, num_gpus, memory, resources, runtime_env ...")
-    serialize_forward: bool = Field(True, description="one forward pass at a time per replica (see decoder.py)")
+    batching: bool = Field(True, description="continuous batching: every running request's draft tree verified "
+                                             "in one forward per step (decoding/scheduler.py); false: each request "
+                                             "runs its own decode loop")
+    serialize_forward: bool = Field(True, description="without batching: one forward pass at a time per replica "
+                                                      "(see decoder.py)")
     index_wait_s: float = Field(120.0, ge=0, description="how long a replica waits for the shards to hold a "
                                                            "new index version before it goes on without it (the "
                                                            "current version, else PLD fallback) and keeps watching")

@@ -2,14 +2,16 @@
 
 Concurrency in a replica: up to ``max_ongoing_requests`` requests at once, each with its own
 KV cache (``KVState``), drafter, verifier and budget; nothing mutable is shared between
-requests. Each generation runs ``decoding.engine.generate`` in its own thread (the replica's
-event loop only relays events), so decode steps of concurrent requests interleave. The model's
-weights are shared read-only and a forward pass keeps no state in the module, so concurrent
-forwards would be safe; with ``decoder.serialize_forward`` (the default) a per-replica lock
-still lets one forward run at a time: on CPU, parallel forwards only fight over the same cores
-(and oversubscribe torch's thread pool), and on a GPU a single stream runs them one after the
-other anyway. Drafting, FAISS fan-out and detokenisation of one request overlap another's
-forward. (Batching several requests into one forward is future work.)
+requests. A request is prepared (encoded, its drafter and budget chosen) in a worker thread.
+
+- ``decoder.batching`` (the default): the replica's one batch loop
+  (``decoding.scheduler.BatchLoop``) runs every admitted request's steps together: each step
+  verifies all their draft trees in one forward, with draft budgets allocated across the batch
+  for goodput. A request's output does not depend on what shares its batch (the batch-invariant
+  lean forward). The worker thread waits for its request and relays the result.
+- Without batching, each request runs ``decoding.engine.generate`` in its own thread, and with
+  ``decoder.serialize_forward`` a per-replica lock lets one forward run at a time (on CPU,
+  parallel forwards only fight over the same cores).
 
 Events the ``generate`` stream yields (plain dicts): ``start`` (prompt accepted), ``delta``
 (text and token ids committed by a step; streaming requests only), then ``done`` (final text
@@ -89,6 +91,9 @@ class SerializedTarget:
     def commit(self, *args, **kwargs):
         return self._locked(self._target.commit, *args, **kwargs)
 
+    def verify_batch(self, *args, **kwargs):
+        return self._locked(self._target.verify_batch, *args, **kwargs)
+
 
 @dataclass
 class IndexState:
@@ -164,6 +169,12 @@ class Decoder:
         self.threads = _thread_settings()
         self.target = TargetModel.load(self.cfg.model.path, dtype=dtype, device=device)
         self.model = SerializedTarget(self.target, serialize=self.cfg.decoder.serialize_forward)
+        if self.cfg.decoder.batching:
+            from decoding.scheduler import BatchLoop
+
+            self.batch = BatchLoop(self.model, max_batch=self.cfg.decoder.max_ongoing_requests)
+        else:
+            self.batch = None
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.max_ongoing_requests + 2,
                                        thread_name_prefix="generate")
         sh = self.cfg.shards
@@ -361,7 +372,7 @@ class Decoder:
 
     def _run(self, req, emit, cancel: threading.Event, t_call: float) -> None:
         """One generation, in a worker thread; every outcome is an event."""
-        from decoding.engine import generate
+        from decoding.engine import Sequence, generate
         from decoding.errors import SenseError
         from serving.text import TextStream
 
@@ -390,9 +401,14 @@ class Decoder:
             def on_tokens(ids: list[int]) -> None:
                 emit({"type": "delta", "text": text.push(ids), "token_ids": list(ids)})
 
-            result = generate(self.model, prompt_ids, params=params, drafter=drafter, budget=budget,
-                              soft=req.soft, on_tokens=on_tokens if text is not None else None,
-                              should_stop=cancel.is_set)
+            hooks = {"on_tokens": on_tokens if text is not None else None, "should_stop": cancel.is_set}
+            if self.batch is not None:
+                seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
+                               **hooks)
+                result = self.batch.run(seq).result()
+            else:
+                result = generate(self.model, prompt_ids, params=params, drafter=drafter, budget=budget,
+                                  soft=req.soft, **hooks)
             stats = self._stats(req, result, drafter, store, report, len(prompt_ids), timing)
             fell_back = stats["fallback"] is not None
             self.metrics.finished(req.method, result.stats, fell_back)
@@ -453,6 +469,7 @@ class Decoder:
              "dtype": self.target.dtype_choice.to_dict(), "budget": self.cfg.speculative.budget,
              "invariant_forward": self.target.invariant_note, "lean_forward": self.target.lean_note,
              "kernels": self.target.kernels,
+             "batch": self.batch.scheduler.stats() if self.batch is not None else None,
              "verify_cost": {n: round(c / self._cost[0], 3) for n, c in sorted(self._cost.items())}
              if self._cost else None,
              "last_cancelled": self.last_cancelled,

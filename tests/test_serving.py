@@ -326,6 +326,30 @@ def test_strict_mode_matches_the_engine(server, target, stores, kind, text, meth
     assert all("speculative" not in e for e in events[:-2])
 
 
+def test_concurrent_requests_share_forwards_and_match_the_engine(server, target, stores):
+    """Continuous batching over HTTP: two strict requests sent at once to the one running decoder
+    replica are verified in shared forwards (its forward count grows by less than their steps
+    together) and each answer is the in-process engine's, token for token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert running_replicas("Decoder") == 1
+    cases = [(QUESTIONS[0], "sense"), (QUESTIONS[1], "pld")]
+    want = [engine(target, stores, "chat", q, method=m, max_tokens=32) for q, m in cases]
+    before = decoder_infos()
+    assert all(i["lean_forward"] == "on" and i["batch"] is not None for i in before.values()), before
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda c: server.post("/v1/chat/completions",
+                                                   body_for("chat", c[0], method=c[1], budget=8, max_tokens=32)),
+                             cases))
+    after = decoder_infos()
+    for r, w in zip(outs, want):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == w.token_ids
+    forwards = sum(i["batch"]["forwards"] for i in after.values()) - sum(i["batch"]["forwards"] for i in before.values())
+    steps = sum(r.json()["speculative"]["steps"] for r in outs)
+    assert 0 < forwards < steps, (forwards, steps)
+
+
 def test_openai_client(server, target, stores):
     import openai
 
