@@ -1,0 +1,176 @@
+"""Continuous batching in the engine: aggregate throughput by concurrency, in one process.
+
+    python -m bench.batching                  # writes bench/results/batching.{json,md}
+    python -m bench.batching --quick          # smoke run: prints, writes nothing
+
+For each concurrency c (c GSM8K test questions decoded at once, greedy, every answer
+``--max-new-tokens`` long: EOS ignored, so every variant produces the same token count) and each
+method, side by side in one run, order rotated per repeat:
+
+- ``serialized``: the requests one after another through ``generate`` (what a decoder that runs
+  one forward at a time achieves, whatever the concurrency);
+- ``batched``: all c requests in one ``BatchScheduler`` (one verification forward per step for
+  all of them, budgets allocated across the batch);
+- ``hf_static_batch``: transformers' ``generate()`` on the c prompts left-padded into one batch,
+  same model, dtype and kernels (plain decoding; the peer a serving system is judged against).
+
+Every batched output must equal the serialized one token for token (the run fails otherwise).
+Rows: ``{"method": m, "concurrency": c, "vs": "serialized" | "hf_static_batch" | "ar_batched",
+"ratio": batched tokens/s over the peer's, "tokens_per_s": ...}``; medians over repeats with
+min/max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from bench.common import machine_info, median, method_order, write_results
+
+# torch and the model are imported inside main(), after the libraries are quieted.
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def run_serialized(target, prompts, make, params) -> tuple[float, list[list[int]]]:
+    from decoding.engine import generate
+
+    t0 = time.perf_counter()
+    outs = [generate(target, p, params=params, drafter=make()).token_ids for p in prompts]
+    return time.perf_counter() - t0, outs
+
+
+def run_batched(target, prompts, make, params) -> tuple[float, list[list[int]], dict]:
+    from decoding.engine import Sequence
+    from decoding.scheduler import BatchScheduler
+
+    sched = BatchScheduler(target, max_batch=len(prompts))
+    t0 = time.perf_counter()
+    seqs = [Sequence(target, p, params=params, drafter=make()) for p in prompts]
+    for s in seqs:
+        sched.add(s)
+    sched.run()
+    return time.perf_counter() - t0, [s.result().token_ids for s in seqs], sched.stats()
+
+
+def run_hf_static(target, prompts, max_new: int) -> float:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        target.model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                              do_sample=False, pad_token_id=pad)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    from decoding.cli import _quiet_libraries
+
+    _quiet_libraries()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: concurrency 1,4, 16 tokens; writes nothing")
+    ap.add_argument("--concurrency", default="1,2,4,8,16")
+    ap.add_argument("--methods", default="ar,pld,sense")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.max_new_tokens, args.repeats = "1,4", 16, 1
+
+    import torch
+
+    from decoding.config import SamplingParams
+    from decoding.engine import encode_prompt
+    from decoding.methods import check_method, make_drafter
+    from decoding.stores import load_datastores
+    from decoding.target import TargetModel
+    from index.corpus import gsm8k
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    methods = [check_method(m) for m in args.methods.split(",")]
+    target = TargetModel.load(dtype=args.dtype)
+    log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}; kernels {target.kernels}")
+    stores = load_datastores(target, methods=methods)
+    questions = [r["question"] for r in gsm8k("test")[:max(levels)]]
+    prompts = [encode_prompt(target, q) for q in questions]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    # Warm-up: the cost curve, the kernels, the allocator.
+    run_serialized(target, prompts[:1], lambda: make_drafter("pld", stores), params)
+
+    times: dict[tuple, list[float]] = {}
+    rows_per_forward: dict[tuple, list[float]] = {}
+    for c in levels:
+        batch = prompts[:c]
+        variants = [(m, kind) for m in methods for kind in ("serialized", "batched")] + [("ar", "hf_static_batch")]
+        for rep in range(args.repeats):
+            for m, kind in method_order(variants, rep + c):
+                make = lambda m=m: make_drafter(m, stores)      # noqa: E731  a fresh drafter per request
+                if kind == "serialized":
+                    dt, outs = run_serialized(target, batch, make, params)
+                    times.setdefault((m, kind, c), []).append(dt)
+                    times.setdefault((m, "outputs", c), outs)
+                elif kind == "batched":
+                    dt, outs, st = run_batched(target, batch, make, params)
+                    times.setdefault((m, kind, c), []).append(dt)
+                    rows_per_forward.setdefault((m, c), []).append(st["rows_per_forward"] or 0)
+                    times.setdefault((m, "batched_outputs", c), outs)
+                else:
+                    times.setdefault((m, kind, c), []).append(run_hf_static(target, batch, args.max_new_tokens))
+                log(f"c={c} rep={rep} {m:6} {kind:16} {times[(m, kind, c)][-1]:7.2f} s")
+        for m in methods:
+            if times[(m, "batched_outputs", c)] != times[(m, "outputs", c)]:
+                log(f"FAIL: {m} at concurrency {c}: batched output differs from the requests decoded alone")
+                return 1
+
+    tokens = {c: c * args.max_new_tokens for c in levels}
+    rate = {k: [tokens[k[2]] / t for t in v] for k, v in times.items() if k[1] in ("serialized", "batched",
+                                                                                  "hf_static_batch")}
+    out_rows = []
+    for c in levels:
+        for m in methods:
+            mine = rate[(m, "batched", c)]
+            peers = {"serialized": rate[(m, "serialized", c)], "hf_static_batch": rate[("ar", "hf_static_batch", c)],
+                     "ar_batched": rate[("ar", "batched", c)]}
+            for vs, theirs in peers.items():
+                if vs == "ar_batched" and m == "ar":
+                    continue
+                ratios = [a / b for a, b in zip(mine, theirs)]
+                out_rows.append({"benchmark": "batching", "method": m, "concurrency": c, "vs": vs,
+                                 "ratio": round(median(ratios), 3), "ratio_min": round(min(ratios), 3),
+                                 "ratio_max": round(max(ratios), 3), "tokens_per_s": round(median(mine), 2),
+                                 "peer_tokens_per_s": round(median(theirs), 2),
+                                 "rows_per_forward": round(median(rows_per_forward[(m, c)]), 2),
+                                 "identical": True})
+    md = ["# Continuous batching in the engine (`python -m bench.batching`)", "",
+          f"Target: {target.dtype_choice.reason}; {args.max_new_tokens} tokens per request (EOS ignored), greedy, "
+          f"GSM8K test questions, median of {args.repeats} repeats (order rotated). Batched outputs equal the "
+          f"requests decoded alone, token for token, at every concurrency.", "",
+          "| method | concurrency | batched tok/s | vs serialized | vs HF static batch | vs ar batched | rows/forward |",
+          "|---|---|---|---|---|---|---|"]
+    for c in levels:
+        for m in methods:
+            r = {row["vs"]: row for row in out_rows if row["method"] == m and row["concurrency"] == c}
+            arb = f"{r['ar_batched']['ratio']:.2f}x" if "ar_batched" in r else "-"
+            md.append(f"| {m} | {c} | {r['serialized']['tokens_per_s']:.1f} | {r['serialized']['ratio']:.2f}x | "
+                      f"{r['hf_static_batch']['ratio']:.2f}x | {arb} | {r['serialized']['rows_per_forward']:.1f} |")
+    text = "\n".join(md) + "\n"
+    print(text)
+    if not args.quick:
+        write_results("batching", machine_info() | {"dtype": str(target.dtype).removeprefix("torch.")}, out_rows, text,
+                      extra={"args": vars(args)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
