@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_new_tokens, args.repeats = "1,4", 16, 1
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     methods = [check_method(m) for m in args.methods.split(",")]
     target = TargetModel.load(dtype=args.dtype)
     log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}; kernels {target.kernels}")
-    stores = load_datastores(target, methods=methods)
+    stores = load_datastores(target, methods=methods, dense_default_docs=args.dense_docs)
     questions = [r["question"] for r in gsm8k("test")[:max(levels)]]
     prompts = [encode_prompt(target, q) for q in questions]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
