@@ -31,11 +31,12 @@ def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
 
     Objective: expected committed tokens of the whole batch per unit time of its forward,
 
-        G(b) = sum_i (1 + A_i(b_i)) / C(T),    T = sum_i (1 + b_i) rows,
+        G(b) = sum_i (1 + A_i(b_i)) / (C(T) + sum_i D_i(b_i)),    T = sum_i (1 + b_i) rows,
 
     where A_i(b) is request i's running estimate of the draft tokens accepted with budget b (its
-    ``AdaptiveBudget``) and C(T) the measured cost of a forward of T rows relative to a one-row
-    decode step (the verify cost curve at T - 1 draft tokens). Greedy ascent: from all budgets 0,
+    ``AdaptiveBudget``), C(T) the measured cost of a forward of T rows relative to a one-row
+    decode step (the verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
+    time outside the forward (drafting, acceptance, commit) with budget b, in the same unit. Greedy ascent: from all budgets 0,
     raise the budget of the request whose next size increases G most, until none does. A cheap
     forward (a GPU, a flat curve) lets every request draft; at high load C(T) climbs and the
     allocation drafts less or nothing, so speculation does not cost throughput. Requests with a
@@ -56,7 +57,10 @@ def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
     def goodput(b: list[int]) -> float:
         rows = sum(1 + x for x in b)
         gain = sum(1.0 + (expected_accepted(s.adaptive, x) if s.adaptive else x / 2) for s, x in zip(seqs, b))
-        return gain / interpolate_cost(cost, rows - 1)
+        # Each request's own work in the step (drafting, acceptance, KV compaction) runs one
+        # request after another beside the shared forward: D_i(b_i), in decode steps, as measured.
+        own = sum(s.adaptive.overhead.get(x, 0.0) for s, x in zip(seqs, b) if s.adaptive)
+        return gain / (interpolate_cost(cost, rows - 1) + own)
 
     best = goodput(budgets)
     while True:
