@@ -159,24 +159,25 @@ class LeanLlama:
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers), self.groups, self.head_dim, self.dtype, self.device)
 
-    def forward(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor,
-                ancestors: torch.Tensor | None, hidden_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run `ids` [T] at `positions` [T] after the cache's committed entries; a tree's
-        `ancestors` [T, T] bool (None: a causal chain). Appends T entries to the cache. Returns
-        (final normed hidden states [T, H], the hidden states of `hidden_layer` [T, H]) as the
-        transformers forward with ``output_hidden_states`` numbers them (0: the embeddings)."""
-        return self.forward_batch([(cache, ids, positions, ancestors)], hidden_layer)[0]
+    @staticmethod
+    def is_large_prefill(items) -> bool:
+        """A lone prompt prefill of more than MAX_ROWS rows from an empty cache: the one forward
+        that runs on SDPA and the faster large-row linear instead of the invariant kernels."""
+        cache, ids, _, ancestors = items[0]
+        return len(items) == 1 and ids.shape[0] > invariant.MAX_ROWS and cache.length == 0 and ancestors is None
 
     def forward_batch(self, items, hidden_layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Several requests in one forward: `items` = [(cache, ids, positions, ancestors)], each
-        as :meth:`forward`. The linears run over all rows at once; each request's rows attend to
+        """Several requests in one forward: `items` = [(cache, ids [T], positions [T], ancestors)],
+        each run after its cache's entries (`ancestors` [T, T] bool of a tree; None: a causal
+        chain), appending T entries to it. Returns per request (the final normed hidden states
+        [T, H], the hidden states of `hidden_layer` [T, H] as transformers' ``output_hidden_states``
+        numbers them, 0 being the embeddings). The linears run over all rows at once; each request's rows attend to
         its own cache only. A row's results do not depend on the other rows or requests: every
         row runs on the invariant kernels, but for a lone prefill of more than MAX_ROWS rows from
         an empty cache (SDPA and the large-row linear: both decoding modes share the prefill)."""
         sizes = [ids.shape[0] for _, ids, _, _ in items]
         total = sum(sizes)
-        cache0, _, _, anc0 = items[0]
-        large = len(items) == 1 and total > invariant.MAX_ROWS and cache0.length == 0 and anc0 is None
+        large = self.is_large_prefill(items)
         starts = [cache.length for cache, _, _, _ in items]
         for (cache, *_), start, t in zip(items, starts, sizes):
             cache.reserve(start + t)

@@ -131,8 +131,9 @@ class TargetModel:
         chain = tree is None or tree.is_chain()
         if self.lean:
             ancestors = None if chain else torch.from_numpy(tree.ancestor_mask())
-            large = state.cache.length == 0 and chain and len(input_ids) > invariant.MAX_ROWS
-            last, hidden = self.lean.forward(state.cache, ids, positions, ancestors, self.hidden_layer)
+            item = (state.cache, ids, positions, ancestors)
+            large = self.lean.is_large_prefill([item])         # asked before the forward fills the cache
+            last, hidden = self.lean.forward_batch([item], self.hidden_layer)[0]
             h = last if logits_for is None else last[logits_for]
             return ForwardOutput(logits=self.lean.logits(h, large), hidden=hidden)
         # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
