@@ -124,19 +124,27 @@ class AdaptiveBudget:
         self.overhead_seen = {b: 0 for b in self.overhead}
         self.steps = 0
 
+    def expected_accepted(self, b: int) -> float:
+        """A(b): draft tokens expected accepted with budget b (0 without a draft). A larger
+        budget never accepts less (its tree contains the smaller one's)."""
+        if b <= 0:
+            return 0.0
+        return max([self.accepted[s] for s in self.sizes if s <= b] or [0.0])
+
     def value(self, b: int) -> float:
         if not b:
             return 1.0 / (1.0 + self.overhead[0])
-        # A larger budget never accepts less (its tree contains the smaller one's).
-        a = max(self.accepted[s] for s in self.sizes if s <= b)
-        return (1.0 + a) / (self.tree_cost[b] + self.overhead[b])
+        return (1.0 + self.expected_accepted(b)) / (self.tree_cost[b] + self.overhead[b])
 
     def best(self) -> int:
         return max([0, *self.sizes], key=self.value)
 
     def choose(self) -> int:
+        return self.explore(self.best())
+
+    def explore(self, best: int) -> int:
+        """Count a step; every `explore_every`-th one returns the size above `best` instead."""
         self.steps += 1
-        best = self.best()
         if self.steps % self.explore_every == 0:
             larger = [b for b in self.sizes if b > best]
             if larger:

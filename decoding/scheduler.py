@@ -36,8 +36,9 @@ def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
     where A_i(b) is request i's running estimate of the draft tokens accepted with budget b (its
     ``AdaptiveBudget``), C(T) the measured cost of a forward of T rows relative to a one-row
     decode step (the verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
-    time outside the forward (drafting, acceptance, commit) with budget b, in the same unit. Greedy ascent: from all budgets 0,
-    raise the budget of the request whose next size increases G most, until none does. A cheap
+    time outside the forward (drafting, acceptance, commit) with budget b, in the same unit.
+    Greedy ascent: from all budgets 0, raise the budget of the request whose next size increases
+    G most, until none does. A cheap
     forward (a GPU, a flat curve) lets every request draft; at high load C(T) climbs and the
     allocation drafts less or nothing, so speculation does not cost throughput. Requests with a
     fixed integer budget keep it; every ``explore_every``-th step of an adaptive request raises
@@ -56,7 +57,8 @@ def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
 
     def goodput(b: list[int]) -> float:
         rows = sum(1 + x for x in b)
-        gain = sum(1.0 + (expected_accepted(s.adaptive, x) if s.adaptive else x / 2) for s, x in zip(seqs, b))
+        # A fixed budget's term is constant (it never changes), so its guess of x / 2 moves no choice.
+        gain = sum(1.0 + (s.adaptive.expected_accepted(x) if s.adaptive else x / 2) for s, x in zip(seqs, b))
         # Each request's own work in the step (drafting, acceptance, KV compaction) runs one
         # request after another beside the shared forward: D_i(b_i), in decode steps, as measured.
         own = sum(s.adaptive.overhead.get(x, 0.0) for s, x in zip(seqs, b) if s.adaptive)
@@ -79,20 +81,8 @@ def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
         best, i, x = choice
         budgets[i] = x
     for i in adaptive:
-        a = seqs[i].adaptive
-        a.steps += 1
-        if a.steps % a.explore_every == 0:
-            larger = [x for x in a.sizes if x > budgets[i]]
-            if larger:
-                budgets[i] = larger[0]
+        budgets[i] = seqs[i].adaptive.explore(budgets[i])
     return budgets
-
-
-def expected_accepted(adaptive, b: int) -> float:
-    """A(b): draft tokens expected accepted with budget b (0 for no draft)."""
-    if b <= 0:
-        return 0.0
-    return max([adaptive.accepted[s] for s in adaptive.sizes if s <= b] or [0.0])
 
 
 class BatchScheduler:
