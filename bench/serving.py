@@ -331,16 +331,17 @@ def app_args(method: str, budget, replicas: int, threads: int, index: dict, max_
             "ingress": {"ray_actor_options": {"num_cpus": 0}}}
 
 
-def deploy(args: dict, url: str) -> None:
+def deploy(args: dict, url: str, *, name: str = "bench", route_prefix: str = "/") -> None:
     from ray import serve
 
     from serving.app import build_app
 
-    serve.run(build_app(args), name="bench", route_prefix="/")
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    health = url + route_prefix.rstrip("/") + "/health"
     deadline = time.time() + 900
     while time.time() < deadline:
         try:
-            if requests.get(url + "/health", timeout=10).json().get("status") == "ok":
+            if requests.get(health, timeout=10).json().get("status") == "ok":
                 return
         except Exception:
             pass

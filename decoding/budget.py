@@ -8,8 +8,10 @@ on a CPU it climbs quickly, so the number of draft tokens worth sending differs 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
 from decoding.measured import machine, remembered
@@ -106,10 +108,12 @@ class AdaptiveBudget:
     """
 
     def __init__(self, cost: dict[int, float], *, sizes: Sequence[int] | None = None, decay: float = 0.95,
-                 explore_every: int = 8) -> None:
+                 explore_every: int = 8, shared: SharedEstimates | None = None) -> None:
         """`cost`: seconds of a verification forward by draft size, 0 = a plain decode step (as
         :func:`cost_curve` measures it): the step's own drafting and commit time, in seconds, is
-        weighed against it. A relative curve (c(0) = 1) would count those seconds as steps."""
+        weighed against it. A relative curve (c(0) = 1) would count those seconds as steps.
+        `shared`: the estimates of earlier requests of the same drafter; this one starts from
+        them and adds its own steps to them."""
         if 0 not in cost or cost[0] <= 0:
             raise ValueError("the cost curve needs c(0), the cost of a plain decode step")
         self.step_seconds = float(cost[0])
@@ -123,6 +127,9 @@ class AdaptiveBudget:
         self.overhead = {b: 0.0 for b in [0, *self.sizes]}
         self.overhead_seen = {b: 0 for b in self.overhead}
         self.steps = 0
+        self.shared = shared
+        if shared is not None:
+            shared.seed(self)
 
     def expected_accepted(self, b: int) -> float:
         """A(b): draft tokens expected accepted with budget b (0 without a draft). A larger
@@ -131,10 +138,19 @@ class AdaptiveBudget:
             return 0.0
         return max([self.accepted[s] for s in self.sizes if s <= b] or [0.0])
 
+    def overhead_of(self, b: int) -> float:
+        """D(b): the step's time outside the forward with budget b, in decode steps. A size not
+        yet tried takes the nearest smaller tried size's (drafting more costs no less), so an
+        untried budget does not look free and get tried for that alone."""
+        if self.overhead_seen.get(b):
+            return self.overhead[b]
+        tried = [s for s in self.overhead if self.overhead_seen[s] and s <= b]
+        return self.overhead[max(tried)] if tried else 0.0
+
     def value(self, b: int) -> float:
         if not b:
-            return 1.0 / (1.0 + self.overhead[0])
-        return (1.0 + self.expected_accepted(b)) / (self.tree_cost[b] + self.overhead[b])
+            return 1.0 / (1.0 + self.overhead_of(0))
+        return (1.0 + self.expected_accepted(b)) / (self.tree_cost[b] + self.overhead_of(b))
 
     def best(self) -> int:
         return max([0, *self.sizes], key=self.value)
@@ -154,15 +170,82 @@ class AdaptiveBudget:
     def update(self, tree: TokenTree, path: Sequence[int], budget: int, overhead_s: float | None = None) -> None:
         """Learn from one verified tree drafted with `budget`; `overhead_s`: the step's seconds
         outside the verification forward (drafting and committing)."""
+        shared = self.shared
         if overhead_s is not None and budget in self.overhead:
             self.overhead_seen[budget] += 1
             rate = max(1.0 - self.decay, 1.0 / self.overhead_seen[budget])
             self.overhead[budget] += rate * (overhead_s / self.step_seconds - self.overhead[budget])
+            if shared is not None:
+                shared.learn_overhead(budget, overhead_s / self.step_seconds)
         for b in self.sizes:
             if b > budget:
                 break
             rate = max(1.0 - self.decay, 1.0 / (self.seen[b] + 1))   # plain mean first, then EMA
             self.seen[b] += 1
-            self.accepted[b] += rate * (tree.accepted_within(path, b) - self.accepted[b])
+            accepted = tree.accepted_within(path, b)
             c = interpolate_cost(self.cost, min(b, tree.n_draft))
+            self.accepted[b] += rate * (accepted - self.accepted[b])
             self.tree_cost[b] += rate * (c - self.tree_cost[b])
+            if shared is not None:
+                shared.learn(b, accepted, c)
+
+
+class SharedEstimates:
+    """What the steps of every request of one drafter taught about its budgets: A(b), C(b) and
+    D(b) as :class:`AdaptiveBudget` keeps them, averaged over requests (an EMA over their steps).
+
+    A new request's :class:`AdaptiveBudget` starts from these instead of its optimistic prior
+    (A(b) = b / 2), which would make every request verify the largest tree once and then climb
+    the sizes to learn what the requests before it already knew: on a CPU the first 64-node
+    tree alone costs about 7 decode steps. The request's own steps then take over: the shared
+    figures count as `carry` observations. Thread-safe (a decoder's requests run on threads).
+    """
+
+    def __init__(self, decay: float = 0.98, carry: int = 4) -> None:
+        self.decay, self.carry = decay, carry
+        self._lock = threading.Lock()
+        self.accepted: dict[int, float] = {}
+        self.tree_cost: dict[int, float] = {}
+        self.seen: dict[int, int] = {}
+        self.overhead: dict[int, float] = {}
+        self.overhead_seen: dict[int, int] = {}
+
+    def seed(self, budget: AdaptiveBudget) -> None:
+        with self._lock:
+            for b in budget.sizes:
+                if self.seen.get(b):
+                    budget.accepted[b], budget.tree_cost[b] = self.accepted[b], self.tree_cost[b]
+                    budget.seen[b] = min(self.seen[b], self.carry)
+            for b in budget.overhead:
+                if self.overhead_seen.get(b):
+                    budget.overhead[b] = self.overhead[b]
+                    budget.overhead_seen[b] = min(self.overhead_seen[b], self.carry)
+
+    def _rate(self, seen: int) -> float:
+        return max(1.0 - self.decay, 1.0 / seen)
+
+    def learn(self, b: int, accepted: float, cost: float) -> None:
+        with self._lock:
+            n = self.seen[b] = self.seen.get(b, 0) + 1
+            rate = self._rate(n)
+            self.accepted[b] = self.accepted.get(b, 0.0) + rate * (accepted - self.accepted.get(b, 0.0))
+            self.tree_cost[b] = self.tree_cost.get(b, 0.0) + rate * (cost - self.tree_cost.get(b, 0.0))
+
+    def learn_overhead(self, b: int, steps: float) -> None:
+        with self._lock:
+            n = self.overhead_seen[b] = self.overhead_seen.get(b, 0) + 1
+            self.overhead[b] = self.overhead.get(b, 0.0) + self._rate(n) * (steps - self.overhead.get(b, 0.0))
+
+
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_estimates(owner: object, key: Hashable) -> SharedEstimates:
+    """The :class:`SharedEstimates` of drafter `key` (e.g. its method and verifier) among the
+    requests of `owner` (a target model, or a decoder): one per pair, kept while `owner` lives."""
+    with _SHARED_LOCK:
+        table = _SHARED.setdefault(owner, {})
+        if key not in table:
+            table[key] = SharedEstimates()
+        return table[key]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decoding.budget import AdaptiveBudget, cost_curve
+from decoding.budget import AdaptiveBudget, cost_curve, shared_estimates
 from decoding.config import SamplingParams
 from decoding.drafters.base import Drafter, NoDrafter
 from decoding.errors import InvalidRequestError
@@ -97,9 +97,10 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
     nodes), the target verifies all nodes in one forward, the verifier picks the accepted path
     and the next pending token, and the KV cache keeps just that path. `budget` is a node count,
-    an :class:`AdaptiveBudget`, or ``"adaptive"`` (the default): a fresh adaptive budget over
-    this machine's measured cost curve (``decoding.budget.cost_curve``), which drafts nothing
-    when drafts do not pay. `soft` (a
+    an :class:`AdaptiveBudget`, or ``"adaptive"`` (the default): an adaptive budget over this
+    machine's measured cost curve (``decoding.budget.cost_curve``) that starts from what earlier
+    requests of the same drafter on this target learned (``decoding.budget.shared_estimates``)
+    and drafts nothing when drafts do not pay. `soft` (a
     ``decoding.soft.SoftGateConfig``) opts into lossy soft-gated verification.
 
     Optional hooks (for streaming servers; neither changes the tokens produced):
@@ -140,7 +141,9 @@ class Sequence:
         self.verifier_hidden = getattr(self.verifier, "uses_hidden", False)
         self.stats = GenerationStats(method=self.drafter.name, dtype=str(target.dtype).removeprefix("torch."))
         if budget == "adaptive":
-            budget = AdaptiveBudget(cost_curve(target)) if not isinstance(self.drafter, NoDrafter) else 0
+            budget = (AdaptiveBudget(cost_curve(target), shared=shared_estimates(
+                target, (self.drafter.name, type(self.verifier).__name__)))
+                if not isinstance(self.drafter, NoDrafter) else 0)
         elif not isinstance(budget, AdaptiveBudget) and (not isinstance(budget, int) or isinstance(budget, bool)
                                                          or budget < 0):
             raise InvalidRequestError(f"budget must be an integer >= 0 or 'adaptive', got {budget!r}")

@@ -61,7 +61,7 @@ def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
         gain = sum(1.0 + (s.adaptive.expected_accepted(x) if s.adaptive else x / 2) for s, x in zip(seqs, b))
         # Each request's own work in the step (drafting, acceptance, KV compaction) runs one
         # request after another beside the shared forward: D_i(b_i), in decode steps, as measured.
-        own = sum(s.adaptive.overhead.get(x, 0.0) for s, x in zip(seqs, b) if s.adaptive)
+        own = sum(s.adaptive.overhead_of(x) for s, x in zip(seqs, b) if s.adaptive)
         return gain / (interpolate_cost(cost, rows - 1) + own)
 
     best = goodput(budgets)
@@ -98,6 +98,7 @@ class BatchScheduler:
         self.running: list[Sequence] = []
         self.forwards = 0               # verification forwards run
         self.rows = 0                   # tree nodes verified in them
+        self.last_forward: tuple[int, int] | None = None    # (requests, rows) of the last step's forward
 
     def add(self, seq: Sequence) -> None:
         if seq.target is not self.target:
@@ -114,6 +115,7 @@ class BatchScheduler:
         go on; a failure of the shared forward ends every request in it."""
         finished = [s for s in self.running if s.cancelled()]
         self.running = [s for s in self.running if not s.done]
+        self.last_forward = None
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
             if not seq.cancelled():
@@ -134,8 +136,10 @@ class BatchScheduler:
                     for s, _ in batch:
                         s.fail(exc)
                 else:
+                    rows = sum(len(t) for _, t in batch)
                     self.forwards += 1
-                    self.rows += sum(len(t) for _, t in batch)
+                    self.rows += rows
+                    self.last_forward = (len(batch), rows)
                     for (seq, tree), out in zip(batch, outs):
                         _guarded(seq, seq.advance, tree, out)
             finished += [s for s in self.running if s.done]
@@ -162,12 +166,15 @@ def _guarded(seq: Sequence, fn, *args):
 class BatchLoop:
     """A :class:`BatchScheduler` driven by a thread of its own: :meth:`submit` a request from any
     thread with a callback that runs (on the loop's thread) when it has finished; the loop sleeps
-    while there is nothing to do. The request's ``on_tokens`` hook also runs on the loop's thread."""
+    while there is nothing to do. The request's ``on_tokens`` hook also runs on the loop's thread,
+    and so does `on_step(scheduler)` after every step (for metrics: ``scheduler.last_forward``,
+    the queue)."""
 
-    def __init__(self, target, *, max_batch: int = 16, name: str = "batch-loop") -> None:
+    def __init__(self, target, *, max_batch: int = 16, name: str = "batch-loop", on_step=None) -> None:
         import threading
 
         self.scheduler = BatchScheduler(target, max_batch=max_batch)
+        self.on_step = on_step
         self._cv = threading.Condition()
         self._incoming: list[tuple[Sequence, object]] = []
         self._callbacks: dict[int, object] = {}
@@ -209,6 +216,11 @@ class BatchLoop:
                 cb = self._callbacks.pop(id(seq), None)
                 if cb is not None:
                     cb()
+            if self.on_step is not None:
+                try:
+                    self.on_step(sched)
+                except Exception:           # metrics must never stop the loop
+                    pass
 
 
 def generate_batch(target, prompts: Seq[list[int]], *, max_batch: int = 16, **kwargs) -> list[GenerationResult]:

@@ -189,6 +189,8 @@ class Decoder:
         self._counts_lock = threading.Lock()
         self.last_cancelled: dict | None = None
         self.metrics = DecoderMetrics()
+        if self.batch is not None:
+            self.batch.on_step = self.metrics.batch_step
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:

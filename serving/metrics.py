@@ -16,6 +16,10 @@ decoder:  ray_sense_generated_tokens_total{method}         completion tokens
           ray_sense_cancelled_requests_total{method}       the client went away
           ray_sense_index_fallbacks_total{method}          shards unavailable: PLD drafting instead
           ray_sense_active_generations                     per decoder replica
+          ray_sense_batch_requests, ray_sense_batch_rows   with batching: requests and tree rows
+                                                           per verification forward
+          ray_sense_batch_waiting                          requests admitted, not yet prefilled
+          ray_sense_batch_forwards_total                   verification forwards run
 shards:   ray_sense_index_searches_total, ray_sense_index_batch_size
 """
 
@@ -69,6 +73,21 @@ class DecoderMetrics:
         self.fallbacks = m.Counter("sense_index_fallbacks", "requests that fell back to PLD drafting",
                                    tag_keys=tags)
         self.active = m.Gauge("sense_active_generations", "generations running in this replica")
+        self.batch_requests = m.Histogram("sense_batch_requests", "requests verified per forward (batching)",
+                                          boundaries=_BATCH)
+        self.batch_rows = m.Histogram("sense_batch_rows", "tree rows verified per forward (batching)",
+                                      boundaries=[*_BATCH, 256, 512])
+        self.batch_waiting = m.Gauge("sense_batch_waiting", "requests admitted to the batch loop, not yet prefilled")
+        self.forwards = m.Counter("sense_batch_forwards", "verification forwards of the batch loop")
+
+    def batch_step(self, scheduler) -> None:
+        """After each step of the batch loop (on its thread): the forward's size and the queue."""
+        self.batch_waiting.set(len(scheduler.waiting))
+        if scheduler.last_forward is not None:
+            requests, rows = scheduler.last_forward
+            self.batch_requests.observe(requests)
+            self.batch_rows.observe(rows)
+            self.forwards.inc(1)
 
     def finished(self, method: str, stats, fallback: bool) -> None:
         t = {"method": method}

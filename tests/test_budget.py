@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from decoding.budget import AdaptiveBudget, interpolate_cost, pick_budget
+from decoding.budget import AdaptiveBudget, SharedEstimates, interpolate_cost, pick_budget, shared_estimates
 from decoding.tree import TokenTree
 
 
@@ -29,14 +29,17 @@ def test_interpolation():
     assert pick_budget({0: 1.0, 1: 1.05, 2: 1.2, 3: 1.1, 4: 1.6}) == 3
 
 
-def simulate(cost: dict[int, float], accept_per_node: float, steps: int = 200) -> AdaptiveBudget:
+def simulate(cost: dict[int, float], accept_per_node: float, steps: int = 200, shared=None,
+             choices: list[int] | None = None) -> AdaptiveBudget:
     """Chains where each draft token is accepted while a fixed-probability coin keeps landing."""
     import random
 
     rng = random.Random(0)
-    ab = AdaptiveBudget(cost)
+    ab = AdaptiveBudget(cost, shared=shared)
     for _ in range(steps):
         b = ab.choose()
+        if choices is not None:
+            choices.append(b)
         tree = TokenTree.chain(0, list(range(1, b + 1)))
         path = [0]
         while len(path) <= b and rng.random() < accept_per_node:
@@ -58,6 +61,42 @@ def test_steep_cost_curve_drafts_small_trees():
 def test_useless_drafts_fall_back_to_no_draft():
     cpu = {0: 1.0, 1: 1.3, 2: 1.5, 4: 1.9}
     assert simulate(cpu, 0.0).best() == 0
+
+
+def test_a_request_starts_from_what_earlier_requests_learned():
+    """Alone, every request opens with the largest tree (the optimistic prior) and then climbs
+    the sizes; with the estimates of the requests before it, a request whose drafts never pay
+    drafts nothing from its first step, but for the periodic exploration of one size up."""
+    cpu = {0: 1.0, 1: 1.3, 2: 1.5, 4: 1.9, 8: 2.6, 16: 3.6, 32: 5.0, 64: 7.2}
+    alone: list[int] = []
+    simulate(cpu, 0.0, steps=24, choices=alone)
+    assert alone[0] == 64
+    shared = SharedEstimates()
+    simulate(cpu, 0.0, steps=24, shared=shared)              # an earlier request of the same drafter
+    later: list[int] = []
+    ab = simulate(cpu, 0.0, steps=24, shared=shared, choices=later)
+    assert later[0] == 0 and max(later) == 1 and later.count(1) == 3       # steps 8, 16 and 24 explore
+    assert ab.best() == 0
+    # Requests whose drafts do pay teach the next one to draft from its first step.
+    good = SharedEstimates()
+    simulate(cpu, 0.9, steps=48, shared=good)
+    first: list[int] = []
+    simulate(cpu, 0.9, steps=1, shared=good, choices=first)
+    assert 1 <= first[0] < 64
+    assert shared_estimates(good, "pld") is shared_estimates(good, "pld")
+    assert shared_estimates(good, "pld") is not shared_estimates(good, "sense")
+
+
+def test_an_untried_size_costs_the_drafting_time_of_the_nearest_tried_one():
+    """A budget not yet tried is not taken for free: its time outside the forward is the
+    nearest smaller tried size's (drafting more costs no less)."""
+    ab = AdaptiveBudget({0: 1.0, 1: 1.0, 2: 1.0, 4: 1.0})
+    assert ab.overhead_of(4) == 0.0
+    ab.update(TokenTree.chain(0, [1]), [0], 1, overhead_s=0.5)
+    assert ab.overhead_of(1) == ab.overhead_of(2) == ab.overhead_of(4) == pytest.approx(0.5)
+    assert ab.overhead_of(0) == 0.0
+    ab.update(TokenTree.chain(0, [1, 2, 3, 4]), [0], 4, overhead_s=2.0)
+    assert ab.overhead_of(2) == pytest.approx(0.5) and ab.overhead_of(4) == pytest.approx(2.0)
 
 
 def test_draft_time_counts_against_drafting():
@@ -110,6 +149,8 @@ def test_adaptive_is_the_default_and_rejects_bad_budgets(target, tmp_path, monke
 
     monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
     monkeypatch.delattr(target, "_cost_curve", raising=False)
+    shared = shared_estimates(target, ("pld", "StrictGreedyVerifier"))
+    steps_before = sum(shared.overhead_seen.values())
     ids = encode_prompt(target, "Count: 1 2 3 4 5 6 7 8 9 10 11 12")
     r = generate(target, ids, params=SamplingParams(max_new_tokens=8), drafter=PromptLookupDrafter())
     assert r.stats.new_tokens == 8
@@ -119,6 +160,9 @@ def test_adaptive_is_the_default_and_rejects_bad_budgets(target, tmp_path, monke
     custom = generate(target, ids, params=SamplingParams(max_new_tokens=8), drafter=PromptLookupDrafter(),
                       budget=AdaptiveBudget(cost_curve(target)))        # a caller's own adaptive budget
     assert custom.token_ids == r.token_ids
+    # The default budget added every step to the estimates this drafter's requests on this
+    # target share (a caller's own AdaptiveBudget keeps to itself).
+    assert sum(shared.overhead_seen.values()) - steps_before == r.stats.steps
     for bad in (-1, 2.5, "big", True):
         with pytest.raises(InvalidRequestError, match="budget"):
             generate(target, ids, params=SamplingParams(max_new_tokens=2), drafter=PromptLookupDrafter(), budget=bad)

@@ -640,7 +640,8 @@ def test_prometheus_metrics(server):
                 pass
         needed = ("ray_sense_requests_total{", "ray_sense_request_latency_seconds_bucket{",
                   "ray_sense_generated_tokens_total{", "ray_sense_mat_bucket{", "ray_sense_acceptance_rate_bucket{",
-                  "ray_sense_index_searches_total{")
+                  "ray_sense_index_searches_total{", "ray_sense_batch_rows_bucket{", "ray_sense_batch_requests_bucket{",
+                  "ray_sense_batch_forwards_total{")
         return text if all(n in text for n in needed) else None
 
     text = wait_for(scrape, 90, "the sense_* metrics on the nodes' Prometheus endpoints", every=2)

@@ -21,6 +21,7 @@ from tests.test_serving import (
     _dense_store_dir,
     _sparse_dir,
     body_for,
+    decoder_infos,
     serve_config,
     sse_events,
     start_serve,
@@ -82,8 +83,10 @@ def server(ray_cluster, stores, tmp_path_factory):
         "speculative": {"method": "sense", "budget": 4, "max_budget": 8},
         "sampling": {"temperature": 0.0, "completion_max_tokens": 4, "chat_max_tokens": 4,
                      "max_tokens_limit": MAX_TOKENS},
+        # The serialized decoder (each request its own decode loop, one forward at a time): the
+        # option kept beside continuous batching, which the other serving tests run.
         "decoder": {"max_ongoing_requests": 2, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 1},
-                    "graceful_shutdown_timeout_s": 5},
+                    "graceful_shutdown_timeout_s": 5, "batching": False},
         "ingress": {"ray_actor_options": {"num_cpus": 0.25, "resources": {"worker": 0.01}},    # the worker node
                     "max_body_bytes": MAX_BODY, "api_keys_file": str(key_file), "api_keys_env": KEYS_ENV},
     }
@@ -254,6 +257,29 @@ def test_special_token_prompts_and_unmatched_stops_complete(server, target, stor
     text, ids = stream_text(events, kind)
     assert events[-1] == "[DONE]" and ids == choice["token_ids"]
     assert text == (choice["message"]["content"] if kind == "chat" else choice["text"])
+
+
+def test_the_serialized_decoder_matches_the_engine(server, target, stores):
+    """With ``decoder.batching: false`` two SENSE requests at once run side by side, one forward at
+    a time, and each answer is the engine's token for token; the replica runs no batch loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from decoding.config import SamplingParams
+    from decoding.engine import encode_prompt, generate
+    from decoding.methods import make_drafter
+
+    questions = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]
+    assert all(i["batch"] is None for i in decoder_infos().values())
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda q: server.post(CHAT, body_for("chat", q, method="sense", budget=4,
+                                                                   max_tokens=MAX_TOKENS, ignore_eos=True)),
+                             questions))
+    for q, r in zip(questions, outs):
+        assert r.status_code == 200, r.text
+        want = generate(target, encode_prompt(target, q), params=SamplingParams(max_new_tokens=MAX_TOKENS,
+                                                                                ignore_eos=True),
+                        drafter=make_drafter("sense", stores["local"]), budget=4)
+        assert r.json()["choices"][0]["token_ids"] == want.token_ids
 
 
 # -- fuzzing from the OpenAPI document ---------------------------------------------------------

@@ -1,0 +1,288 @@
+"""Served throughput and latency under load: continuous batching against the serialized decoder
+and transformers' static batch, over HTTP with the ``openai`` client.
+
+    python -m bench.serving_load              # writes bench/results/serving_load.{json,md}
+    python -m bench.serving_load --quick      # smoke run (concurrency 1 and 4, 16 tokens): prints only
+
+One local Ray instance started as ``serving.run`` starts it, two apps deployed side by side with
+the same settings but one: ``decoder.batching`` true (``/b``, the default: every running
+request's draft tree verified in one forward per step) and false (``/s``, today's serialized
+decoder: one forward at a time per replica). The decoder keeps its default limits (at most
+``decoder.max_ongoing_requests`` requests in a batch; the rest wait in the queue, time to first
+token included), one replica, the default dtype (auto).
+
+For each number of requests in flight c (closed loop: c clients, each sending its next request
+when the last one ended; ``max(c, --min-requests)`` distinct GSM8K test questions per level,
+streamed chat completions of exactly ``--max-tokens`` tokens, EOS ignored, greedy) and each
+method (``ar``, strict ``sense``), order rotated per level and repeat:
+
+- served, batched and serialized: aggregate tokens/s, p50/p99 latency, p50/p99 time to first token;
+- ``hf_static_batch``: ``transformers`` ``generate()`` on the same prompts, left-padded into
+  batches of c, in this process, same model, dtype and kernels (plain decoding);
+- ``engine``: at c = 1, ``decoding.engine.generate`` in this process, one question after the other.
+
+Every served answer must equal, token for token, the same question decoded alone by the engine
+with ``ar`` (strict decoding is exact whatever the batch): the run fails otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+
+from bench.common import machine_info, median, method_order, write_results
+from bench.serving import deploy, questions
+from support.load import pct
+from support.net import free_port
+
+VARIANTS = ("batched", "serialized")
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def stream_one(client, prompt: str, method: str, max_tokens: int) -> dict:
+    """One streamed chat completion through the openai client: token ids, TTFT, latency."""
+    t0 = time.perf_counter()
+    first = None
+    ids: list[int] = []
+    stream = client.chat.completions.create(
+        model="sense", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, extra_body={"ignore_eos": True,
+                                 "speculative": {"method": method, "return_token_ids": True}})
+    for chunk in stream:
+        for choice in chunk.choices:
+            new = (choice.model_extra or {}).get("token_ids") or []
+            if new and first is None:
+                first = time.perf_counter()
+            ids += new
+    end = time.perf_counter()
+    return {"ids": ids, "ttft": (first or end) - t0, "latency": end - t0}
+
+
+def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int, concurrency: int) -> dict:
+    """`concurrency` clients share the prompts, each sending its next request when its last ends."""
+    from openai import OpenAI
+
+    results: dict[int, dict] = {}
+    lock = threading.Lock()
+    todo = iter(range(len(prompts)))
+    errors: list[BaseException] = []
+
+    def client_loop():
+        client = OpenAI(base_url=base_url + "/v1", api_key="none", timeout=900, max_retries=0)
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                res = stream_one(client, prompts[i], method, max_tokens)
+            except BaseException as exc:          # reported after the join
+                errors.append(exc)
+                return
+            with lock:
+                results[i] = res
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{method} at concurrency {concurrency}: {errors[0]!r}")
+    recs = [results[i] for i in range(len(prompts))]
+    tokens = sum(len(r["ids"]) for r in recs)
+    return {"ids": [r["ids"] for r in recs], "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "ttft": [r["ttft"] for r in recs], "latency": [r["latency"] for r in recs]}
+
+
+def hf_static(target, prompt_ids: list[list[int]], batch: int, max_new: int) -> tuple[float, list[list[int]]]:
+    """transformers' generate() over the prompts in left-padded batches of `batch`: (tokens/s, ids)."""
+    import torch
+
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
+    outs, t0 = [], time.perf_counter()
+    for k in range(0, len(prompt_ids), batch):
+        group = prompt_ids[k:k + batch]
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        with torch.inference_mode():
+            out = target.model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                                        do_sample=False, pad_token_id=pad)
+        outs += out[:, width:].tolist()
+    seconds = time.perf_counter() - t0
+    return sum(map(len, outs)) / seconds, outs
+
+
+def engine_alone(target, stores, prompt_ids, method: str, max_new: int) -> tuple[float, list[list[int]]]:
+    from decoding.config import SamplingParams
+    from decoding.engine import generate
+    from decoding.methods import make_drafter
+
+    params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = [generate(target, p, params=params, drafter=make_drafter(method, stores)).token_ids for p in prompt_ids]
+    return sum(map(len, outs)) / (time.perf_counter() - t0), outs
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median tokens/s over repeats (with min and max), latency and TTFT percentiles over all."""
+    tps = [r["tokens_per_s"] for r in runs]
+    ttft = [x for r in runs for x in r["ttft"]]
+    lat = [x for r in runs for x in r["latency"]]
+    return {"tokens_per_s": median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
+
+
+def main(argv=None) -> int:
+    from decoding.cli import _quiet_libraries
+
+    _quiet_libraries()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: concurrency 1,4, 16 tokens; writes nothing")
+    ap.add_argument("--concurrency", default="1,2,4,8,16,32")
+    ap.add_argument("--methods", default="ar,sense")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-requests", type=int, default=8, help="requests per level at least (c at most)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.max_tokens, args.min_requests = "1,4", 16, 4
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    import ray
+    import torch
+    from ray import serve
+
+    from decoding.engine import encode_prompt
+    from decoding.methods import check_method
+    from decoding.stores import load_datastores
+    from decoding.target import TargetModel
+    from serving.control_plane import init_local_ray
+
+    methods = [check_method(m) for m in args.methods.split(",")]
+    threads = torch.get_num_threads()
+    target = TargetModel.load()
+    log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}")
+    stores = load_datastores(target, methods=methods, dense_default_docs=args.dense_docs)
+    texts = questions(max(args.min_requests, max(levels)))
+    prompt_ids = [encode_prompt(target, q) for q in texts]
+    n_for = {c: max(c, args.min_requests) for c in levels}
+    log("reference: every question decoded alone by the engine (ar) ...")
+    _, reference = engine_alone(target, stores, prompt_ids, "ar", args.max_tokens)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    index = {"dense_default_docs": args.dense_docs}
+    apps = {v: {"model": {"torch_threads": threads}, "index": index,
+                "decoder": {"batching": v == "batched", "max_queued_requests": -1}} for v in VARIANTS}
+    init_local_ray(num_cpus=max(4, 2 * threads), logging_level="ERROR", log_to_driver=False)   # as serving.run
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    runs: dict[tuple, list[dict]] = {}
+    mismatches: list[str] = []
+    try:
+        for v, app in apps.items():
+            log(f"deploying the {v} decoder ...")
+            deploy(app, url, name=v, route_prefix=f"/{v[0]}")
+        for v in VARIANTS:                                       # warm-up: kernels, cost curve, allocator
+            for m in methods:
+                closed_loop(f"{url}/{v[0]}", texts[:1], m, 8, 1)
+        for c in levels:
+            prompts = texts[:n_for[c]]
+            variants = [(m, v) for m in methods for v in (*VARIANTS, "hf_static_batch")
+                        if not (v == "hf_static_batch" and m != "ar")]
+            if c == 1:
+                variants.append(("sense" if "sense" in methods else methods[-1], "engine"))
+            for rep in range(args.repeats):
+                for m, v in method_order(variants, rep + c):
+                    if v == "hf_static_batch":
+                        tps, outs = hf_static(target, prompt_ids[:len(prompts)], c, args.max_tokens)
+                        res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": outs}
+                    elif v == "engine":
+                        tps, outs = engine_alone(target, stores, prompt_ids[:len(prompts)], m, args.max_tokens)
+                        res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": outs}
+                    else:
+                        res = closed_loop(f"{url}/{v[0]}", prompts, m, args.max_tokens, c)
+                    runs.setdefault((m, v, c), []).append(res)
+                    if v != "hf_static_batch" and res["ids"] != reference[:len(prompts)]:
+                        bad = sum(a != b for a, b in zip(res["ids"], reference))
+                        mismatches.append(f"{m} {v} at concurrency {c}: {bad} of {len(prompts)} answers differ")
+                    log(f"c={c} rep={rep} {m:6} {v:16} {res['tokens_per_s']:7.1f} tok/s")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    if mismatches:
+        for line in mismatches:
+            log("FAIL:", line)
+        return 1
+
+    s = {k: summarize(v) for k, v in runs.items()}
+    rows = []
+    for c in levels:
+        for m in methods:
+            mine = s[(m, "batched", c)]
+            peers = {"serialized": (m, "serialized", c), "hf_static_batch": ("ar", "hf_static_batch", c)}
+            if m != "ar" and "ar" in methods:
+                peers["ar_batched"] = ("ar", "batched", c)
+            if (m, "engine", c) in s:
+                peers["engine"] = (m, "engine", c)
+            for vs, key in peers.items():
+                mine_runs, theirs = runs[(m, "batched", c)], runs[key]
+                ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(mine_runs, theirs)]
+                rows.append({"benchmark": "serving", "method": m, "concurrency": c, "vs": vs,
+                             "ratio": round(median(ratios), 3), "ratio_min": round(min(ratios), 3),
+                             "ratio_max": round(max(ratios), 3), "tokens_per_s": round(mine["tokens_per_s"], 2),
+                             "peer_tokens_per_s": round(s[key]["tokens_per_s"], 2),
+                             **{k: round(mine[k], 3) for k in ("ttft_p50_ms", "ttft_p99_ms", "latency_p50_s",
+                                                               "latency_p99_s")},
+                             "requests": n_for[c], "identical": True})
+    ttft_m = "sense" if "sense" in methods else methods[-1]
+    if 1 in levels and 16 in levels:
+        rows.append({"benchmark": "serving", "method": "ttft_p99_ratio", "decode_method": ttft_m, "concurrency": 16,
+                     "vs": "concurrency_1", "ratio": round(s[(ttft_m, "batched", 16)]["ttft_p99_ms"]
+                                                         / s[(ttft_m, "batched", 1)]["ttft_p99_ms"], 3)})
+
+    md = ["# Served load (`python -m bench.serving_load`)", "",
+          f"Target: {target.dtype_choice.reason}; one decoder replica ({threads} torch threads), default limits "
+          f"(a batch of at most 8, the rest queued); {args.max_tokens}-token streamed chat completions (EOS "
+          f"ignored), greedy, through the `openai` client; per level max(c, {args.min_requests}) distinct GSM8K "
+          f"test questions, closed loop; median of {args.repeats} repeat(s), order rotated. Every served answer "
+          f"equals the question decoded alone by the engine, token for token.", "",
+          "| method | in flight | batched tok/s | vs serialized | vs HF static batch | vs ar batched | "
+          "TTFT p50 / p99 ms | latency p50 / p99 s |",
+          "|---|---|---|---|---|---|---|---|"]
+    for c in levels:
+        for m in methods:
+            r = {row["vs"]: row for row in rows if row["method"] == m and row["concurrency"] == c}
+            b = r["serialized"]
+            arb = f"{r['ar_batched']['ratio']:.2f}x" if "ar_batched" in r else "-"
+            md.append(f"| {m} | {c} | {b['tokens_per_s']:.1f} | {b['ratio']:.2f}x ({b['peer_tokens_per_s']:.1f}) | "
+                      f"{r['hf_static_batch']['ratio']:.2f}x ({r['hf_static_batch']['peer_tokens_per_s']:.1f}) | "
+                      f"{arb} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | "
+                      f"{b['latency_p50_s']:.2f} / {b['latency_p99_s']:.2f} |")
+    for row in rows:
+        if row["vs"] == "engine":
+            md.append(f"\nAt 1 in flight, served {row['method']} over the in-process engine: {row['ratio']:.3f}x "
+                      f"({row['tokens_per_s']:.1f} against {row['peer_tokens_per_s']:.1f} tok/s).")
+        if row["method"] == "ttft_p99_ratio":
+            md.append(f"\np99 time to first token of {row['decode_method']} at 16 in flight over its value at 1: "
+                      f"{row['ratio']:.2f}x.")
+    text = "\n".join(md) + "\n"
+    print(text)
+    if not args.quick:
+        write_results("serving_load", machine_info() | {"dtype": str(target.dtype).removeprefix("torch.")}, rows,
+                      text, extra={"args": vars(args)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
