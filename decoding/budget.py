@@ -128,8 +128,13 @@ class AdaptiveBudget:
         self.overhead_seen = {b: 0 for b in self.overhead}
         self.steps = 0
         self.shared = shared
-        if shared is not None:
-            shared.seed(self)
+        self.start()
+
+    def start(self) -> None:
+        """Take up the shared estimates as they are now, if no step was counted yet: a request
+        created with others (a burst) starts from what was learned until its own start."""
+        if self.shared is not None and self.steps == 0:
+            self.shared.seed(self)
 
     def expected_accepted(self, b: int) -> float:
         """A(b): draft tokens expected accepted with budget b (0 without a draft). A larger
@@ -161,11 +166,11 @@ class AdaptiveBudget:
     def explore(self, best: int) -> int:
         """Count a step; every `explore_every`-th one returns the size above `best` instead."""
         self.steps += 1
-        if self.steps % self.explore_every == 0:
-            larger = [b for b in self.sizes if b > best]
-            if larger:
-                return larger[0]
-        return best
+        return self.larger(best) if self.steps % self.explore_every == 0 else best
+
+    def larger(self, best: int) -> int:
+        """The size one above `best` (`best` itself if it is the largest)."""
+        return next((b for b in self.sizes if b > best), best)
 
     def update(self, tree: TokenTree, path: Sequence[int], budget: int, overhead_s: float | None = None) -> None:
         """Learn from one verified tree drafted with `budget`; `overhead_s`: the step's seconds
@@ -188,6 +193,79 @@ class AdaptiveBudget:
             self.tree_cost[b] += rate * (c - self.tree_cost[b])
             if shared is not None:
                 shared.learn(b, accepted, c)
+
+
+def measure_batch_cost(target: TargetModel, requests: Sequence[int] = (1, 2, 4, 8), extra: Sequence[int] = (0, 8, 32),
+                       *, context_len: int = 256, repeats: int = 5, warmup: int = 2) -> list[list[float]]:
+    """Median seconds of one batched verification forward (``verify_batch``) of R requests, each
+    with its own `context_len`-token cache and a one-row tree but the first, whose tree has
+    `extra` draft rows more: [[R, T, seconds], ...] with T = R + extra rows. Points interleaved
+    within each repeat, as :func:`measure_verify_cost` does."""
+    vocab = target.vocab_size
+    states = [target.prefill([(17 * i + 5 + 3 * r) % vocab for i in range(context_len)])[0]
+              for r in range(max(requests))]
+    points = [(r, e) for r in requests for e in extra]
+    times: dict[tuple[int, int], list[float]] = {p: [] for p in points}
+    for rep in range(warmup + repeats):
+        for r, e in points:
+            trees = [TokenTree.chain(7 % vocab, [(101 + 13 * i) % vocab for i in range(e if j == 0 else 0)])
+                     for j in range(r)]
+            t0 = time.perf_counter()
+            target.verify_batch(states[:r], trees)
+            dt = time.perf_counter() - t0
+            for state in states[:r]:
+                target.commit(state, [0])
+                state.cache.crop(-1)
+                state.n_committed -= 1
+            if rep >= warmup:
+                times[(r, e)].append(dt)
+    return [[r, r + e, statistics.median(times[(r, e)])] for r, e in points]
+
+
+class BatchCost:
+    """Seconds of one batched verification forward of R requests and T rows in all:
+
+        C(R, T) = a + b R + c T
+
+    fitted by least squares to :func:`measure_batch_cost` points. A batch is not one request's
+    tree: each request attends to its own KV cache, so on a CPU eight requests of one row cost
+    more than one request of eight rows (measured on the 2-core machine, bfloat16: 63 ms against
+    45 ms; then about 3 ms per added row), and the single-request curve c(n) would misprice a
+    batch. Never falls with more requests or rows."""
+
+    def __init__(self, points: Sequence[Sequence[float]]) -> None:
+        import numpy as np
+
+        pts = np.asarray(points, dtype=np.float64)
+        if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < 3:
+            raise ValueError("BatchCost needs at least 3 [requests, rows, seconds] points")
+        x = np.column_stack([np.ones(len(pts)), pts[:, 0], pts[:, 1]])
+        theta = np.linalg.lstsq(x, pts[:, 2], rcond=None)[0]
+        theta[1:] = np.maximum(theta[1:], 0.0)
+        self.theta = theta
+
+    def seconds(self, requests: int, rows: int) -> float:
+        a, b, c = self.theta
+        return max(1e-6, float(a + b * requests + c * rows))
+
+
+def batch_cost(target: "TargetModel") -> BatchCost:
+    """The batched forward cost model of `target` on this machine: measured once per machine,
+    model, dtype and thread count, then remembered on disk and on the target (as
+    :func:`cost_curve`). What the batch scheduler allocates draft budgets with."""
+    memo = getattr(target, "_batch_cost", None)
+    if memo is not None:
+        return memo
+    requests = (1, 2, 4, 8)
+    extra = [e for e in (0, 8, 32) if e + 2 <= target.context_window // 2] or [0, 1]
+    context = min(256, target.context_window - max(extra) - 2)
+    key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
+           "kernels": target.kernels, "requests": requests, "extra": extra, "context": context}
+    stored, _ = remembered("batch_cost", key, lambda: {
+        "points": measure_batch_cost(target, requests, extra, context_len=context, repeats=5, warmup=1)})
+    model = BatchCost(stored["points"])
+    target._batch_cost = model
+    return model
 
 
 class SharedEstimates:

@@ -184,6 +184,8 @@ class Sequence:
         self.tokens = np.empty(len(prompt_ids) + self.stopper.limit + 1, dtype=np.int64)
         self.tokens[: len(prompt_ids)] = prompt_ids
         generated = [self.verifier.first_token(out.logits[-1])]
+        if self.adaptive:
+            self.adaptive.start()
         self.stats.time_prefill = time.perf_counter() - self.t_start
         self.generated, self.reason = self.stopper.cut(generated)
         if self.on_tokens is not None and self.generated:

@@ -22,27 +22,32 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence as Seq
 
-from decoding.budget import interpolate_cost
+from decoding.budget import BatchCost, batch_cost, interpolate_cost
 from decoding.engine import GenerationResult, Sequence
 
 
-def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
+def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, step: int | None = None) -> list[int]:
     """Each running request's draft budget for this step, chosen for the batch's goodput.
 
-    Objective: expected committed tokens of the whole batch per unit time of its forward,
+    Objective: expected committed tokens of the whole batch per second of its step,
 
-        G(b) = sum_i (1 + A_i(b_i)) / (C(T) + sum_i D_i(b_i)),    T = sum_i (1 + b_i) rows,
+        G(b) = sum_i (1 + A_i(b_i)) / (C(R, T) + sum_i D_i(b_i)),    T = sum_i (1 + b_i) rows,
 
     where A_i(b) is request i's running estimate of the draft tokens accepted with budget b (its
-    ``AdaptiveBudget``), C(T) the measured cost of a forward of T rows relative to a one-row
-    decode step (the verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
-    time outside the forward (drafting, acceptance, commit) with budget b, in the same unit.
+    ``AdaptiveBudget``), C(R, T) the cost of a forward of the R requests with T rows in all (the
+    scheduler's :class:`~decoding.budget.BatchCost`, learned from its own forwards; without one,
+    the single-request verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
+    time outside the forward (drafting, acceptance, commit) with budget b.
     Greedy ascent: from all budgets 0, raise the budget of the request whose next size increases
     G most, until none does. A cheap
     forward (a GPU, a flat curve) lets every request draft; at high load C(T) climbs and the
     allocation drafts less or nothing, so speculation does not cost throughput. Requests with a
-    fixed integer budget keep it; every ``explore_every``-th step of an adaptive request raises
-    its budget one size above the allocation, so estimates of larger budgets stay current.
+    fixed integer budget keep it. Exploration, so that estimates of larger budgets stay current:
+    given the batch's `step` count, every ``explore_every``-th step one request in turn drafts
+    one size above its allocation (requests of one drafter share what they learn, so one
+    exploring request serves the batch: each exploring every ``explore_every``-th step of its
+    own would put an extra row in every forward of a batch of eight); without `step`, each
+    adaptive request explores on its own count.
 
     With one request this is exactly its own adaptive choice (``AdaptiveBudget.choose``), the
     single-request engine's.
@@ -53,16 +58,22 @@ def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
     adaptive = [i for i, s in enumerate(seqs) if s.adaptive]
     if not adaptive:
         return budgets
-    cost = seqs[adaptive[0]].adaptive.cost
+    first = seqs[adaptive[0]].adaptive
+    step_s = first.step_seconds
+
+    def forward_s(rows: int) -> float:
+        if batch_cost is not None:
+            return batch_cost.seconds(len(seqs), rows)
+        return step_s * interpolate_cost(first.cost, rows - 1)
 
     def goodput(b: list[int]) -> float:
         rows = sum(1 + x for x in b)
         # A fixed budget's term is constant (it never changes), so its guess of x / 2 moves no choice.
         gain = sum(1.0 + (s.adaptive.expected_accepted(x) if s.adaptive else x / 2) for s, x in zip(seqs, b))
         # Each request's own work in the step (drafting, acceptance, KV compaction) runs one
-        # request after another beside the shared forward: D_i(b_i), in decode steps, as measured.
-        own = sum(s.adaptive.overhead_of(x) for s, x in zip(seqs, b) if s.adaptive)
-        return gain / (interpolate_cost(cost, rows - 1) + own)
+        # request after another beside the shared forward: D_i(b_i), as measured, in seconds.
+        own = sum(s.adaptive.overhead_of(x) * s.adaptive.step_seconds for s, x in zip(seqs, b) if s.adaptive)
+        return gain / (forward_s(rows) + own)
 
     best = goodput(budgets)
     while True:
@@ -80,8 +91,12 @@ def allocate_budgets(seqs: Seq[Sequence]) -> list[int]:
             break
         best, i, x = choice
         budgets[i] = x
-    for i in adaptive:
-        budgets[i] = seqs[i].adaptive.explore(budgets[i])
+    if step is None:
+        for i in adaptive:
+            budgets[i] = seqs[i].adaptive.explore(budgets[i])
+    elif step % first.explore_every == 0:
+        i = adaptive[(step // first.explore_every) % len(adaptive)]
+        budgets[i] = seqs[i].adaptive.larger(budgets[i])
     return budgets
 
 
@@ -99,6 +114,8 @@ class BatchScheduler:
         self.forwards = 0               # verification forwards run
         self.rows = 0                   # tree nodes verified in them
         self.last_forward: tuple[int, int] | None = None    # (requests, rows) of the last step's forward
+        self.batch_cost: BatchCost | None = None            # measured once per machine (budget.batch_cost)
+        self.steps = 0                  # steps that drafted (the batch's exploration count)
 
     def add(self, seq: Sequence) -> None:
         if seq.target is not self.target:
@@ -126,7 +143,10 @@ class BatchScheduler:
             self.running.append(seq)
             break                   # one prefill per step: running requests wait one prefill at most
         if self.running:
-            budgets = allocate_budgets(self.running)
+            if self.batch_cost is None and len(self.running) > 1 and any(s.adaptive for s in self.running):
+                self.batch_cost = batch_cost(self.target)
+            self.steps += 1
+            budgets = allocate_budgets(self.running, self.batch_cost, self.steps)
             trees = [_guarded(s, s.propose, b) for s, b in zip(self.running, budgets)]
             batch = [(s, t) for s, t in zip(self.running, trees) if not s.done]
             if batch:

@@ -195,9 +195,14 @@ class Decoder:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
             self.replica = "local"
-        # The cost curve the adaptive budget plans with: measured before any request runs (once
-        # per machine, model and dtype; then read from the cache), so no request waits on it.
+        # The cost curve the adaptive budget plans with, and with batching the batched forward's
+        # cost model: measured before any request runs (once per machine, model and dtype; then
+        # read from the cache), so no request waits on them.
         self._cost_curve()
+        if self.batch is not None:
+            from decoding.budget import batch_cost
+
+            batch_cost(self.target)
         log.info("decoder ready: %s on %s/%s, %s index, threads %s", self.cfg.model.name, device,
                  self.target.dtype_choice.reason,
                  "sharded" if self.client else "local", self.threads)

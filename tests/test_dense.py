@@ -202,3 +202,32 @@ def test_dynamic_chains_are_anchored_on_the_requests_own_keys(target):
                 np.testing.assert_allclose(anchors[j], keys[c + 2 + j])
             else:
                 assert np.isnan(anchors[j]).all()
+
+
+def test_a_dense_drafter_runs_openblas_on_one_thread_and_leaves_torch_alone():
+    """numpy's and FAISS's OpenBLAS pools spin on the cores torch's next forward needs
+    (decoding/helper_threads.py). In a fresh process: several threads before the first dense
+    drafter, one after; torch keeps its thread count (an OpenMP call there would have set it)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, faiss, numpy as np
+from threadpoolctl import threadpool_info
+from decoding.drafters import DenseDrafter
+from index.dense_format import KeyTransform
+torch.set_num_threads(2)
+def blas():
+    return sorted(i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas")
+before = blas()
+DenseDrafter(transform=KeyTransform.fit(np.random.default_rng(0).normal(size=(64, 16)).astype("float32"), 4))
+print((before, blas(), torch.get_num_threads()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, torch_threads = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert before and min(before) == 2
+    assert after == [1] * len(before) and torch_threads == 2

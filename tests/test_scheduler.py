@@ -154,3 +154,43 @@ def test_allocation_drafts_less_as_the_forward_gets_dearer():
     assert all(b > 0 for b in allocate_budgets([_request(GPU_LIKE, good) for _ in range(32)]))
     # Drafts that never hit: nothing is drafted in a batch.
     assert allocate_budgets([_request(CPU_LIKE, lambda b: 0.0) for _ in range(4)]) == [0, 0, 0, 0]
+
+
+def test_the_batch_cost_model_prices_requests_and_rows_apart():
+    """C(R, T) = a + b R + c T fitted to measured points: where each request costs more than a
+    row (its own attention over its cache), the allocation weighs a row at its own price; the
+    fit never makes more rows or requests cheaper."""
+    from decoding.budget import BatchCost
+
+    # 25 ms base, 5 ms a request, 3 ms a row (about this CPU's bfloat16 figures).
+    truth = lambda r, t: 0.025 + 0.005 * r + 0.003 * t             # noqa: E731
+    points = [[r, r + e, truth(r, r + e)] for r in (1, 2, 4, 8) for e in (0, 8, 32)]
+    model = BatchCost(points)
+    assert model.seconds(8, 8) == pytest.approx(truth(8, 8), rel=1e-6)
+    assert model.seconds(16, 40) == pytest.approx(truth(16, 40), rel=1e-6)
+    with pytest.raises(ValueError):
+        BatchCost(points[:2])
+    # A noisy measurement that says rows got cheaper is clamped, not believed.
+    assert BatchCost([[1, 1, 0.03], [1, 9, 0.029], [8, 8, 0.07], [8, 16, 0.069]]).theta[2] >= 0
+    good = lambda b: 0.8 * min(b, 6)          # noqa: E731
+    reqs = [_request(CPU_LIKE, good) for _ in range(8)]
+    dear_rows = allocate_budgets(reqs, BatchCost([[r, r + e, 0.02 + 0.001 * r + 0.02 * (r + e)]
+                                                  for r in (1, 2, 4, 8) for e in (0, 8, 32)]))
+    cheap_rows = allocate_budgets(reqs, BatchCost([[r, r + e, 0.02 + 0.02 * r + 0.0002 * (r + e)]
+                                                   for r in (1, 2, 4, 8) for e in (0, 8, 32)]))
+    assert sum(dear_rows) < sum(cheap_rows) and all(b > 0 for b in cheap_rows)
+
+
+def test_a_batch_explores_with_one_request_at_a_time():
+    """Given the batch's step count, every `explore_every`-th step one request in turn drafts one
+    size above its allocation: 8 steps of a batch of 8 explore once, not 8 times (one extra row
+    in every forward) as requests counting their own steps would."""
+    def batch():
+        return [_request(CPU_LIKE, lambda b: 0.0) for _ in range(8)]
+
+    own = batch()
+    assert sum(sum(allocate_budgets(own)) for _ in range(8)) == 8            # each on its own 8th step
+    shared = batch()
+    per_step = [allocate_budgets(shared, step=k) for k in range(1, 17)]
+    assert [sum(b) for b in per_step] == [0] * 7 + [1] + [0] * 7 + [1]
+    assert per_step[7].index(1) != per_step[15].index(1)                     # in turn

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from decoding.drafters.base import Drafter
-from decoding.helper_threads import single_threaded_helpers
+from decoding.helper_threads import single_threaded_blas
 
 
 def _cut_at(seq: np.ndarray, stop: int) -> np.ndarray:
@@ -52,7 +52,7 @@ class DenseDrafter(Drafter):
         if self.transform is None:
             raise ValueError("a dense drafter needs a datastore or a key transform")
         self.eos = int(self.store.manifest.eos_token_id) if self.store is not None else -1
-        single_threaded_helpers()
+        single_threaded_blas()
 
     # -- dynamic cache ------------------------------------------------------------------------
 
