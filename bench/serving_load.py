@@ -44,13 +44,13 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def stream_one(client, prompt: str, method: str, max_tokens: int) -> dict:
+def stream_one(client, model: str, prompt: str, method: str, max_tokens: int) -> dict:
     """One streamed chat completion through the openai client: token ids, TTFT, latency."""
     t0 = time.perf_counter()
     first = None
     ids: list[int] = []
     stream = client.chat.completions.create(
-        model="sense", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
         stream=True, extra_body={"ignore_eos": True,
                                  "speculative": {"method": method, "return_token_ids": True}})
     for chunk in stream:
@@ -72,6 +72,8 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
     todo = iter(range(len(prompts)))
     errors: list[BaseException] = []
 
+    model = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0).models.list().data[0].id
+
     def client_loop():
         client = OpenAI(base_url=base_url + "/v1", api_key="none", timeout=900, max_retries=0)
         while True:
@@ -80,7 +82,7 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
             if i is None:
                 return
             try:
-                res = stream_one(client, prompts[i], method, max_tokens)
+                res = stream_one(client, model, prompts[i], method, max_tokens)
             except BaseException as exc:          # reported after the join
                 errors.append(exc)
                 return

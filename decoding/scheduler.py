@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Sequence as Seq
 
 from decoding.budget import BatchCost, batch_cost, interpolate_cost
+from decoding.compute_thread import ComputeThread
 from decoding.engine import GenerationResult, Sequence
 
 
@@ -184,27 +185,24 @@ def _guarded(seq: Sequence, fn, *args):
 
 
 class BatchLoop:
-    """A :class:`BatchScheduler` driven by a thread of its own: :meth:`submit` a request from any
-    thread with a callback that runs (on the loop's thread) when it has finished; the loop sleeps
-    while there is nothing to do. The request's ``on_tokens`` hook also runs on the loop's thread,
-    and so does `on_step(scheduler)` after every step (for metrics: ``scheduler.last_forward``,
-    the queue)."""
+    """A :class:`BatchScheduler` driven by a :class:`~decoding.compute_thread.ComputeThread` (its
+    own, or the process's, which then also runs the process's other model work between steps):
+    :meth:`submit` a request from any thread with a callback that runs (on that thread) when it
+    has finished; the thread sleeps while there is nothing to do. The request's ``on_tokens`` hook
+    also runs there, and so does `on_step(scheduler)` after every step (for metrics:
+    ``scheduler.last_forward``, the queue)."""
 
-    def __init__(self, target, *, max_batch: int = 16, name: str = "batch-loop", on_step=None) -> None:
-        import threading
-
+    def __init__(self, target, *, max_batch: int = 16, name: str = "batch-loop", on_step=None,
+                 compute: ComputeThread | None = None) -> None:
         self.scheduler = BatchScheduler(target, max_batch=max_batch)
         self.on_step = on_step
-        self._cv = threading.Condition()
         self._incoming: list[tuple[Sequence, object]] = []
         self._callbacks: dict[int, object] = {}
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self.compute = compute or ComputeThread(name)
+        self.compute.set_background(self._step, lambda: bool(self._incoming) or not self.scheduler.idle)
 
     def submit(self, seq: Sequence, on_done) -> None:
-        with self._cv:
-            self._incoming.append((seq, on_done))
-            self._cv.notify()
+        self.compute.wake(lambda: self._incoming.append((seq, on_done)))
 
     def run(self, seq: Sequence) -> Sequence:
         """Submit `seq` and wait until it has finished (from a thread other than the loop's)."""
@@ -215,32 +213,29 @@ class BatchLoop:
         done.wait()
         return seq
 
-    def _loop(self) -> None:
+    def _step(self) -> None:
         sched = self.scheduler
-        while True:
-            with self._cv:
-                while not self._incoming and sched.idle:
-                    self._cv.wait()
-                for seq, cb in self._incoming:
-                    sched.add(seq)
-                    self._callbacks[id(seq)] = cb
-                self._incoming.clear()
-            try:
-                finished = sched.step()
-            except Exception as exc:        # a bug in the step itself: end what it held, keep looping
-                finished = [*sched.running, *sched.waiting]
-                sched.running, sched.waiting = [], type(sched.waiting)()
-                for seq in finished:
-                    seq.fail(exc)
+        incoming: list = []
+        self.compute.wake(lambda: (incoming.extend(self._incoming), self._incoming.clear()))
+        for seq, cb in incoming:
+            sched.add(seq)
+            self._callbacks[id(seq)] = cb
+        try:
+            finished = sched.step()
+        except Exception as exc:        # a bug in the step itself: end what it held, keep looping
+            finished = [*sched.running, *sched.waiting]
+            sched.running, sched.waiting = [], type(sched.waiting)()
             for seq in finished:
-                cb = self._callbacks.pop(id(seq), None)
-                if cb is not None:
-                    cb()
-            if self.on_step is not None:
-                try:
-                    self.on_step(sched)
-                except Exception:           # metrics must never stop the loop
-                    pass
+                seq.fail(exc)
+        for seq in finished:
+            cb = self._callbacks.pop(id(seq), None)
+            if cb is not None:
+                cb()
+        if self.on_step is not None:
+            try:
+                self.on_step(sched)
+            except Exception:           # metrics must never stop the loop
+                pass
 
 
 def generate_batch(target, prompts: Seq[list[int]], *, max_batch: int = 16, **kwargs) -> list[GenerationResult]:

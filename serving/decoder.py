@@ -66,17 +66,21 @@ class _LockedTokenizer:
 
 class SerializedTarget:
     """A TargetModel shared by concurrent generations: forward passes (prefill, verify, commit)
-    take one lock unless `serialize` is false; tokenizer calls always take another."""
+    run one at a time on the replica's compute thread (``decoding/compute_thread.py``: one OpenMP
+    pool, not one per request thread) unless `serialize` is false; tokenizer calls take a lock."""
 
-    def __init__(self, target, serialize: bool = True) -> None:
+    def __init__(self, target, serialize: bool = True, compute=None) -> None:
         self._target = target
-        self._lock = threading.Lock() if serialize else None
+        self._compute = compute if serialize else None
+        self._lock = threading.Lock() if serialize and compute is None else None
         self.tokenizer = _LockedTokenizer(target.tokenizer) if target.tokenizer is not None else None
 
     def __getattr__(self, name):
         return getattr(self._target, name)
 
     def _locked(self, fn, *args, **kwargs):
+        if self._compute is not None:
+            return self._compute.call(fn, *args, **kwargs)
         if self._lock is None:
             return fn(*args, **kwargs)
         with self._lock:
@@ -162,17 +166,22 @@ class Decoder:
         from serving.metrics import DecoderMetrics
         from serving.remote_index import ShardClient
 
+        from decoding.compute_thread import ComputeThread
+
         self.cfg = ServingConfig.model_validate(static)
+        # Every model computation of the replica (loading, measuring, forwards) runs on this one
+        # thread: one OpenMP pool, so libgomp never throttles its workers (decoding/compute_thread.py).
+        self.compute = ComputeThread("torch")
         if self.cfg.model.torch_threads:
-            torch.set_num_threads(self.cfg.model.torch_threads)
+            self.compute.call(torch.set_num_threads, self.cfg.model.torch_threads)
         device, dtype = _resolve_device(self.cfg.model)
-        self.threads = _thread_settings()
-        self.target = TargetModel.load(self.cfg.model.path, dtype=dtype, device=device)
-        self.model = SerializedTarget(self.target, serialize=self.cfg.decoder.serialize_forward)
+        self.threads = self.compute.call(_thread_settings)
+        self.target = self.compute.call(TargetModel.load, self.cfg.model.path, dtype=dtype, device=device)
+        self.model = SerializedTarget(self.target, serialize=self.cfg.decoder.serialize_forward, compute=self.compute)
         if self.cfg.decoder.batching:
             from decoding.scheduler import BatchLoop
 
-            self.batch = BatchLoop(self.model, max_batch=self.cfg.decoder.max_ongoing_requests)
+            self.batch = BatchLoop(self.model, max_batch=self.cfg.decoder.max_ongoing_requests, compute=self.compute)
         else:
             self.batch = None
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.max_ongoing_requests + 2,
@@ -202,7 +211,7 @@ class Decoder:
         if self.batch is not None:
             from decoding.budget import batch_cost
 
-            batch_cost(self.target)
+            self.compute.call(batch_cost, self.target)
         log.info("decoder ready: %s on %s/%s, %s index, threads %s", self.cfg.model.name, device,
                  self.target.dtype_choice.reason,
                  "sharded" if self.client else "local", self.threads)
@@ -251,7 +260,7 @@ class Decoder:
     def _load_index(self, index: IndexConfig) -> IndexState:
         from serving.index_data import load_version_stores
 
-        stores = load_version_stores(index, self.target, dense=self.client is None)
+        stores = self.compute.call(load_version_stores, index, self.target, dense=self.client is None)
         state = IndexState(config=index, sparse=stores.sparse, dense=stores.dense)
         if self.client is not None and index.source("dense") is not None:
             state.meta = self._wait_for_meta(index, self.cfg.decoder.index_wait_s)
@@ -298,17 +307,19 @@ class Decoder:
             if self._cost is None:
                 from decoding.budget import cost_curve
 
-                self._cost = cost_curve(self.target, COST_SIZES)
+                self._cost = self.compute.call(cost_curve, self.target, COST_SIZES)
             return self._cost
 
     def _budget(self, req):
         if req.budget != "adaptive":
             return req.budget
-        from decoding.budget import AdaptiveBudget
+        from decoding.budget import AdaptiveBudget, shared_estimates
 
         cost = self._cost_curve()
         sizes = [s for s in cost if s >= req.soft.window] if req.soft is not None else None
-        return AdaptiveBudget(cost, sizes=sizes or None)
+        # Requests of one method and verification mode start from what the earlier ones learned.
+        key = (req.method, req.verification, "sampled" if req.params.temperature else "greedy")
+        return AdaptiveBudget(cost, sizes=sizes or None, shared=shared_estimates(self, key))
 
     def _encode(self, req) -> list[int]:
         from decoding.engine import encode_prompt
