@@ -114,12 +114,7 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     """
     seq = Sequence(target, prompt_ids, params=params, drafter=drafter, verifier=verifier, budget=budget, soft=soft,
                    on_tokens=on_tokens, should_stop=should_stop)
-    if not seq.cancelled():
-        seq.start()
-        while not seq.done and not seq.cancelled():
-            tree = seq.propose(seq.choose_budget())
-            seq.advance(tree, target.verify(seq.state, tree))
-    return seq.result()
+    return seq.run()
 
 
 class Sequence:
@@ -190,6 +185,22 @@ class Sequence:
         self.generated, self.reason = self.stopper.cut(generated)
         if self.on_tokens is not None and self.generated:
             self.on_tokens(list(self.generated))
+
+    def step(self) -> list[int]:
+        """One step alone: draft within this request's own budget, verify, advance."""
+        tree = self.propose(self.choose_budget())
+        return self.advance(tree, self.target.verify(self.state, tree))
+
+    def run(self, call=None) -> GenerationResult:
+        """Decode to the end alone (``generate``); `call(fn)` runs each of its pieces (the
+        prefill, each step), e.g. on a serving process's compute thread, between other
+        requests' steps."""
+        call = call or (lambda fn: fn())
+        if not self.cancelled():
+            call(self.start)
+            while not self.done and not self.cancelled():
+                call(self.step)
+        return self.result()
 
     def choose_budget(self) -> int:
         """This step's draft budget on its own: the adaptive choice or the fixed budget."""

@@ -390,7 +390,7 @@ class Decoder:
 
     def _run(self, req, emit, cancel: threading.Event, t_call: float) -> None:
         """One generation, in a worker thread; every outcome is an event."""
-        from decoding.engine import Sequence, generate
+        from decoding.engine import Sequence
         from decoding.errors import SenseError
         from serving.text import TextStream
 
@@ -420,13 +420,17 @@ class Decoder:
                 emit({"type": "delta", "text": text.push(ids), "token_ids": list(ids)})
 
             hooks = {"on_tokens": on_tokens if text is not None else None, "should_stop": cancel.is_set}
+            seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
+                           **hooks)
             if self.batch is not None:
-                seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
-                               **hooks)
                 result = self.batch.run(seq).result()
+            elif self.cfg.decoder.serialize_forward:
+                # Each piece (prefill, step: drafting, the forward, acceptance) on the compute
+                # thread, between other requests' pieces: no torch work on this request's thread,
+                # so no second OpenMP pool (decoding/compute_thread.py).
+                result = seq.run(self.compute.call)
             else:
-                result = generate(self.model, prompt_ids, params=params, drafter=drafter, budget=budget,
-                                  soft=req.soft, **hooks)
+                result = seq.run()
             stats = self._stats(req, result, drafter, store, report, len(prompt_ids), timing)
             fell_back = stats["fallback"] is not None
             self.metrics.finished(req.method, result.stats, fell_back)

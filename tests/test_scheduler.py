@@ -194,3 +194,58 @@ def test_a_batch_explores_with_one_request_at_a_time():
     per_step = [allocate_budgets(shared, step=k) for k in range(1, 17)]
     assert [sum(b) for b in per_step] == [0] * 7 + [1] + [0] * 7 + [1]
     assert per_step[7].index(1) != per_step[15].index(1)                     # in turn
+
+
+def test_the_compute_thread_runs_calls_in_order_and_the_loop_between_them():
+    """Calls from other threads run on the one compute thread, in order, with their results and
+    exceptions handed back; a call made on the compute thread runs at once (no deadlock); the
+    background step runs while it has work and the thread sleeps otherwise."""
+    import threading
+    import time
+
+    from decoding.compute_thread import ComputeThread
+
+    compute = ComputeThread("test-compute")
+    seen = []
+    assert compute.call(lambda: threading.current_thread().name) == "test-compute"
+    assert [compute.call(seen.append, i) for i in range(5)] == [None] * 5 and seen == [0, 1, 2, 3, 4]
+    assert compute.call(lambda: compute.call(lambda: 7)) == 7                    # re-entrant
+    with pytest.raises(ZeroDivisionError):
+        compute.call(lambda: 1 / 0)
+    work = {"left": 3, "steps": 0}
+
+    def step():
+        work["left"] -= 1
+        work["steps"] += 1
+
+    compute.set_background(step, lambda: work["left"] > 0)
+    deadline = time.time() + 10
+    while work["left"] > 0 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert work == {"left": 0, "steps": 3}                                   # then it sleeps
+    compute.wake(lambda: work.update(left=2))
+    assert compute.call(lambda: "after") == "after"
+    deadline = time.time() + 10
+    while work["left"] > 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert work["steps"] == 5
+
+
+def test_a_batch_loop_shares_the_compute_thread_with_other_work(target, prompts):
+    """The serving replica's arrangement: the batch loop and the replica's other model calls on
+    one compute thread; requests submitted from other threads finish with their answers alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from decoding.compute_thread import ComputeThread
+    from decoding.scheduler import BatchLoop
+
+    compute = ComputeThread("test-torch")
+    loop = BatchLoop(target, max_batch=4, compute=compute)
+    params = SamplingParams(max_new_tokens=8)
+    want = [generate(target, p, params=params, drafter=PromptLookupDrafter()).token_ids for p in prompts[:3]]
+    with ThreadPoolExecutor(3) as pool:
+        seqs = list(pool.map(lambda p: loop.run(Sequence(target, p, params=params, drafter=PromptLookupDrafter())),
+                             prompts[:3]))
+    assert [s.result().token_ids for s in seqs] == want
+    assert compute.call(lambda: loop.scheduler.idle)
