@@ -262,7 +262,7 @@ def batch_cost(target: "TargetModel") -> BatchCost:
     key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
            "kernels": target.kernels, "requests": requests, "extra": extra, "context": context}
     stored, _ = remembered("batch_cost", key, lambda: {
-        "points": measure_batch_cost(target, requests, extra, context_len=context, repeats=5, warmup=1)})
+        "points": measure_batch_cost(target, requests, extra, context_len=context, repeats=3, warmup=1)})
     model = BatchCost(stored["points"])
     target._batch_cost = model
     return model
