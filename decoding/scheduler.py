@@ -36,7 +36,7 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
 
     where A_i(b) is request i's running estimate of the draft tokens accepted with budget b (its
     ``AdaptiveBudget``), C(R, T) the cost of a forward of the R requests with T rows in all (the
-    scheduler's :class:`~decoding.budget.BatchCost`, learned from its own forwards; without one,
+    scheduler's :class:`~decoding.budget.BatchCost`, measured once per machine; without one,
     the single-request verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
     time outside the forward (drafting, acceptance, commit) with budget b.
     Greedy ascent: from all budgets 0, raise the budget of the request whose next size increases
@@ -116,7 +116,7 @@ class BatchScheduler:
         self.rows = 0                   # tree nodes verified in them
         self.last_forward: tuple[int, int] | None = None    # (requests, rows) of the last step's forward
         self.batch_cost: BatchCost | None = None            # measured once per machine (budget.batch_cost)
-        self.steps = 0                  # steps that drafted (the batch's exploration count)
+        self.steps = 0                  # steps with running requests (the batch's exploration count)
 
     def add(self, seq: Sequence) -> None:
         if seq.target is not self.target:

@@ -162,11 +162,10 @@ class Decoder:
     def __init__(self, static: dict, shards: list | None = None) -> None:
         import torch
 
+        from decoding.compute_thread import ComputeThread
         from decoding.target import TargetModel
         from serving.metrics import DecoderMetrics
         from serving.remote_index import ShardClient
-
-        from decoding.compute_thread import ComputeThread
 
         self.cfg = ServingConfig.model_validate(static)
         # Every model computation of the replica (loading, measuring, forwards) runs on this one
