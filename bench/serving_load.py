@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 
+from bench.batching import run_hf_static
 from bench.common import machine_info, median, method_order, write_results
 from bench.serving import deploy, questions
 from support.load import pct
@@ -104,23 +105,11 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
             "ttft": [r["ttft"] for r in recs], "latency": [r["latency"] for r in recs]}
 
 
-def hf_static(target, prompt_ids: list[list[int]], batch: int, max_new: int) -> tuple[float, list[list[int]]]:
-    """transformers' generate() over the prompts in left-padded batches of `batch`: (tokens/s, ids)."""
-    import torch
-
-    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
-    outs, t0 = [], time.perf_counter()
-    for k in range(0, len(prompt_ids), batch):
-        group = prompt_ids[k:k + batch]
-        width = max(len(p) for p in group)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
-        with torch.inference_mode():
-            out = target.model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                                        do_sample=False, pad_token_id=pad)
-        outs += out[:, width:].tolist()
-    seconds = time.perf_counter() - t0
-    return sum(map(len, outs)) / seconds, outs
+def hf_static(target, prompt_ids: list[list[int]], batch: int, max_new: int) -> float:
+    """transformers' generate() over the prompts in left-padded batches of `batch`: tokens/s
+    (every row generates exactly `max_new` tokens)."""
+    seconds = sum(run_hf_static(target, prompt_ids[k:k + batch], max_new) for k in range(0, len(prompt_ids), batch))
+    return len(prompt_ids) * max_new / seconds
 
 
 def engine_alone(target, stores, prompt_ids, method: str, max_new: int) -> tuple[float, list[list[int]]]:
@@ -207,8 +196,8 @@ def main(argv=None) -> int:
             for rep in range(args.repeats):
                 for m, v in method_order(variants, rep + c):
                     if v == "hf_static_batch":
-                        tps, outs = hf_static(target, prompt_ids[:len(prompts)], c, args.max_tokens)
-                        res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": outs}
+                        tps = hf_static(target, prompt_ids[:len(prompts)], c, args.max_tokens)
+                        res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": []}
                     elif v == "engine":
                         tps, outs = engine_alone(target, stores, prompt_ids[:len(prompts)], m, args.max_tokens)
                         res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": outs}
