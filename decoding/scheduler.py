@@ -67,30 +67,32 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
             return batch_cost.seconds(len(seqs), rows)
         return step_s * interpolate_cost(first.cost, rows - 1)
 
-    def goodput(b: list[int]) -> float:
-        rows = sum(1 + x for x in b)
-        # A fixed budget's term is constant (it never changes), so its guess of x / 2 moves no choice.
-        gain = sum(1.0 + (s.adaptive.expected_accepted(x) if s.adaptive else x / 2) for s, x in zip(seqs, b))
-        # Each request's own work in the step (drafting, acceptance, KV compaction) runs one
-        # request after another beside the shared forward: D_i(b_i), as measured, in seconds.
-        own = sum(s.adaptive.overhead_of(x) * s.adaptive.step_seconds for s, x in zip(seqs, b) if s.adaptive)
-        return gain / (forward_s(rows) + own)
-
-    best = goodput(budgets)
+    # Each adaptive request's terms per size, once: (1 + A_i(x), D_i(x) in seconds). D_i is the
+    # request's own work in the step (drafting, acceptance, KV compaction), run one request
+    # after another beside the shared forward. A fixed budget's term never changes, so its guess
+    # of x / 2 accepted moves no choice.
+    terms = {i: {x: (1.0 + seqs[i].adaptive.expected_accepted(x),
+                     seqs[i].adaptive.overhead_of(x) * seqs[i].adaptive.step_seconds)
+                 for x in (0, *seqs[i].adaptive.sizes)} for i in adaptive}
+    gain = sum(1.0 + s.budget / 2 for s in seqs if not s.adaptive) + sum(terms[i][0][0] for i in adaptive)
+    own = sum(terms[i][0][1] for i in adaptive)
+    rows = sum(1 + x for x in budgets)
+    best = gain / (forward_s(rows) + own)
     while True:
         choice = None
         for i in adaptive:
-            larger = [x for x in seqs[i].adaptive.sizes if x > budgets[i]]
-            if not larger:
+            now, nxt = budgets[i], seqs[i].adaptive.larger(budgets[i])
+            if nxt == now:
                 continue
-            trial = list(budgets)
-            trial[i] = larger[0]
-            g = goodput(trial)
+            (g0, o0), (g1, o1) = terms[i][now], terms[i][nxt]
+            g = (gain - g0 + g1) / (forward_s(rows - now + nxt) + own - o0 + o1)
             if g > best and (choice is None or g > choice[0]):
-                choice = (g, i, larger[0])
+                choice = (g, i, nxt)
         if choice is None:
             break
         best, i, x = choice
+        (g0, o0), (g1, o1) = terms[i][budgets[i]], terms[i][x]
+        gain, own, rows = gain - g0 + g1, own - o0 + o1, rows - budgets[i] + x
         budgets[i] = x
     if step is None:
         for i in adaptive:
