@@ -3,7 +3,8 @@
 A dense drafter's step is a FAISS search for one query and a small numpy matmul (the key
 transform). numpy and FAISS each bring an OpenBLAS with a thread pool of its own, separate from
 torch's; after a call its idle threads spin for a while on the cores torch's threads need for the
-next forward. One query gains nothing from more threads, so a process that decodes with a dense
+next forward (8 SENSE requests started in 8.0 s against 7.0 s for plain ones; 5.5 s against 5.7 s
+with one thread). One query gains nothing from more threads, so a process that decodes with a dense
 drafter runs every OpenBLAS on one thread. Index builds are not decode loops and keep every core
 (they run in their own processes and never build a drafter).
 
