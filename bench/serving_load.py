@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from bench.batching import run_hf_static
+from bench.batching import run_hf_static, run_serialized
 from bench.common import machine_info, median, method_order, write_results
 from bench.serving import deploy, questions
 from support.load import pct
@@ -113,14 +113,13 @@ def hf_static(target, prompt_ids: list[list[int]], batch: int, max_new: int) -> 
 
 
 def engine_alone(target, stores, prompt_ids, method: str, max_new: int) -> tuple[float, list[list[int]]]:
+    """The questions one after another through ``generate`` in this process: (tokens/s, ids)."""
     from decoding.config import SamplingParams
-    from decoding.engine import generate
     from decoding.methods import make_drafter
 
     params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = [generate(target, p, params=params, drafter=make_drafter(method, stores)).token_ids for p in prompt_ids]
-    return sum(map(len, outs)) / (time.perf_counter() - t0), outs
+    seconds, outs = run_serialized(target, prompt_ids, lambda: make_drafter(method, stores), params)
+    return sum(map(len, outs)) / seconds, outs
 
 
 def summarize(runs: list[dict]) -> dict:
