@@ -216,6 +216,26 @@ def spec_bench_by_category(questions: Iterable[dict], per_category: int = 1) -> 
     return dict(by_cat)
 
 
+def spec_bench_halves(questions: Iterable[dict], per_category: int = 6) -> tuple[list[str], dict[str, list[str]]]:
+    """Spec-Bench split per category into two halves by question id: the odd ids are the
+    datastore half (all their first-turn prompts, in id order), the even ids the evaluation half,
+    of which `per_category` per category are returned, evenly spaced over the half (MT-Bench's
+    eight sub-categories sit in id blocks of ten: spacing samples them all). No question is in both."""
+    store: list[str] = []
+    evaluation: dict[str, list[str]] = defaultdict(list)
+    for q in sorted(questions, key=lambda q: q["question_id"]):
+        cat = q["category"] if q["category"] in SPEC_BENCH_TASKS else "mt_bench"
+        if q["question_id"] % 2:
+            store.append(q["turns"][0])
+        else:
+            evaluation[cat].append(q["turns"][0])
+    picked = {}
+    for cat, half in evaluation.items():
+        n = min(per_category, len(half))
+        picked[cat] = [half[i * len(half) // n] for i in range(n)]
+    return store, picked
+
+
 def load_results(name: str, results_dir: str | Path = RESULTS) -> dict:
     """A committed benchmark file, e.g. ``load_results("engine")`` for bench/results/engine.json."""
     return json.loads((Path(results_dir) / f"{name}.json").read_text())

@@ -1,10 +1,17 @@
 """SENSE benchmark: ar, pld, rest, dresd, sense_strict, sense_soft on the same data, one run.
 
-    python -m bench.sense [--gsm8k 100] [--spec-per-category 10] [--dense-docs 7473] [--id-questions 0]
+    python -m bench.sense [--gsm8k 100] [--spec-per-category 6] [--dense-docs 7473] [--id-questions 0]
 
-Datastores from GSM8K train: OOD = the dataset's answers (sparse: answer tokens; dense: the
-answers in their chat context). ID (self-distillation, --id-questions > 0) = the target's own
-greedy answers to that many train questions. Every method's budget is chosen per step by the
+GSM8K test, two datastores from GSM8K train: OOD = the dataset's answers (sparse: answer tokens;
+dense: the answers in their chat context); ID (self-distillation, --id-questions > 0) = the
+target's own greedy answers to that many train questions.
+Spec-Bench, split per category into two halves by question id (odd ids: the datastore half, even
+ids: the evaluation half): an ID datastore self-distilled from the first half, evaluated on
+--spec-per-category questions of each category's second half, so never on its own questions;
+every category is reported, and all of them pooled.
+Everything runs in the dtype `auto` picks (the fast one); --float32-questions: that many GSM8K
+questions also run ar and sense_strict (ID store) in float32, so the dtype's effect stays visible.
+Every method's budget is chosen per step by the
 adaptive budget from the verify cost curve measured at start (sense_soft: sizes >= its window).
 Progress is saved after every question; the same command resumes (same curve, same kind of machine),
 and the same command with --partial writes the results of the questions measured so far.
@@ -28,8 +35,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from bench.analysis import spec_bench_by_category
+from bench.analysis import spec_bench_halves
 from bench.common import machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from decoding.budget import AdaptiveBudget, cost_curve, relative_cost
@@ -117,19 +125,43 @@ def restore(saved: dict) -> dict:
     return out
 
 
-def collect_rows(done: dict, wide_budget: int) -> list[dict]:
+def collect_rows(done: dict, wide_budget: int, dtype: str = "") -> list[dict]:
     """Result rows of every dataset in `done` (the progress: per dataset the questions measured
-    and their figures), adaptive-budget rows and, where measured, the wide-tree rows."""
-    rows = []
+    and their figures), adaptive-budget rows and, where measured, the wide-tree rows, the float32
+    rows and Spec-Bench's categories pooled (dataset "spec_bench"). Every row names its dtype:
+    `dtype` (the run's) but for the float32 rows, which are marked ``float32_beside``."""
+    rows, pooled, n_pooled = [], defaultdict(lambda: defaultdict(lambda: defaultdict(list))), 0
     for ds_name, part in done.items():
         agg, wide = restore(part["agg"]), restore(part["wide"])
         for store_name in agg:
             rows += summarize(agg[store_name], ds_name, store_name, part["questions"])
+        if ds_name.startswith(SPEC + "/"):
+            n_pooled += part["questions"]
+            for store_name, methods in agg.items():
+                for method, figures in methods.items():
+                    for k, v in figures.items():
+                        pooled[store_name][method][k] += v
         for store_name in wide:
             n_wide = len(wide[store_name]["ar"]["steps"])
             if n_wide:
                 rows += summarize(wide[store_name], ds_name, store_name, n_wide, methods=("ar", *WIDE_METHODS),
                                   budget=wide_budget)
+        f32 = restore(part.get("float32", {}))
+        for store_name in f32:
+            n = len(f32[store_name]["ar"]["steps"])
+            if not n:
+                continue
+            rows += [dict(r, dtype="float32", float32_beside=True)
+                     for r in summarize(f32[store_name], ds_name, store_name, n, methods=FLOAT32_METHODS)]
+            fast_ar = agg[store_name]["ar"]
+            ratio = (sum(fast_ar["new_tokens"][:n]) / sum(fast_ar["time_total"][:n])) / \
+                (sum(f32[store_name]["ar"]["new_tokens"]) / sum(f32[store_name]["ar"]["time_total"]))
+            rows.append({"method": "ar", "vs": "ar_float32", "dataset": ds_name, "datastore": store_name,
+                         "questions": n, "ratio": round(ratio, 3), "float32_beside": True})
+    for store_name in pooled:
+        rows += summarize(pooled[store_name], SPEC, store_name, n_pooled)
+    for r in rows:
+        r.setdefault("dtype", dtype)
     return rows
 
 
@@ -180,16 +212,15 @@ def summarize(agg, ds_name: str, store_name: str, n_items: int, methods=METHODS,
     return rows
 
 
-def self_distilled(target, rows, max_tokens: int, workdir) -> list[tuple[list[int], list[int]]]:
-    """(prompt, the target's own greedy answer) per GSM8K row, by batched greedy generation;
-    cached in `workdir` (keyed by count, length and the model's weights hash)."""
-    import json
-
+def self_distilled(target, questions: list[str], max_tokens: int, workdir) -> list[tuple[list[int], list[int]]]:
+    """(prompt, the target's own greedy answer) per question, by batched greedy generation;
+    cached in `workdir` (keyed by the questions, length and the model's weights hash)."""
     from decoding.batch_generate import generate_greedy_batched
 
     fp = model_fingerprint(target)
-    cache = workdir / f"id_answers_{len(rows)}_{max_tokens}_{fp.weights_hash[:12]}.json"
-    prompts = [encode_prompt(target, r["question"]) for r in rows]
+    qhash = hashlib.sha256("\0".join(questions).encode()).hexdigest()[:8]
+    cache = workdir / f"id_answers_{len(questions)}_{qhash}_{max_tokens}_{fp.weights_hash[:12]}.json"
+    prompts = [encode_prompt(target, q) for q in questions]
     if cache.exists():
         answers = json.loads(cache.read_text())
         log(f"self-distilled answers from {cache}")
@@ -198,7 +229,7 @@ def self_distilled(target, rows, max_tokens: int, workdir) -> list[tuple[list[in
 
         def progress(n):
             done[0] += n
-            log(f"  id: {done[0]}/{len(prompts)} answers, {time.perf_counter() - t0:.0f} s")
+            log(f"  self-distilling: {done[0]}/{len(prompts)} answers, {time.perf_counter() - t0:.0f} s")
 
         answers = generate_greedy_batched(target, prompts, max_tokens, on_batch=progress)
         cache.write_text(json.dumps(answers))
@@ -229,10 +260,14 @@ def build_stores(target, answers: list[tuple[list[int], list[int]]], workdir, na
     return sparse, DenseStore.load(out, expect=fp)
 
 
-# The issue's targets on CPU with the embedded model (GSM8K): name, method, figure, threshold.
-TARGETS = (("SENSE-strict MAT / REST MAT", "sense_strict", "mat_vs_rest", 1.65),
-           ("SENSE-soft MAT", "sense_soft", "mat", 4.0),
-           ("SENSE-strict speedup over ar", "sense_strict", "speedup", 1.5))
+# The issue's targets, per dataset (ID store): name, method, figure, threshold.
+TARGETS = {"gsm8k": (("SENSE-strict speedup over ar", "sense_strict", "speedup", 1.8),
+                     ("SENSE-strict MAT / REST MAT", "sense_strict", "mat_vs_rest", 2.0),
+                     ("SENSE-soft MAT", "sense_soft", "mat", 4.0)),
+           "spec_bench": (("SENSE-strict speedup over ar", "sense_strict", "speedup", 1.5),)}
+# Methods also run in float32 on the first --float32-questions GSM8K questions (ID store).
+FLOAT32_METHODS = ("ar", "sense_strict")
+SPEC = "spec_bench"
 
 
 def step_costs(row: dict) -> dict:
@@ -254,6 +289,9 @@ def step_costs(row: dict) -> dict:
 def render(payload: dict) -> str:
     """The markdown report, from the result payload alone (``--report`` re-renders it)."""
     rows, machine, args = payload["rows"], payload["machine"], payload.get("args", {})
+    f32 = [r for r in rows if r.get("float32_beside")]
+    categories = [r for r in rows if "/" in r["dataset"] and "mat" in r]
+    rows = [r for r in rows if not r.get("float32_beside") and "/" not in r["dataset"]]
     adaptive = [r for r in rows if r.get("budget", "adaptive") == "adaptive"]
     wide = [r for r in rows if r.get("budget", "adaptive") != "adaptive" and "mat" in r]
     rows = adaptive
@@ -261,7 +299,7 @@ def render(payload: dict) -> str:
     rest_mat = {(r["dataset"], r["datastore"]): r["mat"] for r in mrows if r["method"] == "rest"}
     md = ["# SENSE benchmark", "",
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"{machine.get('device', 'cpu')}, embedded SmolLM2-135M-Instruct; greedy, max "
+          f"{machine.get('device', 'cpu')}, {machine.get('dtype', 'float32')}, embedded SmolLM2-135M-Instruct; greedy, max "
           f"{args.get('max_new_tokens', '?')} new tokens; adaptive budget over the verify cost curve "
           f"measured at start. Command: `python -m bench.sense "
           + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k != "workdir" and k not in RUN_ONLY)
@@ -292,14 +330,39 @@ def render(payload: dict) -> str:
             md.append(f"\nGSM8K accuracy, sense_soft vs ar ({r['datastore']} store): {r['correct']}/{r['questions']} "
                       f"vs {r['vs_correct']}/{r['questions']} (ratio {r['accuracy_ratio']}).")
 
-    md += ["", "## Against the issue's targets (set for GSM8K; Spec-Bench shown beside)", ""]
-    for ds in ("gsm8k", "spec_bench"):
+    if categories:
+        shown = [m for m in METHODS if m != "ar"]
+        md += ["", "## Spec-Bench per category (ID store: self-distilled from the other half of the category)", "",
+               "Speedup over ar (MAT) per method; identical = strict outputs equal to ar's, all strict methods.", "",
+               "| category | questions | " + " | ".join(shown) + " | identical |", "|---|---|" + "---|" * (len(shown) + 1)]
+        for cat in sorted({r["dataset"] for r in categories}):
+            by = {r["method"]: r for r in categories if r["dataset"] == cat}
+            ident = [by[m]["identical"].split("/") for m in shown if "identical" in by.get(m, {})]
+            cells = [f"{by[m]['speedup']:.2f}x ({by[m]['mat']:.2f})" if m in by else "" for m in shown]
+            md.append(f"| {cat.split('/', 1)[1]} | {by['ar']['questions']} | " + " | ".join(cells) + " | "
+                      + (f"{sum(int(a) for a, _ in ident)}/{sum(int(b) for _, b in ident)}" if ident else "—") + " |")
+    if f32:
+        fast = machine.get("dtype", "?")
+        md += ["", f"## float32 beside {fast}", "",
+               "The first GSM8K questions again in float32 (ID store, float32's own cost curve): speedup over "
+               "float32's ar; identical to float32's ar.", "",
+               "| method | dtype | questions | tok/s | speedup over ar | MAT | identical to ar |", "|---|---|---|---|---|---|---|"]
+        for r in f32:
+            if "mat" in r:
+                md.append(f"| {r['method']} | float32 | {r['questions']} | {r['tokens_per_s']:.1f} | "
+                          f"{r['speedup']:.2f}x | {r['mat']:.2f} | {r.get('identical', '—')} |")
+        for r in f32:
+            if r.get("vs") == "ar_float32":
+                md.append(f"\n{fast} ar over float32 ar on the same {r['questions']} questions: {r['ratio']:.2f}x.")
+
+    md += ["", "## Against the issue's targets", ""]
+    for ds, targets in TARGETS.items():
         for store in sorted({r["datastore"] for r in mrows if r["dataset"] == ds}):
             by = {r["method"]: r for r in mrows if r["dataset"] == ds and r["datastore"] == store}
             if not {"sense_strict", "sense_soft", "rest"} <= by.keys():
                 continue
             parts = []
-            for name, method, fig, thr in TARGETS:
+            for name, method, fig, thr in targets:
                 v = by[method]["mat"] / by["rest"]["mat"] if fig == "mat_vs_rest" else by[method][fig]
                 verdict = "met" if v >= thr else f"missed by {100 * (thr - v) / thr:.0f}%"
                 parts.append(f"{name} {v:.2f} (target {thr}: {verdict})")
@@ -324,7 +387,7 @@ def render(payload: dict) -> str:
             by = {r["method"]: r for r in wide if r["datastore"] == store}
             if {"sense_strict", "sense_soft"} <= by.keys():
                 md.append(f"\n- {store} store, budget {by['rest']['budget']}: SENSE-strict MAT / REST MAT "
-                          f"{by['sense_strict']['mat'] / by['rest']['mat']:.2f} (target 1.65); SENSE-soft MAT "
+                          f"{by['sense_strict']['mat'] / by['rest']['mat']:.2f} (target 2.0); SENSE-soft MAT "
                           f"{by['sense_soft']['mat']:.2f} (target 4.0).")
     md += ["", "## Cost per decode step (ms, pooled means)", "",
            "Speedup = MAT x (ar's ms per step / the method's ms per step): a method gains only what its MAT "
@@ -385,7 +448,8 @@ def rerender() -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gsm8k", type=int, default=100)
-    ap.add_argument("--spec-per-category", type=int, default=10, help="Spec-Bench questions per category (0: none)")
+    ap.add_argument("--spec-per-category", type=int, default=6,
+                    help="Spec-Bench questions per category, from its evaluation half (0: no Spec-Bench)")
     ap.add_argument("--dense-docs", type=int, default=7473)
     ap.add_argument("--id-questions", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -394,6 +458,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="fixed draft budget of the wide-tree rows (0: none)")
     ap.add_argument("--wide-questions", type=int, default=20,
                     help="GSM8K questions that also run rest/sense_strict/sense_soft at --wide-budget")
+    ap.add_argument("--float32-questions", type=int, default=10,
+                    help="GSM8K questions that also run ar and sense_strict (ID store) in float32 (0: none)")
     ap.add_argument("--workdir", default="bench/out")
     ap.add_argument("--restart", action="store_true",
                     help="ignore the saved progress of an earlier run of the same command")
@@ -428,6 +494,8 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     target = TargetModel.load()
+    machine["dtype"] = str(target.dtype).removeprefix("torch.")
+    log(f"dtype: {target.dtype_choice.reason}")
     eos = sorted(target.eos_token_ids)[:1]
 
     if saved.get("cost_curve"):
@@ -446,18 +514,32 @@ def main(argv=None) -> int:
     train = gsm8k("train")[: args.dense_docs]
     ood = [(encode_prompt(target, r["question"]), target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] + eos)
            for r in train]
-    stores = {"ood": build_stores(target, ood, workdir, "ood")}
-    if args.id_questions:
-        own = self_distilled(target, train[: args.id_questions], args.distill_max_tokens, workdir)
-        stores["id"] = build_stores(target, own, workdir, "id")
-
     tests = eval_questions(args)
+    # stores[dataset][name] = (sparse, dense): the datastores each dataset is measured on
+    gsm_stores = {"ood": build_stores(target, ood, workdir, "ood")}
+    if args.id_questions:
+        own = self_distilled(target, [r["question"] for r in train[: args.id_questions]],
+                             args.distill_max_tokens, workdir)
+        gsm_stores["id"] = build_stores(target, own, workdir, "id")
+    stores = {"gsm8k": gsm_stores}
+    if any(ds.startswith(SPEC) for ds in tests):
+        store_half, _ = spec_bench_halves(spec_bench())
+        own = self_distilled(target, store_half, args.distill_max_tokens, workdir)
+        spec_store = build_stores(target, own, workdir, "spec_id")
+        stores.update({ds: {"id": spec_store} for ds in tests if ds.startswith(SPEC)})
 
-    def run(a, method, ids, gold, sparse, dense, budget):
+    # float32 beside the fast dtype: ar and sense_strict on the ID store, with float32's own cost curve
+    f32 = f32_cost = None
+    if args.float32_questions and args.id_questions and target.dtype != torch.float32:
+        f32 = TargetModel.load(dtype="float32")
+        f32_cost = ({int(n): c for n, c in saved["cost_curve_float32"].items()} if saved.get("cost_curve_float32")
+                    else cost_curve(f32, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)))
+
+    def run(a, method, ids, gold, sparse, dense, budget, tgt=target):
         """One generation; its figures appended to `a` (this method's lists). Returns the tokens
         (compared with ar's by `compare` once ar has run on the question)."""
         soft = soft_cfg if method in SOFT else None
-        r = generate(target, ids, params=params, drafter=make(method, sparse, dense), budget=budget, soft=soft)
+        r = generate(tgt, ids, params=params, drafter=make(method, sparse, dense), budget=budget, soft=soft)
         s = r.stats
         for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",
                   "time_verify", "time_commit"):
@@ -466,7 +548,7 @@ def main(argv=None) -> int:
         if gold is not None:
             a["correct"].append(gsm8k_answer(r.text) == gsm8k_answer(gold))
             if method in ("ar", "sense_soft"):
-                a["logprob"].append(mean_logprob(target, ids, r.token_ids))
+                a["logprob"].append(mean_logprob(tgt, ids, r.token_ids))
         if soft and s.soft_gates:
             for k, v in s.soft_gates.items():
                 a["gate_" + k].append(v)
@@ -480,8 +562,8 @@ def main(argv=None) -> int:
         if method not in SOFT:
             a["identical"].append(list(out) == list(ar_out))
 
-    def new_agg():
-        return {name: defaultdict(lambda: defaultdict(list)) for name in stores}
+    def new_agg(names):
+        return {name: defaultdict(lambda: defaultdict(list)) for name in names}
 
     def copy_last(src, dst):
         for k, v in src.items():
@@ -489,14 +571,18 @@ def main(argv=None) -> int:
 
     done = saved.get("datasets", {})
     elapsed_before = saved.get("elapsed_s", 0.0)     # run time of the sessions being resumed
-    first = next(iter(stores))
     for ds_name, items in tests.items():
+        ds_stores = stores[ds_name]
+        first = next(iter(ds_stores))
         # agg[store][method]: ar and pld do not read a datastore, so they run once per question
         # and their figures stand in every datastore's table (measured side by side all the same).
-        agg = restore(done[ds_name]["agg"]) if ds_name in done else new_agg()
+        agg = restore(done[ds_name]["agg"]) if ds_name in done else new_agg(ds_stores)
         # the wide-tree rows: fixed budget, the first --wide-questions GSM8K items
-        wide = restore(done[ds_name]["wide"]) if ds_name in done else new_agg()
+        wide = restore(done[ds_name]["wide"]) if ds_name in done else new_agg(ds_stores)
         n_wide = min(args.wide_questions, len(items)) if ds_name == "gsm8k" and args.wide_budget else 0
+        # float32 rows: the first --float32-questions GSM8K items, ID store
+        f32agg = restore(done[ds_name].get("float32", {})) if ds_name in done else new_agg(["id"])
+        n_f32 = min(args.float32_questions, len(items)) if ds_name == "gsm8k" and f32 is not None else 0
         start = done.get(ds_name, {}).get("questions", 0)
         if start:
             log(f"{ds_name}: resuming after {start}/{len(items)} questions ({progress})")
@@ -505,7 +591,7 @@ def main(argv=None) -> int:
                 continue
             ids = encode_prompt(target, question)
             ar_out = None
-            for store_name, (sparse, dense) in stores.items():
+            for store_name, (sparse, dense) in ds_stores.items():
                 outs = {}
                 # The order rotates per question: no method always runs first (cold caches) or last.
                 for method in method_order(METHODS, qi):
@@ -523,14 +609,21 @@ def main(argv=None) -> int:
                     for method in method_order(WIDE_METHODS, qi):
                         a = wide[store_name][method]
                         compare(a, method, run(a, method, ids, gold, sparse, dense, args.wide_budget), ar_out)
-            done[ds_name] = {"questions": qi + 1, "agg": agg, "wide": wide}
+            if qi < n_f32:
+                sparse, dense = ds_stores["id"]
+                outs = {m: run(f32agg["id"][m], m, ids, gold, sparse, dense, AdaptiveBudget(f32_cost), tgt=f32)
+                        for m in method_order(FLOAT32_METHODS, qi)}
+                for method, out in outs.items():
+                    compare(f32agg["id"][method], method, out, outs["ar"])
+            done[ds_name] = {"questions": qi + 1, "agg": agg, "wide": wide, "float32": f32agg}
             tmp = progress.with_suffix(".tmp")
             tmp.write_text(json.dumps({"machine": machine, "code": code, "cost_curve": cost, "datasets": done,
+                                       "cost_curve_float32": f32_cost,
                                        "elapsed_s": elapsed_before + time.time() - t_start}))
             tmp.replace(progress)                    # atomic: a kill never leaves half a file
-            if qi % 10 == 9:
+            if qi % 10 == 9 or qi + 1 == len(items):
                 log(f"{ds_name}: {qi + 1}/{len(items)}")
-    rows = collect_rows(done, args.wide_budget)
+    rows = collect_rows(done, args.wide_budget, machine["dtype"])
     publish(machine, rows, cost, args, elapsed_before + time.time() - t_start)
     return check_strict(rows)
 
@@ -542,11 +635,12 @@ def measured_args(args) -> dict:
 
 def eval_questions(args) -> dict[str, list[tuple[str, str | None]]]:
     """{dataset: [(question, gold answer or None)]}: the test questions this command measures,
-    GSM8K test first, then the Spec-Bench sample (--spec-per-category per category; 0: none)."""
+    GSM8K test first, then per Spec-Bench category ("spec_bench/<category>") --spec-per-category
+    questions of its evaluation half (bench.analysis.spec_bench_halves; 0: none)."""
     tests = {"gsm8k": [(q["question"], q["answer"]) for q in gsm8k("test")[: args.gsm8k]]}
     if args.spec_per_category > 0:
-        by_cat = spec_bench_by_category(spec_bench(), args.spec_per_category)
-        tests["spec_bench"] = [(q, None) for cat in by_cat.values() for q in cat]
+        _, by_cat = spec_bench_halves(spec_bench(), args.spec_per_category)
+        tests.update({f"{SPEC}/{cat}": [(q, None) for q in qs] for cat, qs in by_cat.items()})
     return tests
 
 
@@ -587,7 +681,7 @@ def write_partial(args) -> int:
     done = saved["datasets"]
     partial = {ds: [done.get(ds, {}).get("questions", 0), len(items)] for ds, items in eval_questions(args).items()}
     cost = {int(n): c for n, c in saved["cost_curve"].items()}
-    rows = collect_rows(done, args.wide_budget)
+    rows = collect_rows(done, args.wide_budget, saved["machine"].get("dtype", ""))
     publish(machine, rows, cost, args, saved.get("elapsed_s", 0.0),
             partial=partial if any(n < total for n, total in partial.values()) else None)
     return check_strict(rows)

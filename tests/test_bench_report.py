@@ -26,10 +26,10 @@ def _payload(strict_mat, soft_mat, strict_speedup):
 def test_targets_met_and_missed_are_judged_from_the_rows():
     md = render(_payload(strict_mat=2.5, soft_mat=3.0, strict_speedup=1.2))
     line = next(x for x in md.splitlines() if x.startswith("- gsm8k, id store"))
-    assert "SENSE-strict MAT / REST MAT 2.00 (target 1.65: met)" in line
+    assert "SENSE-strict MAT / REST MAT 2.00 (target 2.0: met)" in line
     assert "SENSE-soft MAT 3.00 (target 4.0: missed by 25%)" in line
-    assert "SENSE-strict speedup over ar 1.20 (target 1.5: missed by 20%)" in line
-    md = render(_payload(strict_mat=2.1, soft_mat=4.2, strict_speedup=1.6))
+    assert "SENSE-strict speedup over ar 1.20 (target 1.8: missed by 33%)" in line
+    md = render(_payload(strict_mat=2.6, soft_mat=4.2, strict_speedup=1.9))
     line = next(x for x in md.splitlines() if x.startswith("- gsm8k, id store"))
     assert line.count(": met") == 3 and "missed" not in line
 
@@ -61,7 +61,7 @@ def test_wide_tree_rows_get_their_own_table_and_leave_the_targets_alone():
     assert "SENSE-soft MAT 3.00 (target 4.0: missed by 25%)" in line     # judged on the adaptive rows
     assert "## Wide trees: a fixed budget of 32 draft nodes (GSM8K, first 2 questions)" in md
     assert "| id | sense_soft | 4.40 | 2.20 |" in md
-    assert "- id store, budget 32: SENSE-strict MAT / REST MAT 1.80 (target 1.65); SENSE-soft MAT 4.40" in md
+    assert "- id store, budget 32: SENSE-strict MAT / REST MAT 1.80 (target 2.0); SENSE-soft MAT 4.40" in md
     assert "gsm8k (2)" not in md                                          # not in the adaptive table
 
 
@@ -178,3 +178,57 @@ def test_method_order_rotates_and_alternates():
     for i in range(0, len(orders), 2):                  # every pair runs once in each order
         assert orders[i] == orders[i + 1][::-1]
     assert method_order((), 3) == [] and sorted(method_order(methods, 7)) == methods
+
+
+def test_spec_bench_categories_and_float32_rows_are_collected_and_reported():
+    """collect_rows pools Spec-Bench's categories into "spec_bench" (judged against its target)
+    and tags the float32 rows; the report gives each category a line and float32 its table."""
+    from bench.sense import collect_rows
+
+    def agg(tps):
+        return {"id": {m: {**_agg({})[m], "tps": [tps, tps], "identical": [True, True]} for m in METHODS}}
+
+    done = {f"spec_bench/{cat}": {"questions": 2, "agg": agg(10.0), "wide": {}} for cat in ("qa", "rag")}
+    f32 = {"id": {m: _agg({})[m] for m in ("ar", "sense_strict")}}
+    done["gsm8k"] = {"questions": 2, "agg": agg(10.0), "wide": {}, "float32": f32}
+    rows = collect_rows(done, 0, "bfloat16")
+    pooled = [r for r in rows if r["dataset"] == "spec_bench"]
+    assert {r["method"] for r in pooled} == set(METHODS) and all(r["questions"] == 4 for r in pooled)
+    assert all(r["dtype"] == "bfloat16" for r in rows if not r.get("float32_beside"))
+    beside = [r for r in rows if r.get("float32_beside")]
+    assert {(r["method"], r.get("vs")) for r in beside} == {("ar", None), ("sense_strict", None), ("ar", "ar_float32")}
+    assert all(r["dtype"] == ("bfloat16" if r.get("vs") else "float32") for r in beside)
+    md = render({**_payload(2.5, 3.0, 1.2), "rows": rows, "machine": {"cpu": "x", "cores": 2, "torch": "t",
+                                                                       "dtype": "bfloat16"}})
+    assert "| qa | 2 | " in md and "| rag | 2 | " in md and "| 8/8 |" in md
+    assert "- spec_bench, id store: SENSE-strict speedup over ar 1.00 (target 1.5: missed by 33%)." in md
+    assert "## float32 beside bfloat16" in md and "| sense_strict | float32 | 2 |" in md
+    assert "bfloat16 ar over float32 ar on the same 2 questions: 1.00x." in md
+    assert "| id | spec_bench/qa" not in md        # categories only in their own table
+
+
+def test_spec_bench_halves_never_evaluate_a_store_question():
+    from bench.analysis import spec_bench_halves
+    from index.corpus import spec_bench
+
+    store, evaluation = spec_bench_halves(spec_bench(), per_category=6)
+    assert set(evaluation) == {"mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"}
+    assert all(len(qs) == 6 and len(set(qs)) == 6 for qs in evaluation.values())
+    assert len(store) == 240 and not set(store) & {q for qs in evaluation.values() for q in qs}
+    # MT-Bench's sub-categories are sampled across its id range, not only its first block
+    assert len({q for q in evaluation["mt_bench"]}) == 6 and evaluation["mt_bench"][0] != evaluation["mt_bench"][1]
+
+
+def test_soft_quality_reports_gate_rates_and_a_paired_interval():
+    import numpy as np
+
+    from bench.soft_quality import _mean_interval, gate_rates
+
+    rates = gate_rates({"mismatches": 200, "entropy_pass": 150, "soft_tokens": 50}, new_tokens=1000)
+    assert rates["entropy_pass"] == {"per_mismatch": 0.75, "per_1000_tokens": 150.0}
+    assert rates["soft_tokens"]["per_mismatch"] == 0.25 and rates["mismatches"]["per_1000_tokens"] == 200.0
+    assert gate_rates({"soft_tokens": 3}, new_tokens=0)["soft_tokens"] == {"per_mismatch": None,
+                                                                           "per_1000_tokens": None}
+    d = np.random.default_rng(1).normal(-0.01, 0.05, 400)          # a small, real difference
+    lo, hi = _mean_interval(d)
+    assert lo < d.mean() < hi and hi < 0 and hi - lo < 0.02
