@@ -276,13 +276,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=200, help="requests of the warm-up burst (not measured)")
     ap.add_argument("--max-tokens", type=int, default=2)
-    ap.add_argument("--long-requests", type=int, default=6,
+    ap.add_argument("--long-requests", type=int, default=8,
                     help="requests of the long-answer round, sent at once (0: no such round)")
     ap.add_argument("--long-tokens", type=int, default=128, help="new tokens of each long answer")
     ap.add_argument("--long-only", action="store_true",
                     help="only the long-answer round (no warm-up, load rounds or faults); prints, writes nothing")
-    ap.add_argument("--max-ongoing", type=int, default=2, help="decoder max_ongoing_requests")
-    ap.add_argument("--max-queued", type=int, default=4, help="decoder max_queued_requests")
+    ap.add_argument("--max-ongoing", type=int, default=8,
+                    help="decoder max_ongoing_requests (the served default; with batching, the batch limit)")
+    ap.add_argument("--max-queued", type=int, default=16, help="decoder max_queued_requests (the served default)")
     ap.add_argument("--decoder-kills", default="ray.kill,SIGKILL")
     ap.add_argument("--shard-kills", default="ray.kill,SIGKILL")
     ap.add_argument("--no-pipeline-faults", action="store_true")
@@ -411,8 +412,8 @@ def markdown(machine, args, loads, faults, summary, longs=()) -> str:
     md = [f"# Reliability benchmark{' (quick run)' if args.quick else ''}\n",
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['device']}; "
           f"embedded SmolLM2-135M-Instruct, local Ray cluster (head + 1 worker node). One decoder replica "
-          f"(max_ongoing_requests {args.max_ongoing}, max_queued_requests {args.max_queued}), two index shards, "
-          f"SENSE (budget 4), greedy. Total {summary['seconds']:.0f} s.\n"]
+          f"(continuous batching, max_ongoing_requests {args.max_ongoing}, max_queued_requests {args.max_queued}), "
+          f"two index shards, SENSE (budget 4), greedy. Total {summary['seconds']:.0f} s.\n"]
     only_long = args.long_only
     if only_long:
         md += ["Long-answer round only (--long-only): no load rounds, no faults."]

@@ -450,7 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gsm8k", type=int, default=100)
     ap.add_argument("--spec-per-category", type=int, default=6,
                     help="Spec-Bench questions per category, from its evaluation half (0: no Spec-Bench)")
-    ap.add_argument("--dense-docs", type=int, default=7473)
+    ap.add_argument("--dense-docs", type=int, default=7473,
+                    help="GSM8K train answers in the OOD store (0: no OOD store)")
     ap.add_argument("--id-questions", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--distill-max-tokens", type=int, default=256, help="answer length of the ID datastore")
@@ -473,6 +474,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.dense_docs and not args.id_questions:
+        log("error: no datastore to measure: give --dense-docs (OOD store) or --id-questions (ID store) above 0")
+        return 2
     if args.report:
         return rerender()
     if args.partial:
@@ -511,12 +515,12 @@ def main(argv=None) -> int:
     soft_cfg = SoftGateConfig()
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
 
-    train = gsm8k("train")[: args.dense_docs]
+    train = gsm8k("train")
     ood = [(encode_prompt(target, r["question"]), target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] + eos)
-           for r in train]
+           for r in train[: args.dense_docs]]
     tests = eval_questions(args)
     # stores[dataset][name] = (sparse, dense): the datastores each dataset is measured on
-    gsm_stores = {"ood": build_stores(target, ood, workdir, "ood")}
+    gsm_stores = {"ood": build_stores(target, ood, workdir, "ood")} if ood else {}
     if args.id_questions:
         own = self_distilled(target, [r["question"] for r in train[: args.id_questions]],
                              args.distill_max_tokens, workdir)

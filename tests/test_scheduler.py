@@ -80,6 +80,34 @@ def test_batched_greedy_equals_each_request_alone(target, prompts, gsm8k_sparse_
     assert sum(s.stats.accepted for s in seqs) > 0
 
 
+def test_soft_and_strict_requests_share_a_batch(target, prompts, gsm8k_sparse_index, dense_store_dir):
+    """Verification is per request: a soft-gated SENSE request decoded beside strict ones. Every
+    output equals the same request decoded alone, the soft one included (its gates read the same
+    logits and hidden states), and the soft request did accept mismatched drafts."""
+    from decoding.soft import SoftGateConfig
+    from index.dense_store import DenseStore
+
+    stores = Datastores(sparse=gsm8k_sparse_index, dense=DenseStore.load(dense_store_dir))
+    soft = SoftGateConfig(theta=0.0, lam=0.05, window=1)     # permissive gates: mismatches get accepted
+    params = SamplingParams(max_new_tokens=24)
+
+    def requests():
+        return [Sequence(target, p, params=params, budget=8,
+                         drafter=make_drafter("sense", stores) if i == 0 else PromptLookupDrafter(),
+                         soft=soft if i == 0 else None) for i, p in enumerate(prompts)]
+
+    alone = [s.run() for s in requests()]
+    scheduler = BatchScheduler(target)
+    seqs = requests()
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.run()
+    assert [s.result().token_ids for s in seqs] == [r.token_ids for r in alone]
+    assert seqs[0].stats.verifier == "soft" and seqs[0].stats.soft_gates["soft_tokens"] > 0
+    assert all(s.stats.verifier != "soft" for s in seqs[1:])
+    assert scheduler.forwards < sum(s.stats.steps for s in seqs), "the requests never shared a forward"
+
+
 def test_seeded_sampling_in_a_batch_reproduces_each_alone(target, prompts):
     params = [SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.95, seed=100 + i) for i in range(len(prompts))]
     alone = [generate(target, p, params=q, drafter=PromptLookupDrafter(), budget=6).token_ids
