@@ -3,9 +3,13 @@
 Each :meth:`BatchScheduler.step`:
 
 1. requests cancelled since the last step end (``should_stop``);
-2. at most one waiting request is prefilled, in a forward of its own: an arriving request delays
-   the running ones by one prefill at most (time to first token stays bounded), and its prefill
-   does not depend on what else runs;
+2. waiting requests are prefilled, each in a forward of its own (so its prefill does not depend
+   on what else runs), while their prompts total at most ``prefill_tokens`` (and always one):
+   short prompts join several per step, a long one alone, so the running requests are delayed
+   by about one prompt's prefill at most. With nothing running nobody is delayed, and every
+   waiting request is prefilled (up to the batch limit). Each emits its first token as its
+   prefill ends, so time to first token is the prefills ahead of it, not a verification step
+   per request ahead of it;
 3. every running request drafts within the budget the batch allocation gives it
    (:func:`allocate_budgets`), all the trees are verified in one forward
    (``TargetModel.verify_batch``), and each request accepts, commits and emits its tokens.
@@ -107,16 +111,20 @@ class BatchScheduler:
     """Runs :class:`~decoding.engine.Sequence` requests of one target in shared forwards; add
     them at any time, drive it with :meth:`step` (or :meth:`run` until all are done)."""
 
-    def __init__(self, target, *, max_batch: int = 16) -> None:
+    def __init__(self, target, *, max_batch: int = 16, prefill_tokens: int = 256) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if prefill_tokens < 1:
+            raise ValueError("prefill_tokens must be at least 1")
         self.target = target
         self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.forwards = 0               # verification forwards run
         self.rows = 0                   # tree nodes verified in them
         self.last_forward: tuple[int, int] | None = None    # (requests, rows) of the last step's forward
+        self.last_prefills = 0          # requests prefilled in the last step
         self.batch_cost: BatchCost | None = None            # measured once per machine (budget.batch_cost)
         self.steps = 0                  # steps with running requests (the batch's exploration count)
 
@@ -136,15 +144,20 @@ class BatchScheduler:
         finished = [s for s in self.running if s.cancelled()]
         self.running = [s for s in self.running if not s.done]
         self.last_forward = None
+        self.last_prefills = 0
+        delaying, prefilled = bool(self.running), 0
         while self.waiting and len(self.running) < self.max_batch:
+            if delaying and prefilled and prefilled + len(self.waiting[0].prompt_ids) > self.prefill_tokens:
+                break               # the running requests have waited for enough prefill this step
             seq = self.waiting.popleft()
             if not seq.cancelled():
                 _guarded(seq, seq.start)
+                prefilled += len(seq.prompt_ids)
+                self.last_prefills += 1
             if seq.done:
                 finished.append(seq)
                 continue
             self.running.append(seq)
-            break                   # one prefill per step: running requests wait one prefill at most
         if self.running:
             if self.batch_cost is None and len(self.running) > 1 and any(s.adaptive for s in self.running):
                 self.batch_cost = batch_cost(self.target)
@@ -194,9 +207,9 @@ class BatchLoop:
     also runs there, and so does `on_step(scheduler)` after every step (for metrics:
     ``scheduler.last_forward``, the queue)."""
 
-    def __init__(self, target, *, max_batch: int = 16, name: str = "batch-loop", on_step=None,
-                 compute: ComputeThread | None = None) -> None:
-        self.scheduler = BatchScheduler(target, max_batch=max_batch)
+    def __init__(self, target, *, max_batch: int = 16, prefill_tokens: int = 256, name: str = "batch-loop",
+                 on_step=None, compute: ComputeThread | None = None) -> None:
+        self.scheduler = BatchScheduler(target, max_batch=max_batch, prefill_tokens=prefill_tokens)
         self.on_step = on_step
         self._incoming: list[tuple[Sequence, object]] = []
         self._callbacks: dict[int, object] = {}

@@ -167,6 +167,10 @@ class DecoderConfig(_Section):
     batching: bool = Field(True, description="continuous batching: every running request's draft tree verified "
                                              "in one forward per step (decoding/scheduler.py); false: each request "
                                              "runs its own decode loop")
+    prefill_tokens_per_step: int = Field(256, ge=1, description="with batching: a step prefills waiting requests "
+                                         "while their prompts total at most this many tokens (always one; all "
+                                         "of them when none is running): the most prefill the running requests "
+                                         "wait for in a step")
     serialize_forward: bool = Field(True, description="without batching: one forward pass at a time per replica "
                                                       "(see decoder.py)")
     index_wait_s: float = Field(120.0, ge=0, description="how long a replica waits for the shards to hold a "

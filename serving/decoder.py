@@ -180,7 +180,8 @@ class Decoder:
         if self.cfg.decoder.batching:
             from decoding.scheduler import BatchLoop
 
-            self.batch = BatchLoop(self.model, max_batch=self.cfg.decoder.max_ongoing_requests, compute=self.compute)
+            self.batch = BatchLoop(self.model, max_batch=self.cfg.decoder.max_ongoing_requests,
+                                   prefill_tokens=self.cfg.decoder.prefill_tokens_per_step, compute=self.compute)
         else:
             self.batch = None
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.max_ongoing_requests + 2,

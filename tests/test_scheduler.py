@@ -147,6 +147,42 @@ def test_requests_join_leave_and_cancel_mid_batch(target, prompts):
     assert [r.token_ids for i, r in enumerate(results) if i != 1] == [a for i, a in enumerate(alone) if i != 1]
 
 
+def test_waiting_requests_are_prefilled_within_a_token_budget(target, prompts):
+    """With nothing running, every waiting request is prefilled in one step (nobody waits for
+    them); with requests running, a step prefills while the prompts fit `prefill_tokens`, at
+    least one however long. Every output still equals the request decoded alone."""
+    params = SamplingParams(max_new_tokens=6)
+    alone = [generate(target, p, params=params, budget=0).token_ids for p in prompts]
+    lengths = [len(p) for p in prompts]
+    budget = sorted(lengths)[1] + sorted(lengths)[0]        # the two shortest prompts fit, not three
+    scheduler = BatchScheduler(target, prefill_tokens=budget)
+    first = [Sequence(target, p, params=params, budget=0) for p in prompts[:2]]
+    for s in first:
+        scheduler.add(s)
+    scheduler.step()
+    assert scheduler.last_prefills == 2 and not scheduler.waiting      # idle: both at once
+    short = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    later = [Sequence(target, prompts[i], params=params, budget=0) for i in short[:2] + short[2:3]]
+    for s in later:
+        scheduler.add(s)
+    scheduler.step()
+    assert scheduler.last_prefills == 2 and len(scheduler.waiting) == 1  # the two shortest fit the budget
+    scheduler.run()
+    assert [s.result().token_ids for s in first] == alone[:2]
+    assert [s.result().token_ids for s in later] == [alone[i] for i in short[:3]]
+
+    long_first = BatchScheduler(target, prefill_tokens=1)                # a prompt longer than the budget
+    seqs = [Sequence(target, p, params=params, budget=0) for p in prompts[:3]]
+    long_first.add(seqs[0])
+    long_first.step()
+    long_first.add(seqs[1])
+    long_first.add(seqs[2])
+    long_first.step()
+    assert long_first.last_prefills == 1                                 # one per step, never none
+    long_first.run()
+    assert [s.result().token_ids for s in seqs] == alone[:3]
+
+
 def test_generate_batch_matches_generate(target, prompts):
     params = SamplingParams(max_new_tokens=12)
     batch = generate_batch(target, prompts, params=params, drafters=[PromptLookupDrafter() for _ in prompts])
