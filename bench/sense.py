@@ -682,6 +682,7 @@ def write_partial(args) -> int:
     if not saved.get("datasets"):
         log(f"error: no saved progress of this command on this machine and code ({progress}); run it first")
         return 2
+    machine["dtype"] = saved["machine"].get("dtype", "")
     done = saved["datasets"]
     partial = {ds: [done.get(ds, {}).get("questions", 0), len(items)] for ds, items in eval_questions(args).items()}
     cost = {int(n): c for n, c in saved["cost_curve"].items()}
