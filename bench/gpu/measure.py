@@ -37,14 +37,14 @@ SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 METHODS = ("ar", "sense_strict", "sense_soft")
 
 
-def faiss_latency(keys: np.ndarray, k: int = 10) -> list[dict]:
+def faiss_latency(keys: np.ndarray, k: int = 10, random_keys: int = 1_000_000) -> list[dict]:
     import faiss
 
     gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     rows = []
     rng = np.random.default_rng(0)
-    for name, base in (("id_store", keys), ("random_1m", rng.standard_normal((1_000_000, keys.shape[1]),
-                                                                              dtype=np.float32))):
+    for name, base in (("id_store", keys), (f"random_{random_keys}", rng.standard_normal((random_keys, keys.shape[1]),
+                                                                                      dtype=np.float32))):
         base = np.ascontiguousarray(base, dtype=np.float32)
         index = faiss.IndexFlatIP(base.shape[1])
         if gpu:
@@ -70,8 +70,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--random-keys", type=int, default=1_000_000, help="keys of the random FAISS search base")
     a = ap.parse_args(argv)
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="sense-gpu-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     target = TargetModel.load(device=a.device)
     print(f"dtype: {target.dtype_choice.reason}", flush=True)
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
              "ms": round(seconds[n] * 1e3, 3)} for n, c in cost.items()]
     print("c(n):", {n: round(c, 2) for n, c in cost.items()}, flush=True)
 
-    answers = self_distilled(target, gsm8k("train")[: a.id_questions], a.max_new_tokens, workdir)
+    answers = self_distilled(target, [r["question"] for r in gsm8k("train")[: a.id_questions]], a.max_new_tokens,
+                             workdir)
     sparse, dense = build_stores(target, answers, workdir, "id")
     params = SamplingParams(max_new_tokens=a.max_new_tokens)
     soft = SoftGateConfig()
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
         if m != "sense_soft":
             row["identical"] = f"{f['identical']}/{a.questions}"
         rows.append(row)
-    rows += faiss_latency(dense.keys)
+    rows += faiss_latency(dense.keys, random_keys=a.random_keys)
 
     machine = machine_info()
     machine["dtype"] = target.dtype_choice.to_dict()
