@@ -241,16 +241,23 @@ def load_results(name: str, results_dir: str | Path = RESULTS) -> dict:
     return json.loads((Path(results_dir) / f"{name}.json").read_text())
 
 
-def committed_cost_curve(engine: Mapping) -> dict[int, float]:
-    """c(n) from an engine benchmark payload: its ``verify_cost`` rows (draft_tokens -> relative cost)."""
+def committed_cost_curve(engine: Mapping, dtype: str | None = None) -> dict[int, float]:
+    """c(n) from an engine benchmark payload: its ``verify_cost`` rows (draft_tokens -> relative
+    cost) in `dtype` (default: the run's own, ``machine.dtype``; rows without one count as it)."""
+    dtype = dtype or engine.get("machine", {}).get("dtype")
     return {int(r["draft_tokens"]): float(r["relative_cost"]) for r in engine["rows"]
-            if r.get("method") == "verify_cost"}
+            if r.get("method") == "verify_cost" and r.get("dtype", dtype) == dtype}
 
 
-def committed_method_rows(sense: Mapping, dataset: str, datastore: str = "ood") -> dict[str, dict]:
-    """method -> row (mat, speedup, acceptance_rate, ...) of a SENSE benchmark payload for one dataset."""
-    return {r["method"]: r for r in sense["rows"]
-            if r.get("dataset") == dataset and r.get("datastore", datastore) == datastore and "mat" in r}
+def committed_method_rows(sense: Mapping, dataset: str, datastore: str | None = None) -> dict[str, dict]:
+    """method -> row (mat, speedup, acceptance_rate, ...) of a SENSE benchmark payload for one
+    dataset: its adaptive-budget rows in the run's dtype, over `datastore` (default: "id" where
+    the payload has it, else "ood")."""
+    rows = [r for r in sense["rows"] if r.get("dataset") == dataset and "mat" in r
+            and r.get("budget", "adaptive") == "adaptive" and not r.get("float32_beside")]
+    if datastore is None:
+        datastore = "id" if any(r.get("datastore") == "id" for r in rows) else "ood"
+    return {r["method"]: r for r in rows if r.get("datastore", datastore) == datastore}
 
 
 # -- plots ---------------------------------------------------------------------------------------

@@ -213,6 +213,18 @@ def test_committed_results_parse(tmp_path):
                       {"method": "sense_soft", "dataset": "gsm8k", "datastore": "ood", "accuracy_ratio": 0.5},
                       {"method": "pld", "dataset": "spec_bench", "datastore": "ood", "mat": 1.4}]}
     assert list(committed_method_rows(sense, "gsm8k")) == ["ar"]
+    # the ID store where there is one; wide-tree and float32 rows never stand in for the run's
+    sense["rows"] += [{"method": "ar", "dataset": "gsm8k", "datastore": "id", "mat": 1.0},
+                      {"method": "rest", "dataset": "gsm8k", "datastore": "id", "mat": 1.2},
+                      {"method": "rest", "dataset": "gsm8k", "datastore": "id", "mat": 1.8, "budget": 32},
+                      {"method": "ar", "dataset": "gsm8k", "datastore": "id", "mat": 1.0, "float32_beside": True,
+                       "tokens_per_s": 1.0}]
+    assert {m: r["mat"] for m, r in committed_method_rows(sense, "gsm8k").items()} == {"ar": 1.0, "rest": 1.2}
+    assert "tokens_per_s" not in committed_method_rows(sense, "gsm8k")["ar"]
+    two = {"machine": {"dtype": "bfloat16"}, "rows": [
+        {"method": "verify_cost", "dtype": "bfloat16", "draft_tokens": 8, "relative_cost": 1.5},
+        {"method": "verify_cost", "dtype": "float32", "draft_tokens": 8, "relative_cost": 1.7}]}
+    assert committed_cost_curve(two) == {8: 1.5} and committed_cost_curve(two, "float32") == {8: 1.7}
     from bench.analysis import RESULTS, load_results
 
     (tmp_path / "x.json").write_text(json.dumps(engine))
