@@ -2,8 +2,10 @@
 
 A real (tiny) run on the embedded model, results written to a temporary folder: run it, make the
 saved progress forget the last question as a stop during it would, run the same command again.
-Greedy decoding and the adaptive budget are deterministic given the cost curve, so the resumed
-run must reproduce every count figure, and it must keep the cost curve it started with.
+The resumed run must keep the cost curve it started with and the figures of the question it had
+finished, bit for bit, and measure the forgotten one again. The adaptive budget weighs measured
+drafting time, so the re-measured question's steps may differ from the first run's; its strict
+outputs may not (each equals ar's whatever the budget), nor anything derived from them.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-DETERMINISTIC = ("mat", "acceptance_rate", "steps", "new_tokens", "token_agreement_with_ar", "rouge_l_with_ar",
-                 "identical", "accuracy", "soft_gates")
+# what a strict row's outputs decide, whatever budgets were chosen
+OUTPUT_FIGURES = ("new_tokens", "token_agreement_with_ar", "rouge_l_with_ar", "identical", "accuracy")
 
 
 def _figures(payload: dict) -> dict:
-    return {(r["method"], r.get("vs"), r["dataset"], r["datastore"]): {k: r.get(k) for k in DETERMINISTIC}
-            for r in payload["rows"]}
+    return {(r["method"], r["dataset"], r["datastore"]): {k: r.get(k) for k in OUTPUT_FIGURES}
+            for r in payload["rows"] if "mat" in r and r["method"] != "sense_soft"}
 
 
 def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
@@ -44,6 +46,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, cap
     assert saved["cost_curve"] and saved["elapsed_s"] > 0
 
     # Forget the second question, as if the run had been stopped while doing it.
+    kept = json.loads(json.dumps(saved["datasets"]["gsm8k"]["agg"]))
     gsm = saved["datasets"]["gsm8k"]
     gsm["questions"] = 1
     for part in ("agg", "wide"):
@@ -72,6 +75,12 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, cap
     assert second["cost_curve"] == first["cost_curve"]
     assert _figures(second) == _figures(first)
     assert {r["questions"] for r in second["rows"]} == {2}
+    resumed = json.loads(progress.read_text())["datasets"]["gsm8k"]["agg"]
+    for store, methods in kept.items():           # the finished question's figures, kept as measured
+        for method, figures in methods.items():
+            for name, values in figures.items():
+                assert resumed[store][method][name][0] == values[0], (store, method, name)
+                assert len(resumed[store][method][name]) == len(values)
     # the run time adds the sessions up
     assert json.loads(progress.read_text())["elapsed_s"] > saved["elapsed_s"]
 
