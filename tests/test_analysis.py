@@ -211,7 +211,7 @@ def test_committed_results_parse(tmp_path):
     assert committed_cost_curve(engine) == {0: 1.0, 8: 2.0}
     sense = {"rows": [{"method": "ar", "dataset": "gsm8k", "datastore": "ood", "mat": 1.0},
                       {"method": "sense_soft", "dataset": "gsm8k", "datastore": "ood", "accuracy_ratio": 0.5},
-                      {"method": "pld", "dataset": "spec_bench", "datastore": "ood", "mat": 1.4}]}
+                      {"method": "pld", "dataset": "spec_bench_heldout", "datastore": "ood", "mat": 1.4}]}
     assert list(committed_method_rows(sense, "gsm8k")) == ["ar"]
     # the ID store where there is one; wide-tree and float32 rows never stand in for the run's
     sense["rows"] += [{"method": "ar", "dataset": "gsm8k", "datastore": "id", "mat": 1.0},

@@ -181,18 +181,18 @@ def test_method_order_rotates_and_alternates():
 
 
 def test_spec_bench_categories_and_float32_rows_are_collected_and_reported():
-    """collect_rows pools Spec-Bench's categories into "spec_bench" (judged against its target)
+    """collect_rows pools Spec-Bench's categories into "spec_bench_heldout" (judged against its target)
     and tags the float32 rows; the report gives each category a line and float32 its table."""
     from bench.sense import collect_rows
 
     def agg(tps):
         return {"id": {m: {**_agg({})[m], "tps": [tps, tps], "identical": [True, True]} for m in METHODS}}
 
-    done = {f"spec_bench/{cat}": {"questions": 2, "agg": agg(10.0), "wide": {}} for cat in ("qa", "rag")}
+    done = {f"spec_bench_heldout/{cat}": {"questions": 2, "agg": agg(10.0), "wide": {}} for cat in ("qa", "rag")}
     f32 = {"id": {m: _agg({})[m] for m in ("ar", "sense_strict")}}
     done["gsm8k"] = {"questions": 2, "agg": agg(10.0), "wide": {}, "float32": f32}
     rows = collect_rows(done, 0, "bfloat16")
-    pooled = [r for r in rows if r["dataset"] == "spec_bench"]
+    pooled = [r for r in rows if r["dataset"] == "spec_bench_heldout"]
     assert {r["method"] for r in pooled} == set(METHODS) and all(r["questions"] == 4 for r in pooled)
     assert all(r["dtype"] == "bfloat16" for r in rows if not r.get("float32_beside"))
     beside = [r for r in rows if r.get("float32_beside")]
@@ -201,10 +201,10 @@ def test_spec_bench_categories_and_float32_rows_are_collected_and_reported():
     md = render({**_payload(2.5, 3.0, 1.2), "rows": rows, "machine": {"cpu": "x", "cores": 2, "torch": "t",
                                                                        "dtype": "bfloat16"}})
     assert "| qa | 2 | " in md and "| rag | 2 | " in md and "| 8/8 |" in md
-    assert "- spec_bench, id store: SENSE-strict speedup over ar 1.00 (target 1.5: missed by 33%)." in md
+    assert "- spec_bench_heldout, id store: SENSE-strict speedup over ar 1.00 (target 1.5: missed by 33%)." in md
     assert "## float32 beside bfloat16" in md and "| sense_strict | float32 | 2 |" in md
     assert "bfloat16 ar over float32 ar on the same 2 questions: 1.00x." in md
-    assert "| id | spec_bench/qa" not in md        # categories only in their own table
+    assert "| id | spec_bench_heldout/qa" not in md        # categories only in their own table
 
 
 def test_spec_bench_halves_never_evaluate_a_store_question():
