@@ -171,6 +171,10 @@ class DecoderConfig(_Section):
                                          "while their prompts total at most this many tokens (always one; all "
                                          "of them when none is running): the most prefill the running requests "
                                          "wait for in a step")
+    stream_interval_ms: float = Field(100.0, ge=0, description="a streamed request's tokens are sent at most "
+                                      "this often (the first at once, the last with the finish): every "
+                                      "chunk costs CPU in the replica, the ingress, the proxy and the client, "
+                                      "taken from the decode loop on a small machine; 0: one chunk per step")
     serialize_forward: bool = Field(True, description="without batching: one forward pass at a time per replica "
                                                       "(see decoder.py)")
     index_wait_s: float = Field(120.0, ge=0, description="how long a replica waits for the shards to hold a "

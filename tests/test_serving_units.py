@@ -255,17 +255,37 @@ def test_stream_deltas_waiting_together_go_as_one_chunk():
     from serving.decoder import coalesce_deltas
 
     q: asyncio.Queue = asyncio.Queue()
-    for e in ({"type": "delta", "text": "b", "token_ids": [2]}, {"type": "delta", "text": "c", "token_ids": [3]},
-              {"type": "done", "text": ""}, {"type": "delta", "text": "never", "token_ids": [9]}):
+    for e in ({"type": "delta", "token_ids": [2]}, {"type": "delta", "token_ids": [3]},
+              {"type": "done", "text": ""}, {"type": "delta", "token_ids": [9]}):
         q.put_nowait(e)
-    event, held = coalesce_deltas({"type": "delta", "text": "a", "token_ids": [1]}, q)
-    assert event == {"type": "delta", "text": "abc", "token_ids": [1, 2, 3]}
+    event, held = coalesce_deltas({"type": "delta", "token_ids": [1]}, q)
+    assert event == {"type": "delta", "token_ids": [1, 2, 3]}           # text is decoded per chunk later
     assert held == {"type": "done", "text": ""} and q.qsize() == 1        # order kept, nothing after "done" read
     start = {"type": "start", "prompt_tokens": 3}
     assert coalesce_deltas(start, q) == (start, None) and q.qsize() == 1   # only deltas merge
     empty: asyncio.Queue = asyncio.Queue()
-    one = {"type": "delta", "text": "x", "token_ids": [5]}
+    one = {"type": "delta", "token_ids": [5]}
     assert coalesce_deltas(one, empty) == (one, None)                     # nothing waiting: sent as is
+
+
+def test_stream_buffer_sends_the_first_tokens_at_once_then_at_most_every_interval():
+    from serving.decoder import StreamBuffer
+
+    now = [0.0]
+    sent: list[dict] = []
+    buf = StreamBuffer(sent.append, 0.1, clock=lambda: now[0])
+    buf.push([1])                                   # the first tokens: at once
+    for t, ids in ((0.03, [2]), (0.06, [3, 4]), (0.11, [5]), (0.15, [6])):
+        now[0] = t
+        buf.push(ids)
+    assert [e["token_ids"] for e in sent] == [[1], [2, 3, 4, 5]]     # 6 waits for the interval
+    buf.flush()                                     # before the finish: the rest
+    buf.flush()                                     # nothing left: nothing sent
+    assert [e["token_ids"] for e in sent] == [[1], [2, 3, 4, 5], [6]]
+    every = StreamBuffer(sent.append, 0.0, clock=lambda: now[0])       # interval 0: one chunk a step
+    every.push([7])
+    every.push([8])
+    assert [e["token_ids"] for e in sent[-2:]] == [[7], [8]]
 
 
 def test_serving_run_gives_a_local_cpu_decoder_the_machines_cores(monkeypatch):
