@@ -132,6 +132,50 @@ def summarize(runs: list[dict]) -> dict:
             "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
 
 
+def _ratio(row: dict) -> str:
+    """A paired ratio: the median over repeats and, with several, their range."""
+    lo, hi = row.get("ratio_min", row["ratio"]), row.get("ratio_max", row["ratio"])
+    return f"{row['ratio']:.2f}x" + (f" [{lo:.2f}, {hi:.2f}]" if hi > lo else "")
+
+
+def render(payload: dict) -> str:
+    """The markdown report of a run (``payload``: its machine, args and rows)."""
+    args, rows, mach = payload["args"], payload["rows"], payload["machine"]
+    reason = mach.get("dtype_reason") or mach.get("dtype", "?")
+    levels = sorted({r["concurrency"] for r in rows if r["method"] != "ttft_p99_ratio"})
+    methods = [m for m in ("ar", "sense", "pld", "rest", "dresd") if any(r["method"] == m for r in rows)]
+    md = ["# Served load (`python -m bench.serving_load`)", "",
+          f"Target: {reason}; one decoder replica ({mach.get('torch_threads', '?')} torch threads), default limits "
+          f"(a batch of at most 8, the rest queued); {args['max_tokens']}-token streamed chat completions (EOS "
+          f"ignored), greedy, through the `openai` client; per level max(c, {args['min_requests']}) distinct GSM8K "
+          f"test questions, closed loop; {args['repeats']} repeat(s), order rotated. Tokens/s are medians over "
+          f"the repeats; a ratio is the median of the repeats' paired ratios (each repeat's runs side by side), "
+          f"[min, max] beside it. Every served answer equals the question decoded alone by the engine, token "
+          f"for token.", "",
+          "| method | in flight | batched tok/s | vs serialized | vs HF static batch | vs ar batched | "
+          "TTFT p50 / p99 ms | latency p50 / p99 s |",
+          "|---|---|---|---|---|---|---|---|"]
+    for c in levels:
+        for m in methods:
+            r = {row["vs"]: row for row in rows if row["method"] == m and row["concurrency"] == c}
+            if "serialized" not in r:
+                continue
+            b = r["serialized"]
+            arb = _ratio(r["ar_batched"]) if "ar_batched" in r else "-"
+            md.append(f"| {m} | {c} | {b['tokens_per_s']:.1f} | {_ratio(b)} ({b['peer_tokens_per_s']:.1f}) | "
+                      f"{_ratio(r['hf_static_batch'])} ({r['hf_static_batch']['peer_tokens_per_s']:.1f}) | "
+                      f"{arb} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | "
+                      f"{b['latency_p50_s']:.2f} / {b['latency_p99_s']:.2f} |")
+    for row in rows:
+        if row["vs"] == "engine":
+            md.append(f"\nAt 1 in flight, served {row['method']} over the in-process engine: {_ratio(row)} "
+                      f"(medians: {row['tokens_per_s']:.1f} served, {row['peer_tokens_per_s']:.1f} tok/s engine).")
+        if row["method"] == "ttft_p99_ratio":
+            md.append(f"\np99 time to first token of {row['decode_method']} at 16 in flight over its value at 1: "
+                      f"{row['ratio']:.2f}x.")
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None) -> int:
     from decoding.cli import _quiet_libraries
 
@@ -241,35 +285,12 @@ def main(argv=None) -> int:
                      "vs": "concurrency_1", "ratio": round(s[(ttft_m, "batched", 16)]["ttft_p99_ms"]
                                                          / s[(ttft_m, "batched", 1)]["ttft_p99_ms"], 3)})
 
-    md = ["# Served load (`python -m bench.serving_load`)", "",
-          f"Target: {target.dtype_choice.reason}; one decoder replica ({threads} torch threads), default limits "
-          f"(a batch of at most 8, the rest queued); {args.max_tokens}-token streamed chat completions (EOS "
-          f"ignored), greedy, through the `openai` client; per level max(c, {args.min_requests}) distinct GSM8K "
-          f"test questions, closed loop; median of {args.repeats} repeat(s), order rotated. Every served answer "
-          f"equals the question decoded alone by the engine, token for token.", "",
-          "| method | in flight | batched tok/s | vs serialized | vs HF static batch | vs ar batched | "
-          "TTFT p50 / p99 ms | latency p50 / p99 s |",
-          "|---|---|---|---|---|---|---|---|"]
-    for c in levels:
-        for m in methods:
-            r = {row["vs"]: row for row in rows if row["method"] == m and row["concurrency"] == c}
-            b = r["serialized"]
-            arb = f"{r['ar_batched']['ratio']:.2f}x" if "ar_batched" in r else "-"
-            md.append(f"| {m} | {c} | {b['tokens_per_s']:.1f} | {b['ratio']:.2f}x ({b['peer_tokens_per_s']:.1f}) | "
-                      f"{r['hf_static_batch']['ratio']:.2f}x ({r['hf_static_batch']['peer_tokens_per_s']:.1f}) | "
-                      f"{arb} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | "
-                      f"{b['latency_p50_s']:.2f} / {b['latency_p99_s']:.2f} |")
-    for row in rows:
-        if row["vs"] == "engine":
-            md.append(f"\nAt 1 in flight, served {row['method']} over the in-process engine: {row['ratio']:.3f}x "
-                      f"({row['tokens_per_s']:.1f} against {row['peer_tokens_per_s']:.1f} tok/s).")
-        if row["method"] == "ttft_p99_ratio":
-            md.append(f"\np99 time to first token of {row['decode_method']} at 16 in flight over its value at 1: "
-                      f"{row['ratio']:.2f}x.")
-    text = "\n".join(md) + "\n"
+    text = render({"machine": {"dtype_reason": target.dtype_choice.reason, "torch_threads": threads},
+                   "args": vars(args), "rows": rows})
     print(text)
     if not args.quick:
-        write_results("serving_load", machine_info() | {"dtype": str(target.dtype).removeprefix("torch.")}, rows,
+        write_results("serving_load", machine_info() | {"dtype": str(target.dtype).removeprefix("torch."),
+                                                        "dtype_reason": target.dtype_choice.reason}, rows,
                       text, extra={"args": vars(args)})
     return 0
 

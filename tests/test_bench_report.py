@@ -232,3 +232,23 @@ def test_soft_quality_reports_gate_rates_and_a_paired_interval():
     d = np.random.default_rng(1).normal(-0.01, 0.05, 400)          # a small, real difference
     lo, hi = _mean_interval(d)
     assert lo < d.mean() < hi and hi < 0 and hi - lo < 0.02
+
+
+def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
+    """The served-load report renders from a payload alone (so a committed run re-renders), each
+    ratio with the range of its repeats."""
+    from bench.serving_load import render
+
+    def row(m, c, vs, ratio, lo, hi):
+        return {"method": m, "concurrency": c, "vs": vs, "ratio": ratio, "ratio_min": lo, "ratio_max": hi,
+                "tokens_per_s": 30.0, "peer_tokens_per_s": 20.0, "ttft_p50_ms": 300, "ttft_p99_ms": 400,
+                "latency_p50_s": 2.0, "latency_p99_s": 3.0}
+
+    rows = [row("ar", 1, "serialized", 1.5, 1.4, 1.6), row("ar", 1, "hf_static_batch", 1.1, 1.1, 1.1),
+            row("sense", 1, "serialized", 1.2, 1.0, 1.3), row("sense", 1, "hf_static_batch", 1.3, 1.2, 1.4),
+            row("sense", 1, "ar_batched", 0.9, 0.8, 1.1), row("sense", 1, "engine", 1.02, 0.95, 1.04)]
+    md = render({"machine": {"dtype": "bfloat16", "torch_threads": 2}, "rows": rows,
+                 "args": {"max_tokens": 64, "min_requests": 8, "repeats": 3}})
+    assert "| ar | 1 | 30.0 | 1.50x [1.40, 1.60] (20.0) | 1.10x (20.0) | - |" in md
+    assert "| sense | 1 | 30.0 | 1.20x [1.00, 1.30] (20.0) | 1.30x [1.20, 1.40] (20.0) | 0.90x [0.80, 1.10] |" in md
+    assert "served sense over the in-process engine: 1.02x [0.95, 1.04]" in md
