@@ -14,7 +14,8 @@ requests. A request is prepared (encoded, its drafter and budget chosen) in a wo
   parallel forwards only fight over the same cores).
 
 Events the ``generate`` stream yields (plain dicts): ``start`` (prompt accepted), ``delta``
-(text and token ids committed by a step; streaming requests only), then ``done`` (final text
+(text and token ids committed since the last one, at most every ``decoder.stream_interval_ms``;
+streaming requests only), then ``done`` (final text
 tail, finish reason, usage and statistics) or a single ``error`` (an APIError as a dict).
 """
 
