@@ -143,7 +143,7 @@ def render(payload: dict) -> str:
     args, rows, mach = payload["args"], payload["rows"], payload["machine"]
     reason = mach.get("dtype_reason") or mach.get("dtype", "?")
     levels = sorted({r["concurrency"] for r in rows if r["method"] != "ttft_p99_ratio"})
-    methods = [m for m in ("ar", "sense", "pld", "rest", "dresd") if any(r["method"] == m for r in rows)]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "ttft_p99_ratio"))
     md = ["# Served load (`python -m bench.serving_load`)", "",
           f"Target: {reason}; one decoder replica ({mach.get('torch_threads', '?')} torch threads), default limits "
           f"(a batch of at most 8, the rest queued); {args['max_tokens']}-token streamed chat completions (EOS "
