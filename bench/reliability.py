@@ -281,15 +281,21 @@ def main(argv=None) -> int:
     ap.add_argument("--long-tokens", type=int, default=128, help="new tokens of each long answer")
     ap.add_argument("--long-only", action="store_true",
                     help="only the long-answer round (no warm-up, load rounds or faults); prints, writes nothing")
-    ap.add_argument("--max-ongoing", type=int, default=8,
-                    help="decoder max_ongoing_requests (the served default; with batching, the batch limit)")
-    ap.add_argument("--max-queued", type=int, default=16, help="decoder max_queued_requests (the served default)")
+    ap.add_argument("--max-ongoing", type=int, default=None,
+                    help="decoder max_ongoing_requests (default: the served default; with batching, the batch limit)")
+    ap.add_argument("--max-queued", type=int, default=None,
+                    help="decoder max_queued_requests (default: the served default)")
     ap.add_argument("--decoder-kills", default="ray.kill,SIGKILL")
     ap.add_argument("--shard-kills", default="ray.kill,SIGKILL")
     ap.add_argument("--no-pipeline-faults", action="store_true")
     ap.add_argument("--write", action="store_true",
                     help="with --quick or --long-only: write the results files anyway")
     args = ap.parse_args(argv)
+    from serving.config import DecoderConfig
+
+    served = DecoderConfig()
+    args.max_ongoing = served.max_ongoing_requests if args.max_ongoing is None else args.max_ongoing
+    args.max_queued = served.max_queued_requests if args.max_queued is None else args.max_queued
     if args.quick:
         args.requests, args.rounds, args.warmup, args.seconds, args.no_pipeline_faults = 600, 1, 60, 15, True
     if args.long_only:

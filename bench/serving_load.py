@@ -146,7 +146,7 @@ def render(payload: dict) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "ttft_p99_ratio"))
     md = ["# Served load (`python -m bench.serving_load`)", "",
           f"Target: {reason}; one decoder replica ({mach.get('torch_threads', '?')} torch threads), default limits "
-          f"(a batch of at most 8, the rest queued); {args['max_tokens']}-token streamed chat completions (EOS "
+          f"(a batch of at most {args.get('batch_limit', 8)}, the rest queued); {args['max_tokens']}-token streamed chat completions (EOS "
           f"ignored), greedy, through the `openai` client; per level max(c, {args['min_requests']}) distinct GSM8K "
           f"test questions, closed loop; {args['repeats']} repeat(s), order rotated. Tokens/s are medians over "
           f"the repeats; a ratio is the median of the repeats' paired ratios (each repeat's runs side by side), "
@@ -193,6 +193,9 @@ def main(argv=None) -> int:
         args.concurrency, args.max_tokens, args.min_requests = "1,4", 16, 4
     levels = [int(c) for c in args.concurrency.split(",")]
 
+    from serving.config import DecoderConfig
+
+    args.batch_limit = DecoderConfig().max_ongoing_requests     # the served default, recorded
     import ray
     import torch
     from ray import serve

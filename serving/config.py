@@ -159,8 +159,8 @@ class DecoderConfig(_Section):
     autoscaling_config: dict | None = Field(
         None, description="Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, "
                           "upscale_delay_s, downscale_delay_s, metrics_interval_s, look_back_period_s, ...)")
-    max_ongoing_requests: int = Field(8, ge=1, description="concurrent generations per replica (with batching: "
-                                                           "the most requests verified in one forward)")
+    max_ongoing_requests: int = Field(16, ge=1, description="concurrent generations per replica (with batching: "
+                                                            "the most requests verified in one forward)")
     max_queued_requests: int = Field(16, ge=-1, description="queued at each caller before 503/429 (-1: no limit)")
     ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1},
                                     description="num_cpus, num_gpus, memory, resources, runtime_env ...")
