@@ -105,6 +105,9 @@ def library() -> ctypes.CDLL | None:
         for name in ("sense_attention_f32", "sense_attention_bf16"):
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64, p, p, p, i, i, i, i, i, f, i]
             getattr(lib, name).restype = None
+        lib.sense_linear_bf16dp.argtypes = [p, p, i64, p, i, i, i, i]
+        lib.sense_linear_bf16dp.restype = None
+        lib.sense_has_bf16dp.restype = ctypes.c_int
         lib.sense_kernel_isa.restype = ctypes.c_char_p
         _lib = lib
         return _lib
@@ -134,11 +137,24 @@ def kernel_isa() -> str:
 
 # -- linear -----------------------------------------------------------------------------------
 
+def bf16_pairs() -> bool:
+    """Whether bfloat16 linears run on the AVX512-BF16 kernel (``vdpbf16ps``, pair-packed weights)."""
+    lib = library()
+    return bool(lib is not None and lib.sense_has_bf16dp())
+
+
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [ceil(N/16), K, 16], zero-padded: each block of 16 outputs contiguous in memory,
-    the order the kernel streams it (one pass over the weights per 6 input rows)."""
+    the order the kernel streams it (one pass over the weights per 6 input rows). bfloat16 on a
+    CPU with AVX512-BF16: [ceil(N/16), ceil(K/2), 16, 2], the pairs of k of each output together
+    (K padded with a zero column when odd), the layout of the ``vdpbf16ps`` kernel."""
     n, k = weight.shape
     panels = -(-n // PANEL)
+    if weight.dtype == torch.bfloat16 and bf16_pairs():
+        k2 = -(-k // 2)
+        padded = torch.zeros(panels * PANEL, 2 * k2, dtype=weight.dtype)
+        padded[:n, :k] = weight.detach()
+        return padded.view(panels, PANEL, k2, 2).permute(0, 2, 1, 3).contiguous()
     padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype)
     padded[:n] = weight.detach()
     return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
@@ -173,7 +189,8 @@ class PackedWeight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` with every output element one fixed chain of FMAs over
-        the input dimension, accumulated in float32 and rounded once to x's dtype."""
+        the input dimension (on AVX512-BF16, of bfloat16 pair products), accumulated in float32
+        and rounded once to x's dtype."""
         lib = library()
         w = self.weight
         n_out, k = w.shape
@@ -188,11 +205,21 @@ class PackedWeight:
 
 
 def packed_linear(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int) -> torch.Tensor:
-    """x [R, K] (any float dtype) @ the packed weight's [n_out, K]^T -> [R, n_out] float32."""
+    """x [R, K] (any float dtype) @ the packed weight's [n_out, K]^T -> [R, n_out] float32. With
+    pair-packed bfloat16 weights x is taken in bfloat16 (exact for a bfloat16 model's activations)."""
     lib = library()
     rows, k = x.shape
-    xf = x.to(torch.float32).contiguous()
     y = torch.empty(rows, n_out, dtype=torch.float32)
+    if packed.dim() == 4:           # pair-packed bfloat16 (pack_panels): x in bfloat16 too
+        k2 = packed.shape[1]
+        xb = x.to(torch.bfloat16)
+        if 2 * k2 != k:
+            xb = F.pad(xb, (0, 2 * k2 - k))
+        xb = xb.contiguous()
+        lib.sense_linear_bf16dp(xb.data_ptr(), packed.data_ptr(), 2 * PANEL * k2, y.data_ptr(), rows, 2 * k2,
+                                n_out, threads)
+        return y
+    xf = x.to(torch.float32).contiguous()
     fn = lib.sense_linear_f32 if packed.dtype == torch.float32 else lib.sense_linear_bf16
     fn(xf.data_ptr(), packed.data_ptr(), PANEL * k, y.data_ptr(), rows, k, n_out, threads)
     return y

@@ -133,3 +133,17 @@ def test_a_verified_chain_equals_autoregressive_steps(any_target):
         any_target.commit(state, [0])
         assert torch.equal(step.logits[0], chain.logits[i]), f"node {i}"
         assert torch.equal(step.hidden[0], chain.hidden[i]), f"node {i}"
+
+
+def test_bfloat16_linears_take_the_avx512_bf16_kernel_where_the_cpu_has_it():
+    """On a CPU with AVX512-BF16 the bfloat16 linears run on vdpbf16ps (pair-packed weights,
+    twice the products per instruction); elsewhere on the widened-FMA kernel. Either way the rows
+    are independent (the test above) and float32 keeps its kernel."""
+    from decoding.measured import cpu_isa
+
+    has = {"avx512f", "avx512_bf16"} <= set(cpu_isa())
+    assert invariant.bf16_pairs() == has
+    assert ("avx512bf16-dp" in invariant.kernel_isa()) == has
+    w = torch.randn(40, 13)
+    assert invariant.pack_panels(w).shape == (3, 13, 16)
+    assert invariant.pack_panels(w.to(torch.bfloat16)).shape == ((3, 7, 16, 2) if has else (3, 13, 16))

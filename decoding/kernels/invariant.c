@@ -17,7 +17,8 @@
  *                the keys it sees in an autoregressive step, in the same order.
  *
  * Weights may be float32 or bfloat16 (widened exactly to float32 on load); activations and
- * accumulators are float32. Built once per machine with -march=native (decoding/invariant.py);
+ * accumulators are float32. On a CPU with AVX512-BF16, bfloat16 linears take their activations
+ * in bfloat16 too and run on vdpbf16ps (sense_linear_bf16dp), one chain of pair products per output. Built once per machine with -march=native (decoding/invariant.py);
  * without AVX2+FMA a portable 8-lane emulation with fmaf gives the same guarantee.
  */
 #include <math.h>
@@ -87,7 +88,16 @@ static inline vec v_exp(vec x) { for (int i = 0; i < 8; i++) x.v[i] = expf(x.v[i
 #define KERNEL_ISA "portable"
 #endif
 
-const char *sense_kernel_isa(void) { return KERNEL_ISA; }
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define BF16DP 1
+#define BF16DP_ISA "+avx512bf16-dp"
+#else
+#define BF16DP 0
+#define BF16DP_ISA ""
+#endif
+
+const char *sense_kernel_isa(void) { return KERNEL_ISA BF16DP_ISA; }
+int sense_has_bf16dp(void) { return BF16DP; }
 
 /* ---------------------------------------------------------------------------------------- */
 /* linear: y[R, N] = x[R, K] @ W[N, K]^T with W packed panel by panel (PANEL = 16 outputs, the  */
@@ -183,6 +193,92 @@ void NAME(const float *x, const WT *P, int64_t pstride, float *y, int R, int K, 
 
 DEFINE_LINEAR(sense_linear_f32, float, v_load)
 DEFINE_LINEAR(sense_linear_bf16, uint16_t, v_load_bf16)
+
+/* ---------------------------------------------------------------------------------------- */
+/* linear, bfloat16 on AVX512-BF16: y[R, N] = x[R, K] @ W[N, K]^T, x and W in bfloat16, with     */
+/* vdpbf16ps. W is packed in pairs of k: element (n, k) at P[(n / 16) * 16 K + (k / 2) * 32 +    */
+/* (n % 16) * 2 + k % 2] (K even, padded with a zero column by the caller), so one 32-bit lane  */
+/* holds (W[n, k], W[n, k+1]) and a broadcast of (x[r, k], x[r, k+1]) meets all 16 outputs of   */
+/* a panel. y[r, n] = dp(... dp(dp(0, pair 0), pair 1) ..., pair K/2-1): one chain per output  */
+/* in the order of k, as in the linears above (each step adds the pair's two exact products,   */
+/* as the instruction defines it), so a row's result does not depend on the rows beside it or  */
+/* on the block. Twice the products per instruction of the float32 FMA, half the weight bytes. */
+#if BF16DP
+#define DEFINE_DP_BLOCK(RB, NP)                                                                \
+static __attribute__((noinline)) void dp_r##RB##_p##NP(const uint32_t *x, int K2, const uint16_t *P, \
+                                                     size_t pstride, float *y, int ldy, int ncols) { \
+    __m512 acc[RB][NP];                                                                        \
+    _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++)                                       \
+        _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) acc[j][q] = _mm512_setzero_ps();  \
+    for (int kk = 0; kk < K2; kk++) {                                                          \
+        __m512i w[NP];                                                                         \
+        _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++)                                   \
+            w[q] = _mm512_loadu_si512((const void *)(P + q * pstride + (size_t)kk * 2 * PANEL)); \
+        _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) {                                 \
+            const __m512i xv = _mm512_set1_epi32((int)x[(size_t)j * K2 + kk]);                 \
+            _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++)                               \
+                acc[j][q] = _mm512_dpbf16_ps(acc[j][q], (__m512bh)xv, (__m512bh)w[q]);         \
+        }                                                                                      \
+    }                                                                                          \
+    for (int j = 0; j < RB; j++)                                                               \
+        for (int q = 0; q < NP; q++) {                                                         \
+            float buf[PANEL];                                                                  \
+            _mm512_storeu_ps(buf, acc[j][q]);                                                  \
+            const int c0 = q * PANEL, nc = ncols - c0 < PANEL ? ncols - c0 : PANEL;            \
+            if (nc > 0) memcpy(y + (size_t)j * ldy + c0, buf, sizeof(float) * (size_t)nc);    \
+        }                                                                                      \
+}
+/* Blocks: 1 row x 8 panels, 2 x 6, 3 x 4, 4 x 3 (8-16 chains in flight), then 1-6 rows x 1. */
+DEFINE_DP_BLOCK(1, 8) DEFINE_DP_BLOCK(2, 6) DEFINE_DP_BLOCK(3, 4) DEFINE_DP_BLOCK(4, 3)
+DEFINE_DP_BLOCK(1, 1) DEFINE_DP_BLOCK(2, 1) DEFINE_DP_BLOCK(3, 1) DEFINE_DP_BLOCK(4, 1)
+DEFINE_DP_BLOCK(5, 1) DEFINE_DP_BLOCK(6, 1)
+
+static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, float *y, int ldy, int nc,
+                    int rb, int np) {
+    if (np == 8) dp_r1_p8(x, K2, P, ps, y, ldy, nc);
+    else if (np == 6) dp_r2_p6(x, K2, P, ps, y, ldy, nc);
+    else if (np == 4) dp_r3_p4(x, K2, P, ps, y, ldy, nc);
+    else if (np == 3) dp_r4_p3(x, K2, P, ps, y, ldy, nc);
+    else switch (rb) {
+        case 6: dp_r6_p1(x, K2, P, ps, y, ldy, nc); break;
+        case 5: dp_r5_p1(x, K2, P, ps, y, ldy, nc); break;
+        case 4: dp_r4_p1(x, K2, P, ps, y, ldy, nc); break;
+        case 3: dp_r3_p1(x, K2, P, ps, y, ldy, nc); break;
+        case 2: dp_r2_p1(x, K2, P, ps, y, ldy, nc); break;
+        default: dp_r1_p1(x, K2, P, ps, y, ldy, nc); break;
+    }
+}
+
+/* x: [R, K] bfloat16 (K even) read as R x K/2 pairs; P: the pair-packed weight; y: [R, N] float32. */
+void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, int R, int K, int N,
+                         int threads) {
+    const uint32_t *x32 = (const uint32_t *)x;
+    const int K2 = K / 2, panels = (N + PANEL - 1) / PANEL;
+    const int group = R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : R == 4 ? 3 : 1;
+    const int rbmax = R <= 4 ? R : 6;
+    const int groups = (panels + group - 1) / group;
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (int gi = 0; gi < groups; gi++) {
+        const int p0 = gi * group, np = panels - p0 < group ? panels - p0 : group;
+        for (int r0 = 0; r0 < R; r0 += rbmax) {
+            const int rb = R - r0 < rbmax ? R - r0 : rbmax;
+            const uint32_t *xr = x32 + (size_t)r0 * K2;
+            float *yr = y + (size_t)r0 * N;
+            if (group > 1 && np == group) {
+                dp_rows(xr, K2, P + (size_t)p0 * pstride, (size_t)pstride, yr + p0 * PANEL, N, N - p0 * PANEL, rb, np);
+            } else {        /* one panel at a time (5+ rows, or the last few panels) */
+                for (int p = p0; p < p0 + np; p++)
+                    dp_rows(xr, K2, P + (size_t)p * pstride, (size_t)pstride, yr + p * PANEL, N, N - p * PANEL, rb, 1);
+            }
+        }
+    }
+}
+#else
+void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, int R, int K, int N,
+                         int threads) {
+    (void)x; (void)P; (void)pstride; (void)y; (void)R; (void)K; (void)N; (void)threads;   /* never called */
+}
+#endif
 
 /* ---------------------------------------------------------------------------------------- */
 /* attention over an explicit list of visible keys per query row                             */
