@@ -276,7 +276,9 @@ def test_long_answer_reference_is_the_request_decoded_alone(target):
 
     bodies = long_bodies(4, 24)[1::2]                  # the PLD ones: no index needed
     threads = torch.get_num_threads()
-    refs = engine_reference(bodies, bench_app_args(2, 4))
+    app = bench_app_args(2, 4)
+    app["model"]["dtype"] = "float32"       # the `target` fixture's ("auto" may measure bfloat16 faster)
+    refs = engine_reference(bodies, app)
     assert torch.get_num_threads() == threads                                # restored
     for body, ref in zip(bodies, refs):
         ids = encode_prompt(target, body["messages"][0]["content"])

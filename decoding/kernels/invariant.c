@@ -228,20 +228,25 @@ static __attribute__((noinline)) void dp_r##RB##_p##NP(const uint32_t *x, int K2
             if (nc > 0) memcpy(y + (size_t)j * ldy + c0, buf, sizeof(float) * (size_t)nc);    \
         }                                                                                      \
 }
-/* Blocks: 1 row x 8 panels, 2 x 6, 3 x 4, 4 x 3 (8-16 chains in flight), then 1-6 rows x 1. */
+/* Blocks: 1 row x 8 panels, 2 x 6, 3 x 4, and 4 x 3 (8-12 chains in flight, which the
+ * instruction's latency needs); more rows go through in blocks of 4 rows x 3 panels (the panels
+ * stay in cache between them), the last 1-3 rows x 3; leftover panels one at a time. */
 DEFINE_DP_BLOCK(1, 8) DEFINE_DP_BLOCK(2, 6) DEFINE_DP_BLOCK(3, 4) DEFINE_DP_BLOCK(4, 3)
+DEFINE_DP_BLOCK(1, 3) DEFINE_DP_BLOCK(2, 3) DEFINE_DP_BLOCK(3, 3)
 DEFINE_DP_BLOCK(1, 1) DEFINE_DP_BLOCK(2, 1) DEFINE_DP_BLOCK(3, 1) DEFINE_DP_BLOCK(4, 1)
-DEFINE_DP_BLOCK(5, 1) DEFINE_DP_BLOCK(6, 1)
 
 static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, float *y, int ldy, int nc,
                     int rb, int np) {
     if (np == 8) dp_r1_p8(x, K2, P, ps, y, ldy, nc);
     else if (np == 6) dp_r2_p6(x, K2, P, ps, y, ldy, nc);
     else if (np == 4) dp_r3_p4(x, K2, P, ps, y, ldy, nc);
-    else if (np == 3) dp_r4_p3(x, K2, P, ps, y, ldy, nc);
+    else if (np == 3) switch (rb) {
+        case 4: dp_r4_p3(x, K2, P, ps, y, ldy, nc); break;
+        case 3: dp_r3_p3(x, K2, P, ps, y, ldy, nc); break;
+        case 2: dp_r2_p3(x, K2, P, ps, y, ldy, nc); break;
+        default: dp_r1_p3(x, K2, P, ps, y, ldy, nc); break;
+    }
     else switch (rb) {
-        case 6: dp_r6_p1(x, K2, P, ps, y, ldy, nc); break;
-        case 5: dp_r5_p1(x, K2, P, ps, y, ldy, nc); break;
         case 4: dp_r4_p1(x, K2, P, ps, y, ldy, nc); break;
         case 3: dp_r3_p1(x, K2, P, ps, y, ldy, nc); break;
         case 2: dp_r2_p1(x, K2, P, ps, y, ldy, nc); break;
@@ -254,8 +259,8 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
                          int threads) {
     const uint32_t *x32 = (const uint32_t *)x;
     const int K2 = K / 2, panels = (N + PANEL - 1) / PANEL;
-    const int group = R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : R == 4 ? 3 : 1;
-    const int rbmax = R <= 4 ? R : 6;
+    const int group = R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : 3;
+    const int rbmax = R <= 3 ? R : 4;
     const int groups = (panels + group - 1) / group;
     _Pragma("omp parallel for schedule(static) num_threads(threads)")
     for (int gi = 0; gi < groups; gi++) {
@@ -264,9 +269,9 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
             const int rb = R - r0 < rbmax ? R - r0 : rbmax;
             const uint32_t *xr = x32 + (size_t)r0 * K2;
             float *yr = y + (size_t)r0 * N;
-            if (group > 1 && np == group) {
+            if (np == group) {
                 dp_rows(xr, K2, P + (size_t)p0 * pstride, (size_t)pstride, yr + p0 * PANEL, N, N - p0 * PANEL, rb, np);
-            } else {        /* one panel at a time (5+ rows, or the last few panels) */
+            } else {        /* the last few panels, one at a time */
                 for (int p = p0; p < p0 + np; p++)
                     dp_rows(xr, K2, P + (size_t)p * pstride, (size_t)pstride, yr + p * PANEL, N, N - p * PANEL, rb, 1);
             }
