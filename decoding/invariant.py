@@ -147,7 +147,8 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [ceil(N/16), K, 16], zero-padded: each block of 16 outputs contiguous in memory,
     the order the kernel streams it (one pass over the weights per 6 input rows). bfloat16 on a
     CPU with AVX512-BF16: [ceil(N/16), ceil(K/2), 16, 2], the pairs of k of each output together
-    (K padded with a zero column when odd), the layout of the ``vdpbf16ps`` kernel."""
+    (K padded with a zero column when odd), the layout of the ``vdpbf16ps`` kernel (one pass over
+    the weights per 4 input rows)."""
     n, k = weight.shape
     panels = -(-n // PANEL)
     if weight.dtype == torch.bfloat16 and bf16_pairs():
