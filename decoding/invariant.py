@@ -17,7 +17,10 @@ near-tied argmax can flip: measured in ``bench/results/invariance.md``, up to 4e
   max, one vector exp routine and fixed-order sums.
 - Everything else in a Llama-style block (embedding, RMSNorm, rotary, SiLU) is row-wise
   elementwise or a per-row reduction in torch already; ``tests/test_invariance.py`` checks the
-  whole target bitwise.
+  whole target bitwise. The lean forward (decoding/lean_forward.py) runs those steps on C code of
+  its own too (:func:`rmsnorm`, :func:`rope_kv`, :func:`silu_mul`, and the linears' epilogues
+  that round and add the residual as they store, :func:`linear_into`): one call each instead of a
+  dozen torch ops, whose dispatch was a third of a one-row decode step.
 
 Forwards of more than :data:`MAX_ROWS` rows (prompt prefill) need no invariance (both decoding
 modes share the same prefill): their attention is torch's SDPA, and their linears run on whichever
@@ -99,14 +102,17 @@ def library() -> ctypes.CDLL | None:
             _error = str(e)
             return None
         p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-        for name in ("sense_linear_f32", "sense_linear_bf16"):
-            getattr(lib, name).argtypes = [p, p, i64, p, i, i, i, i]
+        for name in ("sense_linear_f32", "sense_linear_bf16", "sense_linear_bf16dp"):
+            getattr(lib, name).argtypes = [p, p, i64, p, p, p, p, i, i, i, i, i]
             getattr(lib, name).restype = None
         for name in ("sense_attention_f32", "sense_attention_bf16"):
-            getattr(lib, name).argtypes = [p, p, p, i64, i64, i64, p, p, p, i, i, i, i, i, f, i]
+            getattr(lib, name).argtypes = [p, i64, p, p, i64, i64, i64, p, p, p, i64, i, i, i, i, i, i, f, i]
             getattr(lib, name).restype = None
-        lib.sense_linear_bf16dp.argtypes = [p, p, i64, p, i, i, i, i]
-        lib.sense_linear_bf16dp.restype = None
+        lib.sense_rmsnorm.argtypes = [p, p, p, i, i, f, i, i]
+        lib.sense_rope_kv.argtypes = [p, i64, i, i, i, i, p, p, p, p, i64, i64, i]
+        lib.sense_silu_mul.argtypes = [p, p, i, i, i, i]
+        for name in ("sense_rmsnorm", "sense_rope_kv", "sense_silu_mul"):
+            getattr(lib, name).restype = None
         lib.sense_has_bf16dp.restype = ctypes.c_int
         lib.sense_kernel_isa.restype = ctypes.c_char_p
         _lib = lib
@@ -205,25 +211,57 @@ class PackedWeight:
         return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
+# Where a linear's float32 accumulators go (the epilogue in invariant.c): each mode is the same
+# arithmetic as the torch ops it replaces, so fusing them changes no bit.
+EPI_F32, EPI_BF16, EPI_BF16_RESIDUAL, EPI_F32_RESIDUAL, EPI_F32_VIA_BF16 = range(5)
+
+
 def packed_linear(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int) -> torch.Tensor:
     """x [R, K] (any float dtype) @ the packed weight's [n_out, K]^T -> [R, n_out] float32. With
     pair-packed bfloat16 weights x is taken in bfloat16 (exact for a bfloat16 model's activations)."""
+    y = torch.empty(x.shape[0], n_out, dtype=torch.float32)
+    _run_linear(packed, x, n_out, threads, y, None, None, None, EPI_F32)
+    return y
+
+
+def linear_into(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int, out: torch.Tensor,
+                residual: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                logits: bool = False) -> torch.Tensor:
+    """``out = (residual +) (x @ W^T + bias)`` rounded to out's dtype as torch would round each op,
+    written by the kernel itself (no float32 intermediate, no separate add). `out` [R, n_out]
+    contiguous, float32 or bfloat16; `residual` like `out` (may be `out`: updated in place);
+    `bias` float32; `logits`: out float32 holding the bfloat16-rounded values (a bfloat16
+    model's logits, widened)."""
+    bf16 = out.dtype == torch.bfloat16
+    if logits:
+        mode = EPI_F32_VIA_BF16 if x.dtype == torch.bfloat16 else EPI_F32
+    elif residual is not None:
+        mode = EPI_BF16_RESIDUAL if bf16 else EPI_F32_RESIDUAL
+    else:
+        mode = EPI_BF16 if bf16 else EPI_F32
+    y = out if mode in (EPI_F32, EPI_F32_VIA_BF16) else None
+    _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode)
+    return out
+
+
+def _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode) -> None:
     lib = library()
     rows, k = x.shape
-    y = torch.empty(rows, n_out, dtype=torch.float32)
+    ptr = lambda t: None if t is None else t.data_ptr()     # noqa: E731
+    args = (ptr(y), ptr(out), ptr(residual), ptr(bias), mode)
     if packed.dim() == 4:           # pair-packed bfloat16 (pack_panels): x in bfloat16 too
         k2 = packed.shape[1]
-        xb = x.to(torch.bfloat16)
+        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if 2 * k2 != k:
             xb = F.pad(xb, (0, 2 * k2 - k))
-        xb = xb.contiguous()
-        lib.sense_linear_bf16dp(xb.data_ptr(), packed.data_ptr(), 2 * PANEL * k2, y.data_ptr(), rows, 2 * k2,
-                                n_out, threads)
-        return y
+        if not xb.is_contiguous():
+            xb = xb.contiguous()
+        lib.sense_linear_bf16dp(xb.data_ptr(), packed.data_ptr(), 2 * PANEL * k2, *args, rows, 2 * k2, n_out,
+                                threads)
+        return
     xf = x.to(torch.float32).contiguous()
     fn = lib.sense_linear_f32 if packed.dtype == torch.float32 else lib.sense_linear_bf16
-    fn(xf.data_ptr(), packed.data_ptr(), PANEL * k, y.data_ptr(), rows, k, n_out, threads)
-    return y
+    fn(xf.data_ptr(), packed.data_ptr(), PANEL * k, *args, rows, k, n_out, threads)
 
 
 _large: dict[tuple, str] = {}
@@ -357,17 +395,61 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowpt
     """query [B, T, H, D], key/value [B, G, L, D] (any strides with contiguous rows), each query
     row over the keys its CSR list (rowptr, idx) names -> [B, T, H, D] in the query's dtype."""
     b, t, h, d = query.shape
-    g = key.shape[1]
     q = query.to(torch.float32).contiguous()
+    out = torch.empty(b, t, h, d, dtype=torch.float32)
+    _attention(q, h * d, key, value, rowptr, idx, scale, out, h * d, b, t, h, d)
+    return out.to(query.dtype)
+
+
+def attention_into(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowptr: torch.Tensor,
+                   idx: torch.Tensor, scale: float, out: torch.Tensor, heads: int) -> None:
+    """One request's rows: q [T, >= heads * D] (the queries in its first heads * D columns, rows
+    of any stride, the model's dtype), key/value [1, G, L, D]; writes out [T, heads * D] (same
+    dtype, rows of any stride) without a float32 intermediate."""
+    d = key.shape[-1]
+    _attention(q, q.stride(0), key, value, rowptr, idx, scale, out, out.stride(0), 1, q.shape[0], heads, d)
+
+
+def _attention(q, ldq, key, value, rowptr, idx, scale, out, ldo, b, t, h, d) -> None:
+    g = key.shape[1]
     k, v = key, value
     if k.stride(-1) != 1 or k.stride(-2) != d or v.stride() != k.stride():
         k, v = k.contiguous(), v.contiguous()
-    out = torch.empty(b, t, h, d, dtype=torch.float32)
     lib = library()
     fn = lib.sense_attention_f32 if k.dtype == torch.float32 else lib.sense_attention_bf16
-    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-       rowptr.data_ptr(), idx.data_ptr(), out.data_ptr(), b, t, h, g, d, scale, torch.get_num_threads())
-    return out.to(query.dtype)
+    fn(q.data_ptr(), ldq, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+       rowptr.data_ptr(), idx.data_ptr(), out.data_ptr(), ldo, int(q.dtype == torch.bfloat16), b, t, h, g, d,
+       scale, torch.get_num_threads())
+
+
+# -- the elementwise steps of a Llama-family layer (decoding/lean_forward.py) ------------------
+
+def rmsnorm(x: torch.Tensor, norm: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` of a LlamaRMSNorm-style module into out ([R, H] contiguous, x's dtype); its sum
+    of squares in a fixed order (sense_rmsnorm)."""
+    rows, hidden = x.shape
+    library().sense_rmsnorm(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, hidden,
+                            float(norm.variance_epsilon), int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+def rope_kv(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor, sin: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> None:
+    """One request's rows of the fused q|k|v projection [T, (heads + 2 groups) D]: the rotary
+    embedding on q and k in place (bitwise transformers' apply_rotary_pos_emb), then k and v
+    into the cache buffers [1, G, capacity, D] at positions start, start + 1, ..."""
+    d = k_cache.shape[-1]
+    library().sense_rope_kv(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], heads, groups, d, cos.data_ptr(),
+                            sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(1), start,
+                            int(qkv.dtype == torch.bfloat16))
+
+
+def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the fused gate|up projection [R, 2I] into out [R, I]."""
+    rows, inter = out.shape
+    library().sense_silu_mul(gu.data_ptr(), out.data_ptr(), rows, inter, int(gu.dtype == torch.bfloat16),
+                             torch.get_num_threads())
+    return out
 
 
 def _register() -> None:

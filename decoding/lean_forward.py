@@ -19,10 +19,16 @@ arithmetic as ``LlamaDecoderLayer`` straight from the model's own weights:
   the linears run over all their rows, each request attends to its own cache, and since every
   row runs on the invariant kernels a request's results do not depend on its batch.
 
-Norms, rotary embedding and SiLU are the model's own modules, so the results are those of the
-transformers forward on the same kernels (``tests/test_lean_forward.py`` checks logits and hidden
-states bitwise against it). Only architectures whose decoder layer is exactly this arithmetic
-run here (:func:`unsupported`); any other model runs through transformers.
+The steps between the linears run on C code too (decoding/invariant.py): the RMSNorms, the
+rotary embedding with the cache write, the SiLU gate, and the linears' epilogues that round to the
+model's dtype and add the residual in place as they store. Together they replaced some 45 torch ops
+per layer whose dispatch cost a third of a one-row decode step (bfloat16 on the AVX512-BF16 VM:
+decode step 16.3 -> 12.9 ms, 16-token verification 32.6 -> 25.6 ms). The rotary embedding, the
+roundings and the residual adds are bitwise torch's; the RMSNorm's sum of squares and the SiLU's
+exp are fixed-order code of their own, so ``tests/test_lean_forward.py`` compares with the
+transformers forward running those two on the same code (bitwise), and them with torch's (within
+rounding). Only architectures whose decoder layer is exactly this arithmetic run here
+(:func:`unsupported`); any other model runs through transformers.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ def unsupported(model) -> str | None:
         attn, mlp = layer.self_attn, layer.mlp
         if any(hasattr(attn, name) for name in ("q_norm", "k_norm", "sinks")) or not hasattr(mlp, "gate_proj"):
             return "a decoder layer this forward does not know"
+        if not all(hasattr(n, "variance_epsilon") and n.weight.dim() == 1
+                   for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+            return "a norm that is not LlamaRMSNorm-style"
         if attn.o_proj.bias is not None:
             return "an output projection with bias"
         for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
@@ -82,15 +91,12 @@ class FusedLinear:
             b.detach().float() if b is not None else torch.zeros(m.weight.shape[0])
             for b, m in zip(biases, self.modules)])
 
-    def __call__(self, x: torch.Tensor, large: bool = False) -> torch.Tensor:
-        """x [rows, K] -> [rows, n_out]; `large`: a large prefill, on whichever kernel measured
-        faster (else always the invariant kernel, whatever the row count)."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, large: bool = False) -> torch.Tensor:
+        """x [rows, K] -> out [rows, n_out] (x's dtype); `large`: a large prefill, on whichever
+        kernel measured faster (else always the invariant kernel, whatever the row count)."""
         if large and invariant.large_rows_kernel(x.dtype, torch.get_num_threads()) == "torch":
             return torch.cat([F.linear(x, m.weight, m.bias) for m in self.modules], dim=-1)
-        y = invariant.packed_linear(self.packed, x, self.n_out, torch.get_num_threads())
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+        return invariant.linear_into(self.packed, x, self.n_out, torch.get_num_threads(), out, bias=self.bias)
 
 
 class KVCache:
@@ -183,46 +189,43 @@ class LeanLlama:
             cache.reserve(start + t)
         ids = torch.cat([i for _, i, _, _ in items]) if len(items) > 1 else items[0][1]
         positions = torch.cat([p for _, _, p, _ in items]) if len(items) > 1 else items[0][2]
-        x = self.base.embed_tokens(ids)
+        x = self.base.embed_tokens(ids)             # a new tensor: the residual stream, updated in place
         cos, sin = self.base.rotary_emb(x[None], positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]            # [rows, 1, D] against [rows, heads, D]
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()        # [rows, D]
         visible = [None if large else invariant.visible_csr(start, t, anc)
                    for (_, _, _, anc), start, t in zip(items, starts, sizes)]
         bounds = [0]
         for t in sizes:
             bounds.append(bounds[-1] + t)
-        captured = x if hidden_layer == 0 else None
-        h_dim, g_dim = self.heads * self.head_dim, self.groups * self.head_dim
+        captured = x.clone() if hidden_layer == 0 else None
+        h_dim = self.heads * self.head_dim
+        new = lambda width: torch.empty(total, width, dtype=x.dtype)       # noqa: E731
+        h, attn = new(x.shape[1]), new(h_dim)
+        qkv_buf, gu_buf, act = new(self.qkv[0].n_out), new(2 * self.intermediate), new(self.intermediate)
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            qkv = self.qkv[i](h, large)
-            q = qkv[:, :h_dim].view(total, self.heads, self.head_dim)
-            k = qkv[:, h_dim:h_dim + g_dim].view(total, self.groups, self.head_dim)
-            v = qkv[:, h_dim + g_dim:].view(total, self.groups, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            parts = []
+            invariant.rmsnorm(x, layer.input_layernorm, h)
+            qkv = self.qkv[i](h, qkv_buf, large)
             for j, (cache, _, _, _) in enumerate(items):
                 r0, r1, start = bounds[j], bounds[j + 1], starts[j]
-                cache.k[i][0, :, start:start + r1 - r0] = k[r0:r1].transpose(0, 1)
-                cache.v[i][0, :, start:start + r1 - r0] = v[r0:r1].transpose(0, 1)
+                invariant.rope_kv(qkv[r0:r1], self.heads, self.groups, cos[r0:r1], sin[r0:r1], cache.k[i],
+                                  cache.v[i], start)
                 keys, values = cache.k[i][:, :, :start + r1 - r0], cache.v[i][:, :, :start + r1 - r0]
                 if large:
-                    parts.append(self._sdpa(q[r0:r1], keys, values))
+                    q = qkv[r0:r1, :h_dim].view(r1 - r0, self.heads, self.head_dim)
+                    attn[r0:r1] = self._sdpa(q, keys, values).reshape(r1 - r0, h_dim)
                 else:
                     rowptr, idx = visible[j]
-                    parts.append(invariant.attention(q[None, r0:r1], keys, values, rowptr, idx, self.scaling)[0])
-            a = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = x + _linear(self.o_proj[i], a.reshape(total, h_dim), large)
-            h = layer.post_attention_layernorm(x)
-            gu = self.gate_up[i](h, large)
-            x = x + _linear(self.down[i], layer.mlp.act_fn(gu[:, :self.intermediate]) * gu[:, self.intermediate:],
-                            large)
+                    invariant.attention_into(qkv[r0:r1], keys, values, rowptr, idx, self.scaling, attn[r0:r1],
+                                             self.heads)
+            _residual(self.o_proj[i], attn, x, large)
+            invariant.rmsnorm(x, layer.post_attention_layernorm, h)
+            gu = self.gate_up[i](h, gu_buf, large)
+            _residual(self.down[i], invariant.silu_mul(gu, act), x, large)
             if hidden_layer == i + 1:
-                captured = x
+                captured = x.clone()
         for (cache, *_), start, t in zip(items, starts, sizes):
             cache.length = start + t
-        last = self.base.norm(x)
+        last = invariant.rmsnorm(x, self.base.norm, torch.empty_like(x))
         if hidden_layer in (-1, len(self.layers)):
             captured = last
         return [(last[a:b], captured[a:b]) for a, b in zip(bounds, bounds[1:])]
@@ -233,7 +236,9 @@ class LeanLlama:
         if large:
             return self.head(h).float()
         # Rounded to the model's dtype first, as transformers' head (and the stock path) returns it.
-        return _linear(self.head, h, False).float()
+        out = torch.empty(h.shape[0], self.head.weight.shape[0], dtype=torch.float32)
+        return invariant.linear_into(self.head.packed(), h.contiguous(), out.shape[1], torch.get_num_threads(), out,
+                                     logits=True)
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Causal attention of a prefill from an empty cache: q [T, heads, D] -> [T, heads, D]."""
@@ -242,14 +247,10 @@ class LeanLlama:
         return out[0].transpose(0, 1)
 
 
-def _linear(packed: invariant.PackedWeight, x: torch.Tensor, large: bool) -> torch.Tensor:
-    """A routed linear without bias on the invariant kernel (any row count), or, for a large
-    prefill, on whichever kernel measured faster."""
-    if large:
-        return packed(x)
-    return invariant.packed_linear(packed.packed(), x, packed.weight.shape[0], torch.get_num_threads()).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _residual(packed: invariant.PackedWeight, a: torch.Tensor, x: torch.Tensor, large: bool) -> None:
+    """x += a @ W^T in place (rounded as torch's ``x + linear(a)``): the kernel adds the residual
+    as it stores; a large prefill on whichever kernel measured faster."""
+    if large and invariant.large_rows_kernel(a.dtype, torch.get_num_threads()) == "torch":
+        x.add_(F.linear(a, packed.weight))
+        return
+    invariant.linear_into(packed.packed(), a, packed.weight.shape[0], torch.get_num_threads(), x, residual=x)

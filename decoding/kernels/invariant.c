@@ -63,6 +63,26 @@ static inline vec v_exp(vec x) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
+static inline vec v_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec v_div(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec v_neg_abs(vec a) { return _mm256_or_ps(a, _mm256_set1_ps(-0.0f)); }
+/* where c >= 0: a, else b */
+static inline vec v_sel_nonneg(vec c, vec a, vec b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(c, _mm256_setzero_ps(), _CMP_GE_OQ)); }
+/* each lane rounded to bfloat16 as torch rounds (nearest even; NaN -> 0x7fc0), kept as float32 */
+static inline vec v_rnd_bf16(vec x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)), _mm256_castsi256_ps(r),
+                            _mm256_cmp_ps(x, x, _CMP_ORD_Q));
+}
+/* 8 lanes already rounded to bfloat16 -> their 8 bfloat16 values */
+static inline void v_store_bf16(uint16_t *p, vec rounded) {
+    const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(rounded), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_si128((__m128i *)p, packed);
+}
 #define KERNEL_ISA "avx2-fma"
 #else
 typedef struct { float v[8]; } vec;
@@ -85,6 +105,22 @@ static inline float v_hsum(vec v) {
 }
 static inline vec v_max(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
 static inline vec v_exp(vec x) { for (int i = 0; i < 8; i++) x.v[i] = expf(x.v[i]); return x; }
+static inline vec v_mul(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] *= b.v[i]; return a; }
+static inline vec v_div(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] /= b.v[i]; return a; }
+static inline vec v_neg_abs(vec a) { for (int i = 0; i < 8; i++) a.v[i] = -fabsf(a.v[i]); return a; }
+static inline vec v_sel_nonneg(vec c, vec a, vec b) { for (int i = 0; i < 8; i++) if (!(c.v[i] >= 0.f)) a.v[i] = b.v[i]; return a; }
+static inline vec v_rnd_bf16(vec x) {
+    for (int i = 0; i < 8; i++) {
+        uint32_t u;
+        memcpy(&u, &x.v[i], 4);
+        u = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        memcpy(&x.v[i], &u, 4);
+    }
+    return x;
+}
+static inline void v_store_bf16(uint16_t *p, vec rounded) {
+    for (int i = 0; i < 8; i++) { uint32_t u; memcpy(&u, &rounded.v[i], 4); p[i] = (uint16_t)(u >> 16); }
+}
 #define KERNEL_ISA "portable"
 #endif
 
@@ -99,6 +135,97 @@ static inline vec v_exp(vec x) { for (int i = 0; i < 8; i++) x.v[i] = expf(x.v[i
 const char *sense_kernel_isa(void) { return KERNEL_ISA BF16DP_ISA; }
 int sense_has_bf16dp(void) { return BF16DP; }
 
+#define PANEL 16
+
+/* ---------------------------------------------------------------------------------------- */
+/* bfloat16 <-> float32 as torch converts them (round to nearest even; NaN -> 0x7fc0), and the  */
+/* epilogue of a linear: where its float32 accumulators go.                                    */
+
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float bf16_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+/* An activation of the model's dtype (bf16: bfloat16, else float32) as float32, and back: every
+ * elementwise op of a bfloat16 model computes in float32 and rounds once, as torch's do. */
+static inline float act_ld(const void *p, size_t i, int bf16) {
+    return bf16 ? bf16_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void act_st(void *p, size_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = bf16_rne(v);
+    else ((float *)p)[i] = v;
+}
+static inline float act_rnd(float v, int bf16) { return bf16 ? bf16_f32(bf16_rne(v)) : v; }
+static inline vec vact_ld(const void *p, size_t i, int bf16) {
+    return bf16 ? v_load_bf16((const uint16_t *)p + i) : v_load((const float *)p + i);
+}
+static inline void vact_st(void *p, size_t i, vec v, int bf16) {
+    if (bf16) v_store_bf16((uint16_t *)p + i, v_rnd_bf16(v));
+    else v_store((float *)p + i, v);
+}
+static inline vec vact_rnd(vec v, int bf16) { return bf16 ? v_rnd_bf16(v) : v; }
+
+/* Modes: 0 y = acc (+ bias), float32; 1 out = bf16(acc + bias); 2 out = bf16(res + bf16(acc)),
+ * the residual add of a bfloat16 model (in place when out == res); 3 out = res + acc, float32;
+ * 4 y = float32(bf16(acc)) (a bfloat16 model's logits, widened). Each is the same arithmetic as
+ * the torch ops it replaces (y.to(bfloat16), x + y), so fusing changes no bit. */
+typedef struct {
+    float *y;
+    void *out;
+    const void *res;
+    const float *bias;
+    int64_t ld;
+    int mode;
+} Epi;
+
+static inline void epi_store(const Epi *e, size_t row, int col, const float *acc, int nc) {
+    const size_t o = row * (size_t)e->ld + (size_t)col;
+    float buf[PANEL];
+    for (int i = 0; i < nc; i++) buf[i] = e->bias ? acc[i] + e->bias[col + i] : acc[i];
+    if (nc == PANEL && e->mode >= 1 && e->mode <= 4) {      /* the same arithmetic, 8 lanes at a time */
+        for (int h = 0; h < PANEL; h += 8) {
+            const vec a = v_load(buf + h);
+            if (e->mode == 1) v_store_bf16((uint16_t *)e->out + o + h, v_rnd_bf16(a));
+            else if (e->mode == 2)
+                v_store_bf16((uint16_t *)e->out + o + h,
+                             v_rnd_bf16(v_add(v_load_bf16((const uint16_t *)e->res + o + h), v_rnd_bf16(a))));
+            else if (e->mode == 3) v_store((float *)e->out + o + h, v_add(v_load((const float *)e->res + o + h), a));
+            else v_store(e->y + o + h, v_rnd_bf16(a));
+        }
+        return;
+    }
+    switch (e->mode) {
+    case 1: {
+        uint16_t *d = (uint16_t *)e->out + o;
+        for (int i = 0; i < nc; i++) d[i] = bf16_rne(buf[i]);
+        break;
+    }
+    case 2: {
+        uint16_t *d = (uint16_t *)e->out + o;
+        const uint16_t *r = (const uint16_t *)e->res + o;
+        for (int i = 0; i < nc; i++) d[i] = bf16_rne(bf16_f32(r[i]) + bf16_f32(bf16_rne(buf[i])));
+        break;
+    }
+    case 3: {
+        float *d = (float *)e->out + o;
+        const float *r = (const float *)e->res + o;
+        for (int i = 0; i < nc; i++) d[i] = r[i] + buf[i];
+        break;
+    }
+    case 4:
+        for (int i = 0; i < nc; i++) e->y[o + i] = bf16_f32(bf16_rne(buf[i]));
+        break;
+    default: memcpy(e->y + o, buf, sizeof(float) * (size_t)nc);
+    }
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* linear: y[R, N] = x[R, K] @ W[N, K]^T with W packed panel by panel (PANEL = 16 outputs, the  */
 /* panel's rows k contiguous: element (n, k) at P[(n / 16) * 16 K + k * 16 + n % 16], N padded */
@@ -109,11 +236,9 @@ int sense_has_bf16dp(void) { return BF16DP; }
 /* otherwise wait on the FMA latency of 2 chains), 4-6 rows one panel. Each block is its own    */
 /* function with constant RB and NP, so its accumulators stay in registers.                    */
 
-#define PANEL 16
-
 #define DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, RB, NP)                                           \
 static __attribute__((noinline)) void NAME##_r##RB##_p##NP(                                  \
-        const float *x, int K, const WT *P, size_t pstride, float *y, int ldy, int ncols) {     \
+        const float *x, int K, const WT *P, size_t pstride, const Epi *e, size_t row0, int col0, int ncols) { \
     vec acc[RB][NP][2];                                                                        \
     _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++)                                       \
         _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) { acc[j][q][0] = v_zero(); acc[j][q][1] = v_zero(); } \
@@ -137,7 +262,7 @@ static __attribute__((noinline)) void NAME##_r##RB##_p##NP(                     
             v_store(buf, acc[j][q][0]);                                                        \
             v_store(buf + 8, acc[j][q][1]);                                                    \
             const int c0 = q * PANEL, nc = ncols - c0 < PANEL ? ncols - c0 : PANEL;            \
-            if (nc > 0) memcpy(y + (size_t)j * ldy + c0, buf, sizeof(float) * (size_t)nc);    \
+            if (nc > 0) epi_store(e, row0 + (size_t)j, col0 + c0, buf, nc);                    \
         }                                                                                      \
 }
 
@@ -153,21 +278,23 @@ DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 1)                                      
 DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 4, 1)                                                     \
 DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 5, 1)                                                     \
 DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 6, 1)                                                     \
-static void NAME##_rows(const float *x, int K, const WT *P, size_t pstride, float *y, int ldy,  \
-                        int ncols, int rb, int np) {                                           \
-    if (np == 4) NAME##_r1_p4(x, K, P, pstride, y, ldy, ncols);                                \
-    else if (np == 3) NAME##_r2_p3(x, K, P, pstride, y, ldy, ncols);                           \
-    else if (np == 2) NAME##_r3_p2(x, K, P, pstride, y, ldy, ncols);                           \
+static void NAME##_rows(const float *x, int K, const WT *P, size_t pstride, const Epi *e,      \
+                        size_t row0, int col0, int ncols, int rb, int np) {                                           \
+    if (np == 4) NAME##_r1_p4(x, K, P, pstride, e, row0, col0, ncols);                                \
+    else if (np == 3) NAME##_r2_p3(x, K, P, pstride, e, row0, col0, ncols);                           \
+    else if (np == 2) NAME##_r3_p2(x, K, P, pstride, e, row0, col0, ncols);                           \
     else switch (rb) {                                                                         \
-        case 6: NAME##_r6_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
-        case 5: NAME##_r5_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
-        case 4: NAME##_r4_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
-        case 3: NAME##_r3_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
-        case 2: NAME##_r2_p1(x, K, P, pstride, y, ldy, ncols); break;                          \
-        default: NAME##_r1_p1(x, K, P, pstride, y, ldy, ncols); break;                         \
+        case 6: NAME##_r6_p1(x, K, P, pstride, e, row0, col0, ncols); break;                          \
+        case 5: NAME##_r5_p1(x, K, P, pstride, e, row0, col0, ncols); break;                          \
+        case 4: NAME##_r4_p1(x, K, P, pstride, e, row0, col0, ncols); break;                          \
+        case 3: NAME##_r3_p1(x, K, P, pstride, e, row0, col0, ncols); break;                          \
+        case 2: NAME##_r2_p1(x, K, P, pstride, e, row0, col0, ncols); break;                          \
+        default: NAME##_r1_p1(x, K, P, pstride, e, row0, col0, ncols); break;                         \
     }                                                                                          \
 }                                                                                              \
-void NAME(const float *x, const WT *P, int64_t pstride, float *y, int R, int K, int N, int threads) { \
+void NAME(const float *x, const WT *P, int64_t pstride, float *y, void *out, const void *res,      \
+          const float *bias, int mode, int R, int K, int N, int threads) {                      \
+    const Epi e = {y, out, res, bias, N, mode};                                                \
     const int panels = (N + PANEL - 1) / PANEL;                                                \
     /* rows in blocks of up to 6; fewer than 4 rows in all: several panels per block */        \
     const int group = R == 1 ? 4 : R == 2 ? 3 : R == 3 ? 2 : 1;                                \
@@ -178,14 +305,13 @@ void NAME(const float *x, const WT *P, int64_t pstride, float *y, int R, int K, 
         for (int r0 = 0; r0 < R; r0 += 6) {                                                    \
             const int rb = R - r0 < 6 ? R - r0 : 6;                                            \
             const float *xr = x + (size_t)r0 * K;                                              \
-            float *yr = y + (size_t)r0 * N;                                                    \
             if (np == group) {                                                                 \
-                NAME##_rows(xr, K, P + (size_t)p0 * pstride, (size_t)pstride, yr + p0 * PANEL, N, \
-                            N - p0 * PANEL, rb, np);                                           \
+                NAME##_rows(xr, K, P + (size_t)p0 * pstride, (size_t)pstride, &e, (size_t)r0,   \
+                            p0 * PANEL, N - p0 * PANEL, rb, np);                                           \
             } else {        /* the last few panels, one at a time */                          \
                 for (int p = p0; p < p0 + np; p++)                                             \
-                    NAME##_rows(xr, K, P + (size_t)p * pstride, (size_t)pstride, yr + p * PANEL, N, \
-                                N - p * PANEL, rb, 1);                                         \
+                    NAME##_rows(xr, K, P + (size_t)p * pstride, (size_t)pstride, &e, (size_t)r0, \
+                                p * PANEL, N - p * PANEL, rb, 1);                                         \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -206,7 +332,7 @@ DEFINE_LINEAR(sense_linear_bf16, uint16_t, v_load_bf16)
 #if BF16DP
 #define DEFINE_DP_BLOCK(RB, NP)                                                                \
 static __attribute__((noinline)) void dp_r##RB##_p##NP(const uint32_t *x, int K2, const uint16_t *P, \
-                                                     size_t pstride, float *y, int ldy, int ncols) { \
+                                                     size_t pstride, const Epi *e, size_t row0, int col0, int ncols) { \
     __m512 acc[RB][NP];                                                                        \
     _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++)                                       \
         _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) acc[j][q] = _mm512_setzero_ps();  \
@@ -225,7 +351,7 @@ static __attribute__((noinline)) void dp_r##RB##_p##NP(const uint32_t *x, int K2
             float buf[PANEL];                                                                  \
             _mm512_storeu_ps(buf, acc[j][q]);                                                  \
             const int c0 = q * PANEL, nc = ncols - c0 < PANEL ? ncols - c0 : PANEL;            \
-            if (nc > 0) memcpy(y + (size_t)j * ldy + c0, buf, sizeof(float) * (size_t)nc);    \
+            if (nc > 0) epi_store(e, row0 + (size_t)j, col0 + c0, buf, nc);                    \
         }                                                                                      \
 }
 /* Blocks: 1 row x 8 panels, 2 x 6, 3 x 4, and 4 x 3 (8-12 chains in flight, which the
@@ -235,28 +361,29 @@ DEFINE_DP_BLOCK(1, 8) DEFINE_DP_BLOCK(2, 6) DEFINE_DP_BLOCK(3, 4) DEFINE_DP_BLOC
 DEFINE_DP_BLOCK(1, 3) DEFINE_DP_BLOCK(2, 3) DEFINE_DP_BLOCK(3, 3)
 DEFINE_DP_BLOCK(1, 1) DEFINE_DP_BLOCK(2, 1) DEFINE_DP_BLOCK(3, 1) DEFINE_DP_BLOCK(4, 1)
 
-static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, float *y, int ldy, int nc,
-                    int rb, int np) {
-    if (np == 8) dp_r1_p8(x, K2, P, ps, y, ldy, nc);
-    else if (np == 6) dp_r2_p6(x, K2, P, ps, y, ldy, nc);
-    else if (np == 4) dp_r3_p4(x, K2, P, ps, y, ldy, nc);
+static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, const Epi *e, size_t row0,
+                    int col0, int nc, int rb, int np) {
+    if (np == 8) dp_r1_p8(x, K2, P, ps, e, row0, col0, nc);
+    else if (np == 6) dp_r2_p6(x, K2, P, ps, e, row0, col0, nc);
+    else if (np == 4) dp_r3_p4(x, K2, P, ps, e, row0, col0, nc);
     else if (np == 3) switch (rb) {
-        case 4: dp_r4_p3(x, K2, P, ps, y, ldy, nc); break;
-        case 3: dp_r3_p3(x, K2, P, ps, y, ldy, nc); break;
-        case 2: dp_r2_p3(x, K2, P, ps, y, ldy, nc); break;
-        default: dp_r1_p3(x, K2, P, ps, y, ldy, nc); break;
+        case 4: dp_r4_p3(x, K2, P, ps, e, row0, col0, nc); break;
+        case 3: dp_r3_p3(x, K2, P, ps, e, row0, col0, nc); break;
+        case 2: dp_r2_p3(x, K2, P, ps, e, row0, col0, nc); break;
+        default: dp_r1_p3(x, K2, P, ps, e, row0, col0, nc); break;
     }
     else switch (rb) {
-        case 4: dp_r4_p1(x, K2, P, ps, y, ldy, nc); break;
-        case 3: dp_r3_p1(x, K2, P, ps, y, ldy, nc); break;
-        case 2: dp_r2_p1(x, K2, P, ps, y, ldy, nc); break;
-        default: dp_r1_p1(x, K2, P, ps, y, ldy, nc); break;
+        case 4: dp_r4_p1(x, K2, P, ps, e, row0, col0, nc); break;
+        case 3: dp_r3_p1(x, K2, P, ps, e, row0, col0, nc); break;
+        case 2: dp_r2_p1(x, K2, P, ps, e, row0, col0, nc); break;
+        default: dp_r1_p1(x, K2, P, ps, e, row0, col0, nc); break;
     }
 }
 
 /* x: [R, K] bfloat16 (K even) read as R x K/2 pairs; P: the pair-packed weight; y: [R, N] float32. */
-void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, int R, int K, int N,
-                         int threads) {
+void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, void *out,
+                         const void *res, const float *bias, int mode, int R, int K, int N, int threads) {
+    const Epi e = {y, out, res, bias, N, mode};
     const uint32_t *x32 = (const uint32_t *)x;
     const int K2 = K / 2, panels = (N + PANEL - 1) / PANEL;
     const int group = R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : 3;
@@ -268,20 +395,20 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
         for (int r0 = 0; r0 < R; r0 += rbmax) {
             const int rb = R - r0 < rbmax ? R - r0 : rbmax;
             const uint32_t *xr = x32 + (size_t)r0 * K2;
-            float *yr = y + (size_t)r0 * N;
             if (np == group) {
-                dp_rows(xr, K2, P + (size_t)p0 * pstride, (size_t)pstride, yr + p0 * PANEL, N, N - p0 * PANEL, rb, np);
+                dp_rows(xr, K2, P + (size_t)p0 * pstride, (size_t)pstride, &e, (size_t)r0, p0 * PANEL, N - p0 * PANEL, rb, np);
             } else {        /* the last few panels, one at a time */
                 for (int p = p0; p < p0 + np; p++)
-                    dp_rows(xr, K2, P + (size_t)p * pstride, (size_t)pstride, yr + p * PANEL, N, N - p * PANEL, rb, 1);
+                    dp_rows(xr, K2, P + (size_t)p * pstride, (size_t)pstride, &e, (size_t)r0, p * PANEL, N - p * PANEL, rb, 1);
             }
         }
     }
 }
 #else
-void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, int R, int K, int N,
-                         int threads) {
-    (void)x; (void)P; (void)pstride; (void)y; (void)R; (void)K; (void)N; (void)threads;   /* never called */
+void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, void *out,
+                         const void *res, const float *bias, int mode, int R, int K, int N, int threads) {
+    (void)x; (void)P; (void)pstride; (void)y; (void)out; (void)res; (void)bias; (void)mode;    /* never called */
+    (void)R; (void)K; (void)N; (void)threads;
 }
 #endif
 
@@ -327,12 +454,13 @@ static float softmax_numerators(float *s, int n) {
     return v_hsum(sum);
 }
 
-/* q: [B, T, H, D] float32 contiguous; k, v: element (b, g, j, d) at b*kb + g*kh + j*kr + d;
- * rows (b, t) see keys idx[rowptr[b*T+t] .. rowptr[b*T+t+1]) (ascending); out: [B, T, H, D]. */
+/* q: element (row, h, d) at row*ldq + h*D + d, row = b*T + t; k, v: element (b, g, j, d) at
+ * b*kb + g*kh + j*kr + d; rows see keys idx[rowptr[row] .. rowptr[row+1]) (ascending); out:
+ * element (row, h, d) at row*ldo + h*D + d. q and out are bfloat16 if io_bf16, else float32. */
 #define DEFINE_ATTENTION(NAME, KT, DOT, LOADK)                                                  \
-void NAME(const float *q, const KT *k, const KT *v, int64_t kb, int64_t kh, int64_t kr,       \
-          const int32_t *rowptr, const int32_t *idx, float *out, int B, int T, int H, int G,    \
-          int D, float scale, int threads) {                                                   \
+void NAME(const void *q, int64_t ldq, const KT *k, const KT *v, int64_t kb, int64_t kh,       \
+          int64_t kr, const int32_t *rowptr, const int32_t *idx, void *out, int64_t ldo,       \
+          int io_bf16, int B, int T, int H, int G, int D, float scale, int threads) {          \
     const int hpg = H / G;                                                                     \
     const int units = B * T * G;                                                               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                      \
@@ -341,8 +469,10 @@ void NAME(const float *q, const KT *k, const KT *v, int64_t kb, int64_t kh, int6
         const int n = rowptr[row + 1] - rowptr[row];                                           \
         const int32_t *ids = idx + rowptr[row];                                                \
         const KT *kg = k + b * kb + g * kh, *vg = v + b * kb + g * kh;                         \
-        float *s = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * hpg);             \
-        const float *qr = q + ((size_t)row * H + (size_t)g * hpg) * D;                         \
+        float *s = (float *)malloc(sizeof(float) * ((size_t)(n > 0 ? n : 1) + D) * hpg);       \
+        float *qr = s + (size_t)(n > 0 ? n : 1) * hpg;                                         \
+        for (int i = 0; i < hpg * D; i++)                                                      \
+            qr[i] = act_ld(q, (size_t)row * ldq + (size_t)g * hpg * D + i, io_bf16);           \
         /* Scores: each one DOT's chain over d, 4 keys x up to 3 heads interleaved (12          \
          * independent chains in flight instead of 1: the same bits, several times faster). */ \
         int p = 0;                                                                             \
@@ -373,8 +503,8 @@ void NAME(const float *q, const KT *k, const KT *v, int64_t kb, int64_t kh, int6
         }                                                                                      \
         for (int h = 0; h < hpg; h++) {                                                        \
             float *sh = s + (size_t)h * n;                                                     \
-            float *o = out + ((size_t)row * H + (size_t)g * hpg + h) * D;                      \
-            if (n == 0) { memset(o, 0, sizeof(float) * D); continue; }                         \
+            const size_t o = (size_t)row * ldo + ((size_t)g * hpg + h) * D;                    \
+            if (n == 0) { for (int d = 0; d < D; d++) act_st(out, o + d, 0.f, io_bf16); continue; } \
             const float l = softmax_numerators(sh, n);                                         \
             /* out[d] = sum over p (in list order) of e_p * V[ids[p], d], then / l; up to 64     \
              * dimensions at once in registers (one pass over V), the rest 64 at a time. */      \
@@ -390,7 +520,7 @@ void NAME(const float *q, const KT *k, const KT *v, int64_t kb, int64_t kh, int6
                 for (int i = 0; i < nv; i++) {                                                 \
                     float buf[8];                                                              \
                     v_store(buf, acc[i]);                                                      \
-                    for (int j = 0; j < 8; j++) o[d0 + 8 * i + j] = buf[j] / l;                \
+                    for (int j = 0; j < 8; j++) act_st(out, o + d0 + 8 * i + j, buf[j] / l, io_bf16); \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
@@ -400,3 +530,108 @@ void NAME(const float *q, const KT *k, const KT *v, int64_t kb, int64_t kh, int6
 
 DEFINE_ATTENTION(sense_attention_f32, float, dot_f32, v_load)
 DEFINE_ATTENTION(sense_attention_bf16, uint16_t, dot_bf16, v_load_bf16)
+
+/* ---------------------------------------------------------------------------------------- */
+/* the elementwise steps of a Llama-family decoder layer, one call each instead of a dozen      */
+/* torch ops (whose dispatch cost a third of a one-row decode step). Activations are in the    */
+/* model's dtype (bf16 flag); every value is computed in float32 and rounded once per torch op  */
+/* it replaces, so the rotary embedding and the residual adds are bitwise torch's; the norm's   */
+/* sum of squares and the SiLU's exp are this file's own fixed code (close to torch's, not      */
+/* bitwise: a forward is compared with this forward, not with transformers'). Each row's result */
+/* depends on that row only.                                                                    */
+
+/* RMSNorm: out = w * bf16(x * 1/sqrt(mean(x^2) + eps)) (LlamaRMSNorm), the sum of squares in
+ * 8 lanes by position then a fixed tree. */
+void sense_rmsnorm(const void *x, const void *w, void *out, int rows, int H, float eps, int bf16, int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows >= 16)")
+    for (int r = 0; r < rows; r++) {
+        const size_t o = (size_t)r * H;
+        const int H8 = H & ~7;
+        vec acc = v_zero();
+        for (int k = 0; k < H8; k += 8) {
+            const vec v = vact_ld(x, o + k, bf16);
+            acc = v_add(acc, v_mul(v, v));
+        }
+        if (H8 < H) {       /* the tail, zero-padded (adds exactly nothing) */
+            float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int k = H8; k < H; k++) t[k - H8] = act_ld(x, o + k, bf16);
+            const vec v = v_load(t);
+            acc = v_add(acc, v_mul(v, v));
+        }
+        const float inv = 1.0f / sqrtf(v_hsum(acc) / (float)H + eps);
+        const vec vi = v_set1(inv);
+        for (int k = 0; k < H8; k += 8)
+            vact_st(out, o + k, v_mul(vact_ld(w, k, bf16), vact_rnd(v_mul(vact_ld(x, o + k, bf16), vi), bf16)), bf16);
+        for (int k = H8; k < H; k++)
+            act_st(out, o + k, act_ld(w, k, bf16) * act_rnd(act_ld(x, o + k, bf16) * inv, bf16), bf16);
+    }
+}
+
+/* Rotary embedding in place on the first H + G heads of each row of qkv (row stride ld), as
+ * transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin (three rounded ops); cos,
+ * sin: [rows, D]. Then the rotated keys and the values (heads H+G .. H+2G) are written to the
+ * cache at positions pos0, pos0 + 1, ...: element (g, pos, d) at g * gstride + pos * D + d. */
+void sense_rope_kv(void *qkv, int64_t ld, int rows, int H, int G, int D, const void *cos, const void *sin,
+                   void *kc, void *vc, int64_t gstride, int64_t pos0, int bf16) {
+    const int half = D / 2;
+    const size_t es = bf16 ? 2 : 4;
+    const vec neg = v_set1(-1.0f);
+    for (int r = 0; r < rows; r++) {
+        const size_t cs = (size_t)r * D;
+        for (int h = 0; h < H + G; h++) {
+            const size_t o = (size_t)r * ld + (size_t)h * D;
+            int d = 0;
+            for (; d + 8 <= half; d += 8) {
+                const vec a = vact_ld(qkv, o + d, bf16), b = vact_ld(qkv, o + d + half, bf16);
+                const vec c0 = vact_ld(cos, cs + d, bf16), s0 = vact_ld(sin, cs + d, bf16);
+                const vec c1 = vact_ld(cos, cs + d + half, bf16), s1 = vact_ld(sin, cs + d + half, bf16);
+                vact_st(qkv, o + d, v_add(vact_rnd(v_mul(a, c0), bf16), vact_rnd(v_mul(v_mul(b, neg), s0), bf16)), bf16);
+                vact_st(qkv, o + d + half, v_add(vact_rnd(v_mul(b, c1), bf16), vact_rnd(v_mul(a, s1), bf16)), bf16);
+            }
+            for (; d < half; d++) {
+                const float a = act_ld(qkv, o + d, bf16), b = act_ld(qkv, o + d + half, bf16);
+                const float c0 = act_ld(cos, cs + d, bf16), s0 = act_ld(sin, cs + d, bf16);
+                const float c1 = act_ld(cos, cs + d + half, bf16), s1 = act_ld(sin, cs + d + half, bf16);
+                act_st(qkv, o + d, act_rnd(a * c0, bf16) + act_rnd(-b * s0, bf16), bf16);
+                act_st(qkv, o + d + half, act_rnd(b * c1, bf16) + act_rnd(a * s1, bf16), bf16);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const size_t dst = (size_t)g * gstride + (size_t)(pos0 + r) * D;
+            memcpy((char *)kc + dst * es, (const char *)qkv + ((size_t)r * ld + (size_t)(H + g) * D) * es, D * es);
+            memcpy((char *)vc + dst * es, (const char *)qkv + ((size_t)r * ld + (size_t)(H + G + g) * D) * es, D * es);
+        }
+    }
+}
+
+/* The gated MLP's activation: out[r, i] = silu(gu[r, i]) * gu[r, I + i] (two rounded ops);
+ * silu(g) = g / (1 + exp(-g)), as g * e / (1 + e) with e = exp(g) for g < 0 (no overflow). */
+void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows >= 8)")
+    for (int r = 0; r < rows; r++) {
+        const size_t gi = (size_t)r * 2 * I, oi = (size_t)r * I;
+        const vec one = v_set1(1.0f);
+        for (int i0 = 0; i0 < I; i0 += 8) {
+            const int n = I - i0 < 8 ? I - i0 : 8;
+            vec g, u;
+            if (n == 8) {
+                g = vact_ld(gu, gi + i0, bf16);
+                u = vact_ld(gu, gi + I + i0, bf16);
+            } else {
+                float tg[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, tu[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+                for (int j = 0; j < n; j++) { tg[j] = act_ld(gu, gi + i0 + j, bf16); tu[j] = act_ld(gu, gi + I + i0 + j, bf16); }
+                g = v_load(tg);
+                u = v_load(tu);
+            }
+            const vec t = v_exp(v_neg_abs(g));
+            const vec s = v_div(v_sel_nonneg(g, g, v_mul(g, t)), v_add(one, t));
+            const vec y = v_mul(vact_rnd(s, bf16), u);
+            if (n == 8) vact_st(out, oi + i0, y, bf16);
+            else {
+                float ty[8];
+                v_store(ty, y);
+                for (int j = 0; j < n; j++) act_st(out, oi + i0 + j, ty[j], bf16);
+            }
+        }
+    }
+}
