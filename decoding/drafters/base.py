@@ -58,7 +58,9 @@ class Drafter:
         root = int(tokens[-1])
         if budget <= 0 or max_depth <= 0:
             return TokenTree.root_only(root)
-        found, labels, keys = self.anchored_chains(tokens, max_depth, hidden)
+        # No kept node is deeper than the budget (a kept node's ancestors are all kept, and all
+        # outweigh it), so chains are drafted only that deep: the same tree, less work.
+        found, labels, keys = self.anchored_chains(tokens, min(max_depth, budget), hidden)
         if not found:
             return TokenTree.root_only(root)
         return TokenTree.from_chains(root, found, budget, labels, keys)
