@@ -9,9 +9,8 @@ arithmetic as ``LlamaDecoderLayer`` straight from the model's own weights:
   concatenation of the modules' own packed panels (each output column is still its own FMA
   chain, so fusing changes no bit; the modules' packed copies become views into the fused ones,
   so no memory is added);
-- the KV cache is one preallocated ``[1, G, capacity, D]`` buffer per layer, grown by doubling,
-  written in place; committing a tree path gathers its entries to the front of the tentative
-  region, as before;
+- the KV cache is one preallocated buffer for all layers, grown by doubling, written in place;
+  committing a tree path gathers its entries to the front of the tentative region in one copy;
 - every query row attends through the invariant attention kernel over exactly its visible keys
   (computed once per forward, not per layer); a prompt's prefill of more than
   ``invariant.MAX_ROWS`` rows uses torch's SDPA, as the transformers path does;
@@ -100,14 +99,17 @@ class FusedLinear:
 
 
 class KVCache:
-    """One request's keys and values: per layer a ``[1, G, capacity, D]`` buffer, of which the
-    first ``length`` positions are filled. Grown by doubling; never shared."""
+    """One request's keys and values: one ``[2, layers, 1, G, capacity, D]`` buffer (``k[i]`` and
+    ``v[i]`` are a layer's ``[1, G, capacity, D]`` views), of which the first ``length`` positions
+    are filled. One buffer, so a commit gathers every layer's entries in one copy; grown by
+    doubling; never shared."""
 
     def __init__(self, n_layers: int, groups: int, head_dim: int, dtype: torch.dtype, device) -> None:
         self.shape = (n_layers, groups, head_dim)
         self.dtype, self.device = dtype, device
         self.length = 0
         self.capacity = 0
+        self.buf: torch.Tensor | None = None
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
 
@@ -118,11 +120,12 @@ class KVCache:
         while cap < total:
             cap *= 2
         n_layers, g, d = self.shape
-        old_k, old_v, n = self.k, self.v, self.length
-        self.k = [torch.empty(1, g, cap, d, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
-        self.v = [torch.empty(1, g, cap, d, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
-        for new, old in zip(self.k + self.v, old_k + old_v):
-            new[:, :, :n] = old[:, :, :n]
+        old, n = self.buf, self.length
+        self.buf = torch.empty(2, n_layers, 1, g, cap, d, dtype=self.dtype, device=self.device)
+        if old is not None and n:
+            self.buf[..., :n, :] = old[..., :n, :]
+        self.k = list(self.buf[0].unbind(0))
+        self.v = list(self.buf[1].unbind(0))
         self.capacity = cap
 
     def get_seq_length(self) -> int:
@@ -135,10 +138,8 @@ class KVCache:
 
     def gather(self, start: int, positions: torch.Tensor) -> None:
         """Copy the entries at `positions` to start, start+1, ... (a tree path to the front of the
-        tentative region)."""
-        k = len(positions)
-        for buf in self.k + self.v:
-            buf[:, :, start:start + k] = buf.index_select(2, positions)
+        tentative region), every layer's keys and values at once."""
+        self.buf[..., start:start + len(positions), :] = self.buf.index_select(4, positions)
 
 
 class LeanLlama:
