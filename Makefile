@@ -23,6 +23,6 @@ test: setup
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not slow and not cluster and not model"
 
-## Engine benchmark (CPU, ~15 min): writes bench/results/engine.{json,md}.
+## Engine benchmark (CPU, ~20 min on 2 cores): writes bench/results/engine.{json,md}.
 bench: setup
 	$(PYTHON) -m bench.engine
