@@ -21,7 +21,8 @@ NPROBE = 32
 
 def build_faiss_index(keys: np.ndarray, *, nprobe: int = NPROBE, seed: int = 0):
     """Inner-product index over unit keys [E, d]: exact for small stores, IVF-Flat above EXACT_MAX
-    (about 4 * sqrt(E) lists, trained on a sample of up to 64 keys per list)."""
+    (about 4 * sqrt(E) lists, at most E / 39 so that every list has the 39 training keys FAISS's
+    k-means asks for; trained on a sample of up to 64 keys per list)."""
     import faiss
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
@@ -29,7 +30,7 @@ def build_faiss_index(keys: np.ndarray, *, nprobe: int = NPROBE, seed: int = 0):
     if e <= EXACT_MAX:
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = int(4 * np.sqrt(e))
+        nlist = max(1, min(int(4 * np.sqrt(e)), e // 39))
         index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         sample = keys[rng.choice(e, min(e, 64 * nlist), replace=False)]
