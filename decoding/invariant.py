@@ -203,12 +203,13 @@ class PackedWeight:
         n_out, k = w.shape
         rows = x.numel() // k
         if (lib is None or rows == 0 or w.dtype not in (torch.float32, torch.bfloat16)
+                or x.dtype not in (torch.float32, torch.bfloat16)
                 or (rows > MAX_ROWS and large_rows_kernel(w.dtype, torch.get_num_threads()) == "torch")):
             return F.linear(x, w, bias)
-        y = packed_linear(self.packed(), x.reshape(rows, k), n_out, torch.get_num_threads())
-        if bias is not None:
-            y = y + bias.to(torch.float32)
-        return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+        out = torch.empty(rows, n_out, dtype=x.dtype)
+        linear_into(self.packed(), x.reshape(rows, k), n_out, torch.get_num_threads(), out,
+                    bias=None if bias is None else bias.to(torch.float32).contiguous())
+        return out.reshape(*x.shape[:-1], n_out)
 
 
 # Where a linear's float32 accumulators go (the epilogue in invariant.c): each mode is the same
@@ -216,18 +217,12 @@ class PackedWeight:
 EPI_F32, EPI_BF16, EPI_BF16_RESIDUAL, EPI_F32_RESIDUAL, EPI_F32_VIA_BF16 = range(5)
 
 
-def packed_linear(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int) -> torch.Tensor:
-    """x [R, K] (any float dtype) @ the packed weight's [n_out, K]^T -> [R, n_out] float32. With
-    pair-packed bfloat16 weights x is taken in bfloat16 (exact for a bfloat16 model's activations)."""
-    y = torch.empty(x.shape[0], n_out, dtype=torch.float32)
-    _run_linear(packed, x, n_out, threads, y, None, None, None, EPI_F32)
-    return y
-
-
 def linear_into(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int, out: torch.Tensor,
                 residual: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 logits: bool = False) -> torch.Tensor:
-    """``out = (residual +) (x @ W^T + bias)`` rounded to out's dtype as torch would round each op,
+    """x [R, K] @ the packed weight's [n_out, K]^T, with pair-packed bfloat16 weights x taken in
+    bfloat16 (exact for a bfloat16 model's activations):
+    ``out = (residual +) (x @ W^T + bias)`` rounded to out's dtype as torch would round each op,
     written by the kernel itself (no float32 intermediate, no separate add). `out` [R, n_out]
     contiguous, float32 or bfloat16; `residual` like `out` (may be `out`: updated in place);
     `bias` float32; `logits`: out float32 holding the bfloat16-rounded values (a bfloat16
@@ -289,7 +284,7 @@ def _time_large_rows(dtype: torch.dtype, threads: int, rows: int = 256, repeats:
     packed = pack_panels(w)
 
     def ours():
-        return packed_linear(packed, x, 1536, threads).to(dtype)
+        return linear_into(packed, x, 1536, threads, torch.empty(rows, 1536, dtype=dtype))
 
     times: dict[str, list[float]] = {"ours": [], "torch": []}
     with torch.inference_mode():
