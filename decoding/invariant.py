@@ -11,6 +11,14 @@ near-tied argmax can flip: measured in ``bench/results/invariance.md``, up to 4e
 - **Linears** (every ``nn.Linear`` of the decoder and the LM head) run through
   ``sense_linear_*`` in ``decoding/kernels/invariant.c``: each output element is one fixed chain
   of 8-lane FMAs over the input dimension and one fixed horizontal sum, whatever the row count.
+- On a CPU with **AMX** the bfloat16 linears may run on tiles instead (``sense_linear_bf16amx``:
+  ``tdpbf16ps``, the same pair-packed weights, a one-row step a one-row tile): each output is the
+  tile instruction's fixed sequence over its own row, so rows stay independent, but the bits are
+  not the vector kernel's; a process runs one of the two for every row count (:func:`bf16_kernel`,
+  the faster on a decode step plus a 16-row verification, measured). On the Xeon with AMX where
+  this was written, a 16-row pass over model-sized weights took 0.35x the vector kernel's time
+  and a one-row pass about the same (memory-bound), so verifying a 16-token tree costs about 1.5
+  decode steps instead of 3.
 - **Attention** runs through ``sense_attention_*``: each query row attends over exactly its
   visible keys, listed in key order (a tree node's prefix and ancestors are the keys the same
   token sees in an autoregressive step, in the same order), with fixed-order dot products, a
@@ -102,18 +110,25 @@ def library() -> ctypes.CDLL | None:
             _error = str(e)
             return None
         p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-        for name in ("sense_linear_f32", "sense_linear_bf16", "sense_linear_bf16dp"):
+        for name in ("sense_linear_f32", "sense_linear_bf16", "sense_linear_bf16dp", "sense_linear_bf16amx"):
             getattr(lib, name).argtypes = [p, p, i64, p, p, p, p, i, i, i, i, i]
             getattr(lib, name).restype = None
         for name in ("sense_attention_f32", "sense_attention_bf16"):
             getattr(lib, name).argtypes = [p, i64, p, p, i64, i64, i64, p, p, p, i64, i, i, i, i, i, i, f, i]
             getattr(lib, name).restype = None
+        for name in ("sense_attention_f32_multi", "sense_attention_bf16_multi"):
+            getattr(lib, name).argtypes = [p, i64, p, p, p, p, p, p, i64, i, i, i, i, i, i, i, f, i]
+            getattr(lib, name).restype = None
+        lib.sense_rope_kv_multi.argtypes = [p, i64, i, i, i, p, p, p, p, p, p, i, i, i, i]
+        lib.sense_rope_kv_multi.restype = None
         lib.sense_rmsnorm.argtypes = [p, p, p, i, i, f, i, i]
         lib.sense_rope_kv.argtypes = [p, i64, i, i, i, i, p, p, p, p, i64, i64, i]
         lib.sense_silu_mul.argtypes = [p, p, i, i, i, i]
         for name in ("sense_rmsnorm", "sense_rope_kv", "sense_silu_mul"):
             getattr(lib, name).restype = None
         lib.sense_has_bf16dp.restype = ctypes.c_int
+        lib.sense_has_amx.restype = ctypes.c_int
+        lib.sense_amx_init.restype = ctypes.c_int
         lib.sense_kernel_isa.restype = ctypes.c_char_p
         _lib = lib
         return _lib
@@ -137,8 +152,11 @@ def kernel_id() -> str:
 
 
 def kernel_isa() -> str:
+    """The instruction sets the kernels run on (``+amx`` when bfloat16 linears take the tile kernel)."""
     lib = library()
-    return lib.sense_kernel_isa().decode() if lib else "none"
+    if lib is None:
+        return "none"
+    return lib.sense_kernel_isa().decode() + ("+amx" if bf16_kernel() == "amx" else "")
 
 
 # -- linear -----------------------------------------------------------------------------------
@@ -147,6 +165,70 @@ def bf16_pairs() -> bool:
     """Whether bfloat16 linears run on the AVX512-BF16 kernel (``vdpbf16ps``, pair-packed weights)."""
     lib = library()
     return bool(lib is not None and lib.sense_has_bf16dp())
+
+
+_amx_ok: bool | None = None
+_bf16_kernel: str | None = None
+BF16_KERNELS = ("dp", "amx")
+
+
+def amx_available() -> bool:
+    """Whether the AMX tile kernel is built (``-march=native`` on a CPU with AMX-BF16) and Linux
+    granted this process the tile state."""
+    global _amx_ok
+    if _amx_ok is None:
+        lib = library()
+        _amx_ok = bool(lib is not None and lib.sense_has_amx() and lib.sense_has_bf16dp() and lib.sense_amx_init())
+    return _amx_ok
+
+
+def bf16_kernel() -> str:
+    """Which kernel runs this process's pair-packed bfloat16 linears: ``"dp"`` (``vdpbf16ps``,
+    16 outputs a vector) or ``"amx"`` (``tdpbf16ps`` tiles). The two round differently, so one
+    is chosen per process, before the first linear, for every row count (a decode step and a
+    verification must run the same one). ``SENSE_BF16_KERNEL`` forces one; otherwise the faster
+    on a one-row decode step plus a 16-row verification of model-sized weights out of cache,
+    measured once per machine and kernel source and remembered on disk. Without AMX: "dp"."""
+    global _bf16_kernel
+    if _bf16_kernel is None:
+        forced = os.environ.get("SENSE_BF16_KERNEL", "").strip().lower()
+        if forced and forced not in BF16_KERNELS:
+            raise ValueError(f"SENSE_BF16_KERNEL must be one of {', '.join(BF16_KERNELS)}, got {forced!r}")
+        if forced == "amx" and not amx_available():
+            raise ValueError("SENSE_BF16_KERNEL=amx, but this CPU or build has no AMX tile kernel")
+        if forced:
+            _bf16_kernel = forced
+        elif not amx_available():
+            _bf16_kernel = "dp"
+        else:
+            h = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+            key = {"machine": machine("cpu"), "kernels": h, "threads": torch.get_num_threads()}
+            value, _ = remembered("bf16_kernel", key, _time_bf16_kernels)
+            _bf16_kernel = min(BF16_KERNELS, key=lambda k: value[f"{k}_ms"])
+    return _bf16_kernel
+
+
+def _time_bf16_kernels(repeats: int = 7) -> dict:
+    """Milliseconds of a one-row plus a 16-row pass over 96 MiB of bfloat16 weights (more than a
+    cache holds, as a model's are), per kernel: medians of `repeats`, kernels alternating."""
+    import statistics
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    weights = [pack_panels(torch.randn(1536, 576, generator=g).to(torch.bfloat16)) for _ in range(56)]
+    xs = [torch.randn(r, 576, generator=g).to(torch.bfloat16) for r in (1, 16)]
+    outs = [torch.empty(x.shape[0], 1536, dtype=torch.bfloat16) for x in xs]
+    threads = torch.get_num_threads()
+    times: dict[str, list[float]] = {k: [] for k in BF16_KERNELS}
+    for rep in range(repeats + 1):
+        for kind in BF16_KERNELS:
+            t0 = time.perf_counter()
+            for x, out in zip(xs, outs):
+                for w in weights:
+                    linear_into(w, x, 1536, threads, out, kernel=kind)
+            if rep:
+                times[kind].append(time.perf_counter() - t0)
+    return {f"{k}_ms": round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -219,14 +301,15 @@ EPI_F32, EPI_BF16, EPI_BF16_RESIDUAL, EPI_F32_RESIDUAL, EPI_F32_VIA_BF16 = range
 
 def linear_into(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int, out: torch.Tensor,
                 residual: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                logits: bool = False) -> torch.Tensor:
+                logits: bool = False, kernel: str | None = None) -> torch.Tensor:
     """x [R, K] @ the packed weight's [n_out, K]^T, with pair-packed bfloat16 weights x taken in
     bfloat16 (exact for a bfloat16 model's activations):
     ``out = (residual +) (x @ W^T + bias)`` rounded to out's dtype as torch would round each op,
     written by the kernel itself (no float32 intermediate, no separate add). `out` [R, n_out]
     contiguous, float32 or bfloat16; `residual` like `out` (may be `out`: updated in place);
     `bias` float32; `logits`: out float32 holding the bfloat16-rounded values (a bfloat16
-    model's logits, widened)."""
+    model's logits, widened). `kernel` ("dp" or "amx") overrides :func:`bf16_kernel` for
+    pair-packed weights (to compare the two; a forward must keep the process's choice)."""
     bf16 = out.dtype == torch.bfloat16
     if logits:
         mode = EPI_F32_VIA_BF16 if x.dtype == torch.bfloat16 else EPI_F32
@@ -235,11 +318,11 @@ def linear_into(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int,
     else:
         mode = EPI_BF16 if bf16 else EPI_F32
     y = out if mode in (EPI_F32, EPI_F32_VIA_BF16) else None
-    _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode)
+    _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode, kernel)
     return out
 
 
-def _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode) -> None:
+def _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode, kernel=None) -> None:
     lib = library()
     rows, k = x.shape
     ptr = lambda t: None if t is None else t.data_ptr()     # noqa: E731
@@ -251,8 +334,13 @@ def _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode) -> None
             xb = F.pad(xb, (0, 2 * k2 - k))
         if not xb.is_contiguous():
             xb = xb.contiguous()
-        lib.sense_linear_bf16dp(xb.data_ptr(), packed.data_ptr(), 2 * PANEL * k2, *args, rows, 2 * k2, n_out,
-                                threads)
+        kernel = kernel or bf16_kernel()
+        if kernel == "amx" and not amx_available():
+            raise ValueError("no AMX tile kernel on this CPU or build")
+        # AMX tiles take 32 k at a time: a weight with K not a multiple of 32 stays on "dp" (per
+        # weight, so still the same kernel for every row count).
+        fn = lib.sense_linear_bf16amx if k2 % 16 == 0 and kernel == "amx" else lib.sense_linear_bf16dp
+        fn(xb.data_ptr(), packed.data_ptr(), 2 * PANEL * k2, *args, rows, 2 * k2, n_out, threads)
         return
     xf = x.to(torch.float32).contiguous()
     fn = lib.sense_linear_f32 if packed.dtype == torch.float32 else lib.sense_linear_bf16
@@ -437,6 +525,51 @@ def rope_kv(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor, sin: 
     library().sense_rope_kv(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], heads, groups, d, cos.data_ptr(),
                             sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(1), start,
                             int(qkv.dtype == torch.bfloat16))
+
+
+class Requests:
+    """Several requests' rows of one forward, for the ``*_multi`` kernels: per request its cache
+    buffer (``[2, L, 1, G, capacity, D]``: decoding.lean_forward.KVCache) and first position, its
+    rows' bounds, and every row's visible positions in its own cache (one CSR list)."""
+
+    def __init__(self, buffers: list[torch.Tensor], starts: list[int], sizes: list[int],
+                 visible: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.n = len(buffers)
+        self.layers = buffers[0].shape[1]
+        self.bufs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+        self.caps = torch.tensor([b.shape[4] for b in buffers], dtype=torch.int64)
+        self.starts = torch.tensor(starts, dtype=torch.int64)
+        self.bounds = torch.zeros(self.n + 1, dtype=torch.int32)
+        torch.cumsum(torch.tensor(sizes, dtype=torch.int32), 0, out=self.bounds[1:])
+        self.rows = int(self.bounds[-1])
+        self.req = torch.repeat_interleave(torch.arange(self.n, dtype=torch.int32), torch.tensor(sizes))
+        offsets = [0]
+        for rowptr, _ in visible:
+            offsets.append(offsets[-1] + int(rowptr[-1]))
+        self.rowptr = torch.cat([torch.zeros(1, dtype=torch.int32)]
+                                + [rp[1:] + off for (rp, _), off in zip(visible, offsets)])
+        self.idx = torch.cat([ix for _, ix in visible])
+
+
+def rope_kv_multi(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor, sin: torch.Tensor,
+                  reqs: Requests, layer: int) -> None:
+    """:func:`rope_kv` of every request of `reqs` in one call (layer `layer` of their caches)."""
+    d = cos.shape[-1]
+    library().sense_rope_kv_multi(qkv.data_ptr(), qkv.stride(0), heads, groups, d, cos.data_ptr(), sin.data_ptr(),
+                                  reqs.bufs.data_ptr(), reqs.caps.data_ptr(), reqs.starts.data_ptr(),
+                                  reqs.bounds.data_ptr(), reqs.n, reqs.layers, layer,
+                                  int(qkv.dtype == torch.bfloat16))
+
+
+def attention_multi(q: torch.Tensor, reqs: Requests, layer: int, scale: float, out: torch.Tensor, heads: int,
+                    groups: int, head_dim: int, cache_dtype: torch.dtype) -> None:
+    """:func:`attention_into` of every request of `reqs` in one call: each row over the visible
+    positions of its own request's cache (layer `layer`), the same arithmetic per row."""
+    lib = library()
+    fn = lib.sense_attention_f32_multi if cache_dtype == torch.float32 else lib.sense_attention_bf16_multi
+    fn(q.data_ptr(), q.stride(0), reqs.bufs.data_ptr(), reqs.caps.data_ptr(), reqs.req.data_ptr(),
+       reqs.rowptr.data_ptr(), reqs.idx.data_ptr(), out.data_ptr(), out.stride(0), int(q.dtype == torch.bfloat16),
+       reqs.rows, heads, groups, head_dim, reqs.layers, layer, scale, torch.get_num_threads())
 
 
 def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

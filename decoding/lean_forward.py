@@ -193,8 +193,9 @@ class LeanLlama:
         x = self.base.embed_tokens(ids)             # a new tensor: the residual stream, updated in place
         cos, sin = self.base.rotary_emb(x[None], positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()        # [rows, D]
-        visible = [None if large else invariant.visible_csr(start, t, anc)
-                   for (_, _, _, anc), start, t in zip(items, starts, sizes)]
+        reqs = None if large else invariant.Requests(
+            [cache.buf for cache, *_ in items], starts, sizes,
+            [invariant.visible_csr(start, t, anc) for (_, _, _, anc), start, t in zip(items, starts, sizes)])
         bounds = [0]
         for t in sizes:
             bounds.append(bounds[-1] + t)
@@ -206,18 +207,17 @@ class LeanLlama:
         for i, layer in enumerate(self.layers):
             invariant.rmsnorm(x, layer.input_layernorm, h)
             qkv = self.qkv[i](h, qkv_buf, large)
-            for j, (cache, _, _, _) in enumerate(items):
+            if reqs is not None:        # every request's rows in one call each (their own caches)
+                invariant.rope_kv_multi(qkv, self.heads, self.groups, cos, sin, reqs, i)
+                invariant.attention_multi(qkv, reqs, i, self.scaling, attn, self.heads, self.groups,
+                                          self.head_dim, x.dtype)
+            for j, (cache, _, _, _) in enumerate(items if large else ()):
                 r0, r1, start = bounds[j], bounds[j + 1], starts[j]
                 invariant.rope_kv(qkv[r0:r1], self.heads, self.groups, cos[r0:r1], sin[r0:r1], cache.k[i],
                                   cache.v[i], start)
                 keys, values = cache.k[i][:, :, :start + r1 - r0], cache.v[i][:, :, :start + r1 - r0]
-                if large:
-                    q = qkv[r0:r1, :h_dim].view(r1 - r0, self.heads, self.head_dim)
-                    attn[r0:r1] = self._sdpa(q, keys, values).reshape(r1 - r0, h_dim)
-                else:
-                    rowptr, idx = visible[j]
-                    invariant.attention_into(qkv[r0:r1], keys, values, rowptr, idx, self.scaling, attn[r0:r1],
-                                             self.heads)
+                q = qkv[r0:r1, :h_dim].view(r1 - r0, self.heads, self.head_dim)
+                attn[r0:r1] = self._sdpa(q, keys, values).reshape(r1 - r0, h_dim)
             _residual(self.o_proj[i], attn, x, large)
             invariant.rmsnorm(x, layer.post_attention_layernorm, h)
             gu = self.gate_up[i](h, gu_buf, large)

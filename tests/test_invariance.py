@@ -8,6 +8,8 @@ the invariant kernels none of these held in either dtype (bench/results/invarian
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,51 @@ def test_bfloat16_linears_take_the_avx512_bf16_kernel_where_the_cpu_has_it():
     w = torch.randn(40, 13)
     assert invariant.pack_panels(w).shape == (3, 13, 16)
     assert invariant.pack_panels(w.to(torch.bfloat16)).shape == ((3, 7, 16, 2) if has else (3, 13, 16))
+
+
+def _bf16_kernels() -> list[str]:
+    return ["dp", "amx"] if invariant.amx_available() else ["dp"] if invariant.bf16_pairs() else []
+
+
+@pytest.mark.parametrize("kernel", ["dp", "amx"])
+def test_each_bfloat16_kernel_gives_a_row_the_same_bits_whatever_the_rows_beside_it(kernel):
+    """Both pair-packed bfloat16 kernels (vdpbf16ps vectors; AMX tiles of up to 16 rows, so 17
+    and 40 rows take a partial tile): a row's outputs are bitwise the same alone or among 2-63
+    other rows, and within bfloat16 rounding of the float64 product. The process runs one of
+    them (invariant.bf16_kernel); this checks the other too, where the CPU has it."""
+    if kernel not in _bf16_kernels():
+        pytest.skip(f"no {kernel} kernel on this CPU")
+    g = torch.Generator().manual_seed(7)
+    for n, k in ((200, 576), (96, 1536), (40, 64)):
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        packed = invariant.pack_panels(w)
+        x = torch.randn(64, k, generator=g).to(torch.bfloat16)
+
+        def run(rows: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+            return invariant.linear_into(packed, rows.contiguous(), n, 2, out, logits=False, kernel=kernel)
+
+        full = run(x)
+        for rows in (1, 3, 16, 17, 40):
+            assert torch.equal(run(x[:rows]), full[:rows]), (kernel, n, k, rows)
+        assert torch.equal(run(x[5:6]), full[5:6])
+        ref = x.double() @ w.double().T
+        assert torch.allclose(full.double(), ref, rtol=1e-4, atol=1e-3 * k ** 0.5)
+
+
+def test_the_process_bfloat16_kernel_is_chosen_once_and_can_be_forced(tmp_path):
+    """bf16_kernel(): "amx" or "dp", the same for the whole process; SENSE_BF16_KERNEL forces
+    one (an unknown name, or amx without AMX, is a one-line error)."""
+    import subprocess
+    import sys
+
+    code = "from decoding import invariant as i; print(i.bf16_kernel(), i.kernel_isa())"
+    env = {**os.environ, "SENSE_CACHE_DIR": str(tmp_path)}
+    for forced in _bf16_kernels():
+        out = subprocess.run([sys.executable, "-c", code], env=env | {"SENSE_BF16_KERNEL": forced},
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert out[0] == forced and out[1].endswith("+amx") == (forced == "amx")
+    bad = subprocess.run([sys.executable, "-c", code], env=env | {"SENSE_BF16_KERNEL": "mkl"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "SENSE_BF16_KERNEL must be one of dp, amx" in bad.stderr
+    assert invariant.bf16_kernel() in (_bf16_kernels() or ["dp"])

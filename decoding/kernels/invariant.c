@@ -404,6 +404,111 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* linear, bfloat16 on AMX (tdpbf16ps): the same pair-packed weights, read as B tiles of 16      */
+/* pairs of k x 16 outputs (64 bytes a row: exactly 16 consecutive pairs of a panel), x as A      */
+/* tiles of up to 16 rows x 32 k, float32 C tiles of rows x 16 outputs. Each output element is   */
+/* the tile instruction's fixed sequence over its own row of A and column of B, chunk after      */
+/* chunk of 32 k in order: nothing in it depends on the other rows of the tile (a one-row decode */
+/* step configures a one-row tile), so a row's result is the same whatever the row count. It is */
+/* not bitwise sense_linear_bf16dp's (another sequence of roundings): a process uses one of the  */
+/* two for every bfloat16 linear with K a multiple of 32 (decoding/invariant.py chooses by       */
+/* measuring). Needs the kernel's permission for the tile state (sense_amx_init, once).          */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAVE_AMX 1
+#define AMX_PF 1
+#define AMX_PF2 4
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct __attribute__((aligned(64))) {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+int sense_amx_init(void) {
+    /* arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): Linux hands out the tile state only on request. */
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+/* Tiles 0-2: C (rows x 16 float32), 3: A (rows x 32 bfloat16), 4-6: B (16 pairs x 16 outputs). */
+static void amx_configure(int rows) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int t = 0; t < 4; t++) { c.rows[t] = (uint8_t)rows; c.colsb[t] = 64; }
+    for (int t = 4; t < 7; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
+    _tile_loadconfig(&c);
+}
+
+/* rb (<= 16) rows x np (1-3) panels; x: the block's first row, K a multiple of 32. */
+static void amx_block(const uint16_t *x, int K, const uint16_t *P, size_t ps, const Epi *e, size_t row0,
+                      int col0, int ncols, int rb, int np) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    const size_t chunk = 16 * 2 * PANEL;            /* one B tile: 16 pairs of the panel */
+    for (int c = 0; c < K / 32; c++) {
+        /* the next chunk into L1, the one after 3 more into L2: tile loads alone stream at ~70% of the
+         * memory bandwidth a one-row decode step needs, vector loads' rate with these */
+        if (c + AMX_PF < K / 32)
+            for (int q = 0; q < np; q++)
+                for (int l = 0; l < 16; l++)
+                    _mm_prefetch((const char *)(P + q * ps + (size_t)(c + AMX_PF) * chunk) + 64 * l, _MM_HINT_T0);
+        if (c + AMX_PF2 < K / 32)
+            for (int q = 0; q < np; q++)
+                for (int l = 0; l < 16; l++)
+                    _mm_prefetch((const char *)(P + q * ps + (size_t)(c + AMX_PF2) * chunk) + 64 * l, _MM_HINT_T1);
+        _tile_loadd(3, x + (size_t)c * 32, (long)K * 2);
+        _tile_loadd(4, P + (size_t)c * chunk, 64);
+        _tile_dpbf16ps(0, 3, 4);
+        if (np > 1) {
+            _tile_loadd(5, P + ps + (size_t)c * chunk, 64);
+            _tile_dpbf16ps(1, 3, 5);
+        }
+        if (np > 2) {
+            _tile_loadd(6, P + 2 * ps + (size_t)c * chunk, 64);
+            _tile_dpbf16ps(2, 3, 6);
+        }
+    }
+    float buf[3][16][PANEL];
+    _tile_stored(0, buf[0], 64);
+    if (np > 1) _tile_stored(1, buf[1], 64);
+    if (np > 2) _tile_stored(2, buf[2], 64);
+    for (int q = 0; q < np; q++) {
+        const int c0 = q * PANEL, nc = ncols - c0 < PANEL ? ncols - c0 : PANEL;
+        if (nc > 0)
+            for (int j = 0; j < rb; j++) epi_store(e, row0 + (size_t)j, col0 + c0, buf[q][j], nc);
+    }
+}
+
+/* As sense_linear_bf16dp (same packing and epilogues); K a multiple of 32. */
+void sense_linear_bf16amx(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, void *out,
+                          const void *res, const float *bias, int mode, int R, int K, int N, int threads) {
+    const Epi e = {y, out, res, bias, N, mode};
+    const int panels = (N + PANEL - 1) / PANEL, groups = (panels + 2) / 3;
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        int configured = 0;
+        _Pragma("omp for schedule(static)")
+        for (int gi = 0; gi < groups; gi++) {
+            const int p0 = gi * 3, np = panels - p0 < 3 ? panels - p0 : 3;
+            for (int r0 = 0; r0 < R; r0 += 16) {
+                const int rb = R - r0 < 16 ? R - r0 : 16;
+                if (rb != configured) {
+                    amx_configure(rb);
+                    configured = rb;
+                }
+                amx_block(x + (size_t)r0 * K, K, P + (size_t)p0 * pstride, (size_t)pstride, &e, (size_t)r0,
+                          p0 * PANEL, N - p0 * PANEL, rb, np);
+            }
+        }
+        if (configured) _tile_release();
+    }
+}
+#endif
 #else
 void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, void *out,
                          const void *res, const float *bias, int mode, int R, int K, int N, int threads) {
@@ -458,17 +563,9 @@ static float softmax_numerators(float *s, int n) {
  * b*kb + g*kh + j*kr + d; rows see keys idx[rowptr[row] .. rowptr[row+1]) (ascending); out:
  * element (row, h, d) at row*ldo + h*D + d. q and out are bfloat16 if io_bf16, else float32. */
 #define DEFINE_ATTENTION(NAME, KT, DOT, LOADK)                                                  \
-void NAME(const void *q, int64_t ldq, const KT *k, const KT *v, int64_t kb, int64_t kh,       \
-          int64_t kr, const int32_t *rowptr, const int32_t *idx, void *out, int64_t ldo,       \
-          int io_bf16, int B, int T, int H, int G, int D, float scale, int threads) {          \
-    const int hpg = H / G;                                                                     \
-    const int units = B * T * G;                                                               \
-    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                      \
-    for (int u = 0; u < units; u++) {                                                          \
-        const int g = u % G, row = u / G, b = row / T;                                         \
-        const int n = rowptr[row + 1] - rowptr[row];                                           \
-        const int32_t *ids = idx + rowptr[row];                                                \
-        const KT *kg = k + b * kb + g * kh, *vg = v + b * kb + g * kh;                         \
+static void NAME##_unit(const void *q, int64_t ldq, const KT *kg, const KT *vg, int64_t kr,        \
+                        const int32_t *ids, int n, void *out, int64_t ldo, int io_bf16, int row,     \
+                        int g, int hpg, int D, float scale) {                                        \
         float *s = (float *)malloc(sizeof(float) * ((size_t)(n > 0 ? n : 1) + D) * hpg);       \
         float *qr = s + (size_t)(n > 0 ? n : 1) * hpg;                                         \
         for (int i = 0; i < hpg * D; i++)                                                      \
@@ -525,6 +622,36 @@ void NAME(const void *q, int64_t ldq, const KT *k, const KT *v, int64_t kb, int6
             }                                                                                  \
         }                                                                                      \
         free(s);                                                                               \
+}                                                                                              \
+void NAME(const void *q, int64_t ldq, const KT *k, const KT *v, int64_t kb, int64_t kh,       \
+          int64_t kr, const int32_t *rowptr, const int32_t *idx, void *out, int64_t ldo,       \
+          int io_bf16, int B, int T, int H, int G, int D, float scale, int threads) {          \
+    const int hpg = H / G;                                                                     \
+    const int units = B * T * G;                                                               \
+    (void)B;                                                                                   \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                      \
+    for (int u = 0; u < units; u++) {                                                          \
+        const int g = u % G, row = u / G, b = row / T;                                         \
+        NAME##_unit(q, ldq, k + b * kb + g * kh, v + b * kb + g * kh, kr, idx + rowptr[row],   \
+                    rowptr[row + 1] - rowptr[row], out, ldo, io_bf16, row, g, hpg, D, scale);  \
+    }                                                                                          \
+}                                                                                              \
+/* Several requests' rows in one call: row r belongs to request req[r], whose cache is one       \
+ * buffer [2, L, 1, G, caps[b], D] at address bufs[b] (keys of layer i, then values of layer i   \
+ * at L + i); rowptr/idx list each row's visible positions in its own cache. */                  \
+void NAME##_multi(const void *q, int64_t ldq, const int64_t *bufs, const int64_t *caps,            \
+                  const int32_t *req, const int32_t *rowptr, const int32_t *idx, void *out,        \
+                  int64_t ldo, int io_bf16, int rows, int H, int G, int D, int L, int layer,       \
+                  float scale, int threads) {                                                      \
+    const int hpg = H / G;                                                                     \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                      \
+    for (int u = 0; u < rows * G; u++) {                                                       \
+        const int g = u % G, row = u / G, b = req[row];                                        \
+        const int64_t lay = (int64_t)G * caps[b] * D, gs = caps[b] * D;                        \
+        const KT *base = (const KT *)bufs[b];                                                  \
+        NAME##_unit(q, ldq, base + layer * lay + g * gs, base + (L + layer) * lay + g * gs, D,  \
+                    idx + rowptr[row], rowptr[row + 1] - rowptr[row], out, ldo, io_bf16, row, g, \
+                    hpg, D, scale);                                                            \
     }                                                                                          \
 }
 
@@ -604,6 +731,22 @@ void sense_rope_kv(void *qkv, int64_t ld, int rows, int H, int G, int D, const v
     }
 }
 
+/* sense_rope_kv for several requests' rows in one call: request b's rows bounds[b] ..
+ * bounds[b + 1] go to its cache, one buffer [2, L, 1, G, caps[b], D] at address bufs[b], layer
+ * `layer`, positions starts[b], starts[b] + 1, ... */
+void sense_rope_kv_multi(void *qkv, int64_t ld, int H, int G, int D, const void *cos, const void *sin,
+                         const int64_t *bufs, const int64_t *caps, const int64_t *starts, const int32_t *bounds,
+                         int B, int L, int layer, int bf16) {
+    const size_t es = bf16 ? 2 : 4;
+    for (int b = 0; b < B; b++) {
+        const size_t lay = (size_t)G * (size_t)caps[b] * (size_t)D, r0 = (size_t)bounds[b];
+        char *buf = (char *)(intptr_t)bufs[b];
+        sense_rope_kv((char *)qkv + r0 * (size_t)ld * es, ld, bounds[b + 1] - bounds[b], H, G, D,
+                      (const char *)cos + r0 * (size_t)D * es, (const char *)sin + r0 * (size_t)D * es,
+                      buf + (size_t)layer * lay * es, buf + (size_t)(L + layer) * lay * es, caps[b] * D, starts[b], bf16);
+    }
+}
+
 /* The gated MLP's activation: out[r, i] = silu(gu[r, i]) * gu[r, I + i] (two rounded ops);
  * silu(g) = g / (1 + exp(-g)), as g * e / (1 + e) with e = exp(g) for g < 0 (no overflow). */
 void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int threads) {
@@ -634,4 +777,20 @@ void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int th
             }
         }
     }
+}
+
+#ifndef HAVE_AMX
+int sense_amx_init(void) { return 0; }
+void sense_linear_bf16amx(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, void *out,
+                          const void *res, const float *bias, int mode, int R, int K, int N, int threads) {
+    (void)x; (void)P; (void)pstride; (void)y; (void)out; (void)res; (void)bias; (void)mode;    /* never called */
+    (void)R; (void)K; (void)N; (void)threads;
+}
+#endif
+int sense_has_amx(void) {
+#ifdef HAVE_AMX
+    return 1;
+#else
+    return 0;
+#endif
 }
