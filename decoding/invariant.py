@@ -484,15 +484,6 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowpt
     return out.to(query.dtype)
 
 
-def attention_into(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowptr: torch.Tensor,
-                   idx: torch.Tensor, scale: float, out: torch.Tensor, heads: int) -> None:
-    """One request's rows: q [T, >= heads * D] (the queries in its first heads * D columns, rows
-    of any stride, the model's dtype), key/value [1, G, L, D]; writes out [T, heads * D] (same
-    dtype, rows of any stride) without a float32 intermediate."""
-    d = key.shape[-1]
-    _attention(q, q.stride(0), key, value, rowptr, idx, scale, out, out.stride(0), 1, q.shape[0], heads, d)
-
-
 def _attention(q, ldq, key, value, rowptr, idx, scale, out, ldo, b, t, h, d) -> None:
     g = key.shape[1]
     k, v = key, value
@@ -563,8 +554,10 @@ def rope_kv_multi(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor,
 
 def attention_multi(q: torch.Tensor, reqs: Requests, layer: int, scale: float, out: torch.Tensor, heads: int,
                     groups: int, head_dim: int, cache_dtype: torch.dtype) -> None:
-    """:func:`attention_into` of every request of `reqs` in one call: each row over the visible
-    positions of its own request's cache (layer `layer`), the same arithmetic per row."""
+    """Attention of every request of `reqs` in one call: q [rows, >= heads * D] (the queries in its
+    first heads * D columns, the model's dtype) -> out [rows, heads * D], each row over the
+    visible positions of its own request's cache (layer `layer`), the arithmetic of
+    :func:`attention` per row."""
     lib = library()
     fn = lib.sense_attention_f32_multi if cache_dtype == torch.float32 else lib.sense_attention_bf16_multi
     fn(q.data_ptr(), q.stride(0), reqs.bufs.data_ptr(), reqs.caps.data_ptr(), reqs.req.data_ptr(),
