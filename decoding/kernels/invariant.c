@@ -598,26 +598,38 @@ static void NAME##_unit(const void *q, int64_t ldq, const KT *kg, const KT *vg, 
             const KT *kj = kg + ids[p] * kr;                                                   \
             for (int h = 0; h < hpg; h++) s[(size_t)h * n + p] = DOT(qr + (size_t)h * D, kj, D) * scale; \
         }                                                                                      \
-        for (int h = 0; h < hpg; h++) {                                                        \
-            float *sh = s + (size_t)h * n;                                                     \
-            const size_t o = (size_t)row * ldo + ((size_t)g * hpg + h) * D;                    \
-            if (n == 0) { for (int d = 0; d < D; d++) act_st(out, o + d, 0.f, io_bf16); continue; } \
-            const float l = softmax_numerators(sh, n);                                         \
-            /* out[d] = sum over p (in list order) of e_p * V[ids[p], d], then / l; up to 64     \
-             * dimensions at once in registers (one pass over V), the rest 64 at a time. */      \
-            for (int d0 = 0; d0 < D; d0 += 64) {                                               \
-                const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;                                \
-                vec acc[8];                                                                    \
-                for (int i = 0; i < nv; i++) acc[i] = v_zero();                                \
+        if (n == 0) {                                                                          \
+            for (int i = 0; i < hpg * D; i++) act_st(out, (size_t)row * ldo + (size_t)g * hpg * D + i, 0.f, io_bf16); \
+            free(s);                                                                           \
+            return;                                                                            \
+        }                                                                                      \
+        float l[hpg];                                                                          \
+        for (int h = 0; h < hpg; h++) l[h] = softmax_numerators(s + (size_t)h * n, n);         \
+        /* out[h, d] = sum over p (in list order) of e_hp * V[ids[p], d], then / l_h: up to 3 heads \
+         * x 32 dimensions in registers, each V row loaded (and widened) once for the heads that \
+         * share it; every (h, d) still sums p in list order, so the bits do not depend on it. */ \
+        for (int h0 = 0; h0 < hpg; h0 += 3) {                                                  \
+            const int nh = hpg - h0 < 3 ? hpg - h0 : 3;                                        \
+            for (int d0 = 0; d0 < D; d0 += 32) {                                               \
+                const int nv = (D - d0 < 32 ? D - d0 : 32) / 8;                                \
+                vec acc[3][4];                                                                 \
+                for (int i = 0; i < 3; i++) for (int j = 0; j < 4; j++) acc[i][j] = v_zero();  \
                 for (int p = 0; p < n; p++) {                                                  \
-                    const vec e = v_set1(sh[p]);                                               \
                     const KT *vr = vg + ids[p] * kr + d0;                                      \
-                    for (int i = 0; i < nv; i++) acc[i] = v_fma(e, LOADK(vr + 8 * i), acc[i]); \
+                    vec vv[4];                                                                 \
+                    for (int j = 0; j < nv; j++) vv[j] = LOADK(vr + 8 * j);                    \
+                    for (int i = 0; i < nh; i++) {                                             \
+                        const vec e = v_set1(s[(size_t)(h0 + i) * n + p]);                     \
+                        for (int j = 0; j < nv; j++) acc[i][j] = v_fma(e, vv[j], acc[i][j]);   \
+                    }                                                                          \
                 }                                                                              \
-                for (int i = 0; i < nv; i++) {                                                 \
-                    float buf[8];                                                              \
-                    v_store(buf, acc[i]);                                                      \
-                    for (int j = 0; j < 8; j++) act_st(out, o + d0 + 8 * i + j, buf[j] / l, io_bf16); \
+                for (int i = 0; i < nh; i++) {                                                 \
+                    const size_t o = (size_t)row * ldo + ((size_t)g * hpg + h0 + i) * D + d0;  \
+                    for (int j = 0; j < nv; j++) {                                             \
+                        float buf[8];                                                          \
+                        v_store(buf, acc[i][j]);                                               \
+                        for (int t = 0; t < 8; t++) act_st(out, o + 8 * j + t, buf[t] / l[h0 + i], io_bf16); \
+                    }                                                                          \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
