@@ -9,6 +9,7 @@ measures afresh. Files live under ``$SENSE_CACHE_DIR/measured/`` (default
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -71,24 +72,46 @@ def machine(device: torch.device | str = "cpu") -> dict:
 
 
 def remembered(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """``compute()``'s result for `key`, from the cache if measured before; returns (value, cached)."""
+    """``compute()``'s result for `key`, from the cache if measured before; returns (value, cached).
+
+    Processes sharing the cache agree: the first to need a value measures it under a file lock
+    while the others wait, then read what it stored. Two processes measuring at once (a build's
+    Ray workers starting together) would each keep their own answer, and a choice made from a
+    close measurement (which kernel is faster) could then differ between them: the same entries
+    computed with other rounding."""
     text = json.dumps(key, sort_keys=True, default=str)
     key = json.loads(text)              # as it reads back from the file
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
     path = cache_root() / "measured" / f"{kind}-{digest}.json"
+    stored = _read(path, key)
+    if stored is not None:
+        return stored, True
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError:                     # a read-only cache: measure here, remember nothing
+        return compute(), False
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stored = _read(path, key)       # measured by another process while this one waited
+        if stored is not None:
+            return stored, True
+        value = compute()
+        fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"key": key, "value": value}, f, indent=1)
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)    # a full disk only costs a re-measure next time
+    return value, False
+
+
+def _read(path: Path, key: dict) -> dict | None:
     try:
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
-            return stored["value"], True
-    except (OSError, ValueError, KeyError):
+            return stored["value"]
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key, "value": value}, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)    # a read-only cache only costs a re-measure next time
-    return value, False
+    return None

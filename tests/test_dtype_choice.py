@@ -93,3 +93,22 @@ def test_fingerprint_does_not_depend_on_the_load_dtype(target, dense_store_dir):
     assert read_manifest(dense_store_dir).key_dtype == "float32"      # what the keys were computed in
     other = TargetModel(tiny_llama(vocab=32), target.tokenizer)
     assert model_fingerprint(other).weights_hash != model_fingerprint(target).weights_hash
+
+
+def test_processes_measuring_at_once_all_keep_the_first_measurement(tmp_path):
+    """Four processes ask for the same remembered value at the same moment (a build's workers
+    starting together); the measurement gives each a different answer. All of them must use
+    the one value stored: one process measures, the others wait and read it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, time, json; from decoding.measured import remembered; "
+            "v, cached = remembered('race', {'k': 1}, lambda: (time.sleep(0.5), {'pid': os.getpid()})[1]); "
+            "print(json.dumps([v['pid'], cached]))")
+    env = {**os.environ, "SENSE_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert len({pid for pid, _ in outs}) == 1, outs
+    assert sorted(cached for _, cached in outs) == [False, True, True, True]
