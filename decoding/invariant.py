@@ -148,7 +148,11 @@ def kernel_id() -> str:
     lib = library()
     if lib is None:
         return "none"
-    return f"invariant-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]}-{kernel_isa()}"
+    return f"invariant-{_source_hash()}-{kernel_isa()}"
+
+
+def _source_hash() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
 
 
 def kernel_isa() -> str:
@@ -202,8 +206,7 @@ def bf16_kernel() -> str:
         elif not amx_available():
             _bf16_kernel = "dp"
         else:
-            h = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
-            key = {"machine": machine("cpu"), "kernels": h, "threads": torch.get_num_threads()}
+            key = {"machine": machine("cpu"), "kernels": _source_hash(), "threads": torch.get_num_threads()}
             value, _ = remembered("bf16_kernel", key, _time_bf16_kernels)
             # AMX only when clearly faster: a near tie would be a coin flip between machines of
             # one kind (their datastores then rounded differently).
