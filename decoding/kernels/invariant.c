@@ -45,6 +45,18 @@ static inline float v_hsum(vec v) {
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
+/* The four v_hsum of a0..a3 at once, each summed in exactly v_hsum's order (lane i + lane i+4,
+ * then (0 + 2) + (1 + 3)), times scale, stored to out[0..3]. */
+static inline void v_hsum4_scaled(vec a0, vec a1, vec a2, vec a3, float scale, float *out) {
+    const __m256 s01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
+    const __m256 s23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
+    const __m256 g = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm256_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 r = _mm256_add_ps(_mm256_shuffle_ps(g, g, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm256_shuffle_ps(g, g, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m128 h = _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+    _mm_storeu_ps(out, _mm_mul_ps(h, _mm_set1_ps(scale)));
+}
 static inline vec v_max(vec a, vec b) { return _mm256_max_ps(a, b); }
 /* exp for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial). */
 static inline vec v_exp(vec x) {
@@ -102,6 +114,9 @@ static inline float v_hsum(vec v) {
     for (int i = 0; i < 4; i++) a[i] = v.v[i] + v.v[i + 4];
     a[0] += a[2]; a[1] += a[3];
     return a[0] + a[1];
+}
+static inline void v_hsum4_scaled(vec a0, vec a1, vec a2, vec a3, float scale, float *out) {
+    out[0] = v_hsum(a0) * scale; out[1] = v_hsum(a1) * scale; out[2] = v_hsum(a2) * scale; out[3] = v_hsum(a3) * scale;
 }
 static inline vec v_max(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
 static inline vec v_exp(vec x) { for (int i = 0; i < 8; i++) x.v[i] = expf(x.v[i]); return x; }
@@ -590,8 +605,7 @@ static void NAME##_unit(const void *q, int64_t ldq, const KT *kg, const KT *vg, 
                     }                                                                          \
                 }                                                                              \
                 for (int i = 0; i < nh; i++)                                                   \
-                    for (int j = 0; j < 4; j++)                                                \
-                        s[(size_t)(h0 + i) * n + p + j] = v_hsum(a[i][j]) * scale;             \
+                    v_hsum4_scaled(a[i][0], a[i][1], a[i][2], a[i][3], scale, s + (size_t)(h0 + i) * n + p); \
             }                                                                                  \
         }                                                                                      \
         for (; p < n; p++) {                                                                   \
