@@ -204,6 +204,29 @@ def test_dynamic_chains_are_anchored_on_the_requests_own_keys(target):
                 assert np.isnan(anchors[j]).all()
 
 
+def test_the_dynamic_cache_takes_up_observed_states_when_it_is_next_searched(target):
+    """Observed hidden states wait (steps that draft nothing transform nothing) and join the cache
+    at the next search: the chains are those of a cache given every state at once."""
+    import torch
+
+    tf = KeyTransform.fit(np.random.default_rng(0).normal(size=(200, target.config.hidden_size)), dim=8)
+    tokens = np.array([5, 6, 7, 8, 5, 6, 7, 9, 5, 6])          # pending token 6; committed 0..8
+    h = torch.from_numpy(np.random.default_rng(1).normal(size=(9, target.config.hidden_size)).astype(np.float32))
+    at_once = DenseDrafter(None, transform=tf, dynamic=True, dynamic_k=50)
+    at_once.begin(list(tokens[:9]), h)
+    stepwise = DenseDrafter(None, transform=tf, dynamic=True, dynamic_k=50)
+    stepwise.begin(list(tokens[:5]), h[:5])
+    stepwise.observe(np.arange(5, 7), h[5:7])
+    stepwise.observe(np.arange(7, 9), h[7:9])
+    assert not stepwise._dyn_keys                   # nothing transformed before a search
+    q = tf(h[8:9].numpy())[0]
+    want, got = at_once._dynamic_chains(q, tokens, 4), stepwise._dynamic_chains(q, tokens, 4)
+    assert [c.tolist() for c, _, _ in got] == [c.tolist() for c, _, _ in want] and len(got) >= 2
+    np.testing.assert_allclose([w for _, w, _ in got], [w for _, w, _ in want], rtol=1e-5)
+    for (_, _, a), (_, _, b) in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
 def test_a_dense_drafter_runs_openblas_on_one_thread_and_leaves_torch_alone():
     """numpy's and FAISS's OpenBLAS pools spin on the cores torch's next forward needs
     (decoding/helper_threads.py). In a fresh process: several threads before the first dense

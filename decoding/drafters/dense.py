@@ -43,6 +43,7 @@ class DenseDrafter(Drafter):
     source: ClassVar[str] = "dense"  # proposals from the static datastore; the dynamic cache's: "dynamic"
     _dyn_keys: list = field(default_factory=list, repr=False)
     _dyn_pos: list = field(default_factory=list, repr=False)
+    _pending: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("trie", "chains"):
@@ -57,20 +58,33 @@ class DenseDrafter(Drafter):
     # -- dynamic cache ------------------------------------------------------------------------
 
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
-        self._dyn_keys, self._dyn_pos = [], []
+        self._dyn_keys, self._dyn_pos, self._pending = [], [], []
         if self.dynamic and hidden is not None:
             self.observe(np.arange(len(prompt_ids)), hidden)
 
     def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
+        """Keep the committed positions' hidden states; they become keys when the cache is next
+        searched (all the steps since at once), so steps that draft nothing (a budget of 0, as a
+        loaded batch often allocates) pay nothing for the cache."""
         if self.dynamic:
-            self._dyn_keys.append(self.transform(hidden.float().cpu().numpy()))
-            self._dyn_pos.append(np.asarray(positions))
+            self._pending.append((np.asarray(positions), hidden))
+
+    def _catch_up(self) -> None:
+        """Turn the pending hidden states into keys, in one transform."""
+        if not self._pending:
+            return
+        hidden = [h for _, h in self._pending]
+        hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+        self._dyn_keys.append(self.transform(hidden.float().cpu().numpy()))
+        self._dyn_pos.append(np.concatenate([p for p, _ in self._pending]))
+        self._pending = []
 
     def _dynamic_chains(self, q: np.ndarray, tokens: np.ndarray, depth: int
                         ) -> list[tuple[np.ndarray, float, np.ndarray | None]]:
+        self._catch_up()
         if not self._dyn_keys:
             return []
-        if len(self._dyn_keys) > 1:       # compact once in a while: one array is faster to search
+        if len(self._dyn_keys) > 1:       # one array is faster to search
             self._dyn_keys = [np.concatenate(self._dyn_keys)]
             self._dyn_pos = [np.concatenate(self._dyn_pos)]
         keys, pos = self._dyn_keys[0], self._dyn_pos[0]
