@@ -327,6 +327,8 @@ def _load_array(path: Path, mmap: bool, dtype: str, length: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # the index
 
+PAIR_KEYS_MAX_TOKENS = 1 << 25      # corpora up to this many tokens get pair keys (at most 256 MiB)
+
 
 class SparseIndex:
     """Suffix-array datastore over a multi-document token corpus.
@@ -355,6 +357,7 @@ class SparseIndex:
         self._n_docs = int(n_docs)
         self._max_suffix = int(max_suffix)
         self._sort_depth = int(sort_depth)
+        self._pairs: tuple[np.ndarray, int] | None | bool = False     # _pair_keys(), built on first lookup
 
     # -- properties ---------------------------------------------------------
 
@@ -501,16 +504,49 @@ class SparseIndex:
 
     # -- querying -----------------------------------------------------------
 
+    def _pair_keys(self) -> tuple[np.ndarray, int] | None:
+        """Each suffix's first two tokens as one sorted int64 key, (first + 1) * m + (second + 1)
+        in suffix-array order (m: the largest token + 2; a separator counts as -1), and m: one
+        vectorised search then finds the suffixes of a query's first two tokens, so the Python
+        binary search only runs inside that range. None when the suffix array is not sorted by
+        two tokens or the keys would take more memory than the corpus is worth it (8 bytes a token)."""
+        if self._pairs is False:
+            self._pairs = None
+            n = len(self._sa)
+            if n and self._sort_depth >= 2 and n <= PAIR_KEYS_MAX_TOKENS:
+                sa = np.asarray(self._sa, dtype=np.int64)
+                m = int(self._tokens.max()) + 2
+                keys = (self._tokens[sa].astype(np.int64) + 1) * m + (self._tokens[sa + 1].astype(np.int64) + 1)
+                self._pairs = (keys, m)
+        return self._pairs
+
+    def _bounds(self, query: tuple[int, ...]) -> tuple[int, int]:
+        """A suffix-array range ``[lo, hi)`` that holds every suffix starting with ``query``
+        (of its first two tokens; the whole array without pair keys)."""
+        pairs = self._pair_keys()
+        if pairs is None or not query:
+            return 0, len(self._sa)
+        keys, m = pairs
+        if max(query[:2]) >= m - 1:                 # a token the corpus does not have
+            return len(self._sa), len(self._sa)
+        if len(query) == 1:
+            lo_key, hi_key = (query[0] + 1) * m, (query[0] + 2) * m
+            return int(np.searchsorted(keys, lo_key, "left")), int(np.searchsorted(keys, hi_key, "left"))
+        key = (query[0] + 1) * m + query[1] + 1
+        return int(np.searchsorted(keys, key, "left")), int(np.searchsorted(keys, key, "right"))
+
     def _range(self, query: tuple[int, ...]) -> tuple[int, int]:
         """Suffix-array range ``[lo, hi)`` of suffixes starting with ``query``."""
-        lo = _lower_bound(self._tokens, self._sa, query, 0, len(self._sa))
-        hi = _upper_bound(self._tokens, self._sa, query, lo, len(self._sa))
+        b_lo, b_hi = self._bounds(query)
+        lo = _lower_bound(self._tokens, self._sa, query, b_lo, b_hi)
+        hi = _upper_bound(self._tokens, self._sa, query, lo, b_hi)
         return lo, hi
 
     def _occurs(self, query: tuple[int, ...]) -> bool:
         """Whether ``query`` occurs in the corpus (one binary search)."""
-        lo = _lower_bound(self._tokens, self._sa, query, 0, len(self._sa))
-        return lo < len(self._sa) and _prefix(self._tokens, int(self._sa[lo]), len(query)) == query
+        b_lo, b_hi = self._bounds(query)
+        lo = _lower_bound(self._tokens, self._sa, query, b_lo, b_hi)
+        return lo < b_hi and _prefix(self._tokens, int(self._sa[lo]), len(query)) == query
 
     def _longest_match(self, tail: tuple[int, ...], min_suffix: int) -> int:
         """Largest L in [min_suffix, len(tail)] with ``tail[-L:]`` in the corpus, else 0.

@@ -151,8 +151,9 @@ def test_anchor_keys_are_the_keys_where_the_drafted_tokens_stood(target, dense_s
     row_of = {(int(d), int(p)): i for i, (d, p) in enumerate(zip(doc_of, pos_of))}
     drafter = DenseDrafter(store, k=8, dynamic=False)
     checked = ends = 0
-    for row in list(range(0, len(store), 53)) + [len(store) - 3, len(store) - 1]:
-        anchors = drafter.anchor_keys(row, 6)
+    rows = np.array(list(range(0, len(store), 53)) + [len(store) - 3, len(store) - 1])
+    every = drafter.anchor_keys(rows, np.full(len(rows), 6))
+    for row, anchors in zip(rows.tolist(), every):
         for j in range(6):
             want = row_of.get((int(doc_of[row]), int(pos_of[row]) + 2 + j))
             if want is None:

@@ -96,6 +96,28 @@ def test_lookup_matches_brute_force(seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
+def test_pair_keys_narrow_the_search_without_changing_a_lookup(seed, monkeypatch):
+    """Lookups narrowed by the suffixes' first two tokens (the default) equal lookups over the
+    whole suffix array, for tokens the corpus lacks too, and at sort depth 1 (no pair keys)."""
+    import index.sparse as sparse
+
+    rng = np.random.default_rng(200 + seed)
+    docs = random_docs(rng, n_docs=30, vocab=6, max_len=50)
+    contexts = random_contexts(rng, docs, 60, 9)          # tokens 6..8 never occur
+    for max_suffix in (16, 1):
+        narrowed = SparseIndex.build(docs, max_suffix=max_suffix)
+        got = [narrowed.lookup(c, min_suffix=1, max_suffix=max_suffix, max_occurrences=10**9) for c in contexts]
+        assert (narrowed._pair_keys() is not None) == (max_suffix >= 2)
+        monkeypatch.setattr(sparse, "PAIR_KEYS_MAX_TOKENS", 0)
+        whole = SparseIndex.build(docs, max_suffix=max_suffix)
+        assert whole._pair_keys() is None
+        for c, a in zip(contexts, got):
+            assert_same(a, whole.lookup(c, min_suffix=1, max_suffix=max_suffix, max_occurrences=10**9))
+            assert_same(a, ref_lookup(docs, c, min_suffix=1, max_suffix=max_suffix))
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_suffix_array_order(seed):
     rng = np.random.default_rng(100 + seed)
     docs = random_docs(rng, n_docs=20, vocab=2 + seed, max_len=40)

@@ -21,12 +21,6 @@ from decoding.drafters.base import Drafter
 from decoding.helper_threads import single_threaded_blas
 
 
-def _cut_at(seq: np.ndarray, stop: int) -> np.ndarray:
-    """Keep `seq` up to and including the first `stop` token."""
-    hits = np.flatnonzero(seq == stop)
-    return seq[: hits[0] + 1] if len(hits) else seq
-
-
 @dataclass
 class DenseDrafter(Drafter):
     """store: an ``index.dense_store.DenseStore`` (or None for dynamic-cache only)."""
@@ -123,22 +117,33 @@ class DenseDrafter(Drafter):
         keep = ids >= 0
         sims, ids = sims[keep], ids[keep]
         keep = self.store.first_token[ids] == pending          # DReSD's first-token filter
-        out = []
-        for s, i in zip(sims[keep], ids[keep]):
-            chain = _cut_at(self.store.values[i, 1: 1 + depth], self.eos)
-            out.append((chain, float(max(s, 0.0)), self.anchor_keys(int(i), len(chain))))
-        return out
+        sims, ids = sims[keep], ids[keep]
+        if not len(ids):
+            return []
+        # Every kept neighbour's chain at once: its next tokens, cut after the first EOS.
+        chains = self.store.values[ids, 1: 1 + depth]
+        eos = chains == self.eos
+        lengths = np.where(eos.any(1), eos.argmax(1) + 1, chains.shape[1])
+        anchors = self.anchor_keys(ids, lengths)
+        return [(chains[j, :n], float(max(s, 0.0)), None if anchors is None else anchors[j, :n])
+                for j, (s, n) in enumerate(zip(sims.tolist(), lengths.tolist()))]
 
-    def anchor_keys(self, row: int, n: int) -> np.ndarray | None:
-        """[n, d] anchor keys of the chain drafted from store row `row` (entry at position t):
-        chain token j stood at t + 2 + j, whose key is row + 2 + j when the rows after `row`
-        continue its document that far; NaN beyond. None when the store cannot tell."""
+    def anchor_keys(self, rows: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+        """Anchor keys of the chains drafted from store rows `rows` (`lengths` tokens each):
+        [len(rows), max(lengths), d]. The entry of row r stood at position t; its chain's token j
+        stood at t + 2 + j, whose key is row r + 2 + j when the rows after r continue its document
+        that far (the store's ``successors``); NaN beyond that or the chain's length. None when
+        the store cannot tell."""
         succ = getattr(self.store, "successors", None)
         if succ is None:
             return None
-        anchors = np.full((n, self.store.keys.shape[1]), np.nan, dtype=np.float32)
-        m = max(0, min(n, int(succ[row]) - 1))
-        anchors[:m] = self.store.keys[row + 2: row + 2 + m]
+        keys = self.store.keys
+        width = int(lengths.max())
+        offsets = np.arange(width)
+        known = offsets[None, :] < np.minimum(lengths, succ[rows].astype(np.int64) - 1)[:, None]
+        at = np.minimum(rows[:, None] + 2 + offsets[None, :], len(keys) - 1)
+        anchors = keys[at]
+        anchors[~known] = np.nan
         return anchors
 
     def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
