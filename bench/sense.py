@@ -40,7 +40,7 @@ import torch
 from bench.analysis import spec_bench_halves
 from bench.common import machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
-from decoding.budget import AdaptiveBudget, cost_curve, relative_cost
+from decoding.budget import AdaptiveBudget, SharedEstimates, cost_curve, relative_cost
 from decoding.config import SamplingParams
 from decoding.dense_extract import build_dense_datastore
 from decoding.fingerprint import model_fingerprint
@@ -539,6 +539,14 @@ def main(argv=None) -> int:
         f32_cost = ({int(n): c for n, c in saved["cost_curve_float32"].items()} if saved.get("cost_curve_float32")
                     else cost_curve(f32, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)))
 
+    # Each method's adaptive budget starts from what its earlier questions on the same data taught
+    # (decoding.budget.SharedEstimates), as the engine's default budget does for a server's
+    # requests; the curve stays the run's own.
+    shared: dict[tuple, SharedEstimates] = {}
+
+    def adaptive(ds_name, store_name, method, curve, sizes=None) -> AdaptiveBudget:
+        return AdaptiveBudget(curve, sizes=sizes, shared=shared.setdefault((ds_name, store_name, method), SharedEstimates()))
+
     def run(a, method, ids, gold, sparse, dense, budget, tgt=target):
         """One generation; its figures appended to `a` (this method's lists). Returns the tokens
         (compared with ar's by `compare` once ar has run on the question)."""
@@ -604,7 +612,8 @@ def main(argv=None) -> int:
                         copy_last(agg[first][method], a)     # (its comparison with ar included)
                         continue
                     sizes = [s for s in cost if s >= soft_cfg.window] if method in SOFT else None
-                    outs[method] = run(a, method, ids, gold, sparse, dense, AdaptiveBudget(cost, sizes=sizes))
+                    outs[method] = run(a, method, ids, gold, sparse, dense, adaptive(ds_name, store_name, method, cost,
+                                                                                      sizes))
                 ar_out = outs.get("ar", ar_out)
                 for method, out in outs.items():
                     compare(agg[store_name][method], method, out, ar_out)
@@ -615,7 +624,8 @@ def main(argv=None) -> int:
                         compare(a, method, run(a, method, ids, gold, sparse, dense, args.wide_budget), ar_out)
             if qi < n_f32:
                 sparse, dense = ds_stores["id"]
-                outs = {m: run(f32agg["id"][m], m, ids, gold, sparse, dense, AdaptiveBudget(f32_cost), tgt=f32)
+                outs = {m: run(f32agg["id"][m], m, ids, gold, sparse, dense,
+                               adaptive(ds_name, "id float32", m, f32_cost), tgt=f32)
                         for m in method_order(FLOAT32_METHODS, qi)}
                 for method, out in outs.items():
                     compare(f32agg["id"][method], method, out, outs["ar"])

@@ -59,18 +59,19 @@ def run_engine(target, stores, prompts, method: str, max_tokens: int, budget,
                cost: dict | None = None) -> tuple[float, list[list[int]], list[dict]]:
     """(tokens/s over the generate() calls, token ids per prompt, per-request costs in seconds).
     With budget "adaptive", `cost` is the verify cost curve (measured here if not given)."""
-    from decoding.budget import AdaptiveBudget, measure_verify_cost
+    from decoding.budget import AdaptiveBudget, SharedEstimates, measure_verify_cost
     from decoding.config import SamplingParams
     from decoding.engine import encode_prompt, generate
 
     if budget == "adaptive" and cost is None:
         cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
     outs, recs, tokens, seconds = [], [], 0, 0.0
+    shared = SharedEstimates()      # what a decoder's earlier requests taught, as the default budget has it
     for q in prompts:
         t0 = time.perf_counter()
         ids = encode_prompt(target, q)
         t_encode = time.perf_counter() - t0
-        b = AdaptiveBudget(cost) if cost else budget
+        b = AdaptiveBudget(cost, shared=shared) if cost else budget
         t0 = time.perf_counter()
         r = generate(target, ids, params=SamplingParams(max_new_tokens=max_tokens), drafter=make_drafter(method, stores),
                      budget=b)

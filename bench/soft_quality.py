@@ -27,7 +27,7 @@ from bench.common import machine_info, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from bench.sense import build_stores, log, make, self_distilled
 from decoding.batch_generate import generate_greedy_batched
-from decoding.budget import AdaptiveBudget, measure_verify_cost
+from decoding.budget import AdaptiveBudget, SharedEstimates, measure_verify_cost
 from decoding.config import SamplingParams
 from decoding.engine import encode_prompt, generate
 from decoding.soft import SoftGateConfig
@@ -100,8 +100,9 @@ def main(argv=None) -> int:
 
     acc_ar, acc_soft, agree, rouge, lp_ar, lp_soft, gates = [], [], [], [], [], [], {}
     steps = accepted = drafted = new_tokens = 0
+    shared = SharedEstimates()      # earlier questions' estimates, as the default budget has them
     for i, (q, p, r) in enumerate(zip(items, prompts, ref)):
-        budget = AdaptiveBudget(cost, sizes=[s for s in cost if s >= soft_cfg.window])
+        budget = AdaptiveBudget(cost, sizes=[s for s in cost if s >= soft_cfg.window], shared=shared)
         out = generate(target, p, params=params, drafter=make("sense_soft", sparse, dense), budget=budget,
                        soft=soft_cfg)
         gold = gsm8k_answer(q["answer"])
