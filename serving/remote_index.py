@@ -163,7 +163,7 @@ class RemoteDenseStore:
 
 
 class _Payload:
-    """`first_token[ids]` / `values[id, slice]` over the last search's hits."""
+    """`first_token[ids]` / `values[id, slice]` (or `values[ids, slice]`) over the last search's hits."""
 
     def __init__(self, store: RemoteDenseStore, what: str) -> None:
         self.store, self.what = store, what
@@ -173,5 +173,8 @@ class _Payload:
             ids = np.asarray(key)
             return np.array([self.store._lookup("first", g) for g in ids.reshape(-1)], np.int32).reshape(ids.shape)
         gid, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if np.ndim(gid):            # several hits at once: their rows stacked, then `rest` of each
+            rows = np.stack([self.store._lookup("values", g) for g in np.asarray(gid).reshape(-1)])
+            return rows[(slice(None), *rest)] if rest else rows
         row = self.store._lookup("values", gid)
         return row[rest] if rest else row
