@@ -641,13 +641,18 @@ static float softmax_numerators(float *s, int n) {
     return v_hsum(sum);
 }
 
+/* The (heads per KV group, head size) pairs the attention routine is compiled for as constants. */
+#define ATTENTION_SHAPES(X, NAME, KT)                                                           \
+    X(NAME, KT, 3, 64) X(NAME, KT, 4, 64) X(NAME, KT, 2, 64) X(NAME, KT, 1, 64) X(NAME, KT, 5, 64) \
+    X(NAME, KT, 1, 128) X(NAME, KT, 2, 128) X(NAME, KT, 4, 128) X(NAME, KT, 6, 128)              \
+    X(NAME, KT, 7, 128) X(NAME, KT, 8, 128)
 #define ATTENTION_SHAPE(NAME, KT, HPG, DIM)                                                    \
 static __attribute__((noinline)) void NAME##_unit_##HPG##_##DIM(                                \
         const void *q, int64_t ldq, const KT *kg, const KT *vg, int64_t kr, const int32_t *ids, int n, \
         void *out, int64_t ldo, int io_bf16, int row, int g, float scale) {                        \
     NAME##_unit_body(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, HPG, DIM, scale);   \
 }
-#define ATTENTION_CASE(NAME, HPG, DIM)                                                         \
+#define ATTENTION_CASE(NAME, KT, HPG, DIM)                                                     \
     if (hpg == HPG && D == DIM) {                                                              \
         NAME##_unit_##HPG##_##DIM(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, scale); \
         return;                                                                                \
@@ -732,17 +737,11 @@ static inline __attribute__((always_inline)) void NAME##_unit_body(             
 /* The body with the head count and size of common models as constants (GCC then unrolls the   \
  * head and dimension loops and keeps the accumulators in registers; the same operations in the \
  * same order, so the same bits), any other shape on the general one. */                        \
-ATTENTION_SHAPE(NAME, KT, 3, 64) ATTENTION_SHAPE(NAME, KT, 4, 64) ATTENTION_SHAPE(NAME, KT, 2, 64)     \
-ATTENTION_SHAPE(NAME, KT, 1, 64) ATTENTION_SHAPE(NAME, KT, 4, 128) ATTENTION_SHAPE(NAME, KT, 2, 128)  \
-ATTENTION_SHAPE(NAME, KT, 1, 128) ATTENTION_SHAPE(NAME, KT, 8, 128) ATTENTION_SHAPE(NAME, KT, 7, 128) \
-ATTENTION_SHAPE(NAME, KT, 6, 128) ATTENTION_SHAPE(NAME, KT, 5, 64)                                  \
+ATTENTION_SHAPES(ATTENTION_SHAPE, NAME, KT)                                                    \
 static void NAME##_unit(const void *q, int64_t ldq, const KT *kg, const KT *vg, int64_t kr,        \
                         const int32_t *ids, int n, void *out, int64_t ldo, int io_bf16, int row,     \
                         int g, int hpg, int D, float scale) {                                        \
-    ATTENTION_CASE(NAME, 3, 64) ATTENTION_CASE(NAME, 4, 64) ATTENTION_CASE(NAME, 2, 64)         \
-    ATTENTION_CASE(NAME, 1, 64) ATTENTION_CASE(NAME, 4, 128) ATTENTION_CASE(NAME, 2, 128)       \
-    ATTENTION_CASE(NAME, 1, 128) ATTENTION_CASE(NAME, 8, 128) ATTENTION_CASE(NAME, 7, 128)      \
-    ATTENTION_CASE(NAME, 6, 128) ATTENTION_CASE(NAME, 5, 64)                                    \
+    ATTENTION_SHAPES(ATTENTION_CASE, NAME, KT)                                                 \
     NAME##_unit_body(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, hpg, D, scale);     \
 }                                                                                              \
 void NAME(const void *q, int64_t ldq, const KT *k, const KT *v, int64_t kb, int64_t kh,       \
