@@ -8,6 +8,7 @@ own ancestors, verifies every root-to-leaf path at once.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
@@ -83,9 +84,16 @@ class TokenTree:
                     labels: Sequence[str] | None = None, keys: Sequence[Any] | None = None) -> "TokenTree":
         """Merge weighted chains into a trie and keep the `budget` heaviest draft nodes.
 
-        A node's weight is the sum of the weights of the chains through it, so a child never
-        outweighs its parent: keeping the heaviest nodes (ties broken by depth, then insertion
-        order) always yields a connected subtree rooted at `root`. Children are ordered by weight.
+        A node's weight is the sum of the weights of the chains through it (added in chain
+        order), so a child never outweighs its parent: keeping the heaviest nodes (ties broken
+        by depth, then by the first chain through the node) always yields a connected subtree
+        rooted at `root`. Children are ordered by weight.
+
+        The trie is never built whole: a node is kept, best first, from a heap of the kept
+        nodes' children (a child's key is strictly worse than its parent's, so popping in key
+        order keeps exactly the `budget` best nodes of the whole trie), and only the chains
+        through a kept node are split by their next token. A step drafts ~100 chains for a
+        budget of ~10, so this touches a few hundred tokens instead of every chain's every token.
 
         `labels` (optional, one per chain) names the proposer of each chain; each node's
         ``sources`` are then the labels of the chains through it. Labels never change the tree.
@@ -94,78 +102,71 @@ class TokenTree:
         """
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
-        chain_bits: list[int] | None = None          # per chain, when several proposers are named
         chains = list(chains)
         if keys is not None and len(keys) != len(chains):
             raise ValueError(f"{len(keys)} key arrays for {len(chains)} chains")
-        keyed = keys is not None and any(k is not None for k in keys)
-        best_key: dict[int, tuple[float, Any]] = {}     # trie node -> (chain weight, key row)
-        if labels is not None:
-            if len(labels) != len(chains):
-                raise ValueError(f"{len(labels)} labels for {len(chains)} chains")
-            names = sorted(set(labels))
-            bit = {name: 1 << j for j, name in enumerate(names)}
-            chain_bits = [bit[name] for name in labels] if len(names) > 1 else None
-        node_bits: list[int] = [0]
-        trie: list[dict[int, int]] = [{}]
-        weight: list[float] = [0.0]
-        depth: list[int] = [0]
-        node_token: list[int] = [root]
-        node_parent: list[int] = [-1]
-        for c, (chain, w) in enumerate(chains):
-            node = 0
-            for tok in chain:
-                tok = int(tok)
-                nxt = trie[node].get(tok)
-                if nxt is None:
-                    nxt = len(trie)
-                    trie[node][tok] = nxt
-                    trie.append({})
-                    weight.append(0.0)
-                    depth.append(depth[node] + 1)
-                    node_token.append(tok)
-                    node_parent.append(node)
-                    node_bits.append(0)
-                weight[nxt] += float(w)
-                if chain_bits is not None:
-                    node_bits[nxt] |= chain_bits[c]
-                if keyed and keys[c] is not None:
-                    j = depth[nxt] - 1
-                    if j < len(keys[c]) and (nxt not in best_key or best_key[nxt][0] < w):
-                        best_key[nxt] = (float(w), keys[c][j])
-                node = nxt
-        order = sorted(range(1, len(trie)), key=lambda i: (-weight[i], depth[i], i))[:budget]
-        keep = set(order)
-        rank_of = {old: r for r, old in enumerate(order)}
-        # Re-emit kept nodes in BFS order from the root so parents precede children.
-        tokens, parents, ranks, new_index, kept = [root], [-1], [-1], {0: 0}, [0]
-        frontier = [0]
-        while frontier:
-            nxt_frontier = []
-            for old in frontier:
-                kids = sorted((c for c in trie[old].values() if c in keep), key=lambda c: (-weight[c], c))
-                for c in kids:
-                    new_index[c] = len(tokens)
-                    tokens.append(node_token[c])
-                    parents.append(new_index[old])
-                    ranks.append(rank_of[c])
-                    kept.append(c)
-                    nxt_frontier.append(c)
-            frontier = nxt_frontier
+        if labels is not None and len(labels) != len(chains):
+            raise ValueError(f"{len(labels)} labels for {len(chains)} chains")
+        seqs = [c for c, _ in chains]
+        weights = [float(w) for _, w in chains]
+
+        def split(members: list[int], depth: int) -> list[tuple[float, int, int, list[int]]]:
+            """The children at `depth` of a node through which chains `members` run:
+            (weight, first chain, token, chains through it), weights summed in chain order."""
+            kids: dict[int, list] = {}
+            for c in members:
+                seq = seqs[c]
+                if len(seq) > depth:
+                    tok = int(seq[depth])
+                    kid = kids.get(tok)
+                    if kid is None:
+                        kids[tok] = [weights[c], c, tok, [c]]
+                    else:
+                        kid[0] += weights[c]
+                        kid[3].append(c)
+            return [tuple(k) for k in kids.values()]
+
+        # Heap entries: (-weight, depth, first chain, token, chains through it, parent's kept index).
+        heap = [(-w, 1, first, tok, members, 0) for w, first, tok, members in split(range(len(chains)), 0)]
+        heapq.heapify(heap)
+        kept_nodes = [(0.0, 0, -1, root, [], -1)]    # (weight, depth, first chain, token, chains, parent)
+        while heap and len(kept_nodes) <= budget:
+            neg_w, depth, first, tok, members, parent = heapq.heappop(heap)
+            index = len(kept_nodes)
+            kept_nodes.append((-neg_w, depth, first, tok, members, parent))
+            if len(kept_nodes) > budget:
+                break
+            for w, kid_first, kid_tok, kid_members in split(members, depth):
+                heapq.heappush(heap, (-w, depth + 1, kid_first, kid_tok, kid_members, index))
+        # Re-emit the kept nodes in BFS order from the root (parents precede children), each
+        # node's children by weight, then by their first chain; rank = the order they were kept.
+        children: list[list[int]] = [[] for _ in kept_nodes]
+        for i in range(1, len(kept_nodes)):
+            children[kept_nodes[i][5]].append(i)
+        order = [0]
+        for i in order:
+            order += sorted(children[i], key=lambda k: (-kept_nodes[k][0], kept_nodes[k][2]))
+        new_index = {old: new for new, old in enumerate(order)}
+        tokens = tuple(kept_nodes[i][3] for i in order)
+        parents = tuple(new_index[kept_nodes[i][5]] if i else -1 for i in order)
+        ranks = tuple(i - 1 for i in order)
         sources = None
         if labels is not None:
-            if chain_bits is None:          # one proposer: every draft node is its
-                sources = ((),) + (tuple(names),) * (len(tokens) - 1)
-            else:
-                sources = ((),) + tuple(tuple(n for n in names if node_bits[c] & bit[n]) for c in kept[1:])
+            sources = ((),) + tuple(tuple(sorted({labels[c] for c in kept_nodes[i][4]})) for i in order[1:])
         anchor = None
-        if keyed and best_key:
-            d = len(next(iter(best_key.values()))[1])
-            anchor = np.full((len(tokens), d), np.nan, dtype=np.float32)
-            for new, old in enumerate(kept):
-                if old in best_key:
-                    anchor[new] = best_key[old][1]
-        return cls(tuple(tokens), tuple(parents), tuple(ranks), sources, anchor)
+        if keys is not None:
+            keyed = [c for c in range(len(chains)) if keys[c] is not None and len(keys[c]) and len(seqs[c])]
+            if keyed:
+                anchor = np.full((len(tokens), len(keys[keyed[0]][0])), np.nan, dtype=np.float32)
+                for new, i in enumerate(order[1:], 1):
+                    j = kept_nodes[i][1] - 1
+                    best = None
+                    for c in kept_nodes[i][4]:     # the first of the heaviest keyed chains through it
+                        if keys[c] is not None and j < len(keys[c]) and (best is None or weights[best] < weights[c]):
+                            best = c
+                    if best is not None:
+                        anchor[new] = keys[best][j]
+        return cls(tokens, parents, ranks, sources, anchor)
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -228,6 +228,24 @@ def test_the_dynamic_cache_takes_up_observed_states_when_it_is_next_searched(tar
         np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
+def test_the_query_key_is_the_last_observed_rows_cache_key(target):
+    """The engine queries with the last observed hidden state: its key is taken from the dynamic
+    cache's catch-up (one transform a step); any other state is transformed on its own."""
+    import torch
+
+    tf = KeyTransform.fit(np.random.default_rng(0).normal(size=(200, target.config.hidden_size)), dim=8)
+    h = torch.from_numpy(np.random.default_rng(1).normal(size=(9, target.config.hidden_size)).astype(np.float32))
+    drafter = DenseDrafter(None, transform=tf, dynamic=True)
+    drafter.begin(list(range(7)), h[:7])
+    drafter.observe(np.arange(7, 9), h[7:9])
+    q = drafter._query(h[8])
+    assert not drafter._pending and len(drafter._dyn_keys[0]) == 9    # the catch-up ran, once
+    np.testing.assert_allclose(q, tf(h[8:9].numpy())[0], rtol=1e-5, atol=1e-6)
+    other = drafter._query(h[3])                                       # not the last observed row
+    np.testing.assert_allclose(other, tf(h[3:4].numpy())[0], rtol=1e-5, atol=1e-6)
+    assert len(drafter._dyn_keys) == 1 and len(drafter._dyn_keys[0]) == 9
+
+
 def test_a_dense_drafter_runs_openblas_on_one_thread_and_leaves_torch_alone():
     """numpy's and FAISS's OpenBLAS pools spin on the cores torch's next forward needs
     (decoding/helper_threads.py). In a fresh process: several threads before the first dense

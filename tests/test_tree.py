@@ -37,6 +37,28 @@ def test_budget_keeps_heaviest_connected_nodes():
     assert TokenTree.from_chains(1, chains, budget=0).n_draft == 0
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_best_first_merge_equals_the_whole_trie_cut_to_budget(seed):
+    """Random chains over few tokens (shared prefixes, equal weights, chains of every length):
+    the kept nodes, their order, ranks, sources and anchor keys are those of the whole trie."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    chains = [(rng.integers(0, 3, int(rng.integers(0, 7))).tolist(),
+               float(rng.choice([0.5, 1.0, 2.0])) if seed % 2 else float(rng.random())) for _ in range(n)]
+    labels = [str(rng.choice(["pld", "rest", "dense", "dynamic"])) for _ in range(n)]
+    keys = [None if rng.random() < 0.3 else rng.random((int(rng.integers(0, 7)), 4)).astype(np.float32)
+            for _ in range(n)]
+    for budget in (0, 1, 3, 8, 64):
+        t = TokenTree.from_chains(9, chains, budget, labels, keys)
+        tokens, parents, ranks, sources, anchor = trie_reference(9, chains, budget, labels, keys)
+        assert (t.tokens, t.parents, t.ranks, t.sources) == (tokens, parents, ranks, sources)
+        assert (t.anchor_keys is None) == (anchor is None)
+        if anchor is not None:
+            np.testing.assert_array_equal(t.anchor_keys, anchor)
+        plain = TokenTree.from_chains(9, chains, budget)
+        assert (plain.tokens, plain.parents, plain.ranks) == (tokens, parents, ranks)
+
+
 def test_ancestor_mask_and_bias():
     t = TokenTree((1, 2, 3, 4), (-1, 0, 0, 1))
     m = t.ancestor_mask()
@@ -53,3 +75,83 @@ def test_ancestor_mask_and_bias():
 def test_invalid_trees_are_refused(tokens, parents):
     with pytest.raises(ValueError):
         TokenTree(tokens, parents)
+
+
+def trie_reference(root, chains, budget, labels=None, keys=None):
+    """The whole weighted trie, sorted and cut to `budget`: the plain definition that
+    ``TokenTree.from_chains`` (best-first, without building the trie) must reproduce."""
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    chain_bits: list[int] | None = None          # per chain, when several proposers are named
+    chains = list(chains)
+    if keys is not None and len(keys) != len(chains):
+        raise ValueError(f"{len(keys)} key arrays for {len(chains)} chains")
+    keyed = keys is not None and any(k is not None for k in keys)
+    best_key: dict[int, tuple[float, Any]] = {}     # trie node -> (chain weight, key row)
+    if labels is not None:
+        if len(labels) != len(chains):
+            raise ValueError(f"{len(labels)} labels for {len(chains)} chains")
+        names = sorted(set(labels))
+        bit = {name: 1 << j for j, name in enumerate(names)}
+        chain_bits = [bit[name] for name in labels] if len(names) > 1 else None
+    node_bits: list[int] = [0]
+    trie: list[dict[int, int]] = [{}]
+    weight: list[float] = [0.0]
+    depth: list[int] = [0]
+    node_token: list[int] = [root]
+    node_parent: list[int] = [-1]
+    for c, (chain, w) in enumerate(chains):
+        node = 0
+        for tok in chain:
+            tok = int(tok)
+            nxt = trie[node].get(tok)
+            if nxt is None:
+                nxt = len(trie)
+                trie[node][tok] = nxt
+                trie.append({})
+                weight.append(0.0)
+                depth.append(depth[node] + 1)
+                node_token.append(tok)
+                node_parent.append(node)
+                node_bits.append(0)
+            weight[nxt] += float(w)
+            if chain_bits is not None:
+                node_bits[nxt] |= chain_bits[c]
+            if keyed and keys[c] is not None:
+                j = depth[nxt] - 1
+                if j < len(keys[c]) and (nxt not in best_key or best_key[nxt][0] < w):
+                    best_key[nxt] = (float(w), keys[c][j])
+            node = nxt
+    order = sorted(range(1, len(trie)), key=lambda i: (-weight[i], depth[i], i))[:budget]
+    keep = set(order)
+    rank_of = {old: r for r, old in enumerate(order)}
+    # Re-emit kept nodes in BFS order from the root so parents precede children.
+    tokens, parents, ranks, new_index, kept = [root], [-1], [-1], {0: 0}, [0]
+    frontier = [0]
+    while frontier:
+        nxt_frontier = []
+        for old in frontier:
+            kids = sorted((c for c in trie[old].values() if c in keep), key=lambda c: (-weight[c], c))
+            for c in kids:
+                new_index[c] = len(tokens)
+                tokens.append(node_token[c])
+                parents.append(new_index[old])
+                ranks.append(rank_of[c])
+                kept.append(c)
+                nxt_frontier.append(c)
+        frontier = nxt_frontier
+    sources = None
+    if labels is not None:
+        if chain_bits is None:          # one proposer: every draft node is its
+            sources = ((),) + (tuple(names),) * (len(tokens) - 1)
+        else:
+            sources = ((),) + tuple(tuple(n for n in names if node_bits[c] & bit[n]) for c in kept[1:])
+    anchor = None
+    if keyed and best_key:
+        d = len(next(iter(best_key.values()))[1])
+        anchor = np.full((len(tokens), d), np.nan, dtype=np.float32)
+        for new, old in enumerate(kept):
+            if old in best_key:
+                anchor[new] = best_key[old][1]
+    return tuple(tokens), tuple(parents), tuple(ranks), sources, anchor
+

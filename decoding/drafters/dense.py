@@ -106,6 +106,16 @@ class DenseDrafter(Drafter):
             out.append((chain, float(max(sims[i], 0.0)), anchors))
         return out
 
+    def _query(self, hidden: torch.Tensor) -> np.ndarray:
+        """The query key transform(hidden). The engine passes the last observed row as `hidden`;
+        then its key comes from the dynamic cache's catch-up: one transform a step, not two."""
+        if self.dynamic and self._pending:
+            last = self._pending[-1][1]
+            if len(last) and last.shape[1:] == hidden.shape and torch.equal(last[-1], hidden):
+                self._catch_up()
+                return self._dyn_keys[-1][-1]
+        return self.transform(hidden.float().cpu().numpy())
+
     # -- static datastore ---------------------------------------------------------------------
 
     def _static_chains(self, q: np.ndarray, pending: int, depth: int
@@ -151,7 +161,7 @@ class DenseDrafter(Drafter):
         chain, the anchor keys of its tokens (see ``TokenTree.anchor_keys``)."""
         if hidden is None:
             return [], [], []
-        q = self.transform(hidden.float().cpu().numpy())
+        q = self._query(hidden)
         found = [(c, w, a, self.source) for c, w, a in self._static_chains(q, int(tokens[-1]), max_depth)]
         if self.dynamic:
             found += [(c, w, a, "dynamic") for c, w, a in self._dynamic_chains(q, tokens, max_depth)]
