@@ -484,8 +484,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowpt
     """query [B, T, H, D], key/value [B, G, L, D] (any strides with contiguous rows), each query
     row over the keys its CSR list (rowptr, idx) names -> [B, T, H, D] in the query's dtype."""
     b, t, h, d = query.shape
-    q = query.to(torch.float32).contiguous()
-    out = torch.empty(b, t, h, d, dtype=torch.float32)
+    # A bfloat16 query stays bfloat16 (the lean forward's queries are, and the bfloat16 route of a
+    # machine with AVX512-BF16 takes its pairs as they are); any other dtype goes in as float32.
+    q = query.contiguous() if query.dtype == torch.bfloat16 else query.to(torch.float32).contiguous()
+    out = torch.empty(b, t, h, d, dtype=q.dtype)
     _attention(q, h * d, key, value, rowptr, idx, scale, out, h * d, b, t, h, d)
     return out.to(query.dtype)
 

@@ -14,7 +14,9 @@
  *                (the tail padded, so every element goes through the same code), the sum in
  *                8 lanes by list position, and the weighted sum of V in list order. A query's
  *                visible keys in a tree verification (prefix, then its ancestors) are exactly
- *                the keys it sees in an autoregressive step, in the same order.
+ *                the keys it sees in an autoregressive step, in the same order. With
+ *                AVX512-BF16, bfloat16 queries and keys: each score one vdpbf16ps chain instead
+ *                (attention_dp_unit), still one fixed sequence per score.
  *
  * Weights may be float32 or bfloat16 (widened exactly to float32 on load); activations and
  * accumulators are float32. On a CPU with AVX512-BF16, bfloat16 linears take their activations
@@ -658,10 +660,120 @@ static __attribute__((noinline)) void NAME##_unit_##HPG##_##DIM(                
         return;                                                                                \
     }
 
+#if BF16DP
+/* bfloat16 attention on AVX512-BF16, for bfloat16 queries and caches with D a multiple of 32:
+ * each score is one vdpbf16ps chain over d in steps of 32 (16 lanes, each adding the products of
+ * its pair of dimensions), the 16 lanes folded to 8 (lane i + lane i+8), then v_hsum's order;
+ * the same fixed sequence for every score whatever the key's place in the list, as the float32
+ * route. The softmax is softmax_numerators, and the weighted sum of V the float32 route's fma
+ * chains in list order on 16 lanes (per element the same operations: the same bits). The
+ * route a machine takes depends only on the machine, the dtype and D, never on the rows. */
+static inline __m256 fold16(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline float dot_dp(const uint16_t *q, const uint16_t *k, int D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+    return v_hsum(fold16(acc));
+}
+static inline __attribute__((always_inline)) void attention_dp_unit_body(
+        const uint16_t *qr, const uint16_t *kg, const uint16_t *vg, int64_t kr, const int32_t *ids, int n,
+        uint16_t *out, int hpg, int D, float scale) {
+    float *s = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * hpg);
+    int p = 0;
+    for (; p + 4 <= n; p += 4) {
+        const uint16_t *k0 = kg + ids[p] * kr, *k1 = kg + ids[p + 1] * kr;
+        const uint16_t *k2 = kg + ids[p + 2] * kr, *k3 = kg + ids[p + 3] * kr;
+        for (int h0 = 0; h0 < hpg; h0 += 3) {
+            const int nh = hpg - h0 < 3 ? hpg - h0 : 3;
+            __m512 a[3][4];
+            for (int i = 0; i < 3; i++) for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
+            for (int d = 0; d < D; d += 32) {
+                const __m512bh x0 = (__m512bh)_mm512_loadu_si512(k0 + d), x1 = (__m512bh)_mm512_loadu_si512(k1 + d);
+                const __m512bh x2 = (__m512bh)_mm512_loadu_si512(k2 + d), x3 = (__m512bh)_mm512_loadu_si512(k3 + d);
+                for (int i = 0; i < nh; i++) {
+                    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + (size_t)(h0 + i) * D + d);
+                    a[i][0] = _mm512_dpbf16_ps(a[i][0], qv, x0); a[i][1] = _mm512_dpbf16_ps(a[i][1], qv, x1);
+                    a[i][2] = _mm512_dpbf16_ps(a[i][2], qv, x2); a[i][3] = _mm512_dpbf16_ps(a[i][3], qv, x3);
+                }
+            }
+            for (int i = 0; i < nh; i++)
+                v_hsum4_scaled(fold16(a[i][0]), fold16(a[i][1]), fold16(a[i][2]), fold16(a[i][3]), scale,
+                               s + (size_t)(h0 + i) * n + p);
+        }
+    }
+    for (; p < n; p++) {
+        const uint16_t *kj = kg + ids[p] * kr;
+        for (int h = 0; h < hpg; h++) s[(size_t)h * n + p] = dot_dp(qr + (size_t)h * D, kj, D) * scale;
+    }
+    if (n == 0) {
+        for (int i = 0; i < hpg * D; i++) out[i] = 0;
+        free(s);
+        return;
+    }
+    float l[hpg];
+    for (int h = 0; h < hpg; h++) l[h] = softmax_numerators(s + (size_t)h * n, n);
+    for (int h0 = 0; h0 < hpg; h0 += 3) {
+        const int nh = hpg - h0 < 3 ? hpg - h0 : 3;
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            const int nv = (D - d0 < 64 ? D - d0 : 64) / 16;
+            __m512 acc[3][4];
+            for (int i = 0; i < 3; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+            for (int p = 0; p < n; p++) {
+                const uint16_t *vr = vg + ids[p] * kr + d0;
+                __m512 vv[4];
+                for (int j = 0; j < nv; j++) vv[j] = load16_bf16(vr + 16 * j);
+                for (int i = 0; i < nh; i++) {
+                    const __m512 e = _mm512_set1_ps(s[(size_t)(h0 + i) * n + p]);
+                    for (int j = 0; j < nv; j++) acc[i][j] = _mm512_fmadd_ps(e, vv[j], acc[i][j]);
+                }
+            }
+            for (int i = 0; i < nh; i++) {
+                uint16_t *o = out + (size_t)(h0 + i) * D + d0;
+                for (int j = 0; j < nv; j++) {
+                    float buf[16];
+                    _mm512_storeu_ps(buf, acc[i][j]);
+                    for (int t = 0; t < 16; t++) o[16 * j + t] = bf16_rne(buf[t] / l[h0 + i]);
+                }
+            }
+        }
+    }
+    free(s);
+}
+#define ATTENTION_DP_SHAPE(NAME, KT, HPG, DIM)                                                 \
+static __attribute__((noinline)) void attention_dp_unit_##HPG##_##DIM(                         \
+        const uint16_t *qr, const uint16_t *kg, const uint16_t *vg, int64_t kr, const int32_t *ids, int n, \
+        uint16_t *out, float scale) {                                                          \
+    attention_dp_unit_body(qr, kg, vg, kr, ids, n, out, HPG, DIM, scale);                      \
+}
+#define ATTENTION_DP_CASE(NAME, KT, HPG, DIM)                                                  \
+    if (hpg == HPG && D == DIM) { attention_dp_unit_##HPG##_##DIM(qr, kg, vg, kr, ids, n, out, scale); return; }
+ATTENTION_SHAPES(ATTENTION_DP_SHAPE, , )
+static void attention_dp_unit(const uint16_t *qr, const uint16_t *kg, const uint16_t *vg, int64_t kr,
+                              const int32_t *ids, int n, uint16_t *out, int hpg, int D, float scale) {
+    ATTENTION_SHAPES(ATTENTION_DP_CASE, , )
+    attention_dp_unit_body(qr, kg, vg, kr, ids, n, out, hpg, D, scale);
+}
+/* In sense_attention_bf16's unit: bfloat16 queries and D a multiple of 32 take this route. */
+#define ATTENTION_FAST_BF16                                                                    \
+    if (io_bf16 && D % 32 == 0) {                                                              \
+        attention_dp_unit((const uint16_t *)q + (size_t)row * ldq + (size_t)g * hpg * D, kg, vg, kr, ids, n, \
+                          (uint16_t *)out + (size_t)row * ldo + (size_t)g * hpg * D, hpg, D, scale); \
+        return;                                                                                \
+    }
+#else
+#define ATTENTION_FAST_BF16
+#endif
+#define ATTENTION_FAST_NONE
+
 /* q: element (row, h, d) at row*ldq + h*D + d, row = b*T + t; k, v: element (b, g, j, d) at
  * b*kb + g*kh + j*kr + d; rows see keys idx[rowptr[row] .. rowptr[row+1]) (ascending); out:
  * element (row, h, d) at row*ldo + h*D + d. q and out are bfloat16 if io_bf16, else float32. */
-#define DEFINE_ATTENTION(NAME, KT, DOT, LOADK)                                                  \
+#define DEFINE_ATTENTION(NAME, KT, DOT, LOADK, FAST)                                                  \
 static inline __attribute__((always_inline)) void NAME##_unit_body(                            \
                         const void *q, int64_t ldq, const KT *kg, const KT *vg, int64_t kr,        \
                         const int32_t *ids, int n, void *out, int64_t ldo, int io_bf16, int row,     \
@@ -741,6 +853,7 @@ ATTENTION_SHAPES(ATTENTION_SHAPE, NAME, KT)                                     
 static void NAME##_unit(const void *q, int64_t ldq, const KT *kg, const KT *vg, int64_t kr,        \
                         const int32_t *ids, int n, void *out, int64_t ldo, int io_bf16, int row,     \
                         int g, int hpg, int D, float scale) {                                        \
+    FAST                                                                                       \
     ATTENTION_SHAPES(ATTENTION_CASE, NAME, KT)                                                 \
     NAME##_unit_body(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, hpg, D, scale);     \
 }                                                                                              \
@@ -776,8 +889,8 @@ void NAME##_multi(const void *q, int64_t ldq, const int64_t *bufs, const int64_t
     }                                                                                          \
 }
 
-DEFINE_ATTENTION(sense_attention_f32, float, dot_f32, v_load)
-DEFINE_ATTENTION(sense_attention_bf16, uint16_t, dot_bf16, v_load_bf16)
+DEFINE_ATTENTION(sense_attention_f32, float, dot_f32, v_load, ATTENTION_FAST_NONE)
+DEFINE_ATTENTION(sense_attention_bf16, uint16_t, dot_bf16, v_load_bf16, ATTENTION_FAST_BF16)
 
 /* ---------------------------------------------------------------------------------------- */
 /* the elementwise steps of a Llama-family decoder layer, one call each instead of a dozen      */
