@@ -39,9 +39,18 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+def greedy_token(logits: torch.Tensor) -> int:
+    """argmax of one position's logits [V], the first maximum. On a CPU through numpy: torch's
+    CPU argmax takes ~80 us over a 49k vocabulary, numpy's ~10 (a verification step takes one
+    per accepted node); both return the first maximal index."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return int(logits.detach().numpy().argmax())
+    return int(torch.argmax(logits))
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from a single position's logits [V]: argmax when greedy, else a draw."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return greedy_token(logits)
     probs = sampling_probs(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator))

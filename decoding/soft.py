@@ -27,7 +27,7 @@ import torch
 
 from decoding.config import SamplingParams
 from decoding.errors import InvalidRequestError
-from decoding.sampling import make_generator, sampling_probs
+from decoding.sampling import greedy_token, make_generator, sampling_probs
 from decoding.tree import TokenTree
 from decoding.verdict import Verdict
 
@@ -104,7 +104,7 @@ class SoftGatedVerifier:
 
     def _choose(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> int:
         if self.params.greedy:
-            return int(torch.argmax(logits))
+            return greedy_token(logits)
         probs = self._probs(logits) if probs is None else probs
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

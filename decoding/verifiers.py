@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from decoding.config import SamplingParams
-from decoding.sampling import make_generator, sample_token
+from decoding.sampling import greedy_token, make_generator, sample_token
 from decoding.soft import SoftGatedVerifier
 from decoding.tree import TokenTree
 from decoding.verdict import Verdict
@@ -31,17 +31,20 @@ class StrictGreedyVerifier:
     """Lossless greedy: the output is identical to autoregressive greedy decoding."""
 
     def first_token(self, logits: torch.Tensor) -> int:
-        return int(torch.argmax(logits))
+        return greedy_token(logits)
 
     def verify(self, tree: TokenTree, logits: torch.Tensor) -> Verdict:
         # Acceptance rule: walk from the root; at each node the target's argmax decides the next
         # token; follow the child carrying it, stop where no child does. That argmax is the bonus token.
-        choice = logits.argmax(-1).tolist()
+        # On a CPU only the nodes on the walk take an argmax (the others' never matter); on a
+        # GPU all rows at once, one transfer.
+        choices = None if logits.device.type == "cpu" else logits.argmax(-1).tolist()
         path, node = [0], 0
         while True:
-            child = tree.child(node, choice[node])
+            choice = greedy_token(logits[node]) if choices is None else choices[node]
+            child = tree.child(node, choice)
             if child is None:
-                return Verdict(path, choice[node])
+                return Verdict(path, choice)
             path.append(child)
             node = child
 

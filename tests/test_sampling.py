@@ -615,3 +615,18 @@ def test_real_model_two_tokens_match_autoregressive(target):
     print(f"real model: p={pvalue:.4g} over {bins} bins; drafted t2 accepted in {hits}/{REAL_RUNS} runs")
     assert bins >= 10
     assert pvalue > ALPHA
+
+
+def test_greedy_token_is_torchs_argmax_first_maximum_included():
+    """The numpy route (CPU float32) picks what torch.argmax picks, ties going to the first."""
+    from decoding.sampling import greedy_token
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(49152, generator=g) for _ in range(20)]
+    tied = torch.zeros(100)
+    tied[[7, 40, 90]] = 3.0
+    rows += [tied, torch.full((10,), -1.0), torch.randn(300, generator=g).round()]
+    for row in rows:
+        assert greedy_token(row) == int(torch.argmax(row))
+        assert greedy_token(row.to(torch.bfloat16)) == int(torch.argmax(row.to(torch.bfloat16)))
+    assert greedy_token(tied) == 7
