@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+
+class _Kept(NamedTuple):
+    """A trie node kept by ``TokenTree.from_chains``."""
+    weight: float       # the sum of the weights of the chains through it
+    depth: int
+    first: int          # the first chain through it (ties between equal weights go to the lower)
+    token: int
+    chains: list        # the chains through it, in chain order
+    parent: int         # its parent's index among the kept nodes (-1: the root)
 
 
 @dataclass(frozen=True)
@@ -129,11 +139,11 @@ class TokenTree:
         # Heap entries: (-weight, depth, first chain, token, chains through it, parent's kept index).
         heap = [(-w, 1, first, tok, members, 0) for w, first, tok, members in split(range(len(chains)), 0)]
         heapq.heapify(heap)
-        kept_nodes = [(0.0, 0, -1, root, [], -1)]    # (weight, depth, first chain, token, chains, parent)
+        kept_nodes = [_Kept(0.0, 0, -1, root, [], -1)]
         while heap and len(kept_nodes) <= budget:
             neg_w, depth, first, tok, members, parent = heapq.heappop(heap)
             index = len(kept_nodes)
-            kept_nodes.append((-neg_w, depth, first, tok, members, parent))
+            kept_nodes.append(_Kept(-neg_w, depth, first, tok, members, parent))
             if len(kept_nodes) > budget:
                 break
             for w, kid_first, kid_tok, kid_members in split(members, depth):
@@ -142,26 +152,26 @@ class TokenTree:
         # node's children by weight, then by their first chain; rank = the order they were kept.
         children: list[list[int]] = [[] for _ in kept_nodes]
         for i in range(1, len(kept_nodes)):
-            children[kept_nodes[i][5]].append(i)
+            children[kept_nodes[i].parent].append(i)
         order = [0]
-        for i in order:
-            order += sorted(children[i], key=lambda k: (-kept_nodes[k][0], kept_nodes[k][2]))
+        for i in order:             # a breadth-first walk: `order` grows as it is read
+            order += sorted(children[i], key=lambda k: (-kept_nodes[k].weight, kept_nodes[k].first))
         new_index = {old: new for new, old in enumerate(order)}
-        tokens = tuple(kept_nodes[i][3] for i in order)
-        parents = tuple(new_index[kept_nodes[i][5]] if i else -1 for i in order)
+        tokens = tuple(kept_nodes[i].token for i in order)
+        parents = tuple(new_index[kept_nodes[i].parent] if i else -1 for i in order)
         ranks = tuple(i - 1 for i in order)
         sources = None
         if labels is not None:
-            sources = ((),) + tuple(tuple(sorted({labels[c] for c in kept_nodes[i][4]})) for i in order[1:])
+            sources = ((),) + tuple(tuple(sorted({labels[c] for c in kept_nodes[i].chains})) for i in order[1:])
         anchor = None
         if keys is not None:
             keyed = [c for c in range(len(chains)) if keys[c] is not None and len(keys[c]) and len(seqs[c])]
             if keyed:
                 anchor = np.full((len(tokens), len(keys[keyed[0]][0])), np.nan, dtype=np.float32)
                 for new, i in enumerate(order[1:], 1):
-                    j = kept_nodes[i][1] - 1
+                    j = kept_nodes[i].depth - 1
                     best = None
-                    for c in kept_nodes[i][4]:     # the first of the heaviest keyed chains through it
+                    for c in kept_nodes[i].chains:     # the first of the heaviest keyed chains through it
                         if keys[c] is not None and j < len(keys[c]) and (best is None or weights[best] < weights[c]):
                             best = c
                     if best is not None:
