@@ -119,6 +119,8 @@ def library() -> ctypes.CDLL | None:
         for name in ("sense_attention_f32_multi", "sense_attention_bf16_multi"):
             getattr(lib, name).argtypes = [p, i64, p, p, p, p, p, p, i64, i, i, i, i, i, i, i, f, i]
             getattr(lib, name).restype = None
+        lib.sense_prefill_attention_bf16dp.argtypes = [p, i64, p, p, i64, p, i64, i, i, i, i, f, i]
+        lib.sense_prefill_attention_bf16dp.restype = None
         lib.sense_rope_kv_multi.argtypes = [p, i64, i, i, i, p, p, p, p, p, p, i, i, i, i]
         lib.sense_rope_kv_multi.restype = None
         lib.sense_rmsnorm.argtypes = [p, p, p, i, i, f, i, i]
@@ -571,6 +573,27 @@ def attention_multi(q: torch.Tensor, reqs: Requests, layer: int, scale: float, o
     fn(q.data_ptr(), q.stride(0), reqs.bufs.data_ptr(), reqs.caps.data_ptr(), reqs.req.data_ptr(),
        reqs.rowptr.data_ptr(), reqs.idx.data_ptr(), out.data_ptr(), out.stride(0), int(q.dtype == torch.bfloat16),
        reqs.rows, heads, groups, head_dim, reqs.layers, layer, scale, torch.get_num_threads())
+
+
+def prefill_attention_ok(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether :func:`prefill_attention` runs here: bfloat16, a head size that is a multiple of 32
+    and a CPU with AVX512-BF16 (elsewhere a prompt's prefill attends through torch's SDPA)."""
+    return dtype == torch.bfloat16 and head_dim % 32 == 0 and bf16_pairs()
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, scale: float,
+                      out: torch.Tensor) -> None:
+    """Causal attention of a prompt's prefill from position 0: q [T, >= heads * D] (queries in its
+    first heads * D columns), its keys and values already in the cache buffers [1, G, capacity, D]
+    at positions 0 .. T-1 -> out [T, heads * D]; blocked on vdpbf16ps (sense_prefill_attention_bf16dp:
+    the probabilities rounded to bfloat16 for the product with V, as flash attention takes them).
+    Only where :func:`prefill_attention_ok`."""
+    t = q.shape[0]
+    groups, d = k_cache.shape[1], k_cache.shape[-1]
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(2) == d and q.stride(1) == out.stride(1) == 1
+    library().sense_prefill_attention_bf16dp(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                             k_cache.stride(1), out.data_ptr(), out.stride(0), t, heads, groups, d,
+                                             scale, torch.get_num_threads())
 
 
 def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

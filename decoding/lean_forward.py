@@ -13,7 +13,10 @@ arithmetic as ``LlamaDecoderLayer`` straight from the model's own weights:
   committing a tree path gathers its entries to the front of the tentative region in one copy;
 - every query row attends through the invariant attention kernel over exactly its visible keys
   (computed once per forward, not per layer); a prompt's prefill of more than
-  ``invariant.MAX_ROWS`` rows uses torch's SDPA, as the transformers path does;
+  ``invariant.MAX_ROWS`` rows from an empty cache needs no invariance (every decoding mode shares
+  it) and attends through a blocked causal kernel on AVX512-BF16 in bfloat16
+  (:func:`invariant.prefill_attention`: 1,000 tokens 3.6x faster than torch's SDPA, within the
+  same error), elsewhere through torch's SDPA as the transformers path does;
 - several requests share one forward (:meth:`LeanLlama.forward_batch`, continuous batching):
   the linears run over all their rows, each request attends to its own cache, and since every
   row runs on the invariant kernels a request's results do not depend on its batch.
@@ -162,6 +165,7 @@ class LeanLlama:
         self.down = [invariant.module_packed(l.mlp.down_proj) for l in self.layers]
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self.fast_prefill = self.device.type == "cpu" and invariant.prefill_attention_ok(self.dtype, self.head_dim)
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers), self.groups, self.head_dim, self.dtype, self.device)
@@ -169,7 +173,8 @@ class LeanLlama:
     @staticmethod
     def is_large_prefill(items) -> bool:
         """A lone prompt prefill of more than MAX_ROWS rows from an empty cache: the one forward
-        that runs on SDPA and the faster large-row linear instead of the invariant kernels."""
+        that runs on the prefill attention (or SDPA) and the faster large-row linear instead of the
+        invariant kernels."""
         cache, ids, _, ancestors = items[0]
         return len(items) == 1 and ids.shape[0] > invariant.MAX_ROWS and cache.length == 0 and ancestors is None
 
@@ -181,7 +186,8 @@ class LeanLlama:
         numbers them, 0 being the embeddings). The linears run over all rows at once; each request's rows attend to
         its own cache only. A row's results do not depend on the other rows or requests: every
         row runs on the invariant kernels, but for a lone prefill of more than MAX_ROWS rows from
-        an empty cache (SDPA and the large-row linear: both decoding modes share the prefill)."""
+        an empty cache (the prefill attention or SDPA and the large-row linear: both decoding modes
+        share the prefill)."""
         sizes = [ids.shape[0] for _, ids, _, _ in items]
         total = sum(sizes)
         large = self.is_large_prefill(items)
@@ -215,6 +221,10 @@ class LeanLlama:
                 r0, r1, start = bounds[j], bounds[j + 1], starts[j]
                 invariant.rope_kv(qkv[r0:r1], self.heads, self.groups, cos[r0:r1], sin[r0:r1], cache.k[i],
                                   cache.v[i], start)
+                if self.fast_prefill:
+                    invariant.prefill_attention(qkv[r0:r1], cache.k[i], cache.v[i], self.heads, self.scaling,
+                                                attn[r0:r1])
+                    continue
                 keys, values = cache.k[i][:, :, :start + r1 - r0], cache.v[i][:, :, :start + r1 - r0]
                 q = qkv[r0:r1, :h_dim].view(r1 - r0, self.heads, self.head_dim)
                 attn[r0:r1] = self._sdpa(q, keys, values).reshape(r1 - r0, h_dim)

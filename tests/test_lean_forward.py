@@ -149,3 +149,71 @@ def test_the_norm_and_activation_kernels_are_torchs_within_rounding(dtype):
                 step = b.abs().clamp_min(1e-3) * 2 ** -7           # one bfloat16 step at b
                 assert ((a - b).abs() <= step).all(), (a - b).abs().max()
                 assert (a == b).float().mean() > 0.97
+
+
+def _exact_causal(q, keys, values, scale):
+    """float64 causal attention: q [T, H, D], keys/values [G, T, D] -> [T, H * D]."""
+    t, h, d = q.shape
+    g = keys.shape[0]
+    k = keys.double().repeat_interleave(h // g, 0)
+    v = values.double().repeat_interleave(h // g, 0)
+    s = torch.einsum("thd,hjd->htj", q.double(), k) * scale
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("htj,hjd->thd", s.softmax(-1), v).reshape(t, h * d)
+
+
+@pytest.mark.skipif(not invariant.prefill_attention_ok(torch.bfloat16, 64),
+                    reason="the blocked prefill attention needs AVX512-BF16")
+@pytest.mark.parametrize("heads,groups,dim", [(9, 3, 64), (4, 1, 128), (2, 2, 32)])
+def test_the_prefill_attention_is_as_accurate_as_sdpa(heads, groups, dim):
+    """The blocked bfloat16 prefill kernel against float64 causal attention, beside torch's SDPA
+    on the same bfloat16 inputs: errors of the same size (both round the result to bfloat16; the
+    kernel also its probabilities), for lengths around its 16-row blocks; the cache's padding
+    beyond the prompt is never read."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    scale = dim ** -0.5
+    for t in (1, 15, 16, 17, 70, 300):
+        qkv = (2 * torch.randn(t, (heads + 2 * groups) * dim, generator=g)).bfloat16()
+        k_cache = torch.full((1, groups, t + 40, dim), float("nan")).bfloat16()
+        v_cache = torch.full((1, groups, t + 40, dim), float("nan")).bfloat16()
+        k_cache[0, :, :t] = qkv[:, heads * dim:(heads + groups) * dim].view(t, groups, dim).transpose(0, 1)
+        v_cache[0, :, :t] = qkv[:, (heads + groups) * dim:].view(t, groups, dim).transpose(0, 1)
+        out = torch.full((t, heads * dim), float("nan")).bfloat16()
+        invariant.prefill_attention(qkv, k_cache, v_cache, heads, scale, out)
+        q = qkv[:, :heads * dim].view(t, heads, dim)
+        keys, values = k_cache[0, :, :t], v_cache[0, :, :t]
+        exact = _exact_causal(q, keys, values, scale)
+        sdpa = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
+                                              scale=scale, enable_gqa=True)[0].transpose(0, 1).reshape(t, -1)
+        ours_err, sdpa_err = (out.double() - exact).abs(), (sdpa.double() - exact).abs()
+        assert ours_err.max() <= 1.5 * sdpa_err.max() + 1e-3, (t, ours_err.max(), sdpa_err.max())
+        assert ours_err.mean() <= 1.1 * sdpa_err.mean() + 1e-5, (t, ours_err.mean(), sdpa_err.mean())
+
+
+@pytest.mark.skipif(not invariant.prefill_attention_ok(torch.bfloat16, 64),
+                    reason="the blocked prefill attention needs AVX512-BF16")
+def test_a_long_bfloat16_prefill_takes_the_blocked_kernel_as_accurately_as_sdpa(target_bf16, monkeypatch):
+    """A prompt beyond the invariant row limit on the embedded model in bfloat16: the prefill runs
+    the blocked kernel (SDPA untouched), and its logits are as close as SDPA's to those of the
+    same forward with its attention in float32."""
+    import torch.nn.functional as F
+
+    lean = target_bf16.lean
+    assert lean is not None and lean.fast_prefill
+    prompt = [(17 * i + 5) % target_bf16.vocab_size for i in range(3 * invariant.MAX_ROWS)]
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    _, fast = target_bf16.prefill(prompt, all_logits=True)
+    assert not calls
+    monkeypatch.setattr(lean, "fast_prefill", False)
+    _, slow = target_bf16.prefill(prompt, all_logits=True)
+    assert calls
+    bf16_sdpa = lean._sdpa
+    monkeypatch.setattr(lean, "_sdpa", lambda q, k, v: bf16_sdpa(q.float(), k.float(), v.float()).to(q.dtype))
+    _, wide = target_bf16.prefill(prompt, all_logits=True)
+    ours, theirs = (fast.logits - wide.logits).abs().mean(), (slow.logits - wide.logits).abs().mean()
+    assert ours <= 1.25 * theirs, (ours, theirs)
+    assert F.cosine_similarity(fast.hidden.float(), wide.hidden.float(), dim=-1).min() > 0.999

@@ -1013,6 +1013,156 @@ void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int th
     }
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* a prompt's causal prefill attention on AVX512-BF16                                          */
+/* A lone prefill from an empty cache is shared by every decoding mode (autoregressive and      */
+/* speculative decode the same prompt through the same forward), so it needs no row invariance: */
+/* it is blocked for speed, like flash attention. Per (head, block of 16 query rows): the scores */
+/* of all keys up to the block's diagonal, 4 rows x 4 blocks of 16 keys at a time on vdpbf16ps   */
+/* (keys packed by the block, a pair of dimensions per 32-bit lane, so 16 keys fill a vector),  */
+/* the causal mask on the diagonal block, an exact softmax (max, exp, sum in float32), the       */
+/* probabilities rounded to bfloat16 (as flash attention's second product takes them) and the   */
+/* weighted sum of V on vdpbf16ps (values packed by pairs of keys), 4 rows x 64 dimensions.     */
+#if BF16DP
+static inline __m512 exp16(__m512 x) {     /* v_exp on 16 lanes (x <= 0) */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 z = _mm512_mul_ps(x, x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+#define PQ 16       /* query rows per block, and keys per block */
+
+/* Scores of query rows q[0..4) (pairs of dimensions, D2 of them) against key blocks kb0 ..
+ * kb0 + NB of the packed keys, times scale, into s[row * ld + key]. */
+#define DEFINE_PREFILL_QK(NB)                                                                  \
+static inline __attribute__((always_inline)) void prefill_qk_##NB(                            \
+        const uint32_t *q, int D2, const uint32_t *kp, int kb0, float scale, float *s, int ld) { \
+    __m512 acc[4][NB];                                                                         \
+    for (int i = 0; i < 4; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();  \
+    for (int p = 0; p < D2; p++) {                                                             \
+        __m512bh kv[NB];                                                                       \
+        for (int j = 0; j < NB; j++)                                                           \
+            kv[j] = (__m512bh)_mm512_loadu_si512(kp + ((size_t)(kb0 + j) * D2 + p) * PQ);      \
+        for (int i = 0; i < 4; i++) {                                                          \
+            const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)q[(size_t)i * D2 + p]);        \
+            for (int j = 0; j < NB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], qv, kv[j]);    \
+        }                                                                                      \
+    }                                                                                          \
+    const __m512 sc = _mm512_set1_ps(scale);                                                   \
+    for (int i = 0; i < 4; i++)                                                                \
+        for (int j = 0; j < NB; j++)                                                           \
+            _mm512_storeu_ps(s + (size_t)i * ld + (size_t)(kb0 + j) * PQ, _mm512_mul_ps(acc[i][j], sc)); \
+}
+DEFINE_PREFILL_QK(4)
+DEFINE_PREFILL_QK(1)
+
+/* q: element (t, h, d) at t*ldq + h*D + d; k, v: element (g, t, d) at g*kh + t*D + d, positions
+ * 0 .. T-1 (the prompt from position 0); row t sees keys 0..t; out: (t, h, d) at t*ldo + h*D + d.
+ * All bfloat16; D a multiple of 32. */
+void sense_prefill_attention_bf16dp(const uint16_t *q, int64_t ldq, const uint16_t *k, const uint16_t *v,
+                                    int64_t kh, uint16_t *out, int64_t ldo, int T, int H, int G, int D,
+                                    float scale, int threads) {
+    const int nb = (T + PQ - 1) / PQ, tp = nb * PQ, D2 = D / 2, hpg = H / G;
+    /* kp[g][b][p][j] = dimensions (2p, 2p+1) of key 16b + j; vp[g][jp][d] = V[2jp][d], V[2jp+1][d] */
+    uint32_t *kp = (uint32_t *)calloc((size_t)G * tp * D2, sizeof(uint32_t));
+    uint32_t *vp = (uint32_t *)calloc((size_t)G * tp * D2, sizeof(uint32_t));
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        _Pragma("omp for schedule(static)")
+        for (int u = 0; u < G * nb; u++) {
+            const int g = u / nb, b = u % nb;
+            uint32_t *kd = kp + ((size_t)g * nb + b) * D2 * PQ;
+            uint16_t *vd = (uint16_t *)(vp + ((size_t)g * tp + (size_t)b * PQ) * D2);
+            for (int j = 0; j < PQ && b * PQ + j < T; j++) {
+                const uint32_t *kr = (const uint32_t *)(k + g * kh + (int64_t)(b * PQ + j) * D);
+                const uint16_t *vr = v + g * kh + (int64_t)(b * PQ + j) * D;
+                for (int p = 0; p < D2; p++) kd[(size_t)p * PQ + j] = kr[p];
+                for (int d = 0; d < D; d++) vd[((size_t)(j / 2) * D + d) * 2 + (j & 1)] = vr[d];
+            }
+        }
+        float *s = (float *)malloc(sizeof(float) * PQ * tp + sizeof(float) * PQ);
+        uint16_t *pb = (uint16_t *)malloc(sizeof(uint16_t) * PQ * tp);
+        uint32_t *qb = (uint32_t *)malloc(sizeof(uint32_t) * PQ * D2);
+        float *l = s + (size_t)PQ * tp;
+        _Pragma("omp for schedule(dynamic, 1)")
+        for (int u = 0; u < H * nb; u++) {
+            const int blk = nb - 1 - u / H, h = u % H, g = h / hpg;     /* the longest blocks first */
+            const int r0 = blk * PQ, nr = T - r0 < PQ ? T - r0 : PQ, nk = blk + 1, n = nk * PQ;
+            memset(qb, 0, sizeof(uint32_t) * PQ * D2);
+            for (int i = 0; i < nr; i++) memcpy(qb + (size_t)i * D2, q + (int64_t)(r0 + i) * ldq + (int64_t)h * D, 2 * D);
+            const uint32_t *kg = kp + (size_t)g * nb * D2 * PQ;
+            for (int i0 = 0; i0 < PQ; i0 += 4) {
+                int b = 0;
+                for (; b + 4 <= nk; b += 4) prefill_qk_4(qb + (size_t)i0 * D2, D2, kg, b, scale, s + (size_t)i0 * tp, tp);
+                for (; b < nk; b++) prefill_qk_1(qb + (size_t)i0 * D2, D2, kg, b, scale, s + (size_t)i0 * tp, tp);
+            }
+            for (int i = 0; i < PQ; i++) {
+                float *si = s + (size_t)i * tp;
+                for (int j = i + 1; j < PQ; j++) si[r0 + j] = -INFINITY;      /* the causal mask */
+                __m512 m = _mm512_set1_ps(-INFINITY);
+                for (int j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(si + j));
+                const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+                __m512 sum = _mm512_setzero_ps();
+                for (int j = 0; j < n; j += 16) {
+                    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(si + j), mx));
+                    sum = _mm512_add_ps(sum, e);
+                    _mm256_storeu_si256((__m256i *)(pb + (size_t)i * tp + j), (__m256i)_mm512_cvtneps_pbh(e));
+                }
+                l[i] = _mm512_reduce_add_ps(sum);
+            }
+            const uint32_t *vg = vp + (size_t)g * tp * D2;
+            for (int i0 = 0; i0 < nr; i0 += 4) {
+                const uint32_t *p32 = (const uint32_t *)(pb + (size_t)i0 * tp);
+                for (int d0 = 0; d0 < D; d0 += 64) {
+                    const int nv = (D - d0 < 64 ? D - d0 : 64) / 16;
+                    __m512 acc[4][4];
+                    for (int i = 0; i < 4; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+                    for (int jp = 0; jp < n / 2; jp++) {
+                        __m512bh vv[4];
+                        for (int j = 0; j < nv; j++) vv[j] = (__m512bh)_mm512_loadu_si512(vg + (size_t)jp * D + d0 + 16 * j);
+                        for (int i = 0; i < 4; i++) {
+                            const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)p32[(size_t)i * tp / 2 + jp]);
+                            for (int j = 0; j < nv; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pv, vv[j]);
+                        }
+                    }
+                    for (int i = 0; i < 4 && i0 + i < nr; i++) {
+                        const __m512 inv = _mm512_set1_ps(1.0f / l[i0 + i]);
+                        uint16_t *o = out + (int64_t)(r0 + i0 + i) * ldo + (int64_t)h * D + d0;
+                        for (int j = 0; j < nv; j++)
+                            _mm256_storeu_si256((__m256i *)(o + 16 * j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][j], inv)));
+                    }
+                }
+            }
+        }
+        free(s);
+        free(pb);
+        free(qb);
+    }
+    free(kp);
+    free(vp);
+}
+#undef PQ
+#else
+void sense_prefill_attention_bf16dp(const uint16_t *q, int64_t ldq, const uint16_t *k, const uint16_t *v,
+                                    int64_t kh, uint16_t *out, int64_t ldo, int T, int H, int G, int D,
+                                    float scale, int threads) {
+    (void)q; (void)ldq; (void)k; (void)v; (void)kh; (void)out; (void)ldo; (void)T; (void)H; (void)G;   /* never called */
+    (void)D; (void)scale; (void)threads;
+}
+#endif
+
 #ifndef HAVE_AMX
 int sense_amx_init(void) { return 0; }
 void sense_linear_bf16amx(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, void *out,
