@@ -96,7 +96,7 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor, out: torch.Tensor, large: bool = False) -> torch.Tensor:
         """x [rows, K] -> out [rows, n_out] (x's dtype); `large`: a large prefill, on whichever
         kernel measured faster (else always the invariant kernel, whatever the row count)."""
-        if large and invariant.large_rows_kernel(x.dtype, torch.get_num_threads()) == "torch":
+        if large and invariant.large_rows_kernel(x.dtype, torch.get_num_threads(), x.shape[0]) == "torch":
             return torch.cat([F.linear(x, m.weight, m.bias) for m in self.modules], dim=-1)
         return invariant.linear_into(self.packed, x, self.n_out, torch.get_num_threads(), out, bias=self.bias)
 
@@ -261,7 +261,7 @@ class LeanLlama:
 def _residual(packed: invariant.PackedWeight, a: torch.Tensor, x: torch.Tensor, large: bool) -> None:
     """x += a @ W^T in place (rounded as torch's ``x + linear(a)``): the kernel adds the residual
     as it stores; a large prefill on whichever kernel measured faster."""
-    if large and invariant.large_rows_kernel(a.dtype, torch.get_num_threads()) == "torch":
+    if large and invariant.large_rows_kernel(a.dtype, torch.get_num_threads(), a.shape[0]) == "torch":
         x.add_(F.linear(a, packed.weight))
         return
     invariant.linear_into(packed.packed(), a, packed.weight.shape[0], torch.get_num_threads(), x, residual=x)

@@ -199,3 +199,26 @@ def test_the_process_bfloat16_kernel_is_chosen_once_and_can_be_forced(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "SENSE_BF16_KERNEL must be one of dp, amx" in bad.stderr
     assert invariant.bf16_kernel() in (_bf16_kernels() or ["dp"])
+
+
+def test_the_large_row_kernel_is_measured_per_size_of_prefill(tmp_path, monkeypatch):
+    """Prefills of up to 256 rows take the kernel measured at 128 rows, longer ones the kernel
+    measured at 512: each measured once (cold weights, both kernels timed) and remembered on disk."""
+    monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(invariant, "_large", {})
+    measured = []
+    real = invariant._time_large_rows
+
+    def timed(dtype, threads, rows):
+        measured.append(rows)
+        value = real(dtype, threads, rows, repeats=1)
+        assert set(value) == {"ours_ms", "torch_ms"} and all(v > 0 for v in value.values())
+        return value
+
+    monkeypatch.setattr(invariant, "_time_large_rows", timed)
+    for rows in (65, 200, 256, 257, 1000):
+        assert invariant.large_rows_kernel(torch.bfloat16, 2, rows) in ("ours", "torch")
+    assert measured == [128, 512]
+    monkeypatch.setattr(invariant, "_large", {})          # a new process: read back from the disk
+    assert invariant.large_rows_kernel(torch.bfloat16, 2, 100) in ("ours", "torch") and measured == [128, 512]
+    assert len(list((tmp_path / "measured").glob("large_linear-*.json"))) == 2
