@@ -195,16 +195,18 @@ class AdaptiveBudget:
                 shared.learn(b, accepted, c)
 
 
-def measure_batch_cost(target: TargetModel, requests: Sequence[int] = (1, 2, 4, 8), extra: Sequence[int] = (0, 8, 32),
-                       *, context_len: int = 256, repeats: int = 5, warmup: int = 2) -> list[list[float]]:
+BATCH_POINTS = (*((1, e) for e in (0, 2, 4, 8, 16, 32, 64)), *((r, e) for r in (2, 4, 8) for e in (0, 8, 32)))
+
+
+def measure_batch_cost(target: TargetModel, points: Sequence[tuple[int, int]] = BATCH_POINTS, *,
+                       context_len: int = 256, repeats: int = 5, warmup: int = 2) -> list[list[float]]:
     """Median seconds of one batched verification forward (``verify_batch``) of R requests, each
     with its own `context_len`-token cache and a one-row tree but the first, whose tree has
-    `extra` draft rows more: [[R, T, seconds], ...] with T = R + extra rows. Points interleaved
-    within each repeat, as :func:`measure_verify_cost` does."""
+    `extra` draft rows more, for each (R, extra) of `points`: [[R, T, seconds], ...] with
+    T = R + extra rows. Points interleaved within each repeat, as :func:`measure_verify_cost` does."""
     vocab = target.vocab_size
     states = [target.prefill([(17 * i + 5 + 3 * r) % vocab for i in range(context_len)])[0]
-              for r in range(max(requests))]
-    points = [(r, e) for r in requests for e in extra]
+              for r in range(max(r for r, _ in points))]
     times: dict[tuple[int, int], list[float]] = {p: [] for p in points}
     for rep in range(warmup + repeats):
         for r, e in points:
@@ -225,28 +227,46 @@ def measure_batch_cost(target: TargetModel, requests: Sequence[int] = (1, 2, 4, 
 class BatchCost:
     """Seconds of one batched verification forward of R requests and T rows in all:
 
-        C(R, T) = a + b R + c T
+        C(R, T) = f(T) + b (R - 1)
 
-    fitted by least squares to :func:`measure_batch_cost` points. A batch is not one request's
-    tree: each request attends to its own KV cache, so on a CPU eight requests of one row cost
-    more than one request of eight rows (measured on the 2-core machine, bfloat16: 63 ms against
-    45 ms; then about 3 ms per added row), and the single-request curve c(n) would misprice a
-    batch. Never falls with more requests or rows."""
+    f: one request's forward of T rows, interpolated piecewise linearly between the measured
+    one-request points (made non-decreasing; beyond the last point, its last segment's slope);
+    b: what each further request adds (its own attention over its own cache, its own lengths),
+    fitted by least squares to the other points' excess over f, never below 0. On a CPU the rows
+    price the forward: f is flat to about 8 rows, then about 1 ms a row (2-core AVX512-BF16 VM,
+    bfloat16), and a request adds well under a millisecond; a straight line in T (as this model
+    was before) priced 2 requests of 9 rows at 30 ms against 22 measured, so the allocation
+    drafted too little. Never falls with more requests or rows."""
 
     def __init__(self, points: Sequence[Sequence[float]]) -> None:
         import numpy as np
 
         pts = np.asarray(points, dtype=np.float64)
-        if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < 3:
-            raise ValueError("BatchCost needs at least 3 [requests, rows, seconds] points")
-        x = np.column_stack([np.ones(len(pts)), pts[:, 0], pts[:, 1]])
-        theta = np.linalg.lstsq(x, pts[:, 2], rcond=None)[0]
-        theta[1:] = np.maximum(theta[1:], 0.0)
-        self.theta = theta
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise ValueError("BatchCost needs [requests, rows, seconds] points")
+        one = pts[pts[:, 0] == 1]
+        rows = np.unique(one[:, 1])
+        many = pts[pts[:, 0] > 1]
+        if len(rows) < 2 or not len(many):
+            raise ValueError("BatchCost needs one-request points at 2 row counts or more and a point of "
+                             "several requests")
+        secs = np.array([np.median(one[one[:, 1] == t, 2]) for t in rows])
+        self.rows, self.secs = rows, np.maximum.accumulate(secs)
+        self.slope = max(0.0, float((self.secs[-1] - self.secs[-2]) / (self.rows[-1] - self.rows[-2])))
+        extra = many[:, 0] - 1
+        excess = many[:, 2] - np.array([self.one(t) for t in many[:, 1]])
+        self.per_request = max(0.0, float(extra @ excess / (extra @ extra)))
+
+    def one(self, rows: float) -> float:
+        """f(T): one request's forward of `rows` rows."""
+        import numpy as np
+
+        if rows > self.rows[-1]:
+            return float(self.secs[-1] + self.slope * (rows - self.rows[-1]))
+        return float(np.interp(rows, self.rows, self.secs))
 
     def seconds(self, requests: int, rows: int) -> float:
-        a, b, c = self.theta
-        return max(1e-6, float(a + b * requests + c * rows))
+        return max(1e-6, self.one(rows) + self.per_request * (requests - 1))
 
 
 def batch_cost(target: "TargetModel") -> BatchCost:
@@ -256,13 +276,15 @@ def batch_cost(target: "TargetModel") -> BatchCost:
     memo = getattr(target, "_batch_cost", None)
     if memo is not None:
         return memo
-    requests = (1, 2, 4, 8)
-    extra = [e for e in (0, 8, 32) if e + 2 <= target.context_window // 2] or [0, 1]
-    context = min(256, target.context_window - max(extra) - 2)
+    limit = target.context_window // 2
+    points = [(r, e) for r, e in BATCH_POINTS if e + r + 1 <= limit]
+    if len({e for r, e in points if r == 1}) < 2:
+        points = [(1, 0), (1, 1), (2, 0)]
+    context = min(256, target.context_window - max(r + e for r, e in points) - 2)
     key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
-           "kernels": target.kernels, "requests": requests, "extra": extra, "context": context}
+           "kernels": target.kernels, "points": points, "context": context}
     stored, _ = remembered("batch_cost", key, lambda: {
-        "points": measure_batch_cost(target, requests, extra, context_len=context, repeats=3, warmup=1)})
+        "points": measure_batch_cost(target, points, context_len=context, repeats=3, warmup=1)})
     model = BatchCost(stored["points"])
     target._batch_cost = model
     return model
