@@ -7,6 +7,7 @@ on a CPU it climbs quickly, so the number of draft tokens worth sending differs 
 
 from __future__ import annotations
 
+import bisect
 import statistics
 import threading
 import time
@@ -152,6 +153,20 @@ class AdaptiveBudget:
         tried = [s for s in self.overhead if self.overhead_seen[s] and s <= b]
         return self.overhead[max(tried)] if tried else 0.0
 
+    def terms(self) -> dict[int, tuple[float, float]]:
+        """{x: (1 + A(x), D(x) in seconds)} for x = 0 and every size: what the batch allocation
+        weighs, in one pass over the sizes (A's running maximum, D's nearest tried size below)."""
+        step = self.step_seconds
+        last_d = self.overhead[0] if self.overhead_seen[0] else 0.0
+        out = {0: (1.0, last_d * step)}
+        best_a = 0.0
+        for b in self.sizes:
+            best_a = max(best_a, self.accepted[b])
+            if self.overhead_seen[b]:
+                last_d = self.overhead[b]
+            out[b] = (1.0 + best_a, last_d * step)
+        return out
+
     def value(self, b: int) -> float:
         if not b:
             return 1.0 / (1.0 + self.overhead_of(0))
@@ -252,18 +267,22 @@ class BatchCost:
                              "several requests")
         secs = np.array([np.median(one[one[:, 1] == t, 2]) for t in rows])
         self.rows, self.secs = rows, np.maximum.accumulate(secs)
+        self._rows, self._secs = [float(x) for x in self.rows], [float(y) for y in self.secs]
         self.slope = max(0.0, float((self.secs[-1] - self.secs[-2]) / (self.rows[-1] - self.rows[-2])))
         extra = many[:, 0] - 1
         excess = many[:, 2] - np.array([self.one(t) for t in many[:, 1]])
         self.per_request = max(0.0, float(extra @ excess / (extra @ extra)))
 
     def one(self, rows: float) -> float:
-        """f(T): one request's forward of `rows` rows."""
-        import numpy as np
-
-        if rows > self.rows[-1]:
-            return float(self.secs[-1] + self.slope * (rows - self.rows[-1]))
-        return float(np.interp(rows, self.rows, self.secs))
+        """f(T): one request's forward of `rows` rows (plain Python: the allocation asks for
+        a few dozen of these a step)."""
+        xs, ys = self._rows, self._secs
+        if rows >= xs[-1]:
+            return ys[-1] + self.slope * (rows - xs[-1])
+        if rows <= xs[0]:
+            return ys[0]
+        i = bisect.bisect_right(xs, rows)
+        return ys[i - 1] + (ys[i] - ys[i - 1]) * (rows - xs[i - 1]) / (xs[i] - xs[i - 1])
 
     def seconds(self, requests: int, rows: int) -> float:
         return max(1e-6, self.one(rows) + self.per_request * (requests - 1))

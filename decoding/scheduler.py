@@ -75,9 +75,7 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
     # request's own work in the step (drafting, acceptance, KV compaction), run one request
     # after another beside the shared forward. A fixed budget's term never changes, so its guess
     # of x / 2 accepted moves no choice.
-    terms = {i: {x: (1.0 + seqs[i].adaptive.expected_accepted(x),
-                     seqs[i].adaptive.overhead_of(x) * seqs[i].adaptive.step_seconds)
-                 for x in (0, *seqs[i].adaptive.sizes)} for i in adaptive}
+    terms = {i: seqs[i].adaptive.terms() for i in adaptive}
     gain = sum(1.0 + s.budget / 2 for s in seqs if not s.adaptive) + sum(terms[i][0][0] for i in adaptive)
     own = sum(terms[i][0][1] for i in adaptive)
     rows = sum(1 + x for x in budgets)
