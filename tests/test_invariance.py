@@ -159,8 +159,8 @@ def _bf16_kernels() -> list[str]:
 
 @pytest.mark.parametrize("kernel", ["dp", "amx"])
 def test_each_bfloat16_kernel_gives_a_row_the_same_bits_whatever_the_rows_beside_it(kernel):
-    """Both pair-packed bfloat16 kernels (vdpbf16ps vectors; AMX tiles of up to 16 rows, so 17
-    and 40 rows take a partial tile): a row's outputs are bitwise the same alone or among 2-63
+    """Both pair-packed bfloat16 kernels (vdpbf16ps vectors in blocks of 1-8 rows; AMX tiles of
+    up to 16 rows, so 17 and 40 rows take a partial tile): a row's outputs are bitwise the same alone or among 2-63
     other rows, and within bfloat16 rounding of the float64 product. The process runs one of
     them (invariant.bf16_kernel); this checks the other too, where the CPU has it."""
     if kernel not in _bf16_kernels():
@@ -176,7 +176,7 @@ def test_each_bfloat16_kernel_gives_a_row_the_same_bits_whatever_the_rows_beside
             return invariant.linear_into(packed, rows.contiguous(), n, 2, out, logits=False, kernel=kernel)
 
         full = run(x)
-        for rows in (1, 3, 16, 17, 40):
+        for rows in (1, 3, 5, 6, 8, 9, 13, 16, 17, 40):        # every block size of both kernels
             assert torch.equal(run(x[:rows]), full[:rows]), (kernel, n, k, rows)
         assert torch.equal(run(x[5:6]), full[5:6])
         ref = x.double() @ w.double().T

@@ -425,11 +425,15 @@ static __attribute__((noinline)) void dp_r##RB##_p##NP(const uint32_t *x, int K2
             if (nc > 0) epi_store(e, row0 + (size_t)j, col0 + c0, buf, nc);                    \
         }                                                                                      \
 }
-/* Blocks: 1 row x 8 panels, 2 x 6, 3 x 4, and 4 x 3 (8-12 chains in flight, which the
- * instruction's latency needs); more rows go through in blocks of 4 rows x 3 panels (the panels
- * stay in cache between them), the last 1-3 rows x 3; leftover panels one at a time. */
+/* Blocks: 1 row x 8 panels, 2 x 6, 3 x 4 (8-12 chains in flight, which the instruction's
+ * latency needs); from 4 rows, blocks of up to 8 rows x 3 panels (up to 24 chains, each weight
+ * vector loaded once for all of them), rows split as evenly as they go (9: 5 + 4; the panels
+ * stay in cache between blocks); leftover panels one at a time, in blocks of up to 4 rows. On
+ * the AVX512-BF16 EPYC, all the linears of SmolLM2-135M from memory against blocks of at most 4
+ * rows (the last 1-3 alone): 8 rows 11.9 -> 10.3 ms, 5-7 rows 8% faster, 9 and 16 rows 6%. */
 DEFINE_DP_BLOCK(1, 8) DEFINE_DP_BLOCK(2, 6) DEFINE_DP_BLOCK(3, 4) DEFINE_DP_BLOCK(4, 3)
 DEFINE_DP_BLOCK(1, 3) DEFINE_DP_BLOCK(2, 3) DEFINE_DP_BLOCK(3, 3)
+DEFINE_DP_BLOCK(5, 3) DEFINE_DP_BLOCK(6, 3) DEFINE_DP_BLOCK(7, 3) DEFINE_DP_BLOCK(8, 3)
 DEFINE_DP_BLOCK(1, 1) DEFINE_DP_BLOCK(2, 1) DEFINE_DP_BLOCK(3, 1) DEFINE_DP_BLOCK(4, 1)
 
 static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, const Epi *e, size_t row0,
@@ -438,6 +442,10 @@ static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, con
     else if (np == 6) dp_r2_p6(x, K2, P, ps, e, row0, col0, nc, pf);
     else if (np == 4) dp_r3_p4(x, K2, P, ps, e, row0, col0, nc, pf);
     else if (np == 3) switch (rb) {
+        case 8: dp_r8_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
+        case 7: dp_r7_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
+        case 6: dp_r6_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
+        case 5: dp_r5_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
         case 4: dp_r4_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
         case 3: dp_r3_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
         case 2: dp_r2_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
@@ -459,7 +467,10 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
     const uint32_t *x32 = (const uint32_t *)x;
     const int K2 = K / 2, panels = (N + PANEL - 1) / PANEL;
     const int group = R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : 3;
-    const int rbmax = R <= 3 ? R : 4;
+#ifndef DP_RBMAX
+#define DP_RBMAX 8
+#endif
+    const int rbmax = R <= 3 ? R : DP_RBMAX;
     const int groups = (panels + group - 1) / group;
     const size_t lines = (size_t)group * (size_t)pstride * sizeof(uint16_t) / 64;    /* of a group */
     const char *last = (const char *)(P + (size_t)panels * pstride);
@@ -470,8 +481,12 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
         for (int gi = g0; gi < g1; gi++) {
             const int p0 = gi * group, np = panels - p0 < group ? panels - p0 : group;
             const char *next = (const char *)(P + (size_t)(p0 + group) * pstride);
-            for (int r0 = 0; r0 < R; r0 += rbmax) {
-                const int rb = R - r0 < rbmax ? R - r0 : rbmax;
+            /* Blocks of at most rbmax rows, as even as they go (not 4 + 4 + 1 for 9 rows, whose
+             * one-row block of 3 chains waits on the instruction's latency). The blocking
+             * changes no bits. */
+            const int nblk = (R + rbmax - 1) / rbmax;
+            for (int b = 0; b < nblk; b++) {
+                const int r0 = R * b / nblk, rb = R * (b + 1) / nblk - r0;
                 const uint32_t *xr = x32 + (size_t)r0 * K2;
                 Prefetch share;
                 const Prefetch *pfp = prefetch_share(&share, SENSE_PREFETCH && R > 1 && gi + 1 < g1, next, last,
@@ -479,10 +494,11 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
                 if (np == group) {
                     dp_rows(xr, K2, P + (size_t)p0 * pstride, (size_t)pstride, &e, (size_t)r0, p0 * PANEL,
                             N - p0 * PANEL, rb, np, pfp);
-                } else {        /* the last few panels, one at a time */
+                } else {        /* the last few panels, one at a time, in blocks of up to 4 rows */
                     for (int p = p0; p < p0 + np; p++)
-                        dp_rows(xr, K2, P + (size_t)p * pstride, (size_t)pstride, &e, (size_t)r0, p * PANEL,
-                                N - p * PANEL, rb, 1, 0);
+                        for (int s0 = 0; s0 < rb; s0 += 4)
+                            dp_rows(xr + (size_t)s0 * K2, K2, P + (size_t)p * pstride, (size_t)pstride, &e,
+                                    (size_t)(r0 + s0), p * PANEL, N - p * PANEL, rb - s0 < 4 ? rb - s0 : 4, 1, 0);
                 }
             }
         }
