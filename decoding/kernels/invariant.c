@@ -1040,22 +1040,9 @@ void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int th
 /* probabilities rounded to bfloat16 (as flash attention's second product takes them) and the   */
 /* weighted sum of V on vdpbf16ps (values packed by pairs of keys), 4 rows x 64 dimensions.     */
 #if BF16DP
-static inline __m512 exp16(__m512 x) {     /* v_exp on 16 lanes (x <= 0) */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 z = _mm512_mul_ps(x, x);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+static inline __m512 exp16(__m512 x) {     /* v_exp on each half (x <= 0) */
+    return _mm512_insertf32x8(_mm512_castps256_ps512(v_exp(_mm512_castps512_ps256(x))),
+                              v_exp(_mm512_extractf32x8_ps(x, 1)), 1);
 }
 
 #define PQ 16       /* query rows per block, and keys per block */
