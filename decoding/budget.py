@@ -265,10 +265,9 @@ class BatchCost:
         if len(rows) < 2 or not len(many):
             raise ValueError("BatchCost needs one-request points at 2 row counts or more and a point of "
                              "several requests")
-        secs = np.array([np.median(one[one[:, 1] == t, 2]) for t in rows])
-        self.rows, self.secs = rows, np.maximum.accumulate(secs)
-        self._rows, self._secs = [float(x) for x in self.rows], [float(y) for y in self.secs]
-        self.slope = max(0.0, float((self.secs[-1] - self.secs[-2]) / (self.rows[-1] - self.rows[-2])))
+        secs = np.maximum.accumulate([np.median(one[one[:, 1] == t, 2]) for t in rows])
+        self._rows, self._secs = [float(x) for x in rows], [float(y) for y in secs]
+        self.slope = max(0.0, (self._secs[-1] - self._secs[-2]) / (self._rows[-1] - self._rows[-2]))
         extra = many[:, 0] - 1
         excess = many[:, 2] - np.array([self.one(t) for t in many[:, 1]])
         self.per_request = max(0.0, float(extra @ excess / (extra @ extra)))
