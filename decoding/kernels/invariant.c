@@ -431,6 +431,9 @@ static __attribute__((noinline)) void dp_r##RB##_p##NP(const uint32_t *x, int K2
  * stay in cache between blocks); leftover panels one at a time, in blocks of up to 4 rows. On
  * the AVX512-BF16 EPYC, all the linears of SmolLM2-135M from memory against blocks of at most 4
  * rows (the last 1-3 alone): 8 rows 11.9 -> 10.3 ms, 5-7 rows 8% faster, 9 and 16 rows 6%. */
+#ifndef DP_RBMAX
+#define DP_RBMAX 8          /* the most rows a block takes from 4 rows on (-DDP_RBMAX=4: the old blocking) */
+#endif
 DEFINE_DP_BLOCK(1, 8) DEFINE_DP_BLOCK(2, 6) DEFINE_DP_BLOCK(3, 4) DEFINE_DP_BLOCK(4, 3)
 DEFINE_DP_BLOCK(1, 3) DEFINE_DP_BLOCK(2, 3) DEFINE_DP_BLOCK(3, 3)
 DEFINE_DP_BLOCK(5, 3) DEFINE_DP_BLOCK(6, 3) DEFINE_DP_BLOCK(7, 3) DEFINE_DP_BLOCK(8, 3)
@@ -467,9 +470,6 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
     const uint32_t *x32 = (const uint32_t *)x;
     const int K2 = K / 2, panels = (N + PANEL - 1) / PANEL;
     const int group = R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : 3;
-#ifndef DP_RBMAX
-#define DP_RBMAX 8
-#endif
     const int rbmax = R <= 3 ? R : DP_RBMAX;
     const int groups = (panels + group - 1) / group;
     const size_t lines = (size_t)group * (size_t)pstride * sizeof(uint16_t) / 64;    /* of a group */
