@@ -42,6 +42,10 @@ SUFFIX_ARRAY_FILE = "suffix_array.npy"
 META_FILE = "meta.json"
 _INDEX_FILES = (TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE)
 _INT32_MAX = int(np.iinfo(np.int32).max)
+# Occurrences counted per lookup, evenly spaced over the matches: on GSM8K (216k tokens) 64-256
+# of them give REST as many accepted tokens as 5,000 (the top continuations dominate), in 1/2-1/3
+# of the time.
+MAX_OCCURRENCES = 256
 
 
 class SparseIndexError(ValueError):
@@ -212,6 +216,22 @@ def _upper_bound(tokens: np.ndarray, sa: np.ndarray, query: tuple[int, ...], lo:
     return lo
 
 
+SMALL_COUNT = 64     # occurrences up to this many are counted in plain Python (numpy's calls cost more)
+
+
+def _count_few(tokens: np.ndarray, starts: np.ndarray, continuation_len: int) -> list[tuple[tuple[int, ...], int]]:
+    """``_count_continuations`` for a few occurrences: the same chains in the same order."""
+    counts: dict[tuple[int, ...], int] = {}
+    for s in starts.tolist():
+        row = tokens[s : s + continuation_len].tolist()
+        if SEPARATOR in row:
+            row = row[: row.index(SEPARATOR)]
+        if row:
+            key = tuple(row)
+            counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def _count_continuations(
     tokens: np.ndarray, starts: np.ndarray, continuation_len: int
 ) -> list[tuple[tuple[int, ...], int]]:
@@ -223,6 +243,8 @@ def _count_continuations(
     """
     if len(starts) == 0:
         return []
+    if len(starts) <= SMALL_COUNT:
+        return _count_few(tokens, starts, continuation_len)
     idx = starts.astype(np.int64)[:, None] + np.arange(continuation_len, dtype=np.int64)
     np.minimum(idx, len(tokens) - 1, out=idx)  # tokens ends with a separator
     window = np.asarray(tokens[idx], dtype=np.int64)  # (m, C)
@@ -573,14 +595,15 @@ class SparseIndex:
         max_suffix: int = 16,
         min_suffix: int = 2,
         continuation_len: int = 10,
-        max_occurrences: int = 5000,
+        max_occurrences: int = MAX_OCCURRENCES,
     ) -> Continuations:
         """Continuations of the longest context suffix found in the corpus.
 
         Tries suffix lengths from ``min(max_suffix, len(context))`` down to
         ``min_suffix`` (``max_suffix`` is capped at :attr:`sort_depth`); a
-        suffix containing a negative id never matches.  Takes the first
-        ``max_occurrences`` occurrences in suffix-array order and counts
+        suffix containing a negative id never matches.  Takes at most
+        ``max_occurrences`` occurrences, evenly spaced in suffix-array order
+        (the first ones would all share their smallest next tokens), and counts
         their next ``continuation_len`` tokens (cut at the document end;
         occurrences at a document end contribute nothing, so ``chains`` can
         be empty even when ``match_len > 0``).
@@ -611,6 +634,10 @@ class SparseIndex:
         if match_len == 0:
             return Continuations(0, [], 0)
         lo, hi = self._range(tail[-match_len:])
-        starts = np.asarray(self._sa[lo : min(hi, lo + max_occurrences)], dtype=np.int64) + match_len
+        if hi - lo <= max_occurrences:
+            picked = np.asarray(self._sa[lo:hi], dtype=np.int64)
+        else:       # evenly spaced over the range: the first ones would all share their smallest next tokens
+            picked = np.asarray(self._sa[lo + np.arange(max_occurrences) * (hi - lo) // max_occurrences], dtype=np.int64)
+        starts = picked + match_len
         chains = _count_continuations(self._tokens, starts, continuation_len)
         return Continuations(match_len, chains, hi - lo)

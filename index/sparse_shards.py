@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from index.sparse import Continuations, SparseIndex, SparseIndexError
+from index.sparse import MAX_OCCURRENCES, Continuations, SparseIndex, SparseIndexError
 
 
 def token_streams(doc_id: np.ndarray, position: np.ndarray, next_token: np.ndarray) -> list[np.ndarray]:
@@ -65,7 +65,7 @@ class ShardedSparseIndex:
         return f"ShardedSparseIndex(shards={len(self.shards)}, n_tokens={self.n_tokens}, n_docs={self.n_docs})"
 
     def lookup(self, context: Sequence[int], *, max_suffix: int = 16, min_suffix: int = 2,
-               continuation_len: int = 10, max_occurrences: int = 5000) -> Continuations:
+               continuation_len: int = 10, max_occurrences: int = MAX_OCCURRENCES) -> Continuations:
         """The longest suffix found in ANY shard; continuation counts summed over the shards that
         hold it (a shard whose own longest match is shorter does not contain it)."""
         max_suffix = min(max_suffix, self.sort_depth)

@@ -183,7 +183,7 @@ def test_wide_token_ids():
         SparseIndex.build([[2**31]])
 
 
-def test_max_occurrences_cap_follows_suffix_array_order():
+def test_max_occurrences_cap_spreads_over_the_suffix_array_range():
     rng = np.random.default_rng(3)
     docs = random_docs(rng, 30, 2, 50)
     index = SparseIndex.build(docs)
@@ -196,7 +196,8 @@ def test_max_occurrences_cap_follows_suffix_array_order():
     for cap in (1, 5, 10):
         r = index.lookup(ctx, max_occurrences=cap)
         assert r.match_len == L and r.n_occurrences == full.n_occurrences
-        occ = [p for p in sa if flat[p : p + L] == ctx[-L:]][:cap]
+        occ = [p for p in sa if flat[p : p + L] == ctx[-L:]]
+        occ = [occ[i * len(occ) // cap] for i in range(cap)]          # evenly spaced, not the first
         conts = []
         for p in occ:
             c = flat[p + L : p + L + 10]
@@ -409,3 +410,18 @@ def test_unpacked_pair_sort_matches_packed():
     fallback = _sort_pairs(first, second, n_ranks=2**40)  # forces the lexsort path
     np.testing.assert_array_equal(packed[0], fallback[0])
     np.testing.assert_array_equal(packed[1], fallback[1])
+
+
+def test_few_occurrences_counted_in_python_as_numpy_counts_them(monkeypatch):
+    from index import sparse
+    rng = np.random.default_rng(5)
+    docs = random_docs(rng, 40, 3, 60)
+    index = SparseIndex.build(docs)
+    contexts = random_contexts(rng, docs, 60, 1)
+    for kwargs in ({"min_suffix": 1}, {"min_suffix": 1, "continuation_len": 1}, {"max_suffix": 2, "continuation_len": 30}):
+        monkeypatch.setattr(sparse, "SMALL_COUNT", 0)
+        by_numpy = [index.lookup(c, max_occurrences=10**9, **kwargs) for c in contexts]
+        monkeypatch.setattr(sparse, "SMALL_COUNT", 10**9)
+        by_python = [index.lookup(c, max_occurrences=10**9, **kwargs) for c in contexts]
+        assert by_python == by_numpy
+        assert any(len(r.chains) > 1 for r in by_numpy) and any(r.n_occurrences > 1 for r in by_numpy)

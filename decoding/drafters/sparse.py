@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from decoding.drafters.base import Drafter
+from index.sparse import MAX_OCCURRENCES
 
 
 @dataclass
@@ -23,7 +24,7 @@ class SparseDrafter(Drafter):
     max_suffix: int = 16
     min_suffix: int = 2
     continuation_len: int = 10
-    max_occurrences: int = 5000
+    max_occurrences: int = MAX_OCCURRENCES
     name: str = "rest"
     source: ClassVar[str] = "rest"
 
