@@ -222,3 +222,39 @@ def test_the_large_row_kernel_is_measured_per_size_of_prefill(tmp_path, monkeypa
     monkeypatch.setattr(invariant, "_large", {})          # a new process: read back from the disk
     assert invariant.large_rows_kernel(torch.bfloat16, 2, 100) in ("ours", "torch") and measured == [128, 512]
     assert len(list((tmp_path / "measured").glob("large_linear-*.json"))) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_linear_epilogue_is_the_torch_op_it_replaces(dtype):
+    """The kernels write their output themselves (bias, rounding to bfloat16, residual add,
+    bfloat16-rounded logits): each mode bitwise as the torch ops on the plain product, for whole
+    panels of 16 outputs and a partial last one, NaN included."""
+    g = torch.Generator().manual_seed(3)
+    for n, k in ((64, 96), (40, 64)):
+        w = torch.randn(n, k, generator=g).to(dtype)
+        packed = invariant.pack_panels(w)
+        x = torch.randn(9, k, generator=g).to(dtype)
+        x[4, 7] = float("nan")
+        bias = torch.randn(n, generator=g)
+        plain = invariant.linear_into(packed, x, n, 2, torch.empty(9, n))       # float32, no bias
+        assert plain[4].isnan().all() and not plain[3].isnan().any()
+
+        def same(got, want):
+            """Bitwise, NaN for NaN (torch's own NaN payloads differ between its scalar and vector
+            conversions to bfloat16: 0x7fc0 and 0xffff)."""
+            bits = torch.int16 if want.dtype == torch.bfloat16 else torch.int32
+            nan = want.isnan()
+            assert got.dtype == want.dtype and torch.equal(got.isnan(), nan), (n, k)
+            assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (n, k)
+
+        same(invariant.linear_into(packed, x, n, 2, torch.empty(9, n), bias=bias), plain + bias)
+        same(invariant.linear_into(packed, x, n, 2, torch.empty(9, n), logits=True),
+             plain.to(dtype).float())
+        res = torch.randn(9, n, generator=g).to(dtype)
+        if dtype == torch.bfloat16:
+            same(invariant.linear_into(packed, x, n, 2, torch.empty(9, n, dtype=dtype), bias=bias),
+                 (plain + bias).to(dtype))
+            same(invariant.linear_into(packed, x, n, 2, res.clone(), residual=res.clone()), res + plain.to(dtype))
+        else:
+            out = res.clone()
+            same(invariant.linear_into(packed, x, n, 2, out, residual=out), res + plain)
