@@ -94,12 +94,17 @@ def interpolate_cost(cost: dict[int, float], n: int) -> float:
 class AdaptiveBudget:
     """Picks each step's draft budget b to maximise expected committed tokens per second:
 
-        value(b) = (1 + A(b)) / (C(b) + D(b))        value(0) = 1 / (1 + D(0))
+        value(b) = (1 + A(b)) / (C(b) + D(b))        value(0) = 1 / (C(0) + D(0))
 
-    in units of one plain decode step. A(b): running mean of draft tokens accepted with budget b;
-    C(b): running mean of c(tree size) for the trees a budget b yields (drafters often find fewer
-    candidates than b); D(b): running mean of the step's own time outside the forward (drafting,
-    the acceptance decision, KV compaction) for budget b. One verified tree of budget B tells
+    in units of one plain decode step as the cost curve measured it. A(b): running mean of draft
+    tokens accepted with budget b; C(b): running mean of the forward's measured time with budget b
+    when the request verifies alone (``update``'s `forward_s`); for a budget not yet run that way,
+    c(tree size) of the trees it yields (drafters often find fewer candidates than b) from the
+    curve, times the ratio of measured to curve time at the nearest budget that was run (C(0) = 1
+    times it). The curve is measured once, at a 256-token context, and on a shared VM it reads
+    10-25% off from one measurement to the next; a request's own forwards price its tree sizes at
+    its own context and at the machine's speed now. D(b): running mean of the step's own time
+    outside the forward (drafting, the acceptance decision, KV compaction) for budget b. One verified tree of budget B tells
     A(b) for every b <= B (``TokenTree.accepted_within``). Estimates start optimistic
     (A(b) = b / 2, D = 0, replaced by the first observations), and every `explore_every` steps
     the budget one size above the current best is tried, so the choice can climb when drafts get
@@ -127,6 +132,8 @@ class AdaptiveBudget:
         self.seen = {b: 0 for b in self.sizes}
         self.overhead = {b: 0.0 for b in [0, *self.sizes]}
         self.overhead_seen = {b: 0 for b in self.overhead}
+        self.forward = {b: 0.0 for b in self.overhead}          # measured C(b), in curve steps
+        self.forward_seen = {b: 0 for b in self.overhead}
         self.steps = 0
         self.shared = shared
         self.start()
@@ -167,10 +174,21 @@ class AdaptiveBudget:
             out[b] = (1.0 + best_a, last_d * step)
         return out
 
+    def forward_of(self, b: int) -> float:
+        """C(b): the forward's time with budget b, in decode steps of the curve (see the class)."""
+        if self.forward_seen.get(b):
+            return self.forward[b]
+        curve = self.tree_cost[b] if b else 1.0
+        run = [s for s in self.forward if self.forward_seen[s]]
+        if not run:
+            return curve
+        near = min(run, key=lambda s: (abs(s - b), s))
+        return curve * self.forward[near] / (self.tree_cost[near] if near else 1.0)
+
     def value(self, b: int) -> float:
         if not b:
-            return 1.0 / (1.0 + self.overhead_of(0))
-        return (1.0 + self.expected_accepted(b)) / (self.tree_cost[b] + self.overhead_of(b))
+            return 1.0 / (self.forward_of(0) + self.overhead_of(0))
+        return (1.0 + self.expected_accepted(b)) / (self.forward_of(b) + self.overhead_of(b))
 
     def best(self) -> int:
         return max([0, *self.sizes], key=self.value)
@@ -187,9 +205,11 @@ class AdaptiveBudget:
         """The size one above `best` (`best` itself if it is the largest)."""
         return next((b for b in self.sizes if b > best), best)
 
-    def update(self, tree: TokenTree, path: Sequence[int], budget: int, overhead_s: float | None = None) -> None:
+    def update(self, tree: TokenTree, path: Sequence[int], budget: int, overhead_s: float | None = None,
+               forward_s: float | None = None) -> None:
         """Learn from one verified tree drafted with `budget`; `overhead_s`: the step's seconds
-        outside the verification forward (drafting and committing)."""
+        outside the verification forward (drafting and committing); `forward_s`: the seconds of
+        the forward itself, when it verified this request's tree alone."""
         shared = self.shared
         if overhead_s is not None and budget in self.overhead:
             self.overhead_seen[budget] += 1
@@ -197,6 +217,13 @@ class AdaptiveBudget:
             self.overhead[budget] += rate * (overhead_s / self.step_seconds - self.overhead[budget])
             if shared is not None:
                 shared.learn_overhead(budget, overhead_s / self.step_seconds)
+        if forward_s is not None and budget in self.forward:
+            measured = forward_s / self.step_seconds
+            self.forward_seen[budget] += 1
+            rate = max(1.0 - self.decay, 1.0 / self.forward_seen[budget])
+            self.forward[budget] += rate * (measured - self.forward[budget])
+            if shared is not None:
+                shared.learn_forward(budget, measured)
         for b in self.sizes:
             if b > budget:
                 break
@@ -327,6 +354,8 @@ class SharedEstimates:
         self.seen: dict[int, int] = {}
         self.overhead: dict[int, float] = {}
         self.overhead_seen: dict[int, int] = {}
+        self.forward: dict[int, float] = {}
+        self.forward_seen: dict[int, int] = {}
 
     def seed(self, budget: AdaptiveBudget) -> None:
         with self._lock:
@@ -338,6 +367,9 @@ class SharedEstimates:
                 if self.overhead_seen.get(b):
                     budget.overhead[b] = self.overhead[b]
                     budget.overhead_seen[b] = min(self.overhead_seen[b], self.carry)
+                if self.forward_seen.get(b):
+                    budget.forward[b] = self.forward[b]
+                    budget.forward_seen[b] = min(self.forward_seen[b], self.carry)
 
     def _rate(self, seen: int) -> float:
         return max(1.0 - self.decay, 1.0 / seen)
@@ -353,6 +385,11 @@ class SharedEstimates:
         with self._lock:
             n = self.overhead_seen[b] = self.overhead_seen.get(b, 0) + 1
             self.overhead[b] = self.overhead.get(b, 0.0) + self._rate(n) * (steps - self.overhead.get(b, 0.0))
+
+    def learn_forward(self, b: int, steps: float) -> None:
+        with self._lock:
+            n = self.forward_seen[b] = self.forward_seen.get(b, 0) + 1
+            self.forward[b] = self.forward.get(b, 0.0) + self._rate(n) * (steps - self.forward.get(b, 0.0))
 
 
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -189,7 +189,7 @@ class Sequence:
     def step(self) -> list[int]:
         """One step alone: draft within this request's own budget, verify, advance."""
         tree = self.propose(self.choose_budget())
-        return self.advance(tree, self.target.verify(self.state, tree))
+        return self.advance(tree, self.target.verify(self.state, tree), lone=True)
 
     def run(self, call=None) -> GenerationResult:
         """Decode to the end alone (``generate``); `call(fn)` runs each of its pieces (the
@@ -225,9 +225,10 @@ class Sequence:
         self._t1 = time.perf_counter()
         return tree
 
-    def advance(self, tree: TokenTree, out) -> list[int]:
+    def advance(self, tree: TokenTree, out, lone: bool = False) -> list[int]:
         """Accept from the verified `tree` (its forward output `out`), commit, apply the stop
-        conditions; returns the tokens this step added to the output."""
+        conditions; returns the tokens this step added to the output. `lone`: the forward verified
+        this tree alone, right after :meth:`propose` (its time then prices the budget)."""
         t2 = time.perf_counter()
         n = len(self.prompt_ids) + len(self.generated)
         verifier, stats = self.verifier, self.stats
@@ -240,7 +241,8 @@ class Sequence:
             self.hidden = path_hidden[-1]
         t3 = time.perf_counter()
         if self.adaptive:
-            self.adaptive.update(tree, verdict.path, self._room, overhead_s=(self._t1 - self._t0) + (t3 - t2))
+            self.adaptive.update(tree, verdict.path, self._room, overhead_s=(self._t1 - self._t0) + (t3 - t2),
+                                 forward_s=(t2 - self._t1) if lone else None)
         stats.steps += 1
         stats.drafted += tree.n_draft
         stats.time_draft += self._t1 - self._t0

@@ -175,7 +175,7 @@ class BatchScheduler:
                     self.rows += rows
                     self.last_forward = (len(batch), rows)
                     for (seq, tree), out in zip(batch, outs):
-                        _guarded(seq, seq.advance, tree, out)
+                        _guarded(seq, seq.advance, tree, out, len(batch) == 1)
             finished += [s for s in self.running if s.done]
             self.running = [s for s in self.running if not s.done]
         return finished

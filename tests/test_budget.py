@@ -116,6 +116,39 @@ def test_the_batch_terms_are_the_per_size_estimates():
         ab.update(tree, list(range(rng.randint(0, b) + 1)), b, overhead_s=rng.random() * 0.01)
 
 
+def test_the_requests_own_forwards_price_the_budgets():
+    """The curve says large trees are cheap (a one-off measurement at a fast moment, or at a
+    shorter context than this request's); the request's own forward times say they cost what a
+    steep curve does: it drafts the small trees it drafts on the steep curve, where without its
+    forward times it drafts large ones. A machine 2x slower on every size alike changes no
+    choice (a size not yet run takes the measured ratio of the nearest size run)."""
+    import random
+
+    steep = {0: 1.0, 1: 1.05, 2: 1.18, 3: 1.13, 4: 1.6, 8: 2.0, 16: 2.6, 32: 3.3, 64: 4.6}
+    flat = {n: 1.0 + 0.003 * n for n in steep}
+
+    def run(curve: dict[int, float], truth: dict[int, float] | None, slower: float = 1.0) -> AdaptiveBudget:
+        rng = random.Random(0)
+        ab = AdaptiveBudget(curve)
+        for _ in range(300):
+            b = ab.choose()
+            tree = TokenTree.chain(0, list(range(1, b + 1)))
+            path = [0]
+            while len(path) <= b and rng.random() < 0.8:
+                path.append(len(path))
+            ab.update(tree, path, b, overhead_s=0.0,
+                      forward_s=None if truth is None else slower * interpolate_cost(truth, b))
+        return ab
+
+    on_steep = run(steep, steep).best()
+    assert 1 <= on_steep <= 4
+    assert run(flat, None).best() >= 8                      # the flat curve alone misleads
+    told = run(flat, steep)
+    assert told.best() == on_steep and told.forward_of(4) == pytest.approx(1.6)      # 4: explored
+    assert run(steep, steep, slower=2.0).best() == on_steep
+    assert run(flat, flat, slower=2.0).best() == run(flat, flat).best() >= 8
+
+
 def test_draft_time_counts_against_drafting():
     """The same acceptance pays on a cheap drafter and not on one whose drafting costs a decode
     step: the objective counts the step's time outside the forward, not only verification."""
