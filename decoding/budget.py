@@ -104,8 +104,8 @@ class AdaptiveBudget:
     times it). The curve is measured once, at a 256-token context, and on a shared VM it reads
     10-25% off from one measurement to the next; a request's own forwards price its tree sizes at
     its own context and at the machine's speed now. D(b): running mean of the step's own time
-    outside the forward (drafting, the acceptance decision, KV compaction) for budget b. One verified tree of budget B tells
-    A(b) for every b <= B (``TokenTree.accepted_within``). Estimates start optimistic
+    outside the forward (drafting, the acceptance decision, KV compaction) for budget b. One
+    verified tree of budget B tells A(b) for every b <= B (``TokenTree.accepted_within``). Estimates start optimistic
     (A(b) = b / 2, D = 0, replaced by the first observations), and every `explore_every` steps
     the budget one size above the current best is tried, so the choice can climb when drafts get
     better. When no budget beats a plain step, b = 0: the engine then skips drafting and runs at

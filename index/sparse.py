@@ -637,7 +637,8 @@ class SparseIndex:
         if hi - lo <= max_occurrences:
             picked = np.asarray(self._sa[lo:hi], dtype=np.int64)
         else:       # evenly spaced over the range: the first ones would all share their smallest next tokens
-            picked = np.asarray(self._sa[lo + np.arange(max_occurrences) * (hi - lo) // max_occurrences], dtype=np.int64)
+            spaced = lo + np.arange(max_occurrences) * (hi - lo) // max_occurrences
+            picked = np.asarray(self._sa[spaced], dtype=np.int64)
         starts = picked + match_len
         chains = _count_continuations(self._tokens, starts, continuation_len)
         return Continuations(match_len, chains, hi - lo)
