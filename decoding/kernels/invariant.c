@@ -413,7 +413,7 @@ static inline void v16_store_bf16(uint16_t *p, __m512 rounded) {
     /* NaN lanes hold the float NaN 0x7fc00000: its top half is 0x7fc0 */
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
-static inline __m512 v16_load_bf16(const uint16_t *p) {
+static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 /* epi_store of one whole panel straight from its accumulator: the same arithmetic (the bias
@@ -425,7 +425,7 @@ static inline void epi_store16(const Epi *e, size_t row, int col, __m512 a) {
     switch (e->mode) {
     case 1: v16_store_bf16((uint16_t *)e->out + o, v16_rnd_bf16(a)); break;
     case 2: v16_store_bf16((uint16_t *)e->out + o,
-                           v16_rnd_bf16(_mm512_add_ps(v16_load_bf16((const uint16_t *)e->res + o), v16_rnd_bf16(a))));
+                           v16_rnd_bf16(_mm512_add_ps(load16_bf16((const uint16_t *)e->res + o), v16_rnd_bf16(a))));
             break;
     case 3: _mm512_storeu_ps((float *)e->out + o, _mm512_add_ps(_mm512_loadu_ps((const float *)e->res + o), a)); break;
     case 4: _mm512_storeu_ps(e->y + o, v16_rnd_bf16(a)); break;
@@ -723,9 +723,6 @@ static __attribute__((noinline)) void NAME##_unit_##HPG##_##DIM(                
  * route a machine takes depends only on the machine, the dtype and D, never on the rows. */
 static inline __m256 fold16(__m512 a) {
     return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-}
-static inline __m512 load16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 static inline float dot_dp(const uint16_t *q, const uint16_t *k, int D) {
     __m512 acc = _mm512_setzero_ps();
