@@ -278,7 +278,16 @@ class BatchCost:
     price the forward: f is flat to about 8 rows, then about 1 ms a row (2-core AVX512-BF16 VM,
     bfloat16), and a request adds well under a millisecond; a straight line in T (as this model
     was before) priced 2 requests of 9 rows at 30 ms against 22 measured, so the allocation
-    drafted too little. Never falls with more requests or rows."""
+    drafted too little. Never falls with more requests or rows.
+
+    The measurement is taken once per machine and remembered; a shared VM can read it 10-100% off
+    (another process on a core during it), and then every later process would plan with it. So the
+    scheduler reports every forward it runs (:meth:`observe`): the measured over the modelled time
+    of a forward of T rows is kept per T (a running mean, then an EMA), and :meth:`seconds` scales
+    the model by that ratio at T (interpolated between the row counts seen, the nearest one's
+    beyond them): the forwards the batch actually runs price it, the model gives the shape."""
+
+    decay = 0.9                  # EMA weight of the past, once a row count has 1 / (1 - decay) forwards
 
     def __init__(self, points: Sequence[Sequence[float]]) -> None:
         import numpy as np
@@ -298,6 +307,9 @@ class BatchCost:
         extra = many[:, 0] - 1
         excess = many[:, 2] - np.array([self.one(t) for t in many[:, 1]])
         self.per_request = max(0.0, float(extra @ excess / (extra @ extra)))
+        self._ratio: dict[int, float] = {}      # rows -> measured / modelled seconds (see observe)
+        self._seen: dict[int, int] = {}
+        self._observed: list[int] = []          # the row counts seen, sorted
 
     def one(self, rows: float) -> float:
         """f(T): one request's forward of `rows` rows (plain Python: the allocation asks for
@@ -310,8 +322,40 @@ class BatchCost:
         i = bisect.bisect_right(xs, rows)
         return ys[i - 1] + (ys[i] - ys[i - 1]) * (rows - xs[i - 1]) / (xs[i] - xs[i - 1])
 
-    def seconds(self, requests: int, rows: int) -> float:
+    def modelled(self, requests: int, rows: int) -> float:
+        """C(R, T) as measured once, without what :meth:`observe` taught."""
         return max(1e-6, self.one(rows) + self.per_request * (requests - 1))
+
+    def seconds(self, requests: int, rows: int) -> float:
+        return self.modelled(requests, rows) * self.ratio(rows)
+
+    def ratio(self, rows: int) -> float:
+        """Measured over modelled time of the forwards of `rows` rows run so far; between row
+        counts run, interpolated; beyond them, the nearest one's (1.0 before any)."""
+        seen = self._observed
+        if not seen:
+            return 1.0
+        r = self._ratio.get(rows)
+        if r is not None:
+            return r
+        i = bisect.bisect_left(seen, rows)
+        if i == 0 or i == len(seen):
+            return self._ratio[seen[min(i, len(seen) - 1)]]
+        lo, hi = seen[i - 1], seen[i]
+        return self._ratio[lo] + (self._ratio[hi] - self._ratio[lo]) * (rows - lo) / (hi - lo)
+
+    def observe(self, requests: int, rows: int, seconds: float) -> None:
+        """One forward the batch ran: `requests` requests, `rows` rows in all, `seconds` long."""
+        if requests < 1 or rows < requests or not seconds > 0:
+            return
+        r = seconds / self.modelled(requests, rows)
+        n = self._seen.get(rows, 0) + 1
+        self._seen[rows] = n
+        if n == 1:
+            self._ratio[rows] = r
+            bisect.insort(self._observed, rows)
+        else:
+            self._ratio[rows] += max(1.0 - self.decay, 1.0 / n) * (r - self._ratio[rows])
 
 
 def batch_cost(target: "TargetModel") -> BatchCost:

@@ -236,8 +236,10 @@ class Sequence:
         self.target.commit(self.state, verdict.path)
         if self.needs_hidden:
             # Committed positions n-1 .. n-1+accepted: the pending root and the accepted drafts.
-            path_hidden = out.hidden[verdict.path]
-            self.drafter.observe(np.arange(n - 1, n - 1 + len(verdict.path)), path_hidden)
+            k = len(verdict.path)
+            # A chain's prefix (every step of a batch that drafts nothing) is a view, not a gather.
+            path_hidden = out.hidden[:k] if verdict.path[-1] == k - 1 else out.hidden[verdict.path]
+            self.drafter.observe(np.arange(n - 1, n - 1 + k), path_hidden)
             self.hidden = path_hidden[-1]
         t3 = time.perf_counter()
         if self.adaptive:

@@ -23,6 +23,7 @@ steps.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence as Seq
 
@@ -40,7 +41,8 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
 
     where A_i(b) is request i's running estimate of the draft tokens accepted with budget b (its
     ``AdaptiveBudget``), C(R, T) the cost of a forward of the R requests with T rows in all (the
-    scheduler's :class:`~decoding.budget.BatchCost`, measured once per machine; without one,
+    scheduler's :class:`~decoding.budget.BatchCost`, measured once per machine and corrected by the
+    forwards the scheduler runs; without one,
     the single-request verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
     time outside the forward (drafting, acceptance, commit) with budget b.
     Greedy ascent: from all budgets 0, raise the budget of the request whose next size increases
@@ -123,7 +125,7 @@ class BatchScheduler:
         self.rows = 0                   # tree nodes verified in them
         self.last_forward: tuple[int, int] | None = None    # (requests, rows) of the last step's forward
         self.last_prefills = 0          # requests prefilled in the last step
-        self.batch_cost: BatchCost | None = None            # measured once per machine (budget.batch_cost)
+        self.batch_cost: BatchCost | None = None            # budget.batch_cost; every forward observed
         self.steps = 0                  # steps with running requests (the batch's exploration count)
 
     def add(self, seq: Sequence) -> None:
@@ -164,6 +166,7 @@ class BatchScheduler:
             trees = [_guarded(s, s.propose, b) for s, b in zip(self.running, budgets)]
             batch = [(s, t) for s, t in zip(self.running, trees) if not s.done]
             if batch:
+                t0 = time.perf_counter()
                 try:
                     outs = self.target.verify_batch([s.state for s, _ in batch], [t for _, t in batch])
                 except Exception as exc:
@@ -171,6 +174,8 @@ class BatchScheduler:
                         s.fail(exc)
                 else:
                     rows = sum(len(t) for _, t in batch)
+                    if self.batch_cost is not None:     # the forwards run price the allocation
+                        self.batch_cost.observe(len(batch), rows, time.perf_counter() - t0)
                     self.forwards += 1
                     self.rows += rows
                     self.last_forward = (len(batch), rows)

@@ -253,6 +253,37 @@ def test_the_batch_cost_model_prices_requests_and_rows_apart():
     assert sum(dear_rows) < sum(cheap_rows) and all(b > 0 for b in cheap_rows)
 
 
+def test_the_forwards_run_correct_a_misread_batch_cost():
+    """A cost measurement taken while something else ran on a core (one remembered on this VM read
+    a 3-row forward at 25 ms, the truth 12) would price drafts as dear in every later process; the
+    forwards the batch runs correct it: where T rows ran, their measured time; elsewhere the model
+    scaled by the ratio seen around T; later forwards move it (drift)."""
+    from decoding.budget import BATCH_POINTS, BatchCost
+
+    truth = lambda r, t: 0.012 + 0.0009 * max(0, t - 8) + 0.0004 * (r - 1)          # noqa: E731
+    misread = lambda r, t: 2.0 * truth(r, t) if t >= 3 else truth(r, t)            # noqa: E731
+    model = BatchCost([[r, r + e, misread(r, r + e)] for r, e in BATCH_POINTS])
+    assert model.seconds(2, 10) == pytest.approx(2 * truth(2, 10), rel=0.05)
+    fair = lambda b: 0.5 * min(b, 4)          # noqa: E731
+    reqs = [_request(CPU_LIKE, fair) for _ in range(2)]
+    before = allocate_budgets(reqs, model)
+    assert before == [0, 0]                   # a draft looks like it doubles the forward
+    for t in (2, 3, 4, 10, 12):               # plain steps, explored sizes
+        model.observe(2, t, truth(2, t))
+    assert model.seconds(2, 10) == pytest.approx(truth(2, 10), rel=1e-9)
+    assert model.seconds(2, 11) == pytest.approx(truth(2, 11), rel=0.05)           # between 10 and 12
+    assert model.seconds(2, 40) == pytest.approx(truth(2, 40), rel=0.05)           # scaled as at 12
+    assert model.modelled(2, 10) == pytest.approx(2 * truth(2, 10), rel=0.05)      # the measurement itself kept
+    assert all(b > 0 for b in allocate_budgets(reqs, model))
+    # Drift: the machine slows down; the running mean, then the EMA, follows it.
+    for _ in range(60):
+        model.observe(2, 10, 1.5 * truth(2, 10))
+    assert model.seconds(2, 10) == pytest.approx(1.5 * truth(2, 10), rel=0.01)
+    model.observe(2, 10, 0.0)                 # nonsense is ignored
+    model.observe(3, 2, 0.01)
+    assert model.seconds(2, 10) == pytest.approx(1.5 * truth(2, 10), rel=0.01)
+
+
 def test_a_batch_explores_with_one_request_at_a_time():
     """Given the batch's step count, every `explore_every`-th step one request in turn drafts one
     size above its allocation: 8 steps of a batch of 8 explore once, not 8 times (one extra row
