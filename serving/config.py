@@ -175,6 +175,12 @@ class DecoderConfig(_Section):
                                       "this often (the first at once, the last with the finish): every "
                                       "chunk costs CPU in the replica, the ingress, the proxy and the client, "
                                       "taken from the decode loop on a small machine; 0: one chunk per step")
+    stream_chunks_per_s: float = Field(30.0, ge=0, description="the replica's streams together send at most about "
+                                       "this many chunks a second: with more streams than this times "
+                                       "stream_interval_ms, each stream's interval grows to streams / this "
+                                       "(8 streams: 267 ms; measured on the 2-core machine at 8 in flight: "
+                                       "one chunk costs ~2 ms of CPU across the replica, ingress, proxy and "
+                                       "client); 0: no cap")
     serialize_forward: bool = Field(True, description="without batching: one forward pass at a time per replica "
                                                       "(see decoder.py)")
     index_wait_s: float = Field(120.0, ge=0, description="how long a replica waits for the shards to hold a "

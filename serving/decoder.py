@@ -153,9 +153,10 @@ class StreamBuffer:
     rest by :meth:`flush` before the finish. Every hand-over wakes the event loop and sends a
     chunk through Ray and HTTP; on a machine with as many torch threads as cores, each such
     wake-up preempts a thread of the running forward and stalls it at its next barrier (measured:
-    streaming one chunk per step slowed the decoder's forwards by 13% on the 2-core machine)."""
+    streaming one chunk per step slowed the decoder's forwards by 13% on the 2-core machine).
+    `interval`: seconds, or a function giving them now (the replica's, longer with more streams)."""
 
-    def __init__(self, emit, interval: float, clock=time.monotonic) -> None:
+    def __init__(self, emit, interval, clock=time.monotonic) -> None:
         self.emit, self.interval, self.clock = emit, interval, clock
         self.ids: list[int] = []
         self.last: float | None = None
@@ -163,7 +164,8 @@ class StreamBuffer:
     def push(self, ids: list[int]) -> None:
         self.ids += ids
         now = self.clock()
-        if self.last is None or now - self.last >= self.interval:
+        interval = self.interval() if callable(self.interval) else self.interval
+        if self.last is None or now - self.last >= interval:
             self.flush()
             self.last = now
 
@@ -171,6 +173,16 @@ class StreamBuffer:
         if self.ids:
             self.emit({"type": "delta", "token_ids": self.ids})
             self.ids = []
+
+
+def stream_interval(cfg, streams: int) -> float:
+    """Seconds between a stream's chunks with `streams` requests active in the replica: `cfg`'s
+    (a ``DecoderConfig``) ``stream_interval_ms``, longer where the streams together would send
+    more than ``stream_chunks_per_s`` chunks a second."""
+    base = cfg.stream_interval_ms / 1e3
+    if cfg.stream_chunks_per_s <= 0:
+        return base
+    return max(base, streams / cfg.stream_chunks_per_s)
 
 
 def _thread_settings() -> dict:
@@ -442,7 +454,8 @@ class Decoder:
             if params.top_k >= self.target.vocab_size:         # keeps every token: the same as no filter
                 params = dataclasses.replace(params, top_k=0)
             emit({"type": "start", "prompt_tokens": len(prompt_ids)})
-            stream = StreamBuffer(emit, self.cfg.decoder.stream_interval_ms / 1e3) if req.stream else None
+            stream = (StreamBuffer(emit, lambda: stream_interval(self.cfg.decoder, self.counts["active"]))
+                      if req.stream else None)
             hooks = {"on_tokens": stream.push if stream else None, "should_stop": cancel.is_set}
             seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
                            **hooks)

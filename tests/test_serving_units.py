@@ -288,6 +288,31 @@ def test_stream_buffer_sends_the_first_tokens_at_once_then_at_most_every_interva
     assert [e["token_ids"] for e in sent[-2:]] == [[7], [8]]
 
 
+def test_a_busy_replica_streams_in_fewer_larger_chunks():
+    """Each chunk costs CPU in the replica, the ingress, the proxy and the client: past
+    ``stream_chunks_per_s`` together, each stream's interval grows with the streams; a function
+    interval is asked at every push."""
+    from serving.config import DecoderConfig
+    from serving.decoder import StreamBuffer, stream_interval
+
+    cfg = DecoderConfig()
+    assert stream_interval(cfg, 1) == stream_interval(cfg, 3) == cfg.stream_interval_ms / 1e3
+    assert stream_interval(cfg, 16) == pytest.approx(16 / cfg.stream_chunks_per_s)
+    assert stream_interval(cfg, 16) > stream_interval(cfg, 8) > stream_interval(cfg, 1)
+    uncapped = DecoderConfig(stream_chunks_per_s=0)
+    assert stream_interval(uncapped, 16) == uncapped.stream_interval_ms / 1e3
+    now, streams, sent = [0.0], [1], []
+    buf = StreamBuffer(sent.append, lambda: stream_interval(cfg, streams[0]), clock=lambda: now[0])
+    buf.push([1])
+    now[0] = 0.15
+    buf.push([2])                                   # one stream: 100 ms passed, sent
+    streams[0], now[0] = 16, 0.4
+    buf.push([3])                                   # 16 streams: 533 ms not yet passed
+    now[0] = 0.7
+    buf.push([4])
+    assert [e["token_ids"] for e in sent] == [[1], [2], [3, 4]]
+
+
 def test_serving_run_gives_a_local_cpu_decoder_the_machines_cores(monkeypatch):
     import os
 
