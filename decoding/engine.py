@@ -134,6 +134,8 @@ class Sequence:
         self.drafter = drafter or NoDrafter()
         self.verifier = verifier or make_verifier(self.params, soft, transform=getattr(self.drafter, "transform", None))
         self.verifier_hidden = getattr(self.verifier, "uses_hidden", False)
+        if not self.verifier_hidden:
+            self.drafter.anchors = False        # only a verifier reading hidden states weighs anchor keys
         self.stats = GenerationStats(method=self.drafter.name, dtype=str(target.dtype).removeprefix("torch."))
         if budget == "adaptive":
             budget = (AdaptiveBudget(cost_curve(target), shared=shared_estimates(

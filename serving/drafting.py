@@ -25,6 +25,14 @@ class FallbackDrafter(Drafter):
         self.steps = 0
         self.fallback_step: int | None = 0 if reason else None
 
+    @property
+    def anchors(self) -> bool:
+        return self.primary.anchors
+
+    @anchors.setter
+    def anchors(self, on: bool) -> None:
+        self.primary.anchors = on
+
     def begin(self, prompt_ids, hidden) -> None:
         if self.reason is None:
             self.primary.begin(prompt_ids, hidden)

@@ -181,6 +181,24 @@ def test_anchor_keys_are_the_keys_where_the_drafted_tokens_stood(target, dense_s
     assert np.isnan(tree.anchor_keys[0]).all()                                     # the root: none
     for j in range(4):
         np.testing.assert_array_equal(tree.anchor_keys[1 + j], store.keys[row_of[(int(doc_of[row]), t + 2 + j)]])
+    # Strict verification never reads anchors: a request's drafter then skips them (the same tree).
+    from decoding.engine import Sequence
+    from decoding.methods import Datastores, make_drafter
+    from decoding.soft import SoftGateConfig
+
+    bare = DenseDrafter(store, k=1, dynamic=False)
+    bare.anchors = False
+    plain = bare.propose(np.array(doc.tokens[: t + 2]), 8, 4, h)
+    assert plain.tokens == tree.tokens and plain.parents == tree.parents and plain.anchor_keys is None
+    strict = Sequence(target, doc.tokens[:8], drafter=make_drafter("dense", Datastores(dense=store)))
+    soft = Sequence(target, doc.tokens[:8], drafter=make_drafter("dense", Datastores(dense=store)),
+                    soft=SoftGateConfig())
+    assert strict.drafter.anchors is False and soft.drafter.anchors is True
+    from decoding.drafters import HybridDrafter, PromptLookupDrafter
+
+    fused = HybridDrafter([(PromptLookupDrafter(), 1.0), (DenseDrafter(store), 2.0)])
+    Sequence(target, doc.tokens[:8], drafter=fused)
+    assert not fused.anchors and not fused.parts[1][0].anchors                   # down to its parts
 
 
 def test_dynamic_chains_are_anchored_on_the_requests_own_keys(target):
@@ -219,7 +237,7 @@ def test_the_dynamic_cache_takes_up_observed_states_when_it_is_next_searched(tar
     stepwise.begin(list(tokens[:5]), h[:5])
     stepwise.observe(np.arange(5, 7), h[5:7])
     stepwise.observe(np.arange(7, 9), h[7:9])
-    assert not stepwise._dyn_keys                   # nothing transformed before a search
+    assert not stepwise.cached                      # nothing transformed before a search
     q = tf(h[8:9].numpy())[0]
     want, got = at_once._dynamic_chains(q, tokens, 4), stepwise._dynamic_chains(q, tokens, 4)
     assert [c.tolist() for c, _, _ in got] == [c.tolist() for c, _, _ in want] and len(got) >= 2
@@ -239,11 +257,11 @@ def test_the_query_key_is_the_last_observed_rows_cache_key(target):
     drafter.begin(list(range(7)), h[:7])
     drafter.observe(np.arange(7, 9), h[7:9])
     q = drafter._query(h[8])
-    assert not drafter._pending and len(drafter._dyn_keys[0]) == 9    # the catch-up ran, once
+    assert not drafter._pending and drafter.cached == 9               # the catch-up ran, once
     np.testing.assert_allclose(q, tf(h[8:9].numpy())[0], rtol=1e-5, atol=1e-6)
     other = drafter._query(h[3])                                       # not the last observed row
     np.testing.assert_allclose(other, tf(h[3:4].numpy())[0], rtol=1e-5, atol=1e-6)
-    assert len(drafter._dyn_keys) == 1 and len(drafter._dyn_keys[0]) == 9
+    assert drafter.cached == 9
 
 
 def test_a_dense_drafter_runs_openblas_on_one_thread_and_leaves_torch_alone():

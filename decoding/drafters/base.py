@@ -25,6 +25,9 @@ class Drafter:
     name: str = "drafter"
     needs_hidden: bool = False
     source: str | None = None        # label of this drafter's proposals in TokenTree.sources (default: name)
+    # Whether proposals carry anchor keys (``anchored_chains``): only soft verification's cosine
+    # gate reads them, so the engine turns this off for a verifier that does not (strict).
+    anchors: bool = True
 
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
         """A new request: its prompt and, if needs_hidden, the prompt's hidden states [P, H]."""

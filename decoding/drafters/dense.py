@@ -35,8 +35,11 @@ class DenseDrafter(Drafter):
     name: str = "dense"
     needs_hidden: bool = True
     source: ClassVar[str] = "dense"  # proposals from the static datastore; the dynamic cache's: "dynamic"
-    _dyn_keys: list = field(default_factory=list, repr=False)
-    _dyn_pos: list = field(default_factory=list, repr=False)
+    # The dynamic cache: keys [capacity, d] and their positions, rows [:_n] in use (grown by
+    # doubling: a step adds a row or a few, and copying the whole cache each step would cost O(n)).
+    _keys: Any = field(default=None, repr=False)
+    _pos: Any = field(default=None, repr=False)
+    _n: int = field(default=0, repr=False)
     _pending: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,7 +55,7 @@ class DenseDrafter(Drafter):
     # -- dynamic cache ------------------------------------------------------------------------
 
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
-        self._dyn_keys, self._dyn_pos, self._pending = [], [], []
+        self._keys, self._pos, self._n, self._pending = None, None, 0, []
         if self.dynamic and hidden is not None:
             self.observe(np.arange(len(prompt_ids)), hidden)
 
@@ -63,25 +66,35 @@ class DenseDrafter(Drafter):
         if self.dynamic:
             self._pending.append((np.asarray(positions), hidden))
 
+    @property
+    def cached(self) -> int:
+        """Keys in the dynamic cache (observed states join it when it is next searched)."""
+        return self._n
+
     def _catch_up(self) -> None:
         """Turn the pending hidden states into keys, in one transform."""
         if not self._pending:
             return
         hidden = [h for _, h in self._pending]
         hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-        self._dyn_keys.append(self.transform(hidden.float().cpu().numpy()))
-        self._dyn_pos.append(np.concatenate([p for p, _ in self._pending]))
+        keys = self.transform(hidden.float().cpu().numpy())
+        pos = np.concatenate([p for p, _ in self._pending])
         self._pending = []
+        n, m = self._n, len(keys)
+        if self._keys is None or n + m > len(self._keys):
+            grown_keys = np.empty((max(256, 2 * (n + m)), keys.shape[1]), dtype=np.float32)
+            grown_pos = np.empty(len(grown_keys), dtype=np.int64)
+            grown_keys[:n], grown_pos[:n] = self._keys[:n] if n else 0, self._pos[:n] if n else 0
+            self._keys, self._pos = grown_keys, grown_pos
+        self._keys[n:n + m], self._pos[n:n + m] = keys, pos
+        self._n = n + m
 
     def _dynamic_chains(self, q: np.ndarray, tokens: np.ndarray, depth: int
                         ) -> list[tuple[np.ndarray, float, np.ndarray | None]]:
         self._catch_up()
-        if not self._dyn_keys:
+        if not self._n:
             return []
-        if len(self._dyn_keys) > 1:       # one array is faster to search
-            self._dyn_keys = [np.concatenate(self._dyn_keys)]
-            self._dyn_pos = [np.concatenate(self._dyn_pos)]
-        keys, pos = self._dyn_keys[0], self._dyn_pos[0]
+        keys, pos = self._keys[:self._n], self._pos[:self._n]
         n = len(tokens)
         # Position t predicted tokens[t+1]; it must equal the pending token tokens[n-1], and at
         # least one token must follow it (t + 2 < n): the query position itself is excluded.
@@ -94,7 +107,7 @@ class DenseDrafter(Drafter):
         top = np.argsort(-sims)[: self.dynamic_k]
         # Anchor keys: chain token j stood at position cand + 2 + j, whose key the cache holds
         # once that position was observed (positions arrive in order from 0, so row = position).
-        by_pos = len(pos) and pos[-1] == len(pos) - 1
+        by_pos = self.anchors and len(pos) and pos[-1] == len(pos) - 1
         out = []
         for i in top:
             chain = tokens[cand[i] + 2: cand[i] + 2 + depth]
@@ -113,7 +126,7 @@ class DenseDrafter(Drafter):
             last = self._pending[-1][1]
             if len(last) and last.shape[1:] == hidden.shape and torch.equal(last[-1], hidden):
                 self._catch_up()
-                return self._dyn_keys[-1][-1]
+                return self._keys[self._n - 1].copy()
         return self.transform(hidden.float().cpu().numpy())
 
     # -- static datastore ---------------------------------------------------------------------
@@ -134,7 +147,7 @@ class DenseDrafter(Drafter):
         chains = self.store.values[ids, 1: 1 + depth]
         eos = chains == self.eos
         lengths = np.where(eos.any(1), eos.argmax(1) + 1, chains.shape[1])
-        anchors = self.anchor_keys(ids, lengths)
+        anchors = self.anchor_keys(ids, lengths) if self.anchors else None
         return [(chains[j, :n], float(max(s, 0.0)), None if anchors is None else anchors[j, :n])
                 for j, (s, n) in enumerate(zip(sims.tolist(), lengths.tolist()))]
 

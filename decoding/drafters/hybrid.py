@@ -53,6 +53,15 @@ class HybridDrafter(Drafter):
         return self.anchored_chains(tokens, max_depth, hidden)[0]
 
     @property
+    def anchors(self) -> bool:
+        return any(d.anchors for d, _ in self.parts)
+
+    @anchors.setter
+    def anchors(self, on: bool) -> None:
+        for d, _ in self.parts:
+            d.anchors = on
+
+    @property
     def transform(self):
         """The key transform of the first part that has one (for soft verification's anchors)."""
         return next((d.transform for d, _ in self.parts if getattr(d, "transform", None) is not None), None)
