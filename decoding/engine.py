@@ -231,6 +231,8 @@ class Sequence:
         """Accept from the verified `tree` (its forward output `out`), commit, apply the stop
         conditions; returns the tokens this step added to the output. `lone`: the forward verified
         this tree alone, right after :meth:`propose` (its time then prices the budget)."""
+        if lone and self.adaptive:
+            self.target.synchronize()          # the forward's own time prices the budget
         t2 = time.perf_counter()
         n = len(self.prompt_ids) + len(self.generated)
         verifier, stats = self.verifier, self.stats

@@ -175,6 +175,7 @@ class BatchScheduler:
                 else:
                     rows = sum(len(t) for _, t in batch)
                     if self.batch_cost is not None:     # the forwards run price the allocation
+                        self.target.synchronize()
                         self.batch_cost.observe(len(batch), rows, time.perf_counter() - t0)
                     self.forwards += 1
                     self.rows += rows

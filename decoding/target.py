@@ -214,6 +214,12 @@ class TargetModel:
                 f"the sequence would grow to {n + len(tree)} tokens, past the model's context window of "
                 f"{self.context_window}")
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a CUDA forward returns before it has run), so that a
+        forward's time can be read; nothing to wait for on a CPU."""
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
     def commit(self, state: KVState, path: Sequence[int]) -> None:
         """Keep the KV entries of `path` (root-to-node indices into the last tree), drop the rest."""
