@@ -217,7 +217,7 @@ class TargetModel:
     def synchronize(self) -> None:
         """Wait for the device's queued work (a CUDA forward returns before it has run), so that a
         forward's time can be read; nothing to wait for on a CPU."""
-        if torch.device(self.device).type == "cuda":
+        if self.device.type == "cuda":          # a torch.device (set at load): no parsing a step
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
