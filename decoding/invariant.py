@@ -129,6 +129,10 @@ def library() -> ctypes.CDLL | None:
         lib.sense_silu_mul.argtypes = [p, p, i, i, i, i]
         for name in ("sense_rmsnorm", "sense_rope_kv", "sense_silu_mul"):
             getattr(lib, name).restype = None
+        lib.sense_set_prefetch.argtypes = [i, i, i]
+        lib.sense_set_prefetch.restype = None
+        lib.sense_prefetch.argtypes = [i, i]
+        lib.sense_prefetch.restype = ctypes.c_int
         lib.sense_has_bf16dp.restype = ctypes.c_int
         lib.sense_has_amx.restype = ctypes.c_int
         lib.sense_amx_init.restype = ctypes.c_int
@@ -334,6 +338,8 @@ def linear_into(packed: torch.Tensor, x: torch.Tensor, n_out: int, threads: int,
 def _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode, kernel=None) -> None:
     lib = library()
     rows, k = x.shape
+    if rows > 1 and (packed.dtype, threads) not in _prefetch_tuned:
+        tune_prefetch(packed.dtype, threads)
     ptr = lambda t: None if t is None else t.data_ptr()     # noqa: E731
     args = (ptr(y), ptr(out), ptr(residual), ptr(bias), mode)
     if packed.dim() == 4:           # pair-packed bfloat16 (pack_panels): x in bfloat16 too
@@ -354,6 +360,71 @@ def _run_linear(packed, x, n_out, threads, y, out, residual, bias, mode, kernel=
     xf = x.to(torch.float32).contiguous()
     fn = lib.sense_linear_f32 if packed.dtype == torch.float32 else lib.sense_linear_bf16
     fn(xf.data_ptr(), packed.data_ptr(), PANEL * k, *args, rows, k, n_out, threads)
+
+
+_prefetch_tuned: set[tuple] = set()
+_prefetch_lock = threading.Lock()
+PREFETCH_ENV = "SENSE_PREFETCH"
+
+
+PREFETCH_ROWS = {"few": (2, 4), "many": (8, 16)}    # the row counts each switch is timed at (2-4 rows, 5 on)
+
+
+def tune_prefetch(dtype: torch.dtype, threads: int) -> dict[str, bool]:
+    """Whether the linears of `dtype` weights prefetch their next group of panels while their later
+    row blocks compute (decoding/kernels/invariant.c), for 2-4 rows ("few") and for more ("many"):
+    on unless measured slower on this machine (it paid on the AVX512-BF16 EPYC, 20-30% at 5-17
+    rows; on the AVX2 one it cost up to 20% at 2 rows), from passes over model-sized weights with
+    it on and off (:func:`_time_prefetch`), measured once per machine, kernels, dtype and thread
+    count and remembered on disk; set in the kernels for this process. ``SENSE_PREFETCH=0|1``
+    forces both. Prefetches change no arithmetic: the bits are the same either way."""
+    lib = library()
+    if lib is None:
+        return {}
+    bf16 = int(dtype == torch.bfloat16)
+    with _prefetch_lock:
+        if (dtype, threads) not in _prefetch_tuned:
+            _prefetch_tuned.add((dtype, threads))   # first: the measurement below runs linears itself
+            forced = os.environ.get(PREFETCH_ENV, "").strip().lower()
+            if forced in ("0", "1", "on", "off", "true", "false", "yes", "no"):
+                on = {kind: forced in ("1", "on", "true", "yes") for kind in PREFETCH_ROWS}
+            else:
+                key = {"machine": machine("cpu"), "kernels": kernel_id(), "dtype": str(dtype), "threads": threads}
+                value, _ = remembered("prefetch", key, lambda: _time_prefetch(dtype, threads), quiet=True)
+                on = {kind: value[kind]["on_ms"] <= value[kind]["off_ms"] for kind in PREFETCH_ROWS}
+            for kind, o in on.items():
+                lib.sense_set_prefetch(bf16, int(kind == "many"), int(o))
+        return {kind: bool(lib.sense_prefetch(bf16, int(kind == "many"))) for kind in PREFETCH_ROWS}
+
+
+def _time_prefetch(dtype: torch.dtype, threads: int, repeats: int = 7) -> dict:
+    """ms of passes through 85 MB of 576 -> 1536 weights (beyond a CPU's last-level cache, as a
+    model's are) at each switch's row counts (PREFETCH_ROWS), prefetching on and off alternately,
+    medians of `repeats`: {"few": {"on_ms", "off_ms"}, "many": {...}}."""
+    import statistics
+    import time
+
+    lib = library()
+    bf16 = int(dtype == torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    packs = [pack_panels(torch.randn(1536, 576, generator=g).to(dtype)) for _ in range(48 if bf16 else 24)]
+    result = {}
+    for kind, rows in PREFETCH_ROWS.items():
+        xs = [torch.randn(r, 576, generator=g).to(dtype) for r in rows]
+        outs = [torch.empty(x.shape[0], 1536, dtype=dtype) for x in xs]
+        times: dict[int, list[float]] = {1: [], 0: []}
+        for rep in range(repeats + 1):
+            for on in ((1, 0) if rep % 2 else (0, 1)):
+                lib.sense_set_prefetch(bf16, int(kind == "many"), on)
+                t0 = time.perf_counter()
+                for x, out in zip(xs, outs):
+                    for p in packs:
+                        linear_into(p, x, 1536, threads, out)
+                if rep:
+                    times[on].append(time.perf_counter() - t0)
+        result[kind] = {"on_ms": round(statistics.median(times[1]) * 1e3, 3),
+                        "off_ms": round(statistics.median(times[0]) * 1e3, 3)}
+    return result
 
 
 _large: dict[tuple, str] = {}
@@ -652,6 +723,8 @@ def install(model: torch.nn.Module) -> int:
     number of linears. The caller checks :func:`supports` first."""
     _register()
     model.set_attn_implementation(ATTENTION)
+    p = next(model.parameters())
+    tune_prefetch(p.dtype, torch.get_num_threads())       # now, not in the first request's forward
     return install_linears(model)
 
 

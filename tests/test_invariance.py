@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from decoding import invariant
 from decoding.tree import TokenTree
 
-ROW_COUNTS = (1, 2, 3, 5, 6, 7, 13, 16, 64)
+ROW_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 16, 64)     # every block shape and split
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -222,6 +222,55 @@ def test_the_large_row_kernel_is_measured_per_size_of_prefill(tmp_path, monkeypa
     monkeypatch.setattr(invariant, "_large", {})          # a new process: read back from the disk
     assert invariant.large_rows_kernel(torch.bfloat16, 2, 100) in ("ours", "torch") and measured == [128, 512]
     assert len(list((tmp_path / "measured").glob("large_linear-*.json"))) == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefetching_changes_no_bits_is_measured_once_and_can_be_forced(tmp_path, monkeypatch, dtype):
+    """Whether the linears prefetch their weights (for 2-4 rows, and for more) is chosen by
+    measurement, once per machine and dtype (remembered on disk), and SENSE_PREFETCH forces it;
+    on or off, a row's bits are the same."""
+    lib = invariant.library()
+    bf16 = int(dtype == torch.bfloat16)
+    before = {many: lib.sense_prefetch(bf16, many) for many in (0, 1)}
+    g = torch.Generator().manual_seed(5)
+    packed = invariant.pack_panels(torch.randn(200, 96, generator=g).to(dtype))
+    x = torch.randn(9, 96, generator=g).to(dtype)
+    run = lambda rows: invariant.linear_into(packed, x[:rows], 200, 2, torch.empty(rows, 200))   # noqa: E731
+    try:
+        for rows in (3, 9):
+            outs = []
+            for on in (1, 0):
+                lib.sense_set_prefetch(bf16, int(rows >= 5), on)
+                outs.append(run(rows))
+            assert torch.equal(outs[0], outs[1]), rows
+
+        monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
+        monkeypatch.delenv(invariant.PREFETCH_ENV, raising=False)
+        monkeypatch.setattr(invariant, "_prefetch_tuned", set())
+        measured, real = [], invariant._time_prefetch
+
+        def timed(dt, threads):
+            measured.append(dt)     # few rows: off measured faster; many: on
+            return {"few": {"on_ms": 2.0, "off_ms": 1.0}, "many": {"on_ms": 1.0, "off_ms": 2.0}}
+
+        monkeypatch.setattr(invariant, "_time_prefetch", timed)
+        chosen = {"few": False, "many": True}
+        assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
+        assert (lib.sense_prefetch(bf16, 0), lib.sense_prefetch(bf16, 1)) == (0, 1)
+        run(9)                                              # a multi-row linear: already tuned
+        assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
+        monkeypatch.setattr(invariant, "_prefetch_tuned", set())          # a new process: from disk
+        assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
+        assert len(list((tmp_path / "measured").glob("prefetch-*.json"))) == 1
+        monkeypatch.setattr(invariant, "_prefetch_tuned", set())
+        monkeypatch.setenv(invariant.PREFETCH_ENV, "1")
+        assert invariant.tune_prefetch(dtype, 2) == {"few": True, "many": True} and measured == [dtype]
+        value = real(dtype, 2, repeats=1)                   # the measurement itself: both timed
+        assert set(value) == {"few", "many"}
+        assert all(set(v) == {"on_ms", "off_ms"} and min(v.values()) > 0 for v in value.values())
+    finally:
+        for many, on in before.items():
+            lib.sense_set_prefetch(bf16, many, on)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

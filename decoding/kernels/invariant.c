@@ -206,8 +206,8 @@ static inline void epi_store(const Epi *e, size_t row, int col, const float *acc
     const size_t o = row * (size_t)e->ld + (size_t)col;
     float buf[PANEL];
     for (int i = 0; i < nc; i++) buf[i] = e->bias ? acc[i] + e->bias[col + i] : acc[i];
-    if (nc == PANEL && e->mode >= 1 && e->mode <= 4) {      /* the same arithmetic, 8 lanes at a time */
-        for (int h = 0; h < PANEL; h += 8) {
+    if (nc % 8 == 0 && e->mode >= 1 && e->mode <= 4) {      /* the same arithmetic, 8 lanes at a time */
+        for (int h = 0; h < nc; h += 8) {
             const vec a = v_load(buf + h);
             if (e->mode == 1) v_store_bf16((uint16_t *)e->out + o + h, v_rnd_bf16(a));
             else if (e->mode == 2)
@@ -243,28 +243,51 @@ static inline void epi_store(const Epi *e, size_t row, int col, const float *acc
     }
 }
 
+/* epi_store of one whole vector of 8 outputs straight from its accumulator: the same arithmetic. */
+static inline void epi_store8(const Epi *e, size_t row, int col, vec a) {
+    const size_t o = row * (size_t)e->ld + (size_t)col;
+    if (e->bias) a = v_add(a, v_load(e->bias + col));
+    switch (e->mode) {
+    case 1: v_store_bf16((uint16_t *)e->out + o, v_rnd_bf16(a)); break;
+    case 2: v_store_bf16((uint16_t *)e->out + o, v_rnd_bf16(v_add(v_load_bf16((const uint16_t *)e->res + o), v_rnd_bf16(a))));
+            break;
+    case 3: v_store((float *)e->out + o, v_add(v_load((const float *)e->res + o), a)); break;
+    case 4: v_store(e->y + o, v_rnd_bf16(a)); break;
+    default: v_store(e->y + o, a);
+    }
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* linear: y[R, N] = x[R, K] @ W[N, K]^T with W packed panel by panel (PANEL = 16 outputs, the  */
 /* panel's rows k contiguous: element (n, k) at P[(n / 16) * 16 K + k * 16 + n % 16], N padded */
 /* with zeros to whole panels). y[r, n] = fma(x[r, K-1], W[n, K-1], ... fma(x[r, 0], W[n, 0], 0)): */
 /* one sequential chain over k per output element, whatever the number of rows or the block.  */
-/* Blocks are RB input rows x NP panels (2 NP vectors per row), chosen so that 8-12 independent */
-/* chains are in flight: few rows take several panels at once (a one-row decode step would     */
-/* otherwise wait on the FMA latency of 2 chains), 4-6 rows one panel. Each block is its own    */
-/* function with constant RB and NP, so its accumulators stay in registers.                    */
+/* Blocks are RB input rows x NV vectors of 8 outputs (half panels), chosen so that 8-12         */
+/* independent chains are in flight and the block fits AVX2's 16 vector registers: 1 row x 8     */
+/* vectors, 2 x 6, 3 x 4, 4 x 3, 5-6 x 2; more rows are split into blocks of at most 6, as even  */
+/* as they go (8 rows: 4 + 4, not 6 + 2, whose 4 chains wait on the FMA latency). Each block is  */
+/* its own function with constant RB and NV, so its accumulators stay in registers. On the 2-core */
+/* AVX2 EPYC (Zen 3, all the model's bfloat16 linears from memory, in one process alternating):  */
+/* against blocks of 1-3 rows x 4-2 panels (which spilled an accumulator) and of up to 6 rows x 1 */
+/* panel, 2 rows 12-18% faster, 4 rows 12-15%, 8 rows 10-14%, 16 rows even.                     */
 
 #include <omp.h>
-#ifndef SENSE_PREFETCH
-#define SENSE_PREFETCH 1
-#endif
-/* Prefetching the weights (SENSE_PREFETCH): a group of panels is read from memory by its first */
-/* block of rows and from cache by the others, which are compute-bound; so while a thread works */
-/* through a group's blocks it prefetches its next group into L2, each block the share of it    */
-/* that is its share of the rows, and the memory traffic overlaps the arithmetic instead of     */
-/* adding to it (a 16-node verification of SmolLM2-135M in bfloat16: 34 -> 27 ms on the 2-core */
-/* AVX512-BF16 EPYC). One row streams at memory speed by itself, and prefetching weights that   */
-/* are in cache already is pure overhead (measured): one-row passes do not prefetch. Prefetches */
-/* change no arithmetic. */
+/* Prefetching the weights: a group of panels is read from memory by its first block of rows and */
+/* from cache by the others, which are compute-bound; so while a thread works through a group's */
+/* blocks it prefetches its next group into L2, each block the share of it that is its share of */
+/* the rows, and the memory traffic overlaps the arithmetic instead of adding to it (on the      */
+/* 2-core AVX512-BF16 EPYC, Zen 4: a 16-node bfloat16 verification 34 -> 27 ms, an 8-node float32 */
+/* one 58 -> 41 ms). On the 2-core AVX2 EPYC (Zen 3) the same prefetches cost time instead (the  */
+/* model's linears at 2-8 rows 6-15% slower, at 16 even): the hardware prefetcher keeps up there. */
+/* So it is a switch per weight dtype (float32, bfloat16) and row count (2-4 rows, more), set by  */
+/* decoding/invariant.py from a measurement on this machine. One row streams at memory speed by  */
+/* itself, and prefetching weights that are in cache already is pure overhead: one-row passes    */
+/* never prefetch. Prefetches change no arithmetic. */
+#define PREFETCH_MANY 5     /* the fewest rows of the second switch */
+static int prefetch_on[2][2] = {{1, 1}, {1, 1}};
+void sense_set_prefetch(int bf16, int many, int on) { prefetch_on[bf16 ? 1 : 0][many ? 1 : 0] = on ? 1 : 0; }
+int sense_prefetch(int bf16, int many) { return prefetch_on[bf16 ? 1 : 0][many ? 1 : 0]; }
+static inline int prefetching(int bf16, int R) { return R > 1 && prefetch_on[bf16][R >= PREFETCH_MANY]; }
 typedef struct { const char *from, *to; int per_step; } Prefetch;    /* lines, and lines per k step */
 #define PREFETCH_START(pf)                                                                     \
     const char *pf_at = (pf) ? (pf)->from : 0, *pf_end = (pf) ? (pf)->to : 0;                   \
@@ -291,94 +314,108 @@ static inline void thread_chunk(int groups, int *g0, int *g1) {
     *g1 = *g0 + chunk + (t < extra ? 1 : 0);
 }
 
-#define DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, RB, NP)                                           \
-static __attribute__((noinline)) void NAME##_r##RB##_p##NP(                                  \
-        const float *x, int K, const WT *P, size_t pstride, const Epi *e, size_t row0, int col0, int ncols, \
+/* A block: RB input rows x NV vectors of 8 outputs (a vector is half a panel; a block may start */
+/* at either half). Its accumulators live in the 16 vector registers of AVX2 with the weights or */
+/* the rows' broadcasts streamed: XH (the rows' x hoisted, each weight vector loaded and used by  */
+/* every row in turn) for few rows and many vectors, else the weight vectors hoisted and each row */
+/* broadcast in turn; either way RB x NV accumulators + min(RB, NV) + 1 registers.               */
+#define DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, RB, NV, XH)                                        \
+static __attribute__((noinline)) void NAME##_r##RB##_v##NV(                                  \
+        const float *x, int K, const WT *P, size_t pstride, const Epi *e, size_t row0, int v0, int N, \
         const Prefetch *pf) {                                                                  \
-    vec acc[RB][NP][2];                                                                        \
+    vec acc[RB][NV];                                                                           \
+    const WT *wp[NV];                                                                          \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                       \
+        wp[v] = P + (size_t)((v0 + v) >> 1) * pstride + (size_t)(((v0 + v) & 1) * 8);          \
     _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++)                                       \
-        _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) { acc[j][q][0] = v_zero(); acc[j][q][1] = v_zero(); } \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) acc[j][v] = v_zero();             \
     PREFETCH_START(pf);                                                                        \
     for (int k = 0; k < K; k++) {                                                              \
         PREFETCH_STEP();                                                                       \
-        vec w[NP][2];                                                                          \
-        _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) {                                 \
-            w[q][0] = LOADW(P + q * pstride + (size_t)k * PANEL);                              \
-            w[q][1] = LOADW(P + q * pstride + (size_t)k * PANEL + 8);                          \
-        }                                                                                      \
-        _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) {                                 \
-            const vec xv = v_set1(x[(size_t)j * K + k]);                                       \
-            _Pragma("GCC unroll 8") for (int q = 0; q < NP; q++) {                             \
-                acc[j][q][0] = v_fma(xv, w[q][0], acc[j][q][0]);                               \
-                acc[j][q][1] = v_fma(xv, w[q][1], acc[j][q][1]);                               \
+        if (XH) {                                                                              \
+            vec xv[RB];                                                                        \
+            _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) xv[j] = v_set1(x[(size_t)j * K + k]); \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                             \
+                const vec w = LOADW(wp[v] + (size_t)k * PANEL);                                \
+                _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) acc[j][v] = v_fma(xv[j], w, acc[j][v]); \
+            }                                                                                  \
+        } else {                                                                               \
+            vec w[NV];                                                                         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) w[v] = LOADW(wp[v] + (size_t)k * PANEL); \
+            _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) {                             \
+                const vec xv = v_set1(x[(size_t)j * K + k]);                                   \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) acc[j][v] = v_fma(xv, w[v], acc[j][v]); \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
     for (int j = 0; j < RB; j++)                                                               \
-        for (int q = 0; q < NP; q++) {                                                         \
-            float buf[PANEL];                                                                  \
-            v_store(buf, acc[j][q][0]);                                                        \
-            v_store(buf + 8, acc[j][q][1]);                                                    \
-            const int c0 = q * PANEL, nc = ncols - c0 < PANEL ? ncols - c0 : PANEL;            \
-            if (nc > 0) epi_store(e, row0 + (size_t)j, col0 + c0, buf, nc);                    \
+        for (int v = 0; v < NV; v++) {                                                         \
+            const int c0 = (v0 + v) * 8, nc = N - c0 < 8 ? N - c0 : 8;                         \
+            if (nc == 8) epi_store8(e, row0 + (size_t)j, c0, acc[j][v]);                        \
+            else if (nc > 0) {                                                                 \
+                float buf[8];                                                                  \
+                v_store(buf, acc[j][v]);                                                       \
+                epi_store(e, row0 + (size_t)j, c0, buf, nc);                                   \
+            }                                                                                  \
         }                                                                                      \
 }
 
-/* The blocks: rows 1 x 4 panels, 2 x 3, 3 x 2, 4-6 x 1, and the single-panel ones for the    */
-/* panels left over at the end of a row of panels.                                            */
+/* The blocks: 1 row x 8 vectors, 2 x 6, 3 x 4, 4 x 3, 5 x 2, 6 x 2 (8-12 FMA chains in flight,  */
+/* which the instruction's latency needs at two a cycle).                                        */
 #define DEFINE_LINEAR(NAME, WT, LOADW)                                                          \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 1, 4)                                                     \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 2, 3)                                                     \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 2)                                                     \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 1, 1)                                                     \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 2, 1)                                                     \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 1)                                                     \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 4, 1)                                                     \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 5, 1)                                                     \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 6, 1)                                                     \
-static void NAME##_rows(const float *x, int K, const WT *P, size_t pstride, const Epi *e,      \
-                        size_t row0, int col0, int ncols, int rb, int np, const Prefetch *pf) {        \
-    if (np == 4) NAME##_r1_p4(x, K, P, pstride, e, row0, col0, ncols, pf);                     \
-    else if (np == 3) NAME##_r2_p3(x, K, P, pstride, e, row0, col0, ncols, pf);                \
-    else if (np == 2) NAME##_r3_p2(x, K, P, pstride, e, row0, col0, ncols, pf);                \
-    else switch (rb) {                                                                         \
-        case 6: NAME##_r6_p1(x, K, P, pstride, e, row0, col0, ncols, pf); break;               \
-        case 5: NAME##_r5_p1(x, K, P, pstride, e, row0, col0, ncols, pf); break;               \
-        case 4: NAME##_r4_p1(x, K, P, pstride, e, row0, col0, ncols, pf); break;               \
-        case 3: NAME##_r3_p1(x, K, P, pstride, e, row0, col0, ncols, pf); break;               \
-        case 2: NAME##_r2_p1(x, K, P, pstride, e, row0, col0, ncols, pf); break;               \
-        default: NAME##_r1_p1(x, K, P, pstride, e, row0, col0, ncols, pf); break;              \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 1, 8, 1)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 2, 6, 1)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 4, 1)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 4, 3, 0)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 5, 2, 0)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 6, 2, 0)                                                  \
+static void NAME##_block(const float *x, int K, const WT *P, size_t pstride, const Epi *e,     \
+                         size_t row0, int v0, int N, int rb, const Prefetch *pf) {             \
+    switch (rb) {                                                                              \
+        case 6: NAME##_r6_v2(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
+        case 5: NAME##_r5_v2(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
+        case 4: NAME##_r4_v3(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
+        case 3: NAME##_r3_v4(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
+        case 2: NAME##_r2_v6(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
+        default: NAME##_r1_v8(x, K, P, pstride, e, row0, v0, N, pf); break;                    \
     }                                                                                          \
 }                                                                                              \
 void NAME(const float *x, const WT *P, int64_t pstride, float *y, void *out, const void *res,      \
           const float *bias, int mode, int R, int K, int N, int threads) {                      \
     const Epi e = {y, out, res, bias, N, mode};                                                \
     const int panels = (N + PANEL - 1) / PANEL;                                                \
-    /* rows in blocks of up to 6; fewer than 4 rows in all: several panels per block */        \
-    const int group = R == 1 ? 4 : R == 2 ? 3 : R == 3 ? 2 : 1;                                \
-    const int groups = (panels + group - 1) / group;                                           \
-    const size_t lines = (size_t)group * (size_t)pstride * sizeof(WT) / 64;                    \
+    /* rows in blocks of at most 6, as even as they go; a group of panels is what every block */ \
+    /* size among them divides (in vectors) */                                                 \
+    const int nblk = (R + 5) / 6;                                                              \
+    int vecs = 1;                                                                              \
+    for (int b = 0; b < nblk; b++) {                                                           \
+        const int rb = R * (b + 1) / nblk - R * b / nblk;                                      \
+        const int nv = rb == 1 ? 8 : rb == 2 ? 6 : rb == 3 ? 4 : rb == 4 ? 3 : 2;              \
+        int a = vecs, c = nv;                                                                  \
+        while (c) { const int t = a % c; a = c; c = t; }                                       \
+        vecs = vecs / a * nv;                                                                  \
+    }                                                                                          \
+    const int gp = vecs % 2 ? vecs : vecs / 2;          /* panels per group */                 \
+    const int groups = (panels + gp - 1) / gp;                                                 \
+    const size_t lines = (size_t)gp * (size_t)pstride * sizeof(WT) / 64;                       \
     const char *last = (const char *)(P + (size_t)panels * pstride);                            \
     _Pragma("omp parallel num_threads(threads)")                                               \
     {                                                                                          \
         int g0, g1;                                                                            \
         thread_chunk(groups, &g0, &g1);                                                        \
         for (int gi = g0; gi < g1; gi++) {                                                     \
-            const int p0 = gi * group, np = panels - p0 < group ? panels - p0 : group;         \
-            const char *next = (const char *)(P + (size_t)(p0 + group) * pstride);             \
-            for (int r0 = 0; r0 < R; r0 += 6) {                                                \
-                const int rb = R - r0 < 6 ? R - r0 : 6;                                        \
+            const int p0 = gi * gp, np = panels - p0 < gp ? panels - p0 : gp;                  \
+            const char *next = (const char *)(P + (size_t)(p0 + gp) * pstride);                \
+            for (int b = 0; b < nblk; b++) {                                                   \
+                const int r0 = R * b / nblk, rb = R * (b + 1) / nblk - r0;                     \
+                const int nv = rb == 1 ? 8 : rb == 2 ? 6 : rb == 3 ? 4 : rb == 4 ? 3 : 2;      \
                 const float *xr = x + (size_t)r0 * K;                                          \
-                Prefetch share;                                                                \
-                const Prefetch *pfp = prefetch_share(&share, SENSE_PREFETCH && R > 1 && gi + 1 < g1, next, \
-                                                     last, lines, r0, rb, R, K);               \
-                if (np == group) {                                                             \
-                    NAME##_rows(xr, K, P + (size_t)p0 * pstride, (size_t)pstride, &e, (size_t)r0, \
-                                p0 * PANEL, N - p0 * PANEL, rb, np, pfp);                      \
-                } else {        /* the last few panels, one at a time */                      \
-                    for (int p = p0; p < p0 + np; p++)                                         \
-                        NAME##_rows(xr, K, P + (size_t)p * pstride, (size_t)pstride, &e, (size_t)r0, \
-                                    p * PANEL, N - p * PANEL, rb, 1, 0);                       \
+                const int calls = (2 * np + nv - 1) / nv;                                      \
+                for (int c = 0; c < calls; c++) {                                              \
+                    Prefetch share;                                                            \
+                    const Prefetch *pfp = prefetch_share(&share, prefetching(sizeof(WT) == 2, R) && gi + 1 < g1, \
+                                                         next, last, lines, r0 * calls + c * rb, rb, R * calls, K); \
+                    NAME##_block(xr, K, P, (size_t)pstride, &e, (size_t)r0, 2 * p0 + c * nv, N, rb, pfp); \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
@@ -526,7 +563,7 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
                 const int r0 = R * b / nblk, rb = R * (b + 1) / nblk - r0;
                 const uint32_t *xr = x32 + (size_t)r0 * K2;
                 Prefetch share;
-                const Prefetch *pfp = prefetch_share(&share, SENSE_PREFETCH && R > 1 && gi + 1 < g1, next, last,
+                const Prefetch *pfp = prefetch_share(&share, prefetching(1, R) && gi + 1 < g1, next, last,
                                                      lines, r0, rb, R, K2);
                 if (np == group) {
                     dp_rows(xr, K2, P + (size_t)p0 * pstride, (size_t)pstride, &e, (size_t)r0, p0 * PANEL,
