@@ -60,7 +60,7 @@ def cost_curve(target: "TargetModel", sizes: Sequence[int] = DEFAULT_SIZES) -> d
     context = min(256, target.context_window - max(fit) - 2)
     key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
            "kernels": target.kernels, "sizes": fit, "context": context}
-    stored, _ = remembered("cost", key, lambda: {
+    stored, _ = remembered("cost", key, quiet=True, compute=lambda: {
         str(n): s for n, s in measure_verify_cost(target, fit, context_len=context, repeats=5, warmup=1).items()})
     curve = {int(n): s for n, s in stored.items()}
     target._cost_curve = (tuple(sizes), curve)
@@ -372,7 +372,7 @@ def batch_cost(target: "TargetModel") -> BatchCost:
     context = min(256, target.context_window - max(r + e for r, e in points) - 2)
     key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
            "kernels": target.kernels, "points": points, "context": context}
-    stored, _ = remembered("batch_cost", key, lambda: {
+    stored, _ = remembered("batch_cost", key, quiet=True, compute=lambda: {
         "points": measure_batch_cost(target, points, context_len=context, repeats=3, warmup=1)})
     model = BatchCost(stored["points"])
     target._batch_cost = model

@@ -1,0 +1,94 @@
+"""Remembered timings are taken on a quiet machine: one measured while other processes used the
+cores is taken again, and never remembered if the machine stays busy (decoding/measured.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from decoding import measured
+
+BUSY = "import time\nt = time.time()\nwhile time.time() - t < 20: pass"
+
+
+def _spin(seconds: float) -> None:
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        pass
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
+    return tmp_path / "measured"
+
+
+def _busy_processes(n: int) -> list[subprocess.Popen]:
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
+    time.sleep(0.3)                     # started and spinning
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_others_busy_counts_other_processes_not_this_one():
+    start = measured.cpu_snapshot()
+    _spin(0.5)                          # this process busy: not "others"
+    assert measured.others_busy(start) < measured.QUIET_LIMIT
+    procs = _busy_processes(2)
+    try:
+        start = measured.cpu_snapshot()
+        time.sleep(0.6)
+        assert measured.others_busy(start) > 0.4       # two spinning processes on this machine
+    finally:
+        _stop(procs)
+
+
+def test_a_timing_disturbed_by_other_processes_is_taken_again(cache, monkeypatch):
+    runs = []
+    procs = _busy_processes(2)
+
+    def timing():
+        runs.append(len(runs))
+        _spin(0.4)
+        if len(runs) == 1:
+            _stop(procs)                # the machine quietens after the first attempt
+        return {"run": len(runs)}
+
+    try:
+        value, cached = measured.remembered("t", {"k": 1}, timing, quiet=True)
+    finally:
+        _stop(procs)
+    assert value == {"run": 2} and not cached and len(runs) == 2
+    stored = json.loads(next(cache.glob("t-*.json")).read_text())
+    assert stored["value"] == {"run": 2} and stored["others_busy"] <= measured.QUIET_LIMIT
+    assert measured.remembered("t", {"k": 1}, timing, quiet=True) == ({"run": 2}, True)
+
+
+def test_a_machine_that_stays_busy_gives_a_timing_that_is_not_remembered(cache, monkeypatch):
+    monkeypatch.setattr(measured, "QUIET_ATTEMPTS", 2)
+    runs = []
+
+    def timing():
+        runs.append(1)
+        _spin(0.3)
+        return {"run": len(runs)}
+
+    procs = _busy_processes(2)
+    try:
+        value, cached = measured.remembered("t", {"k": 2}, timing, quiet=True)
+        assert not cached and len(runs) == 2 and value["run"] in (1, 2)
+        assert not list(cache.glob("t-*.json"))              # a later process measures again
+        # A choice (not quiet) is remembered whatever the load: processes must share it.
+        assert measured.remembered("c", {"k": 2}, timing)[0] == {"run": 3}
+        assert len(list(cache.glob("c-*.json"))) == 1
+    finally:
+        _stop(procs)
