@@ -34,7 +34,8 @@ from pipelines.build_index import build_artifact
 from pipelines.config import DatastoreJobConfig, SelfDistillConfig
 from serving.app import build_app
 from serving.control_plane import init_local_ray
-from serving.run import wait_ready
+from serving.config import ServingConfig
+from serving.run import local_torch_threads, wait_ready
 
 
 def _say(step: str, msg: str) -> None:
@@ -142,13 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         index = build_index_step(datastore, workdir)
         _say("3/5", f"starting Ray Serve on http://127.0.0.1:{a.port} with the index {index}")
         serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-        serve.run(build_app({"index": {"uri": str(index)}}), name="sense", route_prefix="/", blocking=False)
+        app_args: dict = {"index": {"uri": str(index)}}
+        # This machine is the decoder's: its cores, as `python -m serving.run` gives them (Ray alone
+        # would give the replica one thread per num_cpus: one; a 16-token verification took 2x as long).
+        threads = local_torch_threads(ServingConfig.from_args(app_args))
+        if threads is not None:
+            app_args["model"] = {"torch_threads": threads}
+        serve.run(build_app(app_args), name="sense", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{a.port}"
         wait_ready(url, 900)
         with urllib.request.urlopen(url + "/health", timeout=60) as r:
             decoder = json.loads(r.read())["decoder"]
         cost = decoder.get("verify_cost") or {}
-        _say("3/5", f"model dtype: {decoder['dtype']['reason']}")
+        _say("3/5", f"model dtype: {decoder['dtype']['reason']}; {decoder['threads']['torch']} torch thread(s)")
         _say("3/5", f"draft budget: {decoder['budget']} (verify cost in decode steps: "
                     + ", ".join(f"c({n})={c}" for n, c in cost.items() if n in ("4", "8", "16", "32")) + ")")
         _say("4/5", f"asking over HTTP: {question[:90]}{'...' if len(question) > 90 else ''}")
