@@ -133,6 +133,9 @@ def library() -> ctypes.CDLL | None:
         lib.sense_set_prefetch.restype = None
         lib.sense_prefetch.argtypes = [i, i]
         lib.sense_prefetch.restype = ctypes.c_int
+        lib.sense_decoder_layers.argtypes = [p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, p, p, p, p, p, p, i,
+                                             p, p, p, f, i, p, i]
+        lib.sense_decoder_layers.restype = None
         lib.sense_has_bf16dp.restype = ctypes.c_int
         lib.sense_has_amx.restype = ctypes.c_int
         lib.sense_amx_init.restype = ctypes.c_int

@@ -77,13 +77,18 @@ def _assert_bitwise(a_outs, b_outs):
         assert torch.equal(a.hidden, b.hidden), i
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "per-step"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden_layer", [-1, 0, 1, 2])
-def test_tiny_llama_is_bitwise_the_transformers_forward(dtype, hidden_layer, monkeypatch):
+def test_tiny_llama_is_bitwise_the_transformers_forward(dtype, hidden_layer, one_call, monkeypatch):
+    """Both ways of running the layers: all of them in one C call (sense_decoder_layers, the
+    default) and one kernel call per step from Python."""
     model = tiny_llama(50, 3, 4.0).to(dtype)
     # A small first allocation, so the KV buffers grow (and copy) within the session.
     monkeypatch.setattr(lean_forward, "MIN_CAPACITY", 8)
+    monkeypatch.setenv(lean_forward.ONE_CALL_ENV, "1" if one_call else "0")
     plain, lean = _pair(model, monkeypatch, hidden_layer=hidden_layer)
+    assert (lean.lean.one_call is not None) == one_call
     prompt = [(7 * i + 3) % 50 for i in range(12)]
     _assert_bitwise(_session(plain, prompt, 50), _session(lean, prompt, 50))
     assert lean.kernels == "lean-" + plain.kernels
