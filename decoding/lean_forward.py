@@ -24,8 +24,8 @@ arithmetic as ``LlamaDecoderLayer`` straight from the model's own weights:
 All the layers of a forward then run in one C call (``sense_decoder_layers``: the same kernels in
 the same order on the same buffers, so the same bits), not some ten Python calls and torch ops per
 layer, between which the kernels' OpenMP threads also went back to sleep: on the 2-core AVX2 EPYC,
-in one process alternating the two, a bfloat16 decode step 18.9 -> 13.2 ms and a 16-token
-verification 55.9 -> 47.4 ms (float32: 22.6 -> 21.0 and 44.8 -> 41.9 ms).
+in one process alternating the two (two runs), a bfloat16 decode step 0.70-0.79x the time (15.5
+-> 12.3 ms in the quieter run) and a 16-token verification 0.85-0.91x (float32: 0.93x both).
 
 The steps between the linears run on C code too (decoding/invariant.py): the RMSNorms, the
 rotary embedding with the cache write, the SiLU gate, and the linears' epilogues that round to the
