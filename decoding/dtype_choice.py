@@ -1,15 +1,19 @@
 """``dtype="auto"``: run the target in whichever dtype is faster on this machine, by measurement.
 
 Which dtype wins depends on the machine, not the model family: on a CPU with AVX512-BF16 a
-bfloat16 verification of 16 tokens costs about what one float32 decode step does, while on an
-AVX2-only CPU bfloat16 is emulated and slower than float32. So we measure: for each candidate
-(float32 and bfloat16 on CPU; bfloat16 and float16 on CUDA) one plain decode step and one
-16-token verification, at a short context, and take the dtype with the smaller sum (the two
-shapes speculative decoding spends its time in). The candidates are listed most precise first,
-and a less precise one must be at least ``MARGIN`` faster to be taken: a near-tie (the AVX2 CPU,
-where both dtypes run the same float32-accumulating kernels) keeps the precise dtype instead of
-flipping between machines and loads with the measurement noise. The result is remembered per machine, model
-and device (:mod:`decoding.measured`), so later loads only read a file.
+bfloat16 verification of 16 tokens costs about what one float32 decode step does; on an AVX2-only
+CPU both dtypes run the same float32-accumulating FMA kernels, so bfloat16 only halves the weight
+bytes: its decode step, which streams the weights, is ~30% faster, its 16-token verification,
+which is arithmetic, about even. So we measure: for each candidate (float32 and bfloat16 on CPU;
+bfloat16 and float16 on CUDA) one plain decode step and one 16-token verification, at a short
+context, and take the dtype with the smaller geometric mean of the two times relative to the
+first candidate's (the two shapes speculative decoding spends its time in, each counted by its
+speed-up: a sum of milliseconds would let the verification, which takes 3-4 decode steps on the
+AVX2 CPU, outweigh the decode step that every method runs most). The candidates are listed most
+precise first, and a less precise one must be at least ``MARGIN`` faster to be taken: a near-tie
+keeps the precise dtype instead of flipping between machines and loads with the measurement
+noise. The result is remembered per machine, model and device (:mod:`decoding.measured`), so
+later loads only read a file.
 """
 
 from __future__ import annotations
@@ -61,9 +65,12 @@ def step_costs_ms(target, *, context_len: int = 64, repeats: int = 5) -> dict:
 
 
 def fastest(timings_ms: dict, margin: float = MARGIN) -> str:
-    """The dtype whose decode step plus 16-token verification takes least time; `timings_ms` is
-    ordered most precise first, and a later dtype must beat the earlier choice by `margin`."""
-    cost = {d: t["decode"] + t["verify16"] for d, t in timings_ms.items()}
+    """The dtype whose decode step and 16-token verification are fastest together: the smallest
+    geometric mean of the two times relative to the first dtype's. `timings_ms` is ordered most
+    precise first, and a later dtype must beat the earlier choice by `margin`."""
+    first = next(iter(timings_ms.values()))
+    cost = {d: (t["decode"] / first["decode"] * t["verify16"] / first["verify16"]) ** 0.5
+            for d, t in timings_ms.items()}
     best = next(iter(cost))
     for d in cost:
         if cost[d] < cost[best] * (1 - margin):

@@ -16,11 +16,15 @@ from decoding.target import TargetModel
 from tests.conftest import tiny_llama
 
 
-def test_fastest_takes_the_smaller_measured_sum():
+def test_fastest_takes_the_faster_pair_of_measurements():
     timings = {"float32": {"decode": 30.0, "verify16": 60.0}, "bfloat16": {"decode": 20.0, "verify16": 25.0}}
     assert fastest(timings) == "bfloat16"
     timings["bfloat16"]["verify16"] = 80.0
     assert fastest(timings) == "float32"
+    # The AVX2 CPU: bfloat16's decode step 29% faster, its long verification 4%: 17% faster
+    # together (by the sum of milliseconds only 10.0%, a near-tie).
+    timings = {"float32": {"decode": 17.96, "verify16": 56.74}, "bfloat16": {"decode": 12.83, "verify16": 54.42}}
+    assert fastest(timings) == "bfloat16"
 
 
 def test_a_near_tie_keeps_the_precise_dtype():
