@@ -8,7 +8,9 @@ import platform
 import statistics
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where results go: bench/results/, or SENSE_BENCH_RESULTS (e.g. bench/results/avx2 for a run on
+# another machine kind, beside the reference machine's).
+RESULTS = Path(os.environ.get("SENSE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine_info() -> dict:

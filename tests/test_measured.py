@@ -27,7 +27,20 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "measured"
 
 
+def _wait_quiet(limit_s: float = 90.0) -> None:
+    """Until the other processes of this machine are quiet (a Ray cluster an earlier test left
+    shutting down): these tests need to know who is busy."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        start = measured.cpu_snapshot()
+        time.sleep(0.5)
+        if measured.others_busy(start) <= measured.QUIET_LIMIT / 2:
+            return
+        assert time.monotonic() < deadline, "the machine stayed busy: cannot test the quiet check"
+
+
 def _busy_processes(n: int) -> list[subprocess.Popen]:
+    _wait_quiet()
     procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
     time.sleep(0.3)                     # started and spinning
     return procs
@@ -40,6 +53,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def test_others_busy_counts_other_processes_not_this_one():
+    _wait_quiet()
     start = measured.cpu_snapshot()
     _spin(0.5)                          # this process busy: not "others"
     assert measured.others_busy(start) < measured.QUIET_LIMIT
@@ -73,8 +87,7 @@ def test_a_timing_disturbed_by_other_processes_is_taken_again(cache, monkeypatch
     assert measured.remembered("t", {"k": 1}, timing, quiet=True) == ({"run": 2}, True)
 
 
-def test_a_machine_that_stays_busy_gives_a_timing_that_is_not_remembered(cache, monkeypatch):
-    monkeypatch.setattr(measured, "QUIET_ATTEMPTS", 2)
+def test_a_timing_from_a_busy_machine_is_provisional_until_a_quiet_process_measures_again(cache):
     runs = []
 
     def timing():
@@ -85,10 +98,21 @@ def test_a_machine_that_stays_busy_gives_a_timing_that_is_not_remembered(cache, 
     procs = _busy_processes(2)
     try:
         value, cached = measured.remembered("t", {"k": 2}, timing, quiet=True)
-        assert not cached and len(runs) == 2 and value["run"] in (1, 2)
-        assert not list(cache.glob("t-*.json"))              # a later process measures again
+        assert not cached and len(runs) == measured.QUIET_ATTEMPTS and value["run"] in (1, 2)
+        stored = json.loads(next(cache.glob("t-*.json")).read_text())
+        assert stored["others_busy"] > measured.QUIET_LIMIT           # kept, as provisional
+        # Another process on the still busy machine uses it as it is.
+        assert measured.remembered("t", {"k": 2}, timing, quiet=True) == (value, True)
+        assert len(runs) == measured.QUIET_ATTEMPTS
         # A choice (not quiet) is remembered whatever the load: processes must share it.
         assert measured.remembered("c", {"k": 2}, timing)[0] == {"run": 3}
-        assert len(list(cache.glob("c-*.json"))) == 1
+        assert measured.remembered("c", {"k": 2}, timing) == ({"run": 3}, True)
     finally:
         _stop(procs)
+    _wait_quiet()
+    # The first process to find the machine quiet measures again and replaces it.
+    value, cached = measured.remembered("t", {"k": 2}, timing, quiet=True)
+    assert not cached and value == {"run": 4}
+    stored = json.loads(next(cache.glob("t-*.json")).read_text())
+    assert stored["value"] == {"run": 4} and stored["others_busy"] <= measured.QUIET_LIMIT
+    assert measured.remembered("t", {"k": 2}, timing, quiet=True) == ({"run": 4}, True)
