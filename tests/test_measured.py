@@ -56,12 +56,12 @@ def test_others_busy_counts_other_processes_not_this_one():
     _wait_quiet()
     start = measured.cpu_snapshot()
     _spin(0.5)                          # this process busy: not "others"
-    assert measured.others_busy(start) < measured.QUIET_LIMIT
+    assert measured.others_busy(start) < 0.3          # (whatever else the machine runs meanwhile)
     procs = _busy_processes(2)
     try:
         start = measured.cpu_snapshot()
         time.sleep(0.6)
-        assert measured.others_busy(start) > 0.4       # two spinning processes on this machine
+        assert measured.others_busy(start) > 0.6       # two spinning processes on this machine
     finally:
         _stop(procs)
 
@@ -83,7 +83,7 @@ def test_a_timing_disturbed_by_other_processes_is_taken_again(cache, monkeypatch
         _stop(procs)
     assert value == {"run": 2} and not cached and len(runs) == 2
     stored = json.loads(next(cache.glob("t-*.json")).read_text())
-    assert stored["value"] == {"run": 2} and stored["others_busy"] <= measured.QUIET_LIMIT
+    assert stored["value"] == {"run": 2} and stored["others_busy"] < 0.5    # the quieter of the two
     assert measured.remembered("t", {"k": 1}, timing, quiet=True) == ({"run": 2}, True)
 
 
