@@ -19,7 +19,11 @@ method (``ar``, strict ``sense``), order rotated per level and repeat:
 - served, batched and serialized: aggregate tokens/s, p50/p99 latency, p50/p99 time to first token;
 - ``hf_static_batch``: ``transformers`` ``generate()`` on the same prompts, left-padded into
   batches of c, in this process, same model, dtype and kernels (plain decoding);
-- ``engine``: at c = 1, ``decoding.engine.generate`` in this process, one question after the other.
+- ``engine``: at c = 1, ``decoding.engine.generate`` in this process against the batched app,
+  question by question in turns (engine first, then served first, ...: this VM's speed drifts by
+  10-15% over minutes, and a served run minutes from its engine run would measure the drift),
+  the same questions; the ratio is the served over the engine tokens/s of the pass (the sum of
+  the requests' latencies).
 
 Every served answer must equal, token for token, the same question decoded alone by the engine
 with ``ar`` (strict decoding is exact whatever the batch): the run fails otherwise.
@@ -125,6 +129,37 @@ def engine_alone(target, stores, prompt_ids, method: str, max_new: int) -> tuple
     return sum(map(len, outs)) / seconds, outs
 
 
+def engine_vs_served(base_url: str, target, stores, texts: list[str], prompt_ids: list[list[int]], method: str,
+                     max_tokens: int, rep: int) -> tuple[dict, dict]:
+    """At 1 in flight: each question through the in-process engine and through the served app, in
+    turns (``method_order``); returns the (engine, served) runs, tokens/s over the sum of their
+    requests' latencies."""
+    from openai import OpenAI
+
+    from decoding.config import SamplingParams
+    from decoding.engine import generate
+    from decoding.methods import make_drafter
+
+    params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
+    client = OpenAI(base_url=base_url + "/v1", api_key="none", timeout=900, max_retries=0)
+    model = client.models.list().data[0].id
+    runs = {v: {"ids": [], "latency": [], "ttft": []} for v in ("engine", "served")}
+    for i, (text, ids) in enumerate(zip(texts, prompt_ids)):
+        for v in method_order(("engine", "served"), i + rep):
+            if v == "engine":
+                t0 = time.perf_counter()
+                out = generate(target, ids, params=params, drafter=make_drafter(method, stores)).token_ids
+                res = {"ids": list(out), "latency": time.perf_counter() - t0}
+            else:
+                res = stream_one(client, model, text, method, max_tokens)
+                runs[v]["ttft"].append(res["ttft"])
+            runs[v]["ids"].append(res["ids"])
+            runs[v]["latency"].append(res["latency"])
+    for r in runs.values():
+        r["tokens_per_s"] = sum(map(len, r["ids"])) / sum(r["latency"])
+    return runs["engine"], runs["served"]
+
+
 def summarize(runs: list[dict]) -> dict:
     """Median tokens/s over repeats (with min and max), latency and TTFT percentiles over all."""
     tps = [r["tokens_per_s"] for r in runs]
@@ -177,7 +212,8 @@ def render(payload: dict) -> str:
                       f"{b['latency_p50_s']:.2f} / {b['latency_p99_s']:.2f} |")
     for row in rows:
         if row["vs"] == "engine":
-            md.append(f"\nAt 1 in flight, served {row['method']} over the in-process engine: {_ratio(row)} "
+            md.append(f"\nAt 1 in flight, served {row['method']} over the in-process engine, question by question in "
+                      f"turns: {_ratio(row)} "
                       f"(medians: {row['tokens_per_s']:.1f} served, {row['peer_tokens_per_s']:.1f} tok/s engine).")
         if row["method"] == "ttft_p99_ratio":
             md.append(f"\np99 time to first token of {row['decode_method']} at 16 in flight over its value at 1, "
@@ -245,20 +281,17 @@ def main(argv=None) -> int:
         for v in VARIANTS:                                       # warm-up: kernels, cost curve, allocator
             for m in methods:
                 closed_loop(f"{url}/{v[0]}", texts[:1], m, 8, 1)
+        for m in methods:                                        # the in-process engine, likewise
+            engine_alone(target, stores, prompt_ids[:1], m, 8)
         for c in levels:
             prompts = texts[:n_for[c]]
             variants = [(m, v) for m in methods for v in (*VARIANTS, "hf_static_batch")
                         if not (v == "hf_static_batch" and m != "ar")]
-            if c == 1:
-                variants.append(("sense" if "sense" in methods else methods[-1], "engine"))
             for rep in range(args.repeats):
                 for m, v in method_order(variants, rep + c):
                     if v == "hf_static_batch":
                         tps = hf_static(target, prompt_ids[:len(prompts)], c, args.max_tokens)
                         res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": []}
-                    elif v == "engine":
-                        tps, outs = engine_alone(target, stores, prompt_ids[:len(prompts)], m, args.max_tokens)
-                        res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": outs}
                     else:
                         res = closed_loop(f"{url}/{v[0]}", prompts, m, args.max_tokens, c)
                     runs.setdefault((m, v, c), []).append(res)
@@ -266,6 +299,16 @@ def main(argv=None) -> int:
                         bad = sum(a != b for a, b in zip(res["ids"], reference))
                         mismatches.append(f"{m} {v} at concurrency {c}: {bad} of {len(prompts)} answers differ")
                     log(f"c={c} rep={rep} {m:6} {v:16} {res['tokens_per_s']:7.1f} tok/s")
+                if c == 1:
+                    m = "sense" if "sense" in methods else methods[-1]
+                    for v, res in zip(("engine", "batched_vs_engine"), engine_vs_served(
+                            f"{url}/b", target, stores, prompts, prompt_ids[:len(prompts)], m, args.max_tokens, rep)):
+                        runs.setdefault((m, v, c), []).append(res)
+                        if res["ids"] != reference[:len(prompts)]:
+                            bad = sum(a != b for a, b in zip(res["ids"], reference))
+                            mismatches.append(f"{m} {v} at concurrency 1: {bad} of {len(prompts)} answers differ")
+                    log(f"c=1 rep={rep} {m:6} served / engine in turns {res['tokens_per_s']:7.1f} / "
+                        f"{runs[(m, 'engine', c)][-1]['tokens_per_s']:7.1f} tok/s")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -285,13 +328,14 @@ def main(argv=None) -> int:
             if (m, "engine", c) in s:
                 peers["engine"] = (m, "engine", c)
             for vs, key in peers.items():
-                mine_runs, theirs = runs[(m, "batched", c)], runs[key]
+                mine_runs, theirs = runs[(m, "batched_vs_engine" if vs == "engine" else "batched", c)], runs[key]
                 ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(mine_runs, theirs)]
+                own = s[(m, "batched_vs_engine", c)] if vs == "engine" else mine
                 rows.append({"benchmark": "serving", "method": m, "concurrency": c, "vs": vs,
                              "ratio": round(median(ratios), 3), "ratio_min": round(min(ratios), 3),
-                             "ratio_max": round(max(ratios), 3), "tokens_per_s": round(mine["tokens_per_s"], 2),
+                             "ratio_max": round(max(ratios), 3), "tokens_per_s": round(own["tokens_per_s"], 2),
                              "peer_tokens_per_s": round(s[key]["tokens_per_s"], 2),
-                             **{k: round(mine[k], 3) for k in ("ttft_p50_ms", "ttft_p99_ms", "ttft_steady_p99_ms",
+                             **{k: round(own[k], 3) for k in ("ttft_p50_ms", "ttft_p99_ms", "ttft_steady_p99_ms",
                                                                "latency_p50_s", "latency_p99_s")},
                              "requests": n_for[c], "identical": True})
     ttft_m = "sense" if "sense" in methods else methods[-1]

@@ -251,4 +251,4 @@ def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
                  "args": {"max_tokens": 64, "min_requests": 8, "repeats": 3}})
     assert "| ar | 1 | 30.0 | 1.50x [1.40, 1.60] (20.0) | 1.10x (20.0) | - |" in md
     assert "| sense | 1 | 30.0 | 1.20x [1.00, 1.30] (20.0) | 1.30x [1.20, 1.40] (20.0) | 0.90x [0.80, 1.10] |" in md
-    assert "served sense over the in-process engine: 1.02x [0.95, 1.04]" in md
+    assert "served sense over the in-process engine, question by question in turns: 1.02x [0.95, 1.04]" in md
