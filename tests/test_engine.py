@@ -9,6 +9,23 @@ from decoding.drafters import NoDrafter, PromptLookupDrafter
 from decoding.engine import encode_prompt, generate
 
 
+def test_prompt_lookup_drafts_every_earlier_occurrence_as_a_branch_most_recent_first():
+    """Two earlier occurrences of the last two tokens with different continuations: the default
+    drafter branches on both (the more recent one ranked first); one candidate is a single chain."""
+    import numpy as np
+
+    #                  0  1  2  3  4  5  6  7  8  9 10 11 12
+    tokens = np.array([5, 1, 2, 7, 8, 5, 1, 2, 9, 9, 3, 1, 2])     # "1 2" at 1 and 6, then the suffix
+    chains = PromptLookupDrafter().chains(tokens, 4)
+    assert [c for c, _ in chains] == [[9, 9, 3, 1], [7, 8, 5, 1]]
+    assert chains[0][1] > chains[1][1]
+    tree = PromptLookupDrafter().propose(tokens, 3, 2)         # 3 nodes, 2 deep: 9, 9 9 and 7
+    assert tree.tokens[0] == 2 and set(tree.children(0)) == {9, 7} and tree.n_draft == 3
+    assert tree.ranks[tree.child(0, 9)] == 0            # a budget of 1 keeps the recent occurrence's token
+    one = PromptLookupDrafter(max_candidates=1).propose(tokens, 3, 4)
+    assert one.tokens == (2, 9, 9, 3) and one.parents == (-1, 0, 1, 2)
+
+
 def test_stop_string_truncates(target):
     ids = encode_prompt(target, "Count from 1 to 20, separated by commas.")
     full = generate(target, ids, params=SamplingParams(max_new_tokens=40))

@@ -37,7 +37,7 @@ def prompts(target):
 
 
 def _drafters(stores):
-    return [PromptLookupDrafter(), PromptLookupDrafter(max_candidates=4), make_drafter("rest", stores), NoDrafter()]
+    return [PromptLookupDrafter(max_candidates=1), PromptLookupDrafter(), make_drafter("rest", stores), NoDrafter()]
 
 
 def test_verify_batch_is_bitwise_each_request_alone(target, prompts):
