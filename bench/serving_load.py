@@ -137,7 +137,6 @@ def engine_vs_served(base_url: str, target, stores, texts: list[str], prompt_ids
     from openai import OpenAI
 
     from decoding.config import SamplingParams
-    from decoding.engine import generate
     from decoding.methods import make_drafter
 
     params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
@@ -147,9 +146,8 @@ def engine_vs_served(base_url: str, target, stores, texts: list[str], prompt_ids
     for i, (text, ids) in enumerate(zip(texts, prompt_ids)):
         for v in method_order(("engine", "served"), i + rep):
             if v == "engine":
-                t0 = time.perf_counter()
-                out = generate(target, ids, params=params, drafter=make_drafter(method, stores)).token_ids
-                res = {"ids": list(out), "latency": time.perf_counter() - t0}
+                seconds, outs = run_serialized(target, [ids], lambda: make_drafter(method, stores), params)
+                res = {"ids": list(outs[0]), "latency": seconds}
             else:
                 res = stream_one(client, model, text, method, max_tokens)
                 runs[v]["ttft"].append(res["ttft"])
