@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
+from decoding.acceptance import NodeAcceptance
 from decoding.measured import machine, remembered
 from decoding.tree import TokenTree
 
@@ -136,6 +137,7 @@ class AdaptiveBudget:
         self.forward_seen = {b: 0 for b in self.overhead}
         self.steps = 0
         self.shared = shared
+        self.nodes = shared.nodes if shared is not None else NodeAcceptance()
         self.start()
 
     def start(self) -> None:
@@ -174,11 +176,13 @@ class AdaptiveBudget:
             out[b] = (1.0 + best_a, last_d * step)
         return out
 
-    def forward_of(self, b: int) -> float:
-        """C(b): the forward's time with budget b, in decode steps of the curve (see the class)."""
-        if self.forward_seen.get(b):
+    def forward_of(self, b: int, nodes: int | None = None) -> float:
+        """C(b): the forward's time with budget b, in decode steps of the curve (see the class);
+        with `nodes`, of a tree of that many nodes drafted with budget b (not yet run: the curve
+        at its size, scaled as an untried budget's is)."""
+        if nodes is None and self.forward_seen.get(b):
             return self.forward[b]
-        curve = self.tree_cost[b] if b else 1.0
+        curve = (self.tree_cost[b] if nodes is None else interpolate_cost(self.cost, nodes)) if b else 1.0
         run = [s for s in self.forward if self.forward_seen[s]]
         if not run:
             return curve
@@ -205,12 +209,54 @@ class AdaptiveBudget:
         """The size one above `best` (`best` itself if it is the largest)."""
         return next((b for b in self.sizes if b > best), best)
 
+    @property
+    def draft_size(self) -> int:
+        """The tree drafted on a step that drafts, for :meth:`cut` to choose from: the largest size
+        whose verification costs at most 1.5 decode steps by the curve (at least the smallest
+        size): larger ones pay only when most of their tokens land, which the cut seldom
+        foresees, and drafting them costs every step."""
+        fits = [b for b in self.sizes if interpolate_cost(self.cost, b) <= 1.5]
+        return max(fits) if fits else self.sizes[0]
+
+    def cut(self, tree: TokenTree, budget: int) -> int:
+        """This step's budget, knowing the tree drafted with `budget`: the size k (0, or one of
+        the sizes) maximising
+
+            (1 + A_t(k)) / (C(k) + D(budget)),    A_t(k) = sum of P(on path) over the k best nodes,
+
+        where P(on path) is :class:`~decoding.acceptance.NodeAcceptance`'s estimate for each node
+        of this very tree. ``value`` weighs a budget's average acceptance over past steps; this
+        weighs the candidates at hand, so a step whose retrievals agree drafts deep and one whose
+        candidates are stray verifies the pending token alone. The drafting is already paid:
+        D(budget) counts for every k, 0 included."""
+        n = tree.n_draft
+        if n == 0:
+            return 0
+        p = self.nodes.on_path(tree)
+        by_rank = [0.0] * n
+        for i in range(1, len(tree)):
+            by_rank[tree.ranks[i]] = p[i]
+        d = self.overhead_of(budget)
+        best_k, best = 0, 1.0 / (self.forward_of(0) + d)
+        accepted, taken = 0.0, 0
+        for k in self.sizes:
+            while taken < min(k, n):
+                accepted += by_rank[taken]
+                taken += 1
+            v = (1.0 + accepted) / (self.forward_of(k, taken) + d)
+            if v > best:
+                best_k, best = k, v
+            if k >= n:
+                break
+        return best_k
+
     def update(self, tree: TokenTree, path: Sequence[int], budget: int, overhead_s: float | None = None,
                forward_s: float | None = None) -> None:
         """Learn from one verified tree drafted with `budget`; `overhead_s`: the step's seconds
         outside the verification forward (drafting and committing); `forward_s`: the seconds of
         the forward itself, when it verified this request's tree alone."""
         shared = self.shared
+        self.nodes.learn(tree, path)
         if overhead_s is not None and budget in self.overhead:
             self.overhead_seen[budget] += 1
             rate = max(1.0 - self.decay, 1.0 / self.overhead_seen[budget])
@@ -400,6 +446,7 @@ class SharedEstimates:
         self.overhead_seen: dict[int, int] = {}
         self.forward: dict[int, float] = {}
         self.forward_seen: dict[int, int] = {}
+        self.nodes = NodeAcceptance()           # the drafter's node acceptance model, one for all
 
     def seed(self, budget: AdaptiveBudget) -> None:
         with self._lock:

@@ -190,7 +190,7 @@ class Sequence:
 
     def step(self) -> list[int]:
         """One step alone: draft within this request's own budget, verify, advance."""
-        tree = self.propose(self.choose_budget())
+        tree = self.propose(self.choose_budget(), alone=True)
         return self.advance(tree, self.target.verify(self.state, tree), lone=True)
 
     def run(self, call=None) -> GenerationResult:
@@ -213,17 +213,25 @@ class Sequence:
         n = len(self.prompt_ids) + len(self.generated)
         return min(budget, self.target.context_window - n)
 
-    def propose(self, budget: int) -> TokenTree:
-        """A draft tree of at most `budget` nodes rooted at the pending token."""
+    def propose(self, budget: int, alone: bool = False) -> TokenTree:
+        """A draft tree of at most `budget` nodes rooted at the pending token. `alone` (the
+        request's forward verifies its tree alone) with an adaptive budget: a step that drafts
+        drafts the budget's ``draft_size`` (or `budget`, if larger) and keeps the part of it that
+        ``AdaptiveBudget.cut`` finds worth verifying, given how likely each of its nodes is to land."""
         n = len(self.prompt_ids) + len(self.generated)
         self.tokens[n - 1] = self.generated[-1]
         self._t0 = time.perf_counter()
         # Deeper drafts than the tokens still allowed would be wasted work, and the tree must
         # fit the context window beside the n - 1 committed tokens.
         max_depth = self.stopper.limit - len(self.generated) - 1
-        self._room = room = self.room(budget)
+        cut = alone and self.adaptive is not None and budget > 0
+        self._room = room = self.room(max(budget, self.adaptive.draft_size) if cut else budget)
+        self._drafted = room > 0
         tree = (self.drafter.propose(self.tokens[:n], room, max_depth, self.hidden) if room > 0
                 else TokenTree.root_only(int(self.tokens[n - 1])))
+        if cut and room > 0:
+            self._room = self.adaptive.cut(tree, budget)
+            tree = tree.cut(self._room)
         self._t1 = time.perf_counter()
         return tree
 
@@ -247,7 +255,10 @@ class Sequence:
             self.hidden = path_hidden[-1]
         t3 = time.perf_counter()
         if self.adaptive:
-            self.adaptive.update(tree, verdict.path, self._room, overhead_s=(self._t1 - self._t0) + (t3 - t2),
+            # A step that drafted and then kept nothing verified alone: its drafting time is not
+            # the price of a budget of 0 (a step that does not draft).
+            overhead_s = None if self._drafted and not self._room else (self._t1 - self._t0) + (t3 - t2)
+            self.adaptive.update(tree, verdict.path, self._room, overhead_s=overhead_s,
                                  forward_s=(t2 - self._t1) if lone else None)
         stats.steps += 1
         stats.drafted += tree.n_draft

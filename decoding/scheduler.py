@@ -163,7 +163,8 @@ class BatchScheduler:
                 self.batch_cost = batch_cost(self.target)
             self.steps += 1
             budgets = allocate_budgets(self.running, self.batch_cost, self.steps)
-            trees = [_guarded(s, s.propose, b) for s, b in zip(self.running, budgets)]
+            alone = len(self.running) == 1
+            trees = [_guarded(s, s.propose, b, alone) for s, b in zip(self.running, budgets)]
             batch = [(s, t) for s, t in zip(self.running, trees) if not s.done]
             if batch:
                 t0 = time.perf_counter()

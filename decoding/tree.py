@@ -47,6 +47,10 @@ class TokenTree:
     # token stood in the drafted source (the source's hidden state having read that token), NaN
     # where unknown. Soft verification compares it with the target's own state at node i.
     anchor_keys: Any = field(default=None, compare=False, repr=False)
+    # weights[i]: the drafter's weight of node i, the sum of the weights of the chains through it
+    # (the root's: all chains'), so weights[i] / weights[parents[i]] is the share of its parent's
+    # candidates that continue with node i. What the acceptance model (decoding.acceptance) reads.
+    weights: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
     _children: tuple[dict[int, int], ...] = field(init=False, repr=False, compare=False)
     _depths: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -72,6 +76,8 @@ class TokenTree:
             raise ValueError("ranks must give every node a rank after its parent's")
         if self.sources is not None and len(self.sources) != len(self.tokens):
             raise ValueError("sources must give one entry per node")
+        if self.weights is not None and len(self.weights) != len(self.tokens):
+            raise ValueError("weights must give one entry per node")
         if self.anchor_keys is not None and (self.anchor_keys.ndim != 2 or len(self.anchor_keys) != len(self.tokens)):
             raise ValueError("anchor_keys must be [nodes, d]")
         object.__setattr__(self, "_children", tuple(children))
@@ -139,7 +145,7 @@ class TokenTree:
         # Heap entries: (-weight, depth, first chain, token, chains through it, parent's kept index).
         heap = [(-w, 1, first, tok, members, 0) for w, first, tok, members in split(range(len(chains)), 0)]
         heapq.heapify(heap)
-        kept_nodes = [_Kept(0.0, 0, -1, root, [], -1)]
+        kept_nodes = [_Kept(sum(weights), 0, -1, root, [], -1)]
         while heap and len(kept_nodes) <= budget:
             neg_w, depth, first, tok, members, parent = heapq.heappop(heap)
             index = len(kept_nodes)
@@ -176,7 +182,23 @@ class TokenTree:
                             best = c
                     if best is not None:
                         anchor[new] = keys[best][j]
-        return cls(tokens, parents, ranks, sources, anchor)
+        return cls(tokens, parents, ranks, sources, anchor, tuple(kept_nodes[i].weight for i in order))
+
+    def cut(self, budget: int) -> "TokenTree":
+        """The tree a budget of `budget` nodes keeps: the draft nodes ranked below it (a node's
+        ancestors rank before it, so they stay). ``from_chains`` with that budget builds the same
+        tree; this keeps one drafted tree's smaller budgets without drafting again."""
+        if budget >= self.n_draft:
+            return self
+        keep = [i for i in range(len(self.tokens)) if self.ranks[i] < budget]
+        new = {old: i for i, old in enumerate(keep)}
+
+        def pick(xs):
+            return None if xs is None else tuple(xs[i] for i in keep)
+
+        return TokenTree(pick(self.tokens), tuple(new[self.parents[i]] if i else -1 for i in keep), pick(self.ranks),
+                         pick(self.sources), None if self.anchor_keys is None else self.anchor_keys[keep],
+                         pick(self.weights))
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -200,7 +200,7 @@ def test_adaptive_is_the_default_and_rejects_bad_budgets(target, tmp_path, monke
     monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
     monkeypatch.delattr(target, "_cost_curve", raising=False)
     shared = shared_estimates(target, ("pld", "StrictGreedyVerifier"))
-    steps_before = sum(shared.overhead_seen.values())
+    steps_before = sum(shared.forward_seen.values())
     ids = encode_prompt(target, "Count: 1 2 3 4 5 6 7 8 9 10 11 12")
     r = generate(target, ids, params=SamplingParams(max_new_tokens=8), drafter=PromptLookupDrafter())
     assert r.stats.new_tokens == 8
@@ -210,9 +210,93 @@ def test_adaptive_is_the_default_and_rejects_bad_budgets(target, tmp_path, monke
     custom = generate(target, ids, params=SamplingParams(max_new_tokens=8), drafter=PromptLookupDrafter(),
                       budget=AdaptiveBudget(cost_curve(target)))        # a caller's own adaptive budget
     assert custom.token_ids == r.token_ids
-    # The default budget added every step to the estimates this drafter's requests on this
-    # target share (a caller's own AdaptiveBudget keeps to itself).
-    assert sum(shared.overhead_seen.values()) - steps_before == r.stats.steps
+    # The default budget added every step (each verified alone) to the estimates this drafter's
+    # requests on this target share (a caller's own AdaptiveBudget keeps to itself).
+    assert sum(shared.forward_seen.values()) - steps_before == r.stats.steps
     for bad in (-1, 2.5, "big", True):
         with pytest.raises(InvalidRequestError, match="budget"):
             generate(target, ids, params=SamplingParams(max_new_tokens=2), drafter=PromptLookupDrafter(), budget=bad)
+
+
+def _tree_of_shares(shares_a, shares_b):
+    """Two proposers' chains: 'a' with a dominant continuation, 'b' with stray ones."""
+    chains = [([1, 2, 3, 4], shares_a)] + [([10 + i, 20 + i], shares_b) for i in range(4)]
+    labels = ["a"] + ["b"] * 4
+    return TokenTree.from_chains(0, chains, 16, labels)
+
+
+def test_node_acceptance_learns_which_nodes_land():
+    """Nodes of proposer 'a' always land and 'b's never: after training on verified trees, P(on
+    path) of a's chain rises towards 1 along it and b's falls towards 0; only nodes whose parent
+    was accepted teach (a rejected node's children have no outcome)."""
+    from decoding.acceptance import NodeAcceptance
+
+    model = NodeAcceptance()
+    tree = _tree_of_shares(1.0, 1.0)
+    a_path = [0]
+    while len(a_path) < 5:
+        a_path.append(tree.child(a_path[-1], [1, 2, 3, 4][len(a_path) - 1]))
+    before = model.on_path(tree)
+    for _ in range(300):
+        model.learn(tree, a_path)
+    after = model.on_path(tree)
+    b_nodes = [i for i in range(1, len(tree)) if tree.sources[i] == ("b",)]
+    assert all(after[i] > before[i] and after[i] > 0.8 for i in a_path[1:])
+    assert all(after[i] < before[i] and after[i] < 0.05 for i in b_nodes)
+    # on_path is the product of p(node | parent) along the path, as features() describe the node
+    coef = dict(model.coef)
+    for i in range(1, len(tree)):
+        assert after[i] == pytest.approx(after[tree.parents[i]] * model._p(model.features(tree, i), coef))
+    assert model.on_path(TokenTree.chain(0, [1, 2])) == [1.0, 0.0, 0.0]       # no weights: nothing expected
+
+
+def test_the_cut_keeps_what_is_likely_to_land_and_drops_strays():
+    """The step's budget from the tree at hand: a tree whose nodes the model expects to land is
+    kept deep on a gentle curve, cut short on a steep one; one whose nodes never land is not
+    verified at all (budget 0)."""
+    flat = {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.2, 8: 1.4, 16: 1.5}
+    steep = {0: 1.0, 1: 1.05, 2: 1.3, 4: 1.9, 8: 3.0, 16: 5.0}
+    tree = _tree_of_shares(1.0, 1.0)
+    a_path = [0]
+    while len(a_path) < 5:
+        a_path.append(tree.child(a_path[-1], [1, 2, 3, 4][len(a_path) - 1]))
+    lands, misses = AdaptiveBudget(flat), AdaptiveBudget(flat)
+    for _ in range(300):
+        lands.nodes.learn(tree, a_path)
+        misses.nodes.learn(tree, [0])
+    assert lands.cut(tree, 16) >= 4                     # a's four nodes, at least
+    assert misses.cut(tree, 16) == 0
+    steep_budget = AdaptiveBudget(steep)
+    steep_budget.nodes = lands.nodes
+    assert 1 <= steep_budget.cut(tree, 16) < lands.cut(tree, 16)
+    assert steep_budget.draft_size == 2 and lands.draft_size == 16         # c(n) <= 1.5
+
+
+def test_a_lone_step_drafts_wide_and_verifies_the_cut(target):
+    """Verified alone, an adaptive step drafts the budget's draft size and verifies the cut the
+    node model chose; the output stays the autoregressive one."""
+    from decoding.budget import cost_curve
+    from decoding.config import SamplingParams
+    from decoding.drafters import PromptLookupDrafter
+    from decoding.engine import Sequence, encode_prompt, generate
+
+    ids = encode_prompt(target, "Repeat: red green blue red green blue red green blue red green blue")
+    params = SamplingParams(max_new_tokens=24)
+    ab = AdaptiveBudget(cost_curve(target))
+    drafted, verified = [], []
+    seq = Sequence(target, ids, params=params, drafter=PromptLookupDrafter(), budget=ab)
+    propose = seq.drafter.propose
+
+    def recording(tokens, budget, max_depth, hidden=None):
+        drafted.append(budget)
+        return propose(tokens, budget, max_depth, hidden)
+
+    seq.drafter.propose = recording
+    verify = target.verify
+    seq.target = type("Spy", (), {"__getattr__": lambda self, k: getattr(target, k),
+                                  "verify": lambda self, state, tree: (verified.append(tree.n_draft),
+                                                                       verify(state, tree))[1]})()
+    out = seq.run()
+    assert out.token_ids == generate(target, ids, params=params, budget=0).token_ids
+    assert max(drafted) >= ab.draft_size > 0
+    assert len(verified) == out.stats.steps and ab.nodes.updates > 0

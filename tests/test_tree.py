@@ -155,3 +155,32 @@ def trie_reference(root, chains, budget, labels=None, keys=None):
                 anchor[new] = best_key[old][1]
     return tuple(tokens), tuple(parents), tuple(ranks), sources, anchor
 
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_cut_tree_is_the_tree_of_the_smaller_budget(seed):
+    """``cut(k)`` of a drafted tree keeps exactly what ``from_chains`` with budget k builds: nodes,
+    order, ranks, sources, anchor keys and weights (a node's weight: the chains through it)."""
+    rng = np.random.default_rng(seed)
+    chains = [(rng.integers(0, 3, int(rng.integers(0, 7))).tolist(), float(rng.random())) for _ in range(30)]
+    labels = [str(rng.choice(["pld", "rest", "dense"])) for _ in chains]
+    keys = [rng.random((len(c), 4)).astype(np.float32) for c, _ in chains]
+    full = TokenTree.from_chains(9, chains, 16, labels, keys)
+    assert full.weights[0] == pytest.approx(sum(w for _, w in chains))
+    for i in range(1, len(full)):
+        prefix = [full.tokens[j] for j in _path_to(full, i)]
+        assert full.weights[i] == pytest.approx(sum(w for c, w in chains if c[:len(prefix)] == prefix))
+    assert full.cut(40) is full
+    for k in (0, 1, 3, 8, 16):
+        small, cut = TokenTree.from_chains(9, chains, k, labels, keys), full.cut(k)
+        assert (cut.tokens, cut.parents, cut.ranks, cut.sources, cut.weights) == \
+            (small.tokens, small.parents, small.ranks, small.sources, small.weights)
+        np.testing.assert_array_equal(cut.anchor_keys, small.anchor_keys)
+
+
+def _path_to(tree, i):
+    path = []
+    while i > 0:
+        path.append(i)
+        i = tree.parents[i]
+    return path[::-1]
