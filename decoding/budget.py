@@ -112,6 +112,10 @@ class AdaptiveBudget:
     better. When no budget beats a plain step, b = 0: the engine then skips drafting and runs at
     ``ar`` speed (but for the exploration steps). On a GPU c(n) is flat and large budgets win;
     on a CPU it climbs and small ones do, with the same code.
+
+    A step verified alone refines the choice with the tree at hand: it drafts ``draft_size``
+    nodes and verifies the prefix :meth:`cut` picks from each node's estimated chance of landing
+    (``self.nodes``, a :class:`~decoding.acceptance.NodeAcceptance` shared like the estimates).
     """
 
     def __init__(self, cost: dict[int, float], *, sizes: Sequence[int] | None = None, decay: float = 0.95,
