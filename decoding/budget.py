@@ -23,6 +23,7 @@ if TYPE_CHECKING:       # decoding.target loads models through decoding.dtype_ch
     from decoding.target import TargetModel
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+WIDEN = 99
 
 
 def measure_verify_cost(target: TargetModel, sizes: Sequence[int] = DEFAULT_SIZES, *, context_len: int = 256,
@@ -215,12 +216,19 @@ class AdaptiveBudget:
 
     @property
     def draft_size(self) -> int:
-        """The tree drafted on a step that drafts, for :meth:`cut` to choose from: the largest size
-        whose verification costs at most 1.5 decode steps by the curve (at least the smallest
-        size): larger ones pay only when most of their tokens land, which the cut seldom
-        foresees, and drafting them costs every step."""
+        """The widest tree a step drafts for :meth:`cut` to choose from: the largest size whose
+        verification costs at most 1.5 decode steps by the curve (at least the smallest size).
+        Larger ones pay only when most of their tokens land, which the cut seldom foresees."""
         fits = [b for b in self.sizes if interpolate_cost(self.cost, b) <= 1.5]
         return max(fits) if fits else self.sizes[0]
+
+    def widen(self, budget: int) -> int:
+        """The tree drafted when the step's budget is `budget` (> 0), for :meth:`cut` to cut:
+        WIDEN sizes above it, within ``draft_size`` (never below `budget`)."""
+        wide = budget
+        for _ in range(WIDEN):
+            wide = self.larger(wide)
+        return max(budget, min(wide, self.draft_size))
 
     def cut(self, tree: TokenTree, budget: int) -> int:
         """This step's budget, knowing the tree drafted with `budget`: the size k (0, or one of

@@ -225,7 +225,7 @@ class Sequence:
         # fit the context window beside the n - 1 committed tokens.
         max_depth = self.stopper.limit - len(self.generated) - 1
         cut = alone and self.adaptive is not None and budget > 0
-        self._room = room = self.room(max(budget, self.adaptive.draft_size) if cut else budget)
+        self._room = room = self.room(self.adaptive.widen(budget) if cut else budget)
         self._drafted = room > 0
         tree = (self.drafter.propose(self.tokens[:n], room, max_depth, self.hidden) if room > 0
                 else TokenTree.root_only(int(self.tokens[n - 1])))
