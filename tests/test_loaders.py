@@ -111,7 +111,7 @@ def _generate(capsys, *args):
 
 
 def test_cli_generate_from_the_published_artifact(artifact, target, monkeypatch, capsys):
-    """`sense generate --index <root>` decodes with the artifact's sparse and dense stores (strict:
+    """`sense generate --index <root>` decodes with the artifact's stores (strict:
     the same text as plain decoding); --version pins one; the artifact's sparse/ folder (or the
     artifact itself) also serves as --sparse-store; a folder that is neither is one clear line."""
     from decoding.stores import load_datastores
