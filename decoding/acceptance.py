@@ -31,6 +31,8 @@ class NodeAcceptance:
     """p(draft node accepted | parent accepted), a logistic model updated online. Thread-safe:
     shared by the requests of one drafter (``decoding.budget.SharedEstimates``)."""
 
+    warm = 256      # nodes learned from before the estimates are used (see ``ready``)
+
     def __init__(self, learning_rate: float = 0.05) -> None:
         self.learning_rate = learning_rate
         # Before any observation p = share / (1 + share): a sole candidate is even odds, a minority
@@ -39,6 +41,13 @@ class NodeAcceptance:
                                        "depth": 0.0, "n_sources": 0.0}
         self.updates = 0
         self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """Whether it has learned from ``warm`` nodes. Its prior (p = share / (1 + share)) is
+        pessimistic where candidates agree: a fresh drafter's first steps, cut by it, measured
+        slower than uncut (48-token GSM8K answers, one request at a time: 1.52x `ar` against 1.70x)."""
+        return self.updates >= self.warm
 
     @staticmethod
     def features(tree: TokenTree, i: int) -> dict[str, float]:

@@ -223,9 +223,10 @@ class AdaptiveBudget:
 
     def widen(self, budget: int) -> int:
         """The tree drafted when the step's budget is `budget` (> 0), for :meth:`cut` to cut:
-        ``draft_size``, or `budget` when larger (an exploration step above it). Drafting only a
-        size or two above `budget` measured no faster: the drafting time is mostly per step."""
-        return max(budget, self.draft_size)
+        ``draft_size``, or `budget` when larger (an exploration step above it); `budget` itself
+        while the node model is not ready (the cut would keep `budget`). Drafting only a size or
+        two above `budget` measured no faster: the drafting time is mostly per step."""
+        return max(budget, self.draft_size) if self.nodes.ready else budget
 
     def cut(self, tree: TokenTree, budget: int) -> int:
         """This step's budget, knowing the tree drafted with `budget`: the size k (0, or one of
@@ -237,10 +238,14 @@ class AdaptiveBudget:
         of this very tree. ``value`` weighs a budget's average acceptance over past steps; this
         weighs the candidates at hand, so a step whose retrievals agree drafts deep and one whose
         candidates are stray verifies the pending token alone. The drafting is already paid:
-        D(budget) counts for every k, 0 included."""
+        D(budget) counts for every k, 0 included. Until the model has learned from
+        ``NodeAcceptance.warm`` nodes (a drafter's first request or two) its guesses are its prior's,
+        and the step keeps `budget`, the history's choice."""
         n = tree.n_draft
         if n == 0:
             return 0
+        if not self.nodes.ready:
+            return budget
         p = self.nodes.on_path(tree)
         by_rank = [0.0] * n
         for i in range(1, len(tree)):

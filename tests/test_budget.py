@@ -261,6 +261,8 @@ def test_the_cut_keeps_what_is_likely_to_land_and_drops_strays():
     while len(a_path) < 5:
         a_path.append(tree.child(a_path[-1], [1, 2, 3, 4][len(a_path) - 1]))
     lands, misses = AdaptiveBudget(flat), AdaptiveBudget(flat)
+    # untrained, the model's guesses are its prior's: the step keeps the history's budget
+    assert not lands.nodes.ready and lands.cut(tree, 6) == 6 and lands.widen(6) == 6
     for _ in range(300):
         lands.nodes.learn(tree, a_path)
         misses.nodes.learn(tree, [0])
@@ -269,6 +271,7 @@ def test_the_cut_keeps_what_is_likely_to_land_and_drops_strays():
     steep_budget = AdaptiveBudget(steep)
     steep_budget.nodes = lands.nodes
     assert 1 <= steep_budget.cut(tree, 16) < lands.cut(tree, 16)
+    assert lands.nodes.ready and lands.widen(6) == 16
     assert steep_budget.draft_size == 2 and lands.draft_size == 16         # c(n) <= 1.5
 
 
@@ -283,6 +286,7 @@ def test_a_lone_step_drafts_wide_and_verifies_the_cut(target):
     ids = encode_prompt(target, "Repeat: red green blue red green blue red green blue red green blue")
     params = SamplingParams(max_new_tokens=24)
     ab = AdaptiveBudget(cost_curve(target))
+    ab.nodes.warm = 0                   # cut from the first step (the model's prior)
     drafted, verified = [], []
     seq = Sequence(target, ids, params=params, drafter=PromptLookupDrafter(), budget=ab)
     propose = seq.drafter.propose
