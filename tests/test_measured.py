@@ -109,10 +109,15 @@ def test_a_timing_from_a_busy_machine_is_provisional_until_a_quiet_process_measu
         assert measured.remembered("c", {"k": 2}, timing) == ({"run": 3}, True)
     finally:
         _stop(procs)
-    _wait_quiet()
     # The first process to find the machine quiet measures again and replaces it (retrying once
-    # itself if a neighbour in a busy test run disturbed that measurement too).
-    value, cached = measured.remembered("t", {"k": 2}, timing, quiet=True)
+    # itself if a neighbour in a busy test run disturbed that measurement too). A process that
+    # looks in a busy moment (the VM's steal time, a neighbour in a busy test run) still uses the
+    # provisional value and measures nothing: ask again once the machine is quiet.
+    for _ in range(5):
+        _wait_quiet()
+        value, cached = measured.remembered("t", {"k": 2}, timing, quiet=True)
+        if not cached:
+            break
     assert not cached and value["run"] in (4, 5)
     stored = json.loads(next(cache.glob("t-*.json")).read_text())
     assert stored["value"] == value
