@@ -228,40 +228,52 @@ class AdaptiveBudget:
         two above `budget` measured no faster: the drafting time is mostly per step."""
         return max(budget, self.draft_size) if self.nodes.ready else budget
 
-    def cut(self, tree: TokenTree, budget: int) -> int:
-        """This step's budget, knowing the tree drafted with `budget`: the size k (0, or one of
-        the sizes) maximising
-
-            (1 + A_t(k)) / (C(k) + D(budget)),    A_t(k) = sum of P(on path) over the k best nodes,
-
-        where P(on path) is :class:`~decoding.acceptance.NodeAcceptance`'s estimate for each node
-        of this very tree. ``value`` weighs a budget's average acceptance over past steps; this
-        weighs the candidates at hand, so a step whose retrievals agree drafts deep and one whose
-        candidates are stray verifies the pending token alone. The drafting is already paid:
-        D(budget) counts for every k, 0 included. Until the model has learned from
-        ``NodeAcceptance.warm`` nodes (a drafter's first request or two) its guesses are its prior's,
-        and the step keeps `budget`, the history's choice."""
+    def tree_terms(self, tree: TokenTree) -> dict[int, tuple[float, int]]:
+        """{k: (1 + A_t(k), nodes kept)} for k = 0 and each size up to the first that keeps all of
+        `tree`: A_t(k) = sum of P(on path) over the k best-ranked nodes, P from
+        :class:`~decoding.acceptance.NodeAcceptance`'s estimate for each node of this very tree.
+        What the tree at hand promises for each budget it could be cut to (:meth:`cut`, and the
+        batch's ``decoding.scheduler.cut_budgets``)."""
         n = tree.n_draft
+        out = {0: (1.0, 0)}
         if n == 0:
-            return 0
-        if not self.nodes.ready:
-            return budget
+            return out
         p = self.nodes.on_path(tree)
         by_rank = [0.0] * n
         for i in range(1, len(tree)):
             by_rank[tree.ranks[i]] = p[i]
-        d = self.overhead_of(budget)
-        best_k, best = 0, 1.0 / (self.forward_of(0) + d)
         accepted, taken = 0.0, 0
         for k in self.sizes:
             while taken < min(k, n):
                 accepted += by_rank[taken]
                 taken += 1
-            v = (1.0 + accepted) / (self.forward_of(k, taken) + d)
-            if v > best:
-                best_k, best = k, v
+            out[k] = (1.0 + accepted, taken)
             if k >= n:
                 break
+        return out
+
+    def cut(self, tree: TokenTree, budget: int) -> int:
+        """This step's budget, knowing the tree drafted with `budget`: the size k (0, or one of
+        the sizes) maximising
+
+            (1 + A_t(k)) / (C(k) + D(budget))
+
+        with A_t(k) as :meth:`tree_terms` estimates it. ``value`` weighs a budget's average
+        acceptance over past steps; this weighs the candidates at hand, so a step whose
+        retrievals agree drafts deep and one whose candidates are stray verifies the pending token
+        alone. The drafting is already paid: D(budget) counts for every k, 0 included. Until the
+        model has learned from ``NodeAcceptance.warm`` nodes (a drafter's first request or two)
+        its guesses are its prior's, and the step keeps `budget`, the history's choice."""
+        if tree.n_draft == 0:
+            return 0
+        if not self.nodes.ready:
+            return budget
+        d = self.overhead_of(budget)
+        best_k, best = 0, 1.0 / (self.forward_of(0) + d)
+        for k, (gain, taken) in self.tree_terms(tree).items():
+            v = gain / (self.forward_of(k, taken) + d) if k else 0.0
+            if v > best:
+                best_k, best = k, v
         return best_k
 
     def update(self, tree: TokenTree, path: Sequence[int], budget: int, overhead_s: float | None = None,

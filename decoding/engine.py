@@ -213,27 +213,34 @@ class Sequence:
         n = len(self.prompt_ids) + len(self.generated)
         return min(budget, self.target.context_window - n)
 
-    def propose(self, budget: int, alone: bool = False) -> TokenTree:
-        """A draft tree of at most `budget` nodes rooted at the pending token. `alone` (the
-        request's forward verifies its tree alone) with an adaptive budget: a step that drafts
-        drafts the budget's ``draft_size`` (or `budget`, if larger) and keeps the part of it that
-        ``AdaptiveBudget.cut`` finds worth verifying, given how likely each of its nodes is to land."""
+    def propose(self, budget: int, alone: bool = False, wide: bool = False) -> TokenTree:
+        """A draft tree of at most `budget` nodes rooted at the pending token. With an adaptive
+        budget, a step that drafts can draft wider, for a cut to keep the part of the tree worth
+        verifying given how likely each of its nodes is to land: `alone` (the request's forward
+        verifies its tree alone) drafts the budget's ``AdaptiveBudget.widen`` and keeps what
+        ``AdaptiveBudget.cut`` picks; `wide` drafts as wide and leaves the cut to the caller
+        (:meth:`keep`: the batch's ``decoding.scheduler.cut_budgets``)."""
         n = len(self.prompt_ids) + len(self.generated)
         self.tokens[n - 1] = self.generated[-1]
         self._t0 = time.perf_counter()
         # Deeper drafts than the tokens still allowed would be wasted work, and the tree must
         # fit the context window beside the n - 1 committed tokens.
         max_depth = self.stopper.limit - len(self.generated) - 1
-        cut = alone and self.adaptive is not None and budget > 0
-        self._room = room = self.room(self.adaptive.widen(budget) if cut else budget)
+        widen = (alone or wide) and self.adaptive is not None and budget > 0
+        self._room = room = self.room(self.adaptive.widen(budget) if widen else budget)
         self._drafted = room > 0
         tree = (self.drafter.propose(self.tokens[:n], room, max_depth, self.hidden) if room > 0
                 else TokenTree.root_only(int(self.tokens[n - 1])))
-        if cut and room > 0:
-            self._room = self.adaptive.cut(tree, budget)
-            tree = tree.cut(self._room)
+        if alone and widen and room > 0:
+            tree = self.keep(tree, self.adaptive.cut(tree, budget))
         self._t1 = time.perf_counter()
         return tree
+
+    def keep(self, tree: TokenTree, budget: int) -> TokenTree:
+        """The part of this step's drafted `tree` a budget of `budget` nodes keeps (the budget the
+        step's statistics and estimates then count)."""
+        self._room = budget
+        return tree.cut(budget)
 
     def advance(self, tree: TokenTree, out, lone: bool = False) -> list[int]:
         """Accept from the verified `tree` (its forward output `out`), commit, apply the stop

@@ -11,8 +11,10 @@ Each :meth:`BatchScheduler.step`:
    prefill ends, so time to first token is the prefills ahead of it, not a verification step
    per request ahead of it;
 3. every running request drafts within the budget the batch allocation gives it
-   (:func:`allocate_budgets`), all the trees are verified in one forward
-   (``TargetModel.verify_batch``), and each request accepts, commits and emits its tokens.
+   (:func:`allocate_budgets`, from what past steps taught: whether drafting pays for it at this
+   load); those that draft draft wide, and :func:`cut_budgets` keeps of their trees the nodes
+   most likely to land for the rows the forward has to spare; all the trees are verified in one
+   forward (``TargetModel.verify_batch``), and each request accepts, commits and emits its tokens.
 
 A request's output is the same whatever shares its batch: the lean forward runs every row on the
 batch-invariant kernels and each request attends to its own KV cache only, so its logits are
@@ -30,6 +32,7 @@ from collections.abc import Sequence as Seq
 from decoding.budget import BatchCost, batch_cost, interpolate_cost
 from decoding.compute_thread import ComputeThread
 from decoding.engine import GenerationResult, Sequence
+from decoding.tree import TokenTree
 
 
 def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, step: int | None = None) -> list[int]:
@@ -66,12 +69,7 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
     if not adaptive:
         return budgets
     first = seqs[adaptive[0]].adaptive
-    step_s = first.step_seconds
-
-    def forward_s(rows: int) -> float:
-        if batch_cost is not None:
-            return batch_cost.seconds(len(seqs), rows)
-        return step_s * interpolate_cost(first.cost, rows - 1)
+    forward_s = _forward_seconds(len(seqs), first, batch_cost)
 
     # Each adaptive request's terms per size, once: (1 + A_i(x), D_i(x) in seconds). D_i is the
     # request's own work in the step (drafting, acceptance, KV compaction), run one request
@@ -105,6 +103,71 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
         i = adaptive[(step // first.explore_every) % len(adaptive)]
         budgets[i] = seqs[i].adaptive.larger(budgets[i])
     return budgets
+
+
+def _forward_seconds(requests: int, budget, batch_cost: BatchCost | None):
+    """rows -> seconds of a forward of `requests` requests: `batch_cost`, or without one the
+    single-request curve of `budget` (an ``AdaptiveBudget``) at rows - 1 draft tokens."""
+    if batch_cost is not None:
+        return lambda rows: batch_cost.seconds(requests, rows)
+    return lambda rows: budget.step_seconds * interpolate_cost(budget.cost, rows - 1)
+
+
+def cut_budgets(seqs: Seq[Sequence], trees: Seq[TokenTree | None], budgets: Seq[int],
+                batch_cost: BatchCost | None = None) -> list[int | None]:
+    """The budget each request keeps of the tree it drafted this step (``Sequence.keep``), the
+    batch's counterpart of ``AdaptiveBudget.cut``: the same objective as :func:`allocate_budgets`,
+
+        G(k) = sum_i (1 + A_i(k_i)) / (C(R, T) + sum_i D_i),    T = sum_i (1 + n_i(k_i)) rows,
+
+    but with A_i(k) = sum of P(on path) over the k best-ranked nodes of request i's tree at hand
+    (``AdaptiveBudget.tree_terms``; n_i(k): the nodes kept) for the requests that drafted wide (an
+    adaptive budget above 0 from the allocation, a ready node model); the others keep their trees
+    and their terms. The drafting is paid, so D_i is fixed. Ascent from every such request
+    keeping nothing: raise the k of the request, to whichever of its sizes, that increases G
+    most, until none does. So the rows of a loaded forward go to the nodes most likely to land,
+    whichever request drafted them; a request whose candidates are strays this step verifies
+    its pending token alone. None for a request whose tree stays as drafted."""
+    keep: list[int | None] = [None] * len(seqs)
+    wide = {i for i, (s, t, b) in enumerate(zip(seqs, trees, budgets))
+            if t is not None and not s.done and s.adaptive and b > 0 and s.adaptive.nodes.ready}
+    if not wide:
+        return keep
+    forward_s = _forward_seconds(sum(t is not None and not s.done for s, t in zip(seqs, trees)),
+                                 seqs[min(wide)].adaptive, batch_cost)
+    terms = {}
+    gain = own = 0.0
+    rows = 0
+    for i, (s, t, b) in enumerate(zip(seqs, trees, budgets)):
+        if t is None or s.done:
+            continue
+        if s.adaptive:
+            g, d = s.adaptive.terms().get(b, (1.0 + b / 2, 0.0))
+        else:
+            g, d = 1.0 + b / 2, 0.0
+        own += d
+        if i in wide:
+            terms[i] = s.adaptive.tree_terms(t)
+            keep[i] = 0
+            g = 1.0
+        gain += g
+        rows += 1 + (0 if i in wide else t.n_draft)
+    best = gain / (forward_s(rows) + own)
+    while True:
+        choice = None
+        for i, options in terms.items():
+            g0, n0 = options[keep[i]]
+            for k, (g1, n1) in options.items():
+                if k <= keep[i]:
+                    continue
+                v = (gain - g0 + g1) / (forward_s(rows - n0 + n1) + own)
+                if v > best and (choice is None or v > choice[0]):
+                    choice = (v, i, k)
+        if choice is None:
+            return keep
+        best, i, k = choice
+        (g0, n0), (g1, n1) = terms[i][keep[i]], terms[i][k]
+        gain, rows, keep[i] = gain - g0 + g1, rows - n0 + n1, k
 
 
 class BatchScheduler:
@@ -163,8 +226,12 @@ class BatchScheduler:
                 self.batch_cost = batch_cost(self.target)
             self.steps += 1
             budgets = allocate_budgets(self.running, self.batch_cost, self.steps)
-            alone = len(self.running) == 1
-            trees = [_guarded(s, s.propose, b, alone) for s, b in zip(self.running, budgets)]
+            if len(self.running) == 1:
+                trees = [_guarded(self.running[0], self.running[0].propose, budgets[0], True)]
+            else:
+                trees = [_guarded(s, s.propose, b, False, True) for s, b in zip(self.running, budgets)]
+                keep = cut_budgets(self.running, trees, budgets, self.batch_cost)
+                trees = [t if k is None else s.keep(t, k) for s, t, k in zip(self.running, trees, keep)]
             batch = [(s, t) for s, t in zip(self.running, trees) if not s.done]
             if batch:
                 t0 = time.perf_counter()

@@ -299,6 +299,85 @@ def test_a_batch_explores_with_one_request_at_a_time():
     assert per_step[7].index(1) != per_step[15].index(1)                     # in turn
 
 
+def _shares_tree():
+    """Two proposers' chains: 'a' with a dominant continuation, 'b' with stray ones."""
+    chains = [([1, 2, 3, 4], 2.0)] + [([10 + i, 20 + i], 0.5) for i in range(4)]
+    return TokenTree.from_chains(0, chains, 16, ["a"] + ["b"] * 4)
+
+
+def _drafted(cost, lands: bool):
+    """A running request that drafted `_shares_tree()`, whose node model learned that 'a's nodes
+    land (`lands`) or that nothing does."""
+    req = _request(cost, lambda b: 0.5 * min(b, 4))
+    tree = _shares_tree()
+    path = [0]
+    while lands and len(path) < 5:
+        path.append(tree.child(path[-1], [1, 2, 3, 4][len(path) - 1]))
+    for _ in range(300):
+        req.adaptive.nodes.learn(tree, path)
+    req.done = False
+    return req, tree
+
+
+def test_the_batch_cut_gives_the_rows_to_the_nodes_likely_to_land():
+    """Of the trees a batch drafted wide, the forward verifies the nodes likely to land: a request
+    whose tree lands keeps its likely chain, one whose candidates are strays keeps nothing; dearer
+    rows keep fewer; a request whose allocation was 0 (it did not draft wide) keeps its tree."""
+    from decoding.budget import BATCH_POINTS, BatchCost
+    from decoding.scheduler import cut_budgets
+
+    flat = BatchCost([[r, r + e, 0.012 + 0.0001 * (r + e) + 0.0004 * (r - 1)] for r, e in BATCH_POINTS])
+    steep = BatchCost([[r, r + e, 0.012 + 0.01 * max(0, r + e - 5) + 0.0004 * (r - 1)] for r, e in BATCH_POINTS])
+    (a, ta), (b, tb), (c, _) = _drafted(CPU_LIKE, True), _drafted(CPU_LIKE, False), _drafted(CPU_LIKE, True)
+    tc = TokenTree.root_only(7)
+    keep = cut_budgets([a, b, c], [ta, tb, tc], [4, 4, 0], flat)
+    assert keep[0] >= 4 and keep[1] == 0 and keep[2] is None
+    on_flat = keep[0]
+    keep = cut_budgets([a, b, c], [ta, tb, tc], [4, 4, 0], steep)
+    assert 1 <= keep[0] < on_flat and keep[1] == 0
+    # The kept part is the tree the budget keeps: a's chain first.
+    assert ta.cut(keep[0]).tokens[1:3] == (1, 2)
+    # A node model still learning keeps the allocation's trees as drafted.
+    fresh, tree = _request(CPU_LIKE, lambda b: 0.5 * min(b, 4)), _shares_tree()
+    fresh.done = False
+    assert cut_budgets([fresh, a], [tree, ta], [4, 4], flat)[0] is None
+
+
+def test_a_batch_drafts_wide_and_verifies_the_cut(target, prompts, monkeypatch):
+    """In a batch, a request the allocation lets draft drafts its draft size, and the forward
+    verifies the cut (``cut_budgets``); every output stays the one decoded alone."""
+    import decoding.scheduler as scheduler_module
+    from decoding.budget import cost_curve
+
+    params = SamplingParams(max_new_tokens=20)
+    drafted, seqs = [], []
+    for p in prompts[:3]:
+        ab = AdaptiveBudget(cost_curve(target))
+        ab.nodes.warm = 0               # cut from the first step (the model's prior)
+        seq = Sequence(target, p, params=params, drafter=PromptLookupDrafter(), budget=ab)
+        propose = seq.drafter.propose
+        seq.drafter.propose = (lambda tokens, budget, max_depth, hidden=None, _p=propose:
+                               (drafted.append(budget), _p(tokens, budget, max_depth, hidden))[1])
+        seqs.append(seq)
+    cuts = []
+    cut_budgets = scheduler_module.cut_budgets
+
+    def recording(batch, trees, *args):
+        keep = cut_budgets(batch, trees, *args)
+        cuts.extend((t.n_draft, k) for t, k in zip(trees, keep) if k is not None)
+        return keep
+
+    monkeypatch.setattr(scheduler_module, "cut_budgets", recording)
+    scheduler = BatchScheduler(target, max_batch=3)
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.run()
+    alone = [generate(target, p, params=params, drafter=PromptLookupDrafter()).token_ids for p in prompts[:3]]
+    assert [s.result().token_ids for s in seqs] == alone
+    assert drafted and max(drafted) >= seqs[0].adaptive.draft_size > 0
+    assert any(k < n for n, k in cuts)          # trees drafted wide in a batch, verified cut
+
+
 def test_the_compute_thread_runs_calls_in_order_and_the_loop_between_them():
     """Calls from other threads run on the one compute thread, in order, with their results and
     exceptions handed back; a call made on the compute thread runs at once (no deadlock); the
