@@ -177,7 +177,9 @@ def others_busy(since: tuple[float, float, float]) -> float:
     if since[1] is None or now[1] is None or wall <= 0:
         return 0.0
     others = (now[1] - since[1]) - (now[2] - since[2])
-    return max(0.0, others) / (wall * (os.cpu_count() or 1))
+    # /proc/stat counts in clock ticks (10 ms): over a wall shorter than a few ticks one tick reads
+    # as many times the machine; a share is at most all of it.
+    return min(1.0, max(0.0, others) / (wall * (os.cpu_count() or 1)))
 
 
 def _read_entry(path: Path, key: dict) -> dict | None:
