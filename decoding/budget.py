@@ -180,6 +180,10 @@ class AdaptiveBudget:
             out[b] = (1.0 + best_a, last_d * step)
         return out
 
+    def term(self, b: int) -> tuple[float, float]:
+        """(1 + A(b), D(b) in seconds): one entry of :meth:`terms`."""
+        return 1.0 + self.expected_accepted(b), self.overhead_of(b) * self.step_seconds
+
     def forward_of(self, b: int, nodes: int | None = None) -> float:
         """C(b): the forward's time with budget b, in decode steps of the curve (see the class);
         with `nodes`, of a tree of that many nodes drafted with budget b (not yet run: the curve
@@ -271,9 +275,8 @@ class AdaptiveBudget:
         d = self.overhead_of(budget)
         best_k, best = 0, 1.0 / (self.forward_of(0) + d)
         for k, (gain, taken) in self.tree_terms(tree).items():
-            v = gain / (self.forward_of(k, taken) + d) if k else 0.0
-            if v > best:
-                best_k, best = k, v
+            if k and gain / (self.forward_of(k, taken) + d) > best:
+                best_k, best = k, gain / (self.forward_of(k, taken) + d)
         return best_k
 
     def update(self, tree: TokenTree, path: Sequence[int], budget: int, overhead_s: float | None = None,

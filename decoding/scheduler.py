@@ -141,10 +141,7 @@ def cut_budgets(seqs: Seq[Sequence], trees: Seq[TokenTree | None], budgets: Seq[
     for i, (s, t, b) in enumerate(zip(seqs, trees, budgets)):
         if t is None or s.done:
             continue
-        if s.adaptive:
-            g, d = s.adaptive.terms().get(b, (1.0 + b / 2, 0.0))
-        else:
-            g, d = 1.0 + b / 2, 0.0
+        g, d = s.adaptive.term(b) if s.adaptive else (1.0 + b / 2, 0.0)
         own += d
         if i in wide:
             terms[i] = s.adaptive.tree_terms(t)

@@ -69,7 +69,7 @@ def test_others_busy_counts_other_processes_not_this_one():
 def test_a_share_of_the_machine_is_at_most_all_of_it():
     """/proc/stat counts 10 ms ticks: one tick inside a wall of microseconds (a stand-in timing)
     must read as the whole machine at most, not thousands of it (which no limit would pass)."""
-    t, machine_busy, own = measured.cpu_snapshot()
+    _, machine_busy, own = measured.cpu_snapshot()
     if machine_busy is None:
         pytest.skip("no /proc/stat here")
     assert measured.others_busy((time.monotonic() - 1e-6, machine_busy - 0.01, own)) == 1.0
