@@ -93,7 +93,11 @@ def test_a_timing_disturbed_by_other_processes_is_taken_again(cache, monkeypatch
     assert value == {"run": 2} and not cached and len(runs) == 2
     stored = json.loads(next(cache.glob("t-*.json")).read_text())
     assert stored["value"] == {"run": 2} and stored["others_busy"] < 0.5    # the quieter of the two
-    assert measured.remembered("t", {"k": 1}, timing, quiet=True) == ({"run": 2}, True)
+    # Stored quiet, it is final: read back, never measured again. (Under a busy test run the second
+    # attempt can itself read above QUIET_LIMIT: then it is provisional, and a quiet reader measures
+    # again, as the next test checks; a fresh-clone run failed here that way.)
+    if stored["others_busy"] <= measured.QUIET_LIMIT:
+        assert measured.remembered("t", {"k": 1}, timing, quiet=True) == ({"run": 2}, True)
 
 
 def test_a_timing_from_a_busy_machine_is_provisional_until_a_quiet_process_measures_again(cache):
