@@ -89,8 +89,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from decoding.budget import batch_cost, cost_curve
     from decoding.config import SamplingParams
+    from decoding.cost import batch_cost, cost_curve
     from decoding.engine import encode_prompt
     from decoding.methods import check_method, make_drafter
     from decoding.stores import load_datastores

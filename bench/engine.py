@@ -27,9 +27,9 @@ from collections import defaultdict
 import torch
 
 from bench.common import machine_info, median, method_order, write_results
-from decoding.budget import measure_verify_cost, relative_cost
 from decoding.cli import _quiet_libraries
 from decoding.config import SamplingParams
+from decoding.cost import measure_verify_cost, relative_cost
 from decoding.demo_stores import encode_text
 from decoding.engine import encode_prompt, generate
 from decoding.methods import Datastores, make_drafter

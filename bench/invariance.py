@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bench.common import machine_info, write_results
 from decoding import invariant
-from decoding.budget import measure_verify_cost
+from decoding.cost import measure_verify_cost
 from decoding.target import TargetModel
 from decoding.tree import TokenTree
 

@@ -40,12 +40,13 @@ import torch
 from bench.analysis import spec_bench_halves
 from bench.common import machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
-from decoding.budget import AdaptiveBudget, SharedEstimates, cost_curve, relative_cost
+from decoding.budget import AdaptiveBudget, SharedEstimates
 from decoding.config import SamplingParams
+from decoding.cost import cost_curve, relative_cost
 from decoding.dense_extract import build_dense_datastore
+from decoding.engine import encode_prompt, generate
 from decoding.fingerprint import model_fingerprint
 from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores, make_drafter
-from decoding.engine import encode_prompt, generate
 from decoding.soft import SoftGateConfig
 from decoding.target import TargetModel
 from index.corpus import gsm8k, gsm8k_answer_text, spec_bench
@@ -508,7 +509,7 @@ def main(argv=None) -> int:
         log("cost curve (of the run being resumed):", cost)
     else:
         # This machine's curve for this model and dtype, as the engine and serving plan with it
-        # (measured once per machine, then remembered: decoding.budget.cost_curve).
+        # (measured once per machine, then remembered: decoding.cost.cost_curve).
         # In seconds: the adaptive budget weighs each step's drafting time against it.
         cost = cost_curve(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
         log("cost curve:", {n: round(c, 2) for n, c in relative_cost(cost).items()})

@@ -59,8 +59,9 @@ def run_engine(target, stores, prompts, method: str, max_tokens: int, budget,
                cost: dict | None = None) -> tuple[float, list[list[int]], list[dict]]:
     """(tokens/s over the generate() calls, token ids per prompt, per-request costs in seconds).
     With budget "adaptive", `cost` is the verify cost curve (measured here if not given)."""
-    from decoding.budget import AdaptiveBudget, SharedEstimates, measure_verify_cost
+    from decoding.budget import AdaptiveBudget, SharedEstimates
     from decoding.config import SamplingParams
+    from decoding.cost import measure_verify_cost
     from decoding.engine import encode_prompt, generate
 
     if budget == "adaptive" and cost is None:
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
     engine_runs, rows, mismatches, served, breakdowns, interleaved = {}, [], {}, {}, [], {}
     cost = None
     if budget == "adaptive":                  # one curve for every engine run of this benchmark
-        from decoding.budget import measure_verify_cost
+        from decoding.cost import measure_verify_cost
 
         cost = measure_verify_cost(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
     run_engine(target, stores, prompts[:1], methods[0], 8, budget, cost)            # warm-up

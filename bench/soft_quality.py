@@ -27,8 +27,9 @@ from bench.common import machine_info, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from bench.sense import build_stores, log, make, self_distilled
 from decoding.batch_generate import generate_greedy_batched
-from decoding.budget import AdaptiveBudget, SharedEstimates, measure_verify_cost
+from decoding.budget import AdaptiveBudget, SharedEstimates
 from decoding.config import SamplingParams
+from decoding.cost import measure_verify_cost
 from decoding.engine import encode_prompt, generate
 from decoding.soft import SoftGateConfig
 from decoding.target import TargetModel

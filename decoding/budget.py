@@ -1,95 +1,22 @@
-"""The verify cost curve c(n) and the draft budget it implies.
-
-c(n) = time of one verification forward with n draft tokens (plus the pending root) divided by
-the time of a plain decode step (root only). On a GPU c(n) stays near 1 up to dozens of tokens;
-on a CPU it climbs quickly, so the number of draft tokens worth sending differs by hardware.
-"""
+"""The draft budget a step sends, from the verify cost curve (:mod:`decoding.cost`) and what
+past steps of the same drafter accepted: :class:`AdaptiveBudget` per request,
+:class:`SharedEstimates` per drafter."""
 
 from __future__ import annotations
 
-import bisect
-import statistics
 import threading
-import time
 import weakref
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING
 
 from decoding.acceptance import NodeAcceptance
-from decoding.measured import machine, remembered
+from decoding.cost import interpolate_cost
 from decoding.tree import TokenTree
-
-if TYPE_CHECKING:       # decoding.target loads models through decoding.dtype_choice, which imports this
-    from decoding.target import TargetModel
-
-DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-
-
-def measure_verify_cost(target: TargetModel, sizes: Sequence[int] = DEFAULT_SIZES, *, context_len: int = 256,
-                        repeats: int = 7, warmup: int = 2) -> dict[int, float]:
-    """Median seconds of one verify forward for each tree size n (n draft tokens), and n=0.
-
-    Sizes are interleaved within each repeat so that drift in machine load hits all alike.
-    """
-    vocab = target.vocab_size
-    prompt = [(17 * i + 5) % vocab for i in range(context_len)]
-    state, _ = target.prefill(prompt)
-    trees = {n: TokenTree.chain(7 % vocab, [(101 + 13 * i) % vocab for i in range(n)]) for n in (0, *sizes)}
-    times: dict[int, list[float]] = {n: [] for n in trees}
-    for rep in range(warmup + repeats):
-        for n, tree in trees.items():
-            t0 = time.perf_counter()
-            target.verify(state, tree)
-            dt = time.perf_counter() - t0
-            target.commit(state, [0])
-            state.cache.crop(-1)            # drop the committed root again: same context every time
-            state.n_committed -= 1
-            if rep >= warmup:
-                times[n].append(dt)
-    return {n: statistics.median(ts) for n, ts in times.items()}
-
-
-def cost_curve(target: "TargetModel", sizes: Sequence[int] = DEFAULT_SIZES) -> dict[int, float]:
-    """The verify cost curve of `target` on this machine (seconds per forward by tree size):
-    measured once per machine, model, dtype and thread count, then remembered on disk and on the
-    target. This is what ``budget="adaptive"`` plans with."""
-    memo = getattr(target, "_cost_curve", None)
-    if memo is not None and memo[0] == tuple(sizes):
-        return memo[1]
-    # A small context window (test models) takes the sizes that fit beside a shorter context.
-    fit = [n for n in sizes if 2 * n + 2 <= target.context_window] or [1]
-    context = min(256, target.context_window - max(fit) - 2)
-    key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
-           "kernels": target.kernels, "sizes": fit, "context": context}
-    stored, _ = remembered("cost", key, quiet=True, compute=lambda: {
-        str(n): s for n, s in measure_verify_cost(target, fit, context_len=context, repeats=5, warmup=1).items()})
-    curve = {int(n): s for n, s in stored.items()}
-    target._cost_curve = (tuple(sizes), curve)
-    return curve
-
-
-def relative_cost(seconds: dict[int, float]) -> dict[int, float]:
-    """c(n) = seconds[n] / seconds[0]."""
-    base = seconds[0]
-    return {n: s / base for n, s in sorted(seconds.items())}
 
 
 def pick_budget(cost: dict[int, float], tolerance: float = 1.25) -> int:
     """Largest measured n whose verify costs at most `tolerance` decode steps (at least 1)."""
     fits = [n for n, c in cost.items() if n > 0 and c <= tolerance]
     return max(fits) if fits else 1
-
-
-def interpolate_cost(cost: dict[int, float], n: int) -> float:
-    """c(n) for any n from a measured curve: linear between points, linear beyond the last two."""
-    pts = sorted(cost.items())
-    if n <= pts[0][0]:
-        return pts[0][1]
-    for (n0, c0), (n1, c1) in zip(pts, pts[1:]):
-        if n <= n1:
-            return c0 + (c1 - c0) * (n - n0) / (n1 - n0)
-    (n0, c0), (n1, c1) = pts[-2], pts[-1]
-    return c1 + (c1 - c0) * (n - n1) / (n1 - n0)
 
 
 class AdaptiveBudget:
@@ -310,148 +237,6 @@ class AdaptiveBudget:
             self.tree_cost[b] += rate * (c - self.tree_cost[b])
             if shared is not None:
                 shared.learn(b, accepted, c)
-
-
-BATCH_POINTS = (*((1, e) for e in (0, 2, 4, 8, 16, 32, 64)), *((r, e) for r in (2, 4, 8) for e in (0, 8, 32)))
-
-
-def measure_batch_cost(target: TargetModel, points: Sequence[tuple[int, int]] = BATCH_POINTS, *,
-                       context_len: int = 256, repeats: int = 5, warmup: int = 2) -> list[list[float]]:
-    """Median seconds of one batched verification forward (``verify_batch``) of R requests, each
-    with its own `context_len`-token cache and a one-row tree but the first, whose tree has
-    `extra` draft rows more, for each (R, extra) of `points`: [[R, T, seconds], ...] with
-    T = R + extra rows. Points interleaved within each repeat, as :func:`measure_verify_cost` does."""
-    vocab = target.vocab_size
-    states = [target.prefill([(17 * i + 5 + 3 * r) % vocab for i in range(context_len)])[0]
-              for r in range(max(r for r, _ in points))]
-    times: dict[tuple[int, int], list[float]] = {p: [] for p in points}
-    for rep in range(warmup + repeats):
-        for r, e in points:
-            trees = [TokenTree.chain(7 % vocab, [(101 + 13 * i) % vocab for i in range(e if j == 0 else 0)])
-                     for j in range(r)]
-            t0 = time.perf_counter()
-            target.verify_batch(states[:r], trees)
-            dt = time.perf_counter() - t0
-            for state in states[:r]:
-                target.commit(state, [0])
-                state.cache.crop(-1)
-                state.n_committed -= 1
-            if rep >= warmup:
-                times[(r, e)].append(dt)
-    return [[r, r + e, statistics.median(times[(r, e)])] for r, e in points]
-
-
-class BatchCost:
-    """Seconds of one batched verification forward of R requests and T rows in all:
-
-        C(R, T) = f(T) + b (R - 1)
-
-    f: one request's forward of T rows, interpolated piecewise linearly between the measured
-    one-request points (made non-decreasing; beyond the last point, its last segment's slope);
-    b: what each further request adds (its own attention over its own cache, its own lengths),
-    fitted by least squares to the other points' excess over f, never below 0. On a CPU the rows
-    price the forward: f is flat to about 8 rows, then about 1 ms a row (2-core AVX512-BF16 VM,
-    bfloat16), and a request adds well under a millisecond; a straight line in T (as this model
-    was before) priced 2 requests of 9 rows at 30 ms against 22 measured, so the allocation
-    drafted too little. Never falls with more requests or rows.
-
-    The measurement is taken once per machine and remembered; a shared VM can read it 10-100% off
-    (another process on a core during it), and then every later process would plan with it. So the
-    scheduler reports every forward it runs (:meth:`observe`): the measured over the modelled time
-    of a forward of T rows is kept per T (a running mean, then an EMA), and :meth:`seconds` scales
-    the model by that ratio at T (interpolated between the row counts seen, the nearest one's
-    beyond them): the forwards the batch actually runs price it, the model gives the shape."""
-
-    decay = 0.9                  # EMA weight of the past, once a row count has 1 / (1 - decay) forwards
-
-    def __init__(self, points: Sequence[Sequence[float]]) -> None:
-        import numpy as np
-
-        pts = np.asarray(points, dtype=np.float64)
-        if pts.ndim != 2 or pts.shape[1] != 3:
-            raise ValueError("BatchCost needs [requests, rows, seconds] points")
-        one = pts[pts[:, 0] == 1]
-        rows = np.unique(one[:, 1])
-        many = pts[pts[:, 0] > 1]
-        if len(rows) < 2 or not len(many):
-            raise ValueError("BatchCost needs one-request points at 2 row counts or more and a point of "
-                             "several requests")
-        secs = np.maximum.accumulate([np.median(one[one[:, 1] == t, 2]) for t in rows])
-        self._rows, self._secs = [float(x) for x in rows], [float(y) for y in secs]
-        self.slope = max(0.0, (self._secs[-1] - self._secs[-2]) / (self._rows[-1] - self._rows[-2]))
-        extra = many[:, 0] - 1
-        excess = many[:, 2] - np.array([self.one(t) for t in many[:, 1]])
-        self.per_request = max(0.0, float(extra @ excess / (extra @ extra)))
-        self._ratio: dict[int, float] = {}      # rows -> measured / modelled seconds (see observe)
-        self._seen: dict[int, int] = {}
-        self._observed: list[int] = []          # the row counts seen, sorted
-
-    def one(self, rows: float) -> float:
-        """f(T): one request's forward of `rows` rows (plain Python: the allocation asks for
-        a few dozen of these a step)."""
-        xs, ys = self._rows, self._secs
-        if rows >= xs[-1]:
-            return ys[-1] + self.slope * (rows - xs[-1])
-        if rows <= xs[0]:
-            return ys[0]
-        i = bisect.bisect_right(xs, rows)
-        return ys[i - 1] + (ys[i] - ys[i - 1]) * (rows - xs[i - 1]) / (xs[i] - xs[i - 1])
-
-    def modelled(self, requests: int, rows: int) -> float:
-        """C(R, T) as measured once, without what :meth:`observe` taught."""
-        return max(1e-6, self.one(rows) + self.per_request * (requests - 1))
-
-    def seconds(self, requests: int, rows: int) -> float:
-        return self.modelled(requests, rows) * self.ratio(rows)
-
-    def ratio(self, rows: int) -> float:
-        """Measured over modelled time of the forwards of `rows` rows run so far; between row
-        counts run, interpolated; beyond them, the nearest one's (1.0 before any)."""
-        seen = self._observed
-        if not seen:
-            return 1.0
-        r = self._ratio.get(rows)
-        if r is not None:
-            return r
-        i = bisect.bisect_left(seen, rows)
-        if i == 0 or i == len(seen):
-            return self._ratio[seen[min(i, len(seen) - 1)]]
-        lo, hi = seen[i - 1], seen[i]
-        return self._ratio[lo] + (self._ratio[hi] - self._ratio[lo]) * (rows - lo) / (hi - lo)
-
-    def observe(self, requests: int, rows: int, seconds: float) -> None:
-        """One forward the batch ran: `requests` requests, `rows` rows in all, `seconds` long."""
-        if requests < 1 or rows < requests or not seconds > 0:
-            return
-        r = seconds / self.modelled(requests, rows)
-        n = self._seen.get(rows, 0) + 1
-        self._seen[rows] = n
-        if n == 1:
-            self._ratio[rows] = r
-            bisect.insort(self._observed, rows)
-        else:
-            self._ratio[rows] += max(1.0 - self.decay, 1.0 / n) * (r - self._ratio[rows])
-
-
-def batch_cost(target: "TargetModel") -> BatchCost:
-    """The batched forward cost model of `target` on this machine: measured once per machine,
-    model, dtype and thread count, then remembered on disk and on the target (as
-    :func:`cost_curve`). What the batch scheduler allocates draft budgets with."""
-    memo = getattr(target, "_batch_cost", None)
-    if memo is not None:
-        return memo
-    limit = target.context_window // 2
-    points = [(r, e) for r, e in BATCH_POINTS if e + r + 1 <= limit]
-    if len({e for r, e in points if r == 1}) < 2:
-        points = [(1, 0), (1, 1), (2, 0)]
-    context = min(256, target.context_window - max(r + e for r, e in points) - 2)
-    key = {"machine": machine(target.device), "model": target.model_key, "dtype": str(target.dtype),
-           "kernels": target.kernels, "points": points, "context": context}
-    stored, _ = remembered("batch_cost", key, quiet=True, compute=lambda: {
-        "points": measure_batch_cost(target, points, context_len=context, repeats=3, warmup=1)})
-    model = BatchCost(stored["points"])
-    target._batch_cost = model
-    return model
 
 
 class SharedEstimates:

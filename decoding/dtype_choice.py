@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from decoding.budget import measure_verify_cost
+from decoding.cost import measure_verify_cost
 from decoding.errors import ModelLoadError
 from decoding.measured import machine, remembered
 

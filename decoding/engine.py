@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decoding.budget import AdaptiveBudget, cost_curve, shared_estimates
+from decoding.budget import AdaptiveBudget, shared_estimates
 from decoding.config import SamplingParams
+from decoding.cost import cost_curve
 from decoding.drafters.base import Drafter, NoDrafter
 from decoding.errors import InvalidRequestError
 from decoding.metrics import GenerationStats
@@ -98,7 +99,7 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     nodes), the target verifies all nodes in one forward, the verifier picks the accepted path
     and the next pending token, and the KV cache keeps just that path. `budget` is a node count,
     an :class:`AdaptiveBudget`, or ``"adaptive"`` (the default): an adaptive budget over this
-    machine's measured cost curve (``decoding.budget.cost_curve``) that starts from what earlier
+    machine's measured cost curve (``decoding.cost.cost_curve``) that starts from what earlier
     requests of the same drafter on this target learned (``decoding.budget.shared_estimates``)
     and drafts nothing when drafts do not pay. `soft` (a
     ``decoding.soft.SoftGateConfig``) opts into lossy soft-gated verification.

@@ -29,8 +29,8 @@ import time
 from collections import deque
 from collections.abc import Sequence as Seq
 
-from decoding.budget import BatchCost, batch_cost, interpolate_cost
 from decoding.compute_thread import ComputeThread
+from decoding.cost import BatchCost, batch_cost, interpolate_cost
 from decoding.engine import GenerationResult, Sequence
 from decoding.tree import TokenTree
 
@@ -44,7 +44,7 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
 
     where A_i(b) is request i's running estimate of the draft tokens accepted with budget b (its
     ``AdaptiveBudget``), C(R, T) the cost of a forward of the R requests with T rows in all (the
-    scheduler's :class:`~decoding.budget.BatchCost`, measured once per machine and corrected by the
+    scheduler's :class:`~decoding.cost.BatchCost`, measured once per machine and corrected by the
     forwards the scheduler runs; without one,
     the single-request verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
     time outside the forward (drafting, acceptance, commit) with budget b.
@@ -185,7 +185,7 @@ class BatchScheduler:
         self.rows = 0                   # tree nodes verified in them
         self.last_forward: tuple[int, int] | None = None    # (requests, rows) of the last step's forward
         self.last_prefills = 0          # requests prefilled in the last step
-        self.batch_cost: BatchCost | None = None            # budget.batch_cost; every forward observed
+        self.batch_cost: BatchCost | None = None            # cost.batch_cost; every forward observed
         self.steps = 0                  # steps with running requests (the batch's exploration count)
 
     def add(self, seq: Sequence) -> None:

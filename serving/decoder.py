@@ -250,7 +250,7 @@ class Decoder:
         # read from the cache), so no request waits on them.
         self._cost_curve()
         if self.batch is not None:
-            from decoding.budget import batch_cost
+            from decoding.cost import batch_cost
 
             self.compute.call(batch_cost, self.target)
         log.info("decoder ready: %s on %s/%s, %s index, threads %s", self.cfg.model.name, device,
@@ -346,7 +346,7 @@ class Decoder:
     def _cost_curve(self) -> dict:
         with self._cost_lock:
             if self._cost is None:
-                from decoding.budget import cost_curve
+                from decoding.cost import cost_curve
 
                 self._cost = self.compute.call(cost_curve, self.target, COST_SIZES)
             return self._cost

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from decoding.budget import AdaptiveBudget, SharedEstimates, interpolate_cost, pick_budget, shared_estimates
+from decoding.budget import (
+    AdaptiveBudget,
+    SharedEstimates,
+    pick_budget,
+    shared_estimates,
+)
+from decoding.cost import interpolate_cost
 from decoding.tree import TokenTree
 
 
@@ -191,8 +197,8 @@ def test_zero_budget_skips_the_drafter(target):
 
 
 def test_adaptive_is_the_default_and_rejects_bad_budgets(target, tmp_path, monkeypatch):
-    from decoding.budget import cost_curve
     from decoding.config import SamplingParams
+    from decoding.cost import cost_curve
     from decoding.drafters import PromptLookupDrafter
     from decoding.engine import encode_prompt, generate
     from decoding.errors import InvalidRequestError
@@ -278,8 +284,8 @@ def test_the_cut_keeps_what_is_likely_to_land_and_drops_strays():
 def test_a_lone_step_drafts_wide_and_verifies_the_cut(target):
     """Verified alone, an adaptive step drafts the budget's draft size and verifies the cut the
     node model chose; the output stays the autoregressive one."""
-    from decoding.budget import cost_curve
     from decoding.config import SamplingParams
+    from decoding.cost import cost_curve
     from decoding.drafters import PromptLookupDrafter
     from decoding.engine import Sequence, encode_prompt, generate
 

@@ -1,4 +1,4 @@
-"""The layers point one way: index -> decoding -> pipelines / serving -> support -> bench.
+"""The layers point one way: index -> decoding -> pipelines -> serving -> support -> bench.
 
 Every import of every module is read with `ast`, those inside functions too (an import moved into
 a function still ties the layers, it only hides the tie until run time).
@@ -12,9 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # support/ holds what tests and benchmarks share (load generator, fault injection, ports, a
 # local cluster, the S3 server): above what it drives, below the benchmarks.
-LAYERS = {"index": 0, "decoding": 1, "pipelines": 2, "serving": 2, "support": 3, "bench": 4}
-# The quickstart drives Serve: the one module of pipelines that may import serving.
-PIPELINES_TO_SERVING = {"pipelines.quickstart"}
+LAYERS = {"index": 0, "decoding": 1, "pipelines": 2, "serving": 3, "support": 4, "bench": 5}
 FORBIDDEN = {"index": {"ray", "torch", "transformers"}, "decoding": {"ray"}}
 
 
@@ -29,53 +27,42 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for pkg in LAYERS for p in sorted((REPO / pkg).rglob("*.py"))}
 
 
-def _type_checking_only(tree: ast.AST) -> set[int]:
-    """ids of the import nodes under `if TYPE_CHECKING:` (never run: no edge of the cycle graph)."""
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            out |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    return out
-
-
 def _imports(path: Path, name: str) -> list[tuple[str, int, bool]]:
-    """(imported module, line, runs) for every import statement in the file; `from a import b`
-    gives a.b (when a.b is a module this resolves below) and a. runs: not under TYPE_CHECKING."""
+    """(imported module, line) for every import statement in the file; `from a import b` gives
+    a.b (when a.b is a module this resolves below) and a. An import under TYPE_CHECKING counts
+    too: a type named across layers or round a circle ties them as much as a call does."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), str(path))
-    typing_only = _type_checking_only(tree)
     out = []
     for node in ast.walk(tree):
-        runs = id(node) not in typing_only
         if isinstance(node, ast.Import):
-            out += [(a.name, node.lineno, runs) for a in node.names]
+            out += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(up + ([base] if base else []))
-            out.append((base, node.lineno, runs))
-            out += [(f"{base}.{a.name}", node.lineno, runs) for a in node.names if a.name != "*"]
+            out.append((base, node.lineno))
+            out += [(f"{base}.{a.name}", node.lineno) for a in node.names if a.name != "*"]
     return out
 
 
 def _graph() -> tuple[dict[str, set[str]], list[str]]:
-    """Project module -> project modules it imports (at run time); and the layer violations
-    found on the way (type-only imports included)."""
+    """Project module -> project modules it imports; and the layer violations found on the way."""
     modules = _modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     problems: list[str] = []
     for name, path in modules.items():
         top = name.split(".")[0]
         where = f"{path.relative_to(REPO)}"
-        for imported, line, runs in _imports(path, name):
+        for imported, line in _imports(path, name):
             root = imported.split(".")[0]
             if root in FORBIDDEN.get(top, ()):
                 problems.append(f"{where}:{line} imports {root} ({top}/ must not use {root})")
             if root not in LAYERS:
                 continue
             if imported in modules:
-                if imported != name and runs:
+                if imported != name:
                     graph[name].add(imported)
             elif imported.rpartition(".")[0] not in modules and imported not in modules:
                 problems.append(f"{where}:{line} imports {imported}, which is no module of the project")
@@ -83,8 +70,7 @@ def _graph() -> tuple[dict[str, set[str]], list[str]]:
                 problems.append(f"{where}:{line} imports {root}: {top} (layer {LAYERS[top]}) "
                                 f"must not import {root} (layer {LAYERS[root]})")
             elif top != root and LAYERS[root] == LAYERS[top]:
-                if not (top == "pipelines" and root == "serving" and name in PIPELINES_TO_SERVING):
-                    problems.append(f"{where}:{line} imports {root}: {top} must not import {root}")
+                problems.append(f"{where}:{line} imports {root}: {top} must not import {root}")
     return graph, list(dict.fromkeys(problems))
 
 

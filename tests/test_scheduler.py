@@ -225,7 +225,7 @@ def test_the_batch_cost_model_prices_requests_and_rows_apart():
     truth comes back exactly (within the points and beyond them), a convex one (flat, then
     steep, as a CPU's forward) within a few percent where a straight line in T was 30% off, and
     a noisy measurement never makes more rows or requests cheaper."""
-    from decoding.budget import BATCH_POINTS, BatchCost
+    from decoding.cost import BATCH_POINTS, BatchCost
 
     # 25 ms base, 5 ms a request, 3 ms a row.
     truth = lambda r, t: 0.025 + 0.005 * r + 0.003 * t             # noqa: E731
@@ -258,7 +258,7 @@ def test_the_forwards_run_correct_a_misread_batch_cost():
     a 3-row forward at 25 ms, the truth 12) would price drafts as dear in every later process; the
     forwards the batch runs correct it: where T rows ran, their measured time; elsewhere the model
     scaled by the ratio seen around T; later forwards move it (drift)."""
-    from decoding.budget import BATCH_POINTS, BatchCost
+    from decoding.cost import BATCH_POINTS, BatchCost
 
     truth = lambda r, t: 0.012 + 0.0009 * max(0, t - 8) + 0.0004 * (r - 1)          # noqa: E731
     misread = lambda r, t: 2.0 * truth(r, t) if t >= 3 else truth(r, t)            # noqa: E731
@@ -323,7 +323,7 @@ def test_the_batch_cut_gives_the_rows_to_the_nodes_likely_to_land():
     """Of the trees a batch drafted wide, the forward verifies the nodes likely to land: a request
     whose tree lands keeps its likely chain, one whose candidates are strays keeps nothing; dearer
     rows keep fewer; a request whose allocation was 0 (it did not draft wide) keeps its tree."""
-    from decoding.budget import BATCH_POINTS, BatchCost
+    from decoding.cost import BATCH_POINTS, BatchCost
     from decoding.scheduler import cut_budgets
 
     flat = BatchCost([[r, r + e, 0.012 + 0.0001 * (r + e) + 0.0004 * (r - 1)] for r, e in BATCH_POINTS])
@@ -347,7 +347,7 @@ def test_a_batch_drafts_wide_and_verifies_the_cut(target, prompts, monkeypatch):
     """In a batch, a request the allocation lets draft drafts its draft size, and the forward
     verifies the cut (``cut_budgets``); every output stays the one decoded alone."""
     import decoding.scheduler as scheduler_module
-    from decoding.budget import cost_curve
+    from decoding.cost import cost_curve
 
     params = SamplingParams(max_new_tokens=20)
     drafted, seqs = [], []

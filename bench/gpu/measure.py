@@ -26,8 +26,9 @@ import numpy as np
 
 from bench.common import machine_info, method_order, write_results
 from bench.sense import build_stores, make, self_distilled
-from decoding.budget import AdaptiveBudget, measure_verify_cost, relative_cost
+from decoding.budget import AdaptiveBudget
 from decoding.config import SamplingParams
+from decoding.cost import measure_verify_cost, relative_cost
 from decoding.engine import encode_prompt, generate
 from decoding.soft import SoftGateConfig
 from decoding.target import TargetModel

@@ -7,7 +7,7 @@
     4. one GSM8K test question answered over HTTP with SENSE and with plain decoding
     5. both answers, the speedup and the mean accepted tokens (MAT)
 
-    python -m pipelines.quickstart [--docs 200] [--distill-tokens 128] [--workdir DIR] [--question 0]
+    python -m serving.quickstart [--docs 200] [--distill-tokens 128] [--workdir DIR] [--question 0]
                                    [--max-tokens 128]
 
 Steps 1 and 2 are cached in the work directory (a rerun resumes or reuses them).
@@ -105,7 +105,7 @@ def ask(url: str, question: str, method: str, max_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.quickstart", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serving.quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--docs", type=int, default=200, help="GSM8K train questions in the datastore")
     p.add_argument("--distill-tokens", type=int, default=128,
                    help="store the model's own answers to them, up to this many tokens each "
