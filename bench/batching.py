@@ -26,7 +26,7 @@ import argparse
 import sys
 import time
 
-from bench.common import machine_info, median, method_order, write_results
+from bench.common import forget_prompts, machine_info, median, method_order, write_results
 
 # torch and the model are imported inside main(), after the libraries are quieted.
 
@@ -38,6 +38,7 @@ def log(*a) -> None:
 def run_serialized(target, prompts, make, params) -> tuple[float, list[list[int]]]:
     from decoding.engine import generate
 
+    forget_prompts(target)
     t0 = time.perf_counter()
     outs = [generate(target, p, params=params, drafter=make()).token_ids for p in prompts]
     return time.perf_counter() - t0, outs
@@ -48,6 +49,7 @@ def run_batched(target, prompts, make, params) -> tuple[float, list[list[int]], 
     from decoding.scheduler import BatchScheduler
 
     sched = BatchScheduler(target, max_batch=len(prompts))
+    forget_prompts(target)
     t0 = time.perf_counter()
     seqs = [Sequence(target, p, params=params, drafter=make()) for p in prompts]
     for s in seqs:

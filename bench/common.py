@@ -59,6 +59,15 @@ def write_results(name: str, machine: dict, rows: list[dict], markdown: str, ext
     return path
 
 
+def forget_prompts(target) -> None:
+    """Empty `target`'s prefix cache (decoding/prefix_cache.py) before a timed run: a benchmark
+    asks the same prompts of every method, and a later run would find each whole prompt kept,
+    where a user's new question finds the chat template only."""
+    cache = getattr(target, "prefix_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
 def method_order(methods, i: int) -> list:
     """The order to run `methods` in for the i-th item (question, or question + repeat): rotated
     by i // 2 and reversed on odd i. Over the items every method takes every position (no method

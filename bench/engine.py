@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-from bench.common import machine_info, median, method_order, write_results
+from bench.common import forget_prompts, machine_info, median, method_order, write_results
 from decoding.cli import _quiet_libraries
 from decoding.config import SamplingParams
 from decoding.cost import measure_verify_cost, relative_cost
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
                     toks, dt = hf_generate(model, ids, args.max_new_tokens, **how)
                     rec = {"tokens": len(toks), "seconds": dt}
                 else:
+                    forget_prompts(model)
                     r = generate(model, ids, params=params, drafter=make_drafter(how, stores))
                     toks, s = r.token_ids, r.stats
                     rec = {"tokens": s.new_tokens, "seconds": s.time_total, "steps": s.steps,

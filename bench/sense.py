@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from bench.analysis import spec_bench_halves
-from bench.common import machine_info, median, method_order, write_results
+from bench.common import forget_prompts, machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from decoding.budget import AdaptiveBudget, SharedEstimates
 from decoding.config import SamplingParams
@@ -552,6 +552,7 @@ def main(argv=None) -> int:
         """One generation; its figures appended to `a` (this method's lists). Returns the tokens
         (compared with ar's by `compare` once ar has run on the question)."""
         soft = soft_cfg if method in SOFT else None
+        forget_prompts(tgt)
         r = generate(tgt, ids, params=params, drafter=make(method, sparse, dense), budget=budget, soft=soft)
         s = r.stats
         for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",

@@ -27,7 +27,7 @@ import time
 import psutil
 import requests
 
-from bench.common import machine_info, median, write_results
+from bench.common import forget_prompts, machine_info, median, write_results
 from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, check_method, make_drafter
 from support.load import pct
 from support.net import free_port
@@ -73,6 +73,7 @@ def run_engine(target, stores, prompts, method: str, max_tokens: int, budget,
         ids = encode_prompt(target, q)
         t_encode = time.perf_counter() - t0
         b = AdaptiveBudget(cost, shared=shared) if cost else budget
+        forget_prompts(target)
         t0 = time.perf_counter()
         r = generate(target, ids, params=SamplingParams(max_new_tokens=max_tokens), drafter=make_drafter(method, stores),
                      budget=b)
@@ -333,6 +334,17 @@ def app_args(method: str, budget, replicas: int, threads: int, index: dict, max_
             "ingress": {"ray_actor_options": {"num_cpus": 0}}}
 
 
+def reset_prefix_caches(name: str) -> None:
+    """Empty the prefix cache of app `name`'s decoder (one replica: a handle call reaches it) before
+    a timed pass: the benchmarks ask the same prompts of every method, and a later pass would find
+    each whole prompt kept where a user's new question finds the chat template only."""
+    from ray import serve
+
+    from serving.config import DECODER_NAME
+
+    serve.get_deployment_handle(DECODER_NAME, app_name=name).reset_prefix_cache.remote().result()
+
+
 def deploy(args: dict, url: str, *, name: str = "bench", route_prefix: str = "/") -> None:
     from ray import serve
 
@@ -428,6 +440,7 @@ def main(argv=None) -> int:
                         up_recs += rec_q
                         up_tok, up_s = up_tok + rec_q[0]["tokens"], up_s + rec_q[0]["tokens"] / tps_q
                         continue
+                    reset_prefix_caches("bench")
                     before = cpu_snapshot()
                     ids, dt, rec = one_plain(url, q, method, args.max_new_tokens, budget)
                     for k, v in cpu_use(before, cpu_snapshot(), dt).items():
@@ -448,6 +461,7 @@ def main(argv=None) -> int:
             streamed_s = None
             for c in levels:
                 log(f"[{method}] concurrency {c} ...")
+                reset_prefix_caches("bench")
                 s = concurrent(url, prompts, method, args.max_new_tokens, budget, c, args.rounds)
                 if c == 1:
                     streamed_s = s["request_s_mean"]

@@ -25,6 +25,11 @@ method (``ar``, strict ``sense``), order rotated per level and repeat:
   the same questions; the ratio is the served over the engine tokens/s of the pass (the sum of
   the requests' latencies).
 
+Each served run, and each served request of the engine comparison, starts with the decoder's
+prefix cache emptied (``bench.serving.reset_prefix_caches``; the in-process engine's likewise):
+within a run the requests share the chat template as distinct users' requests do, and no run
+finds another's whole prompt kept.
+
 Every served answer must equal, token for token, the same question decoded alone by the engine
 with ``ar`` (strict decoding is exact whatever the batch): the run fails otherwise.
 """
@@ -38,7 +43,7 @@ import time
 
 from bench.batching import run_hf_static, run_serialized
 from bench.common import machine_info, median, method_order, write_results
-from bench.serving import deploy, questions
+from bench.serving import deploy, questions, reset_prefix_caches
 from support.load import pct
 from support.net import free_port
 
@@ -149,6 +154,7 @@ def engine_vs_served(base_url: str, target, stores, texts: list[str], prompt_ids
                 seconds, outs = run_serialized(target, [ids], lambda: make_drafter(method, stores), params)
                 res = {"ids": list(outs[0]), "latency": seconds}
             else:
+                reset_prefix_caches("batched")
                 res = stream_one(client, model, text, method, max_tokens)
                 runs[v]["ttft"].append(res["ttft"])
             runs[v]["ids"].append(res["ids"])
@@ -291,6 +297,7 @@ def main(argv=None) -> int:
                         tps = hf_static(target, prompt_ids[:len(prompts)], c, args.max_tokens)
                         res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": []}
                     else:
+                        reset_prefix_caches(v)
                         res = closed_loop(f"{url}/{v[0]}", prompts, m, args.max_tokens, c)
                     runs.setdefault((m, v, c), []).append(res)
                     if v != "hf_static_batch" and res["ids"] != reference[:len(prompts)]:

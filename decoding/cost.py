@@ -32,7 +32,7 @@ class Forwards(Protocol):
     model_key: dict
     kernels: str
 
-    def prefill(self, input_ids: Sequence[int]) -> tuple[Any, Any]: ...
+    def prefill(self, input_ids: Sequence[int], *, reuse: bool = ...) -> tuple[Any, Any]: ...
     def verify(self, state: Any, tree: TokenTree) -> Any: ...
     def verify_batch(self, states: Sequence[Any], trees: Sequence[TokenTree]) -> list: ...
     def commit(self, state: Any, path: Sequence[int]) -> None: ...
@@ -49,7 +49,7 @@ def measure_verify_cost(target: Forwards, sizes: Sequence[int] = DEFAULT_SIZES, 
     """
     vocab = target.vocab_size
     prompt = [(17 * i + 5) % vocab for i in range(context_len)]
-    state, _ = target.prefill(prompt)
+    state, _ = target.prefill(prompt, reuse=False)
     trees = {n: TokenTree.chain(7 % vocab, [(101 + 13 * i) % vocab for i in range(n)]) for n in (0, *sizes)}
     times: dict[int, list[float]] = {n: [] for n in trees}
     for rep in range(warmup + repeats):
@@ -112,7 +112,7 @@ def measure_batch_cost(target: Forwards, points: Sequence[tuple[int, int]] = BAT
     `extra` draft rows more, for each (R, extra) of `points`: [[R, T, seconds], ...] with
     T = R + extra rows. Points interleaved within each repeat, as :func:`measure_verify_cost` does."""
     vocab = target.vocab_size
-    states = [target.prefill([(17 * i + 5 + 3 * r) % vocab for i in range(context_len)])[0]
+    states = [target.prefill([(17 * i + 5 + 3 * r) % vocab for i in range(context_len)], reuse=False)[0]
               for r in range(max(r for r, _ in points))]
     times: dict[tuple[int, int], list[float]] = {p: [] for p in points}
     for rep in range(warmup + repeats):

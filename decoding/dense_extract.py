@@ -27,7 +27,7 @@ FIT_ROWS = 20000        # positions the key transform is fitted on (fit_transfor
 
 def hidden_states(target, tokens: Sequence[int]) -> np.ndarray:
     """[T, H] hidden states of the target's configured layer for every position of `tokens`."""
-    _, out = target.prefill(list(tokens))
+    _, out = target.prefill(list(tokens), reuse=False)      # a document, not a prompt to keep
     return out.hidden.float().cpu().numpy()
 
 

@@ -176,6 +176,7 @@ class Sequence:
         target, prompt_ids = self.target, self.prompt_ids
         self.state, out = target.prefill(prompt_ids)
         self.stats.prompt_tokens = len(prompt_ids)
+        self.stats.cached_tokens = self.state.reused
         self.drafter.begin(list(prompt_ids), out.hidden if self.needs_hidden else None)
         self.hidden = out.hidden[-1] if self.needs_hidden else None
         self.stopper = _Stopper(target, self.params, len(prompt_ids))

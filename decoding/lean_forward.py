@@ -215,7 +215,8 @@ class LeanLlama:
         cache, ids, _, ancestors = items[0]
         return len(items) == 1 and ids.shape[0] > invariant.MAX_ROWS and cache.length == 0 and ancestors is None
 
-    def forward_batch(self, items, hidden_layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward_batch(self, items, hidden_layer: int, *,
+                      large: bool | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Several requests in one forward: `items` = [(cache, ids [T], positions [T], ancestors)],
         each run after its cache's entries (`ancestors` [T, T] bool of a tree; None: a causal
         chain), appending T entries to it. Returns per request (the final normed hidden states
@@ -224,10 +225,11 @@ class LeanLlama:
         its own cache only. A row's results do not depend on the other rows or requests: every
         row runs on the invariant kernels, but for a lone prefill of more than MAX_ROWS rows from
         an empty cache (the prefill attention or SDPA and the large-row linear: both decoding modes
-        share the prefill)."""
+        share the prefill), unless `large` is False (a prefix cache's prefills: see
+        :mod:`decoding.prefix_cache`)."""
         sizes = [ids.shape[0] for _, ids, _, _ in items]
         total = sum(sizes)
-        large = self.is_large_prefill(items)
+        large = self.is_large_prefill(items) if large is None else large and self.is_large_prefill(items)
         starts = [cache.length for cache, _, _, _ in items]
         for (cache, *_), start, t in zip(items, starts, sizes):
             cache.reserve(start + t)

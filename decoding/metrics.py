@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 class GenerationStats:
     method: str = ""
     prompt_tokens: int = 0
+    cached_tokens: int = 0         # of the prompt's, taken from the prefix cache (not run)
     new_tokens: int = 0
     steps: int = 0                 # verification forwards (the prefill is not counted)
     drafted: int = 0               # draft tokens sent to verification

@@ -4,7 +4,8 @@ Each :meth:`BatchScheduler.step`:
 
 1. requests cancelled since the last step end (``should_stop``);
 2. waiting requests are prefilled, each in a forward of its own (so its prefill does not depend
-   on what else runs), while their prompts total at most ``prefill_tokens`` (and always one):
+   on what else runs), while the positions they run total at most ``prefill_tokens`` (and
+   always one; what a prompt takes from the prefix cache is not run):
    short prompts join several per step, a long one alone, so the running requests are delayed
    by about one prompt's prefill at most. With nothing running nobody is delayed, and every
    waiting request is prefilled (up to the batch limit). Each emits its first token as its
@@ -207,12 +208,13 @@ class BatchScheduler:
         self.last_prefills = 0
         delaying, prefilled = bool(self.running), 0
         while self.waiting and len(self.running) < self.max_batch:
-            if delaying and prefilled and prefilled + len(self.waiting[0].prompt_ids) > self.prefill_tokens:
+            if (delaying and prefilled
+                    and prefilled + self.target.prefill_rows(self.waiting[0].prompt_ids) > self.prefill_tokens):
                 break               # the running requests have waited for enough prefill this step
             seq = self.waiting.popleft()
             if not seq.cancelled():
                 _guarded(seq, seq.start)
-                prefilled += len(seq.prompt_ids)
+                prefilled += len(seq.prompt_ids) - (seq.state.reused if seq.state is not None else 0)
                 self.last_prefills += 1
             if seq.done:
                 finished.append(seq)

@@ -1,6 +1,8 @@
 """The target model wrapper: one API for every drafter and verifier.
 
-- ``prefill``: run a prompt, return logits and the hidden state of a chosen layer per position.
+- ``prefill``: run a prompt, return logits and the hidden state of a chosen layer per position;
+  the positions it shares with a prompt prefilled before come from the prefix cache
+  (:mod:`decoding.prefix_cache`), bitwise what running them would give.
 - ``verify``: run a token tree against the KV cache in one forward pass (tree attention mask,
   position id = committed length + depth), returning logits and hidden states per node.
 - ``commit``: keep the accepted root-to-node path of the last tree by compacting the KV cache
@@ -15,13 +17,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from decoding import invariant, lean_forward
 from decoding.cpu_kernels import SmallBatchHead, install_small_batch_linear, wants_cpu_kernels
 from decoding.dtype_choice import DtypeChoice, check_dtype, choose_dtype, explicit, model_key
 from decoding.errors import ContextLengthError, InvalidRequestError
+from decoding.prefix_cache import PrefixCache
 from decoding.tree import TokenTree
+
+PREFIX_CACHE_MB = 256       # default budget of the prefix cache (SmolLM2-135M, bfloat16: 23 KB a token)
 
 
 @dataclass
@@ -34,11 +40,13 @@ class ForwardOutput:
 
 @dataclass
 class KVState:
-    """Per-request KV cache. ``n_committed`` positions are final; ``n_tentative`` follow them."""
+    """Per-request KV cache. ``n_committed`` positions are final; ``n_tentative`` follow them;
+    the prefill took its first ``reused`` positions from the prefix cache."""
 
     cache: object
     n_committed: int = 0
     n_tentative: int = 0
+    reused: int = 0
     last_tree: TokenTree | None = field(default=None, repr=False)
 
 
@@ -46,7 +54,7 @@ class TargetModel:
     """Wraps a Hugging Face causal LM (Llama, Qwen2, Gemma families)."""
 
     def __init__(self, model, tokenizer, *, hidden_layer: int = -1, cpu_kernels: bool | None = None,
-                 invariant_forward: bool | None = None) -> None:
+                 invariant_forward: bool | None = None, prefix_cache_mb: int = PREFIX_CACHE_MB) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -77,6 +85,12 @@ class TargetModel:
         why_not_lean = lean_forward.unsupported(model) if self.invariant else "needs the invariant kernels"
         self.lean = lean_forward.LeanLlama(model) if why_not_lean is None else None
         self.lean_note = "on" if self.lean else why_not_lean
+        # Reused prompt prefixes: exact on the lean forward only, whose prefill is cut-invariant.
+        if prefix_cache_mb < 0:
+            raise InvalidRequestError("prefix_cache_mb must be 0 (off) or more")
+        self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if self.lean and prefix_cache_mb else None
+        self.prefix_cache_note = (f"on ({prefix_cache_mb} MB)" if self.prefix_cache else
+                                  "off (asked for)" if self.lean else "off (needs the lean forward)")
         # What the forward runs on; measured costs (decoding.measured) are remembered per kernels.
         self.kernels = invariant.kernel_id() if self.invariant else ("small_batch" if cpu_kernels else "torch")
         if self.lean:
@@ -93,23 +107,25 @@ class TargetModel:
     @classmethod
     def load(cls, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
              hidden_layer: int = -1, cpu_kernels: bool | None = None,
-             invariant_forward: bool | None = None) -> "TargetModel":
+             invariant_forward: bool | None = None, prefix_cache_mb: int = PREFIX_CACHE_MB) -> "TargetModel":
         """Load a model; ``dtype="auto"`` runs it in the dtype measured fastest on this machine
-        (:mod:`decoding.dtype_choice`); the choice and why are in ``target.dtype_choice``."""
+        (:mod:`decoding.dtype_choice`); the choice and why are in ``target.dtype_choice``.
+        `prefix_cache_mb`: the prefix cache's budget (0: none)."""
         from decoding.model_loader import load_model_and_tokenizer
 
         dtype = check_dtype(dtype)
         if dtype != "auto":
             hf_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
             return cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels,
-                       invariant_forward=invariant_forward)
+                       invariant_forward=invariant_forward, prefix_cache_mb=prefix_cache_mb)
         first = "float32" if torch.device(device).type == "cpu" else "bfloat16"
         hf_model, tokenizer = load_model_and_tokenizer(model, dtype=first, device=device)
         kernels = "torch" if invariant_forward is False or invariant.turned_off() else invariant.kernel_id()
         hf_model, choice = choose_dtype(hf_model, device, lambda m: cls(
-            m, tokenizer, cpu_kernels=cpu_kernels, invariant_forward=invariant_forward), kernels=kernels)
+            m, tokenizer, cpu_kernels=cpu_kernels, invariant_forward=invariant_forward, prefix_cache_mb=0),
+            kernels=kernels)
         target = cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels,
-                     invariant_forward=invariant_forward)
+                     invariant_forward=invariant_forward, prefix_cache_mb=prefix_cache_mb)
         target.dtype_choice = choice
         return target
 
@@ -132,8 +148,11 @@ class TargetModel:
         if self.lean:
             ancestors = None if chain else torch.from_numpy(tree.ancestor_mask())
             item = (state.cache, ids, positions, ancestors)
-            large = self.lean.is_large_prefill([item])         # asked before the forward fills the cache
-            last, hidden = self.lean.forward_batch([item], self.hidden_layer)[0]
+            # The large-row prefill kernels round unlike the invariant ones: not with a prefix cache,
+            # whose reused prefixes must be what any prefill computes (asked before the forward
+            # fills the cache).
+            large = self.prefix_cache is None and self.lean.is_large_prefill([item])
+            last, hidden = self.lean.forward_batch([item], self.hidden_layer, large=large)[0]
             h = last if logits_for is None else last[logits_for]
             return ForwardOutput(logits=self.lean.logits(h, large), hidden=hidden)
         # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
@@ -150,18 +169,41 @@ class TargetModel:
         return ForwardOutput(logits=logits, hidden=hidden)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Sequence[int], *, all_logits: bool = False) -> tuple[KVState, ForwardOutput]:
+    def prefill(self, input_ids: Sequence[int], *, all_logits: bool = False,
+                reuse: bool = True) -> tuple[KVState, ForwardOutput]:
         """Run a prompt from an empty cache.
 
         Returns the new state and logits ([P, V] if all_logits else [1, V] for the last position)
-        with hidden states for every position ([P, H]).
-        """
+        with hidden states for every position ([P, H]). With a prefix cache (and `reuse`, and not
+        `all_logits`), the longest prefix the prompt shares with one prefilled before is copied,
+        not run (``state.reused`` positions), and the prompt is kept for the prompts after it;
+        `reuse=False` for text that is no prompt (a document, a timing's filler)."""
         ids = self.check_prompt(input_ids)
         state = KVState(cache=self.new_cache())
-        positions = torch.arange(len(ids), device=self.device)
-        out = self._forward(state, ids, positions, None, None if all_logits else slice(-1, None))
-        state.n_committed = len(ids)
+        kept, start = None, 0
+        cache = self.prefix_cache if reuse and not all_logits else None
+        if cache is not None:
+            arr = np.asarray(ids, dtype=np.int64)
+            kept, start = cache.longest(arr)
+        if kept is not None:
+            state.cache.reserve(len(ids))
+            state.cache.buf[..., :start, :] = kept.kv[..., :start, :]
+            state.cache.length = start
+        positions = torch.arange(start, len(ids), device=self.device)
+        out = self._forward(state, ids[start:], positions, None, None if all_logits else slice(-1, None))
+        if kept is not None:
+            out = ForwardOutput(logits=out.logits, hidden=torch.cat([kept.hidden[:start], out.hidden]))
+        state.n_committed, state.reused = len(ids), start
+        if cache is not None:
+            cache.add(arr, state.cache.buf[..., :len(ids), :].clone(), out.hidden.clone())
         return state, out
+
+    def prefill_rows(self, input_ids: Sequence[int]) -> int:
+        """How many of the prompt's positions :meth:`prefill` would run now (the others come
+        from the prefix cache)."""
+        if self.prefix_cache is None or not len(input_ids):
+            return len(input_ids)
+        return len(input_ids) - self.prefix_cache.longest(np.asarray(input_ids, dtype=np.int64), use=False)[1]
 
     @torch.inference_mode()
     def verify(self, state: KVState, tree: TokenTree) -> ForwardOutput:

@@ -216,7 +216,8 @@ class Decoder:
             self.compute.call(torch.set_num_threads, self.cfg.model.torch_threads)
         device, dtype = _resolve_device(self.cfg.model)
         self.threads = self.compute.call(_thread_settings)
-        self.target = self.compute.call(TargetModel.load, self.cfg.model.path, dtype=dtype, device=device)
+        self.target = self.compute.call(TargetModel.load, self.cfg.model.path, dtype=dtype, device=device,
+                                        prefix_cache_mb=self.cfg.model.prefix_cache_mb)
         self.model = SerializedTarget(self.target, serialize=self.cfg.decoder.serialize_forward, compute=self.compute)
         if self.cfg.decoder.batching:
             from decoding.scheduler import BatchLoop
@@ -483,7 +484,8 @@ class Decoder:
             emit({"type": "done", "text": result.text,
                   "token_ids": list(result.token_ids), "finish_reason": result.finish_reason,
                   "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(result.token_ids),
-                            "total_tokens": len(prompt_ids) + len(result.token_ids)},
+                            "total_tokens": len(prompt_ids) + len(result.token_ids),
+                            "prompt_tokens_details": {"cached_tokens": result.stats.cached_tokens}},
                   "speculative": stats})
         except Exception as exc:       # a bug or a broken model: logged here, a generic 500 outside
             self._count("errors", 1)
@@ -532,12 +534,24 @@ class Decoder:
 
     # -- status -------------------------------------------------------------------------------
 
+    async def reset_prefix_cache(self) -> dict | None:
+        """Empty this replica's prefix cache and return its counters (None: no cache). For
+        benchmarks, which ask the same prompts of every method (through a deployment handle, not
+        HTTP); the cache is safe to empty while a prefill runs."""
+        cache = self.target.prefix_cache
+        if cache is None:
+            return None
+        cache.clear()
+        return cache.stats()
+
     async def info(self) -> dict:
         sharded = self.client is not None
         d = {"replica": self.replica, "model": self.cfg.model.name, **self.counts, "threads": self.threads,
              "dtype": self.target.dtype_choice.to_dict(), "budget": self.cfg.speculative.budget,
              "invariant_forward": self.target.invariant_note, "lean_forward": self.target.lean_note,
              "kernels": self.target.kernels,
+             "prefix_cache": {"note": self.target.prefix_cache_note,
+                              **(self.target.prefix_cache.stats() if self.target.prefix_cache else {})},
              "batch": self.batch.scheduler.stats() if self.batch is not None else None,
              "verify_cost": {n: round(c / self._cost[0], 3) for n, c in sorted(self._cost.items())}
              if self._cost else None,

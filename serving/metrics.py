@@ -9,6 +9,7 @@ ingress:  ray_sense_requests_total{route, status}          requests by route and
           ray_sense_time_to_first_token_seconds{route}     streaming requests
 decoder:  ray_sense_generated_tokens_total{method}         completion tokens
           ray_sense_prompt_tokens_total{method}
+          ray_sense_cached_prompt_tokens_total{method}     of those, taken from the prefix cache
           ray_sense_drafted_tokens_total{method}, ray_sense_accepted_tokens_total{method}
           ray_sense_mat{method}                            mean accepted tokens per step, per request
           ray_sense_acceptance_rate{method}                accepted / drafted, per request
@@ -61,6 +62,8 @@ class DecoderMetrics:
         tags = ("method",)
         self.generated = m.Counter("sense_generated_tokens", "completion tokens", tag_keys=tags)
         self.prompt = m.Counter("sense_prompt_tokens", "prompt tokens", tag_keys=tags)
+        self.cached = m.Counter("sense_cached_prompt_tokens", "prompt tokens taken from the prefix cache",
+                                tag_keys=tags)
         self.drafted = m.Counter("sense_drafted_tokens", "draft tokens sent to verification", tag_keys=tags)
         self.accepted = m.Counter("sense_accepted_tokens", "draft tokens accepted", tag_keys=tags)
         self.mat = m.Histogram("sense_mat", "mean accepted tokens per verification step", boundaries=_MAT,
@@ -93,6 +96,8 @@ class DecoderMetrics:
         t = {"method": method}
         self.generated.inc(stats.new_tokens, tags=t)
         self.prompt.inc(stats.prompt_tokens, tags=t)
+        if stats.cached_tokens:
+            self.cached.inc(stats.cached_tokens, tags=t)
         if stats.drafted:
             self.drafted.inc(stats.drafted, tags=t)
         if stats.accepted:

@@ -96,7 +96,8 @@ def test_tiny_llama_is_bitwise_the_transformers_forward(dtype, hidden_layer, one
 
 def test_qkv_bias_and_a_long_prefill_are_the_transformers_forward(monkeypatch):
     """A Qwen2-style model (biases on q, k and v), a prompt longer than the invariant kernels'
-    row limit (its prefill runs on SDPA and the large-row linear)."""
+    row limit (without a prefix cache its prefill runs on SDPA and the large-row linear, as
+    transformers' forward does; with one, on the invariant kernels: tests/test_prefix_cache.py)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -107,7 +108,7 @@ def test_qkv_bias_and_a_long_prefill_are_the_transformers_forward(monkeypatch):
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.bias.normal_()
-    plain, lean = _pair(model, monkeypatch)
+    plain, lean = _pair(model, monkeypatch, prefix_cache_mb=0)
     prompt = [(5 * i + 1) % 64 for i in range(100)]
     _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
 
@@ -207,6 +208,7 @@ def test_a_long_bfloat16_prefill_takes_the_blocked_kernel_as_accurately_as_sdpa(
 
     lean = target_bf16.lean
     assert lean is not None and lean.fast_prefill
+    monkeypatch.setattr(target_bf16, "prefix_cache", None)     # with one, every prefill is invariant
     prompt = [(17 * i + 5) % target_bf16.vocab_size for i in range(3 * invariant.MAX_ROWS)]
     calls = []
     sdpa = F.scaled_dot_product_attention

@@ -149,27 +149,31 @@ def test_requests_join_leave_and_cancel_mid_batch(target, prompts):
 
 def test_waiting_requests_are_prefilled_within_a_token_budget(target, prompts):
     """With nothing running, every waiting request is prefilled in one step (nobody waits for
-    them); with requests running, a step prefills while the prompts fit `prefill_tokens`, at
-    least one however long. Every output still equals the request decoded alone."""
+    them); with requests running, a step prefills while the positions they run fit
+    `prefill_tokens` (what the prefix cache holds is not run), at least one however long. Every
+    output still equals the request decoded alone."""
     params = SamplingParams(max_new_tokens=6)
     alone = [generate(target, p, params=params, budget=0).token_ids for p in prompts]
-    lengths = [len(p) for p in prompts]
-    budget = sorted(lengths)[1] + sorted(lengths)[0]        # the two shortest prompts fit, not three
-    scheduler = BatchScheduler(target, prefill_tokens=budget)
+    target.prefix_cache.clear()
+    scheduler = BatchScheduler(target, prefill_tokens=1 << 20)
     first = [Sequence(target, p, params=params, budget=0) for p in prompts[:2]]
     for s in first:
         scheduler.add(s)
     scheduler.step()
     assert scheduler.last_prefills == 2 and not scheduler.waiting      # idle: both at once
-    short = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    later = [Sequence(target, prompts[i], params=params, budget=0) for i in short[:2] + short[2:3]]
+    order = (0, 2, 3)               # a prompt prefilled before (all its positions but the last kept), two new
+    rows = [target.prefill_rows(prompts[i]) for i in order]
+    assert rows[0] == 1 and 1 < rows[1] < len(prompts[2])               # the new ones: the chat template kept
+    scheduler.prefill_tokens = rows[0] + rows[1]                        # by prompt lengths, one would fit
+    later = [Sequence(target, prompts[i], params=params, budget=0) for i in order]
     for s in later:
         scheduler.add(s)
     scheduler.step()
-    assert scheduler.last_prefills == 2 and len(scheduler.waiting) == 1  # the two shortest fit the budget
+    assert scheduler.last_prefills == 2 and len(scheduler.waiting) == 1
+    assert [s.state.reused for s in later[:2]] == [len(prompts[0]) - 1, len(prompts[2]) - rows[1]]
     scheduler.run()
     assert [s.result().token_ids for s in first] == alone[:2]
-    assert [s.result().token_ids for s in later] == [alone[i] for i in short[:3]]
+    assert [s.result().token_ids for s in later] == [alone[i] for i in order]
 
     long_first = BatchScheduler(target, prefill_tokens=1)                # a prompt longer than the budget
     seqs = [Sequence(target, p, params=params, budget=0) for p in prompts[:3]]

@@ -284,6 +284,7 @@ def test_health_and_models(server):
     h = requests.get(server.url + "/health", timeout=30).json()
     assert h["status"] == "ok" and h["model"] == MODEL
     assert h["decoder"]["index"]["mode"] == "sharded" and h["decoder"]["shards"]["shards"] == 2
+    assert h["decoder"]["prefix_cache"]["note"].startswith("on") and "reused_tokens" in h["decoder"]["prefix_cache"]
     m = requests.get(server.url + "/v1/models", timeout=30).json()
     assert m["object"] == "list" and [d["id"] for d in m["data"]] == [MODEL]
 
@@ -367,6 +368,10 @@ def test_openai_client(server, target, stores):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
     assert chunks[-1].model_extra["speculative"]["mat"] == pytest.approx(want.stats.mat, abs=1e-3)
+    # The same prompt again, on the one decoder replica: all of it but its last token from the
+    # prefix cache (what a prefill runs: tests/test_prefix_cache.py), the same answer.
+    assert running_replicas("Decoder") == 1
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == chunks[-1].usage.prompt_tokens - 1
 
     want = engine(target, stores, "completion", "The capital of France is", method="ar", max_tokens=8)
     c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
@@ -641,7 +646,7 @@ def test_prometheus_metrics(server):
         needed = ("ray_sense_requests_total{", "ray_sense_request_latency_seconds_bucket{",
                   "ray_sense_generated_tokens_total{", "ray_sense_mat_bucket{", "ray_sense_acceptance_rate_bucket{",
                   "ray_sense_index_searches_total{", "ray_sense_batch_rows_bucket{", "ray_sense_batch_requests_bucket{",
-                  "ray_sense_batch_forwards_total{")
+                  "ray_sense_batch_forwards_total{", "ray_sense_cached_prompt_tokens_total{")
         return text if all(n in text for n in needed) else None
 
     text = wait_for(scrape, 90, "the sense_* metrics on the nodes' Prometheus endpoints", every=2)

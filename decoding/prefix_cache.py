@@ -1,0 +1,125 @@
+"""Prompts' keys, values and hidden states, kept for later prompts that begin the same way.
+
+Every chat request to a deployment starts with the same template (SmolLM2's system prompt is 24
+tokens, a quarter of a GSM8K question's prompt), a conversation's next turn starts with the whole
+of its last prompt, and a benchmark or an agent sends the same instructions again and again. A
+prompt whose first n tokens a kept prompt shares is prefilled from a copy of those n positions:
+only its other tokens run through the model (:meth:`decoding.target.TargetModel.prefill`).
+
+Exact by construction, not by luck: with a prefix cache every prompt, reused or not, is prefilled
+on the batch-invariant kernels, on which a position's keys, values and hidden state depend on its
+token, its position and the cache before it, not on how the prompt was cut into forwards
+(``tests/test_prefix_cache.py`` checks cuts at every kind of place, bitwise). A reused prefix is
+what prefilling it would have computed, so an output never depends on what ran before it.
+
+Kept: whole prompts, least recently used first out, within a byte budget (keys and values of all
+layers and the hidden states; a prompt that extends a kept one replaces it). Looked up by the
+longest common prefix with any kept prompt, at most all but the prompt's last token (whose logits
+the prefill returns).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Prefix:
+    """One kept prompt: its tokens, its keys and values ``[2, layers, 1, groups, n, head_dim]``
+    and the hidden states of the target's chosen layer ``[n, hidden]``."""
+
+    tokens: np.ndarray
+    kv: torch.Tensor
+    hidden: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return (self.kv.numel() * self.kv.element_size() + self.hidden.numel() * self.hidden.element_size()
+                + self.tokens.nbytes)
+
+
+def common_length(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+class PrefixCache:
+    """Kept prompts within `max_bytes` (see the module docstring); safe to share between threads.
+
+    ``stats()``: lookups, hits, tokens reused and tokens prefilled since the start, entries and
+    bytes kept."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError("a prefix cache needs a positive byte budget")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, Prefix] = OrderedDict()     # oldest use first
+        self._next = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.lookups = self.hits = self.reused_tokens = self.prefilled_tokens = 0
+
+    def longest(self, ids: np.ndarray, *, use: bool = True) -> tuple[Prefix | None, int]:
+        """The kept prompt sharing the most leading tokens with `ids`, and how many it shares
+        (at most ``len(ids) - 1``); (None, 0) when none shares one. `use`: the prefill takes it
+        (counted, and the entry becomes the most recently used); else only asked."""
+        with self._lock:
+            best, best_n, best_key = None, 0, None
+            for key, entry in self._entries.items():
+                n = common_length(entry.tokens, ids)
+                if n > best_n:
+                    best, best_n, best_key = entry, n, key
+            best_n = min(best_n, len(ids) - 1)
+            if not use:
+                return (best, best_n) if best_n > 0 else (None, 0)
+            self.lookups += 1
+            if best is not None and best_n > 0:
+                self._entries.move_to_end(best_key)
+                self.hits += 1
+                self.reused_tokens += best_n
+                self.prefilled_tokens += len(ids) - best_n
+                return best, best_n
+            self.prefilled_tokens += len(ids)
+            return None, 0
+
+    def add(self, ids: np.ndarray, kv: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Keep a prefilled prompt (`kv` and `hidden` are kept as given: pass copies). A kept
+        prompt that `ids` begins with is dropped (the new one covers it); a prompt that a kept one
+        begins with, or one larger than the budget, is not kept."""
+        entry = Prefix(np.asarray(ids, dtype=np.int64).copy(), kv, hidden)
+        if entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            for key, old in list(self._entries.items()):
+                n = common_length(old.tokens, entry.tokens)
+                if n == len(entry.tokens):          # already kept (inside a longer prompt)
+                    self._entries.move_to_end(key)
+                    return
+                if n == len(old.tokens):            # the new prompt extends a kept one
+                    self._drop(key)
+            self._entries[self._next] = entry
+            self._next += 1
+            self._bytes += entry.nbytes
+            while self._bytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: int) -> None:
+        self._bytes -= self._entries.pop(key).nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
+                    "lookups": self.lookups, "hits": self.hits, "reused_tokens": self.reused_tokens,
+                    "prefilled_tokens": self.prefilled_tokens}

@@ -1,0 +1,148 @@
+"""The prefix cache (decoding/prefix_cache.py): a prompt's positions shared with a prompt
+prefilled before are copied, not run, and are bitwise what running them gives, so no output
+depends on what ran before it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from decoding.config import SamplingParams
+from decoding.drafters import PromptLookupDrafter
+from decoding.engine import encode_prompt, generate
+from decoding.errors import InvalidRequestError
+from decoding.prefix_cache import PrefixCache, common_length
+from decoding.scheduler import generate_batch
+from decoding.target import TargetModel
+
+QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "Write the numbers from one to twenty in words, separated by commas.",
+]
+
+
+def _entry(n: int, fill: float = 0.0):
+    return torch.full((2, 1, 1, 1, n, 4), fill), torch.full((n, 4), fill)
+
+
+def test_common_length():
+    a = np.array([1, 2, 3, 4])
+    assert common_length(a, np.array([1, 2, 9])) == 2
+    assert common_length(a, np.array([1, 2])) == 2
+    assert common_length(a, np.array([7])) == 0
+
+
+def test_the_longest_shared_prefix_is_found_and_the_last_token_is_always_run():
+    cache = PrefixCache(1 << 20)
+    cache.add(np.arange(10), *_entry(10, 1.0))
+    cache.add(np.array([0, 1, 2, 7, 7]), *_entry(5, 2.0))
+    entry, n = cache.longest(np.array([0, 1, 2, 3, 4, 5, 99]))
+    assert n == 6 and entry.kv[0, 0, 0, 0, 0, 0] == 1.0
+    entry, n = cache.longest(np.array([0, 1, 2, 7, 7, 7]))
+    assert n == 5 and entry.kv[0, 0, 0, 0, 0, 0] == 2.0
+    _, n = cache.longest(np.arange(10))                 # the same prompt: all but its last token
+    assert n == 9
+    assert cache.longest(np.array([5, 0, 1])) == (None, 0)
+    assert cache.longest(np.array([0])) == (None, 0)    # one token: nothing to reuse
+    s = cache.stats()
+    assert (s["lookups"], s["hits"], s["reused_tokens"]) == (5, 3, 20) and s["entries"] == 2
+
+
+def test_a_longer_prompt_replaces_what_it_extends_and_a_repeat_is_not_kept_twice():
+    cache = PrefixCache(1 << 20)
+    cache.add(np.arange(5), *_entry(5))
+    one = cache.stats()["bytes"]
+    cache.add(np.arange(8), *_entry(8))                 # extends: replaces
+    assert cache.stats()["entries"] == 1 and cache.stats()["bytes"] > one
+    cache.add(np.arange(6), *_entry(6))                 # inside the kept one: not kept
+    assert cache.stats()["entries"] == 1
+
+
+def test_the_least_recently_used_prompt_goes_first_within_the_budget():
+    kv, hidden = _entry(4)
+    size = kv.numel() * kv.element_size() + hidden.numel() * hidden.element_size() + 4 * 8
+    cache = PrefixCache(2 * size)
+    cache.add(np.array([1, 1, 1, 1]), *_entry(4))
+    cache.add(np.array([2, 2, 2, 2]), *_entry(4))
+    assert cache.longest(np.array([1, 1, 1, 9]))[1] == 3        # used: now the newest
+    cache.add(np.array([3, 3, 3, 3]), *_entry(4))               # over budget: [2, ...] goes
+    assert cache.longest(np.array([2, 2, 2, 9])) == (None, 0)
+    assert cache.longest(np.array([1, 1, 1, 9]))[1] == 3 and cache.longest(np.array([3, 3, 9]))[1] == 2
+    assert cache.stats()["bytes"] <= 2 * size
+    cache.add(np.arange(1000), *_entry(1000))                   # larger than the whole budget
+    assert cache.stats()["entries"] == 2
+    with pytest.raises(ValueError):
+        PrefixCache(0)
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def lean_target(request, target, target_bf16):
+    t = target if request.param == "float32" else target_bf16
+    assert t.prefix_cache is not None, t.prefix_cache_note
+    return t
+
+
+def test_a_reused_prefix_is_bitwise_what_the_prefill_computes(lean_target):
+    """Cuts before, at and after the invariant kernels' row limit (64), at one token and at all
+    but the last: logits, hidden states and the keys and values of every position equal the
+    prompt's prefill with nothing kept, bitwise."""
+    t = lean_target
+    vocab = t.vocab_size
+    prompt = [(31 * i + 7) % vocab for i in range(100)]
+    t.prefix_cache.clear()
+    state, cold = t.prefill(prompt)
+    assert state.reused == 0
+    cold_kv = state.cache.buf[..., :len(prompt), :].clone()
+    for cut in (1, 24, 64, 65, 99):
+        t.prefix_cache.clear()
+        t.prefill(prompt[:cut] + [(prompt[cut] + 1) % vocab] * 3)       # shares exactly `cut` tokens
+        state, warm = t.prefill(prompt)
+        assert state.reused == cut and state.n_committed == len(prompt)
+        assert torch.equal(warm.logits, cold.logits), cut
+        assert torch.equal(warm.hidden, cold.hidden), cut
+        assert torch.equal(state.cache.buf[..., :len(prompt), :], cold_kv), cut
+    t.prefix_cache.clear()
+
+
+def test_all_logits_and_text_that_is_no_prompt_leave_the_cache_alone(target):
+    target.prefix_cache.clear()
+    lookups = target.prefix_cache.stats()["lookups"]
+    prompt = [(13 * i + 2) % target.vocab_size for i in range(30)]
+    state, out = target.prefill(prompt, reuse=False)
+    assert state.reused == 0 and target.prefix_cache.stats()["lookups"] == lookups
+    assert target.prefix_cache.stats()["entries"] == 0
+    target.prefill(prompt)
+    state, out = target.prefill(prompt, all_logits=True)
+    assert state.reused == 0 and out.logits.shape[0] == len(prompt)
+    assert target.prefix_cache.stats()["lookups"] == lookups + 1
+
+
+def test_outputs_do_not_depend_on_what_was_prefilled_before(target):
+    """Chat prompts share their template: decoded with the cache emptied before each, then one
+    after another (the template reused), then all in one batch: the same tokens."""
+    prompts = [encode_prompt(target, q) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    alone = []
+    for p in prompts:
+        target.prefix_cache.clear()
+        r = generate(target, p, params=params, drafter=PromptLookupDrafter())
+        assert r.stats.cached_tokens == 0
+        alone.append(r.token_ids)
+    after = [generate(target, p, params=params, drafter=PromptLookupDrafter()) for p in prompts]
+    assert [r.token_ids for r in after] == alone
+    assert all(r.stats.cached_tokens > 0 for r in after[1:])          # the chat template at least
+    batched = generate_batch(target, prompts, params=params, drafters=[PromptLookupDrafter() for _ in prompts])
+    assert [r.token_ids for r in batched] == alone
+    target.prefix_cache.clear()
+
+
+def test_the_cache_is_off_where_reuse_could_not_be_exact_or_when_asked(target):
+    t = TargetModel(target.model, target.tokenizer, prefix_cache_mb=0)
+    assert t.prefix_cache is None and t.prefix_cache_note == "off (asked for)"
+    t = TargetModel(target.model, target.tokenizer, invariant_forward=False)
+    assert t.prefix_cache is None and "lean forward" in t.prefix_cache_note
+    with pytest.raises(InvalidRequestError):
+        TargetModel(target.model, target.tokenizer, prefix_cache_mb=-1)
