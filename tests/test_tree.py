@@ -87,7 +87,7 @@ def trie_reference(root, chains, budget, labels=None, keys=None):
     if keys is not None and len(keys) != len(chains):
         raise ValueError(f"{len(keys)} key arrays for {len(chains)} chains")
     keyed = keys is not None and any(k is not None for k in keys)
-    best_key: dict[int, tuple[float, Any]] = {}     # trie node -> (chain weight, key row)
+    best_key: dict[int, tuple[float, object]] = {}     # trie node -> (chain weight, key row)
     if labels is not None:
         if len(labels) != len(chains):
             raise ValueError(f"{len(labels)} labels for {len(chains)} chains")
