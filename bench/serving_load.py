@@ -285,6 +285,7 @@ def main(argv=None) -> int:
         for v in VARIANTS:                                       # warm-up: kernels, cost curve, allocator
             for m in methods:
                 closed_loop(f"{url}/{v[0]}", texts[:1], m, 8, 1)
+            reset_prefix_caches(v)                               # and the deployment handle it calls
         for m in methods:                                        # the in-process engine, likewise
             engine_alone(target, stores, prompt_ids[:1], m, 8)
         for c in levels:

@@ -15,7 +15,7 @@ what prefilling it would have computed, so an output never depends on what ran b
 Kept: whole prompts, least recently used first out, within a byte budget (keys and values of all
 layers and the hidden states; a prompt that extends a kept one replaces it). Looked up by the
 longest common prefix with any kept prompt, at most all but the prompt's last token (whose logits
-the prefill returns).
+the prefill returns), in one walk down a trie of the kept prompts' tokens.
 """
 
 from __future__ import annotations
@@ -43,11 +43,54 @@ class Prefix:
                 + self.tokens.nbytes)
 
 
-def common_length(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
+class _Node:
+    __slots__ = ("children", "count", "key")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.count = 0          # kept prompts through this node
+        self.key = -1           # one of them
+
+
+class _Trie:
+    """The kept prompts' tokens as a trie: a prompt's longest common prefix with any kept one in
+    one walk down its tokens, whatever the number kept. Every kept prompt ends at a leaf (none is
+    the beginning of another: :meth:`PrefixCache.add` keeps it so)."""
+
+    def __init__(self) -> None:
+        self.root = _Node()
+
+    def walk(self, tokens: list[int]) -> tuple[int, _Node]:
+        """How many leading tokens some kept prompt shares, and the node they end at."""
+        node, n = self.root, 0
+        for t in tokens:
+            child = node.children.get(t)
+            if child is None:
+                break
+            node, n = child, n + 1
+        return n, node
+
+    def insert(self, tokens: list[int], key: int) -> None:
+        node = self.root
+        for t in tokens:
+            child = node.children.get(t)
+            if child is None:
+                child = node.children[t] = _Node()
+            node = child
+            node.count += 1
+            node.key = key
+
+    def remove(self, tokens: list[int], key: int) -> None:
+        path = [self.root]
+        for t in tokens:
+            path.append(path[-1].children[t])
+        for depth in range(len(tokens), 0, -1):         # bottom up: a node's children are settled first
+            node = path[depth]
+            node.count -= 1
+            if not node.count:
+                del path[depth - 1].children[tokens[depth - 1]]
+            elif node.key == key:
+                node.key = next(iter(node.children.values())).key
 
 
 class PrefixCache:
@@ -61,6 +104,7 @@ class PrefixCache:
             raise ValueError("a prefix cache needs a positive byte budget")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, Prefix] = OrderedDict()     # oldest use first
+        self._trie = _Trie()
         self._next = 0
         self._bytes = 0
         self._lock = threading.Lock()
@@ -71,23 +115,17 @@ class PrefixCache:
         (at most ``len(ids) - 1``); (None, 0) when none shares one. `use`: the prefill takes it
         (counted, and the entry becomes the most recently used); else only asked."""
         with self._lock:
-            best, best_n, best_key = None, 0, None
-            for key, entry in self._entries.items():
-                n = common_length(entry.tokens, ids)
-                if n > best_n:
-                    best, best_n, best_key = entry, n, key
-            best_n = min(best_n, len(ids) - 1)
+            n, node = self._trie.walk(ids[:-1].tolist())
             if not use:
-                return (best, best_n) if best_n > 0 else (None, 0)
+                return (self._entries[node.key], n) if n else (None, 0)
             self.lookups += 1
-            if best is not None and best_n > 0:
-                self._entries.move_to_end(best_key)
-                self.hits += 1
-                self.reused_tokens += best_n
-                self.prefilled_tokens += len(ids) - best_n
-                return best, best_n
-            self.prefilled_tokens += len(ids)
-            return None, 0
+            self.prefilled_tokens += len(ids) - n
+            if not n:
+                return None, 0
+            self._entries.move_to_end(node.key)
+            self.hits += 1
+            self.reused_tokens += n
+            return self._entries[node.key], n
 
     def add(self, ids: np.ndarray, kv: torch.Tensor, hidden: torch.Tensor) -> None:
         """Keep a prefilled prompt (`kv` and `hidden` are kept as given: pass copies). A kept
@@ -96,26 +134,30 @@ class PrefixCache:
         entry = Prefix(np.asarray(ids, dtype=np.int64).copy(), kv, hidden)
         if entry.nbytes > self.max_bytes:
             return
+        tokens = entry.tokens.tolist()
         with self._lock:
-            for key, old in list(self._entries.items()):
-                n = common_length(old.tokens, entry.tokens)
-                if n == len(entry.tokens):          # already kept (inside a longer prompt)
-                    self._entries.move_to_end(key)
-                    return
-                if n == len(old.tokens):            # the new prompt extends a kept one
-                    self._drop(key)
+            n, node = self._trie.walk(tokens)
+            if n == len(tokens):                    # already kept (the same, or inside a longer prompt)
+                self._entries.move_to_end(node.key)
+                return
+            if n and not node.children:             # the new prompt extends a kept one
+                self._drop(node.key)
             self._entries[self._next] = entry
+            self._trie.insert(tokens, self._next)
             self._next += 1
             self._bytes += entry.nbytes
             while self._bytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
 
     def _drop(self, key: int) -> None:
-        self._bytes -= self._entries.pop(key).nbytes
+        entry = self._entries.pop(key)
+        self._trie.remove(entry.tokens.tolist(), key)
+        self._bytes -= entry.nbytes
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._trie = _Trie()
             self._bytes = 0
 
     def stats(self) -> dict:

@@ -12,7 +12,7 @@ from decoding.config import SamplingParams
 from decoding.drafters import PromptLookupDrafter
 from decoding.engine import encode_prompt, generate
 from decoding.errors import InvalidRequestError
-from decoding.prefix_cache import PrefixCache, common_length
+from decoding.prefix_cache import PrefixCache
 from decoding.scheduler import generate_batch
 from decoding.target import TargetModel
 
@@ -26,13 +26,6 @@ QUESTIONS = [
 
 def _entry(n: int, fill: float = 0.0):
     return torch.full((2, 1, 1, 1, n, 4), fill), torch.full((n, 4), fill)
-
-
-def test_common_length():
-    a = np.array([1, 2, 3, 4])
-    assert common_length(a, np.array([1, 2, 9])) == 2
-    assert common_length(a, np.array([1, 2])) == 2
-    assert common_length(a, np.array([7])) == 0
 
 
 def test_the_longest_shared_prefix_is_found_and_the_last_token_is_always_run():
@@ -76,6 +69,51 @@ def test_the_least_recently_used_prompt_goes_first_within_the_budget():
     assert cache.stats()["entries"] == 2
     with pytest.raises(ValueError):
         PrefixCache(0)
+
+
+def test_a_prefix_shared_with_a_dropped_prompt_still_finds_the_one_kept():
+    kv, hidden = _entry(4)
+    size = kv.numel() * kv.element_size() + hidden.numel() * hidden.element_size() + 4 * 8
+    cache = PrefixCache(2 * size)
+    cache.add(np.array([1, 2, 3, 4]), *_entry(4, 1.0))
+    cache.add(np.array([1, 2, 5, 6]), *_entry(4, 2.0))
+    cache.add(np.array([7, 7, 7, 7]), *_entry(4, 3.0))          # over budget: [1, 2, 3, 4] goes
+    entry, n = cache.longest(np.array([1, 2, 3, 9]))
+    assert n == 2 and entry.kv[0, 0, 0, 0, 0, 0] == 2.0
+    cache.add(np.array([1, 2, 5, 6, 8, 8]), *_entry(6, 4.0))    # extends [1, 2, 5, 6]: replaces it
+    entry, n = cache.longest(np.array([1, 2, 5, 6, 8, 8, 1]))
+    assert n == 6 and entry.kv[0, 0, 0, 0, 0, 0] == 4.0 and cache.stats()["bytes"] <= 2 * size
+    cache.clear()
+    assert cache.longest(np.array([1, 2, 5])) == (None, 0) and cache.stats()["bytes"] == 0
+
+
+def test_the_trie_finds_what_comparing_every_kept_prompt_finds():
+    """Random prompts over a small vocabulary (many shared prefixes), a budget of a few prompts:
+    after every add, random lookups agree with the brute-force longest common prefix over the
+    prompts kept."""
+    rng = np.random.default_rng(0)
+    kv, hidden = _entry(1)
+    per_token = kv.numel() * kv.element_size() + hidden.numel() * hidden.element_size() + 8
+    cache = PrefixCache(40 * per_token)
+
+    def shared(a, b):
+        n = min(len(a), len(b))
+        differ = np.flatnonzero(a[:n] != b[:n])
+        return int(differ[0]) if len(differ) else n
+
+    for _ in range(300):
+        ids = rng.integers(0, 3, rng.integers(1, 12))
+        cache.add(ids, *_entry(len(ids)))
+        kept = [e.tokens for e in cache._entries.values()]
+        assert sum(len(t) for t in kept) * per_token <= cache.max_bytes
+        assert not any(shared(a, b) == min(len(a), len(b)) for i, a in enumerate(kept) for b in kept[i + 1:])
+        for _ in range(5):
+            q = rng.integers(0, 3, rng.integers(1, 14))
+            want = min(max((shared(t, q) for t in kept), default=0), len(q) - 1)
+            entry, n = cache.longest(q, use=False)
+            assert n == want and (entry is None) == (want == 0)
+            if entry is not None:
+                assert shared(entry.tokens, q) >= n
 
 
 @pytest.fixture(params=["float32", "bfloat16"])
