@@ -334,17 +334,6 @@ def app_args(method: str, budget, replicas: int, threads: int, index: dict, max_
             "ingress": {"ray_actor_options": {"num_cpus": 0}}}
 
 
-def reset_prefix_caches(name: str) -> None:
-    """Empty the prefix cache of app `name`'s decoder (one replica: a handle call reaches it) before
-    a timed pass: the benchmarks ask the same prompts of every method, and a later pass would find
-    each whole prompt kept where a user's new question finds the chat template only."""
-    from ray import serve
-
-    from serving.config import DECODER_NAME
-
-    serve.get_deployment_handle(DECODER_NAME, app_name=name).reset_prefix_cache.remote().result()
-
-
 def deploy(args: dict, url: str, *, name: str = "bench", route_prefix: str = "/") -> None:
     from ray import serve
 
@@ -390,6 +379,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from decoding.target import TargetModel
+    from serving.app import reset_prefix_caches
     from serving.config import IndexConfig
     from serving.control_plane import init_local_ray
     from serving.index_data import load_version_stores

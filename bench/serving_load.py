@@ -26,7 +26,7 @@ method (``ar``, strict ``sense``), order rotated per level and repeat:
   the requests' latencies).
 
 Each served run, and each served request of the engine comparison, starts with the decoder's
-prefix cache emptied (``bench.serving.reset_prefix_caches``; the in-process engine's likewise):
+prefix cache emptied (``serving.app.reset_prefix_caches``; the in-process engine's likewise):
 within a run the requests share the chat template as distinct users' requests do, and no run
 finds another's whole prompt kept.
 
@@ -43,7 +43,7 @@ import time
 
 from bench.batching import run_hf_static, run_serialized
 from bench.common import machine_info, median, method_order, write_results
-from bench.serving import deploy, questions, reset_prefix_caches
+from bench.serving import deploy, questions
 from support.load import pct
 from support.net import free_port
 
@@ -143,6 +143,7 @@ def engine_vs_served(base_url: str, target, stores, texts: list[str], prompt_ids
 
     from decoding.config import SamplingParams
     from decoding.methods import make_drafter
+    from serving.app import reset_prefix_caches
 
     params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
     client = OpenAI(base_url=base_url + "/v1", api_key="none", timeout=900, max_retries=0)
@@ -256,6 +257,7 @@ def main(argv=None) -> int:
     from decoding.methods import check_method
     from decoding.stores import load_datastores
     from decoding.target import TargetModel
+    from serving.app import reset_prefix_caches
     from serving.control_plane import init_local_ray
 
     methods = [check_method(m) for m in args.methods.split(",")]

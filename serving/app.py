@@ -78,3 +78,11 @@ def build_app(args: dict | None = None) -> serve.Application:
                            backpressure_config={"status_code": ing.overload_status,
                                                 "retry_after_s": ing.retry_after_s},
                            ray_actor_options=ing.ray_actor_options).bind(static, decoder)
+
+
+def reset_prefix_caches(app_name: str) -> None:
+    """Empty the prefix cache of app `app_name`'s decoder (decoding/prefix_cache.py), from a
+    process connected to its Ray: a handle call reaches one replica, so this is for apps of one
+    decoder replica. Timings that ask the same prompt twice (the main job, the benchmarks) empty
+    it first: a user's new question finds the chat template kept, not the whole prompt."""
+    serve.get_deployment_handle(DECODER_NAME, app_name=app_name).reset_prefix_cache.remote().result()
