@@ -150,6 +150,8 @@ class Sequence:
         self.on_tokens, self.should_stop = on_tokens, should_stop
         self.t_start = time.perf_counter()
         self.state = None
+        self._pieces = None             # the prefill under way (TargetModel.prefill_pieces)
+        self._prefilled = 0
         self.generated: list[int] = []
         self.reason: str | None = None
         self.needs_hidden = self.drafter.needs_hidden
@@ -171,10 +173,32 @@ class Sequence:
             self.reason = "cancelled"
         return self.reason == "cancelled"
 
-    def start(self) -> None:
-        """Prefill the prompt and take the first token."""
+    @property
+    def started(self) -> bool:
+        """The prompt is prefilled and the first token taken."""
+        return self.state is not None
+
+    def start(self, rows: int | None = None) -> int:
+        """Prefill the prompt, at most `rows` more of its positions in this call (None: all the
+        rest; what the prefix cache holds is not run), and once all of them are in, take the
+        first token (:attr:`started`). Returns the positions this call ran. A batch prefills a
+        long prompt over several steps this way (``TargetModel.prefill_pieces``: the same
+        results, bitwise)."""
+        if self._pieces is None:
+            self._pieces = self.target.prefill_pieces(self.prompt_ids)
+            self._prefilled = next(self._pieces)
+        before = self._prefilled
+        try:
+            self._prefilled = self._pieces.send(rows)
+            return self._prefilled - before
+        except StopIteration as done:
+            self._pieces = None
+            self.state, out = done.value
+        self._first_token(out)
+        return len(self.prompt_ids) - before
+
+    def _first_token(self, out) -> None:
         target, prompt_ids = self.target, self.prompt_ids
-        self.state, out = target.prefill(prompt_ids)
         self.stats.prompt_tokens = len(prompt_ids)
         self.stats.cached_tokens = self.state.reused
         self.drafter.begin(list(prompt_ids), out.hidden if self.needs_hidden else None)

@@ -300,6 +300,8 @@ class LeanLlama:
         kernel whatever the row count (a large prefill: the faster kernel)."""
         if large:
             return self.head(h).float()
+        if not h.shape[0]:          # no rows (a prefill piece before the last): the kernel needs one
+            return torch.empty(0, self.head.weight.shape[0], dtype=torch.float32)
         # Rounded to the model's dtype first, as transformers' head (and the stock path) returns it.
         out = torch.empty(h.shape[0], self.head.weight.shape[0], dtype=torch.float32)
         return invariant.linear_into(self.head.packed(), h.contiguous(), out.shape[1], torch.get_num_threads(), out,

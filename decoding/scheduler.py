@@ -3,14 +3,16 @@
 Each :meth:`BatchScheduler.step`:
 
 1. requests cancelled since the last step end (``should_stop``);
-2. waiting requests are prefilled, each in a forward of its own (so its prefill does not depend
-   on what else runs), while the positions they run total at most ``prefill_tokens`` (and
-   always one; what a prompt takes from the prefix cache is not run):
-   short prompts join several per step, a long one alone, so the running requests are delayed
-   by about one prompt's prefill at most. With nothing running nobody is delayed, and every
-   waiting request is prefilled (up to the batch limit). Each emits its first token as its
-   prefill ends, so time to first token is the prefills ahead of it, not a verification step
-   per request ahead of it;
+2. waiting requests are prefilled, each in forwards of its own (so its prefill does not depend
+   on what else runs), while the positions they run total at most ``prefill_tokens`` (what a
+   prompt takes from the prefix cache is not run): short prompts join several per step, and a
+   prompt longer than the budget left runs in pieces of the budget, a step at a time
+   (``Sequence.start(rows)``; with the prefix cache's invariant prefill the pieces give its
+   prefill bitwise), before any other waiting request starts. So the running requests wait for
+   about ``prefill_tokens`` positions of prefill a step, however long a prompt arrives. With
+   nothing running nobody is delayed, and every waiting request is prefilled whole (up to the
+   batch limit). Each emits its first token as its prefill ends, so time to first token is the
+   prefills ahead of it, not a verification step per request ahead of it;
 3. every running request drafts within the budget the batch allocation gives it
    (:func:`allocate_budgets`, from what past steps taught: whether drafting pays for it at this
    load); those that draft draft wide, and :func:`cut_budgets` keeps of their trees the nodes
@@ -181,6 +183,7 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()          # prompts being prefilled a piece a step
         self.running: list[Sequence] = []
         self.forwards = 0               # verification forwards run
         self.rows = 0                   # tree nodes verified in them
@@ -196,30 +199,45 @@ class BatchScheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.prefilling and not self.running
 
     def step(self) -> list[Sequence]:
         """One scheduling step; returns the requests that finished in it. A request whose own
         work fails (its prefill, drafter or verifier) ends with ``seq.error`` set and the others
         go on; a failure of the shared forward ends every request in it."""
-        finished = [s for s in self.running if s.cancelled()]
+        finished = [s for s in (*self.prefilling, *self.running) if s.cancelled()]
+        self.prefilling = deque(s for s in self.prefilling if not s.done)
         self.running = [s for s in self.running if not s.done]
         self.last_forward = None
         self.last_prefills = 0
         delaying, prefilled = bool(self.running), 0
-        while self.waiting and len(self.running) < self.max_batch:
+
+        def prefill(seq: Sequence) -> bool:
+            """A piece of `seq`'s prefill within what is left of the step's budget; whether it is
+            in (started, or ended) and out of the prefill queue."""
+            nonlocal prefilled
+            prefilled += _guarded(seq, seq.start, self.prefill_tokens - prefilled if delaying else None) or 0
+            if not (seq.started or seq.done):
+                return False
+            self.last_prefills += 1
+            (finished if seq.done else self.running).append(seq)
+            return True
+
+        # A prompt begun in an earlier step goes on first (one at a time: the oldest).
+        while self.prefilling and not (delaying and prefilled >= self.prefill_tokens):
+            if not prefill(self.prefilling[0]):
+                break
+            self.prefilling.popleft()
+        while (not self.prefilling and self.waiting
+               and len(self.running) + len(self.prefilling) < self.max_batch):
             if (delaying and prefilled
                     and prefilled + self.target.prefill_rows(self.waiting[0].prompt_ids) > self.prefill_tokens):
                 break               # the running requests have waited for enough prefill this step
             seq = self.waiting.popleft()
-            if not seq.cancelled():
-                _guarded(seq, seq.start)
-                prefilled += len(seq.prompt_ids) - (seq.state.reused if seq.state is not None else 0)
-                self.last_prefills += 1
-            if seq.done:
+            if seq.cancelled():
                 finished.append(seq)
-                continue
-            self.running.append(seq)
+            elif not prefill(seq):
+                self.prefilling.append(seq)     # longer than the budget left: goes on next step
         if self.running:
             if self.batch_cost is None and len(self.running) > 1 and any(s.adaptive for s in self.running):
                 self.batch_cost = batch_cost(self.target)
@@ -254,7 +272,8 @@ class BatchScheduler:
         return finished
 
     def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "forwards": self.forwards,
+        return {"running": len(self.running), "waiting": len(self.waiting), "prefilling": len(self.prefilling),
+                "forwards": self.forwards,
                 "rows_per_forward": round(self.rows / self.forwards, 3) if self.forwards else None}
 
     def run(self) -> None:

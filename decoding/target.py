@@ -178,21 +178,53 @@ class TargetModel:
         `all_logits`), the longest prefix the prompt shares with one prefilled before is copied,
         not run (``state.reused`` positions), and the prompt is kept for the prompts after it;
         `reuse=False` for text that is no prompt (a document, a timing's filler)."""
+        pieces = self.prefill_pieces(input_ids, all_logits=all_logits, reuse=reuse)
+        next(pieces)
+        try:
+            pieces.send(None)
+        except StopIteration as done:
+            return done.value
+        raise RuntimeError("a prefill of the whole prompt left positions to run")     # never
+
+    @torch.inference_mode()
+    def prefill_pieces(self, input_ids: Sequence[int], *, all_logits: bool = False, reuse: bool = True):
+        """:meth:`prefill` a piece at a time, for a scheduler that prefills a long prompt over
+        several steps so that the requests running beside it are not stalled for all of it. A
+        generator: ``next()`` takes what the prefix cache holds and yields how many of the
+        prompt's positions are in (none run yet); then each ``send(rows)`` runs at most `rows`
+        more positions (None: all the rest) and yields the count again, until the last piece,
+        which returns ``(state, output)`` as ``prefill`` does, bitwise. Pieces need the invariant
+        prefill, that is a prefix cache: without one (the large-row path rounds by its row count)
+        the first ``send`` runs the whole prompt."""
         ids = self.check_prompt(input_ids)
         state = KVState(cache=self.new_cache())
-        kept, start = None, 0
+        kept, at = None, 0
         cache = self.prefix_cache if reuse and not all_logits else None
         if cache is not None:
             arr = np.asarray(ids, dtype=np.int64)
-            kept, start = cache.longest(arr)
+            kept, at = cache.longest(arr)
         if kept is not None:
             state.cache.reserve(len(ids))
-            state.cache.buf[..., :start, :] = kept.kv[..., :start, :]
-            state.cache.length = start
-        positions = torch.arange(start, len(ids), device=self.device)
-        out = self._forward(state, ids[start:], positions, None, None if all_logits else slice(-1, None))
-        if kept is not None:
-            out = ForwardOutput(logits=out.logits, hidden=torch.cat([kept.hidden[:start], out.hidden]))
+            state.cache.buf[..., :at, :] = kept.kv[..., :at, :]
+            state.cache.length = at
+        start = at
+        hidden, logits = [kept.hidden[:at]] if kept is not None else [], []
+        rows = yield at
+        while True:
+            if rows is not None and rows < 1:
+                raise ValueError("a prefill piece needs at least one row")
+            end = len(ids) if rows is None or self.prefix_cache is None else min(at + rows, len(ids))
+            last = end == len(ids)
+            out = self._forward(state, ids[at:end], torch.arange(at, end, device=self.device), None,
+                                None if all_logits else slice(-1, None) if last else slice(0, 0))
+            hidden.append(out.hidden)
+            logits.append(out.logits)
+            at = end
+            if last:
+                break
+            rows = yield at
+        out = ForwardOutput(logits=torch.cat(logits) if len(logits) > 1 else logits[0],
+                            hidden=torch.cat(hidden) if len(hidden) > 1 else hidden[0])
         state.n_committed, state.reused = len(ids), start
         if cache is not None:
             cache.add(arr, state.cache.buf[..., :len(ids), :].clone(), out.hidden.clone())

@@ -171,9 +171,10 @@ class DecoderConfig(_Section):
                                              "in one forward per step (decoding/scheduler.py); false: each request "
                                              "runs its own decode loop")
     prefill_tokens_per_step: int = Field(256, ge=1, description="with batching: a step prefills waiting requests "
-                                         "while their prompts total at most this many tokens (always one; all "
-                                         "of them when none is running): the most prefill the running requests "
-                                         "wait for in a step")
+                                         "while the prompt positions it runs total at most this many (a longer "
+                                         "prompt runs in pieces of this size, a step each, with the prefix cache; "
+                                         "all of them when none is running): the most prefill the running "
+                                         "requests wait for in a step")
     stream_interval_ms: float = Field(100.0, ge=0, description="a streamed request's tokens are sent at most "
                                       "this often (the first at once, the last with the finish): every "
                                       "chunk costs CPU in the replica, the ingress, the proxy and the client, "

@@ -65,6 +65,14 @@ class _LockedTokenizer:
             return self._tokenizer.apply_chat_template(*args, **kwargs)
 
 
+def _next_piece(pieces, sent) -> tuple[bool, object]:
+    """(False, what the prefill's generator yields) or (True, what it returns)."""
+    try:
+        return False, pieces.send(sent)
+    except StopIteration as done:
+        return True, done.value
+
+
 class SerializedTarget:
     """A TargetModel shared by concurrent generations: forward passes (prefill, verify, commit)
     run one at a time on the replica's compute thread (``decoding/compute_thread.py``: one OpenMP
@@ -89,6 +97,16 @@ class SerializedTarget:
 
     def prefill(self, *args, **kwargs):
         return self._locked(self._target.prefill, *args, **kwargs)
+
+    def prefill_pieces(self, *args, **kwargs):
+        """The target's ``prefill_pieces``, each piece a locked call as ``prefill`` is."""
+        pieces = self._target.prefill_pieces(*args, **kwargs)
+        sent = None
+        while True:
+            done, value = self._locked(_next_piece, pieces, sent)
+            if done:
+                return value
+            sent = yield value
 
     def verify(self, *args, **kwargs):
         return self._locked(self._target.verify, *args, **kwargs)

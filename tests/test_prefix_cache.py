@@ -145,6 +145,50 @@ def test_a_reused_prefix_is_bitwise_what_the_prefill_computes(lean_target):
     t.prefix_cache.clear()
 
 
+def _in_pieces(target, ids, rows):
+    """prefill_pieces driven `rows` at a time: (state, output, the pieces run)."""
+    pieces = target.prefill_pieces(ids)
+    at, n = next(pieces), 0
+    while True:
+        try:
+            after = pieces.send(rows)
+        except StopIteration as done:
+            return (*done.value, n + 1)
+        assert after - at == rows
+        at, n = after, n + 1
+
+
+def test_a_prompt_prefilled_in_pieces_is_bitwise_the_prompt_prefilled_at_once(lean_target):
+    """Pieces of 1, 7, 64 and 65 positions, from nothing kept and after a kept prefix: the
+    same logits, hidden states and keys and values, bitwise."""
+    t = lean_target
+    prompt = [(29 * i + 11) % t.vocab_size for i in range(150)]
+    t.prefix_cache.clear()
+    ref_state, ref = t.prefill(prompt)
+    for kept in (0, 40):
+        for rows in (1, 7, 64, 65):
+            t.prefix_cache.clear()
+            if kept:
+                t.prefill(prompt[:kept] + [(prompt[kept] + 1) % t.vocab_size])
+            state, out, pieces = _in_pieces(t, prompt, rows)
+            assert state.reused == kept and pieces == -(-(len(prompt) - kept) // rows)
+            assert torch.equal(out.logits, ref.logits) and torch.equal(out.hidden, ref.hidden), (kept, rows)
+            assert torch.equal(state.cache.buf[..., :len(prompt), :], ref_state.cache.buf[..., :len(prompt), :])
+    t.prefix_cache.clear()
+
+
+def test_without_a_prefix_cache_a_prompt_runs_in_one_piece(target):
+    """The large-row prefill rounds by its row count: no pieces without the invariant prefill."""
+    t = TargetModel(target.model, target.tokenizer, prefix_cache_mb=0)
+    prompt = [(29 * i + 11) % t.vocab_size for i in range(100)]
+    state, out, pieces = _in_pieces(t, prompt, None)
+    pieces_gen = t.prefill_pieces(prompt)
+    assert next(pieces_gen) == 0
+    with pytest.raises(StopIteration):
+        pieces_gen.send(10)                 # all of it at once
+    assert pieces == 1 and torch.equal(out.logits, t.prefill(prompt)[1].logits)
+
+
 def test_all_logits_and_text_that_is_no_prompt_leave_the_cache_alone(target):
     target.prefix_cache.clear()
     lookups = target.prefix_cache.stats()["lookups"]

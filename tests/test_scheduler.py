@@ -187,6 +187,38 @@ def test_waiting_requests_are_prefilled_within_a_token_budget(target, prompts):
     assert [s.result().token_ids for s in seqs] == alone[:3]
 
 
+def test_a_long_prompt_is_prefilled_in_pieces_while_the_others_go_on(target, prompts):
+    """A prompt longer than the step's prefill budget, arriving while two requests run: it is
+    prefilled `prefill_tokens` positions a step, each step also advancing the running requests,
+    and a short prompt behind it waits for it; every output equals the request decoded alone."""
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    long_prompt = encode_prompt(target, " ".join(2 * QUESTIONS) + " Answer each question in turn.")
+    alone = [generate(target, p, params=params, budget=0).token_ids for p in (*prompts[:3], long_prompt)]
+    target.prefix_cache.clear()
+    scheduler = BatchScheduler(target, prefill_tokens=32)
+    running = [Sequence(target, p, params=params, budget=0) for p in prompts[:2]]
+    for s in running:
+        scheduler.add(s)
+    scheduler.step()
+    long_seq = Sequence(target, long_prompt, params=params, budget=0)
+    short = Sequence(target, prompts[2], params=params, budget=0)
+    scheduler.add(long_seq)
+    scheduler.add(short)
+    rows = target.prefill_rows(long_prompt)
+    assert rows > 3 * 32
+    steps = 0
+    while not long_seq.started:
+        before = [len(s.generated) for s in running]
+        scheduler.step()
+        steps += 1
+        assert all(len(s.generated) > b for s, b in zip(running, before))     # the others went on
+        assert not short.started                                              # it waits its turn
+    assert steps == -(-rows // 32) and scheduler.stats()["prefilling"] == 0
+    scheduler.run()
+    assert [s.result().token_ids for s in (*running, short, long_seq)] == alone
+    assert long_seq.result().stats.cached_tokens == len(long_prompt) - rows
+
+
 def test_generate_batch_matches_generate(target, prompts):
     params = SamplingParams(max_new_tokens=12)
     batch = generate_batch(target, prompts, params=params, drafters=[PromptLookupDrafter() for _ in prompts])
