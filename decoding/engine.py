@@ -156,6 +156,9 @@ class Sequence:
         self.reason: str | None = None
         self.needs_hidden = self.drafter.needs_hidden
         self.hidden = None
+        # With a prefix cache, the hidden states of every committed position, so that the whole
+        # sequence is kept when the request ends (a conversation's next turn starts with it).
+        self._kept_hidden: list | None = [] if getattr(target, "prefix_cache", None) is not None else None
 
     error: Exception | None = None         # set by fail(): what ended the request
 
@@ -203,6 +206,8 @@ class Sequence:
         self.stats.cached_tokens = self.state.reused
         self.drafter.begin(list(prompt_ids), out.hidden if self.needs_hidden else None)
         self.hidden = out.hidden[-1] if self.needs_hidden else None
+        if self._kept_hidden is not None:
+            self._kept_hidden.append(out.hidden)
         self.stopper = _Stopper(target, self.params, len(prompt_ids))
         self.tokens = np.empty(len(prompt_ids) + self.stopper.limit + 1, dtype=np.int64)
         self.tokens[: len(prompt_ids)] = prompt_ids
@@ -279,13 +284,16 @@ class Sequence:
         verifier, stats = self.verifier, self.stats
         verdict = verifier.verify(tree, out.logits, out.hidden) if self.verifier_hidden else verifier.verify(tree, out.logits)
         self.target.commit(self.state, verdict.path)
-        if self.needs_hidden:
+        if self.needs_hidden or self._kept_hidden is not None:
             # Committed positions n-1 .. n-1+accepted: the pending root and the accepted drafts.
             k = len(verdict.path)
             # A chain's prefix (every step of a batch that drafts nothing) is a view, not a gather.
             path_hidden = out.hidden[:k] if verdict.path[-1] == k - 1 else out.hidden[verdict.path]
-            self.drafter.observe(np.arange(n - 1, n - 1 + k), path_hidden)
-            self.hidden = path_hidden[-1]
+            if self.needs_hidden:
+                self.drafter.observe(np.arange(n - 1, n - 1 + k), path_hidden)
+                self.hidden = path_hidden[-1]
+            if self._kept_hidden is not None:
+                self._kept_hidden.append(path_hidden.clone())     # not a view keeping the forward's rows
         t3 = time.perf_counter()
         if self.adaptive:
             # A step that drafted and then kept nothing verified alone: its drafting time is not
@@ -307,6 +315,9 @@ class Sequence:
         # token. A step counts one of the tokens it commits; accepted counts the others.
         stats.accepted += max(0, min(verdict.n_accepted, len(self.generated) - before - 1))
         added = self.generated[before:]
+        if self.done and self._kept_hidden is not None:
+            self.target.keep(self.tokens[:self.state.n_committed], self.state, self._kept_hidden)
+            self._kept_hidden = None
         if self.on_tokens is not None and added:
             self.on_tokens(list(added))
         return added

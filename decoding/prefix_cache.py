@@ -12,8 +12,11 @@ token, its position and the cache before it, not on how the prompt was cut into 
 (``tests/test_prefix_cache.py`` checks cuts at every kind of place, bitwise). A reused prefix is
 what prefilling it would have computed, so an output never depends on what ran before it.
 
-Kept: whole prompts, least recently used first out, within a byte budget (keys and values of all
-layers and the hidden states; a prompt that extends a kept one replaces it). Looked up by the
+Kept: whole prompts as they are prefilled, and each finished request's whole sequence (its prompt
+and the tokens it committed: ``TargetModel.keep``; a verified position's keys, values and hidden
+state are its prefill's, bitwise, on the same kernels), least recently used first out, within a
+byte budget (keys and values of all layers and the hidden states; a sequence that extends a kept
+one replaces it). Looked up by the
 longest common prefix with any kept prompt, at most all but the prompt's last token (whose logits
 the prefill returns), in one walk down a trie of the kept prompts' tokens.
 """

@@ -230,6 +230,18 @@ class TargetModel:
             cache.add(arr, state.cache.buf[..., :len(ids), :].clone(), out.hidden.clone())
         return state, out
 
+    def keep(self, tokens: Sequence[int], state: KVState, hidden: Sequence[torch.Tensor]) -> None:
+        """Keep a decoded sequence in the prefix cache: its committed positions (`tokens`, the
+        prompt and the tokens committed after it) with their keys and values from `state` and
+        their hidden states (`hidden`, pieces in order), for a later prompt that starts with it (a
+        conversation's next turn). The invariant kernels make a verified position's keys, values
+        and hidden state those its prefill computes, bitwise (tests/test_prefix_cache.py)."""
+        n = state.n_committed
+        if self.prefix_cache is None or len(tokens) != n or sum(h.shape[0] for h in hidden) != n:
+            return
+        self.prefix_cache.add(np.asarray(tokens, dtype=np.int64), state.cache.buf[..., :n, :].clone(),
+                              torch.cat(list(hidden)))
+
     def prefill_rows(self, input_ids: Sequence[int]) -> int:
         """How many of the prompt's positions :meth:`prefill` would run now (the others come
         from the prefix cache)."""

@@ -189,6 +189,38 @@ def test_without_a_prefix_cache_a_prompt_runs_in_one_piece(target):
     assert pieces == 1 and torch.equal(out.logits, t.prefill(prompt)[1].logits)
 
 
+def test_a_finished_request_is_kept_whole_for_the_next_turn(lean_target):
+    """A request decoded with drafts (tree verification, alone and in a batch) is kept with the
+    tokens it committed: the next turn's prompt, which starts with it, reuses all of it, and its
+    prefill is bitwise the prefill of that prompt with nothing kept."""
+    t = lean_target
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    prompts = [encode_prompt(t, q) for q in ("Repeat exactly: the cat sat on the mat. the cat sat on the mat.",
+                                             QUESTIONS[1])]
+    for batched in (False, True):
+        t.prefix_cache.clear()
+        if batched:
+            results = generate_batch(t, prompts, params=params, budget=8,
+                                     drafters=[PromptLookupDrafter() for _ in prompts])
+        else:
+            results = [generate(t, p, params=params, drafter=PromptLookupDrafter(), budget=8) for p in prompts]
+        assert results[0].stats.accepted > 0                    # drafts were verified and landed
+        turns = [p + r.token_ids[:-1] for p, r in zip(prompts, results)]     # what each request committed
+        follow = encode_prompt(t, "And once more?")[5:]
+        warm = []
+        for turn in turns:
+            state, out = t.prefill(turn + follow)
+            assert state.reused == len(turn), (batched, state.reused, len(turn))
+            warm.append((out, state.cache.buf[..., :state.n_committed, :].clone()))
+        for turn, (out, kv) in zip(turns, warm):
+            t.prefix_cache.clear()
+            state, cold = t.prefill(turn + follow)
+            assert state.reused == 0
+            assert torch.equal(out.logits, cold.logits) and torch.equal(out.hidden, cold.hidden), batched
+            assert torch.equal(kv, state.cache.buf[..., :state.n_committed, :])
+    t.prefix_cache.clear()
+
+
 def test_all_logits_and_text_that_is_no_prompt_leave_the_cache_alone(target):
     target.prefix_cache.clear()
     lookups = target.prefix_cache.stats()["lookups"]
