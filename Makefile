@@ -9,6 +9,7 @@ setup:
 ## The main job on the embedded default: a datastore from a GSM8K slice (Ray Data pipeline), its
 ## index, Ray Serve, one question over HTTP with SENSE and with plain decoding, speedup and MAT.
 demo: setup
+	$(PYTHON) -m pipelines.quickstart
 	$(PYTHON) -m serving.quickstart
 
 ## The engine alone, in process: one question with ar, pld, rest, dense and sense.

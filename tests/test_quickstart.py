@@ -1,4 +1,5 @@
-"""The README's main job (`make demo` -> python -m serving.quickstart), on a small slice: the
+"""The README's main job (`make demo` -> python -m pipelines.quickstart, then python -m
+serving.quickstart), on a small slice: the
 Ray Data pipeline, the index build, Ray Serve and two HTTP requests, end to end, run once as a
 user runs it. That a rerun reuses the datastore and the index is checked on the same work
 directory by steps 1 and 2 alone, in process (what a second whole run would add is the same
@@ -28,11 +29,16 @@ pytestmark = pytest.mark.slow
 def quickstart_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "serving.quickstart", "--docs", str(DOCS), "--distill-tokens", str(DISTILL), "--max-tokens", "32", "--repeats", "1",
-           "--workdir", str(workdir), "--port", str(free_port())]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    return workdir, res.stdout, res.stderr
+    build = [sys.executable, "-m", "pipelines.quickstart", "--docs", str(DOCS), "--distill-tokens", str(DISTILL),
+             "--workdir", str(workdir)]
+    serve = [sys.executable, "-m", "serving.quickstart", "--max-tokens", "32", "--repeats", "1",
+             "--workdir", str(workdir), "--port", str(free_port())]
+    out = err = ""
+    for cmd in (build, serve):
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        out, err = out + res.stdout, err + res.stderr
+    return workdir, out, err
 
 
 def test_quickstart_end_to_end(quickstart_run):
@@ -57,7 +63,7 @@ def test_quickstart_end_to_end(quickstart_run):
 def test_a_rerun_reuses_the_datastore_and_the_index(quickstart_run, ray_cluster, capfd):
     """Steps 1 and 2 again on the same work directory: the build resumes with every unit done
     (nothing recomputed) and the index is reused, same version, untouched."""
-    from serving.quickstart import build_datastore_step, build_index_step
+    from pipelines.quickstart import build_datastore_step, build_index_step
 
     workdir, _, _ = quickstart_run
     shards = {p: p.stat().st_mtime_ns for p in (workdir / STORE / "shards").iterdir()}
