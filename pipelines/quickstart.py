@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(a.workdir) if a.workdir else default_workdir()
     workdir.mkdir(parents=True, exist_ok=True)
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # A Ray instance of its own (address "local"), as serving.quickstart starts its own: never a
+    # cluster that happens to run on this machine.
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         what = (f"the model's own answers to {a.docs} GSM8K train questions (up to {a.distill_tokens} tokens each)"
                 if a.distill_tokens else f"{a.docs} GSM8K train pairs")
