@@ -183,7 +183,7 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.waiting: deque[Sequence] = deque()
-        self.prefilling: deque[Sequence] = deque()          # prompts being prefilled a piece a step
+        self.prefilling: Sequence | None = None             # a prompt being prefilled a piece a step
         self.running: list[Sequence] = []
         self.forwards = 0               # verification forwards run
         self.rows = 0                   # tree nodes verified in them
@@ -199,14 +199,15 @@ class BatchScheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.prefilling and not self.running
+        return not self.waiting and self.prefilling is None and not self.running
 
     def step(self) -> list[Sequence]:
         """One scheduling step; returns the requests that finished in it. A request whose own
         work fails (its prefill, drafter or verifier) ends with ``seq.error`` set and the others
         go on; a failure of the shared forward ends every request in it."""
-        finished = [s for s in (*self.prefilling, *self.running) if s.cancelled()]
-        self.prefilling = deque(s for s in self.prefilling if not s.done)
+        finished = [s for s in (self.prefilling, *self.running) if s is not None and s.cancelled()]
+        if self.prefilling is not None and self.prefilling.done:
+            self.prefilling = None
         self.running = [s for s in self.running if not s.done]
         self.last_forward = None
         self.last_prefills = 0
@@ -223,13 +224,11 @@ class BatchScheduler:
             (finished if seq.done else self.running).append(seq)
             return True
 
-        # A prompt begun in an earlier step goes on first (one at a time: the oldest).
-        while self.prefilling and not (delaying and prefilled >= self.prefill_tokens):
-            if not prefill(self.prefilling[0]):
-                break
-            self.prefilling.popleft()
-        while (not self.prefilling and self.waiting
-               and len(self.running) + len(self.prefilling) < self.max_batch):
+        # A prompt begun in an earlier step goes on first (only one is ever part-prefilled: no
+        # other starts while it is).
+        if self.prefilling is not None and prefill(self.prefilling):
+            self.prefilling = None
+        while self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
             if (delaying and prefilled
                     and prefilled + self.target.prefill_rows(self.waiting[0].prompt_ids) > self.prefill_tokens):
                 break               # the running requests have waited for enough prefill this step
@@ -237,7 +236,7 @@ class BatchScheduler:
             if seq.cancelled():
                 finished.append(seq)
             elif not prefill(seq):
-                self.prefilling.append(seq)     # longer than the budget left: goes on next step
+                self.prefilling = seq           # longer than the budget left: goes on next step
         if self.running:
             if self.batch_cost is None and len(self.running) > 1 and any(s.adaptive for s in self.running):
                 self.batch_cost = batch_cost(self.target)
@@ -272,7 +271,7 @@ class BatchScheduler:
         return finished
 
     def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "prefilling": len(self.prefilling),
+        return {"running": len(self.running), "waiting": len(self.waiting), "prefilling": int(self.prefilling is not None),
                 "forwards": self.forwards,
                 "rows_per_forward": round(self.rows / self.forwards, 3) if self.forwards else None}
 

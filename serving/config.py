@@ -46,7 +46,8 @@ class ModelConfig(_Section):
         "auto", description="auto: bfloat16 on a GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per decoder replica")
-    prefix_cache_mb: int = Field(256, ge=0, description="per decoder replica: prompts kept so that later "
+    prefix_cache_mb: int = Field(256, ge=0,     # decoding.target.PREFIX_CACHE_MB (no torch in the ingress)
+                                 description="per decoder replica: prompts kept so that later "
                                  "prompts beginning the same way (the chat template, a conversation's earlier "
                                  "turns) run only the rest (exact; decoding/prefix_cache.py); 0: off")
 

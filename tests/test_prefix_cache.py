@@ -260,3 +260,11 @@ def test_the_cache_is_off_where_reuse_could_not_be_exact_or_when_asked(target):
     assert t.prefix_cache is None and "lean forward" in t.prefix_cache_note
     with pytest.raises(InvalidRequestError):
         TargetModel(target.model, target.tokenizer, prefix_cache_mb=-1)
+
+
+def test_serving_defaults_to_the_engines_budget():
+    """serving/config.py spells the default out (the ingress imports no torch): the same number."""
+    from decoding.target import PREFIX_CACHE_MB
+    from serving.config import ModelConfig
+
+    assert ModelConfig().prefix_cache_mb == PREFIX_CACHE_MB
