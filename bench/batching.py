@@ -26,7 +26,7 @@ import argparse
 import sys
 import time
 
-from bench.common import forget_prompts, machine_info, median, method_order, write_results
+from bench.common import DENSE_CHOICES_HELP, forget_prompts, machine_info, median, method_order, write_results
 
 # torch and the model are imported inside main(), after the libraries are quieted.
 
@@ -85,12 +85,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
+    ap.add_argument("--dense", default="id", help=DENSE_CHOICES_HELP)
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_new_tokens, args.repeats = "1,4", 16, 1
 
     import torch
 
+    from bench.sense import dense_source
     from decoding.config import SamplingParams
     from decoding.cost import batch_cost, cost_curve
     from decoding.engine import encode_prompt
@@ -105,7 +107,9 @@ def main(argv=None) -> int:
     methods = [check_method(m) for m in args.methods.split(",")]
     target = TargetModel.load(dtype=args.dtype)
     log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}; kernels {target.kernels}")
-    stores = load_datastores(target, methods=methods, dense_default_docs=args.dense_docs)
+    args.dense_source, args.store = dense_source(target, args.dense)
+    stores = load_datastores(target, methods=methods, dense=args.dense_source,
+                             dense_default_docs=args.dense_docs)
     questions = [r["question"] for r in gsm8k("test")[:max(levels)]]
     prompts = [encode_prompt(target, q) for q in questions]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
                                  "identical": True})
     md = ["# Continuous batching in the engine (`python -m bench.batching`)", "",
           f"Target: {target.dtype_choice.reason}; {args.max_new_tokens} tokens per request (EOS ignored), greedy, "
-          f"GSM8K test questions, median of {args.repeats} repeats (order rotated). Batched outputs equal the "
+          f"GSM8K test questions; SENSE drafts from {args.store}; median of {args.repeats} repeats (order rotated). Batched outputs equal the "
           f"requests decoded alone, token for token, at every concurrency.", "",
           "| method | concurrency | batched tok/s | vs serialized | vs HF static batch | vs ar batched | rows/forward |",
           "|---|---|---|---|---|---|---|"]

@@ -79,3 +79,8 @@ def method_order(methods, i: int) -> list:
     r = (i // 2) % len(methods)
     order = methods[r:] + methods[:r]
     return order[::-1] if i % 2 else order
+
+
+DENSE_CHOICES_HELP = ("SENSE's dense datastore: 'id' (default: the GSM8K ID store, the model's own answers to "
+                      "the first 400 GSM8K train questions, built once into bench/out), 'default' (the first "
+                      "--dense-docs human-written GSM8K train answers), or a datastore directory")

@@ -245,6 +245,12 @@ def build_stores(target, answers: list[tuple[list[int], list[int]]], workdir, na
     model's weights hash: a rerun on the same data loads it instead of extracting again (the
     builder writes it atomically, so a cached directory is always a whole one)."""
     sparse = SparseIndex.build(a for _, a in answers)
+    return sparse, DenseStore.load(dense_dir(target, answers, workdir, name), expect=model_fingerprint(target))
+
+
+def dense_dir(target, answers: list[tuple[list[int], list[int]]], workdir, name) -> Path:
+    """The directory of the dense datastore over `answers` in their chat context, built unless
+    `workdir` holds it (see ``build_stores``)."""
     docs = [Document(p + a, corpus=name, store_from=len(p)) for p, a in answers]
     fp = model_fingerprint(target)
     h = hashlib.sha256(fp.weights_hash.encode())
@@ -253,12 +259,33 @@ def build_stores(target, answers: list[tuple[list[int], list[int]]], workdir, na
     out = Path(workdir) / f"{name}_{len(docs)}_{h.hexdigest()[:12]}"
     if (out / "manifest.json").is_file():
         log(f"{name}: dense datastore of {len(docs)} documents from {out}")
-        return sparse, DenseStore.load(out, expect=fp)
+        return out
     t0 = time.perf_counter()
     build_dense_datastore(target, docs, out, progress=lambda i, n: log(f"  {name}: {i}/{n} documents")
                           if i % 1000 == 0 else None)
     log(f"{name}: dense datastore of {len(docs)} documents in {time.perf_counter() - t0:.0f} s")
-    return sparse, DenseStore.load(out, expect=fp)
+    return out
+
+
+def gsm8k_id_store(target, questions: int = 400, max_tokens: int = 128, workdir="bench/out") -> Path:
+    """The GSM8K ID datastore's directory: the target's own greedy answers (`max_tokens` at most)
+    to the first `questions` GSM8K train questions, in their chat context (``--id-questions`` of
+    this benchmark; built once, then cached in `workdir`). A deployment's datastore is built the
+    same way, from its own model's answers (pipelines.build_datastore)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    own = self_distilled(target, [r["question"] for r in gsm8k("train")[:questions]], max_tokens, workdir)
+    return dense_dir(target, own, workdir, "id")
+
+
+def dense_source(target, spec: str) -> tuple[str, str]:
+    """A benchmark's ``--dense`` (see ``bench.common.DENSE_CHOICES_HELP``) as a ``load_datastores`` source (an
+    absolute directory, or "default") and its description for the results."""
+    if spec == "id":
+        return str(gsm8k_id_store(target).resolve()), "GSM8K ID store (the model's own answers to 400 train questions)"
+    if spec == "default":
+        return "default", "the default store (human-written GSM8K train answers)"
+    return str(Path(spec).resolve()), f"the dense datastore {spec}"
 
 
 SPEC = "spec_bench_heldout"     # Spec-Bench's held-out half (the ID store is distilled from the other)

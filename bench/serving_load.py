@@ -42,12 +42,13 @@ import threading
 import time
 
 from bench.batching import run_hf_static, run_serialized
-from bench.common import machine_info, median, method_order, write_results
+from bench.common import DENSE_CHOICES_HELP, machine_info, median, method_order, write_results
 from bench.serving import deploy, questions
 from support.load import pct
 from support.net import free_port
 
 VARIANTS = ("batched", "serialized")
+STORE_BEFORE = "the default store (200 human-written GSM8K train answers)"   # runs before --dense
 
 
 def log(*a) -> None:
@@ -190,7 +191,7 @@ def render(payload: dict) -> str:
     levels = sorted({r["concurrency"] for r in rows if r["method"] != "ttft_p99_ratio"})
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "ttft_p99_ratio"))
     md = ["# Served load (`python -m bench.serving_load`)", "",
-          f"Target: {reason}; one decoder replica ({mach.get('torch_threads', '?')} torch threads), default limits "
+          f"Target: {reason}; SENSE drafts from {args.get('store') or STORE_BEFORE}; one decoder replica ({mach.get('torch_threads', '?')} torch threads), default limits "
           f"(a batch of at most {args.get('batch_limit', 8)}, the rest queued); {args['max_tokens']}-token streamed chat completions (EOS "
           f"ignored), greedy, through the `openai` client; per level max({args.get('rounds', 1)} c, "
           f"{args['min_requests']}) distinct GSM8K test questions, closed loop (c clients, each sending its next "
@@ -241,6 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2,
                     help="requests per client at least: the later ones arrive while the others run (steady state)")
     ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
+    ap.add_argument("--dense", default="id", help=DENSE_CHOICES_HELP)
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_tokens, args.min_requests, args.rounds = "1,4", 16, 4, 1
@@ -255,6 +257,7 @@ def main(argv=None) -> int:
 
     from decoding.engine import encode_prompt
     from decoding.methods import check_method
+    from bench.sense import dense_source
     from decoding.stores import load_datastores
     from decoding.target import TargetModel
     from serving.app import reset_prefix_caches
@@ -264,7 +267,9 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     target = TargetModel.load()
     log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}")
-    stores = load_datastores(target, methods=methods, dense_default_docs=args.dense_docs)
+    args.dense_source, args.store = dense_source(target, args.dense)
+    stores = load_datastores(target, methods=methods, dense=args.dense_source,
+                             dense_default_docs=args.dense_docs)
     texts = questions(max(args.min_requests, args.rounds * max(levels)))
     prompt_ids = [encode_prompt(target, q) for q in texts]
     n_for = {c: max(c * args.rounds, args.min_requests) for c in levels}
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    index = {"dense_default_docs": args.dense_docs}
+    index = {"dense": args.dense_source, "dense_default_docs": args.dense_docs}
     apps = {v: {"model": {"torch_threads": threads}, "index": index,
                 "decoder": {"batching": v == "batched", "max_queued_requests": -1}} for v in VARIANTS}
     init_local_ray(num_cpus=max(4, 2 * threads), logging_level="ERROR", log_to_driver=False)   # as serving.run
