@@ -252,3 +252,20 @@ def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
     assert "| ar | 1 | 30.0 | 1.50x [1.40, 1.60] (20.0) | 1.10x (20.0) | - |" in md
     assert "| sense | 1 | 30.0 | 1.20x [1.00, 1.30] (20.0) | 1.30x [1.20, 1.40] (20.0) | 0.90x [0.80, 1.10] |" in md
     assert "served sense over the in-process engine, question by question in turns: 1.02x [0.95, 1.04]" in md
+
+
+def test_the_load_benchmarks_id_store_is_built_once_from_the_models_own_answers(target, tmp_path):
+    """--dense id: the model's greedy answers to the first GSM8K train questions, as a dense
+    datastore directory that loads against the model; a second call finds it instead of building."""
+    from bench.sense import dense_source, gsm8k_id_store
+    from decoding.fingerprint import model_fingerprint
+    from index.dense_store import DenseStore
+
+    out = gsm8k_id_store(target, questions=4, max_tokens=24, workdir=tmp_path)
+    store = DenseStore.load(out, expect=model_fingerprint(target))
+    assert 64 <= len(store) <= 4 * 24          # the answers' positions only, not the prompts'
+    built = (out / "manifest.json").stat().st_mtime_ns
+    assert gsm8k_id_store(target, questions=4, max_tokens=24, workdir=tmp_path) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == built
+    assert dense_source(target, "default")[0] == "default"
+    assert dense_source(target, str(out))[0] == str(out.resolve())
