@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
-    ap.add_argument("--dense", default="id", help=DENSE_CHOICES_HELP)
+    ap.add_argument("--dense", default=None, help=DENSE_CHOICES_HELP + " (--quick: 'default')")
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_new_tokens, args.repeats = "1,4", 16, 1
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     methods = [check_method(m) for m in args.methods.split(",")]
     target = TargetModel.load(dtype=args.dtype)
     log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}; kernels {target.kernels}")
+    args.dense = args.dense or ("default" if args.quick else "id")   # a smoke run builds nothing
     args.dense_source, args.store = dense_source(target, args.dense)
     stores = load_datastores(target, methods=methods, dense=args.dense_source,
                              dense_default_docs=args.dense_docs)

@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2,
                     help="requests per client at least: the later ones arrive while the others run (steady state)")
     ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
-    ap.add_argument("--dense", default="id", help=DENSE_CHOICES_HELP)
+    ap.add_argument("--dense", default=None, help=DENSE_CHOICES_HELP + " (--quick: 'default')")
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_tokens, args.min_requests, args.rounds = "1,4", 16, 4, 1
@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     target = TargetModel.load()
     log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}")
+    args.dense = args.dense or ("default" if args.quick else "id")   # a smoke run builds nothing
     args.dense_source, args.store = dense_source(target, args.dense)
     stores = load_datastores(target, methods=methods, dense=args.dense_source,
                              dense_default_docs=args.dense_docs)
