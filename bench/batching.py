@@ -107,8 +107,7 @@ def main(argv=None) -> int:
     methods = [check_method(m) for m in args.methods.split(",")]
     target = TargetModel.load(dtype=args.dtype)
     log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}; kernels {target.kernels}")
-    args.dense = args.dense or ("default" if args.quick else "id")   # a smoke run builds nothing
-    args.dense_source, args.store = dense_source(target, args.dense)
+    args.dense_source, args.store = dense_source(target, args.dense, args.quick)
     stores = load_datastores(target, methods=methods, dense=args.dense_source,
                              dense_default_docs=args.dense_docs)
     questions = [r["question"] for r in gsm8k("test")[:max(levels)]]

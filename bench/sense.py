@@ -278,9 +278,11 @@ def gsm8k_id_store(target, questions: int = 400, max_tokens: int = 128, workdir=
     return dense_dir(target, own, workdir, "id")
 
 
-def dense_source(target, spec: str) -> tuple[str, str]:
-    """A benchmark's ``--dense`` (see ``bench.common.DENSE_CHOICES_HELP``) as a ``load_datastores`` source (an
+def dense_source(target, spec: str | None, quick: bool = False) -> tuple[str, str]:
+    """A benchmark's ``--dense`` (see ``bench.common.DENSE_CHOICES_HELP``; None: "id", or
+    "default" for a `quick` smoke run, which builds nothing) as a ``load_datastores`` source (an
     absolute directory, or "default") and its description for the results."""
+    spec = spec or ("default" if quick else "id")
     if spec == "id":
         return str(gsm8k_id_store(target).resolve()), "GSM8K ID store (the model's own answers to 400 train questions)"
     if spec == "default":

@@ -267,8 +267,7 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     target = TargetModel.load()
     log(f"target: {target.dtype_choice.reason}; lean forward {target.lean_note}")
-    args.dense = args.dense or ("default" if args.quick else "id")   # a smoke run builds nothing
-    args.dense_source, args.store = dense_source(target, args.dense)
+    args.dense_source, args.store = dense_source(target, args.dense, args.quick)
     stores = load_datastores(target, methods=methods, dense=args.dense_source,
                              dense_default_docs=args.dense_docs)
     texts = questions(max(args.min_requests, args.rounds * max(levels)))
