@@ -774,7 +774,11 @@ static inline float dot_dp(const uint16_t *q, const uint16_t *k, int D) {
 static inline __attribute__((always_inline)) void attention_dp_unit_body(
         const uint16_t *qr, const uint16_t *kg, const uint16_t *vg, int64_t kr, const int32_t *ids, int n,
         uint16_t *out, int hpg, int D, float scale) {
-    float *s = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * hpg);
+    /* the scores, then (after them) the probabilities in bfloat16 for the weighted sum of V: one
+     * allocation a call, on the decode step's path */
+    const int n16 = (n + 15) & ~15;
+    float *s = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * hpg
+                               + sizeof(uint16_t) * (size_t)hpg * (n16 + 16));
     int p = 0;
     for (; p + 4 <= n; p += 4) {
         const uint16_t *k0 = kg + ids[p] * kr, *k1 = kg + ids[p + 1] * kr;
@@ -813,8 +817,8 @@ static inline __attribute__((always_inline)) void attention_dp_unit_body(
      * interleaved a pair per 32-bit lane; per output dimension one chain over the pairs in list
      * order. A row's visible list is the same in a decode step, a tree verification and a prefill,
      * so are its pairs and its bits. */
-    const int np = (n + 1) / 2, n16 = (n + 15) & ~15;
-    uint16_t *eb = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)hpg * (n16 + 16));
+    const int np = (n + 1) / 2;
+    uint16_t *eb = (uint16_t *)(s + (size_t)n * hpg);
     for (int h = 0; h < hpg; h++) {
         const float *sh = s + (size_t)h * n;
         uint16_t *e = eb + (size_t)h * (n16 + 16);
@@ -859,7 +863,6 @@ static inline __attribute__((always_inline)) void attention_dp_unit_body(
             }
         }
     }
-    free(eb);
     free(s);
 }
 #define ATTENTION_DP_SHAPE(NAME, KT, HPG, DIM)                                                 \
