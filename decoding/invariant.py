@@ -129,7 +129,7 @@ def library() -> ctypes.CDLL | None:
         lib.sense_silu_mul.argtypes = [p, p, i, i, i, i]
         for name in ("sense_rmsnorm", "sense_rope_kv", "sense_silu_mul"):
             getattr(lib, name).restype = None
-        lib.sense_set_prefetch.argtypes = [i, i, i]
+        lib.sense_set_prefetch.argtypes = [i, i, i]         # (bf16, rows range, mode)
         lib.sense_set_prefetch.restype = None
         lib.sense_prefetch.argtypes = [i, i]
         lib.sense_prefetch.restype = ctypes.c_int
@@ -370,17 +370,21 @@ _prefetch_lock = threading.Lock()
 PREFETCH_ENV = "SENSE_PREFETCH"
 
 
-PREFETCH_ROWS = {"few": (2, 4), "many": (8, 16)}    # the row counts each switch is timed at (2-4 rows, 5 on)
+PREFETCH_ROWS = {"two": (2,), "few": (3, 4), "many": (8, 16)}   # the row counts each range is timed at (5 on: "many")
+PREFETCH_MODES = ("off", "l2", "l1", "nta")     # the kernels' modes, in their order (PF_OFF, ...)
 
 
-def tune_prefetch(dtype: torch.dtype, threads: int) -> dict[str, bool]:
-    """Whether the linears of `dtype` weights prefetch their next group of panels while their later
-    row blocks compute (decoding/kernels/invariant.c), for 2-4 rows ("few") and for more ("many"):
-    on unless measured slower on this machine (it paid on the AVX512-BF16 EPYC, 20-30% at 5-17
-    rows; on the AVX2 one it cost up to 20% at 2 rows), from passes over model-sized weights with
-    it on and off (:func:`_time_prefetch`), measured once per machine, kernels, dtype and thread
-    count and remembered on disk; set in the kernels for this process. ``SENSE_PREFETCH=0|1``
-    forces both. Prefetches change no arithmetic: the bits are the same either way."""
+def tune_prefetch(dtype: torch.dtype, threads: int) -> dict[str, str]:
+    """How the linears of `dtype` weights prefetch their next group of panels while their later
+    row blocks compute (decoding/kernels/invariant.c), for 2 rows ("two"), 3-4 ("few") and more
+    ("many"): not at all, into L2, into L1 or non-temporal (:data:`PREFETCH_MODES`), whichever
+    measured fastest on this machine (on the Zen 4 EPYC into L2 paid 20-30% at 5-17 rows; on the
+    Zen 5 EPYC L1 or non-temporal beat L2 by 10-13% at 3-17 rows and none was best at 2; on the
+    AVX2 EPYC prefetching cost up to 20% at 2 rows), from passes over model-sized weights in each
+    mode (:func:`_time_prefetch`), measured once per machine, kernels, dtype and thread count and
+    remembered on disk; set in the kernels for this process. ``SENSE_PREFETCH`` forces every
+    range: a mode's name, or ``0`` (off) / ``1`` (into L2). Prefetches change no arithmetic: the
+    bits are the same in every mode."""
     lib = library()
     if lib is None:
         return {}
@@ -389,21 +393,23 @@ def tune_prefetch(dtype: torch.dtype, threads: int) -> dict[str, bool]:
         if (dtype, threads) not in _prefetch_tuned:
             _prefetch_tuned.add((dtype, threads))   # first: the measurement below runs linears itself
             forced = os.environ.get(PREFETCH_ENV, "").strip().lower()
-            if forced in ("0", "1", "on", "off", "true", "false", "yes", "no"):
-                on = {kind: forced in ("1", "on", "true", "yes") for kind in PREFETCH_ROWS}
+            forced = {"0": "off", "1": "l2", "on": "l2", "true": "l2", "yes": "l2", "false": "off",
+                      "no": "off"}.get(forced, forced)
+            if forced in PREFETCH_MODES:
+                modes = {kind: forced for kind in PREFETCH_ROWS}
             else:
                 key = {"machine": machine("cpu"), "kernels": kernel_id(), "dtype": str(dtype), "threads": threads}
                 value, _ = remembered("prefetch", key, lambda: _time_prefetch(dtype, threads), quiet=True)
-                on = {kind: value[kind]["on_ms"] <= value[kind]["off_ms"] for kind in PREFETCH_ROWS}
-            for kind, o in on.items():
-                lib.sense_set_prefetch(bf16, int(kind == "many"), int(o))
-        return {kind: bool(lib.sense_prefetch(bf16, int(kind == "many"))) for kind in PREFETCH_ROWS}
+                modes = {kind: min(PREFETCH_MODES, key=lambda m: value[kind][m]) for kind in PREFETCH_ROWS}
+            for i, kind in enumerate(PREFETCH_ROWS):
+                lib.sense_set_prefetch(bf16, i, PREFETCH_MODES.index(modes[kind]))
+        return {kind: PREFETCH_MODES[lib.sense_prefetch(bf16, i)] for i, kind in enumerate(PREFETCH_ROWS)}
 
 
-def _time_prefetch(dtype: torch.dtype, threads: int, repeats: int = 7) -> dict:
+def _time_prefetch(dtype: torch.dtype, threads: int, repeats: int = 5) -> dict:
     """ms of passes through 85 MB of 576 -> 1536 weights (beyond a CPU's last-level cache, as a
-    model's are) at each switch's row counts (PREFETCH_ROWS), prefetching on and off alternately,
-    medians of `repeats`: {"few": {"on_ms", "off_ms"}, "many": {...}}."""
+    model's are) at each range's row counts (PREFETCH_ROWS) in every mode, the modes' order
+    rotated each repeat, medians of `repeats`: {"two": {"off": ms, "l2": ms, ...}, ...}."""
     import statistics
     import time
 
@@ -412,21 +418,21 @@ def _time_prefetch(dtype: torch.dtype, threads: int, repeats: int = 7) -> dict:
     g = torch.Generator().manual_seed(0)
     packs = [pack_panels(torch.randn(1536, 576, generator=g).to(dtype)) for _ in range(48 if bf16 else 24)]
     result = {}
-    for kind, rows in PREFETCH_ROWS.items():
+    for i, (kind, rows) in enumerate(PREFETCH_ROWS.items()):
         xs = [torch.randn(r, 576, generator=g).to(dtype) for r in rows]
         outs = [torch.empty(x.shape[0], 1536, dtype=dtype) for x in xs]
-        times: dict[int, list[float]] = {1: [], 0: []}
+        times: dict[int, list[float]] = {m: [] for m in range(len(PREFETCH_MODES))}
         for rep in range(repeats + 1):
-            for on in ((1, 0) if rep % 2 else (0, 1)):
-                lib.sense_set_prefetch(bf16, int(kind == "many"), on)
+            for j in range(len(PREFETCH_MODES)):
+                mode = (j + rep) % len(PREFETCH_MODES)
+                lib.sense_set_prefetch(bf16, i, mode)
                 t0 = time.perf_counter()
                 for x, out in zip(xs, outs):
                     for p in packs:
                         linear_into(p, x, 1536, threads, out)
                 if rep:
-                    times[on].append(time.perf_counter() - t0)
-        result[kind] = {"on_ms": round(statistics.median(times[1]) * 1e3, 3),
-                        "off_ms": round(statistics.median(times[0]) * 1e3, 3)}
+                    times[mode].append(time.perf_counter() - t0)
+        result[kind] = {name: round(statistics.median(times[m]) * 1e3, 3) for m, name in enumerate(PREFETCH_MODES)}
     return result
 
 

@@ -227,23 +227,28 @@ def test_the_large_row_kernel_is_measured_per_size_of_prefill(tmp_path, monkeypa
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefetching_changes_no_bits_is_measured_once_and_can_be_forced(tmp_path, monkeypatch, dtype):
-    """Whether the linears prefetch their weights (for 2-4 rows, and for more) is chosen by
-    measurement, once per machine and dtype (remembered on disk), and SENSE_PREFETCH forces it;
-    on or off, a row's bits are the same."""
+    """How the linears prefetch their weights (off, into L2, into L1, non-temporal; for 2 rows,
+    3-4 and more) is chosen by measurement, the fastest mode per range, once per machine and
+    dtype (remembered on disk), and SENSE_PREFETCH forces it; in every mode a row's bits are the
+    same."""
     lib = invariant.library()
     bf16 = int(dtype == torch.bfloat16)
-    before = {many: lib.sense_prefetch(bf16, many) for many in (0, 1)}
+    ranges = list(invariant.PREFETCH_ROWS)
+    before = {i: lib.sense_prefetch(bf16, i) for i in range(len(ranges))}
     g = torch.Generator().manual_seed(5)
     packed = invariant.pack_panels(torch.randn(200, 96, generator=g).to(dtype))
     x = torch.randn(9, 96, generator=g).to(dtype)
     run = lambda rows: invariant.linear_into(packed, x[:rows], 200, 2, torch.empty(rows, 200))   # noqa: E731
     try:
-        for rows in (3, 9):
+        for rows, i in ((2, 0), (3, 1), (9, 2)):
             outs = []
-            for on in (1, 0):
-                lib.sense_set_prefetch(bf16, int(rows >= 5), on)
+            for mode in range(len(invariant.PREFETCH_MODES)):
+                lib.sense_set_prefetch(bf16, i, mode)
+                assert lib.sense_prefetch(bf16, i) == mode
                 outs.append(run(rows))
-            assert torch.equal(outs[0], outs[1]), rows
+            assert all(torch.equal(outs[0], o) for o in outs[1:]), rows
+        lib.sense_set_prefetch(bf16, 1, 9)                  # not a mode: ignored
+        assert lib.sense_prefetch(bf16, 1) == len(invariant.PREFETCH_MODES) - 1
 
         monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
         monkeypatch.delenv(invariant.PREFETCH_ENV, raising=False)
@@ -254,27 +259,30 @@ def test_prefetching_changes_no_bits_is_measured_once_and_can_be_forced(tmp_path
         measured, real = [], invariant._time_prefetch
 
         def timed(dt, threads):
-            measured.append(dt)     # few rows: off measured faster; many: on
-            return {"few": {"on_ms": 2.0, "off_ms": 1.0}, "many": {"on_ms": 1.0, "off_ms": 2.0}}
+            measured.append(dt)     # each range's fastest: off for two rows, L1, non-temporal
+            return {"two": {"off": 1.0, "l2": 2.0, "l1": 3.0, "nta": 4.0},
+                    "few": {"off": 4.0, "l2": 2.0, "l1": 1.0, "nta": 3.0},
+                    "many": {"off": 4.0, "l2": 2.0, "l1": 3.0, "nta": 1.0}}
 
         monkeypatch.setattr(invariant, "_time_prefetch", timed)
-        chosen = {"few": False, "many": True}
+        chosen = {"two": "off", "few": "l1", "many": "nta"}
         assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
-        assert (lib.sense_prefetch(bf16, 0), lib.sense_prefetch(bf16, 1)) == (0, 1)
+        assert [lib.sense_prefetch(bf16, i) for i in range(3)] == [0, 2, 3]
         run(9)                                              # a multi-row linear: already tuned
         assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
         monkeypatch.setattr(invariant, "_prefetch_tuned", set())          # a new process: from disk
         assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
         assert len(list((tmp_path / "measured").glob("prefetch-*.json"))) == 1
-        monkeypatch.setattr(invariant, "_prefetch_tuned", set())
-        monkeypatch.setenv(invariant.PREFETCH_ENV, "1")
-        assert invariant.tune_prefetch(dtype, 2) == {"few": True, "many": True} and measured == [dtype]
-        value = real(dtype, 2, repeats=1)                   # the measurement itself: both timed
-        assert set(value) == {"few", "many"}
-        assert all(set(v) == {"on_ms", "off_ms"} and min(v.values()) > 0 for v in value.values())
+        for forced, mode in (("1", "l2"), ("off", "off"), ("nta", "nta")):
+            monkeypatch.setattr(invariant, "_prefetch_tuned", set())
+            monkeypatch.setenv(invariant.PREFETCH_ENV, forced)
+            assert invariant.tune_prefetch(dtype, 2) == dict.fromkeys(ranges, mode) and measured == [dtype]
+        value = real(dtype, 2, repeats=1)                   # the measurement itself: every mode timed
+        assert set(value) == set(ranges)
+        assert all(set(v) == set(invariant.PREFETCH_MODES) and min(v.values()) > 0 for v in value.values())
     finally:
-        for many, on in before.items():
-            lib.sense_set_prefetch(bf16, many, on)
+        for i, mode in before.items():
+            lib.sense_set_prefetch(bf16, i, mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

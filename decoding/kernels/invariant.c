@@ -276,36 +276,60 @@ static inline void epi_store8(const Epi *e, size_t row, int col, vec a) {
 #include <omp.h>
 /* Prefetching the weights: a group of panels is read from memory by its first block of rows and */
 /* from cache by the others, which are compute-bound; so while a thread works through a group's */
-/* blocks it prefetches its next group into L2, each block the share of it that is its share of */
-/* the rows, and the memory traffic overlaps the arithmetic instead of adding to it (on the      */
-/* 2-core AVX512-BF16 EPYC, Zen 4: a 16-node bfloat16 verification 34 -> 27 ms, an 8-node float32 */
-/* one 58 -> 41 ms). On the 2-core AVX2 EPYC (Zen 3) the same prefetches cost time instead (the  */
-/* model's linears at 2-8 rows 6-15% slower, at 16 even): the hardware prefetcher keeps up there. */
-/* So it is a switch per weight dtype (float32, bfloat16) and row count (2-4 rows, more), set by  */
-/* decoding/invariant.py from a measurement on this machine. One row streams at memory speed by  */
-/* itself, and prefetching weights that are in cache already is pure overhead: one-row passes    */
-/* never prefetch. Prefetches change no arithmetic. */
-#define PREFETCH_MANY 5     /* the fewest rows of the second switch */
-static int prefetch_on[2][2] = {{1, 1}, {1, 1}};
-void sense_set_prefetch(int bf16, int many, int on) { prefetch_on[bf16 ? 1 : 0][many ? 1 : 0] = on ? 1 : 0; }
-int sense_prefetch(int bf16, int many) { return prefetch_on[bf16 ? 1 : 0][many ? 1 : 0]; }
-static inline int prefetching(int bf16, int R) { return R > 1 && prefetch_on[bf16][R >= PREFETCH_MANY]; }
-typedef struct { const char *from, *to; int per_step; } Prefetch;    /* lines, and lines per k step */
+/* blocks it prefetches its next group, each block the share of it that is its share of the      */
+/* rows, and the memory traffic overlaps the arithmetic instead of adding to it (on the 2-core   */
+/* AVX512-BF16 EPYC, Zen 4: a 16-node bfloat16 verification 34 -> 27 ms, an 8-node float32 one    */
+/* 58 -> 41 ms, prefetching into L2). Where the lines should go differs by machine: on the Zen 4  */
+/* EPYC into L2; on the Zen 5 EPYC into L1 or as non-temporal (the model's 4-16-token            */
+/* verifications 6-9% faster than into L2, one token 14% faster with none); on the 2-core AVX2    */
+/* EPYC (Zen 3) not at all at 2-8 rows (6-15% slower: the hardware prefetcher keeps up there).  */
+/* So it is a mode per                                                                           */
+/* weight dtype (float32, bfloat16) and row count (2 rows, 3-4, 5 and more): off, into L2, into   */
+/* L1, non-temporal, set by decoding/invariant.py from a measurement on this machine. One row     */
+/* streams at memory speed by itself, and prefetching weights that are in cache already is pure   */
+/* overhead: one-row passes never prefetch. Prefetches change no arithmetic. */
+enum { PF_OFF, PF_L2, PF_L1, PF_NTA };
+static int prefetch_mode[2][3] = {{PF_L2, PF_L2, PF_L2}, {PF_L2, PF_L2, PF_L2}};
+static inline int rows_range(int R) { return R <= 2 ? 0 : R <= 4 ? 1 : 2; }
+void sense_set_prefetch(int bf16, int range, int mode) {
+    if (range >= 0 && range < 3 && mode >= PF_OFF && mode <= PF_NTA) prefetch_mode[bf16 ? 1 : 0][range] = mode;
+}
+int sense_prefetch(int bf16, int range) { return range >= 0 && range < 3 ? prefetch_mode[bf16 ? 1 : 0][range] : -1; }
+static inline int prefetching(int bf16, int R) { return R > 1 ? prefetch_mode[bf16][rows_range(R)] : PF_OFF; }
+typedef struct { const char *from, *to; int per_step, mode; } Prefetch;  /* lines, lines per k step */
 #define PREFETCH_START(pf)                                                                     \
     const char *pf_at = (pf) ? (pf)->from : 0, *pf_end = (pf) ? (pf)->to : 0;                   \
-    const int pf_step = (pf) ? (pf)->per_step : 0
+    const int pf_step = (pf) ? (pf)->per_step : 0, pf_mode = (pf) ? (pf)->mode : PF_OFF
 #define PREFETCH_STEP()                                                                        \
-    for (int l = 0; l < pf_step && pf_at < pf_end; l++, pf_at += 64) __builtin_prefetch(pf_at, 0, 2)
+    for (int l = 0; l < pf_step && pf_at < pf_end; l++, pf_at += 64) prefetch_line(pf_at, pf_mode)
+#if defined(__x86_64__) || defined(__i386__)
+/* The x86 instructions by name, in asm: GCC 12 dropped the T1 and NTA prefetches of this switch
+ * from the kernels' loops altogether (-O3 -march=native, only the T0 one was left), and its
+ * __builtin_prefetch may emit AMD's plain `prefetch` for a locality below 3. */
+static inline void prefetch_line(const char *p, int mode) {
+    if (mode == PF_L1) __asm__ volatile("prefetcht0 (%0)" : : "r"(p));
+    else if (mode == PF_NTA) __asm__ volatile("prefetchnta (%0)" : : "r"(p));
+    else __asm__ volatile("prefetcht1 (%0)" : : "r"(p));
+}
+#else
+static inline void prefetch_line(const char *p, int mode) {
+    if (mode == PF_L1) __builtin_prefetch(p, 0, 3);
+    else if (mode == PF_NTA) __builtin_prefetch(p, 0, 0);
+    else __builtin_prefetch(p, 0, 2);
+}
+#endif
 
 /* The share of the next group (lines [0, lines) from `next`, clamped at `last`) that a block of */
-/* rows r0 .. r0 + rb of R prefetches over `steps` steps of k; NULL when there is nothing to do. */
-static inline const Prefetch *prefetch_share(Prefetch *pf, int on, const char *next, const char *last,
+/* rows r0 .. r0 + rb of R prefetches over `steps` steps of k, in `mode`; NULL when there is     */
+/* nothing to do. */
+static inline const Prefetch *prefetch_share(Prefetch *pf, int mode, const char *next, const char *last,
                                              size_t lines, int r0, int rb, int R, int steps) {
     const size_t l0 = lines * (size_t)r0 / (size_t)R, l1 = lines * (size_t)(r0 + rb) / (size_t)R;
     pf->from = next + l0 * 64;
     pf->to = next + l1 * 64 < last ? next + l1 * 64 : last;
     pf->per_step = (int)((l1 - l0 + (size_t)steps - 1) / (size_t)steps);
-    return on && pf->from < pf->to ? pf : 0;
+    pf->mode = mode;
+    return mode != PF_OFF && pf->from < pf->to ? pf : 0;
 }
 
 /* Each thread's groups: schedule(static)'s split, contiguous chunks of [0, groups). */
@@ -415,7 +439,7 @@ void NAME(const float *x, const WT *P, int64_t pstride, float *y, void *out, con
                 const int calls = (2 * np + nv - 1) / nv;                                      \
                 for (int c = 0; c < calls; c++) {                                              \
                     Prefetch share;                                                            \
-                    const Prefetch *pfp = prefetch_share(&share, prefetching(sizeof(WT) == 2, R) && gi + 1 < g1, \
+                    const Prefetch *pfp = prefetch_share(&share, gi + 1 < g1 ? prefetching(sizeof(WT) == 2, R) : PF_OFF, \
                                                          next, last, lines, r0 * calls + c * rb, rb, R * calls, K); \
                     NAME##_block(xr, K, P, (size_t)pstride, &e, (size_t)r0, 2 * p0 + c * nv, N, rb, pfp); \
                 }                                                                              \
@@ -565,7 +589,7 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
                 const int r0 = R * b / nblk, rb = R * (b + 1) / nblk - r0;
                 const uint32_t *xr = x32 + (size_t)r0 * K2;
                 Prefetch share;
-                const Prefetch *pfp = prefetch_share(&share, prefetching(1, R) && gi + 1 < g1, next, last,
+                const Prefetch *pfp = prefetch_share(&share, gi + 1 < g1 ? prefetching(1, R) : PF_OFF, next, last,
                                                      lines, r0, rb, R, K2);
                 if (np == group) {
                     dp_rows(xr, K2, P + (size_t)p0 * pstride, (size_t)pstride, &e, (size_t)r0, p0 * PANEL,
