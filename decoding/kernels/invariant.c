@@ -332,14 +332,6 @@ static inline const Prefetch *prefetch_share(Prefetch *pf, int mode, const char 
     return mode != PF_OFF && pf->from < pf->to ? pf : 0;
 }
 
-/* Each thread's groups: schedule(static)'s split, contiguous chunks of [0, groups). */
-static inline void thread_chunk(int groups, int *g0, int *g1) {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int chunk = groups / nt, extra = groups % nt;
-    *g0 = t * chunk + (t < extra ? t : extra);
-    *g1 = *g0 + chunk + (t < extra ? 1 : 0);
-}
-
 /* A block: RB input rows x NV vectors of 8 outputs (a vector is half a panel; a block may start */
 /* at either half). Its accumulators live in the 16 vector registers of AVX2 with the weights or */
 /* the rows' broadcasts streamed: XH (the rows' x hoisted, each weight vector loaded and used by  */
@@ -395,6 +387,24 @@ DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 4, 1)                                   
 DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 4, 3, 0)                                                  \
 DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 5, 2, 0)                                                  \
 DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 6, 2, 0)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 1, 1, 0)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 2, 1, 0)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 1, 0)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 4, 1, 0)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 5, 1, 0)                                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 6, 1, 0)                                                  \
+/* one vector of a thread's short last group, never past it */                               \
+static void NAME##_tail(const float *x, int K, const WT *P, size_t pstride, const Epi *e,      \
+                        size_t row0, int v0, int N, int rb) {                                  \
+    switch (rb) {                                                                              \
+        case 6: NAME##_r6_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
+        case 5: NAME##_r5_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
+        case 4: NAME##_r4_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
+        case 3: NAME##_r3_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
+        case 2: NAME##_r2_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
+        default: NAME##_r1_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                     \
+    }                                                                                          \
+}                                                                                              \
 static void NAME##_block(const float *x, int K, const WT *P, size_t pstride, const Epi *e,     \
                          size_t row0, int v0, int N, int rb, const Prefetch *pf) {             \
     switch (rb) {                                                                              \
@@ -422,27 +432,32 @@ void NAME(const float *x, const WT *P, int64_t pstride, float *y, void *out, con
         vecs = vecs / a * nv;                                                                  \
     }                                                                                          \
     const int gp = vecs % 2 ? vecs : vecs / 2;          /* panels per group */                 \
-    const int groups = (panels + gp - 1) / gp;                                                 \
     const size_t lines = (size_t)gp * (size_t)pstride * sizeof(WT) / 64;                       \
-    const char *last = (const char *)(P + (size_t)panels * pstride);                            \
     _Pragma("omp parallel num_threads(threads)")                                               \
     {                                                                                          \
-        int g0, g1;                                                                            \
-        thread_chunk(groups, &g0, &g1);                                                        \
-        for (int gi = g0; gi < g1; gi++) {                                                     \
-            const int p0 = gi * gp, np = panels - p0 < gp ? panels - p0 : gp;                  \
+        /* each thread an even share of the panels, a group at a time (as the vdpbf16ps       */ \
+        /* kernel below); its last group may be short: a block's stores stop at the share's    */ \
+        /* end (nlim), where the next thread's panels start                                    */ \
+        const int nth = omp_get_num_threads(), t = omp_get_thread_num();                      \
+        const int q0 = (int)((int64_t)panels * t / nth), q1 = (int)((int64_t)panels * (t + 1) / nth); \
+        const int nlim = N < q1 * PANEL ? N : q1 * PANEL;                                      \
+        const char *last = (const char *)(P + (size_t)q1 * pstride);                           \
+        for (int p0 = q0; p0 < q1; p0 += gp) {                                                 \
+            const int np = q1 - p0 < gp ? q1 - p0 : gp;                                        \
             const char *next = (const char *)(P + (size_t)(p0 + gp) * pstride);                \
             for (int b = 0; b < nblk; b++) {                                                   \
                 const int r0 = R * b / nblk, rb = R * (b + 1) / nblk - r0;                     \
                 const int nv = rb == 1 ? 8 : rb == 2 ? 6 : rb == 3 ? 4 : rb == 4 ? 3 : 2;      \
                 const float *xr = x + (size_t)r0 * K;                                          \
-                const int calls = (2 * np + nv - 1) / nv;                                      \
+                const int calls = 2 * np / nv;                                                 \
                 for (int c = 0; c < calls; c++) {                                              \
                     Prefetch share;                                                            \
-                    const Prefetch *pfp = prefetch_share(&share, gi + 1 < g1 ? prefetching(sizeof(WT) == 2, R) : PF_OFF, \
+                    const Prefetch *pfp = prefetch_share(&share, p0 + gp < q1 ? prefetching(sizeof(WT) == 2, R) : PF_OFF, \
                                                          next, last, lines, r0 * calls + c * rb, rb, R * calls, K); \
-                    NAME##_block(xr, K, P, (size_t)pstride, &e, (size_t)r0, 2 * p0 + c * nv, N, rb, pfp); \
+                    NAME##_block(xr, K, P, (size_t)pstride, &e, (size_t)r0, 2 * p0 + c * nv, nlim, rb, pfp); \
                 }                                                                              \
+                for (int v = 2 * p0 + calls * nv; v < 2 * (p0 + np); v++)     /* a short group */ \
+                    NAME##_tail(xr, K, P, (size_t)pstride, &e, (size_t)r0, v, nlim, rb);        \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -563,7 +578,9 @@ static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, con
 }
 
 /* x: [R, K] bfloat16 (K even) read as R x K/2 pairs; P: the pair-packed weight; y: [R, N] float32.
- * Groups of panels prefetched as the float32 kernels do. */
+ * Each thread takes an even share of the panels (not of the groups: 36 panels in groups of 8, a
+ * one-row o_proj or down_proj of SmolLM2-135M, split 24 + 12 and one core waited on the other) and
+ * works through it a group at a time, prefetching its next group as the float32 kernels do. */
 void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, float *y, void *out,
                          const void *res, const float *bias, int mode, int R, int K, int N, int threads) {
     const Epi e = {y, out, res, bias, N, mode};
@@ -571,15 +588,14 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
     const int K2 = K / 2, panels = (N + PANEL - 1) / PANEL;
     const int group = R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : 3;
     const int rbmax = R <= 3 ? R : DP_RBMAX;
-    const int groups = (panels + group - 1) / group;
     const size_t lines = (size_t)group * (size_t)pstride * sizeof(uint16_t) / 64;    /* of a group */
-    const char *last = (const char *)(P + (size_t)panels * pstride);
     _Pragma("omp parallel num_threads(threads)")
     {
-        int g0, g1;
-        thread_chunk(groups, &g0, &g1);
-        for (int gi = g0; gi < g1; gi++) {
-            const int p0 = gi * group, np = panels - p0 < group ? panels - p0 : group;
+        const int nth = omp_get_num_threads(), t = omp_get_thread_num();
+        const int q0 = (int)((int64_t)panels * t / nth), q1 = (int)((int64_t)panels * (t + 1) / nth);
+        const char *last = (const char *)(P + (size_t)q1 * pstride);
+        for (int p0 = q0; p0 < q1; p0 += group) {
+            const int np = q1 - p0 < group ? q1 - p0 : group;
             const char *next = (const char *)(P + (size_t)(p0 + group) * pstride);
             /* Blocks of at most rbmax rows, as even as they go (not 4 + 4 + 1 for 9 rows, whose
              * one-row block of 3 chains waits on the instruction's latency). The blocking
@@ -589,17 +605,23 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
                 const int r0 = R * b / nblk, rb = R * (b + 1) / nblk - r0;
                 const uint32_t *xr = x32 + (size_t)r0 * K2;
                 Prefetch share;
-                const Prefetch *pfp = prefetch_share(&share, gi + 1 < g1 ? prefetching(1, R) : PF_OFF, next, last,
+                const Prefetch *pfp = prefetch_share(&share, p0 + group < q1 ? prefetching(1, R) : PF_OFF, next, last,
                                                      lines, r0, rb, R, K2);
                 if (np == group) {
                     dp_rows(xr, K2, P + (size_t)p0 * pstride, (size_t)pstride, &e, (size_t)r0, p0 * PANEL,
                             N - p0 * PANEL, rb, np, pfp);
-                } else {        /* the last few panels, one at a time, in blocks of up to 4 rows */
-                    for (int p = p0; p < p0 + np; p++)
-                        for (int s0 = 0; s0 < rb; s0 += 4)
-                            dp_rows(xr + (size_t)s0 * K2, K2, P + (size_t)p * pstride, (size_t)pstride, &e,
-                                    (size_t)(r0 + s0), p * PANEL, N - p * PANEL, rb - s0 < 4 ? rb - s0 : 4, 1, 0);
+                    continue;
                 }
+                /* the share's last few panels: three at a time where a group is larger (rows as
+                 * the block has them, up to 8), then one at a time in blocks of up to 4 rows */
+                int p = p0;
+                for (; group > 3 && p + 3 <= p0 + np; p += 3)
+                    dp_rows(xr, K2, P + (size_t)p * pstride, (size_t)pstride, &e, (size_t)r0, p * PANEL,
+                            N - p * PANEL, rb, 3, 0);
+                for (; p < p0 + np; p++)
+                    for (int s0 = 0; s0 < rb; s0 += 4)
+                        dp_rows(xr + (size_t)s0 * K2, K2, P + (size_t)p * pstride, (size_t)pstride, &e,
+                                (size_t)(r0 + s0), p * PANEL, N - p * PANEL, rb - s0 < 4 ? rb - s0 : 4, 1, 0);
             }
         }
     }
