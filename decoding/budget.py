@@ -93,22 +93,8 @@ class AdaptiveBudget:
         tried = [s for s in self.overhead if self.overhead_seen[s] and s <= b]
         return self.overhead[max(tried)] if tried else 0.0
 
-    def terms(self) -> dict[int, tuple[float, float]]:
-        """{x: (1 + A(x), D(x) in seconds)} for x = 0 and every size: what the batch allocation
-        weighs, in one pass over the sizes (A's running maximum, D's nearest tried size below)."""
-        step = self.step_seconds
-        last_d = self.overhead[0] if self.overhead_seen[0] else 0.0
-        out = {0: (1.0, last_d * step)}
-        best_a = 0.0
-        for b in self.sizes:
-            best_a = max(best_a, self.accepted[b])
-            if self.overhead_seen[b]:
-                last_d = self.overhead[b]
-            out[b] = (1.0 + best_a, last_d * step)
-        return out
-
     def term(self, b: int) -> tuple[float, float]:
-        """(1 + A(b), D(b) in seconds): one entry of :meth:`terms`."""
+        """(1 + A(b), D(b) in seconds): what the batch allocation weighs for budget b."""
         return 1.0 + self.expected_accepted(b), self.overhead_of(b) * self.step_seconds
 
     def forward_of(self, b: int, nodes: int | None = None) -> float:

@@ -72,15 +72,16 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
     if not adaptive:
         return budgets
     first = seqs[adaptive[0]].adaptive
-    forward_s = _forward_seconds(len(seqs), first, batch_cost)
+    forward_s = _memo(_forward_seconds(len(seqs), first, batch_cost))
 
-    # Each adaptive request's terms per size, once: (1 + A_i(x), D_i(x) in seconds). D_i is the
-    # request's own work in the step (drafting, acceptance, KV compaction), run one request
-    # after another beside the shared forward. A fixed budget's term never changes, so its guess
-    # of x / 2 accepted moves no choice.
-    terms = {i: seqs[i].adaptive.terms() for i in adaptive}
-    gain = sum(1.0 + s.budget / 2 for s in seqs if not s.adaptive) + sum(terms[i][0][0] for i in adaptive)
-    own = sum(terms[i][0][1] for i in adaptive)
+    # Each adaptive request's terms per size, as the ascent asks for them: (1 + A_i(x), D_i(x) in
+    # seconds). D_i is the request's own work in the step (drafting, acceptance, KV compaction),
+    # run one request after another beside the shared forward. A fixed budget's term never
+    # changes, so its guess of x / 2 accepted moves no choice. At load the ascent stops at its
+    # first pass (no request's next size pays), which asks each request for two sizes only.
+    terms = {i: _memo(seqs[i].adaptive.term) for i in adaptive}
+    gain = sum(1.0 + s.budget / 2 for s in seqs if not s.adaptive) + sum(terms[i](0)[0] for i in adaptive)
+    own = sum(terms[i](0)[1] for i in adaptive)
     rows = sum(1 + x for x in budgets)
     best = gain / (forward_s(rows) + own)
     while True:
@@ -89,14 +90,14 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
             now, nxt = budgets[i], seqs[i].adaptive.larger(budgets[i])
             if nxt == now:
                 continue
-            (g0, o0), (g1, o1) = terms[i][now], terms[i][nxt]
+            (g0, o0), (g1, o1) = terms[i](now), terms[i](nxt)
             g = (gain - g0 + g1) / (forward_s(rows - now + nxt) + own - o0 + o1)
             if g > best and (choice is None or g > choice[0]):
                 choice = (g, i, nxt)
         if choice is None:
             break
         best, i, x = choice
-        (g0, o0), (g1, o1) = terms[i][budgets[i]], terms[i][x]
+        (g0, o0), (g1, o1) = terms[i](budgets[i]), terms[i](x)
         gain, own, rows = gain - g0 + g1, own - o0 + o1, rows - budgets[i] + x
         budgets[i] = x
     if step is None:
@@ -106,6 +107,18 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, s
         i = adaptive[(step // first.explore_every) % len(adaptive)]
         budgets[i] = seqs[i].adaptive.larger(budgets[i])
     return budgets
+
+
+def _memo(fn):
+    """`fn` of one argument, each value computed once (within one allocation)."""
+    values: dict = {}
+
+    def get(x):
+        v = values.get(x)
+        if v is None:
+            v = values[x] = fn(x)
+        return v
+    return get
 
 
 def _forward_seconds(requests: int, budget, batch_cost: BatchCost | None):

@@ -105,23 +105,6 @@ def test_an_untried_size_costs_the_drafting_time_of_the_nearest_tried_one():
     assert ab.overhead_of(2) == pytest.approx(0.5) and ab.overhead_of(4) == pytest.approx(2.0)
 
 
-def test_the_batch_terms_are_the_per_size_estimates():
-    """terms(), what the batch allocation weighs, gives each size's 1 + A(b) and D(b) (seconds)
-    as expected_accepted and overhead_of do, after random steps (some sizes never tried)."""
-    import random
-
-    rng = random.Random(0)
-    cost = {0: 0.02, 1: 0.021, 2: 0.022, 3: 0.023, 4: 0.024, 8: 0.03, 16: 0.04, 32: 0.07}
-    ab = AdaptiveBudget(cost)
-    for step in range(60):
-        for b in (0, *ab.sizes):
-            terms = ab.terms()
-            assert terms[b] == pytest.approx((1.0 + ab.expected_accepted(b), ab.overhead_of(b) * ab.step_seconds))
-        b = rng.choice([0, 1, 2, 4, 16])
-        tree = TokenTree.chain(0, list(range(1, b + 1)))
-        ab.update(tree, list(range(rng.randint(0, b) + 1)), b, overhead_s=rng.random() * 0.01)
-
-
 def test_the_requests_own_forwards_price_the_budgets():
     """The curve says large trees are cheap (a one-off measurement at a fast moment, or at a
     shorter context than this request's); the request's own forward times say they cost what a

@@ -257,7 +257,7 @@ def test_the_query_key_is_the_last_observed_rows_cache_key(target):
     drafter.begin(list(range(7)), h[:7])
     drafter.observe(np.arange(7, 9), h[7:9])
     q = drafter._query(h[8])
-    assert not drafter._pending and drafter.cached == 9               # the catch-up ran, once
+    assert not drafter._pn and drafter.cached == 9               # the catch-up ran, once
     np.testing.assert_allclose(q, tf(h[8:9].numpy())[0], rtol=1e-5, atol=1e-6)
     other = drafter._query(h[3])                                       # not the last observed row
     np.testing.assert_allclose(other, tf(h[3:4].numpy())[0], rtol=1e-5, atol=1e-6)

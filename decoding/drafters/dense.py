@@ -40,7 +40,11 @@ class DenseDrafter(Drafter):
     _keys: Any = field(default=None, repr=False)
     _pos: Any = field(default=None, repr=False)
     _n: int = field(default=0, repr=False)
-    _pending: list = field(default_factory=list, repr=False)
+    # The observed states not yet keys: rows [:_pn] of a float32 buffer and their positions,
+    # grown by doubling (see observe).
+    _ph: Any = field(default=None, repr=False)
+    _pp: Any = field(default=None, repr=False)
+    _pn: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("trie", "chains"):
@@ -55,16 +59,32 @@ class DenseDrafter(Drafter):
     # -- dynamic cache ------------------------------------------------------------------------
 
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
-        self._keys, self._pos, self._n, self._pending = None, None, 0, []
+        self._keys, self._pos, self._n, self._pn = None, None, 0, 0
         if self.dynamic and hidden is not None:
             self.observe(np.arange(len(prompt_ids)), hidden)
 
     def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
         """Keep the committed positions' hidden states; they become keys when the cache is next
         searched (all the steps since at once), so steps that draft nothing (a budget of 0, as a
-        loaded batch often allocates) pay nothing for the cache."""
-        if self.dynamic:
-            self._pending.append((np.asarray(positions), hidden))
+        loaded batch often allocates) pay nothing for the cache. They are copied into one
+        buffer (float32, as the transform takes them), not kept as tensors: a view would keep
+        the whole forward's buffer alive, and a small tensor a step per request fragmented the
+        heap around the forwards' buffers, so that every batched forward faulted in fresh pages
+        (16 requests in flight drafting nothing: 585 page faults a step against 240 for `ar`,
+        the forward 5-10% slower)."""
+        if not self.dynamic:
+            return
+        m, n = len(positions), self._pn
+        if self._ph is None or n + m > len(self._ph):
+            cap = max(64, 2 * (n + m))
+            grown_h = np.empty((cap, hidden.shape[-1]), dtype=np.float32)
+            grown_p = np.empty(cap, dtype=np.int64)
+            if n:
+                grown_h[:n], grown_p[:n] = self._ph[:n], self._pp[:n]
+            self._ph, self._pp = grown_h, grown_p
+        torch.from_numpy(self._ph[n:n + m]).copy_(hidden)
+        self._pp[n:n + m] = positions
+        self._pn = n + m
 
     @property
     def cached(self) -> int:
@@ -73,13 +93,11 @@ class DenseDrafter(Drafter):
 
     def _catch_up(self) -> None:
         """Turn the pending hidden states into keys, in one transform."""
-        if not self._pending:
+        if not self._pn:
             return
-        hidden = [h for _, h in self._pending]
-        hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-        keys = self.transform(hidden.float().cpu().numpy())
-        pos = np.concatenate([p for p, _ in self._pending])
-        self._pending = []
+        keys = self.transform(self._ph[:self._pn])
+        pos = self._pp[:self._pn]
+        self._pn = 0
         n, m = self._n, len(keys)
         if self._keys is None or n + m > len(self._keys):
             grown_keys = np.empty((max(256, 2 * (n + m)), keys.shape[1]), dtype=np.float32)
@@ -122,9 +140,9 @@ class DenseDrafter(Drafter):
     def _query(self, hidden: torch.Tensor) -> np.ndarray:
         """The query key transform(hidden). The engine passes the last observed row as `hidden`;
         then its key comes from the dynamic cache's catch-up: one transform a step, not two."""
-        if self.dynamic and self._pending:
-            last = self._pending[-1][1]
-            if len(last) and last.shape[1:] == hidden.shape and torch.equal(last[-1], hidden):
+        if self.dynamic and self._pn:
+            last = torch.from_numpy(self._ph[self._pn - 1])
+            if last.shape == hidden.shape and torch.equal(last, hidden.float().cpu()):
                 self._catch_up()
                 return self._keys[self._n - 1].copy()
         return self.transform(hidden.float().cpu().numpy())
