@@ -542,16 +542,36 @@ static __attribute__((noinline)) void dp_r##RB##_p##NP(const uint32_t *x, int K2
 }
 /* Blocks: 1 row x 8 panels, 2 x 6, 3 x 4 (8-12 chains in flight, which the instruction's
  * latency needs); from 4 rows, blocks of up to 8 rows x 3 panels (up to 24 chains, each weight
- * vector loaded once for all of them), rows split as evenly as they go (9: 5 + 4; the panels
- * stay in cache between blocks); leftover panels one at a time, in blocks of up to 4 rows. On
- * the AVX512-BF16 EPYC, all the linears of SmolLM2-135M from memory against blocks of at most 4
- * rows (the last 1-3 alone): 8 rows 11.9 -> 10.3 ms, 5-7 rows 8% faster, 9 and 16 rows 6%. */
-#ifndef DP_RBMAX
-#define DP_RBMAX 8          /* the most rows a block takes from 4 rows on (-DDP_RBMAX=4: the old blocking) */
-#endif
+ * vector loaded once for all of them), the rows split as evenly as they go, the panels staying
+ * in cache between a group's blocks (leftover panels one at a time, in blocks of up to 4 rows);
+ * but 9 and 17 rows take a first block of 9 (27 accumulators, 3 weights and a broadcast fill the
+ * 32 registers) and then one of 8: 9, not 5 + 4; 9 + 8, not 6 + 6 + 5. On the Zen 5 EPYC, one
+ * process alternating the builds: a 9-row verification 7.71-7.91 -> 6.44-6.45 ms, 17 rows
+ * 9.44-9.60 -> 9.05-9.24. Measured slower than the even split: 9 + 8 + 8 for 25 rows (12.6
+ * against 11.8 ms), 9 + 9 for 18, and a first block of 9 at 10-16 rows (a block of 9's
+ * accumulators spill where the arithmetic is the bound). Earlier, on the Zen 4 EPYC, blocks of up to 8 rows against blocks of at most 4 (the
+ * last 1-3 alone): all the linears of SmolLM2-135M from memory 8 rows 11.9 -> 10.3 ms, 5-7 rows
+ * 8% faster, 9 and 16 rows 6%. The blocking changes no bits. */
+/* The row blocks of a pass of R rows (at most 1 + R / 8 of them): their first rows and sizes. */
+static int dp_row_blocks(int R, int *r0s, int *rbs) {
+    if (R == 9 || R == 17) {
+        const int n = R / 8;
+        for (int b = 0; b < n; b++) {
+            r0s[b] = b ? 1 + 8 * b : 0;
+            rbs[b] = b ? 8 : 9;
+        }
+        return n;
+    }
+    const int n = (R + 7) / 8;
+    for (int b = 0; b < n; b++) {
+        r0s[b] = R * b / n;
+        rbs[b] = R * (b + 1) / n - R * b / n;
+    }
+    return n;
+}
 DEFINE_DP_BLOCK(1, 8) DEFINE_DP_BLOCK(2, 6) DEFINE_DP_BLOCK(3, 4) DEFINE_DP_BLOCK(4, 3)
 DEFINE_DP_BLOCK(1, 3) DEFINE_DP_BLOCK(2, 3) DEFINE_DP_BLOCK(3, 3)
-DEFINE_DP_BLOCK(5, 3) DEFINE_DP_BLOCK(6, 3) DEFINE_DP_BLOCK(7, 3) DEFINE_DP_BLOCK(8, 3)
+DEFINE_DP_BLOCK(5, 3) DEFINE_DP_BLOCK(6, 3) DEFINE_DP_BLOCK(7, 3) DEFINE_DP_BLOCK(8, 3) DEFINE_DP_BLOCK(9, 3)
 DEFINE_DP_BLOCK(1, 1) DEFINE_DP_BLOCK(2, 1) DEFINE_DP_BLOCK(3, 1) DEFINE_DP_BLOCK(4, 1)
 
 static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, const Epi *e, size_t row0,
@@ -560,6 +580,7 @@ static void dp_rows(const uint32_t *x, int K2, const uint16_t *P, size_t ps, con
     else if (np == 6) dp_r2_p6(x, K2, P, ps, e, row0, col0, nc, pf);
     else if (np == 4) dp_r3_p4(x, K2, P, ps, e, row0, col0, nc, pf);
     else if (np == 3) switch (rb) {
+        case 9: dp_r9_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
         case 8: dp_r8_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
         case 7: dp_r7_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
         case 6: dp_r6_p3(x, K2, P, ps, e, row0, col0, nc, pf); break;
@@ -587,7 +608,8 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
     const uint32_t *x32 = (const uint32_t *)x;
     const int K2 = K / 2, panels = (N + PANEL - 1) / PANEL;
     const int group = R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : 3;
-    const int rbmax = R <= 3 ? R : DP_RBMAX;
+    int r0s[1 + R / 8], rbs[1 + R / 8];
+    const int nblk = dp_row_blocks(R, r0s, rbs);
     const size_t lines = (size_t)group * (size_t)pstride * sizeof(uint16_t) / 64;    /* of a group */
     _Pragma("omp parallel num_threads(threads)")
     {
@@ -597,12 +619,8 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
         for (int p0 = q0; p0 < q1; p0 += group) {
             const int np = q1 - p0 < group ? q1 - p0 : group;
             const char *next = (const char *)(P + (size_t)(p0 + group) * pstride);
-            /* Blocks of at most rbmax rows, as even as they go (not 4 + 4 + 1 for 9 rows, whose
-             * one-row block of 3 chains waits on the instruction's latency). The blocking
-             * changes no bits. */
-            const int nblk = (R + rbmax - 1) / rbmax;
             for (int b = 0; b < nblk; b++) {
-                const int r0 = R * b / nblk, rb = R * (b + 1) / nblk - r0;
+                const int r0 = r0s[b], rb = rbs[b];
                 const uint32_t *xr = x32 + (size_t)r0 * K2;
                 Prefetch share;
                 const Prefetch *pfp = prefetch_share(&share, p0 + group < q1 ? prefetching(1, R) : PF_OFF, next, last,
@@ -613,7 +631,7 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
                     continue;
                 }
                 /* the share's last few panels: three at a time where a group is larger (rows as
-                 * the block has them, up to 8), then one at a time in blocks of up to 4 rows */
+                 * the block has them), then one at a time in blocks of up to 4 rows */
                 int p = p0;
                 for (; group > 3 && p + 3 <= p0 + np; p += 3)
                     dp_rows(xr, K2, P + (size_t)p * pstride, (size_t)pstride, &e, (size_t)r0, p * PANEL,
