@@ -102,7 +102,11 @@ def interpolate_cost(cost: dict[int, float], n: int) -> float:
     return c1 + (c1 - c0) * (n - n1) / (n1 - n0)
 
 
-BATCH_POINTS = (*((1, e) for e in (0, 2, 4, 8, 16, 32, 64)), *((r, e) for r in (2, 4, 8) for e in (0, 8, 32)))
+# One request at every row count to 33 (the kernels' time is not smooth in the rows: a pass's row
+# blocks change at 4, 9, 10 and 17 rows, and a 9- or 17-row forward ran faster than 8 or 16 on the
+# Zen 5 EPYC, so a model interpolating between 9, 17 and 33 priced 10-32 rows too cheap and
+# drafted at 16 in flight where nothing paid); then 48 and 64, and several requests at three sizes.
+BATCH_POINTS = (*((1, e) for e in (*range(33), 47, 63)), *((r, e) for r in (2, 4, 8) for e in (0, 8, 32)))
 
 
 def measure_batch_cost(target: Forwards, points: Sequence[tuple[int, int]] = BATCH_POINTS, *,
