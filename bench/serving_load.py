@@ -118,6 +118,18 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
             "ttft_steady": [r["ttft"] for r in recs if not r["first"]]}
 
 
+def forward_totals(app_url: str) -> tuple[int, float]:
+    """The batched decoder's verification forwards so far and the rows they verified, from the
+    app's ``/health`` (the scheduler's stats); (0, 0.0) when the decoder does not batch."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(app_url + "/health", timeout=60) as resp:
+        batch = json.load(resp)["decoder"].get("batch") or {}
+    forwards = int(batch.get("forwards") or 0)
+    return forwards, forwards * float(batch.get("rows_per_forward") or 0.0)
+
+
 def hf_static(target, prompt_ids: list[list[int]], batch: int, max_new: int) -> float:
     """transformers' generate() over the prompts in left-padded batches of `batch`: tokens/s
     (every row generates exactly `max_new` tokens)."""
@@ -175,7 +187,8 @@ def summarize(runs: list[dict]) -> dict:
     return {"tokens_per_s": median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
             "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "ttft_steady_p99_ms": 1e3 * pct(steady, 99) if steady else float("nan"),
-            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
+            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99),
+            "rows_per_forward": median([r["rows_per_forward"] for r in runs if "rows_per_forward" in r] or [0.0])}
 
 
 def _ratio(row: dict) -> str:
@@ -202,8 +215,8 @@ def render(payload: dict) -> str:
           f"[min, max] beside it. Every served answer equals the question decoded alone by the engine, token "
           f"for token.", "",
           "| method | in flight | batched tok/s | vs serialized | vs HF static batch | vs ar batched | "
-          "TTFT p50 / p99 ms | TTFT p99 steady ms | latency p50 / p99 s |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "TTFT p50 / p99 ms | TTFT p99 steady ms | latency p50 / p99 s | rows / forward |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for c in levels:
         for m in methods:
             r = {row["vs"]: row for row in rows if row["method"] == m and row["concurrency"] == c}
@@ -215,7 +228,8 @@ def render(payload: dict) -> str:
                       f"{_ratio(r['hf_static_batch'])} ({r['hf_static_batch']['peer_tokens_per_s']:.1f}) | "
                       f"{arb} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | "
                       f"{b.get('ttft_steady_p99_ms', float('nan')):.0f} | "
-                      f"{b['latency_p50_s']:.2f} / {b['latency_p99_s']:.2f} |")
+                      f"{b['latency_p50_s']:.2f} / {b['latency_p99_s']:.2f} | "
+                      f"{b.get('rows_per_forward') or float('nan'):.1f} |")
     for row in rows:
         if row["vs"] == "engine":
             md.append(f"\nAt 1 in flight, served {row['method']} over the in-process engine, question by question in "
@@ -306,7 +320,11 @@ def main(argv=None) -> int:
                         res = {"tokens_per_s": tps, "ttft": [], "latency": [], "ids": []}
                     else:
                         reset_prefix_caches(v)
+                        before = forward_totals(f"{url}/{v[0]}")
                         res = closed_loop(f"{url}/{v[0]}", prompts, m, args.max_tokens, c)
+                        after = forward_totals(f"{url}/{v[0]}")
+                        if after[0] > before[0]:        # rows a verification forward (prefills not counted)
+                            res["rows_per_forward"] = (after[1] - before[1]) / (after[0] - before[0])
                     runs.setdefault((m, v, c), []).append(res)
                     if v != "hf_static_batch" and res["ids"] != reference[:len(prompts)]:
                         bad = sum(a != b for a, b in zip(res["ids"], reference))
@@ -349,7 +367,8 @@ def main(argv=None) -> int:
                              "ratio_max": round(max(ratios), 3), "tokens_per_s": round(own["tokens_per_s"], 2),
                              "peer_tokens_per_s": round(s[key]["tokens_per_s"], 2),
                              **{k: round(own[k], 3) for k in ("ttft_p50_ms", "ttft_p99_ms", "ttft_steady_p99_ms",
-                                                               "latency_p50_s", "latency_p99_s")},
+                                                               "latency_p50_s", "latency_p99_s",
+                                                               "rows_per_forward")},
                              "requests": n_for[c], "identical": True})
     ttft_m = "sense" if "sense" in methods else methods[-1]
     if 1 in levels and 16 in levels:

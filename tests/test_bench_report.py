@@ -236,13 +236,14 @@ def test_soft_quality_reports_gate_rates_and_a_paired_interval():
 
 def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
     """The served-load report renders from a payload alone (so a committed run re-renders), each
-    ratio with the range of its repeats."""
+    ratio with the range of its repeats, and the batched decoder's rows per forward (nan in runs
+    that did not record them)."""
     from bench.serving_load import render
 
     def row(m, c, vs, ratio, lo, hi):
         return {"method": m, "concurrency": c, "vs": vs, "ratio": ratio, "ratio_min": lo, "ratio_max": hi,
                 "tokens_per_s": 30.0, "peer_tokens_per_s": 20.0, "ttft_p50_ms": 300, "ttft_p99_ms": 400,
-                "latency_p50_s": 2.0, "latency_p99_s": 3.0}
+                "latency_p50_s": 2.0, "latency_p99_s": 3.0, **({"rows_per_forward": 7.46} if m == "sense" else {})}
 
     rows = [row("ar", 1, "serialized", 1.5, 1.4, 1.6), row("ar", 1, "hf_static_batch", 1.1, 1.1, 1.1),
             row("sense", 1, "serialized", 1.2, 1.0, 1.3), row("sense", 1, "hf_static_batch", 1.3, 1.2, 1.4),
@@ -252,6 +253,7 @@ def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
     assert "| ar | 1 | 30.0 | 1.50x [1.40, 1.60] (20.0) | 1.10x (20.0) | - |" in md
     assert "| sense | 1 | 30.0 | 1.20x [1.00, 1.30] (20.0) | 1.30x [1.20, 1.40] (20.0) | 0.90x [0.80, 1.10] |" in md
     assert "served sense over the in-process engine, question by question in turns: 1.02x [0.95, 1.04]" in md
+    assert "| 2.00 / 3.00 | 7.5 |" in md and "| 2.00 / 3.00 | nan |" in md
 
 
 def test_the_load_benchmarks_id_store_is_built_once_from_the_models_own_answers(target, tmp_path):
