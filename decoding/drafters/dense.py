@@ -75,13 +75,7 @@ class DenseDrafter(Drafter):
         if not self.dynamic:
             return
         m, n = len(positions), self._pn
-        if self._ph is None or n + m > len(self._ph):
-            cap = max(64, 2 * (n + m))
-            grown_h = np.empty((cap, hidden.shape[-1]), dtype=np.float32)
-            grown_p = np.empty(cap, dtype=np.int64)
-            if n:
-                grown_h[:n], grown_p[:n] = self._ph[:n], self._pp[:n]
-            self._ph, self._pp = grown_h, grown_p
+        self._ph, self._pp = _room(self._ph, self._pp, n, m, hidden.shape[-1], 64)
         torch.from_numpy(self._ph[n:n + m]).copy_(hidden)
         self._pp[n:n + m] = positions
         self._pn = n + m
@@ -99,11 +93,7 @@ class DenseDrafter(Drafter):
         pos = self._pp[:self._pn]
         self._pn = 0
         n, m = self._n, len(keys)
-        if self._keys is None or n + m > len(self._keys):
-            grown_keys = np.empty((max(256, 2 * (n + m)), keys.shape[1]), dtype=np.float32)
-            grown_pos = np.empty(len(grown_keys), dtype=np.int64)
-            grown_keys[:n], grown_pos[:n] = self._keys[:n] if n else 0, self._pos[:n] if n else 0
-            self._keys, self._pos = grown_keys, grown_pos
+        self._keys, self._pos = _room(self._keys, self._pos, n, m, keys.shape[1], 256)
         self._keys[n:n + m], self._pos[n:n + m] = keys, pos
         self._n = n + m
 
@@ -206,3 +196,15 @@ class DenseDrafter(Drafter):
 
     def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
         return self.anchored_chains(tokens, max_depth, hidden)[0]
+
+
+def _room(rows: np.ndarray | None, pos: np.ndarray | None, n: int, m: int, width: int, least: int):
+    """float32 rows [cap, width] and int64 positions [cap] whose first n are in use, with room for
+    m more: the same arrays, or new ones twice the size needed (at least `least`) holding the n."""
+    if rows is not None and n + m <= len(rows):
+        return rows, pos
+    cap = max(least, 2 * (n + m))
+    grown_rows, grown_pos = np.empty((cap, width), dtype=np.float32), np.empty(cap, dtype=np.int64)
+    if n:
+        grown_rows[:n], grown_pos[:n] = rows[:n], pos[:n]
+    return grown_rows, grown_pos
