@@ -25,6 +25,12 @@ method (``ar``, strict ``sense``), order rotated per level and repeat:
   the same questions; the ratio is the served over the engine tokens/s of the pass (the sum of
   the requests' latencies).
 
+Time to first token at 16 in flight against 1, steady state: a pass of its own at 16 in flight
+(``STAGGER_ROUNDS`` requests per client, SENSE, batched) with the clients staggered over an answer's
+time (``closed_loop``'s `stagger`), each client's first request not counted. In the table's runs
+the clients start at once and their answers, all of one length, end together: their later
+requests still arrive in waves of 16 (reported beside it, and the opening burst too).
+
 Each served run, and each served request of the engine comparison, starts with the decoder's
 prefix cache emptied (``serving.app.reset_prefix_caches``; the in-process engine's likewise):
 within a run the requests share the chat template as distinct users' requests do, and no run
@@ -48,6 +54,7 @@ from support.load import pct
 from support.net import free_port
 
 VARIANTS = ("batched", "serialized")
+STAGGER_ROUNDS = 3                  # requests per client of the staggered TTFT pass at 16 in flight
 STORE_BEFORE = "the default store (200 human-written GSM8K train answers)"   # runs before --dense
 
 
@@ -55,8 +62,9 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def stream_one(client, model: str, prompt: str, method: str, max_tokens: int) -> dict:
-    """One streamed chat completion through the openai client: token ids, TTFT, latency."""
+def stream_one(client, model: str, prompt: str, method: str, max_tokens: int, on_tokens=None) -> dict:
+    """One streamed chat completion through the openai client: token ids, TTFT, latency;
+    `on_tokens(n)`: told the tokens received so far at every chunk."""
     t0 = time.perf_counter()
     first = None
     ids: list[int] = []
@@ -70,40 +78,64 @@ def stream_one(client, model: str, prompt: str, method: str, max_tokens: int) ->
             if new and first is None:
                 first = time.perf_counter()
             ids += new
+            if new and on_tokens is not None:
+                on_tokens(len(ids))
     end = time.perf_counter()
     return {"ids": ids, "ttft": (first or end) - t0, "latency": end - t0}
 
 
-def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int, concurrency: int) -> dict:
-    """`concurrency` clients share the prompts, each sending its next request when its last ends."""
+def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int, concurrency: int,
+                stagger: bool = False) -> dict:
+    """`concurrency` clients share the prompts, each sending its next request when its last ends.
+    All start at once (a burst of c), or with `stagger` one after another: client k sends its first
+    request once the first client's first answer has k / c of its tokens. Answers of one length
+    that start together end together, so the clients of a burst go on in waves (c requests
+    arriving at once, again and again); staggered, their requests arrive spread over an answer's
+    time, c in flight, as independent users' do."""
     from openai import OpenAI
 
     results: dict[int, dict] = {}
     lock = threading.Lock()
     todo = iter(range(len(prompts)))
     errors: list[BaseException] = []
+    lead = threading.Condition()
+    lead_tokens = [0]                       # of the first client's first answer (stagger)
+
+    def led(n: int) -> None:
+        with lead:
+            lead_tokens[0] = n
+            lead.notify_all()
 
     model = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0).models.list().data[0].id
 
-    def client_loop():
+    def client_loop(k: int):
         client = OpenAI(base_url=base_url + "/v1", api_key="none", timeout=900, max_retries=0)
         first = True
+        if stagger and k:
+            with lead:
+                lead.wait_for(lambda: lead_tokens[0] >= k * max_tokens / concurrency or errors, timeout=900)
         while True:
             with lock:
                 i = next(todo, None)
             if i is None:
+                if stagger and not k:
+                    led(max_tokens)             # no answer to lead with: release the others
                 return
             try:
-                res = stream_one(client, model, prompts[i], method, max_tokens)
+                res = stream_one(client, model, prompts[i], method, max_tokens,
+                                 on_tokens=led if stagger and first and not k else None)
             except BaseException as exc:          # reported after the join
                 errors.append(exc)
+                led(max_tokens)
                 return
+            if stagger and first and not k:
+                led(max_tokens)                 # an answer cut short releases the rest
             res["first"], first = first, False
             with lock:
                 results[i] = res
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -208,14 +240,14 @@ def render(payload: dict) -> str:
           f"(a batch of at most {args.get('batch_limit', 8)}, the rest queued); {args['max_tokens']}-token streamed chat completions (EOS "
           f"ignored), greedy, through the `openai` client; per level max({args.get('rounds', 1)} c, "
           f"{args['min_requests']}) distinct GSM8K test questions, closed loop (c clients, each sending its next "
-          f"request when its last one ended; TTFT p99 steady: the requests after each client's first, which "
-          f"arrive while the others run, without the opening burst of c at once); {args['repeats']} repeat(s), "
+          f"request when its last one ended, all starting at once; TTFT p99 later: the requests after each client's "
+          f"first, without the opening burst of c at once, but in waves: see below); {args['repeats']} repeat(s), "
           f"order rotated. Tokens/s are medians over "
           f"the repeats; a ratio is the median of the repeats' paired ratios (each repeat's runs side by side), "
           f"[min, max] beside it. Every served answer equals the question decoded alone by the engine, token "
           f"for token.", "",
           "| method | in flight | batched tok/s | vs serialized | vs HF static batch | vs ar batched | "
-          "TTFT p50 / p99 ms | TTFT p99 steady ms | latency p50 / p99 s | rows / forward |",
+          "TTFT p50 / p99 ms | TTFT p99 later ms | latency p50 / p99 s | rows / forward |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for c in levels:
         for m in methods:
@@ -237,8 +269,13 @@ def render(payload: dict) -> str:
                       f"(medians: {row['tokens_per_s']:.1f} served, {row['peer_tokens_per_s']:.1f} tok/s engine).")
         if row["method"] == "ttft_p99_ratio":
             md.append(f"\np99 time to first token of {row['decode_method']} at 16 in flight over its value at 1, "
-                      f"steady state: {row['ratio']:.2f}x (every request, the opening burst included: "
-                      f"{row.get('ratio_burst', float('nan')):.2f}x).")
+                      f"steady state: {row['ratio']:.2f}x ({row.get('ttft_p99_ms', float('nan')):.0f} against "
+                      f"{row.get('ttft_p99_ms_1', float('nan')):.0f} ms; {STAGGER_ROUNDS} x 16 requests, the 16 clients "
+                      f"staggered over an answer's time, each client's first request not counted). In waves, the "
+                      f"clients started together (the table's runs: answers of one length end together, so 16 "
+                      f"requests arrive at once again and again, each wave's 16 prefills one after another on the "
+                      f"cores), their later requests: {row.get('ratio_waves', float('nan')):.2f}x; every request, "
+                      f"the opening burst included: {row.get('ratio_burst', float('nan')):.2f}x.")
     return "\n".join(md) + "\n"
 
 
@@ -284,7 +321,8 @@ def main(argv=None) -> int:
     args.dense_source, args.store = dense_source(target, args.dense, args.quick)
     stores = load_datastores(target, methods=methods, dense=args.dense_source,
                              dense_default_docs=args.dense_docs)
-    texts = questions(max(args.min_requests, args.rounds * max(levels)))
+    steady_ttft = 1 in levels and 16 in levels          # the staggered pass at 16 (see closed_loop)
+    texts = questions(max(args.min_requests, args.rounds * max(levels), STAGGER_ROUNDS * 16 if steady_ttft else 0))
     prompt_ids = [encode_prompt(target, q) for q in texts]
     n_for = {c: max(c * args.rounds, args.min_requests) for c in levels}
     log("reference: every question decoded alone by the engine (ar) ...")
@@ -340,6 +378,17 @@ def main(argv=None) -> int:
                             mismatches.append(f"{m} {v} at concurrency 1: {bad} of {len(prompts)} answers differ")
                     log(f"c=1 rep={rep} {m:6} served / engine in turns {res['tokens_per_s']:7.1f} / "
                         f"{runs[(m, 'engine', c)][-1]['tokens_per_s']:7.1f} tok/s")
+        ttft_m = "sense" if "sense" in methods else methods[-1]
+        for rep in range(args.repeats if steady_ttft else 0):
+            prompts = texts[:STAGGER_ROUNDS * 16]
+            reset_prefix_caches("batched")
+            res = closed_loop(f"{url}/b", prompts, ttft_m, args.max_tokens, 16, stagger=True)
+            runs.setdefault((ttft_m, "staggered", 16), []).append(res)
+            if res["ids"] != reference[:len(prompts)]:
+                bad = sum(a != b for a, b in zip(res["ids"], reference))
+                mismatches.append(f"{ttft_m} staggered at concurrency 16: {bad} of {len(prompts)} answers differ")
+            log(f"c=16 rep={rep} {ttft_m:6} staggered clients: TTFT p99 of the later requests "
+                f"{1e3 * pct(res['ttft_steady'], 99):.0f} ms")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -370,12 +419,13 @@ def main(argv=None) -> int:
                                                                "latency_p50_s", "latency_p99_s",
                                                                "rows_per_forward")},
                              "requests": n_for[c], "identical": True})
-    ttft_m = "sense" if "sense" in methods else methods[-1]
-    if 1 in levels and 16 in levels:
+    if steady_ttft:
+        one = s[(ttft_m, "batched", 1)]["ttft_steady_p99_ms"]
+        steady = s[(ttft_m, "staggered", 16)]["ttft_steady_p99_ms"]
         rows.append({"benchmark": "serving", "method": "ttft_p99_ratio", "decode_method": ttft_m, "concurrency": 16,
-                     "vs": "concurrency_1",
-                     "ratio": round(s[(ttft_m, "batched", 16)]["ttft_steady_p99_ms"]
-                                    / s[(ttft_m, "batched", 1)]["ttft_steady_p99_ms"], 3),
+                     "vs": "concurrency_1", "ratio": round(steady / one, 3),
+                     "ttft_p99_ms": round(steady, 1), "ttft_p99_ms_1": round(one, 1),
+                     "ratio_waves": round(s[(ttft_m, "batched", 16)]["ttft_steady_p99_ms"] / one, 3),
                      "ratio_burst": round(s[(ttft_m, "batched", 16)]["ttft_p99_ms"]
                                           / s[(ttft_m, "batched", 1)]["ttft_p99_ms"], 3)})
 

@@ -254,6 +254,12 @@ def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
     assert "| sense | 1 | 30.0 | 1.20x [1.00, 1.30] (20.0) | 1.30x [1.20, 1.40] (20.0) | 0.90x [0.80, 1.10] |" in md
     assert "served sense over the in-process engine, question by question in turns: 1.02x [0.95, 1.04]" in md
     assert "| 2.00 / 3.00 | 7.5 |" in md and "| 2.00 / 3.00 | nan |" in md
+    ttft = {"method": "ttft_p99_ratio", "decode_method": "sense", "concurrency": 16, "vs": "concurrency_1",
+            "ratio": 1.8, "ttft_p99_ms": 108.0, "ttft_p99_ms_1": 60.0, "ratio_waves": 3.7, "ratio_burst": 9.6}
+    md = render({"machine": {"dtype": "bfloat16", "torch_threads": 2}, "rows": [*rows, ttft],
+                 "args": {"max_tokens": 64, "min_requests": 8, "repeats": 3}})
+    assert "at 16 in flight over its value at 1, steady state: 1.80x (108 against 60 ms;" in md
+    assert "their later requests: 3.70x; every request, the opening burst included: 9.60x." in md
 
 
 def test_the_load_benchmarks_id_store_is_built_once_from_the_models_own_answers(target, tmp_path):
