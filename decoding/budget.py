@@ -4,6 +4,7 @@ past steps of the same drafter accepted: :class:`AdaptiveBudget` per request,
 
 from __future__ import annotations
 
+import bisect
 import threading
 import weakref
 from collections.abc import Hashable, Sequence
@@ -66,6 +67,8 @@ class AdaptiveBudget:
         self.overhead_seen = {b: 0 for b in self.overhead}
         self.forward = {b: 0.0 for b in self.overhead}          # measured C(b), in curve steps
         self.forward_seen = {b: 0 for b in self.overhead}
+        self._run: list[int] = []               # the budgets with a measured C(b), ascending
+        self._curve: dict[int, float] = {}      # c(n) of the curve by tree size (interpolate_cost)
         self.steps = 0
         self.shared = shared
         self.nodes = shared.nodes if shared is not None else NodeAcceptance()
@@ -76,6 +79,15 @@ class AdaptiveBudget:
         created with others (a burst) starts from what was learned until its own start."""
         if self.shared is not None and self.steps == 0:
             self.shared.seed(self)
+            self._run = sorted(b for b in self.forward if self.forward_seen[b])
+
+    def curve(self, n: int) -> float:
+        """c(n): the cost curve at a tree of n draft nodes, in decode steps (remembered: a step
+        asks for a few dozen)."""
+        c = self._curve.get(n)
+        if c is None:
+            c = self._curve[n] = interpolate_cost(self.cost, n)
+        return c
 
     def expected_accepted(self, b: int) -> float:
         """A(b): draft tokens expected accepted with budget b (0 without a draft). A larger
@@ -103,11 +115,12 @@ class AdaptiveBudget:
         at its size, scaled as an untried budget's is)."""
         if nodes is None and self.forward_seen.get(b):
             return self.forward[b]
-        curve = (self.tree_cost[b] if nodes is None else interpolate_cost(self.cost, nodes)) if b else 1.0
-        run = [s for s in self.forward if self.forward_seen[s]]
+        curve = (self.tree_cost[b] if nodes is None else self.curve(nodes)) if b else 1.0
+        run = self._run
         if not run:
             return curve
-        near = min(run, key=lambda s: (abs(s - b), s))
+        i = bisect.bisect_left(run, b)          # the nearest budget run, the smaller one of a tie
+        near = run[i] if i == 0 or (i < len(run) and run[i] - b < b - run[i - 1]) else run[i - 1]
         return curve * self.forward[near] / (self.tree_cost[near] if near else 1.0)
 
     def value(self, b: int) -> float:
@@ -116,7 +129,17 @@ class AdaptiveBudget:
         return (1.0 + self.expected_accepted(b)) / (self.forward_of(b) + self.overhead_of(b))
 
     def best(self) -> int:
-        return max([0, *self.sizes], key=self.value)
+        """The budget of the largest ``value`` (the smallest of a tie), in one pass over the sizes."""
+        best_b, best_v = 0, self.value(0)
+        accepted, over = float("-inf"), self.overhead[0] if self.overhead_seen[0] else 0.0
+        for b in self.sizes:                    # ascending: A(b) and D(b) as their methods give them
+            accepted = max(accepted, self.accepted[b])
+            if self.overhead_seen[b]:
+                over = self.overhead[b]
+            v = (1.0 + accepted) / (self.forward_of(b) + over)
+            if v > best_v:
+                best_b, best_v = b, v
+        return best_b
 
     def choose(self) -> int:
         return self.explore(self.best())
@@ -135,7 +158,7 @@ class AdaptiveBudget:
         """The widest tree a step drafts for :meth:`cut` to choose from: the largest size whose
         verification costs at most 1.5 decode steps by the curve (at least the smallest size).
         Larger ones pay only when most of their tokens land, which the cut seldom foresees."""
-        fits = [b for b in self.sizes if interpolate_cost(self.cost, b) <= 1.5]
+        fits = [b for b in self.sizes if self.curve(b) <= 1.5]
         return max(fits) if fits else self.sizes[0]
 
     def widen(self, budget: int) -> int:
@@ -208,6 +231,8 @@ class AdaptiveBudget:
         if forward_s is not None and budget in self.forward:
             measured = forward_s / self.step_seconds
             self.forward_seen[budget] += 1
+            if self.forward_seen[budget] == 1:
+                bisect.insort(self._run, budget)
             rate = max(1.0 - self.decay, 1.0 / self.forward_seen[budget])
             self.forward[budget] += rate * (measured - self.forward[budget])
             if shared is not None:
@@ -218,7 +243,7 @@ class AdaptiveBudget:
             rate = max(1.0 - self.decay, 1.0 / (self.seen[b] + 1))   # plain mean first, then EMA
             self.seen[b] += 1
             accepted = tree.accepted_within(path, b)
-            c = interpolate_cost(self.cost, min(b, tree.n_draft))
+            c = self.curve(min(b, tree.n_draft))
             self.accepted[b] += rate * (accepted - self.accepted[b])
             self.tree_cost[b] += rate * (c - self.tree_cost[b])
             if shared is not None:
