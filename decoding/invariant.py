@@ -122,7 +122,7 @@ def library() -> ctypes.CDLL | None:
             getattr(lib, name).restype = None
         lib.sense_prefill_attention_bf16dp.argtypes = [p, i64, p, p, i64, p, i64, i, i, i, i, f, i]
         lib.sense_prefill_attention_bf16dp.restype = None
-        lib.sense_rope_kv_multi.argtypes = [p, i64, i, i, i, p, p, p, p, p, p, i, i, i, i]
+        lib.sense_rope_kv_multi.argtypes = [p, i64, i, i, i, p, p, p, p, p, p, i, i, i, i, i]
         lib.sense_rope_kv_multi.restype = None
         lib.sense_rmsnorm.argtypes = [p, p, p, i, i, f, i, i]
         lib.sense_rope_kv.argtypes = [p, i64, i, i, i, i, p, p, p, p, i64, i64, i]
@@ -657,7 +657,7 @@ def rope_kv_multi(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor,
     library().sense_rope_kv_multi(qkv.data_ptr(), qkv.stride(0), heads, groups, d, cos.data_ptr(), sin.data_ptr(),
                                   reqs.bufs.data_ptr(), reqs.caps.data_ptr(), reqs.starts.data_ptr(),
                                   reqs.bounds.data_ptr(), reqs.n, reqs.layers, layer,
-                                  int(qkv.dtype == torch.bfloat16))
+                                  int(qkv.dtype == torch.bfloat16), torch.get_num_threads())
 
 
 def attention_multi(q: torch.Tensor, reqs: Requests, layer: int, scale: float, out: torch.Tensor, heads: int,

@@ -1155,25 +1155,68 @@ void sense_rope_kv(void *qkv, int64_t ld, int rows, int H, int G, int D, const v
  * `layer`, positions starts[b], starts[b] + 1, ... */
 void sense_rope_kv_multi(void *qkv, int64_t ld, int H, int G, int D, const void *cos, const void *sin,
                          const int64_t *bufs, const int64_t *caps, const int64_t *starts, const int32_t *bounds,
-                         int B, int L, int layer, int bf16) {
+                         int B, int L, int layer, int bf16, int threads) {
     const size_t es = bf16 ? 2 : 4;
-    for (int b = 0; b < B; b++) {
-        const size_t lay = (size_t)G * (size_t)caps[b] * (size_t)D, r0 = (size_t)bounds[b];
+    const int R = bounds[B];
+    /* a row at a time (each its own, the same operations): on the threads from 8 rows */
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(R >= 8)")
+    for (int r = 0; r < R; r++) {
+        int b = 0;
+        while (bounds[b + 1] <= r) b++;
+        const size_t lay = (size_t)G * (size_t)caps[b] * (size_t)D;
         char *buf = (char *)(intptr_t)bufs[b];
-        sense_rope_kv((char *)qkv + r0 * (size_t)ld * es, ld, bounds[b + 1] - bounds[b], H, G, D,
-                      (const char *)cos + r0 * (size_t)D * es, (const char *)sin + r0 * (size_t)D * es,
-                      buf + (size_t)layer * lay * es, buf + (size_t)(L + layer) * lay * es, caps[b] * D, starts[b], bf16);
+        sense_rope_kv((char *)qkv + (size_t)r * (size_t)ld * es, ld, 1, H, G, D,
+                      (const char *)cos + (size_t)r * (size_t)D * es, (const char *)sin + (size_t)r * (size_t)D * es,
+                      buf + (size_t)layer * lay * es, buf + (size_t)(L + layer) * lay * es, caps[b] * D,
+                      starts[b] + (r - bounds[b]), bf16);
     }
 }
 
 /* The gated MLP's activation: out[r, i] = silu(gu[r, i]) * gu[r, I + i] (two rounded ops);
  * silu(g) = g / (1 + exp(-g)), as g * e / (1 + e) with e = exp(g) for g < 0 (no overflow). */
+#if BF16DP
+/* v_exp's operations on 16 lanes (each lane the same value as v_exp's). */
+static inline __m512 v16_exp(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    const __m512 z = _mm512_mul_ps(x, x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+/* 16 columns of sense_silu_mul's row: the 8-lane loop's operations, lane for lane (the same bits,
+ * half the instructions: the SiLU was 4% of a 16-token verification on the Zen 5 EPYC). */
+static inline void silu_mul16(const void *gu, void *out, size_t gi, size_t gu_i, size_t oi, int bf16) {
+    const __m512 g = bf16 ? load16_bf16((const uint16_t *)gu + gi) : _mm512_loadu_ps((const float *)gu + gi);
+    const __m512 u = bf16 ? load16_bf16((const uint16_t *)gu + gu_i) : _mm512_loadu_ps((const float *)gu + gu_i);
+    const __m512 t = v16_exp(_mm512_or_ps(g, _mm512_set1_ps(-0.0f)));
+    const __m512 sel = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ),
+                                            _mm512_mul_ps(g, t), g);
+    const __m512 sv = _mm512_div_ps(sel, _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+    const __m512 y = _mm512_mul_ps(bf16 ? v16_rnd_bf16(sv) : sv, u);
+    if (bf16) v16_store_bf16((uint16_t *)out + oi, v16_rnd_bf16(y));
+    else _mm512_storeu_ps((float *)out + oi, y);
+}
+#endif
 void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int threads) {
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows >= 8)")
     for (int r = 0; r < rows; r++) {
         const size_t gi = (size_t)r * 2 * I, oi = (size_t)r * I;
         const vec one = v_set1(1.0f);
-        for (int i0 = 0; i0 < I; i0 += 8) {
+        int i0 = 0;
+#if BF16DP
+        for (; i0 + 16 <= I; i0 += 16) silu_mul16(gu, out, gi + i0, gi + I + i0, oi + i0, bf16);
+#endif
+        for (; i0 < I; i0 += 8) {
             const int n = I - i0 < 8 ? I - i0 : 8;
             vec g, u;
             if (n == 8) {
@@ -1396,7 +1439,7 @@ void sense_decoder_layers(void *x, void *h, void *qkv, void *attn, void *gu, voi
         const int64_t *p = w + 8 * (size_t)l;
         sense_rmsnorm(x, (const void *)p[0], h, R, Hd, eps[2 * l], bf16, threads);
         layer_linear(kind, h, xf, (const void *)p[1], qkv, 0, (const float *)p[2], bf16 ? 1 : 0, R, Hd, nq, threads);
-        sense_rope_kv_multi(qkv, nq, heads, groups, D, cos, sin, bufs, caps, starts, bounds, B, L, l, bf16);
+        sense_rope_kv_multi(qkv, nq, heads, groups, D, cos, sin, bufs, caps, starts, bounds, B, L, l, bf16, threads);
         if (bf16)
             sense_attention_bf16_multi(qkv, nq, bufs, caps, req, rowptr, idx, attn, ha, 1, R, heads, groups, D, L,
                                        l, scale, threads);
