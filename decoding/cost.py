@@ -13,6 +13,7 @@ as the protocol of what is used).
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -153,10 +154,22 @@ class BatchCost:
     (another process on a core during it), and then every later process would plan with it. So the
     scheduler reports every forward it runs (:meth:`observe`): the measured over the modelled time
     of a forward of T rows is kept per T (a running mean, then an EMA), and :meth:`seconds` scales
-    the model by that ratio at T (interpolated between the row counts seen, the nearest one's
-    beyond them): the forwards the batch actually runs price it, the model gives the shape."""
+    the model by the ratio around T: the ratios of the row counts seen, weighted by how many
+    forwards each had (at most 1 / (1 - decay)) and by a kernel in log rows (width `smoothing`:
+    3 and 5 rows weigh 0.15 and 0.23 of 4's own), the nearest one's beyond them. The forwards the
+    batch actually runs price it, the model gives the shape. A row count's own ratio alone was
+    a trap on a busy VM: one forward of T rows slowed by another process priced T, and whatever
+    needs T rows, too dear, so the allocation stopped asking for T and never corrected it (two
+    requests in flight, served: a forward of 8 rows priced above one of 12; the allocation
+    drafting a row a request, where it drafted five when the ratio read true). And the slow
+    forwards are outliers (a core taken for a while), not a scale: a row count's ratio takes each
+    forward's clipped to within `clip` of it (once it has 3), so it follows the typical forward
+    and a drift (2.5% a forward at most), where the plain mean priced 10-12 rows 10-15% above the
+    forwards the served batch ran."""
 
     decay = 0.9                  # EMA weight of the past, once a row count has 1 / (1 - decay) forwards
+    smoothing = 0.15             # the ratio kernel's width, in log rows
+    clip = 1.25                  # after a row count's first 3 forwards, each moves its ratio as at most this far
 
     def __init__(self, points: Sequence[Sequence[float]]) -> None:
         import numpy as np
@@ -179,6 +192,7 @@ class BatchCost:
         self._ratio: dict[int, float] = {}      # rows -> measured / modelled seconds (see observe)
         self._seen: dict[int, int] = {}
         self._observed: list[int] = []          # the row counts seen, sorted
+        self._smoothed: dict[int, float] = {}   # rows -> ratio(rows), until a forward near it is observed
 
     def one(self, rows: float) -> float:
         """f(T): one request's forward of `rows` rows (plain Python: the allocation asks for
@@ -199,19 +213,30 @@ class BatchCost:
         return self.modelled(requests, rows) * self.ratio(rows)
 
     def ratio(self, rows: int) -> float:
-        """Measured over modelled time of the forwards of `rows` rows run so far; between row
-        counts run, interpolated; beyond them, the nearest one's (1.0 before any)."""
+        """Measured over modelled time of the forwards around `rows` rows run so far (see the
+        class); 1.0 before any."""
+        r = self._smoothed.get(rows)
+        if r is not None:
+            return r
         seen = self._observed
         if not seen:
             return 1.0
-        r = self._ratio.get(rows)
-        if r is not None:
-            return r
-        i = bisect.bisect_left(seen, rows)
-        if i == 0 or i == len(seen):
-            return self._ratio[seen[min(i, len(seen) - 1)]]
-        lo, hi = seen[i - 1], seen[i]
-        return self._ratio[lo] + (self._ratio[hi] - self._ratio[lo]) * (rows - lo) / (hi - lo)
+        t = max(rows, 1)
+        reach = math.exp(4 * self.smoothing)            # weights below e^-4 left out
+        lo, hi = bisect.bisect_left(seen, t / reach), bisect.bisect_right(seen, t * reach)
+        if lo == hi:                                    # none near: the nearest one's (not kept)
+            return self._ratio[min(seen, key=lambda s: (abs(math.log(s / t)), s))]
+        r = self._smoothed[rows] = self._kernel_ratio(t, seen[lo:hi])
+        return r
+
+    def _kernel_ratio(self, rows: int, near: list[int]) -> float:
+        cap, lr = 1.0 / (1.0 - self.decay), math.log(rows)
+        num = den = 0.0
+        for t in near:
+            w = math.exp(-abs(lr - math.log(t)) / self.smoothing) * min(self._seen[t], cap)
+            num += w * self._ratio[t]
+            den += w
+        return num / den
 
     def observe(self, requests: int, rows: int, seconds: float) -> None:
         """One forward the batch ran: `requests` requests, `rows` rows in all, `seconds` long."""
@@ -223,8 +248,15 @@ class BatchCost:
         if n == 1:
             self._ratio[rows] = r
             bisect.insort(self._observed, rows)
+            self._smoothed.clear()                      # "the nearest one's" may change anywhere
         else:
-            self._ratio[rows] += max(1.0 - self.decay, 1.0 / n) * (r - self._ratio[rows])
+            cur = self._ratio[rows]
+            if n > 3:
+                r = min(max(r, cur / self.clip), cur * self.clip)
+            self._ratio[rows] = cur + max(1.0 - self.decay, 1.0 / n) * (r - cur)
+            reach = math.exp(4 * self.smoothing)
+            for t in [t for t in self._smoothed if rows / reach <= t <= rows * reach]:
+                del self._smoothed[t]
 
 
 def batch_cost(target: Forwards) -> BatchCost:

@@ -204,6 +204,8 @@ class BatchScheduler:
         self.last_prefills = 0          # requests prefilled in the last step
         self.batch_cost: BatchCost | None = None            # cost.batch_cost; every forward observed
         self.steps = 0                  # steps with running requests (the batch's exploration count)
+        self.forward_s = 0.0            # seconds in the verification forwards
+        self.own_s = 0.0                # seconds in the requests' own work: drafting, acceptance, commit
 
     def add(self, seq: Sequence) -> None:
         if seq.target is not self.target:
@@ -255,6 +257,7 @@ class BatchScheduler:
                 self.batch_cost = batch_cost(self.target)
             self.steps += 1
             budgets = allocate_budgets(self.running, self.batch_cost, self.steps)
+            t_own = time.perf_counter()
             if len(self.running) == 1:
                 trees = [_guarded(self.running[0], self.running[0].propose, budgets[0], True)]
             else:
@@ -264,6 +267,7 @@ class BatchScheduler:
             batch = [(s, t) for s, t in zip(self.running, trees) if not s.done]
             if batch:
                 t0 = time.perf_counter()
+                self.own_s += t0 - t_own
                 try:
                     outs = self.target.verify_batch([s.state for s, _ in batch], [t for _, t in batch])
                 except Exception as exc:
@@ -271,22 +275,29 @@ class BatchScheduler:
                         s.fail(exc)
                 else:
                     rows = sum(len(t) for _, t in batch)
+                    self.target.synchronize()
+                    t1 = time.perf_counter()
                     if self.batch_cost is not None:     # the forwards run price the allocation
-                        self.target.synchronize()
-                        self.batch_cost.observe(len(batch), rows, time.perf_counter() - t0)
+                        self.batch_cost.observe(len(batch), rows, t1 - t0)
                     self.forwards += 1
                     self.rows += rows
+                    self.forward_s += t1 - t0
                     self.last_forward = (len(batch), rows)
                     for (seq, tree), out in zip(batch, outs):
                         _guarded(seq, seq.advance, tree, out, len(batch) == 1)
+                    self.own_s += time.perf_counter() - t1
             finished += [s for s in self.running if s.done]
             self.running = [s for s in self.running if not s.done]
         return finished
 
     def stats(self) -> dict:
+        """The queue now; over the forwards run so far: rows per forward, the mean forward's
+        milliseconds and the requests' own (drafting, acceptance, commit) milliseconds a step."""
+        n = self.forwards
         return {"running": len(self.running), "waiting": len(self.waiting), "prefilling": int(self.prefilling is not None),
-                "forwards": self.forwards,
-                "rows_per_forward": round(self.rows / self.forwards, 3) if self.forwards else None}
+                "forwards": n, "rows_per_forward": round(self.rows / n, 3) if n else None,
+                "forward_ms": round(1e3 * self.forward_s / n, 3) if n else None,
+                "own_ms": round(1e3 * self.own_s / n, 3) if n else None}
 
     def run(self) -> None:
         while not self.idle:
