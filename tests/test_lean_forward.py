@@ -157,6 +157,28 @@ def test_the_norm_and_activation_kernels_are_torchs_within_rounding(dtype):
                 assert (a == b).float().mean() > 0.97
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_activation_is_the_same_bits_in_every_column(dtype):
+    """A column's silu(gate) * up must not depend on where it stands in the row: on AVX-512 the
+    row runs 16 lanes at a time and its last 8 columns (a width of 16k + 8) on the 8-lane path,
+    which must give the same bits (the same operations lane for lane), inf, NaN and the exp's
+    clamp included."""
+    g = torch.Generator().manual_seed(1)
+    width = 16 * 5 + 8
+    vals = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 7.5, -7.5, 90.0, -90.0, 3e38, -3e38,
+                         float("inf"), -float("inf"), float("nan"), 0.7, -0.7, 20.0])
+    for rep in range(8):
+        gate = (torch.randn(8, generator=g) * 10 ** (rep % 4)) if rep < 6 else vals[8 * (rep - 6): 8 * (rep - 5)]
+        up = torch.randn(8, generator=g) * 3
+        gu = torch.randn(1, 2 * width, generator=g)
+        for c0 in (0, 16, width - 8):             # 16-lane blocks, and the 8-lane tail
+            gu[0, c0:c0 + 8], gu[0, width + c0:width + c0 + 8] = gate, up
+        gu = gu.to(dtype)
+        act = invariant.silu_mul(gu, torch.empty(1, width, dtype=dtype))
+        bits = act.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)[0]
+        assert torch.equal(bits[:8], bits[width - 8:]) and torch.equal(bits[16:24], bits[width - 8:])
+
+
 def _exact_causal(q, keys, values, scale):
     """float64 causal attention: q [T, H, D], keys/values [G, T, D] -> [T, H * D]."""
     t, h, d = q.shape

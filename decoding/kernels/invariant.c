@@ -1175,7 +1175,8 @@ void sense_rope_kv_multi(void *qkv, int64_t ld, int H, int G, int D, const void 
 /* The gated MLP's activation: out[r, i] = silu(gu[r, i]) * gu[r, I + i] (two rounded ops);
  * silu(g) = g / (1 + exp(-g)), as g * e / (1 + e) with e = exp(g) for g < 0 (no overflow). */
 #if BF16DP
-/* v_exp's operations on 16 lanes (each lane the same value as v_exp's). */
+/* v_exp's operations on 16 lanes (each lane the same value as v_exp's: change the two together;
+ * tests/test_lean_forward.py checks a row's 16-lane and 8-lane columns give the same bits). */
 static inline __m512 v16_exp(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
     const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
