@@ -169,6 +169,7 @@ class BatchCost:
 
     decay = 0.9                  # EMA weight of the past, once a row count has 1 / (1 - decay) forwards
     smoothing = 0.15             # the ratio kernel's width, in log rows
+    reach = math.exp(4 * smoothing)     # row counts further apart (a factor past it) weigh below e^-4: left out
     clip = 1.25                  # after a row count's first 3 forwards, each moves its ratio as at most this far
 
     def __init__(self, points: Sequence[Sequence[float]]) -> None:
@@ -222,8 +223,7 @@ class BatchCost:
         if not seen:
             return 1.0
         t = max(rows, 1)
-        reach = math.exp(4 * self.smoothing)            # weights below e^-4 left out
-        lo, hi = bisect.bisect_left(seen, t / reach), bisect.bisect_right(seen, t * reach)
+        lo, hi = bisect.bisect_left(seen, t / self.reach), bisect.bisect_right(seen, t * self.reach)
         if lo == hi:                                    # none near: the nearest one's (not kept)
             return self._ratio[min(seen, key=lambda s: (abs(math.log(s / t)), s))]
         r = self._smoothed[rows] = self._kernel_ratio(t, seen[lo:hi])
@@ -248,15 +248,13 @@ class BatchCost:
         if n == 1:
             self._ratio[rows] = r
             bisect.insort(self._observed, rows)
-            self._smoothed.clear()                      # "the nearest one's" may change anywhere
         else:
             cur = self._ratio[rows]
             if n > 3:
                 r = min(max(r, cur / self.clip), cur * self.clip)
             self._ratio[rows] = cur + max(1.0 - self.decay, 1.0 / n) * (r - cur)
-            reach = math.exp(4 * self.smoothing)
-            for t in [t for t in self._smoothed if rows / reach <= t <= rows * reach]:
-                del self._smoothed[t]
+        for t in [t for t in self._smoothed if rows / self.reach <= t <= rows * self.reach]:
+            del self._smoothed[t]                       # the kept ratios whose kernel reaches `rows`
 
 
 def batch_cost(target: Forwards) -> BatchCost:
