@@ -160,8 +160,8 @@ class BatchCost:
     batch actually runs price it, the model gives the shape. A row count's own ratio alone was
     a trap on a busy VM: one forward of T rows slowed by another process priced T, and whatever
     needs T rows, too dear, so the allocation stopped asking for T and never corrected it (two
-    requests in flight, served: a forward of 8 rows priced above one of 12; the allocation
-    drafting a row a request, where it drafted five when the ratio read true). And the slow
+    requests in flight, in process: a forward of 8 rows priced above one of 12, and 4 rows at
+    1.29x its neighbours' ratio). And the slow
     forwards are outliers (a core taken for a while), not a scale: a row count's ratio takes each
     forward's clipped to within `clip` of it (once it has 3), so it follows the typical forward
     and a drift (2.5% a forward at most), where the plain mean priced 10-12 rows 10-15% above the
