@@ -771,6 +771,29 @@ static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
     return v_hsum(acc);
 }
 
+#if BF16DP
+/* v_exp's operations on 16 lanes (each lane the same value as v_exp's: change the two together;
+ * tests/test_lean_forward.py checks a row's 16-lane and 8-lane columns give the same bits). The
+ * SiLU, the attention's softmax and the prefill's take it where they have 16 lanes. */
+static inline __m512 v16_exp(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    const __m512 z = _mm512_mul_ps(x, x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif
+
 /* s[0..n) <- exp(s - max), returns their sum (8 lanes by position, then the fixed hsum). */
 static float softmax_numerators(float *s, int n) {
     vec m8 = v_set1(-INFINITY);
@@ -782,7 +805,16 @@ static float softmax_numerators(float *s, int n) {
     for (int i = 0; i < 8; i++) m = buf[i] > m ? buf[i] : m;
     for (int p = n8; p < n; p++) m = s[p] > m ? s[p] : m;
     vec sum = v_zero();
-    for (int p = 0; p < n8; p += 8) {
+    int p0 = 0;
+#if BF16DP
+    for (; p0 + 16 <= n8; p0 += 16) {      /* v_exp's lanes 16 at a time; the sum still by 8 */
+        const __m512 e = v16_exp(_mm512_add_ps(_mm512_loadu_ps(s + p0), _mm512_set1_ps(-m)));
+        _mm512_storeu_ps(s + p0, e);
+        sum = v_add(sum, _mm512_castps512_ps256(e));
+        sum = v_add(sum, _mm512_extractf32x8_ps(e, 1));
+    }
+#endif
+    for (int p = p0; p < n8; p += 8) {
         vec e = v_exp(v_add(v_load(s + p), v_set1(-m)));
         v_store(s + p, e);
         sum = v_add(sum, e);
@@ -835,6 +867,28 @@ static inline float dot_dp(const uint16_t *q, const uint16_t *k, int D) {
         acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
     return v_hsum(fold16(acc));
 }
+
+/* Eight scores of one head at once: key j's 16 dp lanes in a[j] summed in exactly fold16 then
+ * v_hsum's order (lane i + lane i+8, then lane i + lane i+4, then (0 + 2) + (1 + 3)), as
+ * v_hsum4_scaled and dot_dp sum them, by transposing shuffles; times scale, stored to out[0..7]. */
+static inline void hsum8_scaled_dp(const __m512 *a, float scale, float *out) {
+    __m512 x[4], s[2];
+    for (int j = 0; j < 4; j++)     /* [key 2j folded, key 2j+1 folded] */
+        x[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int j = 0; j < 2; j++)     /* 128-bit lane k: key 4j+k's lane i + lane i+4 */
+        s[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* 128-bit lane k: [key k: 0+2, 1+3, key k+4: 0+2, 1+3] */
+    const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(s[0], s[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* 128-bit lane k: [key k, key k+4, ...] */
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(t, t, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(t, t, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256 k8 = _mm512_castps512_ps256(_mm512_permutexvar_ps(order, r));
+    _mm256_storeu_ps(out, _mm256_mul_ps(k8, _mm256_set1_ps(scale)));
+}
 static inline __attribute__((always_inline)) void attention_dp_unit_body(
         const uint16_t *qr, const uint16_t *kg, const uint16_t *vg, int64_t kr, const int32_t *ids, int n,
         uint16_t *out, int hpg, int D, float scale) {
@@ -844,6 +898,24 @@ static inline __attribute__((always_inline)) void attention_dp_unit_body(
     float *s = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * hpg
                                + sizeof(uint16_t) * (size_t)hpg * (n16 + 16));
     int p = 0;
+    for (; p + 8 <= n; p += 8) {
+        const uint16_t *kp[8];
+        for (int j = 0; j < 8; j++) kp[j] = kg + ids[p + j] * kr;
+        for (int h0 = 0; h0 < hpg; h0 += 3) {
+            const int nh = hpg - h0 < 3 ? hpg - h0 : 3;
+            __m512 a[3][8];
+            for (int i = 0; i < 3; i++) for (int j = 0; j < 8; j++) a[i][j] = _mm512_setzero_ps();
+            for (int d = 0; d < D; d += 32) {
+                __m512bh qv[3];
+                for (int i = 0; i < nh; i++) qv[i] = (__m512bh)_mm512_loadu_si512(qr + (size_t)(h0 + i) * D + d);
+                for (int j = 0; j < 8; j++) {
+                    const __m512bh x = (__m512bh)_mm512_loadu_si512(kp[j] + d);
+                    for (int i = 0; i < nh; i++) a[i][j] = _mm512_dpbf16_ps(a[i][j], qv[i], x);
+                }
+            }
+            for (int i = 0; i < nh; i++) hsum8_scaled_dp(a[i], scale, s + (size_t)(h0 + i) * n + p);
+        }
+    }
     for (; p + 4 <= n; p += 4) {
         const uint16_t *k0 = kg + ids[p] * kr, *k1 = kg + ids[p + 1] * kr;
         const uint16_t *k2 = kg + ids[p + 2] * kr, *k3 = kg + ids[p + 3] * kr;
@@ -1175,25 +1247,6 @@ void sense_rope_kv_multi(void *qkv, int64_t ld, int H, int G, int D, const void 
 /* The gated MLP's activation: out[r, i] = silu(gu[r, i]) * gu[r, I + i] (two rounded ops);
  * silu(g) = g / (1 + exp(-g)), as g * e / (1 + e) with e = exp(g) for g < 0 (no overflow). */
 #if BF16DP
-/* v_exp's operations on 16 lanes (each lane the same value as v_exp's: change the two together;
- * tests/test_lean_forward.py checks a row's 16-lane and 8-lane columns give the same bits). */
-static inline __m512 v16_exp(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-    const __m512 z = _mm512_mul_ps(x, x);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
 /* 16 columns of sense_silu_mul's row: the 8-lane loop's operations, lane for lane (the same bits,
  * half the instructions: the SiLU was 4% of a 16-token verification on the Zen 5 EPYC). */
 static inline void silu_mul16(const void *gu, void *out, size_t gi, size_t gu_i, size_t oi, int bf16) {
@@ -1253,10 +1306,6 @@ void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int th
 /* probabilities rounded to bfloat16 (as flash attention's second product takes them) and the   */
 /* weighted sum of V on vdpbf16ps (values packed by pairs of keys), 4 rows x 64 dimensions.     */
 #if BF16DP
-static inline __m512 exp16(__m512 x) {     /* v_exp on each half (x <= 0) */
-    return _mm512_insertf32x8(_mm512_castps256_ps512(v_exp(_mm512_castps512_ps256(x))),
-                              v_exp(_mm512_extractf32x8_ps(x, 1)), 1);
-}
 
 #define PQ 16       /* query rows per block, and keys per block */
 
@@ -1332,7 +1381,7 @@ void sense_prefill_attention_bf16dp(const uint16_t *q, int64_t ldq, const uint16
                 const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
                 __m512 sum = _mm512_setzero_ps();
                 for (int j = 0; j < n; j += 16) {
-                    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(si + j), mx));
+                    const __m512 e = v16_exp(_mm512_sub_ps(_mm512_loadu_ps(si + j), mx));
                     sum = _mm512_add_ps(sum, e);
                     _mm256_storeu_si256((__m256i *)(pb + (size_t)i * tp + j), (__m256i)_mm512_cvtneps_pbh(e));
                 }
