@@ -986,15 +986,19 @@ static inline __attribute__((always_inline)) void attention_dp_unit_body(
                     for (int m = 0; m < 2 * nw; m++) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], pv, vv[m]);
                 }
             }
+            /* lane t of an unpacklo (m even) / unpackhi (m odd) word: dimension
+             * 32 (m / 2) + 8 (t / 4) + 4 (m % 2) + t % 4; each output the lane / l rounded as
+             * bf16_rne rounds it, 16 dimensions at a time */
+            const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+            const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
             for (int i = 0; i < nh; i++) {
                 uint16_t *o = out + (size_t)(h0 + i) * D + d0;
-                for (int m = 0; m < 2 * nw; m++) {
-                    /* lane t of an unpacklo (m even) / unpackhi (m odd) word: dimension
-                     * 32 (m / 2) + 8 (t / 4) + 4 (m % 2) + t % 4 */
-                    float buf[16];
-                    _mm512_storeu_ps(buf, acc[i][m]);
-                    for (int t = 0; t < 16; t++)
-                        o[32 * (m / 2) + 8 * (t / 4) + 4 * (m % 2) + t % 4] = bf16_rne(buf[t] / l[h0 + i]);
+                const __m512 li = _mm512_set1_ps(l[h0 + i]);
+                for (int w = 0; w < nw; w++) {
+                    const __m512 lo = acc[i][2 * w], hi = acc[i][2 * w + 1];
+                    v16_store_bf16(o + 32 * w, v16_rnd_bf16(_mm512_div_ps(_mm512_permutex2var_ps(lo, first, hi), li)));
+                    v16_store_bf16(o + 32 * w + 16,
+                                   v16_rnd_bf16(_mm512_div_ps(_mm512_permutex2var_ps(lo, second, hi), li)));
                 }
             }
         }
@@ -1037,8 +1041,8 @@ static inline __attribute__((always_inline)) void NAME##_unit_body(             
                         int g, int hpg, int D, float scale) {                                        \
         float *s = (float *)malloc(sizeof(float) * ((size_t)(n > 0 ? n : 1) + D) * hpg);       \
         float *qr = s + (size_t)(n > 0 ? n : 1) * hpg;                                         \
-        for (int i = 0; i < hpg * D; i++)                                                      \
-            qr[i] = act_ld(q, (size_t)row * ldq + (size_t)g * hpg * D + i, io_bf16);           \
+        for (int i = 0; i < hpg * D; i += 8)     /* hpg * D: a multiple of 8 (D is) */         \
+            v_store(qr + i, vact_ld(q, (size_t)row * ldq + (size_t)g * hpg * D + i, io_bf16)); \
         /* Scores: each one DOT's chain over d, 4 keys x up to 3 heads interleaved (12          \
          * independent chains in flight instead of 1: the same bits, several times faster). */ \
         int p = 0;                                                                             \
@@ -1093,11 +1097,8 @@ static inline __attribute__((always_inline)) void NAME##_unit_body(             
                 }                                                                              \
                 for (int i = 0; i < nh; i++) {                                                 \
                     const size_t o = (size_t)row * ldo + ((size_t)g * hpg + h0 + i) * D + d0;  \
-                    for (int j = 0; j < nv; j++) {                                             \
-                        float buf[8];                                                          \
-                        v_store(buf, acc[i][j]);                                               \
-                        for (int t = 0; t < 8; t++) act_st(out, o + 8 * j + t, buf[t] / l[h0 + i], io_bf16); \
-                    }                                                                          \
+                    for (int j = 0; j < nv; j++)     /* each lane / l, rounded as act_st does */ \
+                        vact_st(out, o + 8 * j, v_div(acc[i][j], v_set1(l[h0 + i])), io_bf16);  \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
