@@ -901,6 +901,14 @@ static inline __attribute__((always_inline)) void attention_dp_unit_body(
     for (; p + 8 <= n; p += 8) {
         const uint16_t *kp[8];
         for (int j = 0; j < 8; j++) kp[j] = kg + ids[p + j] * kr;
+        /* The keys two blocks ahead, and below the values eight pairs ahead, prefetched: a batch
+         * of requests reads as many caches as requests, from memory (16 requests at a
+         * 300-token context: 110 MB of keys and values a step, beside the weights' 270 MB);
+         * a step of 16 one-row requests 3% faster on the Zen 5 EPYC, one request's no slower.
+         * Prefetches change no arithmetic. */
+        if (p + 24 <= n)
+            for (int j = 16; j < 24; j++)
+                for (int b = 0; b < D * 2; b += 64) _mm_prefetch((const char *)(kg + ids[p + j] * kr) + b, _MM_HINT_T0);
         for (int h0 = 0; h0 < hpg; h0 += 3) {
             const int nh = hpg - h0 < 3 ? hpg - h0 : 3;
             __m512 a[3][8];
@@ -971,6 +979,11 @@ static inline __attribute__((always_inline)) void attention_dp_unit_body(
             __m512 acc[3][4];
             for (int i = 0; i < 3; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
             for (int j = 0; j < np; j++) {
+                if (h0 == 0 && d0 == 0 && 2 * j + 17 < n)
+                    for (int b = 0; b < D * 2; b += 64) {
+                        _mm_prefetch((const char *)(vg + ids[2 * j + 16] * kr) + b, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(vg + ids[2 * j + 17] * kr) + b, _MM_HINT_T0);
+                    }
                 const uint16_t *va = vg + ids[2 * j] * kr + d0;
                 const uint16_t *vb = 2 * j + 1 < n ? vg + ids[2 * j + 1] * kr + d0 : zeros;
                 __m512bh vv[4];
