@@ -6,7 +6,8 @@
     python -m bench.reliability --quick --long-only    # only the long-answer round
 
 The served app (started here on a 2-node local Ray cluster: a head and one worker node): one
-decoder replica admitting ``max_ongoing_requests`` + ``max_queued_requests`` requests, two index
+decoder replica admitting ``max_ongoing_requests`` + ``queued_in_replica`` + ``max_queued_requests``
+requests (a batch, the replica's own queue, the callers' queue), two index
 shards, SENSE drafting, greedy.
 
 1. **Load** (``--rounds`` times): ``--requests`` cheap requests (``--max-tokens`` new tokens)

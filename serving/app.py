@@ -66,7 +66,7 @@ def build_app(args: dict | None = None) -> serve.Application:
               .bind(static, j, sh.num_shards) for j in range(sh.num_shards)]
     dc = cfg.decoder
     decoder = Decoder.options(name=DECODER_NAME, user_config=index_config,
-                              max_ongoing_requests=dc.max_ongoing_requests,
+                              max_ongoing_requests=dc.replica_capacity,
                               max_queued_requests=dc.max_queued_requests,
                               ray_actor_options=dc.ray_actor_options,
                               graceful_shutdown_timeout_s=dc.graceful_shutdown_timeout_s,

@@ -159,6 +159,12 @@ def _check_autoscaling(value: dict | None) -> dict | None:
 class DecoderConfig(_Section):
     """The decoder deployment: the target model and the decode loop."""
 
+    @property
+    def replica_capacity(self) -> int:
+        """The requests Serve sends one replica at once: with batching, a batch of
+        ``max_ongoing_requests`` and ``queued_in_replica`` waiting beside it."""
+        return self.max_ongoing_requests + (self.queued_in_replica if self.batching else 0)
+
     num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling_config is None")
     autoscaling_config: dict | None = Field(
         None, description="Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, "
@@ -166,6 +172,12 @@ class DecoderConfig(_Section):
     max_ongoing_requests: int = Field(16, ge=1, description="concurrent generations per replica (with batching: "
                                                             "the most requests verified in one forward)")
     max_queued_requests: int = Field(16, ge=-1, description="queued at each caller before 503/429 (-1: no limit)")
+    queued_in_replica: int = Field(4, ge=0, description="with batching: requests a replica takes beyond "
+                                   "max_ongoing_requests, waiting in its scheduler to join the batch at the "
+                                   "step a running one ends, instead of at the caller until Serve learns a "
+                                   "slot is free (a round trip of the stream's end and a new request, during "
+                                   "which the batch runs a request short); they count as ongoing for Serve "
+                                   "(autoscaling, load shedding)")
     ray_actor_options: dict = Field(default_factory=lambda: {"num_cpus": 1},
                                     description="num_cpus, num_gpus, memory, resources, runtime_env ...")
     batching: bool = Field(True, description="continuous batching: every running request's draft tree verified "

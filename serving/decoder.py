@@ -2,7 +2,8 @@
 
 Concurrency in a replica: up to ``max_ongoing_requests`` requests at once, each with its own
 KV cache (``KVState``), drafter, verifier and budget; nothing mutable is shared between
-requests. A request is prepared (encoded, its drafter and budget chosen) in a worker thread.
+requests. With batching, Serve sends a replica ``queued_in_replica`` more, which wait in the
+scheduler's queue and join the batch at the step a running request ends. A request is prepared (encoded, its drafter and budget chosen) in a worker thread.
 
 - ``decoder.batching`` (the default): the replica's one batch loop
   (``decoding.scheduler.BatchLoop``) runs every admitted request's steps together: each step
@@ -244,7 +245,7 @@ class Decoder:
                                    prefill_tokens=self.cfg.decoder.prefill_tokens_per_step, compute=self.compute)
         else:
             self.batch = None
-        self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.max_ongoing_requests + 2,
+        self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.replica_capacity + 2,
                                        thread_name_prefix="generate")
         sh = self.cfg.shards
         self.client = ShardClient(shards, timeout_s=sh.search_timeout_s, cooldown_s=sh.cooldown_s) if shards else None

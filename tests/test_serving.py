@@ -492,7 +492,7 @@ def test_overload_is_503_with_retry_after(server):
     codes = sorted(r.status_code for r in results)
     assert len(results) == 16 and set(codes) <= {200, 503}, codes
     rejected = [r for r in results if r.status_code == 503]
-    assert rejected, "16 concurrent requests against 2 slots and a queue of 4 should overflow"
+    assert rejected, "16 concurrent requests against 2 slots, 4 in the replica's queue and 4 at the caller should overflow"
     for r in rejected:
         _assert_error(r, 503, None, "overloaded")
         assert r.headers["Retry-After"] == "2"

@@ -177,6 +177,23 @@ def test_build_app_reads_dotted_cli_args():
         "shards": {"num_shards": 2}, "index": {"dense": None}, "speculative": {"method": "pld"}}
 
 
+def test_a_batching_replica_takes_its_queue_beside_the_batch():
+    """With batching, Serve sends a decoder replica its batch (max_ongoing_requests, the
+    scheduler's limit) and queued_in_replica more, which wait in its scheduler; without batching,
+    the batch limit alone."""
+    from serving.app import build_app
+    from serving.config import DecoderConfig
+
+    def serve_limit(decoder: dict) -> int:
+        app = build_app({"decoder": decoder})
+        return app._bound_deployment.init_args[1]._bound_deployment._deployment_config.max_ongoing_requests
+
+    assert serve_limit({"max_ongoing_requests": 8, "queued_in_replica": 3}) == 11
+    assert serve_limit({"max_ongoing_requests": 8, "queued_in_replica": 0}) == 8
+    assert serve_limit({"max_ongoing_requests": 8, "queued_in_replica": 3, "batching": False}) == 8
+    assert DecoderConfig(max_ongoing_requests=16).replica_capacity == 16 + DecoderConfig().queued_in_replica
+
+
 # -- shards and merging ------------------------------------------------------------------------
 
 
