@@ -47,7 +47,7 @@ def test_quickstart_end_to_end(quickstart_run):
         assert f"[quickstart {step}]" in err                      # progress throughout
     assert "=== plain decoding (ar) ===" in out and "=== SENSE ===" in out
     assert "identical answers: True" in out                      # strict SENSE is lossless over HTTP too
-    assert "Traceback" not in err and " failed. " not in err, err[-2000:]   # a clean end, no task failures
+    assert "Traceback" not in out + err and " failed. " not in out + err, (out + err)[-2000:]   # a clean end
     sense = re.search(r"sense: (\d+) tokens in [\d.]+s .*MAT (\d+\.\d+), acceptance \d+%, (\d+) steps", out)
     assert sense, out
     tokens, mat, steps = int(sense.group(1)), float(sense.group(2)), int(sense.group(3))
