@@ -55,6 +55,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -544,14 +545,34 @@ def visible_csr(start: int, t: int, ancestors: torch.Tensor | None) -> tuple[tor
     """Visibility lists for T query rows after `start` cached positions: every row sees the cached
     prefix and then itself and its ancestors (`ancestors` [T, T] bool of a tree: row i, column j
     when j is i or an ancestor of i), or, with None, every earlier row (a causal chain)."""
-    if ancestors is None:
-        counts = torch.arange(start + 1, start + t + 1, dtype=torch.int32)
-        rowptr = torch.zeros(t + 1, dtype=torch.int32)
-        torch.cumsum(counts, 0, out=rowptr[1:])
-        idx = torch.cat([torch.arange(n, dtype=torch.int32) for n in counts.tolist()])
-        return rowptr, idx
-    allowed = torch.cat([torch.ones(t, start, dtype=torch.bool), ancestors], dim=1)
-    return _csr(allowed)
+    return visible_csr_batch([start], [t], [ancestors])
+
+
+def visible_csr_batch(starts: list[int], sizes: list[int], ancestors: list[torch.Tensor | None]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`visible_csr` of several requests' rows, one request's after another's, as one CSR
+    list (each row's positions in its own request's cache). A chain's rows (every one-row
+    request of a loaded batch) are built for the whole batch at once: at 16 in flight, one
+    list per request had cost 0.23 ms a step."""
+    counts, trees = [], {}
+    for j, (start, t, anc) in enumerate(zip(starts, sizes, ancestors)):
+        if anc is None:             # row i sees positions 0 .. start + i
+            counts.append(np.arange(start + 1, start + t + 1, dtype=np.int64))
+        else:
+            allowed = torch.cat([torch.ones(t, start, dtype=torch.bool), anc], dim=1)
+            counts.append(allowed.sum(-1).numpy().astype(np.int64))
+            trees[j] = allowed.nonzero()[:, 1].numpy()
+    counts = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+    rowptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=rowptr[1:])
+    # A chain row's list is 0, 1, ..., count - 1: each key's place in its row's list.
+    idx = np.arange(rowptr[-1], dtype=np.int64) - np.repeat(rowptr[:-1], counts)
+    row = 0
+    for j, t in enumerate(sizes):
+        if j in trees:
+            idx[rowptr[row]:rowptr[row + t]] = trees[j]
+        row += t
+    return torch.from_numpy(rowptr.astype(np.int32)), torch.from_numpy(idx.astype(np.int32))
 
 
 _visibility = threading.local()
@@ -632,7 +653,8 @@ class Requests:
     rows' bounds, and every row's visible positions in its own cache (one CSR list)."""
 
     def __init__(self, buffers: list[torch.Tensor], starts: list[int], sizes: list[int],
-                 visible: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                 visible: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """`visible`: every row's visible positions, request after request (:func:`visible_csr_batch`)."""
         self.n = len(buffers)
         self.layers = buffers[0].shape[1]
         self.bufs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
@@ -642,12 +664,7 @@ class Requests:
         torch.cumsum(torch.tensor(sizes, dtype=torch.int32), 0, out=self.bounds[1:])
         self.rows = int(self.bounds[-1])
         self.req = torch.repeat_interleave(torch.arange(self.n, dtype=torch.int32), torch.tensor(sizes))
-        offsets = [0]
-        for rowptr, _ in visible:
-            offsets.append(offsets[-1] + int(rowptr[-1]))
-        self.rowptr = torch.cat([torch.zeros(1, dtype=torch.int32)]
-                                + [rp[1:] + off for (rp, _), off in zip(visible, offsets)])
-        self.idx = torch.cat([ix for _, ix in visible])
+        self.rowptr, self.idx = visible
 
 
 def rope_kv_multi(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor, sin: torch.Tensor,

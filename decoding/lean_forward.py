@@ -240,7 +240,7 @@ class LeanLlama:
         cos, sin = cos[0].contiguous(), sin[0].contiguous()        # [rows, D]
         reqs = None if large else invariant.Requests(
             [cache.buf for cache, *_ in items], starts, sizes,
-            [invariant.visible_csr(start, t, anc) for (_, _, _, anc), start, t in zip(items, starts, sizes)])
+            invariant.visible_csr_batch(starts, sizes, [anc for *_, anc in items]))
         bounds = [0]
         for t in sizes:
             bounds.append(bounds[-1] + t)

@@ -94,6 +94,41 @@ def test_attention_depends_only_on_the_visible_keys(dtype, h, g, d):
     assert torch.allclose(out.float(), ref.transpose(1, 2), atol=tol)
 
 
+def test_a_batchs_visibility_lists_are_each_requests_own_one_after_another():
+    """``visible_csr_batch`` (one CSR list for a forward's requests, chains built for the whole
+    batch at once) against each request's mask on its own: its cached prefix, then the causal
+    triangle of a chain or a tree's ancestors, as ``_csr`` lists it; random mixes of chains and
+    trees."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        starts = [rng.randint(0, 40) for _ in range(n)]
+        sizes = [rng.randint(1, 9) for _ in range(n)]
+        ancestors, masks = [], []
+        for start, t in zip(starts, sizes):
+            if rng.random() < 0.5:
+                ancestors.append(None)
+                own = torch.ones(t, t, dtype=torch.bool).tril()
+            else:
+                parents = [-1] + [rng.randint(0, i - 1) for i in range(1, t)]
+                own = torch.zeros(t, t, dtype=torch.bool)
+                for i in range(t):
+                    j = i
+                    while j >= 0:
+                        own[i, j], j = True, parents[j]
+                ancestors.append(own)
+            masks.append(torch.cat([torch.ones(t, start, dtype=torch.bool), own], dim=1))
+        rowptr, idx = invariant.visible_csr_batch(starts, sizes, ancestors)
+        ref = [invariant._csr(m) for m in masks]
+        offsets = torch.tensor([0] + [int(rp[-1]) for rp, _ in ref]).cumsum(0)
+        want_rowptr = torch.cat([torch.zeros(1, dtype=torch.int32)] + [rp[1:] + o for (rp, _), o in zip(ref, offsets)])
+        assert torch.equal(rowptr, want_rowptr.to(torch.int32))
+        assert torch.equal(idx, torch.cat([ix for _, ix in ref]))
+        assert rowptr.dtype == idx.dtype == torch.int32
+
+
 def _with_prefix(target, text="Speculative decoding verifies a draft in one forward pass. " * 6):
     ids = target.tokenizer(text)["input_ids"][:70]
     state, out = target.prefill(ids)
