@@ -159,12 +159,6 @@ def _check_autoscaling(value: dict | None) -> dict | None:
 class DecoderConfig(_Section):
     """The decoder deployment: the target model and the decode loop."""
 
-    @property
-    def replica_capacity(self) -> int:
-        """The requests Serve sends one replica at once: with batching, a batch of
-        ``max_ongoing_requests`` and ``queued_in_replica`` waiting beside it."""
-        return self.max_ongoing_requests + (self.queued_in_replica if self.batching else 0)
-
     num_replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling_config is None")
     autoscaling_config: dict | None = Field(
         None, description="Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, "
@@ -206,6 +200,12 @@ class DecoderConfig(_Section):
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
 
     _autoscaling = field_validator("autoscaling_config")(classmethod(lambda cls, v: _check_autoscaling(v)))
+
+    @property
+    def replica_capacity(self) -> int:
+        """The requests Serve sends one replica at once: with batching, a batch of
+        ``max_ongoing_requests`` and ``queued_in_replica`` waiting beside it."""
+        return self.max_ongoing_requests + (self.queued_in_replica if self.batching else 0)
 
 
 class ShardsConfig(_Section):

@@ -3,7 +3,8 @@
 Concurrency in a replica: up to ``max_ongoing_requests`` requests at once, each with its own
 KV cache (``KVState``), drafter, verifier and budget; nothing mutable is shared between
 requests. With batching, Serve sends a replica ``queued_in_replica`` more, which wait in the
-scheduler's queue and join the batch at the step a running request ends. A request is prepared (encoded, its drafter and budget chosen) in a worker thread.
+scheduler's queue and join the batch at the step a running request ends. A request is prepared
+(encoded, its drafter and budget chosen) in a worker thread.
 
 - ``decoder.batching`` (the default): the replica's one batch loop
   (``decoding.scheduler.BatchLoop``) runs every admitted request's steps together: each step
