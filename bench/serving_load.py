@@ -8,8 +8,9 @@ One local Ray instance started as ``serving.run`` starts it, two apps deployed s
 the same settings but one: ``decoder.batching`` true (``/b``, the default: every running
 request's draft tree verified in one forward per step) and false (``/s``, today's serialized
 decoder: one forward at a time per replica). The decoder keeps its default limits (at most
-``decoder.max_ongoing_requests`` requests in a batch; the rest wait in the queue, time to first
-token included), one replica, the default dtype (auto).
+``decoder.max_ongoing_requests`` requests in a batch, ``decoder.queued_in_replica`` more waiting in
+the replica's own queue, the rest at the caller; time to first token includes the wait), one
+replica, the default dtype (auto).
 
 For each number of requests in flight c (closed loop: c clients, each sending its next request
 when the last one ended; ``max(c, --min-requests)`` distinct GSM8K test questions per level,
