@@ -271,6 +271,17 @@ class ServingConfig(_Section):
             raise ValueError("shards.search_timeout_s must be finite")
         return self
 
+    @staticmethod
+    def problems(exc: Exception) -> str:
+        """A configuration's problems (from :meth:`from_args`) on one line, each as its dotted
+        path and what is wrong: ``decoder.queued_in_replica: Input should be greater than or equal
+        to 0``."""
+        errors = getattr(exc, "errors", None)
+        if errors is None:
+            return str(exc)
+        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'args'}: {e.get('msg')}"
+                         for e in errors(include_url=False))
+
     @classmethod
     def from_args(cls, args: dict | None) -> "ServingConfig":
         """Validate Serve application `args` (a dict, possibly nested, possibly empty)."""

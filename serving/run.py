@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     from serving.config import ServingConfig
 
     app_args = load_args(args.config, args.set)
-    cfg = ServingConfig.from_args(app_args)           # fail fast on a bad configuration
+    try:                                              # fail fast on a bad configuration, in one line
+        cfg = ServingConfig.from_args(app_args)
+    except ValueError as exc:                         # (pydantic's ValidationError is one)
+        raise SystemExit(f"error: bad configuration: {ServingConfig.problems(exc)}") from None
     from serving.auth import AuthConfigError, load_api_keys
 
     try:                                              # and on API keys configured but not there

@@ -4,6 +4,7 @@ request validation, configuration, shard slicing and top-k merging."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +169,22 @@ def test_config_is_typed_and_strict():
     a = ServingConfig.from_args({"index": {"version": "a"}})
     b = ServingConfig.from_args({"index": {"version": "b", "dense": "/y"}})
     assert a.static() == b.static() and a.index.key() != b.index.key()
+
+
+def test_serving_run_names_each_configuration_problem_in_one_line():
+    """A bad configuration stops `python -m serving.run` before Ray starts, with one line naming
+    every problem by its dotted path: no traceback."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "serving.run", "--set", "decoder.queued_in_replica=-1",
+                          "--set", "decoder.nope=3"], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0].startswith("error: bad configuration: ")
+    assert "decoder.queued_in_replica: Input should be greater than or equal to 0" in lines[0]
+    assert "decoder.nope: Extra inputs are not permitted" in lines[0]
 
 
 def test_build_app_reads_dotted_cli_args():
