@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 # Ray, Serve, the app and the model are imported inside the functions that need them: `--help`
 # and a bad argument answer at once, and the SIGTERM handler is installed before Ray starts.
@@ -31,20 +33,35 @@ def load_args(path: str | None, sets: list[str]) -> dict:
 
     args: dict = {}
     if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise SystemExit(f"error: {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"error: {path}: not YAML or JSON ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise SystemExit(f"error: {path}: expected the app's args or a Serve config (a mapping)")
         if "applications" in raw:
             apps = [a for a in raw["applications"] if a.get("import_path") == "serving.app:build_app"]
             if not apps:
-                raise SystemExit(f"{path}: no application with import_path serving.app:build_app")
+                raise SystemExit(f"error: {path}: no application with import_path serving.app:build_app")
             raw = apps[0].get("args") or {}
         args = raw
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise SystemExit(f"error: --set expects key=value, got {item!r}")
         _merge(args, _dotted({key: value}))
     return args
+
+
+def missing_local_sources(index) -> list[str]:
+    """The index configuration's local paths that do not exist on this machine (a URI such as
+    ``s3://`` is its store's to check), as ``index.dense: /path does not exist``."""
+    named = (("index.uri", index.uri), ("index.dense", index.source("dense")), ("index.sparse", index.source("sparse")))
+    return [f"{name}: {value} does not exist" for name, value in named
+            if value and value not in ("artifact", "default") and "://" not in value and not Path(value).exists()]
 
 
 def _merge(into: dict, new: dict) -> None:
@@ -152,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         load_api_keys(cfg.ingress.api_keys_file, cfg.ingress.api_keys_env)
     except AuthConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
+    missing = missing_local_sources(cfg.index) if args.address == "local" else []
+    if missing:                                       # a local instance's replicas read this machine's files
+        raise SystemExit(f"error: bad configuration: {'; '.join(missing)}")
     if "default" in (cfg.index.source("sparse"), cfg.index.source("dense")):
         from decoding.target import TargetModel
         from serving.index_data import prepare_defaults
@@ -185,11 +205,41 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:                         # Ctrl-C, or SIGTERM (StopOnSigterm)
         print(f"stopping{' (SIGTERM)' if sigterm.received else ''} ...", file=sys.stderr)
+    except Exception as exc:                          # the app did not deploy, or did not become ready
+        print(f"error: the application did not start: {deploy_failure(args.name) or _first_line(exc)}",
+              file=sys.stderr)
+        return 1
     finally:
         sigterm.stopping = True                       # a second SIGTERM must not cut the shutdown short
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+_QUALIFIED = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )")     # an exception's module path
+
+
+def deploy_failure(app_name: str) -> str | None:
+    """Why Serve says the application's deployments failed: the last line of each unhealthy
+    deployment's message (a replica's exception ends with its own line), or None."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:
+        return None
+    if app is None:
+        return None
+    reasons = []
+    for name, d in app.deployments.items():
+        if str(d.status).endswith(("UNHEALTHY", "DEPLOY_FAILED")) and (d.message or "").strip():
+            last = _QUALIFIED.sub("", d.message.strip().splitlines()[-1].strip())    # DatastoreError: ...
+            reasons.append(f"{name}: {last}")
+    return "; ".join(reasons) or None
 
 
 if __name__ == "__main__":

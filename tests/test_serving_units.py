@@ -187,6 +187,43 @@ def test_serving_run_names_each_configuration_problem_in_one_line():
     assert "decoder.nope: Extra inputs are not permitted" in lines[0]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "/nonexistent/sense.yaml"], "error: /nonexistent/sense.yaml: No such file or directory"),
+    (["--set", "index.dense=/nonexistent/store", "--set", "index.sparse=null"],
+     "error: bad configuration: index.dense: /nonexistent/store does not exist"),
+    (["--set", "decoder"], "error: --set expects key=value, got 'decoder'"),
+])
+def test_serving_run_stops_on_what_it_cannot_read_in_one_line(argv, message):
+    """A missing config file, a local index path that is not there, a malformed override: one
+    line before Ray starts, no traceback."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "serving.run", *argv], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and lines == [message], res.stderr[-2000:]
+
+
+def test_a_failed_deployment_is_named_by_its_replicas_last_line(monkeypatch):
+    """serving.run's one-line reason for an application that did not start: each failed
+    deployment's last line of Serve's message (the replica's exception), without its module path."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serving.run import deploy_failure
+
+    trace = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
+             'index.dense_format.DatastoreError: /s/manifest.json: format version None, this code reads 1')
+    status = SimpleNamespace(applications={"sense": SimpleNamespace(deployments={
+        "Ingress": SimpleNamespace(status="DeploymentStatus.HEALTHY", message=""),
+        "Decoder": SimpleNamespace(status="DeploymentStatus.DEPLOY_FAILED", message=trace)})})
+    monkeypatch.setattr(serve, "status", lambda: status)
+    assert deploy_failure("sense") == "Decoder: DatastoreError: /s/manifest.json: format version None, this code reads 1"
+    assert deploy_failure("other") is None
+
+
 def test_build_app_reads_dotted_cli_args():
     from serving.app import _dotted
 
