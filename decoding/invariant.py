@@ -126,9 +126,10 @@ def library() -> ctypes.CDLL | None:
         lib.sense_rope_kv_multi.argtypes = [p, i64, i, i, i, p, p, p, p, p, p, i, i, i, i, i]
         lib.sense_rope_kv_multi.restype = None
         lib.sense_rmsnorm.argtypes = [p, p, p, i, i, f, i, i]
+        lib.sense_rmsnorm_heads.argtypes = [p, i64, i, i, i, i, p, f, i, i]
         lib.sense_rope_kv.argtypes = [p, i64, i, i, i, i, p, p, p, p, i64, i64, i]
         lib.sense_silu_mul.argtypes = [p, p, i, i, i, i]
-        for name in ("sense_rmsnorm", "sense_rope_kv", "sense_silu_mul"):
+        for name in ("sense_rmsnorm", "sense_rmsnorm_heads", "sense_rope_kv", "sense_silu_mul"):
             getattr(lib, name).restype = None
         lib.sense_set_prefetch.argtypes = [i, i, i]         # (bf16, rows range, mode)
         lib.sense_set_prefetch.restype = None
@@ -634,6 +635,15 @@ def rmsnorm(x: torch.Tensor, norm: torch.nn.Module, out: torch.Tensor) -> torch.
     library().sense_rmsnorm(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, hidden,
                             float(norm.variance_epsilon), int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return out
+
+
+def rmsnorm_heads(qkv: torch.Tensor, norm: torch.nn.Module, first: int, n: int, head_dim: int) -> None:
+    """``norm`` (a per-head RMSNorm, Qwen3's q_norm or k_norm) in place on heads first .. first + n
+    - 1 of each row of the fused q|k|v projection [T, (heads + 2 groups) D]: each head's D elements
+    as :func:`rmsnorm` norms a row of D (the same bits)."""
+    library().sense_rmsnorm_heads(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], first, n, head_dim,
+                                  norm.weight.data_ptr(), float(norm.variance_epsilon),
+                                  int(qkv.dtype == torch.bfloat16), torch.get_num_threads())
 
 
 def rope_kv(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor, sin: torch.Tensor,

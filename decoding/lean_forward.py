@@ -36,7 +36,9 @@ roundings and the residual adds are bitwise torch's; the RMSNorm's sum of square
 exp are fixed-order code of their own, so ``tests/test_lean_forward.py`` compares with the
 transformers forward running those two on the same code (bitwise), and them with torch's (within
 rounding). Only architectures whose decoder layer is exactly this arithmetic run here
-(:func:`unsupported`); any other model runs through transformers.
+(:func:`unsupported`): Llama, Mistral, Qwen2 and Qwen3, whose attention norms each head of q and k
+(``q_norm``, ``k_norm``) before the rotary embedding, on the same RMSNorm code; any other model
+runs through transformers.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 
 from decoding import invariant
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")      # same decoder-layer arithmetic as LlamaDecoderLayer
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")     # LlamaDecoderLayer's arithmetic (Qwen3: + head norms)
 ENV = "SENSE_LEAN_FORWARD"                          # "0" runs the transformers forward instead
 ONE_CALL_ENV = "SENSE_LEAN_ONE_CALL"                # "0" runs the layers one kernel call at a time
 MIN_CAPACITY = 256
@@ -66,10 +68,17 @@ def unsupported(model) -> str | None:
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "not a SiLU-gated MLP without bias"
     base = model.base_model
+    head_dim = getattr(base.layers[0].self_attn, "head_dim", 0)
+    if head_dim % 8:        # the attention and rotary kernels run whole 8-lane blocks of a head
+        return f"a head size of {head_dim}, not a multiple of 8"
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if any(hasattr(attn, name) for name in ("q_norm", "k_norm", "sinks")) or not hasattr(mlp, "gate_proj"):
+        if hasattr(attn, "sinks") or not hasattr(mlp, "gate_proj") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
             return "a decoder layer this forward does not know"
+        if hasattr(attn, "q_norm") and not all(
+                hasattr(n, "variance_epsilon") and tuple(n.weight.shape) == (attn.head_dim,) and n.weight.is_contiguous()
+                for n in (attn.q_norm, attn.k_norm)):
+            return "q/k norms that are not per-head RMSNorms"
         if not all(hasattr(n, "variance_epsilon") and n.weight.dim() == 1
                    for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return "a norm that is not LlamaRMSNorm-style"
@@ -170,13 +179,16 @@ class LeanLlama:
         self.o_proj = [invariant.module_packed(l.self_attn.o_proj) for l in self.layers]
         self.head = invariant.module_packed(model.get_output_embeddings())
         self.down = [invariant.module_packed(l.mlp.down_proj) for l in self.layers]
+        # Qwen3: each head of q and k RMS-normed (weights [head_dim]) before the rotary embedding
+        self.qk_norms = [(l.self_attn.q_norm, l.self_attn.k_norm) if hasattr(l.self_attn, "q_norm") else None
+                         for l in self.layers]
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.fast_prefill = self.device.type == "cpu" and invariant.prefill_attention_ok(self.dtype, self.head_dim)
         self.one_call = self._layer_table()         # the layers in one C call (None: one call per step)
 
     def _layer_table(self):
-        """(kind, weight addresses [L, 8], epsilons [L, 2]) for ``sense_decoder_layers``, which runs
+        """(kind, weight addresses [L, 10], epsilons [L, 3]) for ``sense_decoder_layers``, which runs
         every layer's steps in C in the loop's order on the same buffers (the same bits); None where
         it cannot (pair-packed bfloat16 with an odd input width, which the Python side pads). The
         packed weights are the ones made at load, as the fused q|k|v and gate|up ones are."""
@@ -195,13 +207,13 @@ class LeanLlama:
         for i, layer in enumerate(self.layers):
             if not (layer.input_layernorm.weight.is_contiguous() and layer.post_attention_layernorm.weight.is_contiguous()):
                 return None
-            bias = self.qkv[i].bias
+            bias, qk = self.qkv[i].bias, self.qk_norms[i]
             rows.append([layer.input_layernorm.weight.data_ptr(), self.qkv[i].packed.data_ptr(),
                          0 if bias is None else bias.data_ptr(), self.o_proj[i].packed().data_ptr(),
                          layer.post_attention_layernorm.weight.data_ptr(), self.gate_up[i].packed.data_ptr(),
-                         self.down[i].packed().data_ptr(), 0])
-        eps = [[float(l.input_layernorm.variance_epsilon), float(l.post_attention_layernorm.variance_epsilon)]
-               for l in self.layers]
+                         self.down[i].packed().data_ptr(), *((n.weight.data_ptr() for n in qk) if qk else (0, 0)), 0])
+        eps = [[float(l.input_layernorm.variance_epsilon), float(l.post_attention_layernorm.variance_epsilon),
+                float(qk[0].variance_epsilon) if qk else 0.0] for l, qk in zip(self.layers, self.qk_norms)]
         return kind, torch.tensor(rows, dtype=torch.int64), torch.tensor(eps, dtype=torch.float32)
 
     def new_cache(self) -> KVCache:
@@ -267,6 +279,10 @@ class LeanLlama:
         for i, layer in enumerate(self.layers if reqs is None or self.one_call is None else ()):
             invariant.rmsnorm(x, layer.input_layernorm, h)
             qkv = self.qkv[i](h, qkv_buf, large)
+            if self.qk_norms[i] is not None:
+                q_norm, k_norm = self.qk_norms[i]
+                invariant.rmsnorm_heads(qkv, q_norm, 0, self.heads, self.head_dim)
+                invariant.rmsnorm_heads(qkv, k_norm, self.heads, self.groups, self.head_dim)
             if reqs is not None:        # every request's rows in one call each (their own caches)
                 invariant.rope_kv_multi(qkv, self.heads, self.groups, cos, sin, reqs, i)
                 invariant.attention_multi(qkv, reqs, i, self.scaling, attn, self.heads, self.groups,

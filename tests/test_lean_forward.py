@@ -40,7 +40,8 @@ def _same_norm_and_activation(model, monkeypatch):
     base = model.base_model
     monkeypatch.setattr(base.norm, "forward", norm(base.norm))
     for layer in base.layers:
-        for n in (layer.input_layernorm, layer.post_attention_layernorm):
+        head_norms = [getattr(layer.self_attn, n) for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]
+        for n in (layer.input_layernorm, layer.post_attention_layernorm, *head_norms):
             monkeypatch.setattr(n, "forward", norm(n))
         monkeypatch.setattr(layer.mlp, "forward", mlp(layer.mlp))
 
@@ -113,10 +114,61 @@ def test_qkv_bias_and_a_long_prefill_are_the_transformers_forward(monkeypatch):
     _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "per-step"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen3_head_norms_are_the_transformers_forward(dtype, one_call, monkeypatch):
+    """Qwen3's attention RMS-norms each head of q and k before the rotary embedding (q_norm,
+    k_norm): the lean forward runs them on q|k|v in place (the norms' weights random, q's and k's
+    apart, so that a mix-up shows; heads x head size twice the hidden size, as in Qwen3's
+    models) and gives the transformers forward's bits, a prefill of more rows than the kernels'
+    limit (no prefix cache: the large-row path on both sides) included."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(-1.5, -0.5)
+    model = model.to(dtype)
+    assert lean_forward.unsupported(model) is None
+    monkeypatch.setenv(lean_forward.ONE_CALL_ENV, "1" if one_call else "0")
+    plain, lean = _pair(model, monkeypatch)
+    assert (lean.lean.one_call is not None) == one_call
+    prompt = [(7 * i + 3) % 64 for i in range(12)]
+    _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
+    # past the kernels' row limit, without a prefix cache: SDPA and the large-row linear on both sides
+    plain, lean = _pair(model, monkeypatch, prefix_cache_mb=0)
+    prompt = [(5 * i + 1) % 64 for i in range(80)]
+    _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
+
+
 def test_the_embedded_model_is_bitwise_the_transformers_forward(target, monkeypatch):
     plain, lean = _pair(target.model, monkeypatch)
     prompt = [(17 * i + 5) % target.vocab_size for i in range(40)]
     _assert_bitwise(_session(plain, prompt, target.vocab_size), _session(lean, prompt, target.vocab_size))
+
+
+def test_a_head_size_the_kernels_do_not_tile_keeps_the_transformers_forward():
+    """The kernels run whole 8-lane blocks of a head: a Llama with heads of 12 (or 20) runs on
+    transformers' forward, with the right logits (on the lean forward it read past its rows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, head_dim=12,
+                                         max_position_embeddings=128)).eval()
+    assert lean_forward.unsupported(model) == "a head size of 12, not a multiple of 8"
+    target = TargetModel(model, None)
+    assert target.lean is None
+    prompt = [(7 * i + 3) % 64 for i in range(12)]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1]
+    _, out = target.prefill(prompt, reuse=False)
+    assert torch.allclose(out.logits[-1], ref, atol=1e-5)
 
 
 def test_other_architectures_keep_the_transformers_forward():

@@ -1173,30 +1173,41 @@ DEFINE_ATTENTION(sense_attention_bf16, uint16_t, dot_bf16, v_load_bf16, ATTENTIO
 /* depends on that row only.                                                                    */
 
 /* RMSNorm: out = w * bf16(x * 1/sqrt(mean(x^2) + eps)) (LlamaRMSNorm), the sum of squares in
- * 8 lanes by position then a fixed tree. */
+ * 8 lanes by position then a fixed tree. One row of H elements at element offset o of x and out
+ * (the same offset in both: in place is allowed, each element is read before it is written). */
+static inline void rmsnorm_row(const void *x, const void *w, void *out, size_t o, int H, float eps, int bf16) {
+    const int H8 = H & ~7;
+    vec acc = v_zero();
+    for (int k = 0; k < H8; k += 8) {
+        const vec v = vact_ld(x, o + k, bf16);
+        acc = v_add(acc, v_mul(v, v));
+    }
+    if (H8 < H) {       /* the tail, zero-padded (adds exactly nothing) */
+        float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int k = H8; k < H; k++) t[k - H8] = act_ld(x, o + k, bf16);
+        const vec v = v_load(t);
+        acc = v_add(acc, v_mul(v, v));
+    }
+    const float inv = 1.0f / sqrtf(v_hsum(acc) / (float)H + eps);
+    const vec vi = v_set1(inv);
+    for (int k = 0; k < H8; k += 8)
+        vact_st(out, o + k, v_mul(vact_ld(w, k, bf16), vact_rnd(v_mul(vact_ld(x, o + k, bf16), vi), bf16)), bf16);
+    for (int k = H8; k < H; k++)
+        act_st(out, o + k, act_ld(w, k, bf16) * act_rnd(act_ld(x, o + k, bf16) * inv, bf16), bf16);
+}
 void sense_rmsnorm(const void *x, const void *w, void *out, int rows, int H, float eps, int bf16, int threads) {
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows >= 16)")
-    for (int r = 0; r < rows; r++) {
-        const size_t o = (size_t)r * H;
-        const int H8 = H & ~7;
-        vec acc = v_zero();
-        for (int k = 0; k < H8; k += 8) {
-            const vec v = vact_ld(x, o + k, bf16);
-            acc = v_add(acc, v_mul(v, v));
-        }
-        if (H8 < H) {       /* the tail, zero-padded (adds exactly nothing) */
-            float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            for (int k = H8; k < H; k++) t[k - H8] = act_ld(x, o + k, bf16);
-            const vec v = v_load(t);
-            acc = v_add(acc, v_mul(v, v));
-        }
-        const float inv = 1.0f / sqrtf(v_hsum(acc) / (float)H + eps);
-        const vec vi = v_set1(inv);
-        for (int k = 0; k < H8; k += 8)
-            vact_st(out, o + k, v_mul(vact_ld(w, k, bf16), vact_rnd(v_mul(vact_ld(x, o + k, bf16), vi), bf16)), bf16);
-        for (int k = H8; k < H; k++)
-            act_st(out, o + k, act_ld(w, k, bf16) * act_rnd(act_ld(x, o + k, bf16) * inv, bf16), bf16);
-    }
+    for (int r = 0; r < rows; r++) rmsnorm_row(x, w, out, (size_t)r * H, H, eps, bf16);
+}
+
+/* The per-head RMSNorm of Qwen3's attention (q_norm, k_norm), in place: heads first .. first +
+ * n - 1 of each row of qkv (row stride ld elements, heads of D), each normed over its D
+ * elements exactly as sense_rmsnorm norms a row of D. */
+void sense_rmsnorm_heads(void *qkv, int64_t ld, int rows, int first, int n, int D, const void *w, float eps,
+                         int bf16, int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows * n >= 64)")
+    for (int u = 0; u < rows * n; u++)
+        rmsnorm_row(qkv, w, qkv, (size_t)(u / n) * (size_t)ld + (size_t)(first + u % n) * D, D, eps, bf16);
 }
 
 /* Rotary embedding in place on the first H + G heads of each row of qkv (row stride ld), as
@@ -1462,10 +1473,12 @@ int sense_has_amx(void) {
 /* The decoder layers of a Llama-family forward in one call: per layer the same kernels, in the */
 /* same order and on the same buffers, as decoding/lean_forward.py's loop runs them one ctypes  */
 /* call at a time (so the same bits), without ~10 Python calls and torch ops per layer (1.5-2 ms */
-/* of a 14 ms decode step on the AVX2 EPYC). Per layer l, w[8 l ..] holds the addresses of: the */
-/* input norm's weight, the fused q|k|v panels, their float32 bias (0: none), the output        */
+/* of a 14 ms decode step on the AVX2 EPYC). Per layer l, w[10 l ..] holds the addresses of:   */
+/* the input norm's weight, the fused q|k|v panels, their float32 bias (0: none), the output    */
 /* projection's panels, the post-attention norm's weight, the fused gate|up panels, the down    */
-/* projection's panels; eps[2 l], eps[2 l + 1] the two norms' epsilons. kind: how the linears    */
+/* projection's panels, Qwen3's per-head q and k norms' weights (0: none; they run on q|k|v     */
+/* before the rotary embedding), 0; eps[3 l], eps[3 l + 1], eps[3 l + 2] the input, post-       */
+/* attention and head norms' epsilons. kind: how the linears                                    */
 /* run (0 float32 weights; 1 bfloat16 weights on the 8-lane kernel, activations widened into   */
 /* xf; 2 pair-packed bfloat16 on vdpbf16ps; 3 the same panels on AMX tiles where K allows).     */
 /* x [R, H] is the residual stream, updated in place; h, qkv, attn, gu, act are scratch; the    */
@@ -1500,9 +1513,11 @@ void sense_decoder_layers(void *x, void *h, void *qkv, void *attn, void *gu, voi
     const int nq = (heads + 2 * groups) * D, ha = heads * D;
     const size_t es = bf16 ? 2 : 4;
     for (int l = 0; l < L; l++) {
-        const int64_t *p = w + 8 * (size_t)l;
-        sense_rmsnorm(x, (const void *)p[0], h, R, Hd, eps[2 * l], bf16, threads);
+        const int64_t *p = w + 10 * (size_t)l;
+        sense_rmsnorm(x, (const void *)p[0], h, R, Hd, eps[3 * l], bf16, threads);
         layer_linear(kind, h, xf, (const void *)p[1], qkv, 0, (const float *)p[2], bf16 ? 1 : 0, R, Hd, nq, threads);
+        if (p[7]) sense_rmsnorm_heads(qkv, nq, R, 0, heads, D, (const void *)p[7], eps[3 * l + 2], bf16, threads);
+        if (p[8]) sense_rmsnorm_heads(qkv, nq, R, heads, groups, D, (const void *)p[8], eps[3 * l + 2], bf16, threads);
         sense_rope_kv_multi(qkv, nq, heads, groups, D, cos, sin, bufs, caps, starts, bounds, B, L, l, bf16, threads);
         if (bf16)
             sense_attention_bf16_multi(qkv, nq, bufs, caps, req, rowptr, idx, attn, ha, 1, R, heads, groups, D, L,
@@ -1511,7 +1526,7 @@ void sense_decoder_layers(void *x, void *h, void *qkv, void *attn, void *gu, voi
             sense_attention_f32_multi(qkv, nq, bufs, caps, req, rowptr, idx, attn, ha, 0, R, heads, groups, D, L, l,
                                       scale, threads);
         layer_linear(kind, attn, xf, (const void *)p[3], x, x, 0, bf16 ? 2 : 3, R, ha, Hd, threads);
-        sense_rmsnorm(x, (const void *)p[4], h, R, Hd, eps[2 * l + 1], bf16, threads);
+        sense_rmsnorm(x, (const void *)p[4], h, R, Hd, eps[3 * l + 1], bf16, threads);
         layer_linear(kind, h, xf, (const void *)p[5], gu, 0, 0, bf16 ? 1 : 0, R, Hd, 2 * I, threads);
         sense_silu_mul(gu, act, R, I, bf16, threads);
         layer_linear(kind, act, xf, (const void *)p[6], x, x, 0, bf16 ? 2 : 3, R, I, Hd, threads);
