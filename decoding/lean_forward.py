@@ -36,9 +36,9 @@ roundings and the residual adds are bitwise torch's; the RMSNorm's sum of square
 exp are fixed-order code of their own, so ``tests/test_lean_forward.py`` compares with the
 transformers forward running those two on the same code (bitwise), and them with torch's (within
 rounding). Only architectures whose decoder layer is exactly this arithmetic run here
-(:func:`unsupported`): Llama, Mistral, Qwen2 and Qwen3, whose attention norms each head of q and k
-(``q_norm``, ``k_norm``) before the rotary embedding, on the same RMSNorm code; any other model
-runs through transformers.
+(:func:`unsupported`): Llama, Mistral, Qwen2, Qwen3, whose attention norms each head of q and k
+(``q_norm``, ``k_norm``) before the rotary embedding, on the same RMSNorm code, and Phi-3, whose
+q|k|v and gate|up are one module each already; any other model runs through transformers.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from decoding import invariant
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")     # LlamaDecoderLayer's arithmetic (Qwen3: + head norms)
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")     # LlamaDecoderLayer's arithmetic (Qwen3: + head norms)
 ENV = "SENSE_LEAN_FORWARD"                          # "0" runs the transformers forward instead
 ONE_CALL_ENV = "SENSE_LEAN_ONE_CALL"                # "0" runs the layers one kernel call at a time
 MIN_CAPACITY = 256
@@ -67,13 +67,19 @@ def unsupported(model) -> str | None:
         return "sliding-window attention"
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "not a SiLU-gated MLP without bias"
+    if (getattr(cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
+        return "a rotary embedding on part of each head"
     base = model.base_model
     head_dim = getattr(base.layers[0].self_attn, "head_dim", 0)
     if head_dim % 8:        # the attention and rotary kernels run whole 8-lane blocks of a head
         return f"a head size of {head_dim}, not a multiple of 8"
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if hasattr(attn, "sinks") or not hasattr(mlp, "gate_proj") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
+        try:
+            groups = (qkv_modules(attn), gate_up_modules(mlp))
+        except AttributeError:
+            return "a decoder layer this forward does not know"
+        if hasattr(attn, "sinks") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
             return "a decoder layer this forward does not know"
         if hasattr(attn, "q_norm") and not all(
                 hasattr(n, "variance_epsilon") and tuple(n.weight.shape) == (attn.head_dim,) and n.weight.is_contiguous()
@@ -84,10 +90,22 @@ def unsupported(model) -> str | None:
             return "a norm that is not LlamaRMSNorm-style"
         if attn.o_proj.bias is not None:
             return "an output projection with bias"
-        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        for group in groups:
             if any(m.weight.shape[0] % invariant.PANEL for m in group):
                 return "projection widths that are not a multiple of the kernel's panel"
     return None
+
+
+def qkv_modules(attn) -> tuple:
+    """The linears whose outputs side by side are q|k|v: q_proj, k_proj, v_proj, or Phi-3's one
+    qkv_proj (AttributeError: neither)."""
+    return (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
+
+
+def gate_up_modules(mlp) -> tuple:
+    """The linears whose outputs side by side are gate|up: gate_proj, up_proj, or Phi-3's one
+    gate_up_proj (AttributeError: neither)."""
+    return (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
 
 
 class FusedLinear:
@@ -173,9 +191,9 @@ class LeanLlama:
         self.groups = cfg.num_key_value_heads
         self.head_dim = attn0.head_dim
         self.scaling = float(attn0.scaling)
-        self.intermediate = self.layers[0].mlp.gate_proj.weight.shape[0]
-        self.qkv = [FusedLinear((l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)) for l in self.layers]
-        self.gate_up = [FusedLinear((l.mlp.gate_proj, l.mlp.up_proj)) for l in self.layers]
+        self.qkv = [FusedLinear(qkv_modules(l.self_attn)) for l in self.layers]
+        self.gate_up = [FusedLinear(gate_up_modules(l.mlp)) for l in self.layers]
+        self.intermediate = self.gate_up[0].n_out // 2
         self.o_proj = [invariant.module_packed(l.self_attn.o_proj) for l in self.layers]
         self.head = invariant.module_packed(model.get_output_embeddings())
         self.down = [invariant.module_packed(l.mlp.down_proj) for l in self.layers]
@@ -200,7 +218,7 @@ class LeanLlama:
             kind = 1
         else:
             kind = 3 if invariant.bf16_kernel() == "amx" else 2
-            if any(k % 2 for k in (self.layers[0].self_attn.q_proj.weight.shape[1], self.heads * self.head_dim,
+            if any(k % 2 for k in (self.qkv[0].modules[0].weight.shape[1], self.heads * self.head_dim,
                                    self.intermediate)):
                 return None
         rows = []

@@ -31,7 +31,8 @@ def _same_norm_and_activation(model, monkeypatch):
 
     def mlp(module):
         def forward(x):
-            gu = torch.cat([module.gate_proj(x), module.up_proj(x)], dim=-1)
+            gu = (module.gate_up_proj(x) if hasattr(module, "gate_up_proj")
+                  else torch.cat([module.gate_proj(x), module.up_proj(x)], dim=-1))
             flat = gu.reshape(-1, gu.shape[-1]).contiguous()
             act = invariant.silu_mul(flat, torch.empty(flat.shape[0], flat.shape[1] // 2, dtype=flat.dtype))
             return module.down_proj(act.view(*x.shape[:-1], -1))
@@ -144,6 +145,28 @@ def test_qwen3_head_norms_are_the_transformers_forward(dtype, one_call, monkeypa
     plain, lean = _pair(model, monkeypatch, prefix_cache_mb=0)
     prompt = [(5 * i + 1) % 64 for i in range(80)]
     _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phi3_fused_projections_are_the_transformers_forward(dtype, monkeypatch):
+    """Phi-3's q|k|v and gate|up are one linear each (qkv_proj, gate_up_proj): the lean forward
+    packs them as they are and gives the transformers forward's bits; a partial rotary embedding
+    (Phi-4-mini's) keeps the transformers forward."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                        tie_word_embeddings=False)
+    model = Phi3ForCausalLM(config).eval().to(dtype)
+    assert lean_forward.unsupported(model) is None
+    plain, lean = _pair(model, monkeypatch)
+    prompt = [(7 * i + 3) % 64 for i in range(12)]
+    _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
+    partial = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                         partial_rotary_factor=0.75)).eval()
+    assert lean_forward.unsupported(partial) == "a rotary embedding on part of each head"
 
 
 def test_the_embedded_model_is_bitwise_the_transformers_forward(target, monkeypatch):
