@@ -63,7 +63,12 @@ def unsupported(model) -> str | None:
     cfg = model.config
     if cfg.model_type not in ARCHITECTURES:
         return f"{cfg.model_type} is not a Llama-style decoder"
-    if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)):
+    # A window narrower than the context (Mistral 7B v0.1's 4,096, Phi-3-mini-4k's 2,047): this
+    # forward attends to every earlier position. One at least as wide hides nothing.
+    window = getattr(cfg, "sliding_window", None)
+    windowed = (getattr(cfg, "use_sliding_window", False) or cfg.model_type in ("mistral", "phi3")
+                or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()))
+    if windowed and window is not None and window < getattr(cfg, "max_position_embeddings", float("inf")):
         return "sliding-window attention"
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "not a SiLU-gated MLP without bias"

@@ -151,7 +151,7 @@ def test_qwen3_head_norms_are_the_transformers_forward(dtype, one_call, monkeypa
 def test_phi3_fused_projections_are_the_transformers_forward(dtype, monkeypatch):
     """Phi-3's q|k|v and gate|up are one linear each (qkv_proj, gate_up_proj): the lean forward
     packs them as they are and gives the transformers forward's bits; a partial rotary embedding
-    (Phi-4-mini's) keeps the transformers forward."""
+    (Phi-4-mini's) or a window narrower than the context keeps the transformers forward."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
@@ -167,6 +167,13 @@ def test_phi3_fused_projections_are_the_transformers_forward(dtype, monkeypatch)
                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                          partial_rotary_factor=0.75)).eval()
     assert lean_forward.unsupported(partial) == "a rotary embedding on part of each head"
+    # Phi-3-mini-4k attends through a window of 2,047 positions of its 4,096: not this forward
+    windowed = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                          max_position_embeddings=4096, sliding_window=2047)).eval()
+    assert lean_forward.unsupported(windowed) == "sliding-window attention"
+    windowed.config.sliding_window = 4096           # as wide as the context: hides nothing
+    assert lean_forward.unsupported(windowed) is None
 
 
 def test_the_embedded_model_is_bitwise_the_transformers_forward(target, monkeypatch):
