@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from decoding.methods import METHODS, check_method, make_drafter
 
@@ -154,6 +155,11 @@ def _read_texts(paths, field):
     return texts, skipped
 
 
+def _skipped(n: int, field: str) -> str:
+    """The records a build left out, and why (only when there were some)."""
+    return f"{n} record{'s' if n != 1 else ''} skipped (no non-empty {field!r} field)" if n else "no record skipped"
+
+
 def cmd_build_sparse(args) -> int:
     from decoding.model_loader import load_tokenizer
     from index.sparse import SparseIndex
@@ -162,8 +168,7 @@ def cmd_build_sparse(args) -> int:
     texts, skipped = _read_texts(args.corpus, args.field)
     index = SparseIndex.build(tokenizer(t)["input_ids"] for t in texts)
     index.save(args.out)
-    print(f"wrote {args.out}: {index.n_docs} documents, {index.n_tokens} tokens, {skipped} records skipped "
-          f"(no non-empty {args.field!r} field)")
+    print(f"wrote {args.out}: {index.n_docs} documents, {index.n_tokens} tokens, {_skipped(skipped, args.field)}")
     return 0
 
 
@@ -175,9 +180,13 @@ def cmd_build_dense(args) -> int:
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
     texts, skipped = _read_texts(args.corpus, args.field)
     docs = [Document(target.tokenizer(t)["input_ids"], corpus=args.corpus_name) for t in texts]
-    m = build_dense_datastore(target, docs, args.out, dim=args.dim, value_len=args.value_len)
-    print(f"wrote {args.out}: {m.documents} documents, {m.entries} entries, {skipped} records skipped "
-          f"(no non-empty {args.field!r} field)")
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        print(f"  {done}/{total} documents, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    m = build_dense_datastore(target, docs, args.out, dim=args.dim, value_len=args.value_len, progress=progress)
+    print(f"wrote {args.out}: {m.documents} documents, {m.entries} entries, {_skipped(skipped, args.field)}")
     return 0
 
 

@@ -105,3 +105,27 @@ def test_cli_generate_and_stop_string():
     out = json.loads(proc.stdout)
     assert out["stats"]["new_tokens"] >= 1 and out["text"]
     assert out["stats"]["steps"] >= 1 and out["stats"]["mat"] >= 1.0
+
+
+@pytest.mark.slow
+def test_cli_builds_datastores_a_generation_drafts_from(tmp_path):
+    """`sense build-sparse` and `sense build-dense` over a JSONL file (a record without the field
+    and an empty one skipped, counted and named), then `sense generate` drafting from each store."""
+    import json
+
+    rows = [{"text": f"Question {i}: what is {i} plus {i}? Answer: {i} plus {i} is {2 * i}."} for i in range(6)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in [*rows, {"other": "no text"}, {"text": "   "}]) + "\n")
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    proc = run_cli("build-sparse", "--out", str(sparse), str(corpus))
+    assert proc.returncode == 0, proc.stderr
+    assert "6 documents" in proc.stdout and "2 records skipped (no non-empty 'text' field)" in proc.stdout
+    proc = run_cli("build-dense", "--dim", "16", "--out", str(dense), str(corpus))
+    assert proc.returncode == 0, proc.stderr
+    assert "6 documents" in proc.stdout and "2 records skipped (no non-empty 'text' field)" in proc.stdout
+    for method, store in (("rest", "--sparse-store"), ("sense", "--dense-store")):
+        proc = run_cli("generate", "--method", method, store, str(sparse if method == "rest" else dense),
+                       "--max-new-tokens", "16", "--json", "Question 3: what is 3 plus 3?")
+        assert proc.returncode == 0, proc.stderr
+        stats = json.loads(proc.stdout)["stats"]
+        assert stats["method"] == method and stats["new_tokens"] >= 1 and stats["steps"] >= 1
