@@ -12,12 +12,16 @@ method, side by side in one run, order rotated per repeat:
 - ``batched``: all c requests in one ``BatchScheduler`` (one verification forward per step for
   all of them, budgets allocated across the batch);
 - ``hf_static_batch``: transformers' ``generate()`` on the c prompts left-padded into one batch,
-  same model, dtype and kernels (plain decoding; the peer a serving system is judged against).
+  same model, dtype and kernels (plain decoding; the peer a serving system is judged against);
+- ``steady``: ``--rounds`` x c questions through one ``BatchScheduler`` with c in flight, a new
+  request joining as one ends (a server's steady state: the static batch of c ends with its
+  slowest request, so what the others gain by drafting counts only when all of them gain; here a
+  request that ends early makes room for the next).
 
-Every batched output must equal the serialized one token for token (the run fails otherwise).
-Rows: ``{"method": m, "concurrency": c, "vs": "serialized" | "hf_static_batch" | "ar_batched",
-"ratio": batched tokens/s over the peer's, "tokens_per_s": ...}``; medians over repeats with
-min/max.
+Every batched output must equal the serialized one token for token, and every steady one `ar`'s
+(the run fails otherwise). Rows: ``{"method": m, "concurrency": c, "vs": "serialized" |
+"hf_static_batch" | "ar_batched" | "ar_steady", "ratio": batched (steady) tokens/s over the
+peer's, "tokens_per_s": ...}``; medians over repeats with min/max.
 """
 
 from __future__ import annotations
@@ -58,6 +62,26 @@ def run_batched(target, prompts, make, params) -> tuple[float, list[list[int]], 
     return time.perf_counter() - t0, [s.result().token_ids for s in seqs], sched.stats()
 
 
+def run_steady(target, prompts, make, params, concurrency: int) -> tuple[float, list[list[int]], dict]:
+    """`prompts` through one scheduler with `concurrency` requests in flight, the next request
+    added as one ends: (seconds, outputs in prompt order, the scheduler's stats)."""
+    from decoding.engine import Sequence
+    from decoding.scheduler import BatchScheduler
+
+    sched = BatchScheduler(target, max_batch=concurrency)
+    forget_prompts(target)
+    t0 = time.perf_counter()
+    seqs = [Sequence(target, p, params=params, drafter=make()) for p in prompts[:concurrency]]
+    for s in seqs:
+        sched.add(s)
+    while not sched.idle:
+        for _ in sched.step():
+            if len(seqs) < len(prompts):
+                seqs.append(Sequence(target, prompts[len(seqs)], params=params, drafter=make()))
+                sched.add(seqs[-1])
+    return time.perf_counter() - t0, [s.result().token_ids for s in seqs], sched.stats()
+
+
 def run_hf_static(target, prompts, max_new: int) -> float:
     import torch
 
@@ -82,13 +106,14 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="ar,pld,sense")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4, help="steady state: requests per slot (rounds x c questions)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
     ap.add_argument("--dense", default=None, help=DENSE_CHOICES_HELP + " (--quick: 'default')")
     args = ap.parse_args(argv)
     if args.quick:
-        args.concurrency, args.max_new_tokens, args.repeats = "1,4", 16, 1
+        args.concurrency, args.max_new_tokens, args.repeats, args.rounds = "1,4", 16, 1, 2
 
     import torch
 
@@ -110,7 +135,7 @@ def main(argv=None) -> int:
     args.dense_source, args.store = dense_source(target, args.dense, args.quick)
     stores = load_datastores(target, methods=methods, dense=args.dense_source,
                              dense_default_docs=args.dense_docs)
-    questions = [r["question"] for r in gsm8k("test")[:max(levels)]]
+    questions = [r["question"] for r in gsm8k("test")[:max(levels) * args.rounds]]
     prompts = [encode_prompt(target, q) for q in questions]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     # Warm-up: the kernels, the allocator, and both cost models (measured once per machine and
@@ -123,7 +148,8 @@ def main(argv=None) -> int:
     rows_per_forward: dict[tuple, list[float]] = {}
     for c in levels:
         batch = prompts[:c]
-        variants = [(m, kind) for m in methods for kind in ("serialized", "batched")] + [("ar", "hf_static_batch")]
+        variants = ([(m, kind) for m in methods for kind in ("serialized", "batched", "steady")]
+                    + [("ar", "hf_static_batch")])
         for rep in range(args.repeats):
             for m, kind in method_order(variants, rep + c):
                 make = lambda m=m: make_drafter(m, stores)      # noqa: E731  a fresh drafter per request
@@ -136,6 +162,11 @@ def main(argv=None) -> int:
                     times.setdefault((m, kind, c), []).append(dt)
                     rows_per_forward.setdefault((m, c), []).append(st["rows_per_forward"] or 0)
                     times.setdefault((m, "batched_outputs", c), outs)
+                elif kind == "steady":
+                    dt, outs, st = run_steady(target, prompts[:c * args.rounds], make, params, c)
+                    times.setdefault((m, kind, c), []).append(dt)
+                    rows_per_forward.setdefault((m, "steady", c), []).append(st["rows_per_forward"] or 0)
+                    times.setdefault((m, "steady_outputs", c), outs)
                 else:
                     times.setdefault((m, kind, c), []).append(run_hf_static(target, batch, args.max_new_tokens))
                 log(f"c={c} rep={rep} {m:6} {kind:16} {times[(m, kind, c)][-1]:7.2f} s")
@@ -143,10 +174,13 @@ def main(argv=None) -> int:
             if times[(m, "batched_outputs", c)] != times[(m, "outputs", c)]:
                 log(f"FAIL: {m} at concurrency {c}: batched output differs from the requests decoded alone")
                 return 1
+            if "ar" in methods and times[(m, "steady_outputs", c)] != times[("ar", "steady_outputs", c)]:
+                log(f"FAIL: {m} at concurrency {c}: a steady-state output differs from ar's")
+                return 1
 
     tokens = {c: c * args.max_new_tokens for c in levels}
-    rate = {k: [tokens[k[2]] / t for t in v] for k, v in times.items() if k[1] in ("serialized", "batched",
-                                                                                  "hf_static_batch")}
+    rate = {k: [tokens[k[2]] * (args.rounds if k[1] == "steady" else 1) / t for t in v] for k, v in times.items()
+            if k[1] in ("serialized", "batched", "steady", "hf_static_batch")}
     out_rows = []
     for c in levels:
         for m in methods:
@@ -163,18 +197,35 @@ def main(argv=None) -> int:
                                  "peer_tokens_per_s": round(median(theirs), 2),
                                  "rows_per_forward": round(median(rows_per_forward[(m, c)]), 2),
                                  "identical": True})
+            if m != "ar" and "ar" in methods:
+                mine, theirs = rate[(m, "steady", c)], rate[("ar", "steady", c)]
+                ratios = [a / b for a, b in zip(mine, theirs)]
+                out_rows.append({"benchmark": "batching", "method": m, "concurrency": c, "vs": "ar_steady",
+                                 "ratio": round(median(ratios), 3), "ratio_min": round(min(ratios), 3),
+                                 "ratio_max": round(max(ratios), 3), "tokens_per_s": round(median(mine), 2),
+                                 "peer_tokens_per_s": round(median(theirs), 2), "requests": c * args.rounds,
+                                 "rows_per_forward": round(median(rows_per_forward[(m, "steady", c)]), 2),
+                                 "identical": True})
     md = ["# Continuous batching in the engine (`python -m bench.batching`)", "",
           f"Target: {target.dtype_choice.reason}; {args.max_new_tokens} tokens per request (EOS ignored), greedy, "
           f"GSM8K test questions; SENSE drafts from {args.store}; median of {args.repeats} repeats (order rotated). Batched outputs equal the "
-          f"requests decoded alone, token for token, at every concurrency.", "",
-          "| method | concurrency | batched tok/s | vs serialized | vs HF static batch | vs ar batched | rows/forward |",
-          "|---|---|---|---|---|---|---|"]
+          f"requests decoded alone, token for token, at every concurrency. Batched: the c questions at once (a static batch, "
+          f"over when its slowest request is); steady: {args.rounds} x c questions with c in flight, the next joining as one "
+          f"ends (a server's steady state), every output equal to ar's.", "",
+          "| method | concurrency | batched tok/s | vs serialized | vs HF static batch | vs ar batched | rows/forward "
+          "| steady tok/s | vs ar steady | rows/forward |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for c in levels:
         for m in methods:
             r = {row["vs"]: row for row in out_rows if row["method"] == m and row["concurrency"] == c}
             arb = f"{r['ar_batched']['ratio']:.2f}x" if "ar_batched" in r else "-"
+            steady = (f"{r['ar_steady']['tokens_per_s']:.1f} | {r['ar_steady']['ratio']:.2f}x "
+                      f"[{r['ar_steady']['ratio_min']:.2f}, {r['ar_steady']['ratio_max']:.2f}] | "
+                      f"{r['ar_steady']['rows_per_forward']:.1f}" if "ar_steady" in r else
+                      f"{median(rate[(m, 'steady', c)]):.1f} | - | {median(rows_per_forward[(m, 'steady', c)]):.1f}")
             md.append(f"| {m} | {c} | {r['serialized']['tokens_per_s']:.1f} | {r['serialized']['ratio']:.2f}x | "
-                      f"{r['hf_static_batch']['ratio']:.2f}x | {arb} | {r['serialized']['rows_per_forward']:.1f} |")
+                      f"{r['hf_static_batch']['ratio']:.2f}x | {arb} | {r['serialized']['rows_per_forward']:.1f} | "
+                      f"{steady} |")
     text = "\n".join(md) + "\n"
     print(text)
     if not args.quick:
