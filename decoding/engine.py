@@ -145,6 +145,10 @@ class Sequence:
         elif not isinstance(budget, AdaptiveBudget) and (not isinstance(budget, int) or isinstance(budget, bool)
                                                          or budget < 0):
             raise InvalidRequestError(f"budget must be an integer >= 0 or 'adaptive', got {budget!r}")
+        if isinstance(self.drafter, NoDrafter):
+            # Nothing to draft, so no budget to choose: a server hands every request an adaptive
+            # budget, and a batch had allocated rows to `ar` requests on their estimates' prior.
+            budget = 0
         self.budget = budget
         self.adaptive = budget if isinstance(budget, AdaptiveBudget) else None
         self.on_tokens, self.should_stop = on_tokens, should_stop

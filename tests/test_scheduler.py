@@ -446,6 +446,41 @@ def test_a_batch_drafts_wide_and_verifies_the_cut(target, prompts, monkeypatch):
     assert any(k < n for n, k in cuts)          # trees drafted wide in a batch, verified cut
 
 
+def test_only_forwards_of_several_requests_price_the_batch(target, prompts):
+    """The batch cost model learns from the forwards of two requests or more; a request left
+    alone in the batch (here the short one ended) prices its own budget instead: in a server its
+    forwards fall as a request ends and the next arrives, beside their HTTP work, and read
+    several times the model."""
+    from decoding.cost import batch_cost
+
+    model = batch_cost(target)                  # the target's own, which the scheduler takes up
+    before = sum(model._seen.values())
+    scheduler = BatchScheduler(target, max_batch=2)
+    for n in (6, 30):
+        scheduler.add(Sequence(target, prompts[0], params=SamplingParams(max_new_tokens=n, ignore_eos=True),
+                               drafter=PromptLookupDrafter()))
+    shared = lone = 0
+    while not scheduler.idle:
+        scheduler.step()
+        if scheduler.last_forward is not None:
+            shared += scheduler.last_forward[0] > 1
+            lone += scheduler.last_forward[0] == 1
+    assert shared and lone and scheduler.batch_cost is model
+    assert sum(model._seen.values()) - before == shared
+
+
+def test_a_request_that_drafts_nothing_takes_no_part_in_the_allocation(target, prompts):
+    """An `ar` request handed an adaptive budget (as a server hands every request one) has
+    nothing to draft: it is not adaptive, so the batch allocation neither prices it nor gives it
+    rows on its estimates' optimistic prior."""
+    from decoding.cost import cost_curve
+
+    seq = Sequence(target, prompts[0], drafter=NoDrafter(), budget=AdaptiveBudget(cost_curve(target)))
+    assert seq.adaptive is None and seq.budget == 0
+    pld = Sequence(target, prompts[1], drafter=PromptLookupDrafter(), budget=AdaptiveBudget(cost_curve(target)))
+    assert allocate_budgets([seq, pld])[0] == 0
+
+
 def test_the_compute_thread_runs_calls_in_order_and_the_loop_between_them():
     """Calls from other threads run on the one compute thread, in order, with their results and
     exceptions handed back; a call made on the compute thread runs at once (no deadlock); the
