@@ -152,28 +152,24 @@ class BatchCost:
 
     The measurement is taken once per machine and remembered; a shared VM can read it 10-100% off
     (another process on a core during it), and then every later process would plan with it. So the
-    scheduler reports every forward of two requests or more it runs (:meth:`observe`): the measured
-    over the modelled time of a forward of R requests and T rows is kept per (R, T) (a running
-    mean, then an EMA), and :meth:`seconds` scales the model by the ratio around (R, T): the ratios
-    of the (R, T) seen, weighted by how many forwards each had (at most 1 / (1 - decay)) and by a
-    kernel in log rows and log requests (width `smoothing`: at the same R, 3 and 5 rows weigh 0.15
-    and 0.23 of 4's own; 7 requests 0.41 of 8's), the nearest one's beyond them. The forwards the
-    batch actually runs price it, the model gives the shape. Per R, not per T alone: the model's
-    share of a request, b, was measured once too, and a ratio shared by every R carried the error
-    of one R to the others (served, 8 requests of one row each ran 7.3 ms where the ratio learned
-    from 2-request forwards of 8 rows priced them at 8.4 ms, while 8 requests of 15 rows were priced
-    right; drafting then looked cheaper than it was, and SENSE at 8 in flight read 0.87x `ar`). A
-    row count's own ratio alone was a trap on a busy VM: one forward of T rows slowed by another
-    process priced T, and whatever needs T rows, too dear, so the allocation stopped asking for T
-    and never corrected it (two requests in flight, in process: a forward of 8 rows priced above
-    one of 12, and 4 rows at 1.29x its neighbours' ratio). And the slow forwards are outliers (a
-    core taken for a while), not a scale: an (R, T)'s ratio takes each forward's clipped to within
-    `clip` of it (once it has 3), so it follows the typical forward and a drift (2.5% a forward at
-    most), where the plain mean priced 10-12 rows 10-15% above the forwards the served batch ran."""
+    scheduler reports every forward of two requests or more it runs (:meth:`observe`): the measured over the modelled time
+    of a forward of T rows is kept per T (a running mean, then an EMA), and :meth:`seconds` scales
+    the model by the ratio around T: the ratios of the row counts seen, weighted by how many
+    forwards each had (at most 1 / (1 - decay)) and by a kernel in log rows (width `smoothing`:
+    3 and 5 rows weigh 0.15 and 0.23 of 4's own), the nearest one's beyond them. The forwards the
+    batch actually runs price it, the model gives the shape. A row count's own ratio alone was
+    a trap on a busy VM: one forward of T rows slowed by another process priced T, and whatever
+    needs T rows, too dear, so the allocation stopped asking for T and never corrected it (two
+    requests in flight, in process: a forward of 8 rows priced above one of 12, and 4 rows at
+    1.29x its neighbours' ratio). And the slow
+    forwards are outliers (a core taken for a while), not a scale: a row count's ratio takes each
+    forward's clipped to within `clip` of it (once it has 3), so it follows the typical forward
+    and a drift (2.5% a forward at most), where the plain mean priced 10-12 rows 10-15% above the
+    forwards the served batch ran."""
 
     decay = 0.9                  # EMA weight of the past, once a row count has 1 / (1 - decay) forwards
-    smoothing = 0.15             # the ratio kernel's width, in log rows plus log requests
-    reach = 4 * smoothing        # (R, T) further apart (log distance) weigh below e^-4: left out
+    smoothing = 0.15             # the ratio kernel's width, in log rows
+    reach = math.exp(4 * smoothing)     # row counts further apart (a factor past it) weigh below e^-4: left out
     clip = 1.25                  # after a row count's first 3 forwards, each moves its ratio as at most this far
 
     def __init__(self, points: Sequence[Sequence[float]]) -> None:
@@ -194,10 +190,10 @@ class BatchCost:
         extra = many[:, 0] - 1
         excess = many[:, 2] - np.array([self.one(t) for t in many[:, 1]])
         self.per_request = max(0.0, float(extra @ excess / (extra @ extra)))
-        self._ratio: dict[tuple[int, int], float] = {}     # (R, T) -> measured / modelled seconds (observe)
-        self._seen: dict[tuple[int, int], int] = {}
-        self._observed: dict[int, list[int]] = {}           # R -> the row counts seen with R requests, sorted
-        self._smoothed: dict[tuple[int, int], float] = {}   # (R, T) -> ratio, until a forward near it is observed
+        self._ratio: dict[int, float] = {}      # rows -> measured / modelled seconds (see observe)
+        self._seen: dict[int, int] = {}
+        self._observed: list[int] = []          # the row counts seen, sorted
+        self._smoothed: dict[int, float] = {}   # rows -> ratio(rows), until a forward near it is observed
 
     def one(self, rows: float) -> float:
         """f(T): one request's forward of `rows` rows (plain Python: the allocation asks for
@@ -215,62 +211,50 @@ class BatchCost:
         return max(1e-6, self.one(rows) + self.per_request * (requests - 1))
 
     def seconds(self, requests: int, rows: int) -> float:
-        return self.modelled(requests, rows) * self.ratio(requests, rows)
+        return self.modelled(requests, rows) * self.ratio(rows)
 
-    def _near(self, requests: int, rows: int):
-        """The (R, T) seen within `reach` of (requests, rows), with their log distances."""
-        t, r = max(rows, 1), max(requests, 1)
-        lt, lr = math.log(t), math.log(r)
-        for rr, ts in self._observed.items():
-            left = self.reach - abs(lr - math.log(rr))
-            if left < 0:
-                continue
-            lo, hi = bisect.bisect_left(ts, t * math.exp(-left)), bisect.bisect_right(ts, t * math.exp(left))
-            for tt in ts[lo:hi]:
-                yield (rr, tt), abs(lr - math.log(rr)) + abs(lt - math.log(tt))
-
-    def ratio(self, requests: int, rows: int) -> float:
-        """Measured over modelled time of the forwards around `requests` requests and `rows` rows
-        run so far (see the class); 1.0 before any."""
-        key = (requests, rows)
-        r = self._smoothed.get(key)
+    def ratio(self, rows: int) -> float:
+        """Measured over modelled time of the forwards around `rows` rows run so far (see the
+        class); 1.0 before any."""
+        r = self._smoothed.get(rows)
         if r is not None:
             return r
-        if not self._observed:
+        seen = self._observed
+        if not seen:
             return 1.0
-        cap = 1.0 / (1.0 - self.decay)
-        num = den = 0.0
-        for k, d in self._near(requests, rows):
-            w = math.exp(-d / self.smoothing) * min(self._seen[k], cap)
-            num += w * self._ratio[k]
-            den += w
-        if not den:                                     # none near: the nearest one's (not kept)
-            t, q = max(rows, 1), max(requests, 1)
-            nearest = min(self._ratio, key=lambda k: (abs(math.log(k[0] / q)) + abs(math.log(k[1] / t)), k))
-            return self._ratio[nearest]
-        r = self._smoothed[key] = num / den
+        t = max(rows, 1)
+        lo, hi = bisect.bisect_left(seen, t / self.reach), bisect.bisect_right(seen, t * self.reach)
+        if lo == hi:                                    # none near: the nearest one's (not kept)
+            return self._ratio[min(seen, key=lambda s: (abs(math.log(s / t)), s))]
+        r = self._smoothed[rows] = self._kernel_ratio(t, seen[lo:hi])
         return r
+
+    def _kernel_ratio(self, rows: int, near: list[int]) -> float:
+        cap, lr = 1.0 / (1.0 - self.decay), math.log(rows)
+        num = den = 0.0
+        for t in near:
+            w = math.exp(-abs(lr - math.log(t)) / self.smoothing) * min(self._seen[t], cap)
+            num += w * self._ratio[t]
+            den += w
+        return num / den
 
     def observe(self, requests: int, rows: int, seconds: float) -> None:
         """One forward the batch ran: `requests` requests, `rows` rows in all, `seconds` long."""
         if requests < 1 or rows < requests or not seconds > 0:
             return
-        key = (requests, rows)
         r = seconds / self.modelled(requests, rows)
-        n = self._seen.get(key, 0) + 1
-        self._seen[key] = n
+        n = self._seen.get(rows, 0) + 1
+        self._seen[rows] = n
         if n == 1:
-            self._ratio[key] = r
-            bisect.insort(self._observed.setdefault(requests, []), rows)
+            self._ratio[rows] = r
+            bisect.insort(self._observed, rows)
         else:
-            cur = self._ratio[key]
+            cur = self._ratio[rows]
             if n > 3:
                 r = min(max(r, cur / self.clip), cur * self.clip)
-            self._ratio[key] = cur + max(1.0 - self.decay, 1.0 / n) * (r - cur)
-        lr, lt = math.log(requests), math.log(rows)
-        for k in [k for k in self._smoothed
-                  if abs(math.log(k[0]) - lr) + abs(math.log(max(k[1], 1)) - lt) <= self.reach]:
-            del self._smoothed[k]                       # the kept ratios whose kernel reaches (R, T)
+            self._ratio[rows] = cur + max(1.0 - self.decay, 1.0 / n) * (r - cur)
+        for t in [t for t in self._smoothed if rows / self.reach <= t <= rows * self.reach]:
+            del self._smoothed[t]                       # the kept ratios whose kernel reaches `rows`
 
 
 def batch_cost(target: Forwards) -> BatchCost:

@@ -352,25 +352,6 @@ def test_one_slow_forward_does_not_price_its_row_count_out_of_the_allocation():
     assert model.seconds(2, 8) == pytest.approx(truth(2, 8), rel=0.03)
 
 
-def test_the_batch_cost_learns_per_number_of_requests():
-    """The model's share of a request was measured once too, here twice too large: what 2
-    requests' forwards teach must not price 8 requests' (nor the other way round). 8 one-row
-    requests priced as 2 requests' forwards of 8 rows had taught drafted where it did not pay."""
-    from decoding.cost import BATCH_POINTS, BatchCost
-
-    truth = lambda r, t: 0.006 + 0.0002 * max(0, t - 8) + 0.0003 * (r - 1)         # noqa: E731
-    misread = lambda r, t: truth(r, t) + 0.0006 * (r - 1)                            # noqa: E731
-    model = BatchCost([[r, r + e, misread(r, r + e)] for r, e in BATCH_POINTS])
-    for _ in range(10):
-        for t in (2, 4, 8, 12, 16):
-            model.observe(2, t, truth(2, t))
-        model.observe(8, 8, truth(8, 8))
-    assert model.seconds(8, 8) == pytest.approx(truth(8, 8), rel=0.02)
-    assert model.seconds(2, 8) == pytest.approx(truth(2, 8), rel=0.02)
-    assert model.seconds(8, 12) == pytest.approx(truth(8, 12), rel=0.05)      # from 8 requests' ratio
-    assert model.seconds(7, 8) == pytest.approx(truth(7, 8), rel=0.05)        # a neighbour's
-
-
 def test_a_batch_explores_with_one_request_at_a_time():
     """Given the batch's step count, every `explore_every`-th step one request in turn drafts one
     size above its allocation: 8 steps of a batch of 8 explore once, not 8 times (one extra row
