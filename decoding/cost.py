@@ -152,11 +152,12 @@ class BatchCost:
 
     The measurement is taken once per machine and remembered; a shared VM can read it 10-100% off
     (another process on a core during it), and then every later process would plan with it. So the
-    scheduler reports every forward of two requests or more it runs (:meth:`observe`): the measured over the modelled time
-    of a forward of T rows is kept per T (a running mean, then an EMA), and :meth:`seconds` scales
-    the model by the ratio around T: the ratios of the row counts seen, weighted by how many
-    forwards each had (at most 1 / (1 - decay)) and by a kernel in log rows (width `smoothing`:
-    3 and 5 rows weigh 0.15 and 0.23 of 4's own), the nearest one's beyond them. The forwards the
+    scheduler reports every forward of two requests or more it runs (:meth:`observe`): the measured
+    over the modelled time of a forward of T rows is kept per T (a running mean, then an EMA), and
+    :meth:`seconds` scales the model by the ratio around T: the ratios of the row counts seen,
+    weighted by how many forwards each had (at most 1 / (1 - decay)) and by a kernel in log rows
+    (width `smoothing`: 3 and 5 rows weigh 0.15 and 0.23 of 4's own), the nearest one's beyond
+    them. The forwards the
     batch actually runs price it, the model gives the shape. A row count's own ratio alone was
     a trap on a busy VM: one forward of T rows slowed by another process priced T, and whatever
     needs T rows, too dear, so the allocation stopped asking for T and never corrected it (two
