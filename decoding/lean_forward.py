@@ -86,10 +86,10 @@ def unsupported(model) -> str | None:
             return "a decoder layer this forward does not know"
         if hasattr(attn, "sinks") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
             return "a decoder layer this forward does not know"
-        if hasattr(attn, "q_norm") and not all(
+        if hasattr(attn, "q_norm") and not (all(
                 hasattr(n, "variance_epsilon") and tuple(n.weight.shape) == (attn.head_dim,) and n.weight.is_contiguous()
-                for n in (attn.q_norm, attn.k_norm)):
-            return "q/k norms that are not per-head RMSNorms"
+                for n in (attn.q_norm, attn.k_norm)) and attn.q_norm.variance_epsilon == attn.k_norm.variance_epsilon):
+            return "q/k norms that are not per-head RMSNorms of one epsilon"
         if not all(hasattr(n, "variance_epsilon") and n.weight.dim() == 1
                    for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return "a norm that is not LlamaRMSNorm-style"

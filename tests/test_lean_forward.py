@@ -136,6 +136,9 @@ def test_qwen3_head_norms_are_the_transformers_forward(dtype, one_call, monkeypa
             layer.self_attn.k_norm.weight.uniform_(-1.5, -0.5)
     model = model.to(dtype)
     assert lean_forward.unsupported(model) is None
+    monkeypatch.setattr(model.model.layers[1].self_attn.k_norm, "variance_epsilon", 1e-5)
+    assert lean_forward.unsupported(model) == "q/k norms that are not per-head RMSNorms of one epsilon"
+    monkeypatch.undo()
     monkeypatch.setenv(lean_forward.ONE_CALL_ENV, "1" if one_call else "0")
     plain, lean = _pair(model, monkeypatch)
     assert (lean.lean.one_call is not None) == one_call
