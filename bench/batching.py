@@ -48,20 +48,6 @@ def run_serialized(target, prompts, make, params) -> tuple[float, list[list[int]
     return time.perf_counter() - t0, outs
 
 
-def run_batched(target, prompts, make, params) -> tuple[float, list[list[int]], dict]:
-    from decoding.engine import Sequence
-    from decoding.scheduler import BatchScheduler
-
-    sched = BatchScheduler(target, max_batch=len(prompts))
-    forget_prompts(target)
-    t0 = time.perf_counter()
-    seqs = [Sequence(target, p, params=params, drafter=make()) for p in prompts]
-    for s in seqs:
-        sched.add(s)
-    sched.run()
-    return time.perf_counter() - t0, [s.result().token_ids for s in seqs], sched.stats()
-
-
 def run_steady(target, prompts, make, params, concurrency: int) -> tuple[float, list[list[int]], dict]:
     """`prompts` through one scheduler with `concurrency` requests in flight, the next request
     added as one ends: (seconds, outputs in prompt order, the scheduler's stats)."""
@@ -80,6 +66,11 @@ def run_steady(target, prompts, make, params, concurrency: int) -> tuple[float, 
                 seqs.append(Sequence(target, prompts[len(seqs)], params=params, drafter=make()))
                 sched.add(seqs[-1])
     return time.perf_counter() - t0, [s.result().token_ids for s in seqs], sched.stats()
+
+
+def run_batched(target, prompts, make, params) -> tuple[float, list[list[int]], dict]:
+    """All `prompts` at once in one scheduler (a static batch): ``run_steady`` with every one in flight."""
+    return run_steady(target, prompts, make, params, len(prompts))
 
 
 def run_hf_static(target, prompts, max_new: int) -> float:

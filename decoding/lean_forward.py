@@ -83,8 +83,8 @@ def unsupported(model) -> str | None:
         try:
             groups = (qkv_modules(attn), gate_up_modules(mlp))
         except AttributeError:
-            return "a decoder layer this forward does not know"
-        if hasattr(attn, "sinks") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
+            groups = None
+        if groups is None or hasattr(attn, "sinks") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
             return "a decoder layer this forward does not know"
         if hasattr(attn, "q_norm") and not (all(
                 hasattr(n, "variance_epsilon") and tuple(n.weight.shape) == (attn.head_dim,) and n.weight.is_contiguous()
