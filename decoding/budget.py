@@ -70,6 +70,8 @@ class AdaptiveBudget:
         self._run: list[int] = []               # the budgets with a measured C(b), ascending
         self._curve: dict[int, float] = {}      # c(n) of the curve by tree size (interpolate_cost)
         self.steps = 0
+        self._plain = 0                         # plain steps of a batch seen (see update)
+        self._first = None                      # first_terms, until the estimates change
         self.shared = shared
         self.nodes = shared.nodes if shared is not None else NodeAcceptance()
         self.start()
@@ -78,6 +80,7 @@ class AdaptiveBudget:
         """Take up the shared estimates as they are now, if no step was counted yet: a request
         created with others (a burst) starts from what was learned until its own start."""
         if self.shared is not None and self.steps == 0:
+            self._first = None
             self.shared.seed(self)
             self._run = sorted(b for b in self.forward if self.forward_seen[b])
 
@@ -108,6 +111,15 @@ class AdaptiveBudget:
     def term(self, b: int) -> tuple[float, float]:
         """(1 + A(b), D(b) in seconds): what the batch allocation weighs for budget b."""
         return 1.0 + self.expected_accepted(b), self.overhead_of(b) * self.step_seconds
+
+    def first_terms(self) -> tuple[tuple[float, float], int, tuple[float, float]]:
+        """(term(0), the smallest size, its term): what a batch's allocation asks of a request
+        that drafts nothing, every step; kept until an update or a seed changes the estimates."""
+        t = self._first
+        if t is None:
+            nxt = self.larger(0)
+            t = self._first = (self.term(0), nxt, self.term(nxt))
+        return t
 
     def forward_of(self, b: int, nodes: int | None = None) -> float:
         """C(b): the forward's time with budget b, in decode steps of the curve (see the class);
@@ -219,7 +231,16 @@ class AdaptiveBudget:
                forward_s: float | None = None) -> None:
         """Learn from one verified tree drafted with `budget`; `overhead_s`: the step's seconds
         outside the verification forward (drafting and committing); `forward_s`: the seconds of
-        the forward itself, when it verified this request's tree alone."""
+        the forward itself, when it verified this request's tree alone.
+
+        A plain step of a batch (budget 0, nothing drafted, the forward shared) teaches D(0)
+        only: one such step in `explore_every` is counted (a loaded batch runs them for every
+        request, every step, and the bookkeeping is what speculation must not add at load)."""
+        if budget == 0 and forward_s is None and not tree.n_draft:
+            self._plain += 1
+            if self._plain % self.explore_every:
+                return
+        self._first = None
         shared = self.shared
         self.nodes.learn(tree, path)
         if overhead_s is not None and budget in self.overhead:

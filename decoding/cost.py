@@ -195,6 +195,7 @@ class BatchCost:
         self._seen: dict[int, int] = {}
         self._observed: list[int] = []          # the row counts seen, sorted
         self._smoothed: dict[int, float] = {}   # rows -> ratio(rows), until a forward near it is observed
+        self._kernel: dict[tuple[int, int], float] = {}     # (rows, observed rows) -> the kernel's weight
 
     def one(self, rows: float) -> float:
         """f(T): one request's forward of `rows` rows (plain Python: the allocation asks for
@@ -231,11 +232,14 @@ class BatchCost:
         return r
 
     def _kernel_ratio(self, rows: int, near: list[int]) -> float:
-        cap, lr = 1.0 / (1.0 - self.decay), math.log(rows)
+        cap, kernel, seen, ratio = 1.0 / (1.0 - self.decay), self._kernel, self._seen, self._ratio
         num = den = 0.0
         for t in near:
-            w = math.exp(-abs(lr - math.log(t)) / self.smoothing) * min(self._seen[t], cap)
-            num += w * self._ratio[t]
+            k = kernel.get((rows, t))
+            if k is None:       # a function of the two counts: computed once (a step asks again)
+                k = kernel[rows, t] = math.exp(-abs(math.log(rows) - math.log(t)) / self.smoothing)
+            w = k * min(seen[t], cap)
+            num += w * ratio[t]
             den += w
         return num / den
 

@@ -293,3 +293,18 @@ def test_a_lone_step_drafts_wide_and_verifies_the_cut(target):
     assert out.token_ids == generate(target, ids, params=params, budget=0).token_ids
     assert max(drafted) >= ab.draft_size > 0
     assert len(verified) == out.stats.steps and ab.nodes.updates > 0
+
+
+def test_a_batchs_plain_steps_teach_the_plain_step_cost_one_in_eight():
+    """A plain step of a batch (budget 0, nothing drafted, the forward shared) counts into D(0)
+    one time in `explore_every` (a loaded batch runs them for every request, every step); a
+    lone step's forward and a drafted step always count, and the batch's terms follow them."""
+    ab = AdaptiveBudget({0: 0.01, 1: 0.012, 2: 0.013})
+    root = TokenTree.root_only(3)
+    before = ab.first_terms()
+    for _ in range(16):
+        ab.update(root, [0], 0, overhead_s=0.002)
+    assert ab.overhead_seen[0] == 2 and ab.overhead[0] == pytest.approx(0.2)
+    assert ab.first_terms() != before and ab.first_terms()[0][1] == pytest.approx(0.002)
+    ab.update(root, [0], 0, overhead_s=0.002, forward_s=0.01)
+    assert ab.overhead_seen[0] == 3 and ab.forward_seen[0] == 1

@@ -264,6 +264,30 @@ def test_the_query_key_is_the_last_observed_rows_cache_key(target):
     assert drafter.cached == 9
 
 
+def test_a_drafter_with_the_dynamic_cache_keeps_the_last_hidden_state_itself(target):
+    """With the dynamic cache a dense drafter (and a hybrid of it) keeps the last observed state:
+    proposing with `hidden=None` drafts the tree that passing that state drafts (the engine then
+    keeps no copy of its own a step); without the cache it cannot, and says so."""
+    import torch
+
+    tf = KeyTransform.fit(np.random.default_rng(0).normal(size=(200, target.config.hidden_size)), dim=8)
+    tokens = np.array([5, 6, 7, 8, 5, 6, 7, 9, 5, 6])
+    h = torch.from_numpy(np.random.default_rng(1).normal(size=(9, target.config.hidden_size)).astype(np.float32))
+    for make in (lambda: DenseDrafter(None, transform=tf, dynamic=True, dynamic_k=50),
+                 lambda: HybridDrafter([(PromptLookupDrafter(), 1.0),
+                                        (DenseDrafter(None, transform=tf, dynamic=True, dynamic_k=50), 2.0)])):
+        kept, given = make(), make()
+        for d in (kept, given):
+            d.begin(list(tokens[:7]), h[:7])
+            d.observe(np.arange(7, 9), h[7:9])
+        assert kept.keeps_hidden
+        a, b = kept.propose(tokens, 8, 4, None), given.propose(tokens, 8, 4, h[8])
+        assert a.n_draft >= 2 and a.tokens == b.tokens and a.parents == b.parents
+        np.testing.assert_allclose(a.weights, b.weights, rtol=1e-5)
+    assert not DenseDrafter(None, transform=tf, dynamic=False).keeps_hidden
+    assert not HybridDrafter([(DenseDrafter(None, transform=tf, dynamic=False), 1.0)]).keeps_hidden
+
+
 def test_a_dense_drafter_runs_openblas_on_one_thread_and_leaves_torch_alone():
     """numpy's and FAISS's OpenBLAS pools spin on the cores torch's next forward needs
     (decoding/helper_threads.py). In a fresh process: several threads before the first dense

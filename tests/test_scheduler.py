@@ -353,18 +353,78 @@ def test_one_slow_forward_does_not_price_its_row_count_out_of_the_allocation():
 
 
 def test_a_batch_explores_with_one_request_at_a_time():
-    """Given the batch's step count, every `explore_every`-th step one request in turn drafts one
-    size above its allocation: 8 steps of a batch of 8 explore once, not 8 times (one extra row
-    in every forward) as requests counting their own steps would."""
+    """Every `explore_every`-th step one request in turn drafts one size above its allocation: 8
+    steps of a batch of 8 explore once, not 8 times (one extra row in every forward) as requests
+    counting their own steps would. While the allocation drafts nothing the gap doubles (to 8x);
+    a step whose allocation drafts brings it back."""
+    from decoding.scheduler import Exploration
+
     def batch():
         return [_request(CPU_LIKE, lambda b: 0.0) for _ in range(8)]
 
     own = batch()
     assert sum(sum(allocate_budgets(own)) for _ in range(8)) == 8            # each on its own 8th step
     shared = batch()
-    per_step = [allocate_budgets(shared, step=k) for k in range(1, 17)]
-    assert [sum(b) for b in per_step] == [0] * 7 + [1] + [0] * 7 + [1]
-    assert per_step[7].index(1) != per_step[15].index(1)                     # in turn
+    assert allocate_budgets(shared, explore=False) == [0] * 8
+    exploration = Exploration()
+    picks = [exploration.pick(shared, drafting=False) for _ in range(1, 8 * 16 + 1)]
+    steps = [k + 1 for k, p in enumerate(picks) if p is not None]
+    assert steps == [8, 24, 56, 120]                  # gaps 8, 16, 32, 64 (8 x 8 at most)
+    assert len({picks[k - 1] for k in steps}) == 4    # in turn
+    more = [exploration.pick(shared, drafting=False) for _ in range(64 * 3)]
+    assert [k + 1 for k, p in enumerate(more) if p is not None] == [56, 120, 184]    # steps 184, 248, 312: 64 apart
+    # Drafting again: exploration every 8th step, at once.
+    again = [exploration.pick(shared, drafting=True) for _ in range(32)]
+    assert [k + 1 for k, p in enumerate(again) if p is not None] == [8, 16, 24, 32]
+
+
+def test_a_request_starts_drafting_only_past_the_margin():
+    """A request that drafts nothing starts when its first size pays with 2% of the batch's
+    tokens a step fewer accepted than estimated (the estimates' noise), at most a quarter token."""
+    def batch(n, a1):
+        return [_request(CPU_LIKE, lambda b: a1) for _ in range(n)]
+
+    # two requests, no batch model: G(0) = 2 / c(1) = 1.667; one drafting 1: (2 + A) / c(2), and
+    # the handicap 0.04 tokens: it pays from A = 0.25 without, 0.29 with.
+    assert allocate_budgets(batch(2, 0.27), explore=False) == [0, 0]
+    assert sum(allocate_budgets(batch(2, 0.27), explore=False, start=(0.0, 0.0))) >= 1
+    assert sum(allocate_budgets(batch(2, 0.31), explore=False)) >= 1
+    # 32 requests on a flat curve (a GPU), a row 0.36% of the forward: 2% would be 0.64 tokens,
+    # and a first size promising half a token would never start; a quarter token it is.
+    def gpu(a1):
+        return [_request(GPU_LIKE, lambda b: a1) for _ in range(32)]
+
+    assert sum(allocate_budgets(gpu(0.5), explore=False)) > 0
+    assert sum(allocate_budgets(gpu(0.5), explore=False, start=(0.02, 1.0))) == 0
+    assert sum(allocate_budgets(gpu(0.2), explore=False)) == 0
+    assert sum(allocate_budgets(gpu(0.2), explore=False, start=(0.0, 0.0))) > 0
+
+
+def test_a_batch_that_drafts_nothing_explores_narrow(target, prompts):
+    """Where the allocation gives every request 0, the exploring request drafts the smallest
+    size, not its draft size (the test at its least cost), and the tests grow rarer; the outputs
+    stay the ones decoded alone."""
+    from decoding.cost import cost_curve
+
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    drafted, seqs = [], []
+    scheduler = BatchScheduler(target, max_batch=3)
+    for p in prompts[:3]:
+        ab = AdaptiveBudget(cost_curve(target))
+        for b in ab.sizes:              # drafting costs 50 decode steps, as far as it knows
+            ab.overhead[b], ab.overhead_seen[b] = 50.0, 10**6
+        seq = Sequence(target, p, params=params, drafter=PromptLookupDrafter(), budget=ab)
+        propose = seq.drafter.propose
+        seq.drafter.propose = (lambda tokens, budget, max_depth, hidden=None, _p=propose:
+                               (drafted.append((scheduler.steps, budget)), _p(tokens, budget, max_depth, hidden))[1])
+        seqs.append(seq)
+        scheduler.add(seq)
+    scheduler.run()
+    smallest = seqs[0].adaptive.sizes[0]
+    assert drafted and all(b == smallest for _, b in drafted)
+    assert [step for step, _ in drafted] == [8, 24]             # then 56: past the end
+    alone = [generate(target, p, params=params, drafter=PromptLookupDrafter()).token_ids for p in prompts[:3]]
+    assert [s.result().token_ids for s in seqs] == alone
 
 
 def _shares_tree():

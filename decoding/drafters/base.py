@@ -18,7 +18,8 @@ class Drafter:
     with at most `budget` draft nodes, none deeper than `max_depth`. Drafters that set
     `needs_hidden` also get `hidden` [H], the target's hidden state at the last committed
     position (the one that chose the pending token), taken from the verification just done,
-    and the per-request hooks begin/observe with the hidden states of committed positions.
+    and the per-request hooks begin/observe with the hidden states of committed positions
+    (a drafter that sets `keeps_hidden` gets `hidden=None` and takes the last observed one).
     A drafter object serves one request at a time; make one per concurrent request.
     """
 
@@ -28,6 +29,9 @@ class Drafter:
     # Whether proposals carry anchor keys (``anchored_chains``): only soft verification's cosine
     # gate reads them, so the engine turns this off for a verifier that does not (strict).
     anchors: bool = True
+    # Whether the drafter keeps the last observed hidden state itself: then the engine passes
+    # `hidden=None` to propose (and keeps no copy of its own a step).
+    keeps_hidden: bool = False
 
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
         """A new request: its prompt and, if needs_hidden, the prompt's hidden states [P, H]."""

@@ -127,9 +127,21 @@ class DenseDrafter(Drafter):
             out.append((chain, float(max(sims[i], 0.0)), anchors))
         return out
 
-    def _query(self, hidden: torch.Tensor) -> np.ndarray:
-        """The query key transform(hidden). The engine passes the last observed row as `hidden`;
-        then its key comes from the dynamic cache's catch-up: one transform a step, not two."""
+    @property
+    def keeps_hidden(self) -> bool:
+        """With the dynamic cache, the last observed state is its newest key: propose takes it
+        when passed `hidden=None` (the engine then keeps no copy of its own)."""
+        return self.dynamic
+
+    def _query(self, hidden: torch.Tensor | None) -> np.ndarray | None:
+        """The query key transform(hidden); for `hidden=None` (``keeps_hidden``) the last
+        observed state's, which the dynamic cache's catch-up transforms anyway (one transform a
+        step, not two); None if nothing was observed."""
+        if hidden is None:
+            if not self.dynamic:
+                return None
+            self._catch_up()
+            return self._keys[self._n - 1].copy() if self._n else None
         if self.dynamic and self._pn:
             last = torch.from_numpy(self._ph[self._pn - 1])
             if last.shape == hidden.shape and torch.equal(last, hidden.float().cpu()):
@@ -180,9 +192,9 @@ class DenseDrafter(Drafter):
     def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
         """The chains, their labels ("dense": static datastore, "dynamic": dynamic cache) and, per
         chain, the anchor keys of its tokens (see ``TokenTree.anchor_keys``)."""
-        if hidden is None:
-            return [], [], []
         q = self._query(hidden)
+        if q is None:
+            return [], [], []
         found = [(c, w, a, self.source) for c, w, a in self._static_chains(q, int(tokens[-1]), max_depth)]
         if self.dynamic:
             found += [(c, w, a, "dynamic") for c, w, a in self._dynamic_chains(q, tokens, max_depth)]

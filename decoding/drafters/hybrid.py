@@ -22,15 +22,15 @@ class HybridDrafter(Drafter):
         self.parts = list(parts)
         self.name = name
         self.needs_hidden = any(d.needs_hidden for d, _ in self.parts)
+        self._observers = [d for d, _ in self.parts if d.needs_hidden]
 
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
         for d, _ in self.parts:
             d.begin(prompt_ids, hidden if d.needs_hidden else None)
 
     def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
-        for d, _ in self.parts:
-            if d.needs_hidden:
-                d.observe(positions, hidden)
+        for d in self._observers:
+            d.observe(positions, hidden)
 
     def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
         """The fused chains, each labelled with the source of the part that proposed it, with
@@ -51,6 +51,12 @@ class HybridDrafter(Drafter):
 
     def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
         return self.anchored_chains(tokens, max_depth, hidden)[0]
+
+    @property
+    def keeps_hidden(self) -> bool:
+        """Whether every part that reads hidden states keeps the last one itself (so each can be
+        passed None)."""
+        return all(d.keeps_hidden for d, _ in self.parts if d.needs_hidden)
 
     @property
     def anchors(self) -> bool:
