@@ -72,6 +72,7 @@ class AdaptiveBudget:
         self.steps = 0
         self._plain = 0                         # plain steps of a batch seen (see update)
         self._first = None                      # first_terms, until the estimates change
+        self._overheads = None                  # overhead_of's table, until the estimates change
         self.shared = shared
         self.nodes = shared.nodes if shared is not None else NodeAcceptance()
         self.start()
@@ -80,7 +81,7 @@ class AdaptiveBudget:
         """Take up the shared estimates as they are now, if no step was counted yet: a request
         created with others (a burst) starts from what was learned until its own start."""
         if self.shared is not None and self.steps == 0:
-            self._first = None
+            self._first = self._overheads = None
             self.shared.seed(self)
             self._run = sorted(b for b in self.forward if self.forward_seen[b])
 
@@ -102,23 +103,43 @@ class AdaptiveBudget:
     def overhead_of(self, b: int) -> float:
         """D(b): the step's time outside the forward with budget b, in decode steps. A size not
         yet tried takes the nearest smaller tried size's (drafting more costs no less), so an
-        untried budget does not look free and get tried for that alone."""
-        if self.overhead_seen.get(b):
-            return self.overhead[b]
-        tried = [s for s in self.overhead if self.overhead_seen[s] and s <= b]
-        return self.overhead[max(tried)] if tried else 0.0
+        untried budget does not look free and get tried for that alone; and no drafting size
+        costs more than a larger tried one (the drafting is mostly per step, whatever its
+        size: a size whose few steps ran slow, beside a server's other threads, kept reading
+        4 ms where its neighbours read 1 and stopped the batch's ascent below it)."""
+        table = self._overheads
+        if table is None:
+            table = self._overheads = self._overhead_table()
+        if b in table:
+            return table[b]
+        tried = [s for s in table if s <= b]
+        return table[max(tried)] if tried else 0.0
+
+    def _overhead_table(self) -> dict[int, float]:
+        table, last = {}, 0.0
+        for b in [0, *self.sizes]:              # untried: the nearest smaller tried size's
+            if self.overhead_seen[b]:
+                last = self.overhead[b]
+            table[b] = last
+        low = float("inf")
+        for b in reversed(self.sizes):          # no more than a larger tried size's
+            if self.overhead_seen[b]:
+                low = min(low, self.overhead[b])
+            table[b] = min(table[b], low)
+        return table
 
     def term(self, b: int) -> tuple[float, float]:
         """(1 + A(b), D(b) in seconds): what the batch allocation weighs for budget b."""
         return 1.0 + self.expected_accepted(b), self.overhead_of(b) * self.step_seconds
 
-    def first_terms(self) -> tuple[tuple[float, float], int, tuple[float, float]]:
-        """(term(0), the smallest size, its term): what a batch's allocation asks of a request
+    def first_terms(self) -> tuple[tuple[float, float], list[tuple[int, tuple[float, float]]]]:
+        """(term(0), [(size, term(size))] for the smallest size and, if larger, the size
+        :meth:`best` picks among the measured ones): what a batch's allocation asks of a request
         that drafts nothing, every step; kept until an update or a seed changes the estimates."""
         t = self._first
         if t is None:
-            nxt = self.larger(0)
-            t = self._first = (self.term(0), nxt, self.term(nxt))
+            sizes = sorted({self.larger(0), self.best(seen=True)} - {0})
+            t = self._first = (self.term(0), [(b, self.term(b)) for b in sizes])
         return t
 
     def forward_of(self, b: int, nodes: int | None = None) -> float:
@@ -140,15 +161,16 @@ class AdaptiveBudget:
             return 1.0 / (self.forward_of(0) + self.overhead_of(0))
         return (1.0 + self.expected_accepted(b)) / (self.forward_of(b) + self.overhead_of(b))
 
-    def best(self) -> int:
-        """The budget of the largest ``value`` (the smallest of a tie), in one pass over the sizes."""
+    def best(self, seen: bool = False) -> int:
+        """The budget of the largest ``value`` (the smallest of a tie), in one pass over the
+        sizes; with `seen`, among the sizes whose acceptance some step measured (not a prior)."""
         best_b, best_v = 0, self.value(0)
-        accepted, over = float("-inf"), self.overhead[0] if self.overhead_seen[0] else 0.0
-        for b in self.sizes:                    # ascending: A(b) and D(b) as their methods give them
+        accepted = float("-inf")
+        for b in self.sizes:                    # ascending: A(b) as expected_accepted gives it
             accepted = max(accepted, self.accepted[b])
-            if self.overhead_seen[b]:
-                over = self.overhead[b]
-            v = (1.0 + accepted) / (self.forward_of(b) + over)
+            if seen and not self.seen[b]:
+                continue
+            v = (1.0 + accepted) / (self.forward_of(b) + self.overhead_of(b))
             if v > best_v:
                 best_b, best_v = b, v
         return best_b
@@ -240,7 +262,7 @@ class AdaptiveBudget:
             self._plain += 1
             if self._plain % self.explore_every:
                 return
-        self._first = None
+        self._first = self._overheads = None
         shared = self.shared
         self.nodes.learn(tree, path)
         if overhead_s is not None and budget in self.overhead:

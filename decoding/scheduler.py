@@ -59,16 +59,20 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, e
     time outside the forward (drafting, acceptance, commit) with budget b.
 
     Greedy ascent: from all budgets 0, raise the budget of the request whose next size increases
-    G most, until none does. A request that drafts nothing yet starts only if its first size
-    pays with fewer tokens accepted than estimated: `start` = (share, tokens) takes min(tokens,
+    G most, until none does; a request that drafts nothing yet may also start at the size it
+    would pick alone among those it has measured (``AdaptiveBudget.best``): drafting has a fixed
+    cost (the retrieval), so the first size alone can fail to pay where a larger one pays by far
+    (served, 2 in flight: D(1) ~1 ms beside the server's threads, A(1) ~0.45; runs whose ascent
+    stopped there drafted 4 rows a forward and read 1.06x `ar`, others 1.37x). A request that
+    drafts nothing yet starts only if its size pays with fewer tokens accepted than estimated: `start` = (share, tokens) takes min(tokens,
     share x the batch's committed tokens a step) off its estimate (default: 2%, at most a quarter
     token). The estimates are noisy and the ascent takes the request whose estimate promises
     most (over a batch, the one most likely overrated); a step that drafts pays for work no term
     prices (the cut, the retrieval's cache misses, the rows the cut keeps beyond the size
     allocated). Measured in process (GSM8K prompts, SENSE/`ar`, interleaved runs): 8 in flight
     0.946 without it, 0.970 with 2%, 0.974 with 3%; 4 in flight 1.24, 1.23 and 1.15. At most a
-    quarter token: at 32 in flight 2% would be most of a token, which a request's first size
-    seldom promises even where drafting pays (a GPU, a large model). A cheap
+    quarter token: at 32 in flight 2% would be most of a token, which a request's draft seldom
+    promises even where drafting pays (a GPU, a large model). A cheap
     forward (a GPU, a flat curve) lets every request draft; at high load C(T) climbs and the
     allocation drafts less or nothing, so speculation does not cost throughput. Requests with a
     fixed integer budget keep it. Exploration, so that estimates of larger budgets stay current:
@@ -95,7 +99,9 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, e
     # kept until its estimates change (``AdaptiveBudget.first_terms``), in plain lists (this
     # runs every step, after a forward has flushed the CPU's caches).
     est = [seqs[i].adaptive for i in adaptive]
-    now_terms, nxt, nxt_terms = (list(c) for c in zip(*[a.first_terms() for a in est]))
+    first = [a.first_terms() for a in est]
+    now_terms = [f[0] for f in first]
+    moves = [f[1] for f in first]           # [(size, its term)] a request may move to
     gain = sum(1.0 + s.budget / 2 for s in seqs if not s.adaptive) + sum(g for g, _ in now_terms)
     own = sum(d for _, d in now_terms)
     rows = sum(1 + x for x in budgets)
@@ -105,24 +111,23 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, e
     while True:
         choice = None
         for j, i in enumerate(adaptive):
-            now, x = budgets[i], nxt[j]
-            if x == now:
-                continue
-            (g0, o0), (g1, o1) = now_terms[j], nxt_terms[j]
-            time_s = forward_s(rows - now + x) + own - o0 + o1
-            g = (gain - g0 + g1) / time_s
-            score = g if now else (gain - g0 + g1 - handicap) / time_s
-            if score > best and (choice is None or score > choice[0]):
-                choice = (score, g, j)
+            now = budgets[i]
+            g0, o0 = now_terms[j]
+            for x, (g1, o1) in moves[j]:
+                time_s = forward_s(rows - now + x) + own - o0 + o1
+                g = (gain - g0 + g1) / time_s
+                score = g if now else (gain - g0 + g1 - handicap) / time_s
+                if score > best and (choice is None or score > choice[0]):
+                    choice = (score, g, j, x, (g1, o1))
         if choice is None:
             break
-        _, best, j = choice
-        i, x = adaptive[j], nxt[j]
-        (g0, o0), (g1, o1) = now_terms[j], nxt_terms[j]
+        _, best, j, x, (g1, o1) = choice
+        i = adaptive[j]
+        g0, o0 = now_terms[j]
         gain, own, rows = gain - g0 + g1, own - o0 + o1, rows - budgets[i] + x
-        budgets[i], now_terms[j] = x, nxt_terms[j]
-        nxt[j] = est[j].larger(x)
-        nxt_terms[j] = est[j].term(nxt[j])
+        budgets[i], now_terms[j] = x, (g1, o1)
+        nxt = est[j].larger(x)
+        moves[j] = [(nxt, est[j].term(nxt))] if nxt != x else []
     if explore:
         for i in adaptive:
             budgets[i] = seqs[i].adaptive.explore(budgets[i])

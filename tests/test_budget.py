@@ -308,3 +308,16 @@ def test_a_batchs_plain_steps_teach_the_plain_step_cost_one_in_eight():
     assert ab.first_terms() != before and ab.first_terms()[0][1] == pytest.approx(0.002)
     ab.update(root, [0], 0, overhead_s=0.002, forward_s=0.01)
     assert ab.overhead_seen[0] == 3 and ab.forward_seen[0] == 1
+
+
+def test_no_drafting_size_costs_more_than_a_larger_tried_one():
+    """A size whose few steps ran slow (beside a server's other threads) does not read dearer
+    than a larger size tried since: the drafting is mostly per step, whatever its size."""
+    ab = AdaptiveBudget({0: 0.01, 1: 0.012, 2: 0.013, 4: 0.015, 8: 0.02})
+    root = TokenTree.root_only(3)
+    ab.update(root, [0], 4, overhead_s=0.04)          # 4 decode steps, once
+    assert ab.overhead_of(4) == pytest.approx(4.0) and ab.overhead_of(8) == pytest.approx(4.0)
+    for _ in range(3):
+        ab.update(root, [0], 8, overhead_s=0.01)      # 1 decode step
+    assert ab.overhead_of(8) == pytest.approx(1.0)
+    assert ab.overhead_of(4) == pytest.approx(1.0) and ab.overhead_of(2) == 0.0

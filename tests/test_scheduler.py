@@ -400,6 +400,23 @@ def test_a_request_starts_drafting_only_past_the_margin():
     assert sum(allocate_budgets(gpu(0.2), explore=False, start=(0.0, 0.0))) > 0
 
 
+def test_a_request_may_start_at_the_size_it_would_pick_alone():
+    """Drafting costs half a decode step whatever the size (the retrieval): one node (A = 0.5)
+    never pays, six (A = 3) do. The ascent from 0 would stop at the first size; a request starts
+    at the best size it has measured instead, and not at one only its prior vouches for."""
+    def batch(measured):
+        reqs = [_request(CPU_LIKE, lambda b: min(0.5 * b, 3.0)) for _ in range(2)]
+        for r in reqs:
+            a = r.adaptive
+            a.overhead = {b: (0.5 if b else 0.0) for b in a.overhead}
+            a.overhead_seen = {b: 1 for b in a.overhead}
+            a.seen = {b: int(measured) for b in a.sizes}
+        return reqs
+
+    assert max(allocate_budgets(batch(True), explore=False)) >= 6
+    assert allocate_budgets(batch(False), explore=False) == [0, 0]
+
+
 def test_a_batch_that_drafts_nothing_explores_narrow(target, prompts):
     """Where the allocation gives every request 0, the exploring request drafts the smallest
     size, not its draft size (the test at its least cost), and the tests grow rarer; the outputs
