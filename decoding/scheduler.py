@@ -58,22 +58,22 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, e
     the single-request verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
     time outside the forward (drafting, acceptance, commit) with budget b.
 
-    Greedy ascent: from all budgets 0, raise the budget of the request whose next size increases
-    G most, until none does; a request that drafts nothing yet may also start at the size it
-    would pick alone among those it has measured (``AdaptiveBudget.best``): drafting has a fixed
-    cost (the retrieval), so the first size alone can fail to pay where a larger one pays by far
+    Greedy ascent: from all budgets 0, raise the budget of the request whose next size increases G
+    most, until none does; a request that drafts nothing yet may also start at the size it would
+    pick alone among those it has measured (``AdaptiveBudget.best``): drafting has a fixed cost
+    (the retrieval), so the first size alone can fail to pay where a larger one pays by far
     (served, 2 in flight: D(1) ~1 ms beside the server's threads, A(1) ~0.45; runs whose ascent
     stopped there drafted 4 rows a forward and read 1.06x `ar`, others 1.37x). A request that
-    drafts nothing yet starts only if its size pays with fewer tokens accepted than estimated: `start` = (share, tokens) takes min(tokens,
-    share x the batch's committed tokens a step) off its estimate (default: 2%, at most a quarter
-    token). The estimates are noisy and the ascent takes the request whose estimate promises
-    most (over a batch, the one most likely overrated); a step that drafts pays for work no term
-    prices (the cut, the retrieval's cache misses, the rows the cut keeps beyond the size
-    allocated). Measured in process (GSM8K prompts, SENSE/`ar`, interleaved runs): 8 in flight
-    0.946 without it, 0.970 with 2%, 0.974 with 3%; 4 in flight 1.24, 1.23 and 1.15. At most a
-    quarter token: at 32 in flight 2% would be most of a token, which a request's draft seldom
-    promises even where drafting pays (a GPU, a large model). A cheap
-    forward (a GPU, a flat curve) lets every request draft; at high load C(T) climbs and the
+    drafts nothing yet starts only if its size pays with fewer tokens accepted than estimated:
+    `start` = (share, tokens) takes min(tokens, share x the batch's committed tokens a step) off
+    its estimate (default: 2%, at most a quarter token). The estimates are noisy and the ascent
+    takes the request whose estimate promises most (over a batch, the one most likely overrated); a
+    step that drafts pays for work no term prices (the cut, the retrieval's cache misses, the rows
+    the cut keeps beyond the size allocated). Measured in process (GSM8K prompts, SENSE/`ar`,
+    interleaved runs): 8 in flight 0.946 without it, 0.970 with 2%, 0.974 with 3%; 4 in flight
+    1.24, 1.23 and 1.15. At most a quarter token: at 32 in flight 2% would be most of a token,
+    which a request's draft seldom promises even where drafting pays (a GPU, a large model). A
+    cheap forward (a GPU, a flat curve) lets every request draft; at high load C(T) climbs and the
     allocation drafts less or nothing, so speculation does not cost throughput. Requests with a
     fixed integer budget keep it. Exploration, so that estimates of larger budgets stay current:
     with `explore`, each adaptive request drafts one size above its allocation every
@@ -91,13 +91,13 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, e
         return budgets
     forward_s = _memo(_forward_seconds(len(seqs), seqs[adaptive[0]].adaptive, batch_cost))
 
-    # Each adaptive request's terms (1 + A_i(x), D_i(x) in seconds) at its size now and at its
-    # next size, as the ascent weighs them. D_i is the request's own work in the step (drafting,
-    # acceptance, KV compaction), run one request after another beside the shared forward. A
-    # fixed budget's term never changes, so its guess of x / 2 accepted moves no choice. At load
-    # the ascent stops at its first pass (no request's next size pays): two terms a request,
-    # kept until its estimates change (``AdaptiveBudget.first_terms``), in plain lists (this
-    # runs every step, after a forward has flushed the CPU's caches).
+    # Each adaptive request's terms (1 + A_i(x), D_i(x) in seconds) at its size now and at the
+    # sizes it may move to, as the ascent weighs them. D_i is the request's own work in the step
+    # (drafting, acceptance, KV compaction), run one request after another beside the shared
+    # forward. A fixed budget's term never changes, so its guess of x / 2 accepted moves no
+    # choice. At load the ascent stops at its first pass (no request's size pays): two or three
+    # terms a request, kept until its estimates change (``AdaptiveBudget.first_terms``), in plain
+    # lists (this runs every step, after a forward has flushed the CPU's caches).
     est = [seqs[i].adaptive for i in adaptive]
     first = [a.first_terms() for a in est]
     now_terms = [f[0] for f in first]
