@@ -73,6 +73,10 @@ class AdaptiveBudget:
         self._plain = 0                         # plain steps of a batch seen (see update)
         self._first = None                      # first_terms, until the estimates change
         self._overheads = None                  # overhead_of's table, until the estimates change
+        # What a step drafted wide for a batch's cut realized (learn_wide): draft tokens
+        # accepted, nodes the cut kept, the step's own seconds; a running mean, then an EMA.
+        self.wide = (0.0, 0.0, 0.0)
+        self.wide_seen = 0
         self.shared = shared
         self.nodes = shared.nodes if shared is not None else NodeAcceptance()
         self.start()
@@ -132,15 +136,53 @@ class AdaptiveBudget:
         """(1 + A(b), D(b) in seconds): what the batch allocation weighs for budget b."""
         return 1.0 + self.expected_accepted(b), self.overhead_of(b) * self.step_seconds
 
-    def first_terms(self) -> tuple[tuple[float, float], list[tuple[int, tuple[float, float]]]]:
-        """(term(0), [(size, term(size))] for the smallest size and, if larger, the size
-        :meth:`best` picks among the measured ones): what a batch's allocation asks of a request
-        that drafts nothing, every step; kept until an update or a seed changes the estimates."""
+    @property
+    def wide_ready(self) -> bool:
+        """Whether a batch prices this request's drafting by what its wide steps realized
+        (:meth:`learn_wide`) rather than by its sizes: the node model picks what the batch's cut
+        keeps, and some wide step was seen."""
+        return self.wide_seen > 0 and self.nodes.ready
+
+    def first_terms(self) -> tuple[tuple[float, float], list[tuple[int, tuple[float, float], int]]]:
+        """(term(0), [(size, term(size), rows)]): what a batch's allocation asks of a request
+        that drafts nothing, every step; kept until an update or a seed changes the estimates.
+        Once :attr:`wide_ready`, a single move: drafting (wide, the batch's cut deciding the
+        rows), at what its wide steps realized, (1 + accepted, own seconds) and the nodes kept.
+        Before, the smallest size and, if larger, the size :meth:`best` picks among the measured
+        ones, each at its own rows."""
         t = self._first
         if t is None:
-            sizes = sorted({self.larger(0), self.best(seen=True)} - {0})
-            t = self._first = (self.term(0), [(b, self.term(b)) for b in sizes])
+            if self.wide_ready:
+                accepted, kept, own_s = self.wide
+                moves = [(self.larger(0), (1.0 + accepted, own_s), round(kept))]
+            else:
+                moves = [(b, self.term(b), b) for b in sorted({self.larger(0), self.best(seen=True)} - {0})]
+            t = self._first = (self.term(0), moves)
         return t
+
+    def next_moves(self, b: int) -> list[tuple[int, tuple[float, float], int]]:
+        """The moves of the batch's ascent from budget `b` > 0 (as :meth:`first_terms`): none for
+        a request that drafts wide, else the size above `b`."""
+        if self.wide_ready:
+            return []
+        nxt = self.larger(b)
+        return [(nxt, self.term(nxt), nxt)] if nxt != b else []
+
+    def learn_wide(self, accepted: int, kept: int, own_s: float) -> None:
+        """Learn from a step that drafted wide and let the batch's cut (``decoding.scheduler.
+        cut_budgets``) keep `kept` nodes, of which `accepted` landed, in `own_s` seconds of its
+        own (drafting, acceptance, commit). The allocation prices drafting by these realized
+        outcomes: the sizes' A(b) are learned from the trees the cut kept, and the cut keeps b
+        nodes or more only of trees it trusts, so A(b) of the larger sizes overrates what
+        allocating b yields (the cut decides the rows whatever b was), and the steps whose
+        drafting the cut threw away priced no size at all. Measured in process, 8 in flight:
+        ..."""
+        self.wide_seen += 1
+        rate = max(1.0 - self.decay, 1.0 / self.wide_seen)
+        self.wide = tuple(w + rate * (x - w) for w, x in zip(self.wide, (accepted, kept, own_s)))
+        self._first = None
+        if self.shared is not None:
+            self.shared.learn_wide((accepted, kept, own_s))
 
     def forward_of(self, b: int, nodes: int | None = None) -> float:
         """C(b): the forward's time with budget b, in decode steps of the curve (see the class);
@@ -314,6 +356,8 @@ class SharedEstimates:
         self.overhead_seen: dict[int, int] = {}
         self.forward: dict[int, float] = {}
         self.forward_seen: dict[int, int] = {}
+        self.wide = (0.0, 0.0, 0.0)
+        self.wide_seen = 0
         self.nodes = NodeAcceptance()           # the drafter's node acceptance model, one for all
 
     def seed(self, budget: AdaptiveBudget) -> None:
@@ -329,6 +373,8 @@ class SharedEstimates:
                 if self.forward_seen.get(b):
                     budget.forward[b] = self.forward[b]
                     budget.forward_seen[b] = min(self.forward_seen[b], self.carry)
+            if self.wide_seen:
+                budget.wide, budget.wide_seen = self.wide, min(self.wide_seen, self.carry)
 
     def _rate(self, seen: int) -> float:
         return max(1.0 - self.decay, 1.0 / seen)
@@ -344,6 +390,12 @@ class SharedEstimates:
         with self._lock:
             n = self.overhead_seen[b] = self.overhead_seen.get(b, 0) + 1
             self.overhead[b] = self.overhead.get(b, 0.0) + self._rate(n) * (steps - self.overhead.get(b, 0.0))
+
+    def learn_wide(self, outcome: tuple[float, float, float]) -> None:
+        with self._lock:
+            self.wide_seen += 1
+            rate = self._rate(self.wide_seen)
+            self.wide = tuple(w + rate * (x - w) for w, x in zip(self.wide, outcome))
 
     def learn_forward(self, b: int, steps: float) -> None:
         with self._lock:

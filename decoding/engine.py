@@ -265,6 +265,9 @@ class Sequence:
         widen = (alone or wide) and self.adaptive is not None and budget > 0
         self._room = room = self.room(self.adaptive.widen(budget) if widen else budget)
         self._drafted = room > 0
+        # Drafted wide for the batch's cut: the step's realized outcome prices drafting at load
+        # (AdaptiveBudget.learn_wide).
+        self._wide_cut = widen and not alone and room > 0 and self.adaptive.nodes.ready
         tree = (self.drafter.propose(self.tokens[:n], room, max_depth, self.hidden) if room > 0
                 else TokenTree.root_only(int(self.tokens[n - 1])))
         if alone and widen and room > 0:
@@ -312,6 +315,8 @@ class Sequence:
             overhead_s = None if self._drafted and not self._room else (self._t1 - self._t0) + (t3 - t2)
             self.adaptive.update(tree, verdict.path, self._room, overhead_s=overhead_s,
                                  forward_s=(t2 - self._t1) if lone else None)
+            if self._wide_cut:
+                self.adaptive.learn_wide(len(verdict.path) - 1, tree.n_draft, (self._t1 - self._t0) + (t3 - t2))
         stats.steps += 1
         stats.drafted += tree.n_draft
         stats.time_draft += self._t1 - self._t0

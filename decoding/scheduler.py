@@ -56,7 +56,11 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, e
     scheduler's :class:`~decoding.cost.BatchCost`, measured once per machine and corrected by the
     forwards the scheduler runs; without one,
     the single-request verify cost curve at T - 1 draft tokens) and D_i(b) request i's measured
-    time outside the forward (drafting, acceptance, commit) with budget b.
+    time outside the forward (drafting, acceptance, commit) with budget b. A request whose node
+    model is ready drafts wide and the batch's cut (:func:`cut_budgets`) decides its rows
+    whatever b was: its choice is to draft or not, priced by what its wide steps realized
+    (``AdaptiveBudget.learn_wide``: tokens accepted, nodes kept, own time), with b_i standing
+    for the nodes they kept.
 
     Greedy ascent: from all budgets 0, raise the budget of the request whose next size increases G
     most, until none does; a request that drafts nothing yet may also start at the size it would
@@ -101,7 +105,8 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, e
     est = [seqs[i].adaptive for i in adaptive]
     first = [a.first_terms() for a in est]
     now_terms = [f[0] for f in first]
-    moves = [f[1] for f in first]           # [(size, its term)] a request may move to
+    moves = [f[1] for f in first]           # [(size, its term, its rows)] a request may move to
+    now_rows = [0] * len(adaptive)
     gain = sum(1.0 + s.budget / 2 for s in seqs if not s.adaptive) + sum(g for g, _ in now_terms)
     own = sum(d for _, d in now_terms)
     rows = sum(1 + x for x in budgets)
@@ -113,21 +118,20 @@ def allocate_budgets(seqs: Seq[Sequence], batch_cost: BatchCost | None = None, e
         for j, i in enumerate(adaptive):
             now = budgets[i]
             g0, o0 = now_terms[j]
-            for x, (g1, o1) in moves[j]:
-                time_s = forward_s(rows - now + x) + own - o0 + o1
+            for x, (g1, o1), r1 in moves[j]:
+                time_s = forward_s(rows - now_rows[j] + r1) + own - o0 + o1
                 g = (gain - g0 + g1) / time_s
                 score = g if now else (gain - g0 + g1 - handicap) / time_s
                 if score > best and (choice is None or score > choice[0]):
-                    choice = (score, g, j, x, (g1, o1))
+                    choice = (score, g, j, x, (g1, o1), r1)
         if choice is None:
             break
-        _, best, j, x, (g1, o1) = choice
+        _, best, j, x, (g1, o1), r1 = choice
         i = adaptive[j]
         g0, o0 = now_terms[j]
-        gain, own, rows = gain - g0 + g1, own - o0 + o1, rows - budgets[i] + x
-        budgets[i], now_terms[j] = x, (g1, o1)
-        nxt = est[j].larger(x)
-        moves[j] = [(nxt, est[j].term(nxt))] if nxt != x else []
+        gain, own, rows = gain - g0 + g1, own - o0 + o1, rows - now_rows[j] + r1
+        budgets[i], now_terms[j], now_rows[j] = x, (g1, o1), r1
+        moves[j] = est[j].next_moves(x)
     if explore:
         for i in adaptive:
             budgets[i] = seqs[i].adaptive.explore(budgets[i])
@@ -223,6 +227,8 @@ def cut_budgets(seqs: Seq[Sequence], trees: Seq[TokenTree | None], budgets: Seq[
         if t is None or s.done:
             continue
         g, d = s.adaptive.term(b) if s.adaptive else (1.0 + b / 2, 0.0)
+        if i in wide and s.adaptive.wide_ready:
+            d = s.adaptive.wide[2]
         own += d
         if i in wide:
             terms[i] = s.adaptive.tree_terms(t)
@@ -327,13 +333,14 @@ class BatchScheduler:
             if len(self.running) == 1:
                 trees = [_guarded(self.running[0], self.running[0].propose, budgets[0], True)]
             else:
-                # An exploring request whose allocation was 0 drafts the smallest size and no
-                # wider: the test of whether drafting pays at this load, at its least cost (wide
-                # and cut, 8 in flight: 15 nodes drafted, 3.8 kept, each time).
+                # An exploring request whose allocation was 0 tests whether drafting pays at this
+                # load: once its node model is ready, as a drafting request would draft (wide,
+                # the cut deciding its rows: the outcome its allocation weighs); before, the
+                # smallest size and no wider, the test at its least cost.
                 e = self.exploration.pick(self.running, any(budgets))
                 wide = [True] * len(budgets)
                 if e is not None:
-                    wide[e] = budgets[e] > 0
+                    wide[e] = budgets[e] > 0 or self.running[e].adaptive.nodes.ready
                     budgets[e] = self.running[e].adaptive.larger(budgets[e])
                 trees = [_guarded(s, s.propose, b, False, w) for s, b, w in zip(self.running, budgets, wide)]
                 keep = cut_budgets(self.running, trees, budgets, self.batch_cost, wide)

@@ -417,10 +417,38 @@ def test_a_request_may_start_at_the_size_it_would_pick_alone():
     assert allocate_budgets(batch(False), explore=False) == [0, 0]
 
 
+def test_a_batch_prices_drafting_by_what_its_wide_steps_realized():
+    """Once its node model is ready, a request's drafting in a batch is priced by what its wide
+    steps realized (accepted tokens, nodes the cut kept, own time), not by its sizes' estimates:
+    those the cut's choice of trees overrates. Sizes promising 0.8 tokens a node but wide steps
+    that landed 0.2 tokens on 4 nodes: nothing is drafted; wide steps that landed 3: drafted."""
+    def batch(outcome):
+        reqs = [_request(CPU_LIKE, lambda b: 0.8 * min(b, 6)) for _ in range(4)]
+        for r in reqs:
+            r.adaptive.nodes.updates = r.adaptive.nodes.warm
+            if outcome is not None:
+                for _ in range(3):
+                    r.adaptive.learn_wide(*outcome)
+        return reqs
+
+    assert sum(allocate_budgets(batch(None), explore=False)) > 0      # the sizes' estimates
+    assert allocate_budgets(batch((0.2, 4, 0.0)), explore=False) == [0, 0, 0, 0]
+    assert all(b > 0 for b in allocate_budgets(batch((3.0, 4, 0.0)), explore=False))
+    # The own time counts: a retrieval of 2 decode steps a step does not pay for 3 tokens at 4 rows.
+    assert allocate_budgets(batch((3.0, 4, 2.0 * CPU_LIKE[0])), explore=False) == [0, 0, 0, 0]
+    # Learned by the shared estimates and seeded into the next request.
+    from decoding.budget import SharedEstimates
+    shared = SharedEstimates()
+    first = AdaptiveBudget(CPU_LIKE, shared=shared)
+    first.learn_wide(2, 5, 0.001)
+    later = AdaptiveBudget(CPU_LIKE, shared=shared)
+    assert later.wide == (2.0, 5.0, 0.001) and later.wide_seen == 1
+
+
 def test_a_batch_that_drafts_nothing_explores_narrow(target, prompts):
-    """Where the allocation gives every request 0, the exploring request drafts the smallest
-    size, not its draft size (the test at its least cost), and the tests grow rarer; the outputs
-    stay the ones decoded alone."""
+    """Where the allocation gives every request 0 and the node model is still learning, the
+    exploring request drafts the smallest size, not its draft size (the test at its least cost),
+    and the tests grow rarer; the outputs stay the ones decoded alone."""
     from decoding.cost import cost_curve
 
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -521,6 +549,11 @@ def test_a_batch_drafts_wide_and_verifies_the_cut(target, prompts, monkeypatch):
     assert [s.result().token_ids for s in seqs] == alone
     assert drafted and max(drafted) >= seqs[0].adaptive.draft_size > 0
     assert any(k < n for n, k in cuts)          # trees drafted wide in a batch, verified cut
+    # What the wide steps realized is learned (it prices the next allocations): the nodes the
+    # cut kept, of which `accepted` landed, in the request's own time.
+    learned = [s.adaptive for s in seqs if s.adaptive.wide_seen]
+    assert learned and all(0 <= a.wide[0] <= a.wide[1] <= a.draft_size and a.wide[2] > 0 for a in learned)
+    assert sum(a.wide_seen for a in learned) == len(cuts)
 
 
 def test_only_forwards_of_several_requests_price_the_batch(target, prompts):
