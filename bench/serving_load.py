@@ -64,11 +64,13 @@ def log(*a) -> None:
 
 
 def stream_one(client, model: str, prompt: str, method: str, max_tokens: int, on_tokens=None) -> dict:
-    """One streamed chat completion through the openai client: token ids, TTFT, latency;
-    `on_tokens(n)`: told the tokens received so far at every chunk."""
+    """One streamed chat completion through the openai client: token ids, TTFT, latency, and
+    each chunk's (arrival time, tokens); `on_tokens(n)`: told the tokens received so far at every
+    chunk."""
     t0 = time.perf_counter()
     first = None
     ids: list[int] = []
+    chunks: list[tuple[float, int]] = []
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
         stream=True, extra_body={"ignore_eos": True,
@@ -79,10 +81,12 @@ def stream_one(client, model: str, prompt: str, method: str, max_tokens: int, on
             if new and first is None:
                 first = time.perf_counter()
             ids += new
+            if new:
+                chunks.append((time.perf_counter(), len(new)))
             if new and on_tokens is not None:
                 on_tokens(len(ids))
     end = time.perf_counter()
-    return {"ids": ids, "ttft": (first or end) - t0, "latency": end - t0}
+    return {"ids": ids, "ttft": (first or end) - t0, "latency": end - t0, "chunks": chunks}
 
 
 def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int, concurrency: int,
@@ -92,7 +96,14 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
     request once the first client's first answer has k / c of its tokens. Answers of one length
     that start together end together, so the clients of a burst go on in waves (c requests
     arriving at once, again and again); staggered, their requests arrive spread over an answer's
-    time, c in flight, as independent users' do."""
+    time, c in flight, as independent users' do.
+
+    Tokens/s count the tokens streamed while c requests were in flight: from the start until the
+    first client finds no prompt left (``tokens_per_s``); after that the run drains, fewer and
+    fewer requests in flight, and requests of one length that went in lockstep (`ar`: waves)
+    drain at once while requests that drifted apart (speculation: each commits its own number of
+    tokens a step) drain over several answers' tail at lower concurrency. The whole run's figure,
+    drain included, is ``tokens_per_s_all``."""
     from openai import OpenAI
 
     results: dict[int, dict] = {}
@@ -101,6 +112,7 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
     errors: list[BaseException] = []
     lead = threading.Condition()
     lead_tokens = [0]                       # of the first client's first answer (stagger)
+    drained: list[float | None] = [None]    # when the first client found no prompt left
 
     def led(n: int) -> None:
         with lead:
@@ -118,6 +130,8 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
         while True:
             with lock:
                 i = next(todo, None)
+                if i is None and drained[0] is None:
+                    drained[0] = time.perf_counter()
             if i is None:
                 if stagger and not k:
                     led(max_tokens)             # no answer to lead with: release the others
@@ -146,9 +160,17 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
         raise RuntimeError(f"{method} at concurrency {concurrency}: {errors[0]!r}")
     recs = [results[i] for i in range(len(prompts))]
     tokens = sum(len(r["ids"]) for r in recs)
-    return {"ids": [r["ids"] for r in recs], "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+    end = drained[0] or t0 + wall
+    return {"ids": [r["ids"] for r in recs], "tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens_before([r["chunks"] for r in recs], end) / (end - t0),
+            "tokens_per_s_all": tokens / wall, "steady_seconds": end - t0,
             "ttft": [r["ttft"] for r in recs], "latency": [r["latency"] for r in recs],
             "ttft_steady": [r["ttft"] for r in recs if not r["first"]]}
+
+
+def tokens_before(chunks: list[list[tuple[float, int]]], end: float) -> int:
+    """The tokens of the answers' (arrival time, tokens) chunks that arrived by `end`."""
+    return sum(n for answer in chunks for t, n in answer if t <= end)
 
 
 def forward_totals(app_url: str) -> tuple[int, float]:
@@ -247,9 +269,13 @@ def render(payload: dict) -> str:
           f"the repeats; a ratio is the median of the repeats' paired ratios (each repeat's runs side by side), "
           f"[min, max] beside it. Every served answer equals the question decoded alone by the engine, token "
           f"for token.", "",
+          "Tokens/s are counted while c requests were in flight (until the first client finds no question "
+          "left); the run's drain after it, fewer and fewer in flight, is in the last column's ratio: answers "
+          "of one length that went in lockstep (`ar`, in waves) end at once, answers that drifted apart (each "
+          "speculative request commits its own number of tokens a step) drain over a tail at lower concurrency.", "",
           "| method | in flight | batched tok/s | vs serialized | vs HF static batch | vs ar batched | "
-          "TTFT p50 / p99 ms | TTFT p99 later ms | latency p50 / p99 s | rows / forward |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "TTFT p50 / p99 ms | TTFT p99 later ms | latency p50 / p99 s | rows / forward | vs ar, drain included |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in levels:
         for m in methods:
             r = {row["vs"]: row for row in rows if row["method"] == m and row["concurrency"] == c}
@@ -262,7 +288,8 @@ def render(payload: dict) -> str:
                       f"{arb} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | "
                       f"{b.get('ttft_steady_p99_ms', float('nan')):.0f} | "
                       f"{b['latency_p50_s']:.2f} / {b['latency_p99_s']:.2f} | "
-                      f"{b.get('rows_per_forward') or float('nan'):.1f} |")
+                      f"{b.get('rows_per_forward') or float('nan'):.1f} | "
+                      f"{'%.2fx' % r['ar_batched']['ratio_with_drain'] if 'ratio_with_drain' in r.get('ar_batched', {}) else '-'} |")
     for row in rows:
         if row["vs"] == "engine":
             md.append(f"\nAt 1 in flight, served {row['method']} over the in-process engine, question by question in "
@@ -411,10 +438,14 @@ def main(argv=None) -> int:
             for vs, key in peers.items():
                 mine_runs, theirs = runs[(m, "batched_vs_engine" if vs == "engine" else "batched", c)], runs[key]
                 ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(mine_runs, theirs)]
+                # the drain included (closed_loop); the engine's and HF's runs have none
+                drained = [a.get("tokens_per_s_all", a["tokens_per_s"]) / b.get("tokens_per_s_all", b["tokens_per_s"])
+                           for a, b in zip(mine_runs, theirs)]
                 own = s[(m, "batched_vs_engine", c)] if vs == "engine" else mine
                 rows.append({"benchmark": "serving", "method": m, "concurrency": c, "vs": vs,
                              "ratio": round(median(ratios), 3), "ratio_min": round(min(ratios), 3),
-                             "ratio_max": round(max(ratios), 3), "tokens_per_s": round(own["tokens_per_s"], 2),
+                             "ratio_max": round(max(ratios), 3), "ratio_with_drain": round(median(drained), 3),
+                             "tokens_per_s": round(own["tokens_per_s"], 2),
                              "peer_tokens_per_s": round(s[key]["tokens_per_s"], 2),
                              **{k: round(own[k], 3) for k in ("ttft_p50_ms", "ttft_p99_ms", "ttft_steady_p99_ms",
                                                                "latency_p50_s", "latency_p99_s",

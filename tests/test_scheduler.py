@@ -445,6 +445,34 @@ def test_a_batch_prices_drafting_by_what_its_wide_steps_realized():
     assert later.wide == (2.0, 5.0, 0.001) and later.wide_seen == 1
 
 
+def test_an_allocation_that_drafts_nothing_is_kept_a_few_steps(monkeypatch):
+    """A batch whose allocation drafted nothing keeps it for `reallocate_every` steps while its
+    requests stay the same; a change of requests, or an allocation that drafts, weighs again at
+    the next step."""
+    import decoding.scheduler as scheduler_module
+
+    calls = []
+    real = scheduler_module.allocate_budgets
+    monkeypatch.setattr(scheduler_module, "allocate_budgets",
+                        lambda seqs, *a, **k: (calls.append(len(seqs)), real(seqs, *a, **k))[1])
+    sched = BatchScheduler(SimpleNamespace(), max_batch=8)
+    sched.running = [_request(CPU_LIKE, lambda b: 0.0) for _ in range(4)]
+
+    def steps(n):
+        out = []
+        for _ in range(n):
+            sched.steps += 1
+            out.append(sched._allocate())
+        return out
+
+    assert steps(8) == [[0] * 4] * 8 and len(calls) == 2          # steps 1 and 5
+    sched.running = sched.running[:3]
+    assert steps(1) == [[0] * 3] and len(calls) == 3                # a request left
+    sched.running = [_request(CPU_LIKE, lambda b: 0.8 * min(b, 6)) for _ in range(2)]
+    drafted = steps(3)
+    assert all(sum(b) > 0 for b in drafted) and len(calls) == 6     # drafting: every step
+
+
 def test_a_batch_that_drafts_nothing_explores_narrow(target, prompts):
     """Where the allocation gives every request 0 and the node model is still learning, the
     exploring request drafts the smallest size, not its draft size (the test at its least cost),
