@@ -355,8 +355,9 @@ def test_one_slow_forward_does_not_price_its_row_count_out_of_the_allocation():
 def test_a_batch_explores_with_one_request_at_a_time():
     """Every `explore_every`-th step one request in turn drafts one size above its allocation: 8
     steps of a batch of 8 explore once, not 8 times (one extra row in every forward) as requests
-    counting their own steps would. While the allocation drafts nothing the gap doubles (to 8x);
-    a step whose allocation drafts brings it back."""
+    counting their own steps would. While the allocation drafts nothing the gap doubles (to 8x,
+    and to no more times than there are requests); a step whose allocation drafts brings it
+    back."""
     from decoding.scheduler import Exploration
 
     def batch():
@@ -376,6 +377,10 @@ def test_a_batch_explores_with_one_request_at_a_time():
     # Drafting again: exploration every 8th step, at once.
     again = [exploration.pick(shared, drafting=True) for _ in range(32)]
     assert [k + 1 for k, p in enumerate(again) if p is not None] == [8, 16, 24, 32]
+    # Two requests: the gap stops at 2 x 8, so each is tested every 32 steps, within an answer.
+    two, pair = Exploration(), batch()[:2]
+    picks = [two.pick(pair, drafting=False) for _ in range(72)]
+    assert [k + 1 for k, p in enumerate(picks) if p is not None] == [8, 24, 40, 56, 72]
 
 
 def test_a_request_starts_drafting_only_past_the_margin():
