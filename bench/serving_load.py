@@ -98,12 +98,15 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
     arriving at once, again and again); staggered, their requests arrive spread over an answer's
     time, c in flight, as independent users' do.
 
-    Tokens/s count the tokens streamed while c requests were in flight: from the start until the
-    first client finds no prompt left (``tokens_per_s``); after that the run drains, fewer and
-    fewer requests in flight, and requests of one length that went in lockstep (`ar`: waves)
-    drain at once while requests that drifted apart (speculation: each commits its own number of
-    tokens a step) drain over several answers' tail at lower concurrency. The whole run's figure,
-    drain included, is ``tokens_per_s_all``."""
+    Tokens/s count the tokens streamed while c requests were in flight and decoding
+    (``tokens_per_s``): from the first token of the last client's first answer (the opening
+    burst's prefills done) until the first client finds no prompt left. Before it the c prompts
+    of the opening burst are prefilled one after another, the same work for every method, which
+    would weigh more in a shorter run; after it the run drains, fewer and fewer requests in
+    flight, and requests of one length that went in lockstep (`ar`: waves) drain at once while
+    requests that drifted apart (speculation: each commits its own number of tokens a step)
+    drain over several answers' tail at lower concurrency. The whole run's figure, the opening
+    and the drain included, is ``tokens_per_s_all``."""
     from openai import OpenAI
 
     results: dict[int, dict] = {}
@@ -161,8 +164,11 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
     recs = [results[i] for i in range(len(prompts))]
     tokens = sum(len(r["ids"]) for r in recs)
     end = drained[0] or t0 + wall
-    return {"ids": [r["ids"] for r in recs], "tokens": tokens, "seconds": wall,
-            "tokens_per_s": tokens_before([r["chunks"] for r in recs], end) / (end - t0),
+    start = max((r["chunks"][0][0] for r in recs if r["first"] and r["chunks"]), default=t0)
+    chunks = [r["chunks"] for r in recs]
+    steady = ((tokens_before(chunks, end) - tokens_before(chunks, start)) / (end - start) if end > start
+              else tokens / wall)
+    return {"ids": [r["ids"] for r in recs], "tokens": tokens, "seconds": wall, "tokens_per_s": steady,
             "tokens_per_s_all": tokens / wall, "steady_seconds": end - t0,
             "ttft": [r["ttft"] for r in recs], "latency": [r["latency"] for r in recs],
             "ttft_steady": [r["ttft"] for r in recs if not r["first"]]}
@@ -269,12 +275,13 @@ def render(payload: dict) -> str:
           f"the repeats; a ratio is the median of the repeats' paired ratios (each repeat's runs side by side), "
           f"[min, max] beside it. Every served answer equals the question decoded alone by the engine, token "
           f"for token.", "",
-          "Tokens/s are counted while c requests were in flight (until the first client finds no question "
-          "left); the run's drain after it, fewer and fewer in flight, is in the last column's ratio: answers "
+          "Tokens/s are counted while c requests were in flight and decoding (from the first token of the last "
+          "client's first answer until the first client finds no question left); the whole run's ratio, with the "
+          "opening burst's prefills and the drain after it, fewer and fewer in flight, is in the last column: answers "
           "of one length that went in lockstep (`ar`, in waves) end at once, answers that drifted apart (each "
           "speculative request commits its own number of tokens a step) drain over a tail at lower concurrency.", "",
           "| method | in flight | batched tok/s | vs serialized | vs HF static batch | vs ar batched | "
-          "TTFT p50 / p99 ms | TTFT p99 later ms | latency p50 / p99 s | rows / forward | vs ar, drain included |",
+          "TTFT p50 / p99 ms | TTFT p99 later ms | latency p50 / p99 s | rows / forward | vs ar, whole run |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in levels:
         for m in methods:
@@ -289,7 +296,7 @@ def render(payload: dict) -> str:
                       f"{b.get('ttft_steady_p99_ms', float('nan')):.0f} | "
                       f"{b['latency_p50_s']:.2f} / {b['latency_p99_s']:.2f} | "
                       f"{b.get('rows_per_forward') or float('nan'):.1f} | "
-                      f"{'%.2fx' % r['ar_batched']['ratio_with_drain'] if 'ratio_with_drain' in r.get('ar_batched', {}) else '-'} |")
+                      f"{'%.2fx' % r['ar_batched']['ratio_whole_run'] if 'ratio_whole_run' in r.get('ar_batched', {}) else '-'} |")
     for row in rows:
         if row["vs"] == "engine":
             md.append(f"\nAt 1 in flight, served {row['method']} over the in-process engine, question by question in "
@@ -438,13 +445,13 @@ def main(argv=None) -> int:
             for vs, key in peers.items():
                 mine_runs, theirs = runs[(m, "batched_vs_engine" if vs == "engine" else "batched", c)], runs[key]
                 ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(mine_runs, theirs)]
-                # the drain included (closed_loop); the engine's and HF's runs have none
+                # the whole run, its opening and drain included (closed_loop); the engine's and HF's runs have none
                 drained = [a.get("tokens_per_s_all", a["tokens_per_s"]) / b.get("tokens_per_s_all", b["tokens_per_s"])
                            for a, b in zip(mine_runs, theirs)]
                 own = s[(m, "batched_vs_engine", c)] if vs == "engine" else mine
                 rows.append({"benchmark": "serving", "method": m, "concurrency": c, "vs": vs,
                              "ratio": round(median(ratios), 3), "ratio_min": round(min(ratios), 3),
-                             "ratio_max": round(max(ratios), 3), "ratio_with_drain": round(median(drained), 3),
+                             "ratio_max": round(max(ratios), 3), "ratio_whole_run": round(median(drained), 3),
                              "tokens_per_s": round(own["tokens_per_s"], 2),
                              "peer_tokens_per_s": round(s[key]["tokens_per_s"], 2),
                              **{k: round(own[k], 3) for k in ("ttft_p50_ms", "ttft_p99_ms", "ttft_steady_p99_ms",

@@ -247,7 +247,7 @@ def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
 
     rows = [row("ar", 1, "serialized", 1.5, 1.4, 1.6), row("ar", 1, "hf_static_batch", 1.1, 1.1, 1.1),
             row("sense", 1, "serialized", 1.2, 1.0, 1.3), row("sense", 1, "hf_static_batch", 1.3, 1.2, 1.4),
-            {**row("sense", 1, "ar_batched", 0.9, 0.8, 1.1), "ratio_with_drain": 0.85},
+            {**row("sense", 1, "ar_batched", 0.9, 0.8, 1.1), "ratio_whole_run": 0.85},
             row("sense", 1, "engine", 1.02, 0.95, 1.04)]
     md = render({"machine": {"dtype": "bfloat16", "torch_threads": 2}, "rows": rows,
                  "args": {"max_tokens": 64, "min_requests": 8, "repeats": 3}})
@@ -255,7 +255,7 @@ def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
     assert "| sense | 1 | 30.0 | 1.20x [1.00, 1.30] (20.0) | 1.30x [1.20, 1.40] (20.0) | 0.90x [0.80, 1.10] |" in md
     assert "served sense over the in-process engine, question by question in turns: 1.02x [0.95, 1.04]" in md
     assert "| 2.00 / 3.00 | 7.5 | 0.85x |" in md and "| 2.00 / 3.00 | nan | - |" in md
-    assert "Tokens/s are counted while c requests were in flight" in md
+    assert "Tokens/s are counted while c requests were in flight and decoding" in md
     # The in-flight window's tokens: the chunks that arrived by its end.
     from bench.serving_load import tokens_before
     assert tokens_before([[(1.0, 3), (2.0, 2), (3.5, 4)], [(0.5, 1), (3.0, 5)]], 3.0) == 11
