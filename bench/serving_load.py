@@ -90,7 +90,7 @@ def stream_one(client, model: str, prompt: str, method: str, max_tokens: int, on
 
 
 def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int, concurrency: int,
-                stagger: bool = False) -> dict:
+                stagger: bool = False, slots: int | None = None) -> dict:
     """`concurrency` clients share the prompts, each sending its next request when its last ends.
     All start at once (a burst of c), or with `stagger` one after another: client k sends its first
     request once the first client's first answer has k / c of its tokens. Answers of one length
@@ -100,7 +100,8 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
 
     Tokens/s count the tokens streamed while c requests were in flight and decoding
     (``tokens_per_s``): from the first token of the last client's first answer (the opening
-    burst's prefills done) until the first client finds no prompt left. Before it the c prompts
+    burst's prefills done; with `slots`, the server's batch limit, below c: of the slots-th, the
+    others queued) until the first client finds no prompt left. Before it the c prompts
     of the opening burst are prefilled one after another, the same work for every method, which
     would weigh more in a shorter run; after it the run drains, fewer and fewer requests in
     flight, and requests of one length that went in lockstep (`ar`: waves) drain at once while
@@ -164,7 +165,8 @@ def closed_loop(base_url: str, prompts: list[str], method: str, max_tokens: int,
     recs = [results[i] for i in range(len(prompts))]
     tokens = sum(len(r["ids"]) for r in recs)
     end = drained[0] or t0 + wall
-    start = max((r["chunks"][0][0] for r in recs if r["first"] and r["chunks"]), default=t0)
+    firsts = sorted(r["chunks"][0][0] for r in recs if r["first"] and r["chunks"])
+    start = firsts[min(len(firsts), slots or len(firsts)) - 1] if firsts else t0
     chunks = [r["chunks"] for r in recs]
     steady = ((tokens_before(chunks, end) - tokens_before(chunks, start)) / (end - start) if end > start
               else tokens / wall)
@@ -394,7 +396,7 @@ def main(argv=None) -> int:
                     else:
                         reset_prefix_caches(v)
                         before = forward_totals(f"{url}/{v[0]}")
-                        res = closed_loop(f"{url}/{v[0]}", prompts, m, args.max_tokens, c)
+                        res = closed_loop(f"{url}/{v[0]}", prompts, m, args.max_tokens, c, slots=args.batch_limit)
                         after = forward_totals(f"{url}/{v[0]}")
                         if after[0] > before[0]:        # rows a verification forward (prefills not counted)
                             res["rows_per_forward"] = (after[1] - before[1]) / (after[0] - before[0])
