@@ -180,7 +180,7 @@ class AdaptiveBudget:
         four repeats) against 0.958 (0.902-0.964) priced by the sizes; 4 in flight 1.07 both."""
         self.wide_seen += 1
         rate = max(1.0 - self.decay, 1.0 / self.wide_seen)
-        self.wide = tuple(w + rate * (x - w) for w, x in zip(self.wide, (accepted, kept, own_s)))
+        self.wide = _toward(self.wide, (accepted, kept, own_s), rate)
         self._first = None
         if self.shared is not None:
             self.shared.learn_wide((accepted, kept, own_s))
@@ -336,6 +336,11 @@ class AdaptiveBudget:
                 shared.learn(b, accepted, c)
 
 
+def _toward(mean: tuple, x: tuple, rate: float) -> tuple:
+    """A running mean (or EMA) of tuples moved toward observation `x` by `rate`."""
+    return tuple(m + rate * (v - m) for m, v in zip(mean, x))
+
+
 class SharedEstimates:
     """What the steps of every request of one drafter taught about its budgets: A(b), C(b) and
     D(b) as :class:`AdaptiveBudget` keeps them, averaged over requests (an EMA over their steps).
@@ -398,7 +403,7 @@ class SharedEstimates:
         with self._lock:
             self.wide_seen += 1
             rate = max(self.wide_rate, 1.0 / self.wide_seen)
-            self.wide = tuple(w + rate * (x - w) for w, x in zip(self.wide, outcome))
+            self.wide = _toward(self.wide, outcome, rate)
 
     def learn_forward(self, b: int, steps: float) -> None:
         with self._lock:

@@ -393,11 +393,11 @@ class BatchScheduler:
         running = self.running
         if len(running) == 1:
             return allocate_budgets(running, self.batch_cost)
-        held = self._held
-        if held is not None and self.steps - held[1] < self.reallocate_every and held[0] == list(map(id, running)):
+        ids, held = list(map(id, running)), self._held
+        if held is not None and self.steps - held[1] < self.reallocate_every and held[0] == ids:
             return [0] * len(running)
         budgets = allocate_budgets(running, self.batch_cost, explore=False)
-        self._held = None if any(budgets) else (list(map(id, running)), self.steps)
+        self._held = None if any(budgets) else (ids, self.steps)
         return budgets
 
     def stats(self) -> dict:
