@@ -13,7 +13,7 @@ the replica's own queue, the rest at the caller; time to first token includes th
 replica, the default dtype (auto).
 
 For each number of requests in flight c (closed loop: c clients, each sending its next request
-when the last one ended; ``max(c, --min-requests)`` distinct GSM8K test questions per level,
+when the last one ended; ``max(--rounds x c, --min-requests)`` distinct GSM8K test questions per level,
 streamed chat completions of exactly ``--max-tokens`` tokens, EOS ignored, greedy) and each
 method (``ar``, strict ``sense``), order rotated per level and repeat:
 
@@ -55,7 +55,10 @@ from support.load import pct
 from support.net import free_port
 
 VARIANTS = ("batched", "serialized")
-STAGGER_ROUNDS = 3                  # requests per client of the staggered TTFT pass at 16 in flight
+# Requests per client of the staggered TTFT pass at 16 in flight: its p99 is over the requests
+# after each client's first, 16 x (STAGGER_ROUNDS - 1) a repeat (with 3, 32: the p99 was their
+# largest, and runs of one code read 2.4-5.3x).
+STAGGER_ROUNDS = 8
 STORE_BEFORE = "the default store (200 human-written GSM8K train answers)"   # runs before --dense
 
 
@@ -325,15 +328,19 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
     ap.add_argument("--methods", default="ar,sense")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--min-requests", type=int, default=8, help="requests per level at least (c at most)")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--min-requests", type=int, default=16, help="requests per level at least (c at most)")
+    ap.add_argument("--repeats", type=int, default=2)
+    # Tokens/s count while c requests are in flight, until the first client finds no question
+    # left: with r rounds that is about r - 1 answers' time. With 2 rounds, one answer (~1.5 s at
+    # 16 in flight): SENSE/ar at 16 in flight read 0.83-1.17x over runs of like code; with 4,
+    # three answers.
+    ap.add_argument("--rounds", type=int, default=4,
                     help="requests per client at least: the later ones arrive while the others run (steady state)")
     ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")
     ap.add_argument("--dense", default=None, help=DENSE_CHOICES_HELP + " (--quick: 'default')")
     args = ap.parse_args(argv)
     if args.quick:
-        args.concurrency, args.max_tokens, args.min_requests, args.rounds = "1,4", 16, 4, 1
+        args.concurrency, args.max_tokens, args.min_requests, args.rounds, args.repeats = "1,4", 16, 4, 1, 1
     levels = [int(c) for c in args.concurrency.split(",")]
 
     from serving.config import DecoderConfig
