@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     return seq.run()
 
 
+_SERIALS = itertools.count()
+
+
 class Sequence:
     """One request's speculative decoding as steps a loop drives: :meth:`start` (prefill and
     the first token), then per step :meth:`propose` (a draft tree within a budget), a
@@ -129,6 +133,7 @@ class Sequence:
                  budget: int | AdaptiveBudget | str = "adaptive", soft=None,
                  on_tokens: Callable[[list[int]], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> None:
+        self.serial = next(_SERIALS)    # unique in the process (an id() is reused once freed)
         self.target = target
         self.prompt_ids = list(prompt_ids)
         self.params = params or SamplingParams()

@@ -282,7 +282,7 @@ class BatchScheduler:
         self.steps = 0                  # steps with running requests
         self.exploration = Exploration()
         self.reallocate_every = 4       # steps an allocation that drafts nothing is kept (_allocate)
-        self._held: tuple[list[int], int] | None = None     # (the requests' ids, the step) of that allocation
+        self._held: tuple[list[int], int] | None = None     # (the requests' serials, the step) of that allocation
         self.forward_s = 0.0            # seconds in the verification forwards
         self.own_s = 0.0                # seconds in the requests' own work: drafting, acceptance, commit
 
@@ -393,7 +393,7 @@ class BatchScheduler:
         running = self.running
         if len(running) == 1:
             return allocate_budgets(running, self.batch_cost)
-        ids, held = list(map(id, running)), self._held
+        ids, held = [s.serial for s in running], self._held
         if held is not None and self.steps - held[1] < self.reallocate_every and held[0] == ids:
             return [0] * len(running)
         budgets = allocate_budgets(running, self.batch_cost, explore=False)

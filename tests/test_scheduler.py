@@ -9,6 +9,7 @@ dearer.
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -236,7 +237,10 @@ def _request(cost, accepted):
     for b in a.sizes:
         a.accepted[b] = accepted(b)
     a.steps = 1                         # away from an exploration step
-    return SimpleNamespace(adaptive=a, budget=a, choose_budget=a.choose)
+    return SimpleNamespace(adaptive=a, budget=a, choose_budget=a.choose, serial=next(_SERIALS))
+
+
+_SERIALS = itertools.count()
 
 
 CPU_LIKE = {0: 1.0, 1: 1.2, 2: 1.35, 3: 1.5, 4: 1.7, 6: 2.0, 8: 2.4, 12: 3.1, 16: 3.8, 24: 5.2, 32: 6.6, 48: 9.4,
@@ -473,9 +477,11 @@ def test_an_allocation_that_drafts_nothing_is_kept_a_few_steps(monkeypatch):
     assert steps(8) == [[0] * 4] * 8 and len(calls) == 2          # steps 1 and 5
     sched.running = sched.running[:3]
     assert steps(1) == [[0] * 3] and len(calls) == 3                # a request left
+    sched.running = [*sched.running[:2], _request(CPU_LIKE, lambda b: 0.0)]
+    assert steps(1) == [[0] * 3] and len(calls) == 4                # another took its place
     sched.running = [_request(CPU_LIKE, lambda b: 0.8 * min(b, 6)) for _ in range(2)]
     drafted = steps(3)
-    assert all(sum(b) > 0 for b in drafted) and len(calls) == 6     # drafting: every step
+    assert all(sum(b) > 0 for b in drafted) and len(calls) == 7     # drafting: every step
 
 
 def test_a_batch_that_drafts_nothing_explores_narrow(target, prompts):
