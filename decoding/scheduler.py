@@ -15,7 +15,9 @@ Each :meth:`BatchScheduler.step`:
    prefills ahead of it, not a verification step per request ahead of it;
 3. every running request drafts within the budget the batch allocation gives it
    (:func:`allocate_budgets`, from what past steps taught: whether drafting pays for it at this
-   load); those that draft draft wide, and :func:`cut_budgets` keeps of their trees the nodes
+   load), unless the batch's :class:`~decoding.gate.DraftingGate` has measured that at this load
+   drafting nothing commits more tokens a second (it then runs one block of steps in several
+   that allocate, to follow changes); those that draft draft wide, and :func:`cut_budgets` keeps of their trees the nodes
    most likely to land for the rows the forward has to spare; all the trees are verified in one
    forward (``TargetModel.verify_batch``), and each request accepts, commits and emits its tokens.
 
@@ -35,6 +37,7 @@ from collections.abc import Sequence as Seq
 from decoding.compute_thread import ComputeThread
 from decoding.cost import BatchCost, batch_cost, interpolate_cost
 from decoding.engine import GenerationResult, Sequence
+from decoding.gate import DraftingGate
 from decoding.tree import TokenTree
 
 
@@ -281,6 +284,7 @@ class BatchScheduler:
         self.batch_cost: BatchCost | None = None            # cost.batch_cost; every forward observed
         self.steps = 0                  # steps with running requests
         self.exploration = Exploration()
+        self.gate: DraftingGate | None = DraftingGate()     # whether a load drafts at all, measured
         self.reallocate_every = 4       # steps an allocation that drafts nothing is kept (_allocate)
         self._held: tuple[list[int], int] | None = None     # (the requests' serials, the step) of that allocation
         self.forward_s = 0.0            # seconds in the verification forwards
@@ -335,16 +339,20 @@ class BatchScheduler:
             if self.batch_cost is None and len(self.running) > 1 and any(s.adaptive for s in self.running):
                 self.batch_cost = batch_cost(self.target)
             self.steps += 1
-            budgets = self._allocate()
+            n = len(self.running)
+            gated = n > 1 and self.gate is not None and any(s.adaptive for s in self.running)
+            drafting = not gated or self.gate.allows(n)
+            t_step = time.perf_counter()
+            budgets = self._allocate() if drafting else [0 if s.adaptive else s.budget for s in self.running]
             t_own = time.perf_counter()
-            if len(self.running) == 1:
+            if n == 1:
                 trees = [_guarded(self.running[0], self.running[0].propose, budgets[0], True)]
             else:
                 # An exploring request whose allocation was 0 tests whether drafting pays at this
                 # load: once its node model is ready, as a drafting request would draft (wide,
                 # the cut deciding its rows: the outcome its allocation weighs); before, the
                 # smallest size and no wider, the test at its least cost.
-                e = self.exploration.pick(self.running, any(budgets))
+                e = self.exploration.pick(self.running, any(budgets)) if drafting else None
                 wide = [True] * len(budgets)
                 if e is not None:
                     wide[e] = budgets[e] > 0 or self.running[e].adaptive.nodes.ready
@@ -377,9 +385,13 @@ class BatchScheduler:
                     self.rows += rows
                     self.forward_s += t1 - t0
                     self.last_forward = (len(batch), rows)
+                    committed = 0
                     for (seq, tree), out in zip(batch, outs):
-                        _guarded(seq, seq.advance, tree, out, len(batch) == 1)
-                    self.own_s += time.perf_counter() - t1
+                        committed += len(_guarded(seq, seq.advance, tree, out, len(batch) == 1) or ())
+                    t2 = time.perf_counter()
+                    self.own_s += t2 - t1
+                    if gated:
+                        self.gate.observe(n, committed, t2 - t_step)     # the allocation's time in
             finished += [s for s in self.running if s.done]
             self.running = [s for s in self.running if not s.done]
         return finished

@@ -122,8 +122,10 @@ def test_seeded_sampling_in_a_batch_reproduces_each_alone(target, prompts):
 
 
 def test_requests_join_leave_and_cancel_mid_batch(target, prompts):
-    """Two requests start; two more join after some steps; one is cancelled on its fourth step
-    (its tokens so far are a prefix of its output alone); adaptive budgets throughout."""
+    """Two requests start; two more join after some steps; one of them, whose answer runs to the
+    token limit, is cancelled on its fourth step (its tokens so far are a prefix of its output
+    alone); adaptive budgets throughout. (A short answer could end before its fourth step, by
+    how much its drafts land.)"""
     params = SamplingParams(max_new_tokens=20)
     alone = [generate(target, p, params=params, drafter=PromptLookupDrafter()).token_ids for p in prompts]
     asked = {"n": 0}
@@ -134,7 +136,7 @@ def test_requests_join_leave_and_cancel_mid_batch(target, prompts):
 
     scheduler = BatchScheduler(target, max_batch=3)
     seqs = [Sequence(target, p, params=params, drafter=PromptLookupDrafter(),
-                     should_stop=stop_on_fourth if i == 1 else None) for i, p in enumerate(prompts)]
+                     should_stop=stop_on_fourth if i == 2 else None) for i, p in enumerate(prompts)]
     scheduler.add(seqs[0])
     scheduler.add(seqs[1])
     for _ in range(3):
@@ -143,9 +145,10 @@ def test_requests_join_leave_and_cancel_mid_batch(target, prompts):
     scheduler.add(seqs[3])
     scheduler.run()
     results = [s.result() for s in seqs]
-    assert results[1].finish_reason == "cancelled" and 0 < len(results[1].token_ids) < len(alone[1])
-    assert results[1].token_ids == alone[1][:len(results[1].token_ids)]
-    assert [r.token_ids for i, r in enumerate(results) if i != 1] == [a for i, a in enumerate(alone) if i != 1]
+    assert len(alone[2]) == params.max_new_tokens
+    assert results[2].finish_reason == "cancelled" and 0 < len(results[2].token_ids) < len(alone[2])
+    assert results[2].token_ids == alone[2][:len(results[2].token_ids)]
+    assert [r.token_ids for i, r in enumerate(results) if i != 2] == [a for i, a in enumerate(alone) if i != 2]
     st = scheduler.stats()          # what /health shows: where a step's time went
     assert st["running"] == st["waiting"] == 0 and st["forwards"] > 0 and st["rows_per_forward"] >= 1
     assert st["forward_ms"] > 0 and 0 < st["own_ms"] < 10 * st["forward_ms"]
@@ -493,6 +496,7 @@ def test_a_batch_that_drafts_nothing_explores_narrow(target, prompts):
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     drafted, seqs = [], []
     scheduler = BatchScheduler(target, max_batch=3)
+    scheduler.gate = None               # its blocks that draft nothing pause the exploration's count
     for p in prompts[:3]:
         ab = AdaptiveBudget(cost_curve(target))
         for b in ab.sizes:              # drafting costs 50 decode steps, as far as it knows
@@ -508,6 +512,36 @@ def test_a_batch_that_drafts_nothing_explores_narrow(target, prompts):
     assert drafted and all(b == smallest for _, b in drafted)
     assert [step for step, _ in drafted] == [8, 24]             # then 56: past the end
     alone = [generate(target, p, params=params, drafter=PromptLookupDrafter()).token_ids for p in prompts[:3]]
+    assert [s.result().token_ids for s in seqs] == alone
+
+
+def test_a_load_the_gate_found_losing_drafts_nothing_but_fixed_budgets(target, prompts):
+    """Where the drafting gate measured that drafting loses at this load, the adaptive requests
+    draft nothing, exploration included, while a request of a fixed budget keeps it; the outputs
+    stay the ones decoded alone."""
+    from decoding.gate import DraftingGate
+
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    scheduler = BatchScheduler(target, max_batch=3)
+    gate = scheduler.gate
+    assert isinstance(gate, DraftingGate)
+    while gate.verdict(3) is not False:         # measured: drafting blocks 40% slower at 3 in flight
+        drafting = gate.allows(3)
+        gate.observe(3, 3, 3 / (60.0 if drafting else 100.0))
+    drafted, seqs = [], []
+    for i, p in enumerate(prompts[:3]):
+        seq = Sequence(target, p, params=params, drafter=PromptLookupDrafter(), budget=4 if i == 2 else "adaptive")
+        seq.propose = (lambda budget, alone=False, wide=False, _p=seq.propose, _i=i:      # what the batch gives
+                       (drafted.append((len(scheduler.running), _i, budget)), _p(budget, alone, wide))[1])
+        seqs.append(seq)
+        scheduler.add(seq)
+    scheduler.run()
+    full = [(i, b) for n, i, b in drafted if n == 3]
+    assert sorted({i for i, _ in full}) == [0, 1, 2] and len(full) >= 3 * 10
+    assert all(b == 0 for i, b in full if i < 2) and all(b == 4 for i, b in full if i == 2)
+    assert gate.verdict(3) is False
+    alone = [generate(target, p, params=params, drafter=PromptLookupDrafter(), budget=4 if i == 2 else "adaptive").token_ids
+             for i, p in enumerate(prompts[:3])]
     assert [s.result().token_ids for s in seqs] == alone
 
 

@@ -1,0 +1,106 @@
+"""Whether a loaded batch drafts at all, by what drafting realized against not drafting.
+
+The batch allocation (``decoding.scheduler.allocate_budgets``) drafts where its model of a step
+says drafting pays: the forward's measured cost curve, each request's accepted tokens and own
+time. Near the load where drafting stops paying the model's errors decide, and some of the
+step's cost no term prices (the retrieval's cache misses slowing the forward after it, the
+allocation itself). This gate checks the model by measurement, per load (the number of requests
+in the batch, in half-octave bands above 4): it runs blocks of ``block`` steps that allocate as
+usual and blocks that draft nothing, and compares each pair of neighbouring blocks of the two
+kinds by committed tokens per second of forward and own time (prefills not counted): the
+machine's drift, 10-30% over minutes on a shared VM, cancels within a pair. A running mean of
+the pairs' log ratios decides which kind the load runs; the other kind still runs a block now
+and then, so the verdict follows when drafts get better or the load's cost changes: one in
+``probe_every`` at least, fewer where the verdict is clear, so that the probes cost at most
+``probe_cost`` of the load's rate (a block of the other kind costs about |mean| of a block: at 2
+in flight, where drafting gains 40-60%, one block in ~100; in process, 2 in flight, one in 32
+cost ~1%). A load's first ``pairs_min`` pairs alternate. Requests of a fixed budget are not the gate's to change, and a batch of one request
+is priced by its own forwards (``AdaptiveBudget``): it is never gated.
+
+Objective, as the allocation's: committed tokens per second of the batch's steps; the gate only
+adds the measured answer to "would drafting nothing have done better at this load".
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class _Load:
+    """One load's state: the block under way and the verdict so far."""
+
+    __slots__ = ("drafting", "left", "tokens", "seconds", "last", "pairs", "mean", "since")
+
+    def __init__(self, block: int) -> None:
+        self.drafting = True            # the block under way: allocate as usual (or draft nothing)
+        self.left = block               # its steps to go
+        self.tokens = 0
+        self.seconds = 0.0
+        self.last: tuple[bool, float] | None = None     # (drafting, tokens/s) of the last block
+        self.pairs = 0                  # neighbouring blocks of the two kinds compared
+        self.mean = 0.0                 # running mean of log(drafting's rate / not drafting's)
+        self.since = 0                  # blocks of the verdict's kind since the other kind ran
+
+
+class DraftingGate:
+    block = 4               # steps of a block
+    pairs_min = 4           # pairs before a verdict (the blocks alternate until then)
+    weight = 0.125          # a pair's weight in the running mean after pairs_min
+    probe_every = 8         # blocks of the verdict's kind between blocks of the other, at least
+    probe_cost = 0.005      # at most: |mean| / probe_cost blocks between them
+    probe_every_most = 128
+
+    def __init__(self) -> None:
+        self._loads: dict[int, _Load] = {}
+
+    @staticmethod
+    def band(requests: int) -> int:
+        """The load a batch of `requests` counts under: exact up to 4, then half-octaves (5-6,
+        7-9, 10-13, 14-19, 20-26, 27-38, ...)."""
+        return requests if requests <= 4 else round(2 * math.log2(requests)) + 100
+
+    def _load(self, requests: int) -> _Load:
+        key = self.band(requests)
+        load = self._loads.get(key)
+        if load is None:
+            load = self._loads[key] = _Load(self.block)
+        return load
+
+    def allows(self, requests: int) -> bool:
+        """Whether a step of `requests` requests (2 or more) allocates as usual (else its adaptive
+        requests draft nothing, the exploration included)."""
+        return self._load(requests).drafting
+
+    def verdict(self, requests: int) -> bool | None:
+        """Whether drafting pays at this load as measured so far (None: not enough pairs yet)."""
+        load = self._loads.get(self.band(requests))
+        return None if load is None or load.pairs < self.pairs_min else load.mean >= 0.0
+
+    def observe(self, requests: int, tokens: int, seconds: float) -> None:
+        """A step of `requests` requests ran as :meth:`allows` said and committed `tokens` in
+        `seconds` of forward and own work."""
+        load = self._load(requests)
+        load.tokens += tokens
+        load.seconds += seconds
+        load.left -= 1
+        if load.left > 0:
+            return
+        rate = load.tokens / load.seconds if load.seconds > 0 else 0.0
+        if load.last is not None and load.last[0] != load.drafting and rate > 0 and load.last[1] > 0:
+            on, off = (rate, load.last[1]) if load.drafting else (load.last[1], rate)
+            d = math.log(on / off)
+            load.pairs += 1
+            load.mean += (d - load.mean) * max(self.weight, 1.0 / load.pairs)
+        load.last = (load.drafting, rate)
+        load.tokens, load.seconds, load.left = 0, 0.0, self.block
+        if load.pairs < self.pairs_min:
+            load.drafting = not load.drafting
+            return
+        pays = load.mean >= 0.0
+        if load.drafting != pays:               # a probe block ended: back to the verdict
+            load.drafting, load.since = pays, 0
+            return
+        load.since += 1
+        every = min(self.probe_every_most, max(self.probe_every, abs(load.mean) / self.probe_cost))
+        if load.since >= every:
+            load.drafting, load.since = not pays, 0
