@@ -76,6 +76,21 @@ class DraftingGate:
         load = self._loads.get(self.band(requests))
         return None if load is None or load.pairs < self.pairs_min else load.mean >= 0.0
 
+    def summary(self) -> dict:
+        """Per load seen (requests in the batch, a band above 4): whether it drafts as measured
+        ("measuring" until the first pairs are in), the pairs compared and drafting's measured
+        gain in committed tokens a second (for /health)."""
+        out = {}
+        for key, load in sorted(self._loads.items()):
+            if key <= 4:
+                label = str(key)
+            else:
+                within = [r for r in range(5, 2 ** ((key - 100) // 2 + 2)) if self.band(r) == key]
+                label = f"{within[0]}-{within[-1]}"
+            verdict = "measuring" if load.pairs < self.pairs_min else "drafts" if load.mean >= 0 else "drafts nothing"
+            out[label] = {"verdict": verdict, "pairs": load.pairs, "gain": round(math.exp(load.mean) - 1.0, 3)}
+        return out
+
     def observe(self, requests: int, tokens: int, seconds: float) -> None:
         """A step of `requests` requests ran as :meth:`allows` said and committed `tokens` in
         `seconds` of forward and own work."""

@@ -414,12 +414,14 @@ class BatchScheduler:
 
     def stats(self) -> dict:
         """The queue now; over the forwards run so far: rows per forward, the mean forward's
-        milliseconds and the requests' own (drafting, acceptance, commit) milliseconds a step."""
+        milliseconds and the requests' own (drafting, acceptance, commit) milliseconds a step;
+        the drafting gate's verdict per load (``DraftingGate.summary``)."""
         n = self.forwards
         return {"running": len(self.running), "waiting": len(self.waiting), "prefilling": int(self.prefilling is not None),
                 "forwards": n, "rows_per_forward": round(self.rows / n, 3) if n else None,
                 "forward_ms": round(1e3 * self.forward_s / n, 3) if n else None,
-                "own_ms": round(1e3 * self.own_s / n, 3) if n else None}
+                "own_ms": round(1e3 * self.own_s / n, 3) if n else None,
+                "drafting_gate": self.gate.summary() if self.gate is not None else None}
 
     def run(self) -> None:
         while not self.idle:

@@ -79,3 +79,15 @@ def test_a_noisy_load_settles_on_the_better_kind_most_of_the_time():
     gate = DraftingGate()
     modes = drive(gate, 8, 6000, lambda drafting: (105.0 if drafting else 100.0) * math.exp(rng.gauss(0, 0.1)))
     assert sum(modes[1000:]) / len(modes[1000:]) > 0.7
+
+
+def test_the_summary_names_each_load_and_its_verdict():
+    gate = DraftingGate()
+    drive(gate, 2, 200, lambda drafting: 150.0 if drafting else 100.0)
+    drive(gate, 16, 200, lambda drafting: 90.0 if drafting else 100.0)
+    drive(gate, 5, 4, lambda drafting: 100.0)
+    s = gate.summary()
+    assert list(s) == ["2", "5-6", "14-19"]
+    assert s["2"]["verdict"] == "drafts" and abs(s["2"]["gain"] - 0.5) < 1e-6
+    assert s["14-19"]["verdict"] == "drafts nothing" and abs(s["14-19"]["gain"] + 0.1) < 1e-6
+    assert s["5-6"] == {"verdict": "measuring", "pairs": 0, "gain": 0.0}

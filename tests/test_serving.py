@@ -346,6 +346,7 @@ def test_concurrent_requests_share_forwards_and_match_the_engine(server, target,
     for r, w in zip(outs, want):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["token_ids"] == w.token_ids
+    assert all("drafting_gate" in i["batch"] for i in after.values()), after     # /health: its verdict per load
     forwards = sum(i["batch"]["forwards"] for i in after.values()) - sum(i["batch"]["forwards"] for i in before.values())
     steps = sum(r.json()["speculative"]["steps"] for r in outs)
     assert 0 < forwards < steps, (forwards, steps)
