@@ -16,7 +16,8 @@ method, side by side in one run, order rotated per repeat:
 - ``steady``: ``--rounds`` x c questions through one ``BatchScheduler`` with c in flight, a new
   request joining as one ends (a server's steady state: the static batch of c ends with its
   slowest request, so what the others gain by drafting counts only when all of them gain; here a
-  request that ends early makes room for the next). Its tokens/s count the tokens and seconds
+  request that ends early makes room for the next), every method's scheduler stepped in turn in
+  one loop, each step timed on its method's clock (``run_steady_together``). Its tokens/s count the tokens and seconds
   from when the first c are all prefilled until the first request ends with no question left to
   join (the opening prefills, the same work for every method, excluded): the drain after it runs at ever
   lower concurrency, at once for answers in lockstep (`ar`), over a tail for answers that
@@ -25,7 +26,9 @@ method, side by side in one run, order rotated per repeat:
 Every batched output must equal the serialized one token for token, and every steady one `ar`'s
 (the run fails otherwise). Rows: ``{"method": m, "concurrency": c, "vs": "serialized" |
 "hf_static_batch" | "ar_batched" | "ar_steady", "ratio": batched (steady) tokens/s over the
-peer's, "tokens_per_s": ...}``; medians over repeats with min/max.
+peer's, "tokens_per_s": ...}``; medians over repeats with min/max. A method's batched runs share
+one drafting gate (``decoding.gate``) across levels and repeats, and its steady runs another, as
+a server's decoder keeps its one for its life.
 """
 
 from __future__ import annotations
@@ -52,16 +55,27 @@ def run_serialized(target, prompts, make, params) -> tuple[float, list[list[int]
     return time.perf_counter() - t0, outs
 
 
-def run_steady(target, prompts, make, params, concurrency: int) -> tuple[float, list[list[int]], dict]:
+def _scheduler(target, concurrency: int, gate):
+    """A batch scheduler; with `gate` (a ``DraftingGate``), that one: a server's decoder keeps one
+    scheduler, and what its gate measured, for its life, so a benchmark's runs of a method share
+    one rather than each measuring every load afresh."""
+    from decoding.scheduler import BatchScheduler
+
+    sched = BatchScheduler(target, max_batch=concurrency)
+    if gate is not None:
+        sched.gate = gate
+    return sched
+
+
+def run_steady(target, prompts, make, params, concurrency: int, gate=None) -> tuple[float, list[list[int]], dict]:
     """`prompts` through one scheduler with `concurrency` requests in flight, the next request
     added as one ends: (seconds, outputs in prompt order, the scheduler's stats with
     ``in_flight_tokens`` and ``in_flight_seconds``: the tokens and seconds from when the first c
     requests had all been prefilled until the first request ended with no prompt left to take its
-    place, the opening prefills and the drain excluded)."""
+    place, the opening prefills and the drain excluded). `gate`: see ``_scheduler``."""
     from decoding.engine import Sequence
-    from decoding.scheduler import BatchScheduler
 
-    sched = BatchScheduler(target, max_batch=concurrency)
+    sched = _scheduler(target, concurrency, gate)
     forget_prompts(target)
     t0 = time.perf_counter()
     seqs = [Sequence(target, p, params=params, drafter=make()) for p in prompts[:concurrency]]
@@ -85,9 +99,64 @@ def run_steady(target, prompts, make, params, concurrency: int) -> tuple[float, 
                                                        "in_flight_seconds": window[1] - opened[1]}
 
 
-def run_batched(target, prompts, make, params) -> tuple[float, list[list[int]], dict]:
+def run_steady_together(target, prompts, makes: dict, params, concurrency: int, rotate: int = 0,
+                        gates: dict | None = None) -> dict[str, tuple[float, list[list[int]], dict]]:
+    """``run_steady`` for every method of `makes` (name -> a fresh drafter per request) at once:
+    one scheduler each, stepped in turn, the order rotated every round, each method's steps (and
+    the requests it adds) timed on its own clock. The VM's drift, 10-30% over minutes, then falls
+    on every method alike, where runs one after another each met their own (in process, 8 in
+    flight: repeats of a ratio agree within 1-2% this way, 10-30% run after run). The target's
+    prefix cache is off meanwhile: one method's prefill would find another's prompt kept. Returns
+    per method what ``run_steady`` returns, its seconds the sum of its steps'. `gates`: method ->
+    its ``DraftingGate`` (see ``_scheduler``)."""
+    from decoding.engine import Sequence
+
+    cache, target.prefix_cache = getattr(target, "prefix_cache", None), None
+    runs = {}
+    try:
+        for m, make in makes.items():
+            t0 = time.perf_counter()
+            sched = _scheduler(target, concurrency, (gates or {}).get(m))
+            seqs = [Sequence(target, p, params=params, drafter=make()) for p in prompts[:concurrency]]
+            for s in seqs:
+                sched.add(s)
+            runs[m] = {"sched": sched, "seqs": seqs, "make": make, "seconds": time.perf_counter() - t0,
+                       "opened": None, "window": None}
+        names, turn = list(makes), rotate
+        while any(not r["sched"].idle for r in runs.values()):
+            for m in names[turn % len(names):] + names[:turn % len(names)]:
+                r = runs[m]
+                sched, seqs = r["sched"], r["seqs"]
+                if sched.idle:
+                    continue
+                t0 = time.perf_counter()
+                finished = sched.step()
+                for _ in finished:
+                    if len(seqs) < len(prompts):
+                        seqs.append(Sequence(target, prompts[len(seqs)], params=params, drafter=r["make"]()))
+                        sched.add(seqs[-1])
+                    elif r["window"] is None:
+                        r["window"] = (sum(len(s.generated) for s in seqs), r["seconds"] + time.perf_counter() - t0)
+                r["seconds"] += time.perf_counter() - t0
+                if r["opened"] is None and all(s.generated for s in seqs[:concurrency]):
+                    r["opened"] = (sum(len(s.generated) for s in seqs), r["seconds"])
+            turn += 1
+    finally:
+        target.prefix_cache = cache
+    out = {}
+    for m, r in runs.items():
+        seqs, dt = r["seqs"], r["seconds"]
+        window = r["window"] or (sum(len(s.generated) for s in seqs), dt)
+        opened = r["opened"] if r["opened"] is not None and r["opened"][1] < window[1] else (0, 0.0)
+        out[m] = (dt, [s.result().token_ids for s in seqs],
+                  {**r["sched"].stats(), "in_flight_tokens": window[0] - opened[0],
+                   "in_flight_seconds": window[1] - opened[1]})
+    return out
+
+
+def run_batched(target, prompts, make, params, gate=None) -> tuple[float, list[list[int]], dict]:
     """All `prompts` at once in one scheduler (a static batch): ``run_steady`` with every one in flight."""
-    return run_steady(target, prompts, make, params, len(prompts))
+    return run_steady(target, prompts, make, params, len(prompts), gate)
 
 
 def run_hf_static(target, prompts, max_new: int) -> float:
@@ -152,13 +221,16 @@ def main(argv=None) -> int:
     cost_curve(target)
     batch_cost(target)
 
+    from decoding.gate import DraftingGate
+
+    gates = {(m, kind): DraftingGate() for m in methods for kind in ("batched", "steady")}
     times: dict[tuple, list[float]] = {}
     rows_per_forward: dict[tuple, list[float]] = {}
     in_flight: dict[tuple, list[float]] = {}        # steady tokens/s while c were in flight
     for c in levels:
         batch = prompts[:c]
-        variants = ([(m, kind) for m in methods for kind in ("serialized", "batched", "steady")]
-                    + [("ar", "hf_static_batch")])
+        variants = ([(m, kind) for m in methods for kind in ("serialized", "batched")]
+                    + [("ar", "hf_static_batch"), ("all", "steady")])
         for rep in range(args.repeats):
             for m, kind in method_order(variants, rep + c):
                 make = lambda m=m: make_drafter(m, stores)      # noqa: E731  a fresh drafter per request
@@ -167,16 +239,21 @@ def main(argv=None) -> int:
                     times.setdefault((m, kind, c), []).append(dt)
                     times.setdefault((m, "outputs", c), outs)
                 elif kind == "batched":
-                    dt, outs, st = run_batched(target, batch, make, params)
+                    dt, outs, st = run_batched(target, batch, make, params, gates[(m, kind)])
                     times.setdefault((m, kind, c), []).append(dt)
                     rows_per_forward.setdefault((m, c), []).append(st["rows_per_forward"] or 0)
                     times.setdefault((m, "batched_outputs", c), outs)
-                elif kind == "steady":
-                    dt, outs, st = run_steady(target, prompts[:c * args.rounds], make, params, c)
-                    times.setdefault((m, kind, c), []).append(dt)
-                    in_flight.setdefault((m, c), []).append(st["in_flight_tokens"] / st["in_flight_seconds"])
-                    rows_per_forward.setdefault((m, "steady", c), []).append(st["rows_per_forward"] or 0)
-                    times.setdefault((m, "steady_outputs", c), outs)
+                elif kind == "steady":          # every method at once, stepped in turn
+                    makes = {m: (lambda m=m: make_drafter(m, stores)) for m in methods}
+                    together = run_steady_together(target, prompts[:c * args.rounds], makes, params, c, rep + c,
+                                                   {m: gates[(m, kind)] for m in methods})
+                    for m, (dt, outs, st) in together.items():
+                        times.setdefault((m, kind, c), []).append(dt)
+                        in_flight.setdefault((m, c), []).append(st["in_flight_tokens"] / st["in_flight_seconds"])
+                        rows_per_forward.setdefault((m, "steady", c), []).append(st["rows_per_forward"] or 0)
+                        times.setdefault((m, "steady_outputs", c), outs)
+                        log(f"c={c} rep={rep} {m:6} {kind:16} {dt:7.2f} s")
+                    continue
                 else:
                     times.setdefault((m, kind, c), []).append(run_hf_static(target, batch, args.max_new_tokens))
                 log(f"c={c} rep={rep} {m:6} {kind:16} {times[(m, kind, c)][-1]:7.2f} s")
@@ -224,7 +301,8 @@ def main(argv=None) -> int:
           f"GSM8K test questions; SENSE drafts from {args.store}; median of {args.repeats} repeats (order rotated). Batched outputs equal the "
           f"requests decoded alone, token for token, at every concurrency. Batched: the c questions at once (a static batch, "
           f"over when its slowest request is); steady: {args.rounds} x c questions with c in flight, the next joining as one "
-          f"ends (a server's steady state), every output equal to ar's; its tokens/s are counted while c were in flight "
+          f"ends (a server's steady state), every output equal to ar's, every method's scheduler stepped in turn in one "
+          f"loop (the order rotated, each step timed on its method's clock; prefix cache off); its tokens/s are counted while c were in flight "
           f"(from when the first c are prefilled until the first request ends with no question left), the whole run "
           f"with the drain after it in the last column.", "",
           "| method | concurrency | batched tok/s | vs serialized | vs HF static batch | vs ar batched | rows/forward "

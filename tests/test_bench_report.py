@@ -282,3 +282,25 @@ def test_the_load_benchmarks_id_store_is_built_once_from_the_models_own_answers(
     assert (out / "manifest.json").stat().st_mtime_ns == built
     assert dense_source(target, "default")[0] == "default"
     assert dense_source(target, str(out))[0] == str(out.resolve())
+
+
+def test_batching_steady_state_steps_every_method_in_turn(target):
+    """bench.batching's steady state: one scheduler per method, stepped in turn on one target;
+    every output is the request decoded alone, each method's window of c in flight is inside its
+    own run, and the prefix cache is back afterwards."""
+    from bench.batching import run_steady_together
+    from decoding.config import SamplingParams
+    from decoding.drafters import NoDrafter, PromptLookupDrafter
+    from decoding.engine import encode_prompt, generate
+
+    prompts = [encode_prompt(target, q) for q in ("What is 2 + 3?", "Name a colour.", "Count to five.",
+                                                  "What is the capital of Italy?")]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = [generate(target, p, params=params).token_ids for p in prompts]
+    cache = target.prefix_cache
+    out = run_steady_together(target, prompts, {"ar": NoDrafter, "pld": PromptLookupDrafter}, params, 2, rotate=1)
+    assert target.prefix_cache is cache and list(out) == ["ar", "pld"]
+    for name, (seconds, outs, st) in out.items():
+        assert outs == alone, name
+        assert 0 < st["in_flight_seconds"] < seconds and 0 < st["in_flight_tokens"] < 4 * 12
+        assert st["forwards"] > 0
