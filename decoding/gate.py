@@ -2,20 +2,24 @@
 
 The batch allocation (``decoding.scheduler.allocate_budgets``) drafts where its model of a step
 says drafting pays: the forward's measured cost curve, each request's accepted tokens and own
-time. Near the load where drafting stops paying the model's errors decide, and some of the
-step's cost no term prices (the retrieval's cache misses slowing the forward after it, the
-allocation itself). This gate checks the model by measurement, per load (the number of requests
+time. Near the load where drafting stops paying, the model's errors decide, and part of a
+drafting step's cost no term prices (the allocation and the cut themselves, a forward run right
+after a retrieval). This gate checks the model by measurement, per load (the number of requests
 in the batch, in half-octave bands above 4): it runs blocks of ``block`` steps that allocate as
 usual and blocks that draft nothing, and compares each pair of neighbouring blocks of the two
 kinds by committed tokens per second of forward and own time (prefills not counted): the
 machine's drift, 10-30% over minutes on a shared VM, cancels within a pair. A running mean of
-the pairs' log ratios decides which kind the load runs; the other kind still runs a block now
+the pairs' log ratios decides which kind the load runs. The other kind still runs a block now
 and then, so the verdict follows when drafts get better or the load's cost changes: one in
 ``probe_every`` at least, fewer where the verdict is clear, so that the probes cost at most
 ``probe_cost`` of the load's rate (a block of the other kind costs about |mean| of a block: at 2
-in flight, where drafting gains 40-60%, one block in ~100; in process, 2 in flight, one in 32
-cost ~1%). A load's first ``pairs_min`` pairs alternate. Requests of a fixed budget are not the gate's to change, and a batch of one request
+in flight, where drafting gains 40-60%, one block in ~100). A load's first ``pairs_min`` pairs
+alternate. Requests of a fixed budget are not the gate's to change, and a batch of one request
 is priced by its own forwards (``AdaptiveBudget``): it is never gated.
+
+Measured in process (GSM8K, interleaved runs), 8 in flight: blocks that allocate ran 8.06 ms a
+step for 8.54 tokens, blocks that draft nothing 7.08 ms for 8.00; SENSE/`ar` 0.977 with the
+gate, 0.973 without (16 in flight 0.975 and 0.970).
 
 Objective, as the allocation's: committed tokens per second of the batch's steps; the gate only
 adds the measured answer to "would drafting nothing have done better at this load".
@@ -43,6 +47,8 @@ class _Load:
 
 
 class DraftingGate:
+    """One batch scheduler's verdicts, load by load (see the module)."""
+
     block = 4               # steps of a block
     pairs_min = 4           # pairs before a verdict (the blocks alternate until then)
     weight = 0.125          # a pair's weight in the running mean after pairs_min
