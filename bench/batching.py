@@ -17,11 +17,12 @@ method, side by side in one run, order rotated per repeat:
   request joining as one ends (a server's steady state: the static batch of c ends with its
   slowest request, so what the others gain by drafting counts only when all of them gain; here a
   request that ends early makes room for the next), every method's scheduler stepped in turn in
-  one loop, each step timed on its method's clock (``run_steady_together``). Its tokens/s count the tokens and seconds
-  from when the first c are all prefilled until the first request ends with no question left to
-  join (the opening prefills, the same work for every method, excluded): the drain after it runs at ever
-  lower concurrency, at once for answers in lockstep (`ar`), over a tail for answers that
-  drifted apart (speculation); the ratio with the drain is reported beside it.
+  one loop, each step timed on its method's clock (``run_steady_together``). Its tokens/s count
+  the tokens and seconds from when the first c are all prefilled until the first request ends
+  with no question left to join (the opening prefills, the same work for every method,
+  excluded): the drain after it runs at ever lower concurrency, at once for answers in lockstep
+  (`ar`), over a tail for answers that drifted apart (speculation); the ratio with the drain is
+  reported beside it.
 
 Every batched output must equal the serialized one token for token, and every steady one `ar`'s
 (the run fails otherwise). Rows: ``{"method": m, "concurrency": c, "vs": "serialized" |
@@ -73,30 +74,7 @@ def run_steady(target, prompts, make, params, concurrency: int, gate=None) -> tu
     ``in_flight_tokens`` and ``in_flight_seconds``: the tokens and seconds from when the first c
     requests had all been prefilled until the first request ended with no prompt left to take its
     place, the opening prefills and the drain excluded). `gate`: see ``_scheduler``."""
-    from decoding.engine import Sequence
-
-    sched = _scheduler(target, concurrency, gate)
-    forget_prompts(target)
-    t0 = time.perf_counter()
-    seqs = [Sequence(target, p, params=params, drafter=make()) for p in prompts[:concurrency]]
-    for s in seqs:
-        sched.add(s)
-    window = opened = None
-    while not sched.idle:
-        finished = sched.step()
-        if opened is None and all(s.generated for s in seqs[:concurrency]):
-            opened = (sum(len(s.generated) for s in seqs), time.perf_counter() - t0)
-        for _ in finished:
-            if len(seqs) < len(prompts):
-                seqs.append(Sequence(target, prompts[len(seqs)], params=params, drafter=make()))
-                sched.add(seqs[-1])
-            elif window is None:
-                window = (sum(len(s.generated) for s in seqs), time.perf_counter() - t0)
-    dt = time.perf_counter() - t0
-    window = window or (sum(len(s.generated) for s in seqs), dt)
-    opened = opened if opened is not None and opened[1] < window[1] else (0, 0.0)
-    return dt, [s.result().token_ids for s in seqs], {**sched.stats(), "in_flight_tokens": window[0] - opened[0],
-                                                       "in_flight_seconds": window[1] - opened[1]}
+    return run_steady_together(target, prompts, {"": make}, params, concurrency, gates={"": gate})[""]
 
 
 def run_steady_together(target, prompts, makes: dict, params, concurrency: int, rotate: int = 0,
@@ -106,12 +84,16 @@ def run_steady_together(target, prompts, makes: dict, params, concurrency: int, 
     the requests it adds) timed on its own clock. The VM's drift, 10-30% over minutes, then falls
     on every method alike, where runs one after another each met their own (in process, 8 in
     flight: repeats of a ratio agree within 1-2% this way, 10-30% run after run). The target's
-    prefix cache is off meanwhile: one method's prefill would find another's prompt kept. Returns
-    per method what ``run_steady`` returns, its seconds the sum of its steps'. `gates`: method ->
-    its ``DraftingGate`` (see ``_scheduler``)."""
+    prefix cache is off meanwhile: one method's prefill would find another's prompt kept (one
+    method alone runs with it, emptied first). Returns per method what ``run_steady`` returns, its
+    seconds the sum of its steps'. `gates`: method -> its ``DraftingGate`` (see ``_scheduler``)."""
     from decoding.engine import Sequence
 
-    cache, target.prefix_cache = getattr(target, "prefix_cache", None), None
+    cache = getattr(target, "prefix_cache", None)
+    if len(makes) == 1:
+        forget_prompts(target)
+    else:
+        target.prefix_cache = None
     runs = {}
     try:
         for m, make in makes.items():

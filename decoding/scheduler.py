@@ -17,9 +17,10 @@ Each :meth:`BatchScheduler.step`:
    (:func:`allocate_budgets`, from what past steps taught: whether drafting pays for it at this
    load), unless the batch's :class:`~decoding.gate.DraftingGate` has measured that at this load
    drafting nothing commits more tokens a second (it then runs one block of steps in several
-   that allocate, to follow changes); those that draft draft wide, and :func:`cut_budgets` keeps of their trees the nodes
-   most likely to land for the rows the forward has to spare; all the trees are verified in one
-   forward (``TargetModel.verify_batch``), and each request accepts, commits and emits its tokens.
+   that allocate, to follow changes); those that draft draft wide, and :func:`cut_budgets`
+   keeps of their trees the nodes most likely to land for the rows the forward has to spare;
+   all the trees are verified in one forward (``TargetModel.verify_batch``), and each request
+   accepts, commits and emits its tokens.
 
 A request's output is the same whatever shares its batch: the lean forward runs every row on the
 batch-invariant kernels and each request attends to its own KV cache only, so its logits are
