@@ -14,7 +14,13 @@ and then, so the verdict follows when drafts get better or the load's cost chang
 ``probe_every`` at least, fewer where the verdict is clear, so that the probes cost at most
 ``probe_cost`` of the load's rate (a block of the other kind costs about |mean| of a block: at 2
 in flight, where drafting gains 40-60%, one block in ~100). A load's first ``pairs_min`` pairs
-alternate. Requests of a fixed budget are not the gate's to change, and a batch of one request
+alternate, unless a neighbouring load has already measured a verdict that carries over: drafting
+pays less the more requests share a forward (their tokens fill the forward's rows that drafts
+would use), so a load above one measured "drafts nothing" starts from that verdict, and a load
+below one measured "drafts" from that one, as if its first pairs had measured the neighbour's
+mean; its probes then measure it like any other (served, the first run at 8 in flight drafted
+for most requests over its first 25 steps while the gate learned a verdict that 4 in flight
+would have foretold). Requests of a fixed budget are not the gate's to change, and a batch of one request
 is priced by its own forwards (``AdaptiveBudget``): it is never gated.
 
 Measured in process (GSM8K, interleaved runs), 8 in flight: blocks that allocate ran 8.06 ms a
@@ -33,7 +39,7 @@ import math
 class _Load:
     """One load's state: the block under way and the verdict so far."""
 
-    __slots__ = ("drafting", "left", "tokens", "seconds", "last", "pairs", "mean", "since")
+    __slots__ = ("drafting", "left", "tokens", "seconds", "last", "pairs", "mean", "since", "seeded")
 
     def __init__(self, block: int) -> None:
         self.drafting = True            # the block under way: allocate as usual (or draft nothing)
@@ -44,6 +50,7 @@ class _Load:
         self.pairs = 0                  # neighbouring blocks of the two kinds compared
         self.mean = 0.0                 # running mean of log(drafting's rate / not drafting's)
         self.since = 0                  # blocks of the verdict's kind since the other kind ran
+        self.seeded: int | None = None  # the load whose verdict it started from (DraftingGate._seed)
 
 
 class DraftingGate:
@@ -70,7 +77,23 @@ class DraftingGate:
         load = self._loads.get(key)
         if load is None:
             load = self._loads[key] = _Load(self.block)
+            self._seed(key, load)
         return load
+
+    def _seed(self, key: int, load: _Load) -> None:
+        """Start a new load from the verdict of the nearest measured load below it if that one
+        drafts nothing, or of the nearest above it if that one drafts (not both: measurements
+        that contradict the rule teach nothing about a load between them)."""
+        measured = sorted(k for k, m in self._loads.items() if m.pairs >= self.pairs_min)
+        below = [k for k in measured if k < key]
+        above = [k for k in measured if k > key]
+        off = bool(below) and self._loads[below[-1]].mean < 0.0
+        on = bool(above) and self._loads[above[0]].mean >= 0.0
+        if off == on:
+            return
+        source = below[-1] if off else above[0]
+        load.seeded, load.pairs, load.mean = source, self.pairs_min, self._loads[source].mean
+        load.drafting = on
 
     def allows(self, requests: int) -> bool:
         """Whether a step of `requests` requests (2 or more) allocates as usual (else its adaptive
@@ -82,19 +105,25 @@ class DraftingGate:
         load = self._loads.get(self.band(requests))
         return None if load is None or load.pairs < self.pairs_min else load.mean >= 0.0
 
+    @staticmethod
+    def _label(key: int) -> str:
+        """A band's requests, as /health names it: "2", "7-9"."""
+        if key <= 4:
+            return str(key)
+        within = [r for r in range(5, 2 ** ((key - 100) // 2 + 2)) if DraftingGate.band(r) == key]
+        return f"{within[0]}-{within[-1]}"
+
     def summary(self) -> dict:
         """Per load seen (requests in the batch, a band above 4): whether it drafts as measured
-        ("measuring" until the first pairs are in), the pairs compared and drafting's measured
-        gain in committed tokens a second (for /health)."""
+        ("measuring" until the first pairs are in), the pairs compared (a seeded load's count
+        the neighbour's as its first ``pairs_min``), drafting's measured gain in committed
+        tokens a second, and the load it started from if seeded (for /health)."""
         out = {}
         for key, load in sorted(self._loads.items()):
-            if key <= 4:
-                label = str(key)
-            else:
-                within = [r for r in range(5, 2 ** ((key - 100) // 2 + 2)) if self.band(r) == key]
-                label = f"{within[0]}-{within[-1]}"
             verdict = "measuring" if load.pairs < self.pairs_min else "drafts" if load.mean >= 0 else "drafts nothing"
-            out[label] = {"verdict": verdict, "pairs": load.pairs, "gain": round(math.exp(load.mean) - 1.0, 3)}
+            out[self._label(key)] = {"verdict": verdict, "pairs": load.pairs, "gain": round(math.exp(load.mean) - 1.0, 3)}
+            if load.seeded is not None:
+                out[self._label(key)]["seeded_from"] = self._label(load.seeded)
         return out
 
     def observe(self, requests: int, tokens: int, seconds: float) -> None:

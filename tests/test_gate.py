@@ -91,3 +91,36 @@ def test_the_summary_names_each_load_and_its_verdict():
     assert s["2"]["verdict"] == "drafts" and abs(s["2"]["gain"] - 0.5) < 1e-6
     assert s["14-19"]["verdict"] == "drafts nothing" and abs(s["14-19"]["gain"] + 0.1) < 1e-6
     assert s["5-6"] == {"verdict": "measuring", "pairs": 0, "gain": 0.0}
+
+
+def test_a_load_above_one_that_drafts_nothing_starts_from_its_verdict():
+    """Drafting pays less the more requests share a forward: a new load above a measured "drafts
+    nothing" starts there, without the first pairs' alternating blocks, and its probes still
+    measure it (drafting that pays there after all takes the verdict back)."""
+    gate = DraftingGate()
+    drive(gate, 4, 400, lambda drafting: 90.0 if drafting else 100.0)
+    assert gate.verdict(4) is False
+    first = drive(gate, 8, gate.block * 6, lambda drafting: 150.0 if drafting else 100.0)
+    assert gate.verdict(8) is False and not any(first)          # seeded: no learning blocks
+    assert gate.summary()["7-9"]["seeded_from"] == "4"
+    drive(gate, 8, 6000, lambda drafting: 150.0 if drafting else 100.0)
+    assert gate.verdict(8) is True                              # the probes measured it
+
+
+def test_a_load_below_one_that_drafts_starts_drafting_and_contradictions_seed_nothing():
+    gate = DraftingGate()
+    drive(gate, 16, 400, lambda drafting: 120.0 if drafting else 100.0)
+    assert gate.verdict(16) is True
+    first = drive(gate, 2, gate.block * 6, lambda drafting: 150.0 if drafting else 100.0)
+    assert all(first) and gate.verdict(2) is True
+    # A load above one that drafts, or below one that drafts nothing, learns its own verdict.
+    gate = DraftingGate()
+    drive(gate, 4, 400, lambda drafting: 120.0 if drafting else 100.0)
+    first = drive(gate, 8, gate.block * 2, lambda drafting: 100.0)
+    assert first[::gate.block] == [True, False] and gate.verdict(8) is None
+    # Between a lower load that drafts nothing and a higher one that drafts: nothing carries over.
+    gate = DraftingGate()
+    drive(gate, 2, 400, lambda drafting: 90.0 if drafting else 100.0)
+    drive(gate, 16, 400, lambda drafting: 120.0 if drafting else 100.0)
+    drive(gate, 6, gate.block, lambda drafting: 100.0)
+    assert gate.verdict(6) is None and "seeded_from" not in gate.summary()["5-6"]
