@@ -62,6 +62,7 @@ class DraftingGate:
     probe_every = 8         # blocks of the verdict's kind between blocks of the other, at least
     probe_cost = 0.005      # at most: |mean| / probe_cost blocks between them
     probe_every_most = 128
+    disturbed = 1.5         # a step whose forward took this many times the expected is left out
 
     def __init__(self) -> None:
         self._loads: dict[int, _Load] = {}
@@ -126,9 +127,19 @@ class DraftingGate:
                 out[self._label(key)]["seeded_from"] = self._label(load.seeded)
         return out
 
-    def observe(self, requests: int, tokens: int, seconds: float) -> None:
+    def observe(self, requests: int, tokens: int, seconds: float,
+                forward: tuple[float, float] | None = None) -> None:
         """A step of `requests` requests ran as :meth:`allows` said and committed `tokens` in
-        `seconds` of forward and own work."""
+        `seconds` of forward and own work; `forward`: (its forward's seconds, the seconds the
+        batch's cost model expected of a forward of its rows). A step whose forward took more
+        than ``disturbed`` times the expected is left out: the machine was busy elsewhere (served,
+        a request's HTTP work beside the forward: 4 in flight, forwards of 4-8 rows ran 6.5-7.2 ms,
+        and 14-25 ms while a request ended and the next arrived), and one such step in a block of
+        four moved its pair's log ratio by 0.2-0.4, where drafting's real effect there was a few
+        percent. Disturbances strike either kind of block; left in, they made a load's verdict
+        the noise's (2 in flight, five pairs, a measured gain of -69%)."""
+        if forward is not None and forward[0] > self.disturbed * forward[1]:
+            return
         load = self._load(requests)
         load.tokens += tokens
         load.seconds += seconds

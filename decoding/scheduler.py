@@ -380,7 +380,10 @@ class BatchScheduler:
                     # served at 2 in flight, lone forwards read 1.4-5.7x the model (two-request ones
                     # 0.9-1.3x), and through the ratio kernel priced 16 rows at 1.9x 10 rows' time
                     # for every batch after (1.05x measured), which then drafted 4 rows a forward.
+                    expected = None
                     if self.batch_cost is not None and len(batch) > 1:
+                        if gated:
+                            expected = self.batch_cost.seconds(len(batch), rows)
                         self.batch_cost.observe(len(batch), rows, t1 - t0)
                     self.forwards += 1
                     self.rows += rows
@@ -391,8 +394,9 @@ class BatchScheduler:
                         committed += len(_guarded(seq, seq.advance, tree, out, len(batch) == 1) or ())
                     t2 = time.perf_counter()
                     self.own_s += t2 - t1
-                    if gated:
-                        self.gate.observe(n, committed, t2 - t_step)     # the allocation's time in
+                    if gated:               # the allocation's time in; a disturbed forward out
+                        self.gate.observe(n, committed, t2 - t_step,
+                                          None if expected is None else (t1 - t0, expected))
             finished += [s for s in self.running if s.done]
             self.running = [s for s in self.running if not s.done]
         return finished

@@ -124,3 +124,19 @@ def test_a_load_below_one_that_drafts_starts_drafting_and_contradictions_seed_no
     drive(gate, 16, 400, lambda drafting: 120.0 if drafting else 100.0)
     drive(gate, 6, gate.block, lambda drafting: 100.0)
     assert gate.verdict(6) is None and "seeded_from" not in gate.summary()["5-6"]
+
+
+def test_a_step_whose_forward_was_disturbed_is_left_out():
+    """Served, a forward beside a request's HTTP work ran 2-4x its usual time. Disturbances that
+    happen to strike the drafting blocks (here one step in three of theirs, 3x slower) would
+    turn a 5% gain into a verdict of "drafts nothing"; told each forward's expected time, the gate
+    leaves those steps out."""
+    for told, want in ((True, True), (False, False)):
+        gate = DraftingGate()
+        for t in range(3000):
+            drafting = gate.allows(8)
+            slow = drafting and t % 3 == 0
+            seconds = 8 / (105.0 if drafting else 100.0) * (3.0 if slow else 1.0)
+            forward = (seconds, 8 / 105.0) if told else None
+            gate.observe(8, 8, seconds, forward)
+        assert gate.verdict(8) is want
