@@ -13,7 +13,9 @@ the pairs' log ratios decides which kind the load runs. The other kind still run
 and then, so the verdict follows when drafts get better or the load's cost changes: one in
 ``probe_every`` at least, fewer where the verdict is clear, so that the probes cost at most
 ``probe_cost`` of the load's rate (a block of the other kind costs about |mean| of a block: at 2
-in flight, where drafting gains 40-60%, one block in ~100). A load's first ``pairs_min`` pairs
+in flight, where drafting gains 40-60%, one block in ~100), but no more than ``probe_every``
+blocks a ``pairs_min`` pairs measured between them (a mean of a few pairs can be a few disturbed
+blocks'). A load's first ``pairs_min`` pairs
 alternate, unless a neighbouring load has already measured a verdict that carries over: drafting
 pays less the more requests share a forward (their tokens fill the forward's rows that drafts
 would use), so a load above one measured "drafts nothing" starts from that verdict, and a load
@@ -162,6 +164,10 @@ class DraftingGate:
             load.drafting, load.since = pays, 0
             return
         load.since += 1
-        every = min(self.probe_every_most, max(self.probe_every, abs(load.mean) / self.probe_cost))
+        # A verdict earns its long intervals with pairs: a mean of a few pairs can be a few
+        # disturbed blocks' (2 in flight served: five pairs, -69%), and at |mean| / probe_cost
+        # blocks between probes it would stand for thousands of steps.
+        every = min(self.probe_every_most, self.probe_every * load.pairs / self.pairs_min,
+                    max(self.probe_every, abs(load.mean) / self.probe_cost))
         if load.since >= every:
             load.drafting, load.since = not pays, 0

@@ -140,3 +140,15 @@ def test_a_step_whose_forward_was_disturbed_is_left_out():
             forward = (seconds, 8 / 105.0) if told else None
             gate.observe(8, 8, seconds, forward)
         assert gate.verdict(8) is want
+
+
+def test_a_verdict_of_few_pairs_is_probed_soon():
+    """First pairs that lie (disturbed drafting blocks, 3x slower, nothing told the gate) give a
+    mean far below zero; the probes of a verdict of few pairs come every few blocks, so the
+    true gain (+50%) takes the verdict back within a few hundred steps, not thousands."""
+    gate = DraftingGate()
+    first = gate.block * (2 * gate.pairs_min + 1)
+    drive(gate, 2, first, lambda drafting: 50.0 if drafting else 100.0)
+    assert gate.verdict(2) is False and gate.summary()["2"]["gain"] < -0.4
+    modes = drive(gate, 2, 600, lambda drafting: 150.0 if drafting else 100.0)
+    assert gate.verdict(2) is True and all(modes[-100:])
