@@ -12,18 +12,17 @@ machine's drift, 10-30% over minutes on a shared VM, cancels within a pair. A ru
 the pairs' log ratios decides which kind the load runs. The other kind still runs a block now
 and then, so the verdict follows when drafts get better or the load's cost changes: one in
 ``probe_every`` at least, fewer where the verdict is clear, so that the probes cost at most
-``probe_cost`` of the load's rate (a block of the other kind costs about |mean| of a block: at 2
-in flight, where drafting gains 40-60%, one block in ~100), but no more than ``probe_every``
-blocks a ``pairs_min`` pairs measured between them (a mean of a few pairs can be a few disturbed
-blocks'). A load's first ``pairs_min`` pairs
-alternate, unless a neighbouring load has already measured a verdict that carries over: drafting
-pays less the more requests share a forward (their tokens fill the forward's rows that drafts
-would use), so a load above one measured "drafts nothing" starts from that verdict, and a load
-below one measured "drafts" from that one, as if its first pairs had measured the neighbour's
-mean; its probes then measure it like any other (served, the first run at 8 in flight drafted
-for most requests over its first 25 steps while the gate learned a verdict that 4 in flight
-would have foretold). Requests of a fixed budget are not the gate's to change, and a batch of one request
-is priced by its own forwards (``AdaptiveBudget``): it is never gated.
+``probe_cost`` of the load's rate (a block of the other kind costs about |mean| of a block: at 2 in
+flight, where drafting gains 40-60%, one block in ~100), but no more than ``probe_every`` blocks a
+``pairs_min`` pairs measured between them (a mean of a few pairs can be a few disturbed blocks'). A
+load's first ``pairs_min`` pairs alternate, unless a neighbouring load has already measured a
+verdict that carries over: drafting pays less the more requests share a forward (their tokens fill
+the forward's rows that drafts would use), so a load above one measured "drafts nothing" starts
+from that verdict, and a load below one measured "drafts" from that one, as if its first pairs had
+measured the neighbour's mean; its probes then measure it like any other (served, the first run at
+8 in flight drafted for most requests over its first 25 steps while the gate learned a verdict that
+4 in flight would have foretold). Requests of a fixed budget are not the gate's to change, and a
+batch of one request is priced by its own forwards (``AdaptiveBudget``): it is never gated.
 
 Measured in process (GSM8K, interleaved runs), 8 in flight: blocks that allocate ran 8.06 ms a
 step for 8.54 tokens, blocks that draft nothing 7.08 ms for 8.00; SENSE/`ar` 0.977 with the
@@ -138,8 +137,8 @@ class DraftingGate:
         a request's HTTP work beside the forward: 4 in flight, forwards of 4-8 rows ran 6.5-7.2 ms,
         and 14-25 ms while a request ended and the next arrived), and one such step in a block of
         four moved its pair's log ratio by 0.2-0.4, where drafting's real effect there was a few
-        percent. Disturbances strike either kind of block; left in, they made a load's verdict
-        the noise's (2 in flight, five pairs, a measured gain of -69%)."""
+        percent. Disturbances strike either kind of block, but a load's first pairs decide its
+        verdict (served, 2 in flight, unfiltered: five pairs, a measured gain of -69%)."""
         if forward is not None and forward[0] > self.disturbed * forward[1]:
             return
         load = self._load(requests)
