@@ -39,6 +39,10 @@ finds another's whole prompt kept.
 
 Every served answer must equal, token for token, the same question decoded alone by the engine
 with ``ar`` (strict decoding is exact whatever the batch): the run fails otherwise.
+
+After each level the batched decoder's drafting gate (``/health``: its verdict per load) is
+recorded beside the rows, so a level's SENSE figure can be read against what the gate had
+measured by then (one gate for the whole run: a load's first runs pay its learning).
 """
 
 from __future__ import annotations
@@ -184,16 +188,34 @@ def tokens_before(chunks: list[list[tuple[float, int]]], end: float) -> int:
     return sum(n for answer in chunks for t, n in answer if t <= end)
 
 
-def forward_totals(app_url: str) -> tuple[int, float]:
-    """The batched decoder's verification forwards so far and the rows they verified, from the
-    app's ``/health`` (the scheduler's stats); (0, 0.0) when the decoder does not batch."""
+def batch_health(app_url: str) -> dict:
+    """The batched decoder's scheduler stats from the app's ``/health`` ({} when it does not batch)."""
     import json
     import urllib.request
 
     with urllib.request.urlopen(app_url + "/health", timeout=60) as resp:
-        batch = json.load(resp)["decoder"].get("batch") or {}
+        return json.load(resp)["decoder"].get("batch") or {}
+
+
+def forward_totals(app_url: str) -> tuple[int, float]:
+    """The batched decoder's verification forwards so far and the rows they verified; (0, 0.0)
+    when the decoder does not batch."""
+    batch = batch_health(app_url)
     forwards = int(batch.get("forwards") or 0)
     return forwards, forwards * float(batch.get("rows_per_forward") or 0.0)
+
+
+def render_gates(gates: dict) -> str:
+    """The batched decoder's drafting gate after each level (``DraftingGate.summary`` per level:
+    load band -> verdict, pairs, gain, the band it was seeded from), one line a level."""
+    lines = ["The batched decoder's drafting gate after each level (per load: requests in the batch, "
+             "verdict, pairs compared, drafting's measured gain; one gate for the whole run, as a server keeps):"]
+    for c, summary in gates.items():
+        loads = "; ".join(f"{band}: {g['verdict']} ({g['pairs']} pairs, {100 * g['gain']:+.1f}%"
+                          + (f", seeded from {g['seeded_from']}" if g.get("seeded_from") else "") + ")"
+                          for band, g in (summary or {}).items())
+        lines.append(f"- after {c} in flight: {loads or 'no load gated'}")
+    return "\n".join(lines)
 
 
 def hf_static(target, prompt_ids: list[list[int]], batch: int, max_new: int) -> float:
@@ -316,6 +338,8 @@ def render(payload: dict) -> str:
                       f"requests arrive at once again and again, each wave's 16 prefills one after another on the "
                       f"cores), their later requests: {row.get('ratio_waves', float('nan')):.2f}x; every request, "
                       f"the opening burst included: {row.get('ratio_burst', float('nan')):.2f}x.")
+    if payload.get("gates"):
+        md.append("\n" + render_gates(payload["gates"]))
     return "\n".join(md) + "\n"
 
 
@@ -380,6 +404,7 @@ def main(argv=None) -> int:
     init_local_ray(num_cpus=max(4, 2 * threads), logging_level="ERROR", log_to_driver=False)   # as serving.run
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs: dict[tuple, list[dict]] = {}
+    gates: dict[int, dict | None] = {}      # the batched decoder's drafting gate after each level
     mismatches: list[str] = []
     try:
         for v, app in apps.items():
@@ -422,6 +447,7 @@ def main(argv=None) -> int:
                             mismatches.append(f"{m} {v} at concurrency 1: {bad} of {len(prompts)} answers differ")
                     log(f"c=1 rep={rep} {m:6} served / engine in turns {res['tokens_per_s']:7.1f} / "
                         f"{runs[(m, 'engine', c)][-1]['tokens_per_s']:7.1f} tok/s")
+            gates[c] = batch_health(f"{url}/b").get("drafting_gate")
         ttft_m = "sense" if "sense" in methods else methods[-1]
         for rep in range(args.repeats if steady_ttft else 0):
             prompts = texts[:STAGGER_ROUNDS * 16]
@@ -478,12 +504,12 @@ def main(argv=None) -> int:
                                           / s[(ttft_m, "batched", 1)]["ttft_p99_ms"], 3)})
 
     text = render({"machine": {"dtype_reason": target.dtype_choice.reason, "torch_threads": threads},
-                   "args": vars(args), "rows": rows})
+                   "args": vars(args), "rows": rows, "gates": gates})
     print(text)
     if not args.quick:
         write_results("serving_load", machine_info() | {"dtype": str(target.dtype).removeprefix("torch."),
                                                         "dtype_reason": target.dtype_choice.reason}, rows,
-                      text, extra={"args": vars(args)})
+                      text, extra={"args": vars(args), "gates": gates})
     return 0
 
 

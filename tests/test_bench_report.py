@@ -265,6 +265,16 @@ def test_serving_load_report_shows_medians_and_ranges_from_the_committed_rows():
                  "args": {"max_tokens": 64, "min_requests": 8, "repeats": 3}})
     assert "at 16 in flight over its value at 1, steady state: 1.80x (108 against 60 ms;" in md
     assert "their later requests: 3.70x; every request, the opening burst included: 9.60x." in md
+    # The drafting gate after each level, as /health summarized it (keys are strings once in JSON).
+    gates = {"4": {"4": {"verdict": "drafts nothing", "pairs": 35, "gain": -0.079}},
+             "8": {"4": {"verdict": "drafts nothing", "pairs": 35, "gain": -0.079},
+                   "7-9": {"verdict": "drafts", "pairs": 6, "gain": 0.021, "seeded_from": "4"}},
+             "1": None}
+    md = render({"machine": {"dtype": "bfloat16", "torch_threads": 2}, "rows": rows, "gates": gates,
+                 "args": {"max_tokens": 64, "min_requests": 8, "repeats": 3}})
+    assert "- after 4 in flight: 4: drafts nothing (35 pairs, -7.9%)" in md
+    assert "- after 8 in flight: 4: drafts nothing (35 pairs, -7.9%); 7-9: drafts (6 pairs, +2.1%, seeded from 4)" in md
+    assert "- after 1 in flight: no load gated" in md
 
 
 def test_the_load_benchmarks_id_store_is_built_once_from_the_models_own_answers(target, tmp_path):
