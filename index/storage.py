@@ -56,8 +56,11 @@ def join(uri: str | Path, *parts: str) -> str:
 
 
 def exists(uri: str | Path) -> bool:
+    """Whether an object or directory is at `uri` (remote errors retried, then StorageError: a
+    resumed build checks its finished units' files this way, and an outage then must end it in
+    one line, not a botocore traceback)."""
     fs, path = open_fs(uri)
-    return fs.exists(path)
+    return _retrying(uri, "check", lambda: fs.exists(path))
 
 
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)     # transient remote errors: retried with these back-offs
@@ -162,8 +165,8 @@ def download_file(uri: str | Path, local: str | Path) -> None:
 def list_files(uri: str | Path) -> list[str]:
     """Paths (relative to `uri`) of all files under it, sorted; [] if it does not exist."""
     fs, path = open_fs(uri)
-    if not fs.exists(path):
+    if not exists(uri):
         return []
     base = path.rstrip("/") + "/"
     return sorted(p[len(base):] if p.startswith(base) else p.removeprefix(base.lstrip("/"))
-                  for p in fs.find(path))
+                  for p in _retrying(uri, "list", lambda: fs.find(path)))

@@ -127,6 +127,29 @@ def test_remote_storage_errors_are_retried_with_the_configured_delays(monkeypatc
         storage.retry_delays()
 
 
+def test_existence_checks_and_listings_fail_as_one_storage_error(monkeypatch):
+    """An outage during a resumed build's check of its finished units' files (``exists``) or a
+    listing ended the job with a botocore traceback (exit 1); both are retried like reads and
+    writes, then fail as one StorageError (the job's one-line error, exit 2)."""
+
+    class Unreachable:          # stands in for s3fs against a stopped endpoint
+        def exists(self, path):
+            raise ConnectionError("Could not connect to the endpoint URL")
+
+        def find(self, path):
+            raise ConnectionError("Could not connect to the endpoint URL")
+
+    monkeypatch.setattr(storage, "open_fs", lambda uri, storage_options=None: (Unreachable(), "b/k"))
+    monkeypatch.setenv(storage.RETRY_ENV, "0")
+    with pytest.raises(storage.StorageError, match=r"s3://b/k: could not check \(ConnectionError"):
+        storage.exists("s3://b/k")
+    with pytest.raises(storage.StorageError, match=r"s3://b/k: could not check"):
+        storage.list_files("s3://b/k")
+    monkeypatch.setattr(Unreachable, "exists", lambda self, path: True)
+    with pytest.raises(storage.StorageError, match=r"s3://b/k: could not list \(ConnectionError"):
+        storage.list_files("s3://b/k")
+
+
 # ---------------------------------------------------------------------------------------------
 # real datastore (the embedded model's keys)
 
