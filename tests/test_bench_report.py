@@ -219,6 +219,20 @@ def test_spec_bench_halves_never_evaluate_a_store_question():
     assert len({q for q in evaluation["mt_bench"]}) == 6 and evaluation["mt_bench"][0] != evaluation["mt_bench"][1]
 
 
+def test_humaneval_halves_never_evaluate_a_store_problem():
+    from bench.analysis import humaneval_halves
+    from index.corpus import humaneval
+
+    problems = humaneval()
+    assert len(problems) == 164 and problems[0]["task_id"] == "HumanEval/0"
+    store, evaluation = humaneval_halves(problems, n=24)
+    assert len(store) == 82 and len(evaluation) == 24 and len(set(evaluation)) == 24
+    assert not set(store) & set(evaluation)
+    # spread over the whole half: the last problems (the longest) are sampled too
+    assert any(p["prompt"] in evaluation[-1] for p in problems[151::2])
+    assert humaneval_halves(problems, n=0)[1] == [] and len(humaneval_halves(problems, n=500)[1]) == 82
+
+
 def test_soft_quality_reports_gate_rates_and_a_paired_interval():
     import numpy as np
 

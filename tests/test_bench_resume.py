@@ -33,7 +33,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, cap
     monkeypatch.setattr(bench.common, "RESULTS", results)      # never touch the committed results
     work = tmp_path / "work"
     argv = ["--gsm8k", "2", "--spec-per-category", "0", "--dense-docs", "6", "--max-new-tokens", "12",
-            "--wide-budget", "0", "--workdir", str(work)]
+            "--wide-budget", "0", "--humaneval", "0", "--workdir", str(work)]
     assert bench.sense.main(argv) == 0
     first = json.loads((results / "sense.json").read_text())
     # every strict row counts its outputs identical to ar's, all of them (the run exited 0)
@@ -92,7 +92,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch, cap
 
 
 ARGV = ["--gsm8k", "2", "--spec-per-category", "0", "--dense-docs", "6", "--max-new-tokens", "12",
-        "--wide-budget", "0"]
+        "--wide-budget", "0", "--humaneval", "0"]
 
 
 def test_progress_without_a_code_hash_is_refused(tmp_path, monkeypatch, capsys):
@@ -135,10 +135,30 @@ def test_a_strict_method_differing_from_ar_fails_the_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(bench.common, "RESULTS", results)
     monkeypatch.setattr(bench.sense, "generate", generate)
     argv = ["--gsm8k", "1", "--spec-per-category", "0", "--dense-docs", "6", "--max-new-tokens", "8",
-            "--wide-budget", "0", "--workdir", str(tmp_path / "work")]
+            "--wide-budget", "0", "--humaneval", "0", "--workdir", str(tmp_path / "work")]
     assert bench.sense.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: strict rows not identical to ar (identical/questions): gsm8k/ood pld 0/1", err[-3:]
     rows = {r["method"]: r for r in json.loads((results / "sense.json").read_text())["rows"] if "mat" in r}
     assert rows["pld"]["identical"] == "0/1" and rows["ar"]["identical"] == "1/1"
     assert "Strict rows whose output differs from ar's: gsm8k/ood pld 0/1" in (results / "sense.md").read_text()
+
+
+def test_humaneval_rows_measure_an_id_and_a_mismatched_store(tmp_path, monkeypatch):
+    """HumanEval's rows: an ID store self-distilled from its even problems and, as "ood", the
+    GSM8K ID store; every strict row identical to ar's, and the report says what the stores are."""
+    import bench.common
+    import bench.sense
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(bench.common, "RESULTS", results)
+    argv = ["--gsm8k", "1", "--spec-per-category", "0", "--dense-docs", "0", "--id-questions", "20",
+            "--humaneval", "1", "--distill-max-tokens", "4", "--max-new-tokens", "8", "--wide-budget", "0",
+            "--float32-questions", "0", "--workdir", str(tmp_path / "work")]
+    assert bench.sense.main(argv) == 0
+    rows = [r for r in json.loads((results / "sense.json").read_text())["rows"]
+            if r["dataset"] == "humaneval_heldout" and "mat" in r]
+    assert {r["datastore"] for r in rows} == {"id", "ood"}
+    assert {r["method"] for r in rows} == set(bench.sense.METHODS)
+    assert all(r["identical"] == "1/1" for r in rows if r["method"] != "sense_soft")
+    assert "humaneval_heldout: HumanEval" in (results / "sense.md").read_text()
