@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from bench.analysis import humaneval_halves, spec_bench_halves
-from bench.common import forget_prompts, machine_info, median, method_order, write_results
+from bench.common import StallGuard, forget_prompts, machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from decoding.budget import AdaptiveBudget, SharedEstimates
 from decoding.config import SamplingParams
@@ -347,6 +347,10 @@ def render(payload: dict) -> str:
           "efficiency = speedup / MAT; accuracy = exact '#### N' answer on GSM8K; identical = outputs equal "
           "to ar's token for token (same question, model and dtype), counted for the strictly verified "
           "methods (every one but sense_soft; — where not counted).", "",
+          *([f"Each run is timed once; a run the machine stalled (another process or the hypervisor took "
+             f"the CPU: bench.common.StallGuard) is measured again, up to 3 times: "
+             f"{payload['stalls']['reruns']} such reruns in this run, {payload['stalls']['kept_disturbed']} "
+             f"runs still disturbed after the third.", ""] if payload.get("stalls") else []),
           "| datastore | dataset | method | MAT | MAT / REST | acceptance | speedup | per-question median [IQR] "
           "| efficiency | tok/s | ROUGE-L vs ar | identical to ar | accuracy |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -595,12 +599,21 @@ def main(argv=None) -> int:
     def adaptive(ds_name, store_name, method, curve, sizes=None) -> AdaptiveBudget:
         return AdaptiveBudget(curve, sizes=sizes, shared=shared.setdefault((ds_name, store_name, method), SharedEstimates()))
 
+    guard = StallGuard()
+
     def run(a, method, ids, gold, sparse, dense, budget, tgt=target):
         """One generation; its figures appended to `a` (this method's lists). Returns the tokens
-        (compared with ar's by `compare` once ar has run on the question)."""
+        (compared with ar's by `compare` once ar has run on the question). `budget`: a fixed
+        one, or a function making the adaptive one (a run a machine stall disturbed is measured
+        again from the start: bench.common.StallGuard)."""
         soft = soft_cfg if method in SOFT else None
-        forget_prompts(tgt)
-        r = generate(tgt, ids, params=params, drafter=make(method, sparse, dense), budget=budget, soft=soft)
+
+        def once():
+            forget_prompts(tgt)
+            return generate(tgt, ids, params=params, drafter=make(method, sparse, dense),
+                            budget=budget() if callable(budget) else budget, soft=soft)
+
+        r = guard.run(once)
         s = r.stats
         for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",
                   "time_verify", "time_commit"):
@@ -632,6 +645,11 @@ def main(argv=None) -> int:
 
     done = saved.get("datasets", {})
     elapsed_before = saved.get("elapsed_s", 0.0)     # run time of the sessions being resumed
+    stalls_before = saved.get("stalls", {"reruns": 0, "kept_disturbed": 0})
+
+    def stalls() -> dict:
+        return {"reruns": stalls_before["reruns"] + guard.reruns,
+                "kept_disturbed": stalls_before["kept_disturbed"] + guard.kept_disturbed}
     for ds_name, items in tests.items():
         ds_stores = stores[ds_name]
         first = next(iter(ds_stores))
@@ -661,8 +679,8 @@ def main(argv=None) -> int:
                         copy_last(agg[first][method], a)     # (its comparison with ar included)
                         continue
                     sizes = [s for s in cost if s >= soft_cfg.window] if method in SOFT else None
-                    outs[method] = run(a, method, ids, gold, sparse, dense, adaptive(ds_name, store_name, method, cost,
-                                                                                      sizes))
+                    outs[method] = run(a, method, ids, gold, sparse, dense,
+                                       lambda: adaptive(ds_name, store_name, method, cost, sizes))
                 ar_out = outs.get("ar", ar_out)
                 for method, out in outs.items():
                     compare(agg[store_name][method], method, out, ar_out)
@@ -674,7 +692,7 @@ def main(argv=None) -> int:
             if qi < n_f32:
                 sparse, dense = ds_stores["id"]
                 outs = {m: run(f32agg["id"][m], m, ids, gold, sparse, dense,
-                               adaptive(ds_name, "id float32", m, f32_cost), tgt=f32)
+                               lambda: adaptive(ds_name, "id float32", m, f32_cost), tgt=f32)
                         for m in method_order(FLOAT32_METHODS, qi)}
                 for method, out in outs.items():
                     compare(f32agg["id"][method], method, out, outs["ar"])
@@ -682,12 +700,13 @@ def main(argv=None) -> int:
             tmp = progress.with_suffix(".tmp")
             tmp.write_text(json.dumps({"machine": machine, "code": code, "cost_curve": cost, "datasets": done,
                                        "cost_curve_float32": f32_cost,
-                                       "elapsed_s": elapsed_before + time.time() - t_start}))
+                                       "elapsed_s": elapsed_before + time.time() - t_start,
+                                       "stalls": stalls()}))
             tmp.replace(progress)                    # atomic: a kill never leaves half a file
             if qi % 10 == 9 or qi + 1 == len(items):
                 log(f"{ds_name}: {qi + 1}/{len(items)}")
     rows = collect_rows(done, args.wide_budget, machine["dtype"])
-    publish(machine, rows, cost, args, elapsed_before + time.time() - t_start)
+    publish(machine, rows, cost, args, elapsed_before + time.time() - t_start, stalls=stalls())
     return check_strict(rows)
 
 
@@ -716,7 +735,7 @@ def progress_path(args) -> Path:
     return Path(args.workdir) / f"progress_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
-def publish(machine, rows, cost, args, elapsed_s, partial=None) -> None:
+def publish(machine, rows, cost, args, elapsed_s, partial=None, stalls=None) -> None:
     """Write bench/results/sense.{json,md}; `partial`: {dataset: (measured, planned)} questions."""
     payload = {"benchmark": "sense", "machine": machine, "rows": rows,
                "cost_curve": {str(n): round(c / cost[0], 3) for n, c in cost.items()},
@@ -724,9 +743,11 @@ def publish(machine, rows, cost, args, elapsed_s, partial=None) -> None:
                "run_time_min": round(elapsed_s / 60, 1)}
     if partial:
         payload["partial"] = partial
+    if stalls is not None:
+        payload["stalls"] = stalls
     md = render(payload)
-    path = write_results("sense", machine, rows, md,
-                         extra={k: payload[k] for k in ("cost_curve", "args", "run_time_min", "partial") if k in payload})
+    path = write_results("sense", machine, rows, md, extra={
+        k: payload[k] for k in ("cost_curve", "args", "run_time_min", "partial", "stalls") if k in payload})
     print(md)
     log(f"wrote {path}")
 
@@ -749,7 +770,7 @@ def write_partial(args) -> int:
     partial = {ds: [done.get(ds, {}).get("questions", 0), len(items)] for ds, items in eval_questions(args).items()}
     cost = {int(n): c for n, c in saved["cost_curve"].items()}
     rows = collect_rows(done, args.wide_budget, saved["machine"].get("dtype", ""))
-    publish(machine, rows, cost, args, saved.get("elapsed_s", 0.0),
+    publish(machine, rows, cost, args, saved.get("elapsed_s", 0.0), stalls=saved.get("stalls"),
             partial=partial if any(n < total for n, total in partial.values()) else None)
     return check_strict(rows)
 
