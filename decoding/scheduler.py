@@ -31,9 +31,11 @@ steps.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Sequence as Seq
+from collections.abc import Hashable, Sequence as Seq
 
 from decoding.compute_thread import ComputeThread
 from decoding.cost import BatchCost, batch_cost, interpolate_cost
@@ -495,12 +497,31 @@ class BatchLoop:
                 pass
 
 
+_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GATES_LOCK = threading.Lock()
+
+
+def batch_gate(target, key: Hashable) -> DraftingGate:
+    """The drafting gate of the :func:`generate_batch` calls on `target` whose requests draft
+    as `key` says (their drafters and verifiers): a call's loads start from the verdicts earlier
+    calls measured, as a serving replica's one scheduler carries them from request to request. A
+    fresh gate a call learned every load again, its first pairs of blocks alternating drafting
+    and not. Kept while `target` lives; calls on one target run one at a time (its forwards do)."""
+    with _GATES_LOCK:
+        table = _GATES.setdefault(target, {})
+        if key not in table:
+            table[key] = DraftingGate()
+        return table[key]
+
+
 def generate_batch(target, prompts: Seq[list[int]], *, max_batch: int = 16, **kwargs) -> list[GenerationResult]:
     """Decode `prompts` together (the keyword arguments of ``generate``, the same for all; a
-    `drafter` must not be shared: pass ``drafters=[...]``, one per prompt)."""
+    `drafter` must not be shared: pass ``drafters=[...]``, one per prompt). The drafting gate's
+    verdicts carry over from earlier calls of the same drafters (:func:`batch_gate`)."""
     drafters = kwargs.pop("drafters", None) or [None] * len(prompts)
     scheduler = BatchScheduler(target, max_batch=max_batch)
     seqs = [Sequence(target, p, drafter=d, **kwargs) for p, d in zip(prompts, drafters)]
+    scheduler.gate = batch_gate(target, tuple(sorted({(s.drafter.name, type(s.verifier).__name__) for s in seqs})))
     for s in seqs:
         scheduler.add(s)
     scheduler.run()

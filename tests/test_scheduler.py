@@ -233,6 +233,27 @@ def test_generate_batch_matches_generate(target, prompts):
                                            for p in prompts]
 
 
+def test_generate_batch_carries_the_drafting_gate_from_call_to_call(target, prompts):
+    """A second call with the same drafters starts from the verdicts the first measured (its
+    loads' pairs go on counting); another drafter has a gate of its own."""
+    from decoding.drafters import NoDrafter
+    from decoding.scheduler import batch_gate
+
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)     # answers of one length: the load stays 4
+    key = (("pld", "StrictGreedyVerifier"),)
+    gate = batch_gate(target, key)
+    before = {k: v["pairs"] for k, v in gate.summary().items()}
+    generate_batch(target, prompts, params=params, drafters=[PromptLookupDrafter() for _ in prompts])
+    first = {k: v["pairs"] for k, v in gate.summary().items()}
+    assert sum(first.values()) > sum(before.values())           # this gate measured the first call
+    generate_batch(target, prompts, params=params, drafters=[PromptLookupDrafter() for _ in prompts])
+    second = {k: v["pairs"] for k, v in gate.summary().items()}
+    assert sum(second.values()) > sum(first.values()) and all(second[k] >= n for k, n in first.items())
+    assert batch_gate(target, key) is gate and batch_gate(target, (("ar", "StrictGreedyVerifier"),)) is not gate
+    generate_batch(target, prompts[:2], params=params, drafters=[NoDrafter(), NoDrafter()])
+    assert {k: v["pairs"] for k, v in gate.summary().items()} == second      # ar's calls: not this gate
+
+
 def _request(cost, accepted):
     """A running request as the allocation sees it: an adaptive budget whose estimates say
     `accepted(b)` draft tokens are accepted with budget b."""
