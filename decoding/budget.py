@@ -34,10 +34,11 @@ class AdaptiveBudget:
     10-25% off from one measurement to the next; a request's own forwards price its tree sizes at
     its own context and at the machine's speed now. D(b): running mean of the step's own time
     outside the forward (drafting, the acceptance decision, KV compaction) for budget b. One
-    verified tree of budget B tells A(b) for every b <= B (``TokenTree.accepted_within``). Estimates start optimistic
-    (A(b) = b / 2, D = 0, replaced by the first observations), and every `explore_every` steps
-    the budget one size above the current best is tried, so the choice can climb when drafts get
-    better. When no budget beats a plain step, b = 0: the engine then skips drafting and runs at
+    verified tree of budget B tells A(b) for every b <= B (``TokenTree.accepted_within``), and
+    for every b when it has fewer nodes than B (all its drafter found). Estimates start optimistic
+    (A(b) = b / 2, D = 0, replaced by the first observations; no size above ``draft_size`` is
+    chosen on that prior), and every `explore_every` steps the budget one size above the current
+    best is tried, so the choice can climb when drafts get better. When no budget beats a plain step, b = 0: the engine then skips drafting and runs at
     ``ar`` speed (but for the exploration steps). On a GPU c(n) is flat and large budgets win;
     on a CPU it climbs and small ones do, with the same code.
 
@@ -69,6 +70,7 @@ class AdaptiveBudget:
         self.forward_seen = {b: 0 for b in self.overhead}
         self._run: list[int] = []               # the budgets with a measured C(b), ascending
         self._curve: dict[int, float] = {}      # c(n) of the curve by tree size (interpolate_cost)
+        self._draft_size: int | None = None     # draft_size, once computed (the curve is fixed)
         self.steps = 0
         self._plain = 0                         # plain steps of a batch seen (see update)
         self._first = None                      # first_terms, until the estimates change
@@ -206,12 +208,17 @@ class AdaptiveBudget:
 
     def best(self, seen: bool = False) -> int:
         """The budget of the largest ``value`` (the smallest of a tie), in one pass over the
-        sizes; with `seen`, among the sizes whose acceptance some step measured (not a prior)."""
+        sizes; with `seen`, among the sizes whose acceptance some step measured (not a prior).
+        A size above ``draft_size`` is never chosen on its prior alone: on a CPU's steep curve
+        the optimistic prior made a new drafter's first tree the largest size (64 nodes, about
+        4.5 decode steps) whatever its drafts; :meth:`explore` climbs to such sizes from
+        ``draft_size`` once that size is best."""
         best_b, best_v = 0, self.value(0)
         accepted = float("-inf")
+        cap = self.draft_size
         for b in self.sizes:                    # ascending: A(b) as expected_accepted gives it
             accepted = max(accepted, self.accepted[b])
-            if seen and not self.seen[b]:
+            if not self.seen[b] and (seen or b > cap):
                 continue
             v = (1.0 + accepted) / (self.forward_of(b) + self.overhead_of(b))
             if v > best_v:
@@ -235,8 +242,10 @@ class AdaptiveBudget:
         """The widest tree a step drafts for :meth:`cut` to choose from: the largest size whose
         verification costs at most 1.5 decode steps by the curve (at least the smallest size).
         Larger ones pay only when most of their tokens land, which the cut seldom foresees."""
-        fits = [b for b in self.sizes if self.curve(b) <= 1.5]
-        return max(fits) if fits else self.sizes[0]
+        if self._draft_size is None:
+            fits = [b for b in self.sizes if self.curve(b) <= 1.5]
+            self._draft_size = max(fits) if fits else self.sizes[0]
+        return self._draft_size
 
     def widen(self, budget: int) -> int:
         """The tree drafted when the step's budget is `budget` (> 0), for :meth:`cut` to cut:
@@ -323,8 +332,13 @@ class AdaptiveBudget:
             self.forward[budget] += rate * (measured - self.forward[budget])
             if shared is not None:
                 shared.learn_forward(budget, measured)
+        # A tree of fewer nodes than its budget is all the drafter found (no chain reached the
+        # budget's depth, nothing was cut): every larger budget would have drafted the same tree,
+        # so its outcome teaches those sizes too (a drafter whose candidates are few, as PLD's
+        # mostly are, learns every size from its first steps instead of climbing to each).
+        exhausted = 0 < tree.n_draft < budget
         for b in self.sizes:
-            if b > budget:
+            if b > budget and not exhausted:
                 break
             rate = max(1.0 - self.decay, 1.0 / (self.seen[b] + 1))   # plain mean first, then EMA
             self.seen[b] += 1
@@ -346,9 +360,9 @@ class SharedEstimates:
     D(b) as :class:`AdaptiveBudget` keeps them, averaged over requests (an EMA over their steps).
 
     A new request's :class:`AdaptiveBudget` starts from these instead of its optimistic prior
-    (A(b) = b / 2), which would make every request verify the largest tree once and then climb
-    the sizes to learn what the requests before it already knew: on a CPU the first 64-node
-    tree alone costs about 7 decode steps. The request's own steps then take over: the shared
+    (A(b) = b / 2), which would make every request verify a ``draft_size`` tree first and then
+    climb the sizes to learn what the requests before it already knew (before that cap, a CPU's
+    first 64-node tree alone cost about 7 decode steps). The request's own steps then take over: the shared
     figures count as `carry` observations. Thread-safe (a decoder's requests run on threads).
     """
 

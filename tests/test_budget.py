@@ -70,13 +70,14 @@ def test_useless_drafts_fall_back_to_no_draft():
 
 
 def test_a_request_starts_from_what_earlier_requests_learned():
-    """Alone, every request opens with the largest tree (the optimistic prior) and then climbs
-    the sizes; with the estimates of the requests before it, a request whose drafts never pay
-    drafts nothing from its first step, but for the periodic exploration of one size up."""
+    """Alone, every request opens with the largest tree the optimistic prior may choose (no
+    larger than ``draft_size``: c(2) = 1.5 here) and then climbs the sizes; with the estimates of
+    the requests before it, a request whose drafts never pay drafts nothing from its first step,
+    but for the periodic exploration of one size up."""
     cpu = {0: 1.0, 1: 1.3, 2: 1.5, 4: 1.9, 8: 2.6, 16: 3.6, 32: 5.0, 64: 7.2}
     alone: list[int] = []
     simulate(cpu, 0.0, steps=24, choices=alone)
-    assert alone[0] == 64
+    assert alone[0] == 2 == AdaptiveBudget(cpu).draft_size
     shared = SharedEstimates()
     simulate(cpu, 0.0, steps=24, shared=shared)              # an earlier request of the same drafter
     later: list[int] = []
@@ -91,6 +92,28 @@ def test_a_request_starts_from_what_earlier_requests_learned():
     assert 1 <= first[0] < 64
     assert shared_estimates(good, "pld") is shared_estimates(good, "pld")
     assert shared_estimates(good, "pld") is not shared_estimates(good, "sense")
+
+
+def test_a_new_drafter_opens_no_wider_than_the_draft_size_and_learns_every_size_it_could_not_fill():
+    """On a steep curve the optimistic prior (A(b) = b / 2) picked the largest size, a 64-node
+    tree of 4.6 decode steps, as a new drafter's first: now no size above ``draft_size`` is
+    chosen on its prior. A tree of fewer nodes than its budget is all the drafter found, so its
+    outcome teaches every larger size as well; a tree that filled its budget teaches none above."""
+    steep = {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.2, 8: 1.3, 16: 1.45, 32: 2.2, 64: 4.6}
+    flat = {0: 1.0, 1: 1.0, 4: 1.01, 16: 1.04, 64: 1.2}
+    assert AdaptiveBudget(steep).best() == 16 == AdaptiveBudget(steep).draft_size
+    assert AdaptiveBudget(flat).best() == 64                 # a GPU's curve: the largest, as before
+    few = AdaptiveBudget(steep)
+    few.update(TokenTree.chain(0, [1, 2, 3]), [0, 1], 16)    # 3 nodes found for a budget of 16
+    assert all(few.seen[b] == 1 and few.accepted[b] == 1.0 for b in few.sizes)
+    assert few.best() < 16                                   # and its cost is priced at 3 nodes
+    full = AdaptiveBudget(steep)
+    full.update(TokenTree.chain(0, list(range(1, 17))), [0, 1], 16)
+    assert [b for b in full.sizes if full.seen[b]] == [1, 2, 4, 8, 16]
+    assert full.accepted[32] == 16                           # the prior, until a step tries 32
+    empty = AdaptiveBudget(steep)
+    empty.update(TokenTree.root_only(0), [0], 16)            # nothing found (a step the engine counts
+    assert [b for b in empty.sizes if empty.seen[b]] == [1, 2, 4, 8, 16]     # as budget 0): as before
 
 
 def test_an_untried_size_costs_the_drafting_time_of_the_nearest_tried_one():

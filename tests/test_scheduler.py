@@ -254,12 +254,14 @@ def test_generate_batch_carries_the_drafting_gate_from_call_to_call(target, prom
     assert {k: v["pairs"] for k, v in gate.summary().items()} == second      # ar's calls: not this gate
 
 
-def _request(cost, accepted):
+def _request(cost, accepted, learned=False):
     """A running request as the allocation sees it: an adaptive budget whose estimates say
-    `accepted(b)` draft tokens are accepted with budget b."""
+    `accepted(b)` draft tokens are accepted with budget b (`learned`: as measured by its steps,
+    else as priors)."""
     a = AdaptiveBudget(cost)
     for b in a.sizes:
         a.accepted[b] = accepted(b)
+        a.seen[b] = int(learned)
     a.steps = 1                         # away from an exploration step
     return SimpleNamespace(adaptive=a, budget=a, choose_budget=a.choose, serial=next(_SERIALS))
 
@@ -276,7 +278,7 @@ def test_allocation_drafts_less_as_the_forward_gets_dearer():
     good = lambda b: 0.8 * min(b, 6)          # noqa: E731  a drafter that often hits
     per_request = {}
     for n in (1, 2, 4, 8, 16, 32):
-        budgets = allocate_budgets([_request(CPU_LIKE, good) for _ in range(n)])
+        budgets = allocate_budgets([_request(CPU_LIKE, good, learned=True) for _ in range(n)])
         assert all(b >= 0 for b in budgets)
         per_request[n] = sum(budgets) / n
     assert per_request[1] > 0
