@@ -35,7 +35,7 @@ class AdaptiveBudget:
     its own context and at the machine's speed now. D(b): running mean of the step's own time
     outside the forward (drafting, the acceptance decision, KV compaction) for budget b. One
     verified tree of budget B tells A(b) for every b <= B (``TokenTree.accepted_within``), and
-    for every b when it has fewer nodes than B (all its drafter found). Estimates start optimistic
+    the first estimate of every larger b when it has fewer nodes than B (all its drafter found). Estimates start optimistic
     (A(b) = b / 2, D = 0, replaced by the first observations; no size above ``draft_size`` is
     chosen on that prior), and every `explore_every` steps the budget one size above the current
     best is tried, so the choice can climb when drafts get better. When no budget beats a plain step, b = 0: the engine then skips drafting and runs at
@@ -333,13 +333,18 @@ class AdaptiveBudget:
             if shared is not None:
                 shared.learn_forward(budget, measured)
         # A tree of fewer nodes than its budget is all the drafter found (no chain reached the
-        # budget's depth, nothing was cut): every larger budget would have drafted the same tree,
-        # so its outcome teaches those sizes too (a drafter whose candidates are few, as PLD's
-        # mostly are, learns every size from its first steps instead of climbing to each).
+        # budget's depth, nothing was cut): every larger budget would have drafted the same tree.
+        # Its outcome gives the larger sizes no step has measured their first estimate (a drafter
+        # whose candidates are few, as PLD's mostly are, learns every size from its first steps
+        # instead of climbing to each); a measured size learns from its own steps only, since the
+        # steps that exhaust their budget are the cheap ones, and only those would reach it.
         exhausted = 0 < tree.n_draft < budget
         for b in self.sizes:
-            if b > budget and not exhausted:
-                break
+            if b > budget:
+                if not exhausted:
+                    break
+                if self.seen[b]:
+                    continue
             rate = max(1.0 - self.decay, 1.0 / (self.seen[b] + 1))   # plain mean first, then EMA
             self.seen[b] += 1
             accepted = tree.accepted_within(path, b)

@@ -98,7 +98,8 @@ def test_a_new_drafter_opens_no_wider_than_the_draft_size_and_learns_every_size_
     """On a steep curve the optimistic prior (A(b) = b / 2) picked the largest size, a 64-node
     tree of 4.6 decode steps, as a new drafter's first: now no size above ``draft_size`` is
     chosen on its prior. A tree of fewer nodes than its budget is all the drafter found, so its
-    outcome teaches every larger size as well; a tree that filled its budget teaches none above."""
+    outcome gives every larger size not yet measured its first estimate; a tree that filled its
+    budget teaches none above."""
     steep = {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.2, 8: 1.3, 16: 1.45, 32: 2.2, 64: 4.6}
     flat = {0: 1.0, 1: 1.0, 4: 1.01, 16: 1.04, 64: 1.2}
     assert AdaptiveBudget(steep).best() == 16 == AdaptiveBudget(steep).draft_size
@@ -107,6 +108,9 @@ def test_a_new_drafter_opens_no_wider_than_the_draft_size_and_learns_every_size_
     few.update(TokenTree.chain(0, [1, 2, 3]), [0, 1], 16)    # 3 nodes found for a budget of 16
     assert all(few.seen[b] == 1 and few.accepted[b] == 1.0 for b in few.sizes)
     assert few.best() < 16                                   # and its cost is priced at 3 nodes
+    few.update(TokenTree.chain(0, [1, 2, 3]), [0], 4)        # again, none landing, for a budget of 4:
+    assert few.accepted[4] < 1.0 and few.accepted[8] == few.accepted[64] == 1.0    # measured sizes above
+    assert few.seen[8] == 1                                  # learn from their own steps only
     full = AdaptiveBudget(steep)
     full.update(TokenTree.chain(0, list(range(1, 17))), [0, 1], 16)
     assert [b for b in full.sizes if full.seen[b]] == [1, 2, 4, 8, 16]
