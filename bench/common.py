@@ -111,12 +111,18 @@ class StallGuard:
         lost = max(0.0, 1.0 - share / (self.share_drop * typical)) if typical else 0.0
         return max(lost, max(0.0, others - self.others_limit))
 
-    def run(self, measure):
-        """`measure()` (a fresh run each call), measured again while disturbed; its value."""
+    def run(self, measure, checkpoint=None):
+        """`measure()` (a fresh run each call), measured again while disturbed; its value.
+        `checkpoint()`, if given, is called before the first attempt and returns a function that
+        undoes what an attempt changed (a run teaches the shared budget estimates its times): it
+        is called before each attempt after the first, so a disturbed run teaches nothing."""
         from decoding.measured import cpu_snapshot, others_busy
 
         best = None
+        rewind = checkpoint() if checkpoint is not None else None
         for attempt in range(self.attempts):
+            if attempt and rewind is not None:
+                rewind()
             start = cpu_snapshot()
             value = measure()
             others = others_busy(start)

@@ -605,7 +605,8 @@ def main(argv=None) -> int:
         """One generation; its figures appended to `a` (this method's lists). Returns the tokens
         (compared with ar's by `compare` once ar has run on the question). `budget`: a fixed
         one, or a function making the adaptive one (a run a machine stall disturbed is measured
-        again from the start: bench.common.StallGuard)."""
+        again from the start, and from the shared estimates as they were before it:
+        bench.common.StallGuard)."""
         soft = soft_cfg if method in SOFT else None
 
         def once():
@@ -613,7 +614,19 @@ def main(argv=None) -> int:
             return generate(tgt, ids, params=params, drafter=make(method, sparse, dense),
                             budget=budget() if callable(budget) else budget, soft=soft)
 
-        r = guard.run(once)
+        def checkpoint():
+            """The shared estimates as they are before the run: a rerun starts from them (those
+            the run created are dropped)."""
+            snaps = {key: est.snapshot() for key, est in shared.items()}
+
+            def rewind():
+                for key in [k for k in shared if k not in snaps]:
+                    del shared[key]
+                for key, snap in snaps.items():
+                    shared[key].restore(snap)
+            return rewind
+
+        r = guard.run(once, checkpoint if callable(budget) else None)
         s = r.stats
         for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",
                   "time_verify", "time_commit"):

@@ -48,6 +48,14 @@ class NodeAcceptance:
         rather than follow a guess (a drafter's first request or two)."""
         return self.updates >= self.warm
 
+    def snapshot(self) -> tuple[dict[str, float], int]:
+        with self._lock:
+            return dict(self.coef), self.updates
+
+    def restore(self, snap: tuple[dict[str, float], int]) -> None:
+        with self._lock:
+            self.coef, self.updates = dict(snap[0]), snap[1]
+
     @staticmethod
     def features(tree: TokenTree, i: int) -> dict[str, float]:
         w, parent = tree.weights, tree.parents[i]

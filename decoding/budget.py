@@ -385,6 +385,25 @@ class SharedEstimates:
         self.wide_seen = 0
         self.nodes = NodeAcceptance()           # the drafter's node acceptance model, one for all
 
+    _LEARNED = ("accepted", "tree_cost", "seen", "overhead", "overhead_seen", "forward", "forward_seen")
+
+    def snapshot(self) -> dict:
+        """What these estimates have learned so far (for :meth:`restore`): a benchmark whose
+        timed run the machine disturbed measures it again from the estimates before it, so the
+        disturbed run's times teach nothing."""
+        with self._lock:
+            snap = {k: dict(getattr(self, k)) for k in self._LEARNED}
+            snap.update(wide=self.wide, wide_seen=self.wide_seen, nodes=self.nodes.snapshot())
+            return snap
+
+    def restore(self, snap: dict) -> None:
+        """Back to a :meth:`snapshot`."""
+        with self._lock:
+            for k in self._LEARNED:
+                setattr(self, k, dict(snap[k]))
+            self.wide, self.wide_seen = snap["wide"], snap["wide_seen"]
+            self.nodes.restore(snap["nodes"])
+
     def seed(self, budget: AdaptiveBudget) -> None:
         with self._lock:
             for b in budget.sizes:

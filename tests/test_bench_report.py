@@ -361,6 +361,17 @@ def test_a_run_the_machine_stalled_is_measured_again():
 
     assert guard.run(stalled_once) == "clean" and len(calls) == 2
     assert guard.reruns == 1 and guard.kept_disturbed == 0
+    # A rerun starts from the checkpoint: rewound before every attempt after the first only.
+    log = []
+
+    def checkpoint():
+        log.append("checkpoint")
+        return lambda: log.append("rewind")
+
+    calls.clear()
+    assert guard.run(stalled_once, checkpoint) == "clean" and log == ["checkpoint", "rewind"]
+    log.clear()
+    assert guard.run(busy("clean"), checkpoint) == "clean" and log == ["checkpoint"]
     always = StallGuard(attempts=2, others_limit=1.0)
     always.shares = [1.0] * 5
     assert always.run(lambda: time.sleep(0.05) or "slept") == "slept"      # the least disturbed of two

@@ -94,6 +94,33 @@ def test_a_request_starts_from_what_earlier_requests_learned():
     assert shared_estimates(good, "pld") is not shared_estimates(good, "sense")
 
 
+def test_shared_estimates_go_back_to_a_snapshot():
+    """A benchmark measures a run the machine disturbed again (bench.common.StallGuard), from the
+    shared estimates as they were before it: ``restore`` undoes everything a run taught, the
+    node model included, and the next request starts as it would have."""
+    cpu = {0: 1.0, 1: 1.3, 2: 1.5, 4: 1.9, 8: 2.6, 16: 3.6, 32: 5.0, 64: 7.2}
+    good = SharedEstimates()
+    simulate(cpu, 0.9, steps=48, shared=good)
+    tree = _tree_of_shares(1.0, 1.0)
+    for _ in range(20):
+        good.nodes.learn(tree, [0, tree.child(0, 1)])
+    snap = good.snapshot()
+    before = (dict(good.accepted), dict(good.forward), dict(good.overhead), good.wide,
+              dict(good.nodes.coef), good.nodes.updates)
+    first: list[int] = []
+    simulate(cpu, 0.9, steps=1, shared=good, choices=first)
+    simulate(cpu, 0.0, steps=100, shared=good)              # a run whose drafts never landed
+    for _ in range(20):
+        good.nodes.learn(tree, [0])
+    assert good.accepted != before[0] and good.nodes.coef != before[4]
+    good.restore(snap)
+    assert (dict(good.accepted), dict(good.forward), dict(good.overhead), good.wide,
+            dict(good.nodes.coef), good.nodes.updates) == before
+    again: list[int] = []
+    simulate(cpu, 0.9, steps=1, shared=good, choices=again)
+    assert again == first and first[0] >= 1
+
+
 def test_a_new_drafter_opens_no_wider_than_the_draft_size_and_learns_every_size_it_could_not_fill():
     """On a steep curve the optimistic prior (A(b) = b / 2) picked the largest size, a 64-node
     tree of 4.6 decode steps, as a new drafter's first: now no size above ``draft_size`` is
