@@ -211,7 +211,7 @@ def pipeline_faults(cluster, s3, workdir: Path, n_docs: int = 10) -> list[dict]:
 def app_args(max_ongoing: int, max_queued: int, overload_status: int = 503) -> dict:
     return {"model": {"torch_threads": 1},
             "index": {"version": "v1", "dense": "default", "sparse": "default"},
-            "speculative": {"method": "sense", "budget": 4},
+            "speculative": {"method": "sense"},
             "sampling": {"temperature": 0.0},
             "decoder": {"num_replicas": 1, "max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
                         "ray_actor_options": {"num_cpus": 1}, "graceful_shutdown_timeout_s": 5},
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
         if shard_kills:
             sense_body = chat_body("Natalia sold clips to 48 of her friends in April, and then she sold half as "
                                    "many clips in May. How many clips did Natalia sell altogether in April and May?",
-                                   64, method="sense", budget=4)
+                                   64, method="sense")
             sense_ref = answer_ids(url, sense_body)
         for how in shard_kills:
             log(f"fault: every index shard killed mid-request ({how}) ...")
@@ -420,7 +420,7 @@ def markdown(machine, args, loads, faults, summary, longs=()) -> str:
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['device']}; "
           f"embedded SmolLM2-135M-Instruct, local Ray cluster (head + 1 worker node). One decoder replica "
           f"(continuous batching, max_ongoing_requests {args.max_ongoing}, max_queued_requests {args.max_queued}), "
-          f"two index shards, SENSE (budget 4), greedy. Total {summary['seconds']:.0f} s.\n"]
+          f"two index shards, SENSE (adaptive budget), greedy. Total {summary['seconds']:.0f} s.\n"]
     only_long = args.long_only
     if only_long:
         md += ["Long-answer round only (--long-only): no load rounds, no faults."]

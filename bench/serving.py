@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--methods", default="pld,sense")
-    ap.add_argument("--budget", default="4", help="draft budget, both sides (an integer or 'adaptive')")
+    ap.add_argument("--budget", default="adaptive", help="draft budget, both sides ('adaptive', the default, or an integer)")
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the questions per concurrency level")
     ap.add_argument("--dense-docs", type=int, default=200, help="default dense store size (GSM8K train pairs)")

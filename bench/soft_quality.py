@@ -1,6 +1,6 @@
 """Quality of soft-gated verification on GSM8K test: sense_soft against autoregressive greedy.
 
-    python -m bench.soft_quality [--questions 200] [--id-questions 1000] [--max-new-tokens 128]
+    python -m bench.soft_quality [--questions 200] [--id-questions 400] [--max-new-tokens 128]
 
 The reference is the target's greedy answer (batched greedy generation, equal to the engine's
 autoregressive output up to float rounding: see decoding/batch_generate.py). sense_soft runs the
@@ -75,7 +75,7 @@ def gate_rates(gates: dict, new_tokens: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=200)
-    ap.add_argument("--id-questions", type=int, default=1000)
+    ap.add_argument("--id-questions", type=int, default=400, help="GSM8K train questions of the ID store (as bench.sense)")
     ap.add_argument("--distill-max-tokens", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--workdir", default="bench/out")

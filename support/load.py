@@ -36,11 +36,15 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))]
 
 
-def chat_body(text: str, max_tokens: int, *, method: str = "sense", budget: int = 4, stream: bool = False) -> dict:
-    """A greedy chat request for exactly `max_tokens` tokens (ignore_eos) returning its token ids."""
+def chat_body(text: str, max_tokens: int, *, method: str = "sense", budget: int | str | None = None,
+              stream: bool = False) -> dict:
+    """A greedy chat request for exactly `max_tokens` tokens (ignore_eos) returning its token ids;
+    `budget` None: the server's default (adaptive)."""
+    spec = {"method": method, "return_token_ids": True}
+    if budget is not None:
+        spec["budget"] = budget
     return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream,
-            "speculative": {"method": method, "budget": budget, "return_token_ids": True}}
+            "ignore_eos": True, "stream": stream, "speculative": spec}
 
 
 def answer_ids(url: str, body: dict, timeout: float = 300) -> list[int]:

@@ -21,7 +21,8 @@ def engine_reference(bodies: list[dict], app: dict) -> list[list[int]]:
     would decode it: the request parsed by the server's protocol, the prompt encoded by the
     decoder's own code, the app's model, dtype and torch threads, its index version loaded whole.
     Greedy and strictly verified, a served answer must equal this token for token whatever was
-    drafted, sharded or run beside it."""
+    drafted, sharded or run beside it, with whatever budget (a fixed one or the adaptive one:
+    what the budget changes is the drafts, never a strict answer)."""
     cfg = ServingConfig.from_args(app)
     threads = torch.get_num_threads()
     if cfg.model.torch_threads:
@@ -35,8 +36,8 @@ def engine_reference(bodies: list[dict], app: dict) -> list[list[int]]:
         for body in bodies:
             req = protocol.chat_request(protocol.parse(protocol.ChatRequest, json.dumps(
                 {**body, "stream": False}).encode()), cfg)
-            if not isinstance(req.budget, int):
-                raise ValueError("the reference needs a fixed speculative budget")
+            if req.soft is not None:
+                raise ValueError("the reference is for strictly verified requests (a soft answer depends on its drafts)")
             if stores is None and (req.method in NEEDS_SPARSE or req.method in NEEDS_DENSE):
                 stores = load_version_stores(cfg.index, target)      # the whole index, as one decoder holds it
             ids = Decoder.func_or_class._encode(decoder, req)

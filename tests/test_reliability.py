@@ -285,6 +285,11 @@ def test_long_answer_reference_is_the_request_decoded_alone(target):
     refs = engine_reference(bodies, app)
     assert torch.get_num_threads() == threads                                # restored
     for body, ref in zip(bodies, refs):
+        assert "budget" not in body["speculative"]          # the server's default: adaptive
         ids = encode_prompt(target, body["messages"][0]["content"])
         alone = generate(target, ids, params=SamplingParams(max_new_tokens=24, ignore_eos=True)).token_ids
         assert ref == alone and len(ref) == 24
+    # A soft answer depends on its drafts: there is no alone-decoded reference for it.
+    soft = {**bodies[0], "speculative": {**bodies[0]["speculative"], "verification": "soft"}}
+    with pytest.raises(ValueError, match="strictly verified"):
+        engine_reference([soft], app)
