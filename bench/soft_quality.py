@@ -162,7 +162,7 @@ def main(argv=None) -> int:
           f"| identical outputs | {row['identical_outputs']}/{len(items)} | |",
           f"| MAT / acceptance | {row['mat']} / {row['acceptance_rate']} | 1 / - |", "",
           f"Accuracy ratio sense_soft / ar: {row['accuracy_ratio']} (95% bootstrap interval "
-          f"{row['accuracy_ratio_ci95']}); the target is 0.99. At a base rate of {row['vs_accuracy']:.0%} this "
+          f"{row['accuracy_ratio_ci95']}); the target is 0.99. At a base rate of {row['vs_accuracy']:.1%} this "
           "interval is wide: the paired log-probability below is the measure with power.", "",
           f"**Mean log-prob per token, sense_soft minus ar, paired per question: {row['mean_logprob_difference']:+.4f} "
           f"(95% bootstrap interval {row['mean_logprob_difference_ci95']}; lower for soft on "
