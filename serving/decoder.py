@@ -18,7 +18,9 @@ scheduler's queue and join the batch at the step a running request ends. A reque
 Events the ``generate`` stream yields (plain dicts): ``start`` (prompt accepted), ``delta``
 (text and token ids committed since the last one, at most every ``decoder.stream_interval_ms``;
 streaming requests only), then ``done`` (final text
-tail, finish reason, usage and statistics) or a single ``error`` (an APIError as a dict).
+tail, finish reason, usage and statistics; with the last ``delta`` inside it, as ``delta``, when
+the two were ready together: one item through Ray instead of two) or a single ``error`` (an
+APIError as a dict).
 """
 
 from __future__ import annotations
@@ -165,6 +167,22 @@ def coalesce_deltas(event: dict, queue: asyncio.Queue) -> tuple[dict, dict | Non
             return event, nxt
         event = _merge(event, nxt)
     return event, None
+
+
+def relay(event: dict, queue: asyncio.Queue, text) -> tuple[dict, dict | None]:
+    """The next item of a request's stream from `event` and the events already waiting behind it
+    (:func:`coalesce_deltas`), its text detokenised by `text` (a ``serving.text.TextStream``;
+    None for a request that does not stream); returns it and the event taken from the queue to
+    relay next, if any. Deltas waiting together go as one; the last delta, when the finish is
+    already behind it, goes inside the ``done`` event (as ``delta``): one item through Ray."""
+    event, held = coalesce_deltas(event, queue)
+    if event["type"] == "delta":
+        event = {**event, "text": text.push(event["token_ids"])}
+        if held is not None and held["type"] == "done":
+            return {**held, "text": text.finish(held["text"]), "delta": event}, None
+    elif event["type"] == "done" and text is not None:
+        event = {**event, "text": text.finish(event["text"])}
+    return event, held
 
 
 class StreamBuffer:
@@ -539,12 +557,7 @@ class Decoder:
         held = None
         try:
             while True:
-                event = held if held is not None else await queue.get()
-                event, held = coalesce_deltas(event, queue)
-                if event["type"] == "delta":
-                    event = {**event, "text": text.push(event["token_ids"])}
-                elif event["type"] == "done" and text is not None:
-                    event = {**event, "text": text.finish(event["text"])}
+                event, held = relay(held if held is not None else await queue.get(), queue, text)
                 yield event
                 if event["type"] in ("done", "error"):
                     break

@@ -222,43 +222,58 @@ class Ingress:
         raise internal("the decoder ended the request without an answer")
 
     async def _sse(self, gen, req, stream, t0, route):
+        """The SSE events of a streamed request. Each yield is one message through Serve's proxy
+        (and, on a machine of few cores, a stall of the forward running beside it), so events
+        that are ready together go out together: the chat role chunk with the first tokens, and
+        the last tokens (which the decoder sends within its finish event), the finish chunk, the
+        usage chunk and ``[DONE]`` as one."""
         name = self.cfg.model.name
         usage_wanted = protocol.include_usage(req)
         ids = gen.return_token_ids
         first_token = False
         status = 200
         ended = False                   # the finish chunk or an error event went out
+        head = sse(chunk(gen, name, text="", role=True)) if gen.kind == "chat" else ""
+
+        def tokens(delta: dict) -> str:
+            nonlocal first_token
+            if delta["text"] and not first_token:
+                first_token = True
+                self.metrics.first_token(route, time.perf_counter() - t0)
+            if delta["text"] or ids:
+                return sse(chunk(gen, name, text=delta["text"], token_ids=delta["token_ids"] if ids else None))
+            return ""
+
         try:
-            if gen.kind == "chat":
-                yield sse(chunk(gen, name, text="", role=True))
+            tail = ""
             async for event in stream:
                 kind = event["type"]
                 if kind == "delta":
-                    if event["text"] and not first_token:
-                        first_token = True
-                        self.metrics.first_token(route, time.perf_counter() - t0)
-                    if event["text"] or ids:
-                        yield sse(chunk(gen, name, text=event["text"], token_ids=event["token_ids"] if ids else None))
+                    out = tokens(event)
+                    if out:
+                        yield head + out
+                        head = ""
                 elif kind == "done":
+                    tail = head + (tokens(event["delta"]) if "delta" in event else "")
                     if event["text"]:
-                        yield sse(chunk(gen, name, text=event["text"], token_ids=[] if ids else None))
+                        tail += sse(chunk(gen, name, text=event["text"], token_ids=[] if ids else None))
                     stats = {"speculative": event["speculative"]}
-                    yield sse(chunk(gen, name, finish_reason=event["finish_reason"],
-                                    extra=None if usage_wanted else stats))
+                    tail += sse(chunk(gen, name, finish_reason=event["finish_reason"],
+                                      extra=None if usage_wanted else stats))
                     if usage_wanted:
-                        yield sse(usage_chunk(gen, name, event["usage"], stats))
+                        tail += sse(usage_chunk(gen, name, event["usage"], stats))
                     ended = True
                     break
                 elif kind == "error":
                     status = event["error"]["status"]
-                    yield sse(APIError.from_dict(event["error"]).body())
+                    tail = head + sse(APIError.from_dict(event["error"]).body())
                     ended = True
                     break
             if not ended:               # never a truncated stream that looks complete
                 log.error("stream %s: the decoder stopped without finishing", gen.request_id)
                 status = 500
-                yield sse(internal("the decoder stopped the generation without finishing it").body())
-            yield SSE_DONE
+                tail = head + sse(internal("the decoder stopped the generation without finishing it").body())
+            yield tail + SSE_DONE
         except (asyncio.CancelledError, GeneratorExit):
             status = 499                # the client disconnected mid-stream: stop the generation
             stream.cancel()

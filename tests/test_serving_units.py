@@ -339,6 +339,38 @@ def test_stream_deltas_waiting_together_go_as_one_chunk():
     assert coalesce_deltas(one, empty) == (one, None)                     # nothing waiting: sent as is
 
 
+def test_the_last_tokens_go_inside_the_finish_event():
+    """relay(): deltas waiting together are one item with their text; the last delta, when the
+    finish is already behind it, goes inside the done event (one item through Ray instead of
+    two), the text of both still what the request wrote; a delta with nothing behind it goes as
+    is, and a done event alone keeps no delta."""
+    import asyncio
+
+    from serving.decoder import relay
+
+    class Chars:                                   # a tokenizer whose tokens are characters
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    def codes(text):
+        return [ord(c) for c in text]
+
+    q: asyncio.Queue = asyncio.Queue()
+    text = TextStream(Chars(), ())
+    event, held = relay({"type": "delta", "token_ids": codes("ab")}, q, text)
+    assert event == {"type": "delta", "token_ids": codes("ab"), "text": "ab"} and held is None
+    for e in ({"type": "delta", "token_ids": codes("d")}, {"type": "done", "text": "abcd", "finish_reason": "length"}):
+        q.put_nowait(e)
+    event, held = relay({"type": "delta", "token_ids": codes("c")}, q, text)
+    assert held is None and q.empty()
+    assert event == {"type": "done", "text": "", "finish_reason": "length",
+                     "delta": {"type": "delta", "token_ids": codes("cd"), "text": "cd"}}
+    alone = TextStream(Chars(), ())
+    done = {"type": "done", "text": "xy"}
+    assert relay(done, asyncio.Queue(), alone)[0] == {"type": "done", "text": "xy"}     # nothing streamed: all of it
+    assert relay(done, asyncio.Queue(), None) == (done, None)                           # a plain request
+
+
 def test_stream_buffer_sends_the_first_tokens_at_once_then_at_most_every_interval():
     from serving.decoder import StreamBuffer
 
