@@ -168,9 +168,11 @@ def _sse_lines(stream: _Stream) -> list:
         return [x async for x in sse]
 
     out = []
-    for line in asyncio.run(run()):
-        data = line.removeprefix("data: ").strip()
-        out.append(data if data == "[DONE]" else json.loads(data))
+    for message in asyncio.run(run()):          # a message may hold several events
+        for line in message.split("\n\n"):
+            if line.strip():
+                data = line.removeprefix("data: ").strip()
+                out.append(data if data == "[DONE]" else json.loads(data))
     return out
 
 

@@ -398,7 +398,8 @@ def test_a_busy_replica_streams_in_fewer_larger_chunks():
     from serving.config import DecoderConfig
     from serving.decoder import StreamBuffer, stream_interval
 
-    cfg = DecoderConfig()
+    assert DecoderConfig().stream_interval_ms == 250.0         # the default (see DecoderConfig)
+    cfg = DecoderConfig(stream_interval_ms=100.0)
     assert stream_interval(cfg, 1) == stream_interval(cfg, 3) == cfg.stream_interval_ms / 1e3
     assert stream_interval(cfg, 16) == pytest.approx(16 / cfg.stream_chunks_per_s)
     assert stream_interval(cfg, 16) > stream_interval(cfg, 8) > stream_interval(cfg, 1)
