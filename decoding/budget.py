@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import bisect
 import threading
-import weakref
 from collections.abc import Hashable, Sequence
 
 from decoding.acceptance import NodeAcceptance
 from decoding.cost import interpolate_cost
+from decoding.per_owner import PerOwner
 from decoding.tree import TokenTree
 
 
@@ -449,15 +449,10 @@ class SharedEstimates:
             self.forward[b] = self.forward.get(b, 0.0) + self._rate(n) * (steps - self.forward.get(b, 0.0))
 
 
-_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SHARED_LOCK = threading.Lock()
+_SHARED: PerOwner[SharedEstimates] = PerOwner(SharedEstimates)
 
 
 def shared_estimates(owner: object, key: Hashable) -> SharedEstimates:
     """The :class:`SharedEstimates` of drafter `key` (e.g. its method and verifier) among the
     requests of `owner` (a target model, or a decoder): one per pair, kept while `owner` lives."""
-    with _SHARED_LOCK:
-        table = _SHARED.setdefault(owner, {})
-        if key not in table:
-            table[key] = SharedEstimates()
-        return table[key]
+    return _SHARED.get(owner, key)

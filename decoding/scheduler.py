@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Hashable, Sequence as Seq
 
@@ -41,6 +40,7 @@ from decoding.compute_thread import ComputeThread
 from decoding.cost import BatchCost, batch_cost, interpolate_cost
 from decoding.engine import GenerationResult, Sequence
 from decoding.gate import DraftingGate
+from decoding.per_owner import PerOwner
 from decoding.tree import TokenTree
 
 
@@ -465,8 +465,6 @@ class BatchLoop:
 
     def run(self, seq: Sequence) -> Sequence:
         """Submit `seq` and wait until it has finished (from a thread other than the loop's)."""
-        import threading
-
         done = threading.Event()
         self.submit(seq, done.set)
         done.wait()
@@ -497,8 +495,7 @@ class BatchLoop:
                 pass
 
 
-_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_GATES_LOCK = threading.Lock()
+_GATES: PerOwner[DraftingGate] = PerOwner(DraftingGate)
 
 
 def batch_gate(target, key: Hashable) -> DraftingGate:
@@ -507,11 +504,7 @@ def batch_gate(target, key: Hashable) -> DraftingGate:
     calls measured, as a serving replica's one scheduler carries them from request to request. A
     fresh gate a call learned every load again, its first pairs of blocks alternating drafting
     and not. Kept while `target` lives; calls on one target run one at a time (its forwards do)."""
-    with _GATES_LOCK:
-        table = _GATES.setdefault(target, {})
-        if key not in table:
-            table[key] = DraftingGate()
-        return table[key]
+    return _GATES.get(target, key)
 
 
 def generate_batch(target, prompts: Seq[list[int]], *, max_batch: int = 16, **kwargs) -> list[GenerationResult]:

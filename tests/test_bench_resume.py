@@ -153,12 +153,12 @@ def test_humaneval_rows_measure_an_id_and_a_mismatched_store(tmp_path, monkeypat
     results = tmp_path / "results"
     monkeypatch.setattr(bench.common, "RESULTS", results)
     argv = ["--gsm8k", "1", "--spec-per-category", "0", "--dense-docs", "0", "--id-questions", "20",
-            "--humaneval", "1", "--distill-max-tokens", "4", "--max-new-tokens", "8", "--wide-budget", "0",
-            "--float32-questions", "0", "--workdir", str(tmp_path / "work")]
+            "--humaneval", "1", "--store-questions", "20", "--distill-max-tokens", "4", "--max-new-tokens", "8",
+            "--wide-budget", "0", "--float32-questions", "0", "--workdir", str(tmp_path / "work")]
     assert bench.sense.main(argv) == 0
     rows = [r for r in json.loads((results / "sense.json").read_text())["rows"]
             if r["dataset"] == "humaneval_heldout" and "mat" in r]
     assert {r["datastore"] for r in rows} == {"id", "ood"}
     assert {r["method"] for r in rows} == set(bench.sense.METHODS)
     assert all(r["identical"] == "1/1" for r in rows if r["method"] != "sense_soft")
-    assert "humaneval_heldout: HumanEval" in (results / "sense.md").read_text()
+    assert "its id store is self-distilled from the first 20 of the even ones" in (results / "sense.md").read_text()

@@ -94,6 +94,25 @@ def test_a_request_starts_from_what_earlier_requests_learned():
     assert shared_estimates(good, "pld") is not shared_estimates(good, "sense")
 
 
+def test_per_owner_values_live_as_long_as_their_owner():
+    import gc
+
+    from decoding.per_owner import PerOwner
+
+    class Owner:
+        pass
+
+    made: list[int] = []
+    table = PerOwner(lambda: made.append(1) or object())
+    a, b = Owner(), Owner()
+    va = table.get(a, "k")
+    assert table.get(a, "k") is va and table.get(b, "k") is not va and table.get(a, "j") is not va
+    assert len(made) == 3
+    del a
+    gc.collect()
+    assert len(table._tables) == 1          # a's values went with it; b's stay
+
+
 def test_shared_estimates_go_back_to_a_snapshot():
     """A benchmark measures a run the machine disturbed again (bench.common.StallGuard), from the
     shared estimates as they were before it: ``restore`` undoes everything a run taught, the
