@@ -72,7 +72,7 @@ def machine(device: torch.device | str = "cpu") -> dict:
     return d
 
 
-QUIET_LIMIT = 0.10          # others may use at most this share of the machine during a timing
+QUIET_LIMIT = 0.10          # others may take at most this share of a timing's cores (see contention)
 QUIET_ATTEMPTS = 2          # timings tried before a busy machine's is kept as provisional
 QUIET_PROBE_S = 0.25        # how long a reader of a provisional timing watches the machine
 
@@ -88,14 +88,18 @@ def remembered(kind: str, key: dict, compute: Callable[[], dict], *, quiet: bool
 
     `quiet`: `compute` is a timing that only prices (a cost curve; not a choice that changes bits,
     which processes must share whatever it measured), and a timing taken while other processes used
-    the cores is wrong for as long as it is remembered: a serving replica that measured its verify
-    cost curve while its sibling deployments loaded read 16-token verifications at 4.6 decode steps
-    (2.7 quiet) and drafted small trees ever after. So the share of the machine other processes
-    (and the hypervisor, as steal) used during it is read from ``/proc/stat`` (:func:`others_busy`)
-    and stored with it; above ``QUIET_LIMIT`` the timing is taken again after a pause, and if the
-    machine stays busy the less disturbed one is stored as provisional: used by whoever finds the
-    machine busy too (a test driver polling beside its servers), measured again by the first
-    process that finds it quiet (watched for ``QUIET_PROBE_S``), which replaces it."""
+    the cores it runs on is wrong for as long as it is remembered: a serving replica that measured
+    its verify cost curve while its sibling deployments loaded read 16-token verifications at 4.6
+    decode steps (2.7 quiet) and drafted small trees ever after. So the share of the timing's own
+    cores that other processes and the hypervisor took during it is read from ``/proc/stat``
+    (:func:`contention`) and stored with it; above ``QUIET_LIMIT`` the timing is taken again after
+    a pause, and if the contention stays the less disturbed one is stored as provisional: used by
+    whoever finds the machine busy too (a test driver polling beside its servers), measured again
+    by the first process that finds it quiet (watched for ``QUIET_PROBE_S``), which replaces it.
+    A timing on fewer threads than the machine has cores is not disturbed by others running on the
+    cores it leaves free (a one-thread serving replica beside Ray's own daemons, which use 10-25%
+    of a 2-core machine: judged by the whole machine's share, as this was before, every replica
+    start measured again, 20-90 s of the batch cost model, and stored provisional again)."""
     text = json.dumps(key, sort_keys=True, default=str)
     key = json.loads(text)              # as it reads back from the file
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -114,12 +118,12 @@ def remembered(kind: str, key: dict, compute: Callable[[], dict], *, quiet: bool
         if again is not None and (again != stored or not quiet or not _provisional(again)):
             return again["value"], True
         value, busy = _quietly(compute) if quiet else (compute(), None)
-        if again is not None and busy > again["others_busy"]:
+        if again is not None and busy > _disturbed(again):
             return again["value"], True     # busier than the provisional one after all: keep that
         fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "value": value} | ({} if busy is None else {"others_busy": round(busy, 3)}),
+                json.dump({"key": key, "value": value} | ({} if busy is None else {"contention": round(busy, 3)}),
                           f, indent=1)
             os.replace(tmp, path)
         except OSError:
@@ -127,14 +131,20 @@ def remembered(kind: str, key: dict, compute: Callable[[], dict], *, quiet: bool
     return value, False
 
 
+def _disturbed(entry: dict) -> float:
+    """The contention stored with a timing (an entry of an older cache: the machine's share
+    others used, which is at most the contention it caused)."""
+    return entry.get("contention", entry.get("others_busy", 0.0))
+
+
 def _provisional(entry: dict) -> bool:
-    return entry.get("others_busy", 0.0) > QUIET_LIMIT
+    return _disturbed(entry) > QUIET_LIMIT
 
 
 def _quiet_now() -> bool:
     start = cpu_snapshot()
     time.sleep(QUIET_PROBE_S)
-    return others_busy(start) <= QUIET_LIMIT
+    return contention(start) <= QUIET_LIMIT
 
 
 def _quietly(compute: Callable[[], dict]) -> tuple[dict, float]:
@@ -145,7 +155,7 @@ def _quietly(compute: Callable[[], dict]) -> tuple[dict, float]:
     for attempt in range(QUIET_ATTEMPTS):
         start = cpu_snapshot()
         value = compute()
-        busy = others_busy(start)
+        busy = contention(start)
         if best is None or busy < best[1]:
             best = (value, busy)
         if busy <= QUIET_LIMIT:
@@ -155,18 +165,20 @@ def _quietly(compute: Callable[[], dict]) -> tuple[dict, float]:
     return best
 
 
-def cpu_snapshot() -> tuple[float, float, float]:
+def cpu_snapshot() -> tuple[float, float | None, float, float | None]:
     """(monotonic seconds, CPU seconds the whole machine has been busy including steal, CPU
-    seconds this process has used); the machine's part is 0 where ``/proc/stat`` is missing."""
+    seconds this process has used, CPU seconds the hypervisor stole); the machine's parts are
+    None where ``/proc/stat`` is missing."""
     try:
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:9]]
         # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
-        machine_busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        hz = os.sysconf("SC_CLK_TCK")
+        machine_busy, steal = (sum(ticks) - ticks[3] - ticks[4]) / hz, ticks[7] / hz
     except (OSError, ValueError, IndexError):
-        machine_busy = None
+        machine_busy = steal = None
     t = os.times()
-    return time.monotonic(), machine_busy, t.user + t.system
+    return time.monotonic(), machine_busy, t.user + t.system, steal
 
 
 def others_busy(since: tuple[float, float, float]) -> float:
@@ -182,8 +194,28 @@ def others_busy(since: tuple[float, float, float]) -> float:
     return min(1.0, max(0.0, others) / (wall * (os.cpu_count() or 1)))
 
 
+def contention(since: tuple, threads: int | None = None) -> float:
+    """The share (0..1) of a timing's own cores that others took since `since`
+    (:func:`cpu_snapshot`), for a timing on `threads` threads (default: torch's): the
+    hypervisor's steal, which takes every core alike, as its share of the machine; other
+    processes only beyond the cores the timing leaves free (``cores - threads``), since the
+    kernel runs them there first. On as many threads as cores, this is :func:`others_busy`."""
+    return contention_between(since, cpu_snapshot(), threads or torch.get_num_threads(), os.cpu_count() or 1)
+
+
+def contention_between(since: tuple, now: tuple, threads: int, cores: int) -> float:
+    """:func:`contention` from two snapshots, for `threads` threads on `cores` cores."""
+    wall = now[0] - since[0]
+    if since[1] is None or now[1] is None or wall <= 0:
+        return 0.0
+    threads = max(1, min(cores, threads))
+    steal = max(0.0, (now[3] - since[3]) / wall)                            # cores' worth
+    others = max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / wall - steal
+    return min(1.0, steal / cores + max(0.0, others - (cores - threads)) / threads)
+
+
 def _read_entry(path: Path, key: dict) -> dict | None:
-    """The stored entry ({"key", "value"[, "others_busy"]}) for `key`, or None."""
+    """The stored entry ({"key", "value"[, "contention"]}) for `key`, or None."""
     try:
         stored = json.loads(path.read_text())
         if stored.get("key") == key and "value" in stored:

@@ -69,10 +69,43 @@ def test_others_busy_counts_other_processes_not_this_one():
 def test_a_share_of_the_machine_is_at_most_all_of_it():
     """/proc/stat counts 10 ms ticks: one tick inside a wall of microseconds (a stand-in timing)
     must read as the whole machine at most, not thousands of it (which no limit would pass)."""
-    _, machine_busy, own = measured.cpu_snapshot()
+    _, machine_busy, own, _ = measured.cpu_snapshot()
     if machine_busy is None:
         pytest.skip("no /proc/stat here")
     assert measured.others_busy((time.monotonic() - 1e-6, machine_busy - 0.01, own)) == 1.0
+
+
+def test_contention_counts_others_only_beyond_the_cores_a_timing_leaves_free():
+    """Snapshots: (monotonic s, machine busy CPU s incl. steal, own CPU s, stolen CPU s)."""
+    c, t0 = measured.contention_between, (0.0, 0.0, 0.0, 0.0)
+    # 1 s; this timing on one core, another process spinning on the other core of two.
+    assert c(t0, (1.0, 2.0, 1.0, 0.0), threads=1, cores=2) == 0.0
+    assert c(t0, (1.0, 2.0, 1.0, 0.0), threads=2, cores=2) == 0.5      # a timing on both: half of its cores
+    assert c(t0, (1.0, 2.0, 0.5, 0.0), threads=1, cores=2) == pytest.approx(0.5)    # others on 1.5 cores
+    # The hypervisor's steal takes every core alike: its share of the machine, whatever the threads.
+    assert c(t0, (1.0, 1.2, 1.0, 0.2), threads=1, cores=2) == pytest.approx(0.1)
+    assert c(t0, (2.0, 16.0, 8.0, 0.0), threads=4, cores=16) == 0.0     # 4 of 16 cores; others on 4
+    assert c(t0, (1.0, 17.0, 4.0, 0.0), threads=4, cores=16) == pytest.approx(0.25)   # others on 13
+    assert c(t0, (1.0, 2.0, 0.0, 0.0), threads=8, cores=2) == 1.0       # threads beyond the cores: all
+    assert c(t0, (1.0, None, 1.0, None), threads=1, cores=2) == 0.0     # no /proc/stat: unknown, 0
+    # On every core it is the machine's share others used (others_busy).
+    assert c((0.0, 0.0, 0.0, 0.0), (1.0, 1.5, 0.7, 0.1), threads=2, cores=2) == pytest.approx(0.4)
+
+
+def test_a_timing_on_one_core_is_not_disturbed_by_a_process_on_another():
+    cores = measured.os.cpu_count() or 1
+    if cores < 2 or measured.cpu_snapshot()[1] is None:
+        pytest.skip("needs two cores and /proc/stat")
+    procs = _busy_processes(1)
+    try:
+        start = measured.cpu_snapshot()
+        _spin(0.6)
+        now = measured.cpu_snapshot()
+    finally:
+        _stop(procs)
+    lone = measured.contention_between(start, now, cores - 1, cores)
+    whole = measured.contention_between(start, now, cores, cores)
+    assert lone < 0.25 and whole > 0.7 / cores, (lone, whole)           # the spinner: one core of `cores`
 
 
 def test_a_timing_disturbed_by_other_processes_is_taken_again(cache, monkeypatch):
@@ -92,11 +125,11 @@ def test_a_timing_disturbed_by_other_processes_is_taken_again(cache, monkeypatch
         _stop(procs)
     assert value == {"run": 2} and not cached and len(runs) == 2
     stored = json.loads(next(cache.glob("t-*.json")).read_text())
-    assert stored["value"] == {"run": 2} and stored["others_busy"] < 0.5    # the quieter of the two
+    assert stored["value"] == {"run": 2} and stored["contention"] < 0.5     # the quieter of the two
     # Stored quiet, it is final: read back, never measured again. (Under a busy test run the second
     # attempt can itself read above QUIET_LIMIT: then it is provisional, and a quiet reader measures
     # again, as the next test checks; a fresh-clone run failed here that way.)
-    if stored["others_busy"] <= measured.QUIET_LIMIT:
+    if stored["contention"] <= measured.QUIET_LIMIT:
         assert measured.remembered("t", {"k": 1}, timing, quiet=True) == ({"run": 2}, True)
 
 
@@ -113,7 +146,7 @@ def test_a_timing_from_a_busy_machine_is_provisional_until_a_quiet_process_measu
         value, cached = measured.remembered("t", {"k": 2}, timing, quiet=True)
         assert not cached and len(runs) == measured.QUIET_ATTEMPTS and value["run"] in (1, 2)
         stored = json.loads(next(cache.glob("t-*.json")).read_text())
-        assert stored["others_busy"] > measured.QUIET_LIMIT           # kept, as provisional
+        assert stored["contention"] > measured.QUIET_LIMIT            # kept, as provisional
         # Another process on the still busy machine uses it as it is.
         assert measured.remembered("t", {"k": 2}, timing, quiet=True) == (value, True)
         assert len(runs) == measured.QUIET_ATTEMPTS
@@ -134,5 +167,5 @@ def test_a_timing_from_a_busy_machine_is_provisional_until_a_quiet_process_measu
     assert not cached and value["run"] in (4, 5)
     stored = json.loads(next(cache.glob("t-*.json")).read_text())
     assert stored["value"] == value
-    if stored["others_busy"] <= measured.QUIET_LIMIT:     # a quiet one is final: read, never redone
+    if stored["contention"] <= measured.QUIET_LIMIT:      # a quiet one is final: read, never redone
         assert measured.remembered("t", {"k": 2}, timing, quiet=True) == (value, True)
