@@ -181,7 +181,7 @@ def cpu_snapshot() -> tuple[float, float | None, float, float | None]:
     return time.monotonic(), machine_busy, t.user + t.system, steal
 
 
-def others_busy(since: tuple[float, float, float]) -> float:
+def others_busy(since: tuple) -> float:
     """The share of this machine's CPU capacity (0..1) that other processes and the hypervisor
     used since `since` (:func:`cpu_snapshot`); 0 where it cannot be read."""
     now = cpu_snapshot()
