@@ -75,6 +75,7 @@ def machine(device: torch.device | str = "cpu") -> dict:
 QUIET_LIMIT = 0.10          # others may take at most this share of a timing's cores (see contention)
 QUIET_ATTEMPTS = 2          # timings tried before a busy machine's is kept as provisional
 QUIET_PROBE_S = 0.25        # how long a reader of a provisional timing watches the machine
+QUIET_TRIES = 3             # measurements of a timing (by any processes) after which the least disturbed is final
 
 
 def remembered(kind: str, key: dict, compute: Callable[[], dict], *, quiet: bool = False) -> tuple[dict, bool]:
@@ -95,7 +96,10 @@ def remembered(kind: str, key: dict, compute: Callable[[], dict], *, quiet: bool
     (:func:`contention`) and stored with it; above ``QUIET_LIMIT`` the timing is taken again after
     a pause, and if the contention stays the less disturbed one is stored as provisional: used by
     whoever finds the machine busy too (a test driver polling beside its servers), measured again
-    by the first process that finds it quiet (watched for ``QUIET_PROBE_S``), which replaces it.
+    by the first process that finds it quiet (watched for ``QUIET_PROBE_S``), which replaces it
+    if less disturbed; after ``QUIET_TRIES`` measurements the least disturbed is final (a replica
+    on every core of a node whose Ray daemons always take some of it would otherwise measure again
+    at every start: 50 s of the batch cost model on two threads of the 2-core AVX2 EPYC).
     A timing on fewer threads than the machine has cores is not disturbed by others running on the
     cores it leaves free (a one-thread serving replica beside Ray's own daemons, which use 10-25%
     of a 2-core machine: judged by the whole machine's share, as this was before, every replica
@@ -118,17 +122,19 @@ def remembered(kind: str, key: dict, compute: Callable[[], dict], *, quiet: bool
         if again is not None and (again != stored or not quiet or not _provisional(again)):
             return again["value"], True
         value, busy = _quietly(compute) if quiet else (compute(), None)
-        if again is not None and busy > _disturbed(again):
-            return again["value"], True     # busier than the provisional one after all: keep that
+        cached = again is not None and busy > _disturbed(again)
+        if cached:                          # busier than the provisional one after all: keep that
+            value, busy = again["value"], _disturbed(again)
+        tries = {} if busy is None else {"contention": round(busy, 3),
+                                         "tries": (again.get("tries", 1) + 1) if again is not None else 1}
         fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "value": value} | ({} if busy is None else {"contention": round(busy, 3)}),
-                          f, indent=1)
+                json.dump({"key": key, "value": value} | tries, f, indent=1)
             os.replace(tmp, path)
         except OSError:
             Path(tmp).unlink(missing_ok=True)    # a full disk only costs a re-measure next time
-    return value, False
+    return value, cached
 
 
 def _disturbed(entry: dict) -> float:
@@ -138,7 +144,7 @@ def _disturbed(entry: dict) -> float:
 
 
 def _provisional(entry: dict) -> bool:
-    return _disturbed(entry) > QUIET_LIMIT
+    return _disturbed(entry) > QUIET_LIMIT and entry.get("tries", 1) < QUIET_TRIES
 
 
 def _quiet_now() -> bool:
