@@ -125,12 +125,12 @@ def remembered(kind: str, key: dict, compute: Callable[[], dict], *, quiet: bool
         cached = again is not None and busy > _disturbed(again)
         if cached:                          # busier than the provisional one after all: keep that
             value, busy = again["value"], _disturbed(again)
-        tries = {} if busy is None else {"contention": round(busy, 3),
-                                         "tries": (again.get("tries", 1) + 1) if again is not None else 1}
+        disturbance = {} if busy is None else {"contention": round(busy, 3),
+                                               "tries": (again.get("tries", 1) + 1) if again is not None else 1}
         fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "value": value} | tries, f, indent=1)
+                json.dump({"key": key, "value": value} | disturbance, f, indent=1)
             os.replace(tmp, path)
         except OSError:
             Path(tmp).unlink(missing_ok=True)    # a full disk only costs a re-measure next time
