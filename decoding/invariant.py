@@ -458,12 +458,26 @@ def large_rows_kernel(dtype: torch.dtype, threads: int, rows: int) -> str:
     return memo
 
 
+DECISIVE = 1.5      # a kernel this many times slower than the other in every timing so far has lost
+
+
+def decisive(times: dict[str, list[float]], least: int = 2) -> bool:
+    """Whether `least` or more timings of each kernel already decide: every one of the slower
+    kernel's is over DECISIVE times every one of the faster's. (On the AVX2 EPYC torch's bfloat16
+    linear, which MKL emulates there, ran 7-8x slower than ours: the four more repeats of a
+    measurement at 512 rows took 15 of its 20 s and told nothing new.)"""
+    if min(len(v) for v in times.values()) < least:
+        return False
+    lo, hi = sorted(times.values(), key=max)
+    return max(lo) * DECISIVE < min(hi)
+
+
 def _time_large_rows(dtype: torch.dtype, threads: int, rows: int, repeats: int = 6) -> dict:
     """ms of `rows` x 576 -> 1536 through 85 MB of different weights in turn (beyond a CPU's
     last-level cache, as a prefill streams the model's), on each kernel,
-    alternating, median of `repeats`. Timed on one weight alone (in cache) the two were within 5%
-    at 128 rows on the AVX512-BF16 VM; cold, as in a prefill, ours was 17% faster (the model's
-    80-token prefill 74 against 104 ms)."""
+    alternating, median of `repeats`, or of fewer once they are :func:`decisive`. Timed on one
+    weight alone (in cache) the two were within 5% at 128 rows on the AVX512-BF16 VM; cold, as in
+    a prefill, ours was 17% faster (the model's 80-token prefill 74 against 104 ms)."""
     import statistics
     import time
 
@@ -490,6 +504,8 @@ def _time_large_rows(dtype: torch.dtype, threads: int, rows: int, repeats: int =
                 f()
                 if rep:
                     times[name].append(time.perf_counter() - t0)
+            if decisive(times):
+                break
     return {f"{k}_ms": round(statistics.median(v) * 1e3 / weights, 4) for k, v in times.items()}
 
 

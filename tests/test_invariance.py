@@ -260,6 +260,16 @@ def test_the_large_row_kernel_is_measured_per_size_of_prefill(tmp_path, monkeypa
     assert len(list((tmp_path / "measured").glob("large_linear-*.json"))) == 2
 
 
+def test_a_decisive_gap_ends_the_large_row_timing_early():
+    """Two timings of each kernel decide when every one of the slower's is over DECISIVE times
+    every one of the faster's, whichever kernel is the slower; one timing, or overlap, does not."""
+    assert invariant.decisive({"ours": [1.0, 1.1], "torch": [7.5, 8.1]})
+    assert invariant.decisive({"ours": [9.0, 8.0, 8.5], "torch": [1.2, 1.0, 1.1]})
+    assert not invariant.decisive({"ours": [1.0], "torch": [9.0]})
+    assert not invariant.decisive({"ours": [1.0, 1.3], "torch": [1.9, 2.0]})       # 1.3 x 1.5 > 1.9
+    assert not invariant.decisive({"ours": [1.0, 1.1], "torch": [1.05, 1.2]})
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefetching_changes_no_bits_is_measured_once_and_can_be_forced(tmp_path, monkeypatch, dtype):
     """How the linears prefetch their weights (off, into L2, into L1, non-temporal; for 2 rows,
