@@ -464,8 +464,8 @@ DECISIVE = 1.5      # a kernel this many times slower than the other in every ti
 def decisive(times: dict[str, list[float]], least: int = 2) -> bool:
     """Whether `least` or more timings of each kernel already decide: every one of the slower
     kernel's is over DECISIVE times every one of the faster's. (On the AVX2 EPYC torch's bfloat16
-    linear, which MKL emulates there, ran 7-8x slower than ours: the four more repeats of a
-    measurement at 512 rows took 15 of its 20 s and told nothing new.)"""
+    linear, which MKL emulates there, ran 7-8x slower than ours: the four repeats after the second
+    took 12 of a 512-row measurement's 21 s and told nothing new.)"""
     if min(len(v) for v in times.values()) < least:
         return False
     lo, hi = sorted(times.values(), key=max)
