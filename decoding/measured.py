@@ -189,15 +189,10 @@ def cpu_snapshot() -> tuple[float, float | None, float, float | None]:
 
 def others_busy(since: tuple) -> float:
     """The share of this machine's CPU capacity (0..1) that other processes and the hypervisor
-    used since `since` (:func:`cpu_snapshot`); 0 where it cannot be read."""
-    now = cpu_snapshot()
-    wall = now[0] - since[0]
-    if since[1] is None or now[1] is None or wall <= 0:
-        return 0.0
-    others = (now[1] - since[1]) - (now[2] - since[2])
-    # /proc/stat counts in clock ticks (10 ms): over a wall shorter than a few ticks one tick reads
-    # as many times the machine; a share is at most all of it.
-    return min(1.0, max(0.0, others) / (wall * (os.cpu_count() or 1)))
+    used since `since` (:func:`cpu_snapshot`); 0 where it cannot be read: the contention of a
+    timing on every core."""
+    cores = os.cpu_count() or 1
+    return contention_between(since, cpu_snapshot(), cores, cores)
 
 
 def contention(since: tuple, threads: int | None = None) -> float:
@@ -215,6 +210,8 @@ def contention_between(since: tuple, now: tuple, threads: int, cores: int) -> fl
     if since[1] is None or now[1] is None or wall <= 0:
         return 0.0
     threads = max(1, min(cores, threads))
+    # /proc/stat counts in clock ticks (10 ms): over a wall shorter than a few ticks one tick reads
+    # as many times the machine; a share is at most all of it.
     steal = max(0.0, (now[3] - since[3]) / wall)                            # cores' worth
     others = max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / wall - steal
     return min(1.0, steal / cores + max(0.0, others - (cores - threads)) / threads)

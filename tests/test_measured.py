@@ -69,10 +69,10 @@ def test_others_busy_counts_other_processes_not_this_one():
 def test_a_share_of_the_machine_is_at_most_all_of_it():
     """/proc/stat counts 10 ms ticks: one tick inside a wall of microseconds (a stand-in timing)
     must read as the whole machine at most, not thousands of it (which no limit would pass)."""
-    _, machine_busy, own, _ = measured.cpu_snapshot()
+    _, machine_busy, own, steal = measured.cpu_snapshot()
     if machine_busy is None:
         pytest.skip("no /proc/stat here")
-    assert measured.others_busy((time.monotonic() - 1e-6, machine_busy - 0.01, own)) == 1.0
+    assert measured.others_busy((time.monotonic() - 1e-6, machine_busy - 0.01, own, steal)) == 1.0
 
 
 def test_contention_counts_others_only_beyond_the_cores_a_timing_leaves_free():
