@@ -46,7 +46,7 @@ import torch
 from bench.analysis import humaneval_halves, spec_bench_halves
 from bench.common import StallGuard, forget_prompts, machine_info, median, method_order, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
-from decoding.budget import AdaptiveBudget, SharedEstimates
+from decoding.budget import AdaptiveBudget, SharedEstimates, draft_sizes
 from decoding.config import SamplingParams
 from decoding.cost import cost_curve, relative_cost
 from decoding.dense_extract import build_dense_datastore
@@ -701,7 +701,7 @@ def main(argv=None) -> int:
                     if method in STORELESS and store_name != first:
                         copy_last(agg[first][method], a)     # (its comparison with ar included)
                         continue
-                    sizes = [s for s in cost if s >= soft_cfg.window] if method in SOFT else None
+                    sizes = draft_sizes(cost, soft_cfg if method in SOFT else None)
                     outs[method] = run(a, method, ids, gold, sparse, dense,
                                        lambda: adaptive(ds_name, store_name, method, cost, sizes))
                 ar_out = outs.get("ar", ar_out)

@@ -27,7 +27,7 @@ from bench.common import machine_info, write_results
 from bench.quality import gsm8k_answer, mean_logprob, rouge_l, token_agreement
 from bench.sense import build_stores, log, make, self_distilled
 from decoding.batch_generate import generate_greedy_batched
-from decoding.budget import AdaptiveBudget, SharedEstimates
+from decoding.budget import AdaptiveBudget, SharedEstimates, draft_sizes
 from decoding.config import SamplingParams
 from decoding.cost import measure_verify_cost
 from decoding.engine import encode_prompt, generate
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     steps = accepted = drafted = new_tokens = 0
     shared = SharedEstimates()      # earlier questions' estimates, as the default budget has them
     for i, (q, p, r) in enumerate(zip(items, prompts, ref)):
-        budget = AdaptiveBudget(cost, sizes=[s for s in cost if s >= soft_cfg.window], shared=shared)
+        budget = AdaptiveBudget(cost, sizes=draft_sizes(cost, soft_cfg), shared=shared)
         out = generate(target, p, params=params, drafter=make("sense_soft", sparse, dense), budget=budget,
                        soft=soft_cfg)
         gold = gsm8k_answer(q["answer"])

@@ -20,6 +20,24 @@ def pick_budget(cost: dict[int, float], tolerance: float = 1.25) -> int:
     return max(fits) if fits else 1
 
 
+def draft_sizes(cost: dict[int, float], soft=None) -> list[int]:
+    """The tree sizes a request's adaptive budget chooses among: every size the cost curve
+    measured; with soft verification (`soft`, a ``decoding.soft.SoftGateConfig``) only those of at
+    least its window W (all of them where none is that large).
+
+    A soft acceptance is judged on the W - 1 draft tokens after the mismatch; a tree smaller than
+    W ends that window early and leaves the verdict to the cosine stand-in alone. Measured on the
+    AVX2 Zen 3 kind, whose steep curve makes the adaptive budget pick 1-3-node trees (GSM8K test
+    questions 200-229, ID store, 128 tokens, side by side): soft over every size ran 1.29x over
+    `ar` against 1.26x with sizes >= W, but the target's mean log-probability of its outputs fell
+    0.032 nats a token below `ar`'s against 0.007 with sizes >= W (strict: 1.34x).
+    """
+    sizes = sorted(n for n in cost if n > 0)
+    if soft is None:
+        return sizes
+    return [n for n in sizes if n >= soft.window] or sizes
+
+
 class AdaptiveBudget:
     """Picks each step's draft budget b to maximise expected committed tokens per second:
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decoding.budget import AdaptiveBudget, shared_estimates
+from decoding.budget import AdaptiveBudget, draft_sizes, shared_estimates
 from decoding.config import SamplingParams
 from decoding.cost import cost_curve
 from decoding.drafters.base import Drafter, NoDrafter
@@ -143,10 +143,12 @@ class Sequence:
         if not self.verifier_hidden:
             self.drafter.anchors = False        # only a verifier reading hidden states weighs anchor keys
         self.stats = GenerationStats(method=self.drafter.name, dtype=str(target.dtype).removeprefix("torch."))
-        if budget == "adaptive":
-            budget = (AdaptiveBudget(cost_curve(target), shared=shared_estimates(
+        if budget == "adaptive" and isinstance(self.drafter, NoDrafter):
+            budget = 0                          # (no cost curve measured for it)
+        elif budget == "adaptive":
+            cost = cost_curve(target)
+            budget = AdaptiveBudget(cost, sizes=draft_sizes(cost, soft), shared=shared_estimates(
                 target, (self.drafter.name, type(self.verifier).__name__)))
-                if not isinstance(self.drafter, NoDrafter) else 0)
         elif not isinstance(budget, AdaptiveBudget) and (not isinstance(budget, int) or isinstance(budget, bool)
                                                          or budget < 0):
             raise InvalidRequestError(f"budget must be an integer >= 0 or 'adaptive', got {budget!r}")

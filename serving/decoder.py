@@ -393,13 +393,12 @@ class Decoder:
     def _budget(self, req):
         if req.budget != "adaptive":
             return req.budget
-        from decoding.budget import AdaptiveBudget, shared_estimates
+        from decoding.budget import AdaptiveBudget, draft_sizes, shared_estimates
 
         cost = self._cost_curve()
-        sizes = [s for s in cost if s >= req.soft.window] if req.soft is not None else None
         # Requests of one method and verification mode start from what the earlier ones learned.
         key = (req.method, req.verification, "sampled" if req.params.temperature else "greedy")
-        return AdaptiveBudget(cost, sizes=sizes or None, shared=shared_estimates(self, key))
+        return AdaptiveBudget(cost, sizes=draft_sizes(cost, req.soft), shared=shared_estimates(self, key))
 
     def _encode(self, req) -> list[int]:
         from decoding.engine import encode_prompt

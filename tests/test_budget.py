@@ -7,6 +7,7 @@ import pytest
 from decoding.budget import (
     AdaptiveBudget,
     SharedEstimates,
+    draft_sizes,
     pick_budget,
     shared_estimates,
 )
@@ -33,6 +34,16 @@ def test_interpolation():
     assert interpolate_cost(cost, 2) == pytest.approx(1.5)
     assert interpolate_cost(cost, 12) == pytest.approx(6.0)
     assert pick_budget({0: 1.0, 1: 1.05, 2: 1.2, 3: 1.1, 4: 1.6}) == 3
+
+
+def test_soft_verification_drafts_at_least_its_window():
+    from decoding.soft import SoftGateConfig
+
+    cost = {0: 1.0, 1: 1.1, 2: 1.4, 4: 1.9, 6: 2.3, 8: 2.1, 16: 4.4}
+    assert draft_sizes(cost) == [1, 2, 4, 6, 8, 16]
+    assert draft_sizes(cost, SoftGateConfig()) == [6, 8, 16]              # the window W = 6
+    assert draft_sizes(cost, SoftGateConfig(window=2)) == [2, 4, 6, 8, 16]
+    assert draft_sizes({0: 1.0, 1: 1.1, 4: 1.9}, SoftGateConfig()) == [1, 4]   # none that large: all
 
 
 def simulate(cost: dict[int, float], accept_per_node: float, steps: int = 200, shared=None,

@@ -58,6 +58,20 @@ def test_seeded_sampling_is_reproducible(target):
     assert a.token_ids == b.token_ids
 
 
+def test_the_default_budget_of_a_soft_request_drafts_its_window(target):
+    """The engine's default (adaptive) budget chooses among the sizes decoding.budget.draft_sizes
+    gives, as serving's and the benchmarks' do: a soft request's trees are at least its window."""
+    from decoding.engine import Sequence
+    from decoding.soft import SoftGateConfig
+
+    ids = encode_prompt(target, "Tell me a fun fact.")
+    strict = Sequence(target, ids, drafter=PromptLookupDrafter())
+    soft = Sequence(target, ids, drafter=PromptLookupDrafter(), soft=SoftGateConfig(window=4))
+    assert min(strict.adaptive.sizes) == 1
+    assert min(soft.adaptive.sizes) == 4 and set(soft.adaptive.sizes) < set(strict.adaptive.sizes)
+    assert Sequence(target, ids, soft=SoftGateConfig()).budget == 0           # ar: nothing to draft
+
+
 def test_statistics_add_up(target, monkeypatch):
     """The statistics against an independent count: every forward of the model is observed (a
     hook on its token embedding, which every forward runs once: prefill + one per verify step), and so is every commit (the path the

@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.common import machine_info, method_order, write_results
 from bench.sense import build_stores, make, self_distilled
-from decoding.budget import AdaptiveBudget
+from decoding.budget import AdaptiveBudget, draft_sizes
 from decoding.config import SamplingParams
 from decoding.cost import measure_verify_cost, relative_cost
 from decoding.engine import encode_prompt, generate
@@ -94,9 +94,9 @@ def main(argv=None) -> int:
         ids = encode_prompt(target, row["question"])
         out = {}
         for m in method_order(METHODS, i):
-            budget = AdaptiveBudget(seconds)
-            r = generate(target, ids, params=params, drafter=make(m, sparse, dense), budget=budget,
-                         soft=soft if m == "sense_soft" else None)
+            gates = soft if m == "sense_soft" else None
+            budget = AdaptiveBudget(seconds, sizes=draft_sizes(seconds, gates))
+            r = generate(target, ids, params=params, drafter=make(m, sparse, dense), budget=budget, soft=gates)
             f = figures[m]
             f["tokens"] += r.stats.new_tokens
             f["seconds"] += r.stats.time_total
