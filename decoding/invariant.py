@@ -251,7 +251,9 @@ def _time_bf16_kernels(repeats: int = 7) -> dict:
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [ceil(N/16), K, 16], zero-padded: each block of 16 outputs contiguous in memory,
-    the order the kernel streams it (one pass over the weights per 6 input rows). bfloat16 on a
+    the order the kernel streams it (one pass over the weights per 6 input rows); in bfloat16 the
+    16 of each k interleaved (outputs 0, 8, 1, 9, ..., 7, 15: each 32-bit lane one output of
+    either half, which widens to float32 in one instruction). bfloat16 on a
     CPU with AVX512-BF16: [ceil(N/16), ceil(K/2), 16, 2], the pairs of k of each output together
     (K padded with a zero column when odd), the layout of the ``vdpbf16ps`` kernel (one pass over
     the weights per 4 input rows)."""
@@ -264,6 +266,11 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
         return padded.view(panels, PANEL, k2, 2).permute(0, 2, 1, 3).contiguous()
     padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype)
     padded[:n] = weight.detach()
+    if weight.dtype == torch.bfloat16:
+        # the widened-FMA kernel's bfloat16: each 16 interleaved, output i then output 8 + i, so
+        # that one 32-bit lane holds one output of each half (v_load_bf16_half widens either
+        # half in one instruction)
+        return padded.view(panels, 2, PANEL // 2, k).permute(0, 3, 2, 1).reshape(panels, k, PANEL)
     return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
 
 

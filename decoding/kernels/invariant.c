@@ -39,6 +39,14 @@ static inline vec v_load_bf16(const uint16_t *p) {
     __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
+/* Half h of a panel row of the widened-FMA kernel's bfloat16 weights: 32 bytes hold its 16
+ * outputs interleaved, output i in the low 16 bits of dword i and output 8 + i in the high ones
+ * (pack_panels), so each half widens exactly in one instruction: a shift for h = 0, a mask for
+ * h = 1 (a zero-extension and a shift per 8 outputs with the plain layout). */
+static inline vec v_load_bf16_half(const uint16_t *p, int h) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_castsi256_ps(h ? _mm256_and_si256(w, _mm256_set1_epi32((int)0xffff0000u)) : _mm256_slli_epi32(w, 16));
+}
 static inline vec v_fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec v_add(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline vec v_set1(float x) { return _mm256_set1_ps(x); }
@@ -107,6 +115,11 @@ static inline vec v_load(const float *p) { vec r; memcpy(r.v, p, sizeof r.v); re
 static inline vec v_load_bf16(const uint16_t *p) {
     vec r;
     for (int i = 0; i < 8; i++) { uint32_t u = (uint32_t)p[i] << 16; memcpy(&r.v[i], &u, 4); }
+    return r;
+}
+static inline vec v_load_bf16_half(const uint16_t *p, int h) {
+    vec r;
+    for (int i = 0; i < 8; i++) { const uint32_t u = (uint32_t)p[2 * i + h] << 16; memcpy(&r.v[i], &u, 4); }
     return r;
 }
 static inline vec v_fma(vec a, vec b, vec c) { for (int i = 0; i < 8; i++) c.v[i] = fmaf(a.v[i], b.v[i], c.v[i]); return c; }
@@ -337,14 +350,14 @@ static inline const Prefetch *prefetch_share(Prefetch *pf, int mode, const char 
 /* the rows' broadcasts streamed: XH (the rows' x hoisted, each weight vector loaded and used by  */
 /* every row in turn) for few rows and many vectors, else the weight vectors hoisted and each row */
 /* broadcast in turn; either way RB x NV accumulators + min(RB, NV) + 1 registers.               */
-#define DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, RB, NV, XH)                                        \
-static __attribute__((noinline)) void NAME##_r##RB##_v##NV(                                  \
+#define DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, HOFF, RB, NV, XH, H0)                             \
+static __attribute__((noinline)) void NAME##_r##RB##_v##NV##_h##H0(                          \
         const float *x, int K, const WT *P, size_t pstride, const Epi *e, size_t row0, int v0, int N, \
         const Prefetch *pf) {                                                                  \
     vec acc[RB][NV];                                                                           \
     const WT *wp[NV];                                                                          \
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                       \
-        wp[v] = P + (size_t)((v0 + v) >> 1) * pstride + (size_t)(((v0 + v) & 1) * 8);          \
+        wp[v] = P + (size_t)((v0 + v) >> 1) * pstride + (size_t)(((H0 + v) & 1) * HOFF);       \
     _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++)                                       \
         _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) acc[j][v] = v_zero();             \
     PREFETCH_START(pf);                                                                        \
@@ -354,12 +367,12 @@ static __attribute__((noinline)) void NAME##_r##RB##_v##NV(                     
             vec xv[RB];                                                                        \
             _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) xv[j] = v_set1(x[(size_t)j * K + k]); \
             _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                             \
-                const vec w = LOADW(wp[v] + (size_t)k * PANEL);                                \
+                const vec w = LOADW(wp[v] + (size_t)k * PANEL, (H0 + v) & 1);                  \
                 _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) acc[j][v] = v_fma(xv[j], w, acc[j][v]); \
             }                                                                                  \
         } else {                                                                               \
             vec w[NV];                                                                         \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) w[v] = LOADW(wp[v] + (size_t)k * PANEL); \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) w[v] = LOADW(wp[v] + (size_t)k * PANEL, (H0 + v) & 1); \
             _Pragma("GCC unroll 8") for (int j = 0; j < RB; j++) {                             \
                 const vec xv = v_set1(x[(size_t)j * K + k]);                                   \
                 _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) acc[j][v] = v_fma(xv, w[v], acc[j][v]); \
@@ -380,40 +393,46 @@ static __attribute__((noinline)) void NAME##_r##RB##_v##NV(                     
 
 /* The blocks: 1 row x 8 vectors, 2 x 6, 3 x 4, 4 x 3, 5 x 2, 6 x 2 (8-12 FMA chains in flight,  */
 /* which the instruction's latency needs at two a cycle).                                        */
-#define DEFINE_LINEAR(NAME, WT, LOADW)                                                          \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 1, 8, 1)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 2, 6, 1)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 4, 1)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 4, 3, 0)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 5, 2, 0)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 6, 2, 0)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 1, 1, 0)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 2, 1, 0)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 3, 1, 0)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 4, 1, 0)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 5, 1, 0)                                                  \
-DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, 6, 1, 0)                                                  \
+/* Each block twice, for a first vector in either half of its panel (H0 = v0 & 1), so that every */
+/* load knows its half at compile time (v_load_bf16_half).                                       */
+#define DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, RB, NV, XH)                                  \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, HOFF, RB, NV, XH, 0)                                      \
+DEFINE_LINEAR_BLOCK(NAME, WT, LOADW, HOFF, RB, NV, XH, 1)
+#define HALF(F, v0, ...) (((v0) & 1) ? F##_h1(__VA_ARGS__) : F##_h0(__VA_ARGS__))
+#define DEFINE_LINEAR(NAME, WT, LOADW, HOFF)                                                    \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 1, 8, 1)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 2, 6, 1)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 3, 4, 1)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 4, 3, 0)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 5, 2, 0)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 6, 2, 0)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 1, 1, 0)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 2, 1, 0)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 3, 1, 0)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 4, 1, 0)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 5, 1, 0)                                           \
+DEFINE_LINEAR_BLOCK2(NAME, WT, LOADW, HOFF, 6, 1, 0)                                           \
 /* one vector of a thread's short last group, never past it */                               \
 static void NAME##_tail(const float *x, int K, const WT *P, size_t pstride, const Epi *e,      \
                         size_t row0, int v0, int N, int rb) {                                  \
     switch (rb) {                                                                              \
-        case 6: NAME##_r6_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
-        case 5: NAME##_r5_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
-        case 4: NAME##_r4_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
-        case 3: NAME##_r3_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
-        case 2: NAME##_r2_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                      \
-        default: NAME##_r1_v1(x, K, P, pstride, e, row0, v0, N, 0); break;                     \
+        case 6: HALF(NAME##_r6_v1, v0, x, K, P, pstride, e, row0, v0, N, 0); break;           \
+        case 5: HALF(NAME##_r5_v1, v0, x, K, P, pstride, e, row0, v0, N, 0); break;           \
+        case 4: HALF(NAME##_r4_v1, v0, x, K, P, pstride, e, row0, v0, N, 0); break;           \
+        case 3: HALF(NAME##_r3_v1, v0, x, K, P, pstride, e, row0, v0, N, 0); break;           \
+        case 2: HALF(NAME##_r2_v1, v0, x, K, P, pstride, e, row0, v0, N, 0); break;           \
+        default: HALF(NAME##_r1_v1, v0, x, K, P, pstride, e, row0, v0, N, 0); break;          \
     }                                                                                          \
 }                                                                                              \
 static void NAME##_block(const float *x, int K, const WT *P, size_t pstride, const Epi *e,     \
                          size_t row0, int v0, int N, int rb, const Prefetch *pf) {             \
     switch (rb) {                                                                              \
-        case 6: NAME##_r6_v2(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
-        case 5: NAME##_r5_v2(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
-        case 4: NAME##_r4_v3(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
-        case 3: NAME##_r3_v4(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
-        case 2: NAME##_r2_v6(x, K, P, pstride, e, row0, v0, N, pf); break;                     \
-        default: NAME##_r1_v8(x, K, P, pstride, e, row0, v0, N, pf); break;                    \
+        case 6: HALF(NAME##_r6_v2, v0, x, K, P, pstride, e, row0, v0, N, pf); break;          \
+        case 5: HALF(NAME##_r5_v2, v0, x, K, P, pstride, e, row0, v0, N, pf); break;          \
+        case 4: HALF(NAME##_r4_v3, v0, x, K, P, pstride, e, row0, v0, N, pf); break;          \
+        case 3: HALF(NAME##_r3_v4, v0, x, K, P, pstride, e, row0, v0, N, pf); break;          \
+        case 2: HALF(NAME##_r2_v6, v0, x, K, P, pstride, e, row0, v0, N, pf); break;          \
+        default: HALF(NAME##_r1_v8, v0, x, K, P, pstride, e, row0, v0, N, pf); break;         \
     }                                                                                          \
 }                                                                                              \
 void NAME(const float *x, const WT *P, int64_t pstride, float *y, void *out, const void *res,      \
@@ -463,8 +482,9 @@ void NAME(const float *x, const WT *P, int64_t pstride, float *y, void *out, con
     }                                                                                          \
 }
 
-DEFINE_LINEAR(sense_linear_f32, float, v_load)
-DEFINE_LINEAR(sense_linear_bf16, uint16_t, v_load_bf16)
+static inline vec v_load_f32_half(const float *p, int h) { (void)h; return v_load(p); }
+DEFINE_LINEAR(sense_linear_f32, float, v_load_f32_half, 8)     /* the half's 8 outputs at +8 */
+DEFINE_LINEAR(sense_linear_bf16, uint16_t, v_load_bf16_half, 0)  /* both halves in one 32 bytes */
 
 /* ---------------------------------------------------------------------------------------- */
 /* linear, bfloat16 on AVX512-BF16: y[R, N] = x[R, K] @ W[N, K]^T, x and W in bfloat16, with     */
