@@ -257,8 +257,11 @@ def open_shard(root: Path, manifest: ArtifactManifest, i: int, *, checksum: bool
         data = s.data.verify(root, checksum=checksum)
         if data.parent != path.parent:
             raise ArtifactError(f"{root}: shard {i}'s inverted lists {s.data.path!r} must sit beside its index file")
+    # Memory-mapped only when large (faiss_ops.IN_MEMORY_MAX): searches through mapped lists are slow.
+    size = path.stat().st_size + (data.stat().st_size if s.data is not None else 0)
     try:
-        index = faiss_ops.read_index(path, ondisk=s.data is not None, exact=manifest.nlist == 0, mmap=mmap)
+        index = faiss_ops.read_index(path, ondisk=s.data is not None, exact=manifest.nlist == 0,
+                                     mmap=mmap and size > faiss_ops.IN_MEMORY_MAX)
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: unreadable FAISS index ({str(exc).strip().splitlines()[-1][:200]})") from None
     if index.ntotal != s.rows or index.d != manifest.key_dim:
@@ -359,8 +362,9 @@ def load_artifact(uri: str | Path, expect: ModelFingerprint | None = None, *, ve
     """Load an artifact (root or version directory, local or s3://) for searching.
 
     expect: refuse an artifact built for another model/tokenizer/layer. verify: sha256 every
-    file opened (sizes are always checked). mmap: memory-map values, first_token and the FAISS
-    inverted lists / flat codes instead of reading them into memory."""
+    file opened (sizes are always checked). mmap: memory-map values, first_token and a FAISS
+    index file larger than ``faiss_ops.IN_MEMORY_MAX`` (its inverted lists / flat codes) instead
+    of reading them into memory; a smaller index is read into memory either way."""
 
     def files_of(m: ArtifactManifest) -> list[FileRef]:
         out = [m.transform_file, m.values, m.first_token]

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from index import faiss_ops
 from index.dense_format import (TRANSFORM, DatastoreError, KeyTransform, Manifest, ModelFingerprint,
                                 check_compatible, read_manifest, sha256_file)
 
 
-# Up to this many keys an exact (flat) index; above, IVF-Flat. A decode step searches once: over
-# 48k keys (64-d) the flat search took 1.1 ms right after a forward on 2 cores (FAISS's OpenMP
-# regions share torch's pool), the IVF one 0.05 ms at nprobe 32 with recall@50 0.98; a
-# tenth of a bfloat16 decode step saved per step. Training it at load: under a second.
-EXACT_MAX = 16_384
+# Up to faiss_ops.EXACT_MAX keys an exact (flat) index; above, IVF-Flat (nprobe 32: recall@50
+# 0.98 over 48k keys). Training it at load: under a second.
+EXACT_MAX = faiss_ops.EXACT_MAX
 NPROBE = 32
 
 

@@ -23,6 +23,7 @@ from index.artifact_tasks import plan_shards
 from index.dense_format import DatastoreError, read_manifest
 from index.dense_store import DenseStore
 from index.dense_synth import clustered_keys, synthetic_datastore, write_dense_datastore
+from index import faiss_ops
 from index.faiss_ops import recall_at_k
 from pipelines.build_index import build_artifact
 
@@ -225,7 +226,7 @@ def test_dense_drafting_from_the_artifact_equals_greedy(target, real_artifact):
     assert accepted > 0
 
 
-def test_real_keys_ivf_recall_and_merged_build(ray_cluster, dense_store_dir, tmp_path):
+def test_real_keys_ivf_recall_and_merged_build(ray_cluster, dense_store_dir, tmp_path, monkeypatch):
     """IVF on the real keys: hold 5 documents out as queries, index the rest (merged on disk
     from 2 shards), calibrated nprobe reaches recall@10 >= 0.95 against exact search."""
     rows = read_rows(dense_store_dir, ["key", "value", "doc_id", "position"])
@@ -245,6 +246,43 @@ def test_real_keys_ivf_recall_and_merged_build(ray_cluster, dense_store_dir, tmp
     _, truth = exact_search(keys[~held], queries, 10)
     recall = recall_at_k(art.search(queries, 10)[1], truth)
     assert recall >= 0.95, (recall, art.nprobe)
+    # Read into memory (searches through mapped lists are slow); mapped only above the size cap,
+    # with the same answers.
+    assert lists_kind(art) == "ArrayInvertedLists"
+    monkeypatch.setattr(faiss_ops, "IN_MEMORY_MAX", 0)
+    mapped = load_artifact(tmp_path / "ivf")
+    assert lists_kind(mapped) == "OnDiskInvertedLists"
+    assert_same_neighbours(mapped.search(queries, 10), art.search(queries, 10))
+
+
+def lists_kind(art) -> str:
+    import faiss
+
+    return type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(art.shards[0].index).invlists)).__name__
+
+
+def test_an_index_file_is_read_into_memory_or_mapped(tmp_path):
+    """faiss_ops.read_index: an IVF file's lists mapped (mmap=True) or in memory, a merged
+    on-disk one's copied into memory (lists_into_memory); the same neighbours every way."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    keys = clustered_keys(4000, 16, seed=5)
+    trained = faiss.index_factory(16, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    trained.train(keys)
+    faiss_ops.write_index(trained, tmp_path / "trained.faiss")
+    part = faiss.clone_index(trained)
+    part.add_with_ids(keys, np.arange(len(keys)))
+    faiss_ops.write_index(part, tmp_path / "part.faiss")
+    merged = faiss_ops.read_index(tmp_path / "trained.faiss", mmap=False)
+    merge_ondisk(merged, [str(tmp_path / "part.faiss")], str(tmp_path / "merged.ivfdata"))
+    faiss_ops.write_index(merged, tmp_path / "merged.faiss")
+    want = part.search(keys[:50], 10)
+    for path, ondisk in (("part.faiss", False), ("merged.faiss", True)):
+        for mmap, kind in ((True, "OnDiskInvertedLists"), (False, "ArrayInvertedLists")):
+            index = faiss_ops.read_index(tmp_path / path, ondisk=ondisk, mmap=mmap)
+            assert type(faiss.downcast_InvertedLists(index.invlists)).__name__ == kind, (path, mmap)
+            assert_same_neighbours(index.search(keys[:50], 10), want)
 
 
 # ---------------------------------------------------------------------------------------------
