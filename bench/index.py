@@ -34,6 +34,7 @@ from index.artifact import load_artifact
 from index.artifact_build import BuildConfig, merge_artifact
 from index.dense_format import read_manifest
 from index.dense_synth import clustered_keys, synthetic_datastore, write_dense_datastore
+from index import faiss_ops
 from index.faiss_ops import pow2_nlist, recall_at_k
 from pipelines.build_index import build_artifact
 
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.queries, args.shards = 30_000, 300, [1, 2]
-    exact_max = 10_000 if args.quick else 50_000              # quick: still exercise IVF at 30k
+    exact_max = 10_000 if args.quick else faiss_ops.EXACT_MAX  # quick: still exercise IVF at 30k
     work = Path(args.workdir) / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
 
@@ -269,10 +270,11 @@ def main(argv=None) -> int:
                         exact_max=exact_max)
         rows += measure("real", rn, rds, work / "real-flat", rq, rtruth, factory="Flat", shards=2, merge=True,
                         exact_max=exact_max)
-        notes.append(f"Real keys: `{args.real}` ({rn:,} entries kept, d = {rq.shape[1]}): the embedded "
-                     "SmolLM2-135M's keys over the first 1,000 GSM8K train question/answer pairs, the size of "
-                     "the real GSM8K datastore used by bench/results/sense.md (the full 7,473-pair train set "
-                     "would be about 7x larger: between the two synthetic points).")
+        notes.append(f"Real keys: `{args.real}` ({rn:,} entries kept, d = {rq.shape[1]}, "
+                     f"{read_manifest(args.real).documents:,} documents): the embedded SmolLM2-135M's keys, as "
+                     "bench.sense builds them (its default `bench/out/ood`: over 1,000 GSM8K train "
+                     "question/answer pairs; the full 7,473-pair train set would be about 7x larger: between "
+                     "the two synthetic points).")
     else:
         notes.append(f"Real keys: skipped ({args.real} does not exist; `python -m bench.sense` builds it).")
 
