@@ -12,21 +12,18 @@ from index.dense_format import (TRANSFORM, DatastoreError, KeyTransform, Manifes
                                 check_compatible, read_manifest, sha256_file)
 
 
-# Up to faiss_ops.EXACT_MAX keys an exact (flat) index; above, IVF-Flat (nprobe 32: recall@50
-# 0.98 over 48k keys). Training it at load: under a second.
-EXACT_MAX = faiss_ops.EXACT_MAX
-NPROBE = 32
+NPROBE = 32         # IVF-Flat above faiss_ops.EXACT_MAX keys: recall@50 0.98 over 48k keys
 
 
 def build_faiss_index(keys: np.ndarray, *, nprobe: int = NPROBE, seed: int = 0):
-    """Inner-product index over unit keys [E, d]: exact for small stores, IVF-Flat above EXACT_MAX
-    (about 4 * sqrt(E) lists, at most E / 39 so that every list has the 39 training keys FAISS's
+    """Inner-product index over unit keys [E, d]: exact for small stores, IVF-Flat above
+    faiss_ops.EXACT_MAX keys (about 4 * sqrt(E) lists, at most E / 39 so that every list has the 39 training keys FAISS's
     k-means asks for; trained on a sample of up to 64 keys per list)."""
     import faiss
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     e, d = keys.shape
-    if e <= EXACT_MAX:
+    if e <= faiss_ops.EXACT_MAX:
         index = faiss.IndexFlatIP(d)
     else:
         nlist = max(1, min(int(4 * np.sqrt(e)), e // 39))

@@ -118,7 +118,8 @@ def test_large_store_uses_ivf_with_good_recall():
     """Above EXACT_MAX keys the store switches to IVF; on clustered keys it finds the true neighbours."""
     import faiss
 
-    from index.dense_store import EXACT_MAX, build_faiss_index
+    from index.dense_store import build_faiss_index
+    from index.faiss_ops import EXACT_MAX
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(200, 32))
