@@ -38,8 +38,14 @@ def _faiss():
 
 
 def pow2_nlist(entries: int) -> int:
-    """About 4 * sqrt(E) inverted lists, rounded to a power of two, at least 16."""
-    return int(max(16, 2 ** round(np.log2(4 * np.sqrt(max(entries, 1))))))
+    """Inverted lists for an IVF over `entries` keys, for every builder (artifacts and local dense
+    stores): about 4 * sqrt(E) rounded to a power of two, at least 16, halved while the keys would
+    give a list fewer than MIN_TRAIN_PER_LIST to train on (just above EXACT_MAX, 4 sqrt(E) lists
+    would ask for more keys than there are)."""
+    nlist = int(max(16, 2 ** round(np.log2(4 * np.sqrt(max(entries, 1))))))
+    while nlist > 1 and nlist * MIN_TRAIN_PER_LIST > entries:
+        nlist //= 2
+    return nlist
 
 
 def choose_factory(entries: int, dim: int, *, exact_max: int = EXACT_MAX, sq8_above: int = SQ8_ABOVE) -> str:

@@ -261,6 +261,26 @@ def lists_kind(art) -> str:
     return type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(art.shards[0].index).invlists)).__name__
 
 
+def test_auto_factory_gives_every_list_its_training_keys(tmp_path):
+    """Just above EXACT_MAX keys, about 4 sqrt(E) lists would ask for more training keys than the
+    store has (16,385 keys: 512 lists, 20,480 keys): the rule halves the lists instead, for the
+    artifact builder (which refused such stores) and the local dense store alike."""
+    import faiss
+
+    from index.artifact_build import check_build
+    from index.dense_store import build_faiss_index
+
+    for e in [faiss_ops.EXACT_MAX + 1, 20_479, 20_480, *range(faiss_ops.EXACT_MAX + 1, 10 ** 6, 9_973)]:
+        nlist = faiss_ops.parse_nlist(faiss_ops.choose_factory(e, 64))
+        assert nlist >= 16 and nlist * faiss_ops.MIN_TRAIN_PER_LIST <= e, (e, nlist)
+    e = faiss_ops.EXACT_MAX + 1
+    synthetic_datastore(tmp_path / "ds", e)
+    _, _, factory = check_build(BuildConfig(datastore=str(tmp_path / "ds"), output=str(tmp_path / "art")))
+    assert factory == "IVF256,Flat"
+    index = build_faiss_index(clustered_keys(e, 64, seed=1))
+    assert isinstance(index, faiss.IndexIVFFlat) and index.nlist == 256 and index.ntotal == e
+
+
 def test_an_index_file_is_read_into_memory_or_mapped(tmp_path):
     """faiss_ops.read_index: an IVF file's lists mapped (mmap=True) or in memory, a merged
     on-disk one's copied into memory (lists_into_memory); the same neighbours every way."""
