@@ -13,16 +13,7 @@ and the expected accepted tokens of the tree a budget of k keeps is the sum of t
 best-ranked nodes: what ``decoding.budget.AdaptiveBudget.cut`` weighs, step by step, against the
 cost of verifying k nodes. Features: the node's share of its parent's weight and of the whole
 tree's (logs), its depth, how many proposers drafted it, and which (one weight per source label,
-added when a label is first seen); and the tree's ``signals`` (how much and how strong each
-proposer's candidates were this step, one weight each, added when first seen).
-
-The signals, measured (24 GSM8K and 30 Spec-Bench held-out answers, SENSE, trees of 16 nodes,
-bfloat16; this model updated online as here, each tree predicted before it is learned from, three
-orders of the answers): log-loss 0.491-0.493 against 0.497-0.500 without; keeping the nodes whose
-P(on the path) is at least 0.3, 0.85-0.89 accepted tokens a step at 1.78-1.82 nodes against
-0.82-0.86 at 1.78-1.84 (at least 0.5: 0.49-0.54 at 0.76-0.83 nodes, against 0.46-0.51 at
-0.73-0.81). Without them a step of fifty close neighbours and one of two distant ones weigh alike:
-both trees' weights are shares.
+added when a label is first seen).
 """
 
 from __future__ import annotations
@@ -75,8 +66,6 @@ class NodeAcceptance:
              "depth": min(tree.depths[i], 8) / 8, "n_sources": len(sources) / 4}
         for label in sources:
             x["source:" + label] = 1.0
-        for name, v in (tree.signals or {}).items():
-            x["signal:" + name] = v
         return x
 
     def _p(self, x: dict[str, float], coef: dict[str, float]) -> float:
@@ -92,7 +81,6 @@ class NodeAcceptance:
         bias, a_parent, a_tree, a_depth, a_sources = (c["bias"], c["log_share_of_parent"], c["log_share_of_tree"],
                                                       c["depth"], c["n_sources"] / 4)
         label = {k[7:]: v for k, v in c.items() if k.startswith("source:")}
-        bias += sum(c.get("signal:" + name, 0.0) * v for name, v in (tree.signals or {}).items())
         w, parents, depths = tree.weights, tree.parents, tree.depths
         sources = tree.sources or ((),) * len(w)
         log = math.log

@@ -9,7 +9,7 @@ own ancestors, verifies every root-to-leaf path at once.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 from dataclasses import dataclass, field
 
@@ -51,10 +51,6 @@ class TokenTree:
     # (the root's: all chains'), so weights[i] / weights[parents[i]] is the share of its parent's
     # candidates that continue with node i. What the acceptance model (decoding.acceptance) reads.
     weights: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
-    # signals: what the proposers found this step, one number each on a unit scale, by name
-    # (``decoding.drafters.base.chain_signals``: per proposer label, how much and how strong): the
-    # weights above are shares, and these tell a strong step from a weak one (decoding.acceptance).
-    signals: Mapping[str, float] | None = field(default=None, compare=False, repr=False)
     _children: tuple[dict[int, int], ...] = field(init=False, repr=False, compare=False)
     _depths: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -101,8 +97,7 @@ class TokenTree:
 
     @classmethod
     def from_chains(cls, root: int, chains: Iterable[tuple[Sequence[int], float]], budget: int,
-                    labels: Sequence[str] | None = None, keys: Sequence[Any] | None = None,
-                    signals: Mapping[str, float] | None = None) -> "TokenTree":
+                    labels: Sequence[str] | None = None, keys: Sequence[Any] | None = None) -> "TokenTree":
         """Merge weighted chains into a trie and keep the `budget` heaviest draft nodes.
 
         A node's weight is the sum of the weights of the chains through it (added in chain
@@ -120,7 +115,6 @@ class TokenTree:
         ``sources`` are then the labels of the chains through it. Labels never change the tree.
         `keys` (optional, one per chain: None or a [len(chain), d] array) gives each drafted token's
         anchor key; a node takes the one of the heaviest keyed chain through it (``anchor_keys``).
-        `signals` is kept as the tree's ``signals``.
         """
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
@@ -188,7 +182,7 @@ class TokenTree:
                             best = c
                     if best is not None:
                         anchor[new] = keys[best][j]
-        return cls(tokens, parents, ranks, sources, anchor, tuple(kept_nodes[i].weight for i in order), signals)
+        return cls(tokens, parents, ranks, sources, anchor, tuple(kept_nodes[i].weight for i in order))
 
     def cut(self, budget: int) -> "TokenTree":
         """The tree a budget of `budget` nodes keeps: the draft nodes ranked below it (a node's
@@ -204,7 +198,7 @@ class TokenTree:
 
         return TokenTree(pick(self.tokens), tuple(new[self.parents[i]] if i else -1 for i in keep), pick(self.ranks),
                          pick(self.sources), None if self.anchor_keys is None else self.anchor_keys[keep],
-                         pick(self.weights), self.signals)
+                         pick(self.weights))
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -323,44 +323,6 @@ def test_node_acceptance_learns_which_nodes_land():
     assert model.on_path(TokenTree.chain(0, [1, 2])) == [1.0, 0.0, 0.0]       # no weights: nothing expected
 
 
-def test_node_acceptance_tells_strong_steps_from_weak_ones_by_their_signals():
-    """Two steps whose trees have the same shares (one chain: every node is all of its parent's
-    weight) but different signals (fifty close neighbours, or two distant ones): when the strong
-    steps' drafts land and the weak ones' do not, the model learns it from the signals alone; the
-    signals are the proposers' own weights, a hybrid's before its shares (chain_signals), and a
-    cut tree keeps them."""
-    import math
-
-    from decoding.acceptance import NodeAcceptance
-    from decoding.drafters.base import Drafter, chain_signals
-    from decoding.drafters.hybrid import HybridDrafter
-
-    class Fixed(Drafter):
-        def __init__(self, name, chains):
-            self.name, self._chains = name, chains
-
-        def chains(self, tokens, max_depth, hidden=None):
-            return [(c[:max_depth], w) for c, w in self._chains]
-
-    close = Fixed("dense", [([1, 2, 3], 0.9)] * 50)
-    far = Fixed("dense", [([1, 2, 3], 0.3)] * 2)
-    strong, weak = (d.propose([0], 8, 8) for d in (close, far))
-    assert strong.weights[1] / strong.weights[0] == weak.weights[1] / weak.weights[0] == 1.0
-    assert strong.signals == pytest.approx({"dense:total": math.log1p(45.0) / 4, "dense:max": 0.9 / 4})
-    assert weak.signals == chain_signals([([1], 0.3)] * 2, ["dense"] * 2)
-    assert strong.cut(1).signals == strong.signals
-    hybrid = HybridDrafter([(close, 2.0), (Fixed("pld", [([1, 5], 3.0)]), 1.0)]).propose([0], 8, 8)
-    assert hybrid.signals == pytest.approx({**strong.signals, "pld:total": math.log1p(3.0) / 4, "pld:max": 0.75})
-
-    model = NodeAcceptance()
-    assert model.on_path(strong) == model.on_path(weak)
-    for _ in range(200):
-        model.learn(strong, [0, 1, 2, 3])
-        model.learn(weak, [0])
-    p_strong, p_weak = model.on_path(strong), model.on_path(weak)
-    assert p_strong[1] > 0.8 and p_weak[1] < 0.4, (p_strong, p_weak)
-
-
 def test_the_cut_keeps_what_is_likely_to_land_and_drops_strays():
     """The step's budget from the tree at hand: a tree whose nodes the model expects to land is
     kept deep on a gentle curve, cut short on a steep one; one whose nodes never land is not

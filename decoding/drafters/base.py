@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,32 +67,10 @@ class Drafter:
             return TokenTree.root_only(root)
         # No kept node is deeper than the budget (a kept node's ancestors are all kept, and all
         # outweigh it), so chains are drafted only that deep: the same tree, less work.
-        found, labels, keys, signals = self.weighed_chains(tokens, min(max_depth, budget), hidden)
+        found, labels, keys = self.anchored_chains(tokens, min(max_depth, budget), hidden)
         if not found:
             return TokenTree.root_only(root)
-        return TokenTree.from_chains(root, found, budget, labels, keys, signals)
-
-    def weighed_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        """``anchored_chains`` and the step's :func:`chain_signals` (a hybrid's from its parts'
-        own weights, before it rescales them to their shares)."""
-        found, labels, keys = self.anchored_chains(tokens, max_depth, hidden)
-        return found, labels, keys, chain_signals(found, labels)
-
-
-def chain_signals(found: Sequence[tuple[Sequence[int], float]], labels: Sequence[str]) -> dict[str, float]:
-    """How much and how strong a step's candidates are, per proposer label, on a unit scale:
-    ``<label>:total`` log(1 + the sum of its chains' weights) / 4 and ``<label>:max`` its largest
-    weight (at most 4) / 4. A tree's weights are shares of their parent's, the same for fifty
-    neighbours at similarity 0.9 as for two at 0.3; these tell the acceptance model which it is
-    (measured in decoding.acceptance)."""
-    total: dict[str, float] = {}
-    top: dict[str, float] = {}
-    for (_, w), label in zip(found, labels):
-        total[label] = total.get(label, 0.0) + w
-        top[label] = max(top.get(label, 0.0), w)
-    out = {f"{label}:total": math.log1p(max(t, 0.0)) / 4 for label, t in total.items()}
-    out.update({f"{label}:max": min(max(m, 0.0), 4.0) / 4 for label, m in top.items()})
-    return out
+        return TokenTree.from_chains(root, found, budget, labels, keys)
 
 
 class NoDrafter(Drafter):

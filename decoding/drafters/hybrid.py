@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from decoding.drafters.base import Drafter, chain_signals
+from decoding.drafters.base import Drafter
 
 
 class HybridDrafter(Drafter):
@@ -32,11 +32,10 @@ class HybridDrafter(Drafter):
         for d in self._observers:
             d.observe(positions, hidden)
 
-    def weighed_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+    def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
         """The fused chains, each labelled with the source of the part that proposed it, with
-        the anchor keys its part gave (None where it gave none), and the signals of the parts'
-        own weights (``chain_signals``)."""
-        fused, labels, keys, signals = [], [], [], {}
+        the anchor keys its part gave (None where it gave none)."""
+        fused, labels, keys = [], [], []
         for d, share in self.parts:
             found, found_labels, found_keys = d.anchored_chains(tokens, max_depth,
                                                                 hidden if d.needs_hidden else None)
@@ -45,11 +44,7 @@ class HybridDrafter(Drafter):
                 fused += [(c, share * w / total) for c, w in found]
                 labels += found_labels
                 keys += found_keys
-                signals.update(chain_signals(found, found_labels))
-        return fused, labels, keys, signals
-
-    def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        return self.weighed_chains(tokens, max_depth, hidden)[:3]
+        return fused, labels, keys
 
     def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
         return self.anchored_chains(tokens, max_depth, hidden)[:2]
