@@ -4,11 +4,17 @@ Speculative decoding serves one request at its lowest latency; an offline job th
 model's own answers to thousands of prompts wants throughput instead, and a batch of B prompts
 decodes in little more than the time of one (the weights are read once per step for all rows).
 
-Prompts are sorted by length and cut into batches of at most `batch_size` rows and
-`batch_tokens` padded prompt tokens, left-padded, and decoded greedily with the model's KV cache
-(Hugging Face ``generate``). A row stops at its first end-of-sequence token, which it keeps, as the
-engine does. Greedy answers equal one-at-a-time greedy decoding up to float rounding: padding and
-batched matrix products can, rarely, flip a near-tie between the two most likely tokens.
+On the lean forward (Llama-family models on the CPU) the prompts run through the engine's
+continuous batching (``decoding.scheduler.BatchScheduler``): at most `batch_size` at once, the
+next prompt joining as an answer ends, every row on the batch-invariant kernels, so each answer is
+exactly the engine's one-at-a-time greedy answer (what a served request of that prompt returns).
+Measured against Hugging Face ``generate`` over static batches of 16 (48 GSM8K train prompts, 128
+tokens, bfloat16, 2-core Zen 3): 347-433 against 194 tokens/s, and ``generate``'s answers differed
+from the engine's in 33 of the 48 (its padded, batched products round differently in bfloat16 and
+flip near-ties). Elsewhere (a GPU, other model families) static batches through ``generate``:
+prompts sorted by length and cut into batches of at most `batch_size` rows and `batch_tokens`
+padded prompt tokens, left-padded; equal to one-at-a-time greedy up to float rounding. Either way
+a row stops at its first end-of-sequence token, which it keeps, as the engine does.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from decoding.config import SamplingParams
+from decoding.engine import Sequence as Request
+from decoding.scheduler import BatchScheduler
 from decoding.target import TargetModel
 
 
@@ -49,7 +58,7 @@ def generate_greedy_batched(target: TargetModel, prompts: Sequence[Sequence[int]
                             batch_size: int = 16, batch_tokens: int = 16384,
                             on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
     """Greedy answers (new tokens only, ending with EOS when the model stopped by itself) to each
-    prompt, in the order given. `on_batch(n)` is called after each batch with its row count."""
+    prompt, in the order given. `on_batch(n)` is called as answers end, with how many did."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     if any(len(p) == 0 for p in prompts):
@@ -59,6 +68,13 @@ def generate_greedy_batched(target: TargetModel, prompts: Sequence[Sequence[int]
         if len(p) + max_new_tokens > limit:
             raise ValueError(f"a prompt of {len(p)} tokens plus {max_new_tokens} new ones exceeds the "
                              f"model's context of {limit}")
+    if target.lean is not None:
+        return _continuous(target, prompts, max_new_tokens, batch_size, on_batch)
+    return _static_batches(target, prompts, max_new_tokens, batch_size, batch_tokens, on_batch)
+
+
+def _static_batches(target: TargetModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
+                    batch_tokens: int, on_batch: Callable[[int], None] | None) -> list[list[int]]:
     eos = target.eos_token_ids
     pad = next(iter(sorted(eos))) if eos else 0
     out: list[list[int]] = [[] for _ in prompts]
@@ -78,3 +94,17 @@ def generate_greedy_batched(target: TargetModel, prompts: Sequence[Sequence[int]
         if on_batch is not None:
             on_batch(len(idx))
     return out
+
+
+def _continuous(target: TargetModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
+                on_batch: Callable[[int], None] | None) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    scheduler = BatchScheduler(target, max_batch=batch_size)
+    requests = [Request(target, list(p), params=params, budget=0) for p in prompts]
+    for r in requests:
+        scheduler.add(r)
+    while not scheduler.idle:
+        done = scheduler.step()
+        if done and on_batch is not None:
+            on_batch(len(done))
+    return [list(r.result().token_ids) for r in requests]

@@ -14,8 +14,9 @@ class SelfDistillConfig:
     """Generate the target's own greedy answers to a prompt corpus, then store those (the ID datastore)."""
 
     max_new_tokens: int = 256
-    # "batched": greedy over batches of prompts (throughput; equal to one-at-a-time greedy up to
-    # float rounding); "pld" or "ar": the engine, one prompt at a time (exactly the served answers)
+    # "batched": greedy over batches of prompts (throughput; decoding.batch_generate: exactly the
+    # engine's answers on the lean forward, up to float rounding elsewhere); "pld" or "ar": the
+    # engine, one prompt at a time (exactly the served answers)
     method: str = "batched"
     batch_size: int = 16         # prompts per batch ("batched" only)
 

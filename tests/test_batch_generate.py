@@ -20,21 +20,48 @@ def test_batches_sorted_bounded_and_complete():
         greedy_batches(lengths, 0, 10)
 
 
-def test_batched_greedy_equals_the_engine(target):
-    """Prompts of different lengths in one left-padded batch: each answer equals the engine's
-    greedy answer, including rows that stop early at EOS (kept, as the engine keeps it)."""
-    from decoding.config import SamplingParams
-    from decoding.engine import encode_prompt, generate
+def _prompts(target):
+    from decoding.engine import encode_prompt
     from index.corpus import gsm8k
 
     texts = ["Reply with the single word: yes", "What is 2 + 3? Answer with a number only."]
     texts += [r["question"] for r in gsm8k("test")[:4]]
     prompts = [encode_prompt(target, t) for t in texts]
     assert len({len(p) for p in prompts}) > 2
-    got = generate_greedy_batched(target, prompts, 24, batch_size=8)
-    want = [list(generate(target, p, params=SamplingParams(max_new_tokens=24)).token_ids) for p in prompts]
-    assert got == want
-    assert any(len(a) < 24 and a[-1] in target.eos_token_ids for a in got)     # an early stop was covered
+    return prompts
+
+
+def _engine(target, prompts, n):
+    from decoding.config import SamplingParams
+    from decoding.engine import generate
+
+    return [list(generate(target, p, params=SamplingParams(max_new_tokens=n)).token_ids) for p in prompts]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_greedy_is_the_engines_greedy(target, target_bf16, dtype):
+    """Prompts of different lengths, fewer rows at once than prompts (each joins as an answer
+    ends): each answer is exactly the engine's greedy answer in either dtype (the continuous
+    batch's batch-invariant forward), including rows that stop early at EOS (kept, as the engine
+    keeps it); the progress callback counts every answer."""
+    t = target if dtype == "float32" else target_bf16
+    prompts = _prompts(t)
+    counted = []
+    got = generate_greedy_batched(t, prompts, 24, batch_size=4, on_batch=counted.append)
+    assert got == _engine(t, prompts, 24)
+    assert sum(counted) == len(prompts)
+    assert any(len(a) < 24 and a[-1] in t.eos_token_ids for a in got)     # an early stop was covered
+
+
+def test_static_batches_equal_the_engine_in_float32(target):
+    """The path for models without the lean forward (Hugging Face ``generate`` over left-padded
+    static batches): in float32 the same answers as the engine's on these prompts."""
+    from decoding.batch_generate import _static_batches
+
+    prompts = _prompts(target)
+    counted = []
+    assert _static_batches(target, prompts, 24, 8, 16384, counted.append) == _engine(target, prompts, 24)
+    assert sum(counted) == len(prompts)
 
 
 def test_bad_arguments_are_clear(target):
