@@ -3,7 +3,7 @@ batches, and scaling from one worker node to two, on a local multi-node Ray clus
 
     python -m bench.pipeline [--docs 150] [--repeats 2] [--quick]
 
-One run, side by side, alternating: (a) the bare forward (`hidden_states_batch` over exactly the
+One run, side by side, alternating: (a) the bare forward (`window_states` over exactly the
 batches the pipeline forms, one thread, no Ray), (b) the pipeline with one extraction worker,
 (c) the pipeline with two workers on two nodes (one CPU and one thread each). Writes
 bench/results/pipeline.{json,md}.

@@ -221,12 +221,15 @@ def summarize(agg, ds_name: str, store_name: str, n_items: int, methods=METHODS,
 
 def self_distilled(target, questions: list[str], max_tokens: int, workdir) -> list[tuple[list[int], list[int]]]:
     """(prompt, the target's own greedy answer) per question, by batched greedy generation;
-    cached in `workdir` (keyed by the questions, length and the model's weights hash)."""
+    cached in `workdir` (keyed by the questions, length, the model's weights hash and how the
+    answers were generated)."""
     from decoding.batch_generate import generate_greedy_batched
 
     fp = model_fingerprint(target)
     qhash = hashlib.sha256("\0".join(questions).encode()).hexdigest()[:8]
-    cache = workdir / f"id_answers_{len(questions)}_{qhash}_{max_tokens}_{fp.weights_hash[:12]}.json"
+    # the engine's own answers on its lean forward (decoding.batch_generate), generate()'s elsewhere
+    how = "engine" if target.lean is not None else "generate"
+    cache = workdir / f"id_answers_{len(questions)}_{qhash}_{max_tokens}_{fp.weights_hash[:12]}_{how}.json"
     prompts = [encode_prompt(target, q) for q in questions]
     if cache.exists():
         answers = json.loads(cache.read_text())

@@ -85,10 +85,22 @@ def hidden_states_batch(target, seqs: Sequence[Sequence[int]]) -> list[np.ndarra
     return [hidden[i, :n] for i, n in enumerate(lens)]
 
 
+def window_states(target, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Hidden states [T_i, H] (float32) of the configured layer for each window: on the lean
+    forward one prefill each (the engine's own prompt forward; 80 GSM8K documents of ~176
+    tokens, bfloat16, 2-core Zen 3: 696-699 tokens/s against 555-573 for right-padded batches
+    of up to 8,192 tokens through the model's forward), elsewhere :func:`hidden_states_batch`."""
+    if target.lean is None:
+        return hidden_states_batch(target, seqs)
+    with torch.inference_mode():
+        return [hidden_states(target, s) for s in seqs]
+
+
 def run_windows(target, docs: Sequence[Document], *, max_len: int, overlap: int, batch_tokens: int, fn,
                 on_tokens=None) -> list[list[np.ndarray]]:
     """For each document, [fn(hidden states of its stored positions) per window], windows of
-    similar length batched into forwards of up to `batch_tokens` padded tokens. A batch also ends
+    similar length batched into forwards of up to `batch_tokens` padded tokens (one window a
+    forward on the lean forward: :func:`window_states`). A batch also ends
     where the next window is more than ``PAD_SLACK`` times its shortest one, so padding never
     costs more than that share of the compute (one batch of a 100- and a 436-token window padded
     both to 436 and ran 2.2x the tokens, slower than the two alone). `on_tokens(n)`, if given,
@@ -103,7 +115,7 @@ def run_windows(target, docs: Sequence[Document], *, max_len: int, overlap: int,
 
     def run(batch):
         seqs = [docs[i].tokens[s:e] for i, _, s, e, _ in batch]
-        for (i, w, s, e, lo), h in zip(batch, hidden_states_batch(target, seqs)):
+        for (i, w, s, e, lo), h in zip(batch, window_states(target, seqs)):
             hi = min(e, len(docs[i].tokens) - 1)
             out[i][w] = fn(h[lo - s: hi - s])
         if on_tokens is not None:
