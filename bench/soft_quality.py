@@ -2,8 +2,8 @@
 
     python -m bench.soft_quality [--questions 200] [--id-questions 400] [--max-new-tokens 128]
 
-The reference is the target's greedy answer (batched greedy generation, equal to the engine's
-autoregressive output up to float rounding: see decoding/batch_generate.py). sense_soft runs the
+The reference is the target's greedy answer (batched greedy generation: the engine's own
+autoregressive output on its lean forward, up to float rounding elsewhere; decoding/batch_generate.py). sense_soft runs the
 engine with the hybrid SENSE drafter over the ID datastore (the target's own answers to GSM8K
 train questions, as in bench.sense) and the default soft gates. Reported with their spread over
 questions: exact-answer accuracy of both (and the ratio, with a bootstrap interval), token
