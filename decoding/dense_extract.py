@@ -89,8 +89,9 @@ def window_states(target, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """Hidden states [T_i, H] (float32) of the configured layer for each window: on the lean
     forward one prefill each (the engine's own prompt forward; 80 GSM8K documents of ~176
     tokens, bfloat16, 2-core Zen 3: 696-699 tokens/s against 555-573 for right-padded batches
-    of up to 8,192 tokens through the model's forward), elsewhere :func:`hidden_states_batch`."""
-    if target.lean is None:
+    of up to 8,192 tokens through the model's forward), elsewhere :func:`hidden_states_batch`, as
+    for a window of the whole context (a prefill keeps room for a token)."""
+    if target.lean is None or any(len(s) >= target.context_window for s in seqs):
         return hidden_states_batch(target, seqs)
     with torch.inference_mode():
         return [hidden_states(target, s) for s in seqs]

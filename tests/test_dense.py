@@ -59,6 +59,26 @@ def test_builder_keys_equal_a_recomputation(target, dense_store_dir, dense_docs)
         assert row["value"] == want[:8] and row["first_token"] == want[0]
 
 
+def test_window_states_take_the_engines_prefill_and_whole_context_windows(target, monkeypatch):
+    """A window's hidden states are the engine's prompt prefill's (the lean forward) when it
+    leaves room for a token, like every window shorter than the context; a window of the whole
+    context (a model whose context is the window length) goes through the model's forward instead
+    of failing the prefill's length check, with the same states up to float rounding."""
+    import torch
+
+    from decoding.dense_extract import hidden_states_batch, window_states
+
+    seq = [(7 * i + 3) % 5000 + 10 for i in range(64)]
+    with torch.inference_mode():
+        _, out = target.prefill(seq, reuse=False)
+    (got,) = window_states(target, [seq])
+    assert np.array_equal(got, out.hidden.float().numpy())
+    monkeypatch.setattr(target, "context_window", 64)
+    (whole,) = window_states(target, [seq])
+    assert np.array_equal(whole, hidden_states_batch(target, [seq])[0])
+    assert np.allclose(whole, got, atol=1e-3)
+
+
 def test_search_returns_itself(target, dense_store_dir):
     store = DenseStore.load(dense_store_dir)
     sims, ids = store.search(store.keys[:5], 3)
