@@ -235,11 +235,14 @@ def self_distilled(target, questions: list[str], max_tokens: int, workdir) -> li
         answers = json.loads(cache.read_text())
         log(f"self-distilled answers from {cache}")
     else:
-        t0, done = time.perf_counter(), [0]
+        t0, done, said = time.perf_counter(), [0], [0.0]
 
-        def progress(n):
+        def progress(n):            # called as answers end: a line every 10 s and at the end
             done[0] += n
-            log(f"  self-distilling: {done[0]}/{len(prompts)} answers, {time.perf_counter() - t0:.0f} s")
+            now = time.perf_counter() - t0
+            if now - said[0] >= 10 or done[0] == len(prompts):
+                said[0] = now
+                log(f"  self-distilling: {done[0]}/{len(prompts)} answers, {now:.0f} s")
 
         answers = generate_greedy_batched(target, prompts, max_tokens, on_batch=progress)
         cache.write_text(json.dumps(answers))
