@@ -34,8 +34,7 @@ from index.artifact import load_artifact
 from index.artifact_build import BuildConfig, merge_artifact
 from index.dense_format import read_manifest
 from index.dense_synth import clustered_keys, synthetic_datastore, write_dense_datastore
-from index import faiss_ops
-from index.faiss_ops import pow2_nlist, recall_at_k
+from index.faiss_ops import EXACT_MAX, pow2_nlist, recall_at_k
 from pipelines.build_index import build_artifact
 
 BATCH = 64
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.queries, args.shards = 30_000, 300, [1, 2]
-    exact_max = 10_000 if args.quick else faiss_ops.EXACT_MAX  # quick: still exercise IVF at 30k
+    exact_max = 10_000 if args.quick else EXACT_MAX  # quick: still exercise IVF at 30k
     work = Path(args.workdir) / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
 
