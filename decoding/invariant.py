@@ -53,6 +53,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -282,8 +283,9 @@ class PackedWeight:
     Reading the [N, K] layout directly (lanes over the input, one fixed sum tree per output) would
     save the copy but measured 6-14% slower at one row and 20-50% slower at 8-64 rows (README)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, source: torch.Tensor | None = None) -> None:
         self.weight = weight
+        self.source = weight if source is None else source      # the module's parameter it reads
         self._key: tuple | None = None
         self._packed: torch.Tensor | None = None
 
@@ -516,15 +518,28 @@ def _time_large_rows(dtype: torch.dtype, threads: int, rows: int, repeats: int =
     return {f"{k}_ms": round(statistics.median(v) * 1e3 / weights, 4) for k, v in times.items()}
 
 
-def module_packed(linear: torch.nn.Linear) -> PackedWeight:
-    """The packed weight a routed ``nn.Linear`` runs on (made on first use)."""
+def _conv1d_types() -> tuple[type, ...]:
+    """transformers' ``Conv1D`` (GPT-2 and its kin): a linear layer whose weight is stored
+    [in, out] and applied as ``x @ weight + bias``."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:         # a transformers without it: no such layers to route
+        return ()
+    return (Conv1D,)
+
+
+def module_packed(linear: torch.nn.Module) -> PackedWeight:
+    """The packed weight a routed ``nn.Linear`` (or ``Conv1D``, through its transpose) runs on
+    (made on first use)."""
     packed = linear.__dict__.get("_sense_packed")
-    if packed is None or packed.weight is not linear.weight:
-        packed = linear.__dict__["_sense_packed"] = PackedWeight(linear.weight)
+    if packed is None or packed.source is not linear.weight:
+        w = linear.weight
+        packed = linear.__dict__["_sense_packed"] = PackedWeight(w.t() if isinstance(linear, _conv1d_types()) else w,
+                                                                 source=w)
     return packed
 
 
-def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _linear_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module_packed(self)(x, self.bias)
 
 
@@ -788,15 +803,29 @@ def install(model: torch.nn.Module) -> int:
 
 
 def install_linears(model: torch.nn.Module) -> int:
-    """Route every ``nn.Linear`` under `model` through the invariant linear kernel, packed now
-    rather than in the first request."""
-    def prepare(sub: torch.nn.Linear) -> None:
-        sub.__dict__["_sense_packed"] = PackedWeight(sub.weight)
-        sub.__dict__["_sense_packed"].packed()
+    """Route every linear layer under `model` through the invariant linear kernel, packed now
+    rather than in the first request: each ``nn.Linear``, and each ``Conv1D`` (GPT-2's layers,
+    which BLAS otherwise blocks differently by row count: a row's float32 logits moved by ~3e-7
+    between a 1- and a 4-row forward)."""
+    def prepare(sub: torch.nn.Module) -> None:
+        module_packed(sub).packed()
 
-    return route_linears(model, _linear_forward, prepare=prepare)
+    count = route_linears(model, _linear_forward, prepare=prepare)
+    for sub in _conv1d_layers(model):
+        prepare(sub)
+        sub.forward = types.MethodType(_linear_forward, sub)
+        count += 1
+    return count
+
+
+def _conv1d_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    kinds = _conv1d_types()
+    return [sub for sub in model.modules() if kinds and isinstance(sub, kinds)]
 
 
 def uninstall(model: torch.nn.Module) -> None:
     restore_linears(model, ("_sense_packed",))
+    for sub in _conv1d_layers(model):
+        for name in ("forward", "_sense_packed"):
+            sub.__dict__.pop(name, None)
     model.set_attn_implementation("sdpa")

@@ -175,6 +175,37 @@ def test_a_verified_chain_equals_autoregressive_steps(any_target):
         assert torch.equal(step.hidden[0], chain.hidden[i]), f"node {i}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_gpt2_style_models_rows_do_not_depend_on_the_other_rows(dtype):
+    """GPT-2's linear layers are transformers' ``Conv1D`` (weight [in, out]), not ``nn.Linear``:
+    they take the invariant kernel too, so a row's logits and hidden state are the same bits
+    alone, along a chain and beside 63 siblings (in float32 BLAS moved them by ~3e-7 between a
+    1- and a 4-row forward). A random model from its config: no download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from decoding.target import TargetModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256))
+    target = TargetModel(model.to(dtype).eval(), None)
+    assert target.invariant, target.invariant_note
+    convs = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert convs and all("_sense_packed" in m.__dict__ for m in convs)
+    state, out = target.prefill([(37 * i + 11) % 512 for i in range(60)])
+    tok = int(out.logits[-1].argmax())
+    alone = _verify_and_drop(target, state, TokenTree.root_only(tok))
+    for others in (1, 3, 15, 63):
+        chain = _verify_and_drop(target, state, TokenTree.chain(tok, [(7 * i + 3) % 512 for i in range(others)]))
+        star = _verify_and_drop(target, state, TokenTree((tok, *((5 * i + 1) % 512 for i in range(others))),
+                                                         (-1,) + (0,) * others))
+        for got in (chain, star):
+            assert torch.equal(got.logits[0], alone.logits[0]), others
+            assert torch.equal(got.hidden[0], alone.hidden[0]), others
+    invariant.uninstall(model)
+    assert not any("_sense_packed" in m.__dict__ or "forward" in m.__dict__ for m in convs)
+
+
 def test_bfloat16_linears_take_the_avx512_bf16_kernel_where_the_cpu_has_it():
     """On a CPU with AVX512-BF16 the bfloat16 linears run on vdpbf16ps (pair-packed weights,
     twice the products per instruction); elsewhere on the widened-FMA kernel. Either way the rows
