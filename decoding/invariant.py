@@ -786,10 +786,21 @@ def supports(model: torch.nn.Module) -> str | None:
         return f"no invariant kernels for {p.dtype}"
     if getattr(model.config, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not supported by the invariant attention"
+    if not _takes_attention_functions(model):
+        return (f"{type(model).__name__} computes attention in its own code, not through transformers' "
+                f"AttentionInterface, so it cannot run on the invariant attention")
     reason = unavailable_reason()
     if reason:
         return f"the invariant kernels could not be built: {reason}"
     return None
+
+
+def _takes_attention_functions(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention goes through transformers' AttentionInterface, so that
+    :func:`install` can route it (transformers' own check, which ``set_attn_implementation``
+    applies; BLOOM and GPT-Neo, for two, keep their own attention code)."""
+    can = getattr(type(model), "_can_set_attn_implementation", None)
+    return True if can is None else bool(can())
 
 
 def install(model: torch.nn.Module) -> int:

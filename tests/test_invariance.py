@@ -206,6 +206,24 @@ def test_a_gpt2_style_models_rows_do_not_depend_on_the_other_rows(dtype):
     assert not any("_sense_packed" in m.__dict__ or "forward" in m.__dict__ for m in convs)
 
 
+def test_a_model_with_its_own_attention_code_says_it_is_not_invariant():
+    """BLOOM computes attention in its own code (not through transformers' AttentionInterface),
+    so the invariant attention cannot replace it: the target says so (and a forced invariant
+    forward is refused) instead of claiming an invariance its float32 rows do not have."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from decoding.errors import InvalidRequestError
+    from decoding.target import TargetModel
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)).eval()
+    target = TargetModel(model, None)
+    assert not target.invariant and "AttentionInterface" in target.invariant_note
+    with pytest.raises(InvalidRequestError, match="AttentionInterface"):
+        TargetModel(BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)).eval(), None,
+                    invariant_forward=True)
+
+
 def test_bfloat16_linears_take_the_avx512_bf16_kernel_where_the_cpu_has_it():
     """On a CPU with AVX512-BF16 the bfloat16 linears run on vdpbf16ps (pair-packed weights,
     twice the products per instruction); elsewhere on the widened-FMA kernel. Either way the rows
