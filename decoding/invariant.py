@@ -566,6 +566,11 @@ class _Visibility:
             allowed = allowed.expand(b, t, length)
         else:
             m = mask[:, 0] if mask.dim() == 4 else mask
+            if m.dtype != torch.bool and bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any()):
+                # Not a visibility mask but an additive bias (ALiBi folds its position biases
+                # into the mask): the kernel takes visibility only. None: SDPA runs it.
+                self.key, self.value = key, None
+                return None
             allowed = m if m.dtype == torch.bool else m == 0
             allowed = allowed.expand(b, t, length)
         self.key, self.value = key, _csr(allowed.reshape(b * t, length))
@@ -624,17 +629,23 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     lib = library()
     b, h, t, d = query.shape
     g, length = key.shape[1], key.shape[2]
+    def sdpa():
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+
     mask_ok = attention_mask is None or attention_mask.shape[-1] == length
     if (lib is None or t > MAX_ROWS or d % 8 or h % g or kwargs.get("softcap") is not None or not mask_ok
             or query.device.type != "cpu" or key.dtype not in (torch.float32, torch.bfloat16)
             or (dropout and module.training)):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa()
     cache = getattr(_visibility, "cache", None)
     if cache is None:
         cache = _visibility.cache = _Visibility()
-    rowptr, idx = cache.get(attention_mask, b, t, length, kwargs.get("sliding_window"))
+    visible = cache.get(attention_mask, b, t, length, kwargs.get("sliding_window"))
+    if visible is None:         # the mask carries a bias (see _Visibility.get)
+        return sdpa()
+    rowptr, idx = visible
     scale = float(scaling if scaling is not None else d ** -0.5)
     return attention(query.transpose(1, 2), key, value, rowptr, idx, scale), None
 
@@ -786,6 +797,8 @@ def supports(model: torch.nn.Module) -> str | None:
         return f"no invariant kernels for {p.dtype}"
     if getattr(model.config, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not supported by the invariant attention"
+    if getattr(model.config, "alibi", False) or getattr(model.config, "position_embedding_type", None) == "alibi":
+        return "ALiBi position biases are not supported by the invariant attention"
     if not _takes_attention_functions(model):
         return (f"{type(model).__name__} computes attention in its own code, not through transformers' "
                 f"AttentionInterface, so it cannot run on the invariant attention")

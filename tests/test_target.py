@@ -126,3 +126,73 @@ def test_other_architectures_same_path(arch):
     nxt = t.verify(state, TokenTree.root_only(31))
     _, ref2 = t.prefill(prompt + [17, 23, 29, 31])
     assert torch.allclose(nxt.logits[0], ref2.logits[-1], atol=1e-4)
+
+
+# Small random models of other families (no download): the config's own sizes, vocabulary 512.
+_FAMILIES = {
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                max_position_embeddings=256),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=256),
+    "phi": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False),
+    "falcon-alibi": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False,
+                         alibi=True),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    "mistral-sliding-window": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256, sliding_window=16),
+    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
+}
+# Where the invariant forward cannot run, and why (the target must say so, not claim it).
+_NOT_INVARIANT = {"falcon-alibi": "ALiBi", "bloom": "AttentionInterface"}
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_other_families_verify_what_their_own_forward_computes(family):
+    """A chain verified after a 40-token prompt (past a sliding window of 16) gets the logits of
+    the model's own forward over prompt + chain, family by family: Conv1D linears (GPT-2),
+    parallel attention (Falcon, Phi, GPT-NeoX), partial rotary, q/k norms (Qwen3), a sliding
+    window, and ALiBi biases folded into the mask (Falcon), which the invariant attention cannot
+    take: those models run the stock forward and the target says why."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family.split("-")[0], vocab_size=512, **_FAMILIES[family])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    reference = copy.deepcopy(model)
+    t = TargetModel(model, None)
+    if family in _NOT_INVARIANT:
+        assert not t.invariant and _NOT_INVARIANT[family] in t.invariant_note
+    else:
+        assert t.invariant, t.invariant_note
+    prompt, chain = [(37 * i + 11) % 512 for i in range(40)], [(7 * i + 3) % 512 for i in range(6)]
+    state, _ = t.prefill(prompt)
+    out = t.verify(state, TokenTree.chain(chain[0], chain[1:]))
+    with torch.no_grad():
+        ref = reference(torch.tensor([prompt + chain])).logits[0, len(prompt):]
+    torch.testing.assert_close(out.logits.float(), ref.float(), rtol=0, atol=1e-5)
+
+
+def test_a_bias_in_the_attention_mask_goes_to_sdpa():
+    """The invariant attention takes a mask as visibility only: a mask that carries an additive
+    bias (ALiBi's) is run by SDPA instead, so a model routed onto the invariant kernels anyway
+    still computes its own forward (it read 0.4 off in the logits before)."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from decoding import invariant
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "falcon", vocab_size=512, **_FAMILIES["falcon-alibi"])).eval()
+    reference = copy.deepcopy(model)
+    invariant.install(model)
+    ids = torch.tensor([[(37 * i + 11) % 512 for i in range(40)]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
