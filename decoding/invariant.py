@@ -629,6 +629,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     lib = library()
     b, h, t, d = query.shape
     g, length = key.shape[1], key.shape[2]
+
     def sdpa():
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
