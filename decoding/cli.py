@@ -80,7 +80,8 @@ def _budget_arg(text: str):
 
 def _loaded(target) -> None:
     print(f"model: {target.config._name_or_path or 'target'} on {target.device}, dtype {target.dtype_choice.reason}, "
-          f"batch-invariant forward {target.invariant_note}, lean forward {target.lean_note}", file=sys.stderr)
+          f"batch-invariant forward {target.invariant_note}, lean forward {target.lean_note}"
+          f"{'' if target.takes_trees else ', draft trees verified as their best path (the model takes no tree mask)'}", file=sys.stderr)
 
 
 def _check_sources(args) -> None:

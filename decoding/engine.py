@@ -279,6 +279,8 @@ class Sequence:
                 else TokenTree.root_only(int(self.tokens[n - 1])))
         if alone and widen and room > 0:
             tree = self.keep(tree, self.adaptive.cut(tree, budget))
+        elif not self.target.takes_trees:
+            tree = tree.main_chain()
         self._t1 = time.perf_counter()
         return tree
 
@@ -286,7 +288,9 @@ class Sequence:
         """The part of this step's drafted `tree` a budget of `budget` nodes keeps (the budget the
         step's statistics and estimates then count)."""
         self._room = budget
-        return tree.cut(budget)
+        tree = tree.cut(budget)
+        # A model that takes no tree mask (TargetModel.takes_trees) verifies the best path.
+        return tree if self.target.takes_trees else tree.main_chain()
 
     def advance(self, tree: TokenTree, out, lone: bool = False) -> list[int]:
         """Accept from the verified `tree` (its forward output `out`), commit, apply the stop

@@ -103,6 +103,23 @@ class TargetModel:
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.model_key = model_key(model)
         self.dtype_choice: DtypeChoice = explicit(str(self.dtype).removeprefix("torch."))
+        self.takes_trees = self.lean is not None or self._takes_tree_masks()
+
+    def _takes_tree_masks(self) -> bool:
+        """Whether the model's forward honours a token tree's attention mask: a sibling verified
+        in a tree must get the logits of its own chain. A model whose attention builds its own
+        mask from a 2-D one (BLOOM's ALiBi) refuses the tree's; the engine then verifies each
+        step's best path only (``TokenTree.main_chain``)."""
+        with torch.inference_mode():
+            try:
+                state, _ = self.prefill([1, 2], reuse=False)
+                star = self.verify(state, TokenTree((3, 4, 5), (-1, 0, 0)))
+                state, _ = self.prefill([1, 2], reuse=False)
+                chain = self.verify(state, TokenTree.chain(3, [5]))
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                return False
+        scale = float(chain.logits[1].abs().max()) + 1e-6
+        return float((star.logits[2] - chain.logits[1]).abs().max()) <= 1e-2 * scale
 
     @classmethod
     def load(cls, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",

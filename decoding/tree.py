@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -190,7 +190,22 @@ class TokenTree:
         tree; this keeps one drafted tree's smaller budgets without drafting again."""
         if budget >= self.n_draft:
             return self
-        keep = [i for i in range(len(self.tokens)) if self.ranks[i] < budget]
+        return self._keep([i for i in range(len(self.tokens)) if self.ranks[i] < budget])
+
+    def main_chain(self) -> "TokenTree":
+        """The root and, from each kept node on, its heaviest child (children are ordered by
+        weight): the tree's best path, for a target that verifies chains only."""
+        keep, node = [0], 0
+        while self._children[node]:
+            node = next(iter(self._children[node].values()))
+            keep.append(node)
+        if len(keep) == len(self.tokens):
+            return self
+        # ranked along the path, so that the nodes ranked below b are still a budget of b's tree
+        return replace(self._keep(keep), ranks=tuple(range(-1, len(keep) - 1)))
+
+    def _keep(self, keep: list[int]) -> "TokenTree":
+        """The tree of the nodes `keep` (ascending, each with its parent)."""
         new = {old: i for i, old in enumerate(keep)}
 
         def pick(xs):

@@ -581,6 +581,7 @@ class Decoder:
         d = {"replica": self.replica, "model": self.cfg.model.name, **self.counts, "threads": self.threads,
              "dtype": self.target.dtype_choice.to_dict(), "budget": self.cfg.speculative.budget,
              "invariant_forward": self.target.invariant_note, "lean_forward": self.target.lean_note,
+             "draft_trees": self.target.takes_trees,
              "kernels": self.target.kernels,
              "prefix_cache": {"note": self.target.prefix_cache_note,
                               **(self.target.prefix_cache.stats() if self.target.prefix_cache else {})},

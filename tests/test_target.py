@@ -196,3 +196,27 @@ def test_a_bias_in_the_attention_mask_goes_to_sdpa():
     ids = torch.tensor([[(37 * i + 11) % 512 for i in range(40)]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_a_model_that_takes_no_tree_mask_verifies_each_steps_best_path():
+    """BLOOM builds its ALiBi from a 2-D mask and cannot take a tree's: the target finds that out
+    at load (``takes_trees``), and the engine verifies each step's best path instead of failing
+    mid-generation (it raised on the first drafted tree before). Models that take tree masks
+    keep their trees."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from decoding.config import SamplingParams
+    from decoding.engine import generate
+    from decoding.methods import make_drafter
+
+    torch.manual_seed(0)
+    bloom = TargetModel(AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "bloom", vocab_size=512, **_FAMILIES["bloom"])).eval(), None)
+    assert not bloom.takes_trees
+    prompt = [(37 * i + 11) % 512 for i in range(12)] * 3          # repeats, for prompt lookup
+    out = generate(bloom, prompt, params=SamplingParams(max_new_tokens=24), drafter=make_drafter("pld"))
+    assert len(out.token_ids) == 24 and out.stats.drafted > 0
+    for family in ("gpt2", "falcon"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=512, **_FAMILIES[family]))
+        assert TargetModel(model.eval(), None).takes_trees, family

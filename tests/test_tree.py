@@ -37,6 +37,23 @@ def test_budget_keeps_heaviest_connected_nodes():
     assert TokenTree.from_chains(1, chains, budget=0).n_draft == 0
 
 
+def test_main_chain_follows_the_heaviest_child_from_the_root():
+    """For a target that verifies chains only: the best path of a drafted tree, ranked along it
+    (so its budgets still cut it), with the nodes' weights and sources; a chain is itself."""
+    t = TokenTree.from_chains(1, [([2, 3, 4], 5), ([2, 3, 9], 3), ([2, 8], 2), ([7], 1)], budget=64,
+                              labels=["pld", "dense", "dense", "pld"])
+    c = t.main_chain()
+    assert c.is_chain() and c.tokens == (1, 2, 3, 4) and c.ranks == (-1, 0, 1, 2)
+    n2 = t.child(0, 2)
+    n3 = t.child(n2, 3)
+    n4 = t.child(n3, 4)
+    assert c.weights == (t.weights[0], t.weights[n2], t.weights[n3], t.weights[n4])
+    assert c.sources == (t.sources[0], t.sources[n2], t.sources[n3], t.sources[n4])
+    assert c.cut(2).tokens == (1, 2, 3)
+    chain = TokenTree.chain(5, [6, 7])
+    assert chain.main_chain() is chain and TokenTree.root_only(3).main_chain().tokens == (3,)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_best_first_merge_equals_the_whole_trie_cut_to_budget(seed):
     """Random chains over few tokens (shared prefixes, equal weights, chains of every length):
