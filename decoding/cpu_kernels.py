@@ -31,13 +31,14 @@ def _small_batch_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
-def route_linears(module: torch.nn.Module, forward, *, select=None, prepare=None) -> int:
-    """Bind `forward` as the forward of every ``nn.Linear`` under `module` that `select(sub)`
-    accepts (all by default), after `prepare(sub)`; returns the count. The modules change in
-    place; :func:`restore_linears` undoes it."""
+def route_linears(module: torch.nn.Module, forward, *, select=None, prepare=None,
+                  kinds: tuple[type, ...] = (torch.nn.Linear,)) -> int:
+    """Bind `forward` as the forward of every layer of `kinds` (``nn.Linear``) under `module`
+    that `select(sub)` accepts (all by default), after `prepare(sub)`; returns the count. The
+    modules change in place; :func:`restore_linears` undoes it."""
     count = 0
     for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear) and (select is None or select(sub)):
+        if isinstance(sub, kinds) and (select is None or select(sub)):
             if prepare is not None:
                 prepare(sub)
             sub.forward = types.MethodType(forward, sub)
@@ -45,10 +46,11 @@ def route_linears(module: torch.nn.Module, forward, *, select=None, prepare=None
     return count
 
 
-def restore_linears(module: torch.nn.Module, attrs: tuple[str, ...] = ()) -> None:
-    """Give every ``nn.Linear`` under `module` its class's forward back, and drop `attrs`."""
+def restore_linears(module: torch.nn.Module, attrs: tuple[str, ...] = (),
+                    kinds: tuple[type, ...] = (torch.nn.Linear,)) -> None:
+    """Give every layer of `kinds` under `module` its class's forward back, and drop `attrs`."""
     for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear):
+        if isinstance(sub, kinds):
             for name in ("forward", *attrs):
                 sub.__dict__.pop(name, None)
 

@@ -53,7 +53,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import types
 from pathlib import Path
 
 import numpy as np
@@ -835,22 +834,9 @@ def install_linears(model: torch.nn.Module) -> int:
     def prepare(sub: torch.nn.Module) -> None:
         module_packed(sub).packed()
 
-    count = route_linears(model, _linear_forward, prepare=prepare)
-    for sub in _conv1d_layers(model):
-        prepare(sub)
-        sub.forward = types.MethodType(_linear_forward, sub)
-        count += 1
-    return count
-
-
-def _conv1d_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    kinds = _conv1d_types()
-    return [sub for sub in model.modules() if kinds and isinstance(sub, kinds)]
+    return route_linears(model, _linear_forward, prepare=prepare, kinds=(torch.nn.Linear, *_conv1d_types()))
 
 
 def uninstall(model: torch.nn.Module) -> None:
-    restore_linears(model, ("_sense_packed",))
-    for sub in _conv1d_layers(model):
-        for name in ("forward", "_sense_packed"):
-            sub.__dict__.pop(name, None)
+    restore_linears(model, ("_sense_packed",), kinds=(torch.nn.Linear, *_conv1d_types()))
     model.set_attn_implementation("sdpa")
