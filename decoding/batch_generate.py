@@ -15,15 +15,21 @@ flip near-ties). Elsewhere (a GPU, other model families) static batches through 
 prompts sorted by length and cut into batches of at most `batch_size` rows and `batch_tokens`
 padded prompt tokens, left-padded; equal to one-at-a-time greedy up to float rounding. Either way
 a row stops at its first end-of-sequence token, which it keeps, as the engine does.
+
+:func:`generate_greedy_with_states` also returns what a datastore stores of each answer: the
+hidden states its decoding computed anyway (the last prompt position's and every answer token's
+but the last), so that self-distillation needs no second forward over prompt + answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from decoding.config import SamplingParams
+from decoding.drafters.base import NoDrafter
 from decoding.engine import Sequence as Request
 from decoding.scheduler import BatchScheduler
 from decoding.target import TargetModel
@@ -53,12 +59,55 @@ def _cut_at_eos(row: list[int], eos: frozenset[int]) -> list[int]:
     return row
 
 
+class _StateRecorder(NoDrafter):
+    """Drafts nothing (``ar``) and keeps the hidden states the engine hands a drafter: the
+    prompt's last position (``begin``), then every committed position (``observe``)."""
+
+    needs_hidden = True
+    keeps_hidden = True         # nothing to propose from: the engine keeps no copy of its own
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+
+    def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
+        self.rows = [hidden[-1:].float().cpu().numpy()]
+
+    def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
+        self.rows.append(hidden.float().cpu().numpy())   # a copy: the forward's buffer is reused
+
+    def states(self, answer_len: int) -> np.ndarray | None:
+        """[answer_len, H] float32: the last prompt position and every answer token but the last
+        (the positions whose next token is an answer token); None if the steps saw otherwise."""
+        rows = np.concatenate(self.rows) if self.rows else None
+        return rows if rows is not None and len(rows) == answer_len else None
+
+
 @torch.inference_mode()
 def generate_greedy_batched(target: TargetModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                             batch_size: int = 16, batch_tokens: int = 16384,
                             on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
     """Greedy answers (new tokens only, ending with EOS when the model stopped by itself) to each
     prompt, in the order given. `on_batch(n)` is called as answers end, with how many did."""
+    return _generate(target, prompts, max_new_tokens, batch_size, batch_tokens, on_batch, states=False)[0]
+
+
+@torch.inference_mode()
+def generate_greedy_with_states(target: TargetModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                                batch_size: int = 16, batch_tokens: int = 16384,
+                                on_batch: Callable[[int], None] | None = None
+                                ) -> tuple[list[list[int]], list[np.ndarray | None]]:
+    """:func:`generate_greedy_batched`'s answers and, per answer, the hidden states (float32,
+    [len(answer), H], the target's configured layer) at the positions of prompt + answer whose
+    next token is an answer token: the last prompt position, then each answer token but the last.
+    On the lean forward they are the decode steps' own, bitwise what a forward over prompt +
+    answer computes (every row on the batch-invariant kernels); elsewhere (static batches through
+    ``generate``) None, for the caller to run that forward."""
+    return _generate(target, prompts, max_new_tokens, batch_size, batch_tokens, on_batch, states=True)
+
+
+def _generate(target: TargetModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
+              batch_tokens: int, on_batch: Callable[[int], None] | None, states: bool
+              ) -> tuple[list[list[int]], list[np.ndarray | None]]:
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     if any(len(p) == 0 for p in prompts):
@@ -69,8 +118,8 @@ def generate_greedy_batched(target: TargetModel, prompts: Sequence[Sequence[int]
             raise ValueError(f"a prompt of {len(p)} tokens plus {max_new_tokens} new ones exceeds the "
                              f"model's context of {limit}")
     if target.lean is not None:
-        return _continuous(target, prompts, max_new_tokens, batch_size, on_batch)
-    return _static_batches(target, prompts, max_new_tokens, batch_size, batch_tokens, on_batch)
+        return _continuous(target, prompts, max_new_tokens, batch_size, on_batch, states)
+    return _static_batches(target, prompts, max_new_tokens, batch_size, batch_tokens, on_batch), [None] * len(prompts)
 
 
 def _static_batches(target: TargetModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
@@ -97,14 +146,17 @@ def _static_batches(target: TargetModel, prompts: Sequence[Sequence[int]], max_n
 
 
 def _continuous(target: TargetModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
-                on_batch: Callable[[int], None] | None) -> list[list[int]]:
+                on_batch: Callable[[int], None] | None, states: bool
+                ) -> tuple[list[list[int]], list[np.ndarray | None]]:
     params = SamplingParams(max_new_tokens=max_new_tokens)
     scheduler = BatchScheduler(target, max_batch=batch_size)
-    requests = [Request(target, list(p), params=params, budget=0) for p in prompts]
+    recorders = [_StateRecorder() if states else None for _ in prompts]
+    requests = [Request(target, list(p), params=params, budget=0, drafter=d) for p, d in zip(prompts, recorders)]
     for r in requests:
         scheduler.add(r)
     while not scheduler.idle:
         done = scheduler.step()
         if done and on_batch is not None:
             on_batch(len(done))
-    return [list(r.result().token_ids) for r in requests]
+    answers = [list(r.result().token_ids) for r in requests]
+    return answers, [d.states(len(a)) if d is not None else None for d, a in zip(recorders, answers)]

@@ -145,6 +145,29 @@ def extract_entries(target, transform: KeyTransform, docs: Sequence[Document], d
                             forward_tokens=sum(counter))
 
 
+def states_by_window(target, docs: Sequence[Document], states: Sequence[np.ndarray | None], *, max_len: int,
+                     overlap: int, batch_tokens: int = 8192, fn=lambda h: h,
+                     on_tokens=None) -> list[list[np.ndarray]]:
+    """:func:`run_windows`'s result, fn(hidden states) per window of each document, from hidden
+    states already at hand where they are what its forward would compute: `states[i]` the rows
+    of document i's entry positions (``generate_greedy_with_states``), taken where they are all
+    there and the document fits one window (its rows then see their whole left context, as the
+    decode steps that computed them did). The other documents run the forward."""
+    out: list = [None] * len(docs)
+    rest = []
+    for i, (d, h) in enumerate(zip(docs, states)):
+        if h is not None and len(d.tokens) <= max_len and len(h) == len(entry_positions(d)):
+            out[i] = [fn(h)] if len(h) else []
+        else:
+            rest.append(i)
+    if rest:
+        ran = run_windows(target, [docs[i] for i in rest], max_len=max_len, overlap=overlap,
+                          batch_tokens=batch_tokens, fn=fn, on_tokens=on_tokens)
+        for i, r in zip(rest, ran):
+            out[i] = r
+    return out
+
+
 def build_dense_datastore(target, docs: Iterable[Document], out: str | Path, *, dim: int = 64,
                           value_len: int = 20, shard_rows: int = 200_000,
                           transform: KeyTransform | None = None, progress=None) -> Manifest:

@@ -341,16 +341,15 @@ def decode_documents(data: bytes) -> list[Document]:
 
 
 def _read_token_unit(unit: Unit) -> UnitRecords:
-    """A row group of a token-stream table (``index.dense_writer.tokens_table``): documents as is."""
+    """A row group of a token-stream table (``index.dense_writer.tokens_table``): documents as is,
+    with the ids they were written with (a self-distilled document keeps its prompt record's id,
+    so the tables of a file's several units never share one)."""
     import pyarrow.parquet as pq
 
     fs, path = storage.open_fs(unit.uri)
     with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        first = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
-        table = pf.read_row_group(unit.start)
-    docs = [Document(doc_id=(unit.file_index << 40) | (first + i), tokens=list(t), store_from=int(s),
-                     corpus=unit.corpus)
-            for i, (t, s) in enumerate(zip(table.column("tokens").to_pylist(),
-                                           table.column("store_from").to_pylist()))]
+        table = pq.ParquetFile(f).read_row_group(unit.start)
+    docs = [Document(doc_id=int(i), tokens=list(t), store_from=int(s), corpus=unit.corpus)
+            for i, t, s in zip(table.column("doc_id").to_pylist(), table.column("tokens").to_pylist(),
+                               table.column("store_from").to_pylist())]
     return UnitRecords(docs, Counter(), len(docs))

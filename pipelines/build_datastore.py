@@ -10,6 +10,13 @@ on a first-pass sample (a task on a model worker); then stream the units that ha
 through tokenization (CPU tasks) and extraction (an actor pool, one model per actor); finally write
 the manifest, atomically and last. A rerun resumes: finished units are skipped, interrupted ones
 recomputed under the same names. The output is the format of ``index.dense_format``.
+
+With self-distillation (``--self-distill``) the stored documents are the prompts plus the model's
+own answers, and no second forward runs over them: the first pass distills the first units and
+fits the transform on their answers' hidden states (the decode steps' own, bitwise a forward's on
+the lean forward), then the actor pool distills the rest and writes each unit's entries from its
+answers' hidden states. Pass 2 extracts only what that left (a model off the lean forward, a unit
+whose entries a crash cut off).
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ from index.dense_writer import write_manifest
 from index.records import FieldMap, InputError, Unit, plan_units
 from pipelines.config import DISTILL_METHODS, DatastoreJobConfig, SelfDistillConfig, parse_corpus
 from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, distill_progress_uri,
-                              finished_distill, finished_unit, fit_progress_uri, fit_sample, read_progress,
-                              unit_to_row)
+                              distilled_unit, finished_distill, finished_unit, fit_progress_uri, fit_sample,
+                              read_progress, unit_to_row)
 
 BUILD_INFO = "build.json"
 
@@ -139,15 +146,21 @@ def _remote(fn_or_cls, config: DatastoreJobConfig, gpus: float):
 
 
 def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap], gpus: float) -> dict:
-    """Fit the key transform on a sample and record the model's fingerprint (first pass)."""
-    _log(f"first pass: fitting the key transform on up to {config.sample_rows} positions")
+    """Fit the key transform on a sample and record the model's fingerprint (first pass). With
+    self-distillation, `units` are the prompt units: the first ones are distilled here, their
+    answers' own hidden states giving the sample (see ``fit_sample``)."""
+    distill = config.self_distill
+    _log(f"first pass: {'distilling the first units and ' if distill else ''}fitting the key transform on up to "
+         f"{config.sample_rows} positions")
     t0 = time.perf_counter()
     ref = _remote(fit_sample, config, gpus).remote(
         model=config.model, dtype=config.dtype, layer=config.layer, gpu=gpus > 0,
         threads=_threads(config), units=units, fields=fields, dim=config.dim,
         sample_rows=config.sample_rows, seed=config.seed, max_len=config.max_len, overlap=config.overlap,
-        batch_tokens=config.batch_tokens, output=config.output, value_len=config.value_len)
-    fit = _wait_with_progress(ref, config.output)
+        batch_tokens=config.batch_tokens, output=config.output, value_len=config.value_len,
+        distill=None if distill is None else dict(max_new_tokens=distill.max_new_tokens, method=distill.method,
+                                                  batch_size=distill.batch_size))
+    fit = _wait_with_progress(ref, config.output, units if distill else [])
     info = {"content_key": config.content_key(), "fingerprint": fit["fingerprint"], "key_dtype": fit["key_dtype"],
             "eos": fit["eos"],
             "max_len": fit["max_len"], "overlap": fit["overlap"], "config": _config_dict(config)}
@@ -157,19 +170,25 @@ def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldM
     return info
 
 
-def _wait_with_progress(ref, output: str, every_s: float = 30.0):
-    """ray.get(ref) for the first pass, with a line every `every_s` seconds meanwhile: how many
-    tokens the worker has run through the model (its progress file)."""
+def _wait_with_progress(ref, output: str, distilling: list[Unit], every_s: float = 30.0):
+    """ray.get(ref) for the first pass, with a line every `every_s` seconds meanwhile: how far
+    the worker is (its progress files): prompts answered in the unit it distills (of
+    `distilling`), then tokens run through the model."""
     import ray
 
     t0 = time.perf_counter()
     while not ray.wait([ref], timeout=every_s)[0]:
+        dt = time.perf_counter() - t0
+        answering = [f"{u.name} {q['done']}/{q['total']}" for u in distilling
+                     if (q := read_progress(distill_progress_uri(output, u.name))) and q["done"] < q["total"]]
         p = read_progress(fit_progress_uri(output))
-        if p and p["done"]:
-            _log(f"  first pass ({time.perf_counter() - t0:.0f}s): {p['done']:,} tokens through the model, "
+        if answering:
+            _log(f"  first pass ({dt:.0f}s): prompts answered: " + ", ".join(answering))
+        elif p and p["done"]:
+            _log(f"  first pass ({dt:.0f}s): {p['done']:,} tokens through the model, "
                  f"{p['done'] / max(p['seconds'], 1e-9):.0f} tok/s")
         else:
-            _log(f"  first pass ({time.perf_counter() - t0:.0f}s): loading the model")
+            _log(f"  first pass ({dt:.0f}s): {'distilling' if distilling else 'loading the model'}")
     return ray.get(ref)
 
 
@@ -212,11 +231,12 @@ def _consume_with_progress(ds, output: str, todo: list[Unit], every_s: float = 3
         _log(f"  distilled {len(done)}/{len(todo)} units ({item['documents']} answers in {item['unit']})")
 
 
-def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap],
-             gpus: float) -> tuple[list[Unit], dict[str, dict]]:
-    """Pass 1 of self-distillation: generate answers for every prompt unit (resumably); returns
-    the units of the distilled token tables that pass 2 stores, and the prompts' bad records by
-    pass-2 unit name."""
+def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap], gpus: float,
+             info: dict) -> tuple[list[Unit], dict[str, dict]]:
+    """Self-distillation: generate answers for every prompt unit the first pass did not
+    (resumably), each unit's entries written with them (from the answers' own hidden states);
+    returns the units of the distilled token tables, which pass 2 extracts where a unit's entries
+    are missing, and the prompts' bad records by pass-2 unit name."""
     import ray
 
     todo = [u for u in units if finished_distill(config.output, u.name) is None]
@@ -228,30 +248,19 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
                             num_gpus=gpus, fn_constructor_kwargs=dict(
                                 model=config.model, dtype=config.dtype, gpu=gpus > 0,
                                 threads=_threads(config), output=config.output,
-                                eos=_eos_of(config, gpus), max_new_tokens=config.self_distill.max_new_tokens,
-                                method=config.self_distill.method, batch_size=config.self_distill.batch_size))
+                                eos=info["eos"], max_new_tokens=config.self_distill.max_new_tokens,
+                                method=config.self_distill.method, batch_size=config.self_distill.batch_size,
+                                layer=config.layer, entries=dict(
+                                    value_len=config.value_len, max_len=info["max_len"], overlap=info["overlap"],
+                                    batch_tokens=config.batch_tokens)))
         _consume_with_progress(ds, config.output, todo)
     out, bad_by_unit = [], {}
     for u in units:
         # Pass 2 reads the distilled table; the prompts' bad records carry over into its summary.
         bad = json.loads(storage.read_bytes(storage.join(config.output, DISTILLED, f"{u.name}.json")))["bad"]
-        out.append(Unit(u.corpus, storage.join(config.output, DISTILLED, f"{u.name}.parquet"), "tokens", 0, 1,
-                        u.file_index))
+        out.append(distilled_unit(config.output, u))
         bad_by_unit[out[-1].name] = bad
     return out, bad_by_unit
-
-
-def _eos_of(config: DatastoreJobConfig, gpus: float) -> int:
-    """EOS id without loading weights on the driver: from the model's config and tokenizer."""
-    from decoding.model_loader import load_config
-    from pipelines.stages import load_tokenizer
-
-    eos = getattr(load_config(config.model), "eos_token_id", None)
-    if eos is None:
-        eos = load_tokenizer(config.model).eos_token_id
-    if isinstance(eos, (list, tuple)):
-        eos = min(eos)
-    return int(eos if eos is not None else 0)
 
 
 def _extract(config: DatastoreJobConfig, info: dict, todo: list[Unit], fields: dict[str, FieldMap],
@@ -377,15 +386,18 @@ def _build(config: DatastoreJobConfig) -> Manifest:
         storage.write_bytes_atomic(storage.join(config.output, BUILD_INFO),
                                    json.dumps({"content_key": config.content_key()}).encode())
     distill_bad: dict[str, dict] = {}
-    if config.self_distill:
-        units, distill_bad = _distill(config, units, fields, gpus)
+    # The units whose entries pass 2 writes: with self-distillation, each prompt unit's distilled table.
+    stored = [distilled_unit(config.output, u) for u in units] if config.self_distill else units
     t_fit = time.perf_counter()
     done_before: set[str] = set()
     if info is None or "fingerprint" not in info or not storage.exists(storage.join(config.output, TRANSFORM)):
         info = _fit(config, units, fields, gpus)
     else:
-        done_before = {u.name for u in units if finished_unit(config.output, u.name) is not None}
+        done_before = {u.name for u in stored if finished_unit(config.output, u.name) is not None}
         _log(f"resuming: reusing the key transform; {len(done_before)} of {len(units)} units already done")
+    t_distill = time.perf_counter()
+    if config.self_distill:
+        units, distill_bad = _distill(config, units, fields, gpus, info)
     summaries, todo = {}, []
     for u in units:
         s = finished_unit(config.output, u.name)
@@ -393,6 +405,7 @@ def _build(config: DatastoreJobConfig) -> Manifest:
             todo.append(u)
         else:
             summaries[u.name] = s
+    # Units written this run before pass 2: by the first pass, and by distillation with their answers.
     fit_units = [u for u in units if u.name in summaries and u.name not in done_before]
     t_extract = time.perf_counter()
     if todo:
@@ -407,7 +420,8 @@ def _build(config: DatastoreJobConfig) -> Manifest:
     extract_tokens = sum(summaries[u.name]["tokens"] for u in todo)
     fit_tokens = sum(summaries[u.name]["tokens"] for u in fit_units)
     tokens = extract_tokens + fit_tokens
-    timing = {"total_s": round(seconds, 3), "fit_s": round(t_extract - t_fit, 3),
+    timing = {"total_s": round(seconds, 3), "fit_s": round(t_distill - t_fit, 3),
+              "distill_s": round(t_extract - t_distill, 3),
               "extract_s": round(t_end - t_extract, 3), "fit_units": len(fit_units), "fit_tokens": fit_tokens,
               "extract_units": len(todo), "extract_tokens": extract_tokens, "tokens_this_run": tokens,
               "peak_rss_mb_by_node": _peak_rss([summaries[u.name] for u in todo + fit_units])}

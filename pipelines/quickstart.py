@@ -57,7 +57,7 @@ def build_datastore_step(workdir: Path, docs: int, distill_tokens: int = 0) -> P
     config = DatastoreJobConfig(
         corpora=(CorpusSpec("gsm8k_train", str(corpus), "jsonl",
                             FieldMap(prompt="question", response=None if distill_tokens else "answer")),),
-        output=str(out), split_bytes=max(4096, corpus.stat().st_size // 4), workers=1,
+        output=str(out), split_bytes=max(4096, -(-corpus.stat().st_size // 4)), workers=1,
         self_distill=SelfDistillConfig(max_new_tokens=distill_tokens) if distill_tokens else None)
     build_datastore(config)
     return out

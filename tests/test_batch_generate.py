@@ -70,3 +70,40 @@ def test_bad_arguments_are_clear(target):
     with pytest.raises(ValueError, match="context"):
         generate_greedy_batched(target, [[1] * 10], target.context_window)
     assert generate_greedy_batched(target, [], 4) == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_states_are_a_forwards_hidden_states_bitwise(target, target_bf16, dtype):
+    """``generate_greedy_with_states``: the same answers, and per answer the hidden states its
+    decode steps computed at the positions whose next token is an answer token, bitwise those of
+    one forward over prompt + answer (what self-distillation stored keys from before, running that
+    forward a second time); early stops at EOS included."""
+    from decoding.batch_generate import generate_greedy_with_states
+    from decoding.dense_extract import window_states
+
+    t = target if dtype == "float32" else target_bf16
+    prompts = _prompts(t)
+    answers, states = generate_greedy_with_states(t, prompts, 24, batch_size=4)
+    assert answers == generate_greedy_batched(t, prompts, 24, batch_size=4)
+    assert any(len(a) < 24 for a in answers)
+    for p, a, h in zip(prompts, answers, states):
+        ref = window_states(t, [p + a])[0][len(p) - 1: len(p) + len(a) - 1]
+        assert h is not None and h.shape == ref.shape == (len(a), t.model.config.hidden_size)
+        assert (h == ref).all()
+
+
+def test_states_of_a_middle_layer(target):
+    """A datastore keyed on another layer (``hidden_layer``): the decode steps hand over that
+    layer's states, bitwise a forward's."""
+    from decoding.batch_generate import generate_greedy_with_states
+    from decoding.dense_extract import window_states
+    from decoding.target import TargetModel
+
+    mid = TargetModel.load(dtype="float32", hidden_layer=12)
+    prompts = _prompts(mid)[:3]
+    answers, states = generate_greedy_with_states(mid, prompts, 12, batch_size=2)
+    for p, a, h in zip(prompts, answers, states):
+        ref = window_states(mid, [p + a])[0][len(p) - 1: len(p) + len(a) - 1]
+        assert (h == ref).all()
+        last = window_states(target, [p + a])[0][len(p) - 1: len(p) + len(a) - 1]
+        assert not (h == last).all()                # another layer's, not the last one's

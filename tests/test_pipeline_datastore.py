@@ -149,6 +149,29 @@ def test_windowed_batched_extraction_matches_prefill(target):
     assert row == len(ex.keys)
 
 
+def test_states_at_hand_stand_in_for_the_forward_only_where_they_are_its(target):
+    """``states_by_window``: a document's given hidden states replace the forward where they are
+    its entry positions' rows and the document fits one window; a document too long for one
+    window, states of the wrong length, or none run the forward (:func:`run_windows`)."""
+    from decoding.dense_extract import hidden_states, run_windows, states_by_window
+    from index.dense_build import Document, entry_positions
+
+    rng = np.random.default_rng(1)
+    docs = [Document(rng.integers(3, 5000, size=n).tolist(), store_from=s) for n, s in
+            [(30, 12), (14, 5), (40, 20), (20, 8), (16, 6)]]
+    given = [hidden_states(target, d.tokens)[entry_positions(d)] for d in docs]
+    states = [given[0], given[1] + 1.0, np.zeros((3, given[2].shape[1]), np.float32), None, given[4]]
+    # doc 1: shifted states, used (as given); doc 2: 40 tokens > max_len 32, and doc 2's and 3's
+    # states are unusable: the forward's; doc 4: its own, used.
+    got = states_by_window(target, docs, states, max_len=32, overlap=8, batch_tokens=64)
+    ref = run_windows(target, docs, max_len=32, overlap=8, batch_tokens=64, fn=lambda h: h)
+    assert (got[0][0] == ref[0][0]).all() and (got[4][0] == ref[4][0]).all()
+    assert (got[1][0] == given[1] + 1.0).all()
+    for i in (2, 3):
+        assert len(got[i]) == len(ref[i]) and all((a == b).all() for a, b in zip(got[i], ref[i]))
+    assert len(ref[2]) == 2                                 # two windows: the states could not be its
+
+
 # -- on the Ray cluster ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -310,33 +333,58 @@ def test_cli_bad_input_is_one_line(tmp_path):
 def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tmp_path):
     """--self-distill (batched greedy, the default): the stored documents are the prompts plus the
     target's own greedy answers (equal to the in-process engine's), with entries for the answers
-    only."""
+    only; their keys come from the answers' own decode steps, with no second forward (the first
+    pass's unit and the actors' alike), bitwise the keys a forward over the stored documents
+    gives."""
     import pyarrow.parquet as pq
 
     from decoding.config import SamplingParams
+    from decoding.dense_extract import extract_entries
     from decoding.engine import encode_prompt, generate
     from pipelines.build_datastore import build_datastore
     from pipelines.config import SelfDistillConfig
+    from pipelines.stages import read_distilled, read_transform
 
-    questions = [r["question"] for r in gsm8k("train")[:3]]
+    questions = [r["question"] for r in gsm8k("train")[:6]]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions) + "{bad\n")
-    cfg = _config(str(path), str(tmp_path / "id"), workers=1, split_bytes=1 << 20, sample_rows=32,
+    cfg = _config(str(path), str(tmp_path / "id"), workers=1, split_bytes=600, sample_rows=32,
                   self_distill=SelfDistillConfig(max_new_tokens=12))
     cfg = type(cfg)(**{**cfg.__dict__, "corpora": (CorpusSpec("gsm_id", str(path), "jsonl",
                                                               FieldMap(prompt="question")),)})
+    units = plan_units(list(cfg.corpora), cfg.split_bytes)
+    assert len(units) >= 3
     manifest = build_datastore(cfg)
-    table = pq.read_table(tmp_path / "id" / manifest.token_shards[0]["path"])
-    assert table.num_rows == 3 and manifest.skipped_reasons == {"invalid JSON": 1}
-    (progress,) = (tmp_path / "id" / "distilled").glob("*.progress.json")     # what the progress lines read
-    assert json.loads(progress.read_text())["done"] == json.loads(progress.read_text())["total"] == 3
-    for q, tokens, store_from in zip(questions, table.column("tokens").to_pylist(),
-                                     table.column("store_from").to_pylist()):
+    out = tmp_path / "id"
+    tables = [pq.read_table(out / s["path"]) for s in manifest.token_shards]
+    tokens = [t for table in tables for t in table.column("tokens").to_pylist()]
+    starts = [s for table in tables for s in table.column("store_from").to_pylist()]
+    assert len(tokens) == 6 and manifest.skipped_reasons == {"invalid JSON": 1}
+    progress = [json.loads(p.read_text()) for p in (out / "distilled").glob("*.progress.json")]
+    assert sum(p["done"] for p in progress) == sum(p["total"] for p in progress) == 6   # what the lines read
+    stored = set(zip(map(tuple, tokens), starts))
+    for q in questions:
         prompt = encode_prompt(target, q)
         answer = generate(target, prompt, params=SamplingParams(max_new_tokens=12)).token_ids
-        assert tokens == prompt + answer and store_from == len(prompt)
-    assert manifest.entries == sum(len(t) - s for t, s in zip(table.column("tokens").to_pylist(),
-                                                              table.column("store_from").to_pylist()))
+        assert (tuple(prompt + answer), len(prompt)) in stored
+    assert manifest.entries == sum(len(t) - s for t, s in zip(tokens, starts))
+    markers = [json.loads(p.read_text()) for p in (out / "units").glob("*.json")]
+    phases = Counter(m["phase"] for m in markers)
+    assert phases["fit"] >= 1 and phases["distill"] >= 1 and "extract" not in phases, phases
+    assert all(m["forward_tokens"] == 0 for m in markers)           # no second forward anywhere
+    transform = read_transform(str(out))
+    ours = read_entries(str(out))
+    keys = {(d, p): k for d, p, k in zip(ours["doc_id"], ours["position"], ours["key"])}
+    assert len(keys) == manifest.entries                            # document ids unique across units
+    checked = 0
+    for u in units:
+        docs = read_distilled(str(out), u).documents
+        ref = extract_entries(target, transform, docs, [d.doc_id for d in docs], value_len=cfg.value_len,
+                              eos=2, max_len=target.context_window, overlap=8)
+        for d, p, k in zip(ref.doc_ids, ref.positions, ref.keys):
+            assert (keys[(d, p)] == k).all()
+            checked += 1
+    assert checked == manifest.entries
 
 
 def test_corrupt_inputs_are_counted_never_fatal(tmp_path, target):
