@@ -179,16 +179,18 @@ def _wait_with_progress(ref, output: str, distilling: list[Unit], every_s: float
     t0 = time.perf_counter()
     while not ray.wait([ref], timeout=every_s)[0]:
         dt = time.perf_counter() - t0
-        answering = [f"{u.name} {q['done']}/{q['total']}" for u in distilling
-                     if (q := read_progress(distill_progress_uri(output, u.name))) and q["done"] < q["total"]]
+        seen = [(u, q) for u in distilling if (q := read_progress(distill_progress_uri(output, u.name)))]
+        answered = sum(q["done"] for _, q in seen)
         p = read_progress(fit_progress_uri(output))
-        if answering:
-            _log(f"  first pass ({dt:.0f}s): prompts answered: " + ", ".join(answering))
+        if answered:
+            units = sum(q["done"] == q["total"] for _, q in seen)
+            _log(f"  first pass ({dt:.0f}s): distilling: {answered:,} prompts answered ({units} unit(s) whole)"
+                 + "".join(f", {u.name} {q['done']}/{q['total']}" for u, q in seen if q["done"] < q["total"]))
         elif p and p["done"]:
             _log(f"  first pass ({dt:.0f}s): {p['done']:,} tokens through the model, "
                  f"{p['done'] / max(p['seconds'], 1e-9):.0f} tok/s")
         else:
-            _log(f"  first pass ({dt:.0f}s): {'distilling' if distilling else 'loading the model'}")
+            _log(f"  first pass ({dt:.0f}s): loading the model")
     return ray.get(ref)
 
 
