@@ -12,11 +12,12 @@ the manifest, atomically and last. A rerun resumes: finished units are skipped, 
 recomputed under the same names. The output is the format of ``index.dense_format``.
 
 With self-distillation (``--self-distill``) the stored documents are the prompts plus the model's
-own answers, and no second forward runs over them: the first pass distills the first units and
-fits the transform on their answers' hidden states (the decode steps' own, bitwise a forward's on
-the lean forward), then the actor pool distills the rest and writes each unit's entries from its
-answers' hidden states. Pass 2 extracts only what that left (a model off the lean forward, a unit
-whose entries a crash cut off).
+own answers, and no second forward runs over them: the first pass distills prompts in order only
+until their answers give the transform's sample and fits it on their hidden states (the decode
+steps' own, bitwise a forward's on the lean forward; a unit the sample ends inside is kept as a
+head, its first prompts and their keys), then the actor pool distills the rest and writes each
+unit's entries from its answers' hidden states. Pass 2 extracts only what that left (a unit whose
+entries a crash cut off).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import resource
 import time
@@ -189,28 +190,17 @@ def distilled_unit(output: str, unit: Unit) -> Unit:
 
 
 class Distiller:
-    """Self-distillation of one unit at a time: the target's own greedy answers to the unit's
-    prompts, written as a token-stream table (prompt + answer; entries for the answer only) under
-    distilled/, its marker last. Returns the stored documents, with the hidden states the answers' decoding computed (``generate_greedy_with_states``), so their
-    entries need no second forward."""
+    """Self-distillation: the target's own greedy answers to a unit's prompts, with the hidden
+    states their decoding computed (``generate_greedy_with_states``; None off the lean forward),
+    so that their entries need no second forward; the documents (prompt + answer, entries for
+    the answer only) written as a token-stream table under distilled/, its marker last."""
 
     def __init__(self, target, *, output: str, max_new_tokens: int, method: str, batch_size: int = 16) -> None:
         self.target, self.output, self.max_new_tokens = target, output, max_new_tokens
         self.method, self.batch_size = method, batch_size
 
-    def _answers(self, prompts: list[list[int]], unit: str) -> tuple[list[list[int]], list]:
-        progress = ProgressFile(distill_progress_uri(self.output, unit), len(prompts))
-        if self.method == "batched":
-            return generate_greedy_with_states(self.target, prompts, self.max_new_tokens,
-                                               batch_size=self.batch_size, on_batch=progress.add)
-        params = SamplingParams(max_new_tokens=self.max_new_tokens)
-        answers = []
-        for p in prompts:
-            answers.append(list(generate(self.target, p, params=params, drafter=make_drafter(self.method)).token_ids))
-            progress.add(1)
-        return answers, [None] * len(answers)
-
-    def _prompts(self, unit: Unit, fields: FieldMap) -> tuple[list[int], list[list[int]], dict[str, int]]:
+    def prompts(self, unit: Unit, fields: FieldMap) -> tuple[list[int], list[list[int]], dict[str, int]]:
+        """The unit's prompts, chat-formatted, with their record keys, and its bad records by reason."""
         keys, prompts, bad = [], [], {}
         for key, rec, reason in iter_records(unit):
             try:
@@ -230,36 +220,80 @@ class Distiller:
             prompts.append(prompt)
         return keys, prompts, bad
 
-    def __call__(self, unit: Unit, fields: FieldMap) -> tuple[dict, list[Document], list]:
-        """(the distilled table's summary, its documents, their hidden states or None)."""
-        keys, prompts, bad = self._prompts(unit, fields)
-        answers, states = self._answers(prompts, unit.name)   # each ends with EOS when the model stopped by itself
-        # Ids as a plain build gives the prompt records (read_unit): unique across the build's units.
+    def answer(self, unit: Unit, keys: list[int], prompts: list[list[int]], progress: ProgressFile
+               ) -> tuple[list[Document], list]:
+        """The documents of these prompts (ids as a plain build gives their records: unique across
+        the build's units) and their states; each answer ends with EOS where the model stopped."""
+        if self.method == "batched":
+            answers, states = generate_greedy_with_states(self.target, prompts, self.max_new_tokens,
+                                                          batch_size=self.batch_size, on_batch=progress.add)
+        else:
+            params = SamplingParams(max_new_tokens=self.max_new_tokens)
+            answers, states = [], [None] * len(prompts)
+            for p in prompts:
+                answers.append(list(generate(self.target, p, params=params,
+                                             drafter=make_drafter(self.method)).token_ids))
+                progress.add(1)
         docs = [Document(doc_id=(unit.file_index << 40) | k, tokens=p + a, store_from=len(p), corpus=unit.corpus)
                 for k, p, a in zip(keys, prompts, answers)]
+        return docs, states
+
+    def write(self, unit: Unit, docs: list[Document], bad: dict[str, int]) -> dict:
+        """The distilled table (read back by :func:`read_distilled`), then its marker; its summary."""
         written = write_tokens(self.output, unit.name, [d.doc_id for d in docs], docs, folder=DISTILLED)
         summary = {"unit": unit.name, "path": written["path"], "documents": len(docs), "bad": bad}
         storage.write_bytes_atomic(storage.join(self.output, DISTILLED, f"{unit.name}.json"),
                                    json.dumps(summary).encode())     # the done marker, last
-        return summary, docs, states       # as read_distilled reads them back
+        return summary
 
 
 def read_distilled(output: str, unit: Unit):
-    """A distilled table's documents (``index.records.UnitRecords``), as pass 2 reads them (ids
-    by row)."""
+    """A distilled table's documents (``index.records.UnitRecords``), as pass 2 reads them."""
     return read_unit(distilled_unit(output, unit), FieldMap(), None, None)
 
 
+def head_uri(output: str, unit: Unit) -> str:
+    return storage.join(output, DISTILLED, f"{unit.name}.head.npz")
+
+
+def write_head(output: str, unit: Unit, docs: list[Document], keys_by_doc: list[list[np.ndarray]]) -> None:
+    """The first prompts of a unit the first pass distilled for its sample (documents and their
+    keys), for the pool to finish the unit from rather than answer them again."""
+    keys = [np.concatenate(k) if k else np.zeros((0, 0), np.float32) for k in keys_by_doc]
+    dim = max((k.shape[1] for k in keys if k.size), default=0)
+    buf = io.BytesIO()
+    np.savez(buf, doc_id=np.array([d.doc_id for d in docs], np.int64),
+             store_from=np.array([d.store_from for d in docs], np.int64),
+             lens=np.array([len(d.tokens) for d in docs], np.int64),
+             tokens=np.concatenate([np.asarray(d.tokens, np.int64) for d in docs]) if docs else np.zeros(0, np.int64),
+             key_rows=np.array([len(k) for k in keys], np.int64),
+             keys=np.concatenate([k.reshape(-1, dim) for k in keys]) if dim else np.zeros((0, 0), np.float32))
+    storage.write_bytes_atomic(head_uri(output, unit), buf.getvalue())
+
+
+def read_head(output: str, unit: Unit) -> tuple[list[Document], list[list[np.ndarray]]]:
+    """:func:`write_head`'s documents and keys ([] and [] where there is none)."""
+    try:
+        data = storage.read_bytes(head_uri(output, unit))
+    except FileNotFoundError:
+        return [], []
+    with np.load(io.BytesIO(data)) as z:
+        ends, key_ends = np.cumsum(z["lens"]), np.cumsum(z["key_rows"])
+        docs = [Document(doc_id=int(i), tokens=z["tokens"][e - n: e].tolist(), store_from=int(s), corpus=unit.corpus)
+                for i, s, n, e in zip(z["doc_id"], z["store_from"], z["lens"], ends)]
+        keys = [[z["keys"][e - n: e]] if n else [] for n, e in zip(z["key_rows"], key_ends)]
+    return docs, keys
+
+
 class DistillUnits:
-    """Self-distillation stage (:class:`Distiller` on each unit). With `entries` (pass 2's
-    settings: value_len, max_len, overlap, batch_tokens), each distilled unit's entries are
-    written too, with the key transform the first pass wrote to `output`, from the hidden
-    states its answers' decoding computed: pass 2 then finds the unit done and runs no forward
-    over it."""
+    """Self-distillation stage: each unit's answers (:class:`Distiller`), its distilled table, and
+    its entries (pass 2's unit), keyed with the transform the first pass wrote to `output` from
+    the hidden states the answers' decoding computed: pass 2 then finds the unit done and runs
+    no forward over it. `entries`: pass 2's settings (value_len, max_len, overlap, batch_tokens).
+    A unit the first pass began (its sample ended inside it) is finished from that head."""
 
     def __init__(self, *, model: str | None, dtype: str, gpu: bool, threads: int, output: str, eos: int,
-                 max_new_tokens: int, method: str, batch_size: int = 16, layer: int = -1,
-                 entries: dict | None = None) -> None:
+                 max_new_tokens: int, method: str, entries: dict, batch_size: int = 16, layer: int = -1) -> None:
         import torch
 
         if not gpu:
@@ -268,7 +302,7 @@ class DistillUnits:
         self.distill = Distiller(self.target, output=output, max_new_tokens=max_new_tokens, method=method,
                                  batch_size=batch_size)
         self.output, self.eos, self.entries = output, eos, entries
-        self.transform = read_transform(output) if entries is not None else None
+        self.transform = read_transform(output)
 
     def __call__(self, batch: dict) -> dict:
         rows = []
@@ -278,10 +312,16 @@ class DistillUnits:
                 rows.append(json.dumps(done))
                 continue
             t0 = time.perf_counter()
-            summary, docs, states = self.distill(unit, fields)
-            if self.transform is not None:
-                write_distilled_entries(self.target, self.output, unit, docs, states, self.transform,
-                                        eos=self.eos, t0=t0, **self.entries)
+            keys, prompts, bad = self.distill.prompts(unit, fields)
+            head, head_keys = read_head(self.output, unit)
+            if [d.doc_id for d in head] != [(unit.file_index << 40) | k for k in keys[: len(head)]]:
+                head, head_keys = [], []        # not this unit's first prompts: answer them all
+            progress = ProgressFile(distill_progress_uri(self.output, unit.name), len(prompts))
+            progress.add(len(head))
+            docs, states = self.distill.answer(unit, keys[len(head):], prompts[len(head):], progress)
+            summary = self.distill.write(unit, head + docs, bad)
+            write_distilled_entries(self.target, self.output, unit, head + docs, states, self.transform,
+                                    eos=self.eos, t0=t0, known_keys=head_keys, **self.entries)
             rows.append(json.dumps(summary))
         return {"summary": np.array(rows, dtype=object)}
 
@@ -293,17 +333,18 @@ def read_transform(output: str) -> KeyTransform:
 
 def write_distilled_entries(target, output: str, unit: Unit, docs: list, states: list, transform: KeyTransform, *,
                             value_len: int, eos: int, max_len: int, overlap: int, batch_tokens: int, t0: float,
-                            phase: str = "distill", keys_by_doc: list | None = None,
-                            forward_tokens: int = 0) -> dict:
-    """Write pass 2's unit of a distilled unit (entries, token shard, done marker) from the hidden
-    states at hand (a forward for the documents without them), or from `keys_by_doc` given."""
-    if keys_by_doc is None:
-        counter: list[int] = []
-        keys_by_doc = states_by_window(target, docs, states, max_len=max_len, overlap=overlap,
-                                       batch_tokens=batch_tokens, fn=transform, on_tokens=counter.append)
-        forward_tokens = sum(counter)
+                            phase: str = "distill", known_keys: list | None = None, forward_tokens: int = 0) -> dict:
+    """Write pass 2's unit of a distilled unit (entries, token shard, done marker): the keys of
+    its first documents given (`known_keys`, one list of blocks per document), the others' from
+    their hidden states (`states`, one per document after those; a forward for any without)."""
+    known = list(known_keys or [])
+    counter: list[int] = []
+    rest = docs[len(known):]
+    keys_by_doc = known + states_by_window(target, rest, states if states else [None] * len(rest), max_len=max_len,
+                                           overlap=overlap, batch_tokens=batch_tokens, fn=transform,
+                                           on_tokens=counter.append)
     ex = assemble_entries(docs, [d.doc_id for d in docs], keys_by_doc, dim=transform.dim, value_len=value_len,
-                          eos=eos, forward_tokens=forward_tokens)
+                          eos=eos, forward_tokens=forward_tokens + sum(counter))
     return write_unit(output, distilled_unit(output, unit), docs, ex, {}, len(docs), t0, phase=phase)
 
 
@@ -354,9 +395,11 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     the first pass costs no extra forward.
 
     With `distill` (:class:`Distiller`'s settings: max_new_tokens, method, batch_size), `units`
-    are prompt units, self-distilled here in order (a unit distilled before is read back) until
-    their answers give `sample_rows` entry positions: the hidden states come from the answers'
-    own decoding, and the units written are their distilled tables' (pass 2's)."""
+    are prompt units, self-distilled here in order (a unit distilled before is read back) only
+    until their answers give `sample_rows` entry positions, whatever the units' size: the states
+    come from the answers' own decoding; the units answered whole are written (their distilled
+    tables' entries), and the first prompts of a unit the sample ended in are kept with their
+    keys (:func:`write_head`) for the pool to finish it from."""
     import torch
 
     if not gpu:
@@ -364,51 +407,83 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     target = load_target(model, dtype, layer, gpu)
     eos = min(target.eos_token_ids) if target.eos_token_ids else 0
     max_len, overlap = window_defaults(target, max_len, overlap)
-    distiller = Distiller(target, output=output, **distill) if distill is not None else None
     t0 = time.perf_counter()
-    taken, total = [], 0           # (unit, documents, bad, records, hidden rows per document, forward tokens)
+    taken, total = [], 0           # (unit, documents, bad, records or None for a head, rows per document, forward tokens)
     progress = ProgressFile(fit_progress_uri(output))      # tokens through the model so far
-    for unit in units:
-        states = None
-        if distiller is None:
-            recs = read_unit(unit, fields[unit.corpus], target.tokenizer, eos)
-            docs, bad, records = recs.documents, dict(recs.bad), recs.records
-        else:
-            if finished_distill(output, unit.name) is not None:
-                docs = read_distilled(output, unit).documents
-            else:
-                _, docs, states = distiller(unit, fields[unit.corpus])
-            bad, records = {}, len(docs)
-        counter: list[int] = []
+    counter: list[int] = []
 
-        def ran(n: int) -> None:
-            counter.append(n)
-            progress.add(n)
+    def ran(n: int) -> None:
+        counter.append(n)
+        progress.add(n)
 
-        rows = states_by_window(target, docs, states or [None] * len(docs), max_len=max_len, overlap=overlap,
+    def rows_of(docs, states=None) -> list:
+        return states_by_window(target, docs, states or [None] * len(docs), max_len=max_len, overlap=overlap,
                                 batch_tokens=batch_tokens, on_tokens=ran)
-        taken.append((unit, docs, bad, records, rows, sum(counter)))
-        total += sum(sum(len(r) for r in doc_rows) for doc_rows in rows)
+
+    for unit in units:
+        counter.clear()
+        if distill is None:
+            recs = read_unit(unit, fields[unit.corpus], target.tokenizer, eos)
+            rows = rows_of(recs.documents)
+            taken.append((unit, recs.documents, dict(recs.bad), recs.records, rows, sum(counter)))
+        elif finished_distill(output, unit.name) is not None:
+            docs = read_distilled(output, unit).documents
+            rows = rows_of(docs)
+            taken.append((unit, docs, {}, len(docs), rows, sum(counter)))
+        else:
+            docs, rows, whole = _distill_for_sample(Distiller(target, output=output, **distill), unit,
+                                                    fields[unit.corpus], sample_rows - total, rows_of)
+            taken.append((unit, docs, whole, len(docs) if whole is not None else None, rows, sum(counter)))
+        total += sum(sum(len(r) for r in doc_rows) for doc_rows in taken[-1][4])
         if total >= sample_rows:
             break
-    docs = [d for _, unit_docs, _, _, _, _ in taken for d in unit_docs]
+    docs = [d for _, unit_docs, *_ in taken for d in unit_docs]
     by_doc = [np.concatenate(r) if r else None for *_, rows, _ in taken for r in rows]
     sample = sample_rows_for_fit(docs, by_doc, sample_rows, seed)
     if len(sample) < dim:
         raise DatastoreError(f"the corpus has {len(sample)} positions, fewer than the key dimension {dim}")
     transform = KeyTransform.fit(sample, dim=dim)
     write_transform(output, transform)
+    units_done = 0
     for unit, unit_docs, bad, records, rows, fwd in taken:
         keys = [[transform(h) for h in doc_rows] for doc_rows in rows]
-        if distiller is None:
+        if distill is None:
             ex = assemble_entries(unit_docs, [d.doc_id for d in unit_docs], keys, dim=dim, value_len=value_len,
                                   eos=eos, forward_tokens=fwd)
             write_unit(output, unit, unit_docs, ex, bad, records, t0, phase="fit")
+        elif records is None:               # the sample ended inside this unit: the pool finishes it
+            write_head(output, unit, unit_docs, keys)
+            continue
         else:
             write_distilled_entries(target, output, unit, unit_docs, [], transform, value_len=value_len, eos=eos,
                                     max_len=max_len, overlap=overlap, batch_tokens=batch_tokens, t0=t0,
-                                    phase="fit", keys_by_doc=keys, forward_tokens=fwd)
+                                    phase="fit", known_keys=keys, forward_tokens=fwd)
+        units_done += 1
         t0 = time.perf_counter()
     return {"fingerprint": asdict(model_fingerprint(target)), "key_dtype": str(target.dtype).removeprefix("torch."),
             "eos": int(eos), "max_len": int(max_len),
-            "overlap": int(overlap), "sample_documents": len(docs), "units_done": len(taken)}
+            "overlap": int(overlap), "sample_documents": len(docs), "units_done": units_done}
+
+
+def _distill_for_sample(distiller: Distiller, unit: Unit, fields: FieldMap, need: int, rows_of
+                        ) -> tuple[list[Document], list, dict | None]:
+    """Answer a unit's prompts in order, a batch's worth at a time, until their entry positions
+    reach `need` (then the answers are a head of the unit) or the prompts end (the unit is
+    written whole). Returns (documents, hidden rows per document, the unit's bad records if it
+    was answered whole, else None)."""
+    keys, prompts, bad = distiller.prompts(unit, fields)
+    progress = ProgressFile(distill_progress_uri(distiller.output, unit.name), len(prompts))
+    docs, rows, got, i = [], [], 0, 0
+    while i < len(prompts) and got < need:
+        # Enough prompts for what is missing at the answers' length so far (the longest at first),
+        # at least one batch: the continuous batch stays full.
+        per = (sum(len(d.tokens) - d.store_from for d in docs) / len(docs)) if docs else distiller.max_new_tokens
+        n = max(distiller.batch_size, math.ceil((need - got) / max(per, 1.0)))
+        part, states = distiller.answer(unit, keys[i: i + n], prompts[i: i + n], progress)
+        part_rows = rows_of(part, states)
+        docs, rows, i = docs + part, rows + part_rows, i + len(part)
+        got += sum(sum(len(r) for r in doc_rows) for doc_rows in part_rows)
+    if i < len(prompts):
+        return docs, rows, None
+    distiller.write(unit, docs, bad)
+    return docs, rows, bad
