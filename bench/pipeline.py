@@ -30,7 +30,7 @@ from index.corpus import gsm8k, gsm8k_answer_text
 from index.records import CorpusSpec, FieldMap, plan_units, read_unit
 from pipelines.build_datastore import build_datastore
 from pipelines.config import DatastoreJobConfig, SelfDistillConfig
-from pipelines.stages import Distiller
+from pipelines.distill import Distiller
 
 
 def _corpus(path: Path, n: int) -> None:

@@ -38,9 +38,10 @@ from index.dense_format import MANIFEST, TRANSFORM, DatastoreError, Manifest, Mo
 from index.dense_writer import write_manifest
 from index.records import FieldMap, InputError, Unit, plan_units
 from pipelines.config import DISTILL_METHODS, DatastoreJobConfig, SelfDistillConfig, parse_corpus
-from pipelines.stages import (DISTILLED, DistillUnits, ExtractUnits, TokenizeUnits, distill_progress_uri,
-                              distilled_unit, finished_distill, finished_unit, fit_progress_uri, fit_sample,
-                              read_progress, unit_to_row)
+from pipelines.distill import DistillUnits, distilled_unit
+from pipelines.first_pass import fit_sample
+from pipelines.stages import (DISTILLED, ExtractUnits, TokenizeUnits, distill_progress_uri, finished_distill,
+                              finished_unit, fit_progress_uri, read_progress, unit_to_row)
 
 BUILD_INFO = "build.json"
 

@@ -346,7 +346,8 @@ def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tm
     from decoding.engine import encode_prompt, generate
     from pipelines.build_datastore import build_datastore
     from pipelines.config import SelfDistillConfig
-    from pipelines.stages import head_uri, read_distilled, read_transform
+    from pipelines.distill import head_uri, read_distilled
+    from pipelines.stages import read_transform
 
     questions = [r["question"] for r in gsm8k("train")[:n]]
     path = tmp_path / "prompts.jsonl"
