@@ -109,7 +109,7 @@ def _bare_generate(corpus: Path, split_bytes: int, max_new_tokens: int) -> dict:
     torch.set_num_threads(1)
     target = TargetModel.load()
     cfg = _distill_config(corpus, Path("/unused"), split_bytes, max_new_tokens)
-    prompts_of = Distiller(target, output="/unused", max_new_tokens=max_new_tokens, method="batched")._prompts
+    prompts_of = Distiller(target, output="/unused", max_new_tokens=max_new_tokens, method="batched").prompts
     units = plan_units(list(cfg.corpora), split_bytes)
     max_len, overlap = window_defaults(target, None, None)
     gen_s = fwd_s = 0.0
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     distill_split = -(-questions.stat().st_size // 3)              # 3 units: the first pass, then the pool
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
-        cluster.add_node(num_cpus=1, resources={"extract": 1})
+        # 2 CPUs (one extraction actor a node all the same: "extract"): the tokenizing actor (0.25
+        # CPU) may land beside an extraction worker, which then still starts
+        cluster.add_node(num_cpus=2, resources={"extract": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     runs = {"bare": [], "pipe1": [], "pipe2": [], "gen": [], "distill": []}
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows, indent=2))
         return
     machine = machine_info()
-    machine["cluster"] = "local: head (1 CPU) + 2 worker nodes (1 CPU, 1 torch thread each) on this machine"
+    machine["cluster"] = ("local: head (1 CPU) + 2 worker nodes (2 CPUs, one extraction worker of 1 CPU and 1 torch "
+                          "thread each) on this machine")
     md = ["# Datastore pipeline benchmark\n",
           f"{a.docs} GSM8K train question/answer pairs ({int(bare['tokens']):,} tokens), about 8 units; "
           f"{a.repeats} repeats, medians, each repeat's order rotated; embedded SmolLM2-135M {bare['dtype']} on CPU "

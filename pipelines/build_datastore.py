@@ -149,10 +149,10 @@ def _remote(fn_or_cls, config: DatastoreJobConfig, gpus: float):
 
 def _fit(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap], gpus: float) -> dict:
     """Fit the key transform on a sample and record the model's fingerprint (first pass). With
-    self-distillation, `units` are the prompt units: the first ones are distilled here, their
+    self-distillation, `units` are the prompt units: their first prompts are answered here, their
     answers' own hidden states giving the sample (see ``fit_sample``)."""
     distill = config.self_distill
-    _log(f"first pass: {'distilling the first units and ' if distill else ''}fitting the key transform on up to "
+    _log(f"first pass: {'answering the first prompts and ' if distill else ''}fitting the key transform on up to "
          f"{config.sample_rows} positions")
     t0 = time.perf_counter()
     ref = _remote(fit_sample, config, gpus).remote(
