@@ -3,8 +3,9 @@ in windows batched into forwards, the key transform fitted on them, and the sing
 builder for small corpora (tests, the demo stores, ``sense build-dense``).
 
 Model-free pieces (documents, positions, values, windows) are ``index.dense_build``; the files
-are written by ``index.dense_writer``. The Ray Data pipeline (``pipelines.stages``) runs the same
-functions on its workers and must agree with this builder.
+are written by ``index.dense_writer``. The Ray Data pipeline (``pipelines.stages``,
+``pipelines.first_pass``, ``pipelines.distill``) runs the same functions on its workers and must
+agree with this builder.
 """
 
 from __future__ import annotations
