@@ -69,11 +69,17 @@ class _StateRecorder(NoDrafter):
     def __init__(self) -> None:
         self.rows: list[np.ndarray] = []
 
+    @staticmethod
+    def _copy(hidden: torch.Tensor) -> np.ndarray:
+        # Always a copy (a float32 tensor's .float().numpy() would be a view of the forward's
+        # output, keeping the whole batch's rows alive and open to reuse).
+        return hidden.to("cpu", torch.float32, copy=True).numpy()
+
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
-        self.rows = [hidden[-1:].float().cpu().numpy()]
+        self.rows = [self._copy(hidden[-1:])]
 
     def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
-        self.rows.append(hidden.float().cpu().numpy())   # a copy: the forward's buffer is reused
+        self.rows.append(self._copy(hidden))
 
     def states(self, answer_len: int) -> np.ndarray | None:
         """[answer_len, H] float32: the last prompt position and every answer token but the last

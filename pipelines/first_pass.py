@@ -44,6 +44,7 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     target = load_target(model, dtype, layer, gpu)
     eos = min(target.eos_token_ids) if target.eos_token_ids else 0
     max_len, overlap = window_defaults(target, max_len, overlap)
+    distiller = Distiller(target, output=output, **distill) if distill is not None else None
     t0 = time.perf_counter()
     taken, total = [], 0           # (unit, documents, bad, records or None for a head, rows per document, forward tokens)
     progress = ProgressFile(fit_progress_uri(output))      # tokens through the model so far
@@ -68,8 +69,8 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
             rows = rows_of(docs)
             taken.append((unit, docs, {}, len(docs), rows, sum(counter)))
         else:
-            docs, rows, whole = _distill_for_sample(Distiller(target, output=output, **distill), unit,
-                                                    fields[unit.corpus], sample_rows - total, rows_of)
+            docs, rows, whole = _distill_for_sample(distiller, unit, fields[unit.corpus], sample_rows - total,
+                                                    rows_of)
             taken.append((unit, docs, whole, len(docs) if whole is not None else None, rows, sum(counter)))
         total += sum(sum(len(r) for r in doc_rows) for doc_rows in taken[-1][4])
         if total >= sample_rows:
