@@ -330,15 +330,18 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert (tmp_path / "notastore" / "precious.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("n, split, sample", [(6, 600, 32), (24, 1 << 20, 40)], ids=["units", "head"])
-def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tmp_path, n, split, sample):
+@pytest.mark.parametrize("n, split, sample, resumed", [(6, 600, 32, False), (24, 1 << 20, 40, False),
+                                                     (24, 1 << 20, 40, True)], ids=["units", "head", "head-resumed"])
+def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tmp_path, n, split, sample, resumed):
     """--self-distill (batched greedy, the default): the stored documents are the prompts plus the
     target's own greedy answers (equal to the in-process engine's), with entries for the answers
     only; their keys come from the answers' own decode steps, with no second forward (the first
     pass's units and the actors' alike), bitwise the keys a forward over the stored documents
     gives. "units": small units, the first pass answers whole ones; "head": one unit larger than
     the sample needs: the first pass answers only its first prompts, and the pool finishes the
-    unit from them without answering them again."""
+    unit from them. "head-resumed": the job dies right after the first pass; the rerun finishes
+    from what it left, and stores the head's keys as the first pass kept them (marked here) rather
+    than answering those prompts again."""
     import pyarrow.parquet as pq
 
     from decoding.config import SamplingParams
@@ -346,7 +349,7 @@ def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tm
     from decoding.engine import encode_prompt, generate
     from pipelines.build_datastore import build_datastore
     from pipelines.config import SelfDistillConfig
-    from pipelines.distill import head_uri, read_distilled
+    from pipelines.distill import head_uri, read_distilled, read_head, write_head
     from pipelines.stages import read_transform
 
     questions = [r["question"] for r in gsm8k("train")[:n]]
@@ -358,6 +361,20 @@ def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tm
                                                               FieldMap(prompt="question")),)})
     units = plan_units(list(cfg.corpora), cfg.split_bytes)
     assert len(units) >= 3 if n == 6 else len(units) == 1
+    if resumed:         # the first pass alone, as _build runs it, then the job is gone
+        from index import storage
+        from pipelines import build_datastore as job
+
+        assert job._prepare_output(cfg) is None
+        storage.write_bytes_atomic(str(tmp_path / "id" / job.BUILD_INFO),
+                                   json.dumps({"content_key": cfg.content_key()}).encode())
+        job._fit(cfg, units, {"gsm_id": cfg.corpora[0].fields}, 0.0)
+        assert not (tmp_path / "id" / "manifest.json").exists()
+        # Mark the head's keys: the rerun must store these, not answer those prompts again.
+        head, head_keys = read_head(str(tmp_path / "id"), units[0])
+        assert 0 < len(head) < n
+        write_head(str(tmp_path / "id"), units[0], head, [[np.full_like(k, 7.0) for k in ks] for ks in head_keys])
+        marked = {d.doc_id for d in head}
     manifest = build_datastore(cfg)
     out = tmp_path / "id"
     tables = [pq.read_table(out / s["path"]) for s in manifest.token_shards]
@@ -365,7 +382,7 @@ def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tm
     starts = [s for table in tables for s in table.column("store_from").to_pylist()]
     assert len(tokens) == n and manifest.skipped_reasons == {"invalid JSON": 1}
     progress = [json.loads(p.read_text()) for p in (out / "distilled").glob("*.progress.json")]
-    # What the lines read; a prompt answered twice would count twice.
+    # What the progress lines read: every prompt answered.
     assert sum(p["done"] for p in progress) == sum(p["total"] for p in progress) == n
     assert Path(head_uri(str(out), units[0])).exists() == (n == 24)
     stored = set(zip(map(tuple, tokens), starts))
@@ -389,7 +406,7 @@ def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tm
         ref = extract_entries(target, transform, docs, [d.doc_id for d in docs], value_len=cfg.value_len,
                               eos=2, max_len=target.context_window, overlap=8)
         for d, p, k in zip(ref.doc_ids, ref.positions, ref.keys):
-            assert (keys[(d, p)] == k).all()
+            assert (keys[(d, p)] == (7.0 if resumed and d in marked else k)).all()
             checked += 1
     assert checked == manifest.entries
 
