@@ -27,6 +27,7 @@ from decoding.batch_generate import generate_greedy_with_states
 from decoding.dense_extract import run_windows, window_defaults
 from decoding.target import TargetModel
 from index.corpus import gsm8k, gsm8k_answer_text
+from index.dense_build import Document
 from index.records import CorpusSpec, FieldMap, plan_units, read_unit
 from pipelines.build_datastore import build_datastore
 from pipelines.config import DatastoreJobConfig, SelfDistillConfig
@@ -121,8 +122,6 @@ def _bare_generate(corpus: Path, split_bytes: int, max_new_tokens: int) -> dict:
         t0 = time.perf_counter()
         answers, _ = generate_greedy_with_states(target, prompts, max_new_tokens, batch_size=16)
         t1 = time.perf_counter()
-        from index.dense_build import Document
-
         docs = [Document(p + a, store_from=len(p)) for p, a in zip(prompts, answers)]
         run_windows(target, docs, max_len=max_len, overlap=overlap, batch_tokens=cfg.batch_tokens, fn=lambda h: None)
         gen_s, fwd_s = gen_s + (t1 - t0), fwd_s + (time.perf_counter() - t1)

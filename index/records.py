@@ -281,6 +281,12 @@ def _format_prompt(tokenizer, messages: list[dict], chat_template: bool) -> list
     return tokenizer("\n".join(m["content"] for m in messages) + "\n")["input_ids"]
 
 
+def document_id(unit: Unit, key: int) -> int:
+    """A record's document id: its file's index across the build, then its key within the file
+    (``iter_records``: a JSONL byte offset, a Parquet row), unique across the build's units."""
+    return (unit.file_index << 40) | key
+
+
 def read_unit(unit: Unit, fields: FieldMap, tokenizer, eos: int | None, *, min_tokens: int = 2) -> UnitRecords:
     """Documents of one unit; bad records counted by reason (never raised)."""
     docs, bad, n = [], Counter(), 0
@@ -311,7 +317,7 @@ def read_unit(unit: Unit, fields: FieldMap, tokenizer, eos: int | None, *, min_t
         if len(tokens) < min_tokens:
             bad["too short (under 2 tokens)"] += 1
             continue
-        docs.append(Document(doc_id=(unit.file_index << 40) | key, tokens=list(tokens), store_from=store_from,
+        docs.append(Document(doc_id=document_id(unit, key), tokens=list(tokens), store_from=store_from,
                              corpus=unit.corpus))
     return UnitRecords(docs, bad, n)
 

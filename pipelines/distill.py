@@ -28,7 +28,8 @@ from index import storage
 from index.dense_build import assemble_entries
 from index.dense_format import KeyTransform
 from index.dense_writer import write_tokens
-from index.records import Document, FieldMap, Unit, _Bad, _format_prompt, _text_field, iter_records, read_unit
+from index.records import (Document, FieldMap, Unit, _Bad, _format_prompt, _text_field, document_id, iter_records,
+                           read_unit)
 from pipelines.stages import (DISTILLED, ProgressFile, _fields, _unit, distill_progress_uri, finished_distill,
                               load_target, read_transform, write_unit)
 
@@ -84,7 +85,7 @@ class Distiller:
                 answers.append(list(generate(self.target, p, params=params,
                                              drafter=make_drafter(self.method)).token_ids))
                 progress.add(1)
-        docs = [Document(doc_id=(unit.file_index << 40) | k, tokens=p + a, store_from=len(p), corpus=unit.corpus)
+        docs = [Document(doc_id=document_id(unit, k), tokens=p + a, store_from=len(p), corpus=unit.corpus)
                 for k, p, a in zip(keys, prompts, answers)]
         return docs, states
 
@@ -106,18 +107,17 @@ def head_uri(output: str, unit: Unit) -> str:
     return storage.join(output, DISTILLED, f"{unit.name}.head.npz")
 
 
-def write_head(output: str, unit: Unit, docs: list[Document], keys_by_doc: list[list[np.ndarray]]) -> None:
+def write_head(output: str, unit: Unit, docs: list[Document], keys_by_doc: list[list[np.ndarray]], dim: int) -> None:
     """The first prompts of a unit the first pass distilled for its sample (documents and their
-    keys), for the pool to finish the unit from rather than answer them again."""
-    keys = [np.concatenate(k) if k else np.zeros((0, 0), np.float32) for k in keys_by_doc]
-    dim = max((k.shape[1] for k in keys if k.size), default=0)
+    keys of `dim` columns), for the pool to finish the unit from rather than answer them again."""
+    keys = [np.concatenate(k) if k else np.zeros((0, dim), np.float32) for k in keys_by_doc]
     buf = io.BytesIO()
     np.savez(buf, doc_id=np.array([d.doc_id for d in docs], np.int64),
              store_from=np.array([d.store_from for d in docs], np.int64),
              lens=np.array([len(d.tokens) for d in docs], np.int64),
              tokens=np.concatenate([np.asarray(d.tokens, np.int64) for d in docs]) if docs else np.zeros(0, np.int64),
              key_rows=np.array([len(k) for k in keys], np.int64),
-             keys=np.concatenate([k.reshape(-1, dim) for k in keys]) if dim else np.zeros((0, 0), np.float32))
+             keys=np.concatenate(keys) if keys else np.zeros((0, dim), np.float32))
     storage.write_bytes_atomic(head_uri(output, unit), buf.getvalue())
 
 
@@ -164,7 +164,7 @@ class DistillUnits:
             t0 = time.perf_counter()
             keys, prompts, bad = self.distill.prompts(unit, fields)
             head, head_keys = read_head(self.output, unit)
-            if [d.doc_id for d in head] != [(unit.file_index << 40) | k for k in keys[: len(head)]]:
+            if [d.doc_id for d in head] != [document_id(unit, k) for k in keys[: len(head)]]:
                 head, head_keys = [], []        # not this unit's first prompts: answer them all
             progress = ProgressFile(distill_progress_uri(self.output, unit.name), len(prompts))
             progress.add(len(head))

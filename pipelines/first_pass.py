@@ -90,7 +90,7 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
                                   eos=eos, forward_tokens=fwd)
             write_unit(output, unit, unit_docs, ex, bad, records, t0, phase="fit")
         elif records is None:               # the sample ended inside this unit: the pool finishes it
-            write_head(output, unit, unit_docs, keys)
+            write_head(output, unit, unit_docs, keys, dim)
             continue
         else:
             write_distilled_entries(target, output, unit, unit_docs, [], transform, value_len=value_len, eos=eos,

@@ -373,7 +373,8 @@ def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tm
         # Mark the head's keys: the rerun must store these, not answer those prompts again.
         head, head_keys = read_head(str(tmp_path / "id"), units[0])
         assert 0 < len(head) < n
-        write_head(str(tmp_path / "id"), units[0], head, [[np.full_like(k, 7.0) for k in ks] for ks in head_keys])
+        write_head(str(tmp_path / "id"), units[0], head, [[np.full_like(k, 7.0) for k in ks] for ks in head_keys],
+                   cfg.dim)
         marked = {d.doc_id for d in head}
     manifest = build_datastore(cfg)
     out = tmp_path / "id"
