@@ -96,6 +96,7 @@ class TargetModel:
         if self.lean:
             self.kernels = "lean-" + self.kernels
         self._softcap = getattr(self.config, "final_logit_softcapping", None)
+        self._window, self._layer_types = _sliding_layers(self.config) if not self.lean else (None, None)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(self.config.vocab_size)
@@ -154,7 +155,10 @@ class TargetModel:
             return self.lean.new_cache()
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.config)
+        # Sliding-window layers (Gemma 2/3, Mistral v0.1) keep every position, not their window:
+        # transformers' sliding layer drops a position once the window has passed it and then
+        # cannot crop the rejected drafts; the masks apply the window instead (_tree_mask).
+        return DynamicCache() if self._window else DynamicCache(config=self.config)
 
     def _forward(self, state: KVState, input_ids: list[int], positions: torch.Tensor,
                  tree: TokenTree | None, logits_for: slice | None) -> ForwardOutput:
@@ -173,7 +177,7 @@ class TargetModel:
             h = last if logits_for is None else last[logits_for]
             return ForwardOutput(logits=self.lean.logits(h, large), hidden=hidden)
         # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
-        mask = None if chain else tree.attention_bias(state.n_committed, self.dtype, self.device)
+        mask = None if chain else self._tree_mask(tree, state.n_committed)
         want_layers = self.hidden_layer != -1
         out = self._base(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                          past_key_values=state.cache, use_cache=True, output_hidden_states=want_layers)
@@ -184,6 +188,23 @@ class TargetModel:
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return ForwardOutput(logits=logits, hidden=hidden)
+
+    def _tree_mask(self, tree: TokenTree, n_past: int):
+        """A tree's additive attention mask after `n_past` committed positions; for a model with
+        sliding-window layers, their mask keeps only the keys within the window of each node's
+        position (n_past + depth), as transformers' masks do for a chain (kv > q - window): one
+        mask for a model whose every layer slides, one per layer type for a mix (Gemma 2's)."""
+        bias = tree.attention_bias(n_past, self.dtype, self.device)
+        if not self._window:
+            return bias
+        depths = np.asarray(tree.depths)
+        q_pos = n_past + depths
+        k_pos = np.concatenate([np.arange(n_past), n_past + depths])
+        outside = torch.from_numpy(k_pos[None, :] <= q_pos[:, None] - self._window).to(self.device)
+        windowed = bias.masked_fill(outside[None, None], torch.finfo(self.dtype).min)
+        if self._layer_types is None:
+            return windowed
+        return {kind: windowed if kind == "sliding_attention" else bias for kind in set(self._layer_types)}
 
     @torch.inference_mode()
     def prefill(self, input_ids: Sequence[int], *, all_logits: bool = False,
@@ -362,6 +383,22 @@ class TargetModel:
         if bad:
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
         return ids
+
+
+def _sliding_layers(config) -> tuple[int | None, list | None]:
+    """(the sliding window, the layer types where only some layers slide) of a model whose cache
+    transformers would build with sliding-window layers, else (None, None)."""
+    from transformers import DynamicCache
+
+    try:
+        sliding = [bool(getattr(layer, "is_sliding", False)) for layer in DynamicCache(config=config).layers]
+    except (TypeError, ValueError, AttributeError):
+        return None, None
+    window = getattr(config, "sliding_window", None)
+    if not any(sliding) or not window:
+        return None, None
+    types = getattr(config, "layer_types", None)
+    return int(window), (list(types) if not all(sliding) and types else None)
 
 
 def _cache_layers(cache) -> list:
