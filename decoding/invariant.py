@@ -116,10 +116,10 @@ def library() -> ctypes.CDLL | None:
             getattr(lib, name).argtypes = [p, p, i64, p, p, p, p, i, i, i, i, i]
             getattr(lib, name).restype = None
         for name in ("sense_attention_f32", "sense_attention_bf16"):
-            getattr(lib, name).argtypes = [p, i64, p, p, i64, i64, i64, p, p, p, i64, i, i, i, i, i, i, f, i]
+            getattr(lib, name).argtypes = [p, i64, p, p, i64, i64, i64, p, p, p, i64, i, i, i, i, i, i, f, f, i]
             getattr(lib, name).restype = None
         for name in ("sense_attention_f32_multi", "sense_attention_bf16_multi"):
-            getattr(lib, name).argtypes = [p, i64, p, p, p, p, p, p, i64, i, i, i, i, i, i, i, f, i]
+            getattr(lib, name).argtypes = [p, i64, p, p, p, p, p, p, i64, i, i, i, i, i, i, i, f, f, i]
             getattr(lib, name).restype = None
         lib.sense_prefill_attention_bf16dp.argtypes = [p, i64, p, p, i64, p, i64, i, i, i, i, f, i]
         lib.sense_prefill_attention_bf16dp.restype = None
@@ -629,13 +629,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     b, h, t, d = query.shape
     g, length = key.shape[1], key.shape[2]
 
+    softcap = kwargs.get("softcap")
+
     def sdpa():
+        if softcap is not None:     # SDPA has no soft-capping: the model's own eager attention
+            return _eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
 
     mask_ok = attention_mask is None or attention_mask.shape[-1] == length
-    if (lib is None or t > MAX_ROWS or d % 8 or h % g or kwargs.get("softcap") is not None or not mask_ok
+    if (lib is None or t > MAX_ROWS or d % 8 or h % g or not mask_ok
             or query.device.type != "cpu" or key.dtype not in (torch.float32, torch.bfloat16)
             or (dropout and module.training)):
         return sdpa()
@@ -647,23 +652,36 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         return sdpa()
     rowptr, idx = visible
     scale = float(scaling if scaling is not None else d ** -0.5)
-    return attention(query.transpose(1, 2), key, value, rowptr, idx, scale), None
+    return attention(query.transpose(1, 2), key, value, rowptr, idx, scale, softcap or 0.0), None
+
+
+def _eager(module):
+    """The eager attention function of `module`'s own modeling file (Gemma 2's soft-caps its
+    scores), else transformers' generic one."""
+    import sys
+
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if own is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as own
+    return own
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowptr: torch.Tensor,
-              idx: torch.Tensor, scale: float) -> torch.Tensor:
+              idx: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
     """query [B, T, H, D], key/value [B, G, L, D] (any strides with contiguous rows), each query
-    row over the keys its CSR list (rowptr, idx) names -> [B, T, H, D] in the query's dtype."""
+    row over the keys its CSR list (rowptr, idx) names -> [B, T, H, D] in the query's dtype.
+    `softcap` > 0: each score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2's
+    attention logit soft-capping, as its eager attention computes it)."""
     b, t, h, d = query.shape
     # A bfloat16 query stays bfloat16 (the lean forward's queries are, and the bfloat16 route of a
     # machine with AVX512-BF16 takes its pairs as they are); any other dtype goes in as float32.
     q = query.contiguous() if query.dtype == torch.bfloat16 else query.to(torch.float32).contiguous()
     out = torch.empty(b, t, h, d, dtype=q.dtype)
-    _attention(q, h * d, key, value, rowptr, idx, scale, out, h * d, b, t, h, d)
+    _attention(q, h * d, key, value, rowptr, idx, scale, out, h * d, b, t, h, d, softcap)
     return out.to(query.dtype)
 
 
-def _attention(q, ldq, key, value, rowptr, idx, scale, out, ldo, b, t, h, d) -> None:
+def _attention(q, ldq, key, value, rowptr, idx, scale, out, ldo, b, t, h, d, softcap: float = 0.0) -> None:
     g = key.shape[1]
     k, v = key, value
     if k.stride(-1) != 1 or k.stride(-2) != d or v.stride() != k.stride():
@@ -672,7 +690,7 @@ def _attention(q, ldq, key, value, rowptr, idx, scale, out, ldo, b, t, h, d) -> 
     fn = lib.sense_attention_f32 if k.dtype == torch.float32 else lib.sense_attention_bf16
     fn(q.data_ptr(), ldq, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
        rowptr.data_ptr(), idx.data_ptr(), out.data_ptr(), ldo, int(q.dtype == torch.bfloat16), b, t, h, g, d,
-       scale, torch.get_num_threads())
+       scale, float(softcap), torch.get_num_threads())
 
 
 # -- the elementwise steps of a Llama-family layer (decoding/lean_forward.py) ------------------
@@ -746,7 +764,7 @@ def attention_multi(q: torch.Tensor, reqs: Requests, layer: int, scale: float, o
     fn = lib.sense_attention_f32_multi if cache_dtype == torch.float32 else lib.sense_attention_bf16_multi
     fn(q.data_ptr(), q.stride(0), reqs.bufs.data_ptr(), reqs.caps.data_ptr(), reqs.req.data_ptr(),
        reqs.rowptr.data_ptr(), reqs.idx.data_ptr(), out.data_ptr(), out.stride(0), int(q.dtype == torch.bfloat16),
-       reqs.rows, heads, groups, head_dim, reqs.layers, layer, scale, torch.get_num_threads())
+       reqs.rows, heads, groups, head_dim, reqs.layers, layer, scale, 0.0, torch.get_num_threads())
 
 
 def prefill_attention_ok(dtype: torch.dtype, head_dim: int) -> bool:
@@ -795,8 +813,6 @@ def supports(model: torch.nn.Module) -> str | None:
         return f"the invariant kernels are CPU kernels; the model is on {p.device.type}"
     if p.dtype not in (torch.float32, torch.bfloat16):
         return f"no invariant kernels for {p.dtype}"
-    if getattr(model.config, "attn_logit_softcapping", None):
-        return "attention logit soft-capping is not supported by the invariant attention"
     if getattr(model.config, "alibi", False) or getattr(model.config, "position_embedding_type", None) == "alibi":
         return "ALiBi position biases are not supported by the invariant attention"
     if not _takes_attention_functions(model):
@@ -820,6 +836,9 @@ def install(model: torch.nn.Module) -> int:
     """Route `model`'s linears and attention through the invariant kernels (in place); returns the
     number of linears. The caller checks :func:`supports` first."""
     _register()
+    previous = model.config._attn_implementation
+    if previous != ATTENTION:
+        model._sense_attn_before = previous         # what uninstall restores (Gemma 2's eager, say)
     model.set_attn_implementation(ATTENTION)
     p = next(model.parameters())
     tune_prefetch(p.dtype, torch.get_num_threads())       # now, not in the first request's forward
@@ -839,4 +858,4 @@ def install_linears(model: torch.nn.Module) -> int:
 
 def uninstall(model: torch.nn.Module) -> None:
     restore_linears(model, ("_sense_packed",), kinds=(torch.nn.Linear, *_conv1d_types()))
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(getattr(model, "_sense_attn_before", None) or "sdpa")

@@ -57,17 +57,19 @@ def test_linear_bias_and_module_install():
     assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
 
 
-def _attention(q, k, v, mask):
+def _attention(q, k, v, mask, softcap=None):
     module = torch.nn.Module()
     module.num_key_value_groups = q.shape[1] // k.shape[1]
-    return invariant.attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)[0]
+    return invariant.attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5, softcap=softcap)[0]
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("h, g, d", [(6, 2, 64), (8, 2, 128), (10, 2, 32)], ids=["3x64", "4x128", "5x32-general"])
-def test_attention_depends_only_on_the_visible_keys(dtype, h, g, d):
+def test_attention_depends_only_on_the_visible_keys(dtype, h, g, d, softcap):
     """A query over a masked tree of T rows gets bitwise what it gets alone over exactly the keys
-    it sees; and the result is attention (close to SDPA). Heads per group x head size: two shapes
+    it sees; and the result is attention (close to SDPA; with `softcap`, to the scores
+    soft-capped as Gemma 2's eager attention caps them). Heads per group x head size: two shapes
     the kernel compiles as constants and one it runs on its general routine."""
     gen = torch.Generator().manual_seed(3)
     past = 37
@@ -83,13 +85,18 @@ def test_attention_depends_only_on_the_visible_keys(dtype, h, g, d):
         while p >= 0:
             allowed[i, past + p] = True
             p = parents[p]
-    out = _attention(q, k, v, allowed[None, None])
+    out = _attention(q, k, v, allowed[None, None], softcap)
     for i in range(t):
         keys = allowed[i].nonzero()[:, 0]
-        alone = _attention(q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys], None)
+        alone = _attention(q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys], None, softcap)
         assert torch.equal(out[:, i:i + 1], alone), f"row {i}"
-    ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(h // g, 1),
-                                         v.float().repeat_interleave(h // g, 1), attn_mask=allowed)
+    scores = q.float() @ k.float().repeat_interleave(h // g, 1).transpose(-1, -2) * d ** -0.5
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    ref = probs @ v.float().repeat_interleave(h // g, 1)
+    if softcap:     # the cap changes the result (the test would not see a kernel that ignored it)
+        assert not torch.allclose(out.float(), _attention(q, k, v, allowed[None, None]).float(), atol=1e-2)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(out.float(), ref.transpose(1, 2), atol=tol)
 
@@ -204,6 +211,55 @@ def test_a_gpt2_style_models_rows_do_not_depend_on_the_other_rows(dtype):
             assert torch.equal(got.hidden[0], alone.hidden[0]), others
     invariant.uninstall(model)
     assert not any("_sense_packed" in m.__dict__ or "forward" in m.__dict__ for m in convs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_soft_capped_sliding_window_model_runs_invariantly(dtype):
+    """Gemma 2 soft-caps its attention scores (cap * tanh(s / cap)) and its logits, and attends
+    over a sliding window in every other layer. The invariant attention caps the scores itself,
+    so such a model runs invariantly: a row's logits and hidden state are the same bits alone,
+    along a chain, beside 15 siblings and as its own one-token step, past the window; they are
+    Gemma 2's (close to transformers' eager forward, which the model falls back to after
+    uninstall); and greedy decoding with drafts equals autoregressive decoding. A random model
+    from its config, a window of 16 tokens under a 60-token context: no download."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from decoding.drafters import PromptLookupDrafter
+    from decoding.engine import generate
+    from decoding.target import TargetModel
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16,
+                       attn_logit_softcapping=2.0, final_logit_softcapping=10.0, query_pre_attn_scalar=32)
+    model = Gemma2ForCausalLM(cfg).to(dtype).eval()
+    eager = Gemma2ForCausalLM(cfg).to(dtype).eval()
+    eager.load_state_dict(model.state_dict())
+    target = TargetModel(model, None)
+    assert target.invariant, target.invariant_note
+    prompt = [(37 * i + 11) % 512 for i in range(40)]
+    state, out = target.prefill(prompt)
+    tok = int(out.logits[-1].argmax())
+    alone = _verify_and_drop(target, state, TokenTree.root_only(tok))
+    draft = [(7 * i + 3) % 512 for i in range(15)]
+    chain = _verify_and_drop(target, state, TokenTree.chain(tok, draft))
+    star = _verify_and_drop(target, state, TokenTree((tok, *((5 * i + 1) % 512 for i in range(15))), (-1,) + (0,) * 15))
+    for got in (chain, star):
+        assert torch.equal(got.logits[0], alone.logits[0])
+        assert torch.equal(got.hidden[0], alone.hidden[0])
+    with torch.no_grad():
+        ref = eager(torch.tensor([prompt + [tok] + draft])).logits[0, len(prompt):].float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(chain.logits.float(), ref, atol=tol), (chain.logits.float() - ref).abs().max()
+    for i, t in enumerate([tok, *draft]):
+        step = target.verify(state, TokenTree.root_only(t))
+        target.commit(state, [0])
+        assert torch.equal(step.logits[0], chain.logits[i]), f"node {i}"
+    ar = generate(target, prompt, budget=0)
+    pld = generate(target, prompt, drafter=PromptLookupDrafter(), budget=8)
+    assert pld.token_ids == ar.token_ids and pld.stats.accepted > 0
+    invariant.uninstall(model)
+    assert model.config._attn_implementation == "eager"      # SDPA would refuse the soft-capping
 
 
 def test_a_model_with_its_own_attention_code_says_it_is_not_invariant():

@@ -851,6 +851,14 @@ static float softmax_numerators(float *s, int n) {
     return v_hsum(sum);
 }
 
+/* Attention logit soft-capping (Gemma 2): s <- cap * tanh(s / cap), each score as transformers
+ * computes it (divide, tanh, multiply), before the softmax; a score's bits depend only on the score.
+ * cap <= 0: none. */
+static void softcap_scores(float *s, size_t n, float cap) {
+    if (cap <= 0.f) return;
+    for (size_t i = 0; i < n; i++) s[i] = cap * tanhf(s[i] / cap);
+}
+
 /* The (heads per KV group, head size) pairs the attention routine is compiled for as constants. */
 #define ATTENTION_SHAPES(X, NAME, KT)                                                           \
     X(NAME, KT, 3, 64) X(NAME, KT, 4, 64) X(NAME, KT, 2, 64) X(NAME, KT, 1, 64) X(NAME, KT, 5, 64) \
@@ -859,12 +867,12 @@ static float softmax_numerators(float *s, int n) {
 #define ATTENTION_SHAPE(NAME, KT, HPG, DIM)                                                    \
 static __attribute__((noinline)) void NAME##_unit_##HPG##_##DIM(                                \
         const void *q, int64_t ldq, const KT *kg, const KT *vg, int64_t kr, const int32_t *ids, int n, \
-        void *out, int64_t ldo, int io_bf16, int row, int g, float scale) {                        \
-    NAME##_unit_body(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, HPG, DIM, scale);   \
+        void *out, int64_t ldo, int io_bf16, int row, int g, float scale, float cap) {             \
+    NAME##_unit_body(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, HPG, DIM, scale, cap); \
 }
 #define ATTENTION_CASE(NAME, KT, HPG, DIM)                                                     \
     if (hpg == HPG && D == DIM) {                                                              \
-        NAME##_unit_##HPG##_##DIM(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, scale); \
+        NAME##_unit_##HPG##_##DIM(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, scale, cap); \
         return;                                                                                \
     }
 
@@ -911,7 +919,7 @@ static inline void hsum8_scaled_dp(const __m512 *a, float scale, float *out) {
 }
 static inline __attribute__((always_inline)) void attention_dp_unit_body(
         const uint16_t *qr, const uint16_t *kg, const uint16_t *vg, int64_t kr, const int32_t *ids, int n,
-        uint16_t *out, int hpg, int D, float scale) {
+        uint16_t *out, int hpg, int D, float scale, float cap) {
     /* the scores, then (after them) the probabilities in bfloat16 for the weighted sum of V: one
      * allocation a call, on the decode step's path */
     const int n16 = (n + 15) & ~15;
@@ -974,6 +982,7 @@ static inline __attribute__((always_inline)) void attention_dp_unit_body(
         free(s);
         return;
     }
+    softcap_scores(s, (size_t)hpg * n, cap);
     float l[hpg];
     for (int h = 0; h < hpg; h++) l[h] = softmax_numerators(s + (size_t)h * n, n);
     /* The weighted sum of V on vdpbf16ps: each probability rounded to bfloat16 (as bf16_rne rounds),
@@ -1041,22 +1050,22 @@ static inline __attribute__((always_inline)) void attention_dp_unit_body(
 #define ATTENTION_DP_SHAPE(NAME, KT, HPG, DIM)                                                 \
 static __attribute__((noinline)) void attention_dp_unit_##HPG##_##DIM(                         \
         const uint16_t *qr, const uint16_t *kg, const uint16_t *vg, int64_t kr, const int32_t *ids, int n, \
-        uint16_t *out, float scale) {                                                          \
-    attention_dp_unit_body(qr, kg, vg, kr, ids, n, out, HPG, DIM, scale);                      \
+        uint16_t *out, float scale, float cap) {                                               \
+    attention_dp_unit_body(qr, kg, vg, kr, ids, n, out, HPG, DIM, scale, cap);                 \
 }
 #define ATTENTION_DP_CASE(NAME, KT, HPG, DIM)                                                  \
-    if (hpg == HPG && D == DIM) { attention_dp_unit_##HPG##_##DIM(qr, kg, vg, kr, ids, n, out, scale); return; }
+    if (hpg == HPG && D == DIM) { attention_dp_unit_##HPG##_##DIM(qr, kg, vg, kr, ids, n, out, scale, cap); return; }
 ATTENTION_SHAPES(ATTENTION_DP_SHAPE, , )
 static void attention_dp_unit(const uint16_t *qr, const uint16_t *kg, const uint16_t *vg, int64_t kr,
-                              const int32_t *ids, int n, uint16_t *out, int hpg, int D, float scale) {
+                              const int32_t *ids, int n, uint16_t *out, int hpg, int D, float scale, float cap) {
     ATTENTION_SHAPES(ATTENTION_DP_CASE, , )
-    attention_dp_unit_body(qr, kg, vg, kr, ids, n, out, hpg, D, scale);
+    attention_dp_unit_body(qr, kg, vg, kr, ids, n, out, hpg, D, scale, cap);
 }
 /* In sense_attention_bf16's unit: bfloat16 queries and D a multiple of 32 take this route. */
 #define ATTENTION_FAST_BF16                                                                    \
     if (io_bf16 && D % 32 == 0) {                                                              \
         attention_dp_unit((const uint16_t *)q + (size_t)row * ldq + (size_t)g * hpg * D, kg, vg, kr, ids, n, \
-                          (uint16_t *)out + (size_t)row * ldo + (size_t)g * hpg * D, hpg, D, scale); \
+                          (uint16_t *)out + (size_t)row * ldo + (size_t)g * hpg * D, hpg, D, scale, cap); \
         return;                                                                                \
     }
 #else
@@ -1071,7 +1080,7 @@ static void attention_dp_unit(const uint16_t *qr, const uint16_t *kg, const uint
 static inline __attribute__((always_inline)) void NAME##_unit_body(                            \
                         const void *q, int64_t ldq, const KT *kg, const KT *vg, int64_t kr,        \
                         const int32_t *ids, int n, void *out, int64_t ldo, int io_bf16, int row,     \
-                        int g, int hpg, int D, float scale) {                                        \
+                        int g, int hpg, int D, float scale, float cap) {                             \
         float *s = (float *)malloc(sizeof(float) * ((size_t)(n > 0 ? n : 1) + D) * hpg);       \
         float *qr = s + (size_t)(n > 0 ? n : 1) * hpg;                                         \
         for (int i = 0; i < hpg * D; i += 8)     /* hpg * D: a multiple of 8 (D is) */         \
@@ -1108,6 +1117,7 @@ static inline __attribute__((always_inline)) void NAME##_unit_body(             
             free(s);                                                                           \
             return;                                                                            \
         }                                                                                      \
+        softcap_scores(s, (size_t)hpg * n, cap);                                               \
         float l[hpg];                                                                          \
         for (int h = 0; h < hpg; h++) l[h] = softmax_numerators(s + (size_t)h * n, n);         \
         /* out[h, d] = sum over p (in list order) of e_hp * V[ids[p], d], then / l_h: up to 3 heads \
@@ -1143,14 +1153,14 @@ static inline __attribute__((always_inline)) void NAME##_unit_body(             
 ATTENTION_SHAPES(ATTENTION_SHAPE, NAME, KT)                                                    \
 static void NAME##_unit(const void *q, int64_t ldq, const KT *kg, const KT *vg, int64_t kr,        \
                         const int32_t *ids, int n, void *out, int64_t ldo, int io_bf16, int row,     \
-                        int g, int hpg, int D, float scale) {                                        \
+                        int g, int hpg, int D, float scale, float cap) {                             \
     FAST                                                                                       \
     ATTENTION_SHAPES(ATTENTION_CASE, NAME, KT)                                                 \
-    NAME##_unit_body(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, hpg, D, scale);     \
+    NAME##_unit_body(q, ldq, kg, vg, kr, ids, n, out, ldo, io_bf16, row, g, hpg, D, scale, cap); \
 }                                                                                              \
 void NAME(const void *q, int64_t ldq, const KT *k, const KT *v, int64_t kb, int64_t kh,       \
           int64_t kr, const int32_t *rowptr, const int32_t *idx, void *out, int64_t ldo,       \
-          int io_bf16, int B, int T, int H, int G, int D, float scale, int threads) {          \
+          int io_bf16, int B, int T, int H, int G, int D, float scale, float cap, int threads) { \
     const int hpg = H / G;                                                                     \
     const int units = B * T * G;                                                               \
     (void)B;                                                                                   \
@@ -1158,7 +1168,7 @@ void NAME(const void *q, int64_t ldq, const KT *k, const KT *v, int64_t kb, int6
     for (int u = 0; u < units; u++) {                                                          \
         const int g = u % G, row = u / G, b = row / T;                                         \
         NAME##_unit(q, ldq, k + b * kb + g * kh, v + b * kb + g * kh, kr, idx + rowptr[row],   \
-                    rowptr[row + 1] - rowptr[row], out, ldo, io_bf16, row, g, hpg, D, scale);  \
+                    rowptr[row + 1] - rowptr[row], out, ldo, io_bf16, row, g, hpg, D, scale, cap); \
     }                                                                                          \
 }                                                                                              \
 /* Several requests' rows in one call: row r belongs to request req[r], whose cache is one       \
@@ -1167,7 +1177,7 @@ void NAME(const void *q, int64_t ldq, const KT *k, const KT *v, int64_t kb, int6
 void NAME##_multi(const void *q, int64_t ldq, const int64_t *bufs, const int64_t *caps,            \
                   const int32_t *req, const int32_t *rowptr, const int32_t *idx, void *out,        \
                   int64_t ldo, int io_bf16, int rows, int H, int G, int D, int L, int layer,       \
-                  float scale, int threads) {                                                      \
+                  float scale, float cap, int threads) {                                           \
     const int hpg = H / G;                                                                     \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                      \
     for (int u = 0; u < rows * G; u++) {                                                       \
@@ -1176,7 +1186,7 @@ void NAME##_multi(const void *q, int64_t ldq, const int64_t *bufs, const int64_t
         const KT *base = (const KT *)bufs[b];                                                  \
         NAME##_unit(q, ldq, base + layer * lay + g * gs, base + (L + layer) * lay + g * gs, D,  \
                     idx + rowptr[row], rowptr[row + 1] - rowptr[row], out, ldo, io_bf16, row, g, \
-                    hpg, D, scale);                                                            \
+                    hpg, D, scale, cap);                                                       \
     }                                                                                          \
 }
 
@@ -1541,10 +1551,10 @@ void sense_decoder_layers(void *x, void *h, void *qkv, void *attn, void *gu, voi
         sense_rope_kv_multi(qkv, nq, heads, groups, D, cos, sin, bufs, caps, starts, bounds, B, L, l, bf16, threads);
         if (bf16)
             sense_attention_bf16_multi(qkv, nq, bufs, caps, req, rowptr, idx, attn, ha, 1, R, heads, groups, D, L,
-                                       l, scale, threads);
+                                       l, scale, 0.f, threads);
         else
             sense_attention_f32_multi(qkv, nq, bufs, caps, req, rowptr, idx, attn, ha, 0, R, heads, groups, D, L, l,
-                                      scale, threads);
+                                      scale, 0.f, threads);
         layer_linear(kind, attn, xf, (const void *)p[3], x, x, 0, bf16 ? 2 : 3, R, ha, Hd, threads);
         sense_rmsnorm(x, (const void *)p[4], h, R, Hd, eps[3 * l + 1], bf16, threads);
         layer_linear(kind, h, xf, (const void *)p[5], gu, 0, 0, bf16 ? 1 : 0, R, Hd, 2 * I, threads);
