@@ -18,7 +18,9 @@ a row stops at its first end-of-sequence token, which it keeps, as the engine do
 
 :func:`generate_greedy_with_states` also returns what a datastore stores of each answer: the
 hidden states its decoding computed anyway (the last prompt position's and every answer token's
-but the last), so that self-distillation needs no second forward over prompt + answer.
+but the last), so that self-distillation needs no second forward over prompt + answer;
+:func:`generate_with_states` the same of one prompt decoded speculatively (its accepted drafts'
+states are their tree rows', the same bits on the batch-invariant kernels).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import numpy as np
 import torch
 
 from decoding.config import SamplingParams
-from decoding.drafters.base import NoDrafter
-from decoding.engine import Sequence as Request
+from decoding.drafters.base import Drafter, NoDrafter
+from decoding.engine import Sequence as Request, generate
 from decoding.scheduler import BatchScheduler
 from decoding.target import TargetModel
 
@@ -59,15 +61,23 @@ def _cut_at_eos(row: list[int], eos: frozenset[int]) -> list[int]:
     return row
 
 
-class _StateRecorder(NoDrafter):
-    """Drafts nothing (``ar``) and keeps the hidden states the engine hands a drafter: the
-    prompt's last position (``begin``), then every committed position (``observe``)."""
+class _StateRecorder(Drafter):
+    """Drafts as `drafter` does (default: nothing, ``ar``) and keeps the hidden states the engine
+    hands a drafter: the prompt's last position (``begin``), then every committed position, the
+    pending token's and the accepted drafts' (``observe``), in position order."""
 
     needs_hidden = True
-    keeps_hidden = True         # nothing to propose from: the engine keeps no copy of its own
+    keeps_hidden = True         # the drafter reads no state: the engine keeps no copy of its own
 
-    def __init__(self) -> None:
+    def __init__(self, drafter: Drafter | None = None) -> None:
+        self.drafter = drafter or NoDrafter()
+        if self.drafter.needs_hidden:
+            raise ValueError(f"{self.drafter.name} reads hidden states: its states are not recorded here")
+        self.name = self.drafter.name
         self.rows: list[np.ndarray] = []
+
+    def propose(self, tokens: np.ndarray, budget: int, max_depth: int, hidden: torch.Tensor | None = None):
+        return self.drafter.propose(tokens, budget, max_depth)
 
     @staticmethod
     def _copy(hidden: torch.Tensor) -> np.ndarray:
@@ -83,9 +93,10 @@ class _StateRecorder(NoDrafter):
 
     def states(self, answer_len: int) -> np.ndarray | None:
         """[answer_len, H] float32: the last prompt position and every answer token but the last
-        (the positions whose next token is an answer token); None if the steps saw otherwise."""
+        (the positions whose next token is an answer token); None if the steps saw fewer. A stop
+        inside an accepted draft leaves rows of positions after the answer: they are cut off."""
         rows = np.concatenate(self.rows) if self.rows else None
-        return rows if rows is not None and len(rows) == answer_len else None
+        return rows[:answer_len] if rows is not None and len(rows) >= answer_len else None
 
 
 @torch.inference_mode()
@@ -109,6 +120,21 @@ def generate_greedy_with_states(target: TargetModel, prompts: Sequence[Sequence[
     answer computes (every row on the batch-invariant kernels); elsewhere (static batches through
     ``generate``) None, for the caller to run that forward."""
     return _generate(target, prompts, max_new_tokens, batch_size, batch_tokens, on_batch, states=True)
+
+
+@torch.inference_mode()
+def generate_with_states(target: TargetModel, prompt: Sequence[int], max_new_tokens: int,
+                         drafter: Drafter | None = None) -> tuple[list[int], np.ndarray | None]:
+    """One prompt's greedy answer through the engine (speculative, `drafter` drafting, strict: the
+    answer is plain greedy decoding's) and its states as :func:`generate_greedy_with_states`
+    gives them: the verification rows of the committed positions, on the lean forward bitwise a
+    forward's over prompt + answer (every row on the batch-invariant kernels); elsewhere None."""
+    recorder = _StateRecorder(drafter)
+    budget = 0 if isinstance(recorder.drafter, NoDrafter) else "adaptive"
+    result = generate(target, list(prompt), params=SamplingParams(max_new_tokens=max_new_tokens),
+                      drafter=recorder, budget=budget)
+    answer = list(result.token_ids)
+    return answer, recorder.states(len(answer)) if target.lean is not None else None
 
 
 def _generate(target: TargetModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,

@@ -19,10 +19,8 @@ import time
 
 import numpy as np
 
-from decoding.batch_generate import generate_greedy_with_states
-from decoding.config import SamplingParams
+from decoding.batch_generate import generate_greedy_with_states, generate_with_states
 from decoding.dense_extract import states_by_window
-from decoding.engine import generate
 from decoding.methods import make_drafter
 from index import storage
 from index.dense_build import assemble_entries
@@ -42,7 +40,8 @@ def distilled_unit(output: str, unit: Unit) -> Unit:
 
 class Distiller:
     """Self-distillation: the target's own greedy answers to a unit's prompts, with the hidden
-    states their decoding computed (``generate_greedy_with_states``; None off the lean forward),
+    states their decoding computed (``generate_greedy_with_states``, or ``generate_with_states``
+    for a drafting method, one prompt at a time; None off the lean forward),
     so that their entries need no second forward; the documents (prompt + answer, entries for
     the answer only) written as a token-stream table under distilled/, its marker last."""
 
@@ -79,11 +78,11 @@ class Distiller:
             answers, states = generate_greedy_with_states(self.target, prompts, self.max_new_tokens,
                                                           batch_size=self.batch_size, on_batch=progress.add)
         else:
-            params = SamplingParams(max_new_tokens=self.max_new_tokens)
-            answers, states = [], [None] * len(prompts)
+            answers, states = [], []
             for p in prompts:
-                answers.append(list(generate(self.target, p, params=params,
-                                             drafter=make_drafter(self.method)).token_ids))
+                answer, rows = generate_with_states(self.target, p, self.max_new_tokens, make_drafter(self.method))
+                answers.append(answer)
+                states.append(rows)
                 progress.add(1)
         docs = [Document(doc_id=document_id(unit, k), tokens=p + a, store_from=len(p), corpus=unit.corpus)
                 for k, p, a in zip(keys, prompts, answers)]

@@ -92,6 +92,29 @@ def test_states_are_a_forwards_hidden_states_bitwise(target, target_bf16, dtype)
         assert (h == ref).all()
 
 
+@pytest.mark.parametrize("method", ["pld", "ar"])
+def test_a_speculative_answers_states_are_a_forwards_bitwise(target_bf16, method):
+    """``generate_with_states`` (self-distillation's ``--distill-method pld`` / ``ar``, one prompt
+    at a time through the engine): the engine's answer, and states bitwise a forward's over
+    prompt + answer, the accepted drafts' taken from their tree rows."""
+    from decoding.batch_generate import generate_with_states
+    from decoding.config import SamplingParams
+    from decoding.dense_extract import window_states
+    from decoding.engine import generate
+    from decoding.methods import make_drafter
+
+    t = target_bf16
+    accepted = 0
+    for p in _prompts(t):
+        answer, h = generate_with_states(t, p, 24, make_drafter(method))
+        alone = generate(t, p, params=SamplingParams(max_new_tokens=24), drafter=make_drafter(method))
+        assert answer == list(alone.token_ids)
+        accepted += alone.stats.accepted
+        ref = window_states(t, [p + answer])[0][len(p) - 1: len(p) + len(answer) - 1]
+        assert h is not None and h.shape == ref.shape and (h == ref).all()
+    assert accepted > 0 if method == "pld" else accepted == 0
+
+
 def test_states_of_a_middle_layer(target):
     """A datastore keyed on another layer (``hidden_layer``): the decode steps hand over that
     layer's states, bitwise a forward's."""
