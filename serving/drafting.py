@@ -21,6 +21,9 @@ class FallbackDrafter(Drafter):
         self.fallback = PromptLookupDrafter()
         self.name = primary.name
         self.needs_hidden = primary.needs_hidden
+        # The primary keeps the last state it observed (a dense drafter's dynamic cache): the engine
+        # then keeps no copy of its own a step; prompt lookup, the fallback, reads none.
+        self.keeps_hidden = primary.keeps_hidden
         self.reason = reason               # set: falling back (from the start when given here)
         self.steps = 0
         self.fallback_step: int | None = 0 if reason else None

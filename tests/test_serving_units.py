@@ -93,6 +93,43 @@ def _err(fn) -> APIError:
     return info.value
 
 
+def test_the_index_fallback_drafter_keeps_its_primarys_hidden_state_and_falls_back_exactly(target, dense_store_dir):
+    """The served drafter over the sharded index (``FallbackDrafter``) lets the dense drafter keep
+    the last state it observed, as the drafter alone does (the engine then copies none a step);
+    when the index fails mid-request the rest drafts with prompt lookup, and the answer is plain
+    decoding's either way."""
+    from decoding.methods import Datastores, make_drafter
+    from decoding.stores import load_datastores
+    from serving.drafting import FallbackDrafter
+
+    class Store:
+        failure = None
+
+    stores = Datastores(dense=load_datastores(target, dense=str(dense_store_dir), methods=["sense"]).dense)
+    prompt = encode_prompt(target, "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+                                   "clips in May. How many clips did Natalia sell altogether in April and May?")
+    params = SamplingParams(max_new_tokens=40)
+    ar = generate(target, prompt, params=params).token_ids
+    store = Store()
+    steady = FallbackDrafter(make_drafter("sense", stores), store)
+    assert steady.keeps_hidden and steady.needs_hidden
+    assert generate(target, prompt, params=params, drafter=steady, budget=4).token_ids == ar
+    assert steady.report() is None
+
+    failing = FallbackDrafter(make_drafter("sense", stores), Store())
+    propose = failing.primary.propose
+
+    def fail_on_the_fifth(*args, **kwargs):
+        if failing.steps == 5:
+            failing.store.failure = "shard 0 is down"
+        return propose(*args, **kwargs)
+
+    failing.primary.propose = fail_on_the_fifth
+    out = generate(target, prompt, params=params, drafter=failing, budget=4)
+    assert out.token_ids == ar and failing.report() == {"method": "pld", "reason": "index shards unavailable: "
+                                                        "shard 0 is down", "from_step": 5}
+
+
 def test_request_validation_names_the_parameter():
     from serving import protocol as p
 
