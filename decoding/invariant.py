@@ -584,32 +584,44 @@ def _csr(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rowptr, allowed.nonzero()[:, 1].to(torch.int32).contiguous()
 
 
-def visible_csr(start: int, t: int, ancestors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def visible_csr(start: int, t: int, ancestors: torch.Tensor | None, window: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Visibility lists for T query rows after `start` cached positions: every row sees the cached
     prefix and then itself and its ancestors (`ancestors` [T, T] bool of a tree: row i, column j
-    when j is i or an ancestor of i), or, with None, every earlier row (a causal chain)."""
-    return visible_csr_batch([start], [t], [ancestors])
+    when j is i or an ancestor of i), or, with None, every earlier row (a causal chain). With a
+    `window`, a row at position p (start + its depth) sees only keys at positions above p - window."""
+    return visible_csr_batch([start], [t], [ancestors], window)
 
 
-def visible_csr_batch(starts: list[int], sizes: list[int], ancestors: list[torch.Tensor | None]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def visible_csr_batch(starts: list[int], sizes: list[int], ancestors: list[torch.Tensor | None],
+                      window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`visible_csr` of several requests' rows, one request's after another's, as one CSR
     list (each row's positions in its own request's cache). A chain's rows (every one-row
     request of a loaded batch) are built for the whole batch at once: at 16 in flight, one
     list per request had cost 0.23 ms a step."""
-    counts, trees = [], {}
+    counts, trees, firsts = [], {}, []
     for j, (start, t, anc) in enumerate(zip(starts, sizes, ancestors)):
-        if anc is None:             # row i sees positions 0 .. start + i
-            counts.append(np.arange(start + 1, start + t + 1, dtype=np.int64))
+        if anc is None:             # row i sees positions 0 .. start + i (the last `window` of them)
+            ends = np.arange(start + 1, start + t + 1, dtype=np.int64)
+            first = np.maximum(ends - window, 0) if window else np.zeros(t, dtype=np.int64)
+            counts.append(ends - first)
+            firsts.append(first)
         else:
             allowed = torch.cat([torch.ones(t, start, dtype=torch.bool), anc], dim=1)
+            if window:              # by position: cached j at j, tree node a at start + its depth
+                depth = anc.sum(-1) - 1
+                key_pos = torch.cat([torch.arange(start), start + depth])
+                allowed &= key_pos[None, :] > (start + depth)[:, None] - window
             counts.append(allowed.sum(-1).numpy().astype(np.int64))
+            firsts.append(np.zeros(t, dtype=np.int64))
             trees[j] = allowed.nonzero()[:, 1].numpy()
     counts = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
     rowptr = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=rowptr[1:])
-    # A chain row's list is 0, 1, ..., count - 1: each key's place in its row's list.
+    # A chain row's list is first, first + 1, ..., first + count - 1 (first 0 but for a window).
     idx = np.arange(rowptr[-1], dtype=np.int64) - np.repeat(rowptr[:-1], counts)
+    if window:
+        idx += np.repeat(np.concatenate(firsts) if firsts else np.zeros(0, dtype=np.int64), counts)
     row = 0
     for j, t in enumerate(sizes):
         if j in trees:

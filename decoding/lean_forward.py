@@ -63,13 +63,11 @@ def unsupported(model) -> str | None:
     cfg = model.config
     if cfg.model_type not in ARCHITECTURES:
         return f"{cfg.model_type} is not a Llama-style decoder"
-    # A window narrower than the context (Mistral 7B v0.1's 4,096, Phi-3-mini-4k's 2,047): this
-    # forward attends to every earlier position. One at least as wide hides nothing.
-    window = getattr(cfg, "sliding_window", None)
-    windowed = (getattr(cfg, "use_sliding_window", False) or cfg.model_type in ("mistral", "phi3")
-                or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()))
-    if windowed and window is not None and window < getattr(cfg, "max_position_embeddings", float("inf")):
-        return "sliding-window attention"
+    # A window narrower than the context (Mistral 7B v0.1's 4,096, Phi-3-mini-4k's 2,047) in every
+    # layer: each row's visible keys stop at its window (sliding_window); in some layers only: not
+    # this forward, which runs every layer on one list of visible keys.
+    if sliding_window(cfg) == -1:
+        return "sliding-window attention in some layers only"
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "not a SiLU-gated MLP without bias"
     if (getattr(cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
@@ -99,6 +97,21 @@ def unsupported(model) -> str | None:
             if any(m.weight.shape[0] % invariant.PANEL for m in group):
                 return "projection widths that are not a multiple of the kernel's panel"
     return None
+
+
+def sliding_window(cfg) -> int | None:
+    """The attention window of a model whose every layer attends over the last `window` positions
+    only (transformers' kv > q - window), narrower than its context; None where no layer's is;
+    -1 where some layers' are and others' not."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and "sliding_attention" in types:
+        windowed = [t == "sliding_attention" for t in types]
+    else:
+        windowed = [bool(getattr(cfg, "use_sliding_window", False) or cfg.model_type in ("mistral", "phi3"))]
+    if not any(windowed) or window is None or window >= getattr(cfg, "max_position_embeddings", float("inf")):
+        return None
+    return int(window) if all(windowed) else -1
 
 
 def qkv_modules(attn) -> tuple:
@@ -208,6 +221,7 @@ class LeanLlama:
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.fast_prefill = self.device.type == "cpu" and invariant.prefill_attention_ok(self.dtype, self.head_dim)
+        self.window = sliding_window(cfg)      # every layer's attention window (None: none)
         self.one_call = self._layer_table()         # the layers in one C call (None: one call per step)
 
     def _layer_table(self):
@@ -242,8 +256,7 @@ class LeanLlama:
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers), self.groups, self.head_dim, self.dtype, self.device)
 
-    @staticmethod
-    def is_large_prefill(items) -> bool:
+    def is_large_prefill(self, items) -> bool:
         """A lone prompt prefill of more than MAX_ROWS rows from an empty cache: the one forward
         that runs on the prefill attention (or SDPA) and the faster large-row linear instead of the
         invariant kernels."""
@@ -275,7 +288,7 @@ class LeanLlama:
         cos, sin = cos[0].contiguous(), sin[0].contiguous()        # [rows, D]
         reqs = None if large else invariant.Requests(
             [cache.buf for cache, *_ in items], starts, sizes,
-            invariant.visible_csr_batch(starts, sizes, [anc for *_, anc in items]))
+            invariant.visible_csr_batch(starts, sizes, [anc for *_, anc in items], self.window))
         bounds = [0]
         for t in sizes:
             bounds.append(bounds[-1] + t)
@@ -314,7 +327,7 @@ class LeanLlama:
                 r0, r1, start = bounds[j], bounds[j + 1], starts[j]
                 invariant.rope_kv(qkv[r0:r1], self.heads, self.groups, cos[r0:r1], sin[r0:r1], cache.k[i],
                                   cache.v[i], start)
-                if self.fast_prefill:
+                if self.fast_prefill and not (self.window and start + r1 - r0 > self.window):
                     invariant.prefill_attention(qkv[r0:r1], cache.k[i], cache.v[i], self.heads, self.scaling,
                                                 attn[r0:r1])
                     continue
@@ -347,9 +360,16 @@ class LeanLlama:
                                      logits=True)
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Causal attention of a prefill from an empty cache: q [T, heads, D] -> [T, heads, D]."""
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, is_causal=True,
-                                             scale=self.scaling, enable_gqa=self.heads != self.groups)
+        """Causal attention of a prefill from an empty cache: q [T, heads, D] -> [T, heads, D]
+        (each row within its window, where the model has one)."""
+        t = q.shape[0]
+        mask = None
+        if self.window and t > self.window:
+            i = torch.arange(t)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, is_causal=mask is None,
+                                             attn_mask=mask, scale=self.scaling,
+                                             enable_gqa=self.heads != self.groups)
         return out[0].transpose(0, 1)
 
 

@@ -11,6 +11,8 @@ are checked against torch's within rounding.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -170,13 +172,59 @@ def test_phi3_fused_projections_are_the_transformers_forward(dtype, monkeypatch)
                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                          partial_rotary_factor=0.75)).eval()
     assert lean_forward.unsupported(partial) == "a rotary embedding on part of each head"
-    # Phi-3-mini-4k attends through a window of 2,047 positions of its 4,096: not this forward
+    # Phi-3-mini-4k attends through a window of 2,047 positions of its 4,096 (next test)
     windowed = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                           max_position_embeddings=4096, sliding_window=2047)).eval()
-    assert lean_forward.unsupported(windowed) == "sliding-window attention"
+    assert lean_forward.unsupported(windowed) is None and lean_forward.sliding_window(windowed.config) == 2047
     windowed.config.sliding_window = 4096           # as wide as the context: hides nothing
-    assert lean_forward.unsupported(windowed) is None
+    assert lean_forward.sliding_window(windowed.config) is None
+
+
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "per-step"])
+@pytest.mark.parametrize("arch", ["mistral", "phi3"])
+def test_a_sliding_window_is_the_transformers_forward_past_it(arch, one_call, monkeypatch):
+    """Mistral 7B v0.1 and Phi-3-mini-4k attend over a window narrower than their context: each
+    row's visible keys stop at its window (a tree node's by its position), bitwise the transformers
+    forward past the window (8 positions here: a 20-token prompt, trees, commits); a prefill longer
+    than the invariant kernels' rows takes the window too (SDPA with its mask). Models whose layers
+    mix windowed and full attention keep the transformers forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    extra = dict(pad_token_id=0) if arch == "phi3" else {}
+    config = AutoConfig.for_model(arch, vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  sliding_window=8, tie_word_embeddings=False, **extra)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    monkeypatch.setenv(lean_forward.ONE_CALL_ENV, "1" if one_call else "0")
+    plain, lean = _pair(model, monkeypatch, prefix_cache_mb=0)
+    assert lean.lean.window == 8 and plain._window == 8
+    prompt = [(7 * i + 3) % 64 for i in range(20)]
+    _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
+    # Without the window the same session differs (the test sees the window).
+    wide = AutoModelForCausalLM.from_config(copy.deepcopy(config)).eval()     # (its own config)
+    wide.load_state_dict(model.state_dict())
+    wide.config.sliding_window = None
+    _same_norm_and_activation(wide, monkeypatch)
+    unwindowed = TargetModel(wide, None, prefix_cache_mb=0)
+    assert unwindowed.lean is not None and unwindowed.lean.window is None
+    assert not torch.equal(_session(unwindowed, prompt, 64)[1].logits, _session(lean, prompt, 64)[1].logits)
+    # Requests batched in one forward (a tree and a chain, their own windows) get their lone bits.
+    trees = [TokenTree((5, 7, 9, 11), (-1, 0, 0, 1)), TokenTree.chain(3, [4, 1])]
+    prompts = [prompt, [(3 * i + 2) % 64 for i in range(13)]]
+    alone = [lean.verify(lean.prefill(p)[0], t) for p, t in zip(prompts, trees)]
+    batched = lean.verify_batch([lean.prefill(p)[0] for p in prompts], trees)
+    _assert_bitwise(alone, batched)
+    long = [(5 * i + 1) % 64 for i in range(100)]
+    a, b = _session(plain, long, 64), _session(lean, long, 64)
+    for x, y in zip(a, b):
+        assert torch.allclose(x.logits, y.logits, atol=1e-4)
+    mixed = AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    assert lean_forward.unsupported(AutoModelForCausalLM.from_config(mixed).eval()) == \
+        "sliding-window attention in some layers only"
 
 
 def test_the_embedded_model_is_bitwise_the_transformers_forward(target, monkeypatch):
