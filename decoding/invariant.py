@@ -603,25 +603,26 @@ def visible_csr_batch(starts: list[int], sizes: list[int], ancestors: list[torch
     for j, (start, t, anc) in enumerate(zip(starts, sizes, ancestors)):
         if anc is None:             # row i sees positions 0 .. start + i (the last `window` of them)
             ends = np.arange(start + 1, start + t + 1, dtype=np.int64)
-            first = np.maximum(ends - window, 0) if window else np.zeros(t, dtype=np.int64)
+            first = np.maximum(ends - window, 0) if window else 0
+            if window:
+                firsts.append(first)
             counts.append(ends - first)
-            firsts.append(first)
         else:
             allowed = torch.cat([torch.ones(t, start, dtype=torch.bool), anc], dim=1)
             if window:              # by position: cached j at j, tree node a at start + its depth
                 depth = anc.sum(-1) - 1
                 key_pos = torch.cat([torch.arange(start), start + depth])
                 allowed &= key_pos[None, :] > (start + depth)[:, None] - window
+                firsts.append(np.zeros(t, dtype=np.int64))     # (its list is set below)
             counts.append(allowed.sum(-1).numpy().astype(np.int64))
-            firsts.append(np.zeros(t, dtype=np.int64))
             trees[j] = allowed.nonzero()[:, 1].numpy()
     counts = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
     rowptr = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=rowptr[1:])
     # A chain row's list is first, first + 1, ..., first + count - 1 (first 0 but for a window).
     idx = np.arange(rowptr[-1], dtype=np.int64) - np.repeat(rowptr[:-1], counts)
-    if window:
-        idx += np.repeat(np.concatenate(firsts) if firsts else np.zeros(0, dtype=np.int64), counts)
+    if window and firsts:
+        idx += np.repeat(np.concatenate(firsts), counts)
     row = 0
     for j, t in enumerate(sizes):
         if j in trees:
