@@ -99,10 +99,10 @@ def unsupported(model) -> str | None:
     return None
 
 
-def sliding_window(cfg) -> int | None:
-    """The attention window of a model whose every layer attends over the last `window` positions
-    only (transformers' kv > q - window), narrower than its context; None where no layer's is;
-    -1 where some layers' are and others' not."""
+def attention_windows(cfg) -> tuple[int, list[bool]] | None:
+    """(the window, per layer whether it attends over the last `window` positions only, as
+    transformers' kv > q - window) of a model with such layers, the window narrower than its
+    context; None for a model without (or one as wide as the context, which hides nothing)."""
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
     if types is not None and "sliding_attention" in types:
@@ -111,7 +111,14 @@ def sliding_window(cfg) -> int | None:
         windowed = [bool(getattr(cfg, "use_sliding_window", False) or cfg.model_type in ("mistral", "phi3"))]
     if not any(windowed) or window is None or window >= getattr(cfg, "max_position_embeddings", float("inf")):
         return None
-    return int(window) if all(windowed) else -1
+    return int(window), windowed
+
+
+def sliding_window(cfg) -> int | None:
+    """The attention window of a model whose every layer has one (:func:`attention_windows`); None
+    where no layer has; -1 where some layers have and others not."""
+    found = attention_windows(cfg)
+    return None if found is None else found[0] if all(found[1]) else -1
 
 
 def qkv_modules(attn) -> tuple:

@@ -386,19 +386,13 @@ class TargetModel:
 
 
 def _sliding_layers(config) -> tuple[int | None, list | None]:
-    """(the sliding window, the layer types where only some layers slide) of a model whose cache
-    transformers would build with sliding-window layers, else (None, None)."""
-    from transformers import DynamicCache
-
-    try:
-        sliding = [bool(getattr(layer, "is_sliding", False)) for layer in DynamicCache(config=config).layers]
-    except (TypeError, ValueError, AttributeError):
+    """(the attention window, the layer types where only some layers have it) of a model with
+    windowed layers (``lean_forward.attention_windows``), else (None, None)."""
+    found = lean_forward.attention_windows(config)
+    if found is None:
         return None, None
-    window = getattr(config, "sliding_window", None)
-    if not any(sliding) or not window:
-        return None, None
-    types = getattr(config, "layer_types", None)
-    return int(window), (list(types) if not all(sliding) and types else None)
+    window, windowed = found
+    return window, None if all(windowed) else list(config.layer_types)
 
 
 def _cache_layers(cache) -> list:
