@@ -51,6 +51,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -645,9 +646,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     softcap = kwargs.get("softcap")
 
     def sdpa():
-        if softcap is not None:     # SDPA has no soft-capping: the model's own eager attention
-            return _eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+        # SDPA refuses soft-capping (Gemma 2's): the eager attention of the model's own modeling file
+        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if softcap is not None and own is not None:
+            return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -666,17 +668,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     rowptr, idx = visible
     scale = float(scaling if scaling is not None else d ** -0.5)
     return attention(query.transpose(1, 2), key, value, rowptr, idx, scale, softcap or 0.0), None
-
-
-def _eager(module):
-    """The eager attention function of `module`'s own modeling file (Gemma 2's soft-caps its
-    scores), else transformers' generic one."""
-    import sys
-
-    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if own is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as own
-    return own
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowptr: torch.Tensor,
