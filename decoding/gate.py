@@ -40,7 +40,7 @@ import math
 class _Load:
     """One load's state: the block under way and the verdict so far."""
 
-    __slots__ = ("drafting", "left", "tokens", "seconds", "last", "pairs", "mean", "since", "seeded")
+    __slots__ = ("drafting", "left", "tokens", "seconds", "last", "pairs", "mean", "since", "seeded", "steps")
 
     def __init__(self, block: int) -> None:
         self.drafting = True            # the block under way: allocate as usual (or draft nothing)
@@ -52,6 +52,7 @@ class _Load:
         self.mean = 0.0                 # running mean of log(drafting's rate / not drafting's)
         self.since = 0                  # blocks of the verdict's kind since the other kind ran
         self.seeded: int | None = None  # the load whose verdict it started from (DraftingGate._seed)
+        self.steps = 0                  # steps measured (disturbed ones left out)
 
 
 class DraftingGate:
@@ -118,12 +119,14 @@ class DraftingGate:
     def summary(self) -> dict:
         """Per load seen (requests in the batch, a band above 4): whether it drafts as measured
         ("measuring" until the first pairs are in), the pairs compared (a seeded load's count
-        the neighbour's as its first ``pairs_min``), drafting's measured gain in committed
-        tokens a second, and the load it started from if seeded (for /health)."""
+        the neighbour's as its first ``pairs_min``), the steps measured (once a verdict stands, a
+        pair completes only with a probe block, every ``probe_every`` blocks or more), drafting's
+        measured gain in committed tokens a second, and the load it started from if seeded (for
+        /health)."""
         out = {}
         for key, load in sorted(self._loads.items()):
             verdict = "measuring" if load.pairs < self.pairs_min else "drafts" if load.mean >= 0 else "drafts nothing"
-            out[self._label(key)] = {"verdict": verdict, "pairs": load.pairs, "gain": round(math.exp(load.mean) - 1.0, 3)}
+            out[self._label(key)] = {"verdict": verdict, "pairs": load.pairs, "steps": load.steps, "gain": round(math.exp(load.mean) - 1.0, 3)}
             if load.seeded is not None:
                 out[self._label(key)]["seeded_from"] = self._label(load.seeded)
         return out
@@ -142,6 +145,7 @@ class DraftingGate:
         if forward is not None and forward[0] > self.disturbed * forward[1]:
             return
         load = self._load(requests)
+        load.steps += 1
         load.tokens += tokens
         load.seconds += seconds
         load.left -= 1

@@ -90,7 +90,8 @@ def test_the_summary_names_each_load_and_its_verdict():
     assert list(s) == ["2", "5-6", "14-19"]
     assert s["2"]["verdict"] == "drafts" and abs(s["2"]["gain"] - 0.5) < 1e-6
     assert s["14-19"]["verdict"] == "drafts nothing" and abs(s["14-19"]["gain"] + 0.1) < 1e-6
-    assert s["5-6"] == {"verdict": "measuring", "pairs": 0, "gain": 0.0}
+    assert s["5-6"] == {"verdict": "measuring", "pairs": 0, "steps": 4, "gain": 0.0}
+    assert s["2"]["steps"] == 200 and s["14-19"]["steps"] == 200
 
 
 def test_a_load_above_one_that_drafts_nothing_starts_from_its_verdict():

@@ -235,23 +235,31 @@ def test_generate_batch_matches_generate(target, prompts):
 
 def test_generate_batch_carries_the_drafting_gate_from_call_to_call(target, prompts):
     """A second call with the same drafters starts from the verdicts the first measured (its
-    loads' pairs go on counting); another drafter has a gate of its own."""
+    loads' steps and pairs go on counting; a pair completes only when a block of the other kind
+    has run, which past a verdict is a probe every 8 blocks or more, so the second call may add
+    none); another drafter has a gate of its own."""
     from decoding.drafters import NoDrafter
     from decoding.scheduler import batch_gate
 
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)     # answers of one length: the load stays 4
     key = (("pld", "StrictGreedyVerifier"),)
     gate = batch_gate(target, key)
-    before = {k: v["pairs"] for k, v in gate.summary().items()}
+
+    def counts():
+        s = gate.summary()
+        return {k: v["pairs"] for k, v in s.items()}, {k: v["steps"] for k, v in s.items()}
+
+    pairs0, steps0 = counts()
     generate_batch(target, prompts, params=params, drafters=[PromptLookupDrafter() for _ in prompts])
-    first = {k: v["pairs"] for k, v in gate.summary().items()}
-    assert sum(first.values()) > sum(before.values())           # this gate measured the first call
+    pairs1, steps1 = counts()
+    assert sum(pairs1.values()) > sum(pairs0.values())           # this gate measured the first call
     generate_batch(target, prompts, params=params, drafters=[PromptLookupDrafter() for _ in prompts])
-    second = {k: v["pairs"] for k, v in gate.summary().items()}
-    assert sum(second.values()) > sum(first.values()) and all(second[k] >= n for k, n in first.items())
+    pairs2, steps2 = counts()
+    assert sum(steps2.values()) > sum(steps1.values())           # ... and the second, going on
+    assert all(pairs2[k] >= n for k, n in pairs1.items()) and all(steps2[k] >= n for k, n in steps1.items())
     assert batch_gate(target, key) is gate and batch_gate(target, (("ar", "StrictGreedyVerifier"),)) is not gate
     generate_batch(target, prompts[:2], params=params, drafters=[NoDrafter(), NoDrafter()])
-    assert {k: v["pairs"] for k, v in gate.summary().items()} == second      # ar's calls: not this gate
+    assert counts() == (pairs2, steps2)                          # ar's calls: not this gate
 
 
 def _request(cost, accepted, learned=False):
