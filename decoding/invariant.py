@@ -649,7 +649,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         # SDPA refuses soft-capping (Gemma 2's): the eager attention of the model's own modeling file
         own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if softcap is not None and own is not None:
-            return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return own(module, query, key, value, _additive_mask(attention_mask, t, length, query),
+                       dropout=dropout, scaling=scaling, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -668,6 +669,20 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     rowptr, idx = visible
     scale = float(scaling if scaling is not None else d ** -0.5)
     return attention(query.transpose(1, 2), key, value, rowptr, idx, scale, softcap or 0.0), None
+
+
+def _additive_mask(mask: torch.Tensor | None, t: int, length: int, query: torch.Tensor) -> torch.Tensor:
+    """The mask an eager attention adds to its scores (0 where a key is visible, the dtype's
+    lowest elsewhere) from the one this attention's mask function (``sdpa_mask``) made: a boolean
+    mask (True: visible), or None where the mask is causal and SDPA would be told so
+    (``is_causal``): query row i, the cache's last t rows, sees keys 0 .. length - t + i. An
+    eager attention given None would let every row see every key."""
+    if mask is None:
+        mask = torch.ones(t, length, dtype=torch.bool, device=query.device).tril(length - t)[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min)
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rowptr: torch.Tensor,

@@ -213,6 +213,30 @@ def test_a_gpt2_style_models_rows_do_not_depend_on_the_other_rows(dtype):
     assert not any("_sense_packed" in m.__dict__ or "forward" in m.__dict__ for m in convs)
 
 
+def _gemma2(dtype):
+    """A random Gemma 2 (soft-capped attention scores and logits, a window of 16 tokens in every
+    other layer) and a copy of it on transformers' eager attention. Its queries and keys are
+    scaled up 8x so that the scores reach the cap (2.0): at the initial weights' scale they stay
+    far below it, where cap * tanh(s / cap) rounds to s, and no test would see the cap dropped."""
+    import copy
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16,
+                       attn_logit_softcapping=2.0, final_logit_softcapping=10.0, query_pre_attn_scalar=32)
+    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    model = model.to(dtype)
+    eager = Gemma2ForCausalLM(copy.deepcopy(cfg)).to(dtype).eval()     # a config of its own: the
+    eager.load_state_dict(model.state_dict())                           # target's install sets model's
+    return model, eager
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_a_soft_capped_sliding_window_model_runs_invariantly(dtype):
     """Gemma 2 soft-caps its attention scores (cap * tanh(s / cap)) and its logits, and attends
@@ -222,21 +246,14 @@ def test_a_soft_capped_sliding_window_model_runs_invariantly(dtype):
     Gemma 2's (close to transformers' eager forward, which the model falls back to after
     uninstall); and greedy decoding with drafts equals autoregressive decoding. A random model
     from its config, a window of 16 tokens under a 60-token context: no download."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     from decoding.drafters import PromptLookupDrafter
     from decoding.engine import generate
     from decoding.target import TargetModel
 
-    torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16,
-                       attn_logit_softcapping=2.0, final_logit_softcapping=10.0, query_pre_attn_scalar=32)
-    model = Gemma2ForCausalLM(cfg).to(dtype).eval()
-    eager = Gemma2ForCausalLM(cfg).to(dtype).eval()
-    eager.load_state_dict(model.state_dict())
+    model, eager = _gemma2(dtype)
     target = TargetModel(model, None)
     assert target.invariant, target.invariant_note
+    assert eager.config._attn_implementation == "eager"      # the reference: transformers' own attention
     prompt = [(37 * i + 11) % 512 for i in range(40)]
     state, out = target.prefill(prompt)
     tok = int(out.logits[-1].argmax())
@@ -260,6 +277,46 @@ def test_a_soft_capped_sliding_window_model_runs_invariantly(dtype):
     assert pld.token_ids == ar.token_ids and pld.stats.accepted > 0
     invariant.uninstall(model)
     assert model.config._attn_implementation == "eager"      # SDPA would refuse the soft-capping
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_long_soft_capped_prefill_runs_the_models_own_eager_attention(dtype, monkeypatch):
+    """A prompt of more than MAX_ROWS rows runs past the invariant attention (a prefill needs no
+    invariance); SDPA cannot soft-cap, so a Gemma 2 prefill that long takes the eager attention
+    of the model's own modeling file, cap included: its logits are transformers' eager forward's
+    (a forward that dropped the cap is far from them), and decoding after it with drafts equals
+    decoding without. A random model from its config, 100 prompt tokens, a window of 16."""
+    import copy
+
+    import transformers.models.gemma2.modeling_gemma2 as gemma2
+
+    from decoding.drafters import PromptLookupDrafter
+    from decoding.engine import generate
+    from decoding.target import TargetModel
+
+    model, eager = _gemma2(dtype)
+    uncapped = copy.deepcopy(eager)
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    target = TargetModel(model, None)
+    assert target.invariant, target.invariant_note
+    prompt = [(37 * i + 11) % 512 for i in range(100)]
+    assert len(prompt) > invariant.MAX_ROWS
+    calls = []
+    own = gemma2.eager_attention_forward
+    monkeypatch.setattr(gemma2, "eager_attention_forward", lambda *a, **k: (calls.append(a[1].shape[2]), own(*a, **k))[1])
+    _, out = target.prefill(prompt, all_logits=True)
+    assert calls and set(calls) == {len(prompt)}      # every layer's prefill, on the model's own eager attention
+    with torch.no_grad():
+        ref = eager(torch.tensor([prompt])).logits[0].float()
+        off = uncapped(torch.tensor([prompt])).logits[0].float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(out.logits.float(), ref, atol=tol), (out.logits.float() - ref).abs().max()
+    assert (off - ref).abs().max() > 4 * tol             # the cap matters here: a forward without it would fail
+    ar = generate(target, prompt, budget=0)
+    pld = generate(target, prompt, drafter=PromptLookupDrafter(), budget=8)
+    assert pld.token_ids == ar.token_ids and pld.stats.accepted > 0
+    invariant.uninstall(model)
 
 
 def test_a_model_with_its_own_attention_code_says_it_is_not_invariant():
