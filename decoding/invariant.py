@@ -130,7 +130,11 @@ def library() -> ctypes.CDLL | None:
         lib.sense_rmsnorm_heads.argtypes = [p, i64, i, i, i, i, p, f, i, i]
         lib.sense_rope_kv.argtypes = [p, i64, i, i, i, i, p, p, p, p, i64, i64, i]
         lib.sense_silu_mul.argtypes = [p, p, i, i, i, i]
-        for name in ("sense_rmsnorm", "sense_rmsnorm_heads", "sense_rope_kv", "sense_silu_mul"):
+        lib.sense_gelu_tanh_mul.argtypes = [p, p, i, i, i, i]
+        lib.sense_rmsnorm_offset.argtypes = [p, p, p, i, i, f, i, i]
+        lib.sense_rmsnorm_offset_heads.argtypes = [p, i64, i, i, i, i, p, f, i, i]
+        for name in ("sense_rmsnorm", "sense_rmsnorm_heads", "sense_rope_kv", "sense_silu_mul", "sense_gelu_tanh_mul",
+                     "sense_rmsnorm_offset", "sense_rmsnorm_offset_heads"):
             getattr(lib, name).restype = None
         lib.sense_set_prefetch.argtypes = [i, i, i]         # (bf16, rows range, mode)
         lib.sense_set_prefetch.restype = None
@@ -714,22 +718,33 @@ def _attention(q, ldq, key, value, rowptr, idx, scale, out, ldo, b, t, h, d, sof
 
 # -- the elementwise steps of a Llama-family layer (decoding/lean_forward.py) ------------------
 
+def offset_norm(norm: torch.nn.Module) -> bool:
+    """Whether `norm` is a Gemma-style RMSNorm (``x * inv * (1 + w)`` in float32, rounded once;
+    its epsilon ``eps``) rather than a Llama-style one (``w * round(x * inv)``, ``variance_epsilon``)."""
+    return not hasattr(norm, "variance_epsilon") and hasattr(norm, "eps") and "Gemma" in type(norm).__name__
+
+
+def _norm_eps(norm: torch.nn.Module) -> float:
+    return float(norm.eps if offset_norm(norm) else norm.variance_epsilon)
+
+
 def rmsnorm(x: torch.Tensor, norm: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` of a LlamaRMSNorm-style module into out ([R, H] contiguous, x's dtype); its sum
-    of squares in a fixed order (sense_rmsnorm)."""
+    """``norm(x)`` of a LlamaRMSNorm-style module (or a Gemma one: :func:`offset_norm`) into out
+    ([R, H] contiguous, x's dtype); its sum of squares in a fixed order (sense_rmsnorm)."""
     rows, hidden = x.shape
-    library().sense_rmsnorm(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, hidden,
-                            float(norm.variance_epsilon), int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    fn = library().sense_rmsnorm_offset if offset_norm(norm) else library().sense_rmsnorm
+    fn(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, hidden, _norm_eps(norm),
+       int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
 def rmsnorm_heads(qkv: torch.Tensor, norm: torch.nn.Module, first: int, n: int, head_dim: int) -> None:
-    """``norm`` (a per-head RMSNorm, Qwen3's q_norm or k_norm) in place on heads first .. first + n
-    - 1 of each row of the fused q|k|v projection [T, (heads + 2 groups) D]: each head's D elements
-    as :func:`rmsnorm` norms a row of D (the same bits)."""
-    library().sense_rmsnorm_heads(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], first, n, head_dim,
-                                  norm.weight.data_ptr(), float(norm.variance_epsilon),
-                                  int(qkv.dtype == torch.bfloat16), torch.get_num_threads())
+    """``norm`` (a per-head RMSNorm, Qwen3's or Gemma 3's q_norm or k_norm) in place on heads first
+    .. first + n - 1 of each row of the fused q|k|v projection [T, (heads + 2 groups) D]: each
+    head's D elements as :func:`rmsnorm` norms a row of D (the same bits)."""
+    fn = library().sense_rmsnorm_offset_heads if offset_norm(norm) else library().sense_rmsnorm_heads
+    fn(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], first, n, head_dim, norm.weight.data_ptr(), _norm_eps(norm),
+       int(qkv.dtype == torch.bfloat16), torch.get_num_threads())
 
 
 def rope_kv(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -774,16 +789,16 @@ def rope_kv_multi(qkv: torch.Tensor, heads: int, groups: int, cos: torch.Tensor,
 
 
 def attention_multi(q: torch.Tensor, reqs: Requests, layer: int, scale: float, out: torch.Tensor, heads: int,
-                    groups: int, head_dim: int, cache_dtype: torch.dtype) -> None:
+                    groups: int, head_dim: int, cache_dtype: torch.dtype, softcap: float = 0.0) -> None:
     """Attention of every request of `reqs` in one call: q [rows, >= heads * D] (the queries in its
     first heads * D columns, the model's dtype) -> out [rows, heads * D], each row over the
     visible positions of its own request's cache (layer `layer`), the arithmetic of
-    :func:`attention` per row."""
+    :func:`attention` per row (`softcap` as there)."""
     lib = library()
     fn = lib.sense_attention_f32_multi if cache_dtype == torch.float32 else lib.sense_attention_bf16_multi
     fn(q.data_ptr(), q.stride(0), reqs.bufs.data_ptr(), reqs.caps.data_ptr(), reqs.req.data_ptr(),
        reqs.rowptr.data_ptr(), reqs.idx.data_ptr(), out.data_ptr(), out.stride(0), int(q.dtype == torch.bfloat16),
-       reqs.rows, heads, groups, head_dim, reqs.layers, layer, scale, 0.0, torch.get_num_threads())
+       reqs.rows, heads, groups, head_dim, reqs.layers, layer, scale, softcap, torch.get_num_threads())
 
 
 def prefill_attention_ok(dtype: torch.dtype, head_dim: int) -> bool:
@@ -812,6 +827,15 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     rows, inter = out.shape
     library().sense_silu_mul(gu.data_ptr(), out.data_ptr(), rows, inter, int(gu.dtype == torch.bfloat16),
                              torch.get_num_threads())
+    return out
+
+
+def gelu_tanh_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``gelu(gate, approximate="tanh") * up`` (Gemma's MLP) of the fused gate|up projection [R, 2I]
+    into out [R, I]."""
+    rows, inter = out.shape
+    library().sense_gelu_tanh_mul(gu.data_ptr(), out.data_ptr(), rows, inter, int(gu.dtype == torch.bfloat16),
+                                  torch.get_num_threads())
     return out
 
 

@@ -51,6 +51,10 @@ import torch.nn.functional as F
 from decoding import invariant
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")     # LlamaDecoderLayer's arithmetic (Qwen3: + head norms)
+# Gemma's arithmetic: (1 + w) RMSNorms in float32, a GELU-tanh gate, scaled embeddings (in the
+# embedding module); Gemma 2 and 3 also norm the attention's and the MLP's outputs before their
+# residual adds, mix windowed and global layers, and (Gemma 2) soft-cap scores and logits.
+GEMMA = ("gemma", "gemma2", "gemma3_text")
 ENV = "SENSE_LEAN_FORWARD"                          # "0" runs the transformers forward instead
 ONE_CALL_ENV = "SENSE_LEAN_ONE_CALL"                # "0" runs the layers one kernel call at a time
 MIN_CAPACITY = 256
@@ -61,14 +65,23 @@ def unsupported(model) -> str | None:
     if os.environ.get(ENV, "1").lower() in ("0", "off", "false", "no"):
         return f"turned off ({ENV}=0)"
     cfg = model.config
-    if cfg.model_type not in ARCHITECTURES:
+    gemma = cfg.model_type in GEMMA
+    if cfg.model_type not in ARCHITECTURES and not gemma:
         return f"{cfg.model_type} is not a Llama-style decoder"
     # A window narrower than the context (Mistral 7B v0.1's 4,096, Phi-3-mini-4k's 2,047) in every
-    # layer: each row's visible keys stop at its window (sliding_window); in some layers only: not
-    # this forward, which runs every layer on one list of visible keys.
-    if sliding_window(cfg) == -1:
+    # layer: each row's visible keys stop at its window (sliding_window); in some layers only
+    # (Gemma 2 and 3): a list of visible keys per window, each layer on its own.
+    if sliding_window(cfg) == -1 and not gemma:
         return "sliding-window attention in some layers only"
-    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
+    if gemma:
+        act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+        if act != "gelu_pytorch_tanh":
+            return f"a Gemma MLP activation of {act!r}, not gelu_pytorch_tanh"
+        if getattr(cfg, "use_bidirectional_attention", False):
+            return "bidirectional attention"
+        if not all(invariant.offset_norm(n) for l in model.base_model.layers for n in _norms(l)):
+            return "a norm that is not GemmaRMSNorm-style"
+    elif getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "not a SiLU-gated MLP without bias"
     if (getattr(cfg, "partial_rotary_factor", None) or 1.0) != 1.0:
         return "a rotary embedding on part of each head"
@@ -84,12 +97,15 @@ def unsupported(model) -> str | None:
             groups = None
         if groups is None or hasattr(attn, "sinks") or hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
             return "a decoder layer this forward does not know"
+        # (one epsilon: the one-call layers take one for both; Gemma's run a call a step)
         if hasattr(attn, "q_norm") and not (all(
-                hasattr(n, "variance_epsilon") and tuple(n.weight.shape) == (attn.head_dim,) and n.weight.is_contiguous()
-                for n in (attn.q_norm, attn.k_norm)) and attn.q_norm.variance_epsilon == attn.k_norm.variance_epsilon):
+                (invariant.offset_norm(n) if gemma else hasattr(n, "variance_epsilon"))
+                and tuple(n.weight.shape) == (attn.head_dim,) and n.weight.is_contiguous()
+                for n in (attn.q_norm, attn.k_norm))
+                and (gemma or attn.q_norm.variance_epsilon == attn.k_norm.variance_epsilon)):
             return "q/k norms that are not per-head RMSNorms of one epsilon"
-        if not all(hasattr(n, "variance_epsilon") and n.weight.dim() == 1
-                   for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+        if not gemma and not all(hasattr(n, "variance_epsilon") and n.weight.dim() == 1
+                                 for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return "a norm that is not LlamaRMSNorm-style"
         if attn.o_proj.bias is not None:
             return "an output projection with bias"
@@ -97,6 +113,12 @@ def unsupported(model) -> str | None:
             if any(m.weight.shape[0] % invariant.PANEL for m in group):
                 return "projection widths that are not a multiple of the kernel's panel"
     return None
+
+
+def _norms(layer) -> list:
+    """A decoder layer's RMSNorms (Gemma 2 and 3: four; the others: two; q/k norms apart)."""
+    names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    return [getattr(layer, n) for n in names if hasattr(layer, n)]
 
 
 def attention_windows(cfg) -> tuple[int, list[bool]] | None:
@@ -228,8 +250,22 @@ class LeanLlama:
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.fast_prefill = self.device.type == "cpu" and invariant.prefill_attention_ok(self.dtype, self.head_dim)
-        self.window = sliding_window(cfg)      # every layer's attention window (None: none)
-        self.one_call = self._layer_table()         # the layers in one C call (None: one call per step)
+        found = attention_windows(cfg)
+        # each layer's attention window (None: none); `window`: the one every layer has (None: none,
+        # or windowed and global layers mixed, which only Gemma's forward runs)
+        self.windows = [None] * len(self.layers) if found is None else [
+            found[0] if (found[1][i] if len(found[1]) > 1 else found[1][0]) else None for i in range(len(self.layers))]
+        self.window = self.windows[0] if len(set(self.windows)) == 1 else None
+        self.gemma = cfg.model_type in GEMMA
+        # Gemma 2 and 3: the attention's and the MLP's outputs normed before their residual adds
+        self.sandwich = self.gemma and hasattr(self.layers[0], "pre_feedforward_layernorm")
+        self.softcap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0) if self.gemma else 0.0
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None) if self.gemma else None
+        # Gemma 3: a rotary embedding per layer type (local and global bases)
+        import inspect
+        takes_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
+        self.rope_types = list(cfg.layer_types) if takes_type else None
+        self.one_call = None if self.gemma else self._layer_table()   # the layers in one C call (None: one per step)
 
     def _layer_table(self):
         """(kind, weight addresses [L, 10], epsilons [L, 3]) for ``sense_decoder_layers``, which runs
@@ -268,7 +304,8 @@ class LeanLlama:
         that runs on the prefill attention (or SDPA) and the faster large-row linear instead of the
         invariant kernels."""
         cache, ids, _, ancestors = items[0]
-        return len(items) == 1 and ids.shape[0] > invariant.MAX_ROWS and cache.length == 0 and ancestors is None
+        return (not self.gemma and len(items) == 1 and ids.shape[0] > invariant.MAX_ROWS and cache.length == 0
+                and ancestors is None)
 
     def forward_batch(self, items, hidden_layer: int, *,
                       large: bool | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -291,11 +328,16 @@ class LeanLlama:
         ids = torch.cat([i for _, i, _, _ in items]) if len(items) > 1 else items[0][1]
         positions = torch.cat([p for _, _, p, _ in items]) if len(items) > 1 else items[0][2]
         x = self.base.embed_tokens(ids)             # a new tensor: the residual stream, updated in place
-        cos, sin = self.base.rotary_emb(x[None], positions[None])
-        cos, sin = cos[0].contiguous(), sin[0].contiguous()        # [rows, D]
         reqs = None if large else invariant.Requests(
             [cache.buf for cache, *_ in items], starts, sizes,
             invariant.visible_csr_batch(starts, sizes, [anc for *_, anc in items], self.window))
+        if self.gemma:
+            out = self._gemma_layers(x, reqs, starts, sizes, items, positions, hidden_layer)
+            for (cache, *_), start, t in zip(items, starts, sizes):
+                cache.length = start + t
+            return out
+        cos, sin = self.base.rotary_emb(x[None], positions[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()        # [rows, D]
         bounds = [0]
         for t in sizes:
             bounds.append(bounds[-1] + t)
@@ -354,6 +396,63 @@ class LeanLlama:
             captured = last
         return [(last[a:b], captured[a:b]) for a, b in zip(bounds, bounds[1:])]
 
+    def _gemma_layers(self, x, reqs, starts, sizes, items, positions, hidden_layer):
+        """The layers of a Gemma model on the invariant kernels (every forward, a prefill too: no
+        large-row path), each on its window's list of visible keys and its layer type's rotary
+        embedding; Gemma 2 and 3 norm the attention's and the MLP's outputs before each residual
+        add (``x + norm(y)``, torch's add: the same bits as transformers' ``residual + h``)."""
+        total = x.shape[0]
+        ancestors = [anc for *_, anc in items]
+        by_window = {w: reqs if w == self.window else invariant.Requests(
+            [cache.buf for cache, *_ in items], starts, sizes, invariant.visible_csr_batch(starts, sizes, ancestors, w))
+            for w in set(self.windows)}
+        rope = {}
+        for kind in set(self.rope_types or [None]):
+            cos, sin = (self.base.rotary_emb(x[None], positions[None], kind) if kind is not None
+                        else self.base.rotary_emb(x[None], positions[None]))
+            rope[kind] = (cos[0].contiguous(), sin[0].contiguous())
+        captured = x.clone() if hidden_layer == 0 else None
+        h_dim = self.heads * self.head_dim
+        new = lambda width: torch.empty(total, width, dtype=x.dtype)       # noqa: E731
+        h, y, attn = new(x.shape[1]), new(x.shape[1]), new(h_dim)
+        qkv_buf, gu_buf, act = new(self.qkv[0].n_out), new(2 * self.intermediate), new(self.intermediate)
+        threads = torch.get_num_threads()
+        for i, layer in enumerate(self.layers):
+            r = by_window[self.windows[i]]
+            cos, sin = rope[self.rope_types[i] if self.rope_types else None]
+            invariant.rmsnorm(x, layer.input_layernorm, h)
+            qkv = self.qkv[i](h, qkv_buf)
+            if self.qk_norms[i] is not None:
+                q_norm, k_norm = self.qk_norms[i]
+                invariant.rmsnorm_heads(qkv, q_norm, 0, self.heads, self.head_dim)
+                invariant.rmsnorm_heads(qkv, k_norm, self.heads, self.groups, self.head_dim)
+            invariant.rope_kv_multi(qkv, self.heads, self.groups, cos, sin, r, i)
+            invariant.attention_multi(qkv, r, i, self.scaling, attn, self.heads, self.groups, self.head_dim,
+                                      x.dtype, self.softcap)
+            if self.sandwich:
+                invariant.linear_into(self.o_proj[i].packed(), attn, x.shape[1], threads, y)
+                x.add_(invariant.rmsnorm(y, layer.post_attention_layernorm, h))
+                invariant.rmsnorm(x, layer.pre_feedforward_layernorm, h)
+            else:
+                _residual(self.o_proj[i], attn, x, False)
+                invariant.rmsnorm(x, layer.post_attention_layernorm, h)
+            gu = self.gate_up[i](h, gu_buf)
+            invariant.gelu_tanh_mul(gu, act)
+            if self.sandwich:
+                invariant.linear_into(self.down[i].packed(), act, x.shape[1], threads, y)
+                x.add_(invariant.rmsnorm(y, layer.post_feedforward_layernorm, h))
+            else:
+                _residual(self.down[i], act, x, False)
+            if hidden_layer == i + 1:
+                captured = x.clone()
+        bounds = [0]
+        for t in sizes:
+            bounds.append(bounds[-1] + t)
+        last = invariant.rmsnorm(x, self.base.norm, torch.empty_like(x))
+        if hidden_layer in (-1, len(self.layers)):
+            captured = last
+        return [(last[a:b], captured[a:b]) for a, b in zip(bounds, bounds[1:])]
+
     def logits(self, h: torch.Tensor, large: bool = False) -> torch.Tensor:
         """The LM head over rows of final hidden states, float32 [rows, V]: on the invariant
         kernel whatever the row count (a large prefill: the faster kernel)."""
@@ -363,8 +462,13 @@ class LeanLlama:
             return torch.empty(0, self.head.weight.shape[0], dtype=torch.float32)
         # Rounded to the model's dtype first, as transformers' head (and the stock path) returns it.
         out = torch.empty(h.shape[0], self.head.weight.shape[0], dtype=torch.float32)
-        return invariant.linear_into(self.head.packed(), h.contiguous(), out.shape[1], torch.get_num_threads(), out,
-                                     logits=True)
+        invariant.linear_into(self.head.packed(), h.contiguous(), out.shape[1], torch.get_num_threads(), out,
+                              logits=True)
+        if self.final_softcap:      # Gemma 2: cap * tanh(logits / cap) on the float32 logits (as the
+            cap = float(self.final_softcap)         # target's transformers path caps them)
+            for row in out:         # row by row: each row's elementwise ops split alike whatever the rows
+                row.copy_(torch.tanh(row / cap) * cap)
+        return out
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Causal attention of a prefill from an empty cache: q [T, heads, D] -> [T, heads, D]

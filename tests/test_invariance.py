@@ -238,7 +238,7 @@ def _gemma2(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_a_soft_capped_sliding_window_model_runs_invariantly(dtype):
+def test_a_soft_capped_sliding_window_model_runs_invariantly(dtype, monkeypatch):
     """Gemma 2 soft-caps its attention scores (cap * tanh(s / cap)) and its logits, and attends
     over a sliding window in every other layer. The invariant attention caps the scores itself,
     so such a model runs invariantly: a row's logits and hidden state are the same bits alone,
@@ -246,10 +246,12 @@ def test_a_soft_capped_sliding_window_model_runs_invariantly(dtype):
     Gemma 2's (close to transformers' eager forward, which the model falls back to after
     uninstall); and greedy decoding with drafts equals autoregressive decoding. A random model
     from its config, a window of 16 tokens under a 60-token context: no download."""
+    from decoding import lean_forward
     from decoding.drafters import PromptLookupDrafter
     from decoding.engine import generate
     from decoding.target import TargetModel
 
+    monkeypatch.setenv(lean_forward.ENV, "0")       # transformers' forward (Gemma's lean one: test_lean_forward)
     model, eager = _gemma2(dtype)
     target = TargetModel(model, None)
     assert target.invariant, target.invariant_note
@@ -290,10 +292,12 @@ def test_a_long_soft_capped_prefill_runs_the_models_own_eager_attention(dtype, m
 
     import transformers.models.gemma2.modeling_gemma2 as gemma2
 
+    from decoding import lean_forward
     from decoding.drafters import PromptLookupDrafter
     from decoding.engine import generate
     from decoding.target import TargetModel
 
+    monkeypatch.setenv(lean_forward.ENV, "0")       # transformers' forward (Gemma's lean one: test_lean_forward)
     model, eager = _gemma2(dtype)
     uncapped = copy.deepcopy(eager)
     for layer in uncapped.model.layers:

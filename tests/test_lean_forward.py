@@ -31,12 +31,15 @@ def _same_norm_and_activation(model, monkeypatch):
             return invariant.rmsnorm(flat, module, torch.empty_like(flat)).view_as(x)
         return forward
 
+    gelu = model.config.model_type in lean_forward.GEMMA         # Gemma's gate: GELU-tanh
+
     def mlp(module):
         def forward(x):
             gu = (module.gate_up_proj(x) if hasattr(module, "gate_up_proj")
                   else torch.cat([module.gate_proj(x), module.up_proj(x)], dim=-1))
             flat = gu.reshape(-1, gu.shape[-1]).contiguous()
-            act = invariant.silu_mul(flat, torch.empty(flat.shape[0], flat.shape[1] // 2, dtype=flat.dtype))
+            act = (invariant.gelu_tanh_mul if gelu else invariant.silu_mul)(
+                flat, torch.empty(flat.shape[0], flat.shape[1] // 2, dtype=flat.dtype))
             return module.down_proj(act.view(*x.shape[:-1], -1))
         return forward
 
@@ -44,7 +47,7 @@ def _same_norm_and_activation(model, monkeypatch):
     monkeypatch.setattr(base.norm, "forward", norm(base.norm))
     for layer in base.layers:
         head_norms = [getattr(layer.self_attn, n) for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]
-        for n in (layer.input_layernorm, layer.post_attention_layernorm, *head_norms):
+        for n in (*lean_forward._norms(layer), *head_norms):
             monkeypatch.setattr(n, "forward", norm(n))
         monkeypatch.setattr(layer.mlp, "forward", mlp(layer.mlp))
 
@@ -152,6 +155,84 @@ def test_qwen3_head_norms_are_the_transformers_forward(dtype, one_call, monkeypa
     _assert_bitwise(_session(plain, prompt, 64), _session(lean, prompt, 64))
 
 
+def _gemma(arch: str, dtype: torch.dtype):
+    """A random Gemma (1, 2 or 3) with a 16-token window in every other layer (2 and 3), Gemma 2's
+    soft-capped scores and logits, and queries and keys scaled up 8x so that the scores reach
+    the cap (at the initial weights' scale `cap * tanh(s / cap)` rounds to `s`); its norms'
+    weights random (Gemma's norms multiply by 1 + w: zeros at init would hide a missing 1)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+    if arch == "gemma2":
+        kw.update(sliding_window=16, attn_logit_softcapping=2.0, final_logit_softcapping=10.0, query_pre_attn_scalar=32)
+    if arch == "gemma3_text":
+        kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
+    config = AutoConfig.for_model(arch, **kw)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+            for n in lean_forward._norms(layer) + [getattr(layer.self_attn, a) for a in ("q_norm", "k_norm")
+                                                   if hasattr(layer.self_attn, a)]:
+                n.weight.uniform_(-0.5, 0.5)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3_text"])
+def test_gemma_runs_on_the_lean_forward(arch, dtype, monkeypatch):
+    """Gemma's layers on the lean forward: (1 + w) RMSNorms rounded once, the GELU-tanh gate,
+    Gemma 2 and 3's norms of the attention's and the MLP's outputs before the residual adds,
+    their windowed and global layers mixed (a list of visible keys per window), Gemma 3's rotary
+    embedding per layer type and head norms, Gemma 2's soft-capped scores and logits. The
+    transformers forward with its norms and gate on the same kernels gives the same bits (a
+    session past the window, in trees); without them it is the same within rounding; requests
+    batched in one forward get their lone bits; drafts decode as plain decoding does."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from decoding.drafters import PromptLookupDrafter
+    from decoding.engine import generate
+
+    model = _gemma(arch, dtype)
+    assert lean_forward.unsupported(model) is None
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(model.config)).to(dtype).eval()
+    reference.load_state_dict(model.state_dict())        # transformers' own forward, its own kernels
+    plain, lean = _pair(model, monkeypatch, prefix_cache_mb=0)
+    windows = [16, None, 16, None] if arch != "gemma" else [None] * 4
+    assert lean.lean.windows == windows and lean.lean.one_call is None
+    prompt = [(37 * i + 11) % 512 for i in range(40)]
+    a, b = _session(plain, prompt, 512), _session(lean, prompt, 512)
+    _assert_bitwise(a, b)
+    with torch.no_grad():
+        ref = reference(torch.tensor([prompt])).logits[0].float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(b[0].logits, ref, atol=tol), (b[0].logits - ref).abs().max()
+    # Requests batched in one forward (a tree and a chain) get their lone bits.
+    trees = [TokenTree((5, 7, 9, 11), (-1, 0, 0, 1)), TokenTree.chain(3, [4, 1])]
+    prompts = [prompt, [(3 * i + 2) % 512 for i in range(13)]]
+    alone = [lean.verify(lean.prefill(p)[0], t) for p, t in zip(prompts, trees)]
+    _assert_bitwise(alone, lean.verify_batch([lean.prefill(p)[0] for p in prompts], trees))
+    ar = generate(lean, prompt, budget=0)
+    pld = generate(lean, prompt, drafter=PromptLookupDrafter(), budget=8)
+    assert pld.token_ids == ar.token_ids and pld.stats.accepted > 0
+    # With a prefix cache: a prompt whose first 30 tokens were prefilled before reuses them, and
+    # its prefill is the whole prompt's, bitwise.
+    cached = TargetModel(model, None)
+    cached.prefill(prompt[:30])
+    state, out = cached.prefill(prompt, all_logits=False)
+    assert state.reused == 30
+    _assert_bitwise([out], [lean.prefill(prompt)[1]])
+    # A Gemma whose MLP is not GELU-tanh keeps the transformers forward.
+    monkeypatch.setattr(model.config, "hidden_activation", "gelu", raising=False)
+    monkeypatch.setattr(model.config, "hidden_act", "gelu", raising=False)
+    assert lean_forward.unsupported(model) == "a Gemma MLP activation of 'gelu', not gelu_pytorch_tanh"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_phi3_fused_projections_are_the_transformers_forward(dtype, monkeypatch):
     """Phi-3's q|k|v and gate|up are one linear each (qkv_proj, gate_up_proj): the lean forward
@@ -253,12 +334,12 @@ def test_a_head_size_the_kernels_do_not_tile_keeps_the_transformers_forward():
 
 
 def test_other_architectures_keep_the_transformers_forward():
-    from transformers import GemmaConfig, GemmaForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
-    assert "gemma is not a Llama-style decoder" in lean_forward.unsupported(gemma)
-    target = TargetModel(gemma, None)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2)).eval()
+    assert "gpt_neox is not a Llama-style decoder" in lean_forward.unsupported(neox)
+    target = TargetModel(neox, None)
     assert target.lean is None and target.lean_note
 
 
@@ -288,6 +369,42 @@ def test_the_norm_and_activation_kernels_are_torchs_within_rounding(dtype):
                 step = b.abs().clamp_min(1e-3) * 2 ** -7           # one bfloat16 step at b
                 assert ((a - b).abs() <= step).all(), (a - b).abs().max()
                 assert (a == b).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemmas_norm_and_activation_kernels_are_torchs_within_rounding(dtype):
+    """Gemma's RMSNorm (x * inv * (1 + w) in float32, rounded once) and gelu_tanh(gate) * up on
+    the lean forward's C code against transformers' modules: float32 within a few units in the
+    last place (the GELU within a few of its output's scale: where the gate is very negative
+    torch's 1 + tanh keeps few bits, the kernel's 2e / (1 + e) all of them), bfloat16 at most one
+    bfloat16 step apart and nearly always the same bits (the gate's negative tail aside)."""
+    from transformers.activations import ACT2FN
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    for width in (640, 100):
+        norm = GemmaRMSNorm(width, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(0.5 * torch.randn(width, generator=g))
+        norm = norm.to(dtype)
+        assert invariant.offset_norm(norm)
+        x = (3 * torch.randn(64, width, generator=g)).to(dtype)
+        ours, theirs = invariant.rmsnorm(x, norm, torch.empty_like(x)).float(), norm(x).float()
+        gu = (4 * torch.randn(64, 2 * width, generator=g)).to(dtype)
+        act = invariant.gelu_tanh_mul(gu, torch.empty(64, width, dtype=dtype)).float()
+        ref = (ACT2FN["gelu_pytorch_tanh"](gu[:, :width]) * gu[:, width:]).float()
+        if dtype == torch.float32:
+            assert torch.allclose(ours, theirs, rtol=4e-6, atol=1e-6), (ours - theirs).abs().max()
+            assert torch.allclose(act, ref, rtol=4e-6, atol=2e-6), (act - ref).abs().max()
+        else:
+            for a, b in ((ours, theirs), (act, ref)):
+                step = b.abs().clamp_min(1e-3) * 2 ** -7
+                assert ((a - b).abs() <= step).all(), (a - b).abs().max()
+            assert (ours == theirs).float().mean() > 0.97
+            positive = gu[:, :width].float() > -2          # torch's tail aside
+            assert (act == ref)[positive].float().mean() > 0.97
+        one = invariant.gelu_tanh_mul(gu[:1].contiguous(), torch.empty(1, width, dtype=dtype))
+        assert torch.equal(one[0].float(), act[0])          # a row's bits, whatever the rows beside it
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

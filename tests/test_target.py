@@ -130,7 +130,7 @@ def test_other_architectures_same_path(arch):
 
 @pytest.mark.parametrize("invariant_forward", [None, False], ids=["invariant", "stock"])
 @pytest.mark.parametrize("arch", ["gemma3_text", "mistral"])
-def test_a_sliding_window_model_decodes_with_drafts_past_its_window(arch, invariant_forward):
+def test_a_sliding_window_model_decodes_with_drafts_past_its_window(arch, invariant_forward, monkeypatch):
     """Gemma 3's local layers and Mistral v0.1 attend over a sliding window. Past the window
     (16 tokens here, a 40-token prompt) verification must still crop the rejected drafts (the
     target keeps every position; transformers' sliding cache layer had dropped the oldest and
@@ -141,10 +141,14 @@ def test_a_sliding_window_model_decodes_with_drafts_past_its_window(arch, invari
     from decoding.drafters import PromptLookupDrafter
     from decoding.engine import generate
 
+    from decoding import lean_forward
+
     torch.manual_seed(0)
     config = AutoConfig.for_model(arch, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
                                   max_position_embeddings=256)
+    if arch == "gemma3_text":           # its lean forward: tests/test_lean_forward.py; here transformers'
+        monkeypatch.setenv(lean_forward.ENV, "0")
     t = TargetModel(AutoModelForCausalLM.from_config(config).eval(), None, invariant_forward=invariant_forward)
     # Gemma 3 and the stock kernels on transformers' forward, Mistral on the lean forward
     assert (t.lean is None) == (arch == "gemma3_text" or invariant_forward is False)

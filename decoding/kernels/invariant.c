@@ -1230,6 +1230,43 @@ void sense_rmsnorm(const void *x, const void *w, void *out, int rows, int H, flo
     for (int r = 0; r < rows; r++) rmsnorm_row(x, w, out, (size_t)r * H, H, eps, bf16);
 }
 
+/* Gemma's RMSNorm (Gemma, Gemma 2, Gemma 3): the same sum of squares and scale as rmsnorm_row,
+ * then x * inv * (1 + w) in float32, rounded once (transformers' GemmaRMSNorm computes in float32
+ * and casts at the end, where Llama's rounds x * inv to the model's dtype before the weight). */
+static inline void rmsnorm_offset_row(const void *x, const void *w, void *out, size_t o, int H, float eps,
+                                      int bf16) {
+    const int H8 = H & ~7;
+    vec acc = v_zero();
+    for (int k = 0; k < H8; k += 8) {
+        const vec v = vact_ld(x, o + k, bf16);
+        acc = v_add(acc, v_mul(v, v));
+    }
+    if (H8 < H) {
+        float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int k = H8; k < H; k++) t[k - H8] = act_ld(x, o + k, bf16);
+        const vec v = v_load(t);
+        acc = v_add(acc, v_mul(v, v));
+    }
+    const float inv = 1.0f / sqrtf(v_hsum(acc) / (float)H + eps);
+    const vec vi = v_set1(inv), one = v_set1(1.0f);
+    for (int k = 0; k < H8; k += 8)
+        vact_st(out, o + k, v_mul(v_mul(vact_ld(x, o + k, bf16), vi), v_add(one, vact_ld(w, k, bf16))), bf16);
+    for (int k = H8; k < H; k++)
+        act_st(out, o + k, (act_ld(x, o + k, bf16) * inv) * (1.0f + act_ld(w, k, bf16)), bf16);
+}
+void sense_rmsnorm_offset(const void *x, const void *w, void *out, int rows, int H, float eps, int bf16,
+                          int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows >= 16)")
+    for (int r = 0; r < rows; r++) rmsnorm_offset_row(x, w, out, (size_t)r * H, H, eps, bf16);
+}
+/* Gemma 3's per-head q_norm and k_norm, in place, as sense_rmsnorm_heads with Gemma's norm. */
+void sense_rmsnorm_offset_heads(void *qkv, int64_t ld, int rows, int first, int n, int D, const void *w,
+                                float eps, int bf16, int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows * n >= 64)")
+    for (int u = 0; u < rows * n; u++)
+        rmsnorm_offset_row(qkv, w, qkv, (size_t)(u / n) * (size_t)ld + (size_t)(first + u % n) * D, D, eps, bf16);
+}
+
 /* The per-head RMSNorm of Qwen3's attention (q_norm, k_norm), in place: heads first .. first +
  * n - 1 of each row of qkv (row stride ld elements, heads of D), each normed over its D
  * elements exactly as sense_rmsnorm norms a row of D. */
@@ -1339,6 +1376,45 @@ void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int th
             }
             const vec t = v_exp(v_neg_abs(g));
             const vec s = v_div(v_sel_nonneg(g, g, v_mul(g, t)), v_add(one, t));
+            const vec y = v_mul(vact_rnd(s, bf16), u);
+            if (n == 8) vact_st(out, oi + i0, y, bf16);
+            else {
+                float ty[8];
+                v_store(ty, y);
+                for (int j = 0; j < n; j++) act_st(out, oi + i0 + j, ty[j], bf16);
+            }
+        }
+    }
+}
+
+/* Gemma's gated MLP activation: out[r, i] = gelu_tanh(gu[r, i]) * gu[r, I + i] (two rounded ops),
+ * gelu_tanh(g) = (0.5 g)(1 + tanh(z)), z = b (g + k g^3) in torch's order of operations
+ * (b = sqrt(2 / pi), k = 0.044715), and 1 + tanh(z) = 2 / (1 + e) for z >= 0, 2 e / (1 + e) below,
+ * e = exp(-2 |z|): no overflow, and no cancellation where z is very negative (torch's 1 + tanh(z)
+ * keeps few bits there). Fixed code of its own, as the SiLU's: within rounding of torch's. */
+void sense_gelu_tanh_mul(const void *gu, void *out, int rows, int I, int bf16, int threads) {
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows >= 8)")
+    for (int r = 0; r < rows; r++) {
+        const size_t gi = (size_t)r * 2 * I, oi = (size_t)r * I;
+        const vec one = v_set1(1.0f), half = v_set1(0.5f), two = v_set1(2.0f);
+        const vec beta = v_set1((float)0.7978845608028654), kappa = v_set1(0.044715f);   /* sqrt(2 / pi) */
+        for (int i0 = 0; i0 < I; i0 += 8) {
+            const int n = I - i0 < 8 ? I - i0 : 8;
+            vec g, u;
+            if (n == 8) {
+                g = vact_ld(gu, gi + i0, bf16);
+                u = vact_ld(gu, gi + I + i0, bf16);
+            } else {
+                float tg[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, tu[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+                for (int j = 0; j < n; j++) { tg[j] = act_ld(gu, gi + i0 + j, bf16); tu[j] = act_ld(gu, gi + I + i0 + j, bf16); }
+                g = v_load(tg);
+                u = v_load(tu);
+            }
+            const vec cube = v_mul(v_mul(g, g), g);
+            const vec z = v_mul(beta, v_add(g, v_mul(kappa, cube)));
+            const vec e = v_exp(v_mul(two, v_neg_abs(z)));
+            const vec onep = v_div(v_sel_nonneg(z, two, v_mul(two, e)), v_add(one, e));    /* 1 + tanh(z) */
+            const vec s = v_mul(v_mul(half, g), onep);
             const vec y = v_mul(vact_rnd(s, bf16), u);
             if (n == 8) vact_st(out, oi + i0, y, bf16);
             else {
