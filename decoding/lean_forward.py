@@ -38,7 +38,12 @@ transformers forward running those two on the same code (bitwise), and them with
 rounding). Only architectures whose decoder layer is exactly this arithmetic run here
 (:func:`unsupported`): Llama, Mistral, Qwen2, Qwen3, whose attention norms each head of q and k
 (``q_norm``, ``k_norm``) before the rotary embedding, on the same RMSNorm code, and Phi-3, whose
-q|k|v and gate|up are one module each already; any other model runs through transformers.
+q|k|v and gate|up are one module each already. Gemma, Gemma 2 and Gemma 3 run here one kernel
+call a step (``_gemma_layers``): their (1 + w) RMSNorm and GELU-tanh gate on C code of their own,
+the norms of the attention's and the MLP's outputs before the residual adds (Gemma 2 and 3), a
+list of visible keys per window for their mix of windowed and global layers, a rotary embedding
+per layer type (Gemma 3), soft-capped scores and logits (Gemma 2). Any other model runs through
+transformers.
 """
 
 from __future__ import annotations
