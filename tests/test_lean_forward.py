@@ -220,6 +220,9 @@ def test_gemma_runs_on_the_lean_forward(arch, dtype, monkeypatch):
     ar = generate(lean, prompt, budget=0)
     pld = generate(lean, prompt, drafter=PromptLookupDrafter(), budget=8)
     assert pld.token_ids == ar.token_ids and pld.stats.accepted > 0
+    # The hidden states of an inner layer (a dense datastore's keys), likewise.
+    plain2, lean2 = _pair(model, monkeypatch, prefix_cache_mb=0, hidden_layer=2)
+    _assert_bitwise(_session(plain2, prompt, 512), _session(lean2, prompt, 512))
     # With a prefix cache: a prompt whose first 30 tokens were prefilled before reuses them, and
     # its prefill is the whole prompt's, bitwise.
     cached = TargetModel(model, None)
