@@ -48,6 +48,7 @@ transformers.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -267,7 +268,6 @@ class LeanLlama:
         self.softcap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0) if self.gemma else 0.0
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None) if self.gemma else None
         # Gemma 3: a rotary embedding per layer type (local and global bases)
-        import inspect
         takes_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
         self.rope_types = list(cfg.layer_types) if takes_type else None
         self.one_call = None if self.gemma else self._layer_table()   # the layers in one C call (None: one per step)
