@@ -230,6 +230,14 @@ def test_gemma_runs_on_the_lean_forward(arch, dtype, monkeypatch):
     state, out = cached.prefill(prompt, all_logits=False)
     assert state.reused == 30
     _assert_bitwise([out], [lean.prefill(prompt)[1]])
+    # Continuous batching: requests of several lengths decoded together equal each decoded alone.
+    from decoding.config import SamplingParams
+    from decoding.scheduler import generate_batch
+
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    batch_prompts = [prompt, prompt[:25], [(11 * i + 5) % 512 for i in range(33)]]
+    batched = generate_batch(lean, batch_prompts, params=params, drafters=[PromptLookupDrafter() for _ in batch_prompts])
+    assert [r.token_ids for r in batched] == [generate(lean, p, params=params).token_ids for p in batch_prompts]
     # A Gemma whose MLP is not GELU-tanh keeps the transformers forward.
     monkeypatch.setattr(model.config, "hidden_activation", "gelu", raising=False)
     monkeypatch.setattr(model.config, "hidden_act", "gelu", raising=False)
