@@ -1205,7 +1205,9 @@ DEFINE_ATTENTION(sense_attention_bf16, uint16_t, dot_bf16, v_load_bf16, ATTENTIO
 /* RMSNorm: out = w * bf16(x * 1/sqrt(mean(x^2) + eps)) (LlamaRMSNorm), the sum of squares in
  * 8 lanes by position then a fixed tree. One row of H elements at element offset o of x and out
  * (the same offset in both: in place is allowed, each element is read before it is written). */
-static inline void rmsnorm_row(const void *x, const void *w, void *out, size_t o, int H, float eps, int bf16) {
+/* 1 / sqrt(mean(x^2) + eps) of a row of H: the sum of squares 8 lanes at a time in order, then
+ * the lanes in v_hsum's order (the same for every RMSNorm here). */
+static inline float rms_inv(const void *x, size_t o, int H, float eps, int bf16) {
     const int H8 = H & ~7;
     vec acc = v_zero();
     for (int k = 0; k < H8; k += 8) {
@@ -1218,7 +1220,11 @@ static inline void rmsnorm_row(const void *x, const void *w, void *out, size_t o
         const vec v = v_load(t);
         acc = v_add(acc, v_mul(v, v));
     }
-    const float inv = 1.0f / sqrtf(v_hsum(acc) / (float)H + eps);
+    return 1.0f / sqrtf(v_hsum(acc) / (float)H + eps);
+}
+static inline void rmsnorm_row(const void *x, const void *w, void *out, size_t o, int H, float eps, int bf16) {
+    const int H8 = H & ~7;
+    const float inv = rms_inv(x, o, H, eps, bf16);
     const vec vi = v_set1(inv);
     for (int k = 0; k < H8; k += 8)
         vact_st(out, o + k, v_mul(vact_ld(w, k, bf16), vact_rnd(v_mul(vact_ld(x, o + k, bf16), vi), bf16)), bf16);
@@ -1236,18 +1242,7 @@ void sense_rmsnorm(const void *x, const void *w, void *out, int rows, int H, flo
 static inline void rmsnorm_offset_row(const void *x, const void *w, void *out, size_t o, int H, float eps,
                                       int bf16) {
     const int H8 = H & ~7;
-    vec acc = v_zero();
-    for (int k = 0; k < H8; k += 8) {
-        const vec v = vact_ld(x, o + k, bf16);
-        acc = v_add(acc, v_mul(v, v));
-    }
-    if (H8 < H) {
-        float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int k = H8; k < H; k++) t[k - H8] = act_ld(x, o + k, bf16);
-        const vec v = v_load(t);
-        acc = v_add(acc, v_mul(v, v));
-    }
-    const float inv = 1.0f / sqrtf(v_hsum(acc) / (float)H + eps);
+    const float inv = rms_inv(x, o, H, eps, bf16);
     const vec vi = v_set1(inv), one = v_set1(1.0f);
     for (int k = 0; k < H8; k += 8)
         vact_st(out, o + k, v_mul(v_mul(vact_ld(x, o + k, bf16), vi), v_add(one, vact_ld(w, k, bf16))), bf16);
@@ -1336,6 +1331,29 @@ void sense_rope_kv_multi(void *qkv, int64_t ld, int H, int G, int D, const void 
     }
 }
 
+/* Columns i0 .. i0 + n - 1 (n <= 8) of a gated MLP's gate and up halves of a row of gu (the gate
+ * at gi, the up at gi + I), zero-padded past n; and 8 (or n) outputs of its activation stored. */
+static inline void gate_up_load8(const void *gu, size_t gi, int I, int i0, int n, int bf16, vec *g, vec *u) {
+    if (n == 8) {
+        *g = vact_ld(gu, gi + i0, bf16);
+        *u = vact_ld(gu, gi + I + i0, bf16);
+        return;
+    }
+    float tg[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, tu[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < n; j++) { tg[j] = act_ld(gu, gi + i0 + j, bf16); tu[j] = act_ld(gu, gi + I + i0 + j, bf16); }
+    *g = v_load(tg);
+    *u = v_load(tu);
+}
+static inline void act_store8(void *out, size_t oi, int n, vec y, int bf16) {
+    if (n == 8) {
+        vact_st(out, oi, y, bf16);
+        return;
+    }
+    float ty[8];
+    v_store(ty, y);
+    for (int j = 0; j < n; j++) act_st(out, oi + j, ty[j], bf16);
+}
+
 /* The gated MLP's activation: out[r, i] = silu(gu[r, i]) * gu[r, I + i] (two rounded ops);
  * silu(g) = g / (1 + exp(-g)), as g * e / (1 + e) with e = exp(g) for g < 0 (no overflow). */
 #if BF16DP
@@ -1365,24 +1383,10 @@ void sense_silu_mul(const void *gu, void *out, int rows, int I, int bf16, int th
         for (; i0 < I; i0 += 8) {
             const int n = I - i0 < 8 ? I - i0 : 8;
             vec g, u;
-            if (n == 8) {
-                g = vact_ld(gu, gi + i0, bf16);
-                u = vact_ld(gu, gi + I + i0, bf16);
-            } else {
-                float tg[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, tu[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-                for (int j = 0; j < n; j++) { tg[j] = act_ld(gu, gi + i0 + j, bf16); tu[j] = act_ld(gu, gi + I + i0 + j, bf16); }
-                g = v_load(tg);
-                u = v_load(tu);
-            }
+            gate_up_load8(gu, gi, I, i0, n, bf16, &g, &u);
             const vec t = v_exp(v_neg_abs(g));
             const vec s = v_div(v_sel_nonneg(g, g, v_mul(g, t)), v_add(one, t));
-            const vec y = v_mul(vact_rnd(s, bf16), u);
-            if (n == 8) vact_st(out, oi + i0, y, bf16);
-            else {
-                float ty[8];
-                v_store(ty, y);
-                for (int j = 0; j < n; j++) act_st(out, oi + i0 + j, ty[j], bf16);
-            }
+            act_store8(out, oi + i0, n, v_mul(vact_rnd(s, bf16), u), bf16);
         }
     }
 }
@@ -1401,27 +1405,13 @@ void sense_gelu_tanh_mul(const void *gu, void *out, int rows, int I, int bf16, i
         for (int i0 = 0; i0 < I; i0 += 8) {
             const int n = I - i0 < 8 ? I - i0 : 8;
             vec g, u;
-            if (n == 8) {
-                g = vact_ld(gu, gi + i0, bf16);
-                u = vact_ld(gu, gi + I + i0, bf16);
-            } else {
-                float tg[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, tu[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-                for (int j = 0; j < n; j++) { tg[j] = act_ld(gu, gi + i0 + j, bf16); tu[j] = act_ld(gu, gi + I + i0 + j, bf16); }
-                g = v_load(tg);
-                u = v_load(tu);
-            }
+            gate_up_load8(gu, gi, I, i0, n, bf16, &g, &u);
             const vec cube = v_mul(v_mul(g, g), g);
             const vec z = v_mul(beta, v_add(g, v_mul(kappa, cube)));
             const vec e = v_exp(v_mul(two, v_neg_abs(z)));
             const vec onep = v_div(v_sel_nonneg(z, two, v_mul(two, e)), v_add(one, e));    /* 1 + tanh(z) */
             const vec s = v_mul(v_mul(half, g), onep);
-            const vec y = v_mul(vact_rnd(s, bf16), u);
-            if (n == 8) vact_st(out, oi + i0, y, bf16);
-            else {
-                float ty[8];
-                v_store(ty, y);
-                for (int j = 0; j < n; j++) act_st(out, oi + i0 + j, ty[j], bf16);
-            }
+            act_store8(out, oi + i0, n, v_mul(vact_rnd(s, bf16), u), bf16);
         }
     }
 }
