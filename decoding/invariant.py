@@ -724,17 +724,20 @@ def offset_norm(norm: torch.nn.Module) -> bool:
     return not hasattr(norm, "variance_epsilon") and hasattr(norm, "eps") and "Gemma" in type(norm).__name__
 
 
-def _norm_eps(norm: torch.nn.Module) -> float:
-    return float(norm.eps if offset_norm(norm) else norm.variance_epsilon)
+def _norm_kernel(norm: torch.nn.Module, name: str) -> tuple:
+    """(the kernel `name` or its Gemma-style twin ``name`` + ``_offset``, the norm's epsilon)."""
+    if offset_norm(norm):
+        return getattr(library(), name.replace("rmsnorm", "rmsnorm_offset")), float(norm.eps)
+    return getattr(library(), name), float(norm.variance_epsilon)
 
 
 def rmsnorm(x: torch.Tensor, norm: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` of a LlamaRMSNorm-style module (or a Gemma one: :func:`offset_norm`) into out
     ([R, H] contiguous, x's dtype); its sum of squares in a fixed order (sense_rmsnorm)."""
     rows, hidden = x.shape
-    fn = library().sense_rmsnorm_offset if offset_norm(norm) else library().sense_rmsnorm
-    fn(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, hidden, _norm_eps(norm),
-       int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    fn, eps = _norm_kernel(norm, "sense_rmsnorm")
+    fn(x.data_ptr(), norm.weight.data_ptr(), out.data_ptr(), rows, hidden, eps, int(x.dtype == torch.bfloat16),
+       torch.get_num_threads())
     return out
 
 
@@ -742,8 +745,8 @@ def rmsnorm_heads(qkv: torch.Tensor, norm: torch.nn.Module, first: int, n: int, 
     """``norm`` (a per-head RMSNorm, Qwen3's or Gemma 3's q_norm or k_norm) in place on heads first
     .. first + n - 1 of each row of the fused q|k|v projection [T, (heads + 2 groups) D]: each
     head's D elements as :func:`rmsnorm` norms a row of D (the same bits)."""
-    fn = library().sense_rmsnorm_offset_heads if offset_norm(norm) else library().sense_rmsnorm_heads
-    fn(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], first, n, head_dim, norm.weight.data_ptr(), _norm_eps(norm),
+    fn, eps = _norm_kernel(norm, "sense_rmsnorm_heads")
+    fn(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], first, n, head_dim, norm.weight.data_ptr(), eps,
        int(qkv.dtype == torch.bfloat16), torch.get_num_threads())
 
 
@@ -828,6 +831,15 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     library().sense_silu_mul(gu.data_ptr(), out.data_ptr(), rows, inter, int(gu.dtype == torch.bfloat16),
                              torch.get_num_threads())
     return out
+
+
+def soft_cap_rows(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(logits / cap)`` in place on float32 logits [rows, V] (Gemma 2's final logit
+    soft-capping), row by row: a [T, 256000] tensor's elementwise ops split across threads
+    mid-row, and a row's bits would depend on the rows beside it."""
+    for row in logits:
+        row.copy_(torch.tanh(row / cap) * cap)
+    return logits
 
 
 def gelu_tanh_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -325,7 +325,6 @@ class LeanLlama:
         share the prefill), unless `large` is False (a prefix cache's prefills: see
         :mod:`decoding.prefix_cache`)."""
         sizes = [ids.shape[0] for _, ids, _, _ in items]
-        total = sum(sizes)
         large = self.is_large_prefill(items) if large is None else large and self.is_large_prefill(items)
         starts = [cache.length for cache, _, _, _ in items]
         for (cache, *_), start, t in zip(items, starts, sizes):
@@ -336,16 +335,26 @@ class LeanLlama:
         reqs = None if large else invariant.Requests(
             [cache.buf for cache, *_ in items], starts, sizes,
             invariant.visible_csr_batch(starts, sizes, [anc for *_, anc in items], self.window))
-        if self.gemma:
-            out = self._gemma_layers(x, reqs, starts, sizes, items, positions, hidden_layer)
-            for (cache, *_), start, t in zip(items, starts, sizes):
-                cache.length = start + t
-            return out
-        cos, sin = self.base.rotary_emb(x[None], positions[None])
-        cos, sin = cos[0].contiguous(), sin[0].contiguous()        # [rows, D]
         bounds = [0]
         for t in sizes:
             bounds.append(bounds[-1] + t)
+        layers = self._gemma_layers if self.gemma else self._llama_layers
+        captured = layers(x, reqs, large, items, starts, bounds, positions, hidden_layer)
+        for (cache, *_), start, t in zip(items, starts, sizes):
+            cache.length = start + t
+        last = invariant.rmsnorm(x, self.base.norm, torch.empty_like(x))
+        if hidden_layer in (-1, len(self.layers)):
+            captured = last
+        return [(last[a:b], captured[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+    def _llama_layers(self, x, reqs, large, items, starts, bounds, positions, hidden_layer):
+        """The layers of a Llama-family model, all in one C call (``one_call``) or a kernel call a
+        step, a large prefill on SDPA (or the prefill attention) and the large-row linear; x, the
+        residual stream, is updated in place. Returns the hidden states of `hidden_layer` where it
+        is an inner layer (or 0, the embeddings), else None."""
+        total = x.shape[0]
+        cos, sin = self.base.rotary_emb(x[None], positions[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()        # [rows, D]
         captured = x.clone() if hidden_layer == 0 else None
         h_dim = self.heads * self.head_dim
         new = lambda width: torch.empty(total, width, dtype=x.dtype)       # noqa: E731
@@ -394,19 +403,16 @@ class LeanLlama:
             _residual(self.down[i], invariant.silu_mul(gu, act), x, large)
             if hidden_layer == i + 1:
                 captured = x.clone()
-        for (cache, *_), start, t in zip(items, starts, sizes):
-            cache.length = start + t
-        last = invariant.rmsnorm(x, self.base.norm, torch.empty_like(x))
-        if hidden_layer in (-1, len(self.layers)):
-            captured = last
-        return [(last[a:b], captured[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return captured
 
-    def _gemma_layers(self, x, reqs, starts, sizes, items, positions, hidden_layer):
+    def _gemma_layers(self, x, reqs, large, items, starts, bounds, positions, hidden_layer):
         """The layers of a Gemma model on the invariant kernels (every forward, a prefill too: no
-        large-row path), each on its window's list of visible keys and its layer type's rotary
-        embedding; Gemma 2 and 3 norm the attention's and the MLP's outputs before each residual
-        add (``x + norm(y)``, torch's add: the same bits as transformers' ``residual + h``)."""
+        large-row path, `large` is never set), each on its window's list of visible keys and its
+        layer type's rotary embedding; Gemma 2 and 3 norm the attention's and the MLP's outputs
+        before each residual add (``x + norm(y)``, torch's add: the same bits as transformers'
+        ``residual + h``). Returns as :meth:`_llama_layers` does."""
         total = x.shape[0]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
         ancestors = [anc for *_, anc in items]
         by_window = {w: reqs if w == self.window else invariant.Requests(
             [cache.buf for cache, *_ in items], starts, sizes, invariant.visible_csr_batch(starts, sizes, ancestors, w))
@@ -450,13 +456,7 @@ class LeanLlama:
                 _residual(self.down[i], act, x, False)
             if hidden_layer == i + 1:
                 captured = x.clone()
-        bounds = [0]
-        for t in sizes:
-            bounds.append(bounds[-1] + t)
-        last = invariant.rmsnorm(x, self.base.norm, torch.empty_like(x))
-        if hidden_layer in (-1, len(self.layers)):
-            captured = last
-        return [(last[a:b], captured[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return captured
 
     def logits(self, h: torch.Tensor, large: bool = False) -> torch.Tensor:
         """The LM head over rows of final hidden states, float32 [rows, V]: on the invariant
@@ -469,10 +469,8 @@ class LeanLlama:
         out = torch.empty(h.shape[0], self.head.weight.shape[0], dtype=torch.float32)
         invariant.linear_into(self.head.packed(), h.contiguous(), out.shape[1], torch.get_num_threads(), out,
                               logits=True)
-        if self.final_softcap:      # Gemma 2: cap * tanh(logits / cap) on the float32 logits (as the
-            cap = float(self.final_softcap)         # target's transformers path caps them)
-            for row in out:         # row by row: each row's elementwise ops split alike whatever the rows
-                row.copy_(torch.tanh(row / cap) * cap)
+        if self.final_softcap:      # Gemma 2: on the float32 logits, as the transformers path caps them
+            invariant.soft_cap_rows(out, float(self.final_softcap))
         return out
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -185,9 +185,8 @@ class TargetModel:
         hidden = out.hidden_states[self.hidden_layer][0] if want_layers else last
         h = last if logits_for is None else last[logits_for]
         logits = self._head(h).float()
-        if self._softcap:           # row by row: a row's elementwise ops split alike whatever the rows
-            for row in logits:      # (a [T, 256000] tensor splits across threads mid-row)
-                row.copy_(torch.tanh(row / self._softcap) * self._softcap)
+        if self._softcap:
+            invariant.soft_cap_rows(logits, float(self._softcap))
         return ForwardOutput(logits=logits, hidden=hidden)
 
     def _tree_mask(self, tree: TokenTree, n_past: int):
