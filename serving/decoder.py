@@ -261,7 +261,8 @@ class Decoder:
             from decoding.scheduler import BatchLoop
 
             self.batch = BatchLoop(self.model, max_batch=self.cfg.decoder.max_ongoing_requests,
-                                   prefill_tokens=self.cfg.decoder.prefill_tokens_per_step, compute=self.compute)
+                                   prefill_tokens=self.cfg.decoder.prefill_tokens_per_step,
+                                   prefill_prompts=self.cfg.decoder.prefill_prompts_per_step, compute=self.compute)
         else:
             self.batch = None
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.decoder.replica_capacity + 2,

@@ -156,13 +156,13 @@ def test_requests_join_leave_and_cancel_mid_batch(target, prompts):
 
 def test_waiting_requests_are_prefilled_within_a_token_budget(target, prompts):
     """With nothing running, every waiting request is prefilled in one step (nobody waits for
-    them); with requests running, a step prefills while the positions they run fit
-    `prefill_tokens` (what the prefix cache holds is not run), at least one however long. Every
-    output still equals the request decoded alone."""
+    them); with requests running, a step prefills at most `prefill_prompts` prompts while the
+    positions they run fit `prefill_tokens` (what the prefix cache holds is not run), at least
+    one however long. Every output still equals the request decoded alone."""
     params = SamplingParams(max_new_tokens=6)
     alone = [generate(target, p, params=params, budget=0).token_ids for p in prompts]
     target.prefix_cache.clear()
-    scheduler = BatchScheduler(target, prefill_tokens=1 << 20)
+    scheduler = BatchScheduler(target, prefill_tokens=1 << 20, prefill_prompts=3)
     first = [Sequence(target, p, params=params, budget=0) for p in prompts[:2]]
     for s in first:
         scheduler.add(s)
@@ -182,7 +182,7 @@ def test_waiting_requests_are_prefilled_within_a_token_budget(target, prompts):
     assert [s.result().token_ids for s in first] == alone[:2]
     assert [s.result().token_ids for s in later] == [alone[i] for i in order]
 
-    long_first = BatchScheduler(target, prefill_tokens=1)                # a prompt longer than the budget
+    long_first = BatchScheduler(target, prefill_tokens=1, prefill_prompts=3)    # a prompt longer than the budget
     seqs = [Sequence(target, p, params=params, budget=0) for p in prompts[:3]]
     long_first.add(seqs[0])
     long_first.step()
@@ -192,6 +192,38 @@ def test_waiting_requests_are_prefilled_within_a_token_budget(target, prompts):
     assert long_first.last_prefills == 1                                 # one per step, never none
     long_first.run()
     assert [s.result().token_ids for s in seqs] == alone[:3]
+
+
+def test_requests_arriving_together_beside_running_ones_start_a_step_apart(target, prompts):
+    """By default a step with requests running prefills one waiting prompt, however many fit the
+    token budget: requests that arrive together start, and with answers of one length end, a step
+    apart (their clients then come back apart, not in a wave). With nothing running, all start
+    at once. Every output equals the request decoded alone."""
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    alone = [generate(target, p, params=params, budget=0).token_ids for p in prompts]
+    target.prefix_cache.clear()
+    scheduler = BatchScheduler(target, prefill_tokens=1 << 20)
+    first = [Sequence(target, p, params=params, budget=0) for p in prompts[:2]]
+    for s in first:
+        scheduler.add(s)
+    scheduler.step()
+    assert scheduler.last_prefills == 2                                  # nothing running: both at once
+    later = [Sequence(target, p, params=params, budget=0) for p in prompts[2:]]
+    assert len(later) >= 2
+    for s in later:
+        scheduler.add(s)
+    started = []
+    while not all(s.started for s in later):
+        scheduler.step()
+        assert scheduler.last_prefills <= 1
+        started.append(sum(s.started for s in later))
+    assert started == list(range(1, len(later) + 1))                     # one a step, in order
+    ended = {}
+    while not scheduler.idle:
+        for s in scheduler.step():
+            ended[id(s)] = scheduler.steps
+    assert [ended[id(s)] for s in later] == list(range(ended[id(later[0])], ended[id(later[0])] + len(later)))
+    assert [s.result().token_ids for s in (*first, *later)] == alone
 
 
 def test_a_long_prompt_is_prefilled_in_pieces_while_the_others_go_on(target, prompts):
