@@ -4,23 +4,29 @@ Each :meth:`BatchScheduler.step`:
 
 1. requests cancelled since the last step end (``should_stop``);
 2. waiting requests are prefilled, each in forwards of its own (so its prefill does not depend
-   on what else runs). While requests are running, a step prefills at most ``prefill_prompts``
-   prompts (default one), whose positions run total at most ``prefill_tokens`` (what a prompt
-   takes from the prefix cache is not run); a prompt longer than the budget left runs in pieces
-   of the budget, a step at a time (``Sequence.start(rows)``; with the prefix cache's invariant
-   prefill the pieces give its prefill bitwise), before any other waiting request starts. So
-   the running requests wait for about ``prefill_tokens`` positions of prefill a step, however
-   long a prompt arrives. One prompt a step, because requests prefilled in one step stay
-   together: where their answers are of one length (and at a load that drafts nothing) they
-   end in one step, their clients come back together, and the clusters only grow, each wave's
-   last request waiting for all the wave's prefills. Started a step apart, requests that
-   arrive together end a step apart (served, 16 clients, 64-token answers, `ar` and SENSE,
-   clients staggered or starting at once, alternating runs: p99 time to first token of the
-   requests after each client's first 225-459 ms against 405-768 ms with up to 64 prompts a
-   step, and 380-686 ms with ceil(waiting / running) a step; tokens/s alike). With nothing running
-   nobody is delayed, and every waiting request is prefilled whole (up to the batch limit).
-   Each emits its first token as its prefill ends, so time to first token is the prefills
-   ahead of it, not a verification step per request ahead of it;
+   on what else runs). While requests are running, a step prefills at most
+   max(``prefill_prompts``, ceil(waiting / L)) prompts, L the running mean of the steps the
+   requests that ended took (their answers' lifetime; until one ends, ``prefill_prompts``),
+   whose positions run total at most ``prefill_tokens`` (what a prompt takes from the prefix
+   cache is not run); a prompt longer than the budget left runs in pieces of the budget, a step
+   at a time (``Sequence.start(rows)``; with the prefix cache's invariant prefill the pieces
+   give its prefill bitwise), before any other waiting request starts. So the running requests
+   wait for about ``prefill_tokens`` positions of prefill a step, however long a prompt arrives.
+   The starts of the waiting requests spread over about one answer's time (where answers are
+   long, one a step), because requests prefilled in one step stay together: where their
+   answers are of one length (and at a load that drafts nothing) they end in one step, their
+   clients come back together, and the clusters only grow, each wave's last request waiting for
+   all the wave's prefills. Started apart, they end apart (served, 16 clients, 64-token
+   answers, `ar` and SENSE, clients staggered or starting at once, alternating runs: p99 time to
+   first token of the requests after each client's first 225-459 ms one a step, against
+   405-768 ms with up to 64 prompts a step, and 380-686 ms with ceil(waiting / running) a step,
+   which keeps an opening burst's clusters; tokens/s alike). Spread over an answer's time, not
+   one a step whatever the answers: in process, 96 queued requests with answers of 2-10
+   tokens, a batch of 16, one a step ran 5.8 rows a forward and 88 steps, up to 64 a step 13.1
+   and 39, ceil(waiting / L) 12.1 and 42. With nothing running nobody is delayed, and every waiting
+   request is prefilled whole (up to the batch limit). Each emits its first token as its
+   prefill ends, so time to first token is the prefills ahead of it, not a verification step
+   per request ahead of it;
 3. every running request drafts within the budget the batch allocation gives it
    (:func:`allocate_budgets`, from what past steps taught: whether drafting pays for it at this
    load), unless the batch's :class:`~decoding.gate.DraftingGate` has measured that at this load
@@ -39,6 +45,7 @@ steps.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -297,6 +304,7 @@ class BatchScheduler:
         self.last_prefills = 0          # requests prefilled in the last step
         self.batch_cost: BatchCost | None = None            # cost.batch_cost; every forward observed
         self.steps = 0                  # steps with running requests
+        self.lifetime: float | None = None  # mean steps of the requests that ended (a running mean)
         self.exploration = Exploration()
         self.gate: DraftingGate | None = DraftingGate()     # whether a load drafts at all, measured
         self.reallocate_every = 4       # steps an allocation that drafts nothing is kept (_allocate)
@@ -324,6 +332,7 @@ class BatchScheduler:
         self.last_forward = None
         self.last_prefills = 0
         delaying, prefilled, prompts = bool(self.running), 0, 0
+        most = max(self.prefill_prompts, math.ceil(len(self.waiting) / self.lifetime) if self.lifetime else 0)
 
         def prefill(seq: Sequence) -> bool:
             """A piece of `seq`'s prefill within what is left of the step's budget; whether it is
@@ -343,7 +352,7 @@ class BatchScheduler:
             self.prefilling = None
         while self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
             if delaying and prefilled and (
-                    prompts >= self.prefill_prompts
+                    prompts >= most
                     or prefilled + self.target.prefill_rows(self.waiting[0].prompt_ids) > self.prefill_tokens):
                 break               # the running requests have waited for enough prefill this step
             seq = self.waiting.popleft()
@@ -414,6 +423,10 @@ class BatchScheduler:
                                           None if expected is None else (t1 - t0, expected))
             finished += [s for s in self.running if s.done]
             self.running = [s for s in self.running if not s.done]
+        for s in finished:
+            if s.started and s.error is None and s.reason != "cancelled":
+                n = max(1, s.stats.steps)
+                self.lifetime = n if self.lifetime is None else self.lifetime + (n - self.lifetime) / 8
         return finished
 
     def _allocate(self) -> list[int]:
@@ -435,12 +448,14 @@ class BatchScheduler:
     def stats(self) -> dict:
         """The queue now; over the forwards run so far: rows per forward, the mean forward's
         milliseconds and the requests' own (drafting, acceptance, commit) milliseconds a step;
+        the running mean of the steps an answer took (``answer_steps``: how the waiting are spread);
         the drafting gate's verdict per load (``DraftingGate.summary``)."""
         n = self.forwards
         return {"running": len(self.running), "waiting": len(self.waiting), "prefilling": int(self.prefilling is not None),
                 "forwards": n, "rows_per_forward": round(self.rows / n, 3) if n else None,
                 "forward_ms": round(1e3 * self.forward_s / n, 3) if n else None,
                 "own_ms": round(1e3 * self.own_s / n, 3) if n else None,
+                "answer_steps": round(self.lifetime, 1) if self.lifetime else None,
                 "drafting_gate": self.gate.summary() if self.gate is not None else None}
 
     def run(self) -> None:

@@ -183,8 +183,10 @@ class DecoderConfig(_Section):
                                          "all of them when none is running): the most prefill the running "
                                          "requests wait for in a step")
     prefill_prompts_per_step: int = Field(1, ge=1, description="with batching, while requests are running: the "
-                                          "most prompts a step prefills (or goes on prefilling); requests that "
-                                          "arrive together start a step apart, so their answers end apart")
+                                          "most prompts a step prefills (or goes on prefilling), or more where "
+                                          "more wait than one answer's steps (the waiting over the mean steps of "
+                                          "the answers that ended): requests that arrive together start apart, "
+                                          "over about one answer's time, so their answers end apart")
     stream_interval_ms: float = Field(250.0, ge=0, description="a streamed request's tokens are sent at most "
                                       "this often (the first at once, the last with the finish): every "
                                       "chunk costs CPU in the replica, the ingress, the proxy and the client, "

@@ -226,6 +226,38 @@ def test_requests_arriving_together_beside_running_ones_start_a_step_apart(targe
     assert [s.result().token_ids for s in (*first, *later)] == alone
 
 
+def test_a_queue_longer_than_an_answer_starts_spread_over_one_answers_steps(target, prompts):
+    """Where more requests wait than an answer lasts steps, a step prefills ceil(waiting / L), L the
+    mean steps of the answers that ended (short answers would leave the batch half empty at one
+    a step); the token budget still bounds it. Every output equals the request decoded alone."""
+    short = SamplingParams(max_new_tokens=3, ignore_eos=True)        # a first token, then 2 steps
+    long = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    queued = [*prompts, *prompts]
+    alone = [generate(target, p, params=short, budget=0).token_ids for p in prompts]
+    target.prefix_cache.clear()
+    scheduler = BatchScheduler(target, prefill_tokens=1 << 20)
+    assert scheduler.lifetime is None
+    first = [Sequence(target, p, params=short, budget=0) for p in prompts[:2]]
+    for s in first:
+        scheduler.add(s)
+    scheduler.run()
+    assert scheduler.lifetime == 2 and scheduler.stats()["answer_steps"] == 2     # each ended after 2 steps
+    runner = Sequence(target, prompts[0], params=long, budget=0)
+    scheduler.add(runner)
+    scheduler.step()
+    later = [Sequence(target, p, params=short, budget=0) for p in queued]
+    for s in later:
+        scheduler.add(s)
+    scheduler.step()
+    assert scheduler.last_prefills == -(-len(later) // 2)               # ceil(8 / 2)
+    scheduler.prefill_tokens = 1                                        # the token budget still binds
+    scheduler.step()
+    assert scheduler.last_prefills == 1
+    scheduler.run()
+    assert [s.result().token_ids for s in first] == alone[:2]
+    assert [s.result().token_ids for s in later] == [*alone, *alone]
+
+
 def test_a_long_prompt_is_prefilled_in_pieces_while_the_others_go_on(target, prompts):
     """A prompt longer than the step's prefill budget, arriving while two requests run: it is
     prefilled `prefill_tokens` positions a step, each step also advancing the running requests,
