@@ -20,7 +20,7 @@ Each :meth:`BatchScheduler.step`:
    answers, `ar` and SENSE, clients staggered or starting at once, alternating runs: p99 time to
    first token of the requests after each client's first 225-459 ms one a step, against
    405-768 ms with up to 64 prompts a step, and 380-686 ms with ceil(waiting / running) a step,
-   which keeps an opening burst's clusters; p50 150-190 against 220-430 ms). The price, on 2
+   which keeps an opening burst's clusters; p50 148-214 against 164-431 ms). The price, on 2
    cores: requests apart turn over apart, each answer's HTTP work beside a forward, where waves
    turned over together; tokens/s of `ar` 0.94x, of SENSE 0.99x (means of 8 paired runs).
    Spread over an answer's time, not
