@@ -308,6 +308,7 @@ class BatchScheduler:
         self.batch_cost: BatchCost | None = None            # cost.batch_cost; every forward observed
         self.steps = 0                  # steps with running requests
         self.lifetime: float | None = None  # mean steps of the requests that ended (a running mean)
+        self.lifetime_weight = 0.125    # an ended request's weight in it
         self.exploration = Exploration()
         self.gate: DraftingGate | None = DraftingGate()     # whether a load drafts at all, measured
         self.reallocate_every = 4       # steps an allocation that drafts nothing is kept (_allocate)
@@ -426,11 +427,16 @@ class BatchScheduler:
                                           None if expected is None else (t1 - t0, expected))
             finished += [s for s in self.running if s.done]
             self.running = [s for s in self.running if not s.done]
-        for s in finished:
-            if s.started and s.error is None and s.reason != "cancelled":
-                n = max(1, s.stats.steps)
-                self.lifetime = n if self.lifetime is None else self.lifetime + (n - self.lifetime) / 8
+        self._learn_lifetime(finished)
         return finished
+
+    def _learn_lifetime(self, finished: list[Sequence]) -> None:
+        """Fold the steps of the answers that ended (not failed, not cancelled) into ``lifetime``,
+        a running mean of weight ``lifetime_weight``."""
+        for s in finished:
+            if s.started and s.reason not in ("error", "cancelled"):
+                n = max(1, s.stats.steps)
+                self.lifetime = n if self.lifetime is None else self.lifetime + (n - self.lifetime) * self.lifetime_weight
 
     def _allocate(self) -> list[int]:
         """This step's budgets (:func:`allocate_budgets`). A batch whose allocation drafted nothing
