@@ -40,16 +40,42 @@ class ModelConfig(_Section):
     path: str | None = Field(None, description="HF model directory, hub id or .gguf file (converted once into "
                                                "the local cache, decoding.model_loader); None: the embedded "
                                                "SmolLM2-135M GGUF")
-    name: str = Field("smollm2-135m-instruct", min_length=1,
-                      description="the model id clients send and GET /v1/models lists")
+    name: str | None = Field(None, min_length=1,
+                             description="the model id clients send and GET /v1/models lists; None: "
+                                         "named after the model (served_model_name)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on a GPU, float32 on CPU")
+        "auto", description="auto: the faster of the dtypes the device supports, measured once per machine "
+                            "and model (decoding.dtype_choice)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per decoder replica")
     prefix_cache_mb: int = Field(256, ge=0,     # decoding.target.PREFIX_CACHE_MB (no torch in the ingress)
                                  description="per decoder replica: prompts kept so that later "
                                  "prompts beginning the same way (the chat template, a conversation's earlier "
                                  "turns) run only the rest (exact; decoding/prefix_cache.py); 0: off")
+
+    @model_validator(mode="after")
+    def _named(self):
+        if self.name is None:
+            self.name = served_model_name(self.path)
+        return self
+
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+
+
+def served_model_name(path: str | None) -> str:
+    """The id a server of the model at `path` answers to when ``model.name`` is not set: a hub id
+    as given ("Qwen/Qwen2.5-0.5B-Instruct"), a local directory's or file's own name (a ``.gguf``
+    file's without the suffix), the embedded default's for None. Only the string is read: the
+    ingress, which validates requests against it, loads no model."""
+    if path is None:
+        return EMBEDDED_NAME
+    text = str(path).rstrip("/\\")
+    local = text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1 or text.endswith(".gguf")
+    if not local:
+        return text                                     # owner/name: a hub id
+    base = text.replace("\\", "/").rsplit("/", 1)[-1]
+    return (base[:-len(".gguf")] if base.lower().endswith(".gguf") else base) or text
 
 
 class IndexConfig(_Section):

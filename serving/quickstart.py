@@ -22,7 +22,7 @@ from pathlib import Path
 from decoding.model_loader import cache_root
 from index.corpus import gsm8k
 from serving.app import build_app, reset_prefix_caches
-from serving.config import ServingConfig
+from serving.config import EMBEDDED_NAME, ServingConfig
 from serving.control_plane import init_local_ray
 from serving.run import local_torch_threads, wait_ready
 
@@ -43,7 +43,7 @@ def _post(url: str, body: dict, timeout: float = 600) -> tuple[dict, float]:
 
 
 def ask(url: str, question: str, method: str, max_tokens: int) -> dict:
-    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": question}],
+    body = {"model": EMBEDDED_NAME, "messages": [{"role": "user", "content": question}],
             "max_tokens": max_tokens, "temperature": 0,
             "speculative": {"method": method, "verification": "strict"}}
     out, seconds = _post(url + "/v1/chat/completions", body)

@@ -169,6 +169,26 @@ def test_request_validation_names_the_parameter():
     assert e.status == 404 and e.code == "model_not_found"
 
 
+def test_the_served_model_is_named_after_the_model_it_serves():
+    """Without model.name, clients address the model by its own name: a hub id as given, a local
+    directory's or GGUF file's name, the embedded default's; an explicit name wins."""
+    from serving import protocol as p
+
+    named = {None: "smollm2-135m-instruct", "Qwen/Qwen2.5-0.5B-Instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+             "/models/qwen2-0.5b/": "qwen2-0.5b", "./my-model": "my-model", "my-model": "my-model",
+             "/models/qwen2-0.5b-instruct-q8_0.gguf": "qwen2-0.5b-instruct-q8_0",
+             "org/model.Q4_K_M.gguf": "model.Q4_K_M", "~/ckpt/llama": "llama", "C:\\models\\phi3": "phi3"}
+    for path, name in named.items():
+        assert ServingConfig.from_args({"model": {"path": path}}).model.name == name, path
+    assert ServingConfig.from_args({"model": {"path": "/m/x", "name": "mine"}}).model.name == "mine"
+    cfg = ServingConfig.from_args({"model": {"path": "/models/qwen2-0.5b"}})
+    msgs = [{"role": "user", "content": "hi"}]
+    p.chat_request(p.parse(p.ChatRequest, json.dumps({"messages": msgs, "model": "qwen2-0.5b"}).encode()), cfg)
+    e = _err(lambda: p.chat_request(p.parse(p.ChatRequest, json.dumps(
+        {"messages": msgs, "model": "smollm2-135m-instruct"}).encode()), cfg))
+    assert e.status == 404 and "qwen2-0.5b" in e.message
+
+
 def test_completion_prompt_forms():
     from serving import protocol as p
 
