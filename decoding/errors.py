@@ -17,6 +17,13 @@ class ModelLoadError(SenseError):
     """The target model could not be found or loaded."""
 
 
+def task_cause(exc: BaseException) -> BaseException:
+    """The error a remote task raised, where `exc` wraps it (a Ray ``RayTaskError`` is also an
+    instance of its cause's class, and its text is the task's whole traceback); else `exc`."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) and type(exc).__name__.startswith("RayTaskError") else exc
+
+
 def run_command(body, errors: tuple[type[BaseException], ...], *, prefix: str, interrupted: str) -> int:
     """A command line's outer frame: `body()`'s exit code; an expected error (one of `errors`) is
     one line on stderr (`prefix` + the message, whitespace folded) and exit 2, never a traceback;
@@ -26,7 +33,7 @@ def run_command(body, errors: tuple[type[BaseException], ...], *, prefix: str, i
     try:
         return body()
     except errors as exc:
-        print(f"{prefix}{' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{prefix}{' '.join(str(task_cause(exc)).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -79,7 +79,8 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     by_doc = [np.concatenate(r) if r else None for *_, rows, _ in taken for r in rows]
     sample = sample_rows_for_fit(docs, by_doc, sample_rows, seed)
     if len(sample) < dim:
-        raise DatastoreError(f"the corpus has {len(sample)} positions, fewer than the key dimension {dim}")
+        raise DatastoreError(f"the corpus has {len(sample)} positions, fewer than the key dimension {dim}"
+                             + _skipped_note([bad for _, _, bad, *_ in taken]))
     transform = KeyTransform.fit(sample, dim=dim)
     write_transform(output, transform)
     units_done = 0
@@ -101,6 +102,19 @@ def fit_sample(*, model: str | None, dtype: str, layer: int, gpu: bool, threads:
     return {"fingerprint": asdict(model_fingerprint(target)), "key_dtype": str(target.dtype).removeprefix("torch."),
             "eos": int(eos), "max_len": int(max_len),
             "overlap": int(overlap), "sample_documents": len(docs), "units_done": units_done}
+
+
+def _skipped_note(bads: list[dict | None]) -> str:
+    """" (N records skipped: reason: count, ...)" for the records the sample's units skipped, else
+    "": a corpus too small because its records lack the fields asked for says so."""
+    counts: dict[str, int] = {}
+    for bad in bads:
+        for reason, n in (bad or {}).items():
+            counts[reason] = counts.get(reason, 0) + n
+    if not counts:
+        return ""
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f" ({sum(counts.values())} records skipped: {reasons})"
 
 
 def _distill_for_sample(distiller: Distiller, unit: Unit, fields: FieldMap, need: int, rows_of

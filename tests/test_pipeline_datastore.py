@@ -330,6 +330,22 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert (tmp_path / "notastore" / "precious.txt").read_text() == "keep me"
 
 
+def test_a_corpus_without_the_fields_asked_for_fails_with_one_line_naming_them(ray_cluster, corpus, tmp_path):
+    """Every record lacks the --prompt-field: the job ends in one line (exit 2) that says so, the
+    error raised in the Ray task and not its traceback."""
+    out = tmp_path / "ds"
+    cmd = build_cli(corpus[0], str(out))
+    cmd[cmd.index("--prompt-field") + 1] = "instruction"
+    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_cluster.address},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the corpus has 0 positions"), res.stderr[-3000:]
+    assert f"({N_DOCS + 3} records skipped: missing field 'instruction': {N_DOCS + 2}, invalid JSON: 1)" in last, last
+    assert "Traceback" not in res.stderr and "ray::" not in res.stderr and "line " not in last
+    assert not (out / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("n, split, sample, resumed", [(6, 600, 32, False), (24, 1 << 20, 40, False),
                                                      (24, 1 << 20, 40, True)], ids=["units", "head", "head-resumed"])
 def test_self_distillation_stores_the_models_own_answers(ray_cluster, target, tmp_path, n, split, sample, resumed):
