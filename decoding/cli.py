@@ -153,6 +153,11 @@ def _read_texts(paths, field):
                 skipped += 1
                 continue
             texts.append(text)
+    if not texts:
+        from index.corpus import CorpusError
+
+        raise CorpusError(f"no record has a non-empty {field!r} field ({skipped} read): nothing to build; "
+                          f"--field names the records' text field")
     return texts, skipped
 
 

@@ -68,6 +68,29 @@ def list_versions(root: str | Path) -> list[str]:
     return sorted((n for n in names if VERSION_RE.match(n)), key=lambda n: int(n[1:]))
 
 
+def check_artifact_root(root: str | Path) -> None:
+    """Raise ArtifactError unless `root` can take a new version: absent, an empty folder, or an
+    artifact root (version folders, CURRENT, hidden staging). A file, a version folder itself, or
+    a folder of other things (the datastore, a home directory) is refused before any work, so that
+    versions never land among files that are not the artifact's."""
+    fs, path = storage.open_fs(root)
+    if fs.isfile(path):
+        raise ArtifactError(f"{root} is a file: --output names the folder the artifact's versions go in")
+    try:
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    names = sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
+    if MANIFEST in names:
+        raise ArtifactError(f"{root} holds a {MANIFEST} (a datastore, or one version of an artifact): --output "
+                            f"names an artifact's root folder; choose a new one, or the root the version is in")
+    other = [n for n in names if not (VERSION_RE.match(n) or n == CURRENT or n.startswith("."))]
+    if other:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise ArtifactError(f"{root} holds other files ({shown}): not an index artifact root; choose a new or "
+                            f"empty folder")
+
+
 def resolve_version(uri: str | Path, version: str | None = None) -> str:
     """The version directory `uri` designates: `uri` itself if it holds a manifest.json,
     else `<uri>/<version>` or the version named by `<uri>/CURRENT`."""

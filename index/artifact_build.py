@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from index import faiss_ops, storage
-from index.artifact import open_version, publish_artifact
+from index.artifact import check_artifact_root, open_version, publish_artifact
 from index.artifact_format import (MERGED_DATA_FILE, MERGED_INDEX_FILE, ArtifactError, ArtifactManifest, DenseShard,
                                    FileRef)
 from index.artifact_tasks import read_datastore
@@ -151,6 +151,7 @@ def check_build(config: BuildConfig) -> tuple[Manifest, bytes, str]:
     """Validate the configuration against the datastore before any work: (datastore manifest,
     its bytes, the FAISS factory string to build). Raises DatastoreError/ValueError."""
     config.check()
+    check_artifact_root(config.output)
     ds, ds_raw = read_datastore(config.datastore)
     e, d = ds.entries, ds.key_dim
     factory = faiss_ops.choose_factory(e, d, exact_max=config.exact_max) if config.factory == "auto" else config.factory

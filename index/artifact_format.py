@@ -214,6 +214,10 @@ class ArtifactManifest:
             raw = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{where}: not JSON ({exc})") from None
+        if isinstance(raw, dict) and "format" not in raw and {"key_dim", "shards", "transform_sha256"} <= raw.keys():
+            raise ArtifactError(f"{where}: a dense datastore's manifest, not an index artifact's: give the datastore "
+                                f"as a dense store (sense --dense-store, serving index.dense), or publish an artifact "
+                                f"from it with python -m pipelines.build_index")
         if not isinstance(raw, dict) or raw.get("format") != ARTIFACT_FORMAT:
             raise ArtifactError(f"{where}: not an index artifact manifest (format {raw.get('format')!r})"
                                 if isinstance(raw, dict) else f"{where}: not an index artifact manifest")

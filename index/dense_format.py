@@ -54,8 +54,11 @@ class KeyTransform:
         if sample.ndim != 2:
             raise ValueError(f"expected a [S, H] sample, got shape {sample.shape}")
         s, h = sample.shape
-        if not 1 <= dim <= h or s < dim:
-            raise ValueError(f"PCA to {dim} dims needs dim <= H={h} and at least {dim} sample rows (got {s})")
+        if not 1 <= dim <= h:
+            raise DatastoreError(f"a key dimension of {dim} does not fit the model's hidden size {h}: choose 1-{h}")
+        if s < dim:
+            raise DatastoreError(f"the corpus has {s} positions, fewer than the key dimension {dim}: add "
+                                 f"documents or choose a smaller dimension")
         mean = sample.mean(0)
         std = sample.std(0) + eps
         z = (sample - mean) / std

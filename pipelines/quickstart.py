@@ -68,7 +68,10 @@ def build_index_step(datastore: Path, workdir: Path) -> Path:
     m = json.loads((datastore / "manifest.json").read_text())
     content = {k: m[k] for k in ("shards", "token_shards", "transform_sha256", "fingerprint")}
     ds_sha = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-    stamp = root / "quickstart-datastore.sha256"
+    # Hidden: an artifact root holds only versions, CURRENT and hidden files (check_artifact_root).
+    stamp = root / ".quickstart-datastore.sha256"
+    if (root / stamp.name[1:]).is_file() and not stamp.exists():     # where earlier releases kept it
+        (root / stamp.name[1:]).rename(stamp)
     if list_versions(root) and stamp.is_file() and stamp.read_text() == ds_sha:
         version = resolve_version(root)
         _say("2/5", f"reusing the index {version} (built from this datastore)")

@@ -107,6 +107,28 @@ def test_cli_generate_and_stop_string():
     assert out["stats"]["steps"] >= 1 and out["stats"]["mat"] >= 1.0
 
 
+def test_cli_builds_of_nothing_are_one_line_and_write_nothing(tmp_path, capsys):
+    """A --field no record has, a corpus with fewer positions than the key dimension, a dimension
+    above the model's hidden size: each build ends in one line (exit 2), no store written."""
+    import json
+
+    from decoding.cli import main
+
+    corpus, short = tmp_path / "c.jsonl", tmp_path / "short.jsonl"
+    corpus.write_text("\n".join(json.dumps({"body": f"text {i} " * 20}) for i in range(3)) + "\n")
+    short.write_text(json.dumps({"text": "hi there"}) + "\n")
+    cases = [(["build-sparse", "--field", "text", str(corpus)], "no record has a non-empty 'text' field (3 read)"),
+             (["build-dense", "--field", "text", str(corpus)], "no record has a non-empty 'text' field (3 read)"),
+             (["build-dense", "--field", "text", str(short)], "fewer than the key dimension 64"),
+             (["build-dense", "--field", "body", "--dim", "100000", str(corpus)], "does not fit the model's hidden size")]
+    for args, needle in cases:
+        out = tmp_path / "out"
+        assert main([args[0], "--out", str(out), *args[1:]]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("sense: error:") and needle in err[-1], (args, err)
+        assert "Traceback" not in "\n".join(err) and not out.exists(), args
+
+
 @pytest.mark.slow
 def test_cli_builds_datastores_a_generation_drafts_from(tmp_path):
     """`sense build-sparse` and `sense build-dense` over a JSONL file (a record without the field

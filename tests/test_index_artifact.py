@@ -438,7 +438,9 @@ def test_corrupt_or_truncated_files_are_refused(copy_of):
         load_artifact(copy_of)
 
 
-def test_mismatched_model_or_format_is_refused(target, copy_of):
+def test_mismatched_model_or_format_is_refused(target, copy_of, dense_store_dir):
+    with pytest.raises(ArtifactError, match="a dense datastore's manifest, not an index artifact's"):
+        load_artifact(dense_store_dir)                                    # the datastore given for its artifact
     fp = model_fingerprint(target)
     for change in ({"weights_hash": "0" * 16}, {"tokenizer_hash": "f" * 16}, {"layer": 7}):
         other = type(fp)(**{**fp.__dict__, **change})
@@ -556,6 +558,30 @@ def test_cli_bad_input_is_one_line_and_exit_2(dense_store_dir, tmp_path, args, m
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("build_index: error:") and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_an_output_that_is_not_an_artifact_root_is_refused_before_any_work(dense_store_dir, real_artifact,
+                                                                         tmp_path, capsys):
+    """--output must be absent, empty or an artifact root: a file, the datastore itself, a version
+    folder or a folder of other things is one line (exit 2) and nothing is written there."""
+    from index.artifact import check_artifact_root
+    from pipelines.build_index import main
+
+    root = real_artifact[0]
+    (tmp_path / "file.txt").write_text("x")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("keep")
+    ds_files = sorted(os.listdir(dense_store_dir))
+    for out, message in {tmp_path / "file.txt": "is a file", Path(dense_store_dir): "holds a manifest.json",
+                         root / "v0001": "holds a manifest.json", home: "holds other files (notes.txt)"}.items():
+        assert main(["--datastore", str(dense_store_dir), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("build_index: error:") and message in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(home) == ["notes.txt"] and sorted(os.listdir(dense_store_dir)) == ds_files
+    (tmp_path / "empty").mkdir()
+    for ok in (root, tmp_path / "empty", tmp_path / "absent"):    # a root takes its next version
+        check_artifact_root(str(ok))
 
 
 def test_ray_job_submit_builds_an_artifact(ray_cluster, dense_store_dir, tmp_path):
