@@ -156,10 +156,19 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     path = Path(model).expanduser()
     if is_gguf(model) or path.is_file():
         return str(gguf_checkpoint(path))
-    if not path.exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
+    if missing_local_model(model):
         raise ModelLoadError(f"model directory {model!r} does not exist (a model is a Hugging Face model "
                              f"directory, a hub id or a .gguf file)")
     return model
+
+
+def missing_local_model(model: str | os.PathLike | None) -> bool:
+    """Whether `model` names a local path (absolute, relative with ./ or ~, or deeper than a hub
+    id's owner/name) that does not exist on this machine."""
+    if model is None or str(model) in ("", "embedded", EMBEDDED_MODEL):
+        return False
+    model = str(model)
+    return not Path(model).expanduser().exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1)
 
 
 def _load_part(what: str, auto_class: str, model) -> object:

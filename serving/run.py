@@ -56,12 +56,17 @@ def load_args(path: str | None, sets: list[str]) -> dict:
     return args
 
 
-def missing_local_sources(index) -> list[str]:
-    """The index configuration's local paths that do not exist on this machine (a URI such as
-    ``s3://`` is its store's to check), as ``index.dense: /path does not exist``."""
+def missing_local_sources(cfg) -> list[str]:
+    """The configuration's local paths that do not exist on this machine: the model's (a hub id is
+    the hub's to check) and the index's (a URI such as ``s3://`` is its store's), as
+    ``index.dense: /path does not exist``."""
+    from decoding.model_loader import missing_local_model
+
+    index = cfg.index
     named = (("index.uri", index.uri), ("index.dense", index.source("dense")), ("index.sparse", index.source("sparse")))
-    return [f"{name}: {value} does not exist" for name, value in named
-            if value and value not in ("artifact", "default") and "://" not in value and not Path(value).exists()]
+    missing = [f"model.path: {cfg.model.path} does not exist"] if missing_local_model(cfg.model.path) else []
+    return missing + [f"{name}: {value} does not exist" for name, value in named
+                      if value and value not in ("artifact", "default") and "://" not in value and not Path(value).exists()]
 
 
 def _merge(into: dict, new: dict) -> None:
@@ -169,16 +174,24 @@ def main(argv: list[str] | None = None) -> int:
         load_api_keys(cfg.ingress.api_keys_file, cfg.ingress.api_keys_env)
     except AuthConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
-    missing = missing_local_sources(cfg.index) if args.address == "local" else []
+    missing = missing_local_sources(cfg) if args.address == "local" else []
     if missing:                                       # a local instance's replicas read this machine's files
         raise SystemExit(f"error: bad configuration: {'; '.join(missing)}")
     if "default" in (cfg.index.source("sparse"), cfg.index.source("dense")):
         from decoding.target import TargetModel
         from serving.index_data import prepare_defaults
 
+        from decoding.errors import SenseError, task_cause
+        from index.corpus import CorpusError
+        from index.dense_format import DatastoreError
+        from index.storage import StorageError
+
         print("preparing the default GSM8K datastores (built once into the cache; the dense one takes "
               "minutes on a CPU) ...", file=sys.stderr)
-        prepare_defaults(cfg.index, TargetModel.load(cfg.model.path))
+        try:
+            prepare_defaults(cfg.index, TargetModel.load(cfg.model.path))
+        except (SenseError, DatastoreError, CorpusError, StorageError) as exc:
+            raise SystemExit(f"error: {' '.join(str(task_cause(exc)).split())}") from None
     threads = local_torch_threads(cfg) if args.address == "local" else None
     if threads is not None:             # this machine is the decoder's: use its cores, not Ray's 1 per num_cpus
         _merge(app_args, {"model": {"torch_threads": threads}})

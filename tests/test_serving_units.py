@@ -249,6 +249,7 @@ def test_serving_run_names_each_configuration_problem_in_one_line():
     (["--set", "index.dense=/nonexistent/store", "--set", "index.sparse=null"],
      "error: bad configuration: index.dense: /nonexistent/store does not exist"),
     (["--set", "decoder"], "error: --set expects key=value, got 'decoder'"),
+    (["--set", "model.path=/nonexistent/model"], "error: bad configuration: model.path: /nonexistent/model does not exist"),
 ])
 def test_serving_run_stops_on_what_it_cannot_read_in_one_line(argv, message):
     """A missing config file, a local index path that is not there, a malformed override: one
@@ -260,6 +261,21 @@ def test_serving_run_stops_on_what_it_cannot_read_in_one_line(argv, message):
                          cwd=Path(__file__).resolve().parents[1])
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode != 0 and lines == [message], res.stderr[-2000:]
+
+
+def test_serving_run_stops_on_a_model_it_cannot_load_in_one_line():
+    """A hub id that cannot be fetched (offline) while the default datastores are prepared: the
+    loader's one line after the progress line, before Ray starts, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "serving.run", "--set", "model.path=nobody/no-such-model"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert lines[-1].startswith("error: could not load model 'nobody/no-such-model'"), res.stderr[-2000:]
 
 
 def test_a_failed_deployment_is_named_by_its_replicas_last_line(monkeypatch):
