@@ -196,11 +196,28 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ModelLoadError (one line) where this machine has no such
+    device: a malformed name, or CUDA on a machine or torch build without it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"device {device!r} is not a device torch knows ({_first_line(exc)})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ModelLoadError(f"device {str(device)!r}: torch {torch.__version__} ({build}) finds no CUDA device "
+                             f"here; use the cpu device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
                              device: str = "cpu"):
     """Load (model, tokenizer) in eval mode. Errors name the model and the cause."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     path = resolve_model_path(model)
     torch_dtype = parse_dtype(dtype)
     try:

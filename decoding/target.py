@@ -129,9 +129,10 @@ class TargetModel:
         """Load a model; ``dtype="auto"`` runs it in the dtype measured fastest on this machine
         (:mod:`decoding.dtype_choice`); the choice and why are in ``target.dtype_choice``.
         `prefix_cache_mb`: the prefix cache's budget (0: none)."""
-        from decoding.model_loader import load_model_and_tokenizer
+        from decoding.model_loader import check_device, load_model_and_tokenizer
 
         dtype = check_dtype(dtype)
+        check_device(device)
         if dtype != "auto":
             hf_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
             return cls(hf_model, tokenizer, hidden_layer=hidden_layer, cpu_kernels=cpu_kernels,

@@ -107,6 +107,26 @@ def test_cli_generate_and_stop_string():
     assert out["stats"]["steps"] >= 1 and out["stats"]["mat"] >= 1.0
 
 
+def test_a_device_the_machine_lacks_is_one_line_before_anything_loads(capsys):
+    import torch
+
+    from decoding.cli import main
+    from decoding.errors import ModelLoadError
+    from decoding.model_loader import check_device
+
+    with pytest.raises(ModelLoadError, match="not a device torch knows"):
+        check_device("gpu")
+    assert check_device("cpu").type == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ModelLoadError, match="finds no CUDA device here"):
+            check_device(device)
+    assert main(["generate", "--device", "cuda", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sense: error: device 'cuda'"), err
+
+
 def test_cli_builds_of_nothing_are_one_line_and_write_nothing(tmp_path, capsys):
     """A --field no record has, a corpus with fewer positions than the key dimension, a dimension
     above the model's hidden size: each build ends in one line (exit 2), no store written."""
