@@ -175,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     except AuthConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     missing = missing_local_sources(cfg) if args.address == "local" else []
+    if args.address == "local" and cfg.model.device == "cuda":     # the replicas run on this machine
+        from decoding.errors import ModelLoadError
+        from decoding.model_loader import check_device
+
+        try:
+            check_device("cuda")
+        except ModelLoadError as exc:
+            missing.append(f"model.device: {exc}")
     if missing:                                       # a local instance's replicas read this machine's files
         raise SystemExit(f"error: bad configuration: {'; '.join(missing)}")
     if "default" in (cfg.index.source("sparse"), cfg.index.source("dense")):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from decoding.config import SamplingParams
 from decoding.drafters import PromptLookupDrafter
@@ -250,6 +251,9 @@ def test_serving_run_names_each_configuration_problem_in_one_line():
      "error: bad configuration: index.dense: /nonexistent/store does not exist"),
     (["--set", "decoder"], "error: --set expects key=value, got 'decoder'"),
     (["--set", "model.path=/nonexistent/model"], "error: bad configuration: model.path: /nonexistent/model does not exist"),
+    pytest.param(["--set", "model.device=cuda"], "error: bad configuration: model.device: device 'cuda': torch "
+                 f"{torch.__version__} (a CPU-only build) finds no CUDA device here; use the cpu device",
+                 marks=pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch")),
 ])
 def test_serving_run_stops_on_what_it_cannot_read_in_one_line(argv, message):
     """A missing config file, a local index path that is not there, a malformed override: one
