@@ -53,7 +53,7 @@ from decoding.dense_extract import build_dense_datastore
 from decoding.engine import encode_prompt, generate
 from decoding.fingerprint import model_fingerprint
 from decoding.methods import NEEDS_DENSE, NEEDS_SPARSE, Datastores, make_drafter
-from decoding.soft import SoftGateConfig
+from decoding.config import SoftGateConfig
 from decoding.target import TargetModel
 from index.corpus import gsm8k, gsm8k_answer_text, humaneval, spec_bench
 from index.dense_build import Document

@@ -22,7 +22,7 @@ def pick_budget(cost: dict[int, float], tolerance: float = 1.25) -> int:
 
 def draft_sizes(cost: dict[int, float], soft=None) -> list[int]:
     """The tree sizes a request's adaptive budget chooses among: every size the cost curve
-    measured; with soft verification (`soft`, a ``decoding.soft.SoftGateConfig``) only those of at
+    measured; with soft verification (`soft`, a ``decoding.config.SoftGateConfig``) only those of at
     least its window W (all of them where none is that large).
 
     A soft acceptance is judged on the W - 1 draft tokens after the mismatch; a tree smaller than

@@ -60,7 +60,7 @@ def _params(args):
 def _soft(args):
     if not args.soft:
         return None
-    from decoding.soft import SoftGateConfig
+    from decoding.config import SoftGateConfig
 
     return SoftGateConfig(theta=args.soft_theta, top_k=args.soft_top_k, lam=args.soft_lam, window=args.soft_window,
                           tau=None if args.soft_tau is None or args.soft_tau > 1 else args.soft_tau)

@@ -1,4 +1,4 @@
-"""Typed, validated request options. One place for each: sampling and generation limits."""
+"""Typed, validated request options. One place for each: sampling and generation limits, the soft gates."""
 
 from __future__ import annotations
 
@@ -53,3 +53,30 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SoftGateConfig:
+    """The soft gates' thresholds (lossy verification, opt-in: decoding/soft.py says what each does).
+    Plain values, validated here: the HTTP ingress builds one per request without loading torch."""
+
+    theta: float = 0.3       # entropy gate (nats, over the renormalised top-k)
+    top_k: int = 3
+    lam: float = 0.5         # ratio gate p(d) / p(argmax)
+    window: int = 6          # deferred window W: d plus W - 1 natively agreed tokens
+    tau: float | None = 0.8  # cosine stand-in for a window cut short by the tree (None: never)
+
+    def __post_init__(self) -> None:
+        def bad(msg):
+            raise InvalidRequestError(msg)
+        if not (isinstance(self.theta, (int, float)) and math.isfinite(self.theta) and self.theta >= 0):
+            bad(f"soft gate theta must be a finite number >= 0, got {self.theta!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 2):
+            bad(f"soft gate top_k must be an integer >= 2, got {self.top_k!r}")
+        if not (isinstance(self.lam, (int, float)) and 0 < self.lam <= 1):
+            bad(f"soft gate lam must be in (0, 1], got {self.lam!r}")
+        if not (isinstance(self.window, int) and self.window >= 1):
+            bad(f"soft gate window must be an integer >= 1, got {self.window!r}")
+        if self.tau is not None and not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau)
+                                         and -1 <= self.tau <= 1):
+            bad(f"soft gate tau must be a cosine in [-1, 1] or null, got {self.tau!r}")

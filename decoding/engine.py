@@ -103,7 +103,7 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     machine's measured cost curve (``decoding.cost.cost_curve``) that starts from what earlier
     requests of the same drafter on this target learned (``decoding.budget.shared_estimates``)
     and drafts nothing when drafts do not pay. `soft` (a
-    ``decoding.soft.SoftGateConfig``) opts into lossy soft-gated verification.
+    ``decoding.config.SoftGateConfig``) opts into lossy soft-gated verification.
 
     Optional hooks (for streaming servers; neither changes the tokens produced):
     `on_tokens(new_ids)` is called with the tokens committed by the prefill and by each step,

@@ -81,7 +81,7 @@ class StrictSamplingVerifier:
 
 
 def make_verifier(params: SamplingParams, soft=None, transform=None) -> Verifier:
-    """Strict (lossless) by default; a ``decoding.soft.SoftGateConfig`` selects soft-gated
+    """Strict (lossless) by default; a ``decoding.config.SoftGateConfig`` selects soft-gated
     verification (`transform`: the drafter's key transform, for its cosine stand-in)."""
     if soft is not None:
         return SoftGatedVerifier(params, soft, transform=transform)

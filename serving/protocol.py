@@ -110,7 +110,7 @@ class GenerationRequest:
     params: Any                                # decoding.config.SamplingParams
     method: str
     verification: str                          # "strict" | "soft"
-    soft: Any = None                           # decoding.soft.SoftGateConfig | None
+    soft: Any = None                           # decoding.config.SoftGateConfig | None
     budget: int | str = "adaptive"
     prompt: str | None = None                  # completion text (raw, no chat template)
     prompt_ids: list[int] | None = None        # completion given as token ids
@@ -196,7 +196,7 @@ def check_model(req: _Common, config: ServingConfig) -> None:
 
 def _speculative(req: _Common, config: ServingConfig) -> dict:
     """Method, verification, soft gate and budget: the request's, else the server's defaults."""
-    from decoding.soft import SoftGateConfig
+    from decoding.config import SoftGateConfig
 
     spec = req.speculative or Speculative()
     d = config.speculative

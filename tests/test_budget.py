@@ -37,7 +37,7 @@ def test_interpolation():
 
 
 def test_soft_verification_drafts_at_least_its_window():
-    from decoding.soft import SoftGateConfig
+    from decoding.config import SoftGateConfig
 
     cost = {0: 1.0, 1: 1.1, 2: 1.4, 4: 1.9, 6: 2.3, 8: 2.1, 16: 4.4}
     assert draft_sizes(cost) == [1, 2, 4, 6, 8, 16]

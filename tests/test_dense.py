@@ -205,7 +205,7 @@ def test_anchor_keys_are_the_keys_where_the_drafted_tokens_stood(target, dense_s
     # Strict verification never reads anchors: a request's drafter then skips them (the same tree).
     from decoding.engine import Sequence
     from decoding.methods import Datastores, make_drafter
-    from decoding.soft import SoftGateConfig
+    from decoding.config import SoftGateConfig
 
     bare = DenseDrafter(store, k=1, dynamic=False)
     bare.anchors = False

@@ -62,7 +62,7 @@ def test_the_default_budget_of_a_soft_request_drafts_its_window(target):
     """The engine's default (adaptive) budget chooses among the sizes decoding.budget.draft_sizes
     gives, as serving's and the benchmarks' do: a soft request's trees are at least its window."""
     from decoding.engine import Sequence
-    from decoding.soft import SoftGateConfig
+    from decoding.config import SoftGateConfig
 
     ids = encode_prompt(target, "Tell me a fun fact.")
     strict = Sequence(target, ids, drafter=PromptLookupDrafter())

@@ -85,7 +85,7 @@ def test_soft_and_strict_requests_share_a_batch(target, prompts, gsm8k_sparse_in
     """Verification is per request: a soft-gated SENSE request decoded beside strict ones. Every
     output equals the same request decoded alone, the soft one included (its gates read the same
     logits and hidden states), and the soft request did accept mismatched drafts."""
-    from decoding.soft import SoftGateConfig
+    from decoding.config import SoftGateConfig
     from index.dense_store import DenseStore
 
     stores = Datastores(sparse=gsm8k_sparse_index, dense=DenseStore.load(dense_store_dir))

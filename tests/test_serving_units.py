@@ -190,6 +190,30 @@ def test_the_served_model_is_named_after_the_model_it_serves():
     assert e.status == 404 and "qwen2-0.5b" in e.message
 
 
+def test_the_ingress_request_path_loads_no_torch():
+    """The ingress validates requests without torch: importing it there made the first request
+    after a start wait ~1 s (and each ingress replica hold torch's memory)."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, sys
+        import serving.ingress
+        from serving import protocol as p
+        from serving.config import ServingConfig
+        cfg = ServingConfig()
+        soft = {"verification": "soft", "soft": {"lam": 0.4}}
+        p.chat_request(p.parse(p.ChatRequest, json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                           "speculative": soft}).encode()), cfg)
+        p.completion_request(p.parse(p.CompletionRequest, json.dumps({"prompt": "hi", "stop": ["x"]}).encode()), cfg)
+        print(sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules))
+    """
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "torch" not in res.stdout and "transformers" not in res.stdout, res.stdout
+
+
 def test_completion_prompt_forms():
     from serving import protocol as p
 

@@ -9,7 +9,8 @@ import torch
 
 from decoding.config import SamplingParams
 from decoding.errors import InvalidRequestError
-from decoding.soft import SoftGateConfig, SoftGatedVerifier, topk_entropy
+from decoding.config import SoftGateConfig
+from decoding.soft import SoftGatedVerifier, topk_entropy
 from decoding.tree import TokenTree
 
 V = 10

@@ -30,7 +30,7 @@ from decoding.budget import AdaptiveBudget, draft_sizes
 from decoding.config import SamplingParams
 from decoding.cost import measure_verify_cost, relative_cost
 from decoding.engine import encode_prompt, generate
-from decoding.soft import SoftGateConfig
+from decoding.config import SoftGateConfig
 from decoding.target import TargetModel
 from index.corpus import gsm8k
 
