@@ -73,14 +73,9 @@ def check_artifact_root(root: str | Path) -> None:
     artifact root (version folders, CURRENT, hidden staging). A file, a version folder itself, or
     a folder of other things (the datastore, a home directory) is refused before any work, so that
     versions never land among files that are not the artifact's."""
-    fs, path = storage.open_fs(root)
-    if fs.isfile(path):
+    names = storage.list_names(root)
+    if names is None:
         raise ArtifactError(f"{root} is a file: --output names the folder the artifact's versions go in")
-    try:
-        entries = fs.ls(path, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    names = sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
     if MANIFEST in names:
         raise ArtifactError(f"{root} holds a {MANIFEST} (a datastore, or one version of an artifact): --output "
                             f"names an artifact's root folder; choose a new one, or the root the version is in")

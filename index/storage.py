@@ -162,6 +162,23 @@ def download_file(uri: str | Path, local: str | Path) -> None:
             tmp.unlink()
 
 
+def list_names(uri: str | Path) -> list[str] | None:
+    """The names directly under `uri`, sorted ([] if nothing is there), or None if `uri` is a file
+    (remote errors retried, then StorageError)."""
+    fs, path = open_fs(uri)
+
+    def look():
+        if fs.isfile(path):
+            return None
+        try:
+            entries = fs.ls(path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
+
+    return _retrying(uri, "list", look)
+
+
 def list_files(uri: str | Path) -> list[str]:
     """Paths (relative to `uri`) of all files under it, sorted; [] if it does not exist."""
     fs, path = open_fs(uri)

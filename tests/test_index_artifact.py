@@ -149,6 +149,11 @@ def test_existence_checks_and_listings_fail_as_one_storage_error(monkeypatch):
     monkeypatch.setattr(Unreachable, "exists", lambda self, path: True)
     with pytest.raises(storage.StorageError, match=r"s3://b/k: could not list \(ConnectionError"):
         storage.list_files("s3://b/k")
+    monkeypatch.setattr(Unreachable, "isfile", lambda self, path: (_ for _ in ()).throw(
+        ConnectionError("Unable to locate credentials")), raising=False)
+    from index.artifact import check_artifact_root                  # build_index's check of --output
+    with pytest.raises(storage.StorageError, match=r"s3://b/k: could not list \(ConnectionError"):
+        check_artifact_root("s3://b/k")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +533,11 @@ def test_s3_build_publish_and_load(ray_cluster, s3_server, dense_store_dir, tmp_
     storage.write_bytes_atomic(storage.join(out_uri, "v0001", "values.npy"), b"\x93NUMPY" + b"\0" * 100)
     with pytest.raises(ArtifactError, match="values.npy"):
         load_artifact(out_uri, cache_dir=tmp_path / "cache3")
+    from index.artifact import check_artifact_root                          # an --output on S3 too:
+    check_artifact_root(out_uri)                                              # a root takes its next version
+    for uri, message in ((ds_uri, "holds a manifest.json"), (storage.join(ds_uri, "manifest.json"), "is a file")):
+        with pytest.raises(ArtifactError, match=message):
+            check_artifact_root(uri)
     # The build's tasks got the endpoint through their runtime env, never the credentials (a
     # runtime env is readable by anyone with the dashboard or the state API).
     from ray.util.state import list_tasks
