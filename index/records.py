@@ -117,10 +117,10 @@ def file_format(uri: str, declared: str) -> str:
 
 def list_input_files(spec: CorpusSpec) -> list[str]:
     """The files of a corpus (one file, or every file under a prefix), sorted."""
-    fs, path = storage.open_fs(spec.uri)
-    if not fs.exists(path):
+    # Through storage (remote errors retried, then one StorageError), never a botocore traceback.
+    if not storage.exists(spec.uri):
         raise InputError(f"corpus {spec.name!r}: {spec.uri} does not exist")
-    if fs.isfile(path):
+    if storage.list_names(spec.uri) is None:
         return [spec.uri]
     rels = [r for r in storage.list_files(spec.uri) if not r.rsplit("/", 1)[-1].startswith((".", "_"))]
     if spec.format == "auto":

@@ -114,6 +114,23 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         FieldMap(response="answer").mode()
 
 
+def test_a_corpus_on_storage_it_cannot_reach_is_one_storage_error(monkeypatch):
+    """A corpus on S3 without credentials (or an endpoint down) ended the job in a botocore
+    traceback: the corpus check is retried like every storage call, then one StorageError."""
+    from index import storage
+
+    class Unreachable:          # s3fs without credentials
+        def __getattr__(self, name):
+            def fail(*args, **kwargs):
+                raise PermissionError("Unable to locate credentials")
+            return fail
+
+    monkeypatch.setattr(storage, "open_fs", lambda uri, storage_options=None: (Unreachable(), "b/c.jsonl"))
+    monkeypatch.setenv(storage.RETRY_ENV, "0")
+    with pytest.raises(storage.StorageError, match=r"s3://b/c.jsonl: could not check \(PermissionError"):
+        plan_units([CorpusSpec("x", "s3://b/c.jsonl")])
+
+
 def test_windows_cover_entry_positions_once():
     from index.dense_build import Document, entry_positions, windows
 
