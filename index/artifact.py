@@ -59,12 +59,7 @@ __all__ = ["ArtifactError", "ArtifactManifest", "IndexArtifact", "ShardSearcher"
 
 def list_versions(root: str | Path) -> list[str]:
     """Version directory names under `root` (complete or not), oldest first."""
-    fs, path = storage.open_fs(root)
-    try:
-        entries = fs.ls(path, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    names = storage.list_names(root) or []
     return sorted((n for n in names if VERSION_RE.match(n)), key=lambda n: int(n[1:]))
 
 
