@@ -88,6 +88,10 @@ def resolve_version(uri: str | Path, version: str | None = None) -> str:
     if version is not None:
         if not VERSION_RE.match(version):
             raise ArtifactError(f"version {version!r} is not a version name (vNNNN)")
+        versions = list_versions(uri)
+        if version not in versions:
+            raise ArtifactError(f"{uri} has no version {version} ("
+                                + (f"its versions: {', '.join(versions)})" if versions else "it holds none)"))
         return storage.join(uri, version)
     if storage.exists(storage.join(uri, MANIFEST)):
         return uri

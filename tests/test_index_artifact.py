@@ -446,6 +446,8 @@ def test_corrupt_or_truncated_files_are_refused(copy_of):
 def test_mismatched_model_or_format_is_refused(target, copy_of, dense_store_dir):
     with pytest.raises(ArtifactError, match="a dense datastore's manifest, not an index artifact's"):
         load_artifact(dense_store_dir)                                    # the datastore given for its artifact
+    with pytest.raises(ArtifactError, match=r"has no version v0009 \(its versions: v0001, v0002\)"):
+        resolve_version(copy_of, "v0009")
     fp = model_fingerprint(target)
     for change in ({"weights_hash": "0" * 16}, {"tokenizer_hash": "f" * 16}, {"layer": 7}):
         other = type(fp)(**{**fp.__dict__, **change})
