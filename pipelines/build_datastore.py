@@ -377,11 +377,14 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
 def _build(config: DatastoreJobConfig) -> Manifest:
     config.validate()
     t0 = time.perf_counter()
+    fields = {c.name: c.fields for c in config.corpora}
+    try:                    # before Ray starts: a corpus it cannot read fails at once, nothing written
+        units = plan_units(list(config.corpora), config.split_bytes)
+    except storage.StorageError as exc:
+        raise InputError(f"the corpus cannot be read: {exc}") from None
     _init_ray(config.ray_address, config.worker_start_timeout_s)
     gpus = _use_gpu(config)
     config = _worker_cpus(config, gpus)
-    fields = {c.name: c.fields for c in config.corpora}
-    units = plan_units(list(config.corpora), config.split_bytes)
     _log(f"{len(units)} units from {len({u.uri for u in units})} files in {len(config.corpora)} corpora; "
          f"{config.workers} extraction worker(s) on {'GPU' if gpus else f'{config.cpus_per_worker:g} CPU(s) each'}"
          f"; output {config.output}")
