@@ -125,6 +125,29 @@ class StopOnSigterm:
         raise KeyboardInterrupt
 
 
+def _start_replicas(section) -> int:
+    auto = getattr(section, "autoscaling_config", None)
+    if auto:
+        return max(1, int(auto.get("initial_replicas") or auto.get("min_replicas") or 1))
+    return section.num_replicas
+
+
+def local_ray_cpus(cfg, cores: int | None = None) -> int:
+    """Logical CPUs for the local Ray instance: the machine's cores, or the CPUs the app's replicas
+    ask for at start if more. Ray's CPUs are scheduling tokens: with the machine's 2 alone, a
+    decoder (1), two index shards (0.5 each) and the ingress (0.1) never all got placed and the
+    app waited forever; the threads each replica runs are set apart (model.torch_threads)."""
+    import math
+    import os
+
+    def cpus(section) -> float:
+        return _start_replicas(section) * float((section.ray_actor_options or {}).get("num_cpus", 1))
+
+    demand = cpus(cfg.decoder) + cpus(cfg.ingress) + cfg.shards.num_shards * cpus(cfg.shards)
+    cores = os.cpu_count() if cores is None else cores
+    return max(cores or 1, math.ceil(demand - 1e-9))
+
+
 def wait_ready(url: str, timeout_s: float) -> dict:
     deadline = time.time() + timeout_s
     last = None
@@ -207,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.address == "local":                       # lean control plane: serving/control_plane.py
         from serving.control_plane import init_local_ray
 
-        init_local_ray(dashboard=args.dashboard, logging_level="WARNING")
+        init_local_ray(dashboard=args.dashboard, logging_level="WARNING", num_cpus=local_ray_cpus(cfg))
     else:
         ray.init(address=args.address, logging_level="WARNING")
     sigterm.install()                                 # again: ray.init replaced it (see StopOnSigterm)

@@ -253,6 +253,23 @@ def test_config_is_typed_and_strict():
     assert a.static() == b.static() and a.index.key() != b.index.key()
 
 
+def test_a_local_ray_instance_has_the_cpus_the_apps_replicas_ask_for():
+    """On a 2-core machine two index shards (0.5 CPU each) beside the decoder (1) and the ingress
+    (0.1) were never all placed and serving.run waited forever: the local instance gets the CPUs
+    the replicas ask for at start when the cores are fewer."""
+    from serving.run import local_ray_cpus
+
+    def cpus(args: dict, cores: int = 2) -> int:
+        return local_ray_cpus(ServingConfig.from_args(args), cores)
+
+    assert cpus({}) == 2 and cpus({}, cores=16) == 16                            # 1.1 asked: the cores
+    assert cpus({"shards": {"num_shards": 2}}) == 3                                 # 1 + 0.1 + 2 x 0.5
+    assert cpus({"shards": {"num_shards": 4, "num_replicas": 2}}) == 6              # 1 + 0.1 + 8 x 0.5
+    assert cpus({"decoder": {"num_replicas": 3}}) == 4
+    assert cpus({"decoder": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 8}}}) == 3
+    assert cpus({"decoder": {"ray_actor_options": {"num_cpus": 4}}}) == 5
+
+
 def test_serving_run_names_each_configuration_problem_in_one_line():
     """A bad configuration stops `python -m serving.run` before Ray starts, with one line naming
     every problem by its dotted path: no traceback."""
