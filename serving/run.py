@@ -198,14 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     except AuthConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     missing = missing_local_sources(cfg) if args.address == "local" else []
-    if args.address == "local" and cfg.model.device == "cuda":     # the replicas run on this machine
+    gpus_asked = [f"{name}.ray_actor_options.num_gpus" for name in ("decoder", "shards", "ingress")
+                  if float((getattr(cfg, name).ray_actor_options or {}).get("num_gpus") or 0) > 0]
+    if args.address == "local" and (cfg.model.device == "cuda" or gpus_asked):   # the replicas run here
         from decoding.errors import ModelLoadError
         from decoding.model_loader import check_device
 
         try:
             check_device("cuda")
         except ModelLoadError as exc:
-            missing.append(f"model.device: {exc}")
+            # (a replica asking for a GPU the local instance lacks is never placed: Serve waits forever)
+            missing += [f"{what}: {exc}" for what in (["model.device"] if cfg.model.device == "cuda" else [])
+                        + gpus_asked]
     if missing:                                       # a local instance's replicas read this machine's files
         raise SystemExit(f"error: bad configuration: {'; '.join(missing)}")
     if "default" in (cfg.index.source("sparse"), cfg.index.source("dense")):

@@ -295,6 +295,10 @@ def test_serving_run_names_each_configuration_problem_in_one_line():
     pytest.param(["--set", "model.device=cuda"], "error: bad configuration: model.device: device 'cuda': torch "
                  f"{torch.__version__} (a CPU-only build) finds no CUDA device here; use the cpu device",
                  marks=pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch")),
+    pytest.param(["--set", "decoder.ray_actor_options.num_gpus=1"], "error: bad configuration: "
+                 "decoder.ray_actor_options.num_gpus: device 'cuda': torch "
+                 f"{torch.__version__} (a CPU-only build) finds no CUDA device here; use the cpu device",
+                 marks=pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch")),
 ])
 def test_serving_run_stops_on_what_it_cannot_read_in_one_line(argv, message):
     """A missing config file, a local index path that is not there, a malformed override: one
