@@ -24,6 +24,11 @@ def task_cause(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) and type(exc).__name__.startswith("RayTaskError") else exc
 
 
+def one_line(exc: BaseException) -> str:
+    """An expected error's message as one line (a remote task's own, whitespace folded)."""
+    return " ".join(str(task_cause(exc)).split())
+
+
 def run_command(body, errors: tuple[type[BaseException], ...], *, prefix: str, interrupted: str) -> int:
     """A command line's outer frame: `body()`'s exit code; an expected error (one of `errors`) is
     one line on stderr (`prefix` + the message, whitespace folded) and exit 2, never a traceback;
@@ -33,7 +38,7 @@ def run_command(body, errors: tuple[type[BaseException], ...], *, prefix: str, i
     try:
         return body()
     except errors as exc:
-        print(f"{prefix}{' '.join(str(task_cause(exc)).split())}", file=sys.stderr)
+        print(f"{prefix}{one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

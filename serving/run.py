@@ -56,17 +56,28 @@ def load_args(path: str | None, sets: list[str]) -> dict:
     return args
 
 
-def missing_local_sources(cfg) -> list[str]:
-    """The configuration's local paths that do not exist on this machine: the model's (a hub id is
-    the hub's to check) and the index's (a URI such as ``s3://`` is its store's), as
-    ``index.dense: /path does not exist``."""
-    from decoding.model_loader import missing_local_model
+def local_problems(cfg) -> list[str]:
+    """What this machine lacks that a local instance's replicas (which run here) would need, as
+    ``index.dense: /path does not exist``: the model's and the index's local paths (a hub id is
+    the hub's to check, a URI such as ``s3://`` its store's), and CUDA where ``model.device`` or a
+    replica's ``num_gpus`` asks for it (Serve would wait forever to place such a replica)."""
+    from decoding.errors import ModelLoadError
+    from decoding.model_loader import check_device, missing_local_model
 
     index = cfg.index
     named = (("index.uri", index.uri), ("index.dense", index.source("dense")), ("index.sparse", index.source("sparse")))
-    missing = [f"model.path: {cfg.model.path} does not exist"] if missing_local_model(cfg.model.path) else []
-    return missing + [f"{name}: {value} does not exist" for name, value in named
-                      if value and value not in ("artifact", "default") and "://" not in value and not Path(value).exists()]
+    problems = [f"model.path: {cfg.model.path} does not exist"] if missing_local_model(cfg.model.path) else []
+    problems += [f"{name}: {value} does not exist" for name, value in named
+                 if value and value not in ("artifact", "default") and "://" not in value and not Path(value).exists()]
+    cuda = ["model.device"] if cfg.model.device == "cuda" else []
+    cuda += [f"{name}.ray_actor_options.num_gpus" for name in ("decoder", "shards", "ingress")
+             if float((getattr(cfg, name).ray_actor_options or {}).get("num_gpus") or 0) > 0]
+    if cuda:
+        try:
+            check_device("cuda")
+        except ModelLoadError as exc:
+            problems += [f"{what}: {exc}" for what in cuda]
+    return problems
 
 
 def _merge(into: dict, new: dict) -> None:
@@ -197,26 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         load_api_keys(cfg.ingress.api_keys_file, cfg.ingress.api_keys_env)
     except AuthConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
-    missing = missing_local_sources(cfg) if args.address == "local" else []
-    gpus_asked = [f"{name}.ray_actor_options.num_gpus" for name in ("decoder", "shards", "ingress")
-                  if float((getattr(cfg, name).ray_actor_options or {}).get("num_gpus") or 0) > 0]
-    if args.address == "local" and (cfg.model.device == "cuda" or gpus_asked):   # the replicas run here
-        from decoding.errors import ModelLoadError
-        from decoding.model_loader import check_device
-
-        try:
-            check_device("cuda")
-        except ModelLoadError as exc:
-            # (a replica asking for a GPU the local instance lacks is never placed: Serve waits forever)
-            missing += [f"{what}: {exc}" for what in (["model.device"] if cfg.model.device == "cuda" else [])
-                        + gpus_asked]
-    if missing:                                       # a local instance's replicas read this machine's files
+    missing = local_problems(cfg) if args.address == "local" else []
+    if missing:                                       # a local instance's replicas run on this machine
         raise SystemExit(f"error: bad configuration: {'; '.join(missing)}")
     if "default" in (cfg.index.source("sparse"), cfg.index.source("dense")):
         from decoding.target import TargetModel
         from serving.index_data import prepare_defaults
 
-        from decoding.errors import SenseError, task_cause
+        from decoding.errors import SenseError, one_line
         from index.corpus import CorpusError
         from index.dense_format import DatastoreError
         from index.storage import StorageError
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             prepare_defaults(cfg.index, TargetModel.load(cfg.model.path))
         except (SenseError, DatastoreError, CorpusError, StorageError) as exc:
-            raise SystemExit(f"error: {' '.join(str(task_cause(exc)).split())}") from None
+            raise SystemExit(f"error: {one_line(exc)}") from None
     threads = local_torch_threads(cfg) if args.address == "local" else None
     if threads is not None:             # this machine is the decoder's: use its cores, not Ray's 1 per num_cpus
         _merge(app_args, {"model": {"torch_threads": threads}})
