@@ -163,6 +163,11 @@ class PrefixCache:
             self._trie = _Trie()
             self._bytes = 0
 
+    def reset_counters(self) -> None:
+        """Zero what ``stats`` counts since the start (the kept prompts stay)."""
+        with self._lock:
+            self.lookups = self.hits = self.reused_tokens = self.prefilled_tokens = 0
+
     def stats(self) -> dict:
         with self._lock:
             return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,

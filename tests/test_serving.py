@@ -281,6 +281,12 @@ def decoder_infos(rounds: int = 8) -> dict:
 
 
 def test_health_and_models(server):
+    # Before any request (this module's first test): every decoder replica warmed up at its start
+    # (its prompt kept in the prefix cache) and counted none of it.
+    for info in decoder_infos().values():
+        cache = info["prefix_cache"]
+        assert cache["entries"] == 1 and cache["lookups"] == cache["prefilled_tokens"] == 0, cache
+        assert info["completed"] == info["errors"] == 0 and info["batch"]["forwards"] == 0, info
     h = requests.get(server.url + "/health", timeout=30).json()
     assert h["status"] == "ok" and h["model"] == MODEL
     assert h["decoder"]["index"]["mode"] == "sharded" and h["decoder"]["shards"]["shards"] == 2

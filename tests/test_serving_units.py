@@ -190,6 +190,48 @@ def test_the_served_model_is_named_after_the_model_it_serves():
     assert e.status == 404 and "qwen2-0.5b" in e.message
 
 
+def test_the_ingress_warm_up_sends_the_decoder_a_request_and_survives_its_absence(caplog):
+    """At its start the ingress validates a body and makes one streaming call to the decoder's
+    `ping` with the request it gives; a decoder that cannot be reached only logs."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from serving.config import ServingConfig
+    from serving.ingress import Ingress
+    from serving.protocol import GenerationRequest
+
+    class Decoder:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.sent, self.ping = fail, [], self
+
+        def options(self, **kw):
+            assert kw == {"stream": True}
+            return self
+
+        def remote(self, req):
+            self.sent.append(req)
+            if self.fail:
+                raise RuntimeError("no decoder replica")
+
+            async def events():
+                yield {"type": "pong"}
+            return events()
+
+    serve_log = logging.getLogger("ray.serve")        # Serve's logger does not propagate to the root
+    serve_log.addHandler(caplog.handler)
+    try:
+        for fail in (False, True):
+            decoder = Decoder(fail)
+            with caplog.at_level(logging.INFO, logger="ray.serve"):
+                asyncio.run(Ingress.func_or_class._warm_up(SimpleNamespace(cfg=ServingConfig(), decoder=decoder)))
+            (req,) = decoder.sent
+            assert isinstance(req, GenerationRequest) and req.kind == "chat", req
+    finally:
+        serve_log.removeHandler(caplog.handler)
+    assert "warm-up call to the decoder failed (RuntimeError)" in caplog.text
+
+
 def test_the_ingress_request_path_loads_no_torch():
     """The ingress validates requests without torch: importing it there made the first request
     after a start wait ~1 s (and each ingress replica hold torch's memory)."""
