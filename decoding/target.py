@@ -103,7 +103,7 @@ class TargetModel:
         self.context_window = int(getattr(self.config, "max_position_embeddings", 0) or 2048)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.model_key = model_key(model)
-        self.dtype_choice: DtypeChoice = explicit(str(self.dtype).removeprefix("torch."))
+        self.dtype_choice: DtypeChoice = explicit(str(self.dtype).removeprefix("torch."), self.device.type)
         self.takes_trees = self.lean is not None or self._takes_tree_masks()
 
     def _takes_tree_masks(self) -> bool:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from decoding.dtype_choice import check_dtype, choose_dtype, fastest
+from decoding.dtype_choice import check_dtype, choose_dtype, explicit, fastest
 from decoding.errors import ModelLoadError
 from decoding.fingerprint import model_fingerprint
 from decoding.target import TargetModel
@@ -116,3 +116,9 @@ def test_processes_measuring_at_once_all_keep_the_first_measurement(tmp_path):
     outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert len({pid for pid, _ in outs}) == 1, outs
     assert sorted(cached for _, cached in outs) == [False, True, True, True]
+
+
+def test_float16_asked_for_on_cpu_says_it_is_the_slow_dtype_there():
+    assert "slower than float32 and bfloat16" in explicit("float16", "cpu").reason
+    assert explicit("float16", "cuda").reason == "float16 (asked for)"
+    assert explicit("bfloat16", "cpu").reason == "bfloat16 (asked for)"
