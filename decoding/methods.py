@@ -71,7 +71,7 @@ SENSE_FUSION = MappingProxyType({"pld": 1.0, "dense": 2.0})
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ar", "plain autoregressive decoding (no drafts)",
            lambda stores: _drafters().NoDrafter()),
-    Method("pld", "prompt lookup: copy what followed an earlier match of the last 3/2/1 tokens",
+    Method("pld", "prompt lookup: copy what followed an earlier match of the last 8 down to 1 tokens",
            lambda stores: _drafters().PromptLookupDrafter()),
     Method("rest", "REST: suffix match in a token datastore, continuations merged into a trie",
            lambda stores: _drafters().SparseDrafter(stores.sparse), frozenset({SPARSE})),

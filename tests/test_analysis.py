@@ -83,6 +83,20 @@ def test_hybrid_labels_each_part_and_keeps_its_chains():
     assert outer.labelled_chains(tokens, 8)[1] == ["pld", "pld", "rest", "x"]
 
 
+def test_a_longer_prompt_lookup_match_weighs_more_in_a_fused_tree():
+    """PLD's share of a fused tree scales with its longest match (/ 2): a 5-token match outweighs
+    a dense part of share 2, a 1-token match does not."""
+    dense = _Fixed([([42], 1.0)], "dense")
+    pld = PromptLookupDrafter()
+    long = np.array([1, 2, 3, 4, 5, 60, 61, 9, 1, 2, 3, 4, 5])         # the last 5 tokens occurred before
+    short = np.array([5, 70, 71, 9, 8, 5])                            # only the last token did
+    assert pld.fusion_scale(pld.chains(long, 4)) == 2.5 and pld.fusion_scale(pld.chains(short, 4)) == 0.5
+    assert PromptLookupDrafter(scale_by_match=False).fusion_scale(pld.chains(long, 4)) == 1.0
+    for tokens, first in ((long, 60), (short, 42)):
+        tree = HybridDrafter([(pld, 1.0), (dense, 2.0)]).propose(tokens, 1, 4)
+        assert tree.tokens[1:] == (first,), (tokens, tree.tokens)
+
+
 def test_single_source_drafters_label_their_nodes():
     assert PromptLookupDrafter.source == "pld" and SparseDrafter.source == "rest"
     tokens = np.array([5, 6, 7, 8, 5, 6])

@@ -33,6 +33,11 @@ class Drafter:
     # `hidden=None` to propose (and keeps no copy of its own a step).
     keeps_hidden: bool = False
 
+    def fusion_scale(self, found: Sequence[tuple[Sequence[int], float]]) -> float:
+        """How much of its fusion share this drafter's candidates `found` deserve in a hybrid tree
+        (``decoding.drafters.hybrid``): 1 unless the drafter can tell strong evidence from weak."""
+        return 1.0
+
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
         """A new request: its prompt and, if needs_hidden, the prompt's hidden states [P, H]."""
 

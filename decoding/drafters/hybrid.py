@@ -11,8 +11,9 @@ from decoding.drafters.base import Drafter
 
 
 class HybridDrafter(Drafter):
-    """Each part's candidate weights are normalised to sum to the part's share, then all
-    candidates merge into one weighted trie (the budget goes where the weight is)."""
+    """Each part's candidate weights are normalised to sum to the part's share (times the part's
+    ``fusion_scale`` of what it found this step), then all candidates merge into one weighted
+    trie (the budget goes where the weight is)."""
 
     name = "hybrid"
 
@@ -41,7 +42,8 @@ class HybridDrafter(Drafter):
                                                                 hidden if d.needs_hidden else None)
             total = sum(w for _, w in found)
             if total > 0:
-                fused += [(c, share * w / total) for c, w in found]
+                mass = share * d.fusion_scale(found)
+                fused += [(c, mass * w / total) for c, w in found]
                 labels += found_labels
                 keys += found_keys
         return fused, labels, keys
