@@ -132,13 +132,12 @@ class Ingress:
         took 6-10 ms and its call until the decoder's first event 39-54 ms before; 3 and 13.5 ms
         after. The call waits for a decoder replica as a request would; a failure only logs."""
         body = b'{"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 1}'
-        gen = protocol.chat_request(protocol.parse(protocol.ChatRequest, body), self.cfg)
         try:
+            gen = protocol.chat_request(protocol.parse(protocol.ChatRequest, body), self.cfg)
             async for _ in self.decoder.options(stream=True).ping.remote(gen):
                 pass
         except Exception as exc:
-            log.info("ingress warm-up call to the decoder failed (%s); requests are not affected",
-                     type(exc).__name__)
+            log.info("ingress warm-up failed (%s); requests are not affected", type(exc).__name__)
 
     # -- routes -------------------------------------------------------------------------------
 

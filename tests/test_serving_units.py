@@ -229,7 +229,7 @@ def test_the_ingress_warm_up_sends_the_decoder_a_request_and_survives_its_absenc
             assert isinstance(req, GenerationRequest) and req.kind == "chat", req
     finally:
         serve_log.removeHandler(caplog.handler)
-    assert "warm-up call to the decoder failed (RuntimeError)" in caplog.text
+    assert "ingress warm-up failed (RuntimeError)" in caplog.text
 
 
 def test_the_ingress_request_path_loads_no_torch():
