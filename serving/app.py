@@ -86,3 +86,19 @@ def reset_prefix_caches(app_name: str) -> None:
     decoder replica. Timings that ask the same prompt twice (the main job, the benchmarks) empty
     it first: a user's new question finds the chat template kept, not the whole prompt."""
     serve.get_deployment_handle(DECODER_NAME, app_name=app_name).reset_prefix_cache.remote().result()
+
+
+def stop_handle_polls() -> None:
+    """Stop the long polls of this process's Serve handles; for a driver that made handle calls
+    (``reset_prefix_caches``), before ``ray.shutdown()``. A poll that the controller answers while
+    Ray shuts down polls again, into a Ray that is gone: Serve's event loop then prints a traceback
+    (Ray's auto-init, ``'NoneType' object has no attribute 'address_info'``): it ended the main
+    job's run in a fresh clone's suite once (session 42). Serve has no public call for it: each
+    client stops once its pending poll returns (``LongPollClient.stop``)."""
+    import gc
+
+    from ray.serve._private.long_poll import LongPollClient
+
+    for obj in gc.get_objects():
+        if isinstance(obj, LongPollClient):
+            obj.stop()

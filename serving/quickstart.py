@@ -21,7 +21,7 @@ from pathlib import Path
 
 from decoding.model_loader import cache_root
 from index.corpus import gsm8k
-from serving.app import build_app, reset_prefix_caches
+from serving.app import build_app, reset_prefix_caches, stop_handle_polls
 from serving.config import EMBEDDED_NAME, ServingConfig
 from serving.control_plane import init_local_ray
 from serving.run import local_torch_threads, wait_ready
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # The local instance this started, Serve with it. Not serve.shutdown() first: it killed
         # the controller under the driver's own handle's pending long poll, and every run ended
-        # with two "(raylet) Task ServeController... failed" lines.
+        # with two "(raylet) Task ServeController... failed" lines. That poll is stopped instead.
+        stop_handle_polls()
         ray.shutdown()
 
 

@@ -630,3 +630,38 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_stopped_handle_polls_do_not_poll_into_a_shut_down_ray():
+    """A driver that made a handle call stops its handles' long polls before `ray.shutdown()`
+    (the main job does): a poll answered during the shutdown then does not poll again into a Ray
+    that is gone (which printed a traceback at the end of the main job)."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import gc
+        import ray
+        from ray import serve
+        from ray.serve._private.long_poll import LongPollClient
+        from serving.app import stop_handle_polls
+
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+        @serve.deployment
+        def f():
+            return 1
+
+        serve.run(f.bind(), name="polls", route_prefix=None)
+        assert serve.get_deployment_handle("f", app_name="polls").remote().result() == 1
+        clients = [o for o in gc.get_objects() if isinstance(o, LongPollClient)]
+        assert clients
+        stop_handle_polls()
+        ray.shutdown()
+        for c in clients:           # each one's pending poll answered after the shutdown
+            c._poll_next()
+        print("clean")
+    """
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0 and "clean" in res.stdout, res.stderr[-2000:]
