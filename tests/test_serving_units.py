@@ -636,6 +636,7 @@ def test_stopped_handle_polls_do_not_poll_into_a_shut_down_ray():
     """A driver that made a handle call stops its handles' long polls before `ray.shutdown()`
     (the main job does): a poll answered during the shutdown then does not poll again into a Ray
     that is gone (which printed a traceback at the end of the main job)."""
+    import os
     import subprocess
     import sys
 
@@ -646,7 +647,7 @@ def test_stopped_handle_polls_do_not_poll_into_a_shut_down_ray():
         from ray.serve._private.long_poll import LongPollClient
         from serving.app import stop_handle_polls
 
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
 
         @serve.deployment
         def f():
@@ -662,6 +663,7 @@ def test_stopped_handle_polls_do_not_poll_into_a_shut_down_ray():
             c._poll_next()
         print("clean")
     """
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}    # its own Ray, not the suite's
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[1], env=env)
     assert res.returncode == 0 and "clean" in res.stdout, res.stderr[-2000:]
