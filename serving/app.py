@@ -100,5 +100,7 @@ def stop_handle_polls() -> None:
     from ray.serve._private.long_poll import LongPollClient
 
     for obj in gc.get_objects():
-        if isinstance(obj, LongPollClient):
+        # type(), not isinstance(): isinstance reads `__class__`, which some objects compute
+        # (torch.distributed's deprecated `reduce_op` warns when it is read)
+        if issubclass(type(obj), LongPollClient):
             obj.stop()
