@@ -54,24 +54,36 @@ class PromptLookupDrafter(Drafter):
         return max(w for _, w in found) / 2 if self.scale_by_match and found else 1.0
 
     def chains(self, tokens: np.ndarray, max_depth: int, hidden=None) -> list[tuple[list[int], float]]:
-        """Continuations (most wanted first) with weights: n-gram length, then recency."""
+        """Continuations (most wanted first) with weights: n-gram length, then recency.
+
+        One pass finds every earlier occurrence e of the last token (e < size - 1: never the
+        suffix itself) and how far back each one's match reaches (up to max_ngram), in a few
+        vector steps over the occurrences, not one scan of the sequence per n-gram length."""
         size = len(tokens)
+        top = min(self.max_ngram, size - 1)
+        if top < self.min_ngram:
+            return []
         max_len = min(self.num_pred_tokens, max_depth)
+        ends = np.flatnonzero(tokens[: size - 1] == tokens[-1])
+        length = np.ones(len(ends), dtype=np.int64)      # the match ending at each occurrence
+        alive = np.arange(len(ends))
+        for k in range(1, top):
+            alive = alive[ends[alive] >= k]
+            alive = alive[tokens[ends[alive] - k] == tokens[size - 1 - k]]
+            if not len(alive):
+                break
+            length[alive] += 1
         found: list[tuple[list[int], float]] = []
         seen: set[bytes] = set()
-        for n in range(min(self.max_ngram, size - 1), self.min_ngram - 1, -1):
-            pattern = tokens[size - n:]
-            # Occurrence starts i < size - n (never the suffix itself); check the first token, then the rest.
-            starts = np.flatnonzero(tokens[: size - n] == pattern[0])
-            for k in range(1, n):
-                starts = starts[tokens[starts + k] == pattern[k]]
-            for rank, i in enumerate(starts[::-1]):  # most recent first
-                cont = tokens[i + n: i + n + max_len]
+        for n in range(top, self.min_ngram - 1, -1):
+            at = ends[length >= n]                         # the n-gram's occurrences, oldest first
+            for rank, e in enumerate(at[::-1]):            # most recent first
+                cont = tokens[e + 1: e + 1 + max_len]
                 key = cont.tobytes()
                 if len(cont) == 0 or key in seen:
                     continue
                 seen.add(key)
-                found.append((cont.tolist(), n - rank / (len(starts) + 1)))
+                found.append((cont.tolist(), n - rank / (len(at) + 1)))
                 if len(found) >= self.max_candidates:
                     return found
         return found
