@@ -119,7 +119,7 @@ class Ingress:
         self.decoder = decoder
         self.metrics = IngressMetrics()
         self.started = int(time.time())
-        try:
+        try:        # the task kept referenced: the event loop holds only a weak reference to it
             self._warming = asyncio.get_running_loop().create_task(self._warm_up())
         except RuntimeError:            # no event loop: constructed outside a Serve replica
             self._warming = None
