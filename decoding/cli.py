@@ -102,8 +102,12 @@ def cmd_generate(args) -> int:
     _loaded(target)
     stores = load_stores([args.method], target, args)
     ids = encode_prompt(target, args.prompt, chat=not args.raw)
-    result = generate(target, ids, params=params, drafter=make_drafter(args.method, stores), budget=args.budget,
-                      soft=soft)
+    drafter = make_drafter(args.method, stores)
+    if args.prediction:
+        from decoding.drafters.prediction import PredictionDrafter
+
+        drafter = PredictionDrafter(drafter, target.tokenizer(args.prediction, add_special_tokens=False)["input_ids"])
+    result = generate(target, ids, params=params, drafter=drafter, budget=args.budget, soft=soft)
     if args.json:
         print(json.dumps({"text": result.text, "stats": result.stats.to_dict()}))
     else:
@@ -243,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="pld", help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     g.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     g.add_argument("--json", action="store_true", help="print text and statistics as JSON")
+    g.add_argument("--prediction", default=None, metavar="TEXT",
+                   help="predicted output (most of the answer, e.g. the text being edited): drafted from first; "
+                        "the answer is the same, only faster where it matches")
     model_opts(g)
     decode_opts(g)
     g.set_defaults(func=cmd_generate)

@@ -147,8 +147,9 @@ class Sequence:
             budget = 0                          # (no cost curve measured for it)
         elif budget == "adaptive":
             cost = cost_curve(target)
-            budget = AdaptiveBudget(cost, sizes=draft_sizes(cost, soft), shared=shared_estimates(
-                target, (self.drafter.name, type(self.verifier).__name__)))
+            shared = (shared_estimates(target, (self.drafter.name, type(self.verifier).__name__))
+                      if self.drafter.shares_estimates else None)
+            budget = AdaptiveBudget(cost, sizes=draft_sizes(cost, soft), shared=shared)
         elif not isinstance(budget, AdaptiveBudget) and (not isinstance(budget, int) or isinstance(budget, bool)
                                                          or budget < 0):
             raise InvalidRequestError(f"budget must be an integer >= 0 or 'adaptive', got {budget!r}")

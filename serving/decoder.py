@@ -431,7 +431,10 @@ class Decoder:
         cost = self._cost_curve()
         # Requests of one method and verification mode start from what the earlier ones learned.
         key = (req.method, req.verification, "sampled" if req.params.temperature else "greedy")
-        return AdaptiveBudget(cost, sizes=draft_sizes(cost, req.soft), shared=shared_estimates(self, key))
+        # A predicted output's worth is its request's: such a request learns from its own steps
+        # (decoding.drafters.prediction).
+        shared = None if req.prediction else shared_estimates(self, key)
+        return AdaptiveBudget(cost, sizes=draft_sizes(cost, req.soft), shared=shared)
 
     def _encode(self, req) -> list[int]:
         from decoding.engine import encode_prompt
@@ -513,6 +516,12 @@ class Decoder:
                 prompt_ids = self._encode(req)
                 timing["encode"] = time.perf_counter() - t_run
                 drafter, store, report = self._drafter(req, self.index)
+                method_drafter, prediction = drafter, None
+                if req.prediction:
+                    from decoding.drafters.prediction import PredictionDrafter
+
+                    prediction = self.model.tokenizer(req.prediction, add_special_tokens=False)["input_ids"]
+                    drafter = PredictionDrafter(drafter, prediction)
                 budget = self._budget(req)
             except SenseError as exc:
                 emit({"type": "error", "error": from_sense_error(exc, "prompt" if req.kind == "completion"
@@ -539,7 +548,7 @@ class Decoder:
                 result = seq.run(self.compute.call)
             else:
                 result = seq.run()
-            stats = self._stats(req, result, drafter, store, report, len(prompt_ids), timing)
+            stats = self._stats(req, result, method_drafter, store, report, len(prompt_ids), timing)
             fell_back = stats["fallback"] is not None
             self.metrics.finished(req.method, result.stats, fell_back)
             self._count("fallbacks", int(fell_back))
@@ -551,12 +560,16 @@ class Decoder:
                 self._count("completed", 1)
             if stream is not None:
                 stream.flush()
+            usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(result.token_ids),
+                     "total_tokens": len(prompt_ids) + len(result.token_ids),
+                     "prompt_tokens_details": {"cached_tokens": result.stats.cached_tokens}}
+            if prediction is not None:
+                from decoding.drafters.prediction import prediction_usage
+
+                usage["completion_tokens_details"] = prediction_usage(prediction, result.token_ids)
             emit({"type": "done", "text": result.text,
                   "token_ids": list(result.token_ids), "finish_reason": result.finish_reason,
-                  "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(result.token_ids),
-                            "total_tokens": len(prompt_ids) + len(result.token_ids),
-                            "prompt_tokens_details": {"cached_tokens": result.stats.cached_tokens}},
-                  "speculative": stats})
+                  "usage": usage, "speculative": stats})
         except Exception as exc:       # a bug or a broken model: logged here, a generic 500 outside
             self._count("errors", 1)
             log.exception("generation %s failed", req.request_id)

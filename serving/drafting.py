@@ -46,13 +46,18 @@ class FallbackDrafter(Drafter):
 
     def propose(self, tokens, budget, max_depth, hidden=None):
         self.steps += 1
+        return Drafter.propose(self, tokens, budget, max_depth, hidden)
+
+    def anchored_chains(self, tokens, max_depth, hidden=None):
+        """The primary's candidates until its store fails, then PLD's (a wrapper such as
+        ``PredictionDrafter`` reads them here)."""
         if self.reason is None:
-            tree = self.primary.propose(tokens, budget, max_depth, hidden)
+            found = self.primary.anchored_chains(tokens, max_depth, hidden)
             if self.store.failure is None:
-                return tree
+                return found
             self.reason = f"index shards unavailable: {self.store.failure}"
             self.fallback_step = self.steps
-        return self.fallback.propose(tokens, budget, max_depth)
+        return self.fallback.anchored_chains(tokens, max_depth)
 
     def report(self) -> dict | None:
         if self.reason is None:

@@ -86,6 +86,13 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
+class Prediction(_Strict):
+    """OpenAI's Predicted Outputs: text most of the answer is expected to be (drafted from)."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
 class ResponseFormat(_Strict):
     type: Literal["text"]
 
@@ -99,6 +106,7 @@ class ChatRequest(_Common):
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    prediction: Prediction | None = None
 
 
 @dataclass
@@ -117,6 +125,7 @@ class GenerationRequest:
     messages: list[dict] | None = None         # chat turns
     stream: bool = False
     return_token_ids: bool = False
+    prediction: str | None = None              # predicted output (chat): drafted from, never changes the answer
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -258,12 +267,12 @@ def completion_request(req: CompletionRequest, config: ServingConfig) -> Generat
                              stream=bool(req.stream), **_speculative(req, config))
 
 
-def _message_text(m: ChatMessage) -> str:
-    if m.content is None:
+def _text(content: str | list[TextPart] | None) -> str:
+    if content is None:
         return ""
-    if isinstance(m.content, str):
-        return m.content
-    return "".join(p.text for p in m.content)
+    if isinstance(content, str):
+        return content
+    return "".join(p.text for p in content)
 
 
 def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
@@ -275,14 +284,15 @@ def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise invalid("max_tokens and max_completion_tokens disagree: give one", "max_completion_tokens")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
                 for m in req.messages]
     if not any(m["content"].strip() for m in messages):
         raise invalid("the messages are empty: give some text", "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens or config.sampling.chat_max_tokens
     return GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", kind="chat",
                              params=_sampling(req, max_tokens, config), messages=messages,
-                             stream=bool(req.stream), **_speculative(req, config))
+                             stream=bool(req.stream), prediction=_text(req.prediction.content) if req.prediction else None,
+                             **_speculative(req, config))
 
 
 def include_usage(req: _Common) -> bool:

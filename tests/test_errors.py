@@ -105,6 +105,13 @@ def test_cli_generate_and_stop_string():
     out = json.loads(proc.stdout)
     assert out["stats"]["new_tokens"] >= 1 and out["text"]
     assert out["stats"]["steps"] >= 1 and out["stats"]["mat"] >= 1.0
+    # A predicted output (here the answer itself): the same text, in fewer steps.
+    proc = run_cli("generate", "--method", "ar", "--max-new-tokens", "12", "--json", "--prediction", out["text"],
+                   "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    predicted = json.loads(proc.stdout)
+    assert predicted["text"] == out["text"] and predicted["stats"]["method"] == "ar+prediction"
+    assert predicted["stats"]["steps"] < out["stats"]["new_tokens"]
 
 
 def test_a_device_the_machine_lacks_is_one_line_before_anything_loads(capsys):

@@ -380,6 +380,25 @@ def test_openai_client(server, target, stores):
     assert running_replicas("Decoder") == 1
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == chunks[-1].usage.prompt_tokens - 1
 
+    # OpenAI's Predicted Outputs: the same answer, more tokens a step where it follows the
+    # prediction (through the sharded index's fallback wrapper: SENSE), and the usage details.
+    want = engine(target, stores, "chat", QUESTIONS[0], method="sense", max_tokens=32)
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
+                                           extra_body={"speculative": {"method": "sense", "budget": 4}})
+    assert plain.choices[0].message.content == want.text and plain.usage.completion_tokens_details is None
+    for prediction, accepted in ((want.text, len(want.token_ids)), ("Paris is the capital of France.", None)):
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
+                                           prediction={"type": "content", "content": prediction},
+                                           extra_body={"speculative": {"method": "sense", "budget": 4}})
+        assert r.choices[0].message.content == want.text
+        details = r.usage.completion_tokens_details
+        if accepted is not None:
+            assert details.accepted_prediction_tokens == accepted and details.rejected_prediction_tokens == 0
+            assert r.model_extra["speculative"]["mat"] > 1.5 * plain.model_extra["speculative"]["mat"]
+        else:
+            assert details.accepted_prediction_tokens < len(want.token_ids)
+
     want = engine(target, stores, "completion", "The capital of France is", method="ar", max_tokens=8)
     c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
                                   extra_body={"speculative": {"method": "ar"}})

@@ -118,14 +118,14 @@ def test_the_index_fallback_drafter_keeps_its_primarys_hidden_state_and_falls_ba
     assert steady.report() is None
 
     failing = FallbackDrafter(make_drafter("sense", stores), Store())
-    propose = failing.primary.propose
+    search = failing.primary.anchored_chains
 
     def fail_on_the_fifth(*args, **kwargs):
         if failing.steps == 5:
             failing.store.failure = "shard 0 is down"
-        return propose(*args, **kwargs)
+        return search(*args, **kwargs)
 
-    failing.primary.propose = fail_on_the_fifth
+    failing.primary.anchored_chains = fail_on_the_fifth
     out = generate(target, prompt, params=params, drafter=failing, budget=4)
     assert out.token_ids == ar and failing.report() == {"method": "pld", "reason": "index shards unavailable: "
                                                         "shard 0 is down", "from_step": 5}
@@ -142,7 +142,15 @@ def test_request_validation_names_the_parameter():
     msgs = [{"role": "user", "content": "hi"}]
     ok = chat({"messages": msgs, "max_tokens": 5, "temperature": 0, "speculative": {"method": "pld", "budget": 8}})
     assert ok.method == "pld" and ok.budget == 8 and ok.params.max_new_tokens == 5 and ok.params.greedy
+    assert ok.prediction is None
+    assert chat({"messages": msgs, "prediction": {"type": "content", "content": "def f(): pass"}}).prediction \
+        == "def f(): pass"
+    parts = [{"type": "text", "text": "a "}, {"type": "text", "text": "b"}]
+    assert chat({"messages": msgs, "prediction": {"type": "content", "content": parts}}).prediction == "a b"
     cases = [
+        (json.dumps({"messages": msgs, "prediction": {"type": "text", "content": "x"}}).encode(), "prediction.type",
+         None),
+        (json.dumps({"messages": msgs, "prediction": {"content": "x"}}).encode(), "prediction.type", None),
         (b"{not json", None, "invalid_json"),
         (b"[1, 2]", None, None),
         (json.dumps({"messages": msgs, "bogus": 1}).encode(), "bogus", "unknown_parameter"),
