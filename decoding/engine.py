@@ -147,9 +147,8 @@ class Sequence:
             budget = 0                          # (no cost curve measured for it)
         elif budget == "adaptive":
             cost = cost_curve(target)
-            shared = (shared_estimates(target, (self.drafter.name, type(self.verifier).__name__))
-                      if self.drafter.shares_estimates else None)
-            budget = AdaptiveBudget(cost, sizes=draft_sizes(cost, soft), shared=shared)
+            budget = AdaptiveBudget(cost, sizes=draft_sizes(cost, soft), shared=shared_estimates(
+                target, (self.drafter.name, type(self.verifier).__name__)))
         elif not isinstance(budget, AdaptiveBudget) and (not isinstance(budget, int) or isinstance(budget, bool)
                                                          or budget < 0):
             raise InvalidRequestError(f"budget must be an integer >= 0 or 'adaptive', got {budget!r}")

@@ -430,11 +430,10 @@ class Decoder:
 
         cost = self._cost_curve()
         # Requests of one method and verification mode start from what the earlier ones learned.
-        key = (req.method, req.verification, "sampled" if req.params.temperature else "greedy")
-        # A predicted output's worth is its request's: such a request learns from its own steps
-        # (decoding.drafters.prediction).
-        shared = None if req.prediction else shared_estimates(self, key)
-        return AdaptiveBudget(cost, sizes=draft_sizes(cost, req.soft), shared=shared)
+        # (With a predicted output, from the earlier ones with one: decoding.drafters.prediction.)
+        key = (req.method, req.verification, "sampled" if req.params.temperature else "greedy",
+               *(("prediction",) if req.prediction else ()))
+        return AdaptiveBudget(cost, sizes=draft_sizes(cost, req.soft), shared=shared_estimates(self, key))
 
     def _encode(self, req) -> list[int]:
         from decoding.engine import encode_prompt

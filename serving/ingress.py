@@ -1,7 +1,7 @@
 """The HTTP ingress: an OpenAI-compatible FastAPI app under ``@serve.ingress``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as server-sent
-events with ``"stream": true``), ``GET /v1/models``, ``GET /health``. Requests are validated
+events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``. Requests are validated
 here (a 400 never costs a decoder slot, except prompt length, which needs the tokenizer) and
 sent to the decoder deployment as one streaming handle call; its first event decides the HTTP
 status, so errors are proper statuses even for streaming requests. Overload (the decoder's
@@ -150,10 +150,19 @@ class Ingress:
     async def chat_completions(self, request: Request):
         return await self._generate(request, protocol.ChatRequest, protocol.chat_request, "/v1/chat/completions")
 
+    def _model_card(self) -> dict:
+        return {"id": self.cfg.model.name, "object": "model", "created": self.started, "owned_by": "sense-on-ray"}
+
     @app.get("/v1/models")
     async def models(self):
-        return {"object": "list", "data": [{"id": self.cfg.model.name, "object": "model", "created": self.started,
-                                            "owned_by": "sense-on-ray"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(self, model: str):
+        """One model (the OpenAI client's ``models.retrieve``); a hub id's slash is part of it."""
+        if model != self.cfg.model.name:
+            return _error_response(protocol.unknown_model(model, self.cfg))
+        return self._model_card()
 
     @app.get("/health")
     async def health(self):

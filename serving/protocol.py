@@ -197,10 +197,14 @@ def _check_max_tokens(req: _Common, config: ServingConfig) -> None:
             raise invalid(f"{name} must be at most {limit} on this server", name)
 
 
+def unknown_model(name: str, config: ServingConfig) -> APIError:
+    return APIError(404, f"The model `{name}` does not exist; this server serves `{config.model.name}`",
+                    "invalid_request_error", "model", "model_not_found")
+
+
 def check_model(req: _Common, config: ServingConfig) -> None:
     if req.model is not None and req.model != config.model.name:
-        raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{config.model.name}`",
-                       "invalid_request_error", "model", "model_not_found")
+        raise unknown_model(req.model, config)
 
 
 def _speculative(req: _Common, config: ServingConfig) -> dict:

@@ -404,6 +404,10 @@ def test_openai_client(server, target, stores):
                                   extra_body={"speculative": {"method": "ar"}})
     assert c.choices[0].text == want.text
     assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("org/gpt-9")
+    assert err.value.status_code == 404 and "gpt-9" in err.value.message
 
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],

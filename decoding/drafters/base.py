@@ -32,9 +32,6 @@ class Drafter:
     # Whether the drafter keeps the last observed hidden state itself: then the engine passes
     # `hidden=None` to propose (and keeps no copy of its own a step).
     keeps_hidden: bool = False
-    # Whether a request's adaptive budget starts from earlier requests' estimates for this
-    # drafter (``decoding.budget.shared_estimates``): not where drafts come from the request itself.
-    shares_estimates: bool = True
 
     def fusion_scale(self, found: Sequence[tuple[Sequence[int], float]]) -> float:
         """How much of its fusion share this drafter's candidates `found` deserve in a hybrid tree

@@ -34,13 +34,12 @@ class PredictionDrafter(Drafter):
     primary's candidates compete (``NodeAcceptance`` learns from the label
     ``prediction`` how often such nodes land).
 
-    A prediction's worth is its request's, not the drafter's: ``shares_estimates`` is False, so
-    a request's adaptive budget learns from its own steps, not from earlier requests' predictions
-    (a request whose prediction the answer followed, after one whose answer did not, drafted 2
-    nodes a step, MAT 3.1, against 12-32 nodes and MAT 10-18 from its own estimates)."""
+
+    Its name is the primary's with ``+prediction``: requests with a prediction learn their
+    adaptive budget from one another (``decoding.budget.shared_estimates``), not from the
+    method's requests without one, whose drafts land at another rate."""
 
     source = "prediction"
-    shares_estimates = False
     max_match = 32
     max_candidates = 2
 
