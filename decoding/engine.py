@@ -21,10 +21,33 @@ from decoding.verifiers import Verifier, make_verifier
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the target (its raw distribution: before
+    temperature, top-p and top-k) and, best first, the `top` most likely tokens at that position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(logits, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The log-probabilities of `tokens`, row i of `logits` [n, V] the distribution token i was
+    drawn from, with each row's `top` best tokens."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    best = lp.topk(top, dim=-1) if top else None
+    return [TokenLogprob(t, c, list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else [])
+            for i, (t, c) in enumerate(zip(tokens, chosen))]
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]
     text: str
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] | None = None      # with ``logprobs``: one per token of token_ids
 
     @property
     def finish_reason(self) -> str:
@@ -93,7 +116,7 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
              drafter: Drafter | None = None, verifier: Verifier | None = None,
              budget: int | AdaptiveBudget | str = "adaptive", soft=None,
              on_tokens: Callable[[list[int]], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+             should_stop: Callable[[], bool] | None = None, logprobs: int | None = None) -> GenerationResult:
     """Speculative decoding of one request.
 
     Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
@@ -110,12 +133,14 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     after stop conditions are applied, so the calls concatenate to the final ``token_ids``.
     `should_stop()` is asked before the prefill and before each step; when it returns true the
     generation ends early with ``finish_reason == "cancelled"`` and the tokens so far.
+    `logprobs` (k >= 0; None: off): each output token's log-probability under the target and
+    its k most likely alternatives (``result.logprobs``), read off the forward that verified it.
 
     This is the batch of one of :class:`decoding.scheduler.BatchScheduler`: the same
     :class:`Sequence` steps, with the verification forward of this request alone.
     """
     seq = Sequence(target, prompt_ids, params=params, drafter=drafter, verifier=verifier, budget=budget, soft=soft,
-                   on_tokens=on_tokens, should_stop=should_stop)
+                   on_tokens=on_tokens, should_stop=should_stop, logprobs=logprobs)
     return seq.run()
 
 
@@ -132,7 +157,7 @@ class Sequence:
                  drafter: Drafter | None = None, verifier: Verifier | None = None,
                  budget: int | AdaptiveBudget | str = "adaptive", soft=None,
                  on_tokens: Callable[[list[int]], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, logprobs: int | None = None) -> None:
         self.serial = next(_SERIALS)    # unique in the process (an id() is reused once freed)
         self.target = target
         self.prompt_ids = list(prompt_ids)
@@ -159,6 +184,12 @@ class Sequence:
         self.budget = budget
         self.adaptive = budget if isinstance(budget, AdaptiveBudget) else None
         self.on_tokens, self.should_stop = on_tokens, should_stop
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise InvalidRequestError(f"logprobs must be an integer >= 0 (alternatives per token), got {logprobs!r}")
+        self.logprobs = logprobs
+        # With `logprobs`: one TokenLogprob per token of `generated`, filled as they are committed
+        # (an `on_tokens` hook finds its tokens' at the end of the list).
+        self.token_logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
         self.t_start = time.perf_counter()
         self.state = None
         self._pieces = None             # the prefill under way (TargetModel.prefill_pieces)
@@ -228,6 +259,8 @@ class Sequence:
             self.adaptive.start()
         self.stats.time_prefill = time.perf_counter() - self.t_start
         self.generated, self.reason = self.stopper.cut(generated)
+        if self.token_logprobs is not None and self.generated:
+            self.token_logprobs += token_logprobs(out.logits[-1:], self.generated, self.logprobs)
         if self.on_tokens is not None and self.generated:
             self.on_tokens(list(self.generated))
 
@@ -342,6 +375,9 @@ class Sequence:
         # token. A step counts one of the tokens it commits; accepted counts the others.
         stats.accepted += max(0, min(verdict.n_accepted, len(self.generated) - before - 1))
         added = self.generated[before:]
+        if self.token_logprobs is not None and added:
+            # The token after path node j was drawn from node j's row (the last: the bonus token).
+            self.token_logprobs += token_logprobs(out.logits[list(verdict.path[:len(added)])], added, self.logprobs)
         if self.done and self._kept_hidden is not None:
             self.target.keep(self.tokens[:self.state.n_committed], self.state, self._kept_hidden)
             self._kept_hidden = None
@@ -356,7 +392,7 @@ class Sequence:
         stats = self.stats
         if self.state is None:                  # cancelled before the prefill
             stats.prompt_tokens, stats.finish_reason = len(self.prompt_ids), "cancelled"
-            return GenerationResult(token_ids=[], text="", stats=stats)
+            return GenerationResult(token_ids=[], text="", stats=stats, logprobs=self.token_logprobs)
         gate_stats = getattr(self.verifier, "stats", None)
         if gate_stats is not None:
             stats.verifier = "soft"
@@ -364,4 +400,5 @@ class Sequence:
         stats.new_tokens = len(self.generated)
         stats.finish_reason = self.reason
         stats.time_total = time.perf_counter() - self.t_start
-        return GenerationResult(token_ids=self.generated, text=self.stopper.text(self.generated), stats=stats)
+        return GenerationResult(token_ids=self.generated, text=self.stopper.text(self.generated), stats=stats,
+                                logprobs=self.token_logprobs)

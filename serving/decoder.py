@@ -152,7 +152,10 @@ def _resolve_device(model_cfg) -> tuple[str, str]:
 
 
 def _merge(a: dict, b: dict) -> dict:
-    return {"type": "delta", "token_ids": a["token_ids"] + b["token_ids"]}
+    out = {"type": "delta", "token_ids": a["token_ids"] + b["token_ids"]}
+    if "logprobs" in a:
+        out["logprobs"] = a["logprobs"] + b["logprobs"]
+    return out
 
 
 def coalesce_deltas(event: dict, queue: asyncio.Queue) -> tuple[dict, dict | None]:
@@ -194,10 +197,13 @@ class StreamBuffer:
     streaming one chunk per step slowed the decoder's forwards by 13% on the 2-core machine).
     `interval`: seconds, or a function giving them now (the replica's, longer with more streams)."""
 
-    def __init__(self, emit, interval, clock=time.monotonic) -> None:
+    def __init__(self, emit, interval, clock=time.monotonic, logprobs=None) -> None:
+        """`logprobs`: the request's list of ``TokenLogprob`` records, one per committed token
+        (``Sequence.token_logprobs``): a chunk carries those of its tokens."""
         self.emit, self.interval, self.clock = emit, interval, clock
         self.ids: list[int] = []
         self.last: float | None = None
+        self.logprobs, self.sent = logprobs, 0
 
     def push(self, ids: list[int]) -> None:
         self.ids += ids
@@ -209,7 +215,11 @@ class StreamBuffer:
 
     def flush(self) -> None:
         if self.ids:
-            self.emit({"type": "delta", "token_ids": self.ids})
+            event = {"type": "delta", "token_ids": self.ids}
+            if self.logprobs is not None:
+                event["logprobs"] = self.logprobs[self.sent: self.sent + len(self.ids)]
+                self.sent += len(self.ids)
+            self.emit(event)
             self.ids = []
 
 
@@ -276,6 +286,7 @@ class Decoder:
         self._cost_lock = threading.Lock()
         self._reconfigure_lock = asyncio.Lock()
         self.counts = {"active": 0, "completed": 0, "cancelled": 0, "errors": 0, "fallbacks": 0}
+        self._token_texts = None        # serving.logprobs.TokenTexts, on the first request with logprobs
         self._counts_lock = threading.Lock()
         self.last_cancelled: dict | None = None
         self.metrics = DecoderMetrics()
@@ -533,11 +544,12 @@ class Decoder:
             if params.top_k >= self.target.vocab_size:         # keeps every token: the same as no filter
                 params = dataclasses.replace(params, top_k=0)
             emit({"type": "start", "prompt_tokens": len(prompt_ids)})
-            stream = (StreamBuffer(emit, lambda: stream_interval(self.cfg.decoder, self.counts["active"]))
-                      if req.stream else None)
-            hooks = {"on_tokens": stream.push if stream else None, "should_stop": cancel.is_set}
+            hooks = {"should_stop": cancel.is_set}
             seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
-                           **hooks)
+                           logprobs=req.logprobs, **hooks)
+            stream = (StreamBuffer(emit, lambda: stream_interval(self.cfg.decoder, self.counts["active"]),
+                                   logprobs=seq.token_logprobs) if req.stream else None)
+            seq.on_tokens = stream.push if stream else None
             if self.batch is not None:
                 result = self.batch.run(seq).result()
             elif self.cfg.decoder.serialize_forward:
@@ -566,9 +578,11 @@ class Decoder:
                 from decoding.drafters.prediction import prediction_usage
 
                 usage["completion_tokens_details"] = prediction_usage(prediction, result.token_ids)
-            emit({"type": "done", "text": result.text,
-                  "token_ids": list(result.token_ids), "finish_reason": result.finish_reason,
-                  "usage": usage, "speculative": stats})
+            done = {"type": "done", "text": result.text, "token_ids": list(result.token_ids),
+                    "finish_reason": result.finish_reason, "usage": usage, "speculative": stats}
+            if result.logprobs is not None and not req.stream:     # (streamed: with each chunk's tokens)
+                done["logprobs"] = result.logprobs
+            emit(done)
         except Exception as exc:       # a bug or a broken model: logged here, a generic 500 outside
             self._count("errors", 1)
             log.exception("generation %s failed", req.request_id)
@@ -602,12 +616,27 @@ class Decoder:
         try:
             while True:
                 event, held = relay(held if held is not None else await queue.get(), queue, text)
+                if req.logprobs is not None:
+                    event = self._logprob_entries(event)
                 yield event
                 if event["type"] in ("done", "error"):
                     break
         finally:
             if not future.done():
                 cancel.set()
+
+    def _logprob_entries(self, event: dict) -> dict:
+        """`event` with its ``TokenLogprob`` records (its own, its inner delta's) as OpenAI
+        entries (serving/logprobs.py), their tokens' texts decoded here, not on the compute thread."""
+        from serving.logprobs import TokenTexts, entries
+
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.model.tokenizer)
+        if "logprobs" in event:
+            event = {**event, "logprobs": entries(self._token_texts, event["logprobs"])}
+        if "delta" in event:
+            event = {**event, "delta": self._logprob_entries(event["delta"])}
+        return event
 
     async def ping(self, req=None):
         """One event: the ingress's first streaming call at its start, with a request it does not

@@ -263,13 +263,19 @@ class Ingress:
         ended = False                   # the finish chunk or an error event went out
         head = sse(chunk(gen, name, text="", role=True)) if gen.kind == "chat" else ""
 
+        offset = 0                      # characters of the tokens whose logprobs went out (completions)
+
         def tokens(delta: dict) -> str:
-            nonlocal first_token
+            nonlocal first_token, offset
             if delta["text"] and not first_token:
                 first_token = True
                 self.metrics.first_token(route, time.perf_counter() - t0)
-            if delta["text"] or ids:
-                return sse(chunk(gen, name, text=delta["text"], token_ids=delta["token_ids"] if ids else None))
+            logprobs = delta.get("logprobs")
+            if delta["text"] or ids or logprobs:
+                out = sse(chunk(gen, name, text=delta["text"], token_ids=delta["token_ids"] if ids else None,
+                                logprobs=logprobs, offset=offset))
+                offset += sum(len(e["token"]) for e in logprobs or ())
+                return out
             return ""
 
         try:

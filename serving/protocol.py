@@ -2,7 +2,7 @@
 their translation into a :class:`GenerationRequest` for the decoder.
 
 Validation is strict: unknown fields, wrong types and out-of-range values are 400s that name
-the parameter. OpenAI fields this server cannot honour (n > 1, logprobs, penalties, ...) are
+the parameter. OpenAI fields this server cannot honour (n > 1, penalties, echo, ...) are
 accepted only with their neutral value, so a request is never silently served differently.
 """
 
@@ -70,7 +70,7 @@ class _Common(_Strict):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
@@ -101,7 +101,7 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
@@ -126,6 +126,7 @@ class GenerationRequest:
     stream: bool = False
     return_token_ids: bool = False
     prediction: str | None = None              # predicted output (chat): drafted from, never changes the answer
+    logprobs: int | None = None                # each token's log-probability and this many alternatives
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -252,8 +253,6 @@ def completion_request(req: CompletionRequest, config: ServingConfig) -> Generat
     _unsupported(req, "echo", False, "the prompt is not echoed")
     _unsupported(req, "best_of", 1, "one candidate per request")
     _unsupported(req, "suffix", None, "no insertion")
-    if req.logprobs is not None:
-        raise invalid("logprobs are not supported", "logprobs", "unsupported_value")
     prompt, prompt_ids = req.prompt, None
     if isinstance(prompt, list):
         if prompt and all(isinstance(p, int) for p in prompt):
@@ -268,7 +267,7 @@ def completion_request(req: CompletionRequest, config: ServingConfig) -> Generat
     max_tokens = req.max_tokens or config.sampling.completion_max_tokens
     return GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", kind="completion",
                              params=_sampling(req, max_tokens, config), prompt=prompt, prompt_ids=prompt_ids,
-                             stream=bool(req.stream), **_speculative(req, config))
+                             stream=bool(req.stream), logprobs=req.logprobs, **_speculative(req, config))
 
 
 def _text(content: str | list[TextPart] | None) -> str:
@@ -283,8 +282,8 @@ def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     check_model(req, config)
     _check_common(req)
     _check_max_tokens(req, config)
-    if req.logprobs or req.top_logprobs is not None:
-        raise invalid("logprobs are not supported", "logprobs", "unsupported_value")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise invalid("max_tokens and max_completion_tokens disagree: give one", "max_completion_tokens")
@@ -296,7 +295,7 @@ def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     return GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", kind="chat",
                              params=_sampling(req, max_tokens, config), messages=messages,
                              stream=bool(req.stream), prediction=_text(req.prediction.content) if req.prediction else None,
-                             **_speculative(req, config))
+                             logprobs=(req.top_logprobs or 0) if req.logprobs else None, **_speculative(req, config))
 
 
 def include_usage(req: _Common) -> bool:

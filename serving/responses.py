@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from serving import logprobs as lp
+
 
 def _object(kind: str, stream: bool) -> str:
     if kind == "chat":
@@ -15,9 +17,16 @@ def _object(kind: str, stream: bool) -> str:
     return "text_completion"
 
 
+def _logprobs(gen, entries: list[dict] | None, offset: int = 0) -> dict | None:
+    if entries is None:
+        return None
+    return lp.chat(entries) if gen.kind == "chat" else lp.completion(entries, offset)
+
+
 def full_body(gen, model: str, done: dict, text: str) -> dict:
     """The non-streamed response of a finished request."""
-    choice: dict = {"index": 0, "logprobs": None, "finish_reason": done["finish_reason"]}
+    choice: dict = {"index": 0, "logprobs": _logprobs(gen, done.get("logprobs")),
+                    "finish_reason": done["finish_reason"]}
     if gen.kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -29,9 +38,11 @@ def full_body(gen, model: str, done: dict, text: str) -> dict:
 
 
 def chunk(gen, model: str, *, text: str | None = None, role: bool = False, finish_reason: str | None = None,
-          token_ids: list[int] | None = None, extra: dict | None = None) -> dict:
-    """One streamed chunk with a text delta (and/or the role, the finish reason)."""
-    choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+          token_ids: list[int] | None = None, extra: dict | None = None, logprobs: list[dict] | None = None,
+          offset: int = 0) -> dict:
+    """One streamed chunk with a text delta (and/or the role, the finish reason); `logprobs`: its
+    tokens' entries (serving/logprobs.py), `offset` the characters of the answer before them."""
+    choice: dict = {"index": 0, "logprobs": _logprobs(gen, logprobs, offset), "finish_reason": finish_reason}
     if gen.kind == "chat":
         delta: dict = {}
         if role:

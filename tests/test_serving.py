@@ -399,10 +399,31 @@ def test_openai_client(server, target, stores):
         else:
             assert details.accepted_prediction_tokens < len(want.token_ids)
 
+    # Log-probabilities: the engine's, bitwise, drafted or not, streamed or not.
+    from decoding.config import SamplingParams
+    from decoding.engine import encode_prompt, generate
+
+    ids = encode_prompt(target, QUESTIONS[1])
+    want = generate(target, ids, params=SamplingParams(max_new_tokens=16), budget=0, logprobs=2)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                       max_tokens=16, temperature=0, logprobs=True, top_logprobs=2, extra_body=extra)
+    got = r.choices[0].logprobs.content
+    assert [e.logprob for e in got] == [x.logprob for x in want.logprobs]
+    assert [[t.logprob for t in e.top_logprobs] for e in got] == [[v for _, v in x.top] for x in want.logprobs]
+    assert "".join(e.token for e in got) == target.tokenizer.decode(want.token_ids)
+    streamed = [e for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTIONS[1]}], max_tokens=16, temperature=0,
+        logprobs=True, top_logprobs=2, stream=True, extra_body=extra) if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in got]
+
     want = engine(target, stores, "completion", "The capital of France is", method="ar", max_tokens=8)
     c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
-                                  extra_body={"speculative": {"method": "ar"}})
+                                  logprobs=1, extra_body={"speculative": {"method": "ar"}})
     assert c.choices[0].text == want.text
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(want.token_ids)
+    assert lp.text_offset[0] == 0 and all(v <= 0 for v in lp.token_logprobs)
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError) as err:

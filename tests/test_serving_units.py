@@ -147,7 +147,13 @@ def test_request_validation_names_the_parameter():
         == "def f(): pass"
     parts = [{"type": "text", "text": "a "}, {"type": "text", "text": "b"}]
     assert chat({"messages": msgs, "prediction": {"type": "content", "content": parts}}).prediction == "a b"
+    assert ok.logprobs is None
+    assert chat({"messages": msgs, "logprobs": True}).logprobs == 0
+    assert chat({"messages": msgs, "logprobs": True, "top_logprobs": 5}).logprobs == 5
+    assert p.completion_request(p.parse(p.CompletionRequest, b'{"prompt": "a", "logprobs": 3}'), cfg).logprobs == 3
     cases = [
+        (json.dumps({"messages": msgs, "top_logprobs": 2}).encode(), "top_logprobs", None),
+        (json.dumps({"messages": msgs, "logprobs": True, "top_logprobs": 21}).encode(), "top_logprobs", None),
         (json.dumps({"messages": msgs, "prediction": {"type": "text", "content": "x"}}).encode(), "prediction.type",
          None),
         (json.dumps({"messages": msgs, "prediction": {"content": "x"}}).encode(), "prediction.type", None),
@@ -561,6 +567,47 @@ def test_stream_buffer_sends_the_first_tokens_at_once_then_at_most_every_interva
     every.push([7])
     every.push([8])
     assert [e["token_ids"] for e in sent[-2:]] == [[7], [8]]
+    assert all("logprobs" not in e for e in sent)
+    # With logprobs: each chunk carries its own tokens' records, however the tokens were gathered.
+    records: list = []
+    sent.clear()
+    buf = StreamBuffer(sent.append, 0.1, clock=lambda: now[0], logprobs=records)
+    for t, ids in ((1.0, [1]), (1.03, [2, 3]), (1.05, [4]), (1.2, [5])):
+        now[0] = t
+        records += [f"r{i}" for i in ids]          # the engine appends before it calls the hook
+        buf.push(ids)
+    buf.flush()
+    assert [(e["token_ids"], e["logprobs"]) for e in sent] == [([1], ["r1"]), ([2, 3, 4, 5], ["r2", "r3", "r4", "r5"])]
+
+
+def test_logprobs_take_openai_shapes():
+    from decoding.engine import TokenLogprob
+    from serving import logprobs, protocol
+    from serving.decoder import _merge
+    from serving.responses import chunk, full_body
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return {1: " Par", 2: "is", 3: "é", 4: "<eos>"}[ids[0]]
+
+    texts = logprobs.TokenTexts(Tok())
+    entries = logprobs.entries(texts, [TokenLogprob(1, -0.5, [(1, -0.5), (2, -1.5)]), TokenLogprob(3, -0.25, [])])
+    assert entries[0] == {"token": " Par", "logprob": -0.5, "bytes": [32, 80, 97, 114], "top_logprobs": [
+        {"token": " Par", "logprob": -0.5, "bytes": [32, 80, 97, 114]}, {"token": "is", "logprob": -1.5, "bytes": [105, 115]}]}
+    assert entries[1]["bytes"] == [195, 169] and entries[1]["top_logprobs"] == []
+    assert logprobs.completion(entries, offset=3) == {"tokens": [" Par", "é"], "token_logprobs": [-0.5, -0.25],
+                                                      "top_logprobs": [{" Par": -0.5, "is": -1.5}, {}],
+                                                      "text_offset": [3, 7]}
+    merged = _merge({"type": "delta", "token_ids": [1], "logprobs": ["a"]},
+                    {"type": "delta", "token_ids": [2], "logprobs": ["b"]})
+    assert merged == {"type": "delta", "token_ids": [1, 2], "logprobs": ["a", "b"]}
+    cfg = ServingConfig()
+    chat = protocol.chat_request(protocol.ChatRequest(messages=[{"role": "user", "content": "hi"}]), cfg)
+    done = {"finish_reason": "stop", "usage": {}, "speculative": {}, "token_ids": [1, 3], "logprobs": entries}
+    assert full_body(chat, "m", done, "x")["choices"][0]["logprobs"] == {"content": entries}
+    assert chunk(chat, "m", text="x")["choices"][0]["logprobs"] is None
+    comp = protocol.completion_request(protocol.CompletionRequest(prompt="hi", logprobs=1), cfg)
+    assert chunk(comp, "m", text="x", logprobs=entries[1:], offset=4)["choices"][0]["logprobs"]["text_offset"] == [4]
 
 
 def test_a_busy_replica_streams_in_fewer_larger_chunks():
