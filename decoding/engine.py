@@ -48,6 +48,8 @@ class GenerationResult:
     text: str
     stats: GenerationStats = field(default_factory=GenerationStats)
     logprobs: list[TokenLogprob] | None = None      # with ``logprobs``: one per token of token_ids
+    # with ``prompt_logprobs``: one per prompt token after the first (the first has no context)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finish_reason(self) -> str:
@@ -116,7 +118,8 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
              drafter: Drafter | None = None, verifier: Verifier | None = None,
              budget: int | AdaptiveBudget | str = "adaptive", soft=None,
              on_tokens: Callable[[list[int]], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, logprobs: int | None = None) -> GenerationResult:
+             should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
+             prompt_logprobs: int | None = None) -> GenerationResult:
     """Speculative decoding of one request.
 
     Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
@@ -134,17 +137,21 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     `should_stop()` is asked before the prefill and before each step; when it returns true the
     generation ends early with ``finish_reason == "cancelled"`` and the tokens so far.
     `logprobs` (k >= 0; None: off): each output token's log-probability under the target and
-    its k most likely alternatives (``result.logprobs``), read off the forward that verified it.
+    its k most likely alternatives (``result.logprobs``), read off the forward that verified it;
+    `prompt_logprobs` likewise for the prompt's tokens after the first (``result.prompt_logprobs``:
+    the prompt's prefill keeps every position's logits, in pieces of ``PROMPT_PIECE`` positions,
+    and skips the prefix cache).
 
     This is the batch of one of :class:`decoding.scheduler.BatchScheduler`: the same
     :class:`Sequence` steps, with the verification forward of this request alone.
     """
     seq = Sequence(target, prompt_ids, params=params, drafter=drafter, verifier=verifier, budget=budget, soft=soft,
-                   on_tokens=on_tokens, should_stop=should_stop, logprobs=logprobs)
+                   on_tokens=on_tokens, should_stop=should_stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     return seq.run()
 
 
 _SERIALS = itertools.count()
+PROMPT_PIECE = 256      # prompt positions a prefill piece scores at most (prompt_logprobs: [256, V] at once)
 
 
 class Sequence:
@@ -157,7 +164,8 @@ class Sequence:
                  drafter: Drafter | None = None, verifier: Verifier | None = None,
                  budget: int | AdaptiveBudget | str = "adaptive", soft=None,
                  on_tokens: Callable[[list[int]], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, logprobs: int | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None) -> None:
         self.serial = next(_SERIALS)    # unique in the process (an id() is reused once freed)
         self.target = target
         self.prompt_ids = list(prompt_ids)
@@ -184,9 +192,11 @@ class Sequence:
         self.budget = budget
         self.adaptive = budget if isinstance(budget, AdaptiveBudget) else None
         self.on_tokens, self.should_stop = on_tokens, should_stop
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
-            raise InvalidRequestError(f"logprobs must be an integer >= 0 (alternatives per token), got {logprobs!r}")
-        self.logprobs = logprobs
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+                raise InvalidRequestError(f"{name} must be an integer >= 0 (alternatives per token), got {k!r}")
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
+        self.prompt_token_logprobs: list[TokenLogprob] | None = [] if prompt_logprobs is not None else None
         # With `logprobs`: one TokenLogprob per token of `generated`, filled as they are committed
         # (an `on_tokens` hook finds its tokens' at the end of the list).
         self.token_logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
@@ -230,18 +240,30 @@ class Sequence:
         first token (:attr:`started`). Returns the positions this call ran. A batch prefills a
         long prompt over several steps this way (``TargetModel.prefill_pieces``: the same
         results, bitwise)."""
+        scoring = self.prompt_token_logprobs is not None
         if self._pieces is None:
-            self._pieces = self.target.prefill_pieces(self.prompt_ids)
+            self._pieces = (self.target.prefill_pieces(self.prompt_ids, all_logits=True, each=self._prompt_piece)
+                            if scoring else self.target.prefill_pieces(self.prompt_ids))
             self._prefilled = next(self._pieces)
         before = self._prefilled
         try:
-            self._prefilled = self._pieces.send(rows)
-            return self._prefilled - before
+            while True:
+                self._prefilled = self._pieces.send(min(rows, PROMPT_PIECE) if scoring and rows else
+                                                    PROMPT_PIECE if scoring else rows)
+                if not scoring or rows is not None:
+                    return self._prefilled - before
         except StopIteration as done:
             self._pieces = None
             self.state, out = done.value
         self._first_token(out)
         return len(self.prompt_ids) - before
+
+    def _prompt_piece(self, start: int, logits) -> None:
+        """A prefill piece's logits (positions start ..): the log-probabilities of the prompt
+        tokens they predict (position i predicts token i + 1)."""
+        tokens = self.prompt_ids[start + 1: start + 1 + logits.shape[0]]
+        if tokens:
+            self.prompt_token_logprobs += token_logprobs(logits[: len(tokens)], tokens, self.prompt_logprobs)
 
     def _first_token(self, out) -> None:
         target, prompt_ids = self.target, self.prompt_ids
@@ -401,4 +423,4 @@ class Sequence:
         stats.finish_reason = self.reason
         stats.time_total = time.perf_counter() - self.t_start
         return GenerationResult(token_ids=self.generated, text=self.stopper.text(self.generated), stats=stats,
-                                logprobs=self.token_logprobs)
+                                logprobs=self.token_logprobs, prompt_logprobs=self.prompt_token_logprobs)

@@ -176,7 +176,12 @@ class TargetModel:
             large = self.prefix_cache is None and self.lean.is_large_prefill([item])
             last, hidden = self.lean.forward_batch([item], self.hidden_layer, large=large)[0]
             h = last if logits_for is None else last[logits_for]
-            return ForwardOutput(logits=self.lean.logits(h, large), hidden=hidden)
+            logits = self.lean.logits(h, large)
+            if logits_for is None and large and len(h) > 1:
+                # The last row as a plain prefill computes it (the large-row head over one row): a
+                # prompt's next token does not depend on whether its other rows were scored.
+                logits[-1:] = self.lean.logits(h[-1:], large)
+            return ForwardOutput(logits=logits, hidden=hidden)
         # A chain needs no custom mask: the causal mask over consecutive positions is the tree mask.
         mask = None if chain else self._tree_mask(tree, state.n_committed)
         want_layers = self.hidden_layer != -1
@@ -186,6 +191,8 @@ class TargetModel:
         hidden = out.hidden_states[self.hidden_layer][0] if want_layers else last
         h = last if logits_for is None else last[logits_for]
         logits = self._head(h).float()
+        if logits_for is None and len(h) > 1:
+            logits[-1:] = self._head(h[-1:]).float()        # (as the lean path: the last row alone)
         if self._softcap:
             invariant.soft_cap_rows(logits, float(self._softcap))
         return ForwardOutput(logits=logits, hidden=hidden)
@@ -226,7 +233,8 @@ class TargetModel:
         raise RuntimeError("a prefill of the whole prompt left positions to run")     # never
 
     @torch.inference_mode()
-    def prefill_pieces(self, input_ids: Sequence[int], *, all_logits: bool = False, reuse: bool = True):
+    def prefill_pieces(self, input_ids: Sequence[int], *, all_logits: bool = False, reuse: bool = True,
+                       each=None):
         """:meth:`prefill` a piece at a time, for a scheduler that prefills a long prompt over
         several steps so that the requests running beside it are not stalled for all of it. A
         generator: ``next()`` takes what the prefix cache holds and yields how many of the
@@ -234,7 +242,10 @@ class TargetModel:
         more positions (None: all the rest) and yields the count again, until the last piece,
         which returns ``(state, output)`` as ``prefill`` does, bitwise. Pieces need the invariant
         prefill, that is a prefix cache: without one (the large-row path rounds by its row count)
-        the first ``send`` runs the whole prompt."""
+        the first ``send`` runs the whole prompt. `each(start, logits)`, with `all_logits`: each
+        piece's logits [n, V] (positions start .. start + n - 1) go to it instead of being kept,
+        and the output's logits are the last position's [1, V] (a long prompt's log-probabilities
+        without its whole [P, V] at once)."""
         ids = self.check_prompt(input_ids)
         state = KVState(cache=self.new_cache())
         kept, at = None, 0
@@ -257,7 +268,12 @@ class TargetModel:
             out = self._forward(state, ids[at:end], torch.arange(at, end, device=self.device), None,
                                 None if all_logits else slice(-1, None) if last else slice(0, 0))
             hidden.append(out.hidden)
-            logits.append(out.logits)
+            if each is not None and all_logits:
+                each(at, out.logits)
+                if last:
+                    logits.append(out.logits[-1:])
+            else:
+                logits.append(out.logits)
             at = end
             if last:
                 break

@@ -545,8 +545,9 @@ class Decoder:
                 params = dataclasses.replace(params, top_k=0)
             emit({"type": "start", "prompt_tokens": len(prompt_ids)})
             hooks = {"should_stop": cancel.is_set}
+            scored = req.logprobs if req.echo else None         # the prompt's own log-probabilities
             seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
-                           logprobs=req.logprobs, **hooks)
+                           logprobs=req.logprobs, prompt_logprobs=scored, **hooks)
             stream = (StreamBuffer(emit, lambda: stream_interval(self.cfg.decoder, self.counts["active"]),
                                    logprobs=seq.token_logprobs) if req.stream else None)
             seq.on_tokens = stream.push if stream else None
@@ -582,6 +583,11 @@ class Decoder:
                     "finish_reason": result.finish_reason, "usage": usage, "speculative": stats}
             if result.logprobs is not None and not req.stream:     # (streamed: with each chunk's tokens)
                 done["logprobs"] = result.logprobs
+            if req.echo:
+                done["prompt_text"] = req.prompt if req.prompt is not None else self.model.tokenizer.decode(
+                    prompt_ids, skip_special_tokens=True)
+                if result.prompt_logprobs is not None:
+                    done["prompt_ids"], done["prompt_logprobs"] = prompt_ids, result.prompt_logprobs
             emit(done)
         except Exception as exc:       # a bug or a broken model: logged here, a generic 500 outside
             self._count("errors", 1)
@@ -634,6 +640,11 @@ class Decoder:
             self._token_texts = TokenTexts(self.model.tokenizer)
         if "logprobs" in event:
             event = {**event, "logprobs": entries(self._token_texts, event["logprobs"])}
+        if "prompt_logprobs" in event:         # the first prompt token has no context: no log-probability
+            first, raw = self._token_texts(event["prompt_ids"][0])
+            event = {**event, "prompt_logprobs": [{"token": first, "logprob": None, "bytes": raw, "top_logprobs": None},
+                                                  *entries(self._token_texts, event["prompt_logprobs"])]}
+            del event["prompt_ids"]
         if "delta" in event:
             event = {**event, "delta": self._logprob_entries(event["delta"])}
         return event

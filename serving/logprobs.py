@@ -3,7 +3,8 @@
 The decoder turns the engine's ``TokenLogprob`` records into entries, ``{"token", "logprob",
 "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}`` (chat's shape; a token's text is
 its own decoding, special tokens included, and ``bytes`` that text's UTF-8: a byte-level token that
-is part of a character reads as U+FFFD there); the ingress sends them as chat's ``logprobs.content``
+is part of a character reads as U+FFFD there; an echoed prompt's first token has no context, so
+``logprob`` and ``top_logprobs`` None); the ingress sends them as chat's ``logprobs.content``
 or as the completions API's parallel lists. The values are the model's own distribution (before
 temperature, top-p and top-k) at the position the token was drawn from: in strict greedy decoding
 bitwise those of plain decoding (the batch-invariant forward)."""
@@ -51,5 +52,6 @@ def completion(content: list[dict], offset: int = 0) -> dict:
         offsets.append(offset)
         offset += len(e["token"])
     return {"tokens": [e["token"] for e in content], "token_logprobs": [e["logprob"] for e in content],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in content],
+            "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in content],
             "text_offset": offsets}

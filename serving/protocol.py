@@ -2,7 +2,7 @@
 their translation into a :class:`GenerationRequest` for the decoder.
 
 Validation is strict: unknown fields, wrong types and out-of-range values are 400s that name
-the parameter. OpenAI fields this server cannot honour (n > 1, penalties, echo, ...) are
+the parameter. OpenAI fields this server cannot honour (n > 1, penalties, suffix, ...) are
 accepted only with their neutral value, so a request is never silently served differently.
 """
 
@@ -127,6 +127,7 @@ class GenerationRequest:
     return_token_ids: bool = False
     prediction: str | None = None              # predicted output (chat): drafted from, never changes the answer
     logprobs: int | None = None                # each token's log-probability and this many alternatives
+    echo: bool = False                         # completions: the prompt before the answer (and its logprobs)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -250,7 +251,8 @@ def completion_request(req: CompletionRequest, config: ServingConfig) -> Generat
     check_model(req, config)
     _check_common(req)
     _check_max_tokens(req, config)
-    _unsupported(req, "echo", False, "the prompt is not echoed")
+    if req.echo and req.stream:
+        raise invalid("echo is not supported with stream: true", "echo", "unsupported_value")
     _unsupported(req, "best_of", 1, "one candidate per request")
     _unsupported(req, "suffix", None, "no insertion")
     prompt, prompt_ids = req.prompt, None
@@ -267,7 +269,8 @@ def completion_request(req: CompletionRequest, config: ServingConfig) -> Generat
     max_tokens = req.max_tokens or config.sampling.completion_max_tokens
     return GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", kind="completion",
                              params=_sampling(req, max_tokens, config), prompt=prompt, prompt_ids=prompt_ids,
-                             stream=bool(req.stream), logprobs=req.logprobs, **_speculative(req, config))
+                             stream=bool(req.stream), logprobs=req.logprobs, echo=bool(req.echo),
+                             **_speculative(req, config))
 
 
 def _text(content: str | list[TextPart] | None) -> str:

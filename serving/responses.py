@@ -31,6 +31,10 @@ def full_body(gen, model: str, done: dict, text: str) -> dict:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
+        if gen.echo:                # the prompt before the answer, and before its log-probabilities
+            choice["text"] = done["prompt_text"] + text
+            if choice["logprobs"] is not None:
+                choice["logprobs"] = _logprobs(gen, done.get("prompt_logprobs", []) + done["logprobs"])
     if gen.return_token_ids:
         choice["token_ids"] = done["token_ids"]
     return {"id": gen.request_id, "object": _object(gen.kind, False), "created": gen.created, "model": model,

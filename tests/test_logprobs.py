@@ -66,3 +66,34 @@ def test_logprobs_follow_stops_sampling_and_soft_verification(target, plain):
         assert all(x.logprob <= 0 and math.isfinite(x.logprob) and x.top[0][1] >= x.logprob for x in r.logprobs)
     with pytest.raises(InvalidRequestError, match="logprobs"):
         generate(target, ids, logprobs=-1)
+
+
+def test_prompt_logprobs_score_every_prompt_token_in_pieces_and_change_no_answer(target):
+    """A prompt longer than a piece (``PROMPT_PIECE``), scored: the model's distribution at each
+    position (transformers' own forward over the prompt, float32: equal to rounding), the same
+    answer as without scoring, alone and in a batch prefilling it a few rows a step."""
+    from decoding.engine import PROMPT_PIECE
+
+    ids = encode_prompt(target, "Summarize: " + "The quick brown fox jumps over the lazy dog. " * 40)
+    assert len(ids) > PROMPT_PIECE
+    params = SamplingParams(max_new_tokens=12)
+    plain = generate(target, ids, params=params, drafter=PromptLookupDrafter())
+    scored = generate(target, ids, params=params, drafter=PromptLookupDrafter(), prompt_logprobs=2)
+    assert scored.token_ids == plain.token_ids and scored.logprobs is None
+    assert [r.token for r in scored.prompt_logprobs] == ids[1:] and all(len(r.top) == 2 for r in scored.prompt_logprobs)
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([ids])).logits[0, :-1].float()
+    want = torch.log_softmax(logits, dim=-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    assert [r.logprob for r in scored.prompt_logprobs] == pytest.approx(want, abs=2e-3)
+    sched = BatchScheduler(target, prefill_tokens=100)
+    sched.add(Sequence(target, encode_prompt(target, QUESTION), params=params, drafter=NoDrafter()))
+    sched.step()                        # running: the long prompt then comes in pieces of 100 rows
+    seq = Sequence(target, ids, params=params, drafter=PromptLookupDrafter(), prompt_logprobs=2)
+    sched.add(seq)
+    pieces = 0
+    while not sched.idle:
+        sched.step()
+        pieces += sched.prefilling is seq
+    assert pieces >= 2
+    batched = seq.result()
+    assert batched.token_ids == plain.token_ids and batched.prompt_logprobs == scored.prompt_logprobs

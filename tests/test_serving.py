@@ -424,6 +424,15 @@ def test_openai_client(server, target, stores):
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(want.token_ids)
     assert lp.text_offset[0] == 0 and all(v <= 0 for v in lp.token_logprobs)
+    # As lm-evaluation-harness scores a continuation: token ids, echo, one new token, logprobs 1.
+    prompt = target.tokenizer("The capital of France is Paris")["input_ids"]
+    scored = generate(target, prompt, params=SamplingParams(max_new_tokens=1), budget=0, logprobs=1,
+                      prompt_logprobs=1)
+    e = client.completions.create(model=MODEL, prompt=[prompt], max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = e.choices[0].logprobs
+    assert e.choices[0].text == target.tokenizer.decode(prompt, skip_special_tokens=True) + scored.text
+    assert lp.token_logprobs == [None] + [r.logprob for r in scored.prompt_logprobs + scored.logprobs]
+    assert lp.top_logprobs[0] is None and len(lp.tokens) == len(prompt) + 1
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError) as err:

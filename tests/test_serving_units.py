@@ -608,6 +608,15 @@ def test_logprobs_take_openai_shapes():
     assert chunk(chat, "m", text="x")["choices"][0]["logprobs"] is None
     comp = protocol.completion_request(protocol.CompletionRequest(prompt="hi", logprobs=1), cfg)
     assert chunk(comp, "m", text="x", logprobs=entries[1:], offset=4)["choices"][0]["logprobs"]["text_offset"] == [4]
+    # echo: the prompt and its log-probabilities (none for its first token) before the answer's
+    echo = protocol.completion_request(protocol.CompletionRequest(prompt="Par", logprobs=1, echo=True), cfg)
+    first = {"token": "P", "logprob": None, "bytes": [80], "top_logprobs": None}
+    body = full_body(echo, "m", {**done, "prompt_text": "Par", "prompt_logprobs": [first, entries[0]]}, "is")
+    choice = body["choices"][0]
+    assert choice["text"] == "Paris" and choice["logprobs"]["token_logprobs"] == [None, -0.5, -0.5, -0.25]
+    assert choice["logprobs"]["top_logprobs"][0] is None and choice["logprobs"]["text_offset"] == [0, 1, 5, 9]
+    e = _err(lambda: protocol.completion_request(protocol.CompletionRequest(prompt="a", echo=True, stream=True), cfg))
+    assert e.status == 400 and e.param == "echo"
 
 
 def test_a_busy_replica_streams_in_fewer_larger_chunks():
