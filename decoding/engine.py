@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from decoding.budget import AdaptiveBudget, draft_sizes, shared_estimates
 from decoding.config import SamplingParams
@@ -33,8 +34,6 @@ class TokenLogprob:
 def token_logprobs(logits, tokens: list[int], top: int) -> list[TokenLogprob]:
     """The log-probabilities of `tokens`, row i of `logits` [n, V] the distribution token i was
     drawn from, with each row's `top` best tokens."""
-    import torch
-
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
     best = lp.topk(top, dim=-1) if top else None
@@ -246,10 +245,12 @@ class Sequence:
                             if scoring else self.target.prefill_pieces(self.prompt_ids))
             self._prefilled = next(self._pieces)
         before = self._prefilled
+        piece = rows
+        if scoring:             # at most PROMPT_PIECE positions' logits at once
+            piece = min(rows, PROMPT_PIECE) if rows is not None else PROMPT_PIECE
         try:
             while True:
-                self._prefilled = self._pieces.send(min(rows, PROMPT_PIECE) if scoring and rows else
-                                                    PROMPT_PIECE if scoring else rows)
+                self._prefilled = self._pieces.send(piece)
                 if not scoring or rows is not None:
                     return self._prefilled - before
         except StopIteration as done:

@@ -1,7 +1,8 @@
 """The HTTP ingress: an OpenAI-compatible FastAPI app under ``@serve.ingress``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as server-sent
-events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``. Requests are validated
+events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``.
+Requests are validated
 here (a 400 never costs a decoder slot, except prompt length, which needs the tokenizer) and
 sent to the decoder deployment as one streaming handle call; its first event decides the HTTP
 status, so errors are proper statuses even for streaming requests. Overload (the decoder's

@@ -51,7 +51,7 @@ def completion(content: list[dict], offset: int = 0) -> dict:
     for e in content:
         offsets.append(offset)
         offset += len(e["token"])
+    top = [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+           for e in content]
     return {"tokens": [e["token"] for e in content], "token_logprobs": [e["logprob"] for e in content],
-            "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                             for e in content],
-            "text_offset": offsets}
+            "top_logprobs": top, "text_offset": offsets}

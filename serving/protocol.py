@@ -295,9 +295,10 @@ def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     if not any(m["content"].strip() for m in messages):
         raise invalid("the messages are empty: give some text", "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens or config.sampling.chat_max_tokens
+    prediction = _text(req.prediction.content) if req.prediction else None
     return GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", kind="chat",
                              params=_sampling(req, max_tokens, config), messages=messages,
-                             stream=bool(req.stream), prediction=_text(req.prediction.content) if req.prediction else None,
+                             stream=bool(req.stream), prediction=prediction,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, **_speculative(req, config))
 
 

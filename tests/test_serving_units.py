@@ -283,8 +283,10 @@ def test_completion_prompt_forms():
     assert comp({"prompt": [1, 2, 3]}).prompt_ids == [1, 2, 3]
     assert comp({"prompt": "x"}).params.max_new_tokens == 16          # OpenAI's default
     assert _err(lambda: comp({"prompt": ["a", "b"]})).param == "prompt"
-    assert _err(lambda: comp({"prompt": "a", "echo": True})).param == "echo"
-    assert _err(lambda: comp({"prompt": "a", "logprobs": 2})).param == "logprobs"
+    assert comp({"prompt": "a", "echo": True}).echo and not comp({"prompt": "a"}).echo
+    assert _err(lambda: comp({"prompt": "a", "echo": True, "stream": True})).param == "echo"
+    assert comp({"prompt": "a", "logprobs": 2}).logprobs == 2
+    assert _err(lambda: comp({"prompt": "a", "logprobs": 21})).param == "logprobs"
     assert _err(lambda: comp({})).code == "missing_required_parameter"
 
 
@@ -592,8 +594,8 @@ def test_logprobs_take_openai_shapes():
 
     texts = logprobs.TokenTexts(Tok())
     entries = logprobs.entries(texts, [TokenLogprob(1, -0.5, [(1, -0.5), (2, -1.5)]), TokenLogprob(3, -0.25, [])])
-    assert entries[0] == {"token": " Par", "logprob": -0.5, "bytes": [32, 80, 97, 114], "top_logprobs": [
-        {"token": " Par", "logprob": -0.5, "bytes": [32, 80, 97, 114]}, {"token": "is", "logprob": -1.5, "bytes": [105, 115]}]}
+    par = {"token": " Par", "logprob": -0.5, "bytes": [32, 80, 97, 114]}
+    assert entries[0] == {**par, "top_logprobs": [par, {"token": "is", "logprob": -1.5, "bytes": [105, 115]}]}
     assert entries[1]["bytes"] == [195, 169] and entries[1]["top_logprobs"] == []
     assert logprobs.completion(entries, offset=3) == {"tokens": [" Par", "é"], "token_logprobs": [-0.5, -0.25],
                                                       "top_logprobs": [{" Par": -0.5, "is": -1.5}, {}],
