@@ -21,11 +21,18 @@ def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# Temperatures below this decode greedily: logits over 1e-5 stay finite in float32 (|logit| < 1e33),
+# and at such a temperature a draw is the argmax but for logits within ~1e-4 of the top one.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each token and when to stop.
 
-    temperature == 0 means greedy decoding; top_k == 0 and top_p == 1.0 disable those filters.
+    temperature == 0 means greedy decoding, and so does any temperature below ``GREEDY_BELOW``
+    (the limit of sampling as the temperature falls; logits over a temperature near the smallest
+    float overflowed to inf and the draw failed); top_k == 0 and top_p == 1.0 disable those filters.
     """
 
     max_new_tokens: int = 128
@@ -52,7 +59,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from decoding.config import SamplingParams
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities [..., V] after temperature, top-k and top-p (nucleus) filtering.
 
-    Requires params.temperature > 0. Filters follow the usual order: top-k, then top-p on what is left.
+    Requires a sampling temperature (not ``params.greedy``). Filters follow the usual order: top-k, then top-p on what is left.
     """
     if params.greedy:
-        raise ValueError("sampling_probs needs temperature > 0; greedy decoding uses argmax")
+        raise ValueError("sampling_probs needs a sampling temperature; greedy decoding uses argmax")
     scores = logits.float() / params.temperature
     if params.top_k and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]

@@ -442,7 +442,7 @@ class Decoder:
         cost = self._cost_curve()
         # Requests of one method and verification mode start from what the earlier ones learned.
         # (With a predicted output, from the earlier ones with one: decoding.drafters.prediction.)
-        key = (req.method, req.verification, "sampled" if req.params.temperature else "greedy",
+        key = (req.method, req.verification, "greedy" if req.params.greedy else "sampled",
                *(("prediction",) if req.prediction else ()))
         return AdaptiveBudget(cost, sizes=draft_sizes(cost, req.soft), shared=shared_estimates(self, key))
 

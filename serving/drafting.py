@@ -10,31 +10,22 @@ statistics say so (``fallback``).
 from __future__ import annotations
 
 from decoding.drafters import Drafter, PromptLookupDrafter
+from decoding.drafters.base import WrappedDrafter
 
 
-class FallbackDrafter(Drafter):
-    """Drafts with `primary` until `store.failure` is set, then with PLD for the rest."""
+class FallbackDrafter(WrappedDrafter):
+    """Drafts with `primary` until `store.failure` is set, then with PLD for the rest. The
+    primary's needs are the wrapper's (``WrappedDrafter``): a dense drafter keeps the last state
+    it observed (the engine then keeps no copy of its own a step), and its key transform serves
+    soft verification's cosine stand-in; prompt lookup, the fallback, reads neither."""
 
     def __init__(self, primary: Drafter, store, reason: str | None = None) -> None:
-        self.primary = primary
+        super().__init__(primary)
         self.store = store
         self.fallback = PromptLookupDrafter()
-        self.name = primary.name
-        self.needs_hidden = primary.needs_hidden
-        # The primary keeps the last state it observed (a dense drafter's dynamic cache): the engine
-        # then keeps no copy of its own a step; prompt lookup, the fallback, reads none.
-        self.keeps_hidden = primary.keeps_hidden
         self.reason = reason               # set: falling back (from the start when given here)
         self.steps = 0
         self.fallback_step: int | None = 0 if reason else None
-
-    @property
-    def anchors(self) -> bool:
-        return self.primary.anchors
-
-    @anchors.setter
-    def anchors(self, on: bool) -> None:
-        self.primary.anchors = on
 
     def begin(self, prompt_ids, hidden) -> None:
         if self.reason is None:
@@ -46,7 +37,7 @@ class FallbackDrafter(Drafter):
 
     def propose(self, tokens, budget, max_depth, hidden=None):
         self.steps += 1
-        return Drafter.propose(self, tokens, budget, max_depth, hidden)
+        return super().propose(tokens, budget, max_depth, hidden)
 
     def anchored_chains(self, tokens, max_depth, hidden=None):
         """The primary's candidates until its store fails, then PLD's (a wrapper such as

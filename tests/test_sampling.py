@@ -606,3 +606,22 @@ def test_greedy_token_is_torchs_argmax_first_maximum_included():
         assert greedy_token(row) == int(torch.argmax(row))
         assert greedy_token(row.to(torch.bfloat16)) == int(torch.argmax(row.to(torch.bfloat16)))
     assert greedy_token(tied) == 7
+
+
+def test_a_temperature_near_zero_decodes_greedily(target):
+    """Sampling's limit as the temperature falls: the smallest positive float's logits overflowed to
+    inf and the draw failed (found by the OpenAPI fuzz test as a 500); below GREEDY_BELOW the
+    engine takes the argmax, the same answer as temperature 0."""
+    from decoding.config import GREEDY_BELOW
+    from decoding.sampling import sample_token
+
+    assert SamplingParams(temperature=5e-324).greedy and SamplingParams(temperature=GREEDY_BELOW / 2).greedy
+    assert not SamplingParams(temperature=GREEDY_BELOW).greedy
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 10
+    # Just above the threshold the logits stay finite and a draw is the argmax here.
+    assert sample_token(logits, SamplingParams(temperature=GREEDY_BELOW), torch.Generator().manual_seed(0)) \
+        == int(torch.argmax(logits))
+    ids = encode_prompt(target, "What is 17 * 23?")
+    greedy = generate(target, ids, params=SamplingParams(max_new_tokens=8), budget=0).token_ids
+    for t in (2.2250738585072014e-308, 5e-324, 1e-9):
+        assert generate(target, ids, params=SamplingParams(max_new_tokens=8, temperature=t, seed=1)).token_ids == greedy

@@ -114,6 +114,14 @@ def test_the_index_fallback_drafter_keeps_its_primarys_hidden_state_and_falls_ba
     store = Store()
     steady = FallbackDrafter(make_drafter("sense", stores), store)
     assert steady.keeps_hidden and steady.needs_hidden
+    # Soft verification's cosine stand-in reads the store's key transform through the wrapper (it
+    # read none: served over index shards, the gate never fired).
+    from decoding.config import SoftGateConfig
+    from decoding.engine import Sequence
+
+    assert steady.transform is stores.dense.transform is not None
+    assert Sequence(target, prompt, params=params, drafter=steady, soft=SoftGateConfig()).verifier.transform \
+        is stores.dense.transform
     assert generate(target, prompt, params=params, drafter=steady, budget=4).token_ids == ar
     assert steady.report() is None
 

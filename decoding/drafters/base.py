@@ -78,6 +78,46 @@ class Drafter:
         return TokenTree.from_chains(root, found, budget, labels, keys)
 
 
+class WrappedDrafter(Drafter):
+    """A drafter around another one, `primary`, whose candidates it adds to or stands in for:
+    the primary's needs (hidden states, whether it keeps the last one), its anchor keys, its key
+    transform (soft verification's cosine stand-in reads it) and its per-request hooks are the
+    wrapper's. Subclasses override the chains."""
+
+    def __init__(self, primary: Drafter) -> None:
+        self.primary = primary
+        self.name = primary.name
+        self.needs_hidden = primary.needs_hidden
+        self.keeps_hidden = primary.keeps_hidden
+
+    @property
+    def anchors(self) -> bool:
+        return self.primary.anchors
+
+    @anchors.setter
+    def anchors(self, on: bool) -> None:
+        self.primary.anchors = on
+
+    @property
+    def transform(self):
+        return getattr(self.primary, "transform", None)
+
+    def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
+        self.primary.begin(prompt_ids, hidden)
+
+    def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
+        self.primary.observe(positions, hidden)
+
+    def anchored_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        return self.primary.anchored_chains(tokens, max_depth, hidden)
+
+    def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        return self.anchored_chains(tokens, max_depth, hidden)[:2]
+
+    def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
+        return self.anchored_chains(tokens, max_depth, hidden)[0]
+
+
 class NoDrafter(Drafter):
     """Drafts nothing: every step verifies the pending token alone (autoregressive decoding)."""
 

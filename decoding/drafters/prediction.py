@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from decoding.drafters.base import Drafter
+from decoding.drafters.base import Drafter, WrappedDrafter
 
 
-class PredictionDrafter(Drafter):
+class PredictionDrafter(WrappedDrafter):
     """The continuation of the predicted output after the place the answer has reached in it,
     ahead of `primary`'s candidates (the request's method: its chains fill what budget is left).
 
@@ -34,7 +34,6 @@ class PredictionDrafter(Drafter):
     primary's candidates compete (``NodeAcceptance`` learns from the label
     ``prediction`` how often such nodes land).
 
-
     Its name is the primary's with ``+prediction``: requests with a prediction learn their
     adaptive budget from one another (``decoding.budget.shared_estimates``), not from the
     method's requests without one, whose drafts land at another rate."""
@@ -44,33 +43,16 @@ class PredictionDrafter(Drafter):
     max_candidates = 2
 
     def __init__(self, primary: Drafter, prediction: Sequence[int]) -> None:
-        self.primary = primary
+        super().__init__(primary)
         self.prediction = np.asarray(list(prediction), dtype=np.int64)
         self.name = f"{primary.name}+prediction"
-        self.needs_hidden = primary.needs_hidden
-        self.keeps_hidden = primary.keeps_hidden
         self._answer_from = 0                   # the answer's first position in `tokens`
         self._last: tuple[int, int] | None = None   # (occurrence aligned, answer length) of the last step
-
-    @property
-    def anchors(self) -> bool:
-        return self.primary.anchors
-
-    @anchors.setter
-    def anchors(self, on: bool) -> None:
-        self.primary.anchors = on
-
-    @property
-    def transform(self):
-        return getattr(self.primary, "transform", None)
 
     def begin(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
         self._answer_from = len(prompt_ids)
         self._last = None
         self.primary.begin(prompt_ids, hidden)
-
-    def observe(self, positions: np.ndarray, hidden: torch.Tensor) -> None:
-        self.primary.observe(positions, hidden)
 
     def predicted(self, tokens: np.ndarray, max_depth: int) -> list[tuple[list[int], float]]:
         """The prediction's continuations after the answer so far (`tokens`: the prompt, the
@@ -124,12 +106,6 @@ class PredictionDrafter(Drafter):
         top = max((w for _, w in found), default=1.0)
         ours = [(c, top * w / 2) for c, w in ours]
         return ours + list(found), [self.source] * len(ours) + list(labels), [None] * len(ours) + list(keys)
-
-    def labelled_chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        return self.anchored_chains(tokens, max_depth, hidden)[:2]
-
-    def chains(self, tokens: np.ndarray, max_depth: int, hidden: torch.Tensor | None = None):
-        return self.anchored_chains(tokens, max_depth, hidden)[0]
 
 
 def prediction_usage(prediction: Sequence[int], output: Sequence[int]) -> dict[str, int]:
