@@ -551,6 +551,13 @@ class Decoder:
             stream = (StreamBuffer(emit, lambda: stream_interval(self.cfg.decoder, self.counts["active"]),
                                    logprobs=seq.token_logprobs) if req.stream else None)
             seq.on_tokens = stream.push if stream else None
+            if stream is not None and req.echo:
+                # The echoed prompt (and its scores, computed by the prefill) before the first tokens.
+                def echo_first(ids: list[int]) -> None:
+                    emit(self._echo(req, prompt_ids, seq.prompt_token_logprobs, type="echo"))
+                    seq.on_tokens = stream.push
+                    stream.push(ids)
+                seq.on_tokens = echo_first
             if self.batch is not None:
                 result = self.batch.run(seq).result()
             elif self.cfg.decoder.serialize_forward:
@@ -583,11 +590,10 @@ class Decoder:
                     "finish_reason": result.finish_reason, "usage": usage, "speculative": stats}
             if result.logprobs is not None and not req.stream:     # (streamed: with each chunk's tokens)
                 done["logprobs"] = result.logprobs
-            if req.echo:
-                done["prompt_text"] = req.prompt if req.prompt is not None else self.model.tokenizer.decode(
-                    prompt_ids, skip_special_tokens=True)
-                if result.prompt_logprobs is not None:
-                    done["prompt_ids"], done["prompt_logprobs"] = prompt_ids, result.prompt_logprobs
+            if req.echo and not req.stream:
+                echo = self._echo(req, prompt_ids, result.prompt_logprobs)
+                done["prompt_text"] = echo["text"]
+                done.update({k: v for k, v in echo.items() if k.startswith("prompt_")})
             emit(done)
         except Exception as exc:       # a bug or a broken model: logged here, a generic 500 outside
             self._count("errors", 1)
@@ -630,6 +636,16 @@ class Decoder:
         finally:
             if not future.done():
                 cancel.set()
+
+    def _echo(self, req, prompt_ids: list[int], scores, **extra) -> dict:
+        """The echoed prompt: its text (as sent, or its token ids decoded) and, when scored, its
+        ``TokenLogprob`` records with its ids (``_logprob_entries`` turns them into entries)."""
+        text = req.prompt if req.prompt is not None else self.model.tokenizer.decode(prompt_ids,
+                                                                                     skip_special_tokens=True)
+        out = {**extra, "text": text}
+        if scores is not None:
+            out["prompt_ids"], out["prompt_logprobs"] = prompt_ids, scores
+        return out
 
     def _logprob_entries(self, event: dict) -> dict:
         """`event` with its ``TokenLogprob`` records (its own, its inner delta's) as OpenAI

@@ -283,7 +283,12 @@ class Ingress:
             tail = ""
             async for event in stream:
                 kind = event["type"]
-                if kind == "delta":
+                if kind == "echo":          # completions' echo: the prompt (and its scores) first
+                    prompt = event.get("prompt_logprobs")
+                    head += sse(chunk(gen, name, text=event["text"], token_ids=[] if ids else None,
+                                      logprobs=prompt))
+                    offset += sum(len(e["token"]) for e in prompt or ())
+                elif kind == "delta":
                     out = tokens(event)
                     if out:
                         yield head + out

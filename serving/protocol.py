@@ -251,8 +251,6 @@ def completion_request(req: CompletionRequest, config: ServingConfig) -> Generat
     check_model(req, config)
     _check_common(req)
     _check_max_tokens(req, config)
-    if req.echo and req.stream:
-        raise invalid("echo is not supported with stream: true", "echo", "unsupported_value")
     _unsupported(req, "best_of", 1, "one candidate per request")
     _unsupported(req, "suffix", None, "no insertion")
     prompt, prompt_ids = req.prompt, None

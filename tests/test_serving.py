@@ -433,6 +433,12 @@ def test_openai_client(server, target, stores):
     assert e.choices[0].text == target.tokenizer.decode(prompt, skip_special_tokens=True) + scored.text
     assert lp.token_logprobs == [None] + [r.logprob for r in scored.prompt_logprobs + scored.logprobs]
     assert lp.top_logprobs[0] is None and len(lp.tokens) == len(prompt) + 1
+    streamed = list(client.completions.create(model=MODEL, prompt=[prompt], max_tokens=1, temperature=0, logprobs=1,
+                                              echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == e.choices[0].text
+    chunks = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [v for c in chunks for v in c.token_logprobs] == lp.token_logprobs
+    assert [v for c in chunks for v in c.text_offset] == lp.text_offset
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError) as err:
