@@ -191,8 +191,8 @@ class TargetModel:
         hidden = out.hidden_states[self.hidden_layer][0] if want_layers else last
         h = last if logits_for is None else last[logits_for]
         logits = self._head(h).float()
-        if logits_for is None and len(h) > 1:
-            logits[-1:] = self._head(h[-1:]).float()        # (as the lean path: the last row alone)
+        if logits_for is None and tree is None and len(h) > 1:     # a prefill's, as the lean path's
+            logits[-1:] = self._head(h[-1:]).float()
         if self._softcap:
             invariant.soft_cap_rows(logits, float(self._softcap))
         return ForwardOutput(logits=logits, hidden=hidden)
