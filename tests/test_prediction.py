@@ -70,9 +70,13 @@ def test_an_exact_prediction_commits_many_tokens_a_step_and_the_answer_is_the_sa
     params = SamplingParams(max_new_tokens=64)
     tok = target.tokenizer
     exact = tok(ar.text, add_special_tokens=False)["input_ids"]
-    r = generate(target, ids, params=params, drafter=PredictionDrafter(NoDrafter(), exact))
+    # A fixed budget: the adaptive one follows this machine's cost curve (float32's is steep) and
+    # the timings of the moment, and read MAT 3.7 to 10 here.
+    r = generate(target, ids, params=params, drafter=PredictionDrafter(NoDrafter(), exact), budget=8)
     assert r.token_ids == ar.token_ids
-    assert r.stats.mat >= 4.0, r.stats.summary()
+    assert r.stats.mat >= 6.0, r.stats.summary()
+    r = generate(target, ids, params=params, drafter=PredictionDrafter(NoDrafter(), exact))
+    assert r.token_ids == ar.token_ids and r.stats.mat > 1.5, r.stats.summary()
     # A prediction the answer does not follow (another function, shuffled) changes nothing but speed,
     # with the method's own drafts beside it.
     other = tok("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",

@@ -395,7 +395,7 @@ def test_openai_client(server, target, stores):
         details = r.usage.completion_tokens_details
         if accepted is not None:
             assert details.accepted_prediction_tokens == accepted and details.rejected_prediction_tokens == 0
-            assert r.model_extra["speculative"]["mat"] > 1.5 * plain.model_extra["speculative"]["mat"]
+            assert r.model_extra["speculative"]["mat"] >= 4.0        # (a budget of 4: at most 5 a step)
         else:
             assert details.accepted_prediction_tokens < len(want.token_ids)
 
