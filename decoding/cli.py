@@ -54,7 +54,9 @@ def _params(args):
     from decoding.config import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          logit_bias=dict(args.logit_bias or ()))
 
 
 def _soft(args):
@@ -64,6 +66,14 @@ def _soft(args):
 
     return SoftGateConfig(theta=args.soft_theta, top_k=args.soft_top_k, lam=args.soft_lam, window=args.soft_window,
                           tau=None if args.soft_tau is None or args.soft_tau > 1 else args.soft_tau)
+
+
+def _bias_arg(text: str) -> tuple[int, float]:
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, e.g. 1234=-100, got {text!r}") from None
 
 
 def _budget_arg(text: str):
@@ -221,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
+        p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, as OpenAI's")
+        p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, as OpenAI's")
+        p.add_argument("--logit-bias", action="append", type=_bias_arg, metavar="TOKEN_ID=BIAS",
+                       help="add BIAS (-100..100) to a token's logit (repeatable)")
         p.add_argument("--budget", type=_budget_arg, default="adaptive",
                        help="draft tree nodes per step: adaptive (default: from this machine's measured verify "
                             "cost and the acceptance so far; 0 when drafts do not pay) or an integer")

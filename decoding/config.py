@@ -33,6 +33,8 @@ class SamplingParams:
     temperature == 0 means greedy decoding, and so does any temperature below ``GREEDY_BELOW``
     (the limit of sampling as the temperature falls; logits over a temperature near the smallest
     float overflowed to inf and the draw failed); top_k == 0 and top_p == 1.0 disable those filters.
+    presence_penalty, frequency_penalty and logit_bias change the logits before any of that, as
+    OpenAI defines them (``decoding.logit_adjust``): 0, 0 and none leave them as the model gives them.
     """
 
     max_new_tokens: int = 128
@@ -42,6 +44,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # token id -> bias added to its logit, -100..100 (a dict is taken and kept as sorted pairs)
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
@@ -56,10 +62,29 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(isinstance(s, str) and s for s in stop), f"stop must be non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_real(value) and math.isfinite(value) and -2 <= value <= 2,
+                   f"{name} must be a number in [-2, 2], got {value!r}")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        try:
+            bias = tuple(sorted((t, b) for t, b in bias))
+        except (TypeError, ValueError):
+            bias = None
+        _check(bias is not None and all(_is_int(t) and t >= 0 and _is_real(b) and math.isfinite(b) and -100 <= b <= 100
+                                        for t, b in bias),
+               f"logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], got {self.logit_bias!r}")
+        _check(len({t for t, _ in bias}) == len(bias), "logit_bias names a token twice")
+        object.__setattr__(self, "logit_bias", tuple((t, float(b)) for t, b in bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or a logit bias change the model's logits (``decoding.logit_adjust``)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from decoding.config import SamplingParams
 from decoding.cost import cost_curve
 from decoding.drafters.base import Drafter, NoDrafter
 from decoding.errors import InvalidRequestError
+from decoding.logit_adjust import LogitAdjust
 from decoding.metrics import GenerationStats
 from decoding.target import TargetModel
 from decoding.tree import TokenTree
@@ -23,8 +24,9 @@ from decoding.verifiers import Verifier, make_verifier
 
 @dataclass
 class TokenLogprob:
-    """A generated token's log-probability under the target (its raw distribution: before
-    temperature, top-p and top-k) and, best first, the `top` most likely tokens at that position."""
+    """A generated token's log-probability under the target (its distribution before temperature,
+    top-p and top-k; after the request's penalties and logit bias, if any) and, best first, the
+    `top` most likely tokens at that position."""
 
     token: int
     logprob: float
@@ -169,6 +171,9 @@ class Sequence:
         self.target = target
         self.prompt_ids = list(prompt_ids)
         self.params = params or SamplingParams()
+        # Penalties and a logit bias: every row of logits the verifier and the log-probabilities
+        # read goes through it first (decoding.logit_adjust); None leaves them untouched.
+        self.adjust = LogitAdjust(self.params, target.vocab_size) if self.params.adjusts_logits else None
         self.drafter = drafter or NoDrafter()
         self.verifier = verifier or make_verifier(self.params, soft, transform=getattr(self.drafter, "transform", None))
         self.verifier_hidden = getattr(self.verifier, "uses_hidden", False)
@@ -277,13 +282,16 @@ class Sequence:
         self.stopper = _Stopper(target, self.params, len(prompt_ids))
         self.tokens = np.empty(len(prompt_ids) + self.stopper.limit + 1, dtype=np.int64)
         self.tokens[: len(prompt_ids)] = prompt_ids
-        generated = [self.verifier.first_token(out.logits[-1])]
+        last = out.logits[-1:] if self.adjust is None else self.adjust.apply(out.logits[-1:])
+        generated = [self.verifier.first_token(last[0])]
         if self.adaptive:
             self.adaptive.start()
         self.stats.time_prefill = time.perf_counter() - self.t_start
         self.generated, self.reason = self.stopper.cut(generated)
+        if self.adjust is not None:
+            self.adjust.add(self.generated)
         if self.token_logprobs is not None and self.generated:
-            self.token_logprobs += token_logprobs(out.logits[-1:], self.generated, self.logprobs)
+            self.token_logprobs += token_logprobs(last, self.generated, self.logprobs)
         if self.on_tokens is not None and self.generated:
             self.on_tokens(list(self.generated))
 
@@ -357,7 +365,8 @@ class Sequence:
         t2 = time.perf_counter()
         n = len(self.prompt_ids) + len(self.generated)
         verifier, stats = self.verifier, self.stats
-        verdict = verifier.verify(tree, out.logits, out.hidden) if self.verifier_hidden else verifier.verify(tree, out.logits)
+        logits = out.logits if self.adjust is None else self.adjust.apply(out.logits, tree)
+        verdict = verifier.verify(tree, logits, out.hidden) if self.verifier_hidden else verifier.verify(tree, logits)
         self.target.commit(self.state, verdict.path)
         if self.needs_hidden or self._kept_hidden is not None:
             # Committed positions n-1 .. n-1+accepted: the pending root and the accepted drafts.
@@ -398,9 +407,11 @@ class Sequence:
         # token. A step counts one of the tokens it commits; accepted counts the others.
         stats.accepted += max(0, min(verdict.n_accepted, len(self.generated) - before - 1))
         added = self.generated[before:]
+        if self.adjust is not None:
+            self.adjust.add(added)
         if self.token_logprobs is not None and added:
             # The token after path node j was drawn from node j's row (the last: the bonus token).
-            self.token_logprobs += token_logprobs(out.logits[list(verdict.path[:len(added)])], added, self.logprobs)
+            self.token_logprobs += token_logprobs(logits[list(verdict.path[:len(added)])], added, self.logprobs)
         if self.done and self._kept_hidden is not None:
             self.target.keep(self.tokens[:self.state.n_committed], self.state, self._kept_hidden)
             self._kept_hidden = None

@@ -6,7 +6,12 @@ class SenseError(ValueError):
 
 
 class InvalidRequestError(SenseError):
-    """A request (prompt, sampling parameters, method) is malformed or out of range."""
+    """A request (prompt, sampling parameters, method) is malformed or out of range; `param`,
+    where known, names the request's field at fault (an API's 400 reports it)."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InvalidRequestError):

@@ -163,6 +163,8 @@ class SamplingDefaults(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens_limit: int = Field(1 << 20, ge=1, description="the largest max_tokens a request may ask for "
                                                              "(more: 400); generation also ends at the context window")
+    max_n: int = Field(8, ge=1, description="the most choices (n) one request may ask for (more: 400); each is "
+                                            "decoded as a request of its own, batched with the others")
 
     @model_validator(mode="after")
     def _defaults_within_limit(self):

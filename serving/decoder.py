@@ -543,11 +543,15 @@ class Decoder:
             params = req.params
             if params.top_k >= self.target.vocab_size:         # keeps every token: the same as no filter
                 params = dataclasses.replace(params, top_k=0)
-            emit({"type": "start", "prompt_tokens": len(prompt_ids)})
             hooks = {"should_stop": cancel.is_set}
             scored = req.logprobs if req.echo else None         # the prompt's own log-probabilities
-            seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
-                           logprobs=req.logprobs, prompt_logprobs=scored, **hooks)
+            try:
+                seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
+                               logprobs=req.logprobs, prompt_logprobs=scored, **hooks)
+            except SenseError as exc:           # e.g. a logit_bias token outside the vocabulary
+                emit({"type": "error", "error": from_sense_error(exc).to_dict()})
+                return
+            emit({"type": "start", "prompt_tokens": len(prompt_ids)})
             stream = (StreamBuffer(emit, lambda: stream_interval(self.cfg.decoder, self.counts["active"]),
                                    logprobs=seq.token_logprobs) if req.stream else None)
             seq.on_tokens = stream.push if stream else None

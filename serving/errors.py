@@ -43,6 +43,7 @@ def from_sense_error(exc: Exception, param: str | None = None) -> APIError:
     """A decoding-package error (bad prompt, parameters, method) as a 400."""
     from decoding.errors import ContextLengthError
 
+    param = getattr(exc, "param", None) or param
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), "invalid_request_error", param, "context_length_exceeded")
     return invalid(str(exc), param)

@@ -29,7 +29,7 @@ from serving import protocol
 from serving.auth import APIKeyMiddleware, load_api_keys
 from serving.config import ServingConfig
 from serving.errors import APIError, internal, overloaded
-from serving.responses import SSE_DONE, chunk, full_body, sse, usage_chunk
+from serving.responses import SSE_DONE, chunk, full_body, merged_body, sse, total_usage, usage_chunk
 
 log = logging.getLogger("ray.serve")
 
@@ -103,6 +103,43 @@ def _decoder_failure(exc: Exception, retry_after: int) -> APIError:
 async def _any_error(request: Request, exc: Exception):
     log.exception("unhandled error on %s", request.url.path)
     return _error_response(internal())
+
+
+# Defined before the Ingress class: Serve pickles the class when it is decorated, with the module
+# globals its methods name that exist by then.
+_END = object()
+
+
+async def _merged(streams):
+    """(choice index, event) of every stream, as each comes; one stream read directly."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for event in stream:
+                await queue.put((i, event))
+            await queue.put((i, _END))
+        except Exception as exc:    # a failed choice fails the stream (the caller says so)
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, event = await queue.get()
+            if event is _END:
+                left -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield i, event
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 @serve.deployment
@@ -185,19 +222,22 @@ class Ingress:
     async def _generate(self, request: Request, model_cls, convert, route: str):
         t0 = time.perf_counter()
         status, streaming = 500, False
+        streams = []
         try:
             req = protocol.parse(model_cls, await self._body(request))
             gen = convert(req, self.cfg)
             streaming = gen.stream
-            stream = self.decoder.options(stream=True).generate.remote(gen)
-            await self._first_event(stream)
+            # One decoder call per choice (n > 1: side by side, batched in the decoder together).
+            gens = protocol.choices(gen)
+            streams = [self.decoder.options(stream=True).generate.remote(g) for g in gens]
+            await asyncio.gather(*(self._first_event(s) for s in streams))
             if gen.stream:
                 status = 200
-                return StreamingResponse(self._sse(gen, req, stream, t0, route), media_type="text/event-stream",
+                return StreamingResponse(self._sse(gens, req, streams, t0, route), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            body = await self._collect(gen, stream)
+            bodies = await asyncio.gather(*(self._collect(g, s) for g, s in zip(gens, streams)))
             status = 200
-            return JSONResponse(body)
+            return JSONResponse(bodies[0] if len(bodies) == 1 else merged_body(bodies))
         except APIError as err:
             status = err.status
             return _error_response(err)
@@ -210,6 +250,9 @@ class Ingress:
             status = err.status
             return _error_response(err)
         finally:
+            if status != 200 and len(streams) > 1:     # the other choices' generations stop too
+                for s in streams:
+                    s.cancel()
             if status != 200 or not streaming:     # a stream records itself when it ends
                 self.metrics.request(route, status, time.perf_counter() - t0)
 
@@ -250,76 +293,93 @@ class Ingress:
             raise
         raise internal("the decoder ended the request without an answer")
 
-    async def _sse(self, gen, req, stream, t0, route):
-        """The SSE events of a streamed request. Each yield is one message through Serve's proxy
-        (and, on a machine of few cores, a stall of the forward running beside it), so events
-        that are ready together go out together: the chat role chunk with the first tokens, and
-        the last tokens (which the decoder sends within its finish event), the finish chunk, the
-        usage chunk and ``[DONE]`` as one."""
+    async def _sse(self, gens, req, streams, t0, route):
+        """The SSE events of a streamed request (its n choices' chunks as they come, each with its
+        index). Each yield is one message through Serve's proxy (and, on a machine of few cores, a
+        stall of the forward running beside it), so events that are ready together go out
+        together: the chat role chunk with the first tokens, and the last tokens (which the
+        decoder sends within its finish event), the finish chunk, the usage chunk and ``[DONE]``
+        as one."""
         name = self.cfg.model.name
         usage_wanted = protocol.include_usage(req)
-        ids = gen.return_token_ids
+        ids = gens[0].return_token_ids
         first_token = False
         status = 200
-        ended = False                   # the finish chunk or an error event went out
-        head = sse(chunk(gen, name, text="", role=True)) if gen.kind == "chat" else ""
+        # Per choice: the chat role chunk not yet sent, the characters of the tokens whose
+        # logprobs went out (completions), and whether its finish chunk (or an error) went out.
+        head = [sse(chunk(g, name, text="", role=True)) if g.kind == "chat" else "" for g in gens]
+        offset = [0] * len(gens)
+        done: dict[int, dict] = {}
 
-        offset = 0                      # characters of the tokens whose logprobs went out (completions)
-
-        def tokens(delta: dict) -> str:
-            nonlocal first_token, offset
+        def tokens(i: int, delta: dict) -> str:
+            nonlocal first_token
             if delta["text"] and not first_token:
                 first_token = True
                 self.metrics.first_token(route, time.perf_counter() - t0)
             logprobs = delta.get("logprobs")
             if delta["text"] or ids or logprobs:
-                out = sse(chunk(gen, name, text=delta["text"], token_ids=delta["token_ids"] if ids else None,
-                                logprobs=logprobs, offset=offset))
-                offset += sum(len(e["token"]) for e in logprobs or ())
+                out = sse(chunk(gens[i], name, text=delta["text"], token_ids=delta["token_ids"] if ids else None,
+                                logprobs=logprobs, offset=offset[i]))
+                offset[i] += sum(len(e["token"]) for e in logprobs or ())
                 return out
             return ""
 
         try:
-            tail = ""
-            async for event in stream:
-                kind = event["type"]
+            tail, failed = "", False
+            async for i, event in _merged(streams):
+                gen, kind = gens[i], event["type"]
                 if kind == "echo":          # completions' echo: the prompt (and its scores) first
                     prompt = event.get("prompt_logprobs")
-                    head += sse(chunk(gen, name, text=event["text"], token_ids=[] if ids else None,
-                                      logprobs=prompt))
-                    offset += sum(len(e["token"]) for e in prompt or ())
+                    head[i] += sse(chunk(gen, name, text=event["text"], token_ids=[] if ids else None,
+                                         logprobs=prompt))
+                    offset[i] += sum(len(e["token"]) for e in prompt or ())
                 elif kind == "delta":
-                    out = tokens(event)
+                    out = tokens(i, event)
                     if out:
-                        yield head + out
-                        head = ""
+                        yield head[i] + out
+                        head[i] = ""
                 elif kind == "done":
-                    tail = head + (tokens(event["delta"]) if "delta" in event else "")
+                    tail += head[i] + (tokens(i, event["delta"]) if "delta" in event else "")
+                    head[i] = ""
                     if event["text"]:
                         tail += sse(chunk(gen, name, text=event["text"], token_ids=[] if ids else None))
                     stats = {"speculative": event["speculative"]}
                     tail += sse(chunk(gen, name, finish_reason=event["finish_reason"],
                                       extra=None if usage_wanted else stats))
-                    if usage_wanted:
-                        tail += sse(usage_chunk(gen, name, event["usage"], stats))
-                    ended = True
-                    break
+                    done[i] = event
+                    if len(done) == len(gens):
+                        break
+                    yield tail              # (n > 1: the others go on)
+                    tail = ""
                 elif kind == "error":
                     status = event["error"]["status"]
-                    tail = head + sse(APIError.from_dict(event["error"]).body())
-                    ended = True
+                    tail += "".join(head) + sse(APIError.from_dict(event["error"]).body())
+                    failed = True
                     break
-            if not ended:               # never a truncated stream that looks complete
-                log.error("stream %s: the decoder stopped without finishing", gen.request_id)
+            if failed:
+                for s in streams:
+                    s.cancel()
+            elif len(done) < len(gens):     # never a truncated stream that looks complete
+                log.error("stream %s: the decoder stopped without finishing", gens[0].request_id)
                 status = 500
-                tail = head + sse(internal("the decoder stopped the generation without finishing it").body())
+                tail += "".join(head) + sse(internal("the decoder stopped the generation without finishing it").body())
+                for s in streams:
+                    s.cancel()
+            elif usage_wanted:
+                events = [done[i] for i in range(len(gens))]
+                usage = total_usage([e["usage"] for e in events])
+                stats = [e["speculative"] for e in events]
+                tail += sse(usage_chunk(gens[0], name, usage, {"speculative": stats[0] if len(stats) == 1 else stats}))
             yield tail + SSE_DONE
         except (asyncio.CancelledError, GeneratorExit):
             status = 499                # the client disconnected mid-stream: stop the generation
-            stream.cancel()
+            for s in streams:
+                s.cancel()
             raise
         except Exception as exc:        # the decoder failed mid-stream: say so, end the stream cleanly
-            log.exception("stream %s failed", gen.request_id)
+            log.exception("stream %s failed", gens[0].request_id)
+            for s in streams:
+                s.cancel()
             err = _decoder_failure(exc, self.cfg.ingress.retry_after_s)
             status = err.status
             if err.status == 500:

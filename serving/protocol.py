@@ -2,17 +2,18 @@
 their translation into a :class:`GenerationRequest` for the decoder.
 
 Validation is strict: unknown fields, wrong types and out-of-range values are 400s that name
-the parameter. OpenAI fields this server cannot honour (n > 1, penalties, suffix, ...) are
+the parameter. OpenAI fields this server cannot honour (best_of > 1, suffix, tools, ...) are
 accepted only with their neutral value, so a request is never silently served differently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
 from collections.abc import AsyncIterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -61,7 +62,7 @@ class _Common(_Strict):
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)     # a 64-bit integer, as OpenAI's
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     user: str | None = None
     ignore_eos: bool = False                               # extension
     speculative: Speculative | None = None
@@ -128,7 +129,24 @@ class GenerationRequest:
     prediction: str | None = None              # predicted output (chat): drafted from, never changes the answer
     logprobs: int | None = None                # each token's log-probability and this many alternatives
     echo: bool = False                         # completions: the prompt before the answer (and its logprobs)
+    n: int = 1                                 # choices asked for (see choices())
+    index: int = 0                             # which choice this request decodes
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def choices(gen: GenerationRequest) -> list[GenerationRequest]:
+    """The requests of `gen`'s n choices, one each (``index`` 0 .. n - 1), decoded side by side.
+    A seeded request's choice i samples with seed + i (vLLM's rule): each choice reproduces, and
+    they differ from each other; greedy choices are all the same answer."""
+    if gen.n == 1:
+        return [gen]
+    out = []
+    for i in range(gen.n):
+        params = gen.params
+        if params.seed is not None:
+            params = dataclasses.replace(params, seed=(params.seed + i + (1 << 63)) % (1 << 64) - (1 << 63))
+        out.append(dataclasses.replace(gen, index=i, params=params))
+    return out
 
 
 def body_too_large(limit: int) -> APIError:
@@ -178,12 +196,14 @@ def _unsupported(req, name: str, neutral, message: str) -> None:
         raise invalid(f"{name}={value!r} is not supported: {message}", name, "unsupported_value")
 
 
-def _check_common(req: _Common) -> None:
-    _unsupported(req, "n", 1, "one choice per request")
-    _unsupported(req, "presence_penalty", 0, "no penalties")
-    _unsupported(req, "frequency_penalty", 0, "no penalties")
-    if req.logit_bias:
-        raise invalid("logit_bias is not supported", "logit_bias", "unsupported_value")
+def _check_common(req: _Common, config: ServingConfig) -> None:
+    if req.n is not None and req.n > config.sampling.max_n:
+        raise invalid(f"n must be at most {config.sampling.max_n} on this server", "n")
+    if req.logit_bias and len(req.logit_bias) > 300:
+        raise invalid("logit_bias accepts at most 300 tokens", "logit_bias")
+    for key in req.logit_bias or {}:
+        if not (key.isascii() and key.isdigit()):
+            raise invalid(f"logit_bias keys are token ids, got {key!r}", "logit_bias")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4:
         raise invalid("stop accepts at most 4 sequences", "stop")
@@ -242,14 +262,17 @@ def _sampling(req: _Common, max_tokens: int | None, config: ServingConfig):
         return SamplingParams(max_new_tokens=max_tokens if max_tokens is not None else 1 << 30,
                               temperature=req.temperature if req.temperature is not None else s.temperature,
                               top_p=req.top_p if req.top_p is not None else s.top_p,
-                              top_k=req.top_k or 0, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
+                              top_k=req.top_k or 0, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
+                              presence_penalty=req.presence_penalty or 0.0,
+                              frequency_penalty=req.frequency_penalty or 0.0,
+                              logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})
     except Exception as exc:
         raise from_sense_error(exc) from None
 
 
 def completion_request(req: CompletionRequest, config: ServingConfig) -> GenerationRequest:
     check_model(req, config)
-    _check_common(req)
+    _check_common(req, config)
     _check_max_tokens(req, config)
     _unsupported(req, "best_of", 1, "one candidate per request")
     _unsupported(req, "suffix", None, "no insertion")
@@ -268,7 +291,7 @@ def completion_request(req: CompletionRequest, config: ServingConfig) -> Generat
     return GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", kind="completion",
                              params=_sampling(req, max_tokens, config), prompt=prompt, prompt_ids=prompt_ids,
                              stream=bool(req.stream), logprobs=req.logprobs, echo=bool(req.echo),
-                             **_speculative(req, config))
+                             n=req.n or 1, **_speculative(req, config))
 
 
 def _text(content: str | list[TextPart] | None) -> str:
@@ -281,7 +304,7 @@ def _text(content: str | list[TextPart] | None) -> str:
 
 def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     check_model(req, config)
-    _check_common(req)
+    _check_common(req, config)
     _check_max_tokens(req, config)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
@@ -296,7 +319,7 @@ def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     prediction = _text(req.prediction.content) if req.prediction else None
     return GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", kind="chat",
                              params=_sampling(req, max_tokens, config), messages=messages,
-                             stream=bool(req.stream), prediction=prediction,
+                             stream=bool(req.stream), prediction=prediction, n=req.n or 1,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, **_speculative(req, config))
 
 

@@ -25,7 +25,7 @@ def _logprobs(gen, entries: list[dict] | None, offset: int = 0) -> dict | None:
 
 def full_body(gen, model: str, done: dict, text: str) -> dict:
     """The non-streamed response of a finished request."""
-    choice: dict = {"index": 0, "logprobs": _logprobs(gen, done.get("logprobs")),
+    choice: dict = {"index": gen.index, "logprobs": _logprobs(gen, done.get("logprobs")),
                     "finish_reason": done["finish_reason"]}
     if gen.kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
@@ -41,12 +41,34 @@ def full_body(gen, model: str, done: dict, text: str) -> dict:
             "choices": [choice], "usage": done["usage"], "speculative": done["speculative"]}
 
 
+def total_usage(usages: list[dict]) -> dict:
+    """The usage of a request's choices together: the prompt once (every choice read the same),
+    the completions' tokens (and their prediction counts) summed."""
+    first = usages[0]
+    out = {**first, "completion_tokens": sum(u["completion_tokens"] for u in usages)}
+    out["total_tokens"] = first["prompt_tokens"] + out["completion_tokens"]
+    details = [u.get("completion_tokens_details") for u in usages]
+    if details[0] is not None:
+        out["completion_tokens_details"] = {k: sum(d[k] for d in details) for k in details[0]}
+    return out
+
+
+def merged_body(bodies: list[dict]) -> dict:
+    """The response of a request of n > 1 choices from each choice's own (``full_body``): their
+    choices in index order, the usage together, and ``speculative`` a list, one per choice."""
+    out = dict(bodies[0])
+    out["choices"] = [b["choices"][0] for b in bodies]
+    out["usage"] = total_usage([b["usage"] for b in bodies])
+    out["speculative"] = [b["speculative"] for b in bodies]
+    return out
+
+
 def chunk(gen, model: str, *, text: str | None = None, role: bool = False, finish_reason: str | None = None,
           token_ids: list[int] | None = None, extra: dict | None = None, logprobs: list[dict] | None = None,
           offset: int = 0) -> dict:
     """One streamed chunk with a text delta (and/or the role, the finish reason); `logprobs`: its
     tokens' entries (serving/logprobs.py), `offset` the characters of the answer before them."""
-    choice: dict = {"index": 0, "logprobs": _logprobs(gen, logprobs, offset), "finish_reason": finish_reason}
+    choice: dict = {"index": gen.index, "logprobs": _logprobs(gen, logprobs, offset), "finish_reason": finish_reason}
     if gen.kind == "chat":
         delta: dict = {}
         if role:

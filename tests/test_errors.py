@@ -84,6 +84,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["generate", "--datastore", "/nonexistent/store", "--method", "rest", "hi"], "/nonexistent/store"),
     (["generate", "--dense-store", "/nonexistent/dense", "--method", "dense", "hi"], "/nonexistent/dense"),
     (["generate", "--soft", "--soft-window", "0", "hi"], "window"),
+    (["generate", "--frequency-penalty", "3", "hi"], "frequency_penalty"),
+    (["generate", "--logit-bias", "12=500", "hi"], "logit_bias"),
+    (["generate", "--logit-bias", "twelve", "hi"], "TOKEN_ID=BIAS"),
 ])
 @pytest.mark.slow                       # a CLI process each (imports, some load the model)
 def test_cli_errors_are_one_clear_line(args, needle):

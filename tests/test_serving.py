@@ -453,6 +453,66 @@ def test_openai_client(server, target, stores):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
 
 
+def test_choices_penalties_and_logit_bias(server, target, stores):
+    """n choices (each its own request, side by side; seeded choice i samples with seed + i),
+    penalties and a logit bias: every choice the engine's own answer, streamed or not."""
+    import openai
+
+    from decoding.config import SamplingParams
+    from decoding.engine import encode_prompt, generate
+    from decoding.methods import make_drafter
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    ids = encode_prompt(target, QUESTIONS[0])
+    adjust = dict(frequency_penalty=0.5, presence_penalty=0.3, logit_bias={"28": -100})
+    extra = {"speculative": {"method": "sense", "budget": 6}}
+
+    def want(seed=None, temperature=0.0, **kw):
+        params = SamplingParams(max_new_tokens=24, temperature=temperature, seed=seed,
+                                **{k: ({int(t): b for t, b in v.items()} if k == "logit_bias" else v)
+                                   for k, v in kw.items()})
+        return generate(target, ids, params=params, drafter=make_drafter("sense", stores["local"]), budget=6).text
+
+    greedy = want(**adjust)
+    assert greedy != want()                     # the adjustments change this answer
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body=extra,
+                                       **adjust)
+    assert r.choices[0].message.content == greedy
+
+    sampled = [want(seed=11 + i, temperature=0.9, **adjust) for i in range(3)]
+    assert len(set(sampled)) > 1
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0.9, seed=11, n=3,
+                                       extra_body=extra, **adjust)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == sampled
+    single = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0.9, seed=11,
+                                            extra_body=extra, **adjust)
+    assert r.usage.prompt_tokens == single.usage.prompt_tokens
+    assert isinstance(r.model_extra["speculative"], list) and len(r.model_extra["speculative"]) == 3
+    assert r.usage.completion_tokens == sum(s["completion_tokens"] for s in r.model_extra["speculative"])
+
+    texts, finished, usage = {}, set(), None
+    for c in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0.9, seed=11,
+                                            n=3, stream=True, stream_options={"include_usage": True},
+                                            extra_body=extra, **adjust):
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            if ch.finish_reason:
+                finished.add(ch.index)
+        usage = c.usage or usage
+    assert [texts[i] for i in range(3)] == sampled and finished == {0, 1, 2}
+    assert usage.completion_tokens == r.usage.completion_tokens
+
+    done = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, n=2,
+                                     extra_body={"speculative": {"method": "pld"}})
+    assert len(done.choices) == 2 and done.choices[0].text == done.choices[1].text
+
+    with pytest.raises(openai.BadRequestError) as err:          # outside the vocabulary: found by the decoder
+        client.chat.completions.create(model=MODEL, messages=messages, logit_bias={str(target.vocab_size): 5})
+    assert err.value.param == "logit_bias"
+
+
 def _assert_error(r: requests.Response, status: int, param=..., code=...):
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
@@ -480,7 +540,10 @@ def test_errors_are_openai_style(server, target):
     _assert_error(server.post(chat, {"messages": msgs, "max_tokens": 0}), 400, "max_tokens")
     _assert_error(server.post(chat, {"messages": msgs, "speculative": {"budget": 100000}}), 400,
                   "speculative.budget")
-    _assert_error(server.post(chat, {"messages": msgs, "n": 3}), 400, "n")
+    _assert_error(server.post(chat, {"messages": msgs, "n": 9}), 400, "n")
+    _assert_error(server.post(chat, {"messages": msgs, "logit_bias": {"x1": 2}}), 400, "logit_bias")
+    _assert_error(server.post(chat, {"messages": msgs, "logit_bias": {"1": 200}}), 400, "logit_bias.1")
+    _assert_error(server.post(chat, {"messages": msgs, "frequency_penalty": 2.5}), 400, "frequency_penalty")
     _assert_error(server.post(chat, {"messages": msgs, "stream": True, "temperature": 9}), 400, "temperature")
     _assert_error(server.post(chat, {"messages": msgs, "model": "gpt-9"}), 404, "model", "model_not_found")
     # A prompt longer than the context window, as token ids and as chat text; streamed too.

@@ -156,6 +156,12 @@ def test_request_validation_names_the_parameter():
     parts = [{"type": "text", "text": "a "}, {"type": "text", "text": "b"}]
     assert chat({"messages": msgs, "prediction": {"type": "content", "content": parts}}).prediction == "a b"
     assert ok.logprobs is None
+    adjusted = chat({"messages": msgs, "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"7": -100},
+                     "n": 3, "seed": 5, "temperature": 1})
+    assert (adjusted.params.presence_penalty, adjusted.params.frequency_penalty) == (0.5, -1)
+    assert adjusted.params.logit_bias == ((7, -100.0),) and adjusted.n == 3
+    assert [(g.index, g.params.seed) for g in p.choices(adjusted)] == [(0, 5), (1, 6), (2, 7)]
+    assert p.choices(ok) == [ok]
     assert chat({"messages": msgs, "logprobs": True}).logprobs == 0
     assert chat({"messages": msgs, "logprobs": True, "top_logprobs": 5}).logprobs == 5
     assert p.completion_request(p.parse(p.CompletionRequest, b'{"prompt": "a", "logprobs": 3}'), cfg).logprobs == 3
@@ -172,7 +178,11 @@ def test_request_validation_names_the_parameter():
         (json.dumps({"messages": msgs, "max_tokens": 0}).encode(), "max_tokens", None),
         (json.dumps({"messages": msgs, "max_tokens": "5"}).encode(), "max_tokens", None),
         (json.dumps({"messages": msgs, "top_p": 0}).encode(), "top_p", None),
-        (json.dumps({"messages": msgs, "n": 2}).encode(), "n", "unsupported_value"),
+        (json.dumps({"messages": msgs, "n": 9}).encode(), "n", None),
+        (json.dumps({"messages": msgs, "n": 0}).encode(), "n", None),
+        (json.dumps({"messages": msgs, "logit_bias": {"a": 1}}).encode(), "logit_bias", None),
+        (json.dumps({"messages": msgs, "logit_bias": {"5": -101}}).encode(), "logit_bias.5", None),
+        (json.dumps({"messages": msgs, "presence_penalty": -3}).encode(), "presence_penalty", None),
         (json.dumps({"messages": msgs, "speculative": {"method": "magic"}}).encode(), "speculative.method", None),
         (json.dumps({"messages": msgs, "speculative": {"budget": 0}}).encode(), "speculative.budget", None),
         (json.dumps({"messages": msgs, "speculative": {"verification": "soft", "soft": {"lam": 3}}}).encode(),
