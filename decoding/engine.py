@@ -365,7 +365,8 @@ class Sequence:
         t2 = time.perf_counter()
         n = len(self.prompt_ids) + len(self.generated)
         verifier, stats = self.verifier, self.stats
-        logits = out.logits if self.adjust is None else self.adjust.apply(out.logits, tree)
+        # (in place: a verification's logits are this step's own)
+        logits = out.logits if self.adjust is None else self.adjust.apply(out.logits, tree, in_place=True)
         verdict = verifier.verify(tree, logits, out.hidden) if self.verifier_hidden else verifier.verify(tree, logits)
         self.target.commit(self.state, verdict.path)
         if self.needs_hidden or self._kept_hidden is not None:

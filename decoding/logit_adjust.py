@@ -36,34 +36,60 @@ class LogitAdjust:
         self.frequency = float(params.frequency_penalty)
         self.bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
         self.bias_values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32)
-        self.counts: dict[int, int] = {}
+        # The answer's distinct tokens in order of first appearance and their counts; slot[t]:
+        # token t's place (arrays with room to grow: a step's adjustment reads them as they are,
+        # no sorting or Python loop over the answer's tokens).
+        self.slot: dict[int, int] = {}
+        self.ids = np.empty(64, dtype=np.int64)
+        self.c = np.empty(64)
+
+    @property
+    def counts(self) -> dict[int, int]:
+        return {t: int(self.c[i]) for t, i in self.slot.items()}
 
     def add(self, tokens) -> None:
         """Count tokens that joined the answer."""
         for t in tokens:
-            self.counts[t] = self.counts.get(t, 0) + 1
+            i = self.slot.get(t)
+            if i is None:
+                i = self.slot[t] = len(self.slot)
+                if i == len(self.ids):
+                    self.ids = np.concatenate([self.ids, np.empty_like(self.ids)])
+                    self.c = np.concatenate([self.c, np.empty_like(self.c)])
+                self.ids[i], self.c[i] = t, 0.0
+            self.c[i] += 1
 
-    def apply(self, logits: torch.Tensor, tree: TokenTree | None = None) -> torch.Tensor:
-        """The adjusted float32 copy of `logits` [N, V]: the rows of `tree`'s nodes in its order
-        (None: one row, at the position after the answer so far). Never in place: a forward's
-        logits may be kept elsewhere (the prefix cache keeps a prompt's)."""
-        out = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+    @torch.inference_mode()         # (a forward's logits are inference tensors: updated in place only there)
+    def apply(self, logits: torch.Tensor, tree: TokenTree | None = None, *, in_place: bool = False) -> torch.Tensor:
+        """`logits` [N, V] adjusted, in float32: the rows of `tree`'s nodes in its order (None: one
+        row, at the position after the answer so far). A copy, unless `in_place` and the logits are
+        float32 (a verification's own rows); a prefill's may be kept elsewhere (the prefix cache
+        keeps a prompt's)."""
+        out = logits if logits.dtype == torch.float32 and in_place else logits.float()
+        if out is logits and not in_place:
+            out = logits.clone()
         n = out.shape[0]
         if tree is not None and len(tree) != n:
             raise ValueError(f"{n} rows of logits for a tree of {len(tree)} nodes")
         if self.presence or self.frequency:
-            extra = tree.tokens[1:] if tree is not None else ()
-            ids = sorted(set(self.counts).union(extra))
-            if ids:
-                col = {t: i for i, t in enumerate(ids)}
-                c = np.empty((n, len(ids)))
-                c[0] = [self.counts.get(t, 0) for t in ids]
+            k, slot = len(self.slot), self.slot
+            extra: dict[int, int] = {}      # the tree's tokens the answer lacks, after the answer's
+            if n > 1:
+                for t in tree.tokens[1:]:
+                    if t not in slot and t not in extra:
+                        extra[t] = k + len(extra)
+            if k or extra:
+                ids, c = self.ids[:k], np.empty((n, k + len(extra)))
+                c[0, :k] = self.c[:k]
+                if extra:
+                    ids = np.concatenate([ids, np.fromiter(extra, dtype=np.int64, count=len(extra))])
+                    c[0, k:] = 0.0
                 for i in range(1, n):           # parents precede children
+                    t = tree.tokens[i]
                     c[i] = c[tree.parents[i]]
-                    c[i, col[tree.tokens[i]]] += 1
+                    c[i, slot[t] if t in slot else extra[t]] += 1
                 delta = torch.from_numpy(self.frequency * c + self.presence * (c > 0)).to(torch.float32)
-                index = torch.tensor(ids, dtype=torch.long)
-                out[:, index] -= delta
+                out[:, torch.from_numpy(ids)] -= delta
         if len(self.bias_ids):
             out[:, self.bias_ids] += self.bias_values
         return out
