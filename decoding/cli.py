@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from decoding.methods import METHODS, check_method, make_drafter
 
@@ -100,11 +101,36 @@ def _check_sources(args) -> None:
     check_named_sources(index=args.index, sparse=args.sparse_store, dense=args.dense_store)
 
 
+def _grammar(args):
+    """--json-object / --json-schema (inline JSON or a file) as a ``decoding.structured.Grammar``."""
+    from decoding.errors import InvalidRequestError
+    from decoding.structured import Grammar
+
+    if args.json_object and args.json_schema:
+        raise InvalidRequestError("give --json-object or --json-schema, not both")
+    if args.json_object:
+        return Grammar.json_object()
+    if args.json_schema is None:
+        return None
+    text = args.json_schema
+    if not text.lstrip().startswith("{"):
+        try:
+            text = Path(text).read_text()
+        except OSError as exc:
+            raise InvalidRequestError(f"--json-schema: cannot read {args.json_schema}: {exc.strerror}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"--json-schema is not valid JSON: {exc}") from None
+    return Grammar.json_schema(schema)
+
+
 def cmd_generate(args) -> int:
     from decoding.engine import check_prompt_text, encode_prompt, generate
     from decoding.target import TargetModel
 
     params, soft = _params(args), _soft(args)       # validate before the slow model load
+    grammar = _grammar(args)
     check_method(args.method)
     check_prompt_text(args.prompt)
     _check_sources(args)
@@ -117,7 +143,7 @@ def cmd_generate(args) -> int:
         from decoding.drafters.prediction import PredictionDrafter
 
         drafter = PredictionDrafter(drafter, target.tokenizer(args.prediction, add_special_tokens=False)["input_ids"])
-    result = generate(target, ids, params=params, drafter=drafter, budget=args.budget, soft=soft)
+    result = generate(target, ids, params=params, drafter=drafter, budget=args.budget, soft=soft, grammar=grammar)
     if args.json:
         print(json.dumps({"text": result.text, "stats": result.stats.to_dict()}))
     else:
@@ -261,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="pld", help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     g.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     g.add_argument("--json", action="store_true", help="print text and statistics as JSON")
+    g.add_argument("--json-object", action="store_true", help="answer with a JSON object (constrained decoding)")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="answer with JSON following this schema (inline JSON or a .json file)")
     g.add_argument("--prediction", default=None, metavar="TEXT",
                    help="predicted output (most of the answer, e.g. the text being edited): drafted from first; "
                         "the answer is the same, only faster where it matches")

@@ -17,6 +17,7 @@ from decoding.drafters.base import Drafter, NoDrafter
 from decoding.errors import InvalidRequestError
 from decoding.logit_adjust import LogitAdjust
 from decoding.metrics import GenerationStats
+from decoding.structured import Grammar, GrammarConstraint
 from decoding.target import TargetModel
 from decoding.tree import TokenTree
 from decoding.verifiers import Verifier, make_verifier
@@ -120,7 +121,7 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
              budget: int | AdaptiveBudget | str = "adaptive", soft=None,
              on_tokens: Callable[[list[int]], None] | None = None,
              should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
-             prompt_logprobs: int | None = None) -> GenerationResult:
+             prompt_logprobs: int | None = None, grammar: Grammar | None = None) -> GenerationResult:
     """Speculative decoding of one request.
 
     Each step: the drafter proposes a tree rooted at the pending token (at most `budget` draft
@@ -141,13 +142,15 @@ def generate(target: TargetModel, prompt_ids: list[int], *, params: SamplingPara
     its k most likely alternatives (``result.logprobs``), read off the forward that verified it;
     `prompt_logprobs` likewise for the prompt's tokens after the first (``result.prompt_logprobs``:
     the prompt's prefill keeps every position's logits, in pieces of ``PROMPT_PIECE`` positions,
-    and skips the prefix cache).
+    and skips the prefix cache). `grammar` (a ``decoding.structured.Grammar``: a JSON object, JSON
+    following a schema) constrains the answer to what it accepts, and ends it once it is complete.
 
     This is the batch of one of :class:`decoding.scheduler.BatchScheduler`: the same
     :class:`Sequence` steps, with the verification forward of this request alone.
     """
     seq = Sequence(target, prompt_ids, params=params, drafter=drafter, verifier=verifier, budget=budget, soft=soft,
-                   on_tokens=on_tokens, should_stop=should_stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                   on_tokens=on_tokens, should_stop=should_stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                   grammar=grammar)
     return seq.run()
 
 
@@ -166,14 +169,19 @@ class Sequence:
                  budget: int | AdaptiveBudget | str = "adaptive", soft=None,
                  on_tokens: Callable[[list[int]], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
-                 prompt_logprobs: int | None = None) -> None:
+                 prompt_logprobs: int | None = None, grammar: Grammar | None = None) -> None:
         self.serial = next(_SERIALS)    # unique in the process (an id() is reused once freed)
         self.target = target
         self.prompt_ids = list(prompt_ids)
         self.params = params or SamplingParams()
-        # Penalties and a logit bias: every row of logits the verifier and the log-probabilities
-        # read goes through it first (decoding.logit_adjust); None leaves them untouched.
+        # Penalties and a logit bias, then a grammar's token mask: every row of logits the
+        # verifier and the log-probabilities read goes through them first (decoding.logit_adjust,
+        # decoding.structured); None leaves them untouched.
         self.adjust = LogitAdjust(self.params, target.vocab_size) if self.params.adjusts_logits else None
+        if grammar is not None and self.params.ignore_eos:
+            raise InvalidRequestError("ignore_eos cannot be used with a grammar (the answer ends when the grammar "
+                                      "is complete)", "ignore_eos")
+        self.constraint = GrammarConstraint(grammar, target) if grammar is not None else None
         self.drafter = drafter or NoDrafter()
         self.verifier = verifier or make_verifier(self.params, soft, transform=getattr(self.drafter, "transform", None))
         self.verifier_hidden = getattr(self.verifier, "uses_hidden", False)
@@ -282,7 +290,10 @@ class Sequence:
         self.stopper = _Stopper(target, self.params, len(prompt_ids))
         self.tokens = np.empty(len(prompt_ids) + self.stopper.limit + 1, dtype=np.int64)
         self.tokens[: len(prompt_ids)] = prompt_ids
+        # (copies: a prefill's logits may be the prefix cache's)
         last = out.logits[-1:] if self.adjust is None else self.adjust.apply(out.logits[-1:])
+        if self.constraint is not None:
+            last = self.constraint.apply(last.float().clone() if self.adjust is None else last)
         generated = [self.verifier.first_token(last[0])]
         if self.adaptive:
             self.adaptive.start()
@@ -290,10 +301,18 @@ class Sequence:
         self.generated, self.reason = self.stopper.cut(generated)
         if self.adjust is not None:
             self.adjust.add(self.generated)
+        self._constrain(self.generated)
         if self.token_logprobs is not None and self.generated:
             self.token_logprobs += token_logprobs(last, self.generated, self.logprobs)
         if self.on_tokens is not None and self.generated:
             self.on_tokens(list(self.generated))
+
+    def _constrain(self, added: list[int]) -> None:
+        """The grammar takes the answer's new tokens; once it is complete the answer ends there."""
+        if self.constraint is not None and added:
+            self.constraint.add(added)
+            if self.constraint.complete:
+                self.reason = "stop"
 
     def step(self) -> list[int]:
         """One step alone: draft within this request's own budget, verify, advance."""
@@ -367,6 +386,8 @@ class Sequence:
         verifier, stats = self.verifier, self.stats
         # (in place: a verification's logits are this step's own)
         logits = out.logits if self.adjust is None else self.adjust.apply(out.logits, tree, in_place=True)
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits if logits.dtype == torch.float32 else logits.float(), tree)
         verdict = verifier.verify(tree, logits, out.hidden) if self.verifier_hidden else verifier.verify(tree, logits)
         self.target.commit(self.state, verdict.path)
         if self.needs_hidden or self._kept_hidden is not None:
@@ -410,6 +431,7 @@ class Sequence:
         added = self.generated[before:]
         if self.adjust is not None:
             self.adjust.add(added)
+        self._constrain(added)
         if self.token_logprobs is not None and added:
             # The token after path node j was drawn from node j's row (the last: the bonus token).
             self.token_logprobs += token_logprobs(logits[list(verdict.path[:len(added)])], added, self.logprobs)

@@ -547,7 +547,7 @@ class Decoder:
             scored = req.logprobs if req.echo else None         # the prompt's own log-probabilities
             try:
                 seq = Sequence(self.model, prompt_ids, params=params, drafter=drafter, budget=budget, soft=req.soft,
-                               logprobs=req.logprobs, prompt_logprobs=scored, **hooks)
+                               logprobs=req.logprobs, prompt_logprobs=scored, grammar=req.grammar, **hooks)
             except SenseError as exc:           # e.g. a logit_bias token outside the vocabulary
                 emit({"type": "error", "error": from_sense_error(exc).to_dict()})
                 return

@@ -94,8 +94,19 @@ class Prediction(_Strict):
     content: str | list[TextPart]
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    """OpenAI's structured outputs: plain text, any JSON object, or JSON following a schema
+    (decoding/structured.py)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatRequest(_Common):
@@ -127,6 +138,7 @@ class GenerationRequest:
     stream: bool = False
     return_token_ids: bool = False
     prediction: str | None = None              # predicted output (chat): drafted from, never changes the answer
+    grammar: Any = None                        # decoding.structured.Grammar (chat's response_format) | None
     logprobs: int | None = None                # each token's log-probability and this many alternatives
     echo: bool = False                         # completions: the prompt before the answer (and its logprobs)
     n: int = 1                                 # choices asked for (see choices())
@@ -302,6 +314,26 @@ def _text(content: str | list[TextPart] | None) -> str:
     return "".join(p.text for p in content)
 
 
+def _grammar(fmt: ResponseFormat | None):
+    """The grammar of a chat request's response_format (None: plain text)."""
+    if fmt is None or fmt.type == "text":
+        if fmt is not None and fmt.json_schema is not None:
+            raise invalid("response_format.json_schema is only used with type 'json_schema'", "response_format")
+        return None
+    from decoding.structured import Grammar
+
+    try:
+        if fmt.type == "json_object":
+            return Grammar.json_object()
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise invalid("response_format of type 'json_schema' needs json_schema.schema", "response_format.json_schema")
+        return Grammar.json_schema(fmt.json_schema.schema_, f"JSON following the schema {fmt.json_schema.name!r}")
+    except APIError:
+        raise
+    except Exception as exc:            # InvalidRequestError: a 400 naming response_format
+        raise from_sense_error(exc, "response_format") from None
+
+
 def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     check_model(req, config)
     _check_common(req, config)
@@ -317,9 +349,13 @@ def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
         raise invalid("the messages are empty: give some text", "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens or config.sampling.chat_max_tokens
     prediction = _text(req.prediction.content) if req.prediction else None
+    grammar = _grammar(req.response_format)
+    if grammar is not None and req.ignore_eos:
+        raise invalid("ignore_eos cannot be used with a JSON response_format (the answer ends when its JSON does)",
+                      "ignore_eos")
     return GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", kind="chat",
                              params=_sampling(req, max_tokens, config), messages=messages,
-                             stream=bool(req.stream), prediction=prediction, n=req.n or 1,
+                             stream=bool(req.stream), prediction=prediction, n=req.n or 1, grammar=grammar,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, **_speculative(req, config))
 
 

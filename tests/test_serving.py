@@ -513,6 +513,43 @@ def test_choices_penalties_and_logit_bias(server, target, stores):
     assert err.value.param == "logit_bias"
 
 
+def test_structured_outputs(server, target, stores):
+    """response_format json_object and json_schema over HTTP: the engine's constrained answer,
+    streamed or not, valid JSON of the schema."""
+    import openai
+
+    from decoding.config import SamplingParams
+    from decoding.engine import encode_prompt, generate
+    from decoding.methods import make_drafter
+    from decoding.structured import Grammar
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}, "unit": {"type": "string"}},
+              "required": ["answer", "unit"], "additionalProperties": False}
+    question = QUESTIONS[1] + " Answer in JSON."
+    messages = [{"role": "user", "content": question}]
+    ids = encode_prompt(target, question)
+    extra = {"speculative": {"method": "sense", "budget": 6}}
+    for fmt, grammar in (({"type": "json_object"}, Grammar.json_object()),
+                         ({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+                          Grammar.json_schema(schema))):
+        want = generate(target, ids, params=SamplingParams(max_new_tokens=48),
+                        drafter=make_drafter("sense", stores["local"]), budget=6, grammar=grammar)
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, temperature=0,
+                                           response_format=fmt, extra_body=extra)
+        assert r.choices[0].message.content == want.text
+        assert r.choices[0].finish_reason == want.finish_reason
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=48, temperature=0, response_format=fmt, stream=True,
+            extra_body=extra) if c.choices)
+        assert streamed == want.text
+    assert want.finish_reason == "stop" and set(json.loads(want.text)) == {"answer", "unit"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "bogus"}}})
+    assert err.value.param == "response_format"
+
+
 def _assert_error(r: requests.Response, status: int, param=..., code=...):
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")

@@ -162,6 +162,11 @@ def test_request_validation_names_the_parameter():
     assert adjusted.params.logit_bias == ((7, -100.0),) and adjusted.n == 3
     assert [(g.index, g.params.seed) for g in p.choices(adjusted)] == [(0, 5), (1, 6), (2, 7)]
     assert p.choices(ok) == [ok]
+    assert ok.grammar is None and chat({"messages": msgs, "response_format": {"type": "text"}}).grammar is None
+    assert chat({"messages": msgs, "response_format": {"type": "json_object"}}).grammar.description == "a JSON object"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    assert "thing" in chat({"messages": msgs, "response_format": fmt}).grammar.description
     assert chat({"messages": msgs, "logprobs": True}).logprobs == 0
     assert chat({"messages": msgs, "logprobs": True, "top_logprobs": 5}).logprobs == 5
     assert p.completion_request(p.parse(p.CompletionRequest, b'{"prompt": "a", "logprobs": 3}'), cfg).logprobs == 3
@@ -183,6 +188,13 @@ def test_request_validation_names_the_parameter():
         (json.dumps({"messages": msgs, "logit_bias": {"a": 1}}).encode(), "logit_bias", None),
         (json.dumps({"messages": msgs, "logit_bias": {"5": -101}}).encode(), "logit_bias.5", None),
         (json.dumps({"messages": msgs, "presence_penalty": -3}).encode(), "presence_penalty", None),
+        (json.dumps({"messages": msgs, "response_format": {"type": "yaml"}}).encode(), "response_format.type", None),
+        (json.dumps({"messages": msgs, "response_format": {"type": "json_schema"}}).encode(),
+         "response_format.json_schema", None),
+        (json.dumps({"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "bogus"}}}}).encode(), "response_format", None),
+        (json.dumps({"messages": msgs, "response_format": {"type": "json_object"}, "ignore_eos": True}).encode(),
+         "ignore_eos", None),
         (json.dumps({"messages": msgs, "speculative": {"method": "magic"}}).encode(), "speculative.method", None),
         (json.dumps({"messages": msgs, "speculative": {"budget": 0}}).encode(), "speculative.budget", None),
         (json.dumps({"messages": msgs, "speculative": {"verification": "soft", "soft": {"lam": 3}}}).encode(),

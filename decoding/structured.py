@@ -1,0 +1,172 @@
+"""Structured outputs: every token of the answer must keep it a prefix of what a grammar (any
+JSON object, or JSON that follows a JSON schema) accepts.
+
+The grammar is llguidance's (https://github.com/guidance-ai/llguidance: a Rust matcher, one
+small wheel with no dependencies; vLLM's ``guidance`` backend): per position it gives the set of
+tokens that can come next, and every other token's logit is set to -inf before the token is
+chosen (the standard token mask of constrained decoding). In a verified tree each node's row is
+masked by the matcher's state after the answer plus the drafts on the path to that node (a walk
+of the tree that consumes a child's token and rolls it back after its subtree), so each row gets
+exactly the mask a one-row step at that position would get: strict verification stays token for
+token the constrained autoregressive decoding. A child whose token its parent's mask forbids is
+never accepted (its token's logit is -inf there); its subtree's rows are left as they are, as no
+verifier reads a row its walk cannot reach. Once the grammar is complete the answer ends
+(finish reason ``stop``) without the EOS token the mask would force next.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from decoding.errors import InvalidRequestError
+from decoding.per_owner import PerOwner
+from decoding.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A validated llguidance grammar (plain, picklable: a server's ingress builds it, its decoder
+    runs it) and what it was made from, for messages."""
+
+    grammar: str
+    description: str
+
+    @classmethod
+    def json_object(cls) -> "Grammar":
+        """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
+        return cls.json_schema({"type": "object"}, "a JSON object")
+
+    @classmethod
+    def json_schema(cls, schema: dict, description: str | None = None) -> "Grammar":
+        """JSON that follows `schema` (OpenAI's ``{"type": "json_schema", ...}``)."""
+        import llguidance
+
+        if not isinstance(schema, dict):
+            raise InvalidRequestError(f"a JSON schema must be an object, got {type(schema).__name__}",
+                                      "response_format")
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"the JSON schema cannot be used: {_first_line(exc)}", "response_format") from None
+        return cls._validated(grammar, description or "JSON following the given schema")
+
+    @classmethod
+    def _validated(cls, grammar: str, description: str) -> "Grammar":
+        import llguidance
+
+        error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+        if error:
+            raise InvalidRequestError(f"the JSON schema cannot be used: {_first_line(messages[0])}", "response_format")
+        return cls(grammar, description)
+
+
+def _first_line(exc) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _make_tokenizer_slot() -> dict:
+    return {}
+
+
+_TOKENIZERS: PerOwner[dict] = PerOwner(_make_tokenizer_slot)
+
+
+def _tokenizer(target):
+    """llguidance's view of `target`'s tokenizer (built once per target: ~0.3 s, under a lock)."""
+    slot = _TOKENIZERS.get(target, "llguidance")
+    if "tokenizer" not in slot:
+        import copy
+
+        import llguidance
+
+        # A fast (Rust) tokenizer's own JSON, as llguidance.hf.from_tokenizer reads it (read here
+        # through any wrapper: a server's tokenizer takes a lock around each call).
+        backend = getattr(target.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise InvalidRequestError("structured outputs need the model's fast (tokenizers) tokenizer",
+                                      "response_format")
+        backend = copy.copy(backend)
+        backend.no_padding()
+        backend.no_truncation()
+        slot["tokenizer"] = llguidance.LLTokenizer(backend.to_str(), n_vocab=target.vocab_size,
+                                                   eos_token=sorted(target.eos_token_ids) or None)
+    return slot["tokenizer"]
+
+
+class GrammarConstraint:
+    """One request's matcher: the answer so far consumed; masks rows of logits."""
+
+    def __init__(self, grammar: Grammar, target) -> None:
+        import llguidance
+
+        self.vocab = target.vocab_size
+        self.matcher = llguidance.LLMatcher(_tokenizer(target), grammar.grammar)
+        if self.matcher.is_error():
+            raise InvalidRequestError(f"the grammar cannot be used: {_first_line(self.matcher.get_error())}",
+                                      "response_format")
+        self.words = (self.vocab + 31) // 32
+        self._bits = np.zeros((1, self.words), dtype=np.int32)
+
+    @property
+    def complete(self) -> bool:
+        """The grammar accepts nothing more than the answer so far (only EOS could follow)."""
+        return self.matcher.is_stopped()
+
+    def add(self, tokens) -> None:
+        """The tokens that joined the answer (each one a masked row allowed)."""
+        if tokens and not self.matcher.consume_tokens([int(t) for t in tokens]):
+            raise RuntimeError(f"the answer left its grammar: {self.matcher.get_error()}")
+
+    def _fill(self, row: int) -> None:
+        v = self._bits[row]
+        self.matcher.unsafe_compute_mask_ptr(v.ctypes.data, v.nbytes)
+
+    def _allows(self, row: int, token: int) -> bool:
+        return bool((int(self._bits[row, token >> 5]) >> (token & 31)) & 1)
+
+    @torch.inference_mode()         # (a forward's logits are inference tensors: updated in place only there)
+    def apply(self, logits: torch.Tensor, tree: TokenTree | None = None) -> torch.Tensor:
+        """Mask `logits` [N, V] in place (float32; the rows of `tree`'s nodes in its order, None:
+        one row after the answer so far) and return them."""
+        n = logits.shape[0]
+        if (tree is None and n != 1) or (tree is not None and len(tree) != n):
+            raise ValueError(f"{n} rows of logits for a tree of {len(tree) if tree is not None else 1} nodes")
+        if self._bits.shape[0] < n:
+            self._bits = np.zeros((n, self.words), dtype=np.int32)
+        reached = [0]
+        self._fill(0)
+        if n > 1:
+            kids: list[list[int]] = [[] for _ in range(n)]
+            for i in range(1, n):
+                kids[tree.parents[i]].append(i)
+            m = self.matcher
+            # Depth first, iteratively: (node, next child to try). A child whose token its
+            # parent's mask allows is consumed, its row filled, and rolled back after its subtree.
+            stack = [(0, 0)]
+            while stack:
+                node, k = stack.pop()
+                if k < len(kids[node]):
+                    stack.append((node, k + 1))
+                    child = kids[node][k]
+                    tok = tree.tokens[child]
+                    if self._allows(node, tok) and m.consume_token(tok):
+                        self._fill(child)
+                        reached.append(child)
+                        stack.append((child, 0))
+                elif node != 0:
+                    m.rollback(1)
+        bits = self._bits[:n] if len(reached) == n else self._bits[reached]
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :self.vocab]
+        forbid = torch.from_numpy(allowed == 0)
+        if forbid.shape[1] < logits.shape[1]:       # logits wider than the vocabulary: never allowed
+            forbid = torch.nn.functional.pad(forbid, (0, logits.shape[1] - forbid.shape[1]), value=True)
+        if len(reached) == n:
+            logits.masked_fill_(forbid, float("-inf"))
+        else:
+            index = torch.tensor(reached)
+            logits[index] = logits[index].masked_fill(forbid, float("-inf"))
+        return logits

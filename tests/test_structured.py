@@ -1,0 +1,98 @@
+"""Structured outputs (decoding/structured.py): a grammar's token mask on every verified row, so
+constrained strict decoding is token for token constrained autoregressive decoding, alone and
+batched, and the answer is valid JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from decoding.config import SamplingParams
+from decoding.drafters import PromptLookupDrafter
+from decoding.engine import Sequence, encode_prompt, generate
+from decoding.errors import InvalidRequestError
+from decoding.methods import Datastores, make_drafter
+from decoding.scheduler import BatchScheduler
+from decoding.structured import Grammar, GrammarConstraint
+from decoding.tree import TokenTree
+from index.dense_store import DenseStore
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "pets": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+          "required": ["name", "age", "pets"], "additionalProperties": False}
+CAT = "Give me a JSON object describing a cat with fields name, color and age."
+PERSON = "Invent a person with a name, an age and up to three pets. Answer in JSON."
+
+
+def test_bad_grammars_are_one_line_errors(target_bf16):
+    with pytest.raises(InvalidRequestError, match="JSON schema"):
+        Grammar.json_schema({"type": "bogus"})
+    with pytest.raises(InvalidRequestError, match="must be an object"):
+        Grammar.json_schema(["not", "a", "schema"])
+    with pytest.raises(InvalidRequestError, match="ignore_eos"):
+        Sequence(target_bf16, [1, 2, 3], params=SamplingParams(ignore_eos=True), grammar=Grammar.json_object())
+
+
+def test_each_tree_row_gets_the_mask_of_its_position_alone(target_bf16):
+    tok = target_bf16.tokenizer
+    grammar = Grammar.json_schema(SCHEMA)
+    answer = tok.encode('{"name": "Ann", "age": ', add_special_tokens=False)
+    digits = [tok.encode(d, add_special_tokens=False)[0] for d in ("4", "2", "7")]
+    comma, letter = tok.encode(",", add_special_tokens=False)[0], tok.encode("x", add_special_tokens=False)[0]
+    # root (the answer's last token, pending) -> 4 -> 2 -> ","; root -> 7; root -> "x" (not JSON: forbidden) -> 4
+    tree = TokenTree((answer[-1], digits[0], digits[1], comma, digits[2], letter, digits[0]),
+                     (-1, 0, 1, 2, 0, 0, 5))
+    logits = torch.randn(len(tree), target_bf16.vocab_size)
+    raw = logits.clone()
+    c = GrammarConstraint(grammar, target_bf16)
+    c.add(answer)
+    c.apply(logits, tree)
+    for i, path in enumerate([[], [0], [0, 1], [0, 1, 2], [3]]):
+        alone = GrammarConstraint(grammar, target_bf16)
+        alone.add(answer + [tree.tokens[1 + j] for j in path])
+        want = alone.apply(raw[i:i + 1].clone())
+        assert torch.equal(logits[i], want[0]), f"node {i}"
+    assert logits[0, letter] == float("-inf") and torch.isfinite(logits[0, digits[0]])
+    assert torch.equal(logits[5:], raw[5:])         # the forbidden child's subtree: unreachable, untouched
+    assert torch.isinf(logits[3]).sum() > target_bf16.vocab_size - 1000     # after "42,": a key's quote
+
+
+@pytest.fixture(scope="module")
+def stores(dense_store_dir):
+    return Datastores(dense=DenseStore.load(dense_store_dir))
+
+
+def test_constrained_strict_decoding_equals_constrained_autoregressive(target_bf16, stores):
+    """PLD and SENSE under a JSON-object grammar and a JSON schema, alone and in one batch with a
+    plain request: token for token the constrained autoregressive answers, which are valid JSON
+    (the schema's keys and types) and differ from the unconstrained answers."""
+    cases = [(CAT, Grammar.json_object()), (PERSON, Grammar.json_schema(SCHEMA))]
+    params = SamplingParams(max_new_tokens=80)
+    refs, accepted = [], 0
+    for question, grammar in cases:
+        ids = encode_prompt(target_bf16, question)
+        ref = generate(target_bf16, ids, params=params, grammar=grammar, logprobs=1)
+        assert ref.finish_reason == "stop", ref.text
+        value = json.loads(ref.text)
+        assert isinstance(value, dict)
+        refs.append(ref)
+        for make in (lambda: PromptLookupDrafter(max_candidates=4), lambda: make_drafter("sense", stores)):
+            out = generate(target_bf16, ids, params=params, drafter=make(), budget=8, grammar=grammar, logprobs=1)
+            assert out.token_ids == ref.token_ids and out.logprobs == ref.logprobs
+            accepted += out.stats.accepted
+    assert accepted > 0
+    person = json.loads(refs[1].text)
+    assert set(person) == {"name", "age", "pets"} and isinstance(person["age"], int) and len(person["pets"]) <= 3
+    plain_ids = encode_prompt(target_bf16, PERSON)
+    plain = generate(target_bf16, plain_ids, params=params)
+    assert plain.token_ids != refs[1].token_ids
+    scheduler = BatchScheduler(target_bf16, max_batch=4)
+    seqs = [Sequence(target_bf16, encode_prompt(target_bf16, q), params=params, drafter=make_drafter("sense", stores),
+                     budget=6, grammar=g) for q, g in cases]
+    seqs.append(Sequence(target_bf16, plain_ids, params=params, drafter=PromptLookupDrafter(), budget=6))
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.run()
+    assert [s.result().token_ids for s in seqs] == [r.token_ids for r in refs] + [plain.token_ids]
