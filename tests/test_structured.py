@@ -15,7 +15,7 @@ from decoding.engine import Sequence, encode_prompt, generate
 from decoding.errors import InvalidRequestError
 from decoding.methods import Datastores, make_drafter
 from decoding.scheduler import BatchScheduler
-from decoding.structured import Grammar, GrammarConstraint
+from decoding.structured import Grammar, GrammarConstraint, _mask_rows
 from decoding.tree import TokenTree
 from index.dense_store import DenseStore
 
@@ -57,6 +57,31 @@ def test_each_tree_row_gets_the_mask_of_its_position_alone(target_bf16):
     assert logits[0, letter] == float("-inf") and torch.isfinite(logits[0, digits[0]])
     assert torch.equal(logits[5:], raw[5:])         # the forbidden child's subtree: unreachable, untouched
     assert torch.isinf(logits[3]).sum() > target_bf16.vocab_size - 1000     # after "42,": a key's quote
+
+
+@pytest.mark.parametrize("vocab,width", [(49152, 49152), (49157, 49160), (100, 128)])
+def test_the_word_by_word_mask_equals_a_bit_by_bit_one(vocab, width):
+    """_mask_rows (skips words of 32 allowed tokens, keeps the few allowed of mostly closed rows)
+    against the plain mask: every bit unpacked, rows a grammar allows mostly, rarely, or at random."""
+    import numpy as np
+
+    words = (vocab + 31) // 32
+    bits = np.random.default_rng(0).integers(-2**31, 2**31, size=(7, words), dtype=np.int64).astype(np.int32)
+    bits[0, : words // 2] = -1
+    bits[1] = 0
+    bits[2, 3] = -1
+    bits[3, ::2] = 0
+    bits[4] = 0
+    bits[4, 1] = 5
+    bits[5] = -1
+    logits = torch.randn(7, width)
+    want = logits.clone()
+    allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    forbid = torch.nn.functional.pad(torch.from_numpy(allowed == 0), (0, width - vocab), value=True)
+    rows = [0, 1, 3, 4, 5, 6]
+    want[rows] = want[rows].masked_fill(forbid[rows], float("-inf"))
+    _mask_rows(logits.numpy(), logits, rows, bits, vocab)
+    assert torch.equal(logits, want)
 
 
 @pytest.fixture(scope="module")
