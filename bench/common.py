@@ -48,6 +48,18 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def fast_target():
+    """The embedded model in the dtype ``auto`` picks (measured, remembered per machine), with its
+    dtype's name and the machine record a result carries (``machine_info`` plus the dtype and why)."""
+    from decoding.cli import _quiet_libraries
+    from decoding.target import TargetModel
+
+    _quiet_libraries()
+    target = TargetModel.load()
+    dtype = str(target.dtype).removeprefix("torch.")
+    return target, dtype, {**machine_info(), "dtype": dtype, "dtype_choice": target.dtype_choice.reason}
+
+
 def write_results(name: str, machine: dict, rows: list[dict], markdown: str, extra: dict | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": machine, "rows": rows, **(extra or {})}

@@ -24,13 +24,11 @@ import argparse
 import sys
 from collections import defaultdict
 
-from bench.common import forget_prompts, machine_info, median, method_order, write_results
-from decoding.cli import _quiet_libraries
+from bench.common import fast_target, forget_prompts, median, method_order, write_results
 from decoding.config import SamplingParams
 from decoding.drafters.prediction import PredictionDrafter, prediction_usage
 from decoding.engine import encode_prompt, generate
 from decoding.methods import make_drafter
-from decoding.target import TargetModel
 from index.corpus import humaneval
 
 METHODS = ("ar", "pld", "ar+prediction", "pld+prediction")
@@ -57,10 +55,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
-    _quiet_libraries()
-    target = TargetModel.load()
-    dtype = str(target.dtype).removeprefix("torch.")
-    machine = {**machine_info(), "dtype": dtype, "dtype_choice": target.dtype_choice.reason}
+    target, dtype, machine = fast_target()
     tok = target.tokenizer
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     problems = humaneval()[: args.problems]

@@ -21,7 +21,7 @@ import json
 import sys
 from collections import defaultdict
 
-from bench.common import DENSE_CHOICES_HELP, forget_prompts, machine_info, median, method_order, write_results
+from bench.common import DENSE_CHOICES_HELP, fast_target, forget_prompts, median, method_order, write_results
 
 METHODS = ("ar", "pld", "sense")
 SCHEMA = {"type": "object",
@@ -41,8 +41,6 @@ def valid(text: str) -> bool:
 
 
 def main(argv=None) -> int:
-    from decoding.cli import _quiet_libraries
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -51,19 +49,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
-    _quiet_libraries()
+    target, dtype, machine = fast_target()
     from bench.sense import dense_source
     from decoding.config import SamplingParams
     from decoding.engine import encode_prompt, generate
     from decoding.methods import make_drafter
     from decoding.stores import load_datastores
     from decoding.structured import Grammar
-    from decoding.target import TargetModel
     from index.corpus import gsm8k
 
-    target = TargetModel.load()
-    dtype = str(target.dtype).removeprefix("torch.")
-    machine = {**machine_info(), "dtype": dtype, "dtype_choice": target.dtype_choice.reason}
     source, store = dense_source(target, args.dense)
     stores = load_datastores(target, methods=list(METHODS), dense=source)
     grammar = Grammar.json_schema(SCHEMA)
