@@ -226,6 +226,7 @@ class Sequence:
         self._kept_hidden: list | None = [] if getattr(target, "prefix_cache", None) is not None else None
 
     error: Exception | None = None         # set by fail(): what ended the request
+    forced: bool = False                   # this step's draft is its grammar's forced tokens (propose)
 
     @property
     def done(self) -> bool:
@@ -299,20 +300,22 @@ class Sequence:
             self.adaptive.start()
         self.stats.time_prefill = time.perf_counter() - self.t_start
         self.generated, self.reason = self.stopper.cut(generated)
+        self._constrain(0)
         if self.adjust is not None:
             self.adjust.add(self.generated)
-        self._constrain(self.generated)
         if self.token_logprobs is not None and self.generated:
             self.token_logprobs += token_logprobs(last, self.generated, self.logprobs)
         if self.on_tokens is not None and self.generated:
             self.on_tokens(list(self.generated))
 
-    def _constrain(self, added: list[int]) -> None:
-        """The grammar takes the answer's new tokens; once it is complete the answer ends there."""
-        if self.constraint is not None and added:
-            self.constraint.add(added)
+    def _constrain(self, before: int) -> None:
+        """The grammar takes the answer's tokens from `before` on; the answer ends with the token
+        that completes it (an EOS accepted after it in the same step is dropped: decoded one token
+        a step, the answer would have ended before it)."""
+        if self.constraint is not None and len(self.generated) > before:
+            kept = self.constraint.add(self.generated[before:])
             if self.constraint.complete:
-                self.reason = "stop"
+                self.generated, self.reason = self.generated[:before + kept], "stop"
 
     def step(self) -> list[int]:
         """One step alone: draft within this request's own budget, verify, advance."""
@@ -352,6 +355,19 @@ class Sequence:
         # Deeper drafts than the tokens still allowed would be wasted work, and the tree must
         # fit the context window beside the n - 1 committed tokens.
         max_depth = self.stopper.limit - len(self.generated) - 1
+        self.forced = False
+        if self.constraint is not None and not isinstance(self.drafter, NoDrafter):
+            # Tokens the grammar forces (a schema's keys and separators) are the draft, whatever
+            # the budget: each is the only token its row allows, so each is accepted (n draft rows
+            # for n tokens, where a budget weighs rows against the tokens they may bring). Such a
+            # step teaches the budget's estimates nothing about the drafter's own drafts. `ar`
+            # (no drafter) stays plain decoding.
+            forced = self.constraint.forced(min(32, max_depth, self.target.context_window - n))
+            if forced:
+                self.forced, self._room, self._drafted, self._wide_cut = True, len(forced), True, False
+                tree = TokenTree.chain(int(self.tokens[n - 1]), forced)
+                self._t1 = time.perf_counter()
+                return tree
         widen = (alone or wide) and self.adaptive is not None and budget > 0
         self._room = room = self.room(self.adaptive.widen(budget) if widen else budget)
         self._drafted = room > 0
@@ -407,7 +423,7 @@ class Sequence:
             if self._kept_hidden is not None:
                 self._kept_hidden.append(path_hidden.clone())     # not a view keeping the forward's rows
         t3 = time.perf_counter()
-        if self.adaptive:
+        if self.adaptive and not self.forced:
             # A step that drafted and then kept nothing verified alone: its drafting time is not
             # the price of a budget of 0 (a step that does not draft).
             overhead_s = None if self._drafted and not self._room else (self._t1 - self._t0) + (t3 - t2)
@@ -424,14 +440,14 @@ class Sequence:
         self.tokens[n: n + len(new) - 1] = new[:-1]
         before = len(self.generated)
         self.generated, self.reason = self.stopper.cut(self.generated + new, before)
+        self._constrain(before)
         # Only tokens that reach the output count into MAT (accepted + steps): a stop (EOS, a
-        # stop string) inside the accepted path drops the drafts after it and the step's own
-        # token. A step counts one of the tokens it commits; accepted counts the others.
+        # stop string, the grammar's end) inside the accepted path drops the drafts after it and
+        # the step's own token. A step counts one of the tokens it commits; accepted the others.
         stats.accepted += max(0, min(verdict.n_accepted, len(self.generated) - before - 1))
         added = self.generated[before:]
         if self.adjust is not None:
             self.adjust.add(added)
-        self._constrain(added)
         if self.token_logprobs is not None and added:
             # The token after path node j was drawn from node j's row (the last: the bonus token).
             self.token_logprobs += token_logprobs(logits[list(verdict.path[:len(added)])], added, self.logprobs)

@@ -239,12 +239,13 @@ def cut_budgets(seqs: Seq[Sequence], trees: Seq[TokenTree | None], budgets: Seq[
     keeping nothing: raise the k of the request, to whichever of its sizes, that increases G
     most, until none does. So the rows of a loaded forward go to the nodes most likely to land,
     whichever request drafted them; a request whose candidates are strays this step verifies
-    its pending token alone. None for a request whose tree stays as drafted. `wide`: which
-    requests drafted wide (default: every one with an adaptive budget above 0)."""
+    its pending token alone. None for a request whose tree stays as drafted (a grammar's forced
+    tokens stay whole: each one lands). `wide`: which requests drafted wide (default: every one
+    with an adaptive budget above 0)."""
     keep: list[int | None] = [None] * len(seqs)
     wide = {i for i, (s, t, b) in enumerate(zip(seqs, trees, budgets))
             if t is not None and not s.done and s.adaptive and b > 0 and s.adaptive.nodes.ready
-            and (wide is None or wide[i])}
+            and (wide is None or wide[i]) and not s.forced}
     if not wide:
         return keep
     forward_s = _forward_seconds(sum(t is not None and not s.done for s, t in zip(seqs, trees)),

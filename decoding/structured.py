@@ -11,7 +11,9 @@ exactly the mask a one-row step at that position would get: strict verification 
 token the constrained autoregressive decoding. A child whose token its parent's mask forbids is
 never accepted (its token's logit is -inf there); its subtree's rows are left as they are, as no
 verifier reads a row its walk cannot reach. Once the grammar is complete the answer ends
-(finish reason ``stop``) without the EOS token the mask would force next.
+(finish reason ``stop``) without the EOS token the mask would force next. Where the grammar
+forces the next tokens (the text between a schema's values: keys, separators, a tool call's name)
+they are the step's draft (``Sequence.propose``): certain to be accepted, several tokens a step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ import torch
 from decoding.errors import InvalidRequestError
 from decoding.per_owner import PerOwner
 from decoding.tree import TokenTree
+
+
+# The JSON's layout: one line, ", " between items and ": " after keys (a schema's own
+# "x-guidance" options win). With whitespace free, a small model wandered into runs of newlines and
+# indentation; fixed, the text between values is known in advance, so the grammar forces it:
+# GrammarConstraint.forced drafts it (a schema's keys, a tool call's name), every token accepted.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class Grammar:
             raise InvalidRequestError(f"a JSON schema must be an object, got {type(schema).__name__}",
                                       "response_format")
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"the JSON schema cannot be used: {_first_line(exc)}", "response_format") from None
         return cls._validated(grammar, description or "JSON following the given schema")
@@ -111,15 +120,26 @@ class GrammarConstraint:
         self.words = (self.vocab + 31) // 32
         self._bits = np.zeros((1, self.words), dtype=np.int32)
 
+    def forced(self, limit: int = 32) -> list[int]:
+        """The tokens the grammar forces after the answer so far (each the only one it allows
+        next), at most `limit`: a draft certain to be accepted."""
+        return self.matcher.compute_ff_tokens()[:max(0, limit)]
+
     @property
     def complete(self) -> bool:
         """The grammar accepts nothing more than the answer so far (only EOS could follow)."""
         return self.matcher.is_stopped()
 
-    def add(self, tokens) -> None:
-        """The tokens that joined the answer (each one a masked row allowed)."""
-        if tokens and not self.matcher.consume_tokens([int(t) for t in tokens]):
-            raise RuntimeError(f"the answer left its grammar: {self.matcher.get_error()}")
+    def add(self, tokens) -> int:
+        """The tokens that joined the answer (each one a masked row allowed), up to the one that
+        completes the grammar; returns how many it took."""
+        m = self.matcher
+        for i, t in enumerate(tokens):
+            if m.is_stopped():
+                return i
+            if not m.consume_token(int(t)):
+                raise RuntimeError(f"the answer left its grammar: {m.get_error()}")
+        return len(tokens)
 
     def _fill(self, row: int) -> None:
         v = self._bits[row]

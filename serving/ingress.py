@@ -29,7 +29,7 @@ from serving import protocol
 from serving.auth import APIKeyMiddleware, load_api_keys
 from serving.config import ServingConfig
 from serving.errors import APIError, internal, overloaded
-from serving.responses import SSE_DONE, chunk, full_body, merged_body, sse, total_usage, usage_chunk
+from serving.responses import SSE_DONE, chunk, full_body, merged_body, sse, tool_calls, total_usage, usage_chunk
 
 log = logging.getLogger("ray.serve")
 
@@ -310,6 +310,8 @@ class Ingress:
         head = [sse(chunk(g, name, text="", role=True)) if g.kind == "chat" else "" for g in gens]
         offset = [0] * len(gens)
         done: dict[int, dict] = {}
+        # With tools, an answer is held until it ends: only then is it known to be a call or not.
+        held = [{"text": "", "token_ids": [], "logprobs": None} for _ in gens] if gens[0].tool_names else None
 
         def tokens(i: int, delta: dict) -> str:
             nonlocal first_token
@@ -317,6 +319,13 @@ class Ingress:
                 first_token = True
                 self.metrics.first_token(route, time.perf_counter() - t0)
             logprobs = delta.get("logprobs")
+            if held is not None:
+                h = held[i]
+                h["text"] += delta["text"]
+                h["token_ids"] += delta["token_ids"]
+                if logprobs is not None:
+                    h["logprobs"] = (h["logprobs"] or []) + logprobs
+                return ""
             if delta["text"] or ids or logprobs:
                 out = sse(chunk(gens[i], name, text=delta["text"], token_ids=delta["token_ids"] if ids else None,
                                 logprobs=logprobs, offset=offset[i]))
@@ -341,11 +350,21 @@ class Ingress:
                 elif kind == "done":
                     tail += head[i] + (tokens(i, event["delta"]) if "delta" in event else "")
                     head[i] = ""
-                    if event["text"]:
+                    finish = event["finish_reason"]
+                    if held is not None:        # the whole answer: a call, or its text in one chunk
+                        h = held[i]
+                        text = h["text"] + event["text"]
+                        calls = tool_calls(gen, text)
+                        if calls:
+                            tail += sse(chunk(gen, name, calls=calls))
+                            finish = "tool_calls"
+                        elif text or ids or h["logprobs"]:
+                            tail += sse(chunk(gen, name, text=text, token_ids=h["token_ids"] if ids else None,
+                                              logprobs=h["logprobs"]))
+                    elif event["text"]:
                         tail += sse(chunk(gen, name, text=event["text"], token_ids=[] if ids else None))
                     stats = {"speculative": event["speculative"]}
-                    tail += sse(chunk(gen, name, finish_reason=event["finish_reason"],
-                                      extra=None if usage_wanted else stats))
+                    tail += sse(chunk(gen, name, finish_reason=finish, extra=None if usage_wanted else stats))
                     done[i] = event
                     if len(done) == len(gens):
                         break

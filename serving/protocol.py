@@ -2,7 +2,7 @@
 their translation into a :class:`GenerationRequest` for the decoder.
 
 Validation is strict: unknown fields, wrong types and out-of-range values are 400s that name
-the parameter. OpenAI fields this server cannot honour (best_of > 1, suffix, tools, ...) are
+the parameter. OpenAI fields this server cannot honour (best_of > 1, suffix, ...) are
 accepted only with their neutral value, so a request is never silently served differently.
 """
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from decoding.methods import METHOD_NAMES
 from serving.config import ServingConfig
 from serving.errors import APIError, from_sense_error, from_validation_error, invalid
+from serving.tools import NamedToolChoice, Tool, ToolCall
 
 
 class _Strict(BaseModel):
@@ -82,9 +83,11 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None        # an assistant's earlier calls
+    tool_call_id: str | None = None                 # a tool's result: of which call
 
 
 class Prediction(_Strict):
@@ -119,6 +122,8 @@ class ChatRequest(_Common):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     prediction: Prediction | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 @dataclass
@@ -139,6 +144,7 @@ class GenerationRequest:
     return_token_ids: bool = False
     prediction: str | None = None              # predicted output (chat): drafted from, never changes the answer
     grammar: Any = None                        # decoding.structured.Grammar (chat's response_format) | None
+    tool_names: tuple[str, ...] | None = None  # chat with tools: an answer calling one becomes tool_calls
     logprobs: int | None = None                # each token's log-probability and this many alternatives
     echo: bool = False                         # completions: the prompt before the answer (and its logprobs)
     n: int = 1                                 # choices asked for (see choices())
@@ -314,6 +320,46 @@ def _text(content: str | list[TextPart] | None) -> str:
     return "".join(p.text for p in content)
 
 
+def _tool_turns(req: ChatRequest):
+    """The chat turns as plain messages (serving/tools.py), with the functions described in the
+    system message when tools are on; the tools' names (None: off) and the grammar a required
+    call takes (None: the answer is free)."""
+    from serving import tools as t
+
+    for i, m in enumerate(req.messages):
+        if m.tool_calls and m.role != "assistant":
+            raise invalid("only assistant messages carry tool_calls", f"messages.{i}.tool_calls")
+        if m.tool_call_id is not None and m.role != "tool":
+            raise invalid("only tool messages carry tool_call_id", f"messages.{i}.tool_call_id")
+    messages = t.plain_messages(req.messages, _text)
+    tools, choice = req.tools or [], req.tool_choice
+    if choice is not None and choice != "none" and not tools:
+        raise invalid("tool_choice needs tools", "tool_choice")
+    names = [x.function.name for x in tools]
+    if len(set(names)) != len(names):
+        raise invalid("tools name a function twice", "tools")
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if named is not None and named not in names:
+        raise invalid(f"tool_choice names `{named}`, which is not among the tools", "tool_choice")
+    mode = "none" if not tools or choice == "none" else (named or choice or "auto")
+    if mode == "none":
+        return messages, None, None
+    note = t.system_text(tools, mode)
+    if messages[0]["role"] == "system":
+        messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
+    else:
+        messages.insert(0, {"role": "system", "content": note})
+    grammar = None
+    if mode != "auto":
+        from decoding.structured import Grammar
+
+        try:
+            grammar = Grammar.json_schema(t.call_schema(tools, named), "a call of one of the tools")
+        except Exception as exc:        # a function's parameters are no usable JSON schema
+            raise invalid(str(exc), "tools") from None
+    return messages, tuple(names), grammar
+
+
 def _grammar(fmt: ResponseFormat | None):
     """The grammar of a chat request's response_format (None: plain text)."""
     if fmt is None or fmt.type == "text":
@@ -343,19 +389,23 @@ def chat_request(req: ChatRequest, config: ServingConfig) -> GenerationRequest:
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise invalid("max_tokens and max_completion_tokens disagree: give one", "max_completion_tokens")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
-                for m in req.messages]
+    messages, tool_names, tool_grammar = _tool_turns(req)
     if not any(m["content"].strip() for m in messages):
         raise invalid("the messages are empty: give some text", "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens or config.sampling.chat_max_tokens
     prediction = _text(req.prediction.content) if req.prediction else None
     grammar = _grammar(req.response_format)
+    if tool_grammar is not None:
+        if grammar is not None:
+            raise invalid("give response_format or a required tool call, not both", "tool_choice")
+        grammar = tool_grammar
     if grammar is not None and req.ignore_eos:
         raise invalid("ignore_eos cannot be used with a JSON response_format (the answer ends when its JSON does)",
                       "ignore_eos")
     return GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", kind="chat",
                              params=_sampling(req, max_tokens, config), messages=messages,
                              stream=bool(req.stream), prediction=prediction, n=req.n or 1, grammar=grammar,
+                             tool_names=tool_names,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, **_speculative(req, config))
 
 

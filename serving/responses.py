@@ -23,12 +23,25 @@ def _logprobs(gen, entries: list[dict] | None, offset: int = 0) -> dict | None:
     return lp.chat(entries) if gen.kind == "chat" else lp.completion(entries, offset)
 
 
+def tool_calls(gen, text: str) -> list[dict] | None:
+    """The calls a chat answer makes (serving/tools.py), if the request has tools; else None."""
+    if not getattr(gen, "tool_names", None):
+        return None
+    from serving.tools import parse_calls
+
+    return parse_calls(text, set(gen.tool_names))
+
+
 def full_body(gen, model: str, done: dict, text: str) -> dict:
     """The non-streamed response of a finished request."""
     choice: dict = {"index": gen.index, "logprobs": _logprobs(gen, done.get("logprobs")),
                     "finish_reason": done["finish_reason"]}
     if gen.kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
+        calls = tool_calls(gen, text)
+        if calls:
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls"
     else:
         choice["text"] = text
         if gen.echo:                # the prompt before the answer, and before its log-probabilities
@@ -65,7 +78,7 @@ def merged_body(bodies: list[dict]) -> dict:
 
 def chunk(gen, model: str, *, text: str | None = None, role: bool = False, finish_reason: str | None = None,
           token_ids: list[int] | None = None, extra: dict | None = None, logprobs: list[dict] | None = None,
-          offset: int = 0) -> dict:
+          offset: int = 0, calls: list[dict] | None = None) -> dict:
     """One streamed chunk with a text delta (and/or the role, the finish reason); `logprobs`: its
     tokens' entries (serving/logprobs.py), `offset` the characters of the answer before them."""
     choice: dict = {"index": gen.index, "logprobs": _logprobs(gen, logprobs, offset), "finish_reason": finish_reason}
@@ -75,6 +88,8 @@ def chunk(gen, model: str, *, text: str | None = None, role: bool = False, finis
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if calls:
+            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
         choice["delta"] = delta
     else:
         choice["text"] = text or ""

@@ -550,6 +550,60 @@ def test_structured_outputs(server, target, stores):
     assert err.value.param == "response_format"
 
 
+def test_tool_calls(server, target, stores):
+    """A named tool choice over HTTP: the engine's constrained answer, returned as a call of the
+    function with JSON arguments of its schema, streamed or not; a tool's result then goes back
+    as a turn."""
+    import openai
+
+    from decoding.config import SamplingParams
+    from decoding.engine import generate
+    from decoding.methods import make_drafter
+    from serving import protocol
+    from serving.config import ServingConfig
+    from serving.tools import parse_calls
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    tools = [{"type": "function", "function": {
+        "name": "multiply", "description": "Multiply two integers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                       "required": ["a", "b"], "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": "What is 12 times 34?"}]
+    choice = {"type": "function", "function": {"name": "multiply"}}
+    extra = {"speculative": {"method": "sense", "budget": 6}}
+    body = {"messages": messages, "tools": tools, "tool_choice": choice, "max_tokens": 40, "temperature": 0}
+    gen = protocol.chat_request(protocol.parse(protocol.ChatRequest, json.dumps(body).encode()),
+                                ServingConfig.from_args(app_args(stores)))
+    ids = list(target.tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True)["input_ids"])
+    want = generate(target, ids, params=SamplingParams(max_new_tokens=40), drafter=make_drafter("sense", stores["local"]),
+                    budget=6, grammar=gen.grammar)
+    want_call = parse_calls(want.text, {"multiply"})[0]["function"]
+
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=choice, max_tokens=40,
+                                       temperature=0, extra_body=extra)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    call = c.message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == (want_call["name"], want_call["arguments"])
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+
+    streamed, finish = [], None
+    for ch in client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=choice,
+                                             max_tokens=40, temperature=0, stream=True, extra_body=extra):
+        if ch.choices:
+            streamed += ch.choices[0].delta.tool_calls or []
+            finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and [(t.function.name, t.function.arguments) for t in streamed] == \
+        [(call.function.name, call.function.arguments)]
+
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": str(args["a"] * args["b"])}]
+    r = client.chat.completions.create(model=MODEL, messages=follow, tools=tools, max_tokens=24, temperature=0,
+                                       extra_body=extra)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
 def _assert_error(r: requests.Response, status: int, param=..., code=...):
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")

@@ -766,3 +766,65 @@ def test_stopped_handle_polls_do_not_poll_into_a_shut_down_ray():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1], env=env)
     assert res.returncode == 0 and "clean" in res.stdout, res.stderr[-2000:]
+
+
+def test_tools_become_plain_turns_a_grammar_and_calls():
+    """Tool calling (serving/tools.py): the functions described in a system message, earlier calls
+    and results as plain turns, a required or named call as a grammar, an answer parsed back."""
+    from serving import protocol as p
+    from serving.tools import parse_calls
+
+    cfg = ServingConfig.from_args({})
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string"}}, "required": ["city"]}}}
+    clock = {"type": "function", "function": {"name": "get_time"}}
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+
+    def chat(body):
+        return p.chat_request(p.parse(p.ChatRequest, json.dumps(body).encode()), cfg)
+
+    auto = chat({"messages": msgs, "tools": [weather, clock]})
+    assert auto.tool_names == ("get_weather", "get_time") and auto.grammar is None
+    assert auto.messages[0]["role"] == "system" and "get_weather" in auto.messages[0]["content"]
+    assert "answer normally" in auto.messages[0]["content"] and auto.messages[1] == msgs[0]
+    required = chat({"messages": [{"role": "system", "content": "Be brief."}, *msgs], "tools": [weather, clock],
+                     "tool_choice": "required"})
+    assert required.grammar.description == "a call of one of the tools"
+    assert required.messages[0]["content"].startswith("Be brief.\n\nYou can call these functions")
+    named = chat({"messages": msgs, "tools": [weather, clock],
+                  "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert "`get_weather`" in named.messages[0]["content"] and named.grammar is not None
+    off = chat({"messages": msgs, "tools": [weather], "tool_choice": "none"})
+    assert off.tool_names is None and off.messages == msgs
+    turns = chat({"messages": [*msgs, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}], "tools": [weather]})
+    assert turns.messages[2] == {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'}
+    assert turns.messages[3] == {"role": "user", "content": "Result of get_weather (call call_1):\n18 C, sunny"}
+    for body, param in (({"messages": msgs, "tool_choice": "required"}, "tool_choice"),
+                        ({"messages": msgs, "tools": [weather], "tool_choice": {"type": "function",
+                                                                                "function": {"name": "nope"}}},
+                         "tool_choice"),
+                        ({"messages": msgs, "tools": [weather, weather]}, "tools"),
+                        ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages.0.tool_call_id"),
+                        ({"messages": msgs, "tools": [weather], "tool_choice": "required",
+                          "response_format": {"type": "json_object"}}, "tool_choice"),
+                        ({"messages": msgs, "tools": [{"type": "function", "function": {"name": "bad name"}}]},
+                         "tools.0.function.name")):
+        e = _err(lambda: chat(body))
+        assert e.status == 400 and e.param == param, (body, e.param, e.message)
+
+    names = {"get_weather", "get_time"}
+    for text in ('{"name": "get_weather", "arguments": {"city": "Paris"}}',
+                 '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
+                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'):
+        calls = parse_calls(text, names)
+        assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+            [("function", "get_weather", {"city": "Paris"})] and calls[0]["id"].startswith("call_")
+    assert len(parse_calls('[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": '
+                           '{"city": "Rome"}}]', names)) == 2
+    for text in ("It is sunny.", '{"name": "launch", "arguments": {}}', '{"name": "get_time", "arguments": 3}',
+                 '{"name": "get_weather"', ""):
+        assert parse_calls(text, names) is None, text

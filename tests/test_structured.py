@@ -19,11 +19,34 @@ from decoding.structured import Grammar, GrammarConstraint, _mask_rows
 from decoding.tree import TokenTree
 from index.dense_store import DenseStore
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                           "pets": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
+                                           "pets": {"type": "array", "items": {"type": "string", "maxLength": 24},
+                                                    "maxItems": 3}},
           "required": ["name", "age", "pets"], "additionalProperties": False}
+CALL = {"type": "object", "properties": {"name": {"const": "multiply"}, "arguments": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
+    "additionalProperties": False}}, "required": ["name", "arguments"], "additionalProperties": False}
 CAT = "Give me a JSON object describing a cat with fields name, color and age."
 PERSON = "Invent a person with a name, an age and up to three pets. Answer in JSON."
+
+
+def test_the_tokens_a_grammar_forces_are_drafted_and_land(target_bf16):
+    """A tool call's name and the keys between its values are forced by its schema: they are the
+    draft of the steps they follow, every one accepted, so the call takes a few steps (`ar`, no
+    drafter, decodes them one a step); the answer is the same, without an EOS after its end."""
+    ids = encode_prompt(target_bf16, "What is 12 times 34? Call the function multiply.")
+    params = SamplingParams(max_new_tokens=40)
+    ar = generate(target_bf16, ids, params=params, grammar=Grammar.json_schema(CALL))
+    pld = generate(target_bf16, ids, params=params, drafter=PromptLookupDrafter(), budget=4,
+                   grammar=Grammar.json_schema(CALL))
+    value = json.loads(ar.text)
+    assert value["name"] == "multiply" and set(value["arguments"]) == {"a", "b"}
+    assert pld.token_ids == ar.token_ids and ar.token_ids[-1] not in target_bf16.eos_token_ids
+    assert ar.stats.steps == len(ar.token_ids) - 1 and pld.stats.steps <= ar.stats.steps // 2
+    c = GrammarConstraint(Grammar.json_schema(CALL), target_bf16)
+    forced = c.forced()
+    assert target_bf16.tokenizer.decode(forced).startswith('{"name": "multiply", "arguments": {"')
+    assert c.forced(3) == forced[:3] and c.forced(-1) == []
 
 
 def test_bad_grammars_are_one_line_errors(target_bf16):
