@@ -14,6 +14,9 @@ def test_the_json_check_takes_the_schemas_objects_only():
     assert not structured.valid('{"reasoning": "x", "answer": 1, "more": 2}')
     assert not structured.valid('{"reasoning": "x", "answer": ')
     assert not structured.valid('[1, 2]')
+    assert structured.valid_call('{"name": "submit_answer", "arguments": {"answer": 3, "unit": "kg"}}')
+    assert not structured.valid_call('{"name": "submit_answer", "arguments": {"answer": 3}}')
+    assert not structured.valid_call('[]')
 
 
 def test_the_structured_benchmark_runs_and_writes_its_rows(monkeypatch, tmp_path):
@@ -21,10 +24,11 @@ def test_the_structured_benchmark_runs_and_writes_its_rows(monkeypatch, tmp_path
     assert structured.main(["--questions", "2", "--repeats", "1", "--max-new-tokens", "24", "--dense", "default"]) == 0
     out = json.loads((tmp_path / "structured.json").read_text())
     rows = {(r["method"], r["dataset"], r["vs"]): r for r in out["rows"]}
-    assert set(rows) == {("pld", "gsm8k_json", "ar"), ("sense", "gsm8k_json", "ar"), ("pld", "gsm8k_text", "ar"),
+    assert set(rows) == {("pld", "gsm8k_call", "ar"), ("sense", "gsm8k_call", "ar"),
+                         ("pld", "gsm8k_json", "ar"), ("sense", "gsm8k_json", "ar"), ("pld", "gsm8k_text", "ar"),
                          ("sense", "gsm8k_text", "ar"), ("ar", "gsm8k_json", "ar_text"),
                          ("pld", "gsm8k_json", "pld_text"), ("sense", "gsm8k_json", "sense_text")}
     assert all(r["identical"] == "2/2" for k, r in rows.items() if k[2] == "ar")
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in rows.values())
-    assert out["json_answers_valid"] <= out["json_answers_ended"] <= 2
+    assert out["json_answers_valid"] <= out["json_answers_ended"] <= 2 and out["calls_valid"] <= 2
     assert "| sense | json | ar |" in (tmp_path / "structured.md").read_text()

@@ -153,18 +153,18 @@ class _NoMetrics:
         pass
 
 
-def _sse_lines(stream: _Stream) -> list:
+def _sse_lines(*streams: _Stream, **body) -> list:
     from serving import protocol
     from serving.config import ServingConfig
     from serving.ingress import Ingress
 
     ing = SimpleNamespace(cfg=ServingConfig(), metrics=_NoMetrics())     # what _sse uses of the replica
     req = protocol.parse(protocol.ChatRequest, json.dumps({"messages": [{"role": "user", "content": "hi"}],
-                                                           "stream": True}).encode())
-    gen = protocol.chat_request(req, ing.cfg)
+                                                           "stream": True, "n": len(streams), **body}).encode())
+    gens = protocol.choices(protocol.chat_request(req, ing.cfg))
 
     async def run():
-        sse = Ingress.func_or_class._sse(ing, gen, req, stream, time.perf_counter(), "/v1/chat/completions")
+        sse = Ingress.func_or_class._sse(ing, gens, req, list(streams), time.perf_counter(), "/v1/chat/completions")
         return [x async for x in sse]
 
     out = []
@@ -189,6 +189,38 @@ def test_a_stream_never_ends_silently(ending):
     assert events[-2]["error"]["code"] == ("replica_failed" if exc else "internal_error")
     assert not any(c.get("finish_reason") for e in events[:-1] for c in e.get("choices", [])), events
     assert sum(1 for e in events[:-1] if e.get("choices") and e["choices"][0]["delta"].get("content")) == 2
+
+
+def _done(text: str, tokens: int) -> dict:
+    return {"type": "done", "text": text, "token_ids": [], "finish_reason": "stop", "speculative": {"steps": 1},
+            "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}}
+
+
+def test_several_choices_stream_side_by_side_and_one_failing_ends_them_all():
+    """n = 2: each choice's chunks carry its index and end with its finish chunk, the usage counts
+    the prompt once; a choice whose replica dies ends the stream with an error (no finish chunk
+    for it) and cancels the other choice's generation."""
+    from ray.exceptions import ActorDiedError
+
+    def delta(text):
+        return {"type": "delta", "text": text, "token_ids": [1]}
+
+    events = _sse_lines(_Stream([delta("A"), delta("B"), _done("C", 3)]), _Stream([delta("x"), _done("y", 2)]),
+                        stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    text = {0: "", 1: ""}
+    for e in events[:-1]:
+        for c in e["choices"]:
+            text[c["index"]] += c["delta"].get("content") or ""
+    assert text == {0: "ABC", 1: "xy"}
+    assert sorted(c["index"] for e in events[:-1] for c in e["choices"] if c["finish_reason"]) == [0, 1]
+    assert events[-2]["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+
+    healthy, dying = _Stream([delta("A")] * 50), _Stream([delta("x")], ActorDiedError())
+    events = _sse_lines(healthy, dying)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "replica_failed"
+    assert not any(c.get("finish_reason") for e in events[:-2] for c in e.get("choices", []))
+    assert healthy.cancelled and dying.cancelled
 
 
 # -- the long-answer round's checks, against a stand-in server (no Ray) ---------------------------
