@@ -130,6 +130,17 @@ class PrefixCache:
             self.reused_tokens += n
             return self._entries[node.key], n
 
+    def touch(self, ids) -> bool:
+        """Whether all of `ids` is kept already (as a prompt, or inside a longer one); if so it
+        becomes the most recently used, as adding it again would make it, without the copy of its
+        keys and values that adding takes."""
+        with self._lock:
+            n, node = self._trie.walk(list(ids))
+            if n != len(ids) or not n:
+                return False
+            self._entries.move_to_end(node.key)
+            return True
+
     def add(self, ids: np.ndarray, kv: torch.Tensor, hidden: torch.Tensor) -> None:
         """Keep a prefilled prompt (`kv` and `hidden` are kept as given: pass copies). A kept
         prompt that `ids` begins with is dropped (the new one covers it); a prompt that a kept one

@@ -294,6 +294,8 @@ class TargetModel:
         n = state.n_committed
         if self.prefix_cache is None or len(tokens) != n or sum(h.shape[0] for h in hidden) != n:
             return
+        if self.prefix_cache.touch(np.asarray(tokens, dtype=np.int64).tolist()):
+            return                      # kept already: no copy of its keys and values
         self.prefix_cache.add(np.asarray(tokens, dtype=np.int64), state.cache.buf[..., :n, :].clone(),
                               torch.cat(list(hidden)))
 

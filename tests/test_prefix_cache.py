@@ -221,6 +221,34 @@ def test_a_finished_request_is_kept_whole_for_the_next_turn(lean_target):
     t.prefix_cache.clear()
 
 
+def test_a_requests_choices_prefill_their_prompt_once(target_bf16):
+    """A request's n choices, batched: the first prefilled keeps its prompt (a prefill keeps what it
+    ran), so the others prefill only its last token; each answer is the one decoded alone (sampled
+    with its own seed, as the server's choices are); a sequence kept already is not copied again."""
+    from decoding.engine import Sequence
+    from decoding.scheduler import BatchScheduler
+
+    t = target_bf16
+    t.prefix_cache.clear()
+    prompt = encode_prompt(t, QUESTIONS[0])
+    alone = [generate(t, prompt, params=SamplingParams(max_new_tokens=12, temperature=0.8, seed=s)).token_ids
+             for s in range(3)]
+    t.prefix_cache.clear()
+    scheduler = BatchScheduler(t, max_batch=4)
+    seqs = [Sequence(t, prompt, params=SamplingParams(max_new_tokens=12, temperature=0.8, seed=s),
+                     drafter=PromptLookupDrafter(), budget=4) for s in range(3)]
+    for s in seqs:
+        scheduler.add(s)
+    scheduler.run()
+    results = [s.result() for s in seqs]
+    assert [r.token_ids for r in results] == alone
+    assert [r.stats.cached_tokens for r in results] == [0, len(prompt) - 1, len(prompt) - 1]
+    entries = t.prefix_cache.stats()["entries"]
+    assert t.prefix_cache.touch(prompt) and not t.prefix_cache.touch(prompt + [5])
+    assert t.prefix_cache.stats()["entries"] == entries
+    t.prefix_cache.clear()
+
+
 def test_all_logits_and_text_that_is_no_prompt_leave_the_cache_alone(target):
     target.prefix_cache.clear()
     lookups = target.prefix_cache.stats()["lookups"]
