@@ -310,8 +310,10 @@ class Ingress:
         head = [sse(chunk(g, name, text="", role=True)) if g.kind == "chat" else "" for g in gens]
         offset = [0] * len(gens)
         done: dict[int, dict] = {}
-        # With tools, an answer is held until it ends: only then is it known to be a call or not.
-        held = [{"text": "", "token_ids": [], "logprobs": None} for _ in gens] if gens[0].tool_names else None
+        # With tools, an answer that may be a call is held until it ends (only then is it known to
+        # be one); one that starts like no call (not with {, [, ` or <) is let go and streams.
+        held = [{"text": "", "token_ids": [], "logprobs": None, "free": False} for _ in gens] \
+            if gens[0].tool_names else None
 
         def tokens(i: int, delta: dict) -> str:
             nonlocal first_token
@@ -319,13 +321,17 @@ class Ingress:
                 first_token = True
                 self.metrics.first_token(route, time.perf_counter() - t0)
             logprobs = delta.get("logprobs")
-            if held is not None:
+            if held is not None and not held[i]["free"]:
                 h = held[i]
                 h["text"] += delta["text"]
                 h["token_ids"] += delta["token_ids"]
                 if logprobs is not None:
                     h["logprobs"] = (h["logprobs"] or []) + logprobs
-                return ""
+                start = h["text"].lstrip()
+                if not start or start[0] in "{[`<":
+                    return ""
+                h["free"] = True            # plain text: what was held goes out, the rest streams
+                delta, logprobs = h, h["logprobs"]
             if delta["text"] or ids or logprobs:
                 out = sse(chunk(gens[i], name, text=delta["text"], token_ids=delta["token_ids"] if ids else None,
                                 logprobs=logprobs, offset=offset[i]))
@@ -351,7 +357,7 @@ class Ingress:
                     tail += head[i] + (tokens(i, event["delta"]) if "delta" in event else "")
                     head[i] = ""
                     finish = event["finish_reason"]
-                    if held is not None:        # the whole answer: a call, or its text in one chunk
+                    if held is not None and not held[i]["free"]:    # the whole answer: a call, or its text
                         h = held[i]
                         text = h["text"] + event["text"]
                         calls = tool_calls(gen, text)

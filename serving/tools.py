@@ -11,8 +11,8 @@ chat template and, where a call is required, a grammar.
   leaves the answer free, and an answer that is such a call (bare, in a ```json fence, or in
   ``<tool_call>`` tags as Hermes-style models write it) becomes one. ``"none"`` describes nothing.
 - A call is returned as ``message.tool_calls`` with ``finish_reason: "tool_calls"``; streamed,
-  the answer of a request with tools is held until it ends (a call is known only then) and sent
-  as one chunk.
+  an answer that may be a call (it starts with {, [, ` or <) is held until it ends (a call is
+  known only then) and sent as one chunk; one that starts as plain text streams as usual.
 """
 
 from __future__ import annotations

@@ -223,6 +223,28 @@ def test_several_choices_stream_side_by_side_and_one_failing_ends_them_all():
     assert healthy.cancelled and dying.cancelled
 
 
+def test_with_tools_a_call_comes_whole_and_plain_text_still_streams():
+    """A request with tools: an answer that is a call comes as one tool_calls chunk with finish
+    reason tool_calls; one that starts as plain text streams from the chunk that shows it."""
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+
+    def delta(text):
+        return {"type": "delta", "text": text, "token_ids": [1]}
+
+    call = _sse_lines(_Stream([delta('{"name": "get_'), delta('time", "arguments": {}'), _done("}", 3)]),
+                      tools=tools)
+    chunks = [c for e in call[:-1] for c in e["choices"]]
+    assert not any(c["delta"].get("content") for c in chunks)
+    calls = [t for c in chunks for t in c["delta"].get("tool_calls") or []]
+    assert [(t["index"], t["function"]["name"], t["function"]["arguments"]) for t in calls] == [(0, "get_time", "{}")]
+    assert chunks[-1]["finish_reason"] == "tool_calls"
+
+    plain = _sse_lines(_Stream([delta(" "), delta("It is"), delta(" noon"), _done(".", 4)]), tools=tools)
+    contents = [c["delta"].get("content") for e in plain[:-1] for c in e["choices"] if c["delta"].get("content")]
+    assert contents == [" It is", " noon", "."]
+    assert plain[-2]["choices"][0]["finish_reason"] == "stop"
+
+
 # -- the long-answer round's checks, against a stand-in server (no Ray) ---------------------------
 
 
