@@ -335,7 +335,7 @@ def _request(cost, accepted, learned=False):
         a.accepted[b] = accepted(b)
         a.seen[b] = int(learned)
     a.steps = 1                         # away from an exploration step
-    return SimpleNamespace(adaptive=a, budget=a, choose_budget=a.choose, serial=next(_SERIALS))
+    return SimpleNamespace(adaptive=a, budget=a, choose_budget=a.choose, serial=next(_SERIALS), forced=False)
 
 
 _SERIALS = itertools.count()
@@ -681,6 +681,10 @@ def test_the_batch_cut_gives_the_rows_to_the_nodes_likely_to_land():
     assert 1 <= keep[0] < on_flat and keep[1] == 0
     # The kept part is the tree the budget keeps: a's chain first.
     assert ta.cut(keep[0]).tokens[1:3] == (1, 2)
+    # A tree of a grammar's forced tokens (Sequence.propose) stays whole: each of its nodes lands.
+    a.forced = True
+    assert cut_budgets([a, b, c], [ta, tb, tc], [4, 4, 0], steep)[0] is None
+    a.forced = False
     # A node model still learning keeps the allocation's trees as drafted.
     fresh, tree = _request(CPU_LIKE, lambda b: 0.5 * min(b, 4)), _shares_tree()
     fresh.done = False
