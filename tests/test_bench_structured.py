@@ -19,9 +19,11 @@ def test_the_json_check_takes_the_schemas_objects_only():
     assert not structured.valid_call('[]')
 
 
-def test_the_structured_benchmark_runs_and_writes_its_rows(monkeypatch, tmp_path):
+def test_the_structured_benchmark_runs_and_writes_its_rows(monkeypatch, tmp_path, dense_store_dir):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    assert structured.main(["--questions", "2", "--repeats", "1", "--max-new-tokens", "24", "--dense", "default"]) == 0
+    # the tests' small dense store (built once for the session), not the benchmark's ID store
+    assert structured.main(["--questions", "2", "--repeats", "1", "--max-new-tokens", "24",
+                            "--dense", str(dense_store_dir)]) == 0
     out = json.loads((tmp_path / "structured.json").read_text())
     rows = {(r["method"], r["dataset"], r["vs"]): r for r in out["rows"]}
     assert set(rows) == {("pld", "gsm8k_call", "ar"), ("sense", "gsm8k_call", "ar"),
