@@ -341,10 +341,10 @@ def _tool_turns(req: ChatRequest):
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
     if named is not None and named not in names:
         raise invalid(f"tool_choice names `{named}`, which is not among the tools", "tool_choice")
-    mode = "none" if not tools or choice == "none" else (named or choice or "auto")
+    mode = "none" if not tools or choice == "none" else ("named" if named is not None else choice or "auto")
     if mode == "none":
         return messages, None, None
-    note = t.system_text(tools, mode)
+    note = t.system_text(tools, mode, named)
     if messages[0]["role"] == "system":
         messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
     else:

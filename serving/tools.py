@@ -81,13 +81,14 @@ def call_schema(tools: list[Tool], name: str | None = None) -> dict:
     return one(chosen[0]) if len(chosen) == 1 else {"anyOf": [one(f) for f in chosen]}
 
 
-def system_text(tools: list[Tool], choice: str | None) -> str:
-    """The system message that describes the functions and how to call them."""
+def system_text(tools: list[Tool], mode: str, named: str | None = None) -> str:
+    """The system message that describes the functions and how to call them (`mode`: "auto",
+    "required", or "named" for the function `named`)."""
     described = [{"name": t.function.name, "description": t.function.description or "",
                   "parameters": _parameters(t.function)} for t in tools]
     ask = {"auto": "If one of them helps, reply with only a JSON object calling it; otherwise answer normally.",
            "required": "Reply with only a JSON object calling one of them."}.get(
-        choice, f"Reply with only a JSON object calling `{choice}`.")
+        mode, f"Reply with only a JSON object calling `{named}`.")
     return ("You can call these functions:\n" + json.dumps(described, ensure_ascii=False) +
             '\nTo call a function, reply with {"name": <the function\'s name>, "arguments": <its arguments as a '
             f"JSON object>}}. {ask}")

@@ -795,6 +795,10 @@ def test_tools_become_plain_turns_a_grammar_and_calls():
     named = chat({"messages": msgs, "tools": [weather, clock],
                   "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
     assert "`get_weather`" in named.messages[0]["content"] and named.grammar is not None
+    odd = {"type": "function", "function": {"name": "auto"}}     # a function named like a mode
+    forced = chat({"messages": msgs, "tools": [weather, odd], "tool_choice": {"type": "function",
+                                                                             "function": {"name": "auto"}}})
+    assert forced.grammar is not None and "calling `auto`" in forced.messages[0]["content"]
     off = chat({"messages": msgs, "tools": [weather], "tool_choice": "none"})
     assert off.tool_names is None and off.messages == msgs
     turns = chat({"messages": [*msgs, {"role": "assistant", "content": None, "tool_calls": [
