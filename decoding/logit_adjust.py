@@ -43,10 +43,6 @@ class LogitAdjust:
         self.ids = np.empty(64, dtype=np.int64)
         self.c = np.empty(64)
 
-    @property
-    def counts(self) -> dict[int, int]:
-        return {t: int(self.c[i]) for t, i in self.slot.items()}
-
     def add(self, tokens) -> None:
         """Count tokens that joined the answer."""
         for t in tokens:
@@ -65,9 +61,9 @@ class LogitAdjust:
         row, at the position after the answer so far). A copy, unless `in_place` and the logits are
         float32 (a verification's own rows); a prefill's may be kept elsewhere (the prefix cache
         keeps a prompt's)."""
-        out = logits if logits.dtype == torch.float32 and in_place else logits.float()
+        out = logits.float()                # (the same tensor if it is float32 already)
         if out is logits and not in_place:
-            out = logits.clone()
+            out = out.clone()
         n = out.shape[0]
         if tree is not None and len(tree) != n:
             raise ValueError(f"{n} rows of logits for a tree of {len(tree)} nodes")

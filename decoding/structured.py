@@ -160,42 +160,35 @@ class GrammarConstraint:
         reached = [0]
         self._fill(0)
         if n > 1:
-            kids: list[list[int]] = [[] for _ in range(n)]
-            for i in range(1, n):
-                kids[tree.parents[i]].append(i)
             m = self.matcher
-            # Depth first, iteratively: (node, next child to try). A child whose token its
-            # parent's mask allows is consumed, its row filled, and rolled back after its subtree.
-            stack = [(0, 0)]
+            # Depth first, iteratively: (node, its children's (token, index) pairs still to try).
+            # A child whose token its parent's mask allows is consumed, its row filled, and
+            # rolled back after its subtree.
+            stack = [(0, iter(tree.children(0).items()))]
             while stack:
-                node, k = stack.pop()
-                if k < len(kids[node]):
-                    stack.append((node, k + 1))
-                    child = kids[node][k]
-                    tok = tree.tokens[child]
-                    if self._allows(node, tok) and m.consume_token(tok):
-                        self._fill(child)
-                        reached.append(child)
-                        stack.append((child, 0))
-                elif node != 0:
-                    m.rollback(1)
-        rows = list(range(n)) if len(reached) == n else reached
-        _mask_rows(logits.numpy() if logits.is_contiguous() else None, logits, rows, self._bits, self.vocab)
+                node, todo = stack[-1]
+                step = next(todo, None)
+                if step is None:
+                    stack.pop()
+                    if node != 0:
+                        m.rollback(1)
+                elif self._allows(node, step[0]) and m.consume_token(step[0]):
+                    self._fill(step[1])
+                    reached.append(step[1])
+                    stack.append((step[1], iter(tree.children(step[1]).items())))
+        if not logits.is_contiguous():          # (the caller takes the returned tensor)
+            logits = logits.contiguous()
+        _mask_rows(logits.numpy(), reached, self._bits, self.vocab)
         return logits
 
 
-def _mask_rows(a, logits: torch.Tensor, rows: list[int], bits: np.ndarray, vocab: int) -> None:
-    """logits[r, t] = -inf for every row r of `rows` and token t whose bit is 0 in bits[r] (one bit
-    per token, 32 to an int32 word, least significant first), and for every t >= vocab. Word by
-    word: a word of 32 allowed tokens is skipped, one of 32 forbidden ones set at once, and only
-    the words of both kinds unpacked (a bool mask over the whole row cost 150 us for 7 rows, as
+def _mask_rows(a: np.ndarray, rows: list[int], bits: np.ndarray, vocab: int) -> None:
+    """a[r, t] = -inf (`a`: logits [N, V]) for every row r of `rows` and token t whose bit is 0
+    in bits[r] (one bit per token, 32 to an int32 word, least significant first), and for every
+    t >= vocab. Word by word: a word of 32 allowed tokens is skipped, one of 32 forbidden ones set
+    at once, and only the words of both kinds unpacked (a bool mask over the whole row cost 150 us for 7 rows, as
     much as the matcher's masks; most rows either allow nearly everything, inside a string, or
     nearly nothing, between values)."""
-    if a is None:                       # (a non-contiguous view: through a copy)
-        a = logits.contiguous().numpy()
-        _mask_rows(a, torch.from_numpy(a), rows, bits, vocab)
-        logits.copy_(torch.from_numpy(a))
-        return
     idx = np.asarray(rows)
     b = bits[idx]                                       # [k, W]
     whole = vocab // 32

@@ -103,7 +103,7 @@ def test_the_word_by_word_mask_equals_a_bit_by_bit_one(vocab, width):
     forbid = torch.nn.functional.pad(torch.from_numpy(allowed == 0), (0, width - vocab), value=True)
     rows = [0, 1, 3, 4, 5, 6]
     want[rows] = want[rows].masked_fill(forbid[rows], float("-inf"))
-    _mask_rows(logits.numpy(), logits, rows, bits, vocab)
+    _mask_rows(logits.numpy(), rows, bits, vocab)
     assert torch.equal(logits, want)
 
 
