@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from decoding.errors import ModelLoadError
+from index.cache import cache_root  # noqa: F401  (re-exported: decoding's modules import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_root() -> Path:
-    """Root of SENSE's local caches (``$SENSE_CACHE_DIR``, default ``~/.cache/sense``)."""
-    return Path(os.environ.get("SENSE_CACHE_DIR", Path.home() / ".cache" / "sense"))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

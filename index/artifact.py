@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from index import faiss_ops, storage
+from index.cache import cache_root
 from index.artifact_format import (CURRENT, MANIFEST, VERSION_RE, ArtifactError, ArtifactManifest, DenseShard,
                                    FileRef, sha256_bytes, version_name)
 from index.dense_format import DatastoreError, KeyTransform, ModelFingerprint
@@ -193,7 +194,7 @@ def publish_artifact(staging: str | Path, root: str | Path, manifest: ArtifactMa
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SENSE_CACHE_DIR", Path.home() / ".cache" / "sense")) / "index-artifacts"
+    return cache_root() / "index-artifacts"
 
 
 def _localize(version_uri: str, manifest: ArtifactManifest, raw_manifest: bytes, files: list[FileRef],

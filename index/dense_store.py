@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from index import faiss_ops
+from index.cache import cache_root
 from index.dense_format import (TRANSFORM, DatastoreError, KeyTransform, Manifest, ModelFingerprint,
                                 check_compatible, read_manifest, sha256_file)
 
@@ -34,6 +40,51 @@ def build_faiss_index(keys: np.ndarray, *, nprobe: int = NPROBE, seed: int = 0):
         faiss_ops.set_nprobe(index, nprobe)
     if e:
         index.add(keys)
+    return index
+
+
+INDEX_CACHE = "dense-faiss"      # cache_root()'s folder of the trained indexes of dense datastores
+
+
+def cached_faiss_index(manifest: Manifest, keys: np.ndarray, *, nprobe: int = NPROBE, seed: int = 0,
+                       cache_dir: Path | None = None):
+    """:func:`build_faiss_index` of a datastore's keys, the trained IVF index kept on disk.
+
+    Training the IVF is most of a load (the CLI's default store of 93k keys: 1.2 s of k-means at
+    every ``sense generate``), and its result depends only on the keys, the factory and the seed:
+    it is written once under ``$SENSE_CACHE_DIR/dense-faiss`` (`cache_dir`), named by the
+    manifest's checksums of the keys' shards and transform, the factory, the seed and the FAISS
+    version, and read back on later loads. A file that does not read, or whose size or dimension
+    is not the keys', is built again. An exact (Flat) index is only the keys copied: never cached.
+    The file is written to a temporary name and renamed, so a concurrent load reads a whole one or
+    none; an unwritable cache only costs the training."""
+    import faiss
+
+    e, d = keys.shape
+    factory = faiss_ops.choose_factory(e, d)
+    if faiss_ops.is_exact(factory) or not manifest.shards or not all(s.get("sha256") for s in manifest.shards):
+        return build_faiss_index(keys, nprobe=nprobe, seed=seed)
+    ident = json.dumps({"shards": [(s["path"], s["rows"], s["sha256"]) for s in manifest.shards],
+                        "transform": manifest.transform_sha256, "entries": e, "dim": d, "factory": factory,
+                        "train_per_list": faiss_ops.TRAIN_PER_LIST, "seed": seed, "faiss": faiss.__version__},
+                       sort_keys=True)
+    path = (cache_dir or cache_root() / INDEX_CACHE) / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.faiss"
+    if path.is_file():
+        try:
+            index = faiss_ops.read_index(path, mmap=path.stat().st_size > faiss_ops.IN_MEMORY_MAX)
+            if index.ntotal == e and index.d == d and index.is_trained:
+                faiss_ops.set_nprobe(index, nprobe)
+                return index
+        except RuntimeError:            # truncated or not an index: build it again
+            pass
+    index = build_faiss_index(keys, nprobe=nprobe, seed=seed)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        faiss_ops.write_index(index, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError):     # a read-only or full cache: the index is still built
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return index
 
 
@@ -104,8 +155,10 @@ class DenseStore:
             docs.append(table.column("doc_id").to_numpy())
             positions.append(table.column("position").to_numpy())
         d, n = manifest.key_dim, manifest.value_len
-        return cls(manifest=manifest, transform=transform,
-                   keys=np.concatenate(keys) if keys else np.zeros((0, d), np.float32),
+        keys = np.ascontiguousarray(np.concatenate(keys), dtype=np.float32) if keys else np.zeros((0, d), np.float32)
+        return cls(manifest=manifest, transform=transform, keys=keys,
+                   # cached only where the checksums proved the keys are the manifest's
+                   index=cached_faiss_index(manifest, keys) if verify_checksums else None,
                    values=np.concatenate(values).astype(np.int32) if values else np.zeros((0, n), np.int32),
                    first_token=np.concatenate(first).astype(np.int32) if first else np.zeros(0, np.int32),
                    successors=successor_runs(np.concatenate(docs), np.concatenate(positions)) if docs else None)

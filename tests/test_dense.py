@@ -336,3 +336,45 @@ print((before, blas(), torch.get_num_threads()))
     before, after, torch_threads = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert before and min(before) == 2
     assert after == [1] * len(before) and torch_threads == 2
+
+
+def test_a_large_stores_trained_index_is_cached_and_rebuilt_when_unusable(tmp_path, monkeypatch):
+    """Above EXACT_MAX keys, the first load trains the IVF and keeps it under $SENSE_CACHE_DIR; a
+    second load reads it (no training) and searches exactly as a fresh build; a truncated file is
+    built again; another datastore gets a file of its own; an unwritable cache still loads."""
+    from index import dense_store
+    from index.dense_synth import synthetic_datastore
+    from index.faiss_ops import EXACT_MAX
+
+    monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path / "cache"))
+    synthetic_datastore(tmp_path / "a", EXACT_MAX + 4_000, seed=1)
+    synthetic_datastore(tmp_path / "b", EXACT_MAX + 4_000, seed=2)
+    builds = []
+    real_build = dense_store.build_faiss_index
+    monkeypatch.setattr(dense_store, "build_faiss_index", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+
+    first = DenseStore.load(tmp_path / "a")
+    files = sorted((tmp_path / "cache" / dense_store.INDEX_CACHE).glob("*.faiss"))
+    assert len(builds) == 1 and len(files) == 1
+    second = DenseStore.load(tmp_path / "a")
+    assert len(builds) == 1, "the cached index was trained again"
+    queries = first.keys[::997] + 0.01
+    fresh = real_build(first.keys)
+    for store in (first, second):
+        sims, ids = store.search(queries, 10)
+        want_sims, want_ids = fresh.search(np.ascontiguousarray(queries, dtype=np.float32), 10)
+        assert np.array_equal(ids, want_ids) and np.array_equal(sims, want_sims)
+    assert second.index.nprobe == first.index.nprobe == dense_store.NPROBE
+
+    files[0].write_bytes(files[0].read_bytes()[:1000])          # truncated: built and written again
+    third = DenseStore.load(tmp_path / "a")
+    assert len(builds) == 2 and np.array_equal(third.search(queries, 10)[1], fresh.search(queries, 10)[1])
+    assert files[0].stat().st_size > 1000
+
+    DenseStore.load(tmp_path / "b")                             # other keys: a file of their own
+    assert len(builds) == 3 and len(list(files[0].parent.glob("*.faiss"))) == 2
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("SENSE_CACHE_DIR", str(blocked))       # the cache cannot be written
+    assert DenseStore.load(tmp_path / "a").index.ntotal == len(first.keys)
