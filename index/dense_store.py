@@ -47,8 +47,9 @@ INDEX_CACHE = "dense-faiss"      # cache_root()'s folder of the trained indexes 
 
 
 def cached_faiss_index(manifest: Manifest, keys: np.ndarray, *, nprobe: int = NPROBE, seed: int = 0,
-                       cache_dir: Path | None = None):
-    """:func:`build_faiss_index` of a datastore's keys, the trained IVF index kept on disk.
+                       rows: tuple[int, int] | None = None, cache_dir: Path | None = None):
+    """:func:`build_faiss_index` of a datastore's keys (or of its rows [lo, hi) given as `rows`,
+    `keys` being those rows: an index shard's part), the trained IVF index kept on disk.
 
     Training the IVF is most of a load (the CLI's default store of 93k keys: 1.2 s of k-means at
     every ``sense generate``), and its result depends only on the keys, the factory and the seed:
@@ -65,7 +66,7 @@ def cached_faiss_index(manifest: Manifest, keys: np.ndarray, *, nprobe: int = NP
     if faiss_ops.is_exact(factory) or not manifest.shards or not all(s.get("sha256") for s in manifest.shards):
         return build_faiss_index(keys, nprobe=nprobe, seed=seed)
     ident = json.dumps({"shards": [(s["path"], s["rows"], s["sha256"]) for s in manifest.shards],
-                        "transform": manifest.transform_sha256, "entries": e, "dim": d, "factory": factory,
+                        "transform": manifest.transform_sha256, "rows": rows, "entries": e, "dim": d, "factory": factory,
                         "train_per_list": faiss_ops.TRAIN_PER_LIST, "seed": seed, "faiss": faiss.__version__},
                        sort_keys=True)
     path = (cache_dir or cache_root() / INDEX_CACHE) / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.faiss"

@@ -95,12 +95,16 @@ def load_version_stores(index: IndexConfig, target, *, dense: bool = True):
 class _RowRange:
     """Rows [lo, hi) of a dense datastore with their own FAISS index; search returns global ids."""
 
-    def __init__(self, keys: np.ndarray, lo: int, nprobe: int | None) -> None:
-        from index.dense_store import build_faiss_index
+    def __init__(self, keys: np.ndarray, lo: int, nprobe: int | None, manifest=None) -> None:
+        """`manifest`: the datastore's, whose checksums name the part's trained index in the
+        local cache (``index.dense_store.cached_faiss_index``); None: built here."""
+        from index.dense_store import build_faiss_index, cached_faiss_index
 
         self.lo = lo
         self.rows = len(keys)
-        self.index = build_faiss_index(keys, **({"nprobe": nprobe} if nprobe else {}))
+        kw = {"nprobe": nprobe} if nprobe else {}
+        self.index = (build_faiss_index(keys, **kw) if manifest is None
+                      else cached_faiss_index(manifest, keys, rows=(lo, lo + len(keys)), **kw))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.rows == 0:
@@ -171,7 +175,7 @@ def load_shard_data(index: IndexConfig, shard_id: int, num_shards: int, load_tar
         store = DenseStore.load(src)
     e = len(store)
     lo, hi = e * shard_id // num_shards, e * (shard_id + 1) // num_shards
-    part = _RowRange(store.keys[lo:hi], lo, index.nprobe)
+    part = _RowRange(store.keys[lo:hi], lo, index.nprobe, store.manifest)
     return ShardData(_meta(index, src, store.manifest, store.transform, e), [part], store.values, store.first_token)
 
 

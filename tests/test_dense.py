@@ -373,6 +373,11 @@ def test_a_large_stores_trained_index_is_cached_and_rebuilt_when_unusable(tmp_pa
 
     DenseStore.load(tmp_path / "b")                             # other keys: a file of their own
     assert len(builds) == 3 and len(list(files[0].parent.glob("*.faiss"))) == 2
+    lo, hi = 100, 100 + EXACT_MAX + 1                           # an index shard's rows: their own file too
+    for _ in range(2):
+        part = dense_store.cached_faiss_index(first.manifest, first.keys[lo:hi], rows=(lo, hi))
+    assert len(builds) == 4 and len(list(files[0].parent.glob("*.faiss"))) == 3
+    assert np.array_equal(part.search(queries, 5)[1], real_build(first.keys[lo:hi]).search(queries, 5)[1])
 
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
