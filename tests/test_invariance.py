@@ -182,6 +182,28 @@ def test_a_verified_chain_equals_autoregressive_steps(any_target):
         assert torch.equal(step.hidden[0], chain.hidden[i]), f"node {i}"
 
 
+def test_the_forward_is_bitwise_the_same_whatever_the_thread_count(any_target):
+    """A request's bits do not depend on the intra-op threads (a replica of one thread answers as
+    a replica of two, and a prompt cached by one is what the other would compute): every kernel
+    gives each output element to one thread, which computes it in a fixed order. A prompt of more
+    than MAX_ROWS positions (a prefill in pieces), then a tree's verification."""
+    ids = any_target.tokenizer("Speculative decoding verifies a draft in one forward pass. " * 12)["input_ids"][:150]
+    assert len(ids) > invariant.MAX_ROWS
+    tree = TokenTree((5, 300, 301, 302, 400), (-1, 0, 1, 0, 3))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (2, 1, 3):
+            torch.set_num_threads(threads)
+            state, pre = any_target.prefill(ids, reuse=False)
+            out = any_target.verify(state, tree)
+            outs.append((pre.logits, out.logits, out.hidden))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_a_gpt2_style_models_rows_do_not_depend_on_the_other_rows(dtype):
     """GPT-2's linear layers are transformers' ``Conv1D`` (weight [in, out]), not ``nn.Linear``:
