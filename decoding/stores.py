@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from decoding.demo_stores import default_dense_store, default_sparse_index
+from decoding.demo_stores import DEFAULT_DENSE_DOCS, default_dense_store, default_sparse_index
 from decoding.fingerprint import model_fingerprint
 from decoding.methods import Datastores, NEEDS_DENSE, NEEDS_SPARSE
 from decoding.model_loader import cache_root
@@ -41,7 +41,6 @@ from index.dense_store import DenseStore
 from index.sparse import META_FILE, SparseIndex, SparseIndexError
 
 SPARSE, DENSE = "sparse", "dense"
-DEFAULT_DENSE_DOCS = 1000           # GSM8K train pairs in the default dense store (the CLI's)
 
 
 def resolve_index(index: str, version: str | None = None) -> str:

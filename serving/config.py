@@ -99,7 +99,7 @@ class IndexConfig(_Section):
     artifact_version: str | None = None
     dense: str | None = "auto"
     sparse: str | None = "auto"
-    dense_default_docs: int = Field(200, ge=1)
+    dense_default_docs: int = Field(200, ge=1)          # as the CLI's (decoding.demo_stores.DEFAULT_DENSE_DOCS)
     nprobe: int | None = Field(None, ge=1, description="IVF lists probed per dense search (None: the store's)")
 
     @model_validator(mode="after")
