@@ -832,3 +832,10 @@ def test_tools_become_plain_turns_a_grammar_and_calls():
     for text in ("It is sunny.", '{"name": "launch", "arguments": {}}', '{"name": "get_time", "arguments": 3}',
                  '{"name": "get_weather"', ""):
         assert parse_calls(text, names) is None, text
+
+
+def test_serving_and_the_cli_default_to_the_same_demo_dense_store():
+    """serving.config stays free of torch, so its default is a literal: it must be the CLI's."""
+    from decoding.demo_stores import DEFAULT_DENSE_DOCS
+
+    assert ServingConfig().index.dense_default_docs == DEFAULT_DENSE_DOCS
