@@ -39,7 +39,7 @@ remembered per machine). On the AVX2 machine ours won, narrowly in float32 (3.3 
 matrix units may well choose torch.
 
 Each call uses ``torch.get_num_threads()`` threads (passed explicitly: OpenMP's own default is
-per calling thread, and serving calls from worker threads). The C file is compiled once per machine (``-O3 -march=native``, OpenMP on torch's runtime) into
+per calling thread, and serving calls from worker threads). The C file is compiled once per machine (``-O3 -march=native``, or :func:`march`; OpenMP on torch's runtime) into
 ``$SENSE_CACHE_DIR/kernels/`` and loaded with ctypes; no compiler means no invariant mode
 (:func:`unavailable_reason` says why) and the stock kernels.
 """
@@ -74,6 +74,19 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
 
+MARCH_ENV = "SENSE_KERNEL_MARCH"     # the build's -march (default native; x86-64-v3: the AVX2 code)
+
+
+def march() -> str:
+    """The ``-march`` the kernels are built for: this CPU's (``native``), or ``$SENSE_KERNEL_MARCH``
+    (``x86-64-v3`` builds the AVX2 code and ``x86-64`` the portable one on any x86 CPU: how the
+    tests check the code paths of machines other than the one they run on)."""
+    value = os.environ.get(MARCH_ENV, "").strip() or "native"
+    if not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"{MARCH_ENV} must be a -march name such as native or x86-64-v3, got {value!r}")
+    return value
+
+
 def _compile(out: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
@@ -81,7 +94,7 @@ def _compile(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        cmd = [cc, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
+        cmd = [cc, "-O3", f"-march={march()}", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
                str(SOURCE), "-o", str(so), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
@@ -93,6 +106,8 @@ def _library_path() -> Path:
     h = hashlib.sha256(SOURCE.read_bytes())
     h.update(" ".join(cpu_isa()).encode())
     h.update(os.environ.get("CC", "").encode())
+    if march() != "native":
+        h.update(march().encode())
     return cache_root() / "kernels" / f"invariant-{h.hexdigest()[:16]}.so"
 
 
@@ -109,7 +124,7 @@ def library() -> ctypes.CDLL | None:
             if not path.exists():
                 _compile(path)
             lib = ctypes.CDLL(str(path))
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:
             _error = str(e)
             return None
         p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float

@@ -23,7 +23,8 @@
  * Weights may be float32 or bfloat16 (widened exactly to float32 on load); activations and
  * accumulators are float32. On a CPU with AVX512-BF16, bfloat16 linears take their activations
  * in bfloat16 too and run on vdpbf16ps (sense_linear_bf16dp), one chain of pair products per output. Built once per machine with -march=native (decoding/invariant.py);
- * without AVX2+FMA a portable 8-lane emulation with fmaf gives the same guarantee.
+ * without AVX2+FMA a portable 8-lane emulation with fmaf gives the same guarantee. In float32 the
+ * three codes give the same bits (tests/test_kernel_builds.py builds the other two with -march).
  */
 #include <math.h>
 #include <stdint.h>
@@ -136,7 +137,27 @@ static inline void v_hsum4_scaled(vec a0, vec a1, vec a2, vec a3, float scale, f
     out[0] = v_hsum(a0) * scale; out[1] = v_hsum(a1) * scale; out[2] = v_hsum(a2) * scale; out[3] = v_hsum(a3) * scale;
 }
 static inline vec v_max(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
-static inline vec v_exp(vec x) { for (int i = 0; i < 8; i++) x.v[i] = expf(x.v[i]); return x; }
+/* exp for x <= 0: the AVX2 code's Cephes routine lane by lane, each step the same correctly rounded
+ * operation (fmaf where it fuses), so a float32 forward is bitwise the same on both builds. */
+static inline float exp_cephes(float x) {
+    x = x > -87.3f ? x : -87.3f;
+    const float fx = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
+    x = fmaf(-fx, 0.693359375f, x);
+    x = fmaf(-fx, -2.12194440e-4f, x);
+    const float z = x * x;
+    float y = 1.9875691500E-4f;
+    y = fmaf(y, x, 1.3981999507E-3f);
+    y = fmaf(y, x, 8.3334519073E-3f);
+    y = fmaf(y, x, 4.1665795894E-2f);
+    y = fmaf(y, x, 1.6666665459E-1f);
+    y = fmaf(y, x, 5.0000001201E-1f);
+    y = fmaf(y, z, x + 1.0f);
+    const uint32_t e = (uint32_t)((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return y * scale;
+}
+static inline vec v_exp(vec x) { for (int i = 0; i < 8; i++) x.v[i] = exp_cephes(x.v[i]); return x; }
 static inline vec v_mul(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] *= b.v[i]; return a; }
 static inline vec v_div(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] /= b.v[i]; return a; }
 static inline vec v_neg_abs(vec a) { for (int i = 0; i < 8; i++) a.v[i] = -fabsf(a.v[i]); return a; }
