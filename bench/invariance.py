@@ -1,5 +1,5 @@
 """Where a row's result depends on how many rows share the forward (batch invariance), and what
-the invariant forward (decoding/invariant.py) costs.
+the invariant forward (decoding/invariant/) costs.
 
 For each product the target runs (the four weight shapes of its linears, the LM head) and each
 way of computing it (torch's three orders and the invariant kernel), row 0 of an m-row product is

@@ -27,7 +27,7 @@ layer, between which the kernels' OpenMP threads also went back to sleep: on the
 in one process alternating the two (two runs), a bfloat16 decode step 0.70-0.79x the time (15.5
 -> 12.3 ms in the quieter run) and a 16-token verification 0.85-0.91x (float32: 0.93x both).
 
-The steps between the linears run on C code too (decoding/invariant.py): the RMSNorms, the
+The steps between the linears run on C code too (decoding/invariant/elementwise.py): the RMSNorms, the
 rotary embedding with the cache write, the SiLU gate, and the linears' epilogues that round to the
 model's dtype and add the residual in place as they store. Together they replaced some 45 torch ops
 per layer whose dispatch cost a third of a one-row decode step (bfloat16 on the AVX512-BF16 VM:

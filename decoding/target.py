@@ -64,7 +64,7 @@ class TargetModel:
         self.hidden_layer = hidden_layer
         self._base = model.base_model
         self._head = model.get_output_embeddings()
-        # Batch-invariant forward (decoding/invariant.py) wherever it can run: what makes strict
+        # Batch-invariant forward (decoding/invariant/) wherever it can run: what makes strict
         # decoding bitwise equal to autoregressive decoding in every dtype and tree size.
         why_not = invariant.supports(model)
         if invariant_forward and why_not:

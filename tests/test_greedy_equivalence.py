@@ -1,7 +1,7 @@
 """Strict greedy speculative decoding reproduces autoregressive greedy decoding token for token.
 
 The reference is this engine's own autoregressive decoding in the same dtype (the promise: the
-batch-invariant forward of decoding/invariant.py makes it hold in every dtype); in float32 that
+batch-invariant forward of decoding/invariant/ makes it hold in every dtype); in float32 that
 reference is itself checked against transformers' `generate(do_sample=False)`, an independent
 decoding loop, on the shortest prompt of every category and the longest one.
 41 Spec-Bench prompts spread over all categories, every drafter, short generations. Each prompt

@@ -1,6 +1,6 @@
 """Batch invariance: a row's result does not depend on how many rows share the forward.
 
-Kernel level (decoding/kernels/invariant.c through decoding/invariant.py), then the whole target:
+Kernel level (decoding/kernels/invariant.c through decoding/invariant/), then the whole target:
 a token's logits and hidden state verified alone, beside 1, 3, 15 and 63 other tree nodes, and
 along a chain against one-token autoregressive steps, bitwise, in float32 and bfloat16. Before
 the invariant kernels none of these held in either dtype (bench/results/invariance.md).
@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from decoding import invariant
+from decoding.invariant import attention_ops
+from decoding.invariant import tuning
 from decoding import measured as measured_mod
 from decoding.tree import TokenTree
 
@@ -128,7 +130,7 @@ def test_a_batchs_visibility_lists_are_each_requests_own_one_after_another():
                 ancestors.append(own)
             masks.append(torch.cat([torch.ones(t, start, dtype=torch.bool), own], dim=1))
         rowptr, idx = invariant.visible_csr_batch(starts, sizes, ancestors)
-        ref = [invariant._csr(m) for m in masks]
+        ref = [attention_ops._csr(m) for m in masks]
         offsets = torch.tensor([0] + [int(rp[-1]) for rp, _ in ref]).cumsum(0)
         want_rowptr = torch.cat([torch.zeros(1, dtype=torch.int32)] + [rp[1:] + o for (rp, _), o in zip(ref, offsets)])
         assert torch.equal(rowptr, want_rowptr.to(torch.int32))
@@ -429,9 +431,9 @@ def test_the_large_row_kernel_is_measured_per_size_of_prefill(tmp_path, monkeypa
     """Prefills of up to 256 rows take the kernel measured at 128 rows, longer ones the kernel
     measured at 512: each measured once (cold weights, both kernels timed) and remembered on disk."""
     monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(invariant, "_large", {})
+    monkeypatch.setattr(tuning, "_large", {})
     measured = []
-    real = invariant._time_large_rows
+    real = tuning._time_large_rows
 
     def timed(dtype, threads, rows):
         measured.append(rows)
@@ -439,11 +441,11 @@ def test_the_large_row_kernel_is_measured_per_size_of_prefill(tmp_path, monkeypa
         assert set(value) == {"ours_ms", "torch_ms"} and all(v > 0 for v in value.values())
         return value
 
-    monkeypatch.setattr(invariant, "_time_large_rows", timed)
+    monkeypatch.setattr(tuning, "_time_large_rows", timed)
     for rows in (65, 200, 256, 257, 1000):
         assert invariant.large_rows_kernel(torch.bfloat16, 2, rows) in ("ours", "torch")
     assert measured == [128, 512]
-    monkeypatch.setattr(invariant, "_large", {})          # a new process: read back from the disk
+    monkeypatch.setattr(tuning, "_large", {})          # a new process: read back from the disk
     assert invariant.large_rows_kernel(torch.bfloat16, 2, 100) in ("ours", "torch") and measured == [128, 512]
     assert len(list((tmp_path / "measured").glob("large_linear-*.json"))) == 2
 
@@ -485,11 +487,11 @@ def test_prefetching_changes_no_bits_is_measured_once_and_can_be_forced(tmp_path
 
         monkeypatch.setenv("SENSE_CACHE_DIR", str(tmp_path))
         monkeypatch.delenv(invariant.PREFETCH_ENV, raising=False)
-        monkeypatch.setattr(invariant, "_prefetch_tuned", set())
+        monkeypatch.setattr(tuning, "_prefetch_tuned", set())
         # Any load counts as quiet here: the suite's background must not retry this (stand-in)
         # timing; the quiet rule itself is tested in test_measured.py.
         monkeypatch.setattr(measured_mod, "QUIET_LIMIT", 1.0)
-        measured, real = [], invariant._time_prefetch
+        measured, real = [], tuning._time_prefetch
 
         def timed(dt, threads):
             measured.append(dt)     # each range's fastest: off for two rows, L1, non-temporal
@@ -497,17 +499,17 @@ def test_prefetching_changes_no_bits_is_measured_once_and_can_be_forced(tmp_path
                     "few": {"off": 4.0, "l2": 2.0, "l1": 1.0, "nta": 3.0},
                     "many": {"off": 4.0, "l2": 2.0, "l1": 3.0, "nta": 1.0}}
 
-        monkeypatch.setattr(invariant, "_time_prefetch", timed)
+        monkeypatch.setattr(tuning, "_time_prefetch", timed)
         chosen = {"two": "off", "few": "l1", "many": "nta"}
         assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
         assert [lib.sense_prefetch(bf16, i) for i in range(3)] == [0, 2, 3]
         run(9)                                              # a multi-row linear: already tuned
         assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
-        monkeypatch.setattr(invariant, "_prefetch_tuned", set())          # a new process: from disk
+        monkeypatch.setattr(tuning, "_prefetch_tuned", set())          # a new process: from disk
         assert invariant.tune_prefetch(dtype, 2) == chosen and measured == [dtype]
         assert len(list((tmp_path / "measured").glob("prefetch-*.json"))) == 1
         for forced, mode in (("1", "l2"), ("off", "off"), ("nta", "nta")):
-            monkeypatch.setattr(invariant, "_prefetch_tuned", set())
+            monkeypatch.setattr(tuning, "_prefetch_tuned", set())
             monkeypatch.setenv(invariant.PREFETCH_ENV, forced)
             assert invariant.tune_prefetch(dtype, 2) == dict.fromkeys(ranges, mode) and measured == [dtype]
         value = real(dtype, 2, repeats=1)                   # the measurement itself: every mode timed

@@ -22,7 +22,7 @@
  *
  * Weights may be float32 or bfloat16 (widened exactly to float32 on load); activations and
  * accumulators are float32. On a CPU with AVX512-BF16, bfloat16 linears take their activations
- * in bfloat16 too and run on vdpbf16ps (sense_linear_bf16dp), one chain of pair products per output. Built once per machine with -march=native (decoding/invariant.py);
+ * in bfloat16 too and run on vdpbf16ps (sense_linear_bf16dp), one chain of pair products per output. Built once per machine with -march=native (decoding/invariant/build.py);
  * without AVX2+FMA a portable 8-lane emulation with fmaf gives the same guarantee. In float32 the
  * three codes give the same bits (tests/test_kernel_builds.py builds the other two with -march).
  */
@@ -319,9 +319,9 @@ static inline void epi_store8(const Epi *e, size_t row, int col, vec a) {
 /* EPYC (Zen 3) not at all at 2-8 rows (6-15% slower: the hardware prefetcher keeps up there).  */
 /* So it is a mode per                                                                           */
 /* weight dtype (float32, bfloat16) and row count (2 rows, 3-4, 5 and more): off, into L2, into   */
-/* L1, non-temporal, set by decoding/invariant.py from a measurement on this machine. One row     */
-/* streams at memory speed by itself, and prefetching weights that are in cache already is pure   */
-/* overhead: one-row passes never prefetch. Prefetches change no arithmetic. */
+/* L1, non-temporal, set by decoding/invariant/tuning.py from a measurement on this machine.     */
+/* One row streams at memory speed by itself, and prefetching weights that are in cache already */
+/* is pure overhead: one-row passes never prefetch. Prefetches change no arithmetic.             */
 enum { PF_OFF, PF_L2, PF_L1, PF_NTA };
 static int prefetch_mode[2][3] = {{PF_L2, PF_L2, PF_L2}, {PF_L2, PF_L2, PF_L2}};
 static inline int rows_range(int R) { return R <= 2 ? 0 : R <= 4 ? 1 : 2; }
@@ -694,7 +694,7 @@ void sense_linear_bf16dp(const uint16_t *x, const uint16_t *P, int64_t pstride, 
 /* chunk of 32 k in order: nothing in it depends on the other rows of the tile (a one-row decode */
 /* step configures a one-row tile), so a row's result is the same whatever the row count. It is */
 /* not bitwise sense_linear_bf16dp's (another sequence of roundings): a process uses one of the  */
-/* two for every bfloat16 linear with K a multiple of 32 (decoding/invariant.py chooses by       */
+/* two for every bfloat16 linear with K a multiple of 32 (decoding/invariant/tuning.py chooses by */
 /* measuring). Needs the kernel's permission for the tile state (sense_amx_init, once).          */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define HAVE_AMX 1
