@@ -8,7 +8,9 @@ the bfloat16 kernel, which is chosen once per process, before its first linear.
 from __future__ import annotations
 
 import os
+import statistics
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +54,6 @@ def bf16_kernel() -> str:
 def _time_bf16_kernels(repeats: int = 7) -> dict:
     """Milliseconds of a one-row plus a 16-row pass over 96 MiB of bfloat16 weights (more than a
     cache holds, as a model's are), per kernel: medians of `repeats`, kernels alternating."""
-    import statistics
-    import time
-
     g = torch.Generator().manual_seed(0)
     weights = [pack_panels(torch.randn(1536, 576, generator=g).to(torch.bfloat16)) for _ in range(56)]
     xs = [torch.randn(r, 576, generator=g).to(torch.bfloat16) for r in (1, 16)]
@@ -63,13 +62,20 @@ def _time_bf16_kernels(repeats: int = 7) -> dict:
     times: dict[str, list[float]] = {k: [] for k in BF16_KERNELS}
     for rep in range(repeats + 1):
         for kind in BF16_KERNELS:
-            t0 = time.perf_counter()
-            for x, out in zip(xs, outs):
-                for w in weights:
-                    run_linear(w, x, 1536, threads, out, kernel=kind)
+            took = _passes(weights, xs, outs, threads, kind)
             if rep:
-                times[kind].append(time.perf_counter() - t0)
+                times[kind].append(took)
     return {f"{k}_ms": round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+
+
+def _passes(packs: list[torch.Tensor], xs: list[torch.Tensor], outs: list[torch.Tensor], threads: int,
+            kernel: str | None) -> float:
+    """Seconds of every input block of `xs` through every packed 576 -> 1536 weight of `packs`."""
+    t0 = time.perf_counter()
+    for x, out in zip(xs, outs):
+        for p in packs:
+            run_linear(p, x, 1536, threads, out, kernel=kernel)
+    return time.perf_counter() - t0
 
 
 def kernel_id() -> str:
@@ -139,9 +145,6 @@ def _time_prefetch(dtype: torch.dtype, threads: int, repeats: int = 5) -> dict:
     """ms of passes through 85 MB of 576 -> 1536 weights (beyond a CPU's last-level cache, as a
     model's are) at each range's row counts (PREFETCH_ROWS) in every mode, the modes' order
     rotated each repeat, medians of `repeats`: {"two": {"off": ms, "l2": ms, ...}, ...}."""
-    import statistics
-    import time
-
     lib = library()
     bf16 = int(dtype == torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -156,12 +159,9 @@ def _time_prefetch(dtype: torch.dtype, threads: int, repeats: int = 5) -> dict:
             for j in range(len(PREFETCH_MODES)):
                 mode = (j + rep) % len(PREFETCH_MODES)
                 lib.sense_set_prefetch(bf16, i, mode)
-                t0 = time.perf_counter()
-                for x, out in zip(xs, outs):
-                    for p in packs:
-                        run_linear(p, x, 1536, threads, out, kernel=kernel)
+                took = _passes(packs, xs, outs, threads, kernel)
                 if rep:
-                    times[mode].append(time.perf_counter() - t0)
+                    times[mode].append(took)
         result[kind] = {name: round(statistics.median(times[m]) * 1e3, 3) for m, name in enumerate(PREFETCH_MODES)}
     return result
 
@@ -206,9 +206,6 @@ def _time_large_rows(dtype: torch.dtype, threads: int, rows: int, repeats: int =
     alternating, median of `repeats`, or of fewer once they are :func:`decisive`. Timed on one
     weight alone (in cache) the two were within 5% at 128 rows on the AVX512-BF16 VM; cold, as in
     a prefill, ours was 17% faster (the model's 80-token prefill 74 against 104 ms)."""
-    import statistics
-    import time
-
     g = torch.Generator().manual_seed(0)
     weights = 48 if dtype.itemsize == 2 else 24
     ws = [torch.randn(1536, 576, generator=g).to(dtype) for _ in range(weights)]
