@@ -7,13 +7,15 @@ invariance tests run on each (in a process of their own: a process loads one bui
 all three builds also give the same bits: the AVX-512 kernels keep the AVX2 code's 8-lane chains,
 and the portable code does each vector step lane by lane with the same correctly rounded
 operations (its exp is the AVX2 code's routine, not libm's); a float32 datastore's keys and a
-float32 answer do not depend on which of these machines computed them.
+float32 answer do not depend on which of these machines computed them. Where a cross compiler and
+qemu are installed, the portable code built for an ARM server writes the same float32 bytes too.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +96,31 @@ def test_the_build_is_the_one_asked_for(monkeypatch):
     monkeypatch.setenv(invariant.MARCH_ENV, "native; rm -rf /")
     with pytest.raises(ValueError, match="SENSE_KERNEL_MARCH"):
         invariant.march()
+
+
+ARM_CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
+
+
+def _harness(cc: list[str], march: str, out: Path) -> Path:
+    """tests/kernels/float32_kernels.c (linears of 1-5 rows, attention, RMSNorm, SiLU gate on
+    fixed inputs) built by `cc` for `march`."""
+    done = subprocess.run([*cc, "-O3", f"-march={march}", "-ffp-contract=off", "-fopenmp",
+                           "-I", str(invariant.SOURCE.parent), str(ROOT / "tests" / "kernels" / "float32_kernels.c"),
+                           "-o", str(out), "-lm"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.mark.skipif(not (shutil.which(ARM_CC) and shutil.which(QEMU)),
+                    reason=f"needs {ARM_CC} and {QEMU} (Debian: gcc-aarch64-linux-gnu, qemu-user)")
+def test_an_arm_build_gives_float32_the_x86_bits(tmp_path):
+    """The portable code on an ARM server (Graviton's kind: aarch64, built for plain armv8-a and
+    for armv8.2-a with bfloat16), run under qemu, writes the same bytes as this CPU's build."""
+    x86 = _harness([shutil.which("gcc") or "cc"], "native", tmp_path / "x86")
+    subprocess.run([str(x86), str(tmp_path / "x86.bin")], check=True, capture_output=True)
+    for march in ("armv8-a", "armv8.2-a+bf16"):
+        arm = _harness([ARM_CC], march, tmp_path / f"arm-{march}")
+        done = subprocess.run([QEMU, "-cpu", "max", "-L", "/usr/aarch64-linux-gnu", str(arm), str(tmp_path / "arm.bin")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip() == "portable", done.stderr[-2000:]
+        assert (tmp_path / "arm.bin").read_bytes() == (tmp_path / "x86.bin").read_bytes(), march
