@@ -155,6 +155,11 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     if missing_local_model(model):
         raise ModelLoadError(f"model directory {model!r} does not exist (a model is a Hugging Face model "
                              f"directory, a hub id or a .gguf file)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; it holds {ggufs[0].name}: pass that file" if len(ggufs) == 1 else ""
+        raise ModelLoadError(f"{model!r} is not a Hugging Face model directory (it has no config.json){hint}; a model "
+                             f"is a Hugging Face model directory, a hub id or a .gguf file")
     return model
 
 

@@ -71,9 +71,15 @@ def test_bad_model_paths_are_one_clear_line(tmp_path, monkeypatch, capsys):
     weights.write_bytes(b"\x00" * 64)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 16)
+    plain_dir = tmp_path / "downloads"                  # a directory, but no model's
+    plain_dir.mkdir()
+    gguf_dir = tmp_path / "gguf-dir"                    # a directory holding one GGUF file
+    gguf_dir.mkdir()
+    (gguf_dir / "model.Q8_0.gguf").write_bytes(b"GGUF")
     cases = [(tmp_path / "missing.gguf", "does not exist"), (text, "is not a GGUF file"),
              (weights, "is not a GGUF file"), (tmp_path / "nowhere" / "model-dir", "does not exist"),
-             (truncated, "could not convert the GGUF model")]
+             (truncated, "could not convert the GGUF model"), (plain_dir, "has no config.json"),
+             (gguf_dir, "it holds model.Q8_0.gguf: pass that file")]
     for path, needle in cases:
         with pytest.raises(ModelLoadError) as err:
             model_loader.resolve_model_path(str(path))
