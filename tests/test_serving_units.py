@@ -510,7 +510,7 @@ def test_concurrent_generations_share_one_model(target):
     and drafter, with the forward lock (the default) and without it."""
     import threading
 
-    from serving.decoder import SerializedTarget
+    from serving.shared_target import SerializedTarget
 
     prompts = ["Repeat exactly: one two three, one two three.", "What is 2+3?", "Name three colours."]
     p = SamplingParams(max_new_tokens=10)
@@ -533,7 +533,7 @@ def test_concurrent_generations_share_one_model(target):
 def test_stream_deltas_waiting_together_go_as_one_chunk():
     import asyncio
 
-    from serving.decoder import coalesce_deltas
+    from serving.stream_events import coalesce_deltas
 
     q: asyncio.Queue = asyncio.Queue()
     for e in ({"type": "delta", "token_ids": [2]}, {"type": "delta", "token_ids": [3]},
@@ -556,7 +556,7 @@ def test_the_last_tokens_go_inside_the_finish_event():
     is, and a done event alone keeps no delta."""
     import asyncio
 
-    from serving.decoder import relay
+    from serving.stream_events import relay
 
     class Chars:                                   # a tokenizer whose tokens are characters
         def decode(self, ids, skip_special_tokens=True):
@@ -582,7 +582,7 @@ def test_the_last_tokens_go_inside_the_finish_event():
 
 
 def test_stream_buffer_sends_the_first_tokens_at_once_then_at_most_every_interval():
-    from serving.decoder import StreamBuffer
+    from serving.stream_events import StreamBuffer
 
     now = [0.0]
     sent: list[dict] = []
@@ -615,7 +615,7 @@ def test_stream_buffer_sends_the_first_tokens_at_once_then_at_most_every_interva
 def test_logprobs_take_openai_shapes():
     from decoding.engine import TokenLogprob
     from serving import logprobs, protocol
-    from serving.decoder import _merge
+    from serving.stream_events import _merge
     from serving.responses import chunk, full_body
 
     class Tok:
@@ -654,7 +654,7 @@ def test_a_busy_replica_streams_in_fewer_larger_chunks():
     ``stream_chunks_per_s`` together, each stream's interval grows with the streams; a function
     interval is asked at every push."""
     from serving.config import DecoderConfig
-    from serving.decoder import StreamBuffer, stream_interval
+    from serving.stream_events import StreamBuffer, stream_interval
 
     assert DecoderConfig().stream_interval_ms == 250.0         # the default (see DecoderConfig)
     cfg = DecoderConfig(stream_interval_ms=100.0)
