@@ -228,4 +228,6 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, *, dtype: s
         raise ModelLoadError(f"could not load model {model!r} from {path!r}: {_first_line(exc)}") from exc
     hf_model.to(device)
     hf_model.eval()
+    if Path(path).is_dir():
+        hf_model._sense_weights_dir = str(path)        # its fingerprint may be remembered (decoding.fingerprint)
     return hf_model, tokenizer
