@@ -31,6 +31,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* exp for x <= 0, one routine at every width (Cephes expf: x clamped at EXP_MIN, reduced by
+ * ln 2 split in two, a degree-5 polynomial, scaled by 2^n): the AVX2 code's v_exp, the portable
+ * code's exp_cephes lane by lane and the AVX-512 code's v16_exp run the same operations, so a
+ * float32 forward has the same bits on each (tests/test_kernel_builds.py). */
+#define EXP_MIN (-87.3f)
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440e-4f)
+#define EXP_P0 1.9875691500E-4f
+#define EXP_P1 1.3981999507E-3f
+#define EXP_P2 8.3334519073E-3f
+#define EXP_P3 4.1665795894E-2f
+#define EXP_P4 1.6666665459E-1f
+#define EXP_P5 5.0000001201E-1f
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 typedef __m256 vec;
@@ -73,17 +88,17 @@ static inline void v_hsum4_scaled(vec a0, vec a1, vec a2, vec a3, float scale, f
 static inline vec v_max(vec a, vec b) { return _mm256_max_ps(a, b); }
 /* exp for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial). */
 static inline vec v_exp(vec x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    vec fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN));
+    vec fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_HI), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_LO), x);
     vec z = _mm256_mul_ps(x, x);
-    vec y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    vec y = _mm256_set1_ps(EXP_P0);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P1));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P2));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P3));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P4));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P5));
     y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
@@ -140,17 +155,17 @@ static inline vec v_max(vec a, vec b) { for (int i = 0; i < 8; i++) a.v[i] = a.v
 /* exp for x <= 0: the AVX2 code's Cephes routine lane by lane, each step the same correctly rounded
  * operation (fmaf where it fuses), so a float32 forward is bitwise the same on both builds. */
 static inline float exp_cephes(float x) {
-    x = x > -87.3f ? x : -87.3f;
-    const float fx = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
-    x = fmaf(-fx, 0.693359375f, x);
-    x = fmaf(-fx, -2.12194440e-4f, x);
+    x = x > EXP_MIN ? x : EXP_MIN;
+    const float fx = floorf(fmaf(x, EXP_LOG2E, 0.5f));
+    x = fmaf(-fx, EXP_LN2_HI, x);
+    x = fmaf(-fx, EXP_LN2_LO, x);
     const float z = x * x;
-    float y = 1.9875691500E-4f;
-    y = fmaf(y, x, 1.3981999507E-3f);
-    y = fmaf(y, x, 8.3334519073E-3f);
-    y = fmaf(y, x, 4.1665795894E-2f);
-    y = fmaf(y, x, 1.6666665459E-1f);
-    y = fmaf(y, x, 5.0000001201E-1f);
+    float y = EXP_P0;
+    y = fmaf(y, x, EXP_P1);
+    y = fmaf(y, x, EXP_P2);
+    y = fmaf(y, x, EXP_P3);
+    y = fmaf(y, x, EXP_P4);
+    y = fmaf(y, x, EXP_P5);
     y = fmaf(y, z, x + 1.0f);
     const uint32_t e = (uint32_t)((int32_t)fx + 127) << 23;
     float scale;
@@ -817,18 +832,18 @@ static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
  * tests/test_lean_forward.py checks a row's 16-lane and 8-lane columns give the same bits). The
  * SiLU, the attention's softmax and the prefill's take it where they have 16 lanes. */
 static inline __m512 v16_exp(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+    x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(EXP_LOG2E), _mm512_set1_ps(0.5f)),
                                            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_HI), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_LO), x);
     const __m512 z = _mm512_mul_ps(x, x);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    __m512 y = _mm512_set1_ps(EXP_P0);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P1));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P2));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P3));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P4));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P5));
     y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
