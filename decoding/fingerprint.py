@@ -52,9 +52,10 @@ def _hashes(target) -> tuple[str, str]:
 def _remembered_hashes(target) -> tuple[str, str]:
     """:func:`_hashes`, kept under ``$SENSE_CACHE_DIR/fingerprints`` for a model loaded from a
     local directory (``decoding.model_loader`` marks it): named by the directory's files (names,
-    sizes, modification times), whether the load is float16 (which rounds otherwise), and the first and last
-    bytes of every live weight, so a checkpoint rewritten in place or weights changed after the
-    load (a merged adapter) are hashed again. Any other model is hashed every time."""
+    sizes, modification times), whether the load is float16 (which rounds otherwise), the
+    tokenizer's name and size, and the first and last bytes of every live weight, so a
+    checkpoint rewritten in place or weights changed after the load (a merged adapter) are
+    hashed again. Any other model is hashed every time."""
     source = getattr(target.model, "_sense_weights_dir", None)
     if not source or not Path(source).is_dir():
         return _hashes(target)
@@ -64,7 +65,9 @@ def _remembered_hashes(target) -> tuple[str, str]:
     except OSError:
         return _hashes(target)
     float16 = any(t.dtype == torch.float16 for t in target.model.parameters())   # rounds otherwise
-    key = hashlib.sha256(json.dumps([str(Path(source).resolve()), files, float16]).encode())
+    tok = target.tokenizer                  # the directory's own, as a load pairs them
+    tok_id = [str(getattr(tok, "name_or_path", "")), len(tok) if hasattr(tok, "__len__") else None]
+    key = hashlib.sha256(json.dumps([str(Path(source).resolve()), files, float16, tok_id]).encode())
     for name, tensor in sorted(target.model.state_dict().items()):
         flat, n = tensor.detach().reshape(-1), SAMPLE_BYTES // 2
         key.update(name.encode())

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import queue
+import re
 import sys
 import threading
 import time
@@ -34,14 +35,14 @@ from dataclasses import asdict, replace
 
 
 from index import storage
-from index.dense_format import MANIFEST, TRANSFORM, DatastoreError, Manifest, ModelFingerprint
+from index.dense_format import MANIFEST, TRANSFORM, DatastoreError, KeyTransform, Manifest, ModelFingerprint
 from index.dense_writer import write_manifest
 from index.records import FieldMap, InputError, Unit, plan_units
 from pipelines.config import DISTILL_METHODS, DatastoreJobConfig, SelfDistillConfig, parse_corpus
 from pipelines.distill import DistillUnits, distilled_unit
 from pipelines.first_pass import fit_sample
 from pipelines.stages import (DISTILLED, ExtractUnits, TokenizeUnits, distill_progress_uri, finished_distill,
-                              finished_unit, fit_progress_uri, read_progress, unit_to_row)
+                              finished_unit, fit_progress_uri, read_progress, read_transform, unit_to_row)
 
 BUILD_INFO = "build.json"
 
@@ -236,7 +237,7 @@ def _consume_with_progress(ds, output: str, todo: list[Unit], every_s: float = 3
 
 
 def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, FieldMap], gpus: float,
-             info: dict) -> tuple[list[Unit], dict[str, dict]]:
+             info: dict, transform: KeyTransform) -> tuple[list[Unit], dict[str, dict]]:
     """Self-distillation: generate answers for every prompt unit the first pass did not
     (resumably), each unit's entries written with them (from the answers' own hidden states);
     returns the units of the distilled token tables, which pass 2 extracts where a unit's entries
@@ -251,7 +252,7 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
                             num_cpus=config.cpus_per_worker, resources=config.worker_resources,
                             num_gpus=gpus, fn_constructor_kwargs=dict(
                                 model=config.model, dtype=config.dtype, gpu=gpus > 0,
-                                threads=_threads(config), output=config.output,
+                                threads=_threads(config), output=config.output, transform=transform,
                                 eos=info["eos"], max_new_tokens=config.self_distill.max_new_tokens,
                                 method=config.self_distill.method, batch_size=config.self_distill.batch_size,
                                 layer=config.layer, entries=dict(
@@ -268,7 +269,7 @@ def _distill(config: DatastoreJobConfig, units: list[Unit], fields: dict[str, Fi
 
 
 def _extract(config: DatastoreJobConfig, info: dict, todo: list[Unit], fields: dict[str, FieldMap],
-             gpus: float) -> None:
+             gpus: float, transform: KeyTransform) -> None:
     import ray
 
     ds = ray.data.from_items([unit_to_row(u, fields[u.corpus]) for u in todo], override_num_blocks=len(todo))
@@ -278,7 +279,7 @@ def _extract(config: DatastoreJobConfig, info: dict, todo: list[Unit], fields: d
         ExtractUnits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_cpus=config.cpus_per_worker, num_gpus=gpus, resources=config.worker_resources,
         fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, layer=config.layer, gpu=gpus > 0,
-                                   threads=_threads(config), output=config.output,
+                                   threads=_threads(config), output=config.output, transform=transform,
                                    value_len=config.value_len, eos=info["eos"], max_len=info["max_len"],
                                    overlap=info["overlap"], batch_tokens=config.batch_tokens))
     t0, tokens, entries = time.perf_counter(), 0, 0
@@ -326,17 +327,29 @@ def _write_manifest(config: DatastoreJobConfig, info: dict, summaries: list[dict
     return manifest
 
 
+_REMOTE_STORAGE_ERROR = re.compile(r"^\s*(?:[\w.]+\.)?StorageError: (.+)$", re.MULTILINE)
+
+
 def _storage_failure(exc: BaseException) -> BaseException | None:
-    """The storage error behind a failed Ray task or dataset, if that is what it was."""
+    """The storage error behind a failed Ray task or dataset, if that is what it was: the innermost
+    one (a ``RayTaskError(StorageError)`` is one too, its message the worker's traceback; its
+    cause is the error itself). Where Ray kept only the text (Ray Data wraps a stage's error in a
+    ``UserCodeException``, which reaches the driver without its cause; an actor whose creation
+    failed is an ``ActorDiedError`` holding the worker's traceback as a string), the last
+    ``StorageError: ...`` line of that text, as a StorageError."""
     from index.storage import StorageError
 
-    seen = 0
+    chain, seen, found = [], 0, None
     while exc is not None and seen < 10:
+        chain.append(exc)
         if isinstance(exc, (StorageError, InputError, DatastoreError)):
-            return exc
+            found = exc
         cause = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
         exc, seen = cause, seen + 1
-    return None
+    if found is None:
+        lines = [m for e in chain for m in _REMOTE_STORAGE_ERROR.findall(str(e))]
+        found = StorageError(lines[-1].strip()) if lines else None
+    return found
 
 
 def _worker_start_timeout(exc: BaseException) -> bool:
@@ -370,7 +383,8 @@ def build_datastore(config: DatastoreJobConfig) -> Manifest:
             raise
         if isinstance(cause, (InputError, DatastoreError)):
             raise cause from None
-        raise JobError(f"storage failed during the build ({cause}); finished units are kept: rerun the same "
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise JobError(f"storage failed during the build ({detail}); finished units are kept: rerun the same "
                        f"command to resume") from None
 
 
@@ -402,9 +416,13 @@ def _build(config: DatastoreJobConfig) -> Manifest:
     else:
         done_before = {u.name for u in stored if finished_unit(config.output, u.name) is not None}
         _log(f"resuming: reusing the key transform; {len(done_before)} of {len(units)} units already done")
+    # Read once here and handed to the model workers with their arguments: a worker's start then
+    # touches no storage, so an outage there fails a task (its StorageError kept, one line), not an
+    # actor's creation (which Ray reports as the actor's death, the error object lost).
+    transform = read_transform(config.output)
     t_distill = time.perf_counter()
     if config.self_distill:
-        units, distill_bad = _distill(config, units, fields, gpus, info)
+        units, distill_bad = _distill(config, units, fields, gpus, info, transform)
     summaries, todo = {}, []
     for u in units:
         s = finished_unit(config.output, u.name)
@@ -416,7 +434,7 @@ def _build(config: DatastoreJobConfig) -> Manifest:
     fit_units = [u for u in units if u.name in summaries and u.name not in done_before]
     t_extract = time.perf_counter()
     if todo:
-        _extract(config, info, todo, fields, gpus)
+        _extract(config, info, todo, fields, gpus, transform)
     t_end = time.perf_counter()
     for u in todo:
         s = finished_unit(config.output, u.name)

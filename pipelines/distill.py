@@ -29,7 +29,7 @@ from index.dense_writer import write_tokens
 from index.records import (Document, FieldMap, Unit, _Bad, _format_prompt, _text_field, document_id, iter_records,
                            read_unit)
 from pipelines.stages import (DISTILLED, ProgressFile, _fields, _unit, distill_progress_uri, finished_distill,
-                              load_target, read_transform, write_unit)
+                              load_target, write_unit)
 
 
 def distilled_unit(output: str, unit: Unit) -> Unit:
@@ -141,8 +141,9 @@ class DistillUnits:
     no forward over it. `entries`: pass 2's settings (value_len, max_len, overlap, batch_tokens).
     A unit the first pass began (its sample ended inside it) is finished from that head."""
 
-    def __init__(self, *, model: str | None, dtype: str, gpu: bool, threads: int, output: str, eos: int,
-                 max_new_tokens: int, method: str, entries: dict, batch_size: int = 16, layer: int = -1) -> None:
+    def __init__(self, *, model: str | None, dtype: str, gpu: bool, threads: int, output: str,
+                 transform: KeyTransform, eos: int, max_new_tokens: int, method: str, entries: dict,
+                 batch_size: int = 16, layer: int = -1) -> None:
         import torch
 
         if not gpu:
@@ -151,7 +152,7 @@ class DistillUnits:
         self.distill = Distiller(self.target, output=output, max_new_tokens=max_new_tokens, method=method,
                                  batch_size=batch_size)
         self.output, self.eos, self.entries = output, eos, entries
-        self.transform = read_transform(output)
+        self.transform = transform          # read by the driver: a worker's start reads no storage
 
     def __call__(self, batch: dict) -> dict:
         rows = []

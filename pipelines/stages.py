@@ -121,13 +121,15 @@ class ExtractUnits:
     """Model stage (one actor per GPU, or per CPU slot): hidden states -> keys, values -> shards."""
 
     def __init__(self, *, model: str | None, dtype: str, layer: int, gpu: bool, threads: int, output: str,
-                 value_len: int, eos: int, max_len: int, overlap: int, batch_tokens: int) -> None:
+                 transform: KeyTransform, value_len: int, eos: int, max_len: int, overlap: int,
+                 batch_tokens: int) -> None:
+        """`transform`: the build's key transform, read by the driver (a worker's start reads no storage)."""
         import torch
 
         if not gpu:
             torch.set_num_threads(max(1, threads))
         self.target = load_target(model, dtype, layer, gpu)
-        self.transform = read_transform(output)
+        self.transform = transform
         self.output, self.value_len, self.eos = output, value_len, eos
         self.max_len, self.overlap, self.batch_tokens = max_len, overlap, batch_tokens
         stall = os.environ.get(STALL_AFTER_UNITS_ENV)

@@ -4,6 +4,7 @@ after the load); it is the hash that hashing the weights gives."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -60,11 +61,16 @@ def test_a_local_models_fingerprint_is_remembered_until_its_files_or_weights_cha
     os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert model_fingerprint(_load(model_dir)) == first and len(calls) == 3
 
+    other_tok = copy.deepcopy(again.tokenizer)             # the model beside another tokenizer
+    other_tok.add_tokens(["<an added token>"])
+    paired = TargetModel(_load(model_dir).model, other_tok, invariant_forward=False)
+    assert model_fingerprint(paired).tokenizer_hash != first.tokenizer_hash and len(calls) == 4
+
     in_memory = TargetModel(tiny_llama(vocab=32), again.tokenizer, invariant_forward=False)
     model_fingerprint(in_memory)
     del in_memory._sense_fingerprint
     model_fingerprint(in_memory)
-    assert len(calls) == 5                                  # no directory: hashed every time
+    assert len(calls) == 6                                  # no directory: hashed every time
 
 
 def test_the_remembered_fingerprint_is_the_computed_one(model_dir, monkeypatch):

@@ -527,7 +527,7 @@ def test_a_retried_extraction_task_keeps_the_finished_unit(pipeline_output, corp
 
     import pyarrow.parquet as pq
 
-    from pipelines.stages import ExtractUnits, TokenizeUnits, unit_to_row
+    from pipelines.stages import ExtractUnits, TokenizeUnits, read_transform, unit_to_row
 
     out = tmp_path / "ds"
     shutil.copytree(pipeline_output[0], out)
@@ -539,7 +539,7 @@ def test_a_retried_extraction_task_keeps_the_finished_unit(pipeline_output, corp
     batch = {k: np.array([v], dtype=object) for k, v in unit_to_row(unit, cfg.corpora[0].fields).items()}
     batch = TokenizeUnits(model=None, eos=info["eos"])(batch)
     actor = ExtractUnits(model=None, dtype="float32", layer=-1, gpu=False, threads=1, output=str(out),
-                         value_len=cfg.value_len, eos=info["eos"], max_len=info["max_len"],
+                         transform=read_transform(str(out)), value_len=cfg.value_len, eos=info["eos"], max_len=info["max_len"],
                          overlap=info["overlap"], batch_tokens=cfg.batch_tokens)
     files = lambda: {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}   # noqa: E731
     before, summary = files(), json.loads(marker(unit).read_text())
@@ -553,6 +553,62 @@ def test_a_retried_extraction_task_keeps_the_finished_unit(pipeline_output, corp
     again = shard()
     assert again["value"] == first["value"] and again["position"] == first["position"]
     np.testing.assert_allclose(np.array(again["key"]), np.array(first["key"]), atol=1e-4)
+
+
+def test_a_model_workers_start_reads_no_storage(pipeline_output, monkeypatch):
+    """The model workers (extraction, self-distillation) get the key transform from the driver: a
+    storage outage while Ray starts one cannot kill the actor's creation (which Ray reports as the
+    actor's death with the StorageError object lost: a traceback, exit 1, seen in CI); it fails
+    the worker's next task instead, whose StorageError the job reports in one line."""
+    from index import storage
+    from pipelines.distill import DistillUnits
+    from pipelines.stages import ExtractUnits, read_transform
+
+    transform = read_transform(str(pipeline_output[0]))
+    info = json.loads((pipeline_output[0] / "build.json").read_text())
+
+    def down(*args, **kwargs):
+        raise storage.StorageError("s3://outage/ds: could not read (the server is down)")
+
+    for name in ("read_bytes", "exists", "list_dir", "write_bytes_atomic"):
+        if hasattr(storage, name):
+            monkeypatch.setattr(storage, name, down)
+    common = dict(model=None, dtype="float32", gpu=False, threads=1, output="s3://outage/ds", transform=transform,
+                  eos=info["eos"])
+    ExtractUnits(**common, layer=-1, value_len=8, max_len=info["max_len"], overlap=info["overlap"], batch_tokens=512)
+    DistillUnits(**common, max_new_tokens=8, method="ar", entries={})
+
+
+def test_a_storage_error_in_a_worker_is_found_behind_rays_wrappers(ray_cluster):
+    """Ray Data hands a stage's error to the driver as a UserCodeException without its cause, and
+    an actor whose start failed as an ActorDiedError holding the traceback as text: the job still
+    finds the StorageError (its one line) and ends with it, not with a traceback (seen in CI: an
+    outage while Ray started a model worker)."""
+    import ray
+
+    from index.storage import StorageError
+    from pipelines.build_datastore import _storage_failure
+
+    class Fails:
+        def __call__(self, batch):
+            raise StorageError("s3://outage/ds/units/u.json: could not read (EndpointConnectionError: down)")
+
+    class FailsToStart:
+        def __init__(self):
+            raise StorageError("s3://outage/ds/transform.npz: could not read (EndpointConnectionError: down)")
+
+        def __call__(self, batch):
+            return batch
+
+    for udf, key in ((Fails, "units/u.json"), (FailsToStart, "transform.npz")):
+        ds = ray.data.from_items([{"a": 1}]).map_batches(udf, batch_size=1,
+                                                         compute=ray.data.ActorPoolStrategy(size=1))
+        with pytest.raises(Exception) as err:
+            list(ds.iter_rows())
+        found = _storage_failure(err.value)
+        assert isinstance(found, StorageError), type(err.value)
+        assert str(found) == f"s3://outage/ds/{key}: could not read (EndpointConnectionError: down)"
+    assert _storage_failure(RuntimeError("no storage here")) is None
 
 
 def test_s3_outage_fails_cleanly_and_the_rerun_completes(ray_cluster, s3_server, corpus, tmp_path):
