@@ -9,25 +9,20 @@ import threading
 class _LockedTokenizer:
     """A tokenizer whose calls take one lock (fast tokenizers can refuse concurrent use)."""
 
-
     def __init__(self, tokenizer) -> None:
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
 
-
     def __getattr__(self, name):
         return getattr(self._tokenizer, name)
-
 
     def __call__(self, *args, **kwargs):
         with self._lock:
             return self._tokenizer(*args, **kwargs)
 
-
     def decode(self, *args, **kwargs):
         with self._lock:
             return self._tokenizer.decode(*args, **kwargs)
-
 
     def apply_chat_template(self, *args, **kwargs):
         with self._lock:
@@ -47,17 +42,14 @@ class SerializedTarget:
     run one at a time on the replica's compute thread (``decoding/compute_thread.py``: one OpenMP
     pool, not one per request thread) unless `serialize` is false; tokenizer calls take a lock."""
 
-
     def __init__(self, target, serialize: bool = True, compute=None) -> None:
         self._target = target
         self._compute = compute if serialize else None
         self._lock = threading.Lock() if serialize and compute is None else None
         self.tokenizer = _LockedTokenizer(target.tokenizer) if target.tokenizer is not None else None
 
-
     def __getattr__(self, name):
         return getattr(self._target, name)
-
 
     def _locked(self, fn, *args, **kwargs):
         if self._compute is not None:
@@ -67,10 +59,8 @@ class SerializedTarget:
         with self._lock:
             return fn(*args, **kwargs)
 
-
     def prefill(self, *args, **kwargs):
         return self._locked(self._target.prefill, *args, **kwargs)
-
 
     def prefill_pieces(self, *args, **kwargs):
         """The target's ``prefill_pieces``, each piece a locked call as ``prefill`` is."""
@@ -82,14 +72,11 @@ class SerializedTarget:
                 return value
             sent = yield value
 
-
     def verify(self, *args, **kwargs):
         return self._locked(self._target.verify, *args, **kwargs)
 
-
     def commit(self, *args, **kwargs):
         return self._locked(self._target.commit, *args, **kwargs)
-
 
     def verify_batch(self, *args, **kwargs):
         return self._locked(self._target.verify_batch, *args, **kwargs)

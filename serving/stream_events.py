@@ -55,7 +55,6 @@ class StreamBuffer:
     streaming one chunk per step slowed the decoder's forwards by 13% on the 2-core machine).
     `interval`: seconds, or a function giving them now (the replica's, longer with more streams)."""
 
-
     def __init__(self, emit, interval, clock=time.monotonic, logprobs=None) -> None:
         """`logprobs`: the request's list of ``TokenLogprob`` records, one per committed token
         (``Sequence.token_logprobs``): a chunk carries those of its tokens."""
@@ -64,7 +63,6 @@ class StreamBuffer:
         self.last: float | None = None
         self.logprobs, self.sent = logprobs, 0
 
-
     def push(self, ids: list[int]) -> None:
         self.ids += ids
         now = self.clock()
@@ -72,7 +70,6 @@ class StreamBuffer:
         if self.last is None or now - self.last >= interval:
             self.flush()
             self.last = now
-
 
     def flush(self) -> None:
         if self.ids:

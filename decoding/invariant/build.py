@@ -41,6 +41,7 @@ def march() -> str:
         raise ValueError(f"{MARCH_ENV} must be a -march name such as native or x86-64-v3, got {value!r}")
     return value
 
+
 def _compile(out: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
@@ -55,6 +56,7 @@ def _compile(out: Path) -> None:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1:]}")
         os.replace(so, out)     # atomic: a concurrent loader sees the old file or the whole new one
 
+
 def _library_path() -> Path:
     h = hashlib.sha256(SOURCE.read_bytes())
     h.update(" ".join(cpu_isa()).encode())
@@ -62,6 +64,7 @@ def _library_path() -> Path:
     if march() != "native":
         h.update(march().encode())
     return cache_root() / "kernels" / f"invariant-{h.hexdigest()[:16]}.so"
+
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None if they cannot be built here."""
@@ -117,15 +120,19 @@ def library() -> ctypes.CDLL | None:
         _lib = lib
         return _lib
 
+
 def unavailable_reason() -> str | None:
     library()
     return _error
 
+
 def turned_off() -> bool:
     return os.environ.get("SENSE_INVARIANT", "1").lower() in ("0", "off", "false", "no")
 
+
 def _source_hash() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+
 
 def bf16_pairs() -> bool:
     """Whether bfloat16 linears run on the AVX512-BF16 kernel (``vdpbf16ps``, pair-packed weights)."""
