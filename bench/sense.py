@@ -562,26 +562,79 @@ def main(argv=None) -> int:
     target = TargetModel.load()
     machine["dtype"] = str(target.dtype).removeprefix("torch.")
     log(f"dtype: {target.dtype_choice.reason}")
+    cost = run_cost_curve(target, saved, "cost_curve")
+    tests = eval_questions(args)
+    stores = all_stores(target, args, tests, workdir)
+    # float32 beside the fast dtype: ar and sense_strict on the ID store, with float32's own cost curve
+    f32 = f32_cost = None
+    if args.float32_questions and args.id_questions and target.dtype != torch.float32:
+        f32 = TargetModel.load(dtype="float32")
+        f32_cost = run_cost_curve(f32, saved, "cost_curve_float32")
+
+    bench = Measurer(target, args.max_new_tokens, saved.get("stalls"))
+    done = saved.get("datasets", {})
+    elapsed_before = saved.get("elapsed_s", 0.0)     # run time of the sessions being resumed
+    for ds_name, items in tests.items():
+        ds_stores = stores[ds_name]
+        # agg[store][method]: ar and pld do not read a datastore, so they run once per question
+        # and their figures stand in every datastore's table (measured side by side all the same).
+        # wide: the wide-tree rows (fixed budget, the first --wide-questions GSM8K items);
+        # float32: the first --float32-questions GSM8K items, ID store.
+        saved_ds = done.get(ds_name)
+        aggs = {"agg": restore(saved_ds["agg"]) if saved_ds else new_agg(ds_stores),
+                "wide": restore(saved_ds["wide"]) if saved_ds else new_agg(ds_stores),
+                "float32": restore(saved_ds.get("float32", {})) if saved_ds else new_agg(["id"])}
+        n_wide = min(args.wide_questions, len(items)) if ds_name == "gsm8k" and args.wide_budget else 0
+        n_f32 = min(args.float32_questions, len(items)) if ds_name == "gsm8k" and f32 is not None else 0
+        start = saved_ds["questions"] if saved_ds else 0
+        if start:
+            log(f"{ds_name}: resuming after {start}/{len(items)} questions ({progress})")
+        for qi, (question, gold) in enumerate(items):
+            if qi < start:
+                continue
+            ids = encode_prompt(target, question)
+            bench.question(ds_name, ds_stores, aggs, qi, ids, gold, cost,
+                           wide_budget=args.wide_budget if qi < n_wide else 0)
+            if qi < n_f32:
+                bench.float32_question(ds_name, ds_stores["id"], aggs["float32"]["id"], qi, ids, gold, f32, f32_cost)
+            done[ds_name] = {"questions": qi + 1, **aggs}
+            tmp = progress.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"machine": machine, "code": code, "cost_curve": cost, "datasets": done,
+                                       "cost_curve_float32": f32_cost,
+                                       "elapsed_s": elapsed_before + time.time() - t_start,
+                                       "stalls": bench.stalls()}))
+            tmp.replace(progress)                    # atomic: a kill never leaves half a file
+            if qi % 10 == 9 or qi + 1 == len(items):
+                log(f"{ds_name}: {qi + 1}/{len(items)}")
+    rows = collect_rows(done, args.wide_budget, machine["dtype"])
+    publish(machine, rows, cost, args, elapsed_before + time.time() - t_start, stalls=bench.stalls())
+    return check_strict(rows)
+
+
+COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def run_cost_curve(target, saved: dict, key: str) -> dict[int, float]:
+    """The verify cost curve (seconds) this run plans with: a resumed run keeps the one it started
+    with (one adaptive budget for all its questions); otherwise this machine's curve for this
+    model and dtype, as the engine and serving plan with it (measured once per machine, then
+    remembered: decoding.cost.cost_curve). The adaptive budget weighs each step's drafting time
+    against it."""
+    if saved.get(key):
+        cost = {int(n): c for n, c in saved[key].items()}
+        log(f"{key.replace('_', ' ')} (of the run being resumed):", cost)
+        return cost
+    cost = cost_curve(target, COST_SIZES)
+    log(f"{key.replace('_', ' ')}:", {n: round(c, 2) for n, c in relative_cost(cost).items()})
+    return cost
+
+
+def all_stores(target, args, tests: dict, workdir: Path) -> dict[str, dict[str, tuple]]:
+    """{dataset: {store name: (sparse, dense)}}: the datastores each test dataset is measured on."""
     eos = sorted(target.eos_token_ids)[:1]
-
-    if saved.get("cost_curve"):
-        # A resumed run keeps the curve it started with: one adaptive budget for all its questions.
-        cost = {int(n): c for n, c in saved["cost_curve"].items()}
-        log("cost curve (of the run being resumed):", cost)
-    else:
-        # This machine's curve for this model and dtype, as the engine and serving plan with it
-        # (measured once per machine, then remembered: decoding.cost.cost_curve).
-        # In seconds: the adaptive budget weighs each step's drafting time against it.
-        cost = cost_curve(target, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
-        log("cost curve:", {n: round(c, 2) for n, c in relative_cost(cost).items()})
-    soft_cfg = SoftGateConfig()
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-
     train = gsm8k("train")
     ood = [(encode_prompt(target, r["question"]), target.tokenizer(gsm8k_answer_text(r["answer"]))["input_ids"] + eos)
            for r in train[: args.dense_docs]]
-    tests = eval_questions(args)
-    # stores[dataset][name] = (sparse, dense): the datastores each dataset is measured on
     gsm_stores = {"ood": build_stores(target, ood, workdir, "ood")} if ood else {}
     if args.id_questions:
         own = self_distilled(target, [r["question"] for r in train[: args.id_questions]],
@@ -599,50 +652,100 @@ def main(argv=None) -> int:
         stores[HUMANEVAL] = {"id": build_stores(target, own, workdir, "humaneval_id")}
         if "id" in gsm_stores:
             stores[HUMANEVAL]["ood"] = gsm_stores["id"]     # a store of another domain
+    return stores
 
-    # float32 beside the fast dtype: ar and sense_strict on the ID store, with float32's own cost curve
-    f32 = f32_cost = None
-    if args.float32_questions and args.id_questions and target.dtype != torch.float32:
-        f32 = TargetModel.load(dtype="float32")
-        f32_cost = ({int(n): c for n, c in saved["cost_curve_float32"].items()} if saved.get("cost_curve_float32")
-                    else cost_curve(f32, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)))
 
-    # Each method's adaptive budget starts from what its earlier questions on the same data taught
-    # (decoding.budget.SharedEstimates), as the engine's default budget does for a server's
-    # requests; the curve stays the run's own.
-    shared: dict[tuple, SharedEstimates] = {}
+def new_agg(names):
+    """{name: {method: {figure: [one value per question]}}}."""
+    return {name: defaultdict(lambda: defaultdict(list)) for name in names}
 
-    def adaptive(ds_name, store_name, method, curve, sizes=None) -> AdaptiveBudget:
-        return AdaptiveBudget(curve, sizes=sizes, shared=shared.setdefault((ds_name, store_name, method), SharedEstimates()))
 
-    guard = StallGuard()
+def copy_last(src, dst):
+    for k, v in src.items():
+        dst[k].append(v[-1])
 
-    def run(a, method, ids, gold, sparse, dense, budget, tgt=target):
+
+def compare(a, method, out, ar_out):
+    """Agreement of one output with ar's for the same question: token agreement, ROUGE-L,
+    and for a strict method whether it is identical token for token."""
+    a["agree"].append(token_agreement(out, ar_out))
+    a["rouge"].append(rouge_l(out, ar_out))
+    if method not in SOFT:
+        a["identical"].append(list(out) == list(ar_out))
+
+
+class Measurer:
+    """Runs the methods on one question at a time and appends their figures.
+
+    Each method's adaptive budget starts from what its earlier questions on the same data taught
+    (decoding.budget.SharedEstimates), as the engine's default budget does for a server's
+    requests; the curve stays the run's own. A run a machine stall disturbed is measured again
+    from the start, from the shared estimates as they were before it (bench.common.StallGuard)."""
+
+    def __init__(self, target, max_new_tokens: int, stalls_before: dict | None = None):
+        self.target = target
+        self.params = SamplingParams(max_new_tokens=max_new_tokens)
+        self.soft_cfg = SoftGateConfig()
+        self.shared: dict[tuple, SharedEstimates] = {}
+        self.guard = StallGuard()
+        self.stalls_before = stalls_before or {"reruns": 0, "kept_disturbed": 0}
+
+    def stalls(self) -> dict:
+        return {"reruns": self.stalls_before["reruns"] + self.guard.reruns,
+                "kept_disturbed": self.stalls_before["kept_disturbed"] + self.guard.kept_disturbed}
+
+    def adaptive(self, key: tuple, curve, sizes=None):
+        """A function making the adaptive budget of `key` (dataset, store, method)."""
+        return lambda: AdaptiveBudget(curve, sizes=sizes, shared=self.shared.setdefault(key, SharedEstimates()))
+
+    def question(self, ds_name, ds_stores, aggs, qi, ids, gold, cost, wide_budget=0):
+        """Every method on one question, on each of the dataset's stores; then, where
+        `wide_budget`, the WIDE_METHODS again with that fixed budget."""
+        agg, wide = aggs["agg"], aggs["wide"]
+        first = next(iter(ds_stores))
+        ar_out = None
+        for store_name, (sparse, dense) in ds_stores.items():
+            outs = {}
+            # The order rotates per question: no method always runs first (cold caches) or last.
+            for method in method_order(METHODS, qi):
+                a = agg[store_name][method]
+                if method in STORELESS and store_name != first:
+                    copy_last(agg[first][method], a)     # (its comparison with ar included)
+                    continue
+                sizes = draft_sizes(cost, self.soft_cfg if method in SOFT else None)
+                outs[method] = self.run(a, method, ids, gold, sparse, dense,
+                                        self.adaptive((ds_name, store_name, method), cost, sizes))
+            ar_out = outs.get("ar", ar_out)
+            for method, out in outs.items():
+                compare(agg[store_name][method], method, out, ar_out)
+            if wide_budget:
+                copy_last(agg[store_name]["ar"], wide[store_name]["ar"])
+                for method in method_order(WIDE_METHODS, qi):
+                    a = wide[store_name][method]
+                    compare(a, method, self.run(a, method, ids, gold, sparse, dense, wide_budget), ar_out)
+
+    def float32_question(self, ds_name, store, f32agg, qi, ids, gold, f32, f32_cost):
+        """FLOAT32_METHODS on one question in float32 (ID store), compared with float32's ar."""
+        sparse, dense = store
+        outs = {m: self.run(f32agg[m], m, ids, gold, sparse, dense,
+                            self.adaptive((ds_name, "id float32", m), f32_cost), tgt=f32)
+                for m in method_order(FLOAT32_METHODS, qi)}
+        for method, out in outs.items():
+            compare(f32agg[method], method, out, outs["ar"])
+
+    def run(self, a, method, ids, gold, sparse, dense, budget, tgt=None):
         """One generation; its figures appended to `a` (this method's lists). Returns the tokens
         (compared with ar's by `compare` once ar has run on the question). `budget`: a fixed
-        one, or a function making the adaptive one (a run a machine stall disturbed is measured
-        again from the start, and from the shared estimates as they were before it:
-        bench.common.StallGuard)."""
-        soft = soft_cfg if method in SOFT else None
+        one, or a function making the adaptive one."""
+        tgt = tgt or self.target
+        soft = self.soft_cfg if method in SOFT else None
 
         def once():
             forget_prompts(tgt)
-            return generate(tgt, ids, params=params, drafter=make(method, sparse, dense),
+            return generate(tgt, ids, params=self.params, drafter=make(method, sparse, dense),
                             budget=budget() if callable(budget) else budget, soft=soft)
 
-        def checkpoint():
-            """The shared estimates as they are before the run: a rerun starts from them (those
-            the run created are dropped)."""
-            snaps = {key: est.snapshot() for key, est in shared.items()}
-
-            def rewind():
-                for key in [k for k in shared if k not in snaps]:
-                    del shared[key]
-                for key, snap in snaps.items():
-                    shared[key].restore(snap)
-            return rewind
-
-        r = guard.run(once, checkpoint if callable(budget) else None)
+        r = self.guard.run(once, self._checkpoint if callable(budget) else None)
         s = r.stats
         for k in ("new_tokens", "steps", "drafted", "accepted", "time_total", "time_draft",
                   "time_verify", "time_commit"):
@@ -657,86 +760,17 @@ def main(argv=None) -> int:
                 a["gate_" + k].append(v)
         return r.token_ids
 
-    def compare(a, method, out, ar_out):
-        """Agreement of one output with ar's for the same question: token agreement, ROUGE-L,
-        and for a strict method whether it is identical token for token."""
-        a["agree"].append(token_agreement(out, ar_out))
-        a["rouge"].append(rouge_l(out, ar_out))
-        if method not in SOFT:
-            a["identical"].append(list(out) == list(ar_out))
+    def _checkpoint(self):
+        """The shared estimates as they are before a run; the returned function rewinds to them
+        (those the run created are dropped), for a rerun."""
+        snaps = {key: est.snapshot() for key, est in self.shared.items()}
 
-    def new_agg(names):
-        return {name: defaultdict(lambda: defaultdict(list)) for name in names}
-
-    def copy_last(src, dst):
-        for k, v in src.items():
-            dst[k].append(v[-1])
-
-    done = saved.get("datasets", {})
-    elapsed_before = saved.get("elapsed_s", 0.0)     # run time of the sessions being resumed
-    stalls_before = saved.get("stalls", {"reruns": 0, "kept_disturbed": 0})
-
-    def stalls() -> dict:
-        return {"reruns": stalls_before["reruns"] + guard.reruns,
-                "kept_disturbed": stalls_before["kept_disturbed"] + guard.kept_disturbed}
-    for ds_name, items in tests.items():
-        ds_stores = stores[ds_name]
-        first = next(iter(ds_stores))
-        # agg[store][method]: ar and pld do not read a datastore, so they run once per question
-        # and their figures stand in every datastore's table (measured side by side all the same).
-        agg = restore(done[ds_name]["agg"]) if ds_name in done else new_agg(ds_stores)
-        # the wide-tree rows: fixed budget, the first --wide-questions GSM8K items
-        wide = restore(done[ds_name]["wide"]) if ds_name in done else new_agg(ds_stores)
-        n_wide = min(args.wide_questions, len(items)) if ds_name == "gsm8k" and args.wide_budget else 0
-        # float32 rows: the first --float32-questions GSM8K items, ID store
-        f32agg = restore(done[ds_name].get("float32", {})) if ds_name in done else new_agg(["id"])
-        n_f32 = min(args.float32_questions, len(items)) if ds_name == "gsm8k" and f32 is not None else 0
-        start = done.get(ds_name, {}).get("questions", 0)
-        if start:
-            log(f"{ds_name}: resuming after {start}/{len(items)} questions ({progress})")
-        for qi, (question, gold) in enumerate(items):
-            if qi < start:
-                continue
-            ids = encode_prompt(target, question)
-            ar_out = None
-            for store_name, (sparse, dense) in ds_stores.items():
-                outs = {}
-                # The order rotates per question: no method always runs first (cold caches) or last.
-                for method in method_order(METHODS, qi):
-                    a = agg[store_name][method]
-                    if method in STORELESS and store_name != first:
-                        copy_last(agg[first][method], a)     # (its comparison with ar included)
-                        continue
-                    sizes = draft_sizes(cost, soft_cfg if method in SOFT else None)
-                    outs[method] = run(a, method, ids, gold, sparse, dense,
-                                       lambda: adaptive(ds_name, store_name, method, cost, sizes))
-                ar_out = outs.get("ar", ar_out)
-                for method, out in outs.items():
-                    compare(agg[store_name][method], method, out, ar_out)
-                if qi < n_wide:
-                    copy_last(agg[store_name]["ar"], wide[store_name]["ar"])
-                    for method in method_order(WIDE_METHODS, qi):
-                        a = wide[store_name][method]
-                        compare(a, method, run(a, method, ids, gold, sparse, dense, args.wide_budget), ar_out)
-            if qi < n_f32:
-                sparse, dense = ds_stores["id"]
-                outs = {m: run(f32agg["id"][m], m, ids, gold, sparse, dense,
-                               lambda: adaptive(ds_name, "id float32", m, f32_cost), tgt=f32)
-                        for m in method_order(FLOAT32_METHODS, qi)}
-                for method, out in outs.items():
-                    compare(f32agg["id"][method], method, out, outs["ar"])
-            done[ds_name] = {"questions": qi + 1, "agg": agg, "wide": wide, "float32": f32agg}
-            tmp = progress.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"machine": machine, "code": code, "cost_curve": cost, "datasets": done,
-                                       "cost_curve_float32": f32_cost,
-                                       "elapsed_s": elapsed_before + time.time() - t_start,
-                                       "stalls": stalls()}))
-            tmp.replace(progress)                    # atomic: a kill never leaves half a file
-            if qi % 10 == 9 or qi + 1 == len(items):
-                log(f"{ds_name}: {qi + 1}/{len(items)}")
-    rows = collect_rows(done, args.wide_budget, machine["dtype"])
-    publish(machine, rows, cost, args, elapsed_before + time.time() - t_start, stalls=stalls())
-    return check_strict(rows)
+        def rewind():
+            for key in [k for k in self.shared if k not in snaps]:
+                del self.shared[key]
+            for key, snap in snaps.items():
+                self.shared[key].restore(snap)
+        return rewind
 
 
 def measured_args(args) -> dict:
