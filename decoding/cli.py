@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from decoding.config import check_prompt_text
 from decoding.methods import METHODS, check_method, make_drafter
 
 # The heavy modules (torch, transformers, the index builders) are imported inside the commands that
@@ -29,16 +30,17 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
     warnings.filterwarnings("ignore")
-    try:
+    # transformers reads the two settings above when it is imported; importing it here only to
+    # set them would cost every command (an argument error included) a second.
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def load_stores(methods, target, args):
@@ -96,22 +98,34 @@ def _loaded(target) -> None:
 
 
 def _check_sources(args) -> None:
-    from decoding.stores import check_named_sources
+    """Fail fast, before torch is imported and a model loaded, on a named local source that does
+    not exist (a remote one is checked when it is read)."""
+    from index import storage
+    from index.artifact_format import ArtifactError
+    from index.dense_format import DatastoreError
+    from index.sparse import SparseIndexError
 
-    check_named_sources(index=args.index, sparse=args.sparse_store, dense=args.dense_store)
+    named = ((args.index, ArtifactError, "index artifact"),
+             (args.sparse_store, SparseIndexError, "REST datastore or index artifact"),
+             (args.dense_store, DatastoreError, "dense datastore or index artifact"))
+    for source, error, what in named:
+        if source and source not in ("auto", "artifact", "default") and not storage.is_remote(source) \
+                and not Path(source).exists():
+            raise error(f"{source}: no such {what}")
 
 
 def _grammar(args):
     """--json-object / --json-schema (inline JSON or a file) as a ``decoding.structured.Grammar``."""
     from decoding.errors import InvalidRequestError
-    from decoding.structured import Grammar
 
     if args.json_object and args.json_schema:
         raise InvalidRequestError("give --json-object or --json-schema, not both")
+    if not args.json_object and args.json_schema is None:
+        return None
+    from decoding.structured import Grammar
+
     if args.json_object:
         return Grammar.json_object()
-    if args.json_schema is None:
-        return None
     text = args.json_schema
     if not text.lstrip().startswith("{"):
         try:
@@ -126,14 +140,16 @@ def _grammar(args):
 
 
 def cmd_generate(args) -> int:
-    from decoding.engine import check_prompt_text, encode_prompt, generate
-    from decoding.target import TargetModel
-
-    params, soft = _params(args), _soft(args)       # validate before the slow model load
-    grammar = _grammar(args)
+    # Validated before torch is imported (seconds) and the model loaded: a bad argument is
+    # answered at once.
+    params, soft = _params(args), _soft(args)
     check_method(args.method)
     check_prompt_text(args.prompt)
     _check_sources(args)
+    grammar = _grammar(args)
+    from decoding.engine import encode_prompt, generate
+    from decoding.target import TargetModel
+
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
     _loaded(target)
     stores = load_stores([args.method], target, args)
@@ -153,13 +169,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from decoding.engine import check_prompt_text, encode_prompt, generate
-    from decoding.target import TargetModel
-
     params = _params(args)
     methods = [check_method(m) for m in args.methods.split(",")]
     check_prompt_text(args.prompt)
     _check_sources(args)
+    from decoding.engine import encode_prompt, generate
+    from decoding.target import TargetModel
+
     print("loading the target model (the first run converts the embedded GGUF) ...", file=sys.stderr)
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
     _loaded(target)
@@ -207,11 +223,11 @@ def _skipped(n: int, field: str) -> str:
 
 
 def cmd_build_sparse(args) -> int:
+    texts, skipped = _read_texts(args.corpus, args.field)     # a bad corpus fails before torch loads
     from decoding.model_loader import load_tokenizer
     from index.sparse import SparseIndex
 
     tokenizer = load_tokenizer(args.model)
-    texts, skipped = _read_texts(args.corpus, args.field)
     index = SparseIndex.build(tokenizer(t)["input_ids"] for t in texts)
     index.save(args.out)
     print(f"wrote {args.out}: {index.n_docs} documents, {index.n_tokens} tokens, {_skipped(skipped, args.field)}")
@@ -219,12 +235,12 @@ def cmd_build_sparse(args) -> int:
 
 
 def cmd_build_dense(args) -> int:
-    from decoding.target import TargetModel
+    texts, skipped = _read_texts(args.corpus, args.field)     # a bad corpus fails before torch loads
     from decoding.dense_extract import build_dense_datastore
+    from decoding.target import TargetModel
     from index.dense_build import Document
 
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device)
-    texts, skipped = _read_texts(args.corpus, args.field)
     docs = [Document(target.tokenizer(t)["input_ids"], corpus=args.corpus_name) for t in texts]
     t0 = time.perf_counter()
 

@@ -21,6 +21,11 @@ def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def check_prompt_text(prompt) -> None:
+    """A prompt must be some text (checked before anything slow happens)."""
+    _check(isinstance(prompt, str) and bool(prompt.strip()), "the prompt is empty: give some text")
+
+
 # Temperatures below this decode greedily: logits over 1e-5 stay finite in float32 (|logit| < 1e33),
 # and at such a temperature a draw is the argmax but for logits within ~1e-4 of the top one.
 GREEDY_BELOW = 1e-5

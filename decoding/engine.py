@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from decoding.budget import AdaptiveBudget, draft_sizes, shared_estimates
-from decoding.config import SamplingParams
+from decoding.config import SamplingParams, check_prompt_text
 from decoding.cost import cost_curve
 from decoding.drafters.base import Drafter, NoDrafter
 from decoding.errors import InvalidRequestError
@@ -56,14 +56,6 @@ class GenerationResult:
     @property
     def finish_reason(self) -> str:
         return self.stats.finish_reason
-
-
-def check_prompt_text(prompt) -> None:
-    """A prompt must be some text (checked before anything slow happens)."""
-    from decoding.errors import InvalidRequestError
-
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequestError("the prompt is empty: give some text")
 
 
 def encode_prompt(target: TargetModel, prompt: str, *, chat: bool = True) -> list[int]:

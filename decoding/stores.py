@@ -36,7 +36,6 @@ from index import storage
 from index.artifact import list_versions, load_artifact, resolve_version
 from index.artifact import load_sparse as load_artifact_sparse
 from index.artifact_format import ARTIFACT_FORMAT, ArtifactError, CURRENT, MANIFEST, VERSION_RE
-from index.dense_format import DatastoreError
 from index.dense_store import DenseStore
 from index.sparse import META_FILE, SparseIndex, SparseIndexError
 
@@ -81,17 +80,6 @@ def _source(kind: str, source, index: str | None) -> str | None:
     if source == "artifact" and not index:
         raise ArtifactError(f"the {kind} store is to come from the index artifact, but no index URI is given")
     return source
-
-
-def check_named_sources(*, index: str | None = None, sparse=None, dense=None) -> None:
-    """Fail fast, before a model is loaded, on a named local source that does not exist (a
-    remote one is checked when it is read)."""
-    named = ((index, ArtifactError, "index artifact"), (sparse, SparseIndexError, "REST datastore or index artifact"),
-             (dense, DatastoreError, "dense datastore or index artifact"))
-    for source, error, what in named:
-        if source and source not in ("auto", "artifact", "default") and not storage.is_remote(source) \
-                and not Path(source).exists():
-            raise error(f"{source}: no such {what}")
 
 
 def _default_lock(kind: str):

@@ -17,27 +17,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from serving.config import DECODER_NAME, INGRESS_NAME, SHARD_NAME, ServingConfig
-
-
-def _dotted(args: dict) -> dict:
-    """`serve run ... a.b=1` passes flat dotted keys with string values: nest them, and read
-    numbers, booleans and null the way YAML would."""
-    import yaml
-
-    out: dict = {}
-    for key, value in args.items():
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
+from serving.config import DECODER_NAME, INGRESS_NAME, SHARD_NAME, ServingConfig, nest_dotted
 
 
 def _replicas(section) -> dict:
@@ -54,7 +34,7 @@ def build_app(args: dict | None = None) -> serve.Application:
 
     args = dict(args or {})
     if any("." in k for k in args):
-        args = _dotted(args)
+        args = nest_dotted(args)
     cfg = ServingConfig.from_args(args)
     static = cfg.static()
     index_config = cfg.index.user_config()

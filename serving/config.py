@@ -337,3 +337,23 @@ class ServingConfig(_Section):
 def schema() -> dict:
     """JSON schema of the application args (for docs and config validation)."""
     return ServingConfig.model_json_schema()
+
+
+def nest_dotted(args: dict) -> dict:
+    """`serve run ... a.b=1` passes flat dotted keys with string values: nest them, and read
+    numbers, booleans and null the way YAML would."""
+    import yaml
+
+    out: dict = {}
+    for key, value in args.items():
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out

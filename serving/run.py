@@ -29,7 +29,7 @@ def load_args(path: str | None, sets: list[str]) -> dict:
     serving.app:build_app) plus dotted ``key=value`` overrides."""
     import yaml
 
-    from serving.app import _dotted
+    from serving.config import nest_dotted
 
     args: dict = {}
     if path:
@@ -52,7 +52,7 @@ def load_args(path: str | None, sets: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --set expects key=value, got {item!r}")
-        _merge(args, _dotted({key: value}))
+        _merge(args, nest_dotted({key: value}))
     return args
 
 
@@ -187,12 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=None,
                    help="Ray dashboard of the local instance (default: only on machines of more than 4 cores)")
     args = p.parse_args(argv)
-
-    import ray
-    from ray import serve
-
-    from serving.app import build_app
-
     sigterm = StopOnSigterm()
     sigterm.install()                                 # before Ray too: the datastores may take minutes
     from serving.config import ServingConfig
@@ -230,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:             # this machine is the decoder's: use its cores, not Ray's 1 per num_cpus
         _merge(app_args, {"model": {"torch_threads": threads}})
         print(f"decoder: {threads} torch thread(s) per replica (set model.torch_threads to change)", file=sys.stderr)
+    # Ray is imported once the configuration has been read (a bad one is answered without it).
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
     if args.address == "local":                       # lean control plane: serving/control_plane.py
         from serving.control_plane import init_local_ray
 
