@@ -5,6 +5,7 @@ fault injection. One module per job:
 - ``s3``: a real S3-compatible server (moto) on loopback;
 - ``cluster``: a local multi-node Ray cluster (a head and one worker node);
 - ``processes``: the Serve processes of an app and their resident memory;
+- ``module_run``: a module run as its own process, reporting which heavy libraries it imported;
 - ``load``: chat request bodies, the load generator (bursts at a fixed rate) and its verdicts;
 - ``faults``: fault injectors (decoder replica and index shards killed mid-request);
 - ``reference``: a request decoded alone by the engine in process, as a served app would;

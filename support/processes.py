@@ -1,23 +1,48 @@
-"""Running a module as its own process, as a user runs it, for tests that look at what it did."""
+"""The Serve processes of an app on a local cluster, and their resident memory."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import psutil
+from ray.util.state import list_actors
 
 
-def run_reporting_imports(module: str, *args: str, heavy=("torch", "transformers", "ray")) -> subprocess.CompletedProcess:
-    """`python -m module args`, whose stderr ends with a line naming which of `heavy` it imported
-    (a ``SystemExit("message")`` prints its message before it, as the interpreter would)."""
-    code = ("import runpy, sys\n"
-            f"sys.argv = [{module!r}] + sys.argv[1:]\n"
-            "try:\n"
-            f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
-            "except SystemExit as exc:\n"
-            "    if exc.code is None or isinstance(exc.code, int):\n"
-            "        raise\n"
-            "    print(exc.code, file=sys.stderr)\n"
-            "    raise SystemExit(1) from None\n"
-            "finally:\n"
-            f"    print('imported:', [m for m in {list(heavy)!r} if m in sys.modules], file=sys.stderr)\n")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+def serve_processes(dashboard_url: str, app: str) -> dict[str, list[dict]]:
+    """Alive Serve actors of `app` by role ("Decoder", "Ingress", "IndexShard0", ..., "proxy"),
+    each {"name", "pid", "node_id"}, from Ray's state API on this cluster's dashboard (the address
+    is explicit: another local cluster must never be picked up)."""
+    out: dict[str, list[dict]] = {}
+    prefix = f"ServeReplica:{app}:"
+    for a in list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")], detail=True, limit=10000,
+                         raise_on_missing_output=False):
+        cls = a["class_name"] or ""
+        role = cls[len(prefix):] if cls.startswith(prefix) else "proxy" if cls == "ProxyActor" else None
+        if role is not None and a.get("pid"):
+            out.setdefault(role, []).append({"name": a["name"], "pid": a["pid"], "node_id": a.get("node_id")})
+    return out
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of these processes together, in MiB (a process gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return round(total / 2**20, 1)
+
+
+def memory(dashboard_url: str, app: str) -> dict[str, float]:
+    """Resident MiB of the app's decoder replicas, ingress replicas and HTTP proxies."""
+    procs = serve_processes(dashboard_url, app)
+    return {"decoder": rss_mb([p["pid"] for p in procs.get("Decoder", [])]),
+            "ingress": rss_mb([p["pid"] for p in procs.get("Ingress", [])]),
+            "proxy": rss_mb([p["pid"] for p in procs.get("proxy", [])])}
+
+
+def kv_bytes_per_token(target) -> int:
+    """Bytes of KV cache one token costs the target model (keys and values, every layer, float32)."""
+    cfg = target.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4

@@ -12,7 +12,7 @@ import pytest
 from decoding.config import SamplingParams
 from decoding.engine import encode_prompt, generate
 from decoding.errors import ContextLengthError, InvalidRequestError
-from support.processes import run_reporting_imports
+from support.module_run import run_reporting_imports
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -362,7 +362,7 @@ def test_serving_run_names_each_configuration_problem_in_one_line():
     """A bad configuration stops `python -m serving.run` before Ray starts, with one line naming
     every problem by its dotted path: no traceback."""
 
-    from support.processes import run_reporting_imports
+    from support.module_run import run_reporting_imports
 
     res = run_reporting_imports("serving.run", "--set", "decoder.queued_in_replica=-1", "--set", "decoder.nope=3")
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
